@@ -1,0 +1,916 @@
+#!/usr/bin/env python
+"""Benchmark zfabric against dask.distributed on the same small cluster.
+
+Both implementations run the *same* benchmark functions; each one is plugged in
+through a small adapter (``Impl``) that knows how to import its client API and
+how to start its scheduler and worker processes.  A missing or broken
+implementation shows ``n/a`` in its column instead of stopping the run.
+
+Rows
+----
+rtt_p50_ms
+    One tiny task round trip: ``await client.submit(inc, i, pure=False)``,
+    sequentially, 300 timed iterations after 20 warm-up ones.  p50 in ms.
+noop_tasks_per_s
+    ``client.map(noop, range(N), pure=False)`` then ``gather``; tasks per second.
+    N = 20,000 for zfabric and 2,000 for dask (dask is much slower per task).
+tree_tasks_per_s
+    Tree reduction with futures: L leaves from ``map(identity, range(L))``, then
+    levels of pairwise ``submit(add, a, b)`` until one future remains, awaited.
+    All 2L-1 tasks divided by the elapsed time.  L = 8,192 zfabric, 1,024 dask.
+echo_mb_per_s
+    A 100 MiB float64 array sent as the argument of a task that returns it; the
+    result is gathered and checked for equality.  MB/s = 2 x 100 / seconds.
+localcluster_first_result_s
+    Seconds from ``LocalCluster(n_workers=2, threads_per_worker=1,
+    processes=True)`` to the first ``Client(cluster).submit(inc, 1).result()``.
+    Each repetition is a fresh Python process that imports the library before
+    the clock starts, so import time is not counted; closing is not timed.
+sched_bytes_per_task_pending / sched_bytes_per_task_done
+    Growth of the scheduler process's RSS (psutil, whole process tree) divided
+    by the number of tasks it holds: (pending) tasks that all depend on a
+    "gate" task that sleeps for longer than the measurement, so they stay
+    waiting; (done) finished tasks whose futures the client still holds.
+    100,000 / 20,000 tasks for zfabric, 10,000 / 2,000 for dask.  A fresh
+    cluster is started for every repetition of these two rows.
+
+Medians are over ``--repeat`` repetitions (default 3).  The "zfabric advantage"
+column is always oriented so that a value above 1x means zfabric is better:
+zfabric/dask for rates, dask/zfabric for times and bytes.
+
+Cluster shape (identical for both implementations, every cluster row)
+-------------------------------------------------------------------
+* scheduler: its own subprocess, started through the CLI
+  (``python -m zfabric scheduler --port 0 --scheduler-file F`` or
+  ``python -m distributed.cli.dask_scheduler --port 0 --scheduler-file F
+  --host 127.0.0.1 --no-dashboard``); its address is read from F.  A separate
+  process is the fair choice: neither scheduler shares a GIL or an event loop
+  with the benchmarking client, it is how both are deployed, and it is what the
+  memory rows need anyway (RSS measured by pid).
+* workers: 2 subprocesses x 1 thread, ``python -m zfabric worker ADDR
+  --nthreads 1`` or ``python -m distributed.cli.dask_worker ADDR --nthreads 1
+  --no-nanny --no-dashboard --host 127.0.0.1``.
+* client: ``Client(address, asynchronous=True)`` in the benchmarking process.
+  Timing starts only after the scheduler reports both workers.
+
+Each (implementation, row) pair runs in its own child Python process (this
+same script, started with hidden ``--_child`` options), so a crash or hang in
+one cannot take down the others: every wait has a timeout, the parent kills a
+child that overruns its budget, and at the end every process started by this
+run (found by a marker in its environment) is killed.  All traffic stays on the
+loopback interface.
+
+How to run
+----------
+    python scripts/bench.py                       # both implementations, full sizes
+    python scripts/bench.py --quick --impl zfabric   # CI smoke test, < 1 minute
+    python scripts/bench.py --only rtt_p50_ms,echo_mb_per_s --repeat 5
+    python scripts/bench.py --json bench.json     # raw numbers and medians
+
+The table goes to stdout, progress to stderr.  Exit status is 0 when every
+selected row of every available implementation produced a number, 1 otherwise
+(dask.distributed not being installed is only a note, not a failure).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import importlib
+import importlib.util
+import inspect
+import json
+import os
+import platform
+import shutil
+import signal
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+import traceback
+import uuid
+import warnings
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+RUN_MARKER_ENV = "ZFABRIC_BENCH_RUN"  # set in every process this run starts
+CHILD_LINE_PREFIX = "@@bench "  # child -> parent result lines on stdout
+N_WORKERS = 2
+CLIENT_CLOSE_TIMEOUT = 10.0
+PROCESS_STOP_GRACE = 5.0
+
+
+# ---------------------------------------------------------------------------
+# Task functions.  They live in ``__main__`` so cloudpickle ships them by value;
+# workers never need to import this script.
+# ---------------------------------------------------------------------------
+
+
+def inc(x: int) -> int:
+    return x + 1
+
+
+def noop(x: Any) -> None:
+    return None
+
+
+def identity(x: Any) -> Any:
+    return x
+
+
+def add(a: Any, b: Any) -> Any:
+    return a + b
+
+
+def first(x: Any, gate: Any = None) -> Any:
+    return x
+
+
+def nap(seconds: float) -> float:
+    time.sleep(seconds)
+    return seconds
+
+
+# ---------------------------------------------------------------------------
+# Small helpers
+# ---------------------------------------------------------------------------
+
+
+class BenchError(Exception):
+    """A benchmark produced a wrong result or could not measure."""
+
+
+class SetupError(BenchError):
+    """The cluster could not be started; later cluster rows are skipped."""
+
+
+def log(message: str) -> None:
+    print(message, file=sys.stderr, flush=True)
+
+
+def expect(condition: bool, message: str) -> None:
+    if not condition:
+        raise BenchError(message)
+
+
+def tail(path: Path, lines: int = 15) -> str:
+    try:
+        text = path.read_text(errors="replace")
+    except OSError:
+        return ""
+    return "\n".join(text.splitlines()[-lines:])
+
+
+def is_loopback(address: str) -> bool:
+    """True for addresses that cannot leave this machine."""
+    scheme, sep, rest = address.partition("://")
+    if not sep:
+        rest = scheme
+    elif scheme in ("inproc", "ipc"):
+        return True
+    host = rest.rsplit(":", 1)[0] if ":" in rest else rest
+    host = host.strip("[]")
+    return host in ("localhost", "::1") or host.startswith("127.")
+
+
+# ---------------------------------------------------------------------------
+# Implementation adapters
+# ---------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Impl:
+    """How to reach one implementation of the dask.distributed API."""
+
+    name: str  # used on the command line and as the JSON key
+    title: str  # column header
+    package: str  # module exporting Client, LocalCluster, ...
+    required: bool  # False: a missing install is a note, not a failure
+    full_sizes: dict[str, int]
+    quick_sizes: dict[str, int]
+
+    def available(self) -> bool:
+        try:
+            return importlib.util.find_spec(self.package) is not None
+        except (ImportError, ValueError):
+            return False
+
+    def api(self) -> Any:
+        return importlib.import_module(self.package)
+
+    def sizes(self, quick: bool) -> dict[str, int]:
+        return dict(self.quick_sizes if quick else self.full_sizes)
+
+    def env(self) -> dict[str, str]:
+        """Environment for this implementation's child processes."""
+        return dict(os.environ)
+
+    def scheduler_cmd(self, scheduler_file: Path) -> list[str]:
+        raise NotImplementedError
+
+    def worker_cmd(self, address: str) -> list[str]:
+        raise NotImplementedError
+
+    async def count_workers(self, client: Any) -> int:
+        info = client.scheduler_info()
+        if inspect.isawaitable(info):
+            info = await info
+        return len(info.get("workers", {}))
+
+
+class ZfabricImpl(Impl):
+    def env(self) -> dict[str, str]:
+        # Make the in-tree package importable without installing it.
+        env = dict(os.environ)
+        paths = [str(REPO_ROOT), *filter(None, env.get("PYTHONPATH", "").split(os.pathsep))]
+        env["PYTHONPATH"] = os.pathsep.join(dict.fromkeys(paths))
+        return env
+
+    def _cli(self) -> list[str]:
+        if importlib.util.find_spec("zfabric.__main__") is not None:
+            return [sys.executable, "-m", "zfabric"]
+        script = shutil.which("zfabric", path=f"{Path(sys.executable).parent}{os.pathsep}"
+                              f"{os.environ.get('PATH', '')}")
+        if script is None:
+            raise SetupError("neither `python -m zfabric` nor a `zfabric` command is available")
+        return [script]
+
+    def scheduler_cmd(self, scheduler_file: Path) -> list[str]:
+        return [*self._cli(), "scheduler", "--port", "0", "--scheduler-file", str(scheduler_file)]
+
+    def worker_cmd(self, address: str) -> list[str]:
+        return [*self._cli(), "worker", address, "--nthreads", "1"]
+
+
+class DaskImpl(Impl):
+    def scheduler_cmd(self, scheduler_file: Path) -> list[str]:
+        return [
+            sys.executable, "-m", "distributed.cli.dask_scheduler",
+            "--port", "0", "--scheduler-file", str(scheduler_file),
+            "--host", "127.0.0.1", "--no-dashboard",
+        ]  # fmt: skip
+
+    def worker_cmd(self, address: str) -> list[str]:
+        return [
+            sys.executable, "-m", "distributed.cli.dask_worker", address,
+            "--nthreads", "1", "--no-nanny", "--no-dashboard", "--host", "127.0.0.1",
+        ]  # fmt: skip
+
+    async def count_workers(self, client: Any) -> int:
+        # An asynchronous dask Client's scheduler_info() is a cache without
+        # per-worker entries, so ask the scheduler directly.
+        info = await client.scheduler.identity(n_workers=-1)
+        return len(info["workers"])
+
+
+IMPLS: dict[str, Impl] = {
+    "zfabric": ZfabricImpl(
+        name="zfabric",
+        title="zfabric",
+        package="zfabric",
+        required=True,
+        full_sizes=dict(rtt_warmup=20, rtt_iters=300, noop_tasks=20_000, tree_leaves=8_192,
+                        echo_mb=100, pending_tasks=100_000, done_tasks=20_000),
+        quick_sizes=dict(rtt_warmup=10, rtt_iters=100, noop_tasks=2_000, tree_leaves=1_024,
+                         echo_mb=10, pending_tasks=10_000, done_tasks=2_000),
+    ),
+    "dask": DaskImpl(
+        name="dask",
+        title="dask.distributed",
+        package="distributed",
+        required=False,
+        full_sizes=dict(rtt_warmup=20, rtt_iters=300, noop_tasks=2_000, tree_leaves=1_024,
+                        echo_mb=100, pending_tasks=10_000, done_tasks=2_000),
+        quick_sizes=dict(rtt_warmup=5, rtt_iters=50, noop_tasks=500, tree_leaves=256,
+                         echo_mb=10, pending_tasks=2_000, done_tasks=500),
+    ),
+}
+
+
+# ---------------------------------------------------------------------------
+# Processes
+# ---------------------------------------------------------------------------
+
+
+def spawn(cmd: list[str], log_path: Path, env: dict[str, str]) -> subprocess.Popen[bytes]:
+    """Start ``cmd`` in its own process group, output to ``log_path``."""
+    with open(log_path, "wb") as out:
+        return subprocess.Popen(
+            cmd, stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT,
+            env=env, start_new_session=True,
+        )  # fmt: skip
+
+
+def signal_group(proc: subprocess.Popen[Any], sig: signal.Signals) -> None:
+    with contextlib.suppress(ProcessLookupError, PermissionError):
+        os.killpg(proc.pid, sig)
+
+
+def stop_processes(procs: list[subprocess.Popen[Any]], grace: float = PROCESS_STOP_GRACE) -> None:
+    """SIGTERM every process group, wait up to ``grace`` s, then SIGKILL."""
+    for proc in procs:
+        if proc.poll() is None:
+            signal_group(proc, signal.SIGTERM)
+    deadline = time.monotonic() + grace
+    for proc in procs:
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            proc.wait(timeout=max(0.0, deadline - time.monotonic()))
+    for proc in procs:
+        signal_group(proc, signal.SIGKILL)  # also stragglers whose leader already left
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            proc.wait(timeout=1.0)
+
+
+def kill_marked_processes(marker: str) -> int:
+    """Kill every process whose environment carries this run's marker."""
+    try:
+        import psutil
+    except ImportError:
+        return 0
+    killed = 0
+    for proc in psutil.process_iter():
+        if proc.pid == os.getpid():
+            continue
+        try:
+            if proc.environ().get(RUN_MARKER_ENV) == marker:
+                proc.kill()
+                killed += 1
+        except (psutil.Error, OSError):
+            continue
+    return killed
+
+
+def tree_rss(pid: int) -> int:
+    """Resident memory of a process plus all of its descendants, in bytes."""
+    import psutil
+
+    root = psutil.Process(pid)
+    total = root.memory_info().rss
+    for child in root.children(recursive=True):
+        with contextlib.suppress(psutil.Error):
+            total += child.memory_info().rss
+    return total
+
+
+# ---------------------------------------------------------------------------
+# A running cluster: scheduler + 2 worker subprocesses + an async client
+# ---------------------------------------------------------------------------
+
+
+@dataclass
+class Cluster:
+    api: Any
+    client: Any
+    scheduler_pid: int
+    sizes: dict[str, int]
+    timeout: float
+
+
+async def read_scheduler_address(
+    path: Path, proc: subprocess.Popen[Any], log_path: Path, deadline: float
+) -> str:
+    while True:
+        if path.exists():
+            try:
+                address = json.loads(path.read_text()).get("address")
+            except (OSError, ValueError):
+                address = None  # still being written
+            if address:
+                return str(address)
+        if proc.poll() is not None:
+            raise SetupError(
+                f"scheduler exited with code {proc.returncode}:\n{tail(log_path)}"
+            )
+        if time.monotonic() > deadline:
+            raise SetupError(f"scheduler wrote no address to {path.name} in time:\n"
+                             f"{tail(log_path)}")
+        await asyncio.sleep(0.05)
+
+
+@contextlib.asynccontextmanager
+async def running_cluster(impl: Impl, sizes: dict[str, int], timeout: float):
+    api = impl.api()
+    env = impl.env()
+    procs: list[subprocess.Popen[Any]] = []
+    logs: list[Path] = []
+    with tempfile.TemporaryDirectory(prefix="zfabric-bench-") as tmp:
+        workdir = Path(tmp)
+        deadline = time.monotonic() + timeout
+
+        def check_alive() -> None:
+            for proc, path in zip(procs, logs, strict=True):
+                if proc.poll() is not None:
+                    raise SetupError(f"{path.stem} exited with code {proc.returncode}:\n"
+                                     f"{tail(path)}")
+
+        def dump_logs() -> None:
+            for path in logs:
+                log(f"--- last lines of {path.stem} log ({impl.name}) ---\n{tail(path)}")
+
+        stack = contextlib.AsyncExitStack()
+        try:
+            sched_file = workdir / "scheduler.json"
+            logs.append(workdir / "scheduler.log")
+            procs.append(spawn(impl.scheduler_cmd(sched_file), logs[-1], env))
+            address = await read_scheduler_address(sched_file, procs[0], logs[0], deadline)
+            if not is_loopback(address):
+                raise SetupError(f"scheduler advertises non-loopback address {address!r}; "
+                                 "this benchmark only talks to 127.0.0.1")
+            for i in range(N_WORKERS):
+                logs.append(workdir / f"worker-{i}.log")
+                procs.append(spawn(impl.worker_cmd(address), logs[-1], env))
+
+            try:
+                client = await asyncio.wait_for(
+                    stack.enter_async_context(api.Client(address, asynchronous=True)),
+                    max(0.1, deadline - time.monotonic()),
+                )
+            except TimeoutError:
+                raise SetupError(f"client could not connect to {address} in time")
+
+            while True:
+                count = await asyncio.wait_for(impl.count_workers(client), timeout)
+                if count >= N_WORKERS:
+                    break
+                check_alive()
+                if time.monotonic() > deadline:
+                    raise SetupError(f"only {count}/{N_WORKERS} workers registered in "
+                                     f"{timeout:.0f}s")
+                await asyncio.sleep(0.05)
+
+            yield Cluster(api=api, client=client, scheduler_pid=procs[0].pid,
+                          sizes=sizes, timeout=timeout)
+        except BaseException:
+            dump_logs()
+            raise
+        finally:
+            with contextlib.suppress(Exception, asyncio.CancelledError):
+                await asyncio.wait_for(stack.aclose(), CLIENT_CLOSE_TIMEOUT)
+            stop_processes(procs)
+
+
+# ---------------------------------------------------------------------------
+# Benchmarks (shared by both implementations)
+# ---------------------------------------------------------------------------
+
+
+@dataclass
+class Measurement:
+    value: float
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+async def bench_rtt(c: Cluster) -> Measurement:
+    client = c.client
+    for i in range(c.sizes["rtt_warmup"]):
+        expect(await client.submit(inc, i, pure=False) == i + 1, "inc returned a wrong value")
+    samples_ms = []
+    for i in range(c.sizes["rtt_iters"]):
+        start = time.perf_counter()
+        result = await client.submit(inc, i, pure=False)
+        samples_ms.append((time.perf_counter() - start) * 1e3)
+        expect(result == i + 1, "inc returned a wrong value")
+    cuts = statistics.quantiles(samples_ms, n=100)
+    return Measurement(statistics.median(samples_ms), {
+        "iterations": len(samples_ms), "min_ms": min(samples_ms),
+        "p90_ms": cuts[89], "p99_ms": cuts[98], "mean_ms": statistics.fmean(samples_ms),
+    })  # fmt: skip
+
+
+async def bench_noop(c: Cluster) -> Measurement:
+    client, n = c.client, c.sizes["noop_tasks"]
+    await client.gather(client.map(noop, range(min(100, n)), pure=False))  # warm-up
+    start = time.perf_counter()
+    futures = client.map(noop, range(n), pure=False)
+    results = await client.gather(futures)
+    seconds = time.perf_counter() - start
+    expect(len(results) == n, f"gathered {len(results)} results, expected {n}")
+    return Measurement(n / seconds, {"tasks": n, "seconds": seconds})
+
+
+async def bench_tree(c: Cluster) -> Measurement:
+    client, leaves = c.client, c.sizes["tree_leaves"]
+    expect(await client.submit(add, 1, 2, pure=False) == 3, "add returned a wrong value")
+    start = time.perf_counter()
+    level = client.map(identity, range(leaves), pure=False)
+    while len(level) > 1:
+        reduced = [client.submit(add, level[i], level[i + 1], pure=False)
+                   for i in range(0, len(level) - 1, 2)]
+        if len(level) % 2:
+            reduced.append(level[-1])
+        level = reduced
+    total = await level[0]
+    seconds = time.perf_counter() - start
+    expect(total == leaves * (leaves - 1) // 2, f"tree sum {total} is wrong")
+    tasks = 2 * leaves - 1
+    return Measurement(tasks / seconds, {"tasks": tasks, "leaves": leaves, "seconds": seconds})
+
+
+async def bench_echo(c: Cluster) -> Measurement:
+    import numpy as np
+
+    client, mb = c.client, c.sizes["echo_mb"]
+    await client.submit(identity, np.ones(2**17), pure=False)  # warm-up with 1 MiB
+    data = np.ones(mb * 2**20 // 8)
+    start = time.perf_counter()
+    echoed = await client.submit(identity, data, pure=False)
+    seconds = time.perf_counter() - start
+    expect(isinstance(echoed, np.ndarray) and echoed.shape == data.shape
+           and bool(np.array_equal(echoed, data)), "echoed array differs from the original")
+    return Measurement(2 * mb / seconds, {"mib_each_way": mb, "seconds": seconds})
+
+
+async def settled_rss(pid: int, *, window: int = 5, interval: float = 0.2,
+                      tolerance: float = 0.005, max_wait: float = 10.0) -> int:
+    """RSS of ``pid`` once ``window`` samples in a row agree within ``tolerance``."""
+    samples: list[int] = []
+    deadline = time.monotonic() + max_wait
+    while True:
+        samples.append(tree_rss(pid))
+        recent = samples[-window:]
+        if len(recent) == window and max(recent) - min(recent) <= tolerance * max(recent):
+            return recent[-1]
+        if time.monotonic() > deadline:
+            return samples[-1]
+        await asyncio.sleep(interval)
+
+
+async def bench_sched_pending(c: Cluster) -> Measurement:
+    client, n = c.client, c.sizes["pending_tasks"]
+    expect(await client.submit(inc, 0, pure=False) == 1, "inc returned a wrong value")
+    before = await settled_rss(c.scheduler_pid)
+    # The gate outlives the measurement (the cluster is killed afterwards).
+    gate = client.submit(nap, c.timeout + 60, pure=False)
+    futures = client.map(first, range(n), gate=gate, pure=False)
+    # A round trip after the submission so the scheduler has taken it in.
+    expect(await client.submit(inc, 1, pure=False) == 2, "inc returned a wrong value")
+    after = await settled_rss(c.scheduler_pid)
+    expect(not gate.done(), "the gate task finished early; tasks were not pending")
+    expect(len(futures) == n, "map returned the wrong number of futures")
+    return Measurement((after - before) / n, {"tasks": n, "rss_before": before,
+                                              "rss_after": after})
+
+
+async def bench_sched_done(c: Cluster) -> Measurement:
+    client, n = c.client, c.sizes["done_tasks"]
+    expect(await client.submit(inc, 0, pure=False) == 1, "inc returned a wrong value")
+    before = await settled_rss(c.scheduler_pid)
+    futures = client.map(inc, range(n), pure=False)
+    results = await client.gather(futures)
+    expect(len(results) == n, f"gathered {len(results)} results, expected {n}")
+    after = await settled_rss(c.scheduler_pid)
+    return Measurement((after - before) / n, {"tasks": n, "rss_before": before,
+                                              "rss_after": after})
+
+
+def bench_localcluster(impl: Impl, timeout: float) -> Measurement:
+    """Runs synchronously, in a fresh process, after the library is imported."""
+    api = impl.api()  # import outside the timed region
+    start = time.perf_counter()
+    cluster = api.LocalCluster(n_workers=2, threads_per_worker=1, processes=True)
+    try:
+        client = api.Client(cluster)
+        try:
+            result = client.submit(inc, 1).result(timeout=timeout)
+            seconds = time.perf_counter() - start
+        finally:
+            with contextlib.suppress(Exception):
+                client.close()
+    finally:
+        with contextlib.suppress(Exception):
+            cluster.close()
+    expect(result == 2, f"inc(1) returned {result!r}")
+    return Measurement(seconds, {"seconds": seconds})
+
+
+@dataclass(frozen=True)
+class Row:
+    name: str
+    unit: str
+    higher_is_better: bool
+    run: Callable[[Cluster], Awaitable[Measurement]] | None  # None: LocalCluster row
+    fresh_cluster: bool = False  # start a new cluster for every repetition
+
+
+ROWS: dict[str, Row] = {row.name: row for row in [
+    Row("rtt_p50_ms", "ms", False, bench_rtt),
+    Row("noop_tasks_per_s", "tasks/s", True, bench_noop),
+    Row("tree_tasks_per_s", "tasks/s", True, bench_tree),
+    Row("echo_mb_per_s", "MB/s", True, bench_echo),
+    Row("localcluster_first_result_s", "s", False, None),
+    Row("sched_bytes_per_task_pending", "B/task", False, bench_sched_pending, fresh_cluster=True),
+    Row("sched_bytes_per_task_done", "B/task", False, bench_sched_done, fresh_cluster=True),
+]}
+ROW_ALIASES = {"sched_bytes_per_task": ["sched_bytes_per_task_pending",
+                                        "sched_bytes_per_task_done"]}
+
+
+# ---------------------------------------------------------------------------
+# Child process: one (implementation, row) pair, results as JSON lines
+# ---------------------------------------------------------------------------
+
+
+def emit(kind: str, **payload: Any) -> None:
+    print(CHILD_LINE_PREFIX + json.dumps({"kind": kind, **payload}), flush=True)
+
+
+def describe(exc: BaseException) -> str:
+    if isinstance(exc, TimeoutError):
+        return "timed out"
+    text = str(exc).strip()
+    return f"{type(exc).__name__}: {text}" if text else type(exc).__name__
+
+
+async def run_cluster_row(impl: Impl, row: Row, sizes: dict[str, int], repeat: int,
+                          timeout: float) -> None:
+    assert row.run is not None
+    done = 0
+
+    async def measure(cluster: Cluster) -> None:
+        nonlocal done
+        m = await asyncio.wait_for(row.run(cluster), timeout)
+        done += 1
+        log(f"[{impl.name}] {row.name} {done}/{repeat}: {m.value:.4g} {row.unit}")
+        emit("value", value=m.value, extra=m.extra)
+
+    if row.fresh_cluster:
+        for _ in range(repeat):
+            async with running_cluster(impl, sizes, timeout) as cluster:
+                await measure(cluster)
+    else:
+        async with running_cluster(impl, sizes, timeout) as cluster:
+            for _ in range(repeat):
+                await measure(cluster)
+
+
+def child_main(args: argparse.Namespace) -> int:
+    impl_name, row_name = args._child
+    impl, row = IMPLS[impl_name], ROWS[row_name]
+    sizes = json.loads(args._sizes)
+    warnings.filterwarnings("ignore", message=".*[Ll]arge object.*")
+    try:
+        api = impl.api()
+        emit("meta", version=str(getattr(api, "__version__", "unknown")))
+        if row.run is None:
+            for i in range(args.repeat):
+                m = bench_localcluster(impl, args.timeout)
+                log(f"[{impl.name}] {row.name} {i + 1}/{args.repeat}: {m.value:.4g} {row.unit}")
+                emit("value", value=m.value, extra=m.extra)
+        else:
+            asyncio.run(run_cluster_row(impl, row, sizes, args.repeat, args.timeout))
+    except Exception as exc:
+        if not isinstance(exc, BenchError | TimeoutError):
+            traceback.print_exc()
+        message = describe(exc)
+        log(f"[{impl.name}] {row.name} failed: {message}")
+        emit("error", message=message, setup=isinstance(exc, SetupError | ImportError))
+        return 1
+    return 0
+
+
+# ---------------------------------------------------------------------------
+# Parent: run children, collect, print
+# ---------------------------------------------------------------------------
+
+
+@dataclass
+class Result:
+    values: list[float] = field(default_factory=list)
+    extras: list[dict[str, Any]] = field(default_factory=list)
+    error: str | None = None
+    skipped: str | None = None  # reason a row was not run (not a failure)
+    setup_failed: bool = False
+    version: str | None = None
+
+    @property
+    def median(self) -> float | None:
+        if self.error is not None or not self.values:
+            return None
+        return statistics.median(self.values)
+
+
+def run_child(impl: Impl, row: Row, sizes: dict[str, int], repeat: int, timeout: float,
+              marker: str, result: Result) -> None:
+    cmd = [sys.executable, str(Path(__file__).resolve()), "--_child", impl.name, row.name,
+           "--_sizes", json.dumps(sizes), "--repeat", str(repeat), "--timeout", str(timeout)]
+    clusters = repeat if row.fresh_cluster else 1
+    budget = clusters * timeout + repeat * timeout + clusters * 2 * CLIENT_CLOSE_TIMEOUT + 30
+    proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+                            env=impl.env(), start_new_session=True)
+    try:
+        out, _ = proc.communicate(timeout=budget)
+    except subprocess.TimeoutExpired:
+        signal_group(proc, signal.SIGKILL)
+        out, _ = proc.communicate()
+        result.error = f"killed after {budget:.0f}s without finishing"
+    finally:
+        signal_group(proc, signal.SIGKILL)
+        kill_marked_processes(marker)
+
+    for line in out.decode(errors="replace").splitlines():
+        if not line.startswith(CHILD_LINE_PREFIX):
+            continue
+        msg = json.loads(line[len(CHILD_LINE_PREFIX):])
+        if msg["kind"] == "meta":
+            result.version = msg["version"]
+        elif msg["kind"] == "value":
+            result.values.append(msg["value"])
+            result.extras.append(msg["extra"])
+        elif msg["kind"] == "error":
+            result.error = msg["message"]
+            result.setup_failed = msg["setup"]
+    if result.error is None and proc.returncode != 0:
+        result.error = f"child exited with code {proc.returncode}"
+    if result.error is None and len(result.values) < repeat:
+        result.error = f"only {len(result.values)}/{repeat} repetitions reported"
+
+
+def fmt(value: float | None) -> str:
+    if value is None:
+        return "n/a"
+    if abs(value) >= 1000:
+        return f"{value:,.0f}"
+    if abs(value) >= 100:
+        return f"{value:.0f}"
+    return f"{value:.3g}"
+
+
+def advantage(row: Row, zf: float | None, dask: float | None) -> float | None:
+    """How many times better zfabric is (>1: zfabric better)."""
+    if zf is None or dask is None or zf <= 0 or dask <= 0:
+        return None
+    return zf / dask if row.higher_is_better else dask / zf
+
+
+def print_table(rows: list[Row], results: dict[tuple[str, str], Result],
+                notes: list[str]) -> None:
+    headers = ["row", "unit", *(impl.title for impl in IMPLS.values()), "zfabric advantage"]
+    table = []
+    for row in rows:
+        medians = {name: (results[name, row.name].median if (name, row.name) in results
+                          else None) for name in IMPLS}
+        adv = advantage(row, medians["zfabric"], medians["dask"])
+        better = "higher" if row.higher_is_better else "lower"
+        table.append([row.name, f"{row.unit} ({better} better)",
+                      *(fmt(medians[name]) for name in IMPLS),
+                      "n/a" if adv is None else f"{adv:.2f}x"])
+    widths = [max(len(r[i]) for r in [headers, *table]) for i in range(len(headers))]
+    line = "  ".join(h.ljust(w) for h, w in zip(headers, widths, strict=True))
+    print(line)
+    print("-" * len(line))
+    for r in table:
+        print("  ".join([r[0].ljust(widths[0]), r[1].ljust(widths[1]),
+                         *(c.rjust(w) for c, w in zip(r[2:], widths[2:], strict=True))]))
+    print("zfabric advantage: zfabric/dask for rates, dask/zfabric for times and bytes;"
+          " >1x means zfabric is better.")
+    for note in notes:
+        print(f"note: {note}")
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(
+        description="Benchmark zfabric against dask.distributed (see module docstring).")
+    parser.add_argument("--impl", choices=["zfabric", "dask", "both"], default="both")
+    parser.add_argument("--only", metavar="ROW[,ROW]",
+                        help=f"rows to run: {', '.join([*ROWS, *ROW_ALIASES])}")
+    parser.add_argument("--repeat", type=int, default=None,
+                        help="repetitions per row; the median is reported (default 3, quick 1)")
+    parser.add_argument("--quick", action="store_true",
+                        help="small sizes and one repetition: a smoke test under a minute")
+    parser.add_argument("--timeout", type=float, default=None,
+                        help="seconds allowed for cluster start-up and for each measurement "
+                             "(default 120, quick 30)")
+    parser.add_argument("--json", type=Path, metavar="PATH", help="write raw numbers here")
+    parser.add_argument("--_child", nargs=2, help=argparse.SUPPRESS)
+    parser.add_argument("--_sizes", help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+    if args.repeat is None:
+        args.repeat = 1 if args.quick else 3
+    if args.timeout is None:
+        args.timeout = 30.0 if args.quick else 120.0
+    if args.repeat < 1:
+        parser.error("--repeat must be at least 1")
+    if args.only:
+        names: list[str] = []
+        for name in filter(None, (part.strip() for part in args.only.split(","))):
+            if name in ROW_ALIASES:
+                names.extend(ROW_ALIASES[name])
+            elif name in ROWS:
+                names.append(name)
+            else:
+                parser.error(f"unknown row {name!r}; choose from {', '.join(ROWS)}")
+        args.rows = [ROWS[name] for name in dict.fromkeys(names)]
+    else:
+        args.rows = list(ROWS.values())
+    return args
+
+
+def raise_system_exit(signum: int, frame: Any) -> None:
+    raise SystemExit(128 + signum)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    signal.signal(signal.SIGTERM, raise_system_exit)
+    if args._child:
+        return child_main(args)
+
+    sys.path.insert(0, str(REPO_ROOT))  # so the in-tree zfabric is found
+    marker = uuid.uuid4().hex
+    os.environ[RUN_MARKER_ENV] = marker
+    impls = list(IMPLS.values()) if args.impl == "both" else [IMPLS[args.impl]]
+    results: dict[tuple[str, str], Result] = {}
+    notes: list[str] = []
+    started = time.monotonic()
+
+    try:
+        unavailable = {impl.name for impl in impls if not impl.available()}
+        for impl in impls:
+            if impl.name in unavailable:
+                what = "not importable" if impl.required else "not installed; skipped"
+                notes.append(f"{impl.title}: {impl.package} {what}")
+            else:
+                sizes = impl.sizes(args.quick)
+                notes.append(f"{impl.title} sizes: "
+                             + ", ".join(f"{k}={v:,}" for k, v in sizes.items()))
+        setup_broken: set[str] = set()
+        for row in args.rows:
+            for impl in impls:
+                result = results[impl.name, row.name] = Result()
+                if impl.name in unavailable:
+                    if impl.required:
+                        result.error = f"{impl.package} is not importable"
+                    else:
+                        result.skipped = f"{impl.package} is not installed"
+                    continue
+                if row.run is not None and impl.name in setup_broken:
+                    result.error = "skipped: its cluster failed to start in an earlier row"
+                    continue
+                log(f"[{impl.name}] {row.name} ...")
+                sizes = impl.sizes(args.quick)
+                if row.run is None:  # a fresh process for every repetition
+                    for _ in range(args.repeat):
+                        run_child(impl, row, sizes, 1, args.timeout, marker, result)
+                        if result.error:
+                            break
+                else:
+                    run_child(impl, row, sizes, args.repeat, args.timeout, marker, result)
+                if result.setup_failed and row.run is not None:
+                    setup_broken.add(impl.name)
+    except KeyboardInterrupt:
+        notes.append("interrupted")
+    finally:
+        kill_marked_processes(marker)
+
+    elapsed = time.monotonic() - started
+    failures = [(impl, row, results[impl, row].error) for impl, row in results
+                if results[impl, row].error]
+    notes.extend(f"{impl}/{row}: {error.splitlines()[0]}" for impl, row, error in failures)
+    notes.append(f"repeat={args.repeat}, quick={args.quick}, total {elapsed:.1f}s")
+    print_table(args.rows, results, notes)
+
+    if args.json:
+        report = {
+            "argv": sys.argv[1:],
+            "quick": args.quick,
+            "repeat": args.repeat,
+            "timeout_s": args.timeout,
+            "python": sys.version.split()[0],
+            "platform": platform.platform(),
+            "cpu_count": os.cpu_count(),
+            "elapsed_s": elapsed,
+            "sizes": {impl.name: impl.sizes(args.quick) for impl in impls},
+            "versions": {name: r.version for (name, _), r in results.items() if r.version},
+            "rows": {
+                row.name: {
+                    "unit": row.unit,
+                    "higher_is_better": row.higher_is_better,
+                    "zfabric_advantage": advantage(
+                        row, *(results[name, row.name].median
+                               if (name, row.name) in results else None
+                               for name in ("zfabric", "dask"))),
+                    "results": {
+                        impl.name: {
+                            "median": results[impl.name, row.name].median,
+                            "values": results[impl.name, row.name].values,
+                            "extras": results[impl.name, row.name].extras,
+                            "error": results[impl.name, row.name].error,
+                            "skipped": results[impl.name, row.name].skipped,
+                        } for impl in impls
+                    },
+                } for row in args.rows
+            },
+        }  # fmt: skip
+        args.json.write_text(json.dumps(report, indent=2) + "\n")
+        log(f"wrote {args.json}")
+    return 1 if failures else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

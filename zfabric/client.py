@@ -1,0 +1,805 @@
+"""The Client: submit work, get Futures, gather results — dask.distributed's API on ZeroMQ.
+
+``Client(address, asynchronous=True)`` lives in the caller's event loop and its methods return
+awaitables; ``Client(address)`` runs its own loop in a background thread and its methods block.
+Either way one ``zmq.asyncio`` DEALER talks to the scheduler, with one reader task and one
+writer task; everything a tick produces goes out as one message (``map`` is split into
+batches). Values come straight from workers through :class:`~zfabric.transfer.DataPool`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import threading
+import time
+import uuid
+import warnings
+import weakref
+from collections import deque
+
+import zmq
+import zmq.asyncio
+
+from . import _zmq, protocol, serialize
+from .config import Config, from_env
+from .errors import (
+    ClosedError, CommTimeoutError, RemoteProtocolError, SchedulerLost, TaskCancelled,
+)
+from .futures import Future, FutureState, futures_of
+from .transfer import DataPool
+
+logger = logging.getLogger(__name__)
+
+__all__ = ["Client", "default_client"]
+
+_default: weakref.ref | None = None
+
+
+def default_client() -> Client:
+    """The most recently created client that is still open."""
+    c = _default() if _default is not None else None
+    if c is None or c.status in ("closing", "closed"):
+        raise ValueError("No client is open; create one with Client(address)")
+    return c
+
+
+def funcname(func) -> str:
+    while hasattr(func, "func"):  # functools.partial
+        func = func.func
+    name = getattr(func, "__name__", None) or type(func).__name__
+    return "lambda" if name == "<lambda>" else name
+
+
+class _LoopThread:
+    """An event loop in a daemon thread, for the blocking client."""
+
+    def __init__(self):
+        self.loop = asyncio.new_event_loop()
+        self.thread = threading.Thread(target=self._run, name="zfabric-client-loop", daemon=True)
+        self.thread.start()
+
+    def _run(self) -> None:
+        asyncio.set_event_loop(self.loop)
+        self.loop.run_forever()
+
+    def stop(self) -> None:
+        if self.loop.is_running():
+            self.loop.call_soon_threadsafe(self.loop.stop)
+        self.thread.join(5)
+        if not self.loop.is_running():
+            self.loop.close()
+
+
+class Client:
+    """Connects to a scheduler and turns calls into Futures.
+
+    ``address`` may be a ``tcp://host:port`` string, a Scheduler, or a LocalCluster; with no
+    address a LocalCluster sized to this machine starts and closes with the client.
+    ``timeout`` bounds how long connecting may take.
+    """
+
+    def __init__(self, address=None, *, asynchronous: bool = False, timeout: float | None = None,
+                 name: str | None = None, set_as_default: bool = True,
+                 config: Config | None = None, **kwargs):
+        global _default
+        self.config = config or from_env()
+        self.asynchronous = asynchronous
+        self.timeout = float(timeout if timeout is not None else self.config.CONNECT_TIMEOUT_S)
+        self.cluster = None
+        self._own_cluster = False
+        if address is None:
+            self._own_cluster = True
+            self._cluster_kwargs = kwargs
+        elif hasattr(address, "scheduler_address"):
+            self.cluster = address
+            address = address.scheduler_address
+        elif hasattr(address, "address") and not isinstance(address, str):
+            address = address.address
+        self.scheduler_address = address
+        self.id = name or f"client-{uuid.uuid4().hex[:12]}"
+        self.status = "created"
+        self.epoch: str | None = None
+        self._lock = threading.RLock()
+        self._states: dict[str, FutureState] = {}
+        self._refcount: dict[str, int] = {}
+        self._outbox: deque = deque()
+        self._flush_pending = False
+        self._requests: dict[int, asyncio.Future] = {}
+        self._request_seq = 0
+        self._tasks: list[asyncio.Task] = []
+        self._loop_thread: _LoopThread | None = None
+        self.loop: asyncio.AbstractEventLoop | None = None
+        self._last_heard = time.monotonic()
+        self._lost_reported = False
+        if set_as_default:
+            _default = weakref.ref(self)
+        if not asynchronous:
+            self._loop_thread = _LoopThread()
+            self.loop = self._loop_thread.loop
+            try:
+                self.sync(self._start)
+            except BaseException:
+                self.close()
+                raise
+
+    def __repr__(self) -> str:
+        return f"<Client: scheduler={self.scheduler_address!r} status={self.status}>"
+
+    # ------------------------------------------------------------------ sync / async plumbing
+
+    def sync(self, func, *args, **kwargs):
+        """Run a coroutine function on the client's loop: awaitable if asynchronous, else
+        blocking until it is done."""
+        if self.asynchronous:
+            return func(*args, **kwargs)
+        if self.loop is None or self._loop_thread is None:
+            raise ClosedError("this client is closed; create a new Client")
+        if threading.current_thread() is self._loop_thread.thread:
+            raise RuntimeError("a blocking Client cannot be used from its own loop thread")
+        fut = asyncio.run_coroutine_threadsafe(func(*args, **kwargs), self.loop)
+        try:
+            return fut.result()
+        except KeyboardInterrupt:
+            fut.cancel()
+            raise
+
+    def _on_loop(self, fn) -> None:
+        loop = self.loop
+        if loop is None:
+            return
+        if self._in_loop():
+            fn()
+        else:
+            with contextlib.suppress(RuntimeError):
+                loop.call_soon_threadsafe(fn)
+
+    def _in_loop(self) -> bool:
+        try:
+            return asyncio.get_running_loop() is self.loop
+        except RuntimeError:
+            return False
+
+    def __await__(self):
+        return self._start_async().__await__()
+
+    async def _start_async(self):
+        if self.status == "created":
+            await self._start()
+        return self
+
+    async def __aenter__(self):
+        return await self
+
+    async def __aexit__(self, *exc):
+        await self._close()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+    # ------------------------------------------------------------------ connect
+
+    async def _start(self) -> None:
+        self.status = "connecting"
+        self.loop = asyncio.get_running_loop()
+        if self._own_cluster:
+            from .cluster import LocalCluster
+
+            kw = self._cluster_kwargs
+            self.cluster = await LocalCluster(asynchronous=True, **kw)
+            self.scheduler_address = self.cluster.scheduler_address
+        if not self.scheduler_address:
+            raise ValueError("Client needs a scheduler address such as tcp://127.0.0.1:8786")
+        self._ctx = zmq.asyncio.Context.instance()
+        self.identity = _zmq.new_identity("client")
+        self._sock = _zmq.dealer(self._ctx, self.scheduler_address, self.identity)
+        self.data = DataPool(self._ctx)
+        self._welcome = self.loop.create_future()
+        self._wake = asyncio.Event()
+        self._tasks = [
+            asyncio.ensure_future(self._reader()),
+            asyncio.ensure_future(self._writer()),
+            asyncio.ensure_future(self._heartbeat()),
+        ]
+        self._send(protocol.hello("client", self.id))
+        try:
+            await asyncio.wait_for(asyncio.shield(self._welcome), self.timeout)
+        except TimeoutError:
+            await self._close()
+            raise CommTimeoutError(
+                f"Timed out connecting to a zfabric scheduler at {self.scheduler_address} after"
+                f" {self.timeout:g} s; is a scheduler running there? (start one with"
+                " `zfabric scheduler`)"
+            ) from None
+        self.status = "running"
+
+    async def _reader(self) -> None:
+        sock = self._sock
+        while True:
+            frames = await sock.recv_multipart()
+            self._last_heard = time.monotonic()
+            try:
+                ops, _ = protocol.decode(frames)
+            except RemoteProtocolError as exc:
+                logger.warning("malformed message from the scheduler: %s", exc)
+                continue
+            with self._lock:
+                for op in ops:
+                    try:
+                        self._on_op(op)
+                    except Exception:
+                        logger.exception("client could not handle %r", op.get("op"))
+
+    def _on_op(self, op: dict) -> None:
+        states = self._states
+        match op["op"]:
+            case "memory":
+                for key, value, who_has, nbytes in op["items"]:
+                    st = states.get(key)
+                    if st is not None:
+                        st.finish(value, who_has, nbytes)
+            case "erred":
+                for item in op["items"]:
+                    st = states.get(item[0])
+                    if st is not None:
+                        st.fail(item)
+            case "cancelled":
+                for key in op["keys"]:
+                    st = states.get(key)
+                    if st is not None:
+                        st.cancel()
+            case "lost":
+                for key in op["keys"]:
+                    st = states.get(key)
+                    if st is not None:
+                        st.reset()
+            case "reply":
+                fut = self._requests.pop(op["id"], None)
+                if fut is not None and not fut.done():
+                    fut.set_result(op)
+            case "welcome":
+                self.epoch = op["epoch"]
+                self._lost_reported = False
+                for w in op.get("warnings") or ():
+                    warnings.warn(f"zfabric version mismatch with the scheduler: {w}",
+                                  RuntimeWarning, stacklevel=1)
+                if not self._welcome.done():
+                    self._welcome.set_result(op)
+            case "reregister":
+                self._scheduler_lost(f"the scheduler at {self.scheduler_address} went away"
+                                     f" ({op['reason']})")
+                self._send(protocol.hello("client", self.id))
+            case "error":
+                logger.error("scheduler: %s", op["message"])
+                if op.get("fatal") and not self._welcome.done():
+                    self._welcome.set_exception(RemoteProtocolError(op["message"]))
+            case "heartbeat":
+                pass
+            case other:
+                logger.warning("ignoring op %r from the scheduler", other)
+
+    def _scheduler_lost(self, why: str) -> None:
+        """Fail every pending future: the scheduler that knew about them is gone."""
+        self.epoch = None
+        if self._lost_reported:
+            return
+        self._lost_reported = True
+        for st in list(self._states.values()):
+            if not st.done():
+                st.fail(None, SchedulerLost(f"{why}; resubmit the work once it is back"))
+        for fut in self._requests.values():
+            if not fut.done():
+                fut.set_exception(SchedulerLost(why))
+        self._requests.clear()
+
+    async def _writer(self) -> None:
+        sock = self._sock
+        while True:
+            await self._wake.wait()
+            self._wake.clear()
+            with self._lock:
+                self._flush_pending = False
+                ops = list(self._outbox)
+                self._outbox.clear()
+            for batch in _batches(ops, self.config.SUBMIT_BATCH):
+                await sock.send_multipart(protocol.encode(batch))
+
+    async def _heartbeat(self) -> None:
+        interval = max(self.config.HEARTBEAT_INTERVAL_S * 2, 0.2)
+        while True:
+            await asyncio.sleep(interval)
+            self._send({"op": "heartbeat"})
+            silent = time.monotonic() - self._last_heard
+            if silent > self.config.SCHEDULER_LOST_TIMEOUT_S:
+                with self._lock:
+                    self._scheduler_lost(
+                        f"the scheduler at {self.scheduler_address} has not answered for"
+                        f" {silent:.0f} s"
+                    )
+                if self.epoch is None:
+                    self._send(protocol.hello("client", self.id))
+
+    def _send(self, *ops: dict) -> None:
+        """Queue ops for the scheduler; they leave together on the next loop turn."""
+        with self._lock:
+            self._outbox.extend(ops)
+            if self._flush_pending:
+                return
+            self._flush_pending = True
+        if self.status in ("closed",):
+            return
+        self._on_loop(self._wake.set)
+
+    # ------------------------------------------------------------------ reference counting
+
+    def _get_state(self, key: str, want: bool = True) -> FutureState:
+        with self._lock:
+            st = self._states.get(key)
+            if st is None:
+                st = self._states[key] = FutureState(key)
+                if want:
+                    self._send({"op": "want", "keys": [key]})
+            return st
+
+    def _inc_ref(self, key: str) -> None:
+        with self._lock:
+            self._refcount[key] = self._refcount.get(key, 0) + 1
+
+    def _dec_ref(self, key: str) -> None:
+        with self._lock:
+            n = self._refcount.get(key, 0) - 1
+            if n > 0:
+                self._refcount[key] = n
+                return
+            self._refcount.pop(key, None)
+            self._states.pop(key, None)
+            if self.status in ("running", "connecting"):
+                self._send({"op": "release", "keys": [key]})
+
+    def refcount(self, key: str) -> int:
+        return self._refcount.get(key, 0)
+
+    @property
+    def futures(self) -> dict[str, FutureState]:
+        return self._states
+
+    # ------------------------------------------------------------------ submit and map
+
+    def _check_open(self) -> None:
+        if self.status in ("closing", "closed"):
+            raise ClosedError("this client is closed; create a new Client")
+
+    def submit(self, func, *args, key: str | None = None, workers=None, resources=None,
+               retries: int | None = None, priority: int = 0, allow_other_workers: bool = False,
+               pure: bool = True, fifo_timeout=None, actor: bool = False, actors: bool = False,
+               task_timeout: float | None = None, **kwargs) -> Future:
+        """Run ``func(*args, **kwargs)`` on a worker; returns a Future at once."""
+        self._check_open()
+        if not callable(func):
+            raise TypeError("First input to submit must be a callable function")
+        if actor or actors:
+            raise NotImplementedError("zfabric has no actors")
+        opts = _options(workers, resources, retries, priority, allow_other_workers, task_timeout)
+        payload, deps, _ = serialize.dumps_task(func, args, kwargs)
+        if key is None:
+            key = f"{funcname(func)}-{serialize.task_hash(payload) if pure else uuid.uuid4().hex}"
+        elif not isinstance(key, str):
+            raise TypeError(f"key must be a string, got {type(key).__name__}")
+        return self._submit_many([(key, payload, deps)], opts)[0]
+
+    def _submit_many(self, items: list, opts: dict | None) -> list[Future]:
+        out, tasks = [], []
+        with self._lock:
+            for key, payload, deps in items:
+                st = self._states.get(key)
+                if st is None or st.status == "cancelled":
+                    st = self._states[key] = FutureState(key)
+                    tasks.append([key, payload, deps, opts])
+                out.append(Future(key, self, st))
+            for i in range(0, len(tasks), self.config.SUBMIT_BATCH):
+                self._outbox.append({"op": "submit", "tasks": tasks[i : i + self.config.SUBMIT_BATCH]})
+        self._send()
+        return out
+
+    def map(self, func, *iterables, key=None, workers=None, retries=None, resources=None,
+            priority: int = 0, allow_other_workers: bool = False, pure: bool = True,
+            batch_size=None, task_timeout=None, **kwargs) -> list[Future]:
+        """``submit(func, *items)`` for items zipped from ``iterables``; a list of Futures."""
+        self._check_open()
+        if not callable(func):
+            raise TypeError("First input to map must be a callable function")
+        if not iterables:
+            return []
+        if isinstance(iterables[0], dict) or any(isinstance(it, str) for it in iterables):
+            raise TypeError("map needs iterables such as lists, not dicts or strings")
+        opts = _options(workers, resources, retries, priority, allow_other_workers, task_timeout)
+        argss = list(zip(*iterables, strict=False))
+        if isinstance(key, list | tuple):
+            if len(key) != len(argss):
+                raise ValueError(f"{len(key)} keys given for {len(argss)} items")
+            keys = list(key)
+        else:
+            keys = None
+        prefix = key if isinstance(key, str) else funcname(func)
+        items = []
+        for i, args in enumerate(argss):
+            payload, deps, _ = serialize.dumps_task(func, args, kwargs)
+            if keys is not None:
+                k = keys[i]
+            elif pure:
+                k = f"{prefix}-{serialize.task_hash(payload)}"
+            else:
+                k = f"{prefix}-{uuid.uuid4().hex}"
+            items.append((k, payload, deps))
+        return self._submit_many(items, opts)
+
+    # ------------------------------------------------------------------ results
+
+    async def _result(self, future: Future, timeout: float | None = None):
+        st = future._state
+        if not st.done():
+            await asyncio.wait_for(st.wait(), timeout) if timeout else await st.wait()
+        return await self._value_of(future)
+
+    async def _value_of(self, future: Future):
+        st = future._state
+        for _attempt in range(5):
+            if st.status == "error":
+                raise st.exception()
+            if st.status == "cancelled":
+                raise TaskCancelled(f"{future.key!r} was cancelled")
+            if st.status != "finished":
+                await st.wait()
+                continue
+            if st.value is not None:
+                return serialize.loads_value(st.value)
+            values = await self._fetch({future.key: st.who_has or []})
+            if future.key in values:
+                return values[future.key]
+            await asyncio.sleep(0.05 * (_attempt + 1))
+        raise SchedulerLost(f"could not get the value of {future.key!r} from any worker")
+
+    async def _fetch(self, who_has: dict[str, list[str]]) -> dict:
+        """Values of large results, fetched from the workers that hold them, batched."""
+        by_worker: dict[str, list[str]] = {}
+        for key, addresses in who_has.items():
+            if addresses:
+                by_worker.setdefault(addresses[0], []).append(key)
+        out: dict = {}
+        results = await asyncio.gather(
+            *(self.data.get(addr, keys) for addr, keys in by_worker.items()),
+            return_exceptions=True,
+        )
+        for (addr, _), res in zip(by_worker.items(), results, strict=True):
+            if isinstance(res, BaseException):
+                logger.info("fetch from %s failed: %s", addr, res)
+                self.data.drop(addr)
+            else:
+                out.update(res)
+        return out
+
+    async def _exception(self, future: Future, timeout=None):
+        st = future._state
+        if not st.done():
+            await asyncio.wait_for(st.wait(), timeout) if timeout else await st.wait()
+        if st.status == "error":
+            return st.exception()
+        if st.status == "cancelled":
+            return TaskCancelled(f"{future.key!r} was cancelled")
+        return None
+
+    async def _traceback(self, future: Future, timeout=None):
+        exc = await self._exception(future, timeout)
+        return exc.__traceback__ if exc is not None else None
+
+    def gather(self, futures, errors: str = "raise", direct=None, asynchronous=None):
+        """Results of futures, in the same nested structure (lists, tuples, dicts, sets)."""
+        if errors not in ("raise", "skip"):
+            raise ValueError(f"errors must be 'raise' or 'skip', not {errors!r}")
+        return self.sync(self._gather, futures, errors=errors)
+
+    async def _gather(self, futures, errors: str = "raise"):
+        flat = futures_of(futures)
+        pending = [f._state.wait() for f in flat if not f._state.done()]
+        if pending:
+            await asyncio.gather(*pending)
+        values: dict[str, object] = {}
+        bad = set()
+        need: dict[str, list[str]] = {}
+        for f in flat:
+            st = f._state
+            if st.status == "finished":
+                if st.value is not None:
+                    values[f.key] = serialize.loads_value(st.value)
+                else:
+                    need[f.key] = st.who_has or []
+            elif errors == "raise":
+                if st.status == "cancelled":
+                    raise TaskCancelled(f"{f.key!r} was cancelled")
+                raise st.exception()
+            else:
+                bad.add(f.key)
+        if need:
+            values.update(await self._fetch(need))
+            for f in flat:
+                if f.key in need and f.key not in values:
+                    values[f.key] = await self._value_of(f)
+        return _rebuild(futures, values, bad)
+
+    # ------------------------------------------------------------------ scatter, cancel
+
+    def scatter(self, data, workers=None, broadcast: bool = False, direct=None, hash=True,
+                timeout=None, asynchronous=None):
+        """Place local data on the cluster; Futures in the same shape (list, dict, or one)."""
+        return self.sync(self._scatter, data, workers=workers, broadcast=broadcast, hash=hash)
+
+    async def _scatter(self, data, workers=None, broadcast=False, hash=True):
+        self._check_open()
+        single = False
+        if isinstance(data, dict):
+            items = list(data.items())
+        elif isinstance(data, list | tuple | set | frozenset):
+            items = [(None, v) for v in data]
+        else:
+            items, single = [(None, data)], True
+        large, inline, keys = [], [], []
+        for k, v in items:
+            header, bufs = serialize.dumps_value(v, self.config.INLINE_BYTES)
+            size = serialize.nbytes(header, bufs)
+            if k is None:
+                digest = (serialize.task_hash(header + b"".join(bytes(b) for b in bufs))
+                          if hash else uuid.uuid4().hex)
+                k = f"{type(v).__name__}-{digest}"
+            keys.append(k)
+            if not bufs and size < self.config.INLINE_BYTES and not broadcast and not workers:
+                inline.append([k, header, size, []])
+            else:
+                large.append((k, header, bufs, size))
+        if large:
+            info = await self._request("info")
+            addresses = list(info["workers"])
+            if workers:
+                names = {workers} if isinstance(workers, str) else set(workers)
+                addresses = [a for a, w in info["workers"].items()
+                             if a in names or w["name"] in names or w["host"] in names]
+            if not addresses:
+                raise ValueError("no workers to scatter to; start workers first")
+            placements: dict[str, list] = {}
+            for i, (k, header, bufs, size) in enumerate(large):
+                targets = addresses if broadcast else [addresses[i % len(addresses)]]
+                for a in targets:
+                    placements.setdefault(a, []).append((k, header, bufs))
+                inline.append([k, None, size, targets])
+            await asyncio.gather(*(self.data.put(a, its) for a, its in placements.items()))
+        with self._lock:
+            futs = {}
+            for k in keys:
+                st = self._states.get(k)
+                if st is None:
+                    st = self._states[k] = FutureState(k)
+                futs[k] = Future(k, self, st)
+            self._outbox.append({"op": "scatter", "items": inline})
+        self._send()
+        if single:
+            return futs[keys[0]]
+        if isinstance(data, dict):
+            return {k: futs[k] for k, _ in items}
+        return type(data)(futs[k] for k in keys) if not isinstance(data, set | frozenset) else [
+            futs[k] for k in keys]
+
+    def cancel(self, futures, asynchronous=None, force: bool = False):
+        """Stop these futures' tasks (and what depends on them); their results are gone."""
+        flat = futures_of(futures) if not isinstance(futures, Future) else [futures]
+        keys = [f.key for f in flat]
+        self._send({"op": "cancel", "keys": keys})
+
+        def mark():
+            for f in flat:
+                f._state.cancel()
+
+        self._on_loop(mark)
+        if self.asynchronous:
+            return _done_awaitable()
+        return None
+
+    # ------------------------------------------------------------------ requests
+
+    async def _request(self, kind: str, **args):
+        self._check_open()
+        if self.epoch is None and self.status == "running":
+            raise SchedulerLost(f"not connected to the scheduler at {self.scheduler_address}")
+        self._request_seq += 1
+        rid = self._request_seq
+        fut = self.loop.create_future()
+        self._requests[rid] = fut
+        self._send({"op": "request", "id": rid, "kind": kind, "args": args})
+        reply = await fut
+        if "error" in reply:
+            raise RemoteProtocolError(reply["error"])
+        return reply.get("result")
+
+    def scheduler_info(self, **kwargs):
+        """The scheduler's address, id and workers: ``{"workers": {address: {...}}}``."""
+        return self.sync(self._request, "info")
+
+    def who_has(self, futures=None, **kwargs):
+        keys = [f.key for f in futures_of(futures)] if futures is not None else None
+        return self.sync(self._request, "who-has", keys=keys)
+
+    def has_what(self, workers=None, **kwargs):
+        return self.sync(self._request, "has-what")
+
+    def processing(self, workers=None):
+        return self.sync(self._request, "processing")
+
+    def nthreads(self, workers=None, **kwargs):
+        return self.sync(self._nthreads)
+
+    ncores = nthreads
+
+    async def _nthreads(self):
+        info = await self._request("info")
+        return {a: w["nthreads"] for a, w in info["workers"].items()}
+
+    def run(self, function, *args, workers=None, **kwargs):
+        """Run ``function(*args, **kwargs)`` once on every worker: ``{address: result}``."""
+        return self.sync(self._run, function, args, kwargs, workers)
+
+    async def _run(self, function, args, kwargs, workers):
+        payload, _, _ = serialize.dumps_task(function, args, kwargs)
+        if isinstance(workers, str):
+            workers = [workers]
+        results = await self._request("run", payload=payload, workers=workers)
+        out = {}
+        for address, (value, error) in results.items():
+            if error is not None:
+                raise serialize.rebuild_exception(*error)
+            out[address] = serialize.loads_value(value)
+        return out
+
+    def restart(self, timeout: float = 60, **kwargs):
+        """Restart every worker process (through its Nanny); returns once they are back."""
+        return self.sync(self._restart, timeout)
+
+    async def _restart(self, timeout):
+        with self._lock:
+            for st in list(self._states.values()):
+                st.cancel()
+        info = await self._request("info")
+        n = len(info["workers"])
+        await asyncio.wait_for(self._request("restart"), timeout)
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            info = await self._request("info")
+            if len(info["workers"]) >= n:
+                return
+            await asyncio.sleep(0.05)
+        raise CommTimeoutError(f"workers did not come back within {timeout} s of a restart")
+
+    def shutdown(self):
+        """Close the scheduler (and this client)."""
+        return self.sync(self._shutdown)
+
+    async def _shutdown(self):
+        with contextlib.suppress(Exception):
+            await asyncio.wait_for(self._request("shutdown"), 5)
+        await self._close()
+
+    def wait_for_workers(self, n_workers: int, timeout: float | None = None):
+        return self.sync(self._wait_for_workers, n_workers, timeout)
+
+    async def _wait_for_workers(self, n_workers, timeout=None):
+        deadline = time.monotonic() + (timeout or 1e9)
+        while True:
+            info = await self._request("info")
+            if len(info["workers"]) >= n_workers:
+                return
+            if time.monotonic() > deadline:
+                raise CommTimeoutError(f"only {len(info['workers'])} of {n_workers} workers"
+                                       f" arrived within {timeout} s")
+            await asyncio.sleep(0.05)
+
+    # ------------------------------------------------------------------ close
+
+    def close(self, timeout=None):
+        """Release every future and disconnect; closes a LocalCluster the client started."""
+        if self.asynchronous:
+            return self._close()
+        if self._loop_thread is None:
+            return None
+        if self.loop is not None and self.loop.is_running() and self.status != "closed":
+            with contextlib.suppress(Exception):
+                asyncio.run_coroutine_threadsafe(self._close(), self.loop).result(30)
+        self._loop_thread.stop()
+        self._loop_thread = None
+        return None
+
+    async def _close(self) -> None:
+        if self.status in ("closing", "closed"):
+            return
+        self.status = "closing"
+        if getattr(self, "_sock", None) is not None and self.epoch is not None:
+            with contextlib.suppress(Exception):
+                await asyncio.wait_for(
+                    self._sock.send_multipart(protocol.encode([{"op": "goodbye"}])), 1)
+        for t in self._tasks:
+            t.cancel()
+        for t in self._tasks:
+            with contextlib.suppress(BaseException):
+                await t
+        self._tasks = []
+        with self._lock:
+            for st in list(self._states.values()):
+                if not st.done():
+                    st.cancel()
+        for fut in self._requests.values():
+            if not fut.done():
+                fut.set_exception(ClosedError("the client was closed"))
+        if getattr(self, "data", None) is not None:
+            self.data.close()
+        if getattr(self, "_sock", None) is not None:
+            self._sock.close(linger=self.config.LINGER_MS)
+        if self._own_cluster and self.cluster is not None:
+            await self.cluster.close()
+        self.status = "closed"
+
+    def __del__(self):
+        if self.status == "running" and not self.asynchronous and self._loop_thread is not None:
+            with contextlib.suppress(Exception):
+                self.close()
+
+
+def _options(workers, resources, retries, priority, allow_other_workers, task_timeout):
+    opts = {}
+    if workers is not None:
+        opts["workers"] = [workers] if isinstance(workers, str) else list(workers)
+    if resources:
+        opts["resources"] = dict(resources)
+    if retries:
+        opts["retries"] = int(retries)
+    if priority:
+        opts["priority"] = int(priority)
+    if allow_other_workers:
+        opts["allow_other_workers"] = True
+    if task_timeout:
+        opts["task_timeout"] = float(task_timeout)
+    return opts or None
+
+
+def _batches(ops: list, limit: int):
+    """Split ops into messages that carry at most ``limit`` tasks each."""
+    batch, weight = [], 0
+    for op in ops:
+        w = len(op["tasks"]) if op["op"] == "submit" else 1
+        if batch and weight + w > limit:
+            yield batch
+            batch, weight = [], 0
+        batch.append(op)
+        weight += w
+    if batch:
+        yield batch
+
+
+def _rebuild(obj, values: dict, bad: set):
+    if isinstance(obj, Future):
+        return values[obj.key]
+    if isinstance(obj, list | tuple | set | frozenset):
+        out = [_rebuild(x, values, bad) for x in obj if not (isinstance(x, Future) and x.key in bad)]
+        return out if isinstance(obj, list) else type(obj)(out)
+    if isinstance(obj, dict):
+        return {k: _rebuild(v, values, bad) for k, v in obj.items()
+                if not (isinstance(v, Future) and v.key in bad)}
+    return obj
+
+
+async def _noop():
+    return None
+
+
+def _done_awaitable():
+    return _noop()
+

@@ -1,0 +1,118 @@
+"""Every tunable default of zfabric, with its unit in its name, in one place.
+
+Components take these as arguments; only the command line and the top-level constructors
+read the environment, through :func:`from_env`. Each setting ``NAME`` can be overridden with
+the environment variable ``ZFABRIC_NAME`` (for example ``ZFABRIC_HEARTBEAT_INTERVAL_S=1``).
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, fields, replace
+
+#: Version of the wire protocol; peers with another version are refused.
+PROTOCOL_VERSION = 1
+
+
+@dataclass(frozen=True)
+class Config:
+    #: Port the ``zfabric scheduler`` command binds by default (dask.distributed's).
+    SCHEDULER_PORT: int = 8786
+    #: Values whose pickle is smaller than this ride inline with control messages.
+    INLINE_BYTES: int = 64 * 1024
+    #: How often workers, nannies and clients send a heartbeat.
+    HEARTBEAT_INTERVAL_S: float = 0.5
+    #: A worker silent this long is declared dead.
+    WORKER_TTL_S: float = 5.0
+    #: A client silent this long has its futures released.
+    CLIENT_TTL_S: float = 30.0
+    #: A task that was running on this many dead workers, plus one, fails with KilledWorker.
+    ALLOWED_FAILURES: int = 3
+    #: Largest message (all frames) a peer may send; larger ones are refused.
+    MAX_MESSAGE_BYTES: int = 2 * 1024**3
+    #: Most frames one message may carry.
+    MAX_FRAMES: int = 10_000
+    #: Bounded wait for a connection to answer its hello.
+    CONNECT_TIMEOUT_S: float = 10.0
+    #: Pending futures fail with SchedulerLost after the scheduler is silent this long.
+    SCHEDULER_LOST_TIMEOUT_S: float = 10.0
+    #: Workers and nannies keep trying to reach a lost scheduler this long before giving up.
+    RECONNECT_TIMEOUT_S: float = 300.0
+    #: Cap on the backoff between reconnection attempts.
+    RECONNECT_BACKOFF_MAX_S: float = 2.0
+    #: Tasks a worker may hold queued beyond its threads, at most.
+    PREFETCH_MAX: int = 256
+    #: Queue this much expected work per worker beyond its busy threads.
+    PREFETCH_TARGET_S: float = 0.02
+    #: Fraction of memory_limit at which a Nanny terminates its worker.
+    MEMORY_TERMINATE_FRACTION: float = 0.95
+    #: How often a Nanny checks its workers' memory.
+    NANNY_CHECK_INTERVAL_S: float = 0.1
+    #: ZeroMQ linger on close: unsent messages are dropped after this.
+    LINGER_MS: int = 100
+    #: Keys sent per ``submit`` message by ``Client.map``.
+    SUBMIT_BATCH: int = 1000
+
+
+def from_env(environ: dict[str, str] | None = None, **overrides) -> Config:
+    """Build a Config from ``ZFABRIC_*`` environment variables and keyword overrides."""
+    env = os.environ if environ is None else environ
+    values = {}
+    for f in fields(Config):
+        raw = env.get("ZFABRIC_" + f.name)
+        if raw is None:
+            continue
+        kind = type(f.default)
+        try:
+            values[f.name] = kind(float(raw)) if kind is int else kind(raw)
+        except ValueError:
+            raise ValueError(
+                f"environment variable ZFABRIC_{f.name}={raw!r} is not a valid {kind.__name__}"
+            ) from None
+    values.update({k: v for k, v in overrides.items() if v is not None})
+    return replace(Config(), **values)
+
+
+DEFAULT = Config()
+
+
+_UNITS = {
+    "": 1, "b": 1,
+    "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12,
+    "kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40,
+    "k": 10**3, "m": 10**6, "g": 10**9, "t": 10**12,
+}
+
+
+def parse_bytes(value: int | float | str) -> int:
+    """``"2GiB"``, ``"300MB"``, ``"1e9"`` or a number -> bytes."""
+    if isinstance(value, int | float):
+        return int(value)
+    text = str(value).strip().lower().replace(" ", "")
+    i = len(text)
+    while i and not (text[i - 1].isdigit() or text[i - 1] == "."):
+        i -= 1
+    number, unit = text[:i], text[i:]
+    if unit not in _UNITS or not number:
+        raise ValueError(
+            f"cannot read {value!r} as a size; write it like 2GiB, 300MB or 1e9"
+        )
+    try:
+        return int(float(number) * _UNITS[unit])
+    except ValueError:
+        raise ValueError(f"cannot read {value!r} as a size; write it like 2GiB or 300MB") from None
+
+
+def memory_limit_bytes(value, nthreads: int = 1) -> int:
+    """A worker's memory limit: bytes, a size string, ``"auto"`` (share of RAM), or 0/None."""
+    import psutil
+
+    if value is None or value == 0 or value == "0":
+        return 0
+    if value == "auto":
+        cores = os.cpu_count() or 1
+        total = psutil.virtual_memory().total
+        return int(total * min(1.0, nthreads / cores))
+    if isinstance(value, float) and 0 < value <= 1:
+        return int(psutil.virtual_memory().total * value)
+    return parse_bytes(value)

@@ -1,0 +1,103 @@
+"""Every error zfabric raises, under one root.
+
+::
+
+    ZFabricError
+    ├── ClosedError              you closed the object, then used it
+    ├── SchedulerLost            the scheduler went away under you (also a ConnectionError)
+    ├── CommTimeoutError         nothing answered at an address in time (also a TimeoutError)
+    ├── ProtocolError
+    │   ├── RemoteProtocolError  a peer sent something malformed or incompatible
+    │   └── LocalProtocolError   we were about to send something malformed (a bug of ours)
+    ├── SerializationError       a value could not be pickled or unpickled
+    ├── KilledWorker             a task was on too many workers that died
+    ├── TaskTimeout              a task ran past its task_timeout (also a TimeoutError)
+    ├── LostDataError            data that cannot be recomputed (scattered) was lost with a worker
+    ├── TaskCancelled            the result of a cancelled task was asked for
+    │                            (also asyncio.CancelledError, as dask.distributed raises)
+    └── ResultTooLarge           a value passed the configured message size limit
+
+A task that raises keeps its own exception type: ``future.result()`` re-raises the very
+exception the function raised, with the remote traceback attached.
+"""
+
+from __future__ import annotations
+
+import asyncio
+
+__all__ = [
+    "ClosedError",
+    "CommTimeoutError",
+    "KilledWorker",
+    "LocalProtocolError",
+    "LostDataError",
+    "ProtocolError",
+    "RemoteProtocolError",
+    "ResultTooLarge",
+    "SchedulerLost",
+    "SerializationError",
+    "TaskCancelled",
+    "TaskTimeout",
+    "ZFabricError",
+]
+
+
+class ZFabricError(Exception):
+    """Raised for every failure that belongs to zfabric itself (not to the user's task)."""
+
+
+class ClosedError(ZFabricError):
+    """Raised when an object is used after its own ``close()``."""
+
+
+class SchedulerLost(ZFabricError, ConnectionError):
+    """Raised when the scheduler stopped answering while work was pending."""
+
+
+class CommTimeoutError(ZFabricError, TimeoutError):
+    """Raised when nothing answered at an address within the allowed time."""
+
+
+class ProtocolError(ZFabricError):
+    """Raised when a message breaks the wire protocol."""
+
+
+class RemoteProtocolError(ProtocolError):
+    """Raised when a peer sent a malformed or incompatible message."""
+
+
+class LocalProtocolError(ProtocolError):
+    """Raised when this process was about to send a malformed message."""
+
+
+class SerializationError(ZFabricError):
+    """Raised when a function, argument or result cannot be pickled or unpickled."""
+
+
+class KilledWorker(ZFabricError):
+    """Raised when a task was running on more workers that died than allowed."""
+
+    def __init__(self, message: str, task: str = "", last_worker: str = "", count: int = 0):
+        super().__init__(message)
+        self.task = task
+        self.last_worker = last_worker
+        self.count = count
+
+    def __reduce__(self):
+        return (type(self), (str(self), self.task, self.last_worker, self.count))
+
+
+class TaskTimeout(ZFabricError, TimeoutError):
+    """Raised when a task ran longer than the ``task_timeout`` it was submitted with."""
+
+
+class LostDataError(ZFabricError):
+    """Raised when data that cannot be recomputed (scattered data) was lost with its worker."""
+
+
+class TaskCancelled(ZFabricError, asyncio.CancelledError):
+    """Raised when the result of a cancelled future is asked for."""
+
+
+class ResultTooLarge(ZFabricError):
+    """Raised when a value is larger than the configured message size limit."""

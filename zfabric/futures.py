@@ -1,0 +1,369 @@
+"""Futures and the functions that wait on many of them: ``wait``, ``as_completed``,
+``fire_and_forget``.
+
+A :class:`Future` is a handle on a key. Every Future for the same key in one client shares one
+:class:`FutureState`, which the client's loop thread updates as the scheduler reports. The client
+counts live Futures per key; when the last one goes (``release()`` or garbage collection), the
+client tells the scheduler, which forgets the key once nothing else needs it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+from collections import deque
+from collections.abc import Iterable
+
+from . import serialize
+from .errors import TaskCancelled, ZFabricError
+
+__all__ = ["Future", "FutureState", "as_completed", "fire_and_forget", "wait"]
+
+
+class FutureState:
+    """What one client knows about one key. Changed only on the client's loop thread."""
+
+    __slots__ = ("_error", "callbacks", "error_item", "key", "nbytes", "status", "value",
+                 "waiters", "who_has")
+
+    def __init__(self, key: str):
+        self.key = key
+        self.status = "pending"
+        self.value: bytes | None = None  # inline pickle, when the result is small
+        self.who_has: list[str] | None = None
+        self.nbytes = 0
+        self.error_item: list | None = None
+        self._error: BaseException | None = None
+        self.waiters: list[asyncio.Future] | None = None
+        self.callbacks: list | None = None
+
+    def done(self) -> bool:
+        return self.status in ("finished", "error", "cancelled")
+
+    def finish(self, value: bytes | None, who_has: list | None, nbytes: int) -> None:
+        self.status = "finished"
+        self.value, self.who_has, self.nbytes = value, who_has, nbytes
+        self._wake()
+
+    def fail(self, item: list | None, error: BaseException | None = None) -> None:
+        self.status = "error"
+        self.error_item, self._error = item, error
+        self._wake()
+
+    def cancel(self) -> None:
+        if self.status in ("finished", "error"):
+            return
+        self.status = "cancelled"
+        self._wake()
+
+    def reset(self) -> None:
+        """The value was lost and will be recomputed: pending again."""
+        if self.status == "finished":
+            self.status = "pending"
+            self.value = self.who_has = None
+
+    def exception(self) -> BaseException:
+        if self._error is None and self.error_item is not None:
+            key, exc, tb, text, kind, extra = (self.error_item + [None] * 6)[:6]
+            self._error = rebuild_error(exc, tb, text, kind, extra)
+        if self._error is None:
+            self._error = ZFabricError(f"{self.key!r} failed")
+        return self._error
+
+    def _wake(self) -> None:
+        waiters, self.waiters = self.waiters, None
+        for w in waiters or ():
+            if not w.done():
+                w.set_result(None)
+        callbacks, self.callbacks = self.callbacks, None
+        for cb in callbacks or ():
+            cb()
+
+    async def wait(self) -> None:
+        if self.done():
+            return
+        w = asyncio.get_running_loop().create_future()
+        if self.waiters is None:
+            self.waiters = [w]
+        else:
+            self.waiters.append(w)
+        await w
+
+
+def rebuild_error(exc, tb, text, kind, extra) -> BaseException:
+    """A task's error as the caller sees it: the task's own exception, or one of ours."""
+    if exc is None and kind:
+        from . import errors
+
+        cls = getattr(errors, kind, None)
+        if isinstance(cls, type) and issubclass(cls, BaseException):
+            if cls is errors.KilledWorker and extra:
+                return cls(text, extra.get("task", ""), extra.get("last_worker", ""),
+                           extra.get("count", 0))
+            return cls(text)
+    return serialize.rebuild_exception(exc, tb, text)
+
+
+class Future:
+    """A remote computation's result, as in dask.distributed and concurrent.futures.
+
+    In an asynchronous client, ``await future`` gives the result, and ``result()``,
+    ``exception()`` and ``traceback()`` return awaitables; in a blocking client they block.
+    """
+
+    __slots__ = ("__weakref__", "_released", "_state", "client", "key")
+
+    def __init__(self, key: str, client=None, state: FutureState | None = None, inform=True):
+        if client is None:
+            from .client import default_client
+
+            client = default_client()
+        self.key = key
+        self.client = client
+        self._released = False
+        self._state = state if state is not None else client._get_state(key, want=inform)
+        client._inc_ref(key)
+
+    def __repr__(self) -> str:
+        return f"<Future: {self.status}, key: {self.key}>"
+
+    def __hash__(self) -> int:
+        return hash(self.key)
+
+    def __eq__(self, other) -> bool:
+        return isinstance(other, Future) and other.key == self.key
+
+    @property
+    def status(self) -> str:
+        return self._state.status if self._state.status != "lost" else "pending"
+
+    def done(self) -> bool:
+        return self._state.done()
+
+    def cancelled(self) -> bool:
+        return self._state.status == "cancelled"
+
+    def __await__(self):
+        return self.client._result(self).__await__()
+
+    def result(self, timeout: float | None = None):
+        return self.client.sync(self.client._result, self, timeout=timeout)
+
+    def exception(self, timeout: float | None = None):
+        return self.client.sync(self.client._exception, self, timeout=timeout)
+
+    def traceback(self, timeout: float | None = None):
+        return self.client.sync(self.client._traceback, self, timeout=timeout)
+
+    def cancel(self, **kwargs):
+        return self.client.cancel([self], **kwargs)
+
+    def add_done_callback(self, fn) -> None:
+        """Call ``fn(future)`` once the future is done (on the client's loop thread)."""
+        st = self._state
+
+        def call():
+            try:
+                fn(self)
+            except Exception:
+                import logging
+
+                logging.getLogger(__name__).exception("error in a done callback of %s", self)
+
+        def register():
+            if st.done():
+                call()
+            elif st.callbacks is None:
+                st.callbacks = [call]
+            else:
+                st.callbacks.append(call)
+
+        self.client._on_loop(register)
+
+    def release(self) -> None:
+        """Drop this handle; the scheduler forgets the key once no handle needs it."""
+        if not self._released:
+            self._released = True
+            try:
+                self.client._dec_ref(self.key)
+            except Exception:
+                pass
+
+    def __del__(self):
+        self.release()
+
+    def __reduce__(self):
+        collected = serialize.collecting()
+        if collected is not None:
+            collected.append(self.key)
+        return (serialize._resolve, (self.key,))
+
+
+def _flatten(obj, out: list) -> None:
+    if isinstance(obj, Future):
+        out.append(obj)
+    elif isinstance(obj, list | tuple | set | frozenset):
+        for x in obj:
+            _flatten(x, out)
+    elif isinstance(obj, dict):
+        for x in obj.values():
+            _flatten(x, out)
+
+
+def futures_of(obj) -> list[Future]:
+    """Every Future inside nested lists, tuples, sets and dicts."""
+    out: list[Future] = []
+    _flatten(obj, out)
+    return out
+
+
+def _client_of(futures: list[Future]):
+    if not futures:
+        from .client import default_client
+
+        return default_client()
+    return futures[0].client
+
+
+def wait(fs, timeout: float | None = None, return_when: str = "ALL_COMPLETED"):
+    """Wait until all (or the first of) the futures are done: ``(done, not_done)`` sets.
+
+    Raises ``TimeoutError`` when ``timeout`` seconds pass first. Returns an awaitable when the
+    futures belong to an asynchronous client.
+    """
+    futures = futures_of(fs) if not isinstance(fs, Future) else [fs]
+    if return_when not in ("ALL_COMPLETED", "FIRST_COMPLETED"):
+        raise ValueError(f"return_when must be ALL_COMPLETED or FIRST_COMPLETED, not {return_when!r}")
+    client = _client_of(futures)
+    return client.sync(_wait, futures, timeout=timeout, return_when=return_when)
+
+
+async def _wait(futures: list[Future], timeout=None, return_when="ALL_COMPLETED"):
+    pending = [f for f in futures if not f.done()]
+    if pending:
+        waits = [asyncio.ensure_future(f._state.wait()) for f in pending]
+        try:
+            mode = (asyncio.ALL_COMPLETED if return_when == "ALL_COMPLETED"
+                    else asyncio.FIRST_COMPLETED)
+            done, not_done = await asyncio.wait(waits, timeout=timeout, return_when=mode)
+            if not done or (mode == asyncio.ALL_COMPLETED and not_done):
+                raise TimeoutError(
+                    f"{sum(not f.done() for f in futures)} of {len(futures)} futures were not"
+                    f" done after {timeout} s"
+                )
+        finally:
+            for w in waits:
+                w.cancel()
+    done = {f for f in futures if f.done()}
+    return done, {f for f in futures if not f.done()}
+
+
+class as_completed:  # noqa: N801 (named as in dask.distributed and concurrent.futures)
+    """Iterate over futures as they finish: ``for f in as_completed(fs)`` in a blocking
+    client, ``async for f in as_completed(fs)`` in an asynchronous one.
+
+    With ``with_results=True`` it yields ``(future, result)`` pairs (a failed future raises,
+    unless ``raise_errors=False``, when its exception is yielded as the result).
+    """
+
+    def __init__(self, futures: Iterable[Future] = (), with_results: bool = False,
+                 raise_errors: bool = True):
+        self.with_results = with_results
+        self.raise_errors = raise_errors
+        self._ready: deque[Future] = deque()
+        self._pending = 0
+        self._cond = threading.Condition()
+        self._events: list[tuple[asyncio.AbstractEventLoop, asyncio.Event]] = []
+        for f in futures:
+            self.add(f)
+
+    def add(self, future: Future) -> None:
+        with self._cond:
+            self._pending += 1
+        future.add_done_callback(self._done)
+
+    def update(self, futures: Iterable[Future]) -> None:
+        for f in futures:
+            self.add(f)
+
+    def count(self) -> int:
+        with self._cond:
+            return self._pending + len(self._ready)
+
+    def is_empty(self) -> bool:
+        return self.count() == 0
+
+    def _done(self, future: Future) -> None:
+        with self._cond:
+            self._pending -= 1
+            self._ready.append(future)
+            self._cond.notify_all()
+            events = list(self._events)
+        for loop, ev in events:
+            loop.call_soon_threadsafe(ev.set)
+
+    def __iter__(self):
+        return self
+
+    def __next__(self):
+        with self._cond:
+            while not self._ready:
+                if self._pending == 0:
+                    raise StopIteration
+                self._cond.wait(0.1)
+            f = self._ready.popleft()
+        if self.with_results:
+            return f, self._value_sync(f)
+        return f
+
+    def _value_sync(self, f: Future):
+        try:
+            return f.result()
+        except BaseException as exc:
+            if self.raise_errors or isinstance(exc, KeyboardInterrupt):
+                raise
+            return exc
+
+    def __aiter__(self):
+        return self
+
+    async def __anext__(self):
+        loop = asyncio.get_running_loop()
+        ev = asyncio.Event()
+        with self._cond:
+            self._events.append((loop, ev))
+        try:
+            while True:
+                with self._cond:
+                    if self._ready:
+                        f = self._ready.popleft()
+                        break
+                    if self._pending == 0:
+                        raise StopAsyncIteration
+                    ev.clear()
+                await ev.wait()
+        finally:
+            with self._cond:
+                self._events.remove((loop, ev))
+        if self.with_results:
+            try:
+                return f, await f.client._result(f)
+            except Exception as exc:
+                if self.raise_errors:
+                    raise
+                return f, exc
+            except TaskCancelled as exc:
+                if self.raise_errors:
+                    raise
+                return f, exc
+        return f
+
+
+def fire_and_forget(obj) -> None:
+    """Run these futures' tasks to the end even when no handle for them remains."""
+    futures = futures_of(obj) if not isinstance(obj, Future) else [obj]
+    by_client: dict = {}
+    for f in futures:
+        by_client.setdefault(id(f.client), (f.client, []))[1].append(f.key)
+    for client, keys in by_client.values():
+        client._send({"op": "want", "keys": keys, "fire_and_forget": True})

@@ -1,0 +1,85 @@
+"""The life cycle every zfabric server and client shares, as in dask.distributed.
+
+``obj = await Thing()`` starts it; ``async with Thing() as obj`` starts and closes it;
+``await obj.finished()`` returns once it has closed (by ``close()`` or a remote request);
+``close()`` may be called any number of times.
+"""
+
+from __future__ import annotations
+
+import asyncio
+
+
+class LifeCycle:
+    """Start once, close once, and let anyone wait for the end."""
+
+    _start_task: asyncio.Future | None = None
+    _close_task: asyncio.Future | None = None
+    _finished_event: asyncio.Event | None = None
+    status = "created"
+
+    async def start(self):  # pragma: no cover - each subclass defines it
+        raise NotImplementedError
+
+    async def _close(self) -> None:  # pragma: no cover
+        raise NotImplementedError
+
+    def __await__(self):
+        return self._start_once().__await__()
+
+    async def _start_once(self):
+        if self._finished_event is None:
+            self._finished_event = asyncio.Event()
+        if self._start_task is None:
+            self._start_task = asyncio.ensure_future(self._start_and_mark())
+        await asyncio.shield(self._start_task)
+        return self
+
+    async def _start_and_mark(self) -> None:
+        self.status = "starting"
+        try:
+            await self.start()
+        except BaseException:
+            self.status = "failed"
+            await self._close()
+            if self._finished_event is not None:
+                self._finished_event.set()
+            raise
+        if self.status == "starting":
+            self.status = "running"
+
+    async def __aenter__(self):
+        return await self
+
+    async def __aexit__(self, *exc_info) -> None:
+        await self.close()
+
+    async def close(self) -> None:
+        """Stop and release everything; safe to call again."""
+        if self._close_task is None:
+            self._close_task = asyncio.ensure_future(self._close_and_mark())
+        await asyncio.shield(self._close_task)
+
+    async def _close_and_mark(self) -> None:
+        self.status = "closing"
+        try:
+            await self._close()
+        finally:
+            self.status = "closed"
+            if self._finished_event is None:
+                self._finished_event = asyncio.Event()
+            self._finished_event.set()
+
+    async def finished(self) -> None:
+        """Return once this object has closed."""
+        if self._finished_event is None:
+            self._finished_event = asyncio.Event()
+        await self._finished_event.wait()
+
+
+def call_from_thread(loop: asyncio.AbstractEventLoop, fn, *args) -> None:
+    """Run ``fn(*args)`` on ``loop`` from another thread; quietly skip a closed loop."""
+    try:
+        loop.call_soon_threadsafe(fn, *args)
+    except RuntimeError:
+        pass

@@ -1,0 +1,164 @@
+"""The wire protocol: message framing, op schemas, and validation at one door.
+
+A message is a multipart ZeroMQ message. Frame 0 is a msgpack-encoded list of *ops*; the
+frames after it are raw binary buffers that ops refer to by index (out-of-band pickle buffers
+of large values). One send carries every op one tick produced for one peer.
+
+Each op is a map with an ``"op"`` name. :data:`SCHEMAS` lists, for every op, the fields it must
+carry and their types; :func:`decode` checks them before anything else looks at a message, so
+the rest of the code can trust what it gets. Nothing in here touches a socket or a clock.
+
+The first op a peer sends is ``hello`` (role, protocol version, library versions); anything else
+from a peer that has not said hello is answered with ``reregister``.
+"""
+
+from __future__ import annotations
+
+import platform
+from collections.abc import Sequence
+
+import msgpack
+
+from .config import PROTOCOL_VERSION
+from .errors import LocalProtocolError, RemoteProtocolError
+
+__all__ = ["PROTOCOL_VERSION", "SCHEMAS", "decode", "encode", "hello", "versions"]
+
+_B = (bytes,)
+_S = (str,)
+_I = (int,)
+_N = (int, float)
+_L = (list,)
+_D = (dict,)
+_O = (bytes, type(None))
+
+#: Required fields of each op and their types. Extra fields are allowed (newer peers).
+SCHEMAS: dict[str, dict[str, tuple[type, ...]]] = {
+    # any role <-> scheduler
+    "hello": {"role": _S, "protocol": _I, "versions": _D, "id": _S},
+    "welcome": {"epoch": _S, "address": _S},
+    "reregister": {"reason": _S},
+    "error": {"message": _S},
+    "heartbeat": {},
+    "goodbye": {},
+    "request": {"id": _I, "kind": _S, "args": _D},
+    "reply": {"id": _I},
+    # client -> scheduler
+    "submit": {"tasks": _L},
+    "release": {"keys": _L},
+    "want": {"keys": _L},
+    "cancel": {"keys": _L},
+    "scatter": {"items": _L},
+    # scheduler -> client
+    "memory": {"items": _L},
+    "erred": {"items": _L},
+    "cancelled": {"keys": _L},
+    "lost": {"keys": _L},
+    # scheduler <-> worker
+    "compute": {"tasks": _L},
+    "free": {"keys": _L},
+    "finished": {"tasks": _L},
+    "started": {"keys": _L},
+    "missing": {"key": _S, "dep": _S, "address": _S},
+    "run": {"id": _I, "payload": _B},
+    "run-result": {"id": _I},
+    "close": {},
+    # nanny <-> scheduler
+    "worker-died": {"worker": _S, "reason": _S},
+    "restart": {"id": _I},
+    # data plane (worker ROUTER <-> any DEALER)
+    "get-data": {"id": _I, "keys": _L},
+    "data": {"id": _I, "items": _L},
+    "put-data": {"id": _I, "items": _L},
+}
+
+_packer = msgpack.Packer(use_bin_type=True)
+
+
+def encode(ops: Sequence[dict], buffers: Sequence = ()) -> list:
+    """Frames for one message: the packed ops, then the raw buffers."""
+    try:
+        head = _packer.pack(list(ops))
+    except (TypeError, ValueError) as exc:
+        raise LocalProtocolError(f"cannot encode ops {[o.get('op') for o in ops]}: {exc}") from exc
+    if not buffers:
+        return [head]
+    return [head, *buffers]
+
+
+def decode(frames: Sequence, max_frames: int = 10_000) -> tuple[list[dict], list]:
+    """Check and unpack one message. Raises RemoteProtocolError when anything is off."""
+    if not frames:
+        raise RemoteProtocolError("empty message")
+    if len(frames) > max_frames:
+        raise RemoteProtocolError(f"message has {len(frames)} frames; the limit is {max_frames}")
+    try:
+        ops = msgpack.unpackb(frames[0], raw=False, strict_map_key=False, use_list=True)
+    except Exception as exc:
+        raise RemoteProtocolError(f"frame 0 is not msgpack: {exc}") from None
+    if type(ops) is not list:
+        raise RemoteProtocolError(f"frame 0 must be a list of ops, got {type(ops).__name__}")
+    for op in ops:
+        check(op)
+    return ops, list(frames[1:])
+
+
+def check(op) -> None:
+    """Validate one op against its schema."""
+    if type(op) is not dict:
+        raise RemoteProtocolError(f"an op must be a map, got {type(op).__name__}")
+    name = op.get("op")
+    schema = SCHEMAS.get(name) if type(name) is str else None
+    if schema is None:
+        raise RemoteProtocolError(f"unknown op {name!r}")
+    for field, types in schema.items():
+        value = op.get(field, _MISSING)
+        if value is _MISSING:
+            raise RemoteProtocolError(f"op {name!r} lacks field {field!r}")
+        if not isinstance(value, types) or (types is _I and isinstance(value, bool)):
+            raise RemoteProtocolError(
+                f"op {name!r} field {field!r} must be {'/'.join(t.__name__ for t in types)},"
+                f" got {type(value).__name__}"
+            )
+
+
+_MISSING = object()
+
+
+def versions() -> dict[str, str]:
+    """The library versions a peer announces in its hello."""
+    import cloudpickle
+    import msgpack as _m
+
+    from . import __version__
+
+    return {
+        "python": platform.python_version(),
+        "cloudpickle": cloudpickle.__version__,
+        "msgpack": ".".join(map(str, _m.version)),
+        "zfabric": __version__,
+    }
+
+
+def hello(role: str, ident: str, **extra) -> dict:
+    """The first op every peer sends to the scheduler."""
+    return {
+        "op": "hello",
+        "role": role,
+        "protocol": PROTOCOL_VERSION,
+        "versions": versions(),
+        "id": ident,
+        **extra,
+    }
+
+
+def version_mismatches(mine: dict, theirs: dict) -> list[str]:
+    """Human-readable differences between two versions maps (python, cloudpickle, ...)."""
+    out = []
+    for name in ("python", "cloudpickle", "zfabric"):
+        a, b = mine.get(name), theirs.get(name)
+        if name == "python" and a and b:
+            a, b = ".".join(a.split(".")[:2]), ".".join(str(b).split(".")[:2])
+        if a != b:
+            out.append(f"{name} {a} here vs {b} there")
+    return out

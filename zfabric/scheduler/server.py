@@ -1,0 +1,198 @@
+"""The scheduler's shell: one ROUTER, one thread, frames in and out of :class:`SchedulerState`.
+
+Each turn of the loop drains the socket (non-blocking receives until empty, up to a bound),
+hands every message to the state, lets time pass with ``tick``, then sends what the state
+queued: one message per peer. A send to a full peer is kept in a per-peer backlog (with byte
+accounting) and retried; a send to a peer that has gone is dropped.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import threading
+import time
+
+import zmq
+
+from .. import _zmq, protocol
+from ..config import Config, from_env
+from ..errors import RemoteProtocolError
+from ..lifecycle import LifeCycle, call_from_thread
+from .state import SchedulerState
+
+logger = logging.getLogger(__name__)
+
+#: Messages taken from the socket before the state's replies are sent.
+DRAIN_MAX = 2000
+#: Longest wait in poll, which is also how often ``tick`` runs at least.
+TICK_MS = 50
+
+
+class Scheduler(LifeCycle):
+    """The broker: ``async with Scheduler() as s`` and point workers and clients at ``s.address``.
+
+    ``host`` defaults to 127.0.0.1 and ``port`` to 0 (a free port). With ``host="0.0.0.0"`` it
+    listens on every interface and gives out this host's own address.
+    """
+
+    def __init__(self, host: str = "127.0.0.1", port: int = 0, *, config: Config | None = None,
+                 **kwargs):
+        if kwargs.get("dashboard_address") is not None or kwargs.get("dashboard"):
+            logger.info("zfabric has no dashboard; ignoring dashboard options")
+        self.host = host
+        self.port = port
+        self.config = config or from_env()
+        self.address = ""
+        self.state = SchedulerState(config=self.config, versions=protocol.versions())
+        self._stop = False
+        self._thread: threading.Thread | None = None
+        self._backlog: dict[bytes, list] = {}
+        self.backlog_bytes = 0
+
+    def __repr__(self) -> str:
+        return f"<Scheduler {self.address or 'not started'} workers={len(self.state.workers)}>"
+
+    @property
+    def tasks(self) -> dict:
+        """The keys the scheduler holds, as ``{key: TaskState}`` (read-only, live)."""
+        return self.state.tasks
+
+    @property
+    def workers(self) -> dict:
+        return {ws.address: ws for ws in list(self.state.workers.values())}
+
+    @property
+    def id(self) -> str:
+        return self.state.epoch
+
+    def identity(self) -> dict:
+        return self.state.info()
+
+    async def start(self) -> None:
+        loop = asyncio.get_running_loop()
+        ready = loop.create_future()
+        self._loop = loop
+
+        def report(result):
+            if not ready.done():
+                if isinstance(result, BaseException):
+                    ready.set_exception(result)
+                else:
+                    ready.set_result(result)
+
+        self._thread = threading.Thread(
+            target=self._main, args=(lambda r: call_from_thread(loop, report, r),),
+            name="zfabric-scheduler", daemon=True,
+        )
+        self._thread.start()
+        self.address = await ready
+        self.state.address = self.address
+        logger.info("scheduler at %s", self.address)
+
+    async def _close(self) -> None:
+        self._stop = True
+        if self._thread is not None and self._thread.is_alive():
+            await asyncio.to_thread(self._thread.join, 10)
+
+    def _main(self, report) -> None:
+        try:
+            sock, address = _zmq.router(zmq.Context.instance(), self.host, self.port)
+        except Exception as exc:
+            report(exc)
+            return
+        self.state.address = address
+        report(address)
+        try:
+            self._serve(sock)
+        except Exception:
+            logger.exception("scheduler loop crashed")
+        finally:
+            self._goodbye(sock)
+            sock.close(linger=self.config.LINGER_MS)
+            if self.status not in ("closing", "closed"):
+                call_from_thread(self._loop, self._closed_from_inside)
+
+    def _closed_from_inside(self) -> None:
+        asyncio.ensure_future(self.close())
+
+    def _serve(self, sock: zmq.Socket) -> None:
+        state = self.state
+        poller = zmq.Poller()
+        poller.register(sock, zmq.POLLIN)
+        recv = sock.recv_multipart
+        decode = protocol.decode
+        max_frames = self.config.MAX_FRAMES
+        next_tick = time.monotonic()
+        while not self._stop and not state.closing:
+            if poller.poll(TICK_MS):
+                now = time.monotonic()
+                for _ in range(DRAIN_MAX):
+                    try:
+                        frames = recv(zmq.NOBLOCK)
+                    except zmq.Again:
+                        break
+                    peer = frames[0]
+                    try:
+                        ops, _ = decode(frames[1:], max_frames)
+                    except RemoteProtocolError as exc:
+                        logger.warning("malformed message from %r: %s", peer, exc)
+                        state.send(peer, {"op": "error", "message": f"malformed message: {exc}"})
+                        continue
+                    self._answer_heartbeats(peer, ops)
+                    state.handle(peer, ops, now)
+            now = time.monotonic()
+            if now >= next_tick:
+                state.tick(now)
+                next_tick = now + TICK_MS / 1000
+            self._send(sock, state.flush())
+
+    def _answer_heartbeats(self, peer: bytes, ops: list) -> None:
+        for op in ops:
+            if op["op"] == "heartbeat":
+                self.state.send(peer, {"op": "heartbeat"})
+                return
+
+    def _send(self, sock: zmq.Socket, out: dict) -> None:
+        if self._backlog:
+            self._retry_backlog(sock)
+        for peer, ops in out.items():
+            if peer in self._backlog:
+                self._queue(peer, ops)
+                continue
+            try:
+                sock.send_multipart([peer, protocol.encode(ops)[0]], zmq.NOBLOCK)
+            except zmq.Again:
+                self._queue(peer, ops)
+            except zmq.ZMQError as exc:  # EHOSTUNREACH: the peer is gone
+                logger.debug("dropping %d ops for gone peer %r: %s", len(ops), peer, exc)
+
+    def _queue(self, peer: bytes, ops: list) -> None:
+        frame = protocol.encode(ops)[0]
+        self._backlog.setdefault(peer, []).append(frame)
+        self.backlog_bytes += len(frame)
+
+    def _retry_backlog(self, sock: zmq.Socket) -> None:
+        for peer in list(self._backlog):
+            frames = self._backlog[peer]
+            while frames:
+                try:
+                    sock.send_multipart([peer, frames[0]], zmq.NOBLOCK)
+                except zmq.Again:
+                    break
+                except zmq.ZMQError:
+                    self.backlog_bytes -= sum(len(f) for f in frames)
+                    frames.clear()
+                    break
+                self.backlog_bytes -= len(frames.pop(0))
+            if not frames:
+                del self._backlog[peer]
+
+    def _goodbye(self, sock: zmq.Socket) -> None:
+        """Tell workers and clients we are closing so they do not wait for heartbeats."""
+        frame = protocol.encode([{"op": "reregister", "reason": "scheduler closed"}])[0]
+        for peer in [*self.state.workers, *self.state.clients, *self.state.nannies]:
+            try:
+                sock.send_multipart([peer, frame], zmq.NOBLOCK)
+            except zmq.ZMQError:
+                pass

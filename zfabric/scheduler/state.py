@@ -1,0 +1,854 @@
+"""The scheduler's brain: tasks, workers and clients, with no sockets and no clock.
+
+Theory of operation
+-------------------
+The server shell calls :meth:`SchedulerState.handle` with the routing id of the peer that sent
+a message, its decoded ops and the current time, and :meth:`SchedulerState.tick` every so often.
+Both only change state and queue ops in an outbox; :meth:`SchedulerState.flush` hands the shell
+``{peer: [ops]}`` to send, one message per peer. Nothing here reads the clock, opens a socket or
+unpickles user data: payloads, values and exceptions are opaque bytes.
+
+A task moves through these states (every move goes through :meth:`_set_state`, which refuses
+moves not in :data:`TRANSITIONS`)::
+
+    waiting ──▶ queued ──▶ processing ──▶ memory ──▶ released ──▶ (forgotten)
+       │           ▲           │  │          │          │
+       │           └───────────┘  ▼          ▼          ▼
+       └──────────────────────▶ erred     waiting    waiting       (recompute, lineage)
+
+*waiting*: some dependency is not in memory yet. *queued*: ready, no worker has a free slot.
+*processing*: sent to a worker. *memory*: a worker holds the value (and, when it is small, the
+scheduler holds its bytes too and hands them to dependents and clients inline). *released*:
+the value was dropped because nothing needs it now, but the record stays while dependents exist
+so that it can be recomputed if their results are lost. A task is forgotten (removed) when no
+client wants it and no dependent record exists.
+"""
+
+from __future__ import annotations
+
+import heapq
+import logging
+import uuid
+from collections.abc import Iterable
+
+from ..config import DEFAULT, PROTOCOL_VERSION, Config
+from ..errors import RemoteProtocolError
+from ..protocol import version_mismatches
+from . import policy
+from .records import ClientState, NannyState, TaskState, WorkerState
+
+logger = logging.getLogger(__name__)
+
+#: Allowed task-state moves.
+TRANSITIONS: dict[str, frozenset[str]] = {
+    "new": frozenset({"waiting", "queued", "processing", "memory", "erred"}),
+    "waiting": frozenset({"queued", "processing", "erred", "released"}),
+    "queued": frozenset({"processing", "erred", "released"}),
+    "processing": frozenset({"memory", "erred", "queued", "processing", "released"}),
+    "memory": frozenset({"released", "waiting", "queued", "processing", "erred"}),
+    "released": frozenset({"waiting", "queued", "processing", "erred", "memory"}),
+    "erred": frozenset({"released"}),
+}
+
+#: Pseudo client that holds fire_and_forget keys until they finish.
+FIRE_AND_FORGET = b"<fire-and-forget>"
+
+
+class InvalidTransition(RuntimeError):
+    """Raised when code (ours) tries a task-state move that the table forbids."""
+
+
+class SchedulerState:
+    """Tasks, workers and clients; ops in, ops out."""
+
+    def __init__(
+        self, *, address: str = "", config: Config = DEFAULT, versions: dict | None = None
+    ):
+        self.config = config
+        self.address = address
+        self.epoch = uuid.uuid4().hex
+        self.versions = versions or {}
+        self.tasks: dict[str, TaskState] = {}
+        self.workers: dict[bytes, WorkerState] = {}  # by routing id
+        self.workers_by_address: dict[str, WorkerState] = {}
+        self.clients: dict[bytes, ClientState] = {FIRE_AND_FORGET: ClientState(FIRE_AND_FORGET)}
+        self.nannies: dict[bytes, NannyState] = {}
+        self.outbox: dict[bytes, list[dict]] = {}
+        self._queued: list = []  # heap of (priority, seq, TaskState), lazily cleaned
+        self._restricted: set[TaskState] = set()  # queued tasks that only some workers may run
+        self._seq = 0
+        self._requests: dict[int, dict] = {}  # fan-out requests (run, restart) in flight
+        self._request_seq = 0
+        self.closing = False  # set by a remote shutdown request; the shell closes
+        self.events: list[tuple[float, str]] = []  # recent notable events, for info and logs
+        self.now = 0.0
+        self.counts = {"finished": 0, "erred": 0}
+
+    # ------------------------------------------------------------------ outbox
+
+    def send(self, peer: bytes, op: dict) -> None:
+        if peer == FIRE_AND_FORGET:
+            return
+        box = self.outbox.get(peer)
+        if box is None:
+            self.outbox[peer] = [op]
+        else:
+            box.append(op)
+
+    def flush(self) -> dict[bytes, list[dict]]:
+        """The ops queued since the last flush, by peer; the outbox is emptied."""
+        out, self.outbox = self.outbox, {}
+        return out
+
+    def _event(self, text: str) -> None:
+        logger.info(text)
+        self.events.append((self.now, text))
+        if len(self.events) > 200:
+            del self.events[:100]
+
+    # ------------------------------------------------------------------ entry points
+
+    def handle(self, peer: bytes, ops: list[dict], now: float) -> None:
+        """Apply the ops one peer sent; the replies wait in :attr:`outbox`."""
+        self.now = now
+        ws = self.workers.get(peer)
+        if ws is not None:
+            ws.last_seen = now
+            for op in ops:
+                self._guard(peer, op, self._handle_worker, ws)
+            return
+        cs = self.clients.get(peer)
+        if cs is not None:
+            cs.last_seen = now
+            for op in ops:
+                self._guard(peer, op, self._handle_client, cs)
+            return
+        ns = self.nannies.get(peer)
+        if ns is not None:
+            ns.last_seen = now
+            for op in ops:
+                self._guard(peer, op, self._handle_nanny, ns)
+            return
+        for i, op in enumerate(ops):
+            if op["op"] == "hello":
+                self._guard(peer, op, self._handle_hello, None)
+                if peer in self.workers or peer in self.clients or peer in self.nannies:
+                    self.handle(peer, ops[i + 1 :], now)
+                return
+            if op["op"] in ("goodbye", "error", "reply", "data"):
+                continue
+            self.send(peer, {"op": "reregister", "reason": f"unknown peer sent {op['op']!r}"})
+            return
+
+    def _guard(self, peer, op, method, record) -> None:
+        try:
+            method(record, op) if record is not None else method(peer, op)
+        except (RemoteProtocolError, KeyError, TypeError, ValueError, IndexError) as exc:
+            text = f"bad {op.get('op')!r} op from {peer!r}: {type(exc).__name__}: {exc}"
+            logger.warning(text)
+            self.send(peer, {"op": "error", "message": text})
+
+    def tick(self, now: float) -> None:
+        """Time passes: declare silent workers dead and silent clients gone."""
+        self.now = now
+        limit = now - self.config.WORKER_TTL_S
+        for ws in [w for w in self.workers.values() if w.last_seen < limit]:
+            if ws.nanny is not None and ws.nanny in self.nannies:
+                ns = self.nannies[ws.nanny]
+                if ns.last_seen >= limit and ws.ident in ns.vouched:
+                    continue  # busy holding the GIL, but its Nanny sees it alive
+            self.remove_worker(ws, f"silent for {now - ws.last_seen:.1f} s", died=True)
+        limit = now - self.config.CLIENT_TTL_S
+        for cs in [c for c in self.clients.values() if c.ident != FIRE_AND_FORGET]:
+            if cs.last_seen < limit:
+                self._event(f"client {cs.name} silent for {now - cs.last_seen:.0f} s; releasing")
+                self.remove_client(cs)
+        for ns in [n for n in self.nannies.values() if n.last_seen < now - self.config.WORKER_TTL_S]:
+            self.nannies.pop(ns.ident, None)
+
+    # ------------------------------------------------------------------ hello
+
+    def _handle_hello(self, peer: bytes, op: dict) -> None:
+        if op["protocol"] != PROTOCOL_VERSION:
+            self.send(
+                peer,
+                {
+                    "op": "error",
+                    "fatal": True,
+                    "message": f"protocol version {op['protocol']} is not supported by this"
+                    f" scheduler, which speaks version {PROTOCOL_VERSION}; install the same"
+                    " zfabric version on every host",
+                },
+            )
+            return
+        warnings = version_mismatches(self.versions, op["versions"]) if self.versions else []
+        role = op["role"]
+        welcome = {
+            "op": "welcome",
+            "epoch": self.epoch,
+            "address": self.address,
+            "warnings": warnings,
+            "heartbeat_s": self.config.HEARTBEAT_INTERVAL_S,
+        }
+        if role == "worker":
+            address = op["address"]
+            if not isinstance(address, str) or not address.startswith(("tcp://", "ipc://")):
+                raise RemoteProtocolError(f"worker hello needs a data address, got {address!r}")
+            old = self.workers_by_address.get(address)
+            if old is not None:
+                self.remove_worker(old, "replaced by a new incarnation", died=False)
+            ws = WorkerState(
+                ident=peer,
+                id=op["id"],
+                address=address,
+                name=str(op.get("name") or address),
+                nthreads=int(op.get("nthreads") or 1),
+                memory_limit=int(op.get("memory_limit") or 0),
+                resources=dict(op.get("resources") or {}),
+                nanny=(op.get("nanny") or "").encode() or None,
+                pid=int(op.get("pid") or 0),
+                host=str(op.get("host") or ""),
+                now=self.now,
+            )
+            self.workers[peer] = ws
+            self.workers_by_address[address] = ws
+            self.send(peer, welcome)
+            self._event(f"worker {ws.name} joined at {address} ({ws.nthreads} threads)")
+            if ws.nanny in self.nannies:
+                self.nannies[ws.nanny].workers.add(peer)
+            self._fill(ws)
+            self._fill_restricted()
+        elif role == "client":
+            cs = ClientState(peer, name=op["id"], now=self.now)
+            self.clients[peer] = cs
+            self.send(peer, welcome)
+        elif role == "nanny":
+            ns = NannyState(peer, name=op["id"], now=self.now)
+            self.nannies[peer] = ns
+            self.send(peer, welcome)
+        else:
+            raise RemoteProtocolError(f"unknown role {role!r}")
+        for w in warnings:
+            logger.warning("%s %s: version mismatch: %s", role, op["id"], w)
+
+    # ------------------------------------------------------------------ clients
+
+    def _handle_client(self, cs: ClientState, op: dict) -> None:
+        match op["op"]:
+            case "submit":
+                self.submit(cs, op["tasks"])
+            case "release":
+                for key in op["keys"]:
+                    self.release_key(cs, key)
+            case "want":
+                target = self.clients[FIRE_AND_FORGET] if op.get("fire_and_forget") else cs
+                for key in op["keys"]:
+                    self.want_key(target, key)
+            case "cancel":
+                self.cancel(op["keys"])
+            case "scatter":
+                self.scatter(cs, op["items"], op.get("fire_and_forget", False))
+            case "request":
+                self.request(cs.ident, op)
+            case "heartbeat":
+                pass
+            case "goodbye":
+                self.remove_client(cs)
+            case "hello":
+                pass
+            case other:
+                raise RemoteProtocolError(f"a client may not send {other!r}")
+
+    def remove_client(self, cs: ClientState) -> None:
+        self.clients.pop(cs.ident, None)
+        for ts in list(cs.wants):
+            self.release_key(cs, ts.key)
+
+    def submit(self, cs: ClientState, items: list) -> None:
+        """Add tasks: each item is ``[key, payload, dep_keys, options or None]``."""
+        if cs.ident == FIRE_AND_FORGET:
+            return
+        for item in items:
+            key, payload, deps, opts = item
+            if type(key) is not str or type(payload) is not bytes or type(deps) is not list:
+                raise RemoteProtocolError(f"malformed task {str(item)[:200]}")
+            ts = self.tasks.get(key)
+            if ts is not None and ts.state != "released":
+                self._want(cs, ts)
+                if opts and opts.get("fire_and_forget"):
+                    self._want(self.clients[FIRE_AND_FORGET], ts)
+                continue
+            dep_states = []
+            missing = None
+            for d in deps:
+                dts = self.tasks.get(d)
+                if dts is None:
+                    missing = d
+                    break
+                dep_states.append(dts)
+            if ts is None:
+                ts = TaskState(key, payload)
+                self.tasks[key] = ts
+            else:
+                ts.payload = payload
+            self._seq += 1
+            prio = 0
+            if opts:
+                prio = -int(opts.get("priority") or 0)
+                ts.retries = int(opts.get("retries") or 0)
+                ts.set_options(opts)
+            ts.priority = (prio, self._seq)
+            self._want(cs, ts)
+            if opts and opts.get("fire_and_forget"):
+                self._want(self.clients[FIRE_AND_FORGET], ts)
+            if missing is not None:
+                self._fail(
+                    ts,
+                    None,
+                    None,
+                    f"dependency {missing!r} of {key!r} is not known to the scheduler (was its"
+                    " future released or cancelled?); keep a future for it while it is needed",
+                    kind="LostDataError",
+                )
+                continue
+            ts.deps = tuple(dep_states)
+            for dts in dep_states:
+                dts.add_dependent(ts)
+            self._start(ts)
+
+    def _want(self, cs: ClientState, ts: TaskState) -> None:
+        if ts in cs.wants:
+            return
+        cs.wants.add(ts)
+        ts.add_wanter(cs)
+        if ts.state == "memory":
+            self.send(cs.ident, {"op": "memory", "items": [ts.memory_item()]})
+        elif ts.state == "erred":
+            self.send(cs.ident, {"op": "erred", "items": [ts.erred_item()]})
+
+    def _drop_fire_and_forget(self, ts: TaskState) -> None:
+        faf = self.clients[FIRE_AND_FORGET]
+        if ts in faf.wants:
+            faf.wants.discard(ts)
+            ts.drop_wanter(faf)
+
+    def want_key(self, cs: ClientState, key: str) -> None:
+        ts = self.tasks.get(key)
+        if ts is None:
+            self.send(cs.ident, {"op": "cancelled", "keys": [key]})
+            return
+        self._want(cs, ts)
+        if ts.state == "released":
+            self._recompute(ts)
+
+    def release_key(self, cs: ClientState, key: str) -> None:
+        ts = self.tasks.get(key)
+        if ts is None or ts not in cs.wants:
+            return
+        cs.wants.discard(ts)
+        ts.drop_wanter(cs)
+        self._check_release([ts])
+
+    def cancel(self, keys: Iterable[str]) -> None:
+        stack = [self.tasks[k] for k in keys if k in self.tasks]
+        seen = set()
+        doomed = []
+        while stack:
+            ts = stack.pop()
+            if ts in seen:
+                continue
+            seen.add(ts)
+            doomed.append(ts)
+            stack.extend(ts.dependents or ())
+        by_client: dict[bytes, list[str]] = {}
+        for ts in doomed:
+            for cs in ts.wanters():
+                cs.wants.discard(ts)
+                by_client.setdefault(cs.ident, []).append(ts.key)
+            ts.who_wants = None
+        for ident, ks in by_client.items():
+            self.send(ident, {"op": "cancelled", "keys": ks})
+        self._check_release(doomed)
+
+    def scatter(self, cs: ClientState, items: list, fire_and_forget: bool = False) -> None:
+        """Register data a client placed: ``[key, inline bytes or None, nbytes, [addresses]]``."""
+        for key, value, nbytes, addresses in items:
+            if type(key) is not str:
+                raise RemoteProtocolError("scatter key must be a string")
+            ts = self.tasks.get(key)
+            if ts is None:
+                ts = TaskState(key, None)
+                self.tasks[key] = ts
+                self._seq += 1
+                ts.priority = (0, self._seq)
+            ts.scattered = True
+            ts.value = value
+            ts.nbytes = int(nbytes)
+            holders = [self.workers_by_address[a] for a in addresses if a in self.workers_by_address]
+            for ws in holders:
+                ts.add_holder(ws)
+            if value is None and not holders:
+                self._want(cs, ts)
+                self._fail(ts, None, None, f"scattered {key!r} has no live worker holding it",
+                           kind="LostDataError")
+                continue
+            if ts.state != "memory":
+                self._set_state(ts, "memory")
+            self._want(cs, ts)
+            self._release_dependents_waiting(ts)
+
+    # ------------------------------------------------------------------ requests
+
+    def request(self, peer: bytes, op: dict) -> None:
+        rid, kind, args = op["id"], op["kind"], op["args"]
+        reply = {"op": "reply", "id": rid}
+        match kind:
+            case "info":
+                reply["result"] = self.info()
+            case "who-has":
+                keys = args.get("keys")
+                tasks = (self.tasks.get(k) for k in keys) if keys else self.tasks.values()
+                reply["result"] = {
+                    ts.key: sorted(w.address for w in ts.who_has or ()) for ts in tasks if ts
+                }
+            case "has-what":
+                reply["result"] = {
+                    ws.address: sorted(ts.key for ts in ws.has_what) for ws in self.workers.values()
+                }
+            case "run" | "restart":
+                self._fan_out(peer, rid, kind, args)
+                return
+            case "shutdown":
+                self.closing = True
+                reply["result"] = True
+            case "processing":
+                reply["result"] = {
+                    ws.address: sorted(ts.key for ts in ws.processing)
+                    for ws in self.workers.values()
+                }
+            case "task-states":
+                keys = args.get("keys") or list(self.tasks)
+                reply["result"] = {k: self.tasks[k].state for k in keys if k in self.tasks}
+            case _:
+                reply["error"] = f"unknown request {kind!r}"
+        self.send(peer, reply)
+
+    def _fan_out(self, peer: bytes, rid: int, kind: str, args: dict) -> None:
+        """Send a run (to workers) or restart (to nannies) and reply when all have answered."""
+        self._request_seq += 1
+        internal = self._request_seq
+        if kind == "run":
+            targets = [
+                ws
+                for ws in self.workers.values()
+                if not args.get("workers") or ws.address in args["workers"]
+            ]
+            op = {"op": "run", "id": internal, "payload": args["payload"]}
+        else:
+            targets = list(self.nannies.values())
+            op = {"op": "restart", "id": internal}
+        pending = {t.ident: getattr(t, "address", t.name) for t in targets}
+        self._requests[internal] = {
+            "peer": peer, "id": rid, "pending": pending, "results": {}, "kind": kind,
+        }
+        for t in targets:
+            self.send(t.ident, op)
+        self._maybe_finish_request(internal)
+
+    def _request_answer(self, ident: bytes, op: dict) -> None:
+        req = self._requests.get(op["id"])
+        if req is None or ident not in req["pending"]:
+            return
+        name = req["pending"].pop(ident)
+        req["results"][name] = [op.get("value"), op.get("error")]
+        self._maybe_finish_request(op["id"])
+
+    def _maybe_finish_request(self, internal: int) -> None:
+        req = self._requests[internal]
+        if req["pending"]:
+            return
+        del self._requests[internal]
+        self.send(req["peer"], {"op": "reply", "id": req["id"], "result": req["results"]})
+
+    def info(self) -> dict:
+        counts: dict[str, int] = {}
+        for ts in self.tasks.values():
+            counts[ts.state] = counts.get(ts.state, 0) + 1
+        return {
+            "type": "Scheduler",
+            "id": self.epoch,
+            "address": self.address,
+            "workers": {ws.address: ws.info() for ws in self.workers.values()},
+            "nannies": len(self.nannies),
+            "clients": len(self.clients) - 1,
+            "tasks": counts,
+            "events": [list(e) for e in self.events[-20:]],
+        }
+
+    # ------------------------------------------------------------------ nannies
+
+    def _handle_nanny(self, ns: NannyState, op: dict) -> None:
+        match op["op"]:
+            case "heartbeat":
+                ns.vouched = {w.encode() for w in op.get("workers") or ()}
+            case "worker-died":
+                ws = self.workers.get(op["worker"].encode())
+                if ws is not None:
+                    self.remove_worker(ws, op["reason"], died=True)
+            case "reply":
+                self._request_answer(ns.ident, op)
+            case "goodbye":
+                self.nannies.pop(ns.ident, None)
+            case "request":
+                self.request(ns.ident, op)
+            case "hello":
+                pass
+            case other:
+                raise RemoteProtocolError(f"a nanny may not send {other!r}")
+
+    # ------------------------------------------------------------------ workers
+
+    def _handle_worker(self, ws: WorkerState, op: dict) -> None:
+        match op["op"]:
+            case "finished":
+                for item in op["tasks"]:
+                    self.task_finished(ws, *item)
+                self._fill(ws)
+            case "erred":
+                for item in op["items"]:
+                    self.task_erred(ws, *item)
+                self._fill(ws)
+            case "started":
+                for key in op["keys"]:
+                    ts = ws.processing.get(key) if type(key) is str else None
+                    if ts is not None:
+                        ts.started = True
+            case "heartbeat":
+                metrics = op.get("metrics")
+                if isinstance(metrics, dict):
+                    ws.metrics = metrics
+            case "missing":
+                self._missing(ws, op["key"], op["dep"], op["address"])
+            case "run-result":
+                self._request_answer(ws.ident, op)
+            case "request":
+                self.request(ws.ident, op)
+            case "goodbye":
+                self.remove_worker(ws, op.get("reason") or "closed", died=False)
+            case "hello":
+                pass
+            case other:
+                raise RemoteProtocolError(f"a worker may not send {other!r}")
+
+    def task_finished(
+        self, ws: WorkerState, key: str, nbytes: int, value: bytes | None, duration: float
+    ) -> None:
+        ts = self.tasks.get(key)
+        if ts is None or ts.state != "processing" or ts.processing_on is not ws:
+            if ts is None or ws not in (ts.who_has or ()):
+                if ts is not None and ts.state == "memory":
+                    ts.add_holder(ws)  # a duplicate: one more copy is harmless
+                    return
+                self.send(ws.ident, {"op": "free", "keys": [key]})
+            return
+        ws.done(ts, duration)
+        ts.processing_on = None
+        ts.started = False
+        ts.nbytes = int(nbytes)
+        ts.value = value
+        ts.add_holder(ws)
+        self.counts["finished"] += 1
+        self._set_state(ts, "memory")
+        item = None
+        for cs in ts.wanters():
+            item = item or ts.memory_item()
+            self.send(cs.ident, {"op": "memory", "items": [item]})
+        self._release_dependents_waiting(ts)
+        self._drop_fire_and_forget(ts)
+        release = [ts]
+        if ts.deps:
+            release.extend(ts.deps)
+        self._check_release(release)
+
+    def task_erred(self, ws: WorkerState, key: str, exc: bytes | None, tb: bytes | None,
+                   text: str, kind: str | None = None) -> None:
+        ts = self.tasks.get(key)
+        if ts is None or ts.state != "processing" or ts.processing_on is not ws:
+            return
+        ws.done(ts, 0.0)
+        ts.processing_on = None
+        ts.started = False
+        if kind == "TaskTimeout" and ts.options and ts.options.get("abandoned"):
+            pass
+        if ts.retries > 0:
+            ts.retries -= 1
+            self._set_state(ts, "released")
+            self._start(ts)
+            return
+        self.counts["erred"] += 1
+        self._fail(ts, exc, tb, text, kind=kind)
+
+    def _missing(self, ws: WorkerState, key: str, dep: str, address: str) -> None:
+        """A worker could not fetch ``dep`` from ``address``: fix who_has and try again."""
+        ts = self.tasks.get(key)
+        dts = self.tasks.get(dep)
+        holder = self.workers_by_address.get(address)
+        if dts is not None and holder is not None and holder in (dts.who_has or ()):
+            dts.drop_holder(holder)
+            holder.has_what.discard(dts)
+        if ts is None or ts.processing_on is not ws:
+            return
+        ws.done(ts, 0.0)
+        ts.processing_on = None
+        self._set_state(ts, "released")
+        if dts is not None and dts.state == "memory" and not dts.who_has and dts.value is None:
+            self._lose(dts)
+        self._start(ts)
+
+    def remove_worker(self, ws: WorkerState, reason: str, *, died: bool) -> None:
+        """Take a worker out: move its tasks elsewhere, recompute or fail what it held."""
+        if self.workers.pop(ws.ident, None) is None:
+            return
+        if self.workers_by_address.get(ws.address) is ws:
+            del self.workers_by_address[ws.address]
+        self._event(f"worker {ws.name} ({ws.address}) removed: {reason}")
+        if ws.nanny in self.nannies:
+            self.nannies[ws.nanny].workers.discard(ws.ident)
+        self.send(ws.ident, {"op": "reregister", "reason": f"removed: {reason}"}) if not died else None
+        for ts in list(ws.processing.values()):
+            ws.done(ts, 0.0)
+            ts.processing_on = None
+            if died and ts.started:
+                ts.suspicious += 1
+                if ts.suspicious > self.config.ALLOWED_FAILURES:
+                    self._fail(
+                        ts,
+                        None,
+                        None,
+                        f"task {ts.key!r} was running on {ts.suspicious} workers that died"
+                        f" (the last one {ws.address}, {reason}); it probably crashes or"
+                        " exhausts the worker. Allowed failures:"
+                        f" {self.config.ALLOWED_FAILURES}",
+                        kind="KilledWorker",
+                        extra={"task": ts.key, "last_worker": ws.address, "count": ts.suspicious},
+                    )
+                    continue
+            ts.started = False
+            self._set_state(ts, "released")
+            self._start(ts)
+        for ts in list(ws.has_what):
+            ts.drop_holder(ws)
+            if ts.state == "memory" and not ts.who_has and ts.value is None:
+                self._lose(ts)
+        ws.has_what.clear()
+        self._fill_restricted()
+        for other in list(self.workers.values()):
+            self._fill(other)
+
+    def _lose(self, ts: TaskState) -> None:
+        """The only copy of a large value is gone: recompute it, or fail if it was scattered."""
+        if ts.scattered:
+            self._fail(ts, None, None,
+                       f"scattered data {ts.key!r} was lost with its worker and cannot be"
+                       " recomputed; scatter it again", kind="LostDataError")
+            return
+        for cs in ts.wanters():
+            self.send(cs.ident, {"op": "lost", "keys": [ts.key]})
+        self._set_state(ts, "released")
+        needed = bool(ts.who_wants) or any(
+            d.state in ("waiting", "queued", "processing") for d in ts.dependents or ()
+        )
+        if needed:
+            self._recompute(ts)
+
+    def _recompute(self, ts: TaskState) -> None:
+        """Bring a released task back, with whatever of its lineage is missing."""
+        stack = [ts]
+        while stack:
+            t = stack.pop()
+            if t.state != "released":
+                continue
+            if t.payload is None:
+                self._fail(t, None, None, f"scattered data {t.key!r} was released or lost and"
+                           " cannot be recomputed", kind="LostDataError")
+                continue
+            self._start(t)
+            stack.extend(d for d in t.deps if d.state == "released")
+
+    # ------------------------------------------------------------------ transitions
+
+    def _set_state(self, ts: TaskState, new: str) -> None:
+        if new not in TRANSITIONS[ts.state]:
+            raise InvalidTransition(f"{ts.key!r}: {ts.state} -> {new}")
+        ts.state = new
+
+    def _start(self, ts: TaskState) -> None:
+        """A new or released task: wait for its dependencies, or run it."""
+        waiting = 0
+        for dts in ts.deps:
+            if dts.state == "erred":
+                self._fail(ts, dts.exception, dts.traceback, dts.error_text, kind=dts.error_kind,
+                           extra=dts.error_extra)
+                return
+            if dts.state != "memory":
+                waiting += 1
+                if dts.state == "released":
+                    self._recompute(dts)
+        ts.waiting_on = waiting
+        if waiting:
+            self._set_state(ts, "waiting")
+        else:
+            self._ready(ts)
+
+    def _release_dependents_waiting(self, ts: TaskState) -> None:
+        for dep in ts.dependents or ():
+            if dep.state == "waiting":
+                dep.waiting_on -= 1
+                if dep.waiting_on <= 0:
+                    self._ready(dep)
+
+    def _ready(self, ts: TaskState) -> None:
+        ws = policy.choose_worker(ts, self.workers.values())
+        if ws is None:
+            self._set_state(ts, "queued")
+            if ts.restricted:
+                self._restricted.add(ts)
+            else:
+                heapq.heappush(self._queued, (ts.priority, ts))
+            return
+        self._dispatch(ts, ws)
+
+    def _dispatch(self, ts: TaskState, ws: WorkerState) -> None:
+        self._set_state(ts, "processing")
+        ts.processing_on = ws
+        ws.assign(ts)
+        inline = who_has = None
+        for dts in ts.deps:
+            if dts.who_has and ws in dts.who_has:
+                continue
+            if dts.value is not None:
+                if inline is None:
+                    inline = {}
+                inline[dts.key] = dts.value
+                dts.add_holder(ws)
+            else:
+                if who_has is None:
+                    who_has = {}
+                who_has[dts.key] = [w.address for w in dts.who_has or ()]
+        self.send(
+            ws.ident, {"op": "compute", "tasks": [[ts.key, ts.payload, inline, who_has, ts.options]]}
+        )
+
+    def _fill(self, ws: WorkerState) -> None:
+        """Give a worker with free slots the most urgent queued tasks."""
+        if ws.ident not in self.workers:
+            return
+        q = self._queued
+        while q and ws.has_slot():
+            _, ts = heapq.heappop(q)
+            if ts.state == "queued":
+                self._dispatch(ts, ws)
+        if self._restricted and ws.has_slot():
+            self._fill_restricted()
+
+    def _fill_restricted(self) -> None:
+        for ts in sorted(self._restricted, key=lambda t: t.priority):
+            if ts.state != "queued":
+                self._restricted.discard(ts)
+                continue
+            ws = policy.choose_worker(ts, self.workers.values())
+            if ws is not None:
+                self._restricted.discard(ts)
+                self._dispatch(ts, ws)
+
+    def _fail(self, ts: TaskState, exc: bytes | None, tb: bytes | None, text: str, *,
+              kind: str | None = None, extra: dict | None = None) -> None:
+        """Mark a task and everything downstream of it erred with the same error."""
+        stack = [ts]
+        while stack:
+            t = stack.pop()
+            if t.state == "erred":
+                continue
+            if t.processing_on is not None:
+                t.processing_on.done(t, 0.0)
+                self.send(t.processing_on.ident, {"op": "free", "keys": [t.key]})
+                t.processing_on = None
+            t.value = None
+            self._free_holders(t)
+            t.state = "erred"  # any state may fail
+            t.exception, t.traceback, t.error_text = exc, tb, text
+            t.error_kind, t.error_extra = kind, extra
+            item = None
+            for cs in t.wanters():
+                item = item or t.erred_item()
+                self.send(cs.ident, {"op": "erred", "items": [item]})
+            stack.extend(t.dependents or ())
+            self._drop_fire_and_forget(t)
+        self._check_release([ts])
+
+    def _free_holders(self, ts: TaskState) -> None:
+        for ws in ts.who_has or ():
+            ws.has_what.discard(ts)
+            if ws.ident in self.workers:
+                self.send(ws.ident, {"op": "free", "keys": [ts.key]})
+        ts.who_has = None
+
+    def _check_release(self, candidates: list[TaskState]) -> None:
+        """Drop the data, or the whole record, of tasks that nothing needs any more."""
+        stack = list(candidates)
+        while stack:
+            ts = stack.pop()
+            if ts.who_wants or ts.key not in self.tasks:
+                continue
+            if any(d.state in ("waiting", "queued", "processing") for d in ts.dependents or ()):
+                continue
+            if ts.dependents:
+                # Records downstream remain: keep ours for lineage, drop data and work.
+                if ts.state in ("memory", "processing", "queued", "waiting"):
+                    self._drop_work(ts)
+                    self._set_state(ts, "released")
+                    stack.extend(ts.deps)
+                continue
+            self._drop_work(ts)
+            del self.tasks[ts.key]
+            ts.state = "forgotten"
+            for dts in ts.deps:
+                dts.discard_dependent(ts)
+                stack.append(dts)
+            ts.deps = ()
+
+    def _drop_work(self, ts: TaskState) -> None:
+        if ts.processing_on is not None:
+            ts.processing_on.done(ts, 0.0)
+            self.send(ts.processing_on.ident, {"op": "free", "keys": [ts.key]})
+            self._fill(ts.processing_on)
+            ts.processing_on = None
+        self._restricted.discard(ts)
+        ts.value = None
+        self._free_holders(ts)
+
+    # ------------------------------------------------------------------ checks
+
+    def validate(self) -> None:
+        """Check internal invariants (tests call this; it is O(tasks))."""
+        for key, ts in self.tasks.items():
+            assert ts.key == key
+            assert ts.state in TRANSITIONS, ts.state
+            if ts.state == "processing":
+                assert ts.processing_on is not None and ts.processing_on.ident in self.workers
+                assert ts.processing_on.processing.get(key) is ts
+            else:
+                assert ts.processing_on is None, (key, ts.state)
+            if ts.state == "memory":
+                assert ts.who_has or ts.value is not None, key
+            if ts.state == "waiting":
+                assert ts.waiting_on == sum(d.state != "memory" for d in ts.deps), key
+            for d in ts.deps:
+                assert ts in d.dependents, (key, d.key)
+            for cs in ts.wanters():
+                assert ts in cs.wants
+        for ws in self.workers.values():
+            for key, ts in ws.processing.items():
+                assert ts.processing_on is ws and ts.key == key
+            for ts in ws.has_what:
+                assert ws in ts.who_has

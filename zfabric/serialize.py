@@ -1,0 +1,273 @@
+"""User data on the wire: functions, arguments, results and exceptions.
+
+- A task payload is ``<4-byte length><pickled function><pickled args and kwargs>``. The function
+  is pickled once per function object (cached) and unpickled once per distinct pickle on the
+  worker (cached), so ``map`` over a lambda pays for cloudpickle once, not per item.
+- Futures inside arguments pickle as :class:`Dep` markers; pickling records their keys (the
+  task's dependencies) and unpickling on the worker swaps each marker for the dependency's
+  value. One pickle pass finds every dependency, however deeply nested.
+- Values use pickle protocol 5. Buffers of at least ``inline_bytes`` (NumPy arrays, bytes-like
+  objects) travel out of band as separate frames without a copy; smaller ones stay in the pickle.
+- Exceptions travel pickled, with their traceback as (file, line, function) frames, rebuilt into
+  a real traceback object on the client.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import pickle
+import struct
+import threading
+import traceback as tb_module
+import types
+import weakref
+from collections import OrderedDict
+
+import cloudpickle
+
+from .errors import SerializationError
+
+__all__ = [
+    "Dep",
+    "dumps_task",
+    "dumps_value",
+    "exception_payload",
+    "loads_task",
+    "loads_value",
+    "rebuild_exception",
+]
+
+_local = threading.local()
+_LEN = struct.Struct("!I")
+
+
+class Dep:
+    """Stands for a dependency's value inside a pickled task."""
+
+    __slots__ = ("key",)
+
+    def __init__(self, key: str):
+        self.key = key
+
+    def __reduce__(self):
+        collected = getattr(_local, "collect", None)
+        if collected is not None:
+            collected.append(self.key)
+        return (_resolve, (self.key,))
+
+
+def _resolve(key: str):
+    values = getattr(_local, "values", None)
+    if values is None:
+        return Dep(key)
+    try:
+        return values[key]
+    except KeyError:
+        raise SerializationError(f"dependency {key!r} is missing on this worker") from None
+
+
+def collecting() -> list[str] | None:
+    """The list that Future.__reduce__ should append its key to, while a task is pickled."""
+    return getattr(_local, "collect", None)
+
+
+# ---------------------------------------------------------------------------- tasks
+
+_func_cache: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+_func_lock = threading.Lock()
+
+
+def _dumps(obj) -> bytes:
+    try:
+        return pickle.dumps(obj, protocol=5)
+    except Exception:
+        return cloudpickle.dumps(obj, protocol=5)
+
+
+def dumps_function(func) -> bytes:
+    try:
+        return _func_cache[func]
+    except (KeyError, TypeError):
+        pass
+    try:
+        data = cloudpickle.dumps(func, protocol=5)
+    except Exception as exc:
+        raise SerializationError(
+            f"cannot pickle the function {func!r}: {type(exc).__name__}: {exc}. Define it at"
+            " module level or make what it closes over picklable"
+        ) from exc
+    try:
+        with _func_lock:
+            _func_cache[func] = data
+    except TypeError:
+        pass  # not weak-referenceable (a builtin): no caching
+    return data
+
+
+def dumps_task(func, args: tuple, kwargs: dict) -> tuple[bytes, list[str], bytes]:
+    """Pickle a call. Returns (payload, dependency keys, function pickle)."""
+    fbytes = dumps_function(func)
+    deps: list[str] = []
+    _local.collect = deps
+    try:
+        body = (args, kwargs or None)
+        try:
+            abytes = pickle.dumps(body, protocol=5)
+        except Exception:
+            del deps[:]
+            try:
+                abytes = cloudpickle.dumps(body, protocol=5)
+            except Exception as exc:
+                raise SerializationError(
+                    f"cannot pickle the arguments of {getattr(func, '__name__', func)!r}:"
+                    f" {type(exc).__name__}: {exc}"
+                ) from exc
+    finally:
+        _local.collect = None
+    return _LEN.pack(len(fbytes)) + fbytes + abytes, deps, fbytes
+
+
+def task_hash(payload: bytes) -> str:
+    """A fast, deterministic digest of a payload for pure keys."""
+    return hashlib.blake2b(payload, digest_size=16).hexdigest()
+
+
+class _FunctionCache:
+    """Recently unpickled functions, by their pickle."""
+
+    def __init__(self, size: int = 512):
+        self.size = size
+        self.items: OrderedDict[bytes, object] = OrderedDict()
+        self.lock = threading.Lock()
+
+    def get(self, data: bytes):
+        with self.lock:
+            func = self.items.get(data)
+            if func is not None:
+                self.items.move_to_end(data)
+                return func
+        func = pickle.loads(data)
+        with self.lock:
+            self.items[data] = func
+            if len(self.items) > self.size:
+                self.items.popitem(last=False)
+        return func
+
+
+_functions = _FunctionCache()
+
+
+def loads_task(payload: bytes, values: dict):
+    """Rebuild ``(func, args, kwargs)``, with dependency markers replaced from ``values``."""
+    (n,) = _LEN.unpack_from(payload)
+    func = _functions.get(payload[4 : 4 + n])
+    _local.values = values
+    try:
+        body = pickle.loads(memoryview(payload)[4 + n :])
+    finally:
+        _local.values = None
+    args, kwargs = body
+    return func, args, kwargs or {}
+
+
+# ---------------------------------------------------------------------------- values
+
+
+def dumps_value(obj, inline_bytes: int = 64 * 1024) -> tuple[bytes, list]:
+    """Pickle a value; buffers of ``inline_bytes`` or more come back separately, uncopied."""
+    buffers: list = []
+
+    def keep(pb: pickle.PickleBuffer):
+        try:
+            raw = pb.raw()
+        except BufferError:
+            return True  # not contiguous: serialise in band
+        if raw.nbytes < inline_bytes:
+            return True
+        buffers.append(raw)
+        return False
+
+    try:
+        header = pickle.dumps(obj, protocol=5, buffer_callback=keep)
+    except Exception:
+        buffers.clear()
+        try:
+            header = cloudpickle.dumps(obj, protocol=5, buffer_callback=keep)
+        except Exception as exc:
+            raise SerializationError(
+                f"cannot pickle a value of type {type(obj).__qualname__}: "
+                f"{type(exc).__name__}: {exc}. Return or pass something picklable"
+            ) from exc
+    return header, buffers
+
+
+def loads_value(header, buffers=()):
+    try:
+        return pickle.loads(header, buffers=buffers)
+    except Exception as exc:
+        raise SerializationError(
+            f"cannot unpickle a value: {type(exc).__name__}: {exc}. Is the same code installed"
+            " on the client and the workers?"
+        ) from exc
+
+
+def nbytes(header, buffers) -> int:
+    return len(header) + sum(memoryview(b).nbytes for b in buffers)
+
+
+# ---------------------------------------------------------------------------- exceptions
+
+
+def exception_payload(exc: BaseException) -> tuple[bytes | None, bytes, str]:
+    """(pickled exception or None, pickled traceback frames, one-line text)."""
+    text = "".join(tb_module.format_exception_only(type(exc), exc)).strip()
+    frames = [
+        (f.filename, f.lineno or 0, f.name)
+        for f in tb_module.extract_tb(exc.__traceback__)
+    ]
+    tb = pickle.dumps(frames)
+    try:
+        data = cloudpickle.dumps(exc.with_traceback(None), protocol=5)
+        pickle.loads(data)  # an exception that pickles but cannot unpickle is useless
+    except Exception:
+        data = None
+    return data, tb, text
+
+
+class RemoteError(Exception):
+    """Stands for a task's exception that could not be pickled; its text is the original's."""
+
+
+def rebuild_exception(data: bytes | None, tb: bytes | None, text: str) -> BaseException:
+    """The remote exception, with a traceback that points at the remote frames."""
+    exc = None
+    if data is not None:
+        try:
+            exc = pickle.loads(data)
+        except Exception:
+            exc = None
+    if not isinstance(exc, BaseException):
+        exc = RemoteError(text)
+    if tb:
+        try:
+            frames = pickle.loads(tb)
+            exc = exc.with_traceback(build_traceback(frames))
+        except Exception:
+            pass
+    return exc
+
+
+def build_traceback(frames: list[tuple[str, int, str]]) -> types.TracebackType | None:
+    """A real traceback object whose frames carry the remote file names and line numbers."""
+    tb = None
+    for filename, lineno, name in reversed(frames):
+        code = compile("\n" * max(lineno - 1, 0) + "raise _E", filename, "exec")
+        code = code.replace(co_name=name)
+        try:
+            exec(code, {"_E": RuntimeError, "__name__": "<remote>"})
+        except RuntimeError as e:
+            stub = e.__traceback__.tb_next
+            if stub is None:
+                continue
+            tb = types.TracebackType(tb, stub.tb_frame, stub.tb_lasti, stub.tb_lineno)
+    return tb

@@ -1,0 +1,108 @@
+"""The client's side of the data plane: fetch values from, and place values on, workers.
+
+One ``zmq.asyncio`` DEALER per worker address, each with exactly one reader task (cancelling a
+pending ``recv`` can lose a message, so requests never race a receive against a timeout; they
+wait on a future the reader settles).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+
+import zmq
+import zmq.asyncio
+
+from . import _zmq, protocol, serialize
+from .errors import CommTimeoutError, RemoteProtocolError
+
+logger = logging.getLogger(__name__)
+
+
+class _Conn:
+    def __init__(self, ctx: zmq.asyncio.Context, address: str):
+        self.address = address
+        self.sock = _zmq.dealer(ctx, address)
+        self.pending: dict[int, asyncio.Future] = {}
+        self.reader = asyncio.ensure_future(self._read())
+
+    async def _read(self) -> None:
+        while True:
+            frames = await self.sock.recv_multipart(copy=False)
+            try:
+                ops, buffers = protocol.decode([frames[0].bytes, *frames[1:]])
+            except RemoteProtocolError as exc:
+                logger.warning("bad data message from %s: %s", self.address, exc)
+                continue
+            for op in ops:
+                fut = self.pending.pop(op.get("id"), None)
+                if fut is not None and not fut.done():
+                    fut.set_result((op, buffers))
+
+    def close(self) -> None:
+        self.reader.cancel()
+        for fut in self.pending.values():
+            if not fut.done():
+                fut.set_exception(ConnectionError(f"connection to {self.address} closed"))
+        self.sock.close(linger=0)
+
+
+class DataPool:
+    """Requests to workers' data ports, one connection per worker."""
+
+    def __init__(self, ctx: zmq.asyncio.Context, timeout_s: float = 30.0):
+        self.ctx = ctx
+        self.timeout_s = timeout_s
+        self.conns: dict[str, _Conn] = {}
+        self._seq = 0
+
+    async def request(self, address: str, op: dict, frames: list = ()) -> tuple[dict, list]:
+        conn = self.conns.get(address)
+        if conn is None:
+            conn = self.conns[address] = _Conn(self.ctx, address)
+        self._seq += 1
+        op = {**op, "id": self._seq}
+        fut = asyncio.get_running_loop().create_future()
+        conn.pending[self._seq] = fut
+        await conn.sock.send_multipart(protocol.encode([op], frames), copy=False)
+        try:
+            return await asyncio.wait_for(asyncio.shield(fut), self.timeout_s)
+        except TimeoutError:
+            conn.pending.pop(op["id"], None)
+            self.drop(address)
+            raise CommTimeoutError(
+                f"worker {address} did not answer {op['op']} within {self.timeout_s:g} s"
+            ) from None
+
+    def drop(self, address: str) -> None:
+        conn = self.conns.pop(address, None)
+        if conn is not None:
+            conn.close()
+
+    async def get(self, address: str, keys: list[str]) -> dict:
+        """Values of ``keys`` held at ``address``; missing keys are absent from the result."""
+        op, buffers = await self.request(address, {"op": "get-data", "keys": keys})
+        if op["op"] != "data":
+            raise ConnectionError(f"worker {address}: {op.get('message', op['op'])}")
+        out, pos = {}, 0
+        for key, header, n in op["items"]:
+            bufs = [b.buffer for b in buffers[pos : pos + n]]
+            pos += n
+            if header is not None:
+                out[key] = serialize.loads_value(header, bufs)
+        return out
+
+    async def put(self, address: str, items: list[tuple[str, bytes, list]]) -> None:
+        frames, spec = [], []
+        for key, header, bufs in items:
+            spec.append([key, header, len(bufs)])
+            frames.extend(bufs)
+        op, _ = await self.request(address, {"op": "put-data", "items": spec}, frames)
+        if op["op"] != "reply":
+            raise ConnectionError(f"worker {address} refused data: {op.get('message')}")
+
+    def close(self) -> None:
+        for address in list(self.conns):
+            with contextlib.suppress(Exception):
+                self.drop(address)

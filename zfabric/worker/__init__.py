@@ -1,0 +1,135 @@
+"""The worker: runs tasks in threads, keeps their results, serves them to peers.
+
+:class:`Worker` is the async life cycle; the work happens in :mod:`.core` (the loop thread
+that owns the sockets) and :mod:`.execute` (the task threads).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+
+from ..config import Config, from_env, memory_limit_bytes
+from ..errors import CommTimeoutError, ZFabricError
+from ..lifecycle import LifeCycle, call_from_thread
+from .core import WorkerLoop
+
+logger = logging.getLogger(__name__)
+
+__all__ = ["Worker"]
+
+
+class Worker(LifeCycle):
+    """A worker process's engine: ``async with Worker(scheduler.address) as w``.
+
+    ``nthreads`` defaults to the number of cores; ``memory_limit`` takes bytes, a size string
+    such as ``"2GiB"``, or ``"auto"`` (this worker's share of the machine's memory).
+    ``death_timeout`` is how long it waits for a scheduler (at start, and after losing it)
+    before it closes.
+    """
+
+    def __init__(
+        self,
+        scheduler_ip: str | None = None,
+        *,
+        scheduler_address: str | None = None,
+        nthreads: int | None = None,
+        name: str | None = None,
+        resources: dict | None = None,
+        memory_limit: int | str | None = "auto",
+        nanny: str | None = None,
+        host: str | None = None,
+        listen_address: str | None = None,
+        contact_address: str | None = None,
+        death_timeout: float | None = None,
+        config: Config | None = None,
+        **kwargs,
+    ):
+        address = scheduler_address or scheduler_ip
+        if not address:
+            raise ValueError("Worker needs the scheduler's address, e.g. Worker('tcp://host:8786')")
+        if hasattr(address, "address"):
+            address = address.address
+        self.scheduler_address = address
+        self.config = config or from_env()
+        self.nthreads = int(nthreads or os.cpu_count() or 1)
+        if self.nthreads < 1:
+            raise ValueError(f"nthreads must be at least 1, got {nthreads}")
+        self.name = None if name is None else str(name)
+        self.resources = dict(resources or {})
+        self.memory_limit = memory_limit_bytes(memory_limit, self.nthreads)
+        self.nanny = nanny
+        listen = listen_address or host
+        if listen and listen.startswith("tcp://") and listen.endswith(":0"):
+            listen = listen[len("tcp://") : -2]
+        self._listen = listen
+        self._contact = contact_address
+        self.death_timeout = float(
+            death_timeout if death_timeout is not None else self.config.RECONNECT_TIMEOUT_S
+        )
+        self.address = ""
+        self._core: WorkerLoop | None = None
+        self._closed_by_core: asyncio.Event | None = None
+
+    def __repr__(self) -> str:
+        return f"<Worker {self.name or ''} {self.address or 'not started'} threads={self.nthreads}>"
+
+    @property
+    def id(self) -> str:
+        return self._core.identity.decode() if self._core else ""
+
+    @property
+    def data(self) -> dict:
+        """The values this worker holds, by key."""
+        return self._core.store if self._core else {}
+
+    async def start(self) -> None:
+        loop = asyncio.get_running_loop()
+        ready = loop.create_future()
+        self._closed_by_core = asyncio.Event()
+
+        def on_ready(address, err):
+            def settle():
+                if ready.done():
+                    return
+                if err is not None:
+                    ready.set_exception(err)
+                else:
+                    ready.set_result(address)
+            call_from_thread(loop, settle)
+
+        def on_closed():
+            call_from_thread(loop, self._core_closed)
+
+        self._core = WorkerLoop(
+            scheduler_address=self.scheduler_address, nthreads=self.nthreads, name=self.name,
+            resources=self.resources, memory_limit=self.memory_limit, nanny=self.nanny,
+            listen=self._listen, contact=self._contact, config=self.config,
+            death_timeout_s=self.death_timeout, on_ready=on_ready, on_closed=on_closed,
+        )
+        self._core.start()
+        try:
+            self.address = await asyncio.wait_for(ready, self.death_timeout)
+        except TimeoutError:
+            raise CommTimeoutError(
+                f"worker could not register with a scheduler at {self.scheduler_address}"
+                f" within {self.death_timeout:g} s; is the scheduler running there?"
+            ) from None
+        except ZFabricError:
+            raise
+        self.name = self._core.name
+
+    def _core_closed(self) -> None:
+        if self._closed_by_core is not None:
+            self._closed_by_core.set()
+        if self.status == "running":
+            asyncio.ensure_future(self.close())
+
+    async def _close(self) -> None:
+        core = self._core
+        if core is None:
+            return
+        core.stop("closed")
+        if core.thread.is_alive():
+            await asyncio.to_thread(core.thread.join, 10)

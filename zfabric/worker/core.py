@@ -1,0 +1,472 @@
+"""The worker's loop thread: scheduler link, data server, dependency fetches, task hand-off.
+
+One thread owns every socket of the worker and runs a ``zmq.Poller`` loop:
+
+- the DEALER to the scheduler (``compute``, ``free``, ``run`` in; ``finished``, ``erred``,
+  ``started``, ``heartbeat`` out, all of one tick in one message);
+- the ROUTER that serves stored values to peers and clients (``get-data``, ``put-data``);
+- one DEALER per peer worker that dependencies are fetched from;
+- a PULL that executor threads poke when a task is done.
+
+Tasks are handed to the executor only when a thread is free, so the scheduler's prefetch
+queue lives here, in :attr:`ready`.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import random
+import socket as _socket
+import threading
+import time
+from collections import deque
+
+import psutil
+import zmq
+
+from .. import _zmq, protocol, serialize
+from ..config import Config
+from ..errors import RemoteProtocolError, TaskTimeout
+from .execute import Executor, Outcome
+
+logger = logging.getLogger(__name__)
+
+#: A dependency fetch with no answer for this long is given up and reported missing.
+FETCH_TIMEOUT_S = 15.0
+
+
+class WorkerLoop:
+    """Everything a worker does, in one thread (see module docstring)."""
+
+    def __init__(self, *, scheduler_address: str, nthreads: int, name: str | None,
+                 resources: dict, memory_limit: int, nanny: str | None, listen: str,
+                 contact: str | None, config: Config, death_timeout_s: float,
+                 on_ready, on_closed):
+        self.scheduler_address = _zmq.normalize_address(scheduler_address)
+        self.nthreads = nthreads
+        self.name = name
+        self.resources = resources
+        self.memory_limit = memory_limit
+        self.nanny = nanny
+        self.listen = listen
+        self.contact = contact
+        self.config = config
+        self.death_timeout_s = death_timeout_s
+        self.on_ready = on_ready  # called from this thread with (address, None | error)
+        self.on_closed = on_closed
+        self.identity = _zmq.new_identity("worker")
+        self.address = ""
+        self.epoch: str | None = None
+        self.stop_requested = False
+        self.close_reason = ""
+        self.thread = threading.Thread(target=self._main, name="zfabric-worker", daemon=True)
+        # state
+        self.store: dict[str, object] = {}
+        self.serialized: dict[str, tuple[bytes, list, int]] = {}
+        self.waiting: dict[str, list] = {}  # key -> [payload, missing dep keys set, options]
+        self.fetching: dict[str, list[str]] = {}  # dep key -> task keys waiting for it
+        self.inflight_fetch: dict[int, tuple[str, list[str], float]] = {}  # id -> (addr, keys, t)
+        self.ready: deque = deque()  # (key, payload, options)
+        self.executing: dict[str, float] = {}  # key -> deadline or 0
+        self.cancelled: set[str] = set()
+        self.outbox: list[dict] = []
+        self.finished_items: list = []
+        self.started_keys: list = []
+        self.peers: dict[str, zmq.Socket] = {}
+        self._fetch_seq = 0
+        self._process = psutil.Process()
+        self.last_heard = time.monotonic()
+
+    # ------------------------------------------------------------------ life cycle
+
+    def start(self) -> None:
+        self.thread.start()
+
+    def stop(self, reason: str = "closed") -> None:
+        self.close_reason = reason
+        self.stop_requested = True
+
+    def _main(self) -> None:
+        ctx = zmq.Context.instance()
+        err = None
+        try:
+            self._setup(ctx)
+        except Exception as exc:
+            err = exc
+            self.on_ready(None, err)
+            self.on_closed()
+            return
+        try:
+            self._loop()
+        except Exception:
+            logger.exception("worker %s loop crashed", self.name)
+        finally:
+            self._teardown()
+            self.on_closed()
+
+    def _setup(self, ctx: zmq.Context) -> None:
+        host = self.listen or _zmq.local_address_for(self.scheduler_address)
+        self.data, bound = _zmq.router(ctx, host, 0)
+        self.address = self.contact or bound
+        if self.name is None:
+            self.name = self.address
+        self.sched = _zmq.dealer(ctx, self.scheduler_address, self.identity)
+        self.wake_address = f"inproc://zfabric-wake-{self.identity.decode()}"
+        self.wake = ctx.socket(zmq.PULL)
+        self.wake.setsockopt(zmq.LINGER, 0)
+        self.wake.bind(self.wake_address)
+        self.executor = Executor(ctx, self.wake_address, self.nthreads,
+                                 inline_bytes=self.config.INLINE_BYTES,
+                                 max_bytes=self.config.MAX_MESSAGE_BYTES, name=str(self.name))
+        self.poller = zmq.Poller()
+        for s in (self.sched, self.data, self.wake):
+            self.poller.register(s, zmq.POLLIN)
+        self._hello()
+
+    def _hello(self) -> None:
+        self.outbox.append(protocol.hello(
+            "worker", self.identity.decode(), address=self.address, name=self.name,
+            nthreads=self.nthreads, memory_limit=self.memory_limit, resources=self.resources,
+            nanny=self.nanny, pid=os.getpid(), host=_socket.gethostname(),
+        ))
+        self._flush()
+
+    def _teardown(self) -> None:
+        try:
+            if self.epoch is not None:
+                self.sched.send_multipart(protocol.encode(
+                    [{"op": "goodbye", "reason": self.close_reason}]), zmq.NOBLOCK)
+        except zmq.ZMQError:
+            pass
+        self.executor.stop()
+        for s in (self.sched, self.data, self.wake, *self.peers.values()):
+            s.close(linger=self.config.LINGER_MS)
+
+    # ------------------------------------------------------------------ loop
+
+    def _loop(self) -> None:
+        hb = self.config.HEARTBEAT_INTERVAL_S
+        next_beat = time.monotonic() + hb
+        poll = self.poller.poll
+        while not self.stop_requested:
+            events = dict(poll(min(100, int(hb * 1000))))
+            if self.sched in events:
+                self._drain_scheduler()
+            if self.wake in events or self.executor.done:
+                self._drain_done()
+            if self.data in events:
+                self._drain_data()
+            for addr, sock in list(self.peers.items()):
+                if sock in events:
+                    self._drain_peer(addr, sock)
+            self._run_ready()
+            now = time.monotonic()
+            if now >= next_beat:
+                next_beat = now + hb
+                self._beat(now)
+            self._flush()
+
+    def _flush(self) -> None:
+        if self.finished_items:
+            self.outbox.append({"op": "finished", "tasks": self.finished_items})
+            self.finished_items = []
+        if self.started_keys:
+            self.outbox.append({"op": "started", "keys": self.started_keys})
+            self.started_keys = []
+        if not self.outbox:
+            return
+        ops, self.outbox = self.outbox, []
+        try:
+            self.sched.send_multipart(protocol.encode(ops), zmq.NOBLOCK)
+        except zmq.Again:
+            logger.warning("scheduler link is full; %d ops dropped", len(ops))
+
+    def _beat(self, now: float) -> None:
+        try:
+            mem = self._process.memory_info().rss
+        except psutil.Error:
+            mem = 0
+        self.outbox.append({"op": "heartbeat", "metrics": {
+            "memory": mem, "executing": len(self.executing), "ready": len(self.ready),
+            "in_memory": len(self.store), "fetching": len(self.fetching),
+        }})
+        self._check_timeouts(now)
+        if now - self.last_heard > self.death_timeout_s:
+            logger.error("worker %s: no scheduler at %s for %.0f s; closing", self.name,
+                         self.scheduler_address, now - self.last_heard)
+            self.stop("scheduler unreachable")
+
+    # ------------------------------------------------------------------ scheduler ops
+
+    def _drain_scheduler(self) -> None:
+        while True:
+            try:
+                frames = self.sched.recv_multipart(zmq.NOBLOCK)
+            except zmq.Again:
+                return
+            self.last_heard = time.monotonic()
+            try:
+                ops, _ = protocol.decode(frames)
+            except RemoteProtocolError as exc:
+                logger.warning("bad message from the scheduler: %s", exc)
+                continue
+            for op in ops:
+                self._on_scheduler_op(op)
+
+    def _on_scheduler_op(self, op: dict) -> None:
+        match op["op"]:
+            case "compute":
+                for item in op["tasks"]:
+                    self._compute(*item)
+            case "free":
+                for key in op["keys"]:
+                    self._free(key)
+            case "heartbeat":
+                pass
+            case "welcome":
+                first = self.epoch is None
+                self.epoch = op["epoch"]
+                for w in op.get("warnings") or ():
+                    logger.warning("version mismatch with the scheduler: %s", w)
+                if first:
+                    self.on_ready(self.address, None)
+            case "reregister":
+                logger.info("worker %s registers again: %s", self.name, op["reason"])
+                self._forget_everything()
+                self._hello()
+            case "run":
+                self._run_function(op["id"], op["payload"])
+            case "close":
+                self.stop("closed by the scheduler")
+            case "error":
+                logger.error("scheduler says: %s", op["message"])
+                if op.get("fatal") and self.epoch is None:
+                    self.on_ready(None, RemoteProtocolError(op["message"]))
+                    self.stop("refused by the scheduler")
+            case other:
+                logger.warning("ignoring %r from the scheduler", other)
+
+    def _forget_everything(self) -> None:
+        self.epoch = None
+        self.store.clear()
+        self.serialized.clear()
+        self.waiting.clear()
+        self.fetching.clear()
+        self.ready.clear()
+        self.cancelled.update(self.executing)
+        self.finished_items = []
+        self.started_keys = []
+
+    def _compute(self, key, payload, inline, who_has, options) -> None:
+        self.cancelled.discard(key)
+        if inline:
+            for k, v in inline.items():
+                if k not in self.store:
+                    self.store[k] = serialize.loads_value(v)
+        missing = None
+        if who_has:
+            for dep, addresses in who_has.items():
+                if dep in self.store:
+                    continue
+                if missing is None:
+                    missing = set()
+                missing.add(dep)
+                waiters = self.fetching.get(dep)
+                if waiters is None:
+                    self.fetching[dep] = [key]
+                    self._fetch(dep, addresses)
+                else:
+                    waiters.append(key)
+        if missing:
+            self.waiting[key] = [payload, missing, options]
+        else:
+            self.ready.append((key, payload, options))
+
+    def _free(self, key: str) -> None:
+        self.store.pop(key, None)
+        self.serialized.pop(key, None)
+        self.waiting.pop(key, None)
+        if key in self.executing:
+            self.cancelled.add(key)
+        if self.ready and any(r[0] == key for r in self.ready):
+            self.ready = deque(r for r in self.ready if r[0] != key)
+
+    def _run_ready(self) -> None:
+        ex = self.executor
+        while self.ready and len(self.executing) < ex.nthreads:
+            key, payload, options = self.ready.popleft()
+            if key in self.waiting:
+                continue
+            timeout = options.get("task_timeout") if options else None
+            self.executing[key] = time.monotonic() + timeout if timeout else 0.0
+            ex.submit(key, payload, self.store)
+            self.started_keys.append(key)
+
+    def _drain_done(self) -> None:
+        while True:
+            try:
+                self.wake.recv(zmq.NOBLOCK)
+            except zmq.Again:
+                break
+        done = self.executor.done
+        while done:
+            self._finish(done.popleft())
+
+    def _finish(self, out: Outcome) -> None:
+        key = out.key
+        self.executing.pop(key, None)
+        if key in self.cancelled:
+            self.cancelled.discard(key)
+            return
+        if out.ok:
+            self.store[key] = out.value
+            self.serialized[key] = (out.header, out.buffers, out.nbytes)
+            inline = out.header if not out.buffers and out.nbytes < self.config.INLINE_BYTES else None
+            self.finished_items.append([key, out.nbytes, inline, out.duration])
+        else:
+            data, tb, text, kind = out.error
+            self.outbox.append({"op": "erred", "items": [[key, data, tb, text, kind]]})
+
+    def _check_timeouts(self, now: float) -> None:
+        """Abandon threads stuck past their task's deadline (a thread cannot be killed)."""
+        for key, deadline in list(self.executing.items()):
+            if deadline and now > deadline:
+                for ident, (k, _) in list(self.executor.running.items()):
+                    if k == key:
+                        self.executor.replace_thread(ident)
+                self.executing.pop(key, None)
+                err = TaskTimeout(f"task {key!r} ran longer than its task_timeout; its thread"
+                                  " was abandoned")
+                data, tb, text = serialize.exception_payload(err)
+                self.outbox.append({"op": "erred", "items": [[key, data, tb, text, "TaskTimeout"]]})
+        stale = [i for i, (_, _, t) in self.inflight_fetch.items() if now - t > FETCH_TIMEOUT_S]
+        for i in stale:
+            addr, keys, _ = self.inflight_fetch.pop(i)
+            for k in keys:
+                self._fetch_failed(k, addr)
+
+    def _run_function(self, rid: int, payload: bytes) -> None:
+        try:
+            func, args, kwargs = serialize.loads_task(payload, self.store)
+            value = func(*args, **kwargs)
+            header, _ = serialize.dumps_value(value, inline_bytes=1 << 62)
+            self.outbox.append({"op": "run-result", "id": rid, "value": header})
+        except Exception as exc:
+            data, tb, text = serialize.exception_payload(exc)
+            self.outbox.append({"op": "run-result", "id": rid, "error": [data, tb, text]})
+
+    # ------------------------------------------------------------------ data plane
+
+    def _drain_data(self) -> None:
+        while True:
+            try:
+                frames = self.data.recv_multipart(zmq.NOBLOCK, copy=False)
+            except zmq.Again:
+                return
+            peer = frames[0].bytes
+            try:
+                ops, buffers = protocol.decode([frames[1].bytes, *frames[2:]])
+            except (RemoteProtocolError, IndexError) as exc:
+                self._reply_data(peer, [{"op": "error", "message": str(exc)}])
+                continue
+            for op in ops:
+                try:
+                    self._on_data_op(peer, op, buffers)
+                except Exception as exc:
+                    self._reply_data(peer, [{"op": "error", "message": f"{op['op']}: {exc}",
+                                             "id": op.get("id")}])
+
+    def _on_data_op(self, peer: bytes, op: dict, buffers: list) -> None:
+        match op["op"]:
+            case "get-data":
+                items, frames = [], []
+                for key in op["keys"]:
+                    ser = self.serialized.get(key)
+                    if ser is None and key in self.store:
+                        header, bufs = serialize.dumps_value(self.store[key],
+                                                             self.config.INLINE_BYTES)
+                        ser = self.serialized[key] = (header, bufs, serialize.nbytes(header, bufs))
+                    if ser is None:
+                        items.append([key, None, 0])
+                    else:
+                        items.append([key, ser[0], len(ser[1])])
+                        frames.extend(ser[1])
+                self._reply_data(peer, [{"op": "data", "id": op["id"], "items": items}], frames)
+            case "put-data":
+                pos = 0
+                for key, header, n in op["items"]:
+                    bufs = [b.buffer for b in buffers[pos : pos + n]]
+                    pos += n
+                    self.store[key] = serialize.loads_value(header, bufs)
+                    self.serialized.pop(key, None)
+                self._reply_data(peer, [{"op": "reply", "id": op["id"], "result": True}])
+            case "heartbeat":
+                pass
+            case other:
+                raise RemoteProtocolError(f"unexpected {other!r} on the data port")
+
+    def _reply_data(self, peer: bytes, ops: list, frames: list = ()) -> None:
+        try:
+            self.data.send_multipart([peer, *protocol.encode(ops, frames)], copy=False)
+        except zmq.ZMQError as exc:
+            logger.info("could not answer a data peer: %s", exc)
+
+    def _fetch(self, dep: str, addresses: list[str]) -> None:
+        if not addresses:
+            self._fetch_failed(dep, "")
+            return
+        addr = random.choice(addresses)
+        sock = self.peers.get(addr)
+        if sock is None:
+            sock = _zmq.dealer(zmq.Context.instance(), addr)
+            self.peers[addr] = sock
+            self.poller.register(sock, zmq.POLLIN)
+        self._fetch_seq += 1
+        self.inflight_fetch[self._fetch_seq] = (addr, [dep], time.monotonic())
+        sock.send_multipart(protocol.encode([{"op": "get-data", "id": self._fetch_seq,
+                                              "keys": [dep]}]))
+
+    def _drain_peer(self, addr: str, sock: zmq.Socket) -> None:
+        while True:
+            try:
+                frames = sock.recv_multipart(zmq.NOBLOCK, copy=False)
+            except zmq.Again:
+                return
+            try:
+                ops, buffers = protocol.decode([frames[0].bytes, *frames[1:]])
+            except RemoteProtocolError as exc:
+                logger.warning("bad data message from %s: %s", addr, exc)
+                continue
+            for op in ops:
+                req = self.inflight_fetch.pop(op.get("id"), None)
+                if req is None:
+                    continue
+                if op["op"] != "data":
+                    for k in req[1]:
+                        self._fetch_failed(k, addr)
+                    continue
+                pos = 0
+                for key, header, n in op["items"]:
+                    bufs = [b.buffer for b in buffers[pos : pos + n]]
+                    pos += n
+                    if header is None:
+                        self._fetch_failed(key, addr)
+                    else:
+                        self._got_dep(key, serialize.loads_value(header, bufs))
+
+    def _got_dep(self, dep: str, value) -> None:
+        self.store[dep] = value
+        for key in self.fetching.pop(dep, ()):
+            w = self.waiting.get(key)
+            if w is None:
+                continue
+            w[1].discard(dep)
+            if not w[1]:
+                del self.waiting[key]
+                self.ready.append((key, w[0], w[2]))
+
+    def _fetch_failed(self, dep: str, addr: str) -> None:
+        for key in self.fetching.pop(dep, ()):
+            if self.waiting.pop(key, None) is not None:
+                self.outbox.append({"op": "missing", "key": key, "dep": dep, "address": addr})

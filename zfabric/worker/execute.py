@@ -1,0 +1,141 @@
+"""Running tasks: a pool of threads that take calls and leave finished outcomes.
+
+The worker's loop thread hands a task to a free thread (it never queues more calls than it
+has threads, so a task handed over is a task started). The thread runs the function, pickles
+the result, appends the outcome to ``done`` and pokes the loop through an inproc socket of its
+own (ZeroMQ sockets never cross threads).
+"""
+
+from __future__ import annotations
+
+import logging
+import queue
+import threading
+import time
+from collections import deque
+from dataclasses import dataclass
+
+import zmq
+
+from .. import serialize
+from ..errors import ResultTooLarge
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass(slots=True)
+class Outcome:
+    """What became of one task."""
+
+    key: str
+    ok: bool
+    value: object = None
+    header: bytes | None = None
+    buffers: list | None = None
+    nbytes: int = 0
+    duration: float = 0.0
+    error: tuple | None = None  # (exception bytes, traceback bytes, text, kind)
+    thread: int = 0
+
+
+class Executor:
+    """``nthreads`` threads running ``(key, payload, values, options)`` calls."""
+
+    def __init__(self, ctx: zmq.Context, wake_address: str, nthreads: int, *,
+                 inline_bytes: int, max_bytes: int, name: str = "worker"):
+        self.ctx = ctx
+        self.wake_address = wake_address
+        self.inline_bytes = inline_bytes
+        self.max_bytes = max_bytes
+        self.calls: queue.SimpleQueue = queue.SimpleQueue()
+        self.done: deque[Outcome] = deque()
+        self.running: dict[int, tuple[str, float]] = {}  # thread id -> (key, start time)
+        self.threads: list[threading.Thread] = []
+        self.name = name
+        self._stopping = False
+        for i in range(nthreads):
+            self._spawn(i)
+
+    def _spawn(self, i: int) -> None:
+        t = threading.Thread(target=self._run, name=f"zfabric-{self.name}-task-{i}", daemon=True)
+        t.start()
+        self.threads.append(t)
+
+    @property
+    def nthreads(self) -> int:
+        return len(self.threads)
+
+    def replace_thread(self, ident: int) -> None:
+        """A thread is stuck in a task that timed out: abandon it and start a fresh one."""
+        self.running.pop(ident, None)
+        for t in self.threads:
+            if t.ident == ident:
+                self.threads.remove(t)
+                break
+        self._spawn(len(self.threads) + 1000)
+
+    def submit(self, key: str, payload: bytes, values: dict) -> None:
+        self.calls.put((key, payload, values))
+
+    def stop(self) -> None:
+        self._stopping = True
+        for _ in self.threads:
+            self.calls.put(None)
+
+    def _run(self) -> None:
+        poke = self.ctx.socket(zmq.PUSH)
+        poke.setsockopt(zmq.LINGER, 0)
+        poke.connect(self.wake_address)
+        me = threading.get_ident()
+        try:
+            while True:
+                call = self.calls.get()
+                if call is None or self._stopping:
+                    return
+                key, payload, values = call
+                self.running[me] = (key, time.monotonic())
+                outcome = self._execute(key, payload, values)
+                outcome.thread = me
+                if self.running.pop(me, None) is None:
+                    return  # abandoned after a timeout: nobody wants this outcome
+                self.done.append(outcome)
+                try:
+                    poke.send(b"", zmq.NOBLOCK)
+                except zmq.ZMQError:
+                    pass
+        finally:
+            poke.close(0)
+
+    def _execute(self, key: str, payload: bytes, values: dict) -> Outcome:
+        start = time.perf_counter()
+        try:
+            func, args, kwargs = serialize.loads_task(payload, values)
+            result = func(*args, **kwargs)
+        except BaseException as exc:  # the task's failure is data, not ours
+            data, tb, text = serialize.exception_payload(_strip(exc))
+            return Outcome(key, False, error=(data, tb, text, None),
+                           duration=time.perf_counter() - start)
+        duration = time.perf_counter() - start
+        try:
+            header, buffers = serialize.dumps_value(result, self.inline_bytes)
+        except Exception as exc:
+            data, tb, text = serialize.exception_payload(exc)
+            return Outcome(key, False, error=(data, tb, text, None), duration=duration)
+        size = serialize.nbytes(header, buffers)
+        if size > self.max_bytes:
+            err = ResultTooLarge(
+                f"the result of {key!r} is {size:,} bytes, larger than the message limit of"
+                f" {self.max_bytes:,} bytes (MAX_MESSAGE_BYTES); return a smaller value or"
+                " raise the limit"
+            )
+            data, tb, text = serialize.exception_payload(err)
+            return Outcome(key, False, error=(data, tb, text, None), duration=duration)
+        return Outcome(key, True, result, header, buffers, size, duration)
+
+
+def _strip(exc: BaseException) -> BaseException:
+    """Drop the worker's own frames (the call into the task) from the traceback."""
+    tb = exc.__traceback__
+    if tb is not None and tb.tb_next is not None:
+        exc.__traceback__ = tb.tb_next
+    return exc
