@@ -67,6 +67,11 @@ How to run
     python scripts/bench.py --only rtt_p50_ms,echo_mb_per_s --repeat 5
     python scripts/bench.py --json bench.json     # raw numbers and medians
 
+``--quick`` uses small sizes (2,000 no-ops, 1,024 leaves, 10 MiB echo, 10,000
+pending / 2,000 done tasks for zfabric), one repetition and 30 s timeouts.  It
+runs zfabric only unless ``--impl dask`` is asked for explicitly (dask alone
+needs about 40 s even with its tiny quick sizes).
+
 The table goes to stdout, progress to stderr.  Exit status is 0 when every
 selected row of every available implementation produced a number, 1 otherwise
 (dask.distributed not being installed is only a note, not a failure).
@@ -103,7 +108,7 @@ RUN_MARKER_ENV = "ZFABRIC_BENCH_RUN"  # set in every process this run starts
 CHILD_LINE_PREFIX = "@@bench "  # child -> parent result lines on stdout
 N_WORKERS = 2
 CLIENT_CLOSE_TIMEOUT = 10.0
-PROCESS_STOP_GRACE = 5.0
+PROCESS_STOP_GRACE = 3.0
 
 
 # ---------------------------------------------------------------------------
@@ -167,6 +172,11 @@ def tail(path: Path, lines: int = 15) -> str:
     return "\n".join(text.splitlines()[-lines:])
 
 
+def last_line(path: Path) -> str:
+    lines = [line.strip() for line in tail(path, 50).splitlines() if line.strip()]
+    return lines[-1] if lines else "(no output)"
+
+
 def is_loopback(address: str) -> bool:
     """True for addresses that cannot leave this machine."""
     scheme, sep, rest = address.partition("://")
@@ -217,11 +227,11 @@ class Impl:
     def worker_cmd(self, address: str) -> list[str]:
         raise NotImplementedError
 
-    async def count_workers(self, client: Any) -> int:
+    async def worker_addresses(self, client: Any) -> list[str]:
         info = client.scheduler_info()
         if inspect.isawaitable(info):
             info = await info
-        return len(info.get("workers", {}))
+        return list(info.get("workers", {}))
 
 
 class ZfabricImpl(Impl):
@@ -242,7 +252,8 @@ class ZfabricImpl(Impl):
         return [script]
 
     def scheduler_cmd(self, scheduler_file: Path) -> list[str]:
-        return [*self._cli(), "scheduler", "--port", "0", "--scheduler-file", str(scheduler_file)]
+        return [*self._cli(), "scheduler", "--port", "0", "--scheduler-file", str(scheduler_file),
+                "--host", "127.0.0.1"]
 
     def worker_cmd(self, address: str) -> list[str]:
         return [*self._cli(), "worker", address, "--nthreads", "1"]
@@ -262,11 +273,11 @@ class DaskImpl(Impl):
             "--nthreads", "1", "--no-nanny", "--no-dashboard", "--host", "127.0.0.1",
         ]  # fmt: skip
 
-    async def count_workers(self, client: Any) -> int:
+    async def worker_addresses(self, client: Any) -> list[str]:
         # An asynchronous dask Client's scheduler_info() is a cache without
         # per-worker entries, so ask the scheduler directly.
         info = await client.scheduler.identity(n_workers=-1)
-        return len(info["workers"])
+        return list(info["workers"])
 
 
 IMPLS: dict[str, Impl] = {
@@ -385,12 +396,22 @@ async def read_scheduler_address(
                 return str(address)
         if proc.poll() is not None:
             raise SetupError(
-                f"scheduler exited with code {proc.returncode}:\n{tail(log_path)}"
+                f"scheduler exited with code {proc.returncode}: {last_line(log_path)}"
             )
         if time.monotonic() > deadline:
-            raise SetupError(f"scheduler wrote no address to {path.name} in time:\n"
-                             f"{tail(log_path)}")
+            raise SetupError(f"scheduler wrote no address to {path.name} in time; "
+                             f"last output: {last_line(log_path)}")
         await asyncio.sleep(0.05)
+
+
+async def start_client(client: Any) -> None:
+    await client  # a dask-style Client connects when awaited
+
+
+async def close_client(client: Any) -> None:
+    closing = client.close()
+    if inspect.isawaitable(closing):
+        await closing
 
 
 @contextlib.asynccontextmanager
@@ -406,14 +427,14 @@ async def running_cluster(impl: Impl, sizes: dict[str, int], timeout: float):
         def check_alive() -> None:
             for proc, path in zip(procs, logs, strict=True):
                 if proc.poll() is not None:
-                    raise SetupError(f"{path.stem} exited with code {proc.returncode}:\n"
-                                     f"{tail(path)}")
+                    raise SetupError(f"{path.stem} exited with code {proc.returncode}: "
+                                     f"{last_line(path)}")
 
         def dump_logs() -> None:
             for path in logs:
                 log(f"--- last lines of {path.stem} log ({impl.name}) ---\n{tail(path)}")
 
-        stack = contextlib.AsyncExitStack()
+        client = None
         try:
             sched_file = workdir / "scheduler.json"
             logs.append(workdir / "scheduler.log")
@@ -426,23 +447,24 @@ async def running_cluster(impl: Impl, sizes: dict[str, int], timeout: float):
                 logs.append(workdir / f"worker-{i}.log")
                 procs.append(spawn(impl.worker_cmd(address), logs[-1], env))
 
+            client = api.Client(address, asynchronous=True)
             try:
-                client = await asyncio.wait_for(
-                    stack.enter_async_context(api.Client(address, asynchronous=True)),
-                    max(0.1, deadline - time.monotonic()),
-                )
+                await asyncio.wait_for(start_client(client),
+                                       max(0.1, deadline - time.monotonic()))
             except TimeoutError:
                 raise SetupError(f"client could not connect to {address} in time")
 
             while True:
-                count = await asyncio.wait_for(impl.count_workers(client), timeout)
-                if count >= N_WORKERS:
+                workers = await asyncio.wait_for(impl.worker_addresses(client), timeout)
+                if len(workers) >= N_WORKERS:
                     break
                 check_alive()
                 if time.monotonic() > deadline:
-                    raise SetupError(f"only {count}/{N_WORKERS} workers registered in "
+                    raise SetupError(f"only {len(workers)}/{N_WORKERS} workers registered in "
                                      f"{timeout:.0f}s")
                 await asyncio.sleep(0.05)
+            if not all(is_loopback(w) for w in workers):
+                raise SetupError(f"workers advertise non-loopback addresses {workers}")
 
             yield Cluster(api=api, client=client, scheduler_pid=procs[0].pid,
                           sizes=sizes, timeout=timeout)
@@ -450,9 +472,11 @@ async def running_cluster(impl: Impl, sizes: dict[str, int], timeout: float):
             dump_logs()
             raise
         finally:
-            with contextlib.suppress(Exception, asyncio.CancelledError):
-                await asyncio.wait_for(stack.aclose(), CLIENT_CLOSE_TIMEOUT)
-            stop_processes(procs)
+            if client is not None:
+                with contextlib.suppress(Exception, asyncio.CancelledError):
+                    await asyncio.wait_for(close_client(client), CLIENT_CLOSE_TIMEOUT)
+            stop_processes(procs[1:])  # workers first, while the scheduler still listens
+            stop_processes(procs[:1])
 
 
 # ---------------------------------------------------------------------------
@@ -636,7 +660,7 @@ async def run_cluster_row(impl: Impl, row: Row, sizes: dict[str, int], repeat: i
         nonlocal done
         m = await asyncio.wait_for(row.run(cluster), timeout)
         done += 1
-        log(f"[{impl.name}] {row.name} {done}/{repeat}: {m.value:.4g} {row.unit}")
+        log(f"[{impl.name}] {row.name} {done}/{repeat}: {fmt(m.value)} {row.unit}")
         emit("value", value=m.value, extra=m.extra)
 
     if row.fresh_cluster:
@@ -653,14 +677,14 @@ def child_main(args: argparse.Namespace) -> int:
     impl_name, row_name = args._child
     impl, row = IMPLS[impl_name], ROWS[row_name]
     sizes = json.loads(args._sizes)
-    warnings.filterwarnings("ignore", message=".*[Ll]arge object.*")
+    warnings.filterwarnings("ignore", message="(Sending large graph|Large object)")
     try:
         api = impl.api()
         emit("meta", version=str(getattr(api, "__version__", "unknown")))
         if row.run is None:
-            for i in range(args.repeat):
+            for _ in range(args.repeat):
                 m = bench_localcluster(impl, args.timeout)
-                log(f"[{impl.name}] {row.name} {i + 1}/{args.repeat}: {m.value:.4g} {row.unit}")
+                log(f"[{impl.name}] {row.name} {args._rep_label}: {fmt(m.value)} {row.unit}")
                 emit("value", value=m.value, extra=m.extra)
         else:
             asyncio.run(run_cluster_row(impl, row, sizes, args.repeat, args.timeout))
@@ -696,9 +720,10 @@ class Result:
 
 
 def run_child(impl: Impl, row: Row, sizes: dict[str, int], repeat: int, timeout: float,
-              marker: str, result: Result) -> None:
+              marker: str, result: Result, rep_label: str = "") -> None:
     cmd = [sys.executable, str(Path(__file__).resolve()), "--_child", impl.name, row.name,
-           "--_sizes", json.dumps(sizes), "--repeat", str(repeat), "--timeout", str(timeout)]
+           "--_sizes", json.dumps(sizes), "--repeat", str(repeat), "--timeout", str(timeout),
+           "--_rep-label", rep_label]
     clusters = repeat if row.fresh_cluster else 1
     budget = clusters * timeout + repeat * timeout + clusters * 2 * CLIENT_CLOSE_TIMEOUT + 30
     proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
@@ -782,13 +807,15 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--repeat", type=int, default=None,
                         help="repetitions per row; the median is reported (default 3, quick 1)")
     parser.add_argument("--quick", action="store_true",
-                        help="small sizes and one repetition: a smoke test under a minute")
+                        help="small sizes, one repetition, zfabric only unless --impl dask: "
+                             "a smoke test under a minute")
     parser.add_argument("--timeout", type=float, default=None,
                         help="seconds allowed for cluster start-up and for each measurement "
                              "(default 120, quick 30)")
     parser.add_argument("--json", type=Path, metavar="PATH", help="write raw numbers here")
     parser.add_argument("--_child", nargs=2, help=argparse.SUPPRESS)
     parser.add_argument("--_sizes", help=argparse.SUPPRESS)
+    parser.add_argument("--_rep-label", default="", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.repeat is None:
         args.repeat = 1 if args.quick else 3
@@ -823,10 +850,14 @@ def main(argv: list[str] | None = None) -> int:
 
     sys.path.insert(0, str(REPO_ROOT))  # so the in-tree zfabric is found
     marker = uuid.uuid4().hex
-    os.environ[RUN_MARKER_ENV] = marker
-    impls = list(IMPLS.values()) if args.impl == "both" else [IMPLS[args.impl]]
     results: dict[tuple[str, str], Result] = {}
     notes: list[str] = []
+    os.environ[RUN_MARKER_ENV] = marker
+    impls = list(IMPLS.values()) if args.impl == "both" else [IMPLS[args.impl]]
+    if args.quick and args.impl == "both":
+        impls = [IMPLS["zfabric"]]
+        notes.append("--quick skips dask.distributed unless --impl dask is given "
+                     "(it alone takes about 40 s)")
     started = time.monotonic()
 
     try:
@@ -855,8 +886,9 @@ def main(argv: list[str] | None = None) -> int:
                 log(f"[{impl.name}] {row.name} ...")
                 sizes = impl.sizes(args.quick)
                 if row.run is None:  # a fresh process for every repetition
-                    for _ in range(args.repeat):
-                        run_child(impl, row, sizes, 1, args.timeout, marker, result)
+                    for rep in range(args.repeat):
+                        run_child(impl, row, sizes, 1, args.timeout, marker, result,
+                                  rep_label=f"{rep + 1}/{args.repeat}")
                         if result.error:
                             break
                 else:

@@ -7,8 +7,9 @@
 
 __version__ = "0.1.0"
 
-from .client import Client, default_client  # noqa: E402
-from .errors import (  # noqa: E402
+from typing import TYPE_CHECKING
+
+from .errors import (
     ClosedError,
     CommTimeoutError,
     KilledWorker,
@@ -22,22 +23,37 @@ from .errors import (  # noqa: E402
     TaskTimeout,
     ZFabricError,
 )
-from .futures import Future, as_completed, fire_and_forget, wait  # noqa: E402
-from .scheduler import Scheduler  # noqa: E402
-from .worker import Worker  # noqa: E402
+
+if TYPE_CHECKING:
+    from .client import Client, default_client
+    from .cluster import LocalCluster
+    from .futures import Future, as_completed, fire_and_forget, wait
+    from .nanny import Nanny
+    from .scheduler import Scheduler
+    from .worker import Worker
+
+# The I/O roles load on first use, so that the sans-IO core (protocol, scheduler.state,
+# policy, heartbeat) imports without zmq, as its tests check.
+_LAZY = {
+    "Client": "client", "default_client": "client",
+    "Future": "futures", "as_completed": "futures", "fire_and_forget": "futures",
+    "wait": "futures",
+    "Scheduler": "scheduler.server",
+    "Worker": "worker",
+    "Nanny": "nanny",
+    "LocalCluster": "cluster",
+}
 
 
 def __getattr__(name):
-    # Nanny and LocalCluster pull in process management; load them on first use.
-    if name == "Nanny":
-        from .nanny import Nanny
+    module = _LAZY.get(name)
+    if module is None:
+        raise AttributeError(f"module 'zfabric' has no attribute {name!r}")
+    import importlib
 
-        return Nanny
-    if name == "LocalCluster":
-        from .cluster import LocalCluster
-
-        return LocalCluster
-    raise AttributeError(f"module 'zfabric' has no attribute {name!r}")
+    value = getattr(importlib.import_module(f".{module}", __name__), name)
+    globals()[name] = value
+    return value
 
 
 __all__ = [

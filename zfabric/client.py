@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import itertools
 import logging
 import threading
 import time
@@ -99,12 +100,15 @@ class Client:
             address = address.address
         self.scheduler_address = address
         self.id = name or f"client-{uuid.uuid4().hex[:12]}"
+        self._id_prefix = uuid.uuid4().hex[:20]
         self.status = "created"
         self.epoch: str | None = None
         self._lock = threading.RLock()
         self._states: dict[str, FutureState] = {}
         self._refcount: dict[str, int] = {}
         self._outbox: deque = deque()
+        self._release_keys: list[str] = []
+        self._unique = itertools.count()
         self._flush_pending = False
         self._requests: dict[int, asyncio.Future] = {}
         self._request_seq = 0
@@ -215,6 +219,9 @@ class Client:
                 f" {self.timeout:g} s; is a scheduler running there? (start one with"
                 " `zfabric scheduler`)"
             ) from None
+        except BaseException:  # refused (e.g. protocol mismatch) or cancelled: leave nothing open
+            await self._close()
+            raise
         self.status = "running"
 
     async def _reader(self) -> None:
@@ -256,6 +263,10 @@ class Client:
                 for key in op["keys"]:
                     st = states.get(key)
                     if st is not None:
+                        # a fetch in flight to the gone holder would wait out the data
+                        # pool's timeout: fail it now, and the result is awaited again
+                        for address in st.who_has or ():
+                            self.data.drop(address)
                         st.reset()
             case "reply":
                 fut = self._requests.pop(op["id"], None)
@@ -303,6 +314,9 @@ class Client:
             self._wake.clear()
             with self._lock:
                 self._flush_pending = False
+                if self._release_keys:
+                    self._outbox.append({"op": "release", "keys": self._release_keys})
+                    self._release_keys = []
                 ops = list(self._outbox)
                 self._outbox.clear()
             for batch in _batches(ops, self.config.SUBMIT_BATCH):
@@ -326,6 +340,9 @@ class Client:
     def _send(self, *ops: dict) -> None:
         """Queue ops for the scheduler; they leave together on the next loop turn."""
         with self._lock:
+            if self._release_keys and ops:
+                self._outbox.append({"op": "release", "keys": self._release_keys})
+                self._release_keys = []
             self._outbox.extend(ops)
             if self._flush_pending:
                 return
@@ -358,7 +375,8 @@ class Client:
             self._refcount.pop(key, None)
             self._states.pop(key, None)
             if self.status in ("running", "connecting"):
-                self._send({"op": "release", "keys": [key]})
+                self._release_keys.append(key)
+                self._send()
 
     def refcount(self, key: str) -> int:
         return self._refcount.get(key, 0)
@@ -386,10 +404,14 @@ class Client:
         opts = _options(workers, resources, retries, priority, allow_other_workers, task_timeout)
         payload, deps, _ = serialize.dumps_task(func, args, kwargs)
         if key is None:
-            key = f"{funcname(func)}-{serialize.task_hash(payload) if pure else uuid.uuid4().hex}"
+            key = f"{funcname(func)}-{serialize.task_hash(payload) if pure else self._new_id()}"
         elif not isinstance(key, str):
             raise TypeError(f"key must be a string, got {type(key).__name__}")
         return self._submit_many([(key, payload, deps)], opts)[0]
+
+    def _new_id(self) -> str:
+        """A key suffix unique across clients: this client's random id and a counter."""
+        return f"{self._id_prefix}{next(self._unique):x}"
 
     def _submit_many(self, items: list, opts: dict | None) -> list[Future]:
         out, tasks = [], []
@@ -433,7 +455,7 @@ class Client:
             elif pure:
                 k = f"{prefix}-{serialize.task_hash(payload)}"
             else:
-                k = f"{prefix}-{uuid.uuid4().hex}"
+                k = f"{prefix}-{self._new_id()}"
             items.append((k, payload, deps))
         return self._submit_many(items, opts)
 

@@ -50,6 +50,10 @@ TRANSITIONS: dict[str, frozenset[str]] = {
     "erred": frozenset({"released"}),
 }
 
+#: The list field of each op that :meth:`SchedulerState.batch` can merge.
+_LIST_FIELD = {"memory": "items", "erred": "items", "compute": "tasks", "free": "keys",
+               "cancelled": "keys", "lost": "keys"}
+
 #: Pseudo client that holds fire_and_forget keys until they finish.
 FIRE_AND_FORGET = b"<fire-and-forget>"
 
@@ -74,6 +78,7 @@ class SchedulerState:
         self.clients: dict[bytes, ClientState] = {FIRE_AND_FORGET: ClientState(FIRE_AND_FORGET)}
         self.nannies: dict[bytes, NannyState] = {}
         self.outbox: dict[bytes, list[dict]] = {}
+        self._batched: dict[bytes, tuple[str, list]] = {}
         self._queued: list = []  # heap of (priority, seq, TaskState), lazily cleaned
         self._restricted: set[TaskState] = set()  # queued tasks that only some workers may run
         self._seq = 0
@@ -89,14 +94,43 @@ class SchedulerState:
     def send(self, peer: bytes, op: dict) -> None:
         if peer == FIRE_AND_FORGET:
             return
+        if peer in self._batched:
+            self._unbatch(peer)
         box = self.outbox.get(peer)
         if box is None:
             self.outbox[peer] = [op]
         else:
             box.append(op)
 
+    def batch(self, peer: bytes, op: str, item) -> None:
+        """Queue one item of a list-carrying op (memory, erred, compute, free...).
+
+        Consecutive items of the same op to the same peer share one op; any other op sent to
+        that peer in between closes the batch first, so order is kept.
+        """
+        if peer == FIRE_AND_FORGET:
+            return
+        b = self._batched.get(peer)
+        if b is None or b[0] != op:
+            if b is not None:
+                self._unbatch(peer)
+            self._batched[peer] = (op, [item])
+        else:
+            b[1].append(item)
+
+    def _unbatch(self, peer: bytes) -> None:
+        op, items = self._batched.pop(peer)
+        box = self.outbox.get(peer)
+        message = {"op": op, _LIST_FIELD[op]: items}
+        if box is None:
+            self.outbox[peer] = [message]
+        else:
+            box.append(message)
+
     def flush(self) -> dict[bytes, list[dict]]:
         """The ops queued since the last flush, by peer; the outbox is emptied."""
+        for peer in list(self._batched):
+            self._unbatch(peer)
         out, self.outbox = self.outbox, {}
         return out
 
@@ -322,9 +356,9 @@ class SchedulerState:
         cs.wants.add(ts)
         ts.add_wanter(cs)
         if ts.state == "memory":
-            self.send(cs.ident, {"op": "memory", "items": [ts.memory_item()]})
+            self.batch(cs.ident, "memory", ts.memory_item())
         elif ts.state == "erred":
-            self.send(cs.ident, {"op": "erred", "items": [ts.erred_item()]})
+            self.batch(cs.ident, "erred", ts.erred_item())
 
     def _drop_fire_and_forget(self, ts: TaskState) -> None:
         faf = self.clients[FIRE_AND_FORGET]
@@ -423,7 +457,7 @@ class SchedulerState:
                 reply["result"] = True
             case "processing":
                 reply["result"] = {
-                    ws.address: sorted(ts.key for ts in ws.processing)
+                    ws.address: sorted(ws.processing)
                     for ws in self.workers.values()
                 }
             case "task-states":
@@ -543,13 +577,18 @@ class SchedulerState:
     def task_finished(
         self, ws: WorkerState, key: str, nbytes: int, value: bytes | None, duration: float
     ) -> None:
+        if (type(key) is not str or type(nbytes) is not int
+                or not (value is None or type(value) is bytes)
+                or not isinstance(duration, int | float)):
+            # checked before any change, so a bad item cannot leave the state half-updated
+            raise RemoteProtocolError(f"malformed finished item {[key, nbytes, duration]!r:.200}")
         ts = self.tasks.get(key)
         if ts is None or ts.state != "processing" or ts.processing_on is not ws:
             if ts is None or ws not in (ts.who_has or ()):
                 if ts is not None and ts.state == "memory":
                     ts.add_holder(ws)  # a duplicate: one more copy is harmless
                     return
-                self.send(ws.ident, {"op": "free", "keys": [key]})
+                self.batch(ws.ident, "free", key)
             return
         ws.done(ts, duration)
         ts.processing_on = None
@@ -562,7 +601,7 @@ class SchedulerState:
         item = None
         for cs in ts.wanters():
             item = item or ts.memory_item()
-            self.send(cs.ident, {"op": "memory", "items": [item]})
+            self.batch(cs.ident, "memory", item)
         self._release_dependents_waiting(ts)
         self._drop_fire_and_forget(ts)
         release = [ts]
@@ -572,6 +611,10 @@ class SchedulerState:
 
     def task_erred(self, ws: WorkerState, key: str, exc: bytes | None, tb: bytes | None,
                    text: str, kind: str | None = None) -> None:
+        if (type(key) is not str or type(text) is not str
+                or not (exc is None or type(exc) is bytes) or not (tb is None or type(tb) is bytes)
+                or not (kind is None or type(kind) is str)):
+            raise RemoteProtocolError(f"malformed erred item for {key!r:.100}")
         ts = self.tasks.get(key)
         if ts is None or ts.state != "processing" or ts.processing_on is not ws:
             return
@@ -708,6 +751,11 @@ class SchedulerState:
                     self._ready(dep)
 
     def _ready(self, ts: TaskState) -> None:
+        if self._queued and not ts.restricted and not ts.deps:
+            # A backlog means no worker has a free slot (slots are refilled from it first).
+            self._set_state(ts, "queued")
+            heapq.heappush(self._queued, (ts.priority, ts))
+            return
         ws = policy.choose_worker(ts, self.workers.values())
         if ws is None:
             self._set_state(ts, "queued")
@@ -735,9 +783,7 @@ class SchedulerState:
                 if who_has is None:
                     who_has = {}
                 who_has[dts.key] = [w.address for w in dts.who_has or ()]
-        self.send(
-            ws.ident, {"op": "compute", "tasks": [[ts.key, ts.payload, inline, who_has, ts.options]]}
-        )
+        self.batch(ws.ident, "compute", [ts.key, ts.payload, inline, who_has, ts.options])
 
     def _fill(self, ws: WorkerState) -> None:
         """Give a worker with free slots the most urgent queued tasks."""
@@ -771,7 +817,7 @@ class SchedulerState:
                 continue
             if t.processing_on is not None:
                 t.processing_on.done(t, 0.0)
-                self.send(t.processing_on.ident, {"op": "free", "keys": [t.key]})
+                self.batch(t.processing_on.ident, "free", t.key)
                 t.processing_on = None
             t.value = None
             self._free_holders(t)
@@ -781,7 +827,7 @@ class SchedulerState:
             item = None
             for cs in t.wanters():
                 item = item or t.erred_item()
-                self.send(cs.ident, {"op": "erred", "items": [item]})
+                self.batch(cs.ident, "erred", item)
             stack.extend(t.dependents or ())
             self._drop_fire_and_forget(t)
         self._check_release([ts])
@@ -790,7 +836,7 @@ class SchedulerState:
         for ws in ts.who_has or ():
             ws.has_what.discard(ts)
             if ws.ident in self.workers:
-                self.send(ws.ident, {"op": "free", "keys": [ts.key]})
+                self.batch(ws.ident, "free", ts.key)
         ts.who_has = None
 
     def _check_release(self, candidates: list[TaskState]) -> None:
@@ -820,7 +866,7 @@ class SchedulerState:
     def _drop_work(self, ts: TaskState) -> None:
         if ts.processing_on is not None:
             ts.processing_on.done(ts, 0.0)
-            self.send(ts.processing_on.ident, {"op": "free", "keys": [ts.key]})
+            self.batch(ts.processing_on.ident, "free", ts.key)
             self._fill(ts.processing_on)
             ts.processing_on = None
         self._restricted.discard(ts)

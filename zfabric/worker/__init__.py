@@ -44,6 +44,7 @@ class Worker(LifeCycle):
         contact_address: str | None = None,
         death_timeout: float | None = None,
         config: Config | None = None,
+        identity: str | bytes | None = None,
         **kwargs,
     ):
         address = scheduler_address or scheduler_ip
@@ -60,6 +61,7 @@ class Worker(LifeCycle):
         self.resources = dict(resources or {})
         self.memory_limit = memory_limit_bytes(memory_limit, self.nthreads)
         self.nanny = nanny
+        self._identity = identity.encode() if isinstance(identity, str) else identity
         listen = listen_address or host
         if listen and listen.startswith("tcp://") and listen.endswith(":0"):
             listen = listen[len("tcp://") : -2]
@@ -107,6 +109,7 @@ class Worker(LifeCycle):
             resources=self.resources, memory_limit=self.memory_limit, nanny=self.nanny,
             listen=self._listen, contact=self._contact, config=self.config,
             death_timeout_s=self.death_timeout, on_ready=on_ready, on_closed=on_closed,
+            identity=self._identity,
         )
         self._core.start()
         try:

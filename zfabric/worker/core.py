@@ -8,8 +8,8 @@ One thread owns every socket of the worker and runs a ``zmq.Poller`` loop:
 - one DEALER per peer worker that dependencies are fetched from;
 - a PULL that executor threads poke when a task is done.
 
-Tasks are handed to the executor only when a thread is free, so the scheduler's prefetch
-queue lives here, in :attr:`ready`.
+Ready tasks go straight to the executor's queue (the scheduler bounds how many it sends);
+the executor's threads report each start, which the loop forwards as ``started``.
 """
 
 from __future__ import annotations
@@ -42,7 +42,7 @@ class WorkerLoop:
     def __init__(self, *, scheduler_address: str, nthreads: int, name: str | None,
                  resources: dict, memory_limit: int, nanny: str | None, listen: str,
                  contact: str | None, config: Config, death_timeout_s: float,
-                 on_ready, on_closed):
+                 on_ready, on_closed, identity: bytes | None = None):
         self.scheduler_address = _zmq.normalize_address(scheduler_address)
         self.nthreads = nthreads
         self.name = name
@@ -55,7 +55,8 @@ class WorkerLoop:
         self.death_timeout_s = death_timeout_s
         self.on_ready = on_ready  # called from this thread with (address, None | error)
         self.on_closed = on_closed
-        self.identity = _zmq.new_identity("worker")
+        # A Nanny picks the id of the processes it starts, so that it can report their death.
+        self.identity = identity or _zmq.new_identity("worker")
         self.address = ""
         self.epoch: str | None = None
         self.stop_requested = False
@@ -168,12 +169,15 @@ class WorkerLoop:
             self._flush()
 
     def _flush(self) -> None:
-        if self.finished_items:
-            self.outbox.append({"op": "finished", "tasks": self.finished_items})
-            self.finished_items = []
+        started = self.executor.started
+        while started:
+            self.started_keys.append(started.popleft())
         if self.started_keys:
             self.outbox.append({"op": "started", "keys": self.started_keys})
             self.started_keys = []
+        if self.finished_items:
+            self.outbox.append({"op": "finished", "tasks": self.finished_items})
+            self.finished_items = []
         if not self.outbox:
             return
         ops, self.outbox = self.outbox, []
@@ -289,19 +293,19 @@ class WorkerLoop:
         self.waiting.pop(key, None)
         if key in self.executing:
             self.cancelled.add(key)
+            self.executor.cancelled.add(key)
         if self.ready and any(r[0] == key for r in self.ready):
             self.ready = deque(r for r in self.ready if r[0] != key)
 
     def _run_ready(self) -> None:
         ex = self.executor
-        while self.ready and len(self.executing) < ex.nthreads:
+        while self.ready:
             key, payload, options = self.ready.popleft()
             if key in self.waiting:
                 continue
             timeout = options.get("task_timeout") if options else None
-            self.executing[key] = time.monotonic() + timeout if timeout else 0.0
+            self.executing[key] = timeout or 0.0
             ex.submit(key, payload, self.store)
-            self.started_keys.append(key)
 
     def _drain_done(self) -> None:
         while True:
@@ -309,6 +313,9 @@ class WorkerLoop:
                 self.wake.recv(zmq.NOBLOCK)
             except zmq.Again:
                 break
+        started = self.executor.started
+        while started:
+            self.started_keys.append(started.popleft())
         done = self.executor.done
         while done:
             self._finish(done.popleft())
@@ -316,7 +323,7 @@ class WorkerLoop:
     def _finish(self, out: Outcome) -> None:
         key = out.key
         self.executing.pop(key, None)
-        if key in self.cancelled:
+        if key in self.cancelled or (not out.ok and out.error is None):
             self.cancelled.discard(key)
             return
         if out.ok:
@@ -330,11 +337,10 @@ class WorkerLoop:
 
     def _check_timeouts(self, now: float) -> None:
         """Abandon threads stuck past their task's deadline (a thread cannot be killed)."""
-        for key, deadline in list(self.executing.items()):
-            if deadline and now > deadline:
-                for ident, (k, _) in list(self.executor.running.items()):
-                    if k == key:
-                        self.executor.replace_thread(ident)
+        for ident, (key, start) in list(self.executor.running.items()):
+            timeout = self.executing.get(key)
+            if timeout and now - start > timeout:
+                self.executor.replace_thread(ident)
                 self.executing.pop(key, None)
                 err = TaskTimeout(f"task {key!r} ran longer than its task_timeout; its thread"
                                   " was abandoned")

@@ -1,9 +1,10 @@
 """Running tasks: a pool of threads that take calls and leave finished outcomes.
 
-The worker's loop thread hands a task to a free thread (it never queues more calls than it
-has threads, so a task handed over is a task started). The thread runs the function, pickles
-the result, appends the outcome to ``done`` and pokes the loop through an inproc socket of its
-own (ZeroMQ sockets never cross threads).
+The worker's loop thread puts every ready task on one queue; the threads take the next call
+as soon as they are free, so a stream of tiny tasks never waits for the loop between tasks.
+A thread notes each start in ``started``, runs the function, pickles the result, appends the
+outcome to ``done`` and, when ``done`` was empty, pokes the loop through an inproc socket of
+its own (ZeroMQ sockets never cross threads); the loop drains everything at once.
 """
 
 from __future__ import annotations
@@ -49,6 +50,8 @@ class Executor:
         self.max_bytes = max_bytes
         self.calls: queue.SimpleQueue = queue.SimpleQueue()
         self.done: deque[Outcome] = deque()
+        self.started: deque[str] = deque()
+        self.cancelled: set[str] = set()
         self.running: dict[int, tuple[str, float]] = {}  # thread id -> (key, start time)
         self.threads: list[threading.Thread] = []
         self.name = name
@@ -93,16 +96,23 @@ class Executor:
                 if call is None or self._stopping:
                     return
                 key, payload, values = call
-                self.running[me] = (key, time.monotonic())
-                outcome = self._execute(key, payload, values)
-                outcome.thread = me
-                if self.running.pop(me, None) is None:
-                    return  # abandoned after a timeout: nobody wants this outcome
-                self.done.append(outcome)
-                try:
-                    poke.send(b"", zmq.NOBLOCK)
-                except zmq.ZMQError:
-                    pass
+                if key in self.cancelled:
+                    self.cancelled.discard(key)
+                    outcome = Outcome(key, False, error=None)
+                else:
+                    self.running[me] = (key, time.monotonic())
+                    self.started.append(key)
+                    outcome = self._execute(key, payload, values)
+                    outcome.thread = me
+                    if self.running.pop(me, None) is None:
+                        return  # abandoned after a timeout: nobody wants this outcome
+                done = self.done
+                done.append(outcome)
+                if len(done) == 1:
+                    try:
+                        poke.send(b"", zmq.NOBLOCK)
+                    except zmq.ZMQError:
+                        pass
         finally:
             poke.close(0)
 

@@ -1,0 +1,312 @@
+"""The ``zfabric`` command: ``scheduler``, ``worker``, ``nanny``, ``info`` and ``demo``.
+
+A thin typer app: it reads ``ZFABRIC_*`` settings (:func:`zfabric.config.from_env`), builds the
+objects, and runs them until SIGINT or SIGTERM, which close them in order. Heavy imports happen
+inside each command, so that ``zfabric worker`` (which every Nanny starts) starts fast.
+Exit codes: 0 after a clean shutdown, 1 when something failed, 2 for bad arguments.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import os
+import time
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+app = typer.Typer(
+    name="zfabric",
+    help="zfabric: a compute fabric on ZeroMQ with dask.distributed's API.",
+    add_completion=False,
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+)
+
+Address = Annotated[
+    str | None, typer.Argument(help="The scheduler's address, e.g. tcp://10.0.0.5:8786.",
+                               show_default=False)
+]
+SchedulerFile = Annotated[
+    Path | None, typer.Option("--scheduler-file", help="Read the scheduler's address from this"
+                              " JSON file (written by `zfabric scheduler --scheduler-file`).")
+]
+LogLevel = Annotated[str, typer.Option("--log-level", help="debug, info, warning or error.")]
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Entry point of the ``zfabric`` command."""
+    app(args=argv, prog_name="zfabric")
+
+
+class Failure(Exception):
+    """Raised inside a command for an error to print (without a traceback) and exit 1."""
+
+
+def _setup_logging(level: str) -> None:
+    from .process import setup_logging
+
+    try:
+        setup_logging(level)
+    except ValueError as exc:
+        raise typer.BadParameter(str(exc), param_hint="--log-level") from None
+
+
+def _run(coro) -> None:
+    """Run a command's coroutine; turn a Failure or a zfabric error into a message and exit 1."""
+    from .errors import ZFabricError
+
+    try:
+        code = asyncio.run(coro)
+    except (Failure, ZFabricError, OSError, ValueError) as exc:
+        typer.echo(f"Error: {exc}", err=True)
+        raise typer.Exit(1) from None
+    raise typer.Exit(code or 0)
+
+
+def _address(address: str | None, scheduler_file: Path | None, *, wait_s: float = 0.0) -> str:
+    """The scheduler's address, given directly or in a scheduler file (waited for up to
+    ``wait_s``: a worker may start before its scheduler has written the file)."""
+    if address and scheduler_file:
+        raise typer.BadParameter("give either ADDRESS or --scheduler-file, not both")
+    if address:
+        return address
+    if scheduler_file is None:
+        raise typer.BadParameter("give the scheduler's ADDRESS or --scheduler-file")
+    deadline = time.monotonic() + wait_s
+    while True:
+        try:
+            return json.loads(scheduler_file.read_text())["address"]
+        except (FileNotFoundError, json.JSONDecodeError, KeyError) as exc:
+            if time.monotonic() >= deadline:
+                raise typer.BadParameter(
+                    f"cannot read a scheduler address from {scheduler_file}: {exc}",
+                    param_hint="--scheduler-file",
+                ) from None
+            time.sleep(0.1)
+
+
+def _resources(text: str | None) -> dict[str, float]:
+    from .process import parse_resources
+
+    try:
+        return parse_resources(text)
+    except ValueError as exc:
+        raise typer.BadParameter(str(exc), param_hint="--resources") from None
+
+
+# ---------------------------------------------------------------------- scheduler
+
+
+@app.command()
+def scheduler(
+    host: Annotated[str, typer.Option(help="Interface to listen on; 0.0.0.0 is every interface"
+                                      " (others are given this host's own address).")]
+    = "0.0.0.0",
+    port: Annotated[int | None, typer.Option(help="Port to listen on (0: any free port)."
+                                             "  [default: 8786]", show_default=False)] = None,
+    scheduler_file: Annotated[Path | None, typer.Option(
+        help="Write the scheduler's address to this JSON file.")] = None,
+    pid_file: Annotated[Path | None, typer.Option(help="Write this process's id here.")] = None,
+    log_level: LogLevel = "info",
+) -> None:
+    """Start a scheduler and print its address."""
+    _setup_logging(log_level)
+    _run(_scheduler_main(host, port, scheduler_file, pid_file))
+
+
+async def _scheduler_main(host, port, scheduler_file, pid_file) -> int:
+    from . import config
+    from .process import serve, start_or_stop
+    from .scheduler import Scheduler
+
+    cfg = config.from_env()
+    s = Scheduler(host=host, port=cfg.SCHEDULER_PORT if port is None else port, config=cfg)
+    if not await start_or_stop(s):
+        return 0
+    written = []
+    try:
+        if pid_file is not None:
+            pid_file.write_text(f"{os.getpid()}\n")
+            written.append(pid_file)
+        if scheduler_file is not None:
+            tmp = scheduler_file.with_name(scheduler_file.name + ".tmp")
+            tmp.write_text(json.dumps({"type": "Scheduler", "address": s.address, "id": s.id,
+                                       "pid": os.getpid()}, indent=2))
+            tmp.replace(scheduler_file)  # readers never see half a file
+            written.append(scheduler_file)
+        typer.echo(f"Scheduler at: {s.address}")
+        reason = await serve(s)
+        logging.getLogger("zfabric.cli").info("scheduler stopping: %s", reason)
+    finally:
+        await s.close()
+        for path in written:
+            path.unlink(missing_ok=True)
+    return 0
+
+
+# ---------------------------------------------------------------------- worker
+
+
+@app.command()
+def worker(
+    address: Address = None,
+    scheduler_file: SchedulerFile = None,
+    nthreads: Annotated[int | None, typer.Option(min=1, help="Task threads (default: cores).",
+                                                 show_default=False)] = None,
+    name: Annotated[str | None, typer.Option(help="Worker name (default: its address).")] = None,
+    memory_limit: Annotated[str, typer.Option(help="Bytes, e.g. 4GiB, or auto (a share of the"
+                                              " RAM), or 0 (none).")] = "auto",
+    resources: Annotated[str | None, typer.Option(help='Abstract resources, e.g. "GPU=2,MEM=10e9".'
+                                                  )] = None,
+    listen_address: Annotated[str | None, typer.Option(
+        help="Where to listen for peers, e.g. tcp://0.0.0.0:0.")] = None,
+    contact_address: Annotated[str | None, typer.Option(
+        help="The address others should use to reach this worker, e.g. tcp://HOST:PORT.")]
+    = None,
+    death_timeout: Annotated[float | None, typer.Option(
+        help="Seconds to keep trying to reach a scheduler before closing.")] = None,
+    log_level: LogLevel = "info",
+    nanny: Annotated[str | None, typer.Option(hidden=True)] = None,
+    identity: Annotated[str | None, typer.Option(hidden=True)] = None,
+    parent_pid: Annotated[int | None, typer.Option(hidden=True)] = None,
+    ready_fd: Annotated[int | None, typer.Option(hidden=True)] = None,
+) -> None:
+    """Start one worker that runs tasks for the scheduler at ADDRESS."""
+    _setup_logging(log_level)
+    addr = _address(address, scheduler_file, wait_s=death_timeout or 30.0)
+    kw = dict(nthreads=nthreads, name=name, memory_limit=memory_limit,
+              resources=_resources(resources), listen_address=listen_address,
+              contact_address=contact_address, death_timeout=death_timeout, nanny=nanny,
+              identity=identity)
+    _run(_worker_main(addr, kw, parent_pid, ready_fd))
+
+
+async def _worker_main(address: str, kw: dict, parent_pid: int | None,
+                       ready_fd: int | None) -> int:
+    from .process import run_worker
+
+    def announce(w) -> None:
+        if kw["nanny"] is None:
+            typer.echo(f"Worker at: {w.address} (scheduler {address})")
+
+    return await run_worker(address, kw, parent_pid, ready_fd, announce=announce)
+
+
+# ---------------------------------------------------------------------- nanny
+
+
+@app.command("nanny")
+def nanny_command(
+    address: Address = None,
+    scheduler_file: SchedulerFile = None,
+    nworkers: Annotated[int, typer.Option(min=0, help="Worker processes to keep.")] = 1,
+    nthreads: Annotated[int | None, typer.Option(min=1, help="Threads per worker (default: the"
+                                                 " cores shared among the workers).",
+                                                 show_default=False)] = None,
+    memory_limit: Annotated[str, typer.Option(help="Per worker: bytes, e.g. 4GiB, auto, or 0."
+                                              )] = "auto",
+    resources: Annotated[str | None, typer.Option(help='Per worker, e.g. "GPU=2,MEM=10e9".')]
+    = None,
+    name: Annotated[str | None, typer.Option(help="Worker name (name-0, name-1... for several)."
+                                             )] = None,
+    death_timeout: Annotated[float | None, typer.Option(
+        help="Seconds to keep trying to reach a scheduler before closing.")] = None,
+    log_level: LogLevel = "info",
+) -> None:
+    """Start worker processes for the scheduler at ADDRESS and keep them alive."""
+    _setup_logging(log_level)
+    addr = _address(address, scheduler_file, wait_s=death_timeout or 30.0)
+    _run(_nanny_main(addr, dict(nworkers=nworkers, nthreads=nthreads, memory_limit=memory_limit,
+                                resources=_resources(resources), name=name,
+                                death_timeout=death_timeout, worker_log_level=log_level)))
+
+
+async def _nanny_main(address: str, kw: dict) -> int:
+    from .nanny import Nanny
+    from .process import serve, start_or_stop
+
+    n = Nanny(address, **kw)
+    if not await start_or_stop(n):
+        return 0
+    typer.echo(f"Nanny started {n.nworkers} worker(s) for {address}:"
+               f" {', '.join(n.worker_addresses)}")
+    try:
+        await serve(n)
+    finally:
+        await n.close()
+    return 0
+
+
+# ---------------------------------------------------------------------- info
+
+
+@app.command()
+def info(
+    address: Address = None,
+    scheduler_file: SchedulerFile = None,
+    timeout: Annotated[float, typer.Option(help="Seconds to wait for the scheduler.")] = 5.0,
+) -> None:
+    """Show the scheduler's workers and its tasks by state."""
+    addr = _address(address, scheduler_file)
+    from .client import Client
+    from .errors import ZFabricError
+
+    try:
+        with Client(addr, timeout=timeout, set_as_default=False) as client:
+            report = client.scheduler_info()
+    except (ZFabricError, OSError) as exc:
+        typer.echo(f"Error: {exc}", err=True)
+        raise typer.Exit(1) from None
+    typer.echo(format_info(report))
+
+
+def format_info(report: dict) -> str:
+    """The text ``zfabric info`` prints for a scheduler_info() report."""
+    from .nanny import format_bytes
+
+    header = ("NAME", "ADDRESS", "THREADS", "MEMORY", "RUNNING", "HELD")
+    rows = []
+    for addr, w in sorted(report.get("workers", {}).items(), key=lambda kv: str(kv[1]["name"])):
+        metrics = w.get("metrics") or {}
+        used = format_bytes(metrics.get("memory", 0))
+        limit = format_bytes(w["memory_limit"]) if w.get("memory_limit") else "-"
+        rows.append((str(w.get("name", addr)), addr, str(w.get("nthreads", "")),
+                     f"{used} / {limit}", str(metrics.get("executing", w.get("processing", 0))),
+                     str(w.get("in_memory", 0))))
+    widths = [max(len(r[i]) for r in [header, *rows]) for i in range(len(header))]
+    lines = [f"Scheduler {report.get('address', '')}: {len(rows)} worker(s),"
+             f" {sum(int(r[2] or 0) for r in rows)} thread(s)", ""]
+    for r in [header, *rows]:
+        lines.append("  ".join(c.ljust(wd) for c, wd in zip(r, widths, strict=True)).rstrip())
+    tasks = report.get("tasks") or {}
+    lines.append("")
+    if tasks:
+        lines.append("Tasks: " + ", ".join(f"{state} {n}" for state, n in sorted(tasks.items())))
+    else:
+        lines.append("Tasks: none")
+    return "\n".join(lines)
+
+
+# ---------------------------------------------------------------------- demo
+
+
+@app.command()
+def demo(
+    n_workers: Annotated[int, typer.Option(min=1, help="Worker processes.")] = 2,
+    tasks: Annotated[int, typer.Option(min=2, help="Sampling tasks (the reduction adds about as"
+                                       " many).")] = 2000,
+    samples: Annotated[int, typer.Option(min=1, help="Random points per task.")] = 1000,
+    processes: Annotated[bool, typer.Option(help="Workers in processes (or threads).")] = True,
+) -> None:
+    """Estimate pi on a LocalCluster with a few thousand tasks and report what ran where."""
+    from .demo import run_demo
+
+    _setup_logging("warning")
+    try:
+        run_demo(n_workers=n_workers, tasks=tasks, samples=samples, processes=processes)
+    except KeyboardInterrupt:
+        raise typer.Exit(130) from None

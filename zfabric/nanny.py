@@ -1,0 +1,673 @@
+"""Process supervision: the Nanny starts worker processes, watches them and starts them again.
+
+Theory of operation
+-------------------
+A :class:`Nanny` owns ``nworkers`` *slots*. Each slot runs one worker process at a time, a fresh
+interpreter started with :func:`worker_command` (``python -m zfabric worker ADDRESS ...``), never
+a fork of this process: no ZeroMQ context or event loop crosses into it, and a user's script
+without ``if __name__ == "__main__":`` is not run again.
+
+The Nanny picks each process's routing id (``--identity``), so it can name the worker when it
+tells the scheduler that the process died (``worker-died``), without asking anyone. A pipe links
+each process to its Nanny (``--ready-fd``): the worker writes ``ready ADDRESS`` once registered
+and ``closing REASON`` before it closes on purpose; end-of-file on the pipe means the process is
+gone, which the Nanny notices at once (psutil polling every ``NANNY_CHECK_INTERVAL_S`` is the
+backstop, and measures memory).
+
+A slot moves through these phases; :func:`assess` (pure) says what to do at each check::
+
+    starting ──ready──▶ running ──exit──▶ waiting ──backoff──▶ starting
+        │                  │  memory/restart/close
+        └──────────────────┴──────▶ stopping ──exit──▶ starting | closed
+                                   (SIGTERM; SIGKILL at the deadline)
+
+A worker must not outlive its Nanny, even a Nanny killed with SIGKILL. The worker sets
+``PR_SET_PDEATHSIG`` on itself (Linux; done in the child after ``exec`` rather than in a
+``preexec_fn``, which is unsafe in a process with threads) and also checks its parent's pid
+every heartbeat (portable, and covers the moment before ``prctl`` ran); the worker's side lives
+in :mod:`zfabric.process`. On ``close()`` the Nanny terminates and reaps every process. Workers
+run in a session of their own so that a Ctrl-C in the terminal reaches the Nanny (which stops
+them in order) rather than every worker at once.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+import os
+import signal
+import subprocess
+import sys
+import time
+import uuid
+from collections.abc import Sequence
+
+import psutil
+
+from . import _zmq, protocol
+from .config import Config, from_env, memory_limit_bytes
+from .errors import CommTimeoutError, RemoteProtocolError, ZFabricError
+from .lifecycle import LifeCycle
+from .process import worker_command
+
+logger = logging.getLogger(__name__)
+
+__all__ = ["Nanny", "RestartPolicy", "assess", "format_bytes", "worker_environ"]
+
+#: Environment every worker process gets: one thread per BLAS call (the worker already runs
+#: ``nthreads`` tasks at once) and glibc returning freed memory to the system promptly.
+WORKER_ENVIRON = {
+    "OMP_NUM_THREADS": "1",
+    "MKL_NUM_THREADS": "1",
+    "OPENBLAS_NUM_THREADS": "1",
+    "MALLOC_TRIM_THRESHOLD_": "65536",
+}
+#: How long a worker may take to close after SIGTERM on ``close()`` before it gets SIGKILL.
+CLOSE_GRACE_S = 3.0
+#: The same for ``client.restart()``: its work is being thrown away anyway.
+RESTART_GRACE_S = 1.0
+#: How long a restart may take before the Nanny answers the scheduler with an error.
+RESTART_TIMEOUT_S = 30.0
+
+
+# ---------------------------------------------------------------------- pure policy
+
+
+def assess(*, phase: str, alive: bool, rss_bytes: int, memory_limit_bytes: int,
+           terminate_fraction: float, now: float, kill_at: float) -> str:
+    """What the Nanny should do with one slot's process now (no I/O, no clock).
+
+    Returns ``"ok"``, ``"exited"`` (the process is gone), ``"terminate-memory"`` (it is above
+    ``terminate_fraction`` of its limit) or ``"kill"`` (it ignored SIGTERM past ``kill_at``).
+    """
+    if phase in ("starting", "running"):
+        if not alive:
+            return "exited"
+        if memory_limit_bytes and rss_bytes > terminate_fraction * memory_limit_bytes:
+            return "terminate-memory"
+        return "ok"
+    if phase == "stopping":
+        if not alive:
+            return "exited"
+        if now >= kill_at:
+            return "kill"
+    return "ok"
+
+
+class RestartPolicy:
+    """How long to wait before starting again a worker that died on its own.
+
+    The first death in ``window_s`` restarts at once; each further one waits twice as long as
+    the last, from ``base_s`` up to ``max_s``, so a worker that cannot start does not spin.
+    """
+
+    def __init__(self, *, window_s: float = 30.0, base_s: float = 0.25, max_s: float = 10.0):
+        self.window_s = window_s
+        self.base_s = base_s
+        self.max_s = max_s
+
+    def delay(self, deaths: Sequence[float], now: float) -> float:
+        recent = sum(1 for t in deaths if now - t < self.window_s)
+        if recent <= 1:
+            return 0.0
+        return min(self.max_s, self.base_s * 2 ** (recent - 2))
+
+
+# ---------------------------------------------------------------------- the worker's environment
+
+
+def worker_environ(extra: dict | None = None, base: dict | None = None) -> dict[str, str]:
+    """The environment of a worker process: ours, the fixed settings, this interpreter's
+    extra import paths (so functions pickled by reference import there too), then ``extra``."""
+    env = dict(os.environ if base is None else base)
+    env.update(WORKER_ENVIRON)
+    prefixes = tuple({sys.prefix, sys.base_prefix, sys.exec_prefix})
+    paths = []
+    for p in sys.path:
+        p = os.path.abspath(p or os.curdir)
+        if p.startswith(prefixes) or not os.path.isdir(p) or p in paths:
+            continue
+        paths.append(p)
+    if env.get("PYTHONPATH"):
+        paths.append(env["PYTHONPATH"])
+    if paths:
+        env["PYTHONPATH"] = os.pathsep.join(paths)
+    env.update({k: str(v) for k, v in (extra or {}).items()})
+    return env
+
+
+# ---------------------------------------------------------------------- nanny side
+
+
+class WorkerProcess:
+    """One incarnation of a worker process, as its Nanny sees it."""
+
+    def __init__(self, proc: subprocess.Popen, identity: str, fd: int, started: float):
+        self.proc = proc
+        self.pid = proc.pid
+        self.identity = identity
+        self.fd: int | None = fd
+        self.started = started
+        self.address = ""
+        self.ready = False
+        self.closing_reason: str | None = None  # it said it closes on purpose
+        self.reported = False  # the scheduler was told it died
+        self.buffer = b""
+        try:
+            self.ps: psutil.Process | None = psutil.Process(proc.pid)
+        except psutil.Error:  # pragma: no cover - gone already
+            self.ps = None
+
+    def __repr__(self) -> str:
+        return f"<WorkerProcess pid={self.pid} {self.address or self.identity}>"
+
+    def rss(self) -> int:
+        try:
+            return self.ps.memory_info().rss if self.ps is not None else 0
+        except psutil.Error:
+            return 0
+
+    def signal(self, sig: int) -> None:
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            self.proc.send_signal(sig)
+
+
+class Slot:
+    """One place for a worker process; the process in it changes with each restart."""
+
+    def __init__(self, index: int, name: str | None):
+        self.index = index
+        self.name = name
+        self.phase = "waiting"  # starting | running | stopping | waiting | failed | closed
+        self.process: WorkerProcess | None = None
+        self.generation = 0
+        self.then = "restart"  # after "stopping": restart | close
+        self.kill_at = 0.0
+        self.restart_at = 0.0
+        self.deaths: list[float] = []
+        self.last_exit = ""
+
+
+class Nanny(LifeCycle):
+    """Starts ``nworkers`` worker processes for the scheduler at ``scheduler_address`` and keeps
+    them alive: ``async with Nanny(s.address, nworkers=2) as n``.
+
+    ``nthreads`` is per worker (default: the cores shared among the workers); ``memory_limit``
+    is per worker process, in bytes, a size such as ``"2GiB"``, or ``"auto"`` (the worker's
+    share of this machine's memory); a worker above 95 % of it is terminated and started again.
+    """
+
+    def __init__(
+        self,
+        scheduler_ip: str | None = None,
+        *,
+        scheduler_address: str | None = None,
+        scheduler_file: str | None = None,
+        nworkers: int = 1,
+        nthreads: int | None = None,
+        memory_limit: int | str | None = "auto",
+        resources: dict | None = None,
+        name: str | None = None,
+        listen_address: str | None = None,
+        contact_address: str | None = None,
+        death_timeout: float | None = None,
+        env: dict | None = None,
+        worker_log_level: str = "warning",
+        restart_policy: RestartPolicy | None = None,
+        config: Config | None = None,
+        **kwargs,
+    ):
+        address = scheduler_address or scheduler_ip
+        if hasattr(address, "address") and not isinstance(address, str):
+            address = address.address
+        if not address and scheduler_file:
+            with open(scheduler_file) as f:
+                address = json.load(f)["address"]
+        if not address:
+            raise ValueError("Nanny needs the scheduler's address, e.g. Nanny('tcp://host:8786')")
+        self.scheduler_address = _zmq.normalize_address(address)
+        self.config = config or from_env()
+        self.nworkers = int(nworkers)
+        if self.nworkers < 0:
+            raise ValueError(f"nworkers must be 0 or more, got {nworkers}")
+        cores = os.cpu_count() or 1
+        self.nthreads = int(nthreads or max(1, cores // max(1, self.nworkers)))
+        if self.nthreads < 1:
+            raise ValueError(f"nthreads must be at least 1, got {nthreads}")
+        self.memory_limit = memory_limit_bytes(memory_limit, self.nthreads)
+        self.resources = dict(resources or {})
+        self.name = None if name is None else str(name)
+        if contact_address and self.nworkers > 1:
+            raise ValueError("contact_address names one worker; use it with nworkers=1")
+        self.listen_address = listen_address
+        self.contact_address = contact_address
+        self.death_timeout = float(
+            death_timeout if death_timeout is not None else self.config.RECONNECT_TIMEOUT_S
+        )
+        self.env = dict(env or {})
+        self.worker_log_level = worker_log_level
+        self.policy = restart_policy or RestartPolicy()
+        self.identity = _zmq.new_identity("nanny").decode()
+        self.slots: list[Slot] = []
+        for i in range(self.nworkers):
+            if self.name is None:
+                slot_name = None
+            else:
+                slot_name = self.name if self.nworkers == 1 else f"{self.name}-{i}"
+            self.slots.append(Slot(i, slot_name))
+        self.epoch: str | None = None
+        self._sock = None
+        self._tasks: list[asyncio.Task] = []
+        self._welcome: asyncio.Future | None = None
+        self._last_heard = time.monotonic()
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._closer: asyncio.Future | None = None
+
+    def __repr__(self) -> str:
+        alive = sum(s.phase == "running" for s in self.slots)
+        return f"<Nanny {self.name or self.identity} workers={alive}/{self.nworkers}>"
+
+    # ------------------------------------------------------------------ views
+
+    @property
+    def id(self) -> str:
+        return self.identity
+
+    @property
+    def processes(self) -> list[WorkerProcess]:
+        """The current worker processes (one per slot that has one)."""
+        return [s.process for s in self.slots if s.process is not None]
+
+    @property
+    def pids(self) -> list[int]:
+        return [p.pid for p in self.processes if p.proc.poll() is None]
+
+    @property
+    def worker_addresses(self) -> list[str]:
+        return [s.process.address for s in self.slots if s.phase == "running" and s.process]
+
+    @property
+    def worker_address(self) -> str:
+        """The address of the first worker (the only one with ``nworkers=1``)."""
+        addresses = self.worker_addresses
+        return addresses[0] if addresses else ""
+
+    @property
+    def worker_identities(self) -> list[str]:
+        return [p.identity for p in self.processes]
+
+    # ------------------------------------------------------------------ start and close
+
+    async def start(self) -> None:
+        import zmq.asyncio
+
+        self._loop = asyncio.get_running_loop()
+        self._welcome = self._loop.create_future()
+        ctx = zmq.asyncio.Context.instance()
+        self._sock = _zmq.dealer(ctx, self.scheduler_address, self.identity.encode(),
+                                 linger_ms=self.config.LINGER_MS)
+        self._tasks.append(asyncio.ensure_future(self._reader()))
+        self._send(protocol.hello("nanny", self.identity, pid=os.getpid()))
+        # Workers take far longer to start than the hello to be answered: start them now.
+        now = time.monotonic()
+        marks = [(s, s.generation) for s in self.slots]
+        for slot in self.slots:
+            self._spawn(slot, now)
+        try:
+            await asyncio.wait_for(asyncio.shield(self._welcome), self.death_timeout)
+        except TimeoutError:
+            raise CommTimeoutError(
+                f"Nanny could not reach a scheduler at {self.scheduler_address} within"
+                f" {self.death_timeout:g} s; is the scheduler running there?"
+            ) from None
+        self._tasks.append(asyncio.ensure_future(self._watch()))
+        await self._wait_started(marks, self.death_timeout, fail_on_exit=True)
+        logger.info("nanny %s started %d worker(s) for %s", self.identity, self.nworkers,
+                    self.scheduler_address)
+
+    async def _close(self) -> None:
+        for task in self._tasks:
+            task.cancel()
+        for task in self._tasks:
+            with contextlib.suppress(BaseException):
+                await task
+        self._tasks = []
+        now = time.monotonic()
+        for slot in self.slots:
+            if slot.process is not None and slot.process.proc.poll() is None:
+                self._stop(slot, now, then="close", grace_s=CLOSE_GRACE_S)
+            else:
+                self._retire(slot)
+                slot.phase = "closed"
+        while any(s.phase == "stopping" for s in self.slots):
+            now = time.monotonic()
+            for slot in self.slots:
+                if slot.phase == "stopping":
+                    self._check(slot, now)
+            await asyncio.sleep(0.01)
+        if self._sock is not None:
+            if self.epoch is not None:
+                self._send({"op": "goodbye"})
+            self._sock.close(linger=self.config.LINGER_MS)
+            self._sock = None
+
+    # ------------------------------------------------------------------ scheduler link
+
+    def _send(self, *ops: dict) -> None:
+        if self._sock is None:
+            return
+        fut = self._sock.send_multipart(protocol.encode(list(ops)))
+        if isinstance(fut, asyncio.Future):
+            fut.add_done_callback(_log_send_error)
+
+    async def _reader(self) -> None:
+        sock = self._sock
+        while True:
+            frames = await sock.recv_multipart()
+            self._last_heard = time.monotonic()
+            try:
+                ops, _ = protocol.decode(frames)
+            except RemoteProtocolError as exc:
+                logger.warning("nanny: malformed message from the scheduler: %s", exc)
+                continue
+            for op in ops:
+                try:
+                    self._on_op(op)
+                except Exception:
+                    logger.exception("nanny could not handle %r", op.get("op"))
+
+    def _on_op(self, op: dict) -> None:
+        match op["op"]:
+            case "welcome":
+                self.epoch = op["epoch"]
+                for w in op.get("warnings") or ():
+                    logger.warning("version mismatch with the scheduler: %s", w)
+                if self._welcome is not None and not self._welcome.done():
+                    self._welcome.set_result(op)
+            case "reregister":
+                logger.info("nanny %s registers again: %s", self.identity, op["reason"])
+                self.epoch = None
+                self._send(protocol.hello("nanny", self.identity, pid=os.getpid()))
+            case "restart":
+                self._own(self._restart(op["id"]))
+            case "heartbeat":
+                pass
+            case "close":
+                self._close_soon()
+            case "error":
+                logger.error("scheduler says: %s", op["message"])
+                if op.get("fatal") and self._welcome is not None and not self._welcome.done():
+                    self._welcome.set_exception(RemoteProtocolError(op["message"]))
+            case other:
+                logger.warning("nanny ignores %r from the scheduler", other)
+
+    def _close_soon(self) -> None:
+        """Close from inside one of our own tasks (which the close cancels)."""
+        self._closer = asyncio.ensure_future(self.close())
+
+    def _own(self, coro) -> None:
+        """Run ``coro`` as a task this Nanny owns (cancelled on close)."""
+        self._tasks = [t for t in self._tasks if not t.done()]
+        self._tasks.append(asyncio.ensure_future(coro))
+
+    def _report(self, wp: WorkerProcess, reason: str) -> None:
+        """Tell the scheduler a worker process is gone (or about to be), once."""
+        if wp.reported:
+            return
+        wp.reported = True
+        self._send({"op": "worker-died", "worker": wp.identity, "reason": reason})
+
+    # ------------------------------------------------------------------ processes
+
+    def _spawn(self, slot: Slot, now: float) -> None:
+        identity = f"worker-{uuid.uuid4().hex[:16]}"
+        read_fd, write_fd = os.pipe()
+        cmd = worker_command(
+            self.scheduler_address, identity=identity, nthreads=self.nthreads,
+            memory_limit=self.memory_limit, nanny=self.identity, parent_pid=os.getpid(),
+            ready_fd=write_fd, name=slot.name, resources=self.resources,
+            listen_address=self.listen_address, contact_address=self.contact_address,
+            death_timeout_s=self.death_timeout, log_level=self.worker_log_level,
+        )
+        try:
+            proc = subprocess.Popen(
+                cmd, env=worker_environ(self.env), pass_fds=(write_fd,), stdin=subprocess.DEVNULL,
+                start_new_session=True,
+            )
+        except OSError:
+            os.close(read_fd)
+            raise
+        finally:
+            os.close(write_fd)
+        wp = WorkerProcess(proc, identity, read_fd, now)
+        slot.process = wp
+        slot.generation += 1
+        slot.phase = "starting"
+        os.set_blocking(read_fd, False)
+        self._loop.add_reader(read_fd, self._on_pipe, slot, wp)
+        logger.debug("nanny %s started worker process %d (%s)", self.identity, wp.pid, identity)
+
+    def _on_pipe(self, slot: Slot, wp: WorkerProcess) -> None:
+        try:
+            data = os.read(wp.fd, 4096)
+        except BlockingIOError:
+            return
+        except OSError:
+            data = b""
+        if not data:  # end of file: the process has exited (or is exiting)
+            self._close_pipe(wp)
+            self._own(self._reap_soon(slot, wp))
+            return
+        wp.buffer += data
+        *lines, wp.buffer = wp.buffer.split(b"\n")
+        for raw in lines:
+            word, _, rest = raw.decode(errors="replace").partition(" ")
+            if word == "ready":
+                wp.address, wp.ready = rest, True
+                if slot.process is wp and slot.phase == "starting":
+                    slot.phase = "running"
+            elif word == "closing":
+                wp.closing_reason = rest or "closed"
+
+    def _close_pipe(self, wp: WorkerProcess) -> None:
+        if wp.fd is None:
+            return
+        with contextlib.suppress(Exception):
+            self._loop.remove_reader(wp.fd)
+        with contextlib.suppress(OSError):
+            os.close(wp.fd)
+        wp.fd = None
+
+    async def _reap_soon(self, slot: Slot, wp: WorkerProcess) -> None:
+        """The pipe closed: the process is exiting. Reap it as soon as the kernel lets us."""
+        for _ in range(200):
+            if wp.proc.poll() is not None:
+                break
+            await asyncio.sleep(0.005)
+        if slot.process is wp:
+            self._check(slot, time.monotonic())
+
+    def _retire(self, slot: Slot) -> None:
+        if slot.process is not None:
+            self._close_pipe(slot.process)
+
+    def _stop(self, slot: Slot, now: float, *, then: str, grace_s: float) -> None:
+        """SIGTERM the slot's process; SIGKILL it if it is still there after ``grace_s``."""
+        wp = slot.process
+        slot.then = then
+        if wp is None or wp.proc.poll() is not None:
+            slot.phase = "stopping"  # the next check sees it gone
+            slot.kill_at = now
+            return
+        slot.phase = "stopping"
+        slot.kill_at = now + grace_s
+        wp.signal(signal.SIGTERM)
+
+    async def _watch(self) -> None:
+        """Check every process each ``NANNY_CHECK_INTERVAL_S``; heartbeat the scheduler."""
+        interval = self.config.NANNY_CHECK_INTERVAL_S
+        beat_every = self.config.HEARTBEAT_INTERVAL_S
+        next_beat = 0.0
+        while True:
+            now = time.monotonic()
+            for slot in self.slots:
+                self._check(slot, now)
+            if now >= next_beat:
+                next_beat = now + beat_every
+                alive = [s.process.identity for s in self.slots
+                         if s.phase in ("starting", "running") and s.process is not None]
+                self._send({"op": "heartbeat", "workers": alive})
+                if now - self._last_heard > self.death_timeout:
+                    logger.error("nanny: no scheduler at %s for %.0f s; closing",
+                                 self.scheduler_address, now - self._last_heard)
+                    self._close_soon()
+                    return
+            if self.slots and all(s.phase == "closed" for s in self.slots):
+                logger.info("nanny %s: every worker closed on purpose; closing", self.identity)
+                self._close_soon()
+                return
+            await asyncio.sleep(interval)
+
+    def _check(self, slot: Slot, now: float) -> None:
+        """Apply :func:`assess` to one slot, and start a process where one is due."""
+        if slot.phase == "waiting":
+            if now >= slot.restart_at and self.status in ("starting", "running"):
+                self._spawn(slot, now)
+            return
+        wp = slot.process
+        if wp is None or slot.phase == "closed":
+            return
+        rc = wp.proc.poll()
+        alive = rc is None
+        check_memory = alive and self.memory_limit and slot.phase in ("starting", "running")
+        action = assess(
+            phase=slot.phase, alive=alive, rss_bytes=wp.rss() if check_memory else 0,
+            memory_limit_bytes=self.memory_limit,
+            terminate_fraction=self.config.MEMORY_TERMINATE_FRACTION,
+            now=now, kill_at=slot.kill_at,
+        )
+        match action:
+            case "exited":
+                self._exited(slot, wp, rc, now)
+            case "terminate-memory":
+                rss = wp.rss()
+                text = (f"worker process {wp.pid} used {format_bytes(rss)} of memory, more than"
+                        f" {self.config.MEMORY_TERMINATE_FRACTION:.0%} of its memory limit"
+                        f" {format_bytes(self.memory_limit)}; the nanny terminated it")
+                logger.warning("nanny %s: %s", self.identity, text)
+                self._report(wp, text)
+                slot.last_exit = text
+                # SIGKILL at the next check if SIGTERM did not do it (memory is running out).
+                self._stop(slot, now, then="restart", grace_s=self.config.NANNY_CHECK_INTERVAL_S)
+            case "kill":
+                logger.warning("nanny %s: worker process %d ignored SIGTERM; killing it",
+                               self.identity, wp.pid)
+                wp.signal(signal.SIGKILL)
+                slot.kill_at = now + 3600.0  # once is enough
+
+    def _exited(self, slot: Slot, wp: WorkerProcess, rc: int, now: float) -> None:
+        self._close_pipe(wp)
+        how = (f"was killed by {_signal_name(-rc)}" if rc < 0 else f"exited with code {rc}")
+        stopping = slot.phase == "stopping"
+        if stopping:
+            then = slot.then
+            if wp.closing_reason is None:
+                self._report(wp, f"worker process {wp.pid} {how} while its nanny stopped it")
+        elif wp.closing_reason is not None:
+            logger.info("worker process %d closed: %s", wp.pid, wp.closing_reason)
+            then = "close"
+            self._report(wp, f"worker closed: {wp.closing_reason}")
+        else:
+            text = f"worker process {wp.pid} {how}"
+            logger.warning("nanny %s: %s; starting a new one", self.identity, text)
+            self._report(wp, text)
+            slot.last_exit = text
+            slot.deaths.append(now)
+            del slot.deaths[:-20]
+            then = "restart"
+        if then == "close" or self.status not in ("starting", "running"):
+            slot.phase = "closed"
+            return
+        if self.status == "starting" and not stopping:
+            slot.phase = "failed"  # start() reports it; no point trying again and again
+            slot.last_exit = slot.last_exit or f"worker process {wp.pid} {how}"
+            return
+        delay = 0.0 if stopping else self.policy.delay(slot.deaths, now)
+        slot.phase = "waiting"
+        slot.restart_at = now + delay
+        if delay:
+            logger.warning("nanny %s: worker slot %d died %d times lately; next start in %.1f s",
+                           self.identity, slot.index, len(slot.deaths), delay)
+        else:
+            self._spawn(slot, now)
+
+    async def _wait_started(self, marks: list[tuple[Slot, int]], timeout: float, *,
+                            fail_on_exit: bool) -> None:
+        """Wait until each slot runs a process newer than its mark that has registered."""
+        deadline = time.monotonic() + timeout
+        while True:
+            pending = [s for s, gen in marks if not (s.generation > gen and s.phase == "running")
+                       and s.phase != "closed"]
+            if not pending:
+                return
+            if fail_on_exit:
+                for s in pending:
+                    if s.phase == "failed":
+                        raise ZFabricError(
+                            f"worker process for {self.scheduler_address} failed to start:"
+                            f" {s.last_exit or 'it exited before registering'}"
+                            " (see its output above)"
+                        )
+            if time.monotonic() > deadline:
+                raise CommTimeoutError(
+                    f"{len(pending)} worker process(es) did not register with the scheduler at"
+                    f" {self.scheduler_address} within {timeout:g} s"
+                )
+            await asyncio.sleep(0.005)
+
+    async def _restart(self, rid: int) -> None:
+        """``client.restart()``: replace every worker process, answer once all are back."""
+        now = time.monotonic()
+        marks = []
+        for slot in self.slots:
+            if slot.phase == "closed":
+                continue
+            marks.append((slot, slot.generation))
+            if slot.phase in ("starting", "running") and slot.process is not None:
+                self._report(slot.process, "restarting at a client's request")
+                self._stop(slot, now, then="restart", grace_s=RESTART_GRACE_S)
+            elif slot.phase == "waiting":
+                slot.restart_at = now
+        reply = {"op": "reply", "id": rid}
+        try:
+            await self._wait_started(marks, RESTART_TIMEOUT_S, fail_on_exit=False)
+            reply["value"] = True
+        except ZFabricError as exc:
+            reply["error"] = str(exc)
+        self._send(reply)
+
+
+def _log_send_error(fut: asyncio.Future) -> None:
+    if fut.cancelled():
+        return
+    exc = fut.exception()
+    if exc is not None:
+        logger.info("nanny could not send to the scheduler: %s", exc)
+
+
+def _signal_name(num: int) -> str:
+    try:
+        return signal.Signals(num).name
+    except ValueError:
+        return f"signal {num}"
+
+
+def format_bytes(n: float) -> str:
+    """``1536`` -> ``"1.5 KiB"``."""
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if abs(n) < 1024 or unit == "TiB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    return f"{n} B"  # pragma: no cover
