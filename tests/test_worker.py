@@ -126,8 +126,6 @@ async def test_lost_large_result_is_recomputed(c, s, a, b):
     await f
     assert f._state.who_has == [a.address]
     await a.close()
-    # the client hears that the value was lost (and then where the recomputed one is)
-    await poll(lambda: f._state.who_has != [a.address])
     np.testing.assert_array_equal(await asyncio.wait_for(f, 5), big())
     assert f._state.who_has == [b.address]
 
@@ -140,19 +138,20 @@ async def test_dependent_of_lost_data_recomputes_through_lineage(c, s, a, b):
     del x
     await poll(lambda: s.tasks[y.key].deps[0].state == "released")  # x's data is dropped
     await a.close()
-    await poll(lambda: y._state.who_has != [a.address])
     np.testing.assert_array_equal(await asyncio.wait_for(y, 5), big() * 2)
 
 
-@pytest.mark.xfail(reason="a fetch from a worker that has just closed waits for the data"
-                   " pool's 30 s timeout: the client's 'lost' notice does not interrupt it",
-                   strict=True)
-@gen_cluster(timeout=20)
-async def test_result_awaited_as_its_worker_closes_does_not_stall(c, s, a, b):
-    f = c.submit(big, workers=[a.address], allow_other_workers=True)
-    await f
-    await a.close()
-    np.testing.assert_array_equal(await asyncio.wait_for(f, 5), big())
+@gen_cluster(nworkers=1, timeout=20)
+async def test_result_awaited_as_its_worker_closes_does_not_stall(c, s, b):
+    # The client may start fetching from the closing worker before it hears the value was
+    # lost; that fetch must fail fast and the recomputed value be awaited. Repeat: it races.
+    for _ in range(6):
+        a = await Worker(s.address, nthreads=1, memory_limit=0)
+        f = c.submit(big, workers=[a.address], allow_other_workers=True, pure=False)
+        await f
+        await a.close()
+        np.testing.assert_array_equal(await asyncio.wait_for(f, 5), big())
+        assert f._state.who_has == [b.address]
 
 
 @gen_cluster()

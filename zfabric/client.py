@@ -294,10 +294,14 @@ class Client:
                 logger.warning("ignoring op %r from the scheduler", other)
 
     def _scheduler_lost(self, why: str) -> None:
-        """Fail every pending future: the scheduler that knew about them is gone."""
+        """Fail every pending future: the scheduler that knew about them is gone.
+
+        Called again for each refusal while reconnecting, so that work submitted during the
+        outage (which no scheduler accepted) fails too instead of hanging.
+        """
         self.epoch = None
-        if self._lost_reported:
-            return
+        if not self._lost_reported:
+            logger.warning("%s", why)
         self._lost_reported = True
         for st in list(self._states.values()):
             if not st.done():
@@ -328,7 +332,7 @@ class Client:
             await asyncio.sleep(interval)
             self._send({"op": "heartbeat"})
             silent = time.monotonic() - self._last_heard
-            if silent > self.config.SCHEDULER_LOST_TIMEOUT_S:
+            if silent > self.config.SCHEDULER_LOST_TIMEOUT_S and not self._lost_reported:
                 with self._lock:
                     self._scheduler_lost(
                         f"the scheduler at {self.scheduler_address} has not answered for"

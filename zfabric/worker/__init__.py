@@ -82,6 +82,12 @@ class Worker(LifeCycle):
         return self._core.identity.decode() if self._core else ""
 
     @property
+    def exit_code(self) -> int | None:
+        """Set when the worker stopped itself and its process should exit with this code
+        (a task passed its task_timeout under a Nanny, which then starts a fresh process)."""
+        return self._core.exit_code if self._core else None
+
+    @property
     def data(self) -> dict:
         """The values this worker holds, by key."""
         return self._core.store if self._core else {}

@@ -61,6 +61,7 @@ class WorkerLoop:
         self.epoch: str | None = None
         self.stop_requested = False
         self.close_reason = ""
+        self.exit_code: int | None = None  # set when the process should exit (Nanny restarts it)
         self.thread = threading.Thread(target=self._main, name="zfabric-worker", daemon=True)
         # state
         self.store: dict[str, object] = {}
@@ -340,12 +341,19 @@ class WorkerLoop:
         for ident, (key, start) in list(self.executor.running.items()):
             timeout = self.executing.get(key)
             if timeout and now - start > timeout:
-                self.executor.replace_thread(ident)
                 self.executing.pop(key, None)
-                err = TaskTimeout(f"task {key!r} ran longer than its task_timeout; its thread"
-                                  " was abandoned")
+                what = "the worker restarts" if self.nanny else "its thread was abandoned"
+                err = TaskTimeout(f"task {key!r} ran longer than its task_timeout of"
+                                  f" {timeout:g} s; {what}")
                 data, tb, text = serialize.exception_payload(err)
                 self.outbox.append({"op": "erred", "items": [[key, data, tb, text, "TaskTimeout"]]})
+                if self.nanny:
+                    # A thread cannot be killed: leave cleanly (no suspicion on our other
+                    # tasks) and let the Nanny start a fresh process.
+                    self.stop(f"task {key!r} passed its task_timeout; restarting")
+                    self.exit_code = 75
+                    return
+                self.executor.replace_thread(ident)
         stale = [i for i, (_, _, t) in self.inflight_fetch.items() if now - t > FETCH_TIMEOUT_S]
         for i in stale:
             addr, keys, _ = self.inflight_fetch.pop(i)

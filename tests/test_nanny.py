@@ -1,0 +1,269 @@
+"""The Nanny: its pure policy, then real worker processes on real sockets.
+
+Every test checks that no process it started is left behind.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import psutil
+import pytest
+
+from zfabric import Client, KilledWorker, Scheduler
+from zfabric.config import from_env
+from zfabric.errors import CommTimeoutError
+from zfabric.nanny import Nanny, RestartPolicy, assess, format_bytes, worker_environ
+from zfabric.process import is_nanny_worker_argv, parse_worker_argv, worker_command
+
+pytestmark = pytest.mark.timeout(40)
+
+
+def _gone(pid: int) -> bool:
+    try:
+        return psutil.Process(pid).status() == psutil.STATUS_ZOMBIE
+    except psutil.NoSuchProcess:
+        return True
+
+
+def wait_gone(pids, timeout: float = 5.0) -> list[int]:
+    """The pids still alive after ``timeout`` seconds."""
+    deadline = time.monotonic() + timeout
+    while True:
+        left = [p for p in pids if not _gone(p)]
+        if not left or time.monotonic() >= deadline:
+            return left
+        time.sleep(0.02)
+
+
+@pytest.fixture(autouse=True)
+def no_leftover_processes():
+    before = {p.pid for p in psutil.Process().children(recursive=True)}
+    yield
+    new = [p.pid for p in psutil.Process().children(recursive=True) if p.pid not in before]
+    left = wait_gone(new)
+    for pid in left:
+        os.kill(pid, signal.SIGKILL)
+    assert not left, f"processes left behind: {left}"
+
+
+async def until(predicate, timeout: float = 10.0, interval: float = 0.01) -> float:
+    """Wait until ``predicate()`` is true; returns the seconds it took."""
+    start = time.monotonic()
+    while not predicate():
+        if time.monotonic() - start > timeout:
+            raise AssertionError(f"condition not met within {timeout} s")
+        await asyncio.sleep(interval)
+    return time.monotonic() - start
+
+
+# ---------------------------------------------------------------------- pure parts
+
+
+def test_assess_running_process():
+    kw = dict(memory_limit_bytes=1000, terminate_fraction=0.95, now=10.0, kill_at=0.0)
+    # Given a running worker below its limit, nothing happens
+    assert assess(phase="running", alive=True, rss_bytes=900, **kw) == "ok"
+    # When it passes 95 % of the limit, it is terminated
+    assert assess(phase="running", alive=True, rss_bytes=951, **kw) == "terminate-memory"
+    assert assess(phase="starting", alive=True, rss_bytes=951, **kw) == "terminate-memory"
+    # When it is gone, it has exited
+    assert assess(phase="running", alive=False, rss_bytes=0, **kw) == "exited"
+    # No limit: memory is not checked
+    kw["memory_limit_bytes"] = 0
+    assert assess(phase="running", alive=True, rss_bytes=10**12, **kw) == "ok"
+
+
+def test_assess_stopping_process():
+    kw = dict(rss_bytes=10**12, memory_limit_bytes=1000, terminate_fraction=0.95)
+    assert assess(phase="stopping", alive=True, now=1.0, kill_at=2.0, **kw) == "ok"
+    assert assess(phase="stopping", alive=True, now=2.0, kill_at=2.0, **kw) == "kill"
+    assert assess(phase="stopping", alive=False, now=2.0, kill_at=2.0, **kw) == "exited"
+    assert assess(phase="closed", alive=False, now=2.0, kill_at=2.0, **kw) == "ok"
+
+
+def test_restart_policy_backs_off():
+    policy = RestartPolicy(window_s=30, base_s=0.25, max_s=2.0)
+    assert policy.delay([100.0], 100.0) == 0.0  # first death: at once
+    assert policy.delay([99.0, 100.0], 100.0) == 0.25
+    assert policy.delay([98.0, 99.0, 100.0], 100.0) == 0.5
+    assert policy.delay([float(t) for t in range(90, 101)], 100.0) == 2.0  # capped
+    assert policy.delay([10.0, 20.0, 100.0], 100.0) == 0.0  # old deaths are forgiven
+
+
+def test_worker_command_round_trip():
+    cmd = worker_command("tcp://10.0.0.5:8786", identity="worker-abc", nthreads=3,
+                         memory_limit=2**30, nanny="nanny-1", parent_pid=42, ready_fd=7,
+                         name="w 1", resources={"GPU": 2}, death_timeout_s=5)
+    assert cmd[:4] == [sys.executable, "-m", "zfabric", "worker"]
+    argv = cmd[3:]
+    assert is_nanny_worker_argv(argv)
+    assert not is_nanny_worker_argv(["worker", "tcp://x:1"])
+    args = parse_worker_argv(argv[1:])
+    assert args["address"] == "tcp://10.0.0.5:8786"
+    assert args["identity"] == "worker-abc"
+    assert args["nthreads"] == 3
+    assert args["memory_limit"] == str(2**30)
+    assert args["parent_pid"] == 42 and args["ready_fd"] == 7
+    assert args["name"] == "w 1" and args["resources"] == "GPU=2"
+    assert args["death_timeout"] == 5.0
+
+
+def test_worker_environ():
+    env = worker_environ({"OMP_NUM_THREADS": "4", "EXTRA": 1}, base={"PATH": "/bin"})
+    assert env["MKL_NUM_THREADS"] == env["OPENBLAS_NUM_THREADS"] == "1"
+    assert env["MALLOC_TRIM_THRESHOLD_"] == "65536"
+    assert env["OMP_NUM_THREADS"] == "4"  # the caller's choice wins
+    assert env["EXTRA"] == "1" and env["PATH"] == "/bin"
+    # this test's directory is importable in the worker too
+    assert os.path.dirname(os.path.abspath(__file__)) in env["PYTHONPATH"].split(os.pathsep)
+
+
+def test_format_bytes():
+    assert format_bytes(0) == "0 B"
+    assert format_bytes(1536) == "1.5 KiB"
+    assert format_bytes(200 * 2**20) == "200.0 MiB"
+
+
+# ---------------------------------------------------------------------- real processes
+
+
+def _worker_pid():
+    return os.getpid()
+
+
+def _worker_env(name):
+    return os.environ.get(name)
+
+
+async def test_nanny_starts_registers_and_vouches():
+    async with Scheduler() as s, Nanny(s.address, nworkers=2, nthreads=1, memory_limit=0,
+                                       name="n") as nanny:
+        assert nanny.status == "running"
+        assert len(nanny.pids) == 2 and len(nanny.worker_addresses) == 2
+        assert sorted(ws.name for ws in s.state.workers.values()) == ["n-0", "n-1"]
+        # The scheduler knows the nanny, each worker names it, and heartbeats vouch for them
+        ns = s.state.nannies[nanny.identity.encode()]
+        assert all(ws.nanny == ns.ident for ws in s.state.workers.values())
+        await until(lambda: ns.vouched == {w.encode() for w in nanny.worker_identities})
+        async with Client(s.address, asynchronous=True) as client:
+            pids = await client.run(_worker_pid)
+            assert sorted(pids.values()) == sorted(nanny.pids)
+            env = await client.run(_worker_env, "OMP_NUM_THREADS")
+            assert set(env.values()) == {"1"}
+        pids = nanny.pids
+    assert nanny.status == "closed"
+    assert wait_gone(pids, 0) == []  # close() reaped them
+
+
+async def test_nanny_restarts_a_killed_worker_and_tells_the_scheduler_at_once():
+    async with Scheduler() as s, Nanny(s.address, nthreads=1, memory_limit=0) as nanny:
+        old_pid, old_id = nanny.pids[0], nanny.worker_identities[0]
+        assert old_id.encode() in s.state.workers
+        # When the worker process is killed
+        os.kill(old_pid, signal.SIGKILL)
+        # Then the scheduler drops it at once (not after the heartbeat timeout)
+        took = await until(lambda: old_id.encode() not in s.state.workers, timeout=3)
+        assert took < 1.0
+        assert any("SIGKILL" in text for _, text in s.state.events)
+        # And a new process takes its place and registers
+        await until(lambda: len(s.state.workers) == 1 and nanny.worker_address, timeout=10)
+        assert nanny.pids[0] != old_pid and nanny.worker_identities[0] != old_id
+        async with Client(s.address, asynchronous=True) as client:
+            assert await client.submit(lambda x: x * 2, 21) == 42
+
+
+def _hog(nbytes):
+    data = b"x" * nbytes  # touch every page
+    time.sleep(30)
+    return len(data)
+
+
+async def test_memory_limit_terminates_and_restarts_the_worker():
+    config = from_env(ALLOWED_FAILURES=1)
+    async with Scheduler(config=config) as s, \
+            Nanny(s.address, nthreads=1, memory_limit="200MB", config=config) as nanny, \
+            Client(s.address, asynchronous=True) as client:
+        first_pid = nanny.pids[0]
+        # When a task allocates far past the limit
+        fut = client.submit(_hog, 400_000_000)
+        # Then its worker is terminated (twice, with ALLOWED_FAILURES=1) and it fails
+        with pytest.raises(KilledWorker):
+            await asyncio.wait_for(fut, 30)
+        events = [text for _, text in s.state.events]
+        assert sum("memory limit" in text for text in events) >= 2, events
+        # And a fresh worker serves the next task
+        await until(lambda: len(s.state.workers) == 1 and nanny.worker_address, timeout=10)
+        assert first_pid not in nanny.pids
+        assert await client.submit(lambda: 7, pure=False) == 7
+
+
+async def test_client_restart_replaces_every_worker_process():
+    async with Scheduler() as s, Nanny(s.address, nworkers=2, nthreads=1, memory_limit=0), \
+            Client(s.address, asynchronous=True) as client:
+        before = set((await client.run(_worker_pid)).values())
+        await asyncio.wait_for(client.restart(), 20)
+        info = await client.scheduler_info()
+        assert len(info["workers"]) == 2
+        after = set((await client.run(_worker_pid)).values())
+        assert not before & after
+        assert await client.submit(lambda: 3, pure=False) == 3
+
+
+async def test_nanny_without_scheduler_fails_with_the_address():
+    with pytest.raises(CommTimeoutError, match="127.0.0.1:9"):
+        await Nanny("tcp://127.0.0.1:9", nthreads=1, memory_limit=0, death_timeout=0.5)
+
+
+def test_nanny_killed_with_sigkill_takes_its_workers_along(tmp_path):
+    async def main():
+        async with Scheduler() as s:
+            proc = subprocess.Popen(
+                [sys.executable, "-m", "zfabric", "nanny", s.address, "--nworkers", "2",
+                 "--nthreads", "1", "--memory-limit", "0", "--log-level", "warning"],
+            )
+            try:
+                await until(lambda: len(s.state.workers) == 2, timeout=20)
+                pids = [ws.pid for ws in s.state.workers.values()]
+                assert all(psutil.Process(p).ppid() == proc.pid for p in pids)
+                # When the nanny is killed outright
+                proc.send_signal(signal.SIGKILL)
+                proc.wait(5)
+                # Then its workers go too, and the scheduler learns of it
+                assert await asyncio.to_thread(wait_gone, pids, 5) == []
+                await until(lambda: not s.state.workers, timeout=5)
+            finally:
+                if proc.poll() is None:
+                    proc.kill()
+                    proc.wait()
+
+    asyncio.run(main())
+
+
+def test_nanny_command_stops_cleanly_on_sigterm():
+    async def main():
+        async with Scheduler() as s:
+            proc = subprocess.Popen(
+                [sys.executable, "-m", "zfabric", "nanny", s.address, "--nthreads", "1",
+                 "--memory-limit", "0", "--log-level", "warning"],
+                stdout=subprocess.PIPE, text=True,
+            )
+            try:
+                await until(lambda: len(s.state.workers) == 1, timeout=20)
+                pid = next(iter(s.state.workers.values())).pid
+                proc.send_signal(signal.SIGTERM)
+                assert await asyncio.to_thread(proc.wait, 10) == 0
+                assert "Nanny started 1 worker" in proc.stdout.read()
+                assert await asyncio.to_thread(wait_gone, [pid], 2) == []
+                await until(lambda: not s.state.workers and not s.state.nannies, timeout=5)
+            finally:
+                if proc.poll() is None:
+                    proc.kill()
+                    proc.wait()
+
+    asyncio.run(main())
