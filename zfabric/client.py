@@ -13,6 +13,7 @@ import asyncio
 import contextlib
 import itertools
 import logging
+import pickle
 import threading
 import time
 import uuid
@@ -108,6 +109,9 @@ class Client:
         self._refcount: dict[str, int] = {}
         self._outbox: deque = deque()
         self._release_keys: list[str] = []
+        self._worker_list: list[str] = []
+        self._workers_seen = 0.0
+        self._next_worker = -1
         self._unique = itertools.count()
         self._flush_pending = False
         self._requests: dict[int, asyncio.Future] = {}
@@ -253,6 +257,7 @@ class Client:
                 for item in op["items"]:
                     st = states.get(item[0])
                     if st is not None:
+                        self._drop_fetches(st)  # a value in memory was lost for good
                         st.fail(item)
             case "cancelled":
                 for key in op["keys"]:
@@ -263,10 +268,7 @@ class Client:
                 for key in op["keys"]:
                     st = states.get(key)
                     if st is not None:
-                        # a fetch in flight to the gone holder would wait out the data
-                        # pool's timeout: fail it now, and the result is awaited again
-                        for address in st.who_has or ():
-                            self.data.drop(address)
+                        self._drop_fetches(st)
                         st.reset()
             case "reply":
                 fut = self._requests.pop(op["id"], None)
@@ -292,6 +294,13 @@ class Client:
                 pass
             case other:
                 logger.warning("ignoring op %r from the scheduler", other)
+
+    def _drop_fetches(self, st: FutureState) -> None:
+        """The holders of a value that was lost: a fetch in flight to them would wait out the
+        data pool's timeout, so fail it now and let the waiter look at the new state."""
+        if st.status == "finished" and st.who_has:
+            for address in st.who_has:
+                self.data.drop(address)
 
     def _scheduler_lost(self, why: str) -> None:
         """Fail every pending future: the scheduler that knew about them is gone.
@@ -323,7 +332,20 @@ class Client:
                     self._release_keys = []
                 ops = list(self._outbox)
                 self._outbox.clear()
-            for batch in _batches(ops, self.config.SUBMIT_BATCH):
+            ready: list[dict] = []
+            for item in ops:
+                if type(item) is not _Deferred:
+                    ready.append(item)
+                    continue
+                for batch in _batches(ready, self.config.SUBMIT_BATCH):
+                    await sock.send_multipart(protocol.encode(batch))
+                ready = []
+                try:
+                    ready.extend(await item.work)
+                except Exception as exc:
+                    with self._lock:
+                        item.state.fail(None, exc)
+            for batch in _batches(ready, self.config.SUBMIT_BATCH):
                 await sock.send_multipart(protocol.encode(batch))
 
     async def _heartbeat(self) -> None:
@@ -406,12 +428,18 @@ class Client:
         if actor or actors:
             raise NotImplementedError("zfabric has no actors")
         opts = _options(workers, resources, retries, priority, allow_other_workers, task_timeout)
-        payload, deps, _ = serialize.dumps_task(func, args, kwargs)
-        if key is None:
-            key = f"{funcname(func)}-{serialize.task_hash(payload) if pure else self._new_id()}"
-        elif not isinstance(key, str):
+        if key is not None and not isinstance(key, str):
             raise TypeError(f"key must be a string, got {type(key).__name__}")
-        return self._submit_many([(key, payload, deps)], opts)[0]
+        item = self._task(func, args, kwargs, key, funcname(func), pure)
+        return self._submit_many([item], opts)[0]
+
+    def _task(self, func, args, kwargs, key, prefix, pure) -> tuple:
+        """``(key, payload, deps, buffers)`` for one call; large buffers stay out of the
+        payload and go straight to a worker (see :meth:`_ship_args`)."""
+        payload, deps, buffers = serialize.dumps_task(func, args, kwargs, self.config.INLINE_BYTES)
+        if key is None:
+            key = f"{prefix}-{serialize.task_hash(payload, buffers) if pure else self._new_id()}"
+        return key, payload, deps, buffers
 
     def _new_id(self) -> str:
         """A key suffix unique across clients: this client's random id and a counter."""
@@ -420,16 +448,67 @@ class Client:
     def _submit_many(self, items: list, opts: dict | None) -> list[Future]:
         out, tasks = [], []
         with self._lock:
-            for key, payload, deps in items:
+            for key, payload, deps, buffers in items:
                 st = self._states.get(key)
                 if st is None or st.status == "cancelled":
                     st = self._states[key] = FutureState(key)
-                    tasks.append([key, payload, deps, opts])
+                    if buffers:
+                        self._flush_tasks(tasks)
+                        self._outbox.append(_Deferred(
+                            self._ship_args(key, payload, deps, buffers, opts), st))
+                    else:
+                        tasks.append([key, payload, deps, opts])
                 out.append(Future(key, self, st))
-            for i in range(0, len(tasks), self.config.SUBMIT_BATCH):
-                self._outbox.append({"op": "submit", "tasks": tasks[i : i + self.config.SUBMIT_BATCH]})
+            self._flush_tasks(tasks)
         self._send()
         return out
+
+    def _flush_tasks(self, tasks: list) -> None:
+        batch = self.config.SUBMIT_BATCH
+        for i in range(0, len(tasks), batch):
+            self._outbox.append({"op": "submit", "tasks": tasks[i : i + batch]})
+        tasks.clear()
+
+    async def _ship_args(self, key, payload, deps, buffers, opts) -> list[dict]:
+        """Put a task's large arguments on a worker, then submit the task referring to them.
+
+        Runs inside the writer, so ops queued after this task wait for it (order is kept).
+        The scheduler only sees a small payload; the task runs where its arguments are.
+        """
+        fbytes, abytes = serialize.split_payload(payload)
+        args_key = f"args-{key}"
+        address = await self._pick_worker()
+        if address is None:  # no worker yet: the scheduler carries it all, in band
+            body = pickle.loads(abytes, buffers=buffers)
+            payload = serialize.join_payload(fbytes, pickle.dumps(body, protocol=5))
+            return [{"op": "submit", "tasks": [[key, payload, deps, opts]]}]
+        await self.data.put(address, [(args_key, abytes, buffers)], raw=True)
+        size = serialize.nbytes(abytes, buffers)
+        ref = serialize.join_payload(fbytes, _pickle_ref(args_key))
+        return [
+            {"op": "scatter", "items": [[args_key, None, size, [address]]]},
+            {"op": "submit", "tasks": [[key, ref, [*deps, args_key], opts]]},
+            {"op": "release", "keys": [args_key]},
+        ]
+
+    async def _pick_worker(self) -> str | None:
+        """A worker to hold large arguments: round robin over a recently fetched list."""
+        now = time.monotonic()
+        if now - self._workers_seen > 2.0 or not self._worker_list:
+            self._request_seq += 1
+            rid = self._request_seq
+            fut = self.loop.create_future()
+            self._requests[rid] = fut
+            # Sent directly: this runs inside the writer, which would not see the outbox.
+            await self._sock.send_multipart(protocol.encode(
+                [{"op": "request", "id": rid, "kind": "info", "args": {}}]))
+            reply = await asyncio.wait_for(fut, self.timeout)
+            self._worker_list = list(reply.get("result", {}).get("workers", {}))
+            self._workers_seen = now
+        if not self._worker_list:
+            return None
+        self._next_worker = (self._next_worker + 1) % len(self._worker_list)
+        return self._worker_list[self._next_worker]
 
     def map(self, func, *iterables, key=None, workers=None, retries=None, resources=None,
             priority: int = 0, allow_other_workers: bool = False, pure: bool = True,
@@ -453,14 +532,7 @@ class Client:
         prefix = key if isinstance(key, str) else funcname(func)
         items = []
         for i, args in enumerate(argss):
-            payload, deps, _ = serialize.dumps_task(func, args, kwargs)
-            if keys is not None:
-                k = keys[i]
-            elif pure:
-                k = f"{prefix}-{serialize.task_hash(payload)}"
-            else:
-                k = f"{prefix}-{self._new_id()}"
-            items.append((k, payload, deps))
+            items.append(self._task(func, args, kwargs, keys[i] if keys else None, prefix, pure))
         return self._submit_many(items, opts)
 
     # ------------------------------------------------------------------ results
@@ -777,6 +849,20 @@ class Client:
         if self.status == "running" and not self.asynchronous and self._loop_thread is not None:
             with contextlib.suppress(Exception):
                 self.close()
+
+
+class _Deferred:
+    """An outbox entry whose ops are ready only after some I/O (shipping large arguments)."""
+
+    __slots__ = ("state", "work")
+
+    def __init__(self, work, state: FutureState):
+        self.work = work
+        self.state = state
+
+
+def _pickle_ref(key: str) -> bytes:
+    return pickle.dumps(serialize.ArgsRef(key), protocol=5)
 
 
 def _options(workers, resources, retries, priority, allow_other_workers, task_timeout):

@@ -14,7 +14,6 @@
 
 from __future__ import annotations
 
-import hashlib
 import pickle
 import struct
 import threading
@@ -24,6 +23,7 @@ import weakref
 from collections import OrderedDict
 
 import cloudpickle
+import xxhash
 
 from .errors import SerializationError
 
@@ -104,19 +104,38 @@ def dumps_function(func) -> bytes:
     return data
 
 
-def dumps_task(func, args: tuple, kwargs: dict) -> tuple[bytes, list[str], bytes]:
-    """Pickle a call. Returns (payload, dependency keys, function pickle)."""
+def dumps_task(func, args: tuple, kwargs: dict, inline_bytes: int | None = None):
+    """Pickle a call. Returns ``(payload, dependency keys, out-of-band buffers)``.
+
+    With ``inline_bytes``, buffers at least that large (NumPy arrays and the like) are left
+    out of the payload and returned separately, uncopied; the caller ships them to a worker
+    (see :class:`ArgsRef`) instead of through the scheduler.
+    """
     fbytes = dumps_function(func)
     deps: list[str] = []
+    buffers: list = []
+    callback = None
+    if inline_bytes is not None:
+        def callback(pb: pickle.PickleBuffer):
+            try:
+                raw = pb.raw()
+            except BufferError:
+                return True
+            if raw.nbytes < inline_bytes:
+                return True
+            buffers.append(raw)
+            return False
+
     _local.collect = deps
     try:
         body = (args, kwargs or None)
         try:
-            abytes = pickle.dumps(body, protocol=5)
+            abytes = pickle.dumps(body, protocol=5, buffer_callback=callback)
         except Exception:
             del deps[:]
+            del buffers[:]
             try:
-                abytes = cloudpickle.dumps(body, protocol=5)
+                abytes = cloudpickle.dumps(body, protocol=5, buffer_callback=callback)
             except Exception as exc:
                 raise SerializationError(
                     f"cannot pickle the arguments of {getattr(func, '__name__', func)!r}:"
@@ -124,12 +143,48 @@ def dumps_task(func, args: tuple, kwargs: dict) -> tuple[bytes, list[str], bytes
                 ) from exc
     finally:
         _local.collect = None
-    return _LEN.pack(len(fbytes)) + fbytes + abytes, deps, fbytes
+    return _LEN.pack(len(fbytes)) + fbytes + abytes, deps, buffers
 
 
-def task_hash(payload: bytes) -> str:
-    """A fast, deterministic digest of a payload for pure keys."""
-    return hashlib.blake2b(payload, digest_size=16).hexdigest()
+def split_payload(payload: bytes) -> tuple[bytes, bytes]:
+    """``(function pickle, arguments pickle)`` of a payload."""
+    (n,) = _LEN.unpack_from(payload)
+    return payload[4 : 4 + n], payload[4 + n :]
+
+
+def join_payload(fbytes: bytes, abytes: bytes) -> bytes:
+    return _LEN.pack(len(fbytes)) + fbytes + abytes
+
+
+class ArgsRef:
+    """Stands for a task's arguments that were shipped to a worker under ``key``."""
+
+    __slots__ = ("key",)
+
+    def __init__(self, key: str):
+        self.key = key
+
+    def __reduce__(self):
+        return (ArgsRef, (self.key,))
+
+
+class RawArgs:
+    """A task's pickled arguments held on a worker (unpickled only when the task runs, so that
+    the dependencies inside resolve then)."""
+
+    __slots__ = ("buffers", "header")
+
+    def __init__(self, header: bytes, buffers: list):
+        self.header = header
+        self.buffers = buffers
+
+
+def task_hash(payload, buffers=()) -> str:
+    """A fast, deterministic 128-bit digest (xxh3) of a payload and its buffers."""
+    h = xxhash.xxh3_128(payload)
+    for b in buffers:
+        h.update(b)
+    return h.hexdigest()
 
 
 class _FunctionCache:
@@ -164,6 +219,9 @@ def loads_task(payload: bytes, values: dict):
     _local.values = values
     try:
         body = pickle.loads(memoryview(payload)[4 + n :])
+        if type(body) is ArgsRef:
+            raw = values[body.key]
+            body = pickle.loads(raw.header, buffers=raw.buffers)
     finally:
         _local.values = None
     args, kwargs = body

@@ -86,19 +86,22 @@ class DataPool:
         if op["op"] != "data":
             raise ConnectionError(f"worker {address}: {op.get('message', op['op'])}")
         out, pos = {}, 0
-        for key, header, n in op["items"]:
+        for key, header, n, *raw in op["items"]:
             bufs = [b.buffer for b in buffers[pos : pos + n]]
             pos += n
             if header is not None:
-                out[key] = serialize.loads_value(header, bufs)
+                out[key] = (serialize.RawArgs(header, bufs) if raw and raw[0]
+                            else serialize.loads_value(header, bufs))
         return out
 
-    async def put(self, address: str, items: list[tuple[str, bytes, list]]) -> None:
+    async def put(self, address: str, items: list[tuple[str, bytes, list]], raw: bool = False):
+        """Place values on a worker. ``raw``: keep them pickled there (task arguments)."""
         frames, spec = [], []
         for key, header, bufs in items:
             spec.append([key, header, len(bufs)])
             frames.extend(bufs)
-        op, _ = await self.request(address, {"op": "put-data", "items": spec}, frames)
+        op, _ = await self.request(address, {"op": "put-data", "items": spec, "raw": raw},
+                                   frames)
         if op["op"] != "reply":
             raise ConnectionError(f"worker {address} refused data: {op.get('message')}")
 

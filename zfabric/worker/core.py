@@ -66,6 +66,7 @@ class WorkerLoop:
         # state
         self.store: dict[str, object] = {}
         self.serialized: dict[str, tuple[bytes, list, int]] = {}
+        self.raw_keys: set[str] = set()  # stored still pickled: task arguments (RawArgs)
         self.waiting: dict[str, list] = {}  # key -> [payload, missing dep keys set, options]
         self.fetching: dict[str, list[str]] = {}  # dep key -> task keys waiting for it
         self.inflight_fetch: dict[int, tuple[str, list[str], float]] = {}  # id -> (addr, keys, t)
@@ -289,6 +290,7 @@ class WorkerLoop:
             self.ready.append((key, payload, options))
 
     def _free(self, key: str) -> None:
+        self.raw_keys.discard(key)
         self.store.pop(key, None)
         self.serialized.pop(key, None)
         self.waiting.pop(key, None)
@@ -404,7 +406,7 @@ class WorkerLoop:
                     if ser is None:
                         items.append([key, None, 0])
                     else:
-                        items.append([key, ser[0], len(ser[1])])
+                        items.append([key, ser[0], len(ser[1]), key in self.raw_keys])
                         frames.extend(ser[1])
                 self._reply_data(peer, [{"op": "data", "id": op["id"], "items": items}], frames)
             case "put-data":
@@ -412,8 +414,7 @@ class WorkerLoop:
                 for key, header, n in op["items"]:
                     bufs = [b.buffer for b in buffers[pos : pos + n]]
                     pos += n
-                    self.store[key] = serialize.loads_value(header, bufs)
-                    self.serialized.pop(key, None)
+                    self._put(key, header, bufs, bool(op.get("raw")))
                 self._reply_data(peer, [{"op": "reply", "id": op["id"], "result": True}])
             case "heartbeat":
                 pass
@@ -461,16 +462,28 @@ class WorkerLoop:
                         self._fetch_failed(k, addr)
                     continue
                 pos = 0
-                for key, header, n in op["items"]:
+                for key, header, n, *raw in op["items"]:
                     bufs = [b.buffer for b in buffers[pos : pos + n]]
                     pos += n
                     if header is None:
                         self._fetch_failed(key, addr)
                     else:
-                        self._got_dep(key, serialize.loads_value(header, bufs))
+                        self._put(key, header, bufs, bool(raw and raw[0]))
+                        self._got_dep(key)
 
-    def _got_dep(self, dep: str, value) -> None:
-        self.store[dep] = value
+    def _put(self, key: str, header: bytes, bufs: list, raw: bool) -> None:
+        """Store a value that arrived pickled. Task arguments (``raw``) stay pickled until
+        their task runs, so that the dependencies inside them resolve then."""
+        if raw:
+            self.store[key] = serialize.RawArgs(header, bufs)
+            self.serialized[key] = (header, bufs, serialize.nbytes(header, bufs))
+            self.raw_keys.add(key)
+        else:
+            self.store[key] = serialize.loads_value(header, bufs)
+            self.serialized.pop(key, None)
+            self.raw_keys.discard(key)
+
+    def _got_dep(self, dep: str) -> None:
         for key in self.fetching.pop(dep, ()):
             w = self.waiting.get(key)
             if w is None:
