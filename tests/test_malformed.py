@@ -6,7 +6,7 @@ from __future__ import annotations
 import msgpack
 import pytest
 
-from zfabric import Client, Scheduler, protocol
+from zfabric import Client, Scheduler, protocol, serialize
 from zfabric.config import PROTOCOL_VERSION, Config
 from zfabric.errors import CommTimeoutError, KilledWorker, RemoteProtocolError
 from zfabric.serialize import dumps_task
@@ -106,24 +106,26 @@ async def test_bogus_payload_fails_the_task_not_the_worker():
 
 
 async def test_fake_worker_gets_tasks_and_its_results_reach_the_client():
-    async with cluster(0) as (s, _):
-        async with FakePeer(s.address, role="worker") as fake, \
+    async with cluster(0) as (s, _), FakePeer(s.address, role="worker") as fake, \
                 Client(s.address, asynchronous=True, set_as_default=False) as c:
-            welcome = await fake.hello(address="tcp://127.0.0.1:9", nthreads=1, name="fake")
-            assert welcome["op"] == "welcome"
-            f = c.submit(inc, 41)
-            op = await fake.expect("compute", timeout=5)
-            [[key, payload, inline, who_has, options]] = op["tasks"]
-            assert key == f.key and inline is None and who_has is None
-            # the fake worker runs the task itself, the way a worker would
-            from zfabric import serialize
-
-            func, args, kwargs = serialize.loads_task(payload, {})
-            header, _ = serialize.dumps_value(func(*args, **kwargs))
-            await fake.send({"op": "finished", "tasks": [[key, len(header), header, 0.001]]})
-            assert await f == 42
-            info = await c.scheduler_info()
-            assert [w["name"] for w in info["workers"].values()] == ["fake"]
+        welcome = await fake.hello(address="tcp://127.0.0.1:9", nthreads=1, name="fake")
+        assert welcome["op"] == "welcome"
+        f = c.submit(inc, 41)
+        op = await fake.expect("compute", timeout=5)
+        [[key, payload, inline, who_has, _options, fid]] = op["tasks"]
+        assert key == f.key and inline is None and who_has is None
+        # the function came once, before the task, in a functions op
+        [functions] = [o for o in fake.received if o["op"] == "functions"]
+        [[sent_fid, fbytes]] = functions["items"]
+        assert sent_fid == fid
+        # the fake worker runs the task itself, the way a worker would
+        func = serialize.loads_function(fbytes)
+        args, kwargs = serialize.loads_args(payload, {})
+        header, _ = serialize.dumps_value(func(*args, **kwargs))
+        await fake.send({"op": "finished", "tasks": [[key, len(header), header, 0.001]]})
+        assert await f == 42
+        info = await c.scheduler_info()
+        assert [w["name"] for w in info["workers"].values()] == ["fake"]
 
 
 async def test_task_on_workers_that_keep_dying_fails_with_killed_worker():
@@ -147,26 +149,24 @@ async def test_task_on_workers_that_keep_dying_fails_with_killed_worker():
 
 
 async def test_worker_data_port_answers_garbage_with_errors():
-    async with cluster(1) as (s, [w]):
-        async with Client(s.address, asynchronous=True, set_as_default=False) as c:
-            f = c.submit(inc, 1)
-            assert await f == 2
-            async with FakePeer(w.address) as peer:
-                await peer.send_frames([b"garbage"])
-                [op] = await peer.recv()
-                assert op["op"] == "error" and "not msgpack" in op["message"]
-                await peer.send({"op": "compute", "tasks": []})
-                [op] = await peer.recv()
-                assert op["op"] == "error" and "unexpected 'compute'" in op["message"]
-                await peer.send({"op": "get-data", "id": 7, "keys": [f.key, "absent"]})
-                [op] = await peer.recv()
-                assert op["op"] == "data" and op["id"] == 7
-                from zfabric import serialize
-
-                [[k1, header, n], [k2, none, zero]] = op["items"]
-                assert (k1, n, k2, none, zero) == (f.key, 0, "absent", None, 0)
-                assert serialize.loads_value(header) == 2
-            assert await c.submit(inc, 2) == 3
+    async with cluster(1) as (s, [w]), \
+            Client(s.address, asynchronous=True, set_as_default=False) as c:
+        f = c.submit(inc, 1)
+        assert await f == 2
+        async with FakePeer(w.address) as peer:
+            await peer.send_frames([b"garbage"])
+            [op] = await peer.recv()
+            assert op["op"] == "error" and "not msgpack" in op["message"]
+            await peer.send({"op": "compute", "tasks": []})
+            [op] = await peer.recv()
+            assert op["op"] == "error" and "unexpected 'compute'" in op["message"]
+            await peer.send({"op": "get-data", "id": 7, "keys": [f.key, "absent"]})
+            [op] = await peer.recv()
+            assert op["op"] == "data" and op["id"] == 7
+            [[k1, header, n, *_], [k2, none, zero, *_]] = op["items"]
+            assert (k1, n, k2, none, zero) == (f.key, 0, "absent", None, 0)
+            assert serialize.loads_value(header) == 2
+        assert await c.submit(inc, 2) == 3
 
 
 async def test_dumps_task_payloads_from_fake_client_run_on_real_workers():
@@ -175,9 +175,7 @@ async def test_dumps_task_payloads_from_fake_client_run_on_real_workers():
         payload, _, _ = dumps_task(inc, (1,), {})
         await peer.send({"op": "submit", "tasks": [["k1", payload, [], None]]})
         memory = await peer.expect("memory", timeout=5)
-        from zfabric import serialize
-
-        [[key, value, who_has, nbytes]] = memory["items"]
+        [[key, value, _, nbytes]] = memory["items"]
         assert key == "k1" and serialize.loads_value(value) == 2 and nbytes > 0
         # And a goodbye makes the scheduler forget the client and its keys
         await peer.send({"op": "goodbye"})

@@ -22,9 +22,10 @@ def add(x, y=0):
 
 
 def test_task_roundtrip():
-    payload, deps, fbytes = serialize.dumps_task(add, (1,), {"y": 2})
-    assert deps == []
-    assert isinstance(payload, bytes) and fbytes in payload
+    payload, deps, buffers = serialize.dumps_task(add, (1,), {"y": 2})
+    assert deps == [] and buffers == []
+    fbytes, _ = serialize.split_payload(payload)
+    assert fbytes == serialize.dumps_function(add)[1]
     func, args, kwargs = serialize.loads_task(payload, {})
     assert func(*args, **kwargs) == 3
     assert (args, kwargs) == ((1,), {"y": 2})
@@ -51,7 +52,7 @@ def test_deps_nested_in_list_tuple_dict_are_found_and_resolved():
     args = ([Dep("a"), (Dep("b"), 1)], {"k": {"deep": Dep("c")}})
     payload, deps, _ = serialize.dumps_task(add, args, {"y": Dep("d")})
     assert sorted(deps) == ["a", "b", "c", "d"]
-    func, args2, kwargs = serialize.loads_task(payload, {"a": 10, "b": 20, "c": 30, "d": 40})
+    _, args2, kwargs = serialize.loads_task(payload, {"a": 10, "b": 20, "c": 30, "d": 40})
     assert args2 == ([10, (20, 1)], {"k": {"deep": 30}})
     assert kwargs == {"y": 40}
 
@@ -70,7 +71,7 @@ def test_missing_dependency_on_worker_is_a_serialization_error():
 
 
 def test_unpicklable_argument_names_the_function():
-    with pytest.raises(SerializationError, match="cannot pickle the arguments of 'add'.*lock"):
+    with pytest.raises(SerializationError, match=r"cannot pickle the arguments of 'add'.*lock"):
         serialize.dumps_task(add, (threading.Lock(),), {})
 
 
@@ -79,6 +80,18 @@ def test_task_hash_is_deterministic_and_discriminating():
     p2, _, _ = serialize.dumps_task(add, (1,), {})
     p3, _, _ = serialize.dumps_task(add, (2,), {})
     assert serialize.task_hash(p1) == serialize.task_hash(p2) != serialize.task_hash(p3)
+    assert serialize.task_hash(p1, [b"a"]) != serialize.task_hash(p1, [b"b"])
+
+
+def test_large_task_argument_travels_out_of_band_without_a_copy():
+    arr = np.arange(100_000, dtype="f8")
+    payload, deps, buffers = serialize.dumps_task(add, (arr,), {"y": Dep("d")},
+                                                  inline_bytes=64 * 1024)
+    assert deps == ["d"] and len(buffers) == 1
+    assert len(payload) < 2000 and np.shares_memory(np.frombuffer(buffers[0]), arr)
+    # without inline_bytes everything stays in the payload
+    whole, _, none = serialize.dumps_task(add, (arr,), {})
+    assert none == [] and len(whole) > arr.nbytes
 
 
 # ---------------------------------------------------------------------------- values
@@ -129,7 +142,7 @@ def test_unpicklable_value_names_its_type():
 
 
 def test_unpicklable_bytes_give_a_clear_error():
-    with pytest.raises(SerializationError, match="cannot unpickle a value.*same code installed"):
+    with pytest.raises(SerializationError, match=r"cannot unpickle a value.*same code installed"):
         serialize.loads_value(b"not a pickle")
 
 
@@ -143,7 +156,7 @@ def fail_here():
 def _raise_and_capture(fn):
     try:
         fn()
-    except BaseException as exc:  # noqa: BLE001
+    except BaseException as exc:
         return exc
     raise AssertionError("did not raise")
 

@@ -68,7 +68,9 @@ def dealer(ctx: zmq.Context, address: str, identity: bytes | None = None, *,
         sock.connect(normalize_address(address))
     except zmq.ZMQError as exc:
         sock.close(0)
-        raise ZFabricError(f"cannot connect to {address!r}: {exc}. Expected tcp://HOST:PORT") from None
+        raise ZFabricError(
+            f"cannot connect to {address!r}: {exc}. Expected tcp://HOST:PORT"
+        ) from None
     return sock
 
 

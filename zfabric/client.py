@@ -27,7 +27,11 @@ import zmq.asyncio
 from . import _zmq, protocol, serialize
 from .config import Config, from_env
 from .errors import (
-    ClosedError, CommTimeoutError, RemoteProtocolError, SchedulerLost, TaskCancelled,
+    ClosedError,
+    CommTimeoutError,
+    RemoteProtocolError,
+    SchedulerLost,
+    TaskCancelled,
 )
 from .futures import Future, FutureState, futures_of
 from .transfer import DataPool
@@ -207,10 +211,10 @@ class Client:
         self._sock = _zmq.dealer(self._ctx, self.scheduler_address, self.identity)
         self.data = DataPool(self._ctx)
         self._welcome = self.loop.create_future()
-        self._wake = asyncio.Event()
+        self._backlog: deque = deque()
+        self._writer: asyncio.Future | None = None
         self._tasks = [
             asyncio.ensure_future(self._reader()),
-            asyncio.ensure_future(self._writer()),
             asyncio.ensure_future(self._heartbeat()),
         ]
         self._send(protocol.hello("client", self.id))
@@ -320,33 +324,48 @@ class Client:
                 fut.set_exception(SchedulerLost(why))
         self._requests.clear()
 
-    async def _writer(self) -> None:
+    def _flush(self) -> None:
+        """Send what is queued, now, in one message per batch (on the loop thread)."""
+        with self._lock:
+            self._flush_pending = False
+            if self._release_keys:
+                self._outbox.append({"op": "release", "keys": self._release_keys})
+                self._release_keys = []
+            ops = list(self._outbox)
+            self._outbox.clear()
+        if not ops or self.status == "closed":
+            return
+        if self._writer is not None or any(type(op) is _Deferred for op in ops):
+            # Something must wait for I/O first: the writer sends everything in order.
+            self._backlog.extend(ops)
+            if self._writer is None:
+                self._writer = asyncio.ensure_future(self._write_backlog())
+            return
+        for batch in _batches(ops, self.config.SUBMIT_BATCH):
+            self._sock.send_multipart(protocol.encode(batch)).add_done_callback(_quiet)
+
+    async def _write_backlog(self) -> None:
         sock = self._sock
-        while True:
-            await self._wake.wait()
-            self._wake.clear()
-            with self._lock:
-                self._flush_pending = False
-                if self._release_keys:
-                    self._outbox.append({"op": "release", "keys": self._release_keys})
-                    self._release_keys = []
-                ops = list(self._outbox)
-                self._outbox.clear()
-            ready: list[dict] = []
-            for item in ops:
-                if type(item) is not _Deferred:
-                    ready.append(item)
-                    continue
+        try:
+            while self._backlog:
+                ready: list[dict] = []
+                while self._backlog:
+                    item = self._backlog.popleft()
+                    if type(item) is not _Deferred:
+                        ready.append(item)
+                        continue
+                    for batch in _batches(ready, self.config.SUBMIT_BATCH):
+                        await sock.send_multipart(protocol.encode(batch))
+                    ready = []
+                    try:
+                        ready.extend(await item.work)
+                    except Exception as exc:
+                        with self._lock:
+                            item.state.fail(None, exc)
                 for batch in _batches(ready, self.config.SUBMIT_BATCH):
                     await sock.send_multipart(protocol.encode(batch))
-                ready = []
-                try:
-                    ready.extend(await item.work)
-                except Exception as exc:
-                    with self._lock:
-                        item.state.fail(None, exc)
-            for batch in _batches(ready, self.config.SUBMIT_BATCH):
-                await sock.send_multipart(protocol.encode(batch))
+        finally:
+            self._writer = None
 
     async def _heartbeat(self) -> None:
         interval = max(self.config.HEARTBEAT_INTERVAL_S * 2, 0.2)
@@ -375,7 +394,16 @@ class Client:
             self._flush_pending = True
         if self.status in ("closed",):
             return
-        self._on_loop(self._wake.set)
+        loop = self.loop
+        if loop is None:
+            return
+        try:
+            if self._in_loop():
+                loop.call_soon(self._flush)
+            else:
+                loop.call_soon_threadsafe(self._flush)
+        except RuntimeError:
+            pass  # the loop is closed
 
     # ------------------------------------------------------------------ reference counting
 
@@ -434,60 +462,71 @@ class Client:
         return self._submit_many([item], opts)[0]
 
     def _task(self, func, args, kwargs, key, prefix, pure) -> tuple:
-        """``(key, payload, deps, buffers)`` for one call; large buffers stay out of the
-        payload and go straight to a worker (see :meth:`_ship_args`)."""
-        payload, deps, buffers = serialize.dumps_task(func, args, kwargs, self.config.INLINE_BYTES)
+        """``(key, function id, function pickle, args pickle, deps, buffers)`` for one call;
+        large buffers stay out of the pickle and go straight to a worker (:meth:`_ship_args`)."""
+        fid, fbytes, abytes, deps, buffers = serialize.dumps_call(
+            func, args, kwargs, self.config.INLINE_BYTES)
         if key is None:
-            key = f"{prefix}-{serialize.task_hash(payload, buffers) if pure else self._new_id()}"
-        return key, payload, deps, buffers
+            if pure:
+                key = f"{prefix}-{serialize.task_hash(fid.encode() + abytes, buffers)}"
+            else:
+                key = f"{prefix}-{self._new_id()}"
+        return key, fid, fbytes, abytes, deps, buffers
 
     def _new_id(self) -> str:
         """A key suffix unique across clients: this client's random id and a counter."""
         return f"{self._id_prefix}{next(self._unique):x}"
 
     def _submit_many(self, items: list, opts: dict | None) -> list[Future]:
-        out, tasks = [], []
+        out, tasks, functions = [], [], {}
         with self._lock:
-            for key, payload, deps, buffers in items:
+            for key, fid, fbytes, abytes, deps, buffers in items:
                 st = self._states.get(key)
                 if st is None or st.status == "cancelled":
                     st = self._states[key] = FutureState(key)
                     if buffers:
-                        self._flush_tasks(tasks)
+                        self._flush_tasks(tasks, functions)
                         self._outbox.append(_Deferred(
-                            self._ship_args(key, payload, deps, buffers, opts), st))
+                            self._ship_args(key, fid, fbytes, abytes, deps, buffers, opts), st))
                     else:
-                        tasks.append([key, payload, deps, opts])
+                        functions[fid] = fbytes
+                        tasks.append([key, abytes, deps, opts, fid])
                 out.append(Future(key, self, st))
-            self._flush_tasks(tasks)
+            self._flush_tasks(tasks, functions)
         self._send()
         return out
 
-    def _flush_tasks(self, tasks: list) -> None:
+    def _flush_tasks(self, tasks: list, functions: dict) -> None:
+        """Queue submit ops of at most SUBMIT_BATCH tasks, each carrying the pickles of the
+        functions its tasks use (once per message, not once per task)."""
         batch = self.config.SUBMIT_BATCH
         for i in range(0, len(tasks), batch):
-            self._outbox.append({"op": "submit", "tasks": tasks[i : i + batch]})
+            chunk = tasks[i : i + batch]
+            fids = {t[4] for t in chunk} if len(functions) > 1 else functions.keys()
+            self._outbox.append({"op": "submit", "tasks": chunk,
+                                 "functions": {f: functions[f] for f in fids}})
         tasks.clear()
+        functions.clear()
 
-    async def _ship_args(self, key, payload, deps, buffers, opts) -> list[dict]:
+    async def _ship_args(self, key, fid, fbytes, abytes, deps, buffers, opts) -> list[dict]:
         """Put a task's large arguments on a worker, then submit the task referring to them.
 
         Runs inside the writer, so ops queued after this task wait for it (order is kept).
         The scheduler only sees a small payload; the task runs where its arguments are.
         """
-        fbytes, abytes = serialize.split_payload(payload)
+        functions = {fid: fbytes}
         args_key = f"args-{key}"
         address = await self._pick_worker()
         if address is None:  # no worker yet: the scheduler carries it all, in band
-            body = pickle.loads(abytes, buffers=buffers)
-            payload = serialize.join_payload(fbytes, pickle.dumps(body, protocol=5))
-            return [{"op": "submit", "tasks": [[key, payload, deps, opts]]}]
+            body = pickle.dumps(pickle.loads(abytes, buffers=buffers), protocol=5)
+            return [{"op": "submit", "tasks": [[key, body, deps, opts, fid]],
+                     "functions": functions}]
         await self.data.put(address, [(args_key, abytes, buffers)], raw=True)
         size = serialize.nbytes(abytes, buffers)
-        ref = serialize.join_payload(fbytes, _pickle_ref(args_key))
         return [
             {"op": "scatter", "items": [[args_key, None, size, [address]]]},
-            {"op": "submit", "tasks": [[key, ref, [*deps, args_key], opts]]},
+            {"op": "submit", "tasks": [[key, _pickle_ref(args_key), [*deps, args_key], opts, fid]],
+             "functions": functions},
             {"op": "release", "keys": [args_key]},
         ]
 
@@ -824,6 +863,8 @@ class Client:
             with contextlib.suppress(Exception):
                 await asyncio.wait_for(
                     self._sock.send_multipart(protocol.encode([{"op": "goodbye"}])), 1)
+        if self._writer is not None:
+            self._tasks.append(self._writer)
         for t in self._tasks:
             t.cancel()
         for t in self._tasks:
@@ -849,6 +890,12 @@ class Client:
         if self.status == "running" and not self.asynchronous and self._loop_thread is not None:
             with contextlib.suppress(Exception):
                 self.close()
+
+
+def _quiet(fut: asyncio.Future) -> None:
+    """Consume a send's outcome (a closed socket at shutdown is not worth a warning)."""
+    if not fut.cancelled():
+        fut.exception()
 
 
 class _Deferred:

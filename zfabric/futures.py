@@ -64,7 +64,7 @@ class FutureState:
 
     def exception(self) -> BaseException:
         if self._error is None and self.error_item is not None:
-            key, exc, tb, text, kind, extra = (self.error_item + [None] * 6)[:6]
+            _, exc, tb, text, kind, extra = (self.error_item + [None] * 6)[:6]
             self._error = rebuild_error(exc, tb, text, kind, extra)
         if self._error is None:
             self._error = ZFabricError(f"{self.key!r} failed")
@@ -233,7 +233,9 @@ def wait(fs, timeout: float | None = None, return_when: str = "ALL_COMPLETED"):
     """
     futures = futures_of(fs) if not isinstance(fs, Future) else [fs]
     if return_when not in ("ALL_COMPLETED", "FIRST_COMPLETED"):
-        raise ValueError(f"return_when must be ALL_COMPLETED or FIRST_COMPLETED, not {return_when!r}")
+        raise ValueError(
+            f"return_when must be ALL_COMPLETED or FIRST_COMPLETED, not {return_when!r}"
+        )
     client = _client_of(futures)
     return client.sync(_wait, futures, timeout=timeout, return_when=return_when)
 
@@ -258,7 +260,7 @@ async def _wait(futures: list[Future], timeout=None, return_when="ALL_COMPLETED"
     return done, {f for f in futures if not f.done()}
 
 
-class as_completed:  # noqa: N801 (named as in dask.distributed and concurrent.futures)
+class as_completed:
     """Iterate over futures as they finish: ``for f in as_completed(fs)`` in a blocking
     client, ``async for f in as_completed(fs)`` in an asynchronous one.
 

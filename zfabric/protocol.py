@@ -61,6 +61,8 @@ SCHEMAS: dict[str, dict[str, tuple[type, ...]]] = {
     "started": {"keys": _L},
     "missing": {"key": _S, "dep": _S, "address": _S},
     "run": {"id": _I, "payload": _B},
+    "functions": {"items": _L},
+    "forget-functions": {"keys": _L},
     "run-result": {"id": _I},
     "close": {},
     # nanny <-> scheduler

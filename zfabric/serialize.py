@@ -84,7 +84,8 @@ def _dumps(obj) -> bytes:
         return cloudpickle.dumps(obj, protocol=5)
 
 
-def dumps_function(func) -> bytes:
+def dumps_function(func) -> tuple[str, bytes]:
+    """``(function id, pickle)`` of a function, cached per function object."""
     try:
         return _func_cache[func]
     except (KeyError, TypeError):
@@ -96,22 +97,26 @@ def dumps_function(func) -> bytes:
             f"cannot pickle the function {func!r}: {type(exc).__name__}: {exc}. Define it at"
             " module level or make what it closes over picklable"
         ) from exc
+    entry = (xxhash.xxh3_64_hexdigest(data), data)
     try:
         with _func_lock:
-            _func_cache[func] = data
+            _func_cache[func] = entry
     except TypeError:
         pass  # not weak-referenceable (a builtin): no caching
-    return data
+    return entry
 
 
-def dumps_task(func, args: tuple, kwargs: dict, inline_bytes: int | None = None):
-    """Pickle a call. Returns ``(payload, dependency keys, out-of-band buffers)``.
+def dumps_call(func, args: tuple, kwargs: dict, inline_bytes: int | None = None):
+    """Pickle a call in two parts: ``(function id, function pickle, arguments pickle,
+    dependency keys, out-of-band buffers)``.
 
-    With ``inline_bytes``, buffers at least that large (NumPy arrays and the like) are left
-    out of the payload and returned separately, uncopied; the caller ships them to a worker
-    (see :class:`ArgsRef`) instead of through the scheduler.
+    The function's pickle is cached per function object and named by a content hash, so a
+    scheduler and its workers keep one copy per function, not one per task. With
+    ``inline_bytes``, argument buffers at least that large (NumPy arrays and the like) are
+    left out of the pickle and returned separately, uncopied; the caller ships them to a
+    worker (see :class:`ArgsRef`) instead of through the scheduler.
     """
-    fbytes = dumps_function(func)
+    fid, fbytes = dumps_function(func)
     deps: list[str] = []
     buffers: list = []
     callback = None
@@ -143,7 +148,13 @@ def dumps_task(func, args: tuple, kwargs: dict, inline_bytes: int | None = None)
                 ) from exc
     finally:
         _local.collect = None
-    return _LEN.pack(len(fbytes)) + fbytes + abytes, deps, buffers
+    return fid, fbytes, abytes, deps, buffers
+
+
+def dumps_task(func, args: tuple, kwargs: dict, inline_bytes: int | None = None):
+    """Pickle a whole call into one payload: ``(payload, dependency keys, buffers)``."""
+    _, fbytes, abytes, deps, buffers = dumps_call(func, args, kwargs, inline_bytes)
+    return join_payload(fbytes, abytes), deps, buffers
 
 
 def split_payload(payload: bytes) -> tuple[bytes, bytes]:
@@ -212,20 +223,37 @@ class _FunctionCache:
 _functions = _FunctionCache()
 
 
-def loads_task(payload: bytes, values: dict):
-    """Rebuild ``(func, args, kwargs)``, with dependency markers replaced from ``values``."""
-    (n,) = _LEN.unpack_from(payload)
-    func = _functions.get(payload[4 : 4 + n])
+def loads_function(fbytes: bytes):
+    """A function from its pickle (recently used ones are cached)."""
+    try:
+        return _functions.get(fbytes)
+    except Exception as exc:
+        raise SerializationError(
+            f"cannot unpickle a task's function: {type(exc).__name__}: {exc}. Is the same code"
+            " installed on the client and the workers?"
+        ) from exc
+
+
+def loads_args(abytes, values: dict) -> tuple[tuple, dict]:
+    """``(args, kwargs)``, with dependency markers replaced from ``values``."""
     _local.values = values
     try:
-        body = pickle.loads(memoryview(payload)[4 + n :])
+        body = pickle.loads(abytes)
         if type(body) is ArgsRef:
             raw = values[body.key]
             body = pickle.loads(raw.header, buffers=raw.buffers)
     finally:
         _local.values = None
     args, kwargs = body
-    return func, args, kwargs or {}
+    return args, kwargs or {}
+
+
+def loads_task(payload: bytes, values: dict):
+    """Rebuild ``(func, args, kwargs)`` from a whole-call payload."""
+    (n,) = _LEN.unpack_from(payload)
+    func = loads_function(payload[4 : 4 + n])
+    args, kwargs = loads_args(memoryview(payload)[4 + n :], values)
+    return func, args, kwargs
 
 
 # ---------------------------------------------------------------------------- values

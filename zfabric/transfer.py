@@ -14,10 +14,50 @@ import logging
 import zmq
 import zmq.asyncio
 
-from . import _zmq, protocol, serialize
+from . import _zmq, protocol, serialize, shm
 from .errors import CommTimeoutError, RemoteProtocolError
 
 logger = logging.getLogger(__name__)
+
+#: Values with at least this many bytes of buffers go through shared memory on one host.
+SHM_THRESHOLD_BYTES = 1 << 20
+
+
+def pack_values(values, use_shm: bool) -> tuple[list, list]:
+    """Wire form of stored values: ``items`` for the op, ``frames`` to send after it.
+
+    ``values`` holds ``(key, header, buffers, raw)``; each item is
+    ``[key, header, nframes, raw, shm descriptor or None]``.
+    """
+    items, frames = [], []
+    for key, header, bufs, raw in values:
+        desc = None
+        if use_shm and bufs and sum(memoryview(b).nbytes for b in bufs) >= SHM_THRESHOLD_BYTES:
+            desc = shm.write(bufs)
+        if desc is not None:
+            items.append([key, header, 0, raw, desc])
+        else:
+            items.append([key, header, len(bufs), raw, None])
+            frames.extend(bufs)
+    return items, frames
+
+
+def unpack_values(items: list, frames: list):
+    """Yield ``(key, header, buffers, raw)`` from an op's items and the frames after it.
+
+    A missing value has ``header`` None.
+    """
+    pos = 0
+    for item in items:
+        key, header, n = item[0], item[1], item[2]
+        raw = bool(item[3]) if len(item) > 3 else False
+        desc = item[4] if len(item) > 4 else None
+        if desc:
+            bufs = shm.read(desc)
+        else:
+            bufs = [f.buffer if hasattr(f, "buffer") else f for f in frames[pos : pos + n]]
+            pos += n
+        yield key, header, bufs, raw
 
 
 class _Conn:
@@ -51,8 +91,9 @@ class _Conn:
 class DataPool:
     """Requests to workers' data ports, one connection per worker."""
 
-    def __init__(self, ctx: zmq.asyncio.Context, timeout_s: float = 30.0):
+    def __init__(self, ctx: zmq.asyncio.Context, timeout_s: float = 30.0, use_shm: bool = True):
         self.ctx = ctx
+        self.use_shm = use_shm and shm.available()
         self.timeout_s = timeout_s
         self.conns: dict[str, _Conn] = {}
         self._seq = 0
@@ -82,26 +123,27 @@ class DataPool:
 
     async def get(self, address: str, keys: list[str]) -> dict:
         """Values of ``keys`` held at ``address``; missing keys are absent from the result."""
-        op, buffers = await self.request(address, {"op": "get-data", "keys": keys})
+        local = self.use_shm and shm.is_local(address)
+        op, buffers = await self.request(address, {"op": "get-data", "keys": keys, "shm": local})
         if op["op"] != "data":
             raise ConnectionError(f"worker {address}: {op.get('message', op['op'])}")
-        out, pos = {}, 0
-        for key, header, n, *raw in op["items"]:
-            bufs = [b.buffer for b in buffers[pos : pos + n]]
-            pos += n
+        out = {}
+        for key, header, bufs, raw in unpack_values(op["items"], buffers):
             if header is not None:
-                out[key] = (serialize.RawArgs(header, bufs) if raw and raw[0]
+                out[key] = (serialize.RawArgs(header, bufs) if raw
                             else serialize.loads_value(header, bufs))
         return out
 
     async def put(self, address: str, items: list[tuple[str, bytes, list]], raw: bool = False):
         """Place values on a worker. ``raw``: keep them pickled there (task arguments)."""
-        frames, spec = [], []
-        for key, header, bufs in items:
-            spec.append([key, header, len(bufs)])
-            frames.extend(bufs)
-        op, _ = await self.request(address, {"op": "put-data", "items": spec, "raw": raw},
-                                   frames)
+        local = self.use_shm and shm.is_local(address)
+        spec, frames = pack_values([(k, h, b, raw) for k, h, b in items], local)
+        try:
+            op, _ = await self.request(address, {"op": "put-data", "items": spec}, frames)
+        except BaseException:
+            for item in spec:
+                shm.discard(item[4])
+            raise
         if op["op"] != "reply":
             raise ConnectionError(f"worker {address} refused data: {op.get('message')}")
 

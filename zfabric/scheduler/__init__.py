@@ -1,4 +1,4 @@
-"""The scheduler: a pure state machine (``state``, ``policy``) behind a ROUTER shell (``server``)."""
+"""The scheduler: a pure state machine (``state``, ``policy``) behind a ROUTER shell."""
 
 from .state import SchedulerState
 

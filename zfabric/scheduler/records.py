@@ -9,15 +9,36 @@ class TaskState:
     """One key the scheduler holds. Containers stay ``None`` until needed, to keep it small."""
 
     __slots__ = (
-        "deps", "dependents", "error_extra", "error_kind", "error_text", "exception", "key",
-        "nbytes", "options", "payload", "priority", "processing_on", "restricted", "retries",
-        "scattered", "started", "state", "suspicious", "traceback", "value", "waiting_on",
-        "who_has", "who_wants",
+        "dependents",
+        "deps",
+        "error_extra",
+        "error_kind",
+        "error_text",
+        "exception",
+        "func",
+        "key",
+        "nbytes",
+        "options",
+        "payload",
+        "priority",
+        "processing_on",
+        "restricted",
+        "retries",
+        "scattered",
+        "started",
+        "state",
+        "suspicious",
+        "traceback",
+        "value",
+        "waiting_on",
+        "who_has",
+        "who_wants",
     )
 
     def __init__(self, key: str, payload: bytes | None):
         self.key = key
         self.payload = payload
+        self.func: str | None = None
         self.state = "new"
         self.deps: tuple = ()
         self.dependents: set | None = None
@@ -122,9 +143,24 @@ class WorkerState:
     """A connected worker: what it runs, what it holds, how fast it goes."""
 
     __slots__ = (
-        "address", "available", "avg_duration", "has_what", "host", "id", "ident", "last_seen",
-        "memory_limit", "metrics", "name", "nanny", "nthreads", "pid", "processing",
-        "resources", "limit",
+        "address",
+        "available",
+        "avg_duration",
+        "functions",
+        "has_what",
+        "host",
+        "id",
+        "ident",
+        "last_seen",
+        "limit",
+        "memory_limit",
+        "metrics",
+        "name",
+        "nanny",
+        "nthreads",
+        "pid",
+        "processing",
+        "resources",
     )
 
     def __init__(self, *, ident, id, address, name, nthreads, memory_limit, resources, nanny,
@@ -144,6 +180,7 @@ class WorkerState:
         self.metrics: dict = {}
         self.processing: dict = {}
         self.has_what: set = set()
+        self.functions: set = set()  # function ids this worker has been sent
         self.avg_duration: float | None = None
         self.limit = self.nthreads * 2 + 2  # until task durations are known
 

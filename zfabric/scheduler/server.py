@@ -114,7 +114,7 @@ class Scheduler(LifeCycle):
                 call_from_thread(self._loop, self._closed_from_inside)
 
     def _closed_from_inside(self) -> None:
-        asyncio.ensure_future(self.close())
+        self._closing_task = asyncio.ensure_future(self.close())
 
     def _serve(self, sock: zmq.Socket) -> None:
         state = self.state

@@ -52,7 +52,7 @@ TRANSITIONS: dict[str, frozenset[str]] = {
 
 #: The list field of each op that :meth:`SchedulerState.batch` can merge.
 _LIST_FIELD = {"memory": "items", "erred": "items", "compute": "tasks", "free": "keys",
-               "cancelled": "keys", "lost": "keys"}
+               "cancelled": "keys", "lost": "keys", "forget-functions": "keys"}
 
 #: Pseudo client that holds fire_and_forget keys until they finish.
 FIRE_AND_FORGET = b"<fire-and-forget>"
@@ -73,6 +73,7 @@ class SchedulerState:
         self.epoch = uuid.uuid4().hex
         self.versions = versions or {}
         self.tasks: dict[str, TaskState] = {}
+        self.functions: dict[str, list] = {}  # id -> [pickle, tasks using it, id]
         self.workers: dict[bytes, WorkerState] = {}  # by routing id
         self.workers_by_address: dict[str, WorkerState] = {}
         self.clients: dict[bytes, ClientState] = {FIRE_AND_FORGET: ClientState(FIRE_AND_FORGET)}
@@ -197,7 +198,8 @@ class SchedulerState:
             if cs.last_seen < limit:
                 self._event(f"client {cs.name} silent for {now - cs.last_seen:.0f} s; releasing")
                 self.remove_client(cs)
-        for ns in [n for n in self.nannies.values() if n.last_seen < now - self.config.WORKER_TTL_S]:
+        silent = now - self.config.WORKER_TTL_S
+        for ns in [n for n in self.nannies.values() if n.last_seen < silent]:
             self.nannies.pop(ns.ident, None)
 
     # ------------------------------------------------------------------ hello
@@ -270,6 +272,7 @@ class SchedulerState:
     def _handle_client(self, cs: ClientState, op: dict) -> None:
         match op["op"]:
             case "submit":
+                self.add_functions(op.get("functions"))
                 self.submit(cs, op["tasks"])
             case "release":
                 for key in op["keys"]:
@@ -298,14 +301,46 @@ class SchedulerState:
         for ts in list(cs.wants):
             self.release_key(cs, ts.key)
 
+    def add_functions(self, functions) -> None:
+        """Keep the function pickles that submitted tasks refer to by id (one copy each)."""
+        if not functions:
+            return
+        if type(functions) is not dict:
+            raise RemoteProtocolError("submit's functions must map ids to pickles")
+        for fid, data in functions.items():
+            if type(fid) is not str or type(data) is not bytes:
+                raise RemoteProtocolError("submit's functions must map string ids to bytes")
+            if fid not in self.functions:
+                self.functions[fid] = [data, 0, fid]  # pickle, tasks using it, shared id
+
+    def _drop_function(self, fid: str) -> None:
+        entry = self.functions.get(fid)
+        if entry is None:
+            return
+        entry[1] -= 1
+        if entry[1] <= 0:
+            del self.functions[fid]
+            for ws in self.workers.values():
+                if fid in ws.functions:
+                    ws.functions.discard(fid)
+                    self.batch(ws.ident, "forget-functions", fid)
+
     def submit(self, cs: ClientState, items: list) -> None:
-        """Add tasks: each item is ``[key, payload, dep_keys, options or None]``."""
+        """Add tasks: each item is ``[key, args pickle, dep keys, options or None, function id]``
+        (or, without the function id, ``[key, whole-call payload, dep keys, options]``)."""
         if cs.ident == FIRE_AND_FORGET:
             return
         for item in items:
-            key, payload, deps, opts = item
+            key, payload, deps, opts, *rest = item
             if type(key) is not str or type(payload) is not bytes or type(deps) is not list:
                 raise RemoteProtocolError(f"malformed task {str(item)[:200]}")
+            fid = rest[0] if rest else None
+            entry = None
+            if fid is not None:
+                entry = self.functions.get(fid) if type(fid) is str else None
+                if entry is None:
+                    raise RemoteProtocolError(
+                        f"task {key!r} refers to function {fid!r}, which was not sent with it")
             ts = self.tasks.get(key)
             if ts is not None and ts.state != "released":
                 self._want(cs, ts)
@@ -325,6 +360,11 @@ class SchedulerState:
                 self.tasks[key] = ts
             else:
                 ts.payload = payload
+                if ts.func is not None:
+                    self._drop_function(ts.func)
+            if entry is not None:
+                entry[1] += 1
+                ts.func = entry[2]  # one id string shared by all its tasks
             self._seq += 1
             prio = 0
             if opts:
@@ -418,7 +458,8 @@ class SchedulerState:
             ts.scattered = True
             ts.value = value
             ts.nbytes = int(nbytes)
-            holders = [self.workers_by_address[a] for a in addresses if a in self.workers_by_address]
+            known = self.workers_by_address
+            holders = [known[a] for a in addresses if a in known]
             for ws in holders:
                 ts.add_holder(ws)
             if value is None and not holders:
@@ -657,7 +698,8 @@ class SchedulerState:
         self._event(f"worker {ws.name} ({ws.address}) removed: {reason}")
         if ws.nanny in self.nannies:
             self.nannies[ws.nanny].workers.discard(ws.ident)
-        self.send(ws.ident, {"op": "reregister", "reason": f"removed: {reason}"}) if not died else None
+        if not died:
+            self.send(ws.ident, {"op": "reregister", "reason": f"removed: {reason}"})
         for ts in list(ws.processing.values()):
             ws.done(ts, 0.0)
             ts.processing_on = None
@@ -770,6 +812,10 @@ class SchedulerState:
         self._set_state(ts, "processing")
         ts.processing_on = ws
         ws.assign(ts)
+        fid = ts.func
+        if fid is not None and fid not in ws.functions:
+            ws.functions.add(fid)
+            self.send(ws.ident, {"op": "functions", "items": [[fid, self.functions[fid][0]]]})
         inline = who_has = None
         for dts in ts.deps:
             if dts.who_has and ws in dts.who_has:
@@ -783,7 +829,10 @@ class SchedulerState:
                 if who_has is None:
                     who_has = {}
                 who_has[dts.key] = [w.address for w in dts.who_has or ()]
-        self.batch(ws.ident, "compute", [ts.key, ts.payload, inline, who_has, ts.options])
+        item = [ts.key, ts.payload, inline, who_has, ts.options]
+        if fid is not None:
+            item.append(fid)
+        self.batch(ws.ident, "compute", item)
 
     def _fill(self, ws: WorkerState) -> None:
         """Give a worker with free slots the most urgent queued tasks."""
@@ -828,7 +877,9 @@ class SchedulerState:
             for cs in t.wanters():
                 item = item or t.erred_item()
                 self.batch(cs.ident, "erred", item)
-            stack.extend(t.dependents or ())
+            # Results computed already stay valid (lost scattered data does not undo them);
+            # should one be lost later, its recomputation fails on this error then.
+            stack.extend(d for d in t.dependents or () if d.state != "memory")
             self._drop_fire_and_forget(t)
         self._check_release([ts])
 
@@ -858,6 +909,9 @@ class SchedulerState:
             self._drop_work(ts)
             del self.tasks[ts.key]
             ts.state = "forgotten"
+            if ts.func is not None:
+                self._drop_function(ts.func)
+                ts.func = None
             for dts in ts.deps:
                 dts.discard_dependent(ts)
                 stack.append(dts)

@@ -133,7 +133,7 @@ class Worker(LifeCycle):
         if self._closed_by_core is not None:
             self._closed_by_core.set()
         if self.status == "running":
-            asyncio.ensure_future(self.close())
+            self._closing_task = asyncio.ensure_future(self.close())
 
     async def _close(self) -> None:
         core = self._core

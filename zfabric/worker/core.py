@@ -25,9 +25,10 @@ from collections import deque
 import psutil
 import zmq
 
-from .. import _zmq, protocol, serialize
+from .. import _zmq, protocol, serialize, shm
 from ..config import Config
-from ..errors import RemoteProtocolError, TaskTimeout
+from ..errors import RemoteProtocolError, SerializationError, TaskTimeout
+from ..transfer import pack_values, unpack_values
 from .execute import Executor, Outcome
 
 logger = logging.getLogger(__name__)
@@ -66,6 +67,7 @@ class WorkerLoop:
         # state
         self.store: dict[str, object] = {}
         self.serialized: dict[str, tuple[bytes, list, int]] = {}
+        self.functions: dict[str, object] = {}  # function id -> function (or why it failed)
         self.raw_keys: set[str] = set()  # stored still pickled: task arguments (RawArgs)
         self.waiting: dict[str, list] = {}  # key -> [payload, missing dep keys set, options]
         self.fetching: dict[str, list[str]] = {}  # dep key -> task keys waiting for it
@@ -80,6 +82,7 @@ class WorkerLoop:
         self._fetch_seq = 0
         self._process = psutil.Process()
         self.last_heard = time.monotonic()
+        self.use_shm = shm.available()
 
     # ------------------------------------------------------------------ life cycle
 
@@ -109,6 +112,8 @@ class WorkerLoop:
             self.on_closed()
 
     def _setup(self, ctx: zmq.Context) -> None:
+        if self.use_shm:
+            shm.sweep()
         host = self.listen or _zmq.local_address_for(self.scheduler_address)
         self.data, bound = _zmq.router(ctx, host, 0)
         self.address = self.contact or bound
@@ -228,6 +233,15 @@ class WorkerLoop:
             case "free":
                 for key in op["keys"]:
                     self._free(key)
+            case "functions":
+                for fid, data in op["items"]:
+                    try:
+                        self.functions[fid] = serialize.loads_function(data)
+                    except Exception as exc:  # every task using it will fail with this
+                        self.functions[fid] = exc
+            case "forget-functions":
+                for fid in op["keys"]:
+                    self.functions.pop(fid, None)
             case "heartbeat":
                 pass
             case "welcome":
@@ -264,7 +278,7 @@ class WorkerLoop:
         self.finished_items = []
         self.started_keys = []
 
-    def _compute(self, key, payload, inline, who_has, options) -> None:
+    def _compute(self, key, payload, inline, who_has, options, fid=None) -> None:
         self.cancelled.discard(key)
         if inline:
             for k, v in inline.items():
@@ -285,9 +299,9 @@ class WorkerLoop:
                 else:
                     waiters.append(key)
         if missing:
-            self.waiting[key] = [payload, missing, options]
+            self.waiting[key] = [payload, missing, options, fid]
         else:
-            self.ready.append((key, payload, options))
+            self.ready.append((key, payload, options, fid))
 
     def _free(self, key: str) -> None:
         self.raw_keys.discard(key)
@@ -303,12 +317,15 @@ class WorkerLoop:
     def _run_ready(self) -> None:
         ex = self.executor
         while self.ready:
-            key, payload, options = self.ready.popleft()
+            key, payload, options, fid = self.ready.popleft()
             if key in self.waiting:
                 continue
+            func = self.functions.get(fid) if fid is not None else None
+            if func is None and fid is not None:
+                func = SerializationError(f"function {fid!r} of task {key!r} never arrived")
             timeout = options.get("task_timeout") if options else None
             self.executing[key] = timeout or 0.0
-            ex.submit(key, payload, self.store)
+            ex.submit(key, func, payload, self.store)
 
     def _drain_done(self) -> None:
         while True:
@@ -332,7 +349,8 @@ class WorkerLoop:
         if out.ok:
             self.store[key] = out.value
             self.serialized[key] = (out.header, out.buffers, out.nbytes)
-            inline = out.header if not out.buffers and out.nbytes < self.config.INLINE_BYTES else None
+            small = not out.buffers and out.nbytes < self.config.INLINE_BYTES
+            inline = out.header if small else None
             self.finished_items.append([key, out.nbytes, inline, out.duration])
         else:
             data, tb, text, kind = out.error
@@ -396,7 +414,7 @@ class WorkerLoop:
     def _on_data_op(self, peer: bytes, op: dict, buffers: list) -> None:
         match op["op"]:
             case "get-data":
-                items, frames = [], []
+                values = []
                 for key in op["keys"]:
                     ser = self.serialized.get(key)
                     if ser is None and key in self.store:
@@ -404,17 +422,14 @@ class WorkerLoop:
                                                              self.config.INLINE_BYTES)
                         ser = self.serialized[key] = (header, bufs, serialize.nbytes(header, bufs))
                     if ser is None:
-                        items.append([key, None, 0])
+                        values.append((key, None, [], False))
                     else:
-                        items.append([key, ser[0], len(ser[1]), key in self.raw_keys])
-                        frames.extend(ser[1])
+                        values.append((key, ser[0], ser[1], key in self.raw_keys))
+                items, frames = pack_values(values, bool(op.get("shm")) and self.use_shm)
                 self._reply_data(peer, [{"op": "data", "id": op["id"], "items": items}], frames)
             case "put-data":
-                pos = 0
-                for key, header, n in op["items"]:
-                    bufs = [b.buffer for b in buffers[pos : pos + n]]
-                    pos += n
-                    self._put(key, header, bufs, bool(op.get("raw")))
+                for key, header, bufs, raw in unpack_values(op["items"], buffers):
+                    self._put(key, header, bufs, raw or bool(op.get("raw")))
                 self._reply_data(peer, [{"op": "reply", "id": op["id"], "result": True}])
             case "heartbeat":
                 pass
@@ -439,8 +454,10 @@ class WorkerLoop:
             self.poller.register(sock, zmq.POLLIN)
         self._fetch_seq += 1
         self.inflight_fetch[self._fetch_seq] = (addr, [dep], time.monotonic())
-        sock.send_multipart(protocol.encode([{"op": "get-data", "id": self._fetch_seq,
-                                              "keys": [dep]}]))
+        sock.send_multipart(protocol.encode([{
+            "op": "get-data", "id": self._fetch_seq, "keys": [dep],
+            "shm": self.use_shm and shm.is_local(addr),
+        }]))
 
     def _drain_peer(self, addr: str, sock: zmq.Socket) -> None:
         while True:
@@ -461,14 +478,11 @@ class WorkerLoop:
                     for k in req[1]:
                         self._fetch_failed(k, addr)
                     continue
-                pos = 0
-                for key, header, n, *raw in op["items"]:
-                    bufs = [b.buffer for b in buffers[pos : pos + n]]
-                    pos += n
+                for key, header, bufs, raw in unpack_values(op["items"], buffers):
                     if header is None:
                         self._fetch_failed(key, addr)
                     else:
-                        self._put(key, header, bufs, bool(raw and raw[0]))
+                        self._put(key, header, bufs, raw)
                         self._got_dep(key)
 
     def _put(self, key: str, header: bytes, bufs: list, raw: bool) -> None:
@@ -491,7 +505,7 @@ class WorkerLoop:
             w[1].discard(dep)
             if not w[1]:
                 del self.waiting[key]
-                self.ready.append((key, w[0], w[2]))
+                self.ready.append((key, w[0], w[2], w[3]))
 
     def _fetch_failed(self, dep: str, addr: str) -> None:
         for key in self.fetching.pop(dep, ()):

@@ -77,8 +77,10 @@ class Executor:
                 break
         self._spawn(len(self.threads) + 1000)
 
-    def submit(self, key: str, payload: bytes, values: dict) -> None:
-        self.calls.put((key, payload, values))
+    def submit(self, key: str, func, args: bytes, values: dict) -> None:
+        """Run ``func`` on the pickled ``args`` (dependencies resolved from ``values``).
+        ``func`` may be the exception that explains why the function could not be loaded."""
+        self.calls.put((key, func, args, values))
 
     def stop(self) -> None:
         self._stopping = True
@@ -95,14 +97,14 @@ class Executor:
                 call = self.calls.get()
                 if call is None or self._stopping:
                     return
-                key, payload, values = call
+                key, func, payload, values = call
                 if key in self.cancelled:
                     self.cancelled.discard(key)
                     outcome = Outcome(key, False, error=None)
                 else:
                     self.running[me] = (key, time.monotonic())
                     self.started.append(key)
-                    outcome = self._execute(key, payload, values)
+                    outcome = self._execute(key, func, payload, values)
                     outcome.thread = me
                     if self.running.pop(me, None) is None:
                         return  # abandoned after a timeout: nobody wants this outcome
@@ -116,10 +118,15 @@ class Executor:
         finally:
             poke.close(0)
 
-    def _execute(self, key: str, payload: bytes, values: dict) -> Outcome:
+    def _execute(self, key: str, func, payload: bytes, values: dict) -> Outcome:
         start = time.perf_counter()
         try:
-            func, args, kwargs = serialize.loads_task(payload, values)
+            if func is None:  # a whole-call payload
+                func, args, kwargs = serialize.loads_task(payload, values)
+            elif isinstance(func, BaseException):
+                raise func
+            else:
+                args, kwargs = serialize.loads_args(payload, values)
             result = func(*args, **kwargs)
         except BaseException as exc:  # the task's failure is data, not ours
             data, tb, text = serialize.exception_payload(_strip(exc))
