@@ -11,10 +11,7 @@ class TaskState:
     __slots__ = (
         "dependents",
         "deps",
-        "error_extra",
-        "error_kind",
-        "error_text",
-        "exception",
+        "error",
         "func",
         "key",
         "nbytes",
@@ -28,7 +25,6 @@ class TaskState:
         "started",
         "state",
         "suspicious",
-        "traceback",
         "value",
         "waiting_on",
         "who_has",
@@ -46,13 +42,11 @@ class TaskState:
         self.who_has: set | None = None
         self.who_wants = None  # None, one ClientState, or a set of them
         self.processing_on = None
-        self.priority = (0, 0)
+        self.priority = 0  # smaller runs first: -user priority * 2**40 + submission order
         self.retries = 0
         self.value: bytes | None = None
         self.nbytes = 0
-        self.exception = self.traceback = None
-        self.error_text = ""
-        self.error_kind = self.error_extra = None
+        self.error: list | None = None  # [exception, traceback, text, kind, extra] once erred
         self.options: dict | None = None
         self.restricted = False
         self.suspicious = 0
@@ -133,10 +127,7 @@ class TaskState:
         return [self.key, self.value, addresses, self.nbytes]
 
     def erred_item(self) -> list:
-        return [
-            self.key, self.exception, self.traceback, self.error_text, self.error_kind,
-            self.error_extra,
-        ]
+        return [self.key, *(self.error or (None, None, "", None, None))]
 
 
 class WorkerState:

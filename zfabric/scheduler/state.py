@@ -371,7 +371,7 @@ class SchedulerState:
                 prio = -int(opts.get("priority") or 0)
                 ts.retries = int(opts.get("retries") or 0)
                 ts.set_options(opts)
-            ts.priority = (prio, self._seq)
+            ts.priority = prio * 2**40 + self._seq
             self._want(cs, ts)
             if opts and opts.get("fire_and_forget"):
                 self._want(self.clients[FIRE_AND_FORGET], ts)
@@ -454,7 +454,7 @@ class SchedulerState:
                 ts = TaskState(key, None)
                 self.tasks[key] = ts
                 self._seq += 1
-                ts.priority = (0, self._seq)
+                ts.priority = self._seq
             ts.scattered = True
             ts.value = value
             ts.nbytes = int(nbytes)
@@ -772,8 +772,8 @@ class SchedulerState:
         waiting = 0
         for dts in ts.deps:
             if dts.state == "erred":
-                self._fail(ts, dts.exception, dts.traceback, dts.error_text, kind=dts.error_kind,
-                           extra=dts.error_extra)
+                exc, tb, text, kind, extra = dts.error
+                self._fail(ts, exc, tb, text, kind=kind, extra=extra)
                 return
             if dts.state != "memory":
                 waiting += 1
@@ -871,8 +871,7 @@ class SchedulerState:
             t.value = None
             self._free_holders(t)
             t.state = "erred"  # any state may fail
-            t.exception, t.traceback, t.error_text = exc, tb, text
-            t.error_kind, t.error_extra = kind, extra
+            t.error = [exc, tb, text, kind, extra]
             item = None
             for cs in t.wanters():
                 item = item or t.erred_item()
