@@ -41,8 +41,8 @@ zfabric/dask for rates, dask/zfabric for times and bytes.
 Cluster shape (identical for both implementations, every cluster row)
 -------------------------------------------------------------------
 * scheduler: its own subprocess, started through the CLI
-  (``python -m zfabric scheduler --port 0 --scheduler-file F`` or
-  ``python -m distributed.cli.dask_scheduler --port 0 --scheduler-file F
+  (``python -m zfabric scheduler --port 0 --scheduler-file F --host 127.0.0.1``
+  or ``python -m distributed.cli.dask_scheduler --port 0 --scheduler-file F
   --host 127.0.0.1 --no-dashboard``); its address is read from F.  A separate
   process is the fair choice: neither scheduler shares a GIL or an event loop
   with the benchmarking client, it is how both are deployed, and it is what the
@@ -70,7 +70,7 @@ How to run
 ``--quick`` uses small sizes (2,000 no-ops, 1,024 leaves, 10 MiB echo, 10,000
 pending / 2,000 done tasks for zfabric), one repetition and 30 s timeouts.  It
 runs zfabric only unless ``--impl dask`` is asked for explicitly (dask alone
-needs about 40 s even with its tiny quick sizes).
+needs 40-50 s even with its tiny quick sizes).
 
 The table goes to stdout, progress to stderr.  Exit status is 0 when every
 selected row of every available implementation produced a number, 1 otherwise
@@ -245,15 +245,24 @@ class ZfabricImpl(Impl):
     def _cli(self) -> list[str]:
         if importlib.util.find_spec("zfabric.__main__") is not None:
             return [sys.executable, "-m", "zfabric"]
-        script = shutil.which("zfabric", path=f"{Path(sys.executable).parent}{os.pathsep}"
-                              f"{os.environ.get('PATH', '')}")
+        script = shutil.which(
+            "zfabric", path=f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"
+        )
         if script is None:
             raise SetupError("neither `python -m zfabric` nor a `zfabric` command is available")
         return [script]
 
     def scheduler_cmd(self, scheduler_file: Path) -> list[str]:
-        return [*self._cli(), "scheduler", "--port", "0", "--scheduler-file", str(scheduler_file),
-                "--host", "127.0.0.1"]
+        return [
+            *self._cli(),
+            "scheduler",
+            "--port",
+            "0",
+            "--scheduler-file",
+            str(scheduler_file),
+            "--host",
+            "127.0.0.1",
+        ]
 
     def worker_cmd(self, address: str) -> list[str]:
         return [*self._cli(), "worker", address, "--nthreads", "1"]
@@ -262,16 +271,31 @@ class ZfabricImpl(Impl):
 class DaskImpl(Impl):
     def scheduler_cmd(self, scheduler_file: Path) -> list[str]:
         return [
-            sys.executable, "-m", "distributed.cli.dask_scheduler",
-            "--port", "0", "--scheduler-file", str(scheduler_file),
-            "--host", "127.0.0.1", "--no-dashboard",
-        ]  # fmt: skip
+            sys.executable,
+            "-m",
+            "distributed.cli.dask_scheduler",
+            "--port",
+            "0",
+            "--scheduler-file",
+            str(scheduler_file),
+            "--host",
+            "127.0.0.1",
+            "--no-dashboard",
+        ]
 
     def worker_cmd(self, address: str) -> list[str]:
         return [
-            sys.executable, "-m", "distributed.cli.dask_worker", address,
-            "--nthreads", "1", "--no-nanny", "--no-dashboard", "--host", "127.0.0.1",
-        ]  # fmt: skip
+            sys.executable,
+            "-m",
+            "distributed.cli.dask_worker",
+            address,
+            "--nthreads",
+            "1",
+            "--no-nanny",
+            "--no-dashboard",
+            "--host",
+            "127.0.0.1",
+        ]
 
     async def worker_addresses(self, client: Any) -> list[str]:
         # An asynchronous dask Client's scheduler_info() is a cache without
@@ -286,20 +310,48 @@ IMPLS: dict[str, Impl] = {
         title="zfabric",
         package="zfabric",
         required=True,
-        full_sizes=dict(rtt_warmup=20, rtt_iters=300, noop_tasks=20_000, tree_leaves=8_192,
-                        echo_mb=100, pending_tasks=100_000, done_tasks=20_000),
-        quick_sizes=dict(rtt_warmup=10, rtt_iters=100, noop_tasks=2_000, tree_leaves=1_024,
-                         echo_mb=10, pending_tasks=10_000, done_tasks=2_000),
+        full_sizes=dict(
+            rtt_warmup=20,
+            rtt_iters=300,
+            noop_tasks=20_000,
+            tree_leaves=8_192,
+            echo_mb=100,
+            pending_tasks=100_000,
+            done_tasks=20_000,
+        ),
+        quick_sizes=dict(
+            rtt_warmup=10,
+            rtt_iters=100,
+            noop_tasks=2_000,
+            tree_leaves=1_024,
+            echo_mb=10,
+            pending_tasks=10_000,
+            done_tasks=2_000,
+        ),
     ),
     "dask": DaskImpl(
         name="dask",
         title="dask.distributed",
         package="distributed",
         required=False,
-        full_sizes=dict(rtt_warmup=20, rtt_iters=300, noop_tasks=2_000, tree_leaves=1_024,
-                        echo_mb=100, pending_tasks=10_000, done_tasks=2_000),
-        quick_sizes=dict(rtt_warmup=5, rtt_iters=50, noop_tasks=500, tree_leaves=256,
-                         echo_mb=10, pending_tasks=2_000, done_tasks=500),
+        full_sizes=dict(
+            rtt_warmup=20,
+            rtt_iters=300,
+            noop_tasks=2_000,
+            tree_leaves=1_024,
+            echo_mb=100,
+            pending_tasks=10_000,
+            done_tasks=2_000,
+        ),
+        quick_sizes=dict(
+            rtt_warmup=5,
+            rtt_iters=50,
+            noop_tasks=500,
+            tree_leaves=256,
+            echo_mb=10,
+            pending_tasks=2_000,
+            done_tasks=500,
+        ),
     ),
 }
 
@@ -313,9 +365,13 @@ def spawn(cmd: list[str], log_path: Path, env: dict[str, str]) -> subprocess.Pop
     """Start ``cmd`` in its own process group, output to ``log_path``."""
     with open(log_path, "wb") as out:
         return subprocess.Popen(
-            cmd, stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT,
-            env=env, start_new_session=True,
-        )  # fmt: skip
+            cmd,
+            stdin=subprocess.DEVNULL,
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            env=env,
+            start_new_session=True,
+        )
 
 
 def signal_group(proc: subprocess.Popen[Any], sig: signal.Signals) -> None:
@@ -395,12 +451,12 @@ async def read_scheduler_address(
             if address:
                 return str(address)
         if proc.poll() is not None:
-            raise SetupError(
-                f"scheduler exited with code {proc.returncode}: {last_line(log_path)}"
-            )
+            raise SetupError(f"scheduler exited with code {proc.returncode}: {last_line(log_path)}")
         if time.monotonic() > deadline:
-            raise SetupError(f"scheduler wrote no address to {path.name} in time; "
-                             f"last output: {last_line(log_path)}")
+            raise SetupError(
+                f"scheduler wrote no address to {path.name} in time; "
+                f"last output: {last_line(log_path)}"
+            )
         await asyncio.sleep(0.05)
 
 
@@ -427,8 +483,9 @@ async def running_cluster(impl: Impl, sizes: dict[str, int], timeout: float):
         def check_alive() -> None:
             for proc, path in zip(procs, logs, strict=True):
                 if proc.poll() is not None:
-                    raise SetupError(f"{path.stem} exited with code {proc.returncode}: "
-                                     f"{last_line(path)}")
+                    raise SetupError(
+                        f"{path.stem} exited with code {proc.returncode}: {last_line(path)}"
+                    )
 
         def dump_logs() -> None:
             for path in logs:
@@ -441,16 +498,17 @@ async def running_cluster(impl: Impl, sizes: dict[str, int], timeout: float):
             procs.append(spawn(impl.scheduler_cmd(sched_file), logs[-1], env))
             address = await read_scheduler_address(sched_file, procs[0], logs[0], deadline)
             if not is_loopback(address):
-                raise SetupError(f"scheduler advertises non-loopback address {address!r}; "
-                                 "this benchmark only talks to 127.0.0.1")
+                raise SetupError(
+                    f"scheduler advertises non-loopback address {address!r}; "
+                    "this benchmark only talks to 127.0.0.1"
+                )
             for i in range(N_WORKERS):
                 logs.append(workdir / f"worker-{i}.log")
                 procs.append(spawn(impl.worker_cmd(address), logs[-1], env))
 
             client = api.Client(address, asynchronous=True)
             try:
-                await asyncio.wait_for(start_client(client),
-                                       max(0.1, deadline - time.monotonic()))
+                await asyncio.wait_for(start_client(client), max(0.1, deadline - time.monotonic()))
             except TimeoutError:
                 raise SetupError(f"client could not connect to {address} in time")
 
@@ -460,14 +518,16 @@ async def running_cluster(impl: Impl, sizes: dict[str, int], timeout: float):
                     break
                 check_alive()
                 if time.monotonic() > deadline:
-                    raise SetupError(f"only {len(workers)}/{N_WORKERS} workers registered in "
-                                     f"{timeout:.0f}s")
+                    raise SetupError(
+                        f"only {len(workers)}/{N_WORKERS} workers registered in {timeout:.0f}s"
+                    )
                 await asyncio.sleep(0.05)
             if not all(is_loopback(w) for w in workers):
                 raise SetupError(f"workers advertise non-loopback addresses {workers}")
 
-            yield Cluster(api=api, client=client, scheduler_pid=procs[0].pid,
-                          sizes=sizes, timeout=timeout)
+            yield Cluster(
+                api=api, client=client, scheduler_pid=procs[0].pid, sizes=sizes, timeout=timeout
+            )
         except BaseException:
             dump_logs()
             raise
@@ -501,10 +561,16 @@ async def bench_rtt(c: Cluster) -> Measurement:
         samples_ms.append((time.perf_counter() - start) * 1e3)
         expect(result == i + 1, "inc returned a wrong value")
     cuts = statistics.quantiles(samples_ms, n=100)
-    return Measurement(statistics.median(samples_ms), {
-        "iterations": len(samples_ms), "min_ms": min(samples_ms),
-        "p90_ms": cuts[89], "p99_ms": cuts[98], "mean_ms": statistics.fmean(samples_ms),
-    })  # fmt: skip
+    return Measurement(
+        statistics.median(samples_ms),
+        {
+            "iterations": len(samples_ms),
+            "min_ms": min(samples_ms),
+            "p90_ms": cuts[89],
+            "p99_ms": cuts[98],
+            "mean_ms": statistics.fmean(samples_ms),
+        },
+    )
 
 
 async def bench_noop(c: Cluster) -> Measurement:
@@ -524,8 +590,10 @@ async def bench_tree(c: Cluster) -> Measurement:
     start = time.perf_counter()
     level = client.map(identity, range(leaves), pure=False)
     while len(level) > 1:
-        reduced = [client.submit(add, level[i], level[i + 1], pure=False)
-                   for i in range(0, len(level) - 1, 2)]
+        reduced = [
+            client.submit(add, level[i], level[i + 1], pure=False)
+            for i in range(0, len(level) - 1, 2)
+        ]
         if len(level) % 2:
             reduced.append(level[-1])
         level = reduced
@@ -545,13 +613,23 @@ async def bench_echo(c: Cluster) -> Measurement:
     start = time.perf_counter()
     echoed = await client.submit(identity, data, pure=False)
     seconds = time.perf_counter() - start
-    expect(isinstance(echoed, np.ndarray) and echoed.shape == data.shape
-           and bool(np.array_equal(echoed, data)), "echoed array differs from the original")
+    expect(
+        isinstance(echoed, np.ndarray)
+        and echoed.shape == data.shape
+        and bool(np.array_equal(echoed, data)),
+        "echoed array differs from the original",
+    )
     return Measurement(2 * mb / seconds, {"mib_each_way": mb, "seconds": seconds})
 
 
-async def settled_rss(pid: int, *, window: int = 5, interval: float = 0.2,
-                      tolerance: float = 0.005, max_wait: float = 10.0) -> int:
+async def settled_rss(
+    pid: int,
+    *,
+    window: int = 5,
+    interval: float = 0.2,
+    tolerance: float = 0.005,
+    max_wait: float = 10.0,
+) -> int:
     """RSS of ``pid`` once ``window`` samples in a row agree within ``tolerance``."""
     samples: list[int] = []
     deadline = time.monotonic() + max_wait
@@ -577,8 +655,7 @@ async def bench_sched_pending(c: Cluster) -> Measurement:
     after = await settled_rss(c.scheduler_pid)
     expect(not gate.done(), "the gate task finished early; tasks were not pending")
     expect(len(futures) == n, "map returned the wrong number of futures")
-    return Measurement((after - before) / n, {"tasks": n, "rss_before": before,
-                                              "rss_after": after})
+    return Measurement((after - before) / n, {"tasks": n, "rss_before": before, "rss_after": after})
 
 
 async def bench_sched_done(c: Cluster) -> Measurement:
@@ -589,8 +666,7 @@ async def bench_sched_done(c: Cluster) -> Measurement:
     results = await client.gather(futures)
     expect(len(results) == n, f"gathered {len(results)} results, expected {n}")
     after = await settled_rss(c.scheduler_pid)
-    return Measurement((after - before) / n, {"tasks": n, "rss_before": before,
-                                              "rss_after": after})
+    return Measurement((after - before) / n, {"tasks": n, "rss_before": before, "rss_after": after})
 
 
 def bench_localcluster(impl: Impl, timeout: float) -> Measurement:
@@ -622,17 +698,23 @@ class Row:
     fresh_cluster: bool = False  # start a new cluster for every repetition
 
 
-ROWS: dict[str, Row] = {row.name: row for row in [
-    Row("rtt_p50_ms", "ms", False, bench_rtt),
-    Row("noop_tasks_per_s", "tasks/s", True, bench_noop),
-    Row("tree_tasks_per_s", "tasks/s", True, bench_tree),
-    Row("echo_mb_per_s", "MB/s", True, bench_echo),
-    Row("localcluster_first_result_s", "s", False, None),
-    Row("sched_bytes_per_task_pending", "B/task", False, bench_sched_pending, fresh_cluster=True),
-    Row("sched_bytes_per_task_done", "B/task", False, bench_sched_done, fresh_cluster=True),
-]}
-ROW_ALIASES = {"sched_bytes_per_task": ["sched_bytes_per_task_pending",
-                                        "sched_bytes_per_task_done"]}
+ROWS: dict[str, Row] = {
+    row.name: row
+    for row in [
+        Row("rtt_p50_ms", "ms", False, bench_rtt),
+        Row("noop_tasks_per_s", "tasks/s", True, bench_noop),
+        Row("tree_tasks_per_s", "tasks/s", True, bench_tree),
+        Row("echo_mb_per_s", "MB/s", True, bench_echo),
+        Row("localcluster_first_result_s", "s", False, None),
+        Row(
+            "sched_bytes_per_task_pending", "B/task", False, bench_sched_pending, fresh_cluster=True
+        ),
+        Row("sched_bytes_per_task_done", "B/task", False, bench_sched_done, fresh_cluster=True),
+    ]
+}
+ROW_ALIASES = {
+    "sched_bytes_per_task": ["sched_bytes_per_task_pending", "sched_bytes_per_task_done"]
+}
 
 
 # ---------------------------------------------------------------------------
@@ -651,8 +733,9 @@ def describe(exc: BaseException) -> str:
     return f"{type(exc).__name__}: {text}" if text else type(exc).__name__
 
 
-async def run_cluster_row(impl: Impl, row: Row, sizes: dict[str, int], repeat: int,
-                          timeout: float) -> None:
+async def run_cluster_row(
+    impl: Impl, row: Row, sizes: dict[str, int], repeat: int, timeout: float
+) -> None:
     assert row.run is not None
     done = 0
 
@@ -705,10 +788,12 @@ def child_main(args: argparse.Namespace) -> int:
 
 @dataclass
 class Result:
+    """Everything learned about one (implementation, row) pair."""
+
     values: list[float] = field(default_factory=list)
     extras: list[dict[str, Any]] = field(default_factory=list)
     error: str | None = None
-    skipped: str | None = None  # reason a row was not run (not a failure)
+    skipped: str | None = None  # why the row was not run (not a failure)
     setup_failed: bool = False
     version: str | None = None
 
@@ -719,15 +804,36 @@ class Result:
         return statistics.median(self.values)
 
 
-def run_child(impl: Impl, row: Row, sizes: dict[str, int], repeat: int, timeout: float,
-              marker: str, result: Result, rep_label: str = "") -> None:
-    cmd = [sys.executable, str(Path(__file__).resolve()), "--_child", impl.name, row.name,
-           "--_sizes", json.dumps(sizes), "--repeat", str(repeat), "--timeout", str(timeout),
-           "--_rep-label", rep_label]
+Results = dict[tuple[str, str], Result]  # keyed by (impl name, row name)
+
+
+def median_of(results: Results, impl: str, row: Row) -> float | None:
+    result = results.get((impl, row.name))
+    return None if result is None else result.median
+
+
+def run_child(
+    impl: Impl,
+    row: Row,
+    sizes: dict[str, int],
+    repeat: int,
+    timeout: float,
+    marker: str,
+    result: Result,
+    rep_label: str = "",
+) -> None:
+    """Run ``repeat`` repetitions of one row in a child process; fill ``result``."""
+    cmd = [
+        sys.executable, str(Path(__file__).resolve()),
+        "--_child", impl.name, row.name, "--_sizes", json.dumps(sizes),
+        "--repeat", str(repeat), "--timeout", str(timeout), "--_rep-label", rep_label,
+    ]  # fmt: skip
     clusters = repeat if row.fresh_cluster else 1
-    budget = clusters * timeout + repeat * timeout + clusters * 2 * CLIENT_CLOSE_TIMEOUT + 30
-    proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
-                            env=impl.env(), start_new_session=True)
+    budget = clusters * (timeout + 2 * CLIENT_CLOSE_TIMEOUT) + repeat * timeout + 30
+    proc = subprocess.Popen(
+        cmd, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, env=impl.env(),
+        start_new_session=True,
+    )  # fmt: skip
     try:
         out, _ = proc.communicate(timeout=budget)
     except subprocess.TimeoutExpired:
@@ -741,7 +847,7 @@ def run_child(impl: Impl, row: Row, sizes: dict[str, int], repeat: int, timeout:
     for line in out.decode(errors="replace").splitlines():
         if not line.startswith(CHILD_LINE_PREFIX):
             continue
-        msg = json.loads(line[len(CHILD_LINE_PREFIX):])
+        msg = json.loads(line.removeprefix(CHILD_LINE_PREFIX))
         if msg["kind"] == "meta":
             result.version = msg["version"]
         elif msg["kind"] == "value":
@@ -756,6 +862,48 @@ def run_child(impl: Impl, row: Row, sizes: dict[str, int], repeat: int, timeout:
         result.error = f"only {len(result.values)}/{repeat} repetitions reported"
 
 
+def run_all(
+    args: argparse.Namespace, impls: list[Impl], marker: str, notes: list[str], results: Results
+) -> None:
+    """Run every selected row for every implementation, filling ``results`` as it goes."""
+    unavailable = {impl.name for impl in impls if not impl.available()}
+    for impl in impls:
+        if impl.name in unavailable:
+            what = "not importable" if impl.required else "not installed; skipped"
+            notes.append(f"{impl.title}: {impl.package} {what}")
+        else:
+            sizes = impl.sizes(args.quick)
+            notes.append(
+                f"{impl.title} sizes: " + ", ".join(f"{k}={v:,}" for k, v in sizes.items())
+            )
+
+    setup_broken: set[str] = set()  # implementations whose cluster would not start
+    for row in args.rows:
+        for impl in impls:
+            result = results[impl.name, row.name] = Result()
+            if impl.name in unavailable:
+                if impl.required:
+                    result.error = f"{impl.package} is not importable"
+                else:
+                    result.skipped = f"{impl.package} is not installed"
+                continue
+            if row.run is not None and impl.name in setup_broken:
+                result.error = "skipped: its cluster failed to start in an earlier row"
+                continue
+            log(f"[{impl.name}] {row.name} ...")
+            sizes = impl.sizes(args.quick)
+            if row.run is None:  # a fresh process for every repetition
+                for rep in range(args.repeat):
+                    label = f"{rep + 1}/{args.repeat}"
+                    run_child(impl, row, sizes, 1, args.timeout, marker, result, label)
+                    if result.error:
+                        break
+            else:
+                run_child(impl, row, sizes, args.repeat, args.timeout, marker, result)
+                if result.setup_failed:
+                    setup_broken.add(impl.name)
+
+
 def fmt(value: float | None) -> str:
     if value is None:
         return "n/a"
@@ -766,52 +914,106 @@ def fmt(value: float | None) -> str:
     return f"{value:.3g}"
 
 
-def advantage(row: Row, zf: float | None, dask: float | None) -> float | None:
-    """How many times better zfabric is (>1: zfabric better)."""
+def advantage(row: Row, results: Results) -> float | None:
+    """How many times better zfabric is than dask (>1: zfabric better)."""
+    zf, dask = median_of(results, "zfabric", row), median_of(results, "dask", row)
     if zf is None or dask is None or zf <= 0 or dask <= 0:
         return None
     return zf / dask if row.higher_is_better else dask / zf
 
 
-def print_table(rows: list[Row], results: dict[tuple[str, str], Result],
-                notes: list[str]) -> None:
+def print_table(rows: list[Row], results: Results, notes: list[str]) -> None:
     headers = ["row", "unit", *(impl.title for impl in IMPLS.values()), "zfabric advantage"]
     table = []
     for row in rows:
-        medians = {name: (results[name, row.name].median if (name, row.name) in results
-                          else None) for name in IMPLS}
-        adv = advantage(row, medians["zfabric"], medians["dask"])
+        adv = advantage(row, results)
         better = "higher" if row.higher_is_better else "lower"
-        table.append([row.name, f"{row.unit} ({better} better)",
-                      *(fmt(medians[name]) for name in IMPLS),
-                      "n/a" if adv is None else f"{adv:.2f}x"])
-    widths = [max(len(r[i]) for r in [headers, *table]) for i in range(len(headers))]
-    line = "  ".join(h.ljust(w) for h, w in zip(headers, widths, strict=True))
-    print(line)
-    print("-" * len(line))
-    for r in table:
-        print("  ".join([r[0].ljust(widths[0]), r[1].ljust(widths[1]),
-                         *(c.rjust(w) for c, w in zip(r[2:], widths[2:], strict=True))]))
-    print("zfabric advantage: zfabric/dask for rates, dask/zfabric for times and bytes;"
-          " >1x means zfabric is better.")
+        table.append([
+            row.name,
+            f"{row.unit} ({better} better)",
+            *(fmt(median_of(results, name, row)) for name in IMPLS),
+            "n/a" if adv is None else f"{adv:.2f}x",
+        ])  # fmt: skip
+    widths = [max(len(line[i]) for line in [headers, *table]) for i in range(len(headers))]
+
+    def render(cells: list[str]) -> str:
+        left = [cell.ljust(width) for cell, width in zip(cells[:2], widths, strict=False)]
+        right = [cell.rjust(width) for cell, width in zip(cells[2:], widths[2:], strict=True)]
+        return "  ".join(left + right)
+
+    print(render(headers))
+    print("-" * len(render(headers)))
+    for cells in table:
+        print(render(cells))
+    print(
+        "zfabric advantage: zfabric/dask for rates, dask/zfabric for times and bytes;"
+        " >1x means zfabric is better."
+    )
     for note in notes:
         print(f"note: {note}")
 
 
+def json_report(
+    args: argparse.Namespace, impls: list[Impl], results: Results, elapsed: float
+) -> dict[str, Any]:
+    def raw(impl: Impl, row: Row) -> dict[str, Any]:
+        result = results.get((impl.name, row.name), Result(skipped="not reached"))
+        return {
+            "median": result.median,
+            "values": result.values,
+            "extras": result.extras,
+            "error": result.error,
+            "skipped": result.skipped,
+        }
+
+    return {
+        "argv": sys.argv[1:],
+        "quick": args.quick,
+        "repeat": args.repeat,
+        "timeout_s": args.timeout,
+        "python": sys.version.split()[0],
+        "platform": platform.platform(),
+        "cpu_count": os.cpu_count(),
+        "elapsed_s": elapsed,
+        "sizes": {impl.name: impl.sizes(args.quick) for impl in impls},
+        "versions": {impl: r.version for (impl, _), r in results.items() if r.version},
+        "rows": {
+            row.name: {
+                "unit": row.unit,
+                "higher_is_better": row.higher_is_better,
+                "zfabric_advantage": advantage(row, results),
+                "results": {impl.name: raw(impl, row) for impl in impls},
+            }
+            for row in args.rows
+        },
+    }
+
+
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
-        description="Benchmark zfabric against dask.distributed (see module docstring).")
+        description="Benchmark zfabric against dask.distributed (see the module docstring)."
+    )
     parser.add_argument("--impl", choices=["zfabric", "dask", "both"], default="both")
-    parser.add_argument("--only", metavar="ROW[,ROW]",
-                        help=f"rows to run: {', '.join([*ROWS, *ROW_ALIASES])}")
-    parser.add_argument("--repeat", type=int, default=None,
-                        help="repetitions per row; the median is reported (default 3, quick 1)")
-    parser.add_argument("--quick", action="store_true",
-                        help="small sizes, one repetition, zfabric only unless --impl dask: "
-                             "a smoke test under a minute")
-    parser.add_argument("--timeout", type=float, default=None,
-                        help="seconds allowed for cluster start-up and for each measurement "
-                             "(default 120, quick 30)")
+    parser.add_argument(
+        "--only", metavar="ROW[,ROW]", help=f"rows to run: {', '.join([*ROWS, *ROW_ALIASES])}"
+    )
+    parser.add_argument(
+        "--repeat",
+        type=int,
+        help="repetitions per row; the median is reported (default 3, quick 1)",
+    )
+    parser.add_argument(
+        "--quick",
+        action="store_true",
+        help="small sizes, one repetition, zfabric only unless --impl dask: "
+        "a smoke test under a minute",
+    )
+    parser.add_argument(
+        "--timeout",
+        type=float,
+        help="seconds allowed for cluster start-up and for each measurement "
+        "(default 120, quick 30)",
+    )
     parser.add_argument("--json", type=Path, metavar="PATH", help="write raw numbers here")
     parser.add_argument("--_child", nargs=2, help=argparse.SUPPRESS)
     parser.add_argument("--_sizes", help=argparse.SUPPRESS)
@@ -844,103 +1046,41 @@ def raise_system_exit(signum: int, frame: Any) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    signal.signal(signal.SIGTERM, raise_system_exit)
+    signal.signal(signal.SIGTERM, raise_system_exit)  # so finally blocks clean up
     if args._child:
         return child_main(args)
 
     sys.path.insert(0, str(REPO_ROOT))  # so the in-tree zfabric is found
     marker = uuid.uuid4().hex
-    results: dict[tuple[str, str], Result] = {}
+    os.environ[RUN_MARKER_ENV] = marker  # inherited by everything started from here
     notes: list[str] = []
-    os.environ[RUN_MARKER_ENV] = marker
     impls = list(IMPLS.values()) if args.impl == "both" else [IMPLS[args.impl]]
     if args.quick and args.impl == "both":
         impls = [IMPLS["zfabric"]]
-        notes.append("--quick skips dask.distributed unless --impl dask is given "
-                     "(it alone takes about 40 s)")
-    started = time.monotonic()
+        notes.append("--quick skips dask.distributed unless --impl dask is given (40-50 s alone)")
 
+    started = time.monotonic()
+    interrupted = False
+    results: Results = {}
     try:
-        unavailable = {impl.name for impl in impls if not impl.available()}
-        for impl in impls:
-            if impl.name in unavailable:
-                what = "not importable" if impl.required else "not installed; skipped"
-                notes.append(f"{impl.title}: {impl.package} {what}")
-            else:
-                sizes = impl.sizes(args.quick)
-                notes.append(f"{impl.title} sizes: "
-                             + ", ".join(f"{k}={v:,}" for k, v in sizes.items()))
-        setup_broken: set[str] = set()
-        for row in args.rows:
-            for impl in impls:
-                result = results[impl.name, row.name] = Result()
-                if impl.name in unavailable:
-                    if impl.required:
-                        result.error = f"{impl.package} is not importable"
-                    else:
-                        result.skipped = f"{impl.package} is not installed"
-                    continue
-                if row.run is not None and impl.name in setup_broken:
-                    result.error = "skipped: its cluster failed to start in an earlier row"
-                    continue
-                log(f"[{impl.name}] {row.name} ...")
-                sizes = impl.sizes(args.quick)
-                if row.run is None:  # a fresh process for every repetition
-                    for rep in range(args.repeat):
-                        run_child(impl, row, sizes, 1, args.timeout, marker, result,
-                                  rep_label=f"{rep + 1}/{args.repeat}")
-                        if result.error:
-                            break
-                else:
-                    run_child(impl, row, sizes, args.repeat, args.timeout, marker, result)
-                if result.setup_failed and row.run is not None:
-                    setup_broken.add(impl.name)
+        run_all(args, impls, marker, notes, results)
     except KeyboardInterrupt:
+        interrupted = True
         notes.append("interrupted")
     finally:
         kill_marked_processes(marker)
-
     elapsed = time.monotonic() - started
-    failures = [(impl, row, results[impl, row].error) for impl, row in results
-                if results[impl, row].error]
-    notes.extend(f"{impl}/{row}: {error.splitlines()[0]}" for impl, row, error in failures)
+
+    failures = [(key, r.error) for key, r in results.items() if r.error]
+    notes.extend(f"{impl}/{row}: {error.splitlines()[0]}" for (impl, row), error in failures)
     notes.append(f"repeat={args.repeat}, quick={args.quick}, total {elapsed:.1f}s")
     print_table(args.rows, results, notes)
-
     if args.json:
-        report = {
-            "argv": sys.argv[1:],
-            "quick": args.quick,
-            "repeat": args.repeat,
-            "timeout_s": args.timeout,
-            "python": sys.version.split()[0],
-            "platform": platform.platform(),
-            "cpu_count": os.cpu_count(),
-            "elapsed_s": elapsed,
-            "sizes": {impl.name: impl.sizes(args.quick) for impl in impls},
-            "versions": {name: r.version for (name, _), r in results.items() if r.version},
-            "rows": {
-                row.name: {
-                    "unit": row.unit,
-                    "higher_is_better": row.higher_is_better,
-                    "zfabric_advantage": advantage(
-                        row, *(results[name, row.name].median
-                               if (name, row.name) in results else None
-                               for name in ("zfabric", "dask"))),
-                    "results": {
-                        impl.name: {
-                            "median": results[impl.name, row.name].median,
-                            "values": results[impl.name, row.name].values,
-                            "extras": results[impl.name, row.name].extras,
-                            "error": results[impl.name, row.name].error,
-                            "skipped": results[impl.name, row.name].skipped,
-                        } for impl in impls
-                    },
-                } for row in args.rows
-            },
-        }  # fmt: skip
+        report = json_report(args, impls, results, elapsed)
         args.json.write_text(json.dumps(report, indent=2) + "\n")
         log(f"wrote {args.json}")
+    if interrupted:
+        return 130
     return 1 if failures else 0
 
 

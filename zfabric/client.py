@@ -292,6 +292,11 @@ class Client:
                 self._send(protocol.hello("client", self.id))
             case "error":
                 logger.error("scheduler: %s", op["message"])
+                for key in op.get("keys") or ():
+                    st = states.get(key)
+                    if st is not None and not st.done():
+                        st.fail(None, RemoteProtocolError(
+                            f"the scheduler refused {key!r}: {op['message']}"))
                 if op.get("fatal") and not self._welcome.done():
                     self._welcome.set_exception(RemoteProtocolError(op["message"]))
             case "heartbeat":
@@ -373,13 +378,16 @@ class Client:
             await asyncio.sleep(interval)
             self._send({"op": "heartbeat"})
             silent = time.monotonic() - self._last_heard
-            if silent > self.config.SCHEDULER_LOST_TIMEOUT_S and not self._lost_reported:
+            if silent > self.config.SCHEDULER_LOST_TIMEOUT_S:
+                first = not self._lost_reported
+                # Again at every beat while it is gone, so that work submitted meanwhile
+                # (which no scheduler took) fails too instead of hanging.
                 with self._lock:
                     self._scheduler_lost(
                         f"the scheduler at {self.scheduler_address} has not answered for"
                         f" {silent:.0f} s"
                     )
-                if self.epoch is None:
+                if first:  # queued until a scheduler listens at the address again
                     self._send(protocol.hello("client", self.id))
 
     def _send(self, *ops: dict) -> None:

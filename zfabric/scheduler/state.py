@@ -58,6 +58,22 @@ _LIST_FIELD = {"memory": "items", "erred": "items", "compute": "tasks", "free": 
 FIRE_AND_FORGET = b"<fire-and-forget>"
 
 
+def _probably_running(ws: WorkerState, processing: list[TaskState]) -> set[TaskState]:
+    """The tasks a worker that died was probably running: those it said it started and, while
+    that leaves some of its threads unaccounted for, the oldest others it had been given.
+
+    A worker starts what it gets at once while it has a free thread, but says so only on its
+    next message: a task that kills its process at once would otherwise never be blamed, and
+    would go on killing one worker after another.
+    """
+    running = {ts for ts in processing if ts.started}
+    for ts in processing:  # in the order they were given
+        if len(running) >= ws.nthreads:
+            break
+        running.add(ts)
+    return running
+
+
 class InvalidTransition(RuntimeError):
     """Raised when code (ours) tries a task-state move that the table forbids."""
 
@@ -181,7 +197,17 @@ class SchedulerState:
         except (RemoteProtocolError, KeyError, TypeError, ValueError, IndexError) as exc:
             text = f"bad {op.get('op')!r} op from {peer!r}: {type(exc).__name__}: {exc}"
             logger.warning(text)
-            self.send(peer, {"op": "error", "message": text})
+            reply = {"op": "error", "message": text}
+            if op.get("op") == "submit" and type(op.get("tasks")) is list:
+                # Name the keys so that the client fails their futures instead of waiting.
+                cs = self.clients.get(peer)
+                wants = cs.wants if cs is not None else ()
+                reply["keys"] = [
+                    t[0] for t in op["tasks"]
+                    if type(t) is list and t and type(t[0]) is str
+                    and self.tasks.get(t[0]) not in wants
+                ]
+            self.send(peer, reply)
 
     def tick(self, now: float) -> None:
         """Time passes: declare silent workers dead and silent clients gone."""
@@ -300,6 +326,21 @@ class SchedulerState:
         self.clients.pop(cs.ident, None)
         for ts in list(cs.wants):
             self.release_key(cs, ts.key)
+
+    def peer_gone(self, peer: bytes, now: float) -> None:
+        """A send to ``peer`` failed because its connection is gone (the ROUTER's
+        ``ROUTER_MANDATORY`` says so at once): drop it now rather than after its ttl."""
+        self.now = now
+        ws = self.workers.get(peer)
+        if ws is not None:
+            self.remove_worker(ws, "its connection is gone", died=True)
+            return
+        cs = self.clients.get(peer)
+        if cs is not None:
+            self._event(f"client {cs.name}: its connection is gone; releasing its futures")
+            self.remove_client(cs)
+            return
+        self.nannies.pop(peer, None)
 
     def add_functions(self, functions) -> None:
         """Keep the function pickles that submitted tasks refer to by id (one copy each)."""
@@ -700,10 +741,12 @@ class SchedulerState:
             self.nannies[ws.nanny].workers.discard(ws.ident)
         if not died:
             self.send(ws.ident, {"op": "reregister", "reason": f"removed: {reason}"})
-        for ts in list(ws.processing.values()):
+        processing = list(ws.processing.values())
+        blamed = _probably_running(ws, processing) if died else ()
+        for ts in processing:
             ws.done(ts, 0.0)
             ts.processing_on = None
-            if died and ts.started:
+            if ts in blamed:
                 ts.suspicious += 1
                 if ts.suspicious > self.config.ALLOWED_FAILURES:
                     self._fail(
