@@ -29,7 +29,7 @@ def choose_worker(ts: TaskState, workers: Iterable[WorkerState]) -> WorkerState 
     Prefers the worker that already holds the most bytes of the task's large dependencies
     (small ones travel inline anyway), then the least loaded one.
     """
-    large = [d for d in ts.deps if d.value is None and d.who_has] if ts.deps else ()
+    large = [d for d in ts.deps if d.value is None and d.holders is not None] if ts.deps else ()
     loose = bool(ts.options and ts.options.get("allow_other_workers"))
     best = None
     best_score = None
@@ -39,7 +39,7 @@ def choose_worker(ts: TaskState, workers: Iterable[WorkerState]) -> WorkerState 
                 continue
             local = 0
             for d in large:
-                if ws in d.who_has:
+                if d.held_by(ws):
                     local += d.nbytes
             score = (-local, len(ws.processing) / ws.nthreads)
             if best_score is None or score < best_score:

@@ -9,7 +9,7 @@ class TaskState:
     """One key the scheduler holds. Containers stay ``None`` until needed, to keep it small."""
 
     __slots__ = (
-        "dependents",
+        "children",
         "deps",
         "error",
         "func",
@@ -27,7 +27,7 @@ class TaskState:
         "suspicious",
         "value",
         "waiting_on",
-        "who_has",
+        "holders",
         "who_wants",
     )
 
@@ -37,9 +37,9 @@ class TaskState:
         self.func: str | None = None
         self.state = "new"
         self.deps: tuple = ()
-        self.dependents: set | None = None
+        self.children = None  # tasks that depend on this one: None, one TaskState, or a set
         self.waiting_on = 0
-        self.who_has: set | None = None
+        self.holders = None  # workers holding the value: None, one WorkerState, or a set
         self.who_wants = None  # None, one ClientState, or a set of them
         self.processing_on = None
         self.priority = 0  # smaller runs first: -user priority * 2**40 + submission order
@@ -67,30 +67,70 @@ class TaskState:
 
     # containers that are usually empty or hold one item
 
+    @property
+    def dependents(self):
+        """The tasks that depend on this one (a set or tuple; empty when none)."""
+        c = self.children
+        if c is None:
+            return ()
+        if type(c) is set:
+            return c
+        return (c,)
+
     def add_dependent(self, ts: TaskState) -> None:
-        if self.dependents is None:
-            self.dependents = {ts}
-        else:
-            self.dependents.add(ts)
+        c = self.children
+        if c is None:
+            self.children = ts
+        elif type(c) is set:
+            c.add(ts)
+        elif c is not ts:
+            self.children = {c, ts}
 
     def discard_dependent(self, ts: TaskState) -> None:
-        if self.dependents is not None:
-            self.dependents.discard(ts)
-            if not self.dependents:
-                self.dependents = None
+        c = self.children
+        if c is ts:
+            self.children = None
+        elif type(c) is set:
+            c.discard(ts)
+            if len(c) == 1:
+                self.children = next(iter(c))
+            elif not c:
+                self.children = None
+
+    @property
+    def who_has(self):
+        """The workers holding the value (a set or tuple; empty when none)."""
+        h = self.holders
+        if h is None:
+            return ()
+        if type(h) is set:
+            return h
+        return (h,)
+
+    def held_by(self, ws) -> bool:
+        h = self.holders
+        return h is ws or (type(h) is set and ws in h)
 
     def add_holder(self, ws) -> None:
-        if self.who_has is None:
-            self.who_has = {ws}
-        else:
-            self.who_has.add(ws)
+        h = self.holders
+        if h is None:
+            self.holders = ws
+        elif type(h) is set:
+            h.add(ws)
+        elif h is not ws:
+            self.holders = {h, ws}
         ws.has_what.add(self)
 
     def drop_holder(self, ws) -> None:
-        if self.who_has is not None:
-            self.who_has.discard(ws)
-            if not self.who_has:
-                self.who_has = None
+        h = self.holders
+        if h is ws:
+            self.holders = None
+        elif type(h) is set:
+            h.discard(ws)
+            if len(h) == 1:
+                self.holders = next(iter(h))
+            elif not h:
+                self.holders = None
 
     def add_wanter(self, cs) -> None:
         w = self.who_wants
@@ -123,7 +163,7 @@ class TaskState:
     # what clients are told
 
     def memory_item(self) -> list:
-        addresses = None if self.value is not None else [w.address for w in self.who_has or ()]
+        addresses = None if self.value is not None else [w.address for w in self.who_has]
         return [self.key, self.value, addresses, self.nbytes]
 
     def erred_item(self) -> list:

@@ -145,7 +145,12 @@ class Scheduler(LifeCycle):
             if now >= next_tick:
                 state.tick(now)
                 next_tick = now + TICK_MS / 1000
-            self._send(sock, state.flush())
+            gone = self._send(sock, state.flush())
+            while gone:  # ends: each pass drops peers, and only sends to those left
+                now = time.monotonic()
+                for peer in gone:
+                    state.peer_gone(peer, now)
+                gone = self._send(sock, state.flush())
 
     def _answer_heartbeats(self, peer: bytes, ops: list) -> None:
         for op in ops:
@@ -153,9 +158,11 @@ class Scheduler(LifeCycle):
                 self.state.send(peer, {"op": "heartbeat"})
                 return
 
-    def _send(self, sock: zmq.Socket, out: dict) -> None:
+    def _send(self, sock: zmq.Socket, out: dict) -> list[bytes]:
+        """Send each peer its ops; returns the peers found gone (``EHOSTUNREACH``)."""
+        gone: list[bytes] = []
         if self._backlog:
-            self._retry_backlog(sock)
+            self._retry_backlog(sock, gone)
         for peer, ops in out.items():
             if peer in self._backlog:
                 self._queue(peer, ops)
@@ -166,13 +173,15 @@ class Scheduler(LifeCycle):
                 self._queue(peer, ops)
             except zmq.ZMQError as exc:  # EHOSTUNREACH: the peer is gone
                 logger.debug("dropping %d ops for gone peer %r: %s", len(ops), peer, exc)
+                gone.append(peer)
+        return gone
 
     def _queue(self, peer: bytes, ops: list) -> None:
         frame = protocol.encode(ops)[0]
         self._backlog.setdefault(peer, []).append(frame)
         self.backlog_bytes += len(frame)
 
-    def _retry_backlog(self, sock: zmq.Socket) -> None:
+    def _retry_backlog(self, sock: zmq.Socket, gone: list[bytes]) -> None:
         for peer in list(self._backlog):
             frames = self._backlog[peer]
             while frames:
@@ -183,6 +192,7 @@ class Scheduler(LifeCycle):
                 except zmq.ZMQError:
                     self.backlog_bytes -= sum(len(f) for f in frames)
                     frames.clear()
+                    gone.append(peer)
                     break
                 self.backlog_bytes -= len(frames.pop(0))
             if not frames:

@@ -333,7 +333,8 @@ class SchedulerState:
         self.now = now
         ws = self.workers.get(peer)
         if ws is not None:
-            self.remove_worker(ws, "its connection is gone", died=True)
+            # What we could not send it, it never ran: blame only what it said it started.
+            self.remove_worker(ws, "its connection is gone", died=True, unheard=False)
             return
         cs = self.clients.get(peer)
         if cs is not None:
@@ -525,7 +526,7 @@ class SchedulerState:
                 keys = args.get("keys")
                 tasks = (self.tasks.get(k) for k in keys) if keys else self.tasks.values()
                 reply["result"] = {
-                    ts.key: sorted(w.address for w in ts.who_has or ()) for ts in tasks if ts
+                    ts.key: sorted(w.address for w in ts.who_has) for ts in tasks if ts
                 }
             case "has-what":
                 reply["result"] = {
@@ -666,7 +667,7 @@ class SchedulerState:
             raise RemoteProtocolError(f"malformed finished item {[key, nbytes, duration]!r:.200}")
         ts = self.tasks.get(key)
         if ts is None or ts.state != "processing" or ts.processing_on is not ws:
-            if ts is None or ws not in (ts.who_has or ()):
+            if ts is None or not ts.held_by(ws):
                 if ts is not None and ts.state == "memory":
                     ts.add_holder(ws)  # a duplicate: one more copy is harmless
                     return
@@ -718,7 +719,7 @@ class SchedulerState:
         ts = self.tasks.get(key)
         dts = self.tasks.get(dep)
         holder = self.workers_by_address.get(address)
-        if dts is not None and holder is not None and holder in (dts.who_has or ()):
+        if dts is not None and holder is not None and dts.held_by(holder):
             dts.drop_holder(holder)
             holder.has_what.discard(dts)
         if ts is None or ts.processing_on is not ws:
@@ -726,12 +727,17 @@ class SchedulerState:
         ws.done(ts, 0.0)
         ts.processing_on = None
         self._set_state(ts, "released")
-        if dts is not None and dts.state == "memory" and not dts.who_has and dts.value is None:
+        if dts is not None and dts.state == "memory" and dts.holders is None and dts.value is None:
             self._lose(dts)
         self._start(ts)
 
-    def remove_worker(self, ws: WorkerState, reason: str, *, died: bool) -> None:
-        """Take a worker out: move its tasks elsewhere, recompute or fail what it held."""
+    def remove_worker(self, ws: WorkerState, reason: str, *, died: bool,
+                      unheard: bool = True) -> None:
+        """Take a worker out: move its tasks elsewhere, recompute or fail what it held.
+
+        When it ``died``, the tasks it was running are blamed (see :func:`_probably_running`;
+        ``unheard=False`` blames only those it said it started).
+        """
         if self.workers.pop(ws.ident, None) is None:
             return
         if self.workers_by_address.get(ws.address) is ws:
@@ -742,7 +748,12 @@ class SchedulerState:
         if not died:
             self.send(ws.ident, {"op": "reregister", "reason": f"removed: {reason}"})
         processing = list(ws.processing.values())
-        blamed = _probably_running(ws, processing) if died else ()
+        if not died:
+            blamed = ()
+        elif unheard:
+            blamed = _probably_running(ws, processing)
+        else:
+            blamed = {ts for ts in processing if ts.started}
         for ts in processing:
             ws.done(ts, 0.0)
             ts.processing_on = None
@@ -766,7 +777,7 @@ class SchedulerState:
             self._start(ts)
         for ts in list(ws.has_what):
             ts.drop_holder(ws)
-            if ts.state == "memory" and not ts.who_has and ts.value is None:
+            if ts.state == "memory" and ts.holders is None and ts.value is None:
                 self._lose(ts)
         ws.has_what.clear()
         self._fill_restricted()
@@ -861,7 +872,7 @@ class SchedulerState:
             self.send(ws.ident, {"op": "functions", "items": [[fid, self.functions[fid][0]]]})
         inline = who_has = None
         for dts in ts.deps:
-            if dts.who_has and ws in dts.who_has:
+            if dts.held_by(ws):
                 continue
             if dts.value is not None:
                 if inline is None:
@@ -871,7 +882,7 @@ class SchedulerState:
             else:
                 if who_has is None:
                     who_has = {}
-                who_has[dts.key] = [w.address for w in dts.who_has or ()]
+                who_has[dts.key] = [w.address for w in dts.who_has]
         item = [ts.key, ts.payload, inline, who_has, ts.options]
         if fid is not None:
             item.append(fid)
@@ -926,11 +937,11 @@ class SchedulerState:
         self._check_release([ts])
 
     def _free_holders(self, ts: TaskState) -> None:
-        for ws in ts.who_has or ():
+        for ws in ts.who_has:
             ws.has_what.discard(ts)
             if ws.ident in self.workers:
                 self.batch(ws.ident, "free", ts.key)
-        ts.who_has = None
+        ts.holders = None
 
     def _check_release(self, candidates: list[TaskState]) -> None:
         """Drop the data, or the whole record, of tasks that nothing needs any more."""
@@ -982,7 +993,7 @@ class SchedulerState:
             else:
                 assert ts.processing_on is None, (key, ts.state)
             if ts.state == "memory":
-                assert ts.who_has or ts.value is not None, key
+                assert ts.holders is not None or ts.value is not None, key
             if ts.state == "waiting":
                 assert ts.waiting_on == sum(d.state != "memory" for d in ts.deps), key
             for d in ts.deps:
