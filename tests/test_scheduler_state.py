@@ -483,7 +483,7 @@ def test_fire_and_forget_runs_to_the_end_then_forgets():
     assert state.tasks["a"].state == "processing"
     # When it finishes, its value is freed and the key forgotten; nobody is told
     assert finish(state, W1, "a") == {W1: [{"op": "free", "keys": ["a"]}]}
-    assert state.tasks == {} and not state.clients[FIRE_AND_FORGET].wants
+    assert state.tasks == {} and not state.wanted_keys(state.clients[FIRE_AND_FORGET])
     state.validate()
 
 

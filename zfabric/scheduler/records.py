@@ -152,6 +152,10 @@ class TaskState:
             elif not w:
                 self.who_wants = None
 
+    def wanted_by(self, cs) -> bool:
+        w = self.who_wants
+        return w is cs or (type(w) is set and cs in w)
+
     def wanters(self) -> tuple:
         w = self.who_wants
         if w is None:
@@ -261,12 +265,13 @@ class WorkerState:
 class ClientState:
     """A connected client and the keys it holds futures for."""
 
-    __slots__ = ("ident", "last_seen", "name", "wants")
+    # Which keys a client wants is kept on the tasks only (TaskState.who_wants), not here too:
+    # a second per-task entry would cost ~50 bytes a task to speed up a rare event.
+    __slots__ = ("ident", "last_seen", "name")
 
     def __init__(self, ident: bytes, name: str = "", now: float = 0.0):
         self.ident = ident
         self.name = name or ident.decode(errors="replace")
-        self.wants: set = set()
         self.last_seen = now
 
     def __repr__(self) -> str:

@@ -201,11 +201,11 @@ class SchedulerState:
             if op.get("op") == "submit" and type(op.get("tasks")) is list:
                 # Name the keys so that the client fails their futures instead of waiting.
                 cs = self.clients.get(peer)
-                wants = cs.wants if cs is not None else ()
                 reply["keys"] = [
                     t[0] for t in op["tasks"]
                     if type(t) is list and t and type(t[0]) is str
-                    and self.tasks.get(t[0]) not in wants
+                    and not (t[0] in self.tasks and cs is not None
+                             and self.tasks[t[0]].wanted_by(cs))
                 ]
             self.send(peer, reply)
 
@@ -324,7 +324,8 @@ class SchedulerState:
 
     def remove_client(self, cs: ClientState) -> None:
         self.clients.pop(cs.ident, None)
-        for ts in list(cs.wants):
+        # O(tasks), but only when a client leaves (see ClientState).
+        for ts in [t for t in self.tasks.values() if t.wanted_by(cs)]:
             self.release_key(cs, ts.key)
 
     def peer_gone(self, peer: bytes, now: float) -> None:
@@ -433,9 +434,8 @@ class SchedulerState:
             self._start(ts)
 
     def _want(self, cs: ClientState, ts: TaskState) -> None:
-        if ts in cs.wants:
+        if ts.wanted_by(cs):
             return
-        cs.wants.add(ts)
         ts.add_wanter(cs)
         if ts.state == "memory":
             self.batch(cs.ident, "memory", ts.memory_item())
@@ -444,8 +444,7 @@ class SchedulerState:
 
     def _drop_fire_and_forget(self, ts: TaskState) -> None:
         faf = self.clients[FIRE_AND_FORGET]
-        if ts in faf.wants:
-            faf.wants.discard(ts)
+        if ts.wanted_by(faf):
             ts.drop_wanter(faf)
 
     def want_key(self, cs: ClientState, key: str) -> None:
@@ -459,9 +458,8 @@ class SchedulerState:
 
     def release_key(self, cs: ClientState, key: str) -> None:
         ts = self.tasks.get(key)
-        if ts is None or ts not in cs.wants:
+        if ts is None or not ts.wanted_by(cs):
             return
-        cs.wants.discard(ts)
         ts.drop_wanter(cs)
         self._check_release([ts])
 
@@ -479,7 +477,6 @@ class SchedulerState:
         by_client: dict[bytes, list[str]] = {}
         for ts in doomed:
             for cs in ts.wanters():
-                cs.wants.discard(ts)
                 by_client.setdefault(cs.ident, []).append(ts.key)
             ts.who_wants = None
         for ident, ks in by_client.items():
@@ -586,6 +583,10 @@ class SchedulerState:
             return
         del self._requests[internal]
         self.send(req["peer"], {"op": "reply", "id": req["id"], "result": req["results"]})
+
+    def wanted_keys(self, cs: ClientState) -> list[str]:
+        """The keys a client holds futures for (O(tasks); for tests and diagnostics)."""
+        return [t.key for t in self.tasks.values() if t.wanted_by(cs)]
 
     def info(self) -> dict:
         counts: dict[str, int] = {}
@@ -999,7 +1000,7 @@ class SchedulerState:
             for d in ts.deps:
                 assert ts in d.dependents, (key, d.key)
             for cs in ts.wanters():
-                assert ts in cs.wants
+                assert cs.ident in self.clients, (key, cs)
         for ws in self.workers.values():
             for key, ts in ws.processing.items():
                 assert ts.processing_on is ws and ts.key == key
