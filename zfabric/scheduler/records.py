@@ -10,7 +10,7 @@ class TaskState:
 
     __slots__ = (
         "children",
-        "deps",
+        "parents",
         "error",
         "func",
         "key",
@@ -19,7 +19,6 @@ class TaskState:
         "payload",
         "priority",
         "processing_on",
-        "restricted",
         "retries",
         "scattered",
         "started",
@@ -36,7 +35,7 @@ class TaskState:
         self.payload = payload
         self.func: str | None = None
         self.state = "new"
-        self.deps: tuple = ()
+        self.parents = None  # dependencies: None, one TaskState, or a tuple of them
         self.children = None  # tasks that depend on this one: None, one TaskState, or a set
         self.waiting_on = 0
         self.holders = None  # workers holding the value: None, one WorkerState, or a set
@@ -48,7 +47,6 @@ class TaskState:
         self.nbytes = 0
         self.error: list | None = None  # [exception, traceback, text, kind, extra] once erred
         self.options: dict | None = None
-        self.restricted = False
         self.suspicious = 0
         self.started = False
         self.scattered = False
@@ -63,9 +61,30 @@ class TaskState:
         """Keep the options a worker or the policy needs; drop the empty ones."""
         keep = {k: v for k, v in opts.items() if v and k not in ("priority", "retries")}
         self.options = keep or None
-        self.restricted = bool(keep.get("workers") or keep.get("resources"))
+
 
     # containers that are usually empty or hold one item
+
+    @property
+    def deps(self) -> tuple:
+        """The tasks this one depends on."""
+        p = self.parents
+        if p is None:
+            return ()
+        if type(p) is tuple:
+            return p
+        return (p,)
+
+    @deps.setter
+    def deps(self, value) -> None:
+        value = tuple(value)
+        self.parents = None if not value else value[0] if len(value) == 1 else value
+
+    @property
+    def restricted(self) -> bool:
+        """Whether only some workers may run it (``workers=`` or ``resources=``)."""
+        o = self.options
+        return o is not None and ("workers" in o or "resources" in o)
 
     @property
     def dependents(self):

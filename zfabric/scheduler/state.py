@@ -848,7 +848,7 @@ class SchedulerState:
                     self._ready(dep)
 
     def _ready(self, ts: TaskState) -> None:
-        if self._queued and not ts.restricted and not ts.deps:
+        if self._queued and ts.parents is None and not ts.restricted:
             # A backlog means no worker has a free slot (slots are refilled from it first).
             self._set_state(ts, "queued")
             heapq.heappush(self._queued, (ts.priority, ts))
