@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -17,9 +18,14 @@ import pytest
 
 from zfabric import Client, KilledWorker, Scheduler
 from zfabric.config import from_env
-from zfabric.errors import CommTimeoutError
-from zfabric.nanny import Nanny, RestartPolicy, assess, format_bytes, worker_environ
-from zfabric.process import is_nanny_worker_argv, parse_worker_argv, worker_command
+from zfabric.errors import CommTimeoutError, ZFabricError
+from zfabric.nanny import Nanny, RestartPolicy, assess, format_bytes
+from zfabric.process import (
+    is_nanny_worker_argv,
+    parse_worker_argv,
+    worker_command,
+    worker_environ,
+)
 
 pytestmark = pytest.mark.timeout(40)
 
@@ -133,14 +139,8 @@ def test_format_bytes():
 # ---------------------------------------------------------------------- real processes
 
 
-def _worker_pid():
-    return os.getpid()
-
-
-def _worker_env(name):
-    return os.environ.get(name)
-
-
+# Task functions are lambdas or builtins, so that workers unpickle them by value and do not
+# import this test module (and pytest with it) in every fresh process.
 async def test_nanny_starts_registers_and_vouches():
     async with Scheduler() as s, Nanny(s.address, nworkers=2, nthreads=1, memory_limit=0,
                                        name="n") as nanny:
@@ -152,9 +152,9 @@ async def test_nanny_starts_registers_and_vouches():
         assert all(ws.nanny == ns.ident for ws in s.state.workers.values())
         await until(lambda: ns.vouched == {w.encode() for w in nanny.worker_identities})
         async with Client(s.address, asynchronous=True) as client:
-            pids = await client.run(_worker_pid)
+            pids = await client.run(os.getpid)
             assert sorted(pids.values()) == sorted(nanny.pids)
-            env = await client.run(_worker_env, "OMP_NUM_THREADS")
+            env = await client.run(lambda: os.environ.get("OMP_NUM_THREADS"))
             assert set(env.values()) == {"1"}
         pids = nanny.pids
     assert nanny.status == "closed"
@@ -178,20 +178,16 @@ async def test_nanny_restarts_a_killed_worker_and_tells_the_scheduler_at_once():
             assert await client.submit(lambda x: x * 2, 21) == 42
 
 
-def _hog(nbytes):
-    data = b"x" * nbytes  # touch every page
-    time.sleep(30)
-    return len(data)
-
-
 async def test_memory_limit_terminates_and_restarts_the_worker():
     config = from_env(ALLOWED_FAILURES=1)
     async with Scheduler(config=config) as s, \
             Nanny(s.address, nthreads=1, memory_limit="200MB", config=config) as nanny, \
             Client(s.address, asynchronous=True) as client:
         first_pid = nanny.pids[0]
-        # When a task allocates far past the limit
-        fut = client.submit(_hog, 400_000_000)
+        # When a task allocates far past the limit (after a pause, so that the scheduler has
+        # heard it started: only started tasks are blamed for their worker's death)
+        fut = client.submit(lambda n: time.sleep(0.2) or len(b"x" * n) + time.sleep(30),
+                            400_000_000)
         # Then its worker is terminated (twice, with ALLOWED_FAILURES=1) and it fails
         with pytest.raises(KilledWorker):
             await asyncio.wait_for(fut, 30)
@@ -206,17 +202,33 @@ async def test_memory_limit_terminates_and_restarts_the_worker():
 async def test_client_restart_replaces_every_worker_process():
     async with Scheduler() as s, Nanny(s.address, nworkers=2, nthreads=1, memory_limit=0), \
             Client(s.address, asynchronous=True) as client:
-        before = set((await client.run(_worker_pid)).values())
+        before = set((await client.run(os.getpid)).values())
+        busy = client.submit(time.sleep, 10, pure=False)
+        await until(lambda: busy.key in s.state.tasks and s.state.tasks[busy.key].started)
         await asyncio.wait_for(client.restart(), 20)
+        # A restart is no death: nothing that was running is blamed for it
+        ts = s.state.tasks.get(busy.key)
+        assert ts is None or ts.suspicious == 0
         info = await client.scheduler_info()
         assert len(info["workers"]) == 2
-        after = set((await client.run(_worker_pid)).values())
+        after = set((await client.run(os.getpid)).values())
         assert not before & after
         assert await client.submit(lambda: 3, pure=False) == 3
 
 
+async def test_nanny_whose_worker_cannot_start_fails_at_once():
+    async with Scheduler() as s:
+        start = time.monotonic()
+        # A worker interpreter that cannot even start (its standard library is missing)
+        with pytest.raises(ZFabricError, match="failed to start"):
+            await Nanny(s.address, nthreads=1, memory_limit=0,
+                        env={"PYTHONHOME": "/nonexistent"})
+        assert time.monotonic() - start < 10
+        assert not s.state.workers
+
+
 async def test_nanny_without_scheduler_fails_with_the_address():
-    with pytest.raises(CommTimeoutError, match="127.0.0.1:9"):
+    with pytest.raises(CommTimeoutError, match=re.escape("tcp://127.0.0.1:9")):
         await Nanny("tcp://127.0.0.1:9", nthreads=1, memory_limit=0, death_timeout=0.5)
 
 
@@ -254,11 +266,12 @@ def test_nanny_command_stops_cleanly_on_sigterm():
                 stdout=subprocess.PIPE, text=True,
             )
             try:
-                await until(lambda: len(s.state.workers) == 1, timeout=20)
+                line = await asyncio.wait_for(asyncio.to_thread(proc.stdout.readline), 20)
+                assert line.startswith("Nanny started 1 worker(s) for " + s.address)
+                await until(lambda: len(s.state.workers) == 1, timeout=5)
                 pid = next(iter(s.state.workers.values())).pid
                 proc.send_signal(signal.SIGTERM)
                 assert await asyncio.to_thread(proc.wait, 10) == 0
-                assert "Nanny started 1 worker" in proc.stdout.read()
                 assert await asyncio.to_thread(wait_gone, [pid], 2) == []
                 await until(lambda: not s.state.workers and not s.state.nannies, timeout=5)
             finally:

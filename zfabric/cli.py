@@ -1,8 +1,9 @@
 """The ``zfabric`` command: ``scheduler``, ``worker``, ``nanny``, ``info`` and ``demo``.
 
 A thin typer app: it reads ``ZFABRIC_*`` settings (:func:`zfabric.config.from_env`), builds the
-objects, and runs them until SIGINT or SIGTERM, which close them in order. Heavy imports happen
-inside each command, so that ``zfabric worker`` (which every Nanny starts) starts fast.
+objects, and runs them until SIGINT or SIGTERM, which close them in order (the signal handling
+lives in :mod:`zfabric.process`). Each command imports what it needs when it runs. The worker
+processes a Nanny starts do not come through here at all (see ``__main__``).
 Exit codes: 0 after a clean shutdown, 1 when something failed, 2 for bad arguments.
 """
 
@@ -42,10 +43,6 @@ def main(argv: list[str] | None = None) -> None:
     app(args=argv, prog_name="zfabric")
 
 
-class Failure(Exception):
-    """Raised inside a command for an error to print (without a traceback) and exit 1."""
-
-
 def _setup_logging(level: str) -> None:
     from .process import setup_logging
 
@@ -56,12 +53,12 @@ def _setup_logging(level: str) -> None:
 
 
 def _run(coro) -> None:
-    """Run a command's coroutine; turn a Failure or a zfabric error into a message and exit 1."""
+    """Run a command's coroutine; turn a zfabric or OS error into a message and exit 1."""
     from .errors import ZFabricError
 
     try:
         code = asyncio.run(coro)
-    except (Failure, ZFabricError, OSError, ValueError) as exc:
+    except (ZFabricError, OSError, ValueError) as exc:
         typer.echo(f"Error: {exc}", err=True)
         raise typer.Exit(1) from None
     raise typer.Exit(code or 0)

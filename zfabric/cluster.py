@@ -199,7 +199,12 @@ class LocalCluster(LifeCycle):
                     config=self.config,
                 )
         # Every worker process starts at the same time: this is most of the start-up time.
-        await asyncio.gather(*(w._start_once() for w in self.workers.values()))
+        # All of them settle before an error is raised, so that closing finds none half-started.
+        results = await asyncio.gather(*(w._start_once() for w in self.workers.values()),
+                                       return_exceptions=True)
+        for r in results:
+            if isinstance(r, BaseException):
+                raise r
 
     async def _close(self) -> None:
         results = await asyncio.gather(*(w.close() for w in self.workers.values()),

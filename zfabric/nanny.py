@@ -3,16 +3,17 @@
 Theory of operation
 -------------------
 A :class:`Nanny` owns ``nworkers`` *slots*. Each slot runs one worker process at a time, a fresh
-interpreter started with :func:`worker_command` (``python -m zfabric worker ADDRESS ...``), never
-a fork of this process: no ZeroMQ context or event loop crosses into it, and a user's script
-without ``if __name__ == "__main__":`` is not run again.
+interpreter started with :func:`zfabric.process.worker_command` (``python -m zfabric worker
+ADDRESS ...``), never a fork of this process: no ZeroMQ context or event loop crosses into it,
+and a user's script without ``if __name__ == "__main__":`` is not run again.
 
 The Nanny picks each process's routing id (``--identity``), so it can name the worker when it
 tells the scheduler that the process died (``worker-died``), without asking anyone. A pipe links
 each process to its Nanny (``--ready-fd``): the worker writes ``ready ADDRESS`` once registered
-and ``closing REASON`` before it closes on purpose; end-of-file on the pipe means the process is
-gone, which the Nanny notices at once (psutil polling every ``NANNY_CHECK_INTERVAL_S`` is the
-backstop, and measures memory).
+and ``closing REASON`` before it closes on purpose (or ``restarting REASON`` when it leaves to be
+started afresh, with exit code 75); end-of-file on the pipe means the process is gone, which the
+Nanny notices at once (psutil polling every ``NANNY_CHECK_INTERVAL_S`` is the backstop, and
+measures memory).
 
 A slot moves through these phases; :func:`assess` (pure) says what to do at each check::
 
@@ -20,6 +21,10 @@ A slot moves through these phases; :func:`assess` (pure) says what to do at each
         │                  │  memory/restart/close
         └──────────────────┴──────▶ stopping ──exit──▶ starting | closed
                                    (SIGTERM; SIGKILL at the deadline)
+
+A process that dies while ``start()`` is still waiting leaves its slot *failed*, and ``start()``
+raises instead of trying again and again; after that, a process that dies before it registers is
+started again with :class:`RestartPolicy`'s backoff, one that dies later at once.
 
 A worker must not outlive its Nanny, even a Nanny killed with SIGKILL. The worker sets
 ``PR_SET_PDEATHSIG`` on itself (Linux; done in the child after ``exec`` rather than in a
@@ -39,7 +44,6 @@ import logging
 import os
 import signal
 import subprocess
-import sys
 import time
 import uuid
 from collections.abc import Sequence
@@ -50,24 +54,18 @@ from . import _zmq, protocol
 from .config import Config, from_env, memory_limit_bytes
 from .errors import CommTimeoutError, RemoteProtocolError, ZFabricError
 from .lifecycle import LifeCycle
-from .process import worker_command
+from .process import worker_command, worker_environ
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["Nanny", "RestartPolicy", "assess", "format_bytes", "worker_environ"]
+__all__ = ["Nanny", "RestartPolicy", "assess", "format_bytes"]
 
-#: Environment every worker process gets: one thread per BLAS call (the worker already runs
-#: ``nthreads`` tasks at once) and glibc returning freed memory to the system promptly.
-WORKER_ENVIRON = {
-    "OMP_NUM_THREADS": "1",
-    "MKL_NUM_THREADS": "1",
-    "OPENBLAS_NUM_THREADS": "1",
-    "MALLOC_TRIM_THRESHOLD_": "65536",
-}
 #: How long a worker may take to close after SIGTERM on ``close()`` before it gets SIGKILL.
 CLOSE_GRACE_S = 3.0
 #: The same for ``client.restart()``: its work is being thrown away anyway.
 RESTART_GRACE_S = 1.0
+#: Exit code of a worker process that wants to be started again at once (EX_TEMPFAIL).
+EXIT_RESTART = 75
 #: How long a restart may take before the Nanny answers the scheduler with an error.
 RESTART_TIMEOUT_S = 30.0
 
@@ -97,10 +95,13 @@ def assess(*, phase: str, alive: bool, rss_bytes: int, memory_limit_bytes: int,
 
 
 class RestartPolicy:
-    """How long to wait before starting again a worker that died on its own.
+    """How long to wait before starting again a worker process that died before it registered.
 
-    The first death in ``window_s`` restarts at once; each further one waits twice as long as
-    the last, from ``base_s`` up to ``max_s``, so a worker that cannot start does not spin.
+    Only such deaths count: a worker that cannot start (a broken environment, a scheduler that
+    refuses it) must not spin, while one killed after it served restarts at once, however often
+    it happens (a task that keeps killing workers is the scheduler's to stop, with KilledWorker).
+    The first counted death in ``window_s`` restarts at once; each further one waits twice as
+    long as the last, from ``base_s`` up to ``max_s``.
     """
 
     def __init__(self, *, window_s: float = 30.0, base_s: float = 0.25, max_s: float = 10.0):
@@ -113,29 +114,6 @@ class RestartPolicy:
         if recent <= 1:
             return 0.0
         return min(self.max_s, self.base_s * 2 ** (recent - 2))
-
-
-# ---------------------------------------------------------------------- the worker's environment
-
-
-def worker_environ(extra: dict | None = None, base: dict | None = None) -> dict[str, str]:
-    """The environment of a worker process: ours, the fixed settings, this interpreter's
-    extra import paths (so functions pickled by reference import there too), then ``extra``."""
-    env = dict(os.environ if base is None else base)
-    env.update(WORKER_ENVIRON)
-    prefixes = tuple({sys.prefix, sys.base_prefix, sys.exec_prefix})
-    paths = []
-    for p in sys.path:
-        p = os.path.abspath(p or os.curdir)
-        if p.startswith(prefixes) or not os.path.isdir(p) or p in paths:
-            continue
-        paths.append(p)
-    if env.get("PYTHONPATH"):
-        paths.append(env["PYTHONPATH"])
-    if paths:
-        env["PYTHONPATH"] = os.pathsep.join(paths)
-    env.update({k: str(v) for k, v in (extra or {}).items()})
-    return env
 
 
 # ---------------------------------------------------------------------- nanny side
@@ -153,6 +131,7 @@ class WorkerProcess:
         self.address = ""
         self.ready = False
         self.closing_reason: str | None = None  # it said it closes on purpose
+        self.restart_reason: str | None = None  # it said it leaves to be started afresh
         self.reported = False  # the scheduler was told it died
         self.buffer = b""
         try:
@@ -336,16 +315,26 @@ class Nanny(LifeCycle):
         self._tasks = []
         now = time.monotonic()
         for slot in self.slots:
-            if slot.process is not None and slot.process.proc.poll() is None:
+            wp = slot.process
+            rc = wp.proc.poll() if wp is not None else None
+            if wp is not None and rc is None:
                 self._stop(slot, now, then="close", grace_s=CLOSE_GRACE_S)
+            elif wp is not None and slot.phase in ("starting", "running", "stopping"):
+                self._exited(slot, wp, rc, now)  # died just now: tell the scheduler
             else:
                 self._retire(slot)
                 slot.phase = "closed"
+        give_up = now + CLOSE_GRACE_S + 5.0  # SIGKILL comes at CLOSE_GRACE_S
         while any(s.phase == "stopping" for s in self.slots):
             now = time.monotonic()
             for slot in self.slots:
                 if slot.phase == "stopping":
                     self._check(slot, now)
+            if now > give_up:
+                stuck = [s.process.pid for s in self.slots if s.phase == "stopping"]
+                logger.error("nanny %s: worker processes %s do not die, even with SIGKILL",
+                             self.identity, stuck)
+                break
             await asyncio.sleep(0.01)
         if self._sock is not None:
             if self.epoch is not None:
@@ -470,6 +459,8 @@ class Nanny(LifeCycle):
                     slot.phase = "running"
             elif word == "closing":
                 wp.closing_reason = rest or "closed"
+            elif word == "restarting":
+                wp.restart_reason = rest or "restarting"
 
     def _close_pipe(self, wp: WorkerProcess) -> None:
         if wp.fd is None:
@@ -513,7 +504,11 @@ class Nanny(LifeCycle):
         while True:
             now = time.monotonic()
             for slot in self.slots:
-                self._check(slot, now)
+                try:
+                    self._check(slot, now)
+                except Exception:  # e.g. no more processes or file descriptors: try again
+                    logger.exception("nanny %s: checking worker slot %d failed",
+                                     self.identity, slot.index)
             if now >= next_beat:
                 next_beat = now + beat_every
                 alive = [s.process.identity for s in self.slots
@@ -568,38 +563,48 @@ class Nanny(LifeCycle):
                 slot.kill_at = now + 3600.0  # once is enough
 
     def _exited(self, slot: Slot, wp: WorkerProcess, rc: int, now: float) -> None:
+        """The slot's process is gone (and reaped): tell the scheduler, then restart or not."""
         self._close_pipe(wp)
         how = (f"was killed by {_signal_name(-rc)}" if rc < 0 else f"exited with code {rc}")
-        stopping = slot.phase == "stopping"
-        if stopping:
+        expected = True  # we stopped it, or it asked to be started afresh: restart at once
+        if slot.phase == "stopping":
             then = slot.then
             if wp.closing_reason is None:
                 self._report(wp, f"worker process {wp.pid} {how} while its nanny stopped it")
+        elif wp.restart_reason is not None or rc == EXIT_RESTART:
+            # Not a death: nothing to back off from. A worker that said so on the pipe has said
+            # goodbye to the scheduler too, and nothing it ran is to blame.
+            logger.info("worker process %d asked for a fresh start: %s", wp.pid,
+                        wp.restart_reason or f"exit code {rc}")
+            if wp.restart_reason is None:
+                self._report(wp, f"worker process {wp.pid} {how}")
+            then = "restart"
         elif wp.closing_reason is not None:
             logger.info("worker process %d closed: %s", wp.pid, wp.closing_reason)
             then = "close"
             self._report(wp, f"worker closed: {wp.closing_reason}")
         else:
             text = f"worker process {wp.pid} {how}"
-            logger.warning("nanny %s: %s; starting a new one", self.identity, text)
+            logger.warning("nanny %s: %s", self.identity, text)
             self._report(wp, text)
             slot.last_exit = text
-            slot.deaths.append(now)
-            del slot.deaths[:-20]
-            then = "restart"
+            if not wp.ready:  # died before it registered: count it, to back off
+                slot.deaths.append(now)
+                del slot.deaths[:-20]
+            then, expected = "restart", False
         if then == "close" or self.status not in ("starting", "running"):
             slot.phase = "closed"
             return
-        if self.status == "starting" and not stopping:
+        if self.status == "starting" and not expected:
             slot.phase = "failed"  # start() reports it; no point trying again and again
-            slot.last_exit = slot.last_exit or f"worker process {wp.pid} {how}"
             return
-        delay = 0.0 if stopping else self.policy.delay(slot.deaths, now)
+        delay = 0.0 if expected else self.policy.delay(slot.deaths, now)
         slot.phase = "waiting"
         slot.restart_at = now + delay
         if delay:
-            logger.warning("nanny %s: worker slot %d died %d times lately; next start in %.1f s",
-                           self.identity, slot.index, len(slot.deaths), delay)
+            logger.warning("nanny %s: worker slot %d died %d times lately before it registered;"
+                           " next start in %.1f s", self.identity, slot.index, len(slot.deaths),
+                           delay)
         else:
             self._spawn(slot, now)
 
@@ -636,7 +641,8 @@ class Nanny(LifeCycle):
                 continue
             marks.append((slot, slot.generation))
             if slot.phase in ("starting", "running") and slot.process is not None:
-                self._report(slot.process, "restarting at a client's request")
+                # No worker-died up front: on SIGTERM the worker says goodbye itself, so the
+                # scheduler blames none of its tasks (it is reported only if it must be killed).
                 self._stop(slot, now, then="restart", grace_s=RESTART_GRACE_S)
             elif slot.phase == "waiting":
                 slot.restart_at = now

@@ -4,13 +4,14 @@ The ``zfabric`` command (:mod:`zfabric.cli`) uses :func:`serve` and :func:`start
 scheduler, worker or nanny until SIGINT or SIGTERM. A worker process started by a Nanny takes a
 shorter road: ``python -m zfabric worker ... --ready-fd N`` is recognised by ``__main__`` and
 parsed here by :func:`parse_worker_argv` without loading typer (which costs ~0.2 s of start-up on
-every restart). :func:`worker_command` writes that command line; the two are kept together so
-they cannot drift apart.
+every restart). :func:`worker_command` writes that command line (and :func:`worker_environ` its
+environment); the two are kept together so they cannot drift apart.
 
-The worker's end of the Nanny link (see :mod:`zfabric.nanny`): it writes ``ready ADDRESS`` and
-``closing REASON`` lines to the pipe ``--ready-fd``, asks Linux to SIGTERM it when its parent dies
-(``PR_SET_PDEATHSIG``, set in the child itself after ``exec``, so no ``preexec_fn`` runs in a
-parent that has threads) and polls its parent's pid each heartbeat as a portable second line.
+The worker's end of the Nanny link (see :mod:`zfabric.nanny`): it writes ``ready ADDRESS``, then
+``closing REASON`` or ``restarting REASON`` lines to the pipe ``--ready-fd``; it asks Linux to
+SIGTERM it when its parent dies (``PR_SET_PDEATHSIG``, set in the child itself after ``exec``, so
+no ``preexec_fn`` runs in a parent that has threads) and polls its parent's pid each heartbeat as
+a portable second line.
 """
 
 from __future__ import annotations
@@ -25,9 +26,17 @@ import threading
 
 __all__ = [
     "NannyPipe", "die_with_parent", "parent_alive", "parse_worker_argv", "run_worker", "serve",
-    "start_or_stop", "worker_command",
+    "start_or_stop", "worker_command", "worker_environ",
 ]
 
+#: Environment every worker process gets: one thread per BLAS call (the worker already runs
+#: ``nthreads`` tasks at once) and glibc returning freed memory to the system promptly.
+WORKER_ENVIRON = {
+    "OMP_NUM_THREADS": "1",
+    "MKL_NUM_THREADS": "1",
+    "OPENBLAS_NUM_THREADS": "1",
+    "MALLOC_TRIM_THRESHOLD_": "65536",
+}
 #: After SIGINT/SIGTERM a process that has not closed within this long exits anyway.
 HARD_EXIT_S = 10.0
 
@@ -35,16 +44,20 @@ HARD_EXIT_S = 10.0
 # ---------------------------------------------------------------------- signals
 
 
-async def serve(obj, *, stop_when=None) -> str:
+async def serve(obj, *, stop_when=None, parent_pid: int | None = None) -> str:
     """Wait until SIGINT/SIGTERM, ``obj`` closing by itself, or the awaitable ``stop_when``
     finishing (its result is the reason). Returns why it stopped. The caller closes ``obj``.
-    A second signal exits at once."""
+
+    A second signal exits at once, except after the death of ``parent_pid``: the kernel sends
+    ``PR_SET_PDEATHSIG`` again each time a thread of the dying parent exits."""
     loop = asyncio.get_running_loop()
     stop = asyncio.Event()
     why = {"reason": "closed"}
 
     def on_signal(signum: int) -> None:
         if stop.is_set():
+            if parent_pid is not None and not parent_alive(parent_pid):
+                return
             os._exit(1)
         why["reason"] = f"received {signal.Signals(signum).name}"
         stop.set()
@@ -80,11 +93,13 @@ async def start_or_stop(obj) -> bool:
     stopper = asyncio.ensure_future(stop.wait())
     await asyncio.wait([start, stopper], return_when=asyncio.FIRST_COMPLETED)
     stopper.cancel()
-    if start.done():
+    if not stop.is_set():
         start.result()  # raises if it failed
         return True
     hard_exit_later()
     start.cancel()
+    with contextlib.suppress(BaseException):
+        await start
     await obj.close()
     return False
 
@@ -132,7 +147,13 @@ class NannyPipe:
         self._write(f"ready {address}")
 
     def closing(self, reason: str) -> None:
+        """We close on purpose: the Nanny should not start us again."""
         self._write(f"closing {reason}")
+
+    def restarting(self, reason: str) -> None:
+        """We leave so that the Nanny starts a fresh process at once (we said goodbye to the
+        scheduler ourselves, so nothing we ran is to blame)."""
+        self._write(f"restarting {reason}")
 
 
 # ---------------------------------------------------------------------- the worker command
@@ -161,6 +182,26 @@ def worker_command(scheduler_address: str, *, identity: str, nthreads: int, memo
     if death_timeout_s is not None:
         cmd += ["--death-timeout", repr(float(death_timeout_s))]
     return cmd
+
+
+def worker_environ(extra: dict | None = None, base: dict | None = None) -> dict[str, str]:
+    """The environment of a worker process: ours, the fixed settings, this interpreter's
+    extra import paths (so functions pickled by reference import there too), then ``extra``."""
+    env = dict(os.environ if base is None else base)
+    env.update(WORKER_ENVIRON)
+    prefixes = tuple({sys.prefix, sys.base_prefix, sys.exec_prefix})
+    paths = []
+    for p in sys.path:
+        p = os.path.abspath(p or os.curdir)
+        if p.startswith(prefixes) or not os.path.isdir(p) or p in paths:
+            continue
+        paths.append(p)
+    if env.get("PYTHONPATH"):
+        paths.append(env["PYTHONPATH"])
+    if paths:
+        env["PYTHONPATH"] = os.pathsep.join(paths)
+    env.update({k: str(v) for k, v in (extra or {}).items()})
+    return env
 
 
 def is_nanny_worker_argv(argv: list[str]) -> bool:
@@ -252,10 +293,16 @@ async def run_worker(address: str, kw: dict, parent_pid: int | None = None,
         return "its nanny is gone"
 
     try:
-        reason = await serve(w, stop_when=parent_gone() if parent_pid is not None else None)
+        reason = await serve(w, stop_when=parent_gone() if parent_pid is not None else None,
+                             parent_pid=parent_pid)
         if reason == "closed" and w._core is not None and w._core.close_reason:
             reason = w._core.close_reason
-        pipe.closing(reason)
+        # A worker that stopped itself with an exit code (a task passed its task_timeout under
+        # a Nanny: a thread cannot be killed) wants a fresh process; otherwise it is done.
+        if w.exit_code is not None:
+            pipe.restarting(reason)
+        else:
+            pipe.closing(reason)
     finally:
         await w.close()
-    return 0
+    return w.exit_code or 0

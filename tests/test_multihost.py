@@ -1,0 +1,418 @@
+"""zfabric across hosts, and the same-host shared-memory path, with real ``zfabric`` processes.
+
+``test_three_hosts`` builds a LAN of three hosts in network namespaces (:mod:`netns`; root
+only, skipped otherwise): the scheduler and the client on host a, a worker on host b, a Nanny
+with one worker on host c. A ~40 MB array made on b is consumed by a task on c (a peer-to-peer
+fetch from b to c) and the result is gathered by the client on a. The hosts share a
+filesystem, ``/dev/shm`` included, so the shared-memory path *would* work between them: the
+test proves it is not taken by counting the bytes each host's ``eth0`` received, and by
+checking that the received arrays do not live in a ``/dev/shm`` mapping.
+
+The other two tests run on this host without namespaces: two workers hand a large value to
+each other (and to the client) through ``/dev/shm`` and leave no segment behind, and a
+SIGKILLed worker's segment is removed when the next worker starts (``shm.sweep``).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+from types import SimpleNamespace
+
+import netns
+import numpy as np
+import pytest
+import zmq
+
+from zfabric import Client, protocol, shm, wait
+
+ZFABRIC = [sys.executable, "-m", "zfabric"]
+#: Elements of the float64 array moved between hosts: 40 MB.
+LAN_N = 5_000_000
+LAN_NBYTES = LAN_N * 8
+#: The scheduler's port on host a; the namespace is new, so any port is free.
+LAN_PORT = 8786
+#: Elements of the array moved on one host: 4 MiB, above shm's 1 MiB threshold.
+LOCAL_N = 1 << 19
+#: Bounded waits.
+START_TIMEOUT_S = 20.0
+CLIENT_TIMEOUT_S = 40.0
+
+# Task functions, as source: the client on host a runs them as part of its script, and the
+# tests on this host exec them into a module that is not importable, so that cloudpickle
+# sends them by value (a worker cannot import this test module).
+HELPERS = r'''
+import numpy as np
+
+from zfabric import shm
+
+
+def make(n, seed=7):
+    """n float64 numbers, the same for the same n and seed."""
+    return np.random.default_rng(seed).random(n)
+
+
+def in_shm(arr):
+    """Whether arr's memory lies in a mapping of a zfabric /dev/shm segment, i.e. it was
+    received through shared memory rather than read off a socket."""
+    start = arr.__array_interface__["data"][0]
+    with open("/proc/self/maps") as f:
+        for line in f:
+            fields = line.split(maxsplit=5)
+            lo, hi = (int(v, 16) for v in fields[0].split("-"))
+            if lo <= start < hi:
+                return len(fields) == 6 and fields[5].startswith(f"{shm.SHM_DIR}/{shm.PREFIX}")
+    return False
+
+
+def consume(x, producer, me):
+    """A task that depends on x (made at producer) and runs at me."""
+    return {"y": x * 2 + 1, "x_in_shm": in_shm(x), "producer_is_local": shm.is_local(producer),
+            "me_is_local": shm.is_local(me)}
+
+
+def eth0_bytes():
+    """(rx, tx) bytes of this network namespace's eth0 (`ip netns exec` mounts its /sys)."""
+    out = []
+    for what in ("rx_bytes", "tx_bytes"):
+        with open(f"/sys/class/net/eth0/statistics/{what}") as f:
+            out.append(int(f.read()))
+    return out
+'''
+
+CLIENT_MAIN = r'''
+
+import json
+import sys
+import time
+
+from zfabric import Client, wait
+
+
+def host_of(address):
+    return address.rpartition(":")[0].removeprefix("tcp://")
+
+
+def main(address, ip_b, ip_c, n):
+    report = {}
+    with Client(address, timeout=10, set_as_default=False) as c:
+        deadline = time.monotonic() + 20
+        while len(c.scheduler_info()["workers"]) < 2:
+            if time.monotonic() > deadline:
+                raise SystemExit(f"workers registered: {c.scheduler_info()['workers']}")
+            time.sleep(0.1)
+        workers = sorted(c.scheduler_info()["workers"])
+        report["workers"] = workers
+        (wb,) = [w for w in workers if host_of(w) == ip_b]
+        (wc,) = [w for w in workers if host_of(w) == ip_c]
+        report["local_addresses"] = c.run(lambda: sorted(shm.local_addresses()))
+        report["client_is_local"] = {w: shm.is_local(w) for w in workers}
+
+        # Small tasks, on both hosts and anywhere.
+        report["squares"] = sum(c.gather(c.map(lambda i: i * i, range(100))))
+        report["pinned"] = [c.submit(lambda: 1, workers=[w], pure=False).result(timeout=10)
+                            for w in (wb, wc)]
+
+        def snap():
+            remote = c.run(eth0_bytes)
+            return {"a": eth0_bytes(), "b": remote[wb], "c": remote[wc]}
+
+        snaps = [snap()]
+        fx = c.submit(make, n, workers=[wb], pure=False)
+        wait([fx], timeout=20)
+        report["x_held_by"] = c.who_has([fx])[fx.key]
+        snaps.append(snap())
+        fy = c.submit(consume, fx, wb, wc, workers=[wc], pure=False)
+        wait([fy], timeout=20)
+        report["y_held_by"] = c.who_has([fy])[fy.key]
+        snaps.append(snap())
+        r = fy.result(timeout=20)
+        snaps.append(snap())
+        report["snaps"] = snaps
+        report["y_equal"] = bool(np.array_equal(r["y"], make(n) * 2 + 1))
+        report["y_in_shm_at_client"] = in_shm(r["y"])
+        report.update({k: v for k, v in r.items() if k != "y"})
+    return report
+
+
+if __name__ == "__main__":
+    report = main(sys.argv[1], sys.argv[2], sys.argv[3], int(sys.argv[4]))
+    print("REPORT " + json.dumps(report), flush=True)
+'''
+
+
+def _helpers() -> SimpleNamespace:
+    module = {"__name__": "zfabric_multihost_helpers"}  # not in sys.modules: pickled by value
+    exec(compile(HELPERS, "<multihost helpers>", "exec"), module)
+    return SimpleNamespace(**module)
+
+
+def _host_of(address: str) -> str:
+    return address.rpartition(":")[0].removeprefix("tcp://")
+
+
+def _tail(path: Path, lines: int = 15) -> str:
+    try:
+        return "\n".join(path.read_text(errors="replace").splitlines()[-lines:])
+    except OSError:
+        return ""
+
+
+def _logs(log_dir: Path) -> str:
+    return "\n".join(f"--- {p.name}\n{_tail(p)}" for p in sorted(log_dir.glob("*.log")))
+
+
+def _wait_for_file(path: Path, procs: list[subprocess.Popen], log_dir: Path) -> dict:
+    deadline = time.monotonic() + START_TIMEOUT_S
+    while True:
+        with contextlib.suppress(FileNotFoundError, json.JSONDecodeError):
+            return json.loads(path.read_text())
+        dead = [p.args for p in procs if p.poll() is not None]
+        assert not dead, f"exited early: {dead}\n{_logs(log_dir)}"
+        assert time.monotonic() < deadline, f"no {path.name} after {START_TIMEOUT_S} s\n" \
+            f"{_logs(log_dir)}"
+        time.sleep(0.05)
+
+
+def _segments(pids) -> list[str]:
+    """The /dev/shm segments of these processes that still exist."""
+    prefixes = tuple(f"{shm.PREFIX}{pid}-" for pid in pids)
+    return sorted(n for n in os.listdir(shm.SHM_DIR) if n.startswith(prefixes))
+
+
+def _delta(snaps: list[dict], i: int, host: str) -> tuple[int, int]:
+    """(rx, tx) bytes host received and sent between snapshot i and i + 1."""
+    (rx0, tx0), (rx1, tx1) = snaps[i][host], snaps[i + 1][host]
+    return rx1 - rx0, tx1 - tx0
+
+
+# ---------------------------------------------------------------------- three hosts
+
+
+@pytest.fixture
+def lan():
+    """Three hosts on a bridge, each in its own network namespace; torn down afterwards."""
+    reason = netns.unavailable_reason()
+    if reason:
+        pytest.skip(reason)
+    netns.sweep_stale()
+    lan = netns.Lan(3)
+    try:
+        lan.create()
+    except netns.NetnsError as exc:
+        pytest.skip(f"cannot build a LAN of network namespaces here: {exc}")
+    try:
+        yield lan
+    finally:
+        lan.close()
+    assert lan.names() == [], "network namespaces left behind"
+
+
+def test_three_hosts(lan, tmp_path):
+    # Given a scheduler on host a, a worker on host b and a Nanny with one worker on host c
+    a, b, c = 0, 1, 2
+    address = f"tcp://{lan.ips[a]}:{LAN_PORT}"
+    sched_file = tmp_path / "scheduler.json"
+
+    def start(host: int, log: str, *args: str) -> subprocess.Popen:
+        with open(tmp_path / f"{log}.log", "w") as out:
+            return lan.popen(host, [*ZFABRIC, *args], stdout=out, stderr=subprocess.STDOUT)
+
+    procs = [
+        start(a, "scheduler", "scheduler", "--host", lan.ips[a], "--port", str(LAN_PORT),
+              "--scheduler-file", str(sched_file)),
+        start(b, "worker-b", "worker", address, "--nthreads", "1", "--memory-limit", "0",
+              "--death-timeout", "20"),
+        start(c, "nanny-c", "nanny", address, "--nworkers", "1", "--nthreads", "1",
+              "--memory-limit", "0", "--death-timeout", "20"),
+    ]
+    assert _wait_for_file(sched_file, procs, tmp_path)["address"] == address
+
+    # When a client on host a makes a 40 MB array on b, consumes it on c and gathers the result
+    script = tmp_path / "client.py"
+    script.write_text(HELPERS + CLIENT_MAIN)
+    client = lan.popen(a, [sys.executable, str(script), address, lan.ips[b], lan.ips[c],
+                           str(LAN_N)], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                       text=True)
+    try:
+        out, err = client.communicate(timeout=CLIENT_TIMEOUT_S)
+    except subprocess.TimeoutExpired:
+        client.kill()
+        out, err = client.communicate()
+        pytest.fail(f"client did not finish in {CLIENT_TIMEOUT_S} s\n{err}\n{_logs(tmp_path)}")
+    assert client.returncode == 0, f"client failed:\n{out}\n{err}\n{_logs(tmp_path)}"
+    (line,) = [ln for ln in out.splitlines() if ln.startswith("REPORT ")]
+    r = json.loads(line.removeprefix("REPORT "))
+
+    # Then both workers registered with addresses on their own hosts, each seeing only its own
+    wb, wc = sorted(r["workers"], key=lambda w: _host_of(w) != lan.ips[b])
+    assert [_host_of(wb), _host_of(wc)] == [lan.ips[b], lan.ips[c]]
+    for w, own in ((wb, lan.ips[b]), (wc, lan.ips[c])):
+        seen = set(r["local_addresses"][w])
+        assert own in seen and not seen & (set(lan.ips) - {own}), (w, seen)
+    # and no two of the hosts count as one for shared memory
+    assert r["client_is_local"] == {wb: False, wc: False}
+    assert r["producer_is_local"] is False and r["me_is_local"] is True
+    # and small tasks ran
+    assert r["squares"] == sum(i * i for i in range(100)) and r["pinned"] == [1, 1]
+    # and the values are where they were made, and right
+    assert r["x_held_by"] == [wb] and r["y_held_by"] == [wc]
+    assert r["y_equal"] is True
+
+    # And the bytes went over TCP: while x was made nothing large moved,
+    snaps = r["snaps"]
+    small = LAN_NBYTES // 10
+    for host in "abc":
+        assert max(_delta(snaps, 0, host)) < small, ("make", host, _delta(snaps, 0, host))
+    # c received x from b (peer to peer: not through host a) into socket memory, not /dev/shm,
+    assert _delta(snaps, 1, "c")[0] >= LAN_NBYTES, _delta(snaps, 1, "c")
+    assert _delta(snaps, 1, "b")[1] >= LAN_NBYTES, _delta(snaps, 1, "b")
+    assert _delta(snaps, 1, "a")[0] < small, _delta(snaps, 1, "a")
+    assert r["x_in_shm"] is False
+    # and the client on a received y from c.
+    assert _delta(snaps, 2, "a")[0] >= LAN_NBYTES, _delta(snaps, 2, "a")
+    assert _delta(snaps, 2, "c")[1] >= LAN_NBYTES, _delta(snaps, 2, "c")
+    assert _delta(snaps, 2, "b")[0] < small, _delta(snaps, 2, "b")
+    assert r["y_in_shm_at_client"] is False
+
+
+# ---------------------------------------------------------------------- one host
+
+
+class LocalCluster:
+    """A ``zfabric scheduler`` on 127.0.0.1 and ``zfabric worker`` processes, logging to files."""
+
+    def __init__(self, log_dir: Path):
+        self.log_dir = log_dir
+        self.sched_file = log_dir / "scheduler.json"
+        self.procs: list[subprocess.Popen] = []
+        self.address = ""
+
+    def _start(self, log: str, *args: str) -> subprocess.Popen:
+        with open(self.log_dir / f"{log}.log", "w") as out:
+            p = subprocess.Popen([*ZFABRIC, *args], stdin=subprocess.DEVNULL, stdout=out,
+                                 stderr=subprocess.STDOUT, start_new_session=True)
+        self.procs.append(p)
+        return p
+
+    def start(self, nworkers: int) -> str:
+        self._start("scheduler", "scheduler", "--host", "127.0.0.1", "--port", "0",
+                    "--scheduler-file", str(self.sched_file))
+        for _ in range(nworkers):
+            self.worker()
+        self.address = _wait_for_file(self.sched_file, self.procs, self.log_dir)["address"]
+        return self.address
+
+    def worker(self) -> subprocess.Popen:
+        return self._start(f"worker-{len(self.procs)}", "worker", "--scheduler-file",
+                           str(self.sched_file), "--nthreads", "1", "--memory-limit", "0",
+                           "--death-timeout", "20")
+
+    def workers(self, client: Client, n: int, exclude=()) -> list[str]:
+        """The addresses of the registered workers, once ``n`` are there (minus ``exclude``)."""
+        deadline = time.monotonic() + START_TIMEOUT_S
+        while True:
+            found = sorted(set(client.scheduler_info()["workers"]) - set(exclude))
+            if len(found) >= n:
+                return found
+            assert time.monotonic() < deadline, f"workers: {found}\n{_logs(self.log_dir)}"
+            time.sleep(0.05)
+
+    def close(self) -> None:
+        """SIGTERM every process group, SIGKILL what is left after 5 s or if interrupted."""
+        try:
+            for p in self.procs:
+                with contextlib.suppress(ProcessLookupError):
+                    os.killpg(p.pid, signal.SIGTERM)
+            deadline = time.monotonic() + 5
+            for p in self.procs:
+                with contextlib.suppress(subprocess.TimeoutExpired):
+                    p.wait(timeout=max(0.0, deadline - time.monotonic()))
+        finally:
+            for p in self.procs:
+                if p.poll() is None:
+                    with contextlib.suppress(ProcessLookupError):
+                        os.killpg(p.pid, signal.SIGKILL)
+                    p.wait(timeout=5)
+
+
+@pytest.fixture
+def local(tmp_path):
+    if not shm.available():
+        pytest.skip(f"{shm.SHM_DIR} is not available")
+    cluster = LocalCluster(tmp_path)
+    try:
+        yield cluster
+    finally:
+        cluster.close()
+
+
+def test_same_host_workers_share_memory(local):
+    # Given two worker processes on this host
+    h = _helpers()
+    address = local.start(nworkers=2)
+    with Client(address, timeout=10, set_as_default=False) as c:
+        wa, wb = local.workers(c, 2)
+        pids = c.run(os.getpid)
+        assert sorted(pids.values()) == sorted(p.pid for p in local.procs[1:])
+
+        # When a task on b consumes a 4 MiB array made on a, and the client gathers the result
+        fx = c.submit(h.make, LOCAL_N, workers=[wa], pure=False)
+        fy = c.submit(h.consume, fx, wa, wb, workers=[wb], pure=False)
+        r = fy.result(timeout=20)
+
+        # Then b received x by mapping a's segment, and so did the client for y
+        assert r["producer_is_local"] is True and r["me_is_local"] is True
+        assert r["x_in_shm"] is True
+        assert h.in_shm(r["y"])
+        assert np.array_equal(r["y"], h.make(LOCAL_N) * 2 + 1)
+        # and every segment was unlinked by its receiver at once
+        assert _segments([*pids.values(), os.getpid()]) == []
+
+
+def test_killed_worker_leaks_no_segments(local):
+    # Given a worker holding a 4 MiB value
+    h = _helpers()
+    address = local.start(nworkers=1)
+    with Client(address, timeout=10, set_as_default=False) as c:
+        (wa,) = local.workers(c, 1)
+        pid_a = c.run(os.getpid)[wa]
+        assert pid_a == local.procs[1].pid
+        fx = c.submit(h.make, LOCAL_N, workers=[wa], pure=False)
+        wait([fx], timeout=20)
+
+        # and a segment of it that was never read: a raw peer asks for the value through
+        # shared memory and does not map it (as if it died before it could)
+        ctx = zmq.Context()
+        try:
+            sock = ctx.socket(zmq.DEALER)
+            sock.setsockopt(zmq.LINGER, 0)
+            sock.connect(wa)
+            sock.send_multipart(protocol.encode(
+                [{"op": "get-data", "id": 1, "keys": [fx.key], "shm": True}]))
+            assert sock.poll(10_000), "worker did not answer get-data"
+            ops, _ = protocol.decode(sock.recv_multipart())
+            sock.close()
+        finally:
+            ctx.term()
+        assert ops[0]["op"] == "data"
+        name = ops[0]["items"][0][4][0]
+        assert name.startswith(f"{shm.PREFIX}{pid_a}-")
+        segment = Path(shm.SHM_DIR, name)
+        assert segment.stat().st_size >= LOCAL_N * 8
+
+        # When that worker is killed with SIGKILL, its segment outlives it,
+        os.kill(pid_a, signal.SIGKILL)
+        local.procs[1].wait(timeout=5)
+        assert segment.exists()
+        # until the next worker starts on this host.
+        local.worker()
+        local.workers(c, 1, exclude=[wa])
+        assert not segment.exists()
+        assert _segments([pid_a]) == []
