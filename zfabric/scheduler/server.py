@@ -199,9 +199,16 @@ class Scheduler(LifeCycle):
                 del self._backlog[peer]
 
     def _goodbye(self, sock: zmq.Socket) -> None:
-        """Tell workers and clients we are closing so they do not wait for heartbeats."""
-        frame = protocol.encode([{"op": "reregister", "reason": "scheduler closed"}])[0]
-        for peer in [*self.state.workers, *self.state.clients, *self.state.nannies]:
+        """Tell everyone we are closing so they do not wait for heartbeats.
+
+        After a shutdown request (``client.shutdown()``) workers and nannies close, as in
+        dask.distributed; otherwise they keep trying to reach a scheduler at this address.
+        """
+        again = protocol.encode([{"op": "reregister", "reason": "scheduler closed"}])[0]
+        close = protocol.encode([{"op": "close", "reason": "scheduler shut down"}])[0]
+        servers = [*self.state.workers, *self.state.nannies]
+        for peer in [*servers, *self.state.clients]:
+            frame = close if self.state.closing and peer in servers else again
             try:
                 sock.send_multipart([peer, frame], zmq.NOBLOCK)
             except zmq.ZMQError:
