@@ -17,6 +17,6 @@ async def fab():
     ``fab.s``, ``fab.a``, ``fab.b``, ``fab.workers`` and ``fab.c``; everything is closed and
     leak-checked afterwards.
     """
-    async with cluster(nworkers=2, nthreads=1) as (s, workers):
-        async with Client(s.address, asynchronous=True, set_as_default=False) as c:
-            yield SimpleNamespace(s=s, workers=workers, a=workers[0], b=workers[1], c=c)
+    async with cluster(nworkers=2, nthreads=1) as (s, workers), \
+            Client(s.address, asynchronous=True, set_as_default=False) as c:
+        yield SimpleNamespace(s=s, workers=workers, a=workers[0], b=workers[1], c=c)

@@ -4,13 +4,14 @@ from __future__ import annotations
 
 import asyncio
 import gc
+import itertools
 import operator
 import time
 
 import numpy as np
 import pytest
 
-from zfabric import Client, Future, Scheduler, Worker
+from zfabric import Client, Future, Scheduler, Worker, as_completed, wait
 from zfabric.errors import ClosedError, CommTimeoutError, TaskCancelled
 from zfabric.testing import check_leaks, cluster, gen_cluster
 
@@ -42,7 +43,8 @@ def state_of(s, future) -> str | None:
 
 async def test_seed_program_verbatim():
     async with check_leaks():
-        async with Scheduler() as s:
+        # the seed of issue #2, as a user writes it
+        async with Scheduler() as s:  # noqa: SIM117
             async with Worker(s.address) as w1, Worker(s.address) as w2:
                 async with Client(s.address, asynchronous=True) as client:
                     result = await client.submit(lambda x: x + 1, 10)
@@ -81,9 +83,11 @@ async def test_worker_and_client_life_cycle_by_await():
 
 
 async def test_scheduler_binds_where_asked():
-    probe = await Scheduler()
-    port = int(probe.address.rsplit(":", 1)[1])
-    await probe.close()
+    import socket
+
+    with socket.socket() as probe:  # a free port (a plain socket's close is synchronous)
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
     async with Scheduler("127.0.0.1", port) as s:
         assert s.address == f"tcp://127.0.0.1:{port}"
         async with Worker(s.address, nthreads=1), Client(s.address, asynchronous=True) as c:
@@ -95,7 +99,7 @@ async def test_scheduler_binds_where_asked():
 async def test_scheduler_port_in_use_is_a_clear_error():
     async with Scheduler() as s:
         port = int(s.address.rsplit(":", 1)[1])
-        with pytest.raises(Exception, match="cannot listen on .*Choose another port"):
+        with pytest.raises(Exception, match=r"cannot listen on .*Choose another port"):
             await Scheduler("127.0.0.1", port)
 
 
@@ -147,6 +151,17 @@ def test_blocking_client_in_a_thread_of_its_own():
                     f = c.submit(inc, 41)
                     assert f.result(timeout=5) == 42
                     assert c.gather([c.submit(inc, i) for i in range(3)]) == [1, 2, 3]
+                    # the blocking forms of wait, as_completed and Future's methods
+                    fs = c.map(inc, range(5))
+                    done, not_done = wait(fs, timeout=5)
+                    assert len(done) == 5 and not not_done
+                    assert sorted(r for _, r in as_completed(fs, with_results=True)) == [
+                        1, 2, 3, 4, 5]
+                    bad = c.submit(operator.truediv, 1, 0)
+                    assert isinstance(bad.exception(timeout=5), ZeroDivisionError)
+                    assert bad.traceback() is not None
+                    with pytest.raises(ZeroDivisionError):
+                        bad.result()
                 loop.call_soon_threadsafe(loop.stop)
                 runner.join(5)
             finally:
@@ -368,6 +383,22 @@ async def test_resubmit_after_release_recomputes(c, s, a, b):
     assert await c.submit(inc, 1) == 2
 
 
+@gen_cluster()
+async def test_resubmit_in_the_same_tick_as_the_release(c, s, a, b):
+    # The release of the dropped future and the new submit of the same key leave in one
+    # message: the release must come first, or it undoes the submit and the future hangs.
+    f = c.submit(inc, 1)
+    await f
+    del f
+    gc.collect()
+    assert await asyncio.wait_for(c.submit(inc, 1), 5) == 2
+    [g] = await c.scatter([5])
+    del g
+    gc.collect()
+    [h] = await c.scatter([5])
+    assert await asyncio.wait_for(h, 5) == 5
+
+
 # ---------------------------------------------------------------------------- options
 
 
@@ -425,7 +456,7 @@ async def test_worker_resources():
                 spans = sorted(await c.gather(fs), key=lambda x: x[1])
                 # all on the GPU worker, and never two at once though it has two threads
                 assert all(gpu.name in name for name, _, _ in spans)
-                for (_, _, end), (_, start, _) in zip(spans, spans[1:], strict=False):
+                for (_, _, end), (_, start, _) in itertools.pairwise(spans):
                     assert start >= end
                 need_two = c.submit(inc, 1, resources={"GPU": 2})
                 await asyncio.sleep(0.2)
@@ -447,5 +478,30 @@ async def test_priority_orders_queued_work(c, s, a):
     high = c.submit(stamp, "high", priority=10)
     await poll(lambda: state_of(s, high) == "queued")
     # Then the high-priority task runs before every low-priority one
-    times = await c.gather(low + [high])
+    times = await c.gather([*low, high])
     assert times[-1] < min(times[:-1])
+
+
+@gen_cluster()
+async def test_large_argument_goes_to_a_worker_not_through_the_scheduler(c, s, a, b):
+    arr = np.arange(200_000, dtype="f8")  # 1.6 MB
+    f = c.submit(np.sum, arr)
+    assert await f == arr.sum()
+    assert len(s.tasks[f.key].payload) < 10_000  # the scheduler saw a reference, not the data
+    g = c.submit(np.sum, arr, workers=[b.address])  # restricted elsewhere: still correct
+    assert await g == arr.sum()
+    assert c.submit(np.sum, arr).key == f.key  # pure keys hash the out-of-band data too
+    assert c.submit(np.sum, arr + 1).key != f.key
+    del f, g
+    gc.collect()
+    await poll(lambda: not s.tasks)
+
+
+async def test_client_accepts_a_scheduler_object_and_shutdown_closes_it():
+    async with cluster(1) as (s, _):
+        c = await Client(s, asynchronous=True, set_as_default=False)
+        assert c.scheduler_address == s.address
+        assert await c.submit(inc, 1) == 2
+        await c.shutdown()
+        await asyncio.wait_for(s.finished(), 5)
+        assert s.status == "closed" and c.status == "closed"

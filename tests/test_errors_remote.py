@@ -105,7 +105,7 @@ async def test_unpicklable_exception_arrives_as_remote_error(c, s, a, b):
 
 @gen_cluster()
 async def test_unpicklable_argument_fails_at_submit(c, s, a, b):
-    with pytest.raises(SerializationError, match="cannot pickle the arguments of 'inc'.*lock"):
+    with pytest.raises(SerializationError, match=r"cannot pickle the arguments of 'inc'.*lock"):
         c.submit(inc, threading.Lock())
     with pytest.raises(SerializationError, match="cannot pickle"):
         c.map(inc, [1, threading.Lock()])

@@ -117,17 +117,17 @@ async def test_wait_all_and_timeout(c, s, a, b):
     fast = c.map(inc, range(3))
     done, not_done = await wait(fast)
     assert done == set(fast) and not_done == set()
-    slow = c.submit(slow_inc, 1, 1.0)
+    slow = c.submit(slow_inc, 1, 0.4)
     with pytest.raises(TimeoutError, match="1 of 4 futures were not done"):
-        await wait(fast + [slow], timeout=0.1)
-    done, not_done = await wait(fast + [slow], timeout=5)
+        await wait([*fast, slow], timeout=0.1)
+    done, not_done = await wait([*fast, slow], timeout=5)
     assert not not_done
 
 
 @gen_cluster()
 async def test_wait_first_completed(c, s, a, b):
-    slow = c.submit(slow_inc, 1, 1.0)
-    fast = c.submit(slow_inc, 2, 0.05)
+    slow = c.submit(slow_inc, 1, 0.4)
+    fast = c.submit(slow_inc, 2, 0.01)
     done, not_done = await wait([slow, fast], return_when="FIRST_COMPLETED")
     assert fast in done and slow in not_done
     with pytest.raises(ValueError, match="return_when"):

@@ -78,7 +78,7 @@ def test_too_many_frames():
     frames = [pack([{"op": "heartbeat"}]), *([b"x"] * 10)]
     with pytest.raises(RemoteProtocolError, match="11 frames; the limit is 10"):
         protocol.decode(frames, max_frames=10)
-    ops, buffers = protocol.decode(frames, max_frames=11)
+    _, buffers = protocol.decode(frames, max_frames=11)
     assert len(buffers) == 10
 
 

@@ -164,7 +164,7 @@ async def test_scattered_data_lost_with_its_worker(c, s, a, b):
 
 async def test_task_timeout_abandons_the_thread():
     config = Config(HEARTBEAT_INTERVAL_S=0.05)
-    async with cluster(1, config=config) as (s, [w]), \
+    async with cluster(1, config=config) as (s, _), \
             Client(s.address, asynchronous=True, set_as_default=False) as c:
         f = c.submit(time.sleep, 1.0, task_timeout=0.1)
         with pytest.raises(TaskTimeout, match="ran longer than its task_timeout"):
@@ -186,6 +186,19 @@ async def test_worker_rejects_bad_arguments():
         Worker("tcp://127.0.0.1:1", nthreads=-1)
 
 
+async def rebind(port: int, config: Config, timeout: float = 3.0) -> Scheduler:
+    """A new scheduler on ``port``. ZeroMQ releases a closed socket's port in its I/O thread,
+    shortly after ``close()`` returns, so the first attempts may find it still in use."""
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            return await Scheduler("127.0.0.1", port, config=config)
+        except Exception as exc:
+            if "already in use" not in str(exc) or time.monotonic() > deadline:
+                raise
+            await asyncio.sleep(0.02)
+
+
 async def test_worker_registers_again_with_a_restarted_scheduler():
     config = Config(HEARTBEAT_INTERVAL_S=0.05)
     async with check_leaks():
@@ -194,7 +207,7 @@ async def test_worker_registers_again_with_a_restarted_scheduler():
         w = await Worker(s.address, nthreads=1, memory_limit=0, config=config)
         try:
             await s.close()
-            s = await Scheduler("127.0.0.1", port, config=config)
+            s = await rebind(port, config)
             await poll(lambda: len(s.workers) == 1, timeout=10)
             async with Client(s.address, asynchronous=True, set_as_default=False) as c:
                 assert await asyncio.wait_for(c.submit(inc, 1), 5) == 2

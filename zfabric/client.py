@@ -255,7 +255,9 @@ class Client:
             case "memory":
                 for key, value, who_has, nbytes in op["items"]:
                     st = states.get(key)
-                    if st is not None:
+                    # not an error: one failed with SchedulerLost stays failed even if the
+                    # submit it came from, queued in the outage, reaches a new scheduler
+                    if st is not None and st.status != "error":
                         st.finish(value, who_has, nbytes)
             case "erred":
                 for item in op["items"]:
@@ -488,9 +490,10 @@ class Client:
     def _submit_many(self, items: list, opts: dict | None) -> list[Future]:
         out, tasks, functions = [], [], {}
         with self._lock:
+            self._queue_releases()
             for key, fid, fbytes, abytes, deps, buffers in items:
                 st = self._states.get(key)
-                if st is None or st.status == "cancelled":
+                if st is None or st.status == "cancelled" or _lost(st):
                     st = self._states[key] = FutureState(key)
                     if buffers:
                         self._flush_tasks(tasks, functions)
@@ -503,6 +506,13 @@ class Client:
             self._flush_tasks(tasks, functions)
         self._send()
         return out
+
+    def _queue_releases(self) -> None:
+        """Queue the batched releases now (lock held): a release must reach the scheduler
+        before a later submit or scatter of the same key, or it would undo it."""
+        if self._release_keys:
+            self._outbox.append({"op": "release", "keys": self._release_keys})
+            self._release_keys = []
 
     def _flush_tasks(self, tasks: list, functions: dict) -> None:
         """Queue submit ops of at most SUBMIT_BATCH tasks, each carrying the pickles of the
@@ -727,6 +737,7 @@ class Client:
                 if st is None:
                     st = self._states[k] = FutureState(k)
                 futs[k] = Future(k, self, st)
+            self._queue_releases()
             self._outbox.append({"op": "scatter", "items": inline})
         self._send()
         if single:
@@ -937,6 +948,12 @@ def _options(workers, resources, retries, priority, allow_other_workers, task_ti
     return opts or None
 
 
+def _lost(st: FutureState) -> bool:
+    """Whether a future failed because its scheduler went away (then it may be submitted
+    again, like a cancelled one)."""
+    return st.status == "error" and isinstance(st.exception(), SchedulerLost)
+
+
 def _batches(ops: list, limit: int):
     """Split ops into messages that carry at most ``limit`` tasks each."""
     batch, weight = [], 0
@@ -955,7 +972,8 @@ def _rebuild(obj, values: dict, bad: set):
     if isinstance(obj, Future):
         return values[obj.key]
     if isinstance(obj, list | tuple | set | frozenset):
-        out = [_rebuild(x, values, bad) for x in obj if not (isinstance(x, Future) and x.key in bad)]
+        out = [_rebuild(x, values, bad) for x in obj
+               if not (isinstance(x, Future) and x.key in bad)]
         return out if isinstance(obj, list) else type(obj)(out)
     if isinstance(obj, dict):
         return {k: _rebuild(v, values, bad) for k, v in obj.items()

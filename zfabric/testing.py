@@ -66,7 +66,7 @@ def open_sockets() -> set:
     return out
 
 
-class check_leaks:  # noqa: N801 (a context manager, named like a function)
+class check_leaks:
     """Fail if ``zfabric-*`` threads or ZeroMQ sockets opened inside the block are still alive
     ``grace_s`` seconds after it ends. Usable with ``with`` and ``async with``.
     """

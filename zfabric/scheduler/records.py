@@ -10,12 +10,13 @@ class TaskState:
 
     __slots__ = (
         "children",
-        "parents",
         "error",
         "func",
+        "holders",
         "key",
         "nbytes",
         "options",
+        "parents",
         "payload",
         "priority",
         "processing_on",
@@ -26,7 +27,6 @@ class TaskState:
         "suspicious",
         "value",
         "waiting_on",
-        "holders",
         "who_wants",
     )
 

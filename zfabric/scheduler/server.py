@@ -140,10 +140,18 @@ class Scheduler(LifeCycle):
                         state.send(peer, {"op": "error", "message": f"malformed message: {exc}"})
                         continue
                     self._answer_heartbeats(peer, ops)
-                    state.handle(peer, ops, now)
+                    try:
+                        state.handle(peer, ops, now)
+                    except Exception:  # a bug of ours: log it, keep serving everyone else
+                        logger.exception("scheduler state failed on ops from %r", peer)
+                        state.send(peer, {"op": "error", "message": "internal scheduler error"
+                                          " (see the scheduler's log)"})
             now = time.monotonic()
             if now >= next_tick:
-                state.tick(now)
+                try:
+                    state.tick(now)
+                except Exception:
+                    logger.exception("scheduler tick failed")
                 next_tick = now + TICK_MS / 1000
             gone = self._send(sock, state.flush())
             while gone:  # ends: each pass drops peers, and only sends to those left
