@@ -4,6 +4,39 @@ from __future__ import annotations
 
 from ..config import DEFAULT
 
+# _one_or_set: a container that is None (empty), the one member itself, or a set of two or more.
+
+
+def _add(container, item):
+    if container is None:
+        return item
+    if type(container) is set:
+        container.add(item)
+        return container
+    return container if container is item else {container, item}
+
+
+def _discard(container, item):
+    if container is item:
+        return None
+    if type(container) is set:
+        container.discard(item)
+        if len(container) == 1:
+            return next(iter(container))
+        if not container:
+            return None
+    return container
+
+
+def _members(container):
+    if container is None:
+        return ()
+    return container if type(container) is set else (container,)
+
+
+def _has(container, item) -> bool:
+    return container is item or (type(container) is set and item in container)
+
 
 class TaskState:
     """One key the scheduler holds. Containers stay ``None`` until needed, to keep it small."""
@@ -86,102 +119,46 @@ class TaskState:
         o = self.options
         return o is not None and ("workers" in o or "resources" in o)
 
+    # Who depends on it, who holds it, who wants it: usually nobody or one, so each is kept
+    # as None, the one record, or a set (see _one_or_set) -- a set costs 216 bytes.
+
     @property
     def dependents(self):
         """The tasks that depend on this one (a set or tuple; empty when none)."""
-        c = self.children
-        if c is None:
-            return ()
-        if type(c) is set:
-            return c
-        return (c,)
+        return _members(self.children)
 
     def add_dependent(self, ts: TaskState) -> None:
-        c = self.children
-        if c is None:
-            self.children = ts
-        elif type(c) is set:
-            c.add(ts)
-        elif c is not ts:
-            self.children = {c, ts}
+        self.children = _add(self.children, ts)
 
     def discard_dependent(self, ts: TaskState) -> None:
-        c = self.children
-        if c is ts:
-            self.children = None
-        elif type(c) is set:
-            c.discard(ts)
-            if len(c) == 1:
-                self.children = next(iter(c))
-            elif not c:
-                self.children = None
+        self.children = _discard(self.children, ts)
 
     @property
     def who_has(self):
         """The workers holding the value (a set or tuple; empty when none)."""
-        h = self.holders
-        if h is None:
-            return ()
-        if type(h) is set:
-            return h
-        return (h,)
+        return _members(self.holders)
 
     def held_by(self, ws) -> bool:
-        h = self.holders
-        return h is ws or (type(h) is set and ws in h)
+        return _has(self.holders, ws)
 
     def add_holder(self, ws) -> None:
-        h = self.holders
-        if h is None:
-            self.holders = ws
-        elif type(h) is set:
-            h.add(ws)
-        elif h is not ws:
-            self.holders = {h, ws}
+        self.holders = _add(self.holders, ws)
         ws.has_what.add(self)
 
     def drop_holder(self, ws) -> None:
-        h = self.holders
-        if h is ws:
-            self.holders = None
-        elif type(h) is set:
-            h.discard(ws)
-            if len(h) == 1:
-                self.holders = next(iter(h))
-            elif not h:
-                self.holders = None
+        self.holders = _discard(self.holders, ws)
 
     def add_wanter(self, cs) -> None:
-        w = self.who_wants
-        if w is None:
-            self.who_wants = cs
-        elif type(w) is set:
-            w.add(cs)
-        elif w is not cs:
-            self.who_wants = {w, cs}
+        self.who_wants = _add(self.who_wants, cs)
 
     def drop_wanter(self, cs) -> None:
-        w = self.who_wants
-        if w is cs:
-            self.who_wants = None
-        elif type(w) is set:
-            w.discard(cs)
-            if len(w) == 1:
-                self.who_wants = next(iter(w))
-            elif not w:
-                self.who_wants = None
+        self.who_wants = _discard(self.who_wants, cs)
 
     def wanted_by(self, cs) -> bool:
-        w = self.who_wants
-        return w is cs or (type(w) is set and cs in w)
+        return _has(self.who_wants, cs)
 
     def wanters(self) -> tuple:
-        w = self.who_wants
-        if w is None:
-            return ()
-        if type(w) is set:
-            return tuple(w)
-        return (w,)
+        return tuple(_members(self.who_wants))
 
     # what clients are told
 
