@@ -662,8 +662,11 @@ def test_small_value_survives_its_worker():
         (C, {"op": "submit", "tasks": [42]}, "TypeError"),
         (C, {"op": "release", "keys": [["unhashable"]]}, "TypeError"),
         (C, {"op": "want", "keys": [{"a": 1}]}, "TypeError"),
-        (C, {"op": "scatter", "items": [["k", None, "many", []]]}, "ValueError"),
-        (C, {"op": "scatter", "items": [[1, None, 1, []]]}, "scatter key must be a string"),
+        (C, {"op": "scatter", "items": [["k", None, "many", []]]}, "malformed scatter item"),
+        (C, {"op": "scatter", "items": [[1, None, 1, []]]}, "malformed scatter item"),
+        (C, {"op": "scatter", "items": [["k", 5, 1, []]]}, "malformed scatter item"),
+        (C, {"op": "scatter", "items": [["k", None, 1, "tcp://x:1"]]}, "malformed scatter item"),
+        (C, {"op": "scatter", "items": [["a", b"v", 1, []]]}, "cannot scatter 'a'"),
         (C, {"op": "finished", "tasks": []}, "a client may not send 'finished'"),
         (C, {"op": "request", "id": 1, "kind": "who-has", "args": {"keys": 5}}, "TypeError"),
         (W1, {"op": "finished", "tasks": [["a"]]}, "TypeError"),
@@ -706,3 +709,85 @@ def test_requests_info_who_has_processing():
         {"op": "reply", "id": 3, "error": "unknown request 'nonsense'"},
     ]}
     state.validate()
+
+
+# ---------------------------------------------------------------------------- fuzz
+
+
+def _random_value(rng, depth=0):
+    choices = [None, True, 0, 1, -1, 2.5, "a", "x", A1, b"v", [], {}]
+    if depth < 2:
+        choices.append([_random_value(rng, depth + 1) for _ in range(rng.randint(0, 3))])
+        choices.append({rng.choice(["keys", "workers", "priority", "retries", "resources",
+                                    "fire_and_forget", "task_timeout"]):
+                        _random_value(rng, depth + 1)})
+    return rng.choice(choices)
+
+
+#: Ops each role sends, to aim most random ops at a peer that may send them.
+_ROLE_OPS = {
+    C: ["submit", "release", "want", "cancel", "scatter", "request", "goodbye", "heartbeat"],
+    W1: ["finished", "erred", "started", "missing", "heartbeat", "goodbye", "run-result"],
+    b"nanny": ["heartbeat", "worker-died", "reply", "goodbye"],
+}
+
+
+def _random_op(rng, name: str) -> dict:
+    keys = ["a", "b", "c", "x"]
+    lists = [
+        lambda: [rng.choice(keys)],
+        lambda: [[rng.choice(keys), b"p", rng.sample(keys, rng.randint(0, 2)),
+                  rng.choice([None, {"retries": 1}, {"workers": [A1]}, {"priority": 3},
+                              {"resources": {"GPU": 1}}, _random_value(rng)])]],
+        lambda: [[rng.choice(keys), rng.choice([1, 10 * MB]), rng.choice([None, b"v"]), 0.01]],
+        lambda: [[rng.choice(keys), None, None, "ValueError: x", None]],
+        lambda: [[rng.choice(keys), rng.choice([None, b"v"]), 5, [rng.choice([A1, A2])]]],
+        lambda: [_random_value(rng) for _ in range(2)],
+    ]
+    by_type = {
+        (int,): lambda: rng.choice([0, 1, 5]), (bytes,): lambda: b"x",
+        (str,): lambda: rng.choice([*keys, A1, "w1"]), (list,): lambda: rng.choice(lists)(),
+        (dict,): lambda: rng.choice([{}, {"keys": [rng.choice(keys)]}, _random_value(rng)]),
+        (int, float): lambda: 1.0, (bytes, type(None)): lambda: None,
+    }
+    op = {"op": name, **{f: by_type[t]() for f, t in protocol.SCHEMAS[name].items()}}
+    for extra in ("fire_and_forget", "reason", "metrics", "workers"):
+        if rng.random() < 0.2:
+            op[extra] = _random_value(rng)
+    if name == "request":
+        op["kind"] = rng.choice(["info", "who-has", "has-what", "processing", "task-states",
+                                 "run", "restart", "nonsense"])
+    return op
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_random_ops_never_crash_the_state_or_break_its_invariants(seed):
+    import random
+
+    rng = random.Random(seed)
+    peers = [W1, W2, C, b"nanny", b"stranger"]
+    everything = list(protocol.SCHEMAS)
+    for _ in range(60):
+        state = new_state(WORKER_TTL_S=5.0)
+        join_worker(state, W1, A1)
+        join_worker(state, W2, A2, nthreads=2, resources={"GPU": 1})
+        join_client(state, C)
+        state.handle(b"nanny", [protocol.hello("nanny", "nanny")], 0.0)
+        now = 0.0
+        for _ in range(40):
+            now += rng.choice([0.0, 0.1, 1.0, 6.0])
+            if rng.random() < 0.8:  # mostly ops the peer's role may send
+                peer = rng.choice([C, W1, b"nanny"])
+                name = rng.choice(_ROLE_OPS[peer])
+                peer = W2 if peer == W1 and rng.random() < 0.5 else peer
+            else:
+                peer, name = rng.choice(peers), rng.choice(everything)
+            try:  # only what passes the protocol's door reaches the state
+                [op], _ = protocol.decode(protocol.encode([_random_op(rng, name)]))
+            except Exception:
+                continue
+            state.handle(peer, [op], now)
+            if rng.random() < 0.2:
+                state.tick(now)
+            state.flush()
+            state.validate()

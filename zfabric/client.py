@@ -125,6 +125,7 @@ class Client:
         self.loop: asyncio.AbstractEventLoop | None = None
         self._last_heard = time.monotonic()
         self._lost_reported = False
+        self._gone_holders: set[str] = set()  # data addresses whose values were lost
         if set_as_default:
             _default = weakref.ref(self)
         if not asynchronous:
@@ -259,6 +260,8 @@ class Client:
                     # submit it came from, queued in the outage, reaches a new scheduler
                     if st is not None and st.status != "error":
                         st.finish(value, who_has, nbytes)
+                    if who_has and self._gone_holders:
+                        self._gone_holders.difference_update(who_has)
             case "erred":
                 for item in op["items"]:
                     st = states.get(item[0])
@@ -311,6 +314,7 @@ class Client:
         data pool's timeout, so fail it now and let the waiter look at the new state."""
         if st.status == "finished" and st.who_has:
             for address in st.who_has:
+                self._gone_holders.add(address)
                 self.data.drop(address)
 
     def _scheduler_lost(self, why: str) -> None:
@@ -626,7 +630,7 @@ class Client:
                 by_worker.setdefault(addresses[0], []).append(key)
         out: dict = {}
         results = await asyncio.gather(
-            *(self.data.get(addr, keys) for addr, keys in by_worker.items()),
+            *(self._get_from(addr, keys) for addr, keys in by_worker.items()),
             return_exceptions=True,
         )
         for (addr, _), res in zip(by_worker.items(), results, strict=True):
@@ -636,6 +640,13 @@ class Client:
             else:
                 out.update(res)
         return out
+
+    async def _get_from(self, address: str, keys: list[str]) -> dict:
+        # Checked when the fetch really starts (gather starts it a loop turn later): a holder
+        # found gone in between would otherwise be asked anyway and never answer.
+        if address in self._gone_holders:
+            raise ConnectionError(f"{address} no longer holds {keys[0]!r}")
+        return await self.data.get(address, keys)
 
     async def _exception(self, future: Future, timeout=None):
         st = future._state

@@ -74,6 +74,26 @@ def _probably_running(ws: WorkerState, processing: list[TaskState]) -> set[TaskS
     return running
 
 
+def _check_options(key: str, opts) -> None:
+    """Refuse task options of the wrong shape before they reach the records or the policy
+    (where a bad type would fail later, outside the op that brought it)."""
+    if type(opts) is not dict:
+        raise RemoteProtocolError(f"options of task {key!r} must be a map, got {opts!r:.100}")
+    for name in ("priority", "retries"):
+        if not isinstance(opts.get(name) or 0, int):
+            raise RemoteProtocolError(f"option {name!r} of task {key!r} must be an integer")
+    if not isinstance(opts.get("task_timeout") or 0, int | float):
+        raise RemoteProtocolError(f"option 'task_timeout' of task {key!r} must be a number")
+    workers = opts.get("workers")
+    if workers and (type(workers) is not list or any(type(w) is not str for w in workers)):
+        raise RemoteProtocolError(f"option 'workers' of task {key!r} must be a list of names")
+    resources = opts.get("resources")
+    if resources and (type(resources) is not dict or any(
+            type(k) is not str or not isinstance(v, int | float) for k, v in resources.items())):
+        raise RemoteProtocolError(
+            f"option 'resources' of task {key!r} must map names to amounts")
+
+
 class InvalidTransition(RuntimeError):
     """Raised when code (ours) tries a task-state move that the table forbids."""
 
@@ -94,6 +114,9 @@ class SchedulerState:
         self.workers_by_address: dict[str, WorkerState] = {}
         self.clients: dict[bytes, ClientState] = {FIRE_AND_FORGET: ClientState(FIRE_AND_FORGET)}
         self.nannies: dict[bytes, NannyState] = {}
+        # Worker processes their Nanny reported dead (it may still be killing them): one that
+        # says hello again must not come back as a worker nobody will ever report.
+        self.reported_dead: dict[bytes, None] = {}
         self.outbox: dict[bytes, list[dict]] = {}
         self._batched: dict[bytes, tuple[str, list]] = {}
         self._queued: list = []  # heap of (priority, seq, TaskState), lazily cleaned
@@ -194,7 +217,8 @@ class SchedulerState:
     def _guard(self, peer, op, method, record) -> None:
         try:
             method(record, op) if record is not None else method(peer, op)
-        except (RemoteProtocolError, KeyError, TypeError, ValueError, IndexError) as exc:
+        except (RemoteProtocolError, KeyError, TypeError, ValueError, IndexError,
+                AttributeError) as exc:
             text = f"bad {op.get('op')!r} op from {peer!r}: {type(exc).__name__}: {exc}"
             logger.warning(text)
             reply = {"op": "error", "message": text}
@@ -226,9 +250,18 @@ class SchedulerState:
                 self.remove_client(cs)
         silent = now - self.config.WORKER_TTL_S
         for ns in [n for n in self.nannies.values() if n.last_seen < silent]:
-            self.nannies.pop(ns.ident, None)
+            self._drop_nanny(ns.ident)
 
     # ------------------------------------------------------------------ hello
+
+    def _welcome(self, warnings: list[str]) -> dict:
+        return {
+            "op": "welcome",
+            "epoch": self.epoch,
+            "address": self.address,
+            "warnings": warnings,
+            "heartbeat_s": self.config.HEARTBEAT_INTERVAL_S,
+        }
 
     def _handle_hello(self, peer: bytes, op: dict) -> None:
         if op["protocol"] != PROTOCOL_VERSION:
@@ -245,14 +278,11 @@ class SchedulerState:
             return
         warnings = version_mismatches(self.versions, op["versions"]) if self.versions else []
         role = op["role"]
-        welcome = {
-            "op": "welcome",
-            "epoch": self.epoch,
-            "address": self.address,
-            "warnings": warnings,
-            "heartbeat_s": self.config.HEARTBEAT_INTERVAL_S,
-        }
+        welcome = self._welcome(warnings)
         if role == "worker":
+            if peer in self.reported_dead:
+                self.send(peer, {"op": "close", "reason": "its nanny reported it dead"})
+                return
             address = op["address"]
             if not isinstance(address, str) or not address.startswith(("tcp://", "ipc://")):
                 raise RemoteProtocolError(f"worker hello needs a data address, got {address!r}")
@@ -318,7 +348,9 @@ class SchedulerState:
             case "goodbye":
                 self.remove_client(cs)
             case "hello":
-                pass
+                # It thought us gone (we were silent past its SCHEDULER_LOST_TIMEOUT_S) and
+                # failed its futures; it waits for a welcome before it talks to us again.
+                self.send(cs.ident, self._welcome([]))
             case other:
                 raise RemoteProtocolError(f"a client may not send {other!r}")
 
@@ -342,7 +374,7 @@ class SchedulerState:
             self._event(f"client {cs.name}: its connection is gone; releasing its futures")
             self.remove_client(cs)
             return
-        self.nannies.pop(peer, None)
+        self._drop_nanny(peer)
 
     def add_functions(self, functions) -> None:
         """Keep the function pickles that submitted tasks refer to by id (one copy each)."""
@@ -377,6 +409,8 @@ class SchedulerState:
             key, payload, deps, opts, *rest = item
             if type(key) is not str or type(payload) is not bytes or type(deps) is not list:
                 raise RemoteProtocolError(f"malformed task {str(item)[:200]}")
+            if opts is not None:
+                _check_options(key, opts)
             fid = rest[0] if rest else None
             entry = None
             if fid is not None:
@@ -486,9 +520,18 @@ class SchedulerState:
     def scatter(self, cs: ClientState, items: list, fire_and_forget: bool = False) -> None:
         """Register data a client placed: ``[key, inline bytes or None, nbytes, [addresses]]``."""
         for key, value, nbytes, addresses in items:
-            if type(key) is not str:
-                raise RemoteProtocolError("scatter key must be a string")
+            # checked before any change, so a bad item cannot leave the state half-updated
+            if (type(key) is not str or not (value is None or type(value) is bytes)
+                    or type(nbytes) is not int or type(addresses) is not list):
+                raise RemoteProtocolError(
+                    f"malformed scatter item {[key, type(value).__name__, nbytes]!r:.200}")
             ts = self.tasks.get(key)
+            if ts is not None and ts.state not in ("memory", "released"):
+                raise RemoteProtocolError(
+                    f"cannot scatter {key!r}: a task with that key is {ts.state}; scatter under"
+                    " another key")
+            known = self.workers_by_address
+            holders = [known[a] for a in addresses if type(a) is str and a in known]
             if ts is None:
                 ts = TaskState(key, None)
                 self.tasks[key] = ts
@@ -496,9 +539,7 @@ class SchedulerState:
                 ts.priority = self._seq
             ts.scattered = True
             ts.value = value
-            ts.nbytes = int(nbytes)
-            known = self.workers_by_address
-            holders = [known[a] for a in addresses if a in known]
+            ts.nbytes = nbytes
             for ws in holders:
                 ts.add_holder(ws)
             if value is None and not holders:
@@ -530,6 +571,10 @@ class SchedulerState:
                     ws.address: sorted(ts.key for ts in ws.has_what) for ws in self.workers.values()
                 }
             case "run" | "restart":
+                if kind == "restart":
+                    # As dask.distributed does: a restart forgets every task and its data.
+                    self._event("restart requested: cancelling every task")
+                    self.cancel(list(self.tasks))
                 self._fan_out(peer, rid, kind, args)
                 return
             case "shutdown":
@@ -568,6 +613,18 @@ class SchedulerState:
         for t in targets:
             self.send(t.ident, op)
         self._maybe_finish_request(internal)
+
+    def _drop_nanny(self, ident: bytes) -> None:
+        if self.nannies.pop(ident, None) is not None:
+            self._peer_left(ident)
+
+    def _peer_left(self, ident: bytes) -> None:
+        """A worker or nanny left: fan-out requests stop waiting for it."""
+        for internal, req in list(self._requests.items()):
+            name = req["pending"].pop(ident, None)
+            if name is not None:
+                req["results"][name] = [None, [None, None, f"{name} left before answering"]]
+                self._maybe_finish_request(internal)
 
     def _request_answer(self, ident: bytes, op: dict) -> None:
         req = self._requests.get(op["id"])
@@ -610,13 +667,17 @@ class SchedulerState:
             case "heartbeat":
                 ns.vouched = {w.encode() for w in op.get("workers") or ()}
             case "worker-died":
-                ws = self.workers.get(op["worker"].encode())
+                ident = op["worker"].encode()
+                self.reported_dead[ident] = None
+                if len(self.reported_dead) > 10_000:
+                    del self.reported_dead[next(iter(self.reported_dead))]
+                ws = self.workers.get(ident)
                 if ws is not None:
                     self.remove_worker(ws, op["reason"], died=True)
             case "reply":
                 self._request_answer(ns.ident, op)
             case "goodbye":
-                self.nannies.pop(ns.ident, None)
+                self._drop_nanny(ns.ident)
             case "request":
                 self.request(ns.ident, op)
             case "hello":
@@ -741,6 +802,7 @@ class SchedulerState:
         """
         if self.workers.pop(ws.ident, None) is None:
             return
+        self._peer_left(ws.ident)
         if self.workers_by_address.get(ws.address) is ws:
             del self.workers_by_address[ws.address]
         self._event(f"worker {ws.name} ({ws.address}) removed: {reason}")
@@ -798,8 +860,18 @@ class SchedulerState:
         needed = bool(ts.who_wants) or any(
             d.state in ("waiting", "queued", "processing") for d in ts.dependents or ()
         )
+        # Dependents given to a worker but not started there may be fetching the value from
+        # the holder that is gone, which fails only after the fetch timeout: take them back
+        # to wait for the new copy.
+        moved = [d for d in ts.dependents or () if d.state == "processing" and not d.started]
+        for d in moved:
+            self._drop_work(d)
+            self._set_state(d, "released")
         if needed:
             self._recompute(ts)
+        for d in moved:
+            if d.state == "released":
+                self._start(d)
 
     def _recompute(self, ts: TaskState) -> None:
         """Bring a released task back, with whatever of its lineage is missing."""

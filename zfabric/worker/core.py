@@ -275,31 +275,38 @@ class WorkerLoop:
         self.fetching.clear()
         self.ready.clear()
         self.cancelled.update(self.executing)
+        self.executor.cancelled.update(self.executing)  # those still queued need not run
         self.finished_items = []
         self.started_keys = []
 
     def _compute(self, key, payload, inline, who_has, options, fid=None) -> None:
         self.cancelled.discard(key)
+        # A run of this key freed earlier must not make the executor skip this one.
+        self.executor.cancelled.discard(key)
         if inline:
             for k, v in inline.items():
                 if k not in self.store:
                     self.store[k] = serialize.loads_value(v)
-        missing = None
+        missing = fetch = None
         if who_has:
             for dep, addresses in who_has.items():
                 if dep in self.store:
                     continue
                 if missing is None:
-                    missing = set()
+                    missing, fetch = set(), []
                 missing.add(dep)
                 waiters = self.fetching.get(dep)
                 if waiters is None:
                     self.fetching[dep] = [key]
-                    self._fetch(dep, addresses)
+                    fetch.append((dep, addresses))
                 else:
                     waiters.append(key)
         if missing:
+            # Waiting before any fetch starts: one that fails at once (no holder left) must
+            # find the task here to report it ``missing``, or the task would wait forever.
             self.waiting[key] = [payload, missing, options, fid]
+            for dep, addresses in fetch:
+                self._fetch(dep, addresses)
         else:
             self.ready.append((key, payload, options, fid))
 
