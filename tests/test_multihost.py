@@ -214,6 +214,13 @@ def lan():
     assert lan.names() == [], "network namespaces left behind"
 
 
+@pytest.fixture(autouse=True)
+def _same_host_shm(monkeypatch):
+    # The shared-memory path is opt-in (config.SAME_HOST_SHM); these tests check that it is
+    # taken exactly where it should be, so every process they start has it on.
+    monkeypatch.setenv("ZFABRIC_SAME_HOST_SHM", "1")
+
+
 def test_three_hosts(lan, tmp_path):
     # Given a scheduler on host a, a worker on host b and a Nanny with one worker on host c
     a, b, c = 0, 1, 2

@@ -210,7 +210,7 @@ class Client:
         self._ctx = zmq.asyncio.Context.instance()
         self.identity = _zmq.new_identity("client")
         self._sock = _zmq.dealer(self._ctx, self.scheduler_address, self.identity)
-        self.data = DataPool(self._ctx)
+        self.data = DataPool(self._ctx, use_shm=self.config.SAME_HOST_SHM)
         self._welcome = self.loop.create_future()
         self._backlog: deque = deque()
         self._writer: asyncio.Future | None = None

@@ -50,6 +50,10 @@ class Config:
     NANNY_CHECK_INTERVAL_S: float = 0.1
     #: ZeroMQ linger on close: unsent messages are dropped after this.
     LINGER_MS: int = 100
+    #: Move values of 1 MiB or more between processes of one host through /dev/shm instead of
+    #: TCP. Off by default: with a fresh segment per transfer it only wins where tmpfs page
+    #: faults are cheap (on the reference machine TCP was faster; see docs/performance.md).
+    SAME_HOST_SHM: bool = False
     #: Keys sent per ``submit`` message by ``Client.map``.
     SUBMIT_BATCH: int = 1000
 
@@ -64,6 +68,11 @@ def from_env(environ: dict[str, str] | None = None, **overrides) -> Config:
             continue
         kind = type(f.default)
         try:
+            if kind is bool:
+                if raw.strip().lower() not in ("1", "0", "true", "false", "yes", "no", "on", "off"):
+                    raise ValueError(raw)
+                values[f.name] = raw.strip().lower() in ("1", "true", "yes", "on")
+                continue
             values[f.name] = kind(float(raw)) if kind is int else kind(raw)
         except ValueError:
             raise ValueError(

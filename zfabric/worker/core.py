@@ -82,7 +82,7 @@ class WorkerLoop:
         self._fetch_seq = 0
         self._process = psutil.Process()
         self.last_heard = time.monotonic()
-        self.use_shm = shm.available()
+        self.use_shm = config.SAME_HOST_SHM and shm.available()
 
     # ------------------------------------------------------------------ life cycle
 
@@ -112,8 +112,8 @@ class WorkerLoop:
             self.on_closed()
 
     def _setup(self, ctx: zmq.Context) -> None:
-        if self.use_shm:
-            shm.sweep()
+        if shm.available():
+            shm.sweep()  # segments of processes that died (even if this one does not use shm)
         host = self.listen or _zmq.local_address_for(self.scheduler_address)
         self.data, bound = _zmq.router(ctx, host, 0)
         self.address = self.contact or bound
