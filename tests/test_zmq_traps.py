@@ -130,6 +130,9 @@ async def test_messages_queued_while_the_scheduler_was_down_are_refused_by_the_n
             await s1.close()
             await worker.expect("reregister")
             await client.expect("reregister")
+            # Let the DEALERs see the connection close first: a message sent in the instant
+            # before is taken by the dying connection and lost (ZeroMQ's own behaviour).
+            await asyncio.sleep(0.5)
             # While no scheduler listens, the DEALERs queue what they send (IMMEDIATE=0)
             await worker.send({"op": "finished", "tasks": [["stale", 3, b"old", 0.1]]})
             await client.send({"op": "submit", "tasks": [["stale-submit", b"old", [], None]]})
