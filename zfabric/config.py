@@ -51,9 +51,9 @@ class Config:
     #: ZeroMQ linger on close: unsent messages are dropped after this.
     LINGER_MS: int = 100
     #: Move values of 1 MiB or more between processes of one host through /dev/shm instead of
-    #: TCP. Off by default: with a fresh segment per transfer it only wins where tmpfs page
-    #: faults are cheap (on the reference machine TCP was faster; see docs/performance.md).
-    SAME_HOST_SHM: bool = False
+    #: TCP (same host is decided by network address). One copy instead of the kernel's two;
+    #: on the reference machine both are bound by page faults (docs/performance.md).
+    SAME_HOST_SHM: bool = True
     #: Keys sent per ``submit`` message by ``Client.map``.
     SUBMIT_BATCH: int = 1000
 

@@ -76,6 +76,7 @@ class WorkerLoop:
         self.executing: dict[str, float] = {}  # key -> deadline or 0
         self.cancelled: set[str] = set()
         self.outbox: list[dict] = []
+        self.backlog: deque[list] = deque()  # encoded messages the scheduler link refused
         self.finished_items: list = []
         self.started_keys: list = []
         self.peers: dict[str, zmq.Socket] = {}
@@ -185,13 +186,19 @@ class WorkerLoop:
         if self.finished_items:
             self.outbox.append({"op": "finished", "tasks": self.finished_items})
             self.finished_items = []
-        if not self.outbox:
-            return
-        ops, self.outbox = self.outbox, []
-        try:
-            self.sched.send_multipart(protocol.encode(ops), zmq.NOBLOCK)
-        except zmq.Again:
-            logger.warning("scheduler link is full; %d ops dropped", len(ops))
+        if self.outbox:
+            ops, self.outbox = self.outbox, []
+            self.backlog.append(protocol.encode(ops))
+        # A full link (the scheduler not reading) keeps messages here, in order, to retry on
+        # the next turn; nothing is dropped.
+        while self.backlog:
+            try:
+                self.sched.send_multipart(self.backlog[0], zmq.NOBLOCK)
+            except zmq.Again:
+                if len(self.backlog) % 1000 == 1:
+                    logger.warning("scheduler link is full; %d messages wait", len(self.backlog))
+                return
+            self.backlog.popleft()
 
     def _beat(self, now: float) -> None:
         try:
@@ -269,6 +276,7 @@ class WorkerLoop:
 
     def _forget_everything(self) -> None:
         self.epoch = None
+        self.backlog.clear()  # what was meant for the old scheduler must not reach the new one
         self.store.clear()
         self.serialized.clear()
         self.waiting.clear()
