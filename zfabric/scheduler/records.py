@@ -177,6 +177,7 @@ class WorkerState:
         "address",
         "available",
         "avg_duration",
+        "finished",
         "functions",
         "has_what",
         "host",
@@ -213,6 +214,7 @@ class WorkerState:
         self.has_what: set = set()
         self.functions: set = set()  # function ids this worker has been sent
         self.avg_duration: float | None = None
+        self.finished = 0
         self.limit = self.nthreads * 2 + 2  # until task durations are known
 
     def __repr__(self) -> str:
@@ -237,8 +239,10 @@ class WorkerState:
             avg = self.avg_duration
             avg = duration if avg is None else avg * 0.9 + duration * 0.1
             self.avg_duration = avg
-            extra = int(DEFAULT.PREFETCH_TARGET_S * self.nthreads / max(avg, 1e-6))
-            self.limit = self.nthreads + min(DEFAULT.PREFETCH_MAX, max(1, extra))
+            self.finished += 1
+            if self.finished & 15 == 1:  # the allowance need not move on every task
+                extra = int(DEFAULT.PREFETCH_TARGET_S * self.nthreads / max(avg, 1e-6))
+                self.limit = self.nthreads + min(DEFAULT.PREFETCH_MAX, max(1, extra))
 
     def info(self) -> dict:
         return {

@@ -26,7 +26,6 @@ client wants it and no dependent record exists.
 
 from __future__ import annotations
 
-import heapq
 import logging
 import uuid
 from collections.abc import Iterable
@@ -35,6 +34,7 @@ from ..config import DEFAULT, PROTOCOL_VERSION, Config
 from ..errors import RemoteProtocolError
 from ..protocol import version_mismatches
 from . import policy
+from .queue import ReadyQueue
 from .records import ClientState, NannyState, TaskState, WorkerState
 
 logger = logging.getLogger(__name__)
@@ -119,7 +119,7 @@ class SchedulerState:
         self.reported_dead: dict[bytes, None] = {}
         self.outbox: dict[bytes, list[dict]] = {}
         self._batched: dict[bytes, tuple[str, list]] = {}
-        self._queued: list = []  # heap of (priority, seq, TaskState), lazily cleaned
+        self._queued = ReadyQueue()  # unrestricted queued tasks; stale entries are skipped
         self._restricted: set[TaskState] = set()  # queued tasks that only some workers may run
         self._seq = 0
         self._requests: dict[int, dict] = {}  # fan-out requests (run, restart) in flight
@@ -923,7 +923,7 @@ class SchedulerState:
         if self._queued and ts.parents is None and not ts.restricted:
             # A backlog means no worker has a free slot (slots are refilled from it first).
             self._set_state(ts, "queued")
-            heapq.heappush(self._queued, (ts.priority, ts))
+            self._queued.push(ts)
             return
         ws = policy.choose_worker(ts, self.workers.values())
         if ws is None:
@@ -931,7 +931,7 @@ class SchedulerState:
             if ts.restricted:
                 self._restricted.add(ts)
             else:
-                heapq.heappush(self._queued, (ts.priority, ts))
+                self._queued.push(ts)
             return
         self._dispatch(ts, ws)
 
@@ -967,7 +967,7 @@ class SchedulerState:
             return
         q = self._queued
         while q and ws.has_slot():
-            _, ts = heapq.heappop(q)
+            ts = q.pop()
             if ts.state == "queued":
                 self._dispatch(ts, ws)
         if self._restricted and ws.has_slot():
