@@ -216,8 +216,8 @@ def lan():
 
 @pytest.fixture(autouse=True)
 def _same_host_shm(monkeypatch):
-    # These tests check that the shared-memory path (config.SAME_HOST_SHM, on by default) is
-    # taken exactly where it should be, so they make sure every process they start has it on.
+    # The shared-memory path is opt-in (config.SAME_HOST_SHM); these tests check that it is
+    # taken exactly where it should be, so every process they start has it on.
     monkeypatch.setenv("ZFABRIC_SAME_HOST_SHM", "1")
 
 

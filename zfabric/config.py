@@ -51,9 +51,10 @@ class Config:
     #: ZeroMQ linger on close: unsent messages are dropped after this.
     LINGER_MS: int = 100
     #: Move values of 1 MiB or more between processes of one host through /dev/shm instead of
-    #: TCP (same host is decided by network address). One copy instead of the kernel's two;
-    #: on the reference machine both are bound by page faults (docs/performance.md).
-    SAME_HOST_SHM: bool = True
+    #: TCP (same host is decided by network address). Off by default: each transfer faults in
+    #: a fresh segment, while TCP's buffers are recycled by malloc, and on the reference
+    #: machine TCP was faster in steady state (docs/performance.md).
+    SAME_HOST_SHM: bool = False
     #: Keys sent per ``submit`` message by ``Client.map``.
     SUBMIT_BATCH: int = 1000
 

@@ -91,7 +91,7 @@ class _Conn:
 class DataPool:
     """Requests to workers' data ports, one connection per worker."""
 
-    def __init__(self, ctx: zmq.asyncio.Context, timeout_s: float = 30.0, use_shm: bool = True):
+    def __init__(self, ctx: zmq.asyncio.Context, timeout_s: float = 30.0, use_shm: bool = False):
         self.ctx = ctx
         self.use_shm = use_shm and shm.available()
         self.timeout_s = timeout_s
