@@ -6,44 +6,21 @@ Every test checks that no process it started is left behind.
 from __future__ import annotations
 
 import json
-import os
 import signal
 import subprocess
 import sys
 import time
 
-import psutil
 import pytest
 from typer.testing import CliRunner
 
 from zfabric.cli import app, format_info
 
-pytestmark = pytest.mark.timeout(40)
+pytestmark = [pytest.mark.timeout(40), pytest.mark.usefixtures("no_leftover_processes")]
 
 ZFABRIC = [sys.executable, "-m", "zfabric"]
 
 
-def _gone(pid: int) -> bool:
-    try:
-        return psutil.Process(pid).status() == psutil.STATUS_ZOMBIE
-    except psutil.NoSuchProcess:
-        return True
-
-
-@pytest.fixture(autouse=True)
-def no_leftover_processes():
-    before = {p.pid for p in psutil.Process().children(recursive=True)}
-    yield
-    new = [p.pid for p in psutil.Process().children(recursive=True) if p.pid not in before]
-    deadline = time.monotonic() + 5
-    while True:
-        left = [p for p in new if not _gone(p)]
-        if not left or time.monotonic() > deadline:
-            break
-        time.sleep(0.02)
-    for pid in left:
-        os.kill(pid, signal.SIGKILL)
-    assert not left, f"processes left behind: {left}"
 
 
 class Procs:

@@ -7,43 +7,21 @@ from __future__ import annotations
 
 import os
 import re
-import signal
 import socket
 import time
 from operator import add
 
-import psutil
 import pytest
 
 from zfabric import Client, CommTimeoutError, LocalCluster, as_completed, wait
 from zfabric.cluster import _sizing, nprocesses_nthreads
 from zfabric.nanny import Nanny
+from zfabric.testing import process_gone
 from zfabric.worker import Worker
 
-pytestmark = pytest.mark.timeout(40)
+pytestmark = [pytest.mark.timeout(40), pytest.mark.usefixtures("no_leftover_processes")]
 
 
-def _gone(pid: int) -> bool:
-    try:
-        return psutil.Process(pid).status() == psutil.STATUS_ZOMBIE
-    except psutil.NoSuchProcess:
-        return True
-
-
-@pytest.fixture(autouse=True)
-def no_leftover_processes():
-    before = {p.pid for p in psutil.Process().children(recursive=True)}
-    yield
-    new = [p.pid for p in psutil.Process().children(recursive=True) if p.pid not in before]
-    deadline = time.monotonic() + 5
-    while True:
-        left = [p for p in new if not _gone(p)]
-        if not left or time.monotonic() > deadline:
-            break
-        time.sleep(0.02)
-    for pid in left:
-        os.kill(pid, signal.SIGKILL)
-    assert not left, f"processes left behind: {left}"
 
 
 @pytest.fixture(scope="module")
@@ -98,7 +76,7 @@ def test_blocking_cluster_closes_its_processes():
     c.close()
     c.close()  # again: nothing happens
     assert c.status == "closed"
-    assert all(_gone(p) for p in pids)
+    assert all(process_gone(p) for p in pids)
 
 
 async def test_async_cluster_in_threads():
@@ -141,7 +119,7 @@ def test_client_without_address_with_processes():
         assert pid != os.getpid()
         cluster = client.cluster
     assert cluster.status == "closed"
-    assert _gone(pid)
+    assert process_gone(pid)
 
 
 # ---------------------------------------------------------------------- blocking client

@@ -26,36 +26,11 @@ from zfabric.process import (
     worker_command,
     worker_environ,
 )
+from zfabric.testing import wait_gone
 
-pytestmark = pytest.mark.timeout(40)
-
-
-def _gone(pid: int) -> bool:
-    try:
-        return psutil.Process(pid).status() == psutil.STATUS_ZOMBIE
-    except psutil.NoSuchProcess:
-        return True
+pytestmark = [pytest.mark.timeout(40), pytest.mark.usefixtures("no_leftover_processes")]
 
 
-def wait_gone(pids, timeout: float = 5.0) -> list[int]:
-    """The pids still alive after ``timeout`` seconds."""
-    deadline = time.monotonic() + timeout
-    while True:
-        left = [p for p in pids if not _gone(p)]
-        if not left or time.monotonic() >= deadline:
-            return left
-        time.sleep(0.02)
-
-
-@pytest.fixture(autouse=True)
-def no_leftover_processes():
-    before = {p.pid for p in psutil.Process().children(recursive=True)}
-    yield
-    new = [p.pid for p in psutil.Process().children(recursive=True) if p.pid not in before]
-    left = wait_gone(new)
-    for pid in left:
-        os.kill(pid, signal.SIGKILL)
-    assert not left, f"processes left behind: {left}"
 
 
 async def until(predicate, timeout: float = 10.0, interval: float = 0.01) -> float:

@@ -322,3 +322,26 @@ class FakePeer:
             if answer["op"] in ("welcome", "error"):
                 return answer
             self.received.append(answer)
+
+
+# ---------------------------------------------------------------------------- processes
+
+
+def process_gone(pid: int) -> bool:
+    """Whether ``pid`` has exited (a zombie waiting to be reaped counts as gone)."""
+    import psutil
+
+    try:
+        return psutil.Process(pid).status() == psutil.STATUS_ZOMBIE
+    except psutil.NoSuchProcess:
+        return True
+
+
+def wait_gone(pids, timeout: float = 5.0) -> list[int]:
+    """The pids still alive after ``timeout`` seconds."""
+    deadline = time.monotonic() + timeout
+    while True:
+        left = [p for p in pids if not process_gone(p)]
+        if not left or time.monotonic() >= deadline:
+            return left
+        time.sleep(0.02)
