@@ -164,3 +164,23 @@ def version_mismatches(mine: dict, theirs: dict) -> list[str]:
         if a != b:
             out.append(f"{name} {a} here vs {b} there")
     return out
+
+
+def check_task_options(key: str, opts) -> None:
+    """Refuse task options of the wrong shape before they reach the records or the policy
+    (where a bad type would fail later, outside the op that brought it)."""
+    if type(opts) is not dict:
+        raise RemoteProtocolError(f"options of task {key!r} must be a map, got {opts!r:.100}")
+    for name in ("priority", "retries"):
+        if not isinstance(opts.get(name) or 0, int):
+            raise RemoteProtocolError(f"option {name!r} of task {key!r} must be an integer")
+    if not isinstance(opts.get("task_timeout") or 0, int | float):
+        raise RemoteProtocolError(f"option 'task_timeout' of task {key!r} must be a number")
+    workers = opts.get("workers")
+    if workers and (type(workers) is not list or any(type(w) is not str for w in workers)):
+        raise RemoteProtocolError(f"option 'workers' of task {key!r} must be a list of names")
+    resources = opts.get("resources")
+    if resources and (type(resources) is not dict or any(
+            type(k) is not str or not isinstance(v, int | float) for k, v in resources.items())):
+        raise RemoteProtocolError(
+            f"option 'resources' of task {key!r} must map names to amounts")

@@ -1,4 +1,5 @@
-"""Where a ready task runs: pure worker choice by restrictions, data locality and load."""
+"""Pure scheduling decisions: where a ready task runs (restrictions, data locality, load)
+and which tasks a dead worker was probably running."""
 
 from __future__ import annotations
 
@@ -47,3 +48,19 @@ def choose_worker(ts: TaskState, workers: Iterable[WorkerState]) -> WorkerState 
         if best is not None:
             return best
     return None
+
+
+def probably_running(ws: WorkerState, processing: list[TaskState]) -> set[TaskState]:
+    """The tasks a worker that died was probably running: those it said it started and, while
+    that leaves some of its threads unaccounted for, the oldest others it had been given.
+
+    A worker starts what it gets at once while it has a free thread, but says so only on its
+    next message: a task that kills its process at once would otherwise never be blamed, and
+    would go on killing one worker after another.
+    """
+    running = {ts for ts in processing if ts.started}
+    for ts in processing:  # in the order they were given
+        if len(running) >= ws.nthreads:
+            break
+        running.add(ts)
+    return running

@@ -32,10 +32,12 @@ from collections.abc import Iterable
 
 from ..config import DEFAULT, PROTOCOL_VERSION, Config
 from ..errors import RemoteProtocolError
-from ..protocol import version_mismatches
+from ..protocol import check_task_options, version_mismatches
 from . import policy
+from .outbox import Outbox
 from .queue import ReadyQueue
 from .records import ClientState, NannyState, TaskState, WorkerState
+from .requests import FanOut
 
 logger = logging.getLogger(__name__)
 
@@ -50,48 +52,8 @@ TRANSITIONS: dict[str, frozenset[str]] = {
     "erred": frozenset({"released"}),
 }
 
-#: The list field of each op that :meth:`SchedulerState.batch` can merge.
-_LIST_FIELD = {"memory": "items", "erred": "items", "compute": "tasks", "free": "keys",
-               "cancelled": "keys", "lost": "keys", "forget-functions": "keys"}
-
 #: Pseudo client that holds fire_and_forget keys until they finish.
 FIRE_AND_FORGET = b"<fire-and-forget>"
-
-
-def _probably_running(ws: WorkerState, processing: list[TaskState]) -> set[TaskState]:
-    """The tasks a worker that died was probably running: those it said it started and, while
-    that leaves some of its threads unaccounted for, the oldest others it had been given.
-
-    A worker starts what it gets at once while it has a free thread, but says so only on its
-    next message: a task that kills its process at once would otherwise never be blamed, and
-    would go on killing one worker after another.
-    """
-    running = {ts for ts in processing if ts.started}
-    for ts in processing:  # in the order they were given
-        if len(running) >= ws.nthreads:
-            break
-        running.add(ts)
-    return running
-
-
-def _check_options(key: str, opts) -> None:
-    """Refuse task options of the wrong shape before they reach the records or the policy
-    (where a bad type would fail later, outside the op that brought it)."""
-    if type(opts) is not dict:
-        raise RemoteProtocolError(f"options of task {key!r} must be a map, got {opts!r:.100}")
-    for name in ("priority", "retries"):
-        if not isinstance(opts.get(name) or 0, int):
-            raise RemoteProtocolError(f"option {name!r} of task {key!r} must be an integer")
-    if not isinstance(opts.get("task_timeout") or 0, int | float):
-        raise RemoteProtocolError(f"option 'task_timeout' of task {key!r} must be a number")
-    workers = opts.get("workers")
-    if workers and (type(workers) is not list or any(type(w) is not str for w in workers)):
-        raise RemoteProtocolError(f"option 'workers' of task {key!r} must be a list of names")
-    resources = opts.get("resources")
-    if resources and (type(resources) is not dict or any(
-            type(k) is not str or not isinstance(v, int | float) for k, v in resources.items())):
-        raise RemoteProtocolError(
-            f"option 'resources' of task {key!r} must map names to amounts")
 
 
 class InvalidTransition(RuntimeError):
@@ -117,62 +79,18 @@ class SchedulerState:
         # Worker processes their Nanny reported dead (it may still be killing them): one that
         # says hello again must not come back as a worker nobody will ever report.
         self.reported_dead: dict[bytes, None] = {}
-        self.outbox: dict[bytes, list[dict]] = {}
-        self._batched: dict[bytes, tuple[str, list]] = {}
+        self._outbox = Outbox(ignore=FIRE_AND_FORGET)
+        self.send = self._outbox.send  # queue an op for a peer
+        self.batch = self._outbox.batch  # queue one item of a list-carrying op (see Outbox)
+        self.flush = self._outbox.flush  # {peer: [ops]} queued since the last flush
         self._queued = ReadyQueue()  # unrestricted queued tasks; stale entries are skipped
         self._restricted: set[TaskState] = set()  # queued tasks that only some workers may run
         self._seq = 0
-        self._requests: dict[int, dict] = {}  # fan-out requests (run, restart) in flight
-        self._request_seq = 0
+        self._fan_out = FanOut(self.send)  # run and restart requests in flight
         self.closing = False  # set by a remote shutdown request; the shell closes
         self.events: list[tuple[float, str]] = []  # recent notable events, for info and logs
         self.now = 0.0
         self.counts = {"finished": 0, "erred": 0}
-
-    # ------------------------------------------------------------------ outbox
-
-    def send(self, peer: bytes, op: dict) -> None:
-        if peer == FIRE_AND_FORGET:
-            return
-        if peer in self._batched:
-            self._unbatch(peer)
-        box = self.outbox.get(peer)
-        if box is None:
-            self.outbox[peer] = [op]
-        else:
-            box.append(op)
-
-    def batch(self, peer: bytes, op: str, item) -> None:
-        """Queue one item of a list-carrying op (memory, erred, compute, free...).
-
-        Consecutive items of the same op to the same peer share one op; any other op sent to
-        that peer in between closes the batch first, so order is kept.
-        """
-        if peer == FIRE_AND_FORGET:
-            return
-        b = self._batched.get(peer)
-        if b is None or b[0] != op:
-            if b is not None:
-                self._unbatch(peer)
-            self._batched[peer] = (op, [item])
-        else:
-            b[1].append(item)
-
-    def _unbatch(self, peer: bytes) -> None:
-        op, items = self._batched.pop(peer)
-        box = self.outbox.get(peer)
-        message = {"op": op, _LIST_FIELD[op]: items}
-        if box is None:
-            self.outbox[peer] = [message]
-        else:
-            box.append(message)
-
-    def flush(self) -> dict[bytes, list[dict]]:
-        """The ops queued since the last flush, by peer; the outbox is emptied."""
-        for peer in list(self._batched):
-            self._unbatch(peer)
-        out, self.outbox = self.outbox, {}
-        return out
 
     def _event(self, text: str) -> None:
         logger.info(text)
@@ -410,7 +328,7 @@ class SchedulerState:
             if type(key) is not str or type(payload) is not bytes or type(deps) is not list:
                 raise RemoteProtocolError(f"malformed task {str(item)[:200]}")
             if opts is not None:
-                _check_options(key, opts)
+                check_task_options(key, opts)
             fid = rest[0] if rest else None
             entry = None
             if fid is not None:
@@ -575,7 +493,7 @@ class SchedulerState:
                     # As dask.distributed does: a restart forgets every task and its data.
                     self._event("restart requested: cancelling every task")
                     self.cancel(list(self.tasks))
-                self._fan_out(peer, rid, kind, args)
+                self._start_fan_out(peer, rid, kind, args)
                 return
             case "shutdown":
                 self.closing = True
@@ -592,54 +510,21 @@ class SchedulerState:
                 reply["error"] = f"unknown request {kind!r}"
         self.send(peer, reply)
 
-    def _fan_out(self, peer: bytes, rid: int, kind: str, args: dict) -> None:
-        """Send a run (to workers) or restart (to nannies) and reply when all have answered."""
-        self._request_seq += 1
-        internal = self._request_seq
+    def _start_fan_out(self, peer: bytes, rid: int, kind: str, args: dict) -> None:
+        """A run (on workers) or restart (through nannies): reply once all have answered."""
         if kind == "run":
-            targets = [
-                ws
-                for ws in self.workers.values()
-                if not args.get("workers") or ws.address in args["workers"]
-            ]
-            op = {"op": "run", "id": internal, "payload": args["payload"]}
+            names = args.get("workers")
+            targets = [(ws.ident, ws.address) for ws in self.workers.values()
+                       if not names or ws.address in names]
+            op = {"op": "run", "payload": args["payload"]}
         else:
-            targets = list(self.nannies.values())
-            op = {"op": "restart", "id": internal}
-        pending = {t.ident: getattr(t, "address", t.name) for t in targets}
-        self._requests[internal] = {
-            "peer": peer, "id": rid, "pending": pending, "results": {}, "kind": kind,
-        }
-        for t in targets:
-            self.send(t.ident, op)
-        self._maybe_finish_request(internal)
+            targets = [(ns.ident, ns.name) for ns in self.nannies.values()]
+            op = {"op": "restart"}
+        self._fan_out.start(peer, rid, op, targets)
 
     def _drop_nanny(self, ident: bytes) -> None:
         if self.nannies.pop(ident, None) is not None:
-            self._peer_left(ident)
-
-    def _peer_left(self, ident: bytes) -> None:
-        """A worker or nanny left: fan-out requests stop waiting for it."""
-        for internal, req in list(self._requests.items()):
-            name = req["pending"].pop(ident, None)
-            if name is not None:
-                req["results"][name] = [None, [None, None, f"{name} left before answering"]]
-                self._maybe_finish_request(internal)
-
-    def _request_answer(self, ident: bytes, op: dict) -> None:
-        req = self._requests.get(op["id"])
-        if req is None or ident not in req["pending"]:
-            return
-        name = req["pending"].pop(ident)
-        req["results"][name] = [op.get("value"), op.get("error")]
-        self._maybe_finish_request(op["id"])
-
-    def _maybe_finish_request(self, internal: int) -> None:
-        req = self._requests[internal]
-        if req["pending"]:
-            return
-        del self._requests[internal]
-        self.send(req["peer"], {"op": "reply", "id": req["id"], "result": req["results"]})
+            self._fan_out.peer_left(ident)
 
     def wanted_keys(self, cs: ClientState) -> list[str]:
         """The keys a client holds futures for (O(tasks); for tests and diagnostics)."""
@@ -675,7 +560,7 @@ class SchedulerState:
                 if ws is not None:
                     self.remove_worker(ws, op["reason"], died=True)
             case "reply":
-                self._request_answer(ns.ident, op)
+                self._fan_out.answer(ns.ident, op)
             case "goodbye":
                 self._drop_nanny(ns.ident)
             case "request":
@@ -709,7 +594,7 @@ class SchedulerState:
             case "missing":
                 self._missing(ws, op["key"], op["dep"], op["address"])
             case "run-result":
-                self._request_answer(ws.ident, op)
+                self._fan_out.answer(ws.ident, op)
             case "request":
                 self.request(ws.ident, op)
             case "goodbye":
@@ -766,8 +651,6 @@ class SchedulerState:
         ws.done(ts, 0.0)
         ts.processing_on = None
         ts.started = False
-        if kind == "TaskTimeout" and ts.options and ts.options.get("abandoned"):
-            pass
         if ts.retries > 0:
             ts.retries -= 1
             self._set_state(ts, "released")
@@ -797,12 +680,12 @@ class SchedulerState:
                       unheard: bool = True) -> None:
         """Take a worker out: move its tasks elsewhere, recompute or fail what it held.
 
-        When it ``died``, the tasks it was running are blamed (see :func:`_probably_running`;
+        When it ``died``, the tasks it was running are blamed (see :func:`policy.probably_running`;
         ``unheard=False`` blames only those it said it started).
         """
         if self.workers.pop(ws.ident, None) is None:
             return
-        self._peer_left(ws.ident)
+        self._fan_out.peer_left(ws.ident)
         if self.workers_by_address.get(ws.address) is ws:
             del self.workers_by_address[ws.address]
         self._event(f"worker {ws.name} ({ws.address}) removed: {reason}")
@@ -814,7 +697,7 @@ class SchedulerState:
         if not died:
             blamed = ()
         elif unheard:
-            blamed = _probably_running(ws, processing)
+            blamed = policy.probably_running(ws, processing)
         else:
             blamed = {ts for ts in processing if ts.started}
         for ts in processing:
