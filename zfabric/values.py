@@ -1,0 +1,241 @@
+"""Values to and from workers, for the Client: results, gather, scatter, large arguments.
+
+Values never pass through the scheduler: small results arrive inline with its notices, large
+ones are fetched from the workers that hold them, and large task arguments and scattered data
+are put on a worker directly (through :class:`~zfabric.transfer.DataPool`). :class:`Values`
+holds these methods of :class:`~zfabric.client.Client`, which mixes it in.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import pickle
+import time
+import uuid
+
+from . import protocol, serialize
+from .errors import SchedulerLost, TaskCancelled
+from .futures import Future, FutureState, futures_of
+
+logger = logging.getLogger(__name__)
+
+
+class Values:
+    """The Client's methods that move values (see the module docstring)."""
+
+    async def _ship_args(self, key, fid, fbytes, abytes, deps, buffers, opts) -> list[dict]:
+        """Put a task's large arguments on a worker, then submit the task referring to them.
+
+        Runs inside the writer, so ops queued after this task wait for it (order is kept).
+        The scheduler only sees a small payload; the task runs where its arguments are.
+        """
+        functions = {fid: fbytes}
+        args_key = f"args-{key}"
+        address = await self._pick_worker()
+        if address is None:  # no worker yet: the scheduler carries it all, in band
+            body = pickle.dumps(pickle.loads(abytes, buffers=buffers), protocol=5)
+            return [{"op": "submit", "tasks": [[key, body, deps, opts, fid]],
+                     "functions": functions}]
+        await self.data.put(address, [(args_key, abytes, buffers)], raw=True)
+        size = serialize.nbytes(abytes, buffers)
+        return [
+            {"op": "scatter", "items": [[args_key, None, size, [address]]]},
+            {"op": "submit", "tasks": [[key, _pickle_ref(args_key), [*deps, args_key], opts, fid]],
+             "functions": functions},
+            {"op": "release", "keys": [args_key]},
+        ]
+
+    async def _pick_worker(self) -> str | None:
+        """A worker to hold large arguments: round robin over a recently fetched list."""
+        now = time.monotonic()
+        if now - self._workers_seen > 2.0 or not self._worker_list:
+            self._request_seq += 1
+            rid = self._request_seq
+            fut = self.loop.create_future()
+            self._requests[rid] = fut
+            # Sent directly: this runs inside the writer, which would not see the outbox.
+            await self._sock.send_multipart(protocol.encode(
+                [{"op": "request", "id": rid, "kind": "info", "args": {}}]))
+            reply = await asyncio.wait_for(fut, self.timeout)
+            self._worker_list = list(reply.get("result", {}).get("workers", {}))
+            self._workers_seen = now
+        if not self._worker_list:
+            return None
+        self._next_worker = (self._next_worker + 1) % len(self._worker_list)
+        return self._worker_list[self._next_worker]
+
+    async def _result(self, future: Future, timeout: float | None = None):
+        st = future._state
+        if not st.done():
+            await asyncio.wait_for(st.wait(), timeout) if timeout else await st.wait()
+        return await self._value_of(future)
+
+    async def _value_of(self, future: Future):
+        st = future._state
+        for _attempt in range(5):
+            if st.status == "error":
+                raise st.exception()
+            if st.status == "cancelled":
+                raise TaskCancelled(f"{future.key!r} was cancelled")
+            if st.status != "finished":
+                await st.wait()
+                continue
+            if st.value is not None:
+                return serialize.loads_value(st.value)
+            values = await self._fetch({future.key: st.who_has or []})
+            if future.key in values:
+                return values[future.key]
+            await asyncio.sleep(0.05 * (_attempt + 1))
+        raise SchedulerLost(f"could not get the value of {future.key!r} from any worker")
+
+    async def _fetch(self, who_has: dict[str, list[str]]) -> dict:
+        """Values of large results, fetched from the workers that hold them, batched."""
+        by_worker: dict[str, list[str]] = {}
+        for key, addresses in who_has.items():
+            if addresses:
+                by_worker.setdefault(addresses[0], []).append(key)
+        out: dict = {}
+        results = await asyncio.gather(
+            *(self._get_from(addr, keys) for addr, keys in by_worker.items()),
+            return_exceptions=True,
+        )
+        for (addr, _), res in zip(by_worker.items(), results, strict=True):
+            if isinstance(res, BaseException):
+                logger.info("fetch from %s failed: %s", addr, res)
+                self.data.drop(addr)
+            else:
+                out.update(res)
+        return out
+
+    async def _get_from(self, address: str, keys: list[str]) -> dict:
+        # Checked when the fetch really starts (gather starts it a loop turn later): a holder
+        # found gone in between would otherwise be asked anyway and never answer.
+        if address in self._gone_holders:
+            raise ConnectionError(f"{address} no longer holds {keys[0]!r}")
+        return await self.data.get(address, keys)
+
+    async def _exception(self, future: Future, timeout=None):
+        st = future._state
+        if not st.done():
+            await asyncio.wait_for(st.wait(), timeout) if timeout else await st.wait()
+        if st.status == "error":
+            return st.exception()
+        if st.status == "cancelled":
+            return TaskCancelled(f"{future.key!r} was cancelled")
+        return None
+
+    async def _traceback(self, future: Future, timeout=None):
+        exc = await self._exception(future, timeout)
+        return exc.__traceback__ if exc is not None else None
+
+    def gather(self, futures, errors: str = "raise", direct=None, asynchronous=None):
+        """Results of futures, in the same nested structure (lists, tuples, dicts, sets)."""
+        if errors not in ("raise", "skip"):
+            raise ValueError(f"errors must be 'raise' or 'skip', not {errors!r}")
+        return self.sync(self._gather, futures, errors=errors)
+
+    async def _gather(self, futures, errors: str = "raise"):
+        flat = futures_of(futures)
+        pending = [f._state.wait() for f in flat if not f._state.done()]
+        if pending:
+            await asyncio.gather(*pending)
+        values: dict[str, object] = {}
+        bad = set()
+        need: dict[str, list[str]] = {}
+        for f in flat:
+            st = f._state
+            if st.status == "finished":
+                if st.value is not None:
+                    values[f.key] = serialize.loads_value(st.value)
+                else:
+                    need[f.key] = st.who_has or []
+            elif errors == "raise":
+                if st.status == "cancelled":
+                    raise TaskCancelled(f"{f.key!r} was cancelled")
+                raise st.exception()
+            else:
+                bad.add(f.key)
+        if need:
+            values.update(await self._fetch(need))
+            for f in flat:
+                if f.key in need and f.key not in values:
+                    values[f.key] = await self._value_of(f)
+        return _rebuild(futures, values, bad)
+
+    def scatter(self, data, workers=None, broadcast: bool = False, direct=None, hash=True,
+                timeout=None, asynchronous=None):
+        """Place local data on the cluster; Futures in the same shape (list, dict, or one)."""
+        return self.sync(self._scatter, data, workers=workers, broadcast=broadcast, hash=hash)
+
+    async def _scatter(self, data, workers=None, broadcast=False, hash=True):
+        self._check_open()
+        single = False
+        if isinstance(data, dict):
+            items = list(data.items())
+        elif isinstance(data, list | tuple | set | frozenset):
+            items = [(None, v) for v in data]
+        else:
+            items, single = [(None, data)], True
+        large, inline, keys = [], [], []
+        for k, v in items:
+            header, bufs = serialize.dumps_value(v, self.config.INLINE_BYTES)
+            size = serialize.nbytes(header, bufs)
+            if k is None:
+                digest = (serialize.task_hash(header + b"".join(bytes(b) for b in bufs))
+                          if hash else uuid.uuid4().hex)
+                k = f"{type(v).__name__}-{digest}"
+            keys.append(k)
+            if not bufs and size < self.config.INLINE_BYTES and not broadcast and not workers:
+                inline.append([k, header, size, []])
+            else:
+                large.append((k, header, bufs, size))
+        if large:
+            info = await self._request("info")
+            addresses = list(info["workers"])
+            if workers:
+                names = {workers} if isinstance(workers, str) else set(workers)
+                addresses = [a for a, w in info["workers"].items()
+                             if a in names or w["name"] in names or w["host"] in names]
+            if not addresses:
+                raise ValueError("no workers to scatter to; start workers first")
+            placements: dict[str, list] = {}
+            for i, (k, header, bufs, size) in enumerate(large):
+                targets = addresses if broadcast else [addresses[i % len(addresses)]]
+                for a in targets:
+                    placements.setdefault(a, []).append((k, header, bufs))
+                inline.append([k, None, size, targets])
+            await asyncio.gather(*(self.data.put(a, its) for a, its in placements.items()))
+        with self._lock:
+            futs = {}
+            for k in keys:
+                st = self._states.get(k)
+                if st is None:
+                    st = self._states[k] = FutureState(k)
+                futs[k] = Future(k, self, st)
+            self._queue_releases()
+            self._outbox.append({"op": "scatter", "items": inline})
+        self._send()
+        if single:
+            return futs[keys[0]]
+        if isinstance(data, dict):
+            return {k: futs[k] for k, _ in items}
+        return type(data)(futs[k] for k in keys) if not isinstance(data, set | frozenset) else [
+            futs[k] for k in keys]
+
+
+def _pickle_ref(key: str) -> bytes:
+    return pickle.dumps(serialize.ArgsRef(key), protocol=5)
+
+
+def _rebuild(obj, values: dict, bad: set):
+    if isinstance(obj, Future):
+        return values[obj.key]
+    if isinstance(obj, list | tuple | set | frozenset):
+        out = [_rebuild(x, values, bad) for x in obj
+               if not (isinstance(x, Future) and x.key in bad)]
+        return out if isinstance(obj, list) else type(obj)(out)
+    if isinstance(obj, dict):
+        return {k: _rebuild(v, values, bad) for k, v in obj.items()
+                if not (isinstance(v, Future) and v.key in bad)}
+    return obj
