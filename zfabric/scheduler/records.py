@@ -4,6 +4,9 @@ from __future__ import annotations
 
 from ..config import DEFAULT
 
+#: Pseudo client that holds fire_and_forget keys until they finish.
+FIRE_AND_FORGET = b"<fire-and-forget>"
+
 # _one_or_set: a container that is None (empty), the one member itself, or a set of two or more.
 
 

@@ -22,22 +22,28 @@ scheduler holds its bytes too and hands them to dependents and clients inline). 
 the value was dropped because nothing needs it now, but the record stays while dependents exist
 so that it can be recomputed if their results are lost. A task is forgotten (removed) when no
 client wants it and no dependent record exists.
+
+The class is spread over a few modules, one concern each: this one (dispatch, time, the
+transitions), :mod:`.client_ops` (submit, release, cancel, scatter), :mod:`.worker_loss`
+(a worker leaves or dies), :mod:`.policy` (where a task runs, whom to blame), and the pure
+helpers :mod:`.records`, :mod:`.queue`, :mod:`.outbox`, :mod:`.requests`.
 """
 
 from __future__ import annotations
 
 import logging
 import uuid
-from collections.abc import Iterable
 
 from ..config import DEFAULT, PROTOCOL_VERSION, Config
 from ..errors import RemoteProtocolError
-from ..protocol import check_task_options, version_mismatches
+from ..protocol import version_mismatches
 from . import policy
+from .client_ops import ClientOps
 from .outbox import Outbox
 from .queue import ReadyQueue
-from .records import ClientState, NannyState, TaskState, WorkerState
+from .records import FIRE_AND_FORGET, ClientState, NannyState, TaskState, WorkerState
 from .requests import FanOut
+from .worker_loss import WorkerLoss
 
 logger = logging.getLogger(__name__)
 
@@ -52,15 +58,13 @@ TRANSITIONS: dict[str, frozenset[str]] = {
     "erred": frozenset({"released"}),
 }
 
-#: Pseudo client that holds fire_and_forget keys until they finish.
-FIRE_AND_FORGET = b"<fire-and-forget>"
 
 
 class InvalidTransition(RuntimeError):
     """Raised when code (ours) tries a task-state move that the table forbids."""
 
 
-class SchedulerState:
+class SchedulerState(ClientOps, WorkerLoss):
     """Tasks, workers and clients; ops in, ops out."""
 
     def __init__(
@@ -272,204 +276,6 @@ class SchedulerState:
             case other:
                 raise RemoteProtocolError(f"a client may not send {other!r}")
 
-    def remove_client(self, cs: ClientState) -> None:
-        self.clients.pop(cs.ident, None)
-        # O(tasks), but only when a client leaves (see ClientState).
-        for ts in [t for t in self.tasks.values() if t.wanted_by(cs)]:
-            self.release_key(cs, ts.key)
-
-    def peer_gone(self, peer: bytes, now: float) -> None:
-        """A send to ``peer`` failed because its connection is gone (the ROUTER's
-        ``ROUTER_MANDATORY`` says so at once): drop it now rather than after its ttl."""
-        self.now = now
-        ws = self.workers.get(peer)
-        if ws is not None:
-            # What we could not send it, it never ran: blame only what it said it started.
-            self.remove_worker(ws, "its connection is gone", died=True, unheard=False)
-            return
-        cs = self.clients.get(peer)
-        if cs is not None:
-            self._event(f"client {cs.name}: its connection is gone; releasing its futures")
-            self.remove_client(cs)
-            return
-        self._drop_nanny(peer)
-
-    def add_functions(self, functions) -> None:
-        """Keep the function pickles that submitted tasks refer to by id (one copy each)."""
-        if not functions:
-            return
-        if type(functions) is not dict:
-            raise RemoteProtocolError("submit's functions must map ids to pickles")
-        for fid, data in functions.items():
-            if type(fid) is not str or type(data) is not bytes:
-                raise RemoteProtocolError("submit's functions must map string ids to bytes")
-            if fid not in self.functions:
-                self.functions[fid] = [data, 0, fid]  # pickle, tasks using it, shared id
-
-    def _drop_function(self, fid: str) -> None:
-        entry = self.functions.get(fid)
-        if entry is None:
-            return
-        entry[1] -= 1
-        if entry[1] <= 0:
-            del self.functions[fid]
-            for ws in self.workers.values():
-                if fid in ws.functions:
-                    ws.functions.discard(fid)
-                    self.batch(ws.ident, "forget-functions", fid)
-
-    def submit(self, cs: ClientState, items: list) -> None:
-        """Add tasks: each item is ``[key, args pickle, dep keys, options or None, function id]``
-        (or, without the function id, ``[key, whole-call payload, dep keys, options]``)."""
-        if cs.ident == FIRE_AND_FORGET:
-            return
-        for item in items:
-            key, payload, deps, opts, *rest = item
-            if type(key) is not str or type(payload) is not bytes or type(deps) is not list:
-                raise RemoteProtocolError(f"malformed task {str(item)[:200]}")
-            if opts is not None:
-                check_task_options(key, opts)
-            fid = rest[0] if rest else None
-            entry = None
-            if fid is not None:
-                entry = self.functions.get(fid) if type(fid) is str else None
-                if entry is None:
-                    raise RemoteProtocolError(
-                        f"task {key!r} refers to function {fid!r}, which was not sent with it")
-            ts = self.tasks.get(key)
-            if ts is not None and ts.state != "released":
-                self._want(cs, ts)
-                if opts and opts.get("fire_and_forget"):
-                    self._want(self.clients[FIRE_AND_FORGET], ts)
-                continue
-            dep_states = []
-            missing = None
-            for d in deps:
-                dts = self.tasks.get(d)
-                if dts is None:
-                    missing = d
-                    break
-                dep_states.append(dts)
-            if ts is None:
-                ts = TaskState(key, payload)
-                self.tasks[key] = ts
-            else:
-                ts.payload = payload
-                if ts.func is not None:
-                    self._drop_function(ts.func)
-            if entry is not None:
-                entry[1] += 1
-                ts.func = entry[2]  # one id string shared by all its tasks
-            self._seq += 1
-            prio = 0
-            if opts:
-                prio = -int(opts.get("priority") or 0)
-                ts.retries = int(opts.get("retries") or 0)
-                ts.set_options(opts)
-            ts.priority = prio * 2**40 + self._seq
-            self._want(cs, ts)
-            if opts and opts.get("fire_and_forget"):
-                self._want(self.clients[FIRE_AND_FORGET], ts)
-            if missing is not None:
-                self._fail(
-                    ts,
-                    None,
-                    None,
-                    f"dependency {missing!r} of {key!r} is not known to the scheduler (was its"
-                    " future released or cancelled?); keep a future for it while it is needed",
-                    kind="LostDataError",
-                )
-                continue
-            ts.deps = tuple(dep_states)
-            for dts in dep_states:
-                dts.add_dependent(ts)
-            self._start(ts)
-
-    def _want(self, cs: ClientState, ts: TaskState) -> None:
-        if ts.wanted_by(cs):
-            return
-        ts.add_wanter(cs)
-        if ts.state == "memory":
-            self.batch(cs.ident, "memory", ts.memory_item())
-        elif ts.state == "erred":
-            self.batch(cs.ident, "erred", ts.erred_item())
-
-    def _drop_fire_and_forget(self, ts: TaskState) -> None:
-        faf = self.clients[FIRE_AND_FORGET]
-        if ts.wanted_by(faf):
-            ts.drop_wanter(faf)
-
-    def want_key(self, cs: ClientState, key: str) -> None:
-        ts = self.tasks.get(key)
-        if ts is None:
-            self.send(cs.ident, {"op": "cancelled", "keys": [key]})
-            return
-        self._want(cs, ts)
-        if ts.state == "released":
-            self._recompute(ts)
-
-    def release_key(self, cs: ClientState, key: str) -> None:
-        ts = self.tasks.get(key)
-        if ts is None or not ts.wanted_by(cs):
-            return
-        ts.drop_wanter(cs)
-        self._check_release([ts])
-
-    def cancel(self, keys: Iterable[str]) -> None:
-        stack = [self.tasks[k] for k in keys if k in self.tasks]
-        seen = set()
-        doomed = []
-        while stack:
-            ts = stack.pop()
-            if ts in seen:
-                continue
-            seen.add(ts)
-            doomed.append(ts)
-            stack.extend(ts.dependents or ())
-        by_client: dict[bytes, list[str]] = {}
-        for ts in doomed:
-            for cs in ts.wanters():
-                by_client.setdefault(cs.ident, []).append(ts.key)
-            ts.who_wants = None
-        for ident, ks in by_client.items():
-            self.send(ident, {"op": "cancelled", "keys": ks})
-        self._check_release(doomed)
-
-    def scatter(self, cs: ClientState, items: list, fire_and_forget: bool = False) -> None:
-        """Register data a client placed: ``[key, inline bytes or None, nbytes, [addresses]]``."""
-        for key, value, nbytes, addresses in items:
-            # checked before any change, so a bad item cannot leave the state half-updated
-            if (type(key) is not str or not (value is None or type(value) is bytes)
-                    or type(nbytes) is not int or type(addresses) is not list):
-                raise RemoteProtocolError(
-                    f"malformed scatter item {[key, type(value).__name__, nbytes]!r:.200}")
-            ts = self.tasks.get(key)
-            if ts is not None and ts.state not in ("memory", "released"):
-                raise RemoteProtocolError(
-                    f"cannot scatter {key!r}: a task with that key is {ts.state}; scatter under"
-                    " another key")
-            known = self.workers_by_address
-            holders = [known[a] for a in addresses if type(a) is str and a in known]
-            if ts is None:
-                ts = TaskState(key, None)
-                self.tasks[key] = ts
-                self._seq += 1
-                ts.priority = self._seq
-            ts.scattered = True
-            ts.value = value
-            ts.nbytes = nbytes
-            for ws in holders:
-                ts.add_holder(ws)
-            if value is None and not holders:
-                self._want(cs, ts)
-                self._fail(ts, None, None, f"scattered {key!r} has no live worker holding it",
-                           kind="LostDataError")
-                continue
-            if ts.state != "memory":
-                self._set_state(ts, "memory")
-            self._want(cs, ts)
-            self._release_dependents_waiting(ts)
-
     # ------------------------------------------------------------------ requests
 
     def request(self, peer: bytes, op: dict) -> None:
@@ -525,10 +331,6 @@ class SchedulerState:
     def _drop_nanny(self, ident: bytes) -> None:
         if self.nannies.pop(ident, None) is not None:
             self._fan_out.peer_left(ident)
-
-    def wanted_keys(self, cs: ClientState) -> list[str]:
-        """The keys a client holds futures for (O(tasks); for tests and diagnostics)."""
-        return [t.key for t in self.tasks.values() if t.wanted_by(cs)]
 
     def info(self) -> dict:
         counts: dict[str, int] = {}
@@ -658,117 +460,6 @@ class SchedulerState:
             return
         self.counts["erred"] += 1
         self._fail(ts, exc, tb, text, kind=kind)
-
-    def _missing(self, ws: WorkerState, key: str, dep: str, address: str) -> None:
-        """A worker could not fetch ``dep`` from ``address``: fix who_has and try again."""
-        ts = self.tasks.get(key)
-        dts = self.tasks.get(dep)
-        holder = self.workers_by_address.get(address)
-        if dts is not None and holder is not None and dts.held_by(holder):
-            dts.drop_holder(holder)
-            holder.has_what.discard(dts)
-        if ts is None or ts.processing_on is not ws:
-            return
-        ws.done(ts, 0.0)
-        ts.processing_on = None
-        self._set_state(ts, "released")
-        if dts is not None and dts.state == "memory" and dts.holders is None and dts.value is None:
-            self._lose(dts)
-        self._start(ts)
-
-    def remove_worker(self, ws: WorkerState, reason: str, *, died: bool,
-                      unheard: bool = True) -> None:
-        """Take a worker out: move its tasks elsewhere, recompute or fail what it held.
-
-        When it ``died``, the tasks it was running are blamed (see :func:`policy.probably_running`;
-        ``unheard=False`` blames only those it said it started).
-        """
-        if self.workers.pop(ws.ident, None) is None:
-            return
-        self._fan_out.peer_left(ws.ident)
-        if self.workers_by_address.get(ws.address) is ws:
-            del self.workers_by_address[ws.address]
-        self._event(f"worker {ws.name} ({ws.address}) removed: {reason}")
-        if ws.nanny in self.nannies:
-            self.nannies[ws.nanny].workers.discard(ws.ident)
-        if not died:
-            self.send(ws.ident, {"op": "reregister", "reason": f"removed: {reason}"})
-        processing = list(ws.processing.values())
-        if not died:
-            blamed = ()
-        elif unheard:
-            blamed = policy.probably_running(ws, processing)
-        else:
-            blamed = {ts for ts in processing if ts.started}
-        for ts in processing:
-            ws.done(ts, 0.0)
-            ts.processing_on = None
-            if ts in blamed:
-                ts.suspicious += 1
-                if ts.suspicious > self.config.ALLOWED_FAILURES:
-                    self._fail(
-                        ts,
-                        None,
-                        None,
-                        f"task {ts.key!r} was running on {ts.suspicious} workers that died"
-                        f" (the last one {ws.address}, {reason}); it probably crashes or"
-                        " exhausts the worker. Allowed failures:"
-                        f" {self.config.ALLOWED_FAILURES}",
-                        kind="KilledWorker",
-                        extra={"task": ts.key, "last_worker": ws.address, "count": ts.suspicious},
-                    )
-                    continue
-            ts.started = False
-            self._set_state(ts, "released")
-            self._start(ts)
-        for ts in list(ws.has_what):
-            ts.drop_holder(ws)
-            if ts.state == "memory" and ts.holders is None and ts.value is None:
-                self._lose(ts)
-        ws.has_what.clear()
-        self._fill_restricted()
-        for other in list(self.workers.values()):
-            self._fill(other)
-
-    def _lose(self, ts: TaskState) -> None:
-        """The only copy of a large value is gone: recompute it, or fail if it was scattered."""
-        if ts.scattered:
-            self._fail(ts, None, None,
-                       f"scattered data {ts.key!r} was lost with its worker and cannot be"
-                       " recomputed; scatter it again", kind="LostDataError")
-            return
-        for cs in ts.wanters():
-            self.send(cs.ident, {"op": "lost", "keys": [ts.key]})
-        self._set_state(ts, "released")
-        needed = bool(ts.who_wants) or any(
-            d.state in ("waiting", "queued", "processing") for d in ts.dependents or ()
-        )
-        # Dependents given to a worker but not started there may be fetching the value from
-        # the holder that is gone, which fails only after the fetch timeout: take them back
-        # to wait for the new copy.
-        moved = [d for d in ts.dependents or () if d.state == "processing" and not d.started]
-        for d in moved:
-            self._drop_work(d)
-            self._set_state(d, "released")
-        if needed:
-            self._recompute(ts)
-        for d in moved:
-            if d.state == "released":
-                self._start(d)
-
-    def _recompute(self, ts: TaskState) -> None:
-        """Bring a released task back, with whatever of its lineage is missing."""
-        stack = [ts]
-        while stack:
-            t = stack.pop()
-            if t.state != "released":
-                continue
-            if t.payload is None:
-                self._fail(t, None, None, f"scattered data {t.key!r} was released or lost and"
-                           " cannot be recomputed", kind="LostDataError")
-                continue
-            self._start(t)
-            stack.extend(d for d in t.deps if d.state == "released")
 
     # ------------------------------------------------------------------ transitions
 
