@@ -1,0 +1,108 @@
+"""The Nanny's bookkeeping: what to do with a worker process at each check (pure), when to
+start a crashed one again, and the records of its processes and slots."""
+
+from __future__ import annotations
+
+import contextlib
+import subprocess
+from collections.abc import Sequence
+
+import psutil
+
+# ---------------------------------------------------------------------- pure policy
+
+
+def assess(*, phase: str, alive: bool, rss_bytes: int, memory_limit_bytes: int,
+           terminate_fraction: float, now: float, kill_at: float) -> str:
+    """What the Nanny should do with one slot's process now (no I/O, no clock).
+
+    Returns ``"ok"``, ``"exited"`` (the process is gone), ``"terminate-memory"`` (it is above
+    ``terminate_fraction`` of its limit) or ``"kill"`` (it ignored SIGTERM past ``kill_at``).
+    """
+    if phase in ("starting", "running"):
+        if not alive:
+            return "exited"
+        if memory_limit_bytes and rss_bytes > terminate_fraction * memory_limit_bytes:
+            return "terminate-memory"
+        return "ok"
+    if phase == "stopping":
+        if not alive:
+            return "exited"
+        if now >= kill_at:
+            return "kill"
+    return "ok"
+
+
+class RestartPolicy:
+    """How long to wait before starting again a worker process that died before it registered.
+
+    Only such deaths count: a worker that cannot start (a broken environment, a scheduler that
+    refuses it) must not spin, while one killed after it served restarts at once, however often
+    it happens (a task that keeps killing workers is the scheduler's to stop, with KilledWorker).
+    The first counted death in ``window_s`` restarts at once; each further one waits twice as
+    long as the last, from ``base_s`` up to ``max_s``.
+    """
+
+    def __init__(self, *, window_s: float = 30.0, base_s: float = 0.25, max_s: float = 10.0):
+        self.window_s = window_s
+        self.base_s = base_s
+        self.max_s = max_s
+
+    def delay(self, deaths: Sequence[float], now: float) -> float:
+        recent = sum(1 for t in deaths if now - t < self.window_s)
+        if recent <= 1:
+            return 0.0
+        return min(self.max_s, self.base_s * 2 ** (recent - 2))
+
+
+# ---------------------------------------------------------------------- nanny side
+
+
+class WorkerProcess:
+    """One incarnation of a worker process, as its Nanny sees it."""
+
+    def __init__(self, proc: subprocess.Popen, identity: str, fd: int, started: float):
+        self.proc = proc
+        self.pid = proc.pid
+        self.identity = identity
+        self.fd: int | None = fd
+        self.started = started
+        self.address = ""
+        self.ready = False
+        self.closing_reason: str | None = None  # it said it closes on purpose
+        self.restart_reason: str | None = None  # it said it leaves to be started afresh
+        self.reported = False  # the scheduler was told it died
+        self.buffer = b""
+        try:
+            self.ps: psutil.Process | None = psutil.Process(proc.pid)
+        except psutil.Error:  # pragma: no cover - gone already
+            self.ps = None
+
+    def __repr__(self) -> str:
+        return f"<WorkerProcess pid={self.pid} {self.address or self.identity}>"
+
+    def rss(self) -> int:
+        try:
+            return self.ps.memory_info().rss if self.ps is not None else 0
+        except psutil.Error:
+            return 0
+
+    def signal(self, sig: int) -> None:
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            self.proc.send_signal(sig)
+
+
+class Slot:
+    """One place for a worker process; the process in it changes with each restart."""
+
+    def __init__(self, index: int, name: str | None):
+        self.index = index
+        self.name = name
+        self.phase = "waiting"  # starting | running | stopping | waiting | failed | closed
+        self.process: WorkerProcess | None = None
+        self.generation = 0
+        self.then = "restart"  # after "stopping": restart | close
+        self.kill_at = 0.0
+        self.restart_at = 0.0
+        self.deaths: list[float] = []
+        self.last_exit = ""
