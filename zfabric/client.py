@@ -34,6 +34,7 @@ from .errors import (
     SchedulerLost,
 )
 from .futures import Future, FutureState, futures_of
+from .lifecycle import LoopThread
 from .transfer import DataPool
 from .values import Values
 
@@ -57,26 +58,6 @@ def funcname(func) -> str:
         func = func.func
     name = getattr(func, "__name__", None) or type(func).__name__
     return "lambda" if name == "<lambda>" else name
-
-
-class _LoopThread:
-    """An event loop in a daemon thread, for the blocking client."""
-
-    def __init__(self):
-        self.loop = asyncio.new_event_loop()
-        self.thread = threading.Thread(target=self._run, name="zfabric-client-loop", daemon=True)
-        self.thread.start()
-
-    def _run(self) -> None:
-        asyncio.set_event_loop(self.loop)
-        self.loop.run_forever()
-
-    def stop(self) -> None:
-        if self.loop.is_running():
-            self.loop.call_soon_threadsafe(self.loop.stop)
-        self.thread.join(5)
-        if not self.loop.is_running():
-            self.loop.close()
 
 
 class Client(Values):
@@ -122,7 +103,7 @@ class Client(Values):
         self._requests: dict[int, asyncio.Future] = {}
         self._request_seq = 0
         self._tasks: list[asyncio.Task] = []
-        self._loop_thread: _LoopThread | None = None
+        self._loop_thread: LoopThread | None = None
         self.loop: asyncio.AbstractEventLoop | None = None
         self._last_heard = time.monotonic()
         self._lost_reported = False
@@ -130,7 +111,7 @@ class Client(Values):
         if set_as_default:
             _default = weakref.ref(self)
         if not asynchronous:
-            self._loop_thread = _LoopThread()
+            self._loop_thread = LoopThread("zfabric-client-loop")
             self.loop = self._loop_thread.loop
             try:
                 self.sync(self._start)

@@ -14,12 +14,11 @@ import atexit
 import logging
 import math
 import os
-import threading
 import weakref
 
 from .config import Config, from_env
 from .errors import ClosedError
-from .lifecycle import LifeCycle
+from .lifecycle import LifeCycle, LoopThread
 from .nanny import Nanny, format_bytes
 from .scheduler import Scheduler
 from .worker import Worker
@@ -57,33 +56,6 @@ def _sizing(n_workers: int | None, threads_per_worker: int | None,
     if threads_per_worker is None:
         return n_workers, max(1, math.ceil(cores / max(1, n_workers)))
     return n_workers, threads_per_worker
-
-
-class _LoopThread:
-    """An event loop in a daemon thread, for a blocking LocalCluster."""
-
-    def __init__(self):
-        self.loop = asyncio.new_event_loop()
-        started = threading.Event()
-        self.thread = threading.Thread(target=self._run, args=(started,),
-                                       name="zfabric-cluster-loop", daemon=True)
-        self.thread.start()
-        started.wait()
-
-    def _run(self, started: threading.Event) -> None:
-        asyncio.set_event_loop(self.loop)
-        self.loop.call_soon(started.set)
-        self.loop.run_forever()
-
-    def run(self, coro, timeout: float | None = None):
-        return asyncio.run_coroutine_threadsafe(coro, self.loop).result(timeout)
-
-    def stop(self) -> None:
-        if self.loop.is_running():
-            self.loop.call_soon_threadsafe(self.loop.stop)
-        self.thread.join(10)
-        if not self.loop.is_running():
-            self.loop.close()
 
 
 _blocking_clusters: weakref.WeakSet = weakref.WeakSet()
@@ -147,9 +119,9 @@ class LocalCluster(LifeCycle):
         self.config = config or from_env()
         self.scheduler: Scheduler | None = None
         self.workers: dict[int, Nanny | Worker] = {}
-        self._loop_thread: _LoopThread | None = None
+        self._loop_thread: LoopThread | None = None
         if not asynchronous:
-            self._loop_thread = _LoopThread()
+            self._loop_thread = LoopThread("zfabric-cluster-loop")
             self.loop = self._loop_thread.loop
             try:
                 self._loop_thread.run(self._start_once(), START_TIMEOUT_S)

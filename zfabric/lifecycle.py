@@ -8,6 +8,7 @@
 from __future__ import annotations
 
 import asyncio
+import threading
 
 
 class LifeCycle:
@@ -83,3 +84,31 @@ def call_from_thread(loop: asyncio.AbstractEventLoop, fn, *args) -> None:
         loop.call_soon_threadsafe(fn, *args)
     except RuntimeError:
         pass
+
+
+class LoopThread:
+    """An event loop in a daemon thread, for the blocking forms of Client and LocalCluster."""
+
+    def __init__(self, name: str):
+        self.loop = asyncio.new_event_loop()
+        started = threading.Event()
+        self.thread = threading.Thread(target=self._run, args=(started,), name=name,
+                                       daemon=True)
+        self.thread.start()
+        started.wait()
+
+    def _run(self, started: threading.Event) -> None:
+        asyncio.set_event_loop(self.loop)
+        self.loop.call_soon(started.set)
+        self.loop.run_forever()
+
+    def run(self, coro, timeout: float | None = None):
+        """Run ``coro`` on the loop and wait for its result (from another thread)."""
+        return asyncio.run_coroutine_threadsafe(coro, self.loop).result(timeout)
+
+    def stop(self) -> None:
+        if self.loop.is_running():
+            self.loop.call_soon_threadsafe(self.loop.stop)
+        self.thread.join(10)
+        if not self.loop.is_running():
+            self.loop.close()
