@@ -241,23 +241,44 @@ def wait(fs, timeout: float | None = None, return_when: str = "ALL_COMPLETED"):
 
 
 async def _wait(futures: list[Future], timeout=None, return_when="ALL_COMPLETED"):
-    pending = [f for f in futures if not f.done()]
+    pending = [f._state for f in futures if not f.done()]
     if pending:
-        waits = [asyncio.ensure_future(f._state.wait()) for f in pending]
+        need = len(pending) if return_when == "ALL_COMPLETED" else 1
         try:
-            mode = (asyncio.ALL_COMPLETED if return_when == "ALL_COMPLETED"
-                    else asyncio.FIRST_COMPLETED)
-            done, not_done = await asyncio.wait(waits, timeout=timeout, return_when=mode)
-            if not done or (mode == asyncio.ALL_COMPLETED and not_done):
-                raise TimeoutError(
-                    f"{sum(not f.done() for f in futures)} of {len(futures)} futures were not"
-                    f" done after {timeout} s"
-                )
-        finally:
-            for w in waits:
-                w.cancel()
+            await asyncio.wait_for(until_done(pending, need), timeout)
+        except TimeoutError:
+            raise TimeoutError(
+                f"{sum(not f.done() for f in futures)} of {len(futures)} futures were not"
+                f" done after {timeout} s"
+            ) from None
     done = {f for f in futures if f.done()}
     return done, {f for f in futures if not f.done()}
+
+
+async def until_done(states: list[FutureState], need: int | None = None) -> None:
+    """Wait until ``need`` of ``states`` (default: all) are done.
+
+    One future and a counter, whatever the number of keys: no task or waiter per key.
+    """
+    done = asyncio.get_running_loop().create_future()
+    left = len(states) if need is None else need
+
+    def one() -> None:
+        nonlocal left
+        left -= 1
+        if left <= 0 and not done.done():
+            done.set_result(None)
+
+    for st in states:
+        if st.done():
+            one()
+        elif st.callbacks is None:
+            st.callbacks = [one]
+        else:
+            st.callbacks.append(one)
+    if left <= 0 and not done.done():
+        done.set_result(None)
+    await done
 
 
 class as_completed:

@@ -16,7 +16,7 @@ import uuid
 
 from . import protocol, serialize
 from .errors import SchedulerLost, TaskCancelled
-from .futures import Future, FutureState, futures_of
+from .futures import Future, FutureState, futures_of, until_done
 
 logger = logging.getLogger(__name__)
 
@@ -139,7 +139,7 @@ class Values:
         flat = futures_of(futures)
         pending = [f._state for f in flat if not f._state.done()]
         if pending:
-            await _all_done(pending)
+            await until_done(pending)
         values: dict[str, object] = {}
         bad = set()
         need: dict[str, list[str]] = {}
@@ -239,24 +239,3 @@ def _rebuild(obj, values: dict, bad: set):
         return {k: _rebuild(v, values, bad) for k, v in obj.items()
                 if not (isinstance(v, Future) and v.key in bad)}
     return obj
-
-
-async def _all_done(states: list[FutureState]) -> None:
-    """Wait until every state is done, with one future and a counter: no task per key."""
-    done = asyncio.get_running_loop().create_future()
-    left = len(states)
-
-    def one() -> None:
-        nonlocal left
-        left -= 1
-        if left == 0 and not done.done():
-            done.set_result(None)
-
-    for st in states:
-        if st.done():
-            one()
-        elif st.callbacks is None:
-            st.callbacks = [one]
-        else:
-            st.callbacks.append(one)
-    await done
