@@ -35,7 +35,7 @@ from .errors import (
 )
 from .futures import Future, FutureState, futures_of
 from .lifecycle import LoopThread
-from .transfer import DataPool
+from .transfer import DataPool, read_ops
 from .values import Values
 
 logger = logging.getLogger(__name__)
@@ -197,7 +197,10 @@ class Client(Values):
         self._backlog: deque = deque()
         self._writer: asyncio.Future | None = None
         self._tasks = [
-            asyncio.ensure_future(self._reader()),
+            asyncio.ensure_future(read_ops(
+                # _on_op is looked up per op, so that a test may wrap it on a live client
+                self._sock, lambda op: self._on_op(op), who="client", heard=self._heard,
+                lock=self._lock)),
             asyncio.ensure_future(self._heartbeat()),
         ]
         self._send(protocol.hello("client", self.id))
@@ -215,22 +218,8 @@ class Client(Values):
             raise
         self.status = "running"
 
-    async def _reader(self) -> None:
-        sock = self._sock
-        while True:
-            frames = await sock.recv_multipart()
-            self._last_heard = time.monotonic()
-            try:
-                ops, _ = protocol.decode(frames)
-            except RemoteProtocolError as exc:
-                logger.warning("malformed message from the scheduler: %s", exc)
-                continue
-            with self._lock:
-                for op in ops:
-                    try:
-                        self._on_op(op)
-                    except Exception:
-                        logger.exception("client could not handle %r", op.get("op"))
+    def _heard(self) -> None:
+        self._last_heard = time.monotonic()
 
     def _on_op(self, op: dict) -> None:
         states = self._states

@@ -53,6 +53,7 @@ from .errors import CommTimeoutError, RemoteProtocolError, ZFabricError
 from .lifecycle import LifeCycle
 from .process import worker_command, worker_environ
 from .supervision import RestartPolicy, Slot, WorkerProcess, assess
+from .transfer import read_ops
 
 logger = logging.getLogger(__name__)
 
@@ -186,7 +187,8 @@ class Nanny(LifeCycle):
         ctx = zmq.asyncio.Context.instance()
         self._sock = _zmq.dealer(ctx, self.scheduler_address, self.identity.encode(),
                                  linger_ms=self.config.LINGER_MS)
-        self._tasks.append(asyncio.ensure_future(self._reader()))
+        self._tasks.append(asyncio.ensure_future(
+            read_ops(self._sock, self._on_op, who="nanny", heard=self._heard)))
         self._send(protocol.hello("nanny", self.identity, pid=os.getpid()))
         # Workers take far longer to start than the hello to be answered: start them now.
         now = time.monotonic()
@@ -250,21 +252,8 @@ class Nanny(LifeCycle):
         if isinstance(fut, asyncio.Future):
             fut.add_done_callback(_log_send_error)
 
-    async def _reader(self) -> None:
-        sock = self._sock
-        while True:
-            frames = await sock.recv_multipart()
-            self._last_heard = time.monotonic()
-            try:
-                ops, _ = protocol.decode(frames)
-            except RemoteProtocolError as exc:
-                logger.warning("nanny: malformed message from the scheduler: %s", exc)
-                continue
-            for op in ops:
-                try:
-                    self._on_op(op)
-                except Exception:
-                    logger.exception("nanny could not handle %r", op.get("op"))
+    def _heard(self) -> None:
+        self._last_heard = time.monotonic()
 
     def _on_op(self, op: dict) -> None:
         match op["op"]:
