@@ -13,7 +13,7 @@ import pytest
 
 from zfabric import Client, Future, Scheduler, Worker, as_completed, wait
 from zfabric.errors import ClosedError, CommTimeoutError, TaskCancelled
-from zfabric.testing import check_leaks, cluster, gen_cluster
+from zfabric.testing import check_leaks, cluster, gen_cluster, until
 
 
 def inc(x):
@@ -22,15 +22,6 @@ def inc(x):
 
 def add(x, y=0, *, z=0):
     return x + y + z
-
-
-async def poll(predicate, timeout: float = 5.0, interval: float = 0.01):
-    """Wait until ``predicate()`` is true; fail after ``timeout`` seconds."""
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"condition not met within {timeout} s")
-        await asyncio.sleep(interval)
 
 
 def state_of(s, future) -> str | None:
@@ -319,9 +310,9 @@ async def test_cancel_pending_task(c, s, a, b):
         await ev
     with pytest.raises(asyncio.CancelledError):  # as dask.distributed raises
         await ev
-    await poll(lambda: dep.done())
+    await until(lambda: dep.done())
     assert dep.status in ("cancelled", "error")
-    await poll(lambda: ev.key not in s.tasks)
+    await until(lambda: ev.key not in s.tasks)
 
 
 @gen_cluster()
@@ -337,7 +328,7 @@ async def test_who_has_and_has_what(c, s, a, b):
 @gen_cluster()
 async def test_processing_view(c, s, a, b):
     slow = c.submit(time.sleep, 0.3, workers=[a.address], pure=False)
-    await poll(lambda: state_of(s, slow) == "processing")
+    await until(lambda: state_of(s, slow) == "processing")
     assert slow.key in (await c.processing())[a.address]
     await slow
 
@@ -355,8 +346,8 @@ async def test_dropped_futures_are_forgotten_by_the_scheduler(c, s, a, b):
     assert s.tasks
     del futures, total, big
     gc.collect()
-    await poll(lambda: not s.tasks, timeout=5)
-    await poll(lambda: not a.data and not b.data, timeout=5)
+    await until(lambda: not s.tasks, timeout=5)
+    await until(lambda: not a.data and not b.data, timeout=5)
 
 
 @gen_cluster()
@@ -369,7 +360,7 @@ async def test_release_keeps_other_handles(c, s, a, b):
     await asyncio.sleep(0.1)
     assert f2.key in s.tasks and await f2 == 2
     f2.release()
-    await poll(lambda: not s.tasks)
+    await until(lambda: not s.tasks)
 
 
 @gen_cluster()
@@ -379,7 +370,7 @@ async def test_resubmit_after_release_recomputes(c, s, a, b):
     key = f.key
     del f
     gc.collect()
-    await poll(lambda: key not in s.tasks)
+    await until(lambda: key not in s.tasks)
     assert await c.submit(inc, 1) == 2
 
 
@@ -472,11 +463,11 @@ async def test_priority_orders_queued_work(c, s, a):
 
     # Given a worker whose prefetch queue is full (4 slots before durations are known)
     blockers = [c.submit(time.sleep, 0.1, pure=False) for _ in range(4)]
-    await poll(lambda: all(state_of(s, f) == "processing" for f in blockers))
+    await until(lambda: all(state_of(s, f) == "processing" for f in blockers))
     # When low-priority work, then one high-priority task, queue at the scheduler
     low = c.map(stamp, [f"low{i}" for i in range(6)], priority=-10)
     high = c.submit(stamp, "high", priority=10)
-    await poll(lambda: state_of(s, high) == "queued")
+    await until(lambda: state_of(s, high) == "queued")
     # Then the high-priority task runs before every low-priority one
     times = await c.gather([*low, high])
     assert times[-1] < min(times[:-1])
@@ -494,7 +485,7 @@ async def test_large_argument_goes_to_a_worker_not_through_the_scheduler(c, s, a
     assert c.submit(np.sum, arr + 1).key != f.key
     del f, g
     gc.collect()
-    await poll(lambda: not s.tasks)
+    await until(lambda: not s.tasks)
 
 
 async def test_client_accepts_a_scheduler_object_and_shutdown_closes_it():

@@ -40,7 +40,7 @@ from zfabric import (
     serialize,
 )
 from zfabric import config as zconfig
-from zfabric.testing import FakePeer, cluster
+from zfabric.testing import FakePeer, cluster, until
 
 # Worker processes must not import this module (and pytest with it): ship its functions by value.
 cloudpickle.register_pickle_by_value(sys.modules[__name__])
@@ -99,16 +99,6 @@ def allocate_and_wait(nbytes):
 
 
 # ---------------------------------------------------------------------------- helpers
-
-
-async def until(predicate, timeout: float = 10.0, what: str = "condition") -> float:
-    """Wait until ``predicate()`` is true; the seconds it took. AssertionError on timeout."""
-    start = time.monotonic()
-    while not predicate():
-        if time.monotonic() - start > timeout:
-            raise AssertionError(f"{what} not met within {timeout} s")
-        await asyncio.sleep(0.02)
-    return time.monotonic() - start
 
 
 def free_port() -> int:

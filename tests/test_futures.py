@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
 import gc
 import operator
 import time
@@ -11,7 +10,7 @@ import pytest
 
 from zfabric import Future, as_completed, fire_and_forget, wait
 from zfabric.errors import TaskCancelled
-from zfabric.testing import gen_cluster
+from zfabric.testing import gen_cluster, until
 
 
 def inc(x):
@@ -21,14 +20,6 @@ def inc(x):
 def slow_inc(x, delay=0.2):
     time.sleep(delay)
     return x + 1
-
-
-async def poll(predicate, timeout: float = 5.0):
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"condition not met within {timeout} s")
-        await asyncio.sleep(0.01)
 
 
 # ---------------------------------------------------------------------------- Future API
@@ -70,15 +61,15 @@ async def test_add_done_callback(c, s, a, b):
     f = c.submit(slow_inc, 1, 0.1)
     f.add_done_callback(lambda fut: seen.append(("first", fut.status)))
     await f
-    await poll(lambda: seen)
+    await until(lambda: seen)
     f.add_done_callback(lambda fut: seen.append(("late", fut.status)))  # already done: at once
-    await poll(lambda: len(seen) == 2)
+    await until(lambda: len(seen) == 2)
     assert seen == [("first", "finished"), ("late", "finished")]
     bad = c.submit(operator.truediv, 1, 0)
     bad.add_done_callback(lambda fut: 1 / 0)  # a failing callback is logged, not raised
     bad.add_done_callback(lambda fut: seen.append(("bad", fut.status)))
     await bad.exception()
-    await poll(lambda: len(seen) == 3)
+    await until(lambda: len(seen) == 3)
     assert seen[-1] == ("bad", "error")
 
 
@@ -90,7 +81,7 @@ async def test_cancel_future(c, s, a, b):
     with pytest.raises(TaskCancelled):
         await f.result()
     assert isinstance(await f.exception(), TaskCancelled)
-    await poll(lambda: f.key not in s.tasks)
+    await until(lambda: f.key not in s.tasks)
 
 
 @gen_cluster()
@@ -106,7 +97,7 @@ async def test_release_and_garbage_collection(c, s, a, b):
     del g
     gc.collect()
     assert c.refcount(key) == 0
-    await poll(lambda: key not in s.tasks)
+    await until(lambda: key not in s.tasks)
 
 
 # ---------------------------------------------------------------------------- wait
@@ -192,9 +183,9 @@ async def test_fire_and_forget_runs_after_the_future_is_dropped(c, s, a, b, tmp_
     fire_and_forget(f)
     del f
     gc.collect()
-    await poll(lambda: target.exists())
+    await until(lambda: target.exists())
     assert target.read_text() == "done"
-    await poll(lambda: not s.tasks)  # and then the scheduler forgets it
+    await until(lambda: not s.tasks)  # and then the scheduler forgets it
 
 
 @gen_cluster()
@@ -210,6 +201,6 @@ async def test_fire_and_forget_with_dependencies(c, s, a, b, tmp_path):
     fire_and_forget([c.submit(write, str(target), x)])
     del x
     gc.collect()
-    await poll(lambda: target.exists())
+    await until(lambda: target.exists())
     assert target.read_text() == "2"
-    await poll(lambda: not s.tasks)
+    await until(lambda: not s.tasks)

@@ -26,21 +26,9 @@ from zfabric.process import (
     worker_command,
     worker_environ,
 )
-from zfabric.testing import wait_gone
+from zfabric.testing import until, wait_gone
 
 pytestmark = [pytest.mark.timeout(40), pytest.mark.usefixtures("no_leftover_processes")]
-
-
-
-
-async def until(predicate, timeout: float = 10.0, interval: float = 0.01) -> float:
-    """Wait until ``predicate()`` is true; returns the seconds it took."""
-    start = time.monotonic()
-    while not predicate():
-        if time.monotonic() - start > timeout:
-            raise AssertionError(f"condition not met within {timeout} s")
-        await asyncio.sleep(interval)
-    return time.monotonic() - start
 
 
 # ---------------------------------------------------------------------- pure parts

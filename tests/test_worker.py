@@ -13,7 +13,7 @@ import pytest
 from zfabric import Client, Scheduler, Worker
 from zfabric.config import Config
 from zfabric.errors import CommTimeoutError, LostDataError, TaskTimeout
-from zfabric.testing import check_leaks, cluster, gen_cluster
+from zfabric.testing import check_leaks, cluster, gen_cluster, until
 
 
 def inc(x):
@@ -22,14 +22,6 @@ def inc(x):
 
 def big(n=200_000):
     return np.arange(n, dtype="f8")  # 1.6 MB: stays on the worker
-
-
-async def poll(predicate, timeout: float = 5.0):
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"condition not met within {timeout} s")
-        await asyncio.sleep(0.01)
 
 
 # ---------------------------------------------------------------------------- data plane
@@ -112,7 +104,7 @@ async def test_run_on_every_worker(c, s, a, b):
 @gen_cluster()
 async def test_closing_a_worker_reroutes_its_tasks(c, s, a, b):
     f = c.submit(time.sleep, 0.3, workers=[a.address], allow_other_workers=True, pure=False)
-    await poll(lambda: f.key in s.tasks and s.tasks[f.key].state == "processing")
+    await until(lambda: f.key in s.tasks and s.tasks[f.key].state == "processing")
     on = s.tasks[f.key].processing_on.address
     victim = a if on == a.address else b
     await victim.close()
@@ -136,7 +128,7 @@ async def test_dependent_of_lost_data_recomputes_through_lineage(c, s, a, b):
     y = c.submit(lambda v: v * 2, x, workers=[a.address], allow_other_workers=True)
     await y
     del x
-    await poll(lambda: s.tasks[y.key].deps[0].state == "released")  # x's data is dropped
+    await until(lambda: s.tasks[y.key].deps[0].state == "released")  # x's data is dropped
     await a.close()
     np.testing.assert_array_equal(await asyncio.wait_for(y, 5), big() * 2)
 
@@ -208,7 +200,7 @@ async def test_worker_registers_again_with_a_restarted_scheduler():
         try:
             await s.close()
             s = await rebind(port, config)
-            await poll(lambda: len(s.workers) == 1, timeout=10)
+            await until(lambda: len(s.workers) == 1, timeout=10)
             async with Client(s.address, asynchronous=True, set_as_default=False) as c:
                 assert await asyncio.wait_for(c.submit(inc, 1), 5) == 2
         finally:

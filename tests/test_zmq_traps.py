@@ -25,18 +25,9 @@ import zmq
 from zfabric import Client, Scheduler, Worker, _zmq
 from zfabric import config as zconfig
 from zfabric.errors import CommTimeoutError
-from zfabric.testing import FakePeer
+from zfabric.testing import FakePeer, until
 
 pytestmark = pytest.mark.timeout(60)
-
-
-async def until(predicate, timeout: float = 10.0, what: str = "condition") -> float:
-    start = time.monotonic()
-    while not predicate():
-        if time.monotonic() - start > timeout:
-            raise AssertionError(f"{what} not met within {timeout} s")
-        await asyncio.sleep(0.02)
-    return time.monotonic() - start
 
 
 def events(s: Scheduler) -> list[str]:

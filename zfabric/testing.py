@@ -100,27 +100,26 @@ class check_leaks:
         if exc_type is not None:
             return
         deadline = time.monotonic() + self.grace_s
-        while True:
-            threads, sockets = self._leaks()
-            if not threads and not sockets:
-                return
-            if time.monotonic() > deadline:
-                self._report(threads, sockets)
+        while not self._clean(deadline):
             time.sleep(0.02)
 
     async def __aenter__(self):
         return self.__enter__()
 
+    def _clean(self, deadline: float) -> bool:
+        """True when nothing leaked; raises once ``deadline`` has passed with leaks left."""
+        threads, sockets = self._leaks()
+        if not threads and not sockets:
+            return True
+        if time.monotonic() > deadline:
+            self._report(threads, sockets)
+        return False
+
     async def __aexit__(self, exc_type, *exc):
         if exc_type is not None:
             return
         deadline = time.monotonic() + self.grace_s
-        while True:
-            threads, sockets = self._leaks()
-            if not threads and not sockets:
-                return
-            if time.monotonic() > deadline:
-                self._report(threads, sockets)
+        while not self._clean(deadline):
             await asyncio.sleep(0.02)
 
 
@@ -345,3 +344,17 @@ def wait_gone(pids, timeout: float = 5.0) -> list[int]:
         if not left or time.monotonic() >= deadline:
             return left
         time.sleep(0.02)
+
+
+async def until(predicate, timeout: float = 10.0, what: str = "condition",
+                interval: float = 0.01) -> float:
+    """Wait until ``predicate()`` is true; returns the seconds it took.
+
+    Raises AssertionError naming ``what`` when ``timeout`` seconds pass first.
+    """
+    start = time.monotonic()
+    while not predicate():
+        if time.monotonic() - start > timeout:
+            raise AssertionError(f"{what} not met within {timeout} s")
+        await asyncio.sleep(interval)
+    return time.monotonic() - start
