@@ -4,13 +4,13 @@
 only, skipped otherwise): the scheduler and the client on host a, a worker on host b, a Nanny
 with one worker on host c. A ~40 MB array made on b is consumed by a task on c (a peer-to-peer
 fetch from b to c) and the result is gathered by the client on a. The hosts share a
-filesystem, ``/dev/shm`` included, so the shared-memory path *would* work between them: the
-test proves it is not taken by counting the bytes each host's ``eth0`` received, and by
-checking that the received arrays do not live in a ``/dev/shm`` mapping.
+filesystem and a process table, so the shared-memory path *would* work between them: the test
+proves it is not taken by counting the bytes each host's ``eth0`` received, and by checking
+that the received arrays do not live in a mapping of a zfabric memfd segment.
 
 The other two tests run on this host without namespaces: two workers hand a large value to
-each other (and to the client) through ``/dev/shm`` and leave no segment behind, and a
-SIGKILLed worker's segment is removed when the next worker starts (``shm.sweep``).
+each other (and to the client) through shared memory, and a SIGKILLed worker's segments are
+freed by the kernel (the host's ``Shmem`` drops by their size).
 """
 
 from __future__ import annotations
@@ -28,9 +28,8 @@ from types import SimpleNamespace
 import netns
 import numpy as np
 import pytest
-import zmq
 
-from zfabric import Client, protocol, shm, wait
+from zfabric import Client, shm
 
 ZFABRIC = [sys.executable, "-m", "zfabric"]
 #: Elements of the float64 array moved between hosts: 40 MB.
@@ -59,7 +58,7 @@ def make(n, seed=7):
 
 
 def in_shm(arr):
-    """Whether arr's memory lies in a mapping of a zfabric /dev/shm segment, i.e. it was
+    """Whether arr's memory lies in a mapping of a zfabric memfd segment, i.e. it was
     received through shared memory rather than read off a socket."""
     start = arr.__array_interface__["data"][0]
     with open("/proc/self/maps") as f:
@@ -67,8 +66,12 @@ def in_shm(arr):
             fields = line.split(maxsplit=5)
             lo, hi = (int(v, 16) for v in fields[0].split("-"))
             if lo <= start < hi:
-                return len(fields) == 6 and fields[5].startswith(f"{shm.SHM_DIR}/{shm.PREFIX}")
+                return len(fields) == 6 and fields[5].startswith(f"/memfd:{shm.MEMFD_NAME}")
     return False
+
+
+def pool_stats():
+    return shm.pool().stats()
 
 
 def consume(x, producer, me):
@@ -180,10 +183,13 @@ def _wait_for_file(path: Path, procs: list[subprocess.Popen], log_dir: Path) -> 
         time.sleep(0.05)
 
 
-def _segments(pids) -> list[str]:
-    """The /dev/shm segments of these processes that still exist."""
-    prefixes = tuple(f"{shm.PREFIX}{pid}-" for pid in pids)
-    return sorted(n for n in os.listdir(shm.SHM_DIR) if n.startswith(prefixes))
+def _shmem_bytes() -> int:
+    """Shared memory in use on this host (``Shmem`` in /proc/meminfo; memfds count there)."""
+    with open("/proc/meminfo") as f:
+        for line in f:
+            if line.startswith("Shmem:"):
+                return int(line.split()[1]) * 1024
+    raise AssertionError("no Shmem line in /proc/meminfo")
 
 
 def _delta(snaps: list[dict], i: int, host: str) -> tuple[int, int]:
@@ -216,8 +222,9 @@ def lan():
 
 @pytest.fixture(autouse=True)
 def _same_host_shm(monkeypatch):
-    # The shared-memory path is opt-in (config.SAME_HOST_SHM); these tests check that it is
-    # taken exactly where it should be, so every process they start has it on.
+    # The shared-memory path is on by default (config.SAME_HOST_SHM); these tests check that
+    # it is taken exactly where it should be, so every process they start has it on whatever
+    # the environment says.
     monkeypatch.setenv("ZFABRIC_SAME_HOST_SHM", "1")
 
 
@@ -277,7 +284,7 @@ def test_three_hosts(lan, tmp_path):
     small = LAN_NBYTES // 10
     for host in "abc":
         assert max(_delta(snaps, 0, host)) < small, ("make", host, _delta(snaps, 0, host))
-    # c received x from b (peer to peer: not through host a) into socket memory, not /dev/shm,
+    # c received x from b (peer to peer: not through host a) into socket memory, not shm,
     assert _delta(snaps, 1, "c")[0] >= LAN_NBYTES, _delta(snaps, 1, "c")
     assert _delta(snaps, 1, "b")[1] >= LAN_NBYTES, _delta(snaps, 1, "b")
     assert _delta(snaps, 1, "a")[0] < small, _delta(snaps, 1, "a")
@@ -352,7 +359,7 @@ class LocalCluster:
 @pytest.fixture
 def local(tmp_path):
     if not shm.available():
-        pytest.skip(f"{shm.SHM_DIR} is not available")
+        pytest.skip("memfd segments are not available here")
     cluster = LocalCluster(tmp_path)
     try:
         yield cluster
@@ -374,52 +381,48 @@ def test_same_host_workers_share_memory(local):
         fy = c.submit(h.consume, fx, wa, wb, workers=[wb], pure=False)
         r = fy.result(timeout=20)
 
-        # Then b received x by mapping a's segment, and so did the client for y
+        # Then b received x in a segment of its own, and so did the client for y
         assert r["producer_is_local"] is True and r["me_is_local"] is True
         assert r["x_in_shm"] is True
         assert h.in_shm(r["y"])
         assert np.array_equal(r["y"], h.make(LOCAL_N) * 2 + 1)
-        # and every segment was unlinked by its receiver at once
-        assert _segments([*pids.values(), os.getpid()]) == []
+
+        # and a large argument went from the client into a segment of the worker.
+        fz = c.submit(h.in_shm, h.make(LOCAL_N, seed=3), workers=[wa], pure=False)
+        assert fz.result(timeout=20) is True
+
+        # Once nothing refers to the values, no lease is left open anywhere and the segments
+        # are back in the pools for the next transfer.
+        del fx, fy, fz, r
+        deadline = time.monotonic() + 10
+        while True:
+            stats = c.run(h.pool_stats)
+            if all(s["leased"] == 0 and s["free"] >= 1 for s in stats.values()):
+                break
+            assert time.monotonic() < deadline, stats
+            time.sleep(0.1)
+        assert shm.pool().stats()["leased"] == 0
 
 
 def test_killed_worker_leaks_no_segments(local):
-    # Given a worker holding a 4 MiB value
+    # Given a worker holding 64 MiB it received through shared memory
     h = _helpers()
     address = local.start(nworkers=1)
+    n = 8 << 20  # float64 elements: 64 MiB
     with Client(address, timeout=10, set_as_default=False) as c:
         (wa,) = local.workers(c, 1)
         pid_a = c.run(os.getpid)[wa]
         assert pid_a == local.procs[1].pid
-        fx = c.submit(h.make, LOCAL_N, workers=[wa], pure=False)
-        wait([fx], timeout=20)
+        [fx] = c.scatter([h.make(n)], workers=[wa])
+        assert c.submit(h.in_shm, fx, pure=False).result(timeout=20) is True
+        before = _shmem_bytes()
 
-        # and a segment of it that was never read: a raw peer asks for the value through
-        # shared memory and does not map it (as if it died before it could)
-        ctx = zmq.Context()
-        try:
-            sock = ctx.socket(zmq.DEALER)
-            sock.setsockopt(zmq.LINGER, 0)
-            sock.connect(wa)
-            sock.send_multipart(protocol.encode(
-                [{"op": "get-data", "id": 1, "keys": [fx.key], "shm": True}]))
-            assert sock.poll(10_000), "worker did not answer get-data"
-            ops, _ = protocol.decode(sock.recv_multipart())
-            sock.close()
-        finally:
-            ctx.term()
-        assert ops[0]["op"] == "data"
-        name = ops[0]["items"][0][4][0]
-        assert name.startswith(f"{shm.PREFIX}{pid_a}-")
-        segment = Path(shm.SHM_DIR, name)
-        assert segment.stat().st_size >= LOCAL_N * 8
-
-        # When that worker is killed with SIGKILL, its segment outlives it,
+        # When that worker is killed with SIGKILL
         os.kill(pid_a, signal.SIGKILL)
         local.procs[1].wait(timeout=5)
-        assert segment.exists()
-        # until the next worker starts on this host.
-        local.worker()
-        local.workers(c, 1, exclude=[wa])
-        assert not segment.exists()
-        assert _segments([pid_a]) == []
+
+        # Then the kernel frees its segments: nothing has a name to leak by.
+        deadline = time.monotonic() + 5
+        while before - _shmem_bytes() < 0.9 * n * 8:
+            assert time.monotonic() < deadline, (before, _shmem_bytes())
+            time.sleep(0.05)

@@ -50,8 +50,25 @@ async def test_large_dependency_fetched_peer_to_peer(c, s, a, b):
     x = c.submit(big, workers=[a.address])
     y = c.submit(np.sum, x, workers=[b.address])
     assert await y == big().sum()
-    assert x.key in b.data  # b fetched it from a
-    np.testing.assert_array_equal(b.data[x.key], a.data[x.key])
+    assert s.tasks[x.key].value is None  # the scheduler never carried it
+    # b fetched its own copy for y, and let it go once y was done; a still holds x
+    await until(lambda: x.key not in b.data)
+    np.testing.assert_array_equal(a.data[x.key], big())
+
+
+@gen_cluster()
+async def test_fetched_copies_live_while_their_tasks_need_them(c, s, a, b):
+    # Given a large value on a, and several tasks on b that use it
+    x = c.submit(big, workers=[a.address])
+    ys = [c.submit(lambda v, i: float(v[i]), x, i, workers=[b.address]) for i in range(5)]
+    assert await c.gather(ys) == [float(i) for i in range(5)]
+    # Then b holds no copy of x afterwards (the scheduler does not count copies on b)
+    await until(lambda: x.key not in b.data)
+    assert not b._core.borrowed and not b._core.borrows
+    # and a later task on b fetches it again.
+    z = c.submit(np.sum, x, workers=[b.address])
+    assert await z == big().sum()
+    await until(lambda: x.key not in b.data)
 
 
 @gen_cluster()

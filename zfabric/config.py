@@ -50,11 +50,10 @@ class Config:
     NANNY_CHECK_INTERVAL_S: float = 0.1
     #: ZeroMQ linger on close: unsent messages are dropped after this.
     LINGER_MS: int = 100
-    #: Move values of 1 MiB or more between processes of one host through /dev/shm instead of
-    #: TCP (same host is decided by network address). Off by default: each transfer faults in
-    #: a fresh segment, while TCP's buffers are recycled by malloc, and on the reference
-    #: machine TCP was faster in steady state (docs/performance.md).
-    SAME_HOST_SHM: bool = False
+    #: Move values of 1 MiB or more between processes of one host through shared memory
+    #: (memfd segments the receiver leases out; see zfabric/shm.py) instead of TCP. Same host
+    #: is decided by network address; across hosts values always go over TCP.
+    SAME_HOST_SHM: bool = True
     #: Keys sent per ``submit`` message by ``Client.map``.
     SUBMIT_BATCH: int = 1000
 

@@ -72,6 +72,8 @@ SCHEMAS: dict[str, dict[str, tuple[type, ...]]] = {
     "get-data": {"id": _I, "keys": _L},
     "data": {"id": _I, "items": _L},
     "put-data": {"id": _I, "items": _L},
+    "lease": {"id": _I, "sizes": _L},
+    "leases": {"id": _I, "items": _L},
 }
 
 _packer = msgpack.Packer(use_bin_type=True)

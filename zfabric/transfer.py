@@ -23,19 +23,27 @@ logger = logging.getLogger(__name__)
 SHM_THRESHOLD_BYTES = 1 << 20
 
 
-def pack_values(values, use_shm: bool) -> tuple[list, list]:
+def pack_values(values, *, ask: bool = False, into: dict | None = None) -> tuple[list, list]:
     """Wire form of stored values: ``items`` for the op, ``frames`` to send after it.
 
     ``values`` holds ``(key, header, buffers, raw)``; each item is
-    ``[key, header, nframes, raw, shm descriptor or None]``.
+    ``[key, header, nframes, raw, where]``, where ``where`` is None (the buffers are the next
+    ``nframes`` frames), ``["seg", lease, sizes]`` (written into the receiver's segment
+    ``into[key]``), or ``["sizes", sizes]`` (``ask``: too large for a frame; ask again with a
+    segment of that size).
     """
     items, frames = [], []
     for key, header, bufs, raw in values:
-        desc = None
-        if use_shm and bufs and sum(memoryview(b).nbytes for b in bufs) >= SHM_THRESHOLD_BYTES:
-            desc = shm.write(bufs)
-        if desc is not None:
-            items.append([key, header, 0, raw, desc])
+        where = None
+        if bufs and (ask or (into and key in into)):
+            sizes = [memoryview(b).nbytes for b in bufs]
+            desc = into.get(key) if into else None
+            if desc is not None and shm.write(desc, bufs):
+                where = ["seg", desc[0], sizes]
+            elif ask and desc is None and sum(sizes) >= SHM_THRESHOLD_BYTES:
+                where = ["sizes", sizes]
+        if where is not None:
+            items.append([key, header, 0, raw, where])
         else:
             items.append([key, header, len(bufs), raw, None])
             frames.extend(bufs)
@@ -43,21 +51,53 @@ def pack_values(values, use_shm: bool) -> tuple[list, list]:
 
 
 def unpack_values(items: list, frames: list):
-    """Yield ``(key, header, buffers, raw)`` from an op's items and the frames after it.
+    """Yield ``(key, header, buffers, raw, sizes)`` from an op's items and the frames after it.
 
-    A missing value has ``header`` None.
+    A missing value has ``header`` None. ``sizes`` is set (and ``buffers`` None) when the
+    sender asks for a segment to write the value into (see :func:`pack_values`).
     """
     pos = 0
     for item in items:
+        if type(item) is not list or len(item) < 3:
+            raise RemoteProtocolError(f"bad value item {item!r:.80}")
         key, header, n = item[0], item[1], item[2]
         raw = bool(item[3]) if len(item) > 3 else False
-        desc = item[4] if len(item) > 4 else None
-        if desc:
-            bufs = shm.read(desc)
-        else:
+        where = item[4] if len(item) > 4 else None
+        if not where:
             bufs = [f.buffer if hasattr(f, "buffer") else f for f in frames[pos : pos + n]]
             pos += n
-        yield key, header, bufs, raw
+            yield key, header, bufs, raw, None
+        elif where[0] == "sizes" and len(where) == 2 and type(where[1]) is list:
+            yield key, header, None, raw, where[1]
+        elif where[0] == "seg" and len(where) == 3 and type(where[2]) is list:
+            try:
+                bufs = shm.pool().adopt(where[1], where[2])
+            except (ValueError, OSError) as exc:
+                raise RemoteProtocolError(f"value {key!r}: {exc}") from None
+            yield key, header, bufs, raw, None
+        else:
+            raise RemoteProtocolError(f"value {key!r}: unknown location {where!r:.80}")
+
+
+def lease_for(keys_sizes) -> dict:
+    """Leases in this process's pool for ``(key, sizes)`` pairs; keys that got none are left
+    out (their values come over the socket)."""
+    into = {}
+    if shm.available():
+        pool = shm.pool()
+        for key, sizes in keys_sizes:
+            desc = pool.lease(sum(sizes))
+            if desc is not None:
+                into[key] = desc
+    return into
+
+
+def cancel_leases(into: dict) -> None:
+    """Give up leases whose writes were not confirmed (no-op for adopted ones)."""
+    if into:
+        pool = shm.pool()
+        for desc in into.values():
+            pool.cancel(desc[0])
 
 
 class _Conn:
@@ -122,30 +162,70 @@ class DataPool:
             conn.close()
 
     async def get(self, address: str, keys: list[str]) -> dict:
-        """Values of ``keys`` held at ``address``; missing keys are absent from the result."""
+        """Values of ``keys`` held at ``address``; missing keys are absent from the result.
+
+        On one host, values too large for a frame come in a second request that names
+        segments of this process to write them into (see :mod:`zfabric.shm`).
+        """
         local = self.use_shm and shm.is_local(address)
         op, buffers = await self.request(address, {"op": "get-data", "keys": keys, "shm": local})
-        if op["op"] != "data":
-            raise ConnectionError(f"worker {address}: {op.get('message', op['op'])}")
-        out = {}
-        for key, header, bufs, raw in unpack_values(op["items"], buffers):
-            if header is not None:
-                out[key] = (serialize.RawArgs(header, bufs) if raw
-                            else serialize.loads_value(header, bufs))
+        out: dict = {}
+        later = self._take(address, op, buffers, out)
+        if later:
+            into = lease_for(later)
+            try:
+                op, buffers = await self.request(address, {
+                    "op": "get-data", "keys": [k for k, _ in later], "shm": False, "into": into})
+                self._take(address, op, buffers, out)
+            finally:
+                cancel_leases(into)
         return out
 
+    @staticmethod
+    def _take(address: str, op: dict, buffers: list, out: dict) -> list:
+        if op["op"] != "data":
+            raise ConnectionError(f"worker {address}: {op.get('message', op['op'])}")
+        later = []
+        for key, header, bufs, raw, sizes in unpack_values(op["items"], buffers):
+            if sizes is not None:
+                later.append((key, sizes))
+            elif header is not None:
+                out[key] = (serialize.RawArgs(header, bufs) if raw
+                            else serialize.loads_value(header, bufs))
+        return later
+
     async def put(self, address: str, items: list[tuple[str, bytes, list]], raw: bool = False):
-        """Place values on a worker. ``raw``: keep them pickled there (task arguments)."""
-        local = self.use_shm and shm.is_local(address)
-        spec, frames = pack_values([(k, h, b, raw) for k, h, b in items], local)
-        try:
+        """Place values on a worker. ``raw``: keep them pickled there (task arguments).
+
+        On one host, large values are written into segments the worker leases out first.
+        """
+        values = [(k, h, b, raw) for k, h, b in items]
+        into = {}
+        if self.use_shm and shm.is_local(address):
+            big = [(k, [memoryview(x).nbytes for x in b]) for k, _, b, _ in values]
+            big = [(k, s) for k, s in big if sum(s) >= SHM_THRESHOLD_BYTES]
+            if big:
+                into = await self._leases(address, big)
+        if into:
+            spec, frames = await asyncio.to_thread(pack_values, values, into=into)
+        else:
+            spec, frames = pack_values(values)
+        op, _ = await self.request(address, {"op": "put-data", "items": spec}, frames)
+        if op["op"] != "reply" and into:
+            # A lease that ran out before the data came: send it all over the socket.
+            spec, frames = pack_values(values)
             op, _ = await self.request(address, {"op": "put-data", "items": spec}, frames)
-        except BaseException:
-            for item in spec:
-                shm.discard(item[4])
-            raise
         if op["op"] != "reply":
             raise ConnectionError(f"worker {address} refused data: {op.get('message')}")
+
+    async def _leases(self, address: str, keys_sizes: list) -> dict:
+        op, _ = await self.request(address, {"op": "lease",
+                                             "sizes": [sum(s) for _, s in keys_sizes]})
+        descs = op.get("items") if op["op"] == "leases" else None
+        if type(descs) is not list:
+            return {}
+        return {k: d for (k, _), d in zip(keys_sizes, descs, strict=False)
+                if type(d) is list and len(d) == 6}
 
     def close(self) -> None:
         for address in list(self.conns):

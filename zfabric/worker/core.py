@@ -20,7 +20,7 @@ import random
 import socket as _socket
 import threading
 import time
-from collections import deque
+from collections import ChainMap, deque
 
 import psutil
 import zmq
@@ -28,7 +28,7 @@ import zmq
 from .. import _zmq, protocol, serialize, shm
 from ..config import Config
 from ..errors import RemoteProtocolError, SerializationError, TaskTimeout
-from ..transfer import pack_values, unpack_values
+from ..transfer import cancel_leases, lease_for, pack_values, unpack_values
 from .execute import Executor, Outcome
 
 logger = logging.getLogger(__name__)
@@ -69,9 +69,15 @@ class WorkerLoop:
         self.serialized: dict[str, tuple[bytes, list, int]] = {}
         self.functions: dict[str, object] = {}  # function id -> function (or why it failed)
         self.raw_keys: set[str] = set()  # stored still pickled: task arguments (RawArgs)
+        # Dependencies fetched from a peer for this worker's tasks: how many tasks need each,
+        # and which each task borrowed. The scheduler does not count these copies (it does
+        # count inline ones), so they go when the last task using them is done.
+        self.borrowed: dict[str, int] = {}
+        self.borrows: dict[str, list[str]] = {}
         self.waiting: dict[str, list] = {}  # key -> [payload, missing dep keys set, options]
         self.fetching: dict[str, list[str]] = {}  # dep key -> task keys waiting for it
-        self.inflight_fetch: dict[int, tuple[str, list[str], float]] = {}  # id -> (addr, keys, t)
+        # fetch id -> (address, keys, time sent, shared-memory leases by key)
+        self.inflight_fetch: dict[int, tuple[str, list[str], float, dict]] = {}
         self.ready: deque = deque()  # (key, payload, options)
         self.executing: dict[str, float] = {}  # key -> deadline or 0
         self.cancelled: set[str] = set()
@@ -113,8 +119,6 @@ class WorkerLoop:
             self.on_closed()
 
     def _setup(self, ctx: zmq.Context) -> None:
-        if shm.available():
-            shm.sweep()  # segments of processes that died (even if this one does not use shm)
         host = self.listen or _zmq.local_address_for(self.scheduler_address)
         self.data, bound = _zmq.router(ctx, host, 0)
         self.address = self.contact or bound
@@ -210,6 +214,8 @@ class WorkerLoop:
             "in_memory": len(self.store), "fetching": len(self.fetching),
         }})
         self._check_timeouts(now)
+        if self.use_shm:
+            shm.pool().expire(now)
         if now - self.last_heard > self.death_timeout_s:
             logger.error("worker %s: no scheduler at %s for %.0f s; closing", self.name,
                          self.scheduler_address, now - self.last_heard)
@@ -279,6 +285,8 @@ class WorkerLoop:
         self.backlog.clear()  # what was meant for the old scheduler must not reach the new one
         self.store.clear()
         self.serialized.clear()
+        self.borrowed.clear()
+        self.borrows.clear()
         self.waiting.clear()
         self.fetching.clear()
         self.ready.clear()
@@ -291,6 +299,8 @@ class WorkerLoop:
         self.cancelled.discard(key)
         # A run of this key freed earlier must not make the executor skip this one.
         self.executor.cancelled.discard(key)
+        if who_has:
+            self._borrow(key, list(who_has))
         if inline:
             for k, v in inline.items():
                 if k not in self.store:
@@ -318,7 +328,31 @@ class WorkerLoop:
         else:
             self.ready.append((key, payload, options, fid))
 
+    def _borrow(self, key: str, deps: list[str]) -> None:
+        self._release(key)  # a task sent again (after a lost dependency) borrows afresh
+        mine = [d for d in deps if d in self.borrowed or d not in self.store]
+        for d in mine:
+            self.borrowed[d] = self.borrowed.get(d, 0) + 1
+        if mine:
+            self.borrows[key] = mine
+
+    def _release(self, key: str) -> None:
+        """Task ``key`` no longer needs its borrowed dependencies; drop those nobody needs."""
+        for d in self.borrows.pop(key, ()):
+            n = self.borrowed.get(d)
+            if n is None:
+                continue  # it became this worker's own value meanwhile
+            if n > 1:
+                self.borrowed[d] = n - 1
+            else:
+                del self.borrowed[d]
+                self.store.pop(d, None)
+                self.serialized.pop(d, None)
+                self.raw_keys.discard(d)
+
     def _free(self, key: str) -> None:
+        if key not in self.executing:
+            self._release(key)  # an executing task releases when it ends
         self.raw_keys.discard(key)
         self.store.pop(key, None)
         self.serialized.pop(key, None)
@@ -340,7 +374,11 @@ class WorkerLoop:
                 func = SerializationError(f"function {fid!r} of task {key!r} never arrived")
             timeout = options.get("task_timeout") if options else None
             self.executing[key] = timeout or 0.0
-            ex.submit(key, func, payload, self.store)
+            values = self.store
+            borrowed = self.borrows.get(key)
+            if borrowed:  # the run keeps its own references: a copy may go before it starts
+                values = ChainMap({d: self.store[d] for d in borrowed if d in self.store}, values)
+            ex.submit(key, func, payload, values)
 
     def _drain_done(self) -> None:
         while True:
@@ -358,10 +396,12 @@ class WorkerLoop:
     def _finish(self, out: Outcome) -> None:
         key = out.key
         self.executing.pop(key, None)
+        self._release(key)
         if key in self.cancelled or (not out.ok and out.error is None):
             self.cancelled.discard(key)
             return
         if out.ok:
+            self.borrowed.pop(key, None)
             self.store[key] = out.value
             self.serialized[key] = (out.header, out.buffers, out.nbytes)
             small = not out.buffers and out.nbytes < self.config.INLINE_BYTES
@@ -389,9 +429,10 @@ class WorkerLoop:
                     self.exit_code = 75
                     return
                 self.executor.replace_thread(ident)
-        stale = [i for i, (_, _, t) in self.inflight_fetch.items() if now - t > FETCH_TIMEOUT_S]
+        stale = [i for i, req in self.inflight_fetch.items() if now - req[2] > FETCH_TIMEOUT_S]
         for i in stale:
-            addr, keys, _ = self.inflight_fetch.pop(i)
+            addr, keys, _, into = self.inflight_fetch.pop(i)
+            cancel_leases(into)
             for k in keys:
                 self._fetch_failed(k, addr)
 
@@ -440,11 +481,21 @@ class WorkerLoop:
                         values.append((key, None, [], False))
                     else:
                         values.append((key, ser[0], ser[1], key in self.raw_keys))
-                items, frames = pack_values(values, bool(op.get("shm")) and self.use_shm)
+                into = op.get("into") if self.use_shm else None
+                items, frames = pack_values(values, ask=bool(op.get("shm")) and self.use_shm,
+                                            into=into if type(into) is dict else None)
                 self._reply_data(peer, [{"op": "data", "id": op["id"], "items": items}], frames)
+            case "lease":
+                pool = shm.pool() if self.use_shm else None
+                limit = self.config.MAX_MESSAGE_BYTES
+                descs = [pool.lease(n) if pool and type(n) is int and 0 < n <= limit else None
+                         for n in op["sizes"]]
+                self._reply_data(peer, [{"op": "leases", "id": op["id"], "items": descs}])
             case "put-data":
-                for key, header, bufs, raw in unpack_values(op["items"], buffers):
-                    self._put(key, header, bufs, raw or bool(op.get("raw")))
+                for key, header, bufs, raw, _ in unpack_values(op["items"], buffers):
+                    if header is not None and bufs is not None:
+                        self.borrowed.pop(key, None)  # placed here: this worker's own
+                        self._put(key, header, bufs, raw or bool(op.get("raw")))
                 self._reply_data(peer, [{"op": "reply", "id": op["id"], "result": True}])
             case "heartbeat":
                 pass
@@ -462,17 +513,20 @@ class WorkerLoop:
             self._fetch_failed(dep, "")
             return
         addr = random.choice(addresses)
+        self._send_fetch(addr, [dep], {"shm": self.use_shm and shm.is_local(addr)})
+
+    def _send_fetch(self, addr: str, keys: list[str], extra: dict, into: dict | None = None):
         sock = self.peers.get(addr)
         if sock is None:
             sock = _zmq.dealer(zmq.Context.instance(), addr)
             self.peers[addr] = sock
             self.poller.register(sock, zmq.POLLIN)
         self._fetch_seq += 1
-        self.inflight_fetch[self._fetch_seq] = (addr, [dep], time.monotonic())
-        sock.send_multipart(protocol.encode([{
-            "op": "get-data", "id": self._fetch_seq, "keys": [dep],
-            "shm": self.use_shm and shm.is_local(addr),
-        }]))
+        self.inflight_fetch[self._fetch_seq] = (addr, keys, time.monotonic(), into or {})
+        op = {"op": "get-data", "id": self._fetch_seq, "keys": keys, **extra}
+        if into:
+            op["into"] = into
+        sock.send_multipart(protocol.encode([op]))
 
     def _drain_peer(self, addr: str, sock: zmq.Socket) -> None:
         while True:
@@ -487,18 +541,38 @@ class WorkerLoop:
                 continue
             for op in ops:
                 req = self.inflight_fetch.pop(op.get("id"), None)
-                if req is None:
-                    continue
-                if op["op"] != "data":
-                    for k in req[1]:
-                        self._fetch_failed(k, addr)
-                    continue
-                for key, header, bufs, raw in unpack_values(op["items"], buffers):
-                    if header is None:
-                        self._fetch_failed(key, addr)
-                    else:
-                        self._put(key, header, bufs, raw)
-                        self._got_dep(key)
+                if req is not None:
+                    try:
+                        self._on_fetched(addr, req, op, buffers)
+                    finally:
+                        cancel_leases(req[3])
+
+    def _on_fetched(self, addr: str, req: tuple, op: dict, buffers: list) -> None:
+        keys = req[1]
+        if op["op"] != "data":
+            for k in keys:
+                self._fetch_failed(k, addr)
+            return
+        later = []
+        try:
+            for key, header, bufs, raw, sizes in unpack_values(op["items"], buffers):
+                if sizes is not None:
+                    later.append((key, sizes))
+                elif header is None:
+                    self._fetch_failed(key, addr)
+                elif key in self.borrowed:  # else every task that wanted it is gone
+                    self._put(key, header, bufs, raw)
+                    self._got_dep(key)
+                else:
+                    self.fetching.pop(key, None)
+        except RemoteProtocolError as exc:
+            logger.warning("bad values from %s: %s", addr, exc)
+            for k in keys:
+                self._fetch_failed(k, addr)  # no-op for those already stored
+            return
+        if later:
+            # Too large for a frame, on this host: ask again, naming segments to write into.
+            self._send_fetch(addr, [k for k, _ in later], {"shm": False}, lease_for(later))
 
     def _put(self, key: str, header: bytes, bufs: list, raw: bool) -> None:
         """Store a value that arrived pickled. Task arguments (``raw``) stay pickled until
@@ -525,4 +599,5 @@ class WorkerLoop:
     def _fetch_failed(self, dep: str, addr: str) -> None:
         for key in self.fetching.pop(dep, ()):
             if self.waiting.pop(key, None) is not None:
+                self._release(key)
                 self.outbox.append({"op": "missing", "key": key, "dep": dep, "address": addr})

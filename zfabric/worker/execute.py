@@ -97,26 +97,35 @@ class Executor:
                 call = self.calls.get()
                 if call is None or self._stopping:
                     return
-                key, func, payload, values = call
-                if key in self.cancelled:
-                    self.cancelled.discard(key)
-                    outcome = Outcome(key, False, error=None)
-                else:
-                    self.running[me] = (key, time.monotonic())
-                    self.started.append(key)
-                    outcome = self._execute(key, func, payload, values)
-                    outcome.thread = me
-                    if self.running.pop(me, None) is None:
-                        return  # abandoned after a timeout: nobody wants this outcome
-                done = self.done
-                done.append(outcome)
-                if len(done) == 1:
-                    try:
-                        poke.send(b"", zmq.NOBLOCK)
-                    except zmq.ZMQError:
-                        pass
+                # In a call of its own, so that nothing of the task (its arguments, a borrowed
+                # dependency, the result) stays referenced while this thread waits for the next.
+                if not self._one(call, me, poke):
+                    return
+                call = None
         finally:
             poke.close(0)
+
+    def _one(self, call: tuple, me: int, poke: zmq.Socket) -> bool:
+        """Run one call and leave its outcome; False when this thread was abandoned."""
+        key, func, payload, values = call
+        if key in self.cancelled:
+            self.cancelled.discard(key)
+            outcome = Outcome(key, False, error=None)
+        else:
+            self.running[me] = (key, time.monotonic())
+            self.started.append(key)
+            outcome = self._execute(key, func, payload, values)
+            outcome.thread = me
+            if self.running.pop(me, None) is None:
+                return False  # abandoned after a timeout: nobody wants this outcome
+        done = self.done
+        done.append(outcome)
+        if len(done) == 1:
+            try:
+                poke.send(b"", zmq.NOBLOCK)
+            except zmq.ZMQError:
+                pass
+        return True
 
     def _execute(self, key: str, func, payload: bytes, values: dict) -> Outcome:
         start = time.perf_counter()

@@ -1,0 +1,191 @@
+"""The same-host shared-memory path: the segment pool, writes from another process, fallbacks."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import textwrap
+
+import numpy as np
+import pytest
+import zmq
+
+from zfabric import protocol, shm
+from zfabric.testing import gen_cluster, until
+from zfabric.transfer import SHM_THRESHOLD_BYTES, pack_values, unpack_values
+
+pytestmark = pytest.mark.skipif(not shm.available(), reason="memfd segments are not available")
+
+MiB = 1 << 20
+
+
+def test_lease_write_adopt_round_trip():
+    pool = shm.Pool()
+    data = np.arange(3 * MiB // 8, dtype="f8")
+    desc = pool.lease(data.nbytes + 100)
+    assert desc is not None and desc[1] == os.getpid() and desc[5] >= data.nbytes + 100
+    assert shm.write(desc, [memoryview(b"x" * 100), data])
+    head, body = pool.adopt(desc[0], [100, data.nbytes])
+    assert bytes(head) == b"x" * 100
+    np.testing.assert_array_equal(np.frombuffer(body, dtype="f8"), data)
+    assert pool.stats()["leased"] == 0
+
+
+def test_segment_returns_to_the_pool_when_its_value_is_gone_and_is_reused():
+    pool = shm.Pool()
+    desc = pool.lease(2 * MiB)
+    assert shm.write(desc, [b"a" * (2 * MiB)])
+    (view,) = pool.adopt(desc[0], [2 * MiB])
+    arr = np.frombuffer(view, dtype="u1")
+    del view
+    assert pool.stats()["free"] == 0  # the array still uses it
+    del arr
+    assert pool.stats() == {"free": 1, "free_bytes": 2 * MiB, "leased": 0, "kept_fds": 1}
+    again = pool.lease(2 * MiB - 10)
+    assert again[2:5] == desc[2:5]  # the same segment (fd, device, inode), pages already there
+    assert pool.lease(16 * MiB)[4] != desc[4]  # far too small to reuse: a new one
+
+
+def test_cancelled_and_expired_leases_are_never_reused():
+    pool = shm.Pool(lease_timeout_s=5)
+    a = pool.lease(MiB, now=100.0)
+    b = pool.lease(MiB, now=100.0)
+    pool.cancel(a[0])
+    pool.expire(now=104.0)
+    assert pool.stats()["leased"] == 1
+    pool.expire(now=105.0)
+    assert pool.stats() == {"free": 0, "free_bytes": 0, "leased": 0, "kept_fds": 0}
+    for lease in (a[0], b[0]):
+        with pytest.raises(ValueError, match="unknown or expired"):
+            pool.adopt(lease, [10])
+    # a sender still holding the descriptor writes into an orphan, or finds nothing
+    assert not shm.write(a, [b"late"])
+
+
+def test_sizes_that_do_not_fit_the_lease_are_refused():
+    pool = shm.Pool()
+    desc = pool.lease(MiB)
+    with pytest.raises(ValueError, match="do not fit"):
+        pool.adopt(desc[0], [desc[5] + 1])
+    assert not shm.write(pool.lease(MiB), [b"x" * (desc[5] + 1)])
+
+
+def test_free_segments_idle_too_long_are_closed():
+    pool = shm.Pool()
+    desc = pool.lease(MiB, now=10.0)
+    (view,) = pool.adopt(desc[0], [MiB])
+    del view
+    pool.expire(now=11.0, idle_s=30)
+    assert pool.stats()["free"] == 1
+    pool.expire(now=50.0, idle_s=30)
+    assert pool.stats()["free"] == 0 and pool.stats()["kept_fds"] == 0
+
+
+def test_write_refuses_a_descriptor_that_names_another_file():
+    pool = shm.Pool()
+    desc = pool.lease(MiB)
+    assert not shm.write([desc[0], desc[1], desc[2], desc[3], desc[4] + 1, desc[5]], [b"x"])
+    assert not shm.write([desc[0], 999_999_999, 3, 0, 0, MiB], [b"x"])  # no such process
+    assert not shm.write(["junk"], [b"x"])
+
+
+def test_another_process_writes_into_a_lease():
+    # Given a lease in this process
+    pool = shm.Pool()
+    desc = pool.lease(4 * MiB)
+    # When another process writes into it by its descriptor
+    code = textwrap.dedent(f"""
+        import numpy as np
+        from zfabric import shm
+        assert shm.write({desc!r}, [np.arange({4 * MiB // 8}, dtype="f8")])
+    """)
+    subprocess.run([sys.executable, "-c", code], check=True, timeout=30)
+    # Then this process sees the data in its mapping
+    (view,) = pool.adopt(desc[0], [4 * MiB])
+    np.testing.assert_array_equal(np.frombuffer(view, dtype="f8"), np.arange(4 * MiB // 8))
+
+
+def test_pack_and_unpack_values_through_a_lease():
+    big = np.arange(2 * MiB // 8, dtype="f8")
+    small = b"s" * 10
+    values = [("big", b"h1", [memoryview(big)], False), ("small", b"h2", [small], True)]
+    # Asked: the large value is announced by its sizes, the small one comes in a frame
+    items, frames = pack_values(values, ask=True)
+    assert items[0][4] == ["sizes", [big.nbytes]] and items[1][4] is None
+    got = list(unpack_values(items, frames))
+    assert got[0] == ("big", b"h1", None, False, [big.nbytes])
+    assert [bytes(b) for b in got[1][2]] == [small] and got[1][3] is True
+    # Given a segment, it is written there and adopted on unpacking
+    into = {"big": shm.pool().lease(big.nbytes)}
+    items, frames = pack_values(values, into=into)
+    assert items[0][4][0] == "seg" and frames == [small]
+    ((_, _, bufs, _, _), _) = list(unpack_values(items, frames))
+    np.testing.assert_array_equal(np.frombuffer(bufs[0], dtype="f8"), big)
+
+
+def test_unpack_refuses_an_unknown_lease():
+    from zfabric.errors import RemoteProtocolError
+
+    with pytest.raises(RemoteProtocolError, match="unknown or expired"):
+        list(unpack_values([["k", b"h", 0, False, ["seg", 10**9, [5]]]], []))
+    with pytest.raises(RemoteProtocolError, match="unknown location"):
+        list(unpack_values([["k", b"h", 0, False, ["elsewhere"]]], []))
+
+
+@gen_cluster(nworkers=1)
+async def test_worker_falls_back_to_frames_when_the_segment_cannot_be_opened(c, s, a):
+    # Given a large value on a worker
+    f = c.submit(np.arange, 2 * MiB // 8, dtype="f8", workers=[a.address])
+    await f
+    ctx = zmq.Context()
+    try:
+        sock = ctx.socket(zmq.DEALER)
+        sock.setsockopt(zmq.LINGER, 0)
+        sock.connect(a.address)
+        # When a peer names a segment the worker cannot open
+        bogus = [1, 999_999_999, 3, 1, 1, 4 * MiB]
+        sock.send_multipart(protocol.encode(
+            [{"op": "get-data", "id": 1, "keys": [f.key], "into": {f.key: bogus}}]))
+        assert sock.poll(10_000)
+        ops, frames = protocol.decode(sock.recv_multipart())
+        # Then the value comes over the socket instead
+        item = ops[0]["items"][0]
+        assert item[4] is None and item[2] == 1
+        assert len(frames[0]) >= SHM_THRESHOLD_BYTES * 2
+        # and a lease asked for by a peer is granted within the limits
+        sock.send_multipart(protocol.encode(
+            [{"op": "lease", "id": 2, "sizes": [MiB, -1, "x", 1 << 62]}]))
+        assert sock.poll(10_000)
+        ops, _ = protocol.decode(sock.recv_multipart())
+        descs = ops[0]["items"]
+        assert descs[0][1] == os.getpid() and descs[1:] == [None, None, None]
+        shm.pool().cancel(descs[0][0])
+    finally:
+        sock.close()
+        ctx.term()
+
+
+@gen_cluster()
+async def test_large_values_move_through_shared_memory_on_one_host(c, s, a, b):
+    # Given a client and workers in one process, all with the shared-memory path on
+    def in_segment(x):
+        start = x.__array_interface__["data"][0]
+        with open("/proc/self/maps") as fh:
+            for line in fh:
+                fields = line.split(maxsplit=5)
+                lo, hi = (int(v, 16) for v in fields[0].split("-"))
+                if lo <= start < hi:
+                    return len(fields) == 6 and fields[5].startswith(f"/memfd:{shm.MEMFD_NAME}")
+        return False
+
+    data = np.arange(4 * MiB // 8, dtype="f8")
+    # When a large argument goes to a task, a dependency moves between workers,
+    x = c.submit(lambda v: (in_segment(v), v + 1), data, workers=[a.address], pure=False)
+    y = c.submit(lambda t: (in_segment(t[1]), t[1] * 2), x, workers=[b.address], pure=False)
+    (arg_in_seg, _), (dep_in_seg, out) = await c.gather([x, y])
+    # Then each landed in a segment of its receiver, and the result reached the client in one
+    assert arg_in_seg and dep_in_seg and in_segment(out)
+    np.testing.assert_array_equal(out, (data + 1) * 2)
+    del x, y, out
+    await until(lambda: shm.pool().stats()["leased"] == 0)
