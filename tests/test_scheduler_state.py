@@ -651,6 +651,94 @@ def test_small_value_survives_its_worker():
     state.validate()
 
 
+# ---------------------------------------------------------------------------- compact records
+
+
+def test_a_record_keeps_rare_fields_apart():
+    state = given((W1, A1))
+    submit(state, task("a"), task("b", retries=2, workers=[A1]))
+    a, b = state.tasks["a"], state.tasks["b"]
+    # Then a plain task has no side record; one with options has one
+    assert a.extra is None and (a.options, a.retries, a.error, a.suspicious) == (None, 0, None, 0)
+    assert b.options == {"workers": [A1]} and b.retries == 2 and b.restricted
+    # And whether it started is its worker's business
+    assert not a.started
+    state.handle(W1, [{"op": "started", "keys": ["a"]}], 1.5)
+    assert a.started and state.workers[W1].started == {a}
+    finish(state, W1, "a")
+    assert not a.started and not state.workers[W1].started
+    state.validate()
+
+
+def test_the_log_of_what_a_worker_holds_is_compacted():
+    state = given((W1, A1), (W2, A2))
+    keys = [f"t{i}" for i in range(400)]
+    submit(state, *(task(k) for k in keys))
+    for k in keys:
+        finish(state, W1 if state.tasks[k].processing_on.ident == W1 else W2, k)
+    ws = state.workers[W1]
+    held = ws.nheld
+    assert held == len(ws.has_what) > 100
+    # When most keys are released, then submitted again (the log gets stale entries)
+    state.handle(C, [{"op": "release", "keys": keys[:350]}], 3.0)
+    state.flush()
+    submit(state, *(task(k) for k in keys[:10]), now=4.0)
+    state.validate()
+    # Then the log stays within twice what it holds (plus a little)
+    assert len(ws._held) <= 2 * ws.nheld + 64
+    # And a worker that leaves drops out of every task it held; values kept inline survive
+    state.handle(W1, [{"op": "goodbye"}], 5.0)
+    state.flush()
+    assert all(state.workers[W2] in t.who_has or not t.who_has for t in state.tasks.values())
+    assert {t.state for t in state.tasks.values()} <= {"memory", "processing", "queued"}
+    state.validate()
+
+
+def test_many_dependents_of_one_task_come_and_go():
+    state = given((W1, A1))
+    submit(state, task("gate"))
+    keys = [f"d{i}" for i in range(300)]
+    submit(state, *(task(k, deps=["gate"]) for k in keys))
+    gate = state.tasks["gate"]
+    # When most of the dependents are released (forgotten: nobody needs them)
+    state.handle(C, [{"op": "release", "keys": keys[:250]}], 2.0)
+    state.flush()
+    # Then only the others remain dependents, and each once
+    assert sorted(t.key for t in gate.dependents) == sorted(keys[250:])
+    assert len(gate.children) < 2 * 50 + 2  # the list was rebuilt along the way
+    state.validate()
+    # And the gate finishing releases exactly them
+    out = finish(state, W1, "gate")
+    ran = [t[0] for op in out[W1] if op["op"] == "compute" for t in op["tasks"]]
+    assert ran and set(ran) <= set(keys[250:])
+    state.validate()
+
+
+def test_a_dependency_named_twice_is_waited_for_once():
+    state = given((W1, A1))
+    submit(state, task("a"))
+    submit(state, task("b", deps=["a", "a"]))
+    assert state.tasks["b"].deps == (state.tasks["a"],)
+    finish(state, W1, "a", value=b"va")
+    assert state.tasks["b"].state == "processing"
+    state.validate()
+
+
+def test_a_released_task_submitted_again_keeps_one_link_to_each_dependency():
+    state = given((W1, A1))
+    submit(state, task("a"), task("b", deps=["a"]), task("c", deps=["b"]))
+    finish(state, W1, "a")
+    finish(state, W1, "b")
+    finish(state, W1, "c")
+    # b is released (nobody wants it) but kept for c's lineage
+    state.handle(C, [{"op": "release", "keys": ["b"]}], 3.0)
+    state.flush()
+    assert state.tasks["b"].state == "released"
+    submit(state, task("b", deps=["a"]), now=4.0)
+    assert list(state.tasks["a"].dependents) == [state.tasks["b"]]
+    state.validate()
+
+
 # ---------------------------------------------------------------------------- malformed input
 
 

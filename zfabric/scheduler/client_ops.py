@@ -111,7 +111,16 @@ class ClientOps:
                     kind="LostDataError",
                 )
                 continue
-            ts.deps = tuple(dep_states)
+            if len(dep_states) > 1:
+                # each once: a task waits on, and is a dependent of, each dependency once
+                dep_states = list(dict.fromkeys(dep_states))
+            old = ts.deps
+            ts.deps = dep_states
+            if old:  # a released task submitted again keeps its links
+                for dts in old:
+                    if dts not in dep_states:
+                        dts.discard_dependent(ts)
+                dep_states = [dts for dts in dep_states if dts not in old]
             for dts in dep_states:
                 dts.add_dependent(ts)
             self._start(ts)

@@ -41,26 +41,107 @@ def _has(container, item) -> bool:
     return container is item or (type(container) is set and item in container)
 
 
+class _Dependents(list):
+    """Two or more dependents of a task, in a list rather than a set (8 bytes a member, not
+    ~40 plus the tables a growing set leaves behind: one task may have millions).
+
+    Removal is lazy: :func:`_drop_child` only counts a member out (``dead``) and the list is
+    rebuilt once half of it is dead. A member is live while it lists the task among its
+    dependencies, so a dependent must drop that link before it is discarded here.
+    """
+
+    __slots__ = ("dead",)
+
+    def __init__(self, members):
+        super().__init__(members)
+        self.dead = 0
+
+
+def _depends_on(child, parent) -> bool:
+    p = child.parents
+    return p is parent or (type(p) is tuple and parent in p)
+
+
+def _add_child(container, child):
+    if container is None:
+        return child
+    if type(container) is _Dependents:
+        container.append(child)
+        return container
+    return container if container is child else _Dependents((container, child))
+
+
+def _drop_child(container, child, parent):
+    if container is child:
+        return None
+    if type(container) is not _Dependents:
+        return container
+    container.dead += 1
+    if container.dead * 2 < len(container):
+        return container
+    # a new list: whoever iterates the old one (see TaskState.dependents) is not disturbed
+    live = [c for c in container if _depends_on(c, parent)]
+    if len(live) > 1:
+        return _Dependents(live)
+    return live[0] if live else None
+
+
+class TaskExtra:
+    """The fields of a task that most tasks never set, kept apart so every record is smaller.
+
+    A :class:`TaskState` creates its one ``extra`` the first time any of them is set to
+    something other than its default, and keeps it (it is cheap, and rare).
+    """
+
+    __slots__ = ("error", "options", "retries", "scattered", "suspicious")
+
+    def __init__(self):
+        self.error: list | None = None  # [exception, traceback, text, kind, extra] once erred
+        self.options: dict | None = None  # what a worker or the policy needs (see set_options)
+        self.retries = 0  # how many more times it may run after it errs
+        self.scattered = False  # a client placed its value: it cannot be recomputed
+        self.suspicious = 0  # workers that died while it was probably running there
+
+
+def _extra_field(name: str, default, doc: str) -> property:
+    """A TaskState attribute that lives in its TaskExtra; setting the default to a task
+    without one creates none."""
+
+    def get(ts):
+        x = ts.extra
+        return default if x is None else getattr(x, name)
+
+    def set_(ts, value) -> None:
+        x = ts.extra
+        if x is None:
+            if value == default:
+                return
+            x = ts.extra = TaskExtra()
+        setattr(x, name, value)
+
+    return property(get, set_, doc=doc)
+
+
 class TaskState:
-    """One key the scheduler holds. Containers stay ``None`` until needed, to keep it small."""
+    """One key the scheduler holds. Containers stay ``None`` until needed, to keep it small.
+
+    Memory per task is the figure that matters at scale (a scheduler may hold millions), so
+    the record keeps only what most tasks use: rare fields live in :class:`TaskExtra`, and
+    whether a processing task has started is kept by its worker (``WorkerState.started``).
+    """
 
     __slots__ = (
         "children",
-        "error",
+        "extra",
         "func",
         "holders",
         "key",
         "nbytes",
-        "options",
         "parents",
         "payload",
         "priority",
         "processing_on",
-        "retries",
-        "scattered",
-        "started",
         "state",
-        "suspicious",
         "value",
         "waiting_on",
         "who_wants",
@@ -72,20 +153,15 @@ class TaskState:
         self.func: str | None = None
         self.state = "new"
         self.parents = None  # dependencies: None, one TaskState, or a tuple of them
-        self.children = None  # tasks that depend on this one: None, one TaskState, or a set
+        self.children = None  # tasks that depend on this one: None, one, or _Dependents
         self.waiting_on = 0
         self.holders = None  # workers holding the value: None, one WorkerState, or a set
         self.who_wants = None  # None, one ClientState, or a set of them
         self.processing_on = None
         self.priority = 0  # smaller runs first: -user priority * 2**40 + submission order
-        self.retries = 0
         self.value: bytes | None = None
         self.nbytes = 0
-        self.error: list | None = None  # [exception, traceback, text, kind, extra] once erred
-        self.options: dict | None = None
-        self.suspicious = 0
-        self.started = False
-        self.scattered = False
+        self.extra: TaskExtra | None = None
 
     def __repr__(self) -> str:
         return f"<Task {self.key!r} {self.state}>"
@@ -93,11 +169,22 @@ class TaskState:
     def __lt__(self, other: TaskState) -> bool:  # heap tie-break (priorities are unique)
         return self.priority < other.priority
 
+    error = _extra_field("error", None, "[exception, traceback, text, kind, extra] once erred")
+    options = _extra_field("options", None, "Options a worker or the policy needs, or None.")
+    retries = _extra_field("retries", 0, "How many more times it may run after it errs.")
+    scattered = _extra_field("scattered", False, "A client placed it: it cannot be recomputed.")
+    suspicious = _extra_field("suspicious", 0, "Workers that died while it probably ran there.")
+
     def set_options(self, opts: dict) -> None:
         """Keep the options a worker or the policy needs; drop the empty ones."""
         keep = {k: v for k, v in opts.items() if v and k not in ("priority", "retries")}
         self.options = keep or None
 
+    @property
+    def started(self) -> bool:
+        """Whether the worker it is processing on said it started it."""
+        ws = self.processing_on
+        return ws is not None and self in ws.started
 
     # containers that are usually empty or hold one item
 
@@ -119,22 +206,34 @@ class TaskState:
     @property
     def restricted(self) -> bool:
         """Whether only some workers may run it (``workers=`` or ``resources=``)."""
-        o = self.options
+        x = self.extra
+        if x is None:
+            return False
+        o = x.options
         return o is not None and ("workers" in o or "resources" in o)
 
     # Who depends on it, who holds it, who wants it: usually nobody or one, so each is kept
-    # as None, the one record, or a set (see _one_or_set) -- a set costs 216 bytes.
+    # as None or the one record; two or more are a set (holders, wanters: see _one_or_set; a
+    # set costs 216 bytes) or a _Dependents list.
 
     @property
     def dependents(self):
-        """The tasks that depend on this one (a set or tuple; empty when none)."""
-        return _members(self.children)
+        """The tasks that depend on this one (a list or tuple; empty when none; do not change
+        it)."""
+        c = self.children
+        if c is None:
+            return ()
+        if type(c) is not _Dependents:
+            return (c,)
+        return c if not c.dead else [d for d in c if _depends_on(d, self)]
 
     def add_dependent(self, ts: TaskState) -> None:
-        self.children = _add(self.children, ts)
+        """``ts`` now lists this task among its dependencies (and was not a dependent)."""
+        self.children = _add_child(self.children, ts)
 
     def discard_dependent(self, ts: TaskState) -> None:
-        self.children = _discard(self.children, ts)
+        """``ts`` no longer lists this task among its dependencies (it dropped the link)."""
+        self.children = _drop_child(self.children, ts, self)
 
     @property
     def who_has(self):
@@ -145,11 +244,25 @@ class TaskState:
         return _has(self.holders, ws)
 
     def add_holder(self, ws) -> None:
-        self.holders = _add(self.holders, ws)
-        ws.has_what.add(self)
+        h = self.holders
+        if h is ws or (type(h) is set and ws in h):
+            return
+        self.holders = _add(h, ws)
+        ws.hold(self)
 
     def drop_holder(self, ws) -> None:
-        self.holders = _discard(self.holders, ws)
+        h = self.holders
+        if h is ws or (type(h) is set and ws in h):
+            self.holders = _discard(h, ws)
+            ws.unhold(self)
+
+    def drop_holders(self) -> tuple:
+        """Forget every holder; returns them."""
+        holders = _members(self.holders)
+        self.holders = None
+        for ws in holders:
+            ws.unhold(self)
+        return holders
 
     def add_wanter(self, cs) -> None:
         self.who_wants = _add(self.who_wants, cs)
@@ -170,19 +283,27 @@ class TaskState:
         return [self.key, self.value, addresses, self.nbytes]
 
     def erred_item(self) -> list:
-        return [self.key, *(self.error or (None, None, "", None, None))]
+        x = self.extra
+        return [self.key, *((x is not None and x.error) or (None, None, "", None, None))]
 
 
 class WorkerState:
-    """A connected worker: what it runs, what it holds, how fast it goes."""
+    """A connected worker: what it runs, what it holds, how fast it goes.
+
+    What it holds is a log, not a set: :meth:`hold` appends the task, :meth:`unhold` only
+    counts it out, and the log is compacted once most of it is stale. A set would cost ~50
+    bytes a held task (plus the tables left behind as it grows); the log costs 8 to 16, and
+    who holds what is known from the tasks (``TaskState.holders``), which the log is checked
+    against when it is read (:attr:`has_what`, a rare event: a worker leaves, a diagnostic).
+    """
 
     __slots__ = (
+        "_held",
         "address",
         "available",
         "avg_duration",
         "finished",
         "functions",
-        "has_what",
         "host",
         "id",
         "ident",
@@ -192,10 +313,12 @@ class WorkerState:
         "metrics",
         "name",
         "nanny",
+        "nheld",
         "nthreads",
         "pid",
         "processing",
         "resources",
+        "started",
     )
 
     def __init__(self, *, ident, id, address, name, nthreads, memory_limit, resources, nanny,
@@ -214,7 +337,9 @@ class WorkerState:
         self.last_seen = now
         self.metrics: dict = {}
         self.processing: dict = {}
-        self.has_what: set = set()
+        self.started: set = set()  # processing tasks it said it started (bounded by its slots)
+        self._held: list = []  # tasks it held at some point: every one it holds, some stale
+        self.nheld = 0  # how many tasks list it among their holders
         self.functions: set = set()  # function ids this worker has been sent
         self.avg_duration: float | None = None
         self.finished = 0
@@ -223,20 +348,44 @@ class WorkerState:
     def __repr__(self) -> str:
         return f"<Worker {self.name} {self.address}>"
 
+    @property
+    def has_what(self) -> list:
+        """The tasks it holds (a new list; O(log) -- not for hot paths)."""
+        return [ts for ts in dict.fromkeys(self._held) if ts.held_by(self)]
+
+    def hold(self, ts: TaskState) -> None:
+        """``ts`` now lists it among its holders (called by ``TaskState.add_holder``)."""
+        self._held.append(ts)
+        self.nheld += 1
+
+    def unhold(self, ts: TaskState) -> None:
+        """``ts`` no longer lists it (called by ``TaskState.drop_holder``)."""
+        self.nheld -= 1
+        if len(self._held) > 2 * self.nheld + 64:  # amortised O(1): the log at least halves
+            self._held = self.has_what
+
+    def clear_held(self) -> None:
+        self._held = []
+        self.nheld = 0
+
     def has_slot(self) -> bool:
         return len(self.processing) < self.limit
 
     def assign(self, ts: TaskState) -> None:
         self.processing[ts.key] = ts
-        if ts.options and ts.options.get("resources"):
-            for name, amount in ts.options["resources"].items():
+        x = ts.extra
+        if x is not None and x.options and x.options.get("resources"):
+            for name, amount in x.options["resources"].items():
                 self.available[name] = self.available.get(name, 0) - amount
 
     def done(self, ts: TaskState, duration: float) -> None:
+        if self.started:
+            self.started.discard(ts)
         if self.processing.pop(ts.key, None) is None:
             return
-        if ts.options and ts.options.get("resources"):
-            for name, amount in ts.options["resources"].items():
+        x = ts.extra
+        if x is not None and x.options and x.options.get("resources"):
+            for name, amount in x.options["resources"].items():
                 self.available[name] = self.available.get(name, 0) + amount
         if duration > 0:
             avg = self.avg_duration
@@ -261,7 +410,7 @@ class WorkerState:
             "last_seen": self.last_seen,
             "metrics": self.metrics,
             "processing": len(self.processing),
-            "in_memory": len(self.has_what),
+            "in_memory": self.nheld,
         }
 
 

@@ -388,7 +388,7 @@ class SchedulerState(ClientOps, WorkerLoss):
                 for key in op["keys"]:
                     ts = ws.processing.get(key) if type(key) is str else None
                     if ts is not None:
-                        ts.started = True
+                        ws.started.add(ts)
             case "heartbeat":
                 metrics = op.get("metrics")
                 if isinstance(metrics, dict):
@@ -424,7 +424,6 @@ class SchedulerState(ClientOps, WorkerLoss):
             return
         ws.done(ts, duration)
         ts.processing_on = None
-        ts.started = False
         ts.nbytes = int(nbytes)
         ts.value = value
         ts.add_holder(ws)
@@ -452,7 +451,6 @@ class SchedulerState(ClientOps, WorkerLoss):
             return
         ws.done(ts, 0.0)
         ts.processing_on = None
-        ts.started = False
         if ts.retries > 0:
             ts.retries -= 1
             self._set_state(ts, "released")
@@ -584,11 +582,11 @@ class SchedulerState(ClientOps, WorkerLoss):
         self._check_release([ts])
 
     def _free_holders(self, ts: TaskState) -> None:
-        for ws in ts.who_has:
-            ws.has_what.discard(ts)
+        if ts.holders is None:
+            return
+        for ws in ts.drop_holders():
             if ws.ident in self.workers:
                 self.batch(ws.ident, "free", ts.key)
-        ts.holders = None
 
     def _check_release(self, candidates: list[TaskState]) -> None:
         """Drop the data, or the whole record, of tasks that nothing needs any more."""
@@ -612,10 +610,11 @@ class SchedulerState(ClientOps, WorkerLoss):
             if ts.func is not None:
                 self._drop_function(ts.func)
                 ts.func = None
-            for dts in ts.deps:
+            deps = ts.deps
+            ts.parents = None  # first: a dependent drops its links, then is discarded
+            for dts in deps:
                 dts.discard_dependent(ts)
                 stack.append(dts)
-            ts.deps = ()
 
     def _drop_work(self, ts: TaskState) -> None:
         if ts.processing_on is not None:
@@ -631,6 +630,7 @@ class SchedulerState(ClientOps, WorkerLoss):
 
     def validate(self) -> None:
         """Check internal invariants (tests call this; it is O(tasks))."""
+        dependents: dict[TaskState, set] = {}
         for key, ts in self.tasks.items():
             assert ts.key == key
             assert ts.state in TRANSITIONS, ts.state
@@ -643,12 +643,25 @@ class SchedulerState(ClientOps, WorkerLoss):
                 assert ts.holders is not None or ts.value is not None, key
             if ts.state == "waiting":
                 assert ts.waiting_on == sum(d.state != "memory" for d in ts.deps), key
-            for d in ts.deps:
-                assert ts in d.dependents, (key, d.key)
+            deps = ts.deps
+            assert len(set(deps)) == len(deps), key
+            for d in deps:
+                assert self.tasks.get(d.key) is d, (key, d.key)
+                if d not in dependents:
+                    dependents[d] = set(d.dependents)
+                    assert len(dependents[d]) == len(d.dependents), d.key  # no duplicates
+                assert ts in dependents[d], (key, d.key)
             for cs in ts.wanters():
                 assert cs.ident in self.clients, (key, cs)
+        held = {ws: set(ws.has_what) for ws in self.workers.values()}
         for ws in self.workers.values():
             for key, ts in ws.processing.items():
                 assert ts.processing_on is ws and ts.key == key
-            for ts in ws.has_what:
-                assert ws in ts.who_has
+            for ts in ws.started:
+                assert ws.processing.get(ts.key) is ts, (ws, ts)
+            assert len(held[ws]) == ws.nheld, (ws, len(held[ws]), ws.nheld)
+            for ts in held[ws]:
+                assert self.tasks.get(ts.key) is ts, (ws, ts)
+        for key, ts in self.tasks.items():
+            for ws in ts.who_has:
+                assert ts in held.get(ws, ()), (key, ws)  # a live worker, which logs it

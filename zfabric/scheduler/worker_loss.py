@@ -39,7 +39,6 @@ class WorkerLoss:
         holder = self.workers_by_address.get(address)
         if dts is not None and holder is not None and dts.held_by(holder):
             dts.drop_holder(holder)
-            holder.has_what.discard(dts)
         if ts is None or ts.processing_on is not ws:
             return
         ws.done(ts, 0.0)
@@ -91,14 +90,13 @@ class WorkerLoss:
                         extra={"task": ts.key, "last_worker": ws.address, "count": ts.suspicious},
                     )
                     continue
-            ts.started = False
             self._set_state(ts, "released")
             self._start(ts)
-        for ts in list(ws.has_what):
+        for ts in ws.has_what:
             ts.drop_holder(ws)
             if ts.state == "memory" and ts.holders is None and ts.value is None:
                 self._lose(ts)
-        ws.has_what.clear()
+        ws.clear_held()
         self._fill_restricted()
         for other in list(self.workers.values()):
             self._fill(other)
