@@ -35,7 +35,8 @@ from .errors import (
 )
 from .futures import Future, FutureState, futures_of
 from .lifecycle import LoopThread
-from .transfer import DataPool, read_ops
+from .link import Link
+from .transfer import DataPool, dispatch
 from .values import Values
 
 logger = logging.getLogger(__name__)
@@ -191,18 +192,18 @@ class Client(Values):
             raise ValueError("Client needs a scheduler address such as tcp://127.0.0.1:8786")
         self._ctx = zmq.asyncio.Context.instance()
         self.identity = _zmq.new_identity("client")
-        self._sock = _zmq.dealer(self._ctx, self.scheduler_address, self.identity)
+        # The scheduler link is a plain socket on the loop's selector (see zfabric/link.py):
+        # zmq.asyncio costs more than the round trip on this latency-bound path.
+        self._link = Link(
+            self.loop, _zmq.dealer(zmq.Context.instance(), self.scheduler_address, self.identity),
+            # _on_op is looked up per op, so that a test may wrap it on a live client
+            lambda frames: dispatch(frames, lambda op: self._on_op(op), who="client",
+                                    heard=self._heard, lock=self._lock))
         self.data = DataPool(self._ctx, use_shm=self.config.SAME_HOST_SHM)
         self._welcome = self.loop.create_future()
         self._backlog: deque = deque()
         self._writer: asyncio.Future | None = None
-        self._tasks = [
-            asyncio.ensure_future(read_ops(
-                # _on_op is looked up per op, so that a test may wrap it on a live client
-                self._sock, lambda op: self._on_op(op), who="client", heard=self._heard,
-                lock=self._lock)),
-            asyncio.ensure_future(self._heartbeat()),
-        ]
+        self._tasks = [asyncio.ensure_future(self._heartbeat())]
         self._send(protocol.hello("client", self.id))
         try:
             await asyncio.wait_for(asyncio.shield(self._welcome), self.timeout)
@@ -324,10 +325,10 @@ class Client(Values):
                 self._writer = asyncio.ensure_future(self._write_backlog())
             return
         for batch in _batches(ops, self.config.SUBMIT_BATCH):
-            self._sock.send_multipart(protocol.encode(batch)).add_done_callback(_quiet)
+            self._link.send(protocol.encode(batch))
 
     async def _write_backlog(self) -> None:
-        sock = self._sock
+        send = self._link.send
         try:
             while self._backlog:
                 ready: list[dict] = []
@@ -337,7 +338,7 @@ class Client(Values):
                         ready.append(item)
                         continue
                     for batch in _batches(ready, self.config.SUBMIT_BATCH):
-                        await sock.send_multipart(protocol.encode(batch))
+                        send(protocol.encode(batch))
                     ready = []
                     try:
                         ready.extend(await item.work)
@@ -345,7 +346,7 @@ class Client(Values):
                         with self._lock:
                             item.state.fail(None, exc)
                 for batch in _batches(ready, self.config.SUBMIT_BATCH):
-                    await sock.send_multipart(protocol.encode(batch))
+                    send(protocol.encode(batch))
         finally:
             self._writer = None
 
@@ -353,6 +354,7 @@ class Client(Values):
         interval = max(self.config.HEARTBEAT_INTERVAL_S * 2, 0.2)
         while True:
             await asyncio.sleep(interval)
+            self._link.poke()
             self._send({"op": "heartbeat"})
             silent = time.monotonic() - self._last_heard
             if silent > self.config.SCHEDULER_LOST_TIMEOUT_S:
@@ -659,10 +661,9 @@ class Client(Values):
         if self.status in ("closing", "closed"):
             return
         self.status = "closing"
-        if getattr(self, "_sock", None) is not None and self.epoch is not None:
+        if getattr(self, "_link", None) is not None and self.epoch is not None:
             with contextlib.suppress(Exception):
-                await asyncio.wait_for(
-                    self._sock.send_multipart(protocol.encode([{"op": "goodbye"}])), 1)
+                self._link.send(protocol.encode([{"op": "goodbye"}]))
         if self._writer is not None:
             self._tasks.append(self._writer)
         for t in self._tasks:
@@ -680,8 +681,8 @@ class Client(Values):
                 fut.set_exception(ClosedError("the client was closed"))
         if getattr(self, "data", None) is not None:
             self.data.close()
-        if getattr(self, "_sock", None) is not None:
-            self._sock.close(linger=self.config.LINGER_MS)
+        if getattr(self, "_link", None) is not None:
+            self._link.close(linger=self.config.LINGER_MS)
         if self._own_cluster and self.cluster is not None:
             await self.cluster.close()
         self.status = "closed"
@@ -690,12 +691,6 @@ class Client(Values):
         if self.status == "running" and not self.asynchronous and self._loop_thread is not None:
             with contextlib.suppress(Exception):
                 self.close()
-
-
-def _quiet(fut: asyncio.Future) -> None:
-    """Consume a send's outcome (a closed socket at shutdown is not worth a warning)."""
-    if not fut.cancelled():
-        fut.exception()
 
 
 class _Deferred:

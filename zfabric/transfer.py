@@ -233,26 +233,29 @@ class DataPool:
                 self.drop(address)
 
 
-async def read_ops(sock: zmq.asyncio.Socket, handle, *, who: str, heard=None, lock=None):
-    """The one reader of an asyncio socket linked to the scheduler, forever.
-
-    Each message is decoded at the protocol's door; ``handle(op)`` gets its ops one by one
-    (under ``lock`` when given), and ``heard()`` runs for every message, good or bad. A
-    malformed message or an op that ``handle`` fails on is logged and skipped.
+def dispatch(frames: list, handle, *, who: str, heard=None, lock=None) -> None:
+    """Decode one message from the scheduler at the protocol's door and hand its ops to
+    ``handle(op)`` one by one (under ``lock`` when given); ``heard()`` runs for every message,
+    good or bad. A malformed message or an op that ``handle`` fails on is logged and skipped.
     """
-    log = logging.getLogger(__name__)
+    if heard is not None:
+        heard()
+    try:
+        ops, _ = protocol.decode(frames)
+    except RemoteProtocolError as exc:
+        logger.warning("%s: malformed message from the scheduler: %s", who, exc)
+        return
+    with lock if lock is not None else contextlib.nullcontext():
+        for op in ops:
+            try:
+                handle(op)
+            except Exception:
+                logger.exception("%s could not handle %r", who, op.get("op"))
+
+
+async def read_ops(sock: zmq.asyncio.Socket, handle, *, who: str, heard=None, lock=None):
+    """The one reader of an asyncio socket linked to the scheduler, forever (see
+    :func:`dispatch`)."""
     while True:
         frames = await sock.recv_multipart()
-        if heard is not None:
-            heard()
-        try:
-            ops, _ = protocol.decode(frames)
-        except RemoteProtocolError as exc:
-            log.warning("%s: malformed message from the scheduler: %s", who, exc)
-            continue
-        with lock if lock is not None else contextlib.nullcontext():
-            for op in ops:
-                try:
-                    handle(op)
-                except Exception:
-                    log.exception("%s could not handle %r", who, op.get("op"))
+        dispatch(frames, handle, who=who, heard=heard, lock=lock)

@@ -55,7 +55,7 @@ class Values:
             fut = self.loop.create_future()
             self._requests[rid] = fut
             # Sent directly: this runs inside the writer, which would not see the outbox.
-            await self._sock.send_multipart(protocol.encode(
+            self._link.send(protocol.encode(
                 [{"op": "request", "id": rid, "kind": "info", "args": {}}]))
             reply = await asyncio.wait_for(fut, self.timeout)
             self._worker_list = list(reply.get("result", {}).get("workers", {}))

@@ -125,11 +125,8 @@ class WorkerLoop:
         if self.name is None:
             self.name = self.address
         self.sched = _zmq.dealer(ctx, self.scheduler_address, self.identity)
-        self.wake_address = f"inproc://zfabric-wake-{self.identity.decode()}"
-        self.wake = ctx.socket(zmq.PULL)
-        self.wake.setsockopt(zmq.LINGER, 0)
-        self.wake.bind(self.wake_address)
-        self.executor = Executor(ctx, self.wake_address, self.nthreads,
+        self.wake = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)  # task threads poke it
+        self.executor = Executor(self.wake, self.nthreads,
                                  inline_bytes=self.config.INLINE_BYTES,
                                  max_bytes=self.config.MAX_MESSAGE_BYTES, name=str(self.name))
         self.poller = zmq.Poller()
@@ -153,8 +150,9 @@ class WorkerLoop:
         except zmq.ZMQError:
             pass
         self.executor.stop()
-        for s in (self.sched, self.data, self.wake, *self.peers.values()):
+        for s in (self.sched, self.data, *self.peers.values()):
             s.close(linger=self.config.LINGER_MS)
+        self.executor.close_wake()
 
     # ------------------------------------------------------------------ loop
 
@@ -224,7 +222,9 @@ class WorkerLoop:
     # ------------------------------------------------------------------ scheduler ops
 
     def _drain_scheduler(self) -> None:
-        while True:
+        first = True
+        while first or _readable(self.sched):
+            first = False
             try:
                 frames = self.sched.recv_multipart(zmq.NOBLOCK)
             except zmq.Again:
@@ -381,11 +381,10 @@ class WorkerLoop:
             ex.submit(key, func, payload, values)
 
     def _drain_done(self) -> None:
-        while True:
-            try:
-                self.wake.recv(zmq.NOBLOCK)
-            except zmq.Again:
-                break
+        try:
+            os.eventfd_read(self.wake)
+        except BlockingIOError:
+            pass
         started = self.executor.started
         while started:
             self.started_keys.append(started.popleft())
@@ -449,7 +448,9 @@ class WorkerLoop:
     # ------------------------------------------------------------------ data plane
 
     def _drain_data(self) -> None:
-        while True:
+        first = True
+        while first or _readable(self.data):
+            first = False
             try:
                 frames = self.data.recv_multipart(zmq.NOBLOCK, copy=False)
             except zmq.Again:
@@ -529,7 +530,9 @@ class WorkerLoop:
         sock.send_multipart(protocol.encode([op]))
 
     def _drain_peer(self, addr: str, sock: zmq.Socket) -> None:
-        while True:
+        first = True
+        while first or _readable(sock):
+            first = False
             try:
                 frames = sock.recv_multipart(zmq.NOBLOCK, copy=False)
             except zmq.Again:
@@ -601,3 +604,8 @@ class WorkerLoop:
             if self.waiting.pop(key, None) is not None:
                 self._release(key)
                 self.outbox.append({"op": "missing", "key": key, "dep": dep, "address": addr})
+
+
+def _readable(sock: zmq.Socket) -> bool:
+    """Whether another message waits (asking is cheaper than an Again raised)."""
+    return bool(sock.getsockopt(zmq.EVENTS) & zmq.POLLIN)

@@ -3,20 +3,20 @@
 The worker's loop thread puts every ready task on one queue; the threads take the next call
 as soon as they are free, so a stream of tiny tasks never waits for the loop between tasks.
 A thread notes each start in ``started``, runs the function, pickles the result, appends the
-outcome to ``done`` and, when ``done`` was empty, pokes the loop through an inproc socket of
-its own (ZeroMQ sockets never cross threads); the loop drains everything at once.
+outcome to ``done`` and, when ``done`` was empty, pokes the loop through an eventfd that the
+loop polls beside its sockets (one system call; no ZeroMQ socket per thread); the loop drains
+everything at once.
 """
 
 from __future__ import annotations
 
 import logging
+import os
 import queue
 import threading
 import time
 from collections import deque
 from dataclasses import dataclass
-
-import zmq
 
 from .. import serialize
 from ..errors import ResultTooLarge
@@ -42,10 +42,10 @@ class Outcome:
 class Executor:
     """``nthreads`` threads running ``(key, payload, values, options)`` calls."""
 
-    def __init__(self, ctx: zmq.Context, wake_address: str, nthreads: int, *,
+    def __init__(self, wake_fd: int, nthreads: int, *,
                  inline_bytes: int, max_bytes: int, name: str = "worker"):
-        self.ctx = ctx
-        self.wake_address = wake_address
+        self.wake_fd = wake_fd
+        self._wake_lock = threading.Lock()  # no poke once close_wake() closed the descriptor
         self.inline_bytes = inline_bytes
         self.max_bytes = max_bytes
         self.calls: queue.SimpleQueue = queue.SimpleQueue()
@@ -88,24 +88,18 @@ class Executor:
             self.calls.put(None)
 
     def _run(self) -> None:
-        poke = self.ctx.socket(zmq.PUSH)
-        poke.setsockopt(zmq.LINGER, 0)
-        poke.connect(self.wake_address)
         me = threading.get_ident()
-        try:
-            while True:
-                call = self.calls.get()
-                if call is None or self._stopping:
-                    return
-                # In a call of its own, so that nothing of the task (its arguments, a borrowed
-                # dependency, the result) stays referenced while this thread waits for the next.
-                if not self._one(call, me, poke):
-                    return
-                call = None
-        finally:
-            poke.close(0)
+        while True:
+            call = self.calls.get()
+            if call is None or self._stopping:
+                return
+            # In a call of its own, so that nothing of the task (its arguments, a borrowed
+            # dependency, the result) stays referenced while this thread waits for the next.
+            if not self._one(call, me):
+                return
+            call = None
 
-    def _one(self, call: tuple, me: int, poke: zmq.Socket) -> bool:
+    def _one(self, call: tuple, me: int) -> bool:
         """Run one call and leave its outcome; False when this thread was abandoned."""
         key, func, payload, values = call
         if key in self.cancelled:
@@ -121,11 +115,17 @@ class Executor:
         done = self.done
         done.append(outcome)
         if len(done) == 1:
-            try:
-                poke.send(b"", zmq.NOBLOCK)
-            except zmq.ZMQError:
-                pass
+            with self._wake_lock:
+                if self.wake_fd >= 0:
+                    os.eventfd_write(self.wake_fd, 1)
         return True
+
+    def close_wake(self) -> None:
+        """Close the wake-up descriptor (threads abandoned after a timeout may still end)."""
+        with self._wake_lock:
+            if self.wake_fd >= 0:
+                os.close(self.wake_fd)
+                self.wake_fd = -1
 
     def _execute(self, key: str, func, payload: bytes, values: dict) -> Outcome:
         start = time.perf_counter()
