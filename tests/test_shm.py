@@ -63,6 +63,15 @@ def test_cancelled_and_expired_leases_are_never_reused():
     assert not shm.write(a, [b"late"])
 
 
+def test_outstanding_leases_are_bounded(monkeypatch):
+    monkeypatch.setattr(shm, "MAX_LEASES", 3)
+    pool = shm.Pool()
+    leases = [pool.lease(MiB) for _ in range(4)]
+    assert leases[3] is None and all(leases[:3])
+    pool.cancel(leases[0][0])
+    assert pool.lease(MiB) is not None
+
+
 def test_sizes_that_do_not_fit_the_lease_are_refused():
     pool = shm.Pool()
     desc = pool.lease(MiB)

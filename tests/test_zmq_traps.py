@@ -21,8 +21,9 @@ import time
 
 import pytest
 import zmq
+import zmq.asyncio
 
-from zfabric import Client, Scheduler, Worker, _zmq
+from zfabric import Client, Scheduler, Worker, _zmq, protocol
 from zfabric import config as zconfig
 from zfabric.errors import CommTimeoutError
 from zfabric.testing import FakePeer, until
@@ -254,3 +255,39 @@ def test_closing_with_unsent_messages_never_hangs():
     assert proc.returncode == 0, proc.stderr
     assert "clean exit" in proc.stdout
     assert time.monotonic() - start < 20
+
+
+async def test_a_peer_that_does_not_read_is_dropped_before_the_scheduler_grows():
+    # Given a scheduler that queues few messages per peer and keeps at most 2 MB for one
+    cfg = zconfig.from_env(HWM_MESSAGES=10, PEER_BACKLOG_BYTES=2_000_000)
+    async with Scheduler(config=cfg) as s:
+        sock = zmq.asyncio.Context.instance().socket(zmq.DEALER)
+        sock.setsockopt(zmq.LINGER, 0)
+        sock.setsockopt(zmq.RCVHWM, 1)
+        sock.setsockopt(zmq.RCVBUF, 4096)
+        sock.setsockopt(zmq.ROUTING_ID, b"slow-client")
+        sock.connect(s.address)
+        try:
+            await sock.send_multipart(protocol.encode([protocol.hello("client", "slow")]))
+            assert await sock.poll(5000)
+            ops, _ = protocol.decode(await sock.recv_multipart())
+            assert ops[0]["op"] == "welcome"
+            # When a client asks for much more than that and never reads the answers (one
+            # message per scheduler turn: each turn's replies leave as one message)
+            for batch in range(300):
+                await sock.send_multipart(protocol.encode([
+                    {"op": "request", "id": batch * 1000 + i, "kind": "info", "args": {}}
+                    for i in range(1000)]))
+                await asyncio.sleep(0.005)
+                if b"slow-client" not in s.state.clients:
+                    break
+            # Then the scheduler drops it, says why, and keeps nothing for it
+            await until(lambda: b"slow-client" not in s.state.clients, 20, "slow client dropped")
+            assert any("did not read its messages" in e for e in events(s)), events(s)[-3:]
+            assert s.backlog_bytes == 0
+            # and carries on serving everyone else
+            async with Client(s.address, asynchronous=True, set_as_default=False) as c:
+                info = await asyncio.wait_for(c.scheduler_info(), 5)
+                assert "workers" in info
+        finally:
+            sock.close(0)

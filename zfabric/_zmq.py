@@ -19,26 +19,25 @@ import zmq
 from .config import DEFAULT
 from .errors import ZFabricError
 
-#: Messages a socket queues per peer before sends block (ROUTER: raise zmq.Again).
-HWM_MESSAGES = 100_000
-
 
 def new_identity(role: str) -> bytes:
     """A routing id unique to this process incarnation (role prefix, pid, random part)."""
     return f"{role}-{os.getpid()}-{uuid.uuid4().hex[:12]}".encode()
 
 
-def _common(sock: zmq.Socket, linger_ms: int) -> None:
+def _common(sock: zmq.Socket, linger_ms: int, hwm: int) -> None:
+    # Messages queued per peer before sends block (a ROUTER raises zmq.Again instead).
     sock.setsockopt(zmq.LINGER, linger_ms)
-    sock.setsockopt(zmq.SNDHWM, HWM_MESSAGES)
-    sock.setsockopt(zmq.RCVHWM, HWM_MESSAGES)
+    sock.setsockopt(zmq.SNDHWM, hwm)
+    sock.setsockopt(zmq.RCVHWM, hwm)
     sock.setsockopt(zmq.MAXMSGSIZE, -1)
 
 
-def router(ctx: zmq.Context, host: str, port: int = 0, *, linger_ms: int = DEFAULT.LINGER_MS):
+def router(ctx: zmq.Context, host: str, port: int = 0, *, linger_ms: int = DEFAULT.LINGER_MS,
+           hwm: int = DEFAULT.HWM_MESSAGES):
     """A bound ROUTER and the ``tcp://host:port`` address others should connect to."""
     sock = ctx.socket(zmq.ROUTER)
-    _common(sock, linger_ms)
+    _common(sock, linger_ms, hwm)
     sock.setsockopt(zmq.ROUTER_MANDATORY, 1)
     try:
         if host.startswith(("tcp://", "ipc://", "inproc://")):
@@ -56,10 +55,10 @@ def router(ctx: zmq.Context, host: str, port: int = 0, *, linger_ms: int = DEFAU
 
 
 def dealer(ctx: zmq.Context, address: str, identity: bytes | None = None, *,
-           linger_ms: int = DEFAULT.LINGER_MS):
+           linger_ms: int = DEFAULT.LINGER_MS, hwm: int = DEFAULT.HWM_MESSAGES):
     """A DEALER connected to ``address``."""
     sock = ctx.socket(zmq.DEALER)
-    _common(sock, linger_ms)
+    _common(sock, linger_ms, hwm)
     if identity:
         sock.setsockopt(zmq.ROUTING_ID, identity)
     sock.setsockopt(zmq.RECONNECT_IVL, 100)

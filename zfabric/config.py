@@ -50,6 +50,11 @@ class Config:
     NANNY_CHECK_INTERVAL_S: float = 0.1
     #: ZeroMQ linger on close: unsent messages are dropped after this.
     LINGER_MS: int = 100
+    #: Messages ZeroMQ queues per peer and direction (SNDHWM/RCVHWM) before a send is refused.
+    HWM_MESSAGES: int = 100_000
+    #: Bytes the scheduler keeps for one peer whose queue is full (it does not read); past
+    #: this the peer is dropped as gone, loudly, rather than letting the scheduler grow.
+    PEER_BACKLOG_BYTES: int = 256 * 2**20
     #: Move values of 1 MiB or more between processes of one host through shared memory
     #: (memfd segments the receiver leases out; see zfabric/shm.py) instead of TCP. Same host
     #: is decided by network address; across hosts values always go over TCP.

@@ -45,6 +45,9 @@ GRANULE = 1 << 20
 #: Descriptors kept open for reuse, free and adopted segments together; past this an adopted
 #: segment's descriptor is closed at once (its mapping lives on, it just is not reused).
 MAX_KEPT_FDS = 128
+#: Leases outstanding at once; past this a request gets none (the value goes over the socket),
+#: so a peer that asks and never writes cannot use up this process's descriptors.
+MAX_LEASES = 256
 #: One ``pwrite`` writes at most this much (Linux stops a single write near 2 GiB).
 _CHUNK = 1 << 30
 
@@ -156,6 +159,8 @@ class Pool:
         now = time.monotonic() if now is None else now
         with self._lock:
             self._take_returned(now)
+            if len(self._leased) >= MAX_LEASES:
+                return None
             seg = self._best_fit(size)
             if seg is None:
                 try:

@@ -3,7 +3,9 @@
 Each turn of the loop drains the socket (non-blocking receives until empty, up to a bound),
 hands every message to the state, lets time pass with ``tick``, then sends what the state
 queued: one message per peer. A send to a full peer is kept in a per-peer backlog (with byte
-accounting) and retried; a send to a peer that has gone is dropped.
+accounting) and retried; a peer whose backlog passes ``PEER_BACKLOG_BYTES`` (it does not read)
+is dropped as gone, with an error logged and an event, so one stuck peer cannot grow the
+scheduler without bound; a send to a peer that has gone is dropped.
 """
 
 from __future__ import annotations
@@ -12,6 +14,7 @@ import asyncio
 import logging
 import threading
 import time
+from collections import deque
 
 import zmq
 
@@ -47,7 +50,8 @@ class Scheduler(LifeCycle):
         self.state = SchedulerState(config=self.config, versions=protocol.versions())
         self._stop = False
         self._thread: threading.Thread | None = None
-        self._backlog: dict[bytes, list] = {}
+        self._backlog: dict[bytes, deque[bytes]] = {}  # messages a full peer queue refused
+        self._peer_bytes: dict[bytes, int] = {}
         self.backlog_bytes = 0
 
     def __repr__(self) -> str:
@@ -97,7 +101,9 @@ class Scheduler(LifeCycle):
 
     def _main(self, report) -> None:
         try:
-            sock, address = _zmq.router(zmq.Context.instance(), self.host, self.port)
+            sock, address = _zmq.router(zmq.Context.instance(), self.host, self.port,
+                                        linger_ms=self.config.LINGER_MS,
+                                        hwm=self.config.HWM_MESSAGES)
         except Exception as exc:
             report(exc)
             return
@@ -158,8 +164,8 @@ class Scheduler(LifeCycle):
             gone = self._send(sock, state.flush())
             while gone:  # ends: each pass drops peers, and only sends to those left
                 now = time.monotonic()
-                for peer in gone:
-                    state.peer_gone(peer, now)
+                for peer, why in gone.items():
+                    state.peer_gone(peer, now, why)
                 gone = self._send(sock, state.flush())
 
     def _answer_heartbeats(self, peer: bytes, ops: list) -> None:
@@ -168,45 +174,67 @@ class Scheduler(LifeCycle):
                 self.state.send(peer, {"op": "heartbeat"})
                 return
 
-    def _send(self, sock: zmq.Socket, out: dict) -> list[bytes]:
-        """Send each peer its ops; returns the peers found gone (``EHOSTUNREACH``)."""
-        gone: list[bytes] = []
+    def _send(self, sock: zmq.Socket, out: dict) -> dict[bytes, str]:
+        """Send each peer its ops; returns the peers to drop, with why: gone
+        (``EHOSTUNREACH``) or not reading (more than ``PEER_BACKLOG_BYTES`` waiting)."""
+        gone: dict[bytes, str] = {}
         if self._backlog:
             self._retry_backlog(sock, gone)
         for peer, ops in out.items():
+            if peer in gone:
+                continue
+            frame = protocol.encode(ops)[0]
             if peer in self._backlog:
-                self._queue(peer, ops)
+                self._queue(peer, frame, gone)
                 continue
             try:
-                sock.send_multipart([peer, protocol.encode(ops)[0]], zmq.NOBLOCK)
+                sock.send_multipart([peer, frame], zmq.NOBLOCK)
             except zmq.Again:
-                self._queue(peer, ops)
+                self._queue(peer, frame, gone)
             except zmq.ZMQError as exc:  # EHOSTUNREACH: the peer is gone
                 logger.debug("dropping %d ops for gone peer %r: %s", len(ops), peer, exc)
-                gone.append(peer)
+                gone[peer] = "its connection is gone"
         return gone
 
-    def _queue(self, peer: bytes, ops: list) -> None:
-        frame = protocol.encode(ops)[0]
-        self._backlog.setdefault(peer, []).append(frame)
+    def _queue(self, peer: bytes, frame: bytes, gone: dict) -> None:
+        """Keep a message the peer's full queue refused, in order, to retry next turn."""
+        queue = self._backlog.get(peer)
+        if queue is None:
+            queue = self._backlog[peer] = deque()
+            self._peer_bytes[peer] = 0
+        queue.append(frame)
+        self._peer_bytes[peer] += len(frame)
         self.backlog_bytes += len(frame)
+        waiting = self._peer_bytes[peer]
+        if waiting > self.config.PEER_BACKLOG_BYTES:
+            logger.error("peer %r does not read its messages: %d bytes wait for it, more than"
+                         " PEER_BACKLOG_BYTES (%d); dropping it", peer, waiting,
+                         self.config.PEER_BACKLOG_BYTES)
+            self._drop_backlog(peer)
+            gone[peer] = (f"it did not read its messages ({waiting:,} bytes waited, more than"
+                          " PEER_BACKLOG_BYTES)")
 
-    def _retry_backlog(self, sock: zmq.Socket, gone: list[bytes]) -> None:
+    def _drop_backlog(self, peer: bytes) -> None:
+        self._backlog.pop(peer, None)
+        self.backlog_bytes -= self._peer_bytes.pop(peer, 0)
+
+    def _retry_backlog(self, sock: zmq.Socket, gone: dict) -> None:
         for peer in list(self._backlog):
-            frames = self._backlog[peer]
-            while frames:
+            queue = self._backlog[peer]
+            while queue:
                 try:
-                    sock.send_multipart([peer, frames[0]], zmq.NOBLOCK)
+                    sock.send_multipart([peer, queue[0]], zmq.NOBLOCK)
                 except zmq.Again:
                     break
                 except zmq.ZMQError:
-                    self.backlog_bytes -= sum(len(f) for f in frames)
-                    frames.clear()
-                    gone.append(peer)
+                    self._drop_backlog(peer)
+                    gone[peer] = "its connection is gone"
                     break
-                self.backlog_bytes -= len(frames.pop(0))
-            if not frames:
-                del self._backlog[peer]
+                n = len(queue.popleft())
+                self._peer_bytes[peer] -= n
+                self.backlog_bytes -= n
+            else:
+                self._drop_backlog(peer)
 
     def _goodbye(self, sock: zmq.Socket) -> None:
         """Tell everyone we are closing so they do not wait for heartbeats.

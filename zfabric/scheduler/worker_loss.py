@@ -16,18 +16,19 @@ logger = logging.getLogger(__name__)
 class WorkerLoss:
     """SchedulerState's handling of workers that leave or die (see the module docstring)."""
 
-    def peer_gone(self, peer: bytes, now: float) -> None:
+    def peer_gone(self, peer: bytes, now: float, why: str = "its connection is gone") -> None:
         """A send to ``peer`` failed because its connection is gone (the ROUTER's
-        ``ROUTER_MANDATORY`` says so at once): drop it now rather than after its ttl."""
+        ``ROUTER_MANDATORY`` says so at once), or it does not read what we send: drop it now
+        rather than after its ttl."""
         self.now = now
         ws = self.workers.get(peer)
         if ws is not None:
             # What we could not send it, it never ran: blame only what it said it started.
-            self.remove_worker(ws, "its connection is gone", died=True, unheard=False)
+            self.remove_worker(ws, why, died=True, unheard=False)
             return
         cs = self.clients.get(peer)
         if cs is not None:
-            self._event(f"client {cs.name}: its connection is gone; releasing its futures")
+            self._event(f"client {cs.name}: {why}; releasing its futures")
             self.remove_client(cs)
             return
         self._drop_nanny(peer)
