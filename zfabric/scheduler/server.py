@@ -26,6 +26,8 @@ from .state import SchedulerState
 
 logger = logging.getLogger(__name__)
 
+_EVENTS, _POLLIN = int(zmq.EVENTS), int(zmq.POLLIN)  # plain ints: enum arithmetic is slow
+
 #: Messages taken from the socket before the state's replies are sent.
 DRAIN_MAX = 2000
 #: Longest wait in poll, which is also how often ``tick`` runs at least.
@@ -134,7 +136,7 @@ class Scheduler(LifeCycle):
             if poller.poll(TICK_MS):
                 now = time.monotonic()
                 for i in range(DRAIN_MAX):
-                    if i and not sock.getsockopt(zmq.EVENTS) & zmq.POLLIN:
+                    if i and not sock.getsockopt(_EVENTS) & _POLLIN:
                         break  # asking is cheaper than an Again raised
                     try:
                         frames = recv(zmq.NOBLOCK)

@@ -608,4 +608,7 @@ class WorkerLoop:
 
 def _readable(sock: zmq.Socket) -> bool:
     """Whether another message waits (asking is cheaper than an Again raised)."""
-    return bool(sock.getsockopt(zmq.EVENTS) & zmq.POLLIN)
+    return bool(sock.getsockopt(_EVENTS) & _POLLIN)
+
+
+_EVENTS, _POLLIN = int(zmq.EVENTS), int(zmq.POLLIN)  # plain ints: enum arithmetic is slow
