@@ -2,8 +2,8 @@
 
 ``Client(address, asynchronous=True)`` lives in the caller's event loop and its methods return
 awaitables; ``Client(address)`` runs its own loop in a background thread and its methods block.
-Either way one ``zmq.asyncio`` DEALER talks to the scheduler, with one reader task and one
-writer task; everything a tick produces goes out as one message (``map`` is split into
+Either way one DEALER talks to the scheduler (:mod:`zfabric.session`: what comes in, what goes
+out, liveness); everything a tick produces goes out as one message (``map`` is split into
 batches). Moving values (results, gather, scatter, large arguments) lives in
 :mod:`zfabric.values`; values come straight from workers through
 :class:`~zfabric.transfer.DataPool`.
@@ -18,7 +18,6 @@ import logging
 import threading
 import time
 import uuid
-import warnings
 import weakref
 from collections import deque
 
@@ -36,6 +35,7 @@ from .errors import (
 from .futures import Future, FutureState, futures_of
 from .lifecycle import LoopThread
 from .link import Link
+from .session import Deferred, Session
 from .transfer import DataPool, dispatch
 from .values import Values
 
@@ -61,7 +61,7 @@ def funcname(func) -> str:
     return "lambda" if name == "<lambda>" else name
 
 
-class Client(Values):
+class Client(Values, Session):
     """Connects to a scheduler and turns calls into Futures.
 
     ``address`` may be a ``tcp://host:port`` string, a Scheduler, or a LocalCluster; with no
@@ -219,179 +219,6 @@ class Client(Values):
             raise
         self.status = "running"
 
-    def _heard(self) -> None:
-        self._last_heard = time.monotonic()
-
-    def _on_op(self, op: dict) -> None:
-        states = self._states
-        match op["op"]:
-            case "memory":
-                for key, value, who_has, nbytes in op["items"]:
-                    st = states.get(key)
-                    # not an error: one failed with SchedulerLost stays failed even if the
-                    # submit it came from, queued in the outage, reaches a new scheduler
-                    if st is not None and st.status != "error":
-                        st.finish(value, who_has, nbytes)
-                    if who_has and self._gone_holders:
-                        self._gone_holders.difference_update(who_has)
-            case "erred":
-                for item in op["items"]:
-                    st = states.get(item[0])
-                    if st is not None:
-                        self._drop_fetches(st)  # a value in memory was lost for good
-                        st.fail(item)
-            case "cancelled":
-                for key in op["keys"]:
-                    st = states.get(key)
-                    if st is not None:
-                        st.cancel()
-            case "lost":
-                for key in op["keys"]:
-                    st = states.get(key)
-                    if st is not None:
-                        self._drop_fetches(st)
-                        st.reset()
-            case "reply":
-                fut = self._requests.pop(op["id"], None)
-                if fut is not None and not fut.done():
-                    fut.set_result(op)
-            case "welcome":
-                self.epoch = op["epoch"]
-                self._lost_reported = False
-                for w in op.get("warnings") or ():
-                    warnings.warn(f"zfabric version mismatch with the scheduler: {w}",
-                                  RuntimeWarning, stacklevel=1)
-                if not self._welcome.done():
-                    self._welcome.set_result(op)
-            case "reregister":
-                self._scheduler_lost(f"the scheduler at {self.scheduler_address} went away"
-                                     f" ({op['reason']})")
-                self._send(protocol.hello("client", self.id))
-            case "error":
-                logger.error("scheduler: %s", op["message"])
-                for key in op.get("keys") or ():
-                    st = states.get(key)
-                    if st is not None and not st.done():
-                        st.fail(None, RemoteProtocolError(
-                            f"the scheduler refused {key!r}: {op['message']}"))
-                if op.get("fatal") and not self._welcome.done():
-                    self._welcome.set_exception(RemoteProtocolError(op["message"]))
-            case "heartbeat":
-                pass
-            case other:
-                logger.warning("ignoring op %r from the scheduler", other)
-
-    def _drop_fetches(self, st: FutureState) -> None:
-        """The holders of a value that was lost: a fetch in flight to them would wait out the
-        data pool's timeout, so fail it now and let the waiter look at the new state."""
-        if st.status == "finished" and st.who_has:
-            for address in st.who_has:
-                self._gone_holders.add(address)
-                self.data.drop(address)
-
-    def _scheduler_lost(self, why: str) -> None:
-        """Fail every pending future: the scheduler that knew about them is gone.
-
-        Called again for each refusal while reconnecting, so that work submitted during the
-        outage (which no scheduler accepted) fails too instead of hanging.
-        """
-        self.epoch = None
-        if not self._lost_reported:
-            logger.warning("%s", why)
-        self._lost_reported = True
-        for st in list(self._states.values()):
-            if not st.done():
-                st.fail(None, SchedulerLost(f"{why}; resubmit the work once it is back"))
-        for fut in self._requests.values():
-            if not fut.done():
-                fut.set_exception(SchedulerLost(why))
-        self._requests.clear()
-
-    def _flush(self) -> None:
-        """Send what is queued, now, in one message per batch (on the loop thread)."""
-        with self._lock:
-            self._flush_pending = False
-            if self._release_keys:
-                self._outbox.append({"op": "release", "keys": self._release_keys})
-                self._release_keys = []
-            ops = list(self._outbox)
-            self._outbox.clear()
-        if not ops or self.status == "closed":
-            return
-        if self._writer is not None or any(type(op) is _Deferred for op in ops):
-            # Something must wait for I/O first: the writer sends everything in order.
-            self._backlog.extend(ops)
-            if self._writer is None:
-                self._writer = asyncio.ensure_future(self._write_backlog())
-            return
-        for batch in _batches(ops, self.config.SUBMIT_BATCH):
-            self._link.send(protocol.encode(batch))
-
-    async def _write_backlog(self) -> None:
-        send = self._link.send
-        try:
-            while self._backlog:
-                ready: list[dict] = []
-                while self._backlog:
-                    item = self._backlog.popleft()
-                    if type(item) is not _Deferred:
-                        ready.append(item)
-                        continue
-                    for batch in _batches(ready, self.config.SUBMIT_BATCH):
-                        send(protocol.encode(batch))
-                    ready = []
-                    try:
-                        ready.extend(await item.work)
-                    except Exception as exc:
-                        with self._lock:
-                            item.state.fail(None, exc)
-                for batch in _batches(ready, self.config.SUBMIT_BATCH):
-                    send(protocol.encode(batch))
-        finally:
-            self._writer = None
-
-    async def _heartbeat(self) -> None:
-        interval = max(self.config.HEARTBEAT_INTERVAL_S * 2, 0.2)
-        while True:
-            await asyncio.sleep(interval)
-            self._link.poke()
-            self._send({"op": "heartbeat"})
-            silent = time.monotonic() - self._last_heard
-            if silent > self.config.SCHEDULER_LOST_TIMEOUT_S:
-                first = not self._lost_reported
-                # Again at every beat while it is gone, so that work submitted meanwhile
-                # (which no scheduler took) fails too instead of hanging.
-                with self._lock:
-                    self._scheduler_lost(
-                        f"the scheduler at {self.scheduler_address} has not answered for"
-                        f" {silent:.0f} s"
-                    )
-                if first:  # queued until a scheduler listens at the address again
-                    self._send(protocol.hello("client", self.id))
-
-    def _send(self, *ops: dict) -> None:
-        """Queue ops for the scheduler; they leave together on the next loop turn."""
-        with self._lock:
-            if self._release_keys and ops:
-                self._outbox.append({"op": "release", "keys": self._release_keys})
-                self._release_keys = []
-            self._outbox.extend(ops)
-            if self._flush_pending:
-                return
-            self._flush_pending = True
-        if self.status in ("closed",):
-            return
-        loop = self.loop
-        if loop is None:
-            return
-        try:
-            if self._in_loop():
-                loop.call_soon(self._flush)
-            else:
-                loop.call_soon_threadsafe(self._flush)
-        except RuntimeError:
-            pass  # the loop is closed
-
     # ------------------------------------------------------------------ reference counting
 
     def _get_state(self, key: str, want: bool = True) -> FutureState:
@@ -474,7 +301,7 @@ class Client(Values):
                     st = self._states[key] = FutureState(key)
                     if buffers:
                         self._flush_tasks(tasks, functions)
-                        self._outbox.append(_Deferred(
+                        self._outbox.append(Deferred(
                             self._ship_args(key, fid, fbytes, abytes, deps, buffers, opts), st))
                     else:
                         functions[fid] = fbytes
@@ -693,16 +520,6 @@ class Client(Values):
                 self.close()
 
 
-class _Deferred:
-    """An outbox entry whose ops are ready only after some I/O (shipping large arguments)."""
-
-    __slots__ = ("state", "work")
-
-    def __init__(self, work, state: FutureState):
-        self.work = work
-        self.state = state
-
-
 def _options(workers, resources, retries, priority, allow_other_workers, task_timeout):
     opts = {}
     if workers is not None:
@@ -724,20 +541,6 @@ def _lost(st: FutureState) -> bool:
     """Whether a future failed because its scheduler went away (then it may be submitted
     again, like a cancelled one)."""
     return st.status == "error" and isinstance(st.exception(), SchedulerLost)
-
-
-def _batches(ops: list, limit: int):
-    """Split ops into messages that carry at most ``limit`` tasks each."""
-    batch, weight = [], 0
-    for op in ops:
-        w = len(op["tasks"]) if op["op"] == "submit" else 1
-        if batch and weight + w > limit:
-            yield batch
-            batch, weight = [], 0
-        batch.append(op)
-        weight += w
-    if batch:
-        yield batch
 
 
 async def _noop():
