@@ -4,9 +4,10 @@ One thread owns every socket of the worker and runs a ``zmq.Poller`` loop:
 
 - the DEALER to the scheduler (``compute``, ``free``, ``run`` in; ``finished``, ``erred``,
   ``started``, ``heartbeat`` out, all of one tick in one message);
-- the ROUTER that serves stored values to peers and clients (``get-data``, ``put-data``);
-- one DEALER per peer worker that dependencies are fetched from;
-- a PULL that executor threads poke when a task is done.
+- the ROUTER that serves stored values to peers and clients (``get-data``, ``put-data``,
+  ``lease``) and one DEALER per peer worker that dependencies are fetched from — the data
+  plane, in :mod:`zfabric.worker.data`;
+- an eventfd that executor threads poke when a task is done.
 
 Ready tasks go straight to the executor's queue (the scheduler bounds how many it sends);
 the executor's threads report each start, which the loop forwards as ``started``.
@@ -16,7 +17,6 @@ from __future__ import annotations
 
 import logging
 import os
-import random
 import socket as _socket
 import threading
 import time
@@ -28,7 +28,9 @@ import zmq
 from .. import _zmq, protocol, serialize, shm
 from ..config import Config
 from ..errors import RemoteProtocolError, SerializationError, TaskTimeout
-from ..transfer import cancel_leases, lease_for, pack_values, unpack_values
+from ..transfer import cancel_leases
+from .data import DataPlane
+from .data import readable as _readable
 from .execute import Executor, Outcome
 
 logger = logging.getLogger(__name__)
@@ -37,7 +39,7 @@ logger = logging.getLogger(__name__)
 FETCH_TIMEOUT_S = 15.0
 
 
-class WorkerLoop:
+class WorkerLoop(DataPlane):
     """Everything a worker does, in one thread (see module docstring)."""
 
     def __init__(self, *, scheduler_address: str, nthreads: int, name: str | None,
@@ -444,171 +446,3 @@ class WorkerLoop:
         except Exception as exc:
             data, tb, text = serialize.exception_payload(exc)
             self.outbox.append({"op": "run-result", "id": rid, "error": [data, tb, text]})
-
-    # ------------------------------------------------------------------ data plane
-
-    def _drain_data(self) -> None:
-        first = True
-        while first or _readable(self.data):
-            first = False
-            try:
-                frames = self.data.recv_multipart(zmq.NOBLOCK, copy=False)
-            except zmq.Again:
-                return
-            peer = frames[0].bytes
-            try:
-                ops, buffers = protocol.decode([frames[1].bytes, *frames[2:]])
-            except (RemoteProtocolError, IndexError) as exc:
-                self._reply_data(peer, [{"op": "error", "message": str(exc)}])
-                continue
-            for op in ops:
-                try:
-                    self._on_data_op(peer, op, buffers)
-                except Exception as exc:
-                    self._reply_data(peer, [{"op": "error", "message": f"{op['op']}: {exc}",
-                                             "id": op.get("id")}])
-
-    def _on_data_op(self, peer: bytes, op: dict, buffers: list) -> None:
-        match op["op"]:
-            case "get-data":
-                values = []
-                for key in op["keys"]:
-                    ser = self.serialized.get(key)
-                    if ser is None and key in self.store:
-                        header, bufs = serialize.dumps_value(self.store[key],
-                                                             self.config.INLINE_BYTES)
-                        ser = self.serialized[key] = (header, bufs, serialize.nbytes(header, bufs))
-                    if ser is None:
-                        values.append((key, None, [], False))
-                    else:
-                        values.append((key, ser[0], ser[1], key in self.raw_keys))
-                into = op.get("into") if self.use_shm else None
-                items, frames = pack_values(values, ask=bool(op.get("shm")) and self.use_shm,
-                                            into=into if type(into) is dict else None)
-                self._reply_data(peer, [{"op": "data", "id": op["id"], "items": items}], frames)
-            case "lease":
-                pool = shm.pool() if self.use_shm else None
-                limit = self.config.MAX_MESSAGE_BYTES
-                descs = [pool.lease(n) if pool and type(n) is int and 0 < n <= limit else None
-                         for n in op["sizes"]]
-                self._reply_data(peer, [{"op": "leases", "id": op["id"], "items": descs}])
-            case "put-data":
-                for key, header, bufs, raw, _ in unpack_values(op["items"], buffers):
-                    if header is not None and bufs is not None:
-                        self.borrowed.pop(key, None)  # placed here: this worker's own
-                        self._put(key, header, bufs, raw or bool(op.get("raw")))
-                self._reply_data(peer, [{"op": "reply", "id": op["id"], "result": True}])
-            case "heartbeat":
-                pass
-            case other:
-                raise RemoteProtocolError(f"unexpected {other!r} on the data port")
-
-    def _reply_data(self, peer: bytes, ops: list, frames: list = ()) -> None:
-        try:
-            self.data.send_multipart([peer, *protocol.encode(ops, frames)], copy=False)
-        except zmq.ZMQError as exc:
-            logger.info("could not answer a data peer: %s", exc)
-
-    def _fetch(self, dep: str, addresses: list[str]) -> None:
-        if not addresses:
-            self._fetch_failed(dep, "")
-            return
-        addr = random.choice(addresses)
-        self._send_fetch(addr, [dep], {"shm": self.use_shm and shm.is_local(addr)})
-
-    def _send_fetch(self, addr: str, keys: list[str], extra: dict, into: dict | None = None):
-        sock = self.peers.get(addr)
-        if sock is None:
-            sock = _zmq.dealer(zmq.Context.instance(), addr)
-            self.peers[addr] = sock
-            self.poller.register(sock, zmq.POLLIN)
-        self._fetch_seq += 1
-        self.inflight_fetch[self._fetch_seq] = (addr, keys, time.monotonic(), into or {})
-        op = {"op": "get-data", "id": self._fetch_seq, "keys": keys, **extra}
-        if into:
-            op["into"] = into
-        sock.send_multipart(protocol.encode([op]))
-
-    def _drain_peer(self, addr: str, sock: zmq.Socket) -> None:
-        first = True
-        while first or _readable(sock):
-            first = False
-            try:
-                frames = sock.recv_multipart(zmq.NOBLOCK, copy=False)
-            except zmq.Again:
-                return
-            try:
-                ops, buffers = protocol.decode([frames[0].bytes, *frames[1:]])
-            except RemoteProtocolError as exc:
-                logger.warning("bad data message from %s: %s", addr, exc)
-                continue
-            for op in ops:
-                req = self.inflight_fetch.pop(op.get("id"), None)
-                if req is not None:
-                    try:
-                        self._on_fetched(addr, req, op, buffers)
-                    finally:
-                        cancel_leases(req[3])
-
-    def _on_fetched(self, addr: str, req: tuple, op: dict, buffers: list) -> None:
-        keys = req[1]
-        if op["op"] != "data":
-            for k in keys:
-                self._fetch_failed(k, addr)
-            return
-        later = []
-        try:
-            for key, header, bufs, raw, sizes in unpack_values(op["items"], buffers):
-                if sizes is not None:
-                    later.append((key, sizes))
-                elif header is None:
-                    self._fetch_failed(key, addr)
-                elif key in self.borrowed:  # else every task that wanted it is gone
-                    self._put(key, header, bufs, raw)
-                    self._got_dep(key)
-                else:
-                    self.fetching.pop(key, None)
-        except RemoteProtocolError as exc:
-            logger.warning("bad values from %s: %s", addr, exc)
-            for k in keys:
-                self._fetch_failed(k, addr)  # no-op for those already stored
-            return
-        if later:
-            # Too large for a frame, on this host: ask again, naming segments to write into.
-            self._send_fetch(addr, [k for k, _ in later], {"shm": False}, lease_for(later))
-
-    def _put(self, key: str, header: bytes, bufs: list, raw: bool) -> None:
-        """Store a value that arrived pickled. Task arguments (``raw``) stay pickled until
-        their task runs, so that the dependencies inside them resolve then."""
-        if raw:
-            self.store[key] = serialize.RawArgs(header, bufs)
-            self.serialized[key] = (header, bufs, serialize.nbytes(header, bufs))
-            self.raw_keys.add(key)
-        else:
-            self.store[key] = serialize.loads_value(header, bufs)
-            self.serialized.pop(key, None)
-            self.raw_keys.discard(key)
-
-    def _got_dep(self, dep: str) -> None:
-        for key in self.fetching.pop(dep, ()):
-            w = self.waiting.get(key)
-            if w is None:
-                continue
-            w[1].discard(dep)
-            if not w[1]:
-                del self.waiting[key]
-                self.ready.append((key, w[0], w[2], w[3]))
-
-    def _fetch_failed(self, dep: str, addr: str) -> None:
-        for key in self.fetching.pop(dep, ()):
-            if self.waiting.pop(key, None) is not None:
-                self._release(key)
-                self.outbox.append({"op": "missing", "key": key, "dep": dep, "address": addr})
-
-
-def _readable(sock: zmq.Socket) -> bool:
-    """Whether another message waits (asking is cheaper than an Again raised)."""
-    return bool(sock.getsockopt(_EVENTS) & _POLLIN)
-
-
-_EVENTS, _POLLIN = int(zmq.EVENTS), int(zmq.POLLIN)  # plain ints: enum arithmetic is slow
