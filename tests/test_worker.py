@@ -10,7 +10,7 @@ import time
 import numpy as np
 import pytest
 
-from zfabric import Client, Scheduler, Worker
+from zfabric import Client, Scheduler, Worker, wait
 from zfabric.config import Config
 from zfabric.errors import CommTimeoutError, LostDataError, TaskTimeout
 from zfabric.testing import check_leaks, cluster, gen_cluster, until
@@ -54,6 +54,23 @@ async def test_large_dependency_fetched_peer_to_peer(c, s, a, b):
     # b fetched its own copy for y, and let it go once y was done; a still holds x
     await until(lambda: x.key not in b.data)
     np.testing.assert_array_equal(a.data[x.key], big())
+
+
+@gen_cluster(timeout=30)
+async def test_dependencies_are_fetched_in_batches_with_few_requests_in_flight(c, s, a, b):
+    from zfabric.worker.data import FETCH_BATCH_KEYS, FETCHES_PER_PEER
+
+    # Given 150 values of 160 kB (too large to ride inline) on a
+    xs = c.map(big, [20_000 + i for i in range(150)], workers=[a.address], pure=False)
+    await wait(xs)
+    before = dict(b._core.fetch_stats)
+    # When one task on b needs them all
+    total = c.submit(lambda *arrs: sum(float(x.sum()) for x in arrs), *xs, workers=[b.address])
+    assert await total == sum(float(big(20_000 + i).sum()) for i in range(150))
+    # Then b asked a for them in a few batched requests, never many at once
+    stats = b._core.fetch_stats
+    assert stats["requests"] - before["requests"] == -(-150 // FETCH_BATCH_KEYS)
+    assert 1 <= stats["most_in_flight"] <= FETCHES_PER_PEER
 
 
 @gen_cluster()

@@ -80,6 +80,9 @@ class WorkerLoop(DataPlane):
         self.fetching: dict[str, list[str]] = {}  # dep key -> task keys waiting for it
         # fetch id -> (address, keys, time sent, shared-memory leases by key)
         self.inflight_fetch: dict[int, tuple[str, list[str], float, dict]] = {}
+        self.fetch_queue: dict[str, deque[str]] = {}  # peer address -> dep keys to ask it for
+        self.fetch_inflight: dict[str, int] = {}  # peer address -> requests awaiting an answer
+        self.fetch_stats = {"requests": 0, "most_in_flight": 0}
         self.ready: deque = deque()  # (key, payload, options)
         self.executing: dict[str, float] = {}  # key -> deadline or 0
         self.cancelled: set[str] = set()
@@ -173,6 +176,8 @@ class WorkerLoop(DataPlane):
             for addr, sock in list(self.peers.items()):
                 if sock in events:
                     self._drain_peer(addr, sock)
+            if self.fetch_queue:
+                self._start_fetches()
             self._run_ready()
             now = time.monotonic()
             if now >= next_beat:
@@ -291,6 +296,7 @@ class WorkerLoop(DataPlane):
         self.borrows.clear()
         self.waiting.clear()
         self.fetching.clear()
+        self.fetch_queue.clear()
         self.ready.clear()
         self.cancelled.update(self.executing)
         self.executor.cancelled.update(self.executing)  # those still queued need not run
@@ -433,6 +439,7 @@ class WorkerLoop(DataPlane):
         stale = [i for i, req in self.inflight_fetch.items() if now - req[2] > FETCH_TIMEOUT_S]
         for i in stale:
             addr, keys, _, into = self.inflight_fetch.pop(i)
+            self._fetch_ended(addr)
             cancel_leases(into)
             for k in keys:
                 self._fetch_failed(k, addr)

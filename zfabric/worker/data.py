@@ -7,7 +7,10 @@ A mixin of :class:`~zfabric.worker.core.WorkerLoop`, run on its loop thread like
   ``lease`` (segments of this process for a client on this host to write into);
 - one DEALER per peer fetches dependencies with ``get-data`` (on one host in two requests: the
   second names segments for the large values; see :mod:`zfabric.shm`); a fetch with no answer
-  within ``core.FETCH_TIMEOUT_S`` is reported ``missing`` to the scheduler.
+  within ``core.FETCH_TIMEOUT_S`` is reported ``missing`` to the scheduler. Dependencies to
+  fetch wait in a queue per peer and leave once per loop turn, up to ``FETCH_BATCH_KEYS`` keys
+  per request, with at most ``FETCHES_PER_PEER`` requests in flight to one peer and
+  ``FETCHES_TOTAL`` in all, so a task with thousands of dependencies does not flood its peers.
 """
 
 from __future__ import annotations
@@ -15,6 +18,7 @@ from __future__ import annotations
 import logging
 import random
 import time
+from collections import deque
 
 import zmq
 
@@ -23,6 +27,12 @@ from ..errors import RemoteProtocolError
 from ..transfer import cancel_leases, lease_for, pack_values, unpack_values
 
 logger = logging.getLogger("zfabric.worker.core")
+
+#: Keys asked for in one ``get-data`` request.
+FETCH_BATCH_KEYS = 64
+#: Fetch requests in flight to one peer at once, and to all peers.
+FETCHES_PER_PEER = 2
+FETCHES_TOTAL = 16
 
 _EVENTS, _POLLIN = int(zmq.EVENTS), int(zmq.POLLIN)  # plain ints: enum arithmetic is slow
 
@@ -102,7 +112,31 @@ class DataPlane:
             self._fetch_failed(dep, "")
             return
         addr = random.choice(addresses)
-        self._send_fetch(addr, [dep], {"shm": self.use_shm and shm.is_local(addr)})
+        queue = self.fetch_queue.get(addr)
+        if queue is None:
+            queue = self.fetch_queue[addr] = deque()
+        queue.append(dep)
+
+    def _start_fetches(self) -> None:
+        """Send queued fetches, batched per peer, within the in-flight bounds."""
+        inflight = self.fetch_inflight
+        for addr in list(self.fetch_queue):
+            queue = self.fetch_queue[addr]
+            while (queue and inflight.get(addr, 0) < FETCHES_PER_PEER
+                   and len(self.inflight_fetch) < FETCHES_TOTAL):
+                keys = [queue.popleft() for _ in range(min(len(queue), FETCH_BATCH_KEYS))]
+                keys = [k for k in keys if k in self.fetching]  # not those nobody waits for now
+                if keys:
+                    self._send_fetch(addr, keys, {"shm": self.use_shm and shm.is_local(addr)})
+            if not queue:
+                del self.fetch_queue[addr]
+
+    def _fetch_ended(self, addr: str) -> None:
+        n = self.fetch_inflight.get(addr, 0) - 1
+        if n > 0:
+            self.fetch_inflight[addr] = n
+        else:
+            self.fetch_inflight.pop(addr, None)
 
     def _send_fetch(self, addr: str, keys: list[str], extra: dict, into: dict | None = None):
         sock = self.peers.get(addr)
@@ -112,6 +146,9 @@ class DataPlane:
             self.poller.register(sock, zmq.POLLIN)
         self._fetch_seq += 1
         self.inflight_fetch[self._fetch_seq] = (addr, keys, time.monotonic(), into or {})
+        n = self.fetch_inflight[addr] = self.fetch_inflight.get(addr, 0) + 1
+        self.fetch_stats["requests"] += 1
+        self.fetch_stats["most_in_flight"] = max(self.fetch_stats["most_in_flight"], n)
         op = {"op": "get-data", "id": self._fetch_seq, "keys": keys, **extra}
         if into:
             op["into"] = into
@@ -133,6 +170,7 @@ class DataPlane:
             for op in ops:
                 req = self.inflight_fetch.pop(op.get("id"), None)
                 if req is not None:
+                    self._fetch_ended(addr)
                     try:
                         self._on_fetched(addr, req, op, buffers)
                     finally:
