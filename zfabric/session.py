@@ -17,7 +17,7 @@ import logging
 import time
 import warnings
 
-from . import protocol
+from . import protocol, shm
 from .errors import RemoteProtocolError, SchedulerLost
 from .futures import FutureState
 
@@ -173,6 +173,8 @@ class Session:
         while True:
             await asyncio.sleep(interval)
             self._link.poke()
+            if self.data.use_shm:  # idle shared-memory segments go back to the system
+                shm.pool().expire(time.monotonic())
             self._send({"op": "heartbeat"})
             silent = time.monotonic() - self._last_heard
             if silent > self.config.SCHEDULER_LOST_TIMEOUT_S:
