@@ -198,3 +198,35 @@ async def test_large_values_move_through_shared_memory_on_one_host(c, s, a, b):
     np.testing.assert_array_equal(out, (data + 1) * 2)
     del x, y, out
     await until(lambda: shm.pool().stats()["leased"] == 0)
+
+
+@gen_cluster(nworkers=1)
+async def test_a_put_into_an_expired_lease_is_refused_and_the_worker_carries_on(c, s, a):
+    ctx = zmq.Context()
+    try:
+        sock = ctx.socket(zmq.DEALER)
+        sock.setsockopt(zmq.LINGER, 0)
+        sock.connect(a.address)
+
+        def ask(op):
+            sock.send_multipart(protocol.encode([op]))
+            assert sock.poll(10_000)
+            return protocol.decode(sock.recv_multipart())[0][0]
+
+        # Given a lease a peer got from the worker, written, but confirmed only after it ran out
+        (desc,) = ask({"op": "lease", "id": 1, "sizes": [2 * MiB]})["items"]
+        data = np.arange(2 * MiB // 8, dtype="f8")
+        assert shm.write(desc, [data])
+        shm.pool().expire(now=10**9)  # far in the future: every outstanding lease runs out
+        # When the peer confirms the put
+        reply = ask({"op": "put-data", "id": 2,
+                     "items": [["late", b"h", 0, False, ["seg", desc[0], [data.nbytes]]]]})
+        # Then the worker refuses it, saying why, and stores nothing
+        assert reply["op"] == "error" and "unknown or expired" in reply["message"]
+        assert "late" not in a.data
+    finally:
+        sock.close()
+        ctx.term()
+    # and goes on working, large values included
+    f = c.submit(np.arange, 2 * MiB // 8, dtype="f8", workers=[a.address])
+    np.testing.assert_array_equal(await f, np.arange(2 * MiB // 8, dtype="f8"))
