@@ -72,8 +72,8 @@ class Link:
         sock = self.sock
         for _ in range(READ_BATCH):
             events = sock.getsockopt(_EVENTS)
-            if self.backlog and events & _POLLOUT:
-                self._drain_backlog()
+            if self.backlog and events & _POLLOUT and self._drain_backlog():
+                continue  # ask again: the sends may have taken in what the descriptor signalled
             if not events & _POLLIN:
                 return
             try:
@@ -88,13 +88,17 @@ class Link:
                 return
         self._check()  # more than a batch waits: come back after other callbacks ran
 
-    def _drain_backlog(self) -> None:
+    def _drain_backlog(self) -> bool:
+        """Send what waits, in order, until the socket refuses; whether anything left."""
+        sent = False
         while self.backlog:
             try:
                 self.sock.send_multipart(self.backlog[0], zmq.NOBLOCK)
             except zmq.Again:
-                return
+                break
             self.backlog.popleft()
+            sent = True
+        return sent
 
     def poke(self) -> None:
         """Look at the socket again (a periodic safety net for the edge-triggered descriptor)."""
