@@ -29,8 +29,7 @@ from .. import _zmq, protocol, serialize, shm
 from ..config import Config
 from ..errors import RemoteProtocolError, SerializationError, TaskTimeout
 from ..transfer import cancel_leases
-from .data import DataPlane
-from .data import readable as _readable
+from .data import DataPlane, waiting
 from .execute import Executor, Outcome
 
 logger = logging.getLogger(__name__)
@@ -229,13 +228,7 @@ class WorkerLoop(DataPlane):
     # ------------------------------------------------------------------ scheduler ops
 
     def _drain_scheduler(self) -> None:
-        first = True
-        while first or _readable(self.sched):
-            first = False
-            try:
-                frames = self.sched.recv_multipart(zmq.NOBLOCK)
-            except zmq.Again:
-                return
+        for frames in waiting(self.sched):
             self.last_heard = time.monotonic()
             try:
                 ops, _ = protocol.decode(frames)

@@ -37,22 +37,23 @@ FETCHES_TOTAL = 16
 _EVENTS, _POLLIN = int(zmq.EVENTS), int(zmq.POLLIN)  # plain ints: enum arithmetic is slow
 
 
-def readable(sock: zmq.Socket) -> bool:
-    """Whether another message waits (asking is cheaper than an Again raised)."""
-    return bool(sock.getsockopt(_EVENTS) & _POLLIN)
+def waiting(sock: zmq.Socket, copy: bool = True):
+    """Every message waiting on ``sock`` now, without blocking (between messages it asks
+    ``EVENTS``, which is cheaper than the ``Again`` a last receive would raise)."""
+    while True:
+        try:
+            yield sock.recv_multipart(zmq.NOBLOCK, copy=copy)
+        except zmq.Again:
+            return
+        if not sock.getsockopt(_EVENTS) & _POLLIN:
+            return
 
 
 class DataPlane:
     """The data-plane methods of the worker loop (see the module docstring)."""
 
     def _drain_data(self) -> None:
-        first = True
-        while first or readable(self.data):
-            first = False
-            try:
-                frames = self.data.recv_multipart(zmq.NOBLOCK, copy=False)
-            except zmq.Again:
-                return
+        for frames in waiting(self.data, copy=False):
             peer = frames[0].bytes
             try:
                 ops, buffers = protocol.decode([frames[1].bytes, *frames[2:]])
@@ -155,13 +156,7 @@ class DataPlane:
         sock.send_multipart(protocol.encode([op]))
 
     def _drain_peer(self, addr: str, sock: zmq.Socket) -> None:
-        first = True
-        while first or readable(sock):
-            first = False
-            try:
-                frames = sock.recv_multipart(zmq.NOBLOCK, copy=False)
-            except zmq.Again:
-                return
+        for frames in waiting(sock, copy=False):
             try:
                 ops, buffers = protocol.decode([frames[0].bytes, *frames[1:]])
             except RemoteProtocolError as exc:
