@@ -58,16 +58,8 @@ def make(n, seed=7):
 
 
 def in_shm(arr):
-    """Whether arr's memory lies in a mapping of a zfabric memfd segment, i.e. it was
-    received through shared memory rather than read off a socket."""
-    start = arr.__array_interface__["data"][0]
-    with open("/proc/self/maps") as f:
-        for line in f:
-            fields = line.split(maxsplit=5)
-            lo, hi = (int(v, 16) for v in fields[0].split("-"))
-            if lo <= start < hi:
-                return len(fields) == 6 and fields[5].startswith(f"/memfd:{shm.MEMFD_NAME}")
-    return False
+    """Whether arr was received through shared memory rather than read off a socket."""
+    return shm.in_segment(arr)
 
 
 def pool_stats():

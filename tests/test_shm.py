@@ -178,23 +178,14 @@ async def test_worker_falls_back_to_frames_when_the_segment_cannot_be_opened(c, 
 @gen_cluster()
 async def test_large_values_move_through_shared_memory_on_one_host(c, s, a, b):
     # Given a client and workers in one process, all with the shared-memory path on
-    def in_segment(x):
-        start = x.__array_interface__["data"][0]
-        with open("/proc/self/maps") as fh:
-            for line in fh:
-                fields = line.split(maxsplit=5)
-                lo, hi = (int(v, 16) for v in fields[0].split("-"))
-                if lo <= start < hi:
-                    return len(fields) == 6 and fields[5].startswith(f"/memfd:{shm.MEMFD_NAME}")
-        return False
-
+    assert not shm.in_segment(np.zeros(4))
     data = np.arange(4 * MiB // 8, dtype="f8")
     # When a large argument goes to a task, a dependency moves between workers,
-    x = c.submit(lambda v: (in_segment(v), v + 1), data, workers=[a.address], pure=False)
-    y = c.submit(lambda t: (in_segment(t[1]), t[1] * 2), x, workers=[b.address], pure=False)
+    x = c.submit(lambda v: (shm.in_segment(v), v + 1), data, workers=[a.address], pure=False)
+    y = c.submit(lambda t: (shm.in_segment(t[1]), t[1] * 2), x, workers=[b.address], pure=False)
     (arg_in_seg, _), (dep_in_seg, out) = await c.gather([x, y])
     # Then each landed in a segment of its receiver, and the result reached the client in one
-    assert arg_in_seg and dep_in_seg and in_segment(out)
+    assert arg_in_seg and dep_in_seg and shm.in_segment(out)
     np.testing.assert_array_equal(out, (data + 1) * 2)
     del x, y, out
     await until(lambda: shm.pool().stats()["leased"] == 0)

@@ -77,6 +77,19 @@ def available() -> bool:
     return hasattr(os, "memfd_create") and os.path.isdir(f"/proc/{os.getpid()}/fd")
 
 
+def in_segment(array) -> bool:
+    """Whether a NumPy-like array's memory lies in a mapping of a zfabric segment, i.e. it was
+    received through shared memory (a diagnostic: it reads ``/proc/self/maps``)."""
+    start = array.__array_interface__["data"][0]
+    with open("/proc/self/maps") as f:
+        for line in f:
+            fields = line.split(maxsplit=5)
+            lo, hi = (int(v, 16) for v in fields[0].split("-"))
+            if lo <= start < hi:
+                return len(fields) == 6 and fields[5].startswith(f"/memfd:{MEMFD_NAME}")
+    return False
+
+
 def nbytes(buffers) -> int:
     return sum(memoryview(b).nbytes for b in buffers)
 
