@@ -36,6 +36,18 @@ SchedulerFile = Annotated[
                               " JSON file (written by `zfabric scheduler --scheduler-file`).")
 ]
 LogLevel = Annotated[str, typer.Option("--log-level", help="debug, info, warning or error.")]
+TargetFraction = Annotated[float | None, typer.Option(
+    min=0.0, max=1.0, help="Spill values to disk above this fraction of memory-limit held in"
+    " values (default 0.6; 0 turns it off).", show_default=False)]
+SpillFraction = Annotated[float | None, typer.Option(
+    min=0.0, max=1.0, help="Spill more above this fraction of memory-limit of process memory"
+    " (default 0.7; 0 turns it off).", show_default=False)]
+PauseFraction = Annotated[float | None, typer.Option(
+    min=0.0, max=1.0, help="Start no new task above this fraction of memory-limit of process"
+    " memory (default 0.8; 0 turns it off).", show_default=False)]
+LocalDirectory = Annotated[str | None, typer.Option(
+    help="Where workers spill values (a directory of their own inside it; default: the"
+    " system's temporary directory).", show_default=False)]
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -166,6 +178,10 @@ def worker(
     = None,
     death_timeout: Annotated[float | None, typer.Option(
         help="Seconds to keep trying to reach a scheduler before closing.")] = None,
+    memory_target_fraction: TargetFraction = None,
+    memory_spill_fraction: SpillFraction = None,
+    memory_pause_fraction: PauseFraction = None,
+    local_directory: LocalDirectory = None,
     log_level: LogLevel = "info",
     nanny: Annotated[str | None, typer.Option(hidden=True)] = None,
     identity: Annotated[str | None, typer.Option(hidden=True)] = None,
@@ -178,7 +194,9 @@ def worker(
     kw = dict(nthreads=nthreads, name=name, memory_limit=memory_limit,
               resources=_resources(resources), listen_address=listen_address,
               contact_address=contact_address, death_timeout=death_timeout, nanny=nanny,
-              identity=identity)
+              identity=identity, memory_target_fraction=memory_target_fraction,
+              memory_spill_fraction=memory_spill_fraction,
+              memory_pause_fraction=memory_pause_fraction, local_directory=local_directory)
     _run(_worker_main(addr, kw, parent_pid, ready_fd))
 
 
@@ -212,6 +230,14 @@ def nanny_command(
                                              )] = None,
     death_timeout: Annotated[float | None, typer.Option(
         help="Seconds to keep trying to reach a scheduler before closing.")] = None,
+    memory_target_fraction: TargetFraction = None,
+    memory_spill_fraction: SpillFraction = None,
+    memory_pause_fraction: PauseFraction = None,
+    memory_terminate_fraction: Annotated[float | None, typer.Option(
+        min=0.0, max=1.0, help="Terminate (and restart) a worker above this fraction of"
+        " memory-limit of process memory (default 0.95; 0 turns it off).",
+        show_default=False)] = None,
+    local_directory: LocalDirectory = None,
     log_level: LogLevel = "info",
 ) -> None:
     """Start worker processes for the scheduler at ADDRESS and keep them alive."""
@@ -219,7 +245,12 @@ def nanny_command(
     addr = _address(address, scheduler_file, wait_s=death_timeout or 30.0)
     _run(_nanny_main(addr, dict(nworkers=nworkers, nthreads=nthreads, memory_limit=memory_limit,
                                 resources=_resources(resources), name=name,
-                                death_timeout=death_timeout, worker_log_level=log_level)))
+                                death_timeout=death_timeout, worker_log_level=log_level,
+                                memory_target_fraction=memory_target_fraction,
+                                memory_spill_fraction=memory_spill_fraction,
+                                memory_pause_fraction=memory_pause_fraction,
+                                memory_terminate_fraction=memory_terminate_fraction,
+                                local_directory=local_directory)))
 
 
 async def _nanny_main(address: str, kw: dict) -> int:
@@ -265,14 +296,16 @@ def format_info(report: dict) -> str:
     """The text ``zfabric info`` prints for a scheduler_info() report."""
     from .nanny import format_bytes
 
-    header = ("NAME", "ADDRESS", "THREADS", "MEMORY", "RUNNING", "HELD")
+    header = ("NAME", "ADDRESS", "THREADS", "MEMORY", "SPILLED", "STATUS", "RUNNING", "HELD")
     rows = []
     for addr, w in sorted(report.get("workers", {}).items(), key=lambda kv: str(kv[1]["name"])):
         metrics = w.get("metrics") or {}
         used = format_bytes(metrics.get("memory", 0))
         limit = format_bytes(w["memory_limit"]) if w.get("memory_limit") else "-"
         rows.append((str(w.get("name", addr)), addr, str(w.get("nthreads", "")),
-                     f"{used} / {limit}", str(metrics.get("executing", w.get("processing", 0))),
+                     f"{used} / {limit}", format_bytes(metrics.get("spilled", 0)),
+                     str(w.get("status", "running")),
+                     str(metrics.get("executing", w.get("processing", 0))),
                      str(w.get("in_memory", 0))))
     widths = [max(len(r[i]) for r in [header, *rows]) for i in range(len(header))]
     lines = [f"Scheduler {report.get('address', '')}: {len(rows)} worker(s),"

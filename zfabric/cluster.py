@@ -97,6 +97,11 @@ class LocalCluster(LifeCycle):
         worker_log_level: str = "warning",
         config: Config | None = None,
         scheduler_port: int | None = None,
+        memory_target_fraction: float | None = None,
+        memory_spill_fraction: float | None = None,
+        memory_pause_fraction: float | None = None,
+        memory_terminate_fraction: float | None = None,
+        local_directory: str | None = None,
         **kwargs,
     ):
         for ignored in ("dashboard_address", "silence_logs", "diagnostics_port"):
@@ -117,6 +122,20 @@ class LocalCluster(LifeCycle):
         self.death_timeout = death_timeout
         self.worker_log_level = worker_log_level
         self.config = config or from_env()
+        if memory_terminate_fraction and not processes:
+            raise ValueError("memory_terminate_fraction needs processes=True: a Nanny"
+                             " terminates worker processes; in-process workers cannot be")
+        self.memory = dict(memory_target_fraction=memory_target_fraction,
+                           memory_spill_fraction=memory_spill_fraction,
+                           memory_pause_fraction=memory_pause_fraction,
+                           local_directory=local_directory)
+        if processes:
+            self.memory["memory_terminate_fraction"] = memory_terminate_fraction
+        # Checked here, before anything starts, rather than in each worker.
+        from .worker.memory import memory_fractions
+        memory_fractions(self.config, target=memory_target_fraction,
+                         spill=memory_spill_fraction, pause=memory_pause_fraction,
+                         terminate=memory_terminate_fraction)
         self.scheduler: Scheduler | None = None
         self.workers: dict[int, Nanny | Worker] = {}
         self._loop_thread: LoopThread | None = None
@@ -162,13 +181,13 @@ class LocalCluster(LifeCycle):
                     address, nworkers=1, nthreads=self.threads_per_worker,
                     memory_limit=self.memory_limit, resources=self.resources, name=str(i),
                     death_timeout=self.death_timeout, worker_log_level=self.worker_log_level,
-                    config=self.config,
+                    config=self.config, **self.memory,
                 )
             else:
                 self.workers[i] = Worker(
                     address, nthreads=self.threads_per_worker, memory_limit=self.memory_limit,
                     resources=self.resources, name=str(i), death_timeout=self.death_timeout,
-                    config=self.config,
+                    config=self.config, **self.memory,
                 )
         # Every worker process starts at the same time: this is most of the start-up time.
         # All of them settle before an error is raised, so that closing finds none half-started.

@@ -44,8 +44,17 @@ class Config:
     PREFETCH_MAX: int = 256
     #: Queue this much expected work per worker beyond its busy threads.
     PREFETCH_TARGET_S: float = 0.02
+    #: Fractions of a worker's memory_limit (0 turns one off; see docs/memory.md). Above the
+    #: target, managed memory (the values it holds) spills to disk, least recently used first.
+    MEMORY_TARGET_FRACTION: float = 0.6
+    #: Above this the process's RSS makes values spill (until RSS is below the target).
+    MEMORY_SPILL_FRACTION: float = 0.7
+    #: Above this RSS the worker starts no new task until it is below again.
+    MEMORY_PAUSE_FRACTION: float = 0.8
     #: Fraction of memory_limit at which a Nanny terminates its worker.
     MEMORY_TERMINATE_FRACTION: float = 0.95
+    #: How often a worker compares its RSS with the spill and pause thresholds.
+    MEMORY_MONITOR_INTERVAL_S: float = 0.1
     #: How often a Nanny checks its workers' memory.
     NANNY_CHECK_INTERVAL_S: float = 0.1
     #: ZeroMQ linger on close: unsent messages are dropped after this.

@@ -42,6 +42,7 @@ import contextlib
 import json
 import logging
 import os
+import shutil
 import signal
 import subprocess
 import time
@@ -54,6 +55,8 @@ from .lifecycle import LifeCycle
 from .process import worker_command, worker_environ
 from .supervision import RestartPolicy, Slot, WorkerProcess, assess
 from .transfer import read_ops
+from .worker.memory import memory_fractions
+from .worker.spill import worker_directory
 
 logger = logging.getLogger(__name__)
 
@@ -75,7 +78,10 @@ class Nanny(LifeCycle):
 
     ``nthreads`` is per worker (default: the cores shared among the workers); ``memory_limit``
     is per worker process, in bytes, a size such as ``"2GiB"``, or ``"auto"`` (the worker's
-    share of this machine's memory); a worker above 95 % of it is terminated and started again.
+    share of this machine's memory); a worker above ``memory_terminate_fraction`` (0.95) of it
+    is terminated and started again. The other memory thresholds and ``local_directory`` go
+    to the workers (see :class:`~zfabric.worker.Worker` and docs/memory.md); the Nanny removes
+    the local directory of a worker process it killed or lost.
     """
 
     def __init__(
@@ -96,6 +102,11 @@ class Nanny(LifeCycle):
         worker_log_level: str = "warning",
         restart_policy: RestartPolicy | None = None,
         config: Config | None = None,
+        memory_target_fraction: float | None = None,
+        memory_spill_fraction: float | None = None,
+        memory_pause_fraction: float | None = None,
+        memory_terminate_fraction: float | None = None,
+        local_directory: str | None = None,
         **kwargs,
     ):
         address = scheduler_address or scheduler_ip
@@ -116,6 +127,13 @@ class Nanny(LifeCycle):
         if self.nthreads < 1:
             raise ValueError(f"nthreads must be at least 1, got {nthreads}")
         self.memory_limit = memory_limit_bytes(memory_limit, self.nthreads)
+        self.memory_fractions = memory_fractions(
+            self.config, target=memory_target_fraction, spill=memory_spill_fraction,
+            pause=memory_pause_fraction, terminate=memory_terminate_fraction)
+        if local_directory is not None and not os.path.isdir(local_directory):
+            raise ValueError(f"local_directory {local_directory!r} is not a directory; create"
+                             " it first or leave it out (the system's temporary directory)")
+        self.local_directory = local_directory
         self.resources = dict(resources or {})
         self.name = None if name is None else str(name)
         if contact_address and self.nworkers > 1:
@@ -307,6 +325,7 @@ class Nanny(LifeCycle):
             ready_fd=write_fd, name=slot.name, resources=self.resources,
             listen_address=self.listen_address, contact_address=self.contact_address,
             death_timeout_s=self.death_timeout, log_level=self.worker_log_level,
+            memory_fractions=self.memory_fractions, local_directory=self.local_directory,
         )
         try:
             proc = subprocess.Popen(
@@ -428,7 +447,7 @@ class Nanny(LifeCycle):
         action = assess(
             phase=slot.phase, alive=alive, rss_bytes=wp.rss() if check_memory else 0,
             memory_limit_bytes=self.memory_limit,
-            terminate_fraction=self.config.MEMORY_TERMINATE_FRACTION,
+            terminate_fraction=self.memory_fractions["terminate"],
             now=now, kill_at=slot.kill_at,
         )
         match action:
@@ -437,7 +456,7 @@ class Nanny(LifeCycle):
             case "terminate-memory":
                 rss = wp.rss()
                 text = (f"worker process {wp.pid} used {format_bytes(rss)} of memory, more than"
-                        f" {self.config.MEMORY_TERMINATE_FRACTION:.0%} of its memory limit"
+                        f" {self.memory_fractions['terminate']:.0%} of its memory limit"
                         f" {format_bytes(self.memory_limit)}; the nanny terminated it")
                 logger.warning("nanny %s: %s", self.identity, text)
                 self._report(wp, text)
@@ -453,6 +472,8 @@ class Nanny(LifeCycle):
     def _exited(self, slot: Slot, wp: WorkerProcess, rc: int, now: float) -> None:
         """The slot's process is gone (and reaped): tell the scheduler, then restart or not."""
         self._close_pipe(wp)
+        # A worker removes its local directory when it exits; not one killed or crashed.
+        shutil.rmtree(worker_directory(self.local_directory, wp.identity), ignore_errors=True)
         how = (f"was killed by {_signal_name(-rc)}" if rc < 0 else f"exited with code {rc}")
         expected = True  # we stopped it, or it asked to be started afresh: restart at once
         if slot.phase == "stopping":

@@ -163,7 +163,8 @@ def worker_command(scheduler_address: str, *, identity: str, nthreads: int, memo
                    nanny: str, parent_pid: int, ready_fd: int, name: str | None = None,
                    resources: dict | None = None, listen_address: str | None = None,
                    contact_address: str | None = None, death_timeout_s: float | None = None,
-                   log_level: str = "warning") -> list[str]:
+                   log_level: str = "warning", memory_fractions: dict | None = None,
+                   local_directory: str | None = None) -> list[str]:
     """The argv of a worker process a Nanny starts: zfabric's own entry point, fresh."""
     cmd = [
         sys.executable, "-m", "zfabric", "worker", scheduler_address,
@@ -181,6 +182,11 @@ def worker_command(scheduler_address: str, *, identity: str, nthreads: int, memo
         cmd += ["--contact-address", contact_address]
     if death_timeout_s is not None:
         cmd += ["--death-timeout", repr(float(death_timeout_s))]
+    for name in ("target", "spill", "pause"):
+        if memory_fractions and name in memory_fractions:
+            cmd += [f"--memory-{name}-fraction", repr(float(memory_fractions[name]))]
+    if local_directory:
+        cmd += ["--local-directory", local_directory]
     return cmd
 
 
@@ -225,6 +231,10 @@ def parse_worker_argv(argv: list[str]) -> dict:
     p.add_argument("--listen-address")
     p.add_argument("--contact-address")
     p.add_argument("--death-timeout", type=float)
+    p.add_argument("--memory-target-fraction", type=float)
+    p.add_argument("--memory-spill-fraction", type=float)
+    p.add_argument("--memory-pause-fraction", type=float)
+    p.add_argument("--local-directory")
     return vars(p.parse_args(argv))
 
 
@@ -264,7 +274,11 @@ def main_from_nanny(argv: list[str]) -> int:
               resources=parse_resources(args["resources"]),
               listen_address=args["listen_address"], contact_address=args["contact_address"],
               death_timeout=args["death_timeout"], nanny=args["nanny"],
-              identity=args["identity"])
+              identity=args["identity"],
+              memory_target_fraction=args["memory_target_fraction"],
+              memory_spill_fraction=args["memory_spill_fraction"],
+              memory_pause_fraction=args["memory_pause_fraction"],
+              local_directory=args["local_directory"])
     try:
         return asyncio.run(run_worker(args["address"], kw, args["parent_pid"], args["ready_fd"]))
     except Exception as exc:

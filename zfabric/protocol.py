@@ -64,6 +64,7 @@ SCHEMAS: dict[str, dict[str, tuple[type, ...]]] = {
     "functions": {"items": _L},
     "forget-functions": {"keys": _L},
     "run-result": {"id": _I},
+    "worker-status": {"status": _S, "reason": _S},
     "close": {},
     # nanny <-> scheduler
     "worker-died": {"worker": _S, "reason": _S},

@@ -233,6 +233,22 @@ class Pool:
                     keep.append(seg)
             self._free = keep
 
+    def release_idle(self) -> int:
+        """Close every free segment now (memory is short); returns the bytes released."""
+        with self._lock:
+            self._take_returned(time.monotonic())
+            freed = sum(s.size for s in self._free)
+            for seg in self._free:
+                self._close_kept(seg)
+            self._free = []
+        return freed
+
+    def cap_idle(self, keep_bytes: int) -> None:
+        """Keep at most ``keep_bytes`` of free segments for reuse (a worker: 10 % of its
+        memory limit, memory that nothing it holds accounts for)."""
+        with self._lock:
+            self.keep_bytes = min(self.keep_bytes, max(0, int(keep_bytes)))
+
     def stats(self) -> dict:
         with self._lock:
             self._take_returned(time.monotonic())

@@ -22,7 +22,8 @@ def assess(*, phase: str, alive: bool, rss_bytes: int, memory_limit_bytes: int,
     if phase in ("starting", "running"):
         if not alive:
             return "exited"
-        if memory_limit_bytes and rss_bytes > terminate_fraction * memory_limit_bytes:
+        if (memory_limit_bytes and terminate_fraction
+                and rss_bytes > terminate_fraction * memory_limit_bytes):
             return "terminate-memory"
         return "ok"
     if phase == "stopping":

@@ -319,6 +319,8 @@ class WorkerState:
         "processing",
         "resources",
         "started",
+        "status",
+        "status_reason",
     )
 
     def __init__(self, *, ident, id, address, name, nthreads, memory_limit, resources, nanny,
@@ -344,6 +346,8 @@ class WorkerState:
         self.avg_duration: float | None = None
         self.finished = 0
         self.limit = self.nthreads * 2 + 2  # until task durations are known
+        self.status = "running"  # or "paused": it starts no new task (memory)
+        self.status_reason = ""
 
     def __repr__(self) -> str:
         return f"<Worker {self.name} {self.address}>"
@@ -369,7 +373,7 @@ class WorkerState:
         self.nheld = 0
 
     def has_slot(self) -> bool:
-        return len(self.processing) < self.limit
+        return len(self.processing) < self.limit and self.status == "running"
 
     def assign(self, ts: TaskState) -> None:
         self.processing[ts.key] = ts
@@ -411,6 +415,11 @@ class WorkerState:
             "metrics": self.metrics,
             "processing": len(self.processing),
             "in_memory": self.nheld,
+            "status": self.status,
+            "status_reason": self.status_reason,
+            "memory": {"process": self.metrics.get("memory", 0),
+                       "managed": self.metrics.get("managed", 0),
+                       "spilled": self.metrics.get("spilled", 0)},
         }
 
 

@@ -392,7 +392,11 @@ class SchedulerState(ClientOps, WorkerLoss):
             case "heartbeat":
                 metrics = op.get("metrics")
                 if isinstance(metrics, dict):
-                    ws.metrics = metrics
+                    # Only numbers by name: the metrics are shown and summed, never trusted.
+                    ws.metrics = {k: v for k, v in metrics.items() if type(k) is str
+                                  and isinstance(v, int | float) and not isinstance(v, bool)}
+            case "worker-status":
+                self.worker_status(ws, op["status"], op["reason"])
             case "missing":
                 self._missing(ws, op["key"], op["dep"], op["address"])
             case "run-result":
@@ -405,6 +409,32 @@ class SchedulerState(ClientOps, WorkerLoss):
                 pass
             case other:
                 raise RemoteProtocolError(f"a worker may not send {other!r}")
+
+    def worker_status(self, ws: WorkerState, status: str, reason: str) -> None:
+        """A worker paused (memory is short: it starts no new task) or resumed. The tasks
+        queued on it and not started go elsewhere; a resumed worker gets work again."""
+        if status not in ("running", "paused"):
+            raise RemoteProtocolError(f"unknown worker status {status!r}; expected running"
+                                      " or paused")
+        if status == ws.status:
+            return
+        ws.status = status
+        ws.status_reason = reason[:500]
+        if status == "paused":
+            self._event(f"worker {ws.name} paused: {ws.status_reason or 'memory'}")
+            queued = [ts for ts in ws.processing.values() if ts not in ws.started]
+            for ts in queued:
+                ws.done(ts, 0.0)
+                ts.processing_on = None
+                self.batch(ws.ident, "free", ts.key)
+                self._set_state(ts, "released")
+            for ts in queued:
+                if ts.state == "released":
+                    self._start(ts)
+        else:
+            self._event(f"worker {ws.name} resumed")
+            self._fill(ws)
+            self._fill_restricted()
 
     def task_finished(
         self, ws: WorkerState, key: str, nbytes: int, value: bytes | None, duration: float

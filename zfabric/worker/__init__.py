@@ -14,6 +14,7 @@ from ..config import Config, from_env, memory_limit_bytes
 from ..errors import CommTimeoutError, ZFabricError
 from ..lifecycle import LifeCycle, call_from_thread
 from .core import WorkerLoop
+from .memory import memory_fractions
 
 logger = logging.getLogger(__name__)
 
@@ -27,6 +28,13 @@ class Worker(LifeCycle):
     such as ``"2GiB"``, or ``"auto"`` (this worker's share of the machine's memory).
     ``death_timeout`` is how long it waits for a scheduler (at start, and after losing it)
     before it closes.
+
+    Memory (see docs/memory.md): above ``memory_target_fraction`` of ``memory_limit`` in
+    values held, least recently used values spill to a file each in ``local_directory``
+    (default: the system's temporary directory; the worker makes a directory of its own there
+    and removes it when it exits); above ``memory_spill_fraction`` of RSS, more spill; above
+    ``memory_pause_fraction`` the worker starts no new task until memory falls again. Each is
+    a fraction, ``0`` turns it off, None takes the setting (``MEMORY_*_FRACTION``).
     """
 
     def __init__(
@@ -45,6 +53,10 @@ class Worker(LifeCycle):
         death_timeout: float | None = None,
         config: Config | None = None,
         identity: str | bytes | None = None,
+        memory_target_fraction: float | None = None,
+        memory_spill_fraction: float | None = None,
+        memory_pause_fraction: float | None = None,
+        local_directory: str | None = None,
         **kwargs,
     ):
         address = scheduler_address or scheduler_ip
@@ -60,6 +72,13 @@ class Worker(LifeCycle):
         self.name = None if name is None else str(name)
         self.resources = dict(resources or {})
         self.memory_limit = memory_limit_bytes(memory_limit, self.nthreads)
+        self.memory_fractions = memory_fractions(
+            self.config, target=memory_target_fraction, spill=memory_spill_fraction,
+            pause=memory_pause_fraction)
+        if local_directory is not None and not os.path.isdir(local_directory):
+            raise ValueError(f"local_directory {local_directory!r} is not a directory; create"
+                             " it first or leave it out (the system's temporary directory)")
+        self.local_directory = local_directory
         self.nanny = nanny
         self._identity = identity.encode() if isinstance(identity, str) else identity
         listen = listen_address or host
@@ -115,7 +134,8 @@ class Worker(LifeCycle):
             resources=self.resources, memory_limit=self.memory_limit, nanny=self.nanny,
             listen=self._listen, contact=self._contact, config=self.config,
             death_timeout_s=self.death_timeout, on_ready=on_ready, on_closed=on_closed,
-            identity=self._identity,
+            identity=self._identity, memory_fractions=self.memory_fractions,
+            local_directory=self.local_directory,
         )
         self._core.start()
         try:

@@ -31,6 +31,8 @@ from ..errors import RemoteProtocolError, SerializationError, TaskTimeout
 from ..transfer import cancel_leases
 from .data import DataPlane, waiting
 from .execute import Executor, Outcome
+from .memory import MemoryManager
+from .spill import SpillStore, worker_directory
 
 logger = logging.getLogger(__name__)
 
@@ -44,7 +46,8 @@ class WorkerLoop(DataPlane):
     def __init__(self, *, scheduler_address: str, nthreads: int, name: str | None,
                  resources: dict, memory_limit: int, nanny: str | None, listen: str,
                  contact: str | None, config: Config, death_timeout_s: float,
-                 on_ready, on_closed, identity: bytes | None = None):
+                 on_ready, on_closed, identity: bytes | None = None,
+                 memory_fractions: dict | None = None, local_directory: str | None = None):
         self.scheduler_address = _zmq.normalize_address(scheduler_address)
         self.nthreads = nthreads
         self.name = name
@@ -66,8 +69,18 @@ class WorkerLoop(DataPlane):
         self.exit_code: int | None = None  # set when the process should exit (Nanny restarts it)
         self.thread = threading.Thread(target=self._main, name="zfabric-worker", daemon=True)
         # state
-        self.store: dict[str, object] = {}
         self.serialized: dict[str, tuple[bytes, list, int]] = {}
+        # Values by key; least recently used ones spill to this process's local directory.
+        self.local_directory = worker_directory(local_directory, self.identity.decode())
+        self.store = SpillStore(self.local_directory, serialized=self.serialized,
+                                inline_bytes=config.INLINE_BYTES)
+        self.memory = MemoryManager(
+            self.store, memory_limit=memory_limit, name=str(name or self.identity.decode()),
+            fractions=memory_fractions or {"target": 0, "spill": 0, "pause": 0},
+            release_idle=shm.pool().release_idle if shm.available() else None,
+            before_evict=self._hold_tasks)
+        self.status_op: dict | None = None  # a pause or resume still to tell the scheduler
+        self._next_memory_check = 0.0
         self.functions: dict[str, object] = {}  # function id -> function (or why it failed)
         self.raw_keys: set[str] = set()  # stored still pickled: task arguments (RawArgs)
         # Dependencies fetched from a peer for this worker's tasks: how many tasks need each,
@@ -123,6 +136,9 @@ class WorkerLoop(DataPlane):
             self.on_closed()
 
     def _setup(self, ctx: zmq.Context) -> None:
+        self.store.open()
+        if self.memory_limit and self.use_shm:
+            shm.pool().cap_idle(self.memory_limit // 10)
         host = self.listen or _zmq.local_address_for(self.scheduler_address)
         self.data, bound = _zmq.router(ctx, host, 0)
         self.address = self.contact or bound
@@ -143,7 +159,10 @@ class WorkerLoop(DataPlane):
             "worker", self.identity.decode(), address=self.address, name=self.name,
             nthreads=self.nthreads, memory_limit=self.memory_limit, resources=self.resources,
             nanny=self.nanny, pid=os.getpid(), host=_socket.gethostname(),
+            local_directory=self.local_directory,
         ))
+        if self.memory.paused:
+            self.status_op = self._status()
         self._flush()
 
     def _teardown(self) -> None:
@@ -157,6 +176,7 @@ class WorkerLoop(DataPlane):
         for s in (self.sched, self.data, *self.peers.values()):
             s.close(linger=self.config.LINGER_MS)
         self.executor.close_wake()
+        self.store.close()
 
     # ------------------------------------------------------------------ loop
 
@@ -164,8 +184,9 @@ class WorkerLoop(DataPlane):
         hb = self.config.HEARTBEAT_INTERVAL_S
         next_beat = time.monotonic() + hb
         poll = self.poller.poll
+        more = False  # spilling still to do: do not sleep in poll
         while not self.stop_requested:
-            events = dict(poll(min(100, int(hb * 1000))))
+            events = dict(poll(0 if more else min(100, int(hb * 1000))))
             if self.sched in events:
                 self._drain_scheduler()
             if self.wake in events or self.executor.done:
@@ -177,8 +198,9 @@ class WorkerLoop(DataPlane):
                     self._drain_peer(addr, sock)
             if self.fetch_queue:
                 self._start_fetches()
-            self._run_ready()
             now = time.monotonic()
+            more = self._manage_memory(now)
+            self._run_ready()
             if now >= next_beat:
                 next_beat = now + hb
                 self._beat(now)
@@ -194,6 +216,9 @@ class WorkerLoop(DataPlane):
         if self.finished_items:
             self.outbox.append({"op": "finished", "tasks": self.finished_items})
             self.finished_items = []
+        if self.status_op is not None:  # after ``started``: it tells what already runs
+            self.outbox.append(self.status_op)
+            self.status_op = None
         if self.outbox:
             ops, self.outbox = self.outbox, []
             self.backlog.append(protocol.encode(ops))
@@ -216,6 +241,10 @@ class WorkerLoop(DataPlane):
         self.outbox.append({"op": "heartbeat", "metrics": {
             "memory": mem, "executing": len(self.executing), "ready": len(self.ready),
             "in_memory": len(self.store), "fetching": len(self.fetching),
+            "managed": self.store.managed, "spilled": self.store.spilled,
+            "spilled_count": len(self.store.slow),
+            "spilled_total": self.store.counters["spilled"],
+            "unspilled_total": self.store.counters["unspilled"],
         }})
         self._check_timeouts(now)
         if self.use_shm:
@@ -305,7 +334,7 @@ class WorkerLoop(DataPlane):
         if inline:
             for k, v in inline.items():
                 if k not in self.store:
-                    self.store[k] = serialize.loads_value(v)
+                    self.store.put(k, serialize.loads_value(v), len(v))
         missing = fetch = None
         if who_has:
             for dep, addresses in who_has.items():
@@ -402,7 +431,7 @@ class WorkerLoop(DataPlane):
             return
         if out.ok:
             self.borrowed.pop(key, None)
-            self.store[key] = out.value
+            self.store.put(key, out.value, out.nbytes)
             self.serialized[key] = (out.header, out.buffers, out.nbytes)
             small = not out.buffers and out.nbytes < self.config.INLINE_BYTES
             inline = out.header if small else None
@@ -410,6 +439,50 @@ class WorkerLoop(DataPlane):
         else:
             data, tb, text, kind = out.error
             self.outbox.append({"op": "erred", "items": [[key, data, tb, text, kind]]})
+
+    # ------------------------------------------------------------------ memory
+
+    def _manage_memory(self, now: float) -> bool:
+        """Spill above the target; every MEMORY_MONITOR_INTERVAL_S compare RSS with the spill
+        and pause thresholds. True when spilling has more to do at once."""
+        mem = self.memory
+        busy = mem.over_target()
+        more = mem.spill_to_target(now) if busy else False
+        # Near the thresholds RSS is read every turn (a task thread can make values faster
+        # than a timer would notice); otherwise every MEMORY_MONITOR_INTERVAL_S.
+        if (busy or mem.near or now >= self._next_memory_check) and (
+                mem.spill_bytes or mem.pause_bytes or mem.disk_error):
+            self._next_memory_check = now + self.config.MEMORY_MONITOR_INTERVAL_S
+            if mem.check(self._rss(), now, self._rss):
+                self.status_op = self._status()
+        # Task threads start nothing while paused, nor while spilling lags behind the values
+        # they make (else results would pile up unaccounted in the executor's outbox); near
+        # the thresholds they start one task per turn of this loop, which weighs each result
+        # before the next one is made.
+        gate = self.executor.gate
+        self.executor.tight = mem.near or mem.over_target()
+        if mem.paused or more or mem.over_target():
+            if gate.is_set():
+                gate.clear()
+        elif not gate.is_set():
+            gate.set()
+        return more
+
+    def _hold_tasks(self) -> None:
+        ex = getattr(self, "executor", None)
+        if ex is not None and ex.gate.is_set():
+            ex.gate.clear()
+
+    def _rss(self) -> int:
+        try:
+            return self._process.memory_info().rss
+        except psutil.Error:
+            return 0
+
+    def _status(self) -> dict:
+        mem = self.memory
+        return {"op": "worker-status", "status": "paused" if mem.paused else "running",
+                "reason": mem.reason}
 
     def _check_timeouts(self, now: float) -> None:
         """Abandon threads stuck past their task's deadline (a thread cannot be killed)."""

@@ -73,6 +73,8 @@ class DataPlane:
                 values = []
                 for key in op["keys"]:
                     ser = self.serialized.get(key)
+                    if ser is None and self.store.is_spilled(key):
+                        ser = self.store.serialized_from_disk(key)  # not back into memory
                     if ser is None and key in self.store:
                         header, bufs = serialize.dumps_value(self.store[key],
                                                              self.config.INLINE_BYTES)
@@ -121,11 +123,18 @@ class DataPlane:
     def _start_fetches(self) -> None:
         """Send queued fetches, batched per peer, within the in-flight bounds."""
         inflight = self.fetch_inflight
+        mem = self.memory
+        if mem.paused:
+            return  # memory is short: fetch nothing more until it resumes
+        # Near the memory thresholds one value at a time: a batch of large values could
+        # overshoot the limit before it can be spilled.
+        tight = mem.near or mem.over_target()
+        total, batch = (1, 1) if tight else (FETCHES_TOTAL, FETCH_BATCH_KEYS)
         for addr in list(self.fetch_queue):
             queue = self.fetch_queue[addr]
             while (queue and inflight.get(addr, 0) < FETCHES_PER_PEER
-                   and len(self.inflight_fetch) < FETCHES_TOTAL):
-                keys = [queue.popleft() for _ in range(min(len(queue), FETCH_BATCH_KEYS))]
+                   and len(self.inflight_fetch) < total):
+                keys = [queue.popleft() for _ in range(min(len(queue), batch))]
                 keys = [k for k in keys if k in self.fetching]  # not those nobody waits for now
                 if keys:
                     self._send_fetch(addr, keys, {"shm": self.use_shm and shm.is_local(addr)})
@@ -201,12 +210,13 @@ class DataPlane:
     def _put(self, key: str, header: bytes, bufs: list, raw: bool) -> None:
         """Store a value that arrived pickled. Task arguments (``raw``) stay pickled until
         their task runs, so that the dependencies inside them resolve then."""
+        size = serialize.nbytes(header, bufs)
         if raw:
-            self.store[key] = serialize.RawArgs(header, bufs)
-            self.serialized[key] = (header, bufs, serialize.nbytes(header, bufs))
+            self.store.put(key, serialize.RawArgs(header, bufs), size)
+            self.serialized[key] = (header, bufs, size)
             self.raw_keys.add(key)
         else:
-            self.store[key] = serialize.loads_value(header, bufs)
+            self.store.put(key, serialize.loads_value(header, bufs), size)
             self.serialized.pop(key, None)
             self.raw_keys.discard(key)
 

@@ -54,6 +54,11 @@ class Executor:
         self.cancelled: set[str] = set()
         self.running: dict[int, tuple[str, float]] = {}  # thread id -> (key, start time)
         self.threads: list[threading.Thread] = []
+        # Cleared while the worker is paused (memory): a thread holds the call it took and
+        # starts it only once the gate opens again (the scheduler may free it meanwhile).
+        self.gate = threading.Event()
+        self.gate.set()
+        self.tight = False
         self.name = name
         self._stopping = False
         for i in range(nthreads):
@@ -84,6 +89,7 @@ class Executor:
 
     def stop(self) -> None:
         self._stopping = True
+        self.gate.set()
         for _ in self.threads:
             self.calls.put(None)
 
@@ -91,6 +97,11 @@ class Executor:
         me = threading.get_ident()
         while True:
             call = self.calls.get()
+            if call is not None:
+                if not self.gate.is_set():
+                    self.gate.wait()
+                if self.tight:  # memory is tight: the loop opens the gate again for the next
+                    self.gate.clear()
             if call is None or self._stopping:
                 return
             # In a call of its own, so that nothing of the task (its arguments, a borrowed

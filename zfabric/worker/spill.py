@@ -1,0 +1,351 @@
+"""The worker's value store: values in memory, least recently used ones spilled to disk.
+
+:class:`SpillStore` is the mapping a worker keeps its values in (``key -> value``). Beside the
+values it counts *managed memory*: the sum of the sizes of the values it holds in memory (the
+size of their pickle, out-of-band buffers included), borrowed copies of peers' values too.
+:meth:`SpillStore.evict` writes the least recently used value to a file of its own in the
+worker's local directory and drops it from memory; reading a spilled key brings it back.
+
+How a value goes to disk: its pickle-5 form is ``(header, buffers)`` -- the buffers being the
+raw memory of NumPy arrays and the like, uncopied views. The file holds the header, then each
+buffer, written straight from those views (no pickled copy of the whole value is ever made).
+Reading back allocates one fresh anonymous mapping per buffer (no zero-filling, pages come on
+first touch) and ``readinto`` it: one copy, from the page cache into the value's own memory.
+A peer asking for a spilled value gets the buffers as read-only mappings of the file itself
+(:meth:`SpillStore.serialized`), which ZeroMQ or a shared-memory ``pwrite`` read from the page
+cache: the value is never loaded into this worker's heap, nor put back in memory here.
+
+Why not ``zict`` (dask.distributed's choice)? Its ``File`` store would be handed a list of
+frames to write and gives back ``bytearray`` frames, and its ``Buffer`` keeps sizes from a
+``weight`` callback; we would still need our own layer for what matters here: reusing the
+pickle a task thread made already (the worker keeps it to serve peers), serving spilled values
+to peers straight from the file by ``mmap``, reading back into memory that is not zero-filled
+first, thread-safety for task threads that read dependencies while the loop thread spills,
+and a clear failure when the disk is full. That layer is most of the code; the LRU and the
+file I/O under it are a few dozen lines, so an extra dependency would not pay.
+
+Thread safety: the worker's loop thread writes and evicts; task threads read dependencies
+(``store[key]``), which may read a value back from disk. One lock guards the tables; file
+reads happen outside it and are committed only if the key was not changed meanwhile.
+"""
+
+from __future__ import annotations
+
+import logging
+import mmap
+import os
+import shutil
+import sys
+import tempfile
+import threading
+from collections import OrderedDict
+from collections.abc import MutableMapping
+
+from .. import serialize
+
+logger = logging.getLogger(__name__)
+
+__all__ = ["SpillFailed", "SpillStore", "sizeof", "worker_directory"]
+
+#: One ``os.write``/``readinto`` moves at most this much (Linux stops a single call near 2 GiB).
+_CHUNK = 1 << 30
+
+
+class SpillFailed(OSError):
+    """Raised when a value cannot be written to the local directory (disk full, no
+    permission); the value stays in memory."""
+
+
+def worker_directory(base: str | None, identity: str) -> str:
+    """The local directory of the worker process ``identity`` under ``base`` (default: the
+    system's temporary directory). Unique per process incarnation, so several workers of one
+    host never share one, and a Nanny can find (and remove) the directory of a worker it lost.
+    """
+    safe = "".join(c if c.isalnum() or c in "-_." else "_" for c in identity)
+    return os.path.join(base or tempfile.gettempdir(), f"zfabric-{safe}")
+
+
+def sizeof(value) -> int:
+    """Bytes a value holds, roughly, for values that arrive without a pickled size."""
+    if isinstance(value, bytes | bytearray | memoryview):
+        return memoryview(value).nbytes
+    nbytes = getattr(value, "nbytes", None)
+    if isinstance(nbytes, int):
+        return nbytes
+    if isinstance(value, serialize.RawArgs):
+        return serialize.nbytes(value.header, value.buffers)
+    try:
+        return sys.getsizeof(value)
+    except Exception:
+        return 64
+
+
+class _OnDisk:
+    """Where a spilled value is: its file, the header length, the buffer sizes."""
+
+    __slots__ = ("header_len", "nbytes", "path", "raw", "sizes")
+
+    def __init__(self, path: str, header_len: int, sizes: list[int], raw: bool):
+        self.path = path
+        self.header_len = header_len
+        self.sizes = sizes
+        self.raw = raw
+        self.nbytes = header_len + sum(sizes)
+
+
+class SpillStore(MutableMapping):
+    """``key -> value`` with managed-memory accounting and LRU spilling (module docstring).
+
+    ``serialized`` is the worker's cache of values' pickles (``key -> (header, buffers,
+    nbytes)``); spilling uses and drops a cached pickle rather than pickling again.
+    """
+
+    def __init__(self, directory: str, *, serialized: dict | None = None,
+                 inline_bytes: int = 64 * 1024):
+        self.directory = directory
+        self.serialized = serialized if serialized is not None else {}
+        self.inline_bytes = inline_bytes
+        self.fast: OrderedDict[str, object] = OrderedDict()  # least recently used first
+        self.weights: dict[str, int] = {}
+        self.slow: dict[str, _OnDisk] = {}
+        self.managed = 0  # bytes of the values in memory
+        self.spilled = 0  # bytes of the values on disk
+        self.counters = {"spilled": 0, "spilled_bytes": 0, "unspilled": 0,
+                         "unspilled_bytes": 0, "served_from_disk": 0, "failed": 0}
+        self._lock = threading.RLock()
+        self._seq = 0
+        self._made_dir = False
+
+    # ------------------------------------------------------------------ directory
+
+    def open(self) -> None:
+        """Create the local directory (an existing one of ours is emptied first)."""
+        if os.path.isdir(self.directory):
+            shutil.rmtree(self.directory, ignore_errors=True)
+        os.makedirs(self.directory, exist_ok=True)
+        self._made_dir = True
+
+    def close(self) -> None:
+        """Forget everything and remove the local directory."""
+        with self._lock:
+            self.fast.clear()
+            self.weights.clear()
+            self.slow.clear()
+            self.managed = self.spilled = 0
+        if self._made_dir:
+            shutil.rmtree(self.directory, ignore_errors=True)
+
+    # ------------------------------------------------------------------ mapping
+
+    def put(self, key: str, value, nbytes: int | None = None) -> None:
+        """Hold ``value`` in memory as the most recently used, weighing ``nbytes``."""
+        weight = sizeof(value) if nbytes is None else int(nbytes)
+        with self._lock:
+            self._drop(key)
+            self.fast[key] = value
+            self.weights[key] = weight
+            self.managed += weight
+
+    def __setitem__(self, key: str, value) -> None:
+        self.put(key, value)
+
+    def __getitem__(self, key: str):
+        with self._lock:
+            if key in self.fast:
+                self.fast.move_to_end(key)
+                return self.fast[key]
+            where = self.slow.get(key)
+        if where is None:
+            raise KeyError(key)
+        header, bufs = self._read(where)  # outside the lock: it may take a while
+        if where.raw:
+            value = serialize.RawArgs(header, bufs)
+        else:
+            value = serialize.loads_value(header, bufs)
+        with self._lock:
+            if self.slow.get(key) is where:  # still the same spilled value: bring it back
+                del self.slow[key]
+                self.spilled -= where.nbytes
+                self._unlink(where)
+                self.fast[key] = value
+                self.weights[key] = where.nbytes
+                self.managed += where.nbytes
+                self.counters["unspilled"] += 1
+                self.counters["unspilled_bytes"] += where.nbytes
+            elif key in self.fast:
+                return self.fast[key]
+        return value
+
+    def __delitem__(self, key: str) -> None:
+        with self._lock:
+            if not self._drop(key):
+                raise KeyError(key)
+
+    def pop(self, key: str, default=None):
+        """Drop ``key`` without reading a spilled value back: returns the value if it was in
+        memory, else ``default``."""
+        with self._lock:
+            value = self.fast.get(key, default)
+            self._drop(key)
+        return value
+
+    def __contains__(self, key) -> bool:
+        return key in self.fast or key in self.slow
+
+    def __iter__(self):
+        return iter(list(self.fast) + list(self.slow))
+
+    def __len__(self) -> int:
+        return len(self.fast) + len(self.slow)
+
+    def clear(self) -> None:
+        with self._lock:
+            for key in list(self.slow):
+                self._drop(key)
+            self.fast.clear()
+            self.weights.clear()
+            self.managed = 0
+
+    def is_spilled(self, key: str) -> bool:
+        return key in self.slow
+
+    def _drop(self, key: str) -> bool:
+        if key in self.fast:
+            del self.fast[key]
+            self.managed -= self.weights.pop(key, 0)
+            return True
+        where = self.slow.pop(key, None)
+        if where is not None:
+            self.spilled -= where.nbytes
+            self._unlink(where)
+            return True
+        return False
+
+    # ------------------------------------------------------------------ spilling
+
+    def evict(self, skip=()) -> int:
+        """Spill the least recently used value in memory (not one of ``skip``); returns the
+        bytes freed, 0 when nothing is left to spill. Raises :class:`SpillFailed` when the
+        value cannot be written (it then stays in memory)."""
+        with self._lock:
+            key = next((k for k in self.fast if k not in skip), None)
+            if key is None:
+                return 0
+            value = self.fast[key]
+            weight = self.weights[key]
+            ser = self.serialized.get(key)
+        raw = isinstance(value, serialize.RawArgs)
+        if raw:
+            header, bufs = value.header, value.buffers
+        elif ser is not None:
+            header, bufs = ser[0], ser[1]
+        else:
+            header, bufs = serialize.dumps_value(value, self.inline_bytes)
+        value = None
+        self._seq += 1
+        path = os.path.join(self.directory, f"{self._seq}.spill")
+        try:
+            sizes = _write(path, header, bufs)
+        except OSError as exc:
+            self.counters["failed"] += 1
+            raise SpillFailed(exc.errno, f"cannot spill to {self.directory}: {exc.strerror}"
+                              ) from exc
+        where = _OnDisk(path, len(header), sizes, raw)
+        with self._lock:
+            if self.fast.get(key) is None or key in self.slow:
+                os.unlink(path)  # freed or replaced while we wrote
+                return 0
+            del self.fast[key]
+            self.managed -= self.weights.pop(key, 0)
+            self.serialized.pop(key, None)
+            self.slow[key] = where
+            self.spilled += where.nbytes
+            self.counters["spilled"] += 1
+            self.counters["spilled_bytes"] += where.nbytes
+        return max(weight, 1)
+
+    def serialized_from_disk(self, key: str) -> tuple[bytes, list, int] | None:
+        """A spilled value's ``(header, buffers, nbytes)`` with the buffers as read-only
+        mappings of its file (module docstring); None if ``key`` is not spilled."""
+        with self._lock:
+            where = self.slow.get(key)
+        if where is None:
+            return None
+        try:
+            fd = os.open(where.path, os.O_RDONLY | os.O_CLOEXEC)
+        except OSError:
+            return None
+        try:
+            header = os.pread(fd, where.header_len, 0)
+            bufs = []
+            if sum(where.sizes):
+                mm = mmap.mmap(fd, 0, access=mmap.ACCESS_READ)
+                view = memoryview(mm)
+                off = where.header_len
+                for n in where.sizes:
+                    bufs.append(view[off:off + n])
+                    off += n
+            else:
+                bufs = [b"" for _ in where.sizes]
+        finally:
+            os.close(fd)
+        self.counters["served_from_disk"] += 1
+        return header, bufs, where.nbytes
+
+    def _read(self, where: _OnDisk) -> tuple[bytes, list]:
+        with open(where.path, "rb", buffering=0) as f:
+            header = _read_exactly(f, where.header_len)
+            bufs = []
+            for n in where.sizes:
+                buf = mmap.mmap(-1, n) if n else bytearray()
+                view = memoryview(buf)
+                got = 0
+                while got < n:
+                    k = f.readinto(view[got:got + _CHUNK])
+                    if not k:
+                        raise OSError(f"spill file {where.path} is shorter than expected")
+                    got += k
+                bufs.append(view)
+        return header, bufs
+
+    @staticmethod
+    def _unlink(where: _OnDisk) -> None:
+        try:
+            os.unlink(where.path)
+        except OSError:
+            pass
+
+
+def _read_exactly(f, n: int) -> bytes:
+    out = bytearray(n)
+    view = memoryview(out)
+    got = 0
+    while got < n:
+        k = f.readinto(view[got:])
+        if not k:
+            raise OSError("spill file is shorter than expected")
+        got += k
+    return bytes(out)
+
+
+def _write(path: str, header: bytes, bufs: list) -> list[int]:
+    """Write ``header`` and ``bufs`` back to back into a new file; the buffers' sizes."""
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
+    sizes = []
+    try:
+        for part in (header, *bufs):
+            view = memoryview(part).cast("B")
+            if part is not header:
+                sizes.append(view.nbytes)
+            while view.nbytes:
+                n = os.write(fd, view[:_CHUNK])
+                view = view[n:]
+    except OSError:
+        os.close(fd)
+        try:
+            os.unlink(path)
+        except OSError:
+            pass
+        raise
+    os.close(fd)
+    return sizes
