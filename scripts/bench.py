@@ -36,6 +36,14 @@ sched_bytes_per_task_pending / sched_bytes_per_task_done
     waiting; (done) finished tasks whose futures the client still holds.
     100,000 / 20,000 tasks for zfabric, 10,000 / 2,000 for dask.  A fresh
     cluster is started for every repetition of these two rows.
+spill_mb_per_s
+    Data larger than a worker's memory: ``LocalCluster(n_workers=1,
+    threads_per_worker=1, memory_limit="400MB")`` at each library's default spill
+    settings; 20 tasks each return a 50 MB array, held as futures (most of them
+    must go to disk), then one task per array reads it back (its sum, checked).
+    MB/s = (20 x 50 MB written + 20 x 50 MB read back) / seconds from the first
+    submit to the last sum.  Same sizes for both (8 arrays with ``--quick``); a
+    worker killed on the way fails the row.
 
 Medians are over ``--repeat`` repetitions (default 3).  The "zfabric advantage"
 column is always oriented so that a value above 1x means zfabric is better:
@@ -321,6 +329,7 @@ IMPLS: dict[str, Impl] = {
             echo_mb=100,
             pending_tasks=100_000,
             done_tasks=20_000,
+            spill_tasks=20,
         ),
         quick_sizes=dict(
             rtt_warmup=10,
@@ -330,6 +339,7 @@ IMPLS: dict[str, Impl] = {
             echo_mb=10,
             pending_tasks=10_000,
             done_tasks=2_000,
+            spill_tasks=8,
         ),
     ),
     "dask": DaskImpl(
@@ -345,6 +355,7 @@ IMPLS: dict[str, Impl] = {
             echo_mb=100,
             pending_tasks=10_000,
             done_tasks=2_000,
+            spill_tasks=20,
         ),
         quick_sizes=dict(
             rtt_warmup=5,
@@ -354,6 +365,7 @@ IMPLS: dict[str, Impl] = {
             echo_mb=10,
             pending_tasks=2_000,
             done_tasks=500,
+            spill_tasks=8,
         ),
     ),
 }
@@ -681,6 +693,44 @@ async def bench_sched_done(c: Cluster) -> Measurement:
     return Measurement((after - before) / n, {"tasks": n, "rss_before": before, "rss_after": after})
 
 
+def make_array(i: int, nbytes: int) -> Any:
+    import numpy as np
+
+    return np.full(nbytes // 8, float(i))
+
+
+def array_sum(a: Any) -> float:
+    return float(a.sum())
+
+
+def bench_spill(impl: Impl, timeout: float, sizes: dict[str, int]) -> Measurement:
+    """One worker with 400 MB; 20 x 50 MB results held, then each read back (its sum)."""
+    api = impl.api()
+    n, nbytes = sizes["spill_tasks"], 50 * 10**6
+    cluster = api.LocalCluster(n_workers=1, threads_per_worker=1, processes=True,
+                               memory_limit="400MB")
+    try:
+        client = api.Client(cluster)
+        try:
+            wid = next(iter(client.scheduler_info()["workers"]))
+            start = time.perf_counter()
+            futures = [client.submit(make_array, i, nbytes, pure=False) for i in range(n)]
+            api.wait(futures, timeout=timeout)
+            sums = client.gather([client.submit(array_sum, f, pure=False) for f in futures])
+            seconds = time.perf_counter() - start
+            workers = client.scheduler_info()["workers"]
+        finally:
+            with contextlib.suppress(Exception):
+                client.close()
+    finally:
+        with contextlib.suppress(Exception):
+            cluster.close()
+    expect(sums == [float(i) * (nbytes // 8) for i in range(n)], "a sum is wrong")
+    expect(list(workers) == [wid], "the worker was restarted (killed for its memory?)")
+    mb = 2 * n * nbytes / 1e6
+    return Measurement(mb / seconds, {"seconds": seconds, "arrays": n, "mb_moved": mb})
+
+
 def bench_localcluster(impl: Impl, timeout: float) -> Measurement:
     """Runs synchronously, in a fresh process, after the library is imported."""
     api = impl.api()  # import outside the timed region
@@ -708,6 +758,7 @@ class Row:
     higher_is_better: bool
     run: Callable[[Cluster], Awaitable[Measurement]] | None  # None: LocalCluster row
     fresh_cluster: bool = False  # start a new cluster for every repetition
+    local: Callable[..., Measurement] | None = None  # a LocalCluster row other than start-up
 
 
 ROWS: dict[str, Row] = {
@@ -722,6 +773,7 @@ ROWS: dict[str, Row] = {
             "sched_bytes_per_task_pending", "B/task", False, bench_sched_pending, fresh_cluster=True
         ),
         Row("sched_bytes_per_task_done", "B/task", False, bench_sched_done, fresh_cluster=True),
+        Row("spill_mb_per_s", "MB/s", True, None, local=bench_spill),
     ]
 }
 ROW_ALIASES = {
@@ -778,7 +830,10 @@ def child_main(args: argparse.Namespace) -> int:
         emit("meta", version=str(getattr(api, "__version__", "unknown")))
         if row.run is None:
             for _ in range(args.repeat):
-                m = bench_localcluster(impl, args.timeout)
+                if row.local is not None:
+                    m = row.local(impl, args.timeout, sizes)
+                else:
+                    m = bench_localcluster(impl, args.timeout)
                 log(f"[{impl.name}] {row.name} {args._rep_label}: {fmt(m.value)} {row.unit}")
                 emit("value", value=m.value, extra=m.extra)
         else:

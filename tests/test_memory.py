@@ -53,11 +53,26 @@ def test_store_spills_raw_buffers_and_reads_back(tmp_path):
     _, bufs, _ = store.serialized_from_disk("a")
     assert bytes(bufs[0][:16]) == a.tobytes()[:16] and store.is_spilled("a")
     del bufs
-    # Reading it brings it back, writable, equal, and removes the file.
+    # Reading it brings it back, writable and equal; the file stays as a clean copy ...
     b = store["a"]
     assert not store.is_spilled("a") and np.array_equal(a, b) and b.flags.writeable
-    assert os.listdir(tmp_path / "w") == []
+    assert os.listdir(tmp_path / "w") == files
     assert store.counters["spilled"] == 1 and store.counters["unspilled"] == 1
+    # ... so evicting it unchanged writes nothing ...
+    del b
+    store.evict(skip={"b"})
+    assert store.counters["rewrites_saved"] == 1 and os.listdir(tmp_path / "w") == files
+    # ... while a value changed in memory (copy-on-write: never the file) is written anew.
+    b = store["a"]
+    b[0] = -1
+    assert store.evict(skip={"b"}) and store.counters["rewrites_saved"] == 1
+    assert len(os.listdir(tmp_path / "w")) == 1 and os.listdir(tmp_path / "w") != files
+    c = store["a"]
+    assert c[0] == -1 and np.array_equal(c[1:], a[1:])
+    # Freeing the key removes its file.
+    del b, c
+    store.pop("a")
+    assert os.listdir(tmp_path / "w") == []
     store.close()
     assert not (tmp_path / "w").exists()
 

@@ -9,11 +9,18 @@ worker's local directory and drops it from memory; reading a spilled key brings 
 How a value goes to disk: its pickle-5 form is ``(header, buffers)`` -- the buffers being the
 raw memory of NumPy arrays and the like, uncopied views. The file holds the header, then each
 buffer, written straight from those views (no pickled copy of the whole value is ever made).
-Reading back allocates one fresh anonymous mapping per buffer (no zero-filling, pages come on
-first touch) and ``readinto`` it: one copy, from the page cache into the value's own memory.
+
+Reading back maps the file copy-on-write (``mmap.ACCESS_COPY``) and rebuilds the value on the
+mapping: no copy at all, pages come from the page cache (or the disk) when first touched, and
+a task that writes into the value writes into private pages, never into the file. The file
+stays while the value is in memory, as a *clean copy*: when the value is evicted again and its
+bytes hash (xxh3-128, a few ms for 50 MB) as they did when written, nothing is written again;
+only a value that changed is written anew. A value read back and evicted again -- the common
+case when data larger than memory is read in order -- costs no disk write.
+
 A peer asking for a spilled value gets the buffers as read-only mappings of the file itself
-(:meth:`SpillStore.serialized`), which ZeroMQ or a shared-memory ``pwrite`` read from the page
-cache: the value is never loaded into this worker's heap, nor put back in memory here.
+(:meth:`SpillStore.serialized_from_disk`), which ZeroMQ or a shared-memory ``pwrite`` read from
+the page cache: the value is never loaded into this worker's heap, nor put back in memory here.
 
 Why not ``zict`` (dask.distributed's choice)? Its ``File`` store would be handed a list of
 frames to write and gives back ``bytearray`` frames, and its ``Buffer`` keeps sizes from a
@@ -40,6 +47,8 @@ import tempfile
 import threading
 from collections import OrderedDict
 from collections.abc import MutableMapping
+
+import xxhash
 
 from .. import serialize
 
@@ -83,13 +92,14 @@ def sizeof(value) -> int:
 class _OnDisk:
     """Where a spilled value is: its file, the header length, the buffer sizes."""
 
-    __slots__ = ("header_len", "nbytes", "path", "raw", "sizes")
+    __slots__ = ("digest", "header_len", "nbytes", "path", "raw", "sizes")
 
-    def __init__(self, path: str, header_len: int, sizes: list[int], raw: bool):
+    def __init__(self, path: str, header_len: int, sizes: list[int], raw: bool, digest: bytes):
         self.path = path
         self.header_len = header_len
         self.sizes = sizes
         self.raw = raw
+        self.digest = digest
         self.nbytes = header_len + sum(sizes)
 
 
@@ -108,10 +118,12 @@ class SpillStore(MutableMapping):
         self.fast: OrderedDict[str, object] = OrderedDict()  # least recently used first
         self.weights: dict[str, int] = {}
         self.slow: dict[str, _OnDisk] = {}
+        self.clean: dict[str, _OnDisk] = {}  # in memory, with an unchanged copy on disk
         self.managed = 0  # bytes of the values in memory
         self.spilled = 0  # bytes of the values on disk
         self.counters = {"spilled": 0, "spilled_bytes": 0, "unspilled": 0,
-                         "unspilled_bytes": 0, "served_from_disk": 0, "failed": 0}
+                         "unspilled_bytes": 0, "served_from_disk": 0, "failed": 0,
+                         "rewrites_saved": 0}
         self._lock = threading.RLock()
         self._seq = 0
         self._made_dir = False
@@ -131,6 +143,7 @@ class SpillStore(MutableMapping):
             self.fast.clear()
             self.weights.clear()
             self.slow.clear()
+            self.clean.clear()
             self.managed = self.spilled = 0
         if self._made_dir:
             shutil.rmtree(self.directory, ignore_errors=True)
@@ -157,7 +170,7 @@ class SpillStore(MutableMapping):
             where = self.slow.get(key)
         if where is None:
             raise KeyError(key)
-        header, bufs = self._read(where)  # outside the lock: it may take a while
+        header, bufs = self._map(where)  # outside the lock: it may take a while
         if where.raw:
             value = serialize.RawArgs(header, bufs)
         else:
@@ -166,7 +179,7 @@ class SpillStore(MutableMapping):
             if self.slow.get(key) is where:  # still the same spilled value: bring it back
                 del self.slow[key]
                 self.spilled -= where.nbytes
-                self._unlink(where)
+                self.clean[key] = where  # the file stays: a clean copy
                 self.fast[key] = value
                 self.weights[key] = where.nbytes
                 self.managed += where.nbytes
@@ -200,7 +213,7 @@ class SpillStore(MutableMapping):
 
     def clear(self) -> None:
         with self._lock:
-            for key in list(self.slow):
+            for key in [*self.slow, *self.clean]:
                 self._drop(key)
             self.fast.clear()
             self.weights.clear()
@@ -213,6 +226,9 @@ class SpillStore(MutableMapping):
         if key in self.fast:
             del self.fast[key]
             self.managed -= self.weights.pop(key, 0)
+            copy = self.clean.pop(key, None)
+            if copy is not None:
+                self._unlink(copy)
             return True
         where = self.slow.pop(key, None)
         if where is not None:
@@ -234,6 +250,7 @@ class SpillStore(MutableMapping):
             value = self.fast[key]
             weight = self.weights[key]
             ser = self.serialized.get(key)
+            copy = self.clean.get(key)
         raw = isinstance(value, serialize.RawArgs)
         if raw:
             header, bufs = value.header, value.buffers
@@ -242,22 +259,32 @@ class SpillStore(MutableMapping):
         else:
             header, bufs = serialize.dumps_value(value, self.inline_bytes)
         value = None
-        self._seq += 1
-        path = os.path.join(self.directory, f"{self._seq}.spill")
-        try:
-            sizes = _write(path, header, bufs)
-        except OSError as exc:
-            self.counters["failed"] += 1
-            raise SpillFailed(exc.errno, f"cannot spill to {self.directory}: {exc.strerror}"
-                              ) from exc
-        where = _OnDisk(path, len(header), sizes, raw)
+        digest = _digest(header, bufs)
+        if copy is not None and copy.digest == digest and copy.raw == raw:
+            where = copy  # unchanged since it was read back: the file still holds it
+            self.counters["rewrites_saved"] += 1
+        else:
+            self._seq += 1
+            path = os.path.join(self.directory, f"{self._seq}.spill")
+            try:
+                sizes = _write(path, header, bufs)
+            except OSError as exc:
+                self.counters["failed"] += 1
+                raise SpillFailed(exc.errno, f"cannot spill to {self.directory}: {exc.strerror}"
+                                  ) from exc
+            where = _OnDisk(path, len(header), sizes, raw, digest)
+        header = bufs = ser = None
         with self._lock:
             if self.fast.get(key) is None or key in self.slow:
-                os.unlink(path)  # freed or replaced while we wrote
+                if where is not copy:
+                    self._unlink(where)  # freed or replaced while we wrote
                 return 0
             del self.fast[key]
             self.managed -= self.weights.pop(key, 0)
             self.serialized.pop(key, None)
+            old = self.clean.pop(key, None)
+            if old is not None and old is not where:
+                self._unlink(old)
             self.slow[key] = where
             self.spilled += where.nbytes
             self.counters["spilled"] += 1
@@ -292,20 +319,24 @@ class SpillStore(MutableMapping):
         self.counters["served_from_disk"] += 1
         return header, bufs, where.nbytes
 
-    def _read(self, where: _OnDisk) -> tuple[bytes, list]:
-        with open(where.path, "rb", buffering=0) as f:
-            header = _read_exactly(f, where.header_len)
-            bufs = []
-            for n in where.sizes:
-                buf = mmap.mmap(-1, n) if n else bytearray()
-                view = memoryview(buf)
-                got = 0
-                while got < n:
-                    k = f.readinto(view[got:got + _CHUNK])
-                    if not k:
-                        raise OSError(f"spill file {where.path} is shorter than expected")
-                    got += k
-                bufs.append(view)
+    def _map(self, where: _OnDisk) -> tuple[bytes, list]:
+        """The header, and the buffers as views of a copy-on-write mapping of the file."""
+        fd = os.open(where.path, os.O_RDONLY | os.O_CLOEXEC)
+        try:
+            header = os.pread(fd, where.header_len, 0)
+            if len(header) != where.header_len:
+                raise OSError(f"spill file {where.path} is shorter than expected")
+            bufs: list = []
+            if sum(where.sizes):
+                view = memoryview(mmap.mmap(fd, 0, access=mmap.ACCESS_COPY))
+                off = where.header_len
+                for n in where.sizes:
+                    bufs.append(view[off:off + n])
+                    off += n
+            else:
+                bufs = [bytearray() for _ in where.sizes]
+        finally:
+            os.close(fd)
         return header, bufs
 
     @staticmethod
@@ -316,16 +347,11 @@ class SpillStore(MutableMapping):
             pass
 
 
-def _read_exactly(f, n: int) -> bytes:
-    out = bytearray(n)
-    view = memoryview(out)
-    got = 0
-    while got < n:
-        k = f.readinto(view[got:])
-        if not k:
-            raise OSError("spill file is shorter than expected")
-        got += k
-    return bytes(out)
+def _digest(header: bytes, bufs: list) -> bytes:
+    h = xxhash.xxh3_128(header)
+    for b in bufs:
+        h.update(b)
+    return h.digest()
 
 
 def _write(path: str, header: bytes, bufs: list) -> list[int]:
