@@ -38,6 +38,7 @@ from .link import Link
 from .session import Deferred, Session
 from .transfer import DataPool, dispatch
 from .values import Values
+from .window import SubmitWindow
 
 logger = logging.getLogger(__name__)
 
@@ -109,6 +110,7 @@ class Client(Values, Session):
         self._last_heard = time.monotonic()
         self._lost_reported = False
         self._gone_holders: set[str] = set()  # data addresses whose values were lost
+        self._window = SubmitWindow(self.config.SUBMIT_WINDOW_TASKS)
         if set_as_default:
             _default = weakref.ref(self)
         if not asynchronous:
@@ -241,7 +243,9 @@ class Client(Values, Session):
                 self._refcount[key] = n
                 return
             self._refcount.pop(key, None)
-            self._states.pop(key, None)
+            st = self._states.pop(key, None)
+            if st is not None:
+                self._window.drop(st)
             if self.status in ("running", "connecting"):
                 self._release_keys.append(key)
                 self._send()
@@ -293,23 +297,38 @@ class Client(Values, Session):
 
     def _submit_many(self, items: list, opts: dict | None) -> list[Future]:
         out, tasks, functions = [], [], {}
+        window = self._window
         with self._lock:
             self._queue_releases()
             for key, fid, fbytes, abytes, deps, buffers in items:
                 st = self._states.get(key)
                 if st is None or st.status == "cancelled" or _lost(st):
+                    if st is not None:
+                        window.drop(st)
                     st = self._states[key] = FutureState(key)
                     if buffers:
                         self._flush_tasks(tasks, functions)
                         self._outbox.append(Deferred(
                             self._ship_args(key, fid, fbytes, abytes, deps, buffers, opts), st))
+                        window.sent(st)
+                    elif window.full():  # the scheduler holds enough of ours: wait here
+                        window.hold(st, abytes, deps, opts, fid, fbytes)
                     else:
                         functions[fid] = fbytes
                         tasks.append([key, abytes, deps, opts, fid])
+                        window.sent(st)
                 out.append(Future(key, self, st))
             self._flush_tasks(tasks, functions)
+            if window.ready():
+                self._pump()
         self._send()
         return out
+
+    def _pump(self) -> None:
+        """Queue the held tasks that fit in the submit window now (lock held)."""
+        tasks, functions = self._window.take(self._states)
+        if tasks:
+            self._flush_tasks(tasks, functions)
 
     def _queue_releases(self) -> None:
         """Queue the batched releases now (lock held): a release must reach the scheduler
@@ -364,8 +383,13 @@ class Client(Values, Session):
         self._send({"op": "cancel", "keys": keys})
 
         def mark():
-            for f in flat:
-                f._state.cancel()
+            with self._lock:
+                for f in flat:
+                    self._window.drop(f._state)  # one still held never reaches the scheduler
+                    f._state.cancel()
+                if self._window.ready():
+                    self._pump()
+                    self._send()
 
         self._on_loop(mark)
         if self.asynchronous:
@@ -433,6 +457,7 @@ class Client(Values, Session):
 
     async def _restart(self, timeout):
         with self._lock:
+            self._window.clear(self._states.values())
             for st in list(self._states.values()):
                 st.cancel()
         info = await self._request("info")

@@ -70,6 +70,9 @@ class Config:
     SAME_HOST_SHM: bool = True
     #: Keys sent per ``submit`` message by ``Client.map``.
     SUBMIT_BATCH: int = 1000
+    #: Tasks of one client the scheduler holds unfinished, at most; a client holds the rest
+    #: (pickled) and sends them, in priority order, as results come back (zfabric/window.py).
+    SUBMIT_WINDOW_TASKS: int = 1_000_000
 
 
 def from_env(environ: dict[str, str] | None = None, **overrides) -> Config:

@@ -24,7 +24,7 @@ class FutureState:
     """What one client knows about one key. Changed only on the client's loop thread."""
 
     __slots__ = ("_error", "callbacks", "error_item", "key", "nbytes", "status", "value",
-                 "waiters", "who_has")
+                 "waiters", "who_has", "window")
 
     def __init__(self, key: str):
         self.key = key
@@ -36,6 +36,7 @@ class FutureState:
         self._error: BaseException | None = None
         self.waiters: list[asyncio.Future] | None = None
         self.callbacks: list | None = None
+        self.window = None  # the client's submit window: True in flight, or the held call
 
     def done(self) -> bool:
         return self.status in ("finished", "error", "cancelled")

@@ -42,10 +42,13 @@ class Session:
 
     def _on_op(self, op: dict) -> None:
         states = self._states
+        window = self._window
         match op["op"]:
             case "memory":
                 for key, value, who_has, nbytes in op["items"]:
                     st = states.get(key)
+                    if st is not None:
+                        window.done(st)
                     # not an error: one failed with SchedulerLost stays failed even if the
                     # submit it came from, queued in the outage, reaches a new scheduler
                     if st is not None and st.status != "error":
@@ -56,12 +59,14 @@ class Session:
                 for item in op["items"]:
                     st = states.get(item[0])
                     if st is not None:
+                        window.done(st)
                         self._drop_fetches(st)  # a value in memory was lost for good
                         st.fail(item)
             case "cancelled":
                 for key in op["keys"]:
                     st = states.get(key)
                     if st is not None:
+                        window.done(st)
                         st.cancel()
             case "lost":
                 for key in op["keys"]:
@@ -89,6 +94,8 @@ class Session:
                 logger.error("scheduler: %s", op["message"])
                 for key in op.get("keys") or ():
                     st = states.get(key)
+                    if st is not None:
+                        window.done(st)
                     if st is not None and not st.done():
                         st.fail(None, RemoteProtocolError(
                             f"the scheduler refused {key!r}: {op['message']}"))
@@ -98,6 +105,9 @@ class Session:
                 pass
             case other:
                 logger.warning("ignoring op %r from the scheduler", other)
+        if window.ready():
+            self._pump()  # results made room: held tasks go, highest priority first
+            self._send()
 
     def _drop_fetches(self, st: FutureState) -> None:
         """The holders of a value that was lost: a fetch in flight to them would wait out the
@@ -114,6 +124,7 @@ class Session:
         outage (which no scheduler accepted) fails too instead of hanging.
         """
         self.epoch = None
+        self._window.clear(self._states.values())  # held tasks fail below with the rest
         if not self._lost_reported:
             logger.warning("%s", why)
         self._lost_reported = True
@@ -162,6 +173,7 @@ class Session:
                         ready.extend(await item.work)
                     except Exception as exc:
                         with self._lock:
+                            self._window.done(item.state)
                             item.state.fail(None, exc)
                 for batch in _batches(ready, self.config.SUBMIT_BATCH):
                     send(protocol.encode(batch))
