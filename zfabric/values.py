@@ -34,7 +34,7 @@ class Values:
         args_key = f"args-{key}"
         address = await self._pick_worker()
         if address is None:  # no worker yet: the scheduler carries it all, in band
-            body = pickle.dumps(pickle.loads(abytes, buffers=buffers), protocol=5)
+            body = serialize.inband(abytes, buffers)
             return [{"op": "submit", "tasks": [[key, body, deps, opts, fid]],
                      "functions": functions}]
         await self.data.put(address, [(args_key, abytes, buffers)], raw=True)

@@ -400,7 +400,8 @@ class SchedulerState(ClientOps, WorkerLoss):
             case "request":
                 self.request(ws.ident, op)
             case "goodbye":
-                self.remove_worker(ws, op.get("reason") or "closed", died=False)
+                crashed = op.get("crashed") is True  # a crash, not a close: blame what ran
+                self.remove_worker(ws, str(op.get("reason") or "closed"), died=crashed)
             case "hello":
                 pass
             case other:

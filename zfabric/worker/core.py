@@ -37,6 +37,9 @@ logger = logging.getLogger(__name__)
 #: A dependency fetch with no answer for this long is given up and reported missing.
 FETCH_TIMEOUT_S = 15.0
 
+#: Exit code of a worker process whose loop crashed (EX_SOFTWARE): its Nanny counts a death.
+EXIT_CRASHED = 70
+
 
 class WorkerLoop(DataPlane):
     """Everything a worker does, in one thread (see module docstring)."""
@@ -64,6 +67,7 @@ class WorkerLoop(DataPlane):
         self.stop_requested = False
         self.close_reason = ""
         self.exit_code: int | None = None  # set when the process should exit (Nanny restarts it)
+        self.crashed: str | None = None  # why the loop died of an unexpected exception
         self.thread = threading.Thread(target=self._main, name="zfabric-worker", daemon=True)
         # state
         self.store: dict[str, object] = {}
@@ -116,8 +120,13 @@ class WorkerLoop(DataPlane):
             return
         try:
             self._loop()
-        except Exception:
-            logger.exception("worker %s loop crashed", self.name)
+        except Exception as exc:
+            # Not a goodbye: the scheduler and the Nanny must see a crash (suspicion for what
+            # ran here, a restart), never a deliberate close.
+            logger.exception("worker %s: its loop crashed", self.name)
+            self.crashed = f"its loop crashed: {type(exc).__name__}: {exc}"
+            self.close_reason = self.crashed
+            self.exit_code = EXIT_CRASHED
         finally:
             self._teardown()
             self.on_closed()
@@ -149,8 +158,10 @@ class WorkerLoop(DataPlane):
     def _teardown(self) -> None:
         try:
             if self.epoch is not None:
-                self.sched.send_multipart(protocol.encode(
-                    [{"op": "goodbye", "reason": self.close_reason}]), zmq.NOBLOCK)
+                bye = {"op": "goodbye", "reason": self.close_reason}
+                if self.crashed:
+                    bye["crashed"] = True
+                self.sched.send_multipart(protocol.encode([bye]), zmq.NOBLOCK)
         except zmq.ZMQError:
             pass
         self.executor.stop()
@@ -236,7 +247,11 @@ class WorkerLoop(DataPlane):
                 logger.warning("bad message from the scheduler: %s", exc)
                 continue
             for op in ops:
-                self._on_scheduler_op(op)
+                try:
+                    self._on_scheduler_op(op)
+                except Exception:  # one bad op must not stop the loop nor the ops beside it
+                    logger.exception("worker %s: could not handle %r from the scheduler",
+                                     self.name, str(op.get("op"))[:64])
 
     def _on_scheduler_op(self, op: dict) -> None:
         match op["op"]:
@@ -305,7 +320,10 @@ class WorkerLoop(DataPlane):
         if inline:
             for k, v in inline.items():
                 if k not in self.store:
-                    self.store[k] = serialize.loads_value(v)
+                    value = self.store[k] = serialize.loads_or_mark(k, v)
+                    if type(value) is serialize.Undecodable:
+                        logger.warning("worker %s: %s", self.name, value.reason)
+                        self.serialized[k] = (v, [], len(v))
         missing = fetch = None
         if who_has:
             for dep, addresses in who_has.items():

@@ -131,11 +131,11 @@ class Executor:
         start = time.perf_counter()
         try:
             if func is None:  # a whole-call payload
-                func, args, kwargs = serialize.loads_task(payload, values)
+                func, args, kwargs = serialize.loads_task(payload, values, key)
             elif isinstance(func, BaseException):
                 raise func
             else:
-                args, kwargs = serialize.loads_args(payload, values)
+                args, kwargs = serialize.loads_args(payload, values, key)
             result = func(*args, **kwargs)
         except BaseException as exc:  # the task's failure is data, not ours
             data, tb, text = serialize.exception_payload(_strip(exc))
