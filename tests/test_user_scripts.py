@@ -231,3 +231,66 @@ def test_a_crashed_worker_loop_is_a_death_not_a_goodbye(tmp_path):
             print("all good")
     """)
     assert "all good" in out
+
+
+def test_tasks_that_submit_tasks_on_one_thread(tmp_path):
+    # Given a cluster of one worker with one thread, where a task can only wait for the tasks
+    # it submits if it gives its slot back
+    out = run_script(tmp_path, """
+        import dataclasses
+        import os
+
+        from zfabric import (Client, LocalCluster, get_client, get_worker, rejoin, secede,
+                             worker_client)
+
+
+        @dataclasses.dataclass
+        class Holder:
+            future: object
+
+
+        def fib(n):
+            if n < 2:
+                return n
+            with worker_client() as client:
+                a, b = client.submit(fib, n - 1), client.submit(fib, n - 2)
+                return a.result(timeout=30) + b.result(timeout=30)
+
+
+        def by_hand(n):
+            client = get_client()
+            futures = client.map(lambda x: x * 10, range(n))
+            secede()
+            total = sum(client.gather(futures))
+            rejoin()
+            return total, id(get_client()) == id(client), get_worker().address
+
+
+        def peek(holder, plain):
+            # a Future inside an object arrives as a Future; one at the top level as its value
+            from zfabric import Future
+            assert isinstance(holder.future, Future), type(holder.future)
+            return holder.future.result(timeout=30) + plain
+
+
+        if __name__ == "__main__":
+            with LocalCluster(n_workers=1, threads_per_worker=1) as cluster, \\
+                    Client(cluster) as client:
+                assert client.submit(fib, 8).result(timeout=60) == 21
+                total, same, address = client.submit(by_hand, 5).result(timeout=30)
+                assert total == 100 and same, (total, same)
+                assert address in client.scheduler_info()["workers"]
+                f = client.submit(lambda: 5)
+                assert client.submit(peek, Holder(f), f).result(timeout=30) == 10
+                # outside a task
+                for fn in (get_worker, secede, rejoin):
+                    try:
+                        fn()
+                    except ValueError:
+                        pass
+                    else:
+                        raise AssertionError(fn)
+                assert get_client() is client
+            print("all good")
+    """)
+    assert "all good" in out

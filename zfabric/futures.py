@@ -195,8 +195,13 @@ class Future:
     def __reduce__(self):
         collected = serialize.collecting()
         if collected is not None:
+            if not serialize.is_direct(self):
+                return (serialize._future_ref, (self.key,))
             collected.append(self.key)
         return (serialize._resolve, (self.key,))
+
+
+serialize.future_type = Future
 
 
 def _flatten(obj, out: list) -> None:

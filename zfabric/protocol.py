@@ -58,6 +58,7 @@ SCHEMAS: dict[str, dict[str, tuple[type, ...]]] = {
     "compute": {"tasks": _L},
     "free": {"keys": _L},
     "finished": {"tasks": _L},
+    "long-running": {"items": _L},
     "started": {"keys": _L},
     "missing": {"key": _S, "dep": _S, "address": _S},
     "run": {"id": _I, "payload": _B},

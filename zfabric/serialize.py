@@ -68,8 +68,8 @@ class Dep:
 
 def _resolve(key: str):
     values = getattr(_local, "values", None)
-    if values is None:
-        return Dep(key)
+    if values is None:  # not a task's argument: a Future of this process's client
+        return _future_ref(key)
     try:
         value = values[key]
     except KeyError:
@@ -82,6 +82,44 @@ def _resolve(key: str):
 def collecting() -> list[str] | None:
     """The list that Future.__reduce__ should append its key to, while a task is pickled."""
     return getattr(_local, "collect", None)
+
+
+def is_direct(future) -> bool:
+    """Should ``future`` be pickled as a dependency (replaced by its value on the worker)?
+    Not while a task's arguments are pickled again with their direct Futures already swapped
+    for :class:`Dep` markers: a Future left then sits inside another object and stays one."""
+    return not getattr(_local, "nested", False)
+
+
+def _future_ref(key):
+    """A Future for ``key`` bound to this process's client (inside a task: its worker's)."""
+    from .context import get_client
+    from .futures import Future
+
+    return Future(key, get_client())
+
+
+#: Set by :mod:`zfabric.futures` (which imports this module).
+future_type: type = Dep
+
+
+def _swap_futures(obj):
+    """``obj`` with each Future in it, or in its lists, tuples, sets and dicts, swapped for a
+    :class:`Dep` marker (containers are copied only where something changed)."""
+    t = type(obj)
+    if t is future_type:
+        return Dep(obj.key)
+    if t in (list, tuple, set, frozenset):
+        items = [_swap_futures(x) for x in obj]
+        if all(a is b for a, b in zip(items, obj, strict=True)):
+            return obj
+        return items if t is list else t(items)
+    if t is dict:
+        out = {k: _swap_futures(v) for k, v in obj.items()}
+        if all(out[k] is v for k, v in obj.items()):
+            return obj
+        return out
+    return obj
 
 
 # ---------------------------------------------------------------------------- tasks
@@ -217,9 +255,17 @@ def dumps_call(func, args: tuple, kwargs: dict, inline_bytes: int | None = None)
         del deps[:]
         del buffers[:]
 
+    body = (args, kwargs or None)
     _local.collect = deps
     try:
-        abytes = _pickle((args, kwargs or None), callback, reset)
+        abytes = _pickle(body, callback, reset)
+        if deps:
+            # Futures among the arguments (or in their lists, tuples, sets and dicts) are
+            # dependencies, replaced by their values on the worker; one inside any other
+            # object stays a Future there (bound to the worker's client), as in dask.
+            reset()
+            _local.nested = True
+            abytes = _pickle(_swap_futures(body), callback, reset)
     except Exception as exc:
         raise SerializationError(
             f"cannot pickle the arguments of {getattr(func, '__name__', func)!r}:"
@@ -227,6 +273,7 @@ def dumps_call(func, args: tuple, kwargs: dict, inline_bytes: int | None = None)
         ) from exc
     finally:
         _local.collect = None
+        _local.nested = False
     return fid, fbytes, abytes, deps, buffers
 
 

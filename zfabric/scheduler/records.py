@@ -309,6 +309,7 @@ class WorkerState:
         "ident",
         "last_seen",
         "limit",
+        "long_running",
         "memory_limit",
         "metrics",
         "name",
@@ -338,6 +339,7 @@ class WorkerState:
         self.metrics: dict = {}
         self.processing: dict = {}
         self.started: set = set()  # processing tasks it said it started (bounded by its slots)
+        self.long_running: set = set()  # processing tasks that seceded: they take no slot
         self._held: list = []  # tasks it held at some point: every one it holds, some stale
         self.nheld = 0  # how many tasks list it among their holders
         self.functions: set = set()  # function ids this worker has been sent
@@ -369,7 +371,7 @@ class WorkerState:
         self.nheld = 0
 
     def has_slot(self) -> bool:
-        return len(self.processing) < self.limit
+        return len(self.processing) - len(self.long_running) < self.limit
 
     def assign(self, ts: TaskState) -> None:
         self.processing[ts.key] = ts
@@ -381,6 +383,8 @@ class WorkerState:
     def done(self, ts: TaskState, duration: float) -> None:
         if self.started:
             self.started.discard(ts)
+        if self.long_running:
+            self.long_running.discard(ts)
         if self.processing.pop(ts.key, None) is None:
             return
         x = ts.extra

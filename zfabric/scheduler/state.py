@@ -384,6 +384,19 @@ class SchedulerState(ClientOps, WorkerLoss):
                 for item in op["items"]:
                     self.task_erred(ws, *item)
                 self._fill(ws)
+            case "long-running":
+                # a task waiting on tasks it submitted gives its slot back (secede), or takes
+                # it again (rejoin)
+                for item in op["items"]:
+                    if type(item) is not list or len(item) != 2 or type(item[0]) is not str:
+                        raise RemoteProtocolError(f"malformed long-running item {item!r:.100}")
+                    ts = ws.processing.get(item[0])
+                    if ts is not None:
+                        if item[1]:
+                            ws.long_running.add(ts)
+                        else:
+                            ws.long_running.discard(ts)
+                self._fill(ws)
             case "started":
                 for key in op["keys"]:
                     ts = ws.processing.get(key) if type(key) is str else None

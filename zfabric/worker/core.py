@@ -68,6 +68,7 @@ class WorkerLoop(DataPlane):
         self.close_reason = ""
         self.exit_code: int | None = None  # set when the process should exit (Nanny restarts it)
         self.crashed: str | None = None  # why the loop died of an unexpected exception
+        self.owner = None  # the Worker this loop works for: what get_worker() gives a task
         self.thread = threading.Thread(target=self._main, name="zfabric-worker", daemon=True)
         # state
         self.store: dict[str, object] = {}
@@ -141,7 +142,8 @@ class WorkerLoop(DataPlane):
         self.wake = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)  # task threads poke it
         self.executor = Executor(self.wake, self.nthreads,
                                  inline_bytes=self.config.INLINE_BYTES,
-                                 max_bytes=self.config.MAX_MESSAGE_BYTES, name=str(self.name))
+                                 max_bytes=self.config.MAX_MESSAGE_BYTES, name=str(self.name),
+                                 context=self.owner or self)
         self.poller = zmq.Poller()
         for s in (self.sched, self.data, self.wake):
             self.poller.register(s, zmq.POLLIN)
@@ -202,6 +204,13 @@ class WorkerLoop(DataPlane):
         if self.started_keys:
             self.outbox.append({"op": "started", "keys": self.started_keys})
             self.started_keys = []
+        seceded = self.executor.seceded
+        if seceded:
+            items = []
+            while seceded:
+                key, flag = seceded.popleft()
+                items.append([key, flag])
+            self.outbox.append({"op": "long-running", "items": items})
         if self.finished_items:
             self.outbox.append({"op": "finished", "tasks": self.finished_items})
             self.finished_items = []
