@@ -152,6 +152,7 @@ def test_undecodable_values_fail_the_tasks_that_use_them():
     mark = serialize.loads_or_mark("dep", b"not a pickle")
     assert isinstance(mark, serialize.Undecodable) and "'dep'" in mark.reason
     payload, deps, _ = serialize.dumps_task(len, (Dep("dep"),), {})
+    assert deps == ["dep"]
     with pytest.raises(SerializationError, match=r"cannot run task 't'.*dependency 'dep'"):
         serialize.loads_task(payload, {"dep": mark}, "t")
 

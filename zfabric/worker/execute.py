@@ -66,7 +66,8 @@ class Executor:
         self.calls: queue.SimpleQueue = queue.SimpleQueue()
         self.done: deque[Outcome] = deque()
         self.started: deque[str] = deque()
-        self.seceded: deque[tuple] = deque()  # (key, True) gave its slot back, (key, False) rejoined
+        # (key, True): the task gave its slot back; (key, False): it took one again
+        self.seceded: deque[tuple] = deque()
         self.cancelled: set[str] = set()
         self.running: dict[int, tuple[str, float]] = {}  # thread id -> (key, start time)
         self.threads: list[threading.Thread] = []
