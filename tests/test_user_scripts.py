@@ -7,27 +7,10 @@ value, and a value a worker cannot unpickle must fail its task, never the worker
 
 from __future__ import annotations
 
-import subprocess
-import sys
-import textwrap
-from pathlib import Path
-
 import pytest
+from userscript import run_script
 
 pytestmark = [pytest.mark.timeout(90), pytest.mark.usefixtures("no_leftover_processes")]
-
-
-def run_script(tmp_path: Path, source: str, *, files: dict[str, str] | None = None,
-               timeout: float = 75) -> str:
-    """Run ``source`` as ``python script.py`` in its own directory; return its stdout."""
-    for name, text in (files or {}).items():
-        (tmp_path / name).write_text(textwrap.dedent(text))
-    script = tmp_path / "script.py"
-    script.write_text(textwrap.dedent(source))
-    proc = subprocess.run([sys.executable, str(script)], cwd=tmp_path,
-                          capture_output=True, text=True, timeout=timeout)
-    assert proc.returncode == 0, f"script failed:\n{proc.stdout}\n{proc.stderr[-4000:]}"
-    return proc.stdout
 
 
 def test_main_objects_travel_by_value(tmp_path):

@@ -48,11 +48,13 @@ SCHEMAS: dict[str, dict[str, tuple[type, ...]]] = {
     "release": {"keys": _L},
     "want": {"keys": _L},
     "cancel": {"keys": _L},
+    "retry": {"keys": _L},
     "scatter": {"items": _L},
     # scheduler -> client
     "memory": {"items": _L},
     "erred": {"items": _L},
     "cancelled": {"keys": _L},
+    "retried": {"keys": _L},
     "lost": {"keys": _L},
     # scheduler <-> worker
     "compute": {"tasks": _L},

@@ -15,7 +15,8 @@ import time
 import uuid
 
 from . import protocol, serialize
-from .errors import SchedulerLost, TaskCancelled
+from .config import parse_timedelta
+from .errors import SchedulerLost
 from .futures import Future, FutureState, futures_of, until_done
 
 logger = logging.getLogger(__name__)
@@ -65,11 +66,19 @@ class Values:
         self._next_worker = (self._next_worker + 1) % len(self._worker_list)
         return self._worker_list[self._next_worker]
 
-    async def _result(self, future: Future, timeout: float | None = None):
-        st = future._state
-        if not st.done():
-            await asyncio.wait_for(st.wait(), timeout) if timeout else await st.wait()
-        return await self._value_of(future)
+    async def _result(self, future: Future, timeout=None):
+        """The value; ``timeout`` bounds the whole call, the fetch of a large value included."""
+        timeout = parse_timedelta(timeout)
+        if timeout is None:
+            return await self._value_of(future)
+        try:
+            async with asyncio.timeout(timeout) as scope:
+                return await self._value_of(future)
+        except TimeoutError:
+            if not scope.expired():
+                raise  # the task's own TimeoutError (or TaskTimeout)
+            raise TimeoutError(f"no result for {future.key!r} within {timeout:g} s (it is"
+                               f" {future.status})") from None
 
     async def _value_of(self, future: Future):
         st = future._state
@@ -77,7 +86,7 @@ class Values:
             if st.status == "error":
                 raise st.exception()
             if st.status == "cancelled":
-                raise TaskCancelled(f"{future.key!r} was cancelled")
+                raise st.cancelled_error()
             if st.status != "finished":
                 await st.wait()
                 continue
@@ -117,12 +126,16 @@ class Values:
 
     async def _exception(self, future: Future, timeout=None):
         st = future._state
+        timeout = parse_timedelta(timeout)
         if not st.done():
-            await asyncio.wait_for(st.wait(), timeout) if timeout else await st.wait()
+            try:
+                await asyncio.wait_for(st.wait(), timeout) if timeout else await st.wait()
+            except TimeoutError:
+                raise TimeoutError(f"{future.key!r} was not done within {timeout:g} s") from None
         if st.status == "error":
             return st.exception()
         if st.status == "cancelled":
-            return TaskCancelled(f"{future.key!r} was cancelled")
+            return st.cancelled_error()
         return None
 
     async def _traceback(self, future: Future, timeout=None):
@@ -152,7 +165,7 @@ class Values:
                     need[f.key] = st.who_has or []
             elif errors == "raise":
                 if st.status == "cancelled":
-                    raise TaskCancelled(f"{f.key!r} was cancelled")
+                    raise st.cancelled_error()
                 raise st.exception()
             else:
                 bad.add(f.key)

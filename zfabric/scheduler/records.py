@@ -176,8 +176,9 @@ class TaskState:
     suspicious = _extra_field("suspicious", 0, "Workers that died while it probably ran there.")
 
     def set_options(self, opts: dict) -> None:
-        """Keep the options a worker or the policy needs; drop the empty ones."""
-        keep = {k: v for k, v in opts.items() if v and k not in ("priority", "retries")}
+        """Keep the options a worker or the policy needs; drop the empty ones. A user
+        ``priority`` stays: the worker orders its queue by it too."""
+        keep = {k: v for k, v in opts.items() if v and k != "retries"}
         self.options = keep or None
 
     @property
@@ -415,6 +416,8 @@ class WorkerState:
             "metrics": self.metrics,
             "processing": len(self.processing),
             "in_memory": self.nheld,
+            "status": "running",
+            "local_directory": self.metrics.get("local_directory"),
         }
 
 

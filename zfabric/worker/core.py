@@ -15,6 +15,8 @@ the executor's threads report each start, which the loop forwards as ``started``
 
 from __future__ import annotations
 
+import asyncio
+import inspect
 import logging
 import os
 import socket as _socket
@@ -406,7 +408,8 @@ class WorkerLoop(DataPlane):
             borrowed = self.borrows.get(key)
             if borrowed:  # the run keeps its own references: a copy may go before it starts
                 values = ChainMap({d: self.store[d] for d in borrowed if d in self.store}, values)
-            ex.submit(key, func, payload, values)
+            ex.submit(key, func, payload, values,
+                      options.get("priority", 0) if options else 0)
 
     def _drain_done(self) -> None:
         try:
@@ -467,9 +470,20 @@ class WorkerLoop(DataPlane):
     def _run_function(self, rid: int, payload: bytes) -> None:
         try:
             func, args, kwargs = serialize.loads_task(payload, self.store)
+            if _takes(func, "dask_worker"):  # dask.distributed's convention
+                kwargs["dask_worker"] = self.owner or self
             value = func(*args, **kwargs)
+            if inspect.iscoroutine(value):
+                value = asyncio.run(value)
             header, _ = serialize.dumps_value(value, inline_bytes=1 << 62)
             self.outbox.append({"op": "run-result", "id": rid, "value": header})
         except Exception as exc:
             data, tb, text = serialize.exception_payload(exc)
             self.outbox.append({"op": "run-result", "id": rid, "error": [data, tb, text]})
+
+
+def _takes(func, name: str) -> bool:
+    try:
+        return name in inspect.signature(func).parameters
+    except (TypeError, ValueError):
+        return False

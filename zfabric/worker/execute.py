@@ -15,6 +15,8 @@ what the slots and the seceded tasks need leave when their task ends.
 
 from __future__ import annotations
 
+import heapq
+import itertools
 import logging
 import os
 import queue
@@ -63,7 +65,11 @@ class Executor:
         self.inline_bytes = inline_bytes
         self.max_bytes = max_bytes
         self.context = context  # what get_worker() gives a running task
+        # Calls wait in a heap, by user priority then arrival; each has a token in ``calls``,
+        # on which idle threads block (None tells one to stop).
         self.calls: queue.SimpleQueue = queue.SimpleQueue()
+        self._heap: list = []
+        self._arrivals = itertools.count()
         self.done: deque[Outcome] = deque()
         self.started: deque[str] = deque()
         # (key, True): the task gave its slot back; (key, False): it took one again
@@ -107,10 +113,14 @@ class Executor:
             self.slots.release()
         self._spawn()
 
-    def submit(self, key: str, func, args: bytes, values: dict) -> None:
-        """Run ``func`` on the pickled ``args`` (dependencies resolved from ``values``).
-        ``func`` may be the exception that explains why the function could not be loaded."""
-        self.calls.put((key, func, args, values))
+    def submit(self, key: str, func, args: bytes, values: dict, priority: int = 0) -> None:
+        """Run ``func`` on the pickled ``args`` (dependencies resolved from ``values``), after
+        the queued calls of higher ``priority``. ``func`` may be the exception that explains
+        why the function could not be loaded."""
+        with self._lock:
+            heapq.heappush(self._heap, (-priority, next(self._arrivals),
+                                        (key, func, args, values)))
+        self.calls.put(True)
 
     def stop(self) -> None:
         self._stopping = True
@@ -152,12 +162,12 @@ class Executor:
     def _run(self) -> None:
         me = threading.get_ident()
         while True:
-            call = self.calls.get()
-            if call is None or self._stopping:
+            if self.calls.get() is None or self._stopping:
                 return
             self.slots.acquire()
             with self._lock:
                 self._holding.add(me)
+                call = heapq.heappop(self._heap)[2]  # the most urgent now that a slot is free
             # In a call of its own, so that nothing of the task (its arguments, a borrowed
             # dependency, the result) stays referenced while this thread waits for the next.
             if not self._one(call, me):
