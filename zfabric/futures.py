@@ -337,7 +337,11 @@ class as_completed:
         self._cleared = 0  # bumped by clear(): futures added before it are ignored
         self._cond = threading.Condition()
         self._events: list[tuple[asyncio.AbstractEventLoop, asyncio.Event]] = []
-        for f in futures_of(futures) if not isinstance(futures, Future) else [futures]:
+        if isinstance(futures, Future):
+            futures = [futures]
+        elif not isinstance(futures, list | tuple | set | frozenset | dict):
+            futures = list(futures)  # a generator, say
+        for f in futures_of(futures):
             self.add(f)
 
     def add(self, future: Future) -> None:
