@@ -92,6 +92,7 @@ class Worker(LifeCycle):
         self.address = ""
         self._core: WorkerLoop | None = None
         self._closed_by_core: asyncio.Event | None = None
+        self._task_client = None  # made by get_client() in a task (zfabric.context)
 
     def __repr__(self) -> str:
         return f"<Worker {self.name or ''} {self.address or 'not started'} threads={self.nthreads}>"
@@ -137,6 +138,7 @@ class Worker(LifeCycle):
             identity=self._identity, memory_fractions=self.memory_fractions,
             local_directory=self.local_directory,
         )
+        self._core.owner = self
         self._core.start()
         try:
             self.address = await asyncio.wait_for(ready, self.death_timeout)
@@ -159,6 +161,10 @@ class Worker(LifeCycle):
         core = self._core
         if core is None:
             return
+        if getattr(self, "_task_client", None) is not None:
+            from ..context import close_worker_client
+
+            await asyncio.to_thread(close_worker_client, self)
         core.stop("closed")
         if core.thread.is_alive():
             await asyncio.to_thread(core.thread.join, 10)

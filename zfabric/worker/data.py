@@ -216,8 +216,13 @@ class DataPlane:
             self.serialized[key] = (header, bufs, size)
             self.raw_keys.add(key)
         else:
-            self.store.put(key, serialize.loads_value(header, bufs), size)
-            self.serialized.pop(key, None)
+            value = serialize.loads_or_mark(key, header, bufs)
+            self.store.put(key, value, size)
+            if type(value) is serialize.Undecodable:  # served on as it came; its tasks fail
+                logger.warning("worker %s: %s", self.name, value.reason)
+                self.serialized[key] = (header, bufs, size)
+            else:
+                self.serialized.pop(key, None)
             self.raw_keys.discard(key)
 
     def _got_dep(self, dep: str) -> None:
