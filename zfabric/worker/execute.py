@@ -176,7 +176,6 @@ class Executor:
                     return
             if self.tight:  # memory is tight: the loop opens the gate again for the next
                 self.gate.clear()
-                return
             self.slots.acquire()
             with self._lock:
                 self._holding.add(me)
