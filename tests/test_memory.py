@@ -369,3 +369,30 @@ def test_cli_info_shows_status_and_spilled():
         "name": "w", "nthreads": 1, "memory_limit": 100 * MB, "status": "paused",
         "metrics": {"memory": 90 * MB, "spilled": 30 * MB}, "in_memory": 3}}})
     assert "paused" in text and "30.0 MiB" in text and "SPILLED" in text
+
+
+def test_cli_has_the_memory_options():
+    env = {**os.environ, "COLUMNS": "200"}
+    for command, extra in (("worker", ()), ("nanny", ("--memory-terminate-fraction",))):
+        out = subprocess.run([sys.executable, "-m", "zfabric", command, "--help"],
+                             capture_output=True, text=True, timeout=30, env=env).stdout
+        for option in ("--memory-target-fraction", "--memory-spill-fraction",
+                       "--memory-pause-fraction", "--local-directory", *extra):
+            assert option in out, (command, option)
+
+
+def test_nanny_passes_the_thresholds_to_its_workers():
+    from zfabric.process import parse_worker_argv, worker_command
+
+    cmd = worker_command("tcp://127.0.0.1:1", identity="worker-x", nthreads=1,
+                         memory_limit=100, nanny="n", parent_pid=1, ready_fd=3,
+                         memory_fractions={"target": 0.5, "spill": 0, "pause": 0.9,
+                                           "terminate": 0.95},
+                         local_directory="/tmp")
+    args = parse_worker_argv(cmd[cmd.index("worker") + 1:])
+    assert (args["memory_target_fraction"], args["memory_spill_fraction"],
+            args["memory_pause_fraction"], args["local_directory"]) == (0.5, 0.0, 0.9, "/tmp")
+    with pytest.raises(ValueError, match="processes=True"):
+        from zfabric import LocalCluster
+
+        LocalCluster(processes=False, memory_terminate_fraction=0.9)
