@@ -43,6 +43,7 @@ from .outbox import Outbox
 from .queue import ReadyQueue
 from .records import FIRE_AND_FORGET, ClientState, NannyState, TaskState, WorkerState
 from .requests import FanOut
+from .retire import Retirement
 from .worker_loss import WorkerLoss
 
 logger = logging.getLogger(__name__)
@@ -64,7 +65,7 @@ class InvalidTransition(RuntimeError):
     """Raised when code (ours) tries a task-state move that the table forbids."""
 
 
-class SchedulerState(ClientOps, WorkerLoss):
+class SchedulerState(ClientOps, WorkerLoss, Retirement):
     """Tasks, workers and clients; ops in, ops out."""
 
     def __init__(
@@ -95,6 +96,7 @@ class SchedulerState(ClientOps, WorkerLoss):
         self.events: list[tuple[float, str]] = []  # recent notable events, for info and logs
         self.now = 0.0
         self.counts = {"finished": 0, "erred": 0}
+        self._init_moves()  # replicate and retire (see .retire)
 
     def _event(self, text: str) -> None:
         logger.info(text)
@@ -173,6 +175,8 @@ class SchedulerState(ClientOps, WorkerLoss):
         silent = now - self.config.WORKER_TTL_S
         for ns in [n for n in self.nannies.values() if n.last_seen < silent]:
             self._drop_nanny(ns.ident)
+        if self.moves or self.jobs:
+            self.moves_tick()
 
     # ------------------------------------------------------------------ hello
 
@@ -301,6 +305,9 @@ class SchedulerState(ClientOps, WorkerLoss):
                     self.cancel(list(self.tasks))
                 self._start_fan_out(peer, rid, kind, args)
                 return
+            case "replicate" | "retire-workers" | "restart-workers":
+                self.move_request(peer, op)
+                return
             case "shutdown":
                 self.closing = True
                 reply["result"] = True
@@ -395,6 +402,8 @@ class SchedulerState(ClientOps, WorkerLoss):
                     ws.metrics = metrics
             case "missing":
                 self._missing(ws, op["key"], op["dep"], op["address"])
+            case "acquired":
+                self.acquired(ws, op["keys"], op.get("failed") or [])
             case "run-result":
                 self._fan_out.answer(ws.ident, op)
             case "request":
