@@ -80,6 +80,7 @@ def test_replicate_inline_value_rides_with_the_acquire_and_extra_copies_go():
     assert len(state.tasks["s"].who_has) == 1
     [(dropped, ops)] = [(w, o) for w, o in out.items() if w != C]
     assert ops == [{"op": "free", "keys": ["s"]}]
+    assert state.workers[dropped].address not in holders(state, "s")
     assert out[C] == [{"op": "reply", "id": 8, "result": {"missing": [], "failed": []}}]
     state.validate()
 
