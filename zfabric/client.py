@@ -448,13 +448,24 @@ class Client(Values, Session, ClusterControl):
         raise CommTimeoutError(f"workers did not come back within {timeout} s of a restart")
 
     def shutdown(self):
-        """Close the scheduler (and this client)."""
-        return self.sync(self._shutdown)
+        """Close the scheduler, this client, and the LocalCluster it was given (if any)."""
+        if self.asynchronous:
+            return self._shutdown()
+        self.sync(self._shutdown)
+        self.close()
+        return None
 
     async def _shutdown(self):
         with contextlib.suppress(Exception):
             await asyncio.wait_for(self._request("shutdown"), 5)
         await self._close()
+        cluster = self.cluster
+        if cluster is not None and not self._own_cluster:  # own ones close in _close
+            # As dask.distributed: the cluster is closed too, and says so.
+            if getattr(cluster, "asynchronous", False):
+                await cluster.close()
+            else:
+                await asyncio.to_thread(cluster.close)
 
     def wait_for_workers(self, n_workers: int, timeout: float | None = None):
         return self.sync(self._wait_for_workers, n_workers, timeout)

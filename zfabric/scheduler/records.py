@@ -414,6 +414,7 @@ class WorkerState:
             "metrics": self.metrics,
             "processing": len(self.processing),
             "in_memory": self.nheld,
+            "avg_duration": self.avg_duration,
         }
 
 
