@@ -219,6 +219,9 @@ class Client(Values, Session, ClusterControl):
             await self._close()
             raise
         self.status = "running"
+        from . import joblib_backend
+
+        joblib_backend.register_on_import()  # without importing joblib (see there)
 
     # ------------------------------------------------------------------ reference counting
 

@@ -91,7 +91,7 @@ class ClientExecutor(cf.Executor):
             fut = ExecutorFuture(zf)
             self._futures.add(fut)
         fut.add_done_callback(self._forget)
-        self._client._on_loop(functools.partial(_mirror, self._client, zf, fut))
+        self._client._on_loop(functools.partial(mirror, self._client, zf, fut))
         return fut
 
     def _forget(self, fut: cf.Future) -> None:
@@ -155,7 +155,7 @@ def _run_chunk(fn: Callable, chunk: list) -> list:
     return [fn(*args) for args in chunk]
 
 
-def _mirror(client, zf, fut: ExecutorFuture) -> None:
+def mirror(client, zf, fut: ExecutorFuture) -> None:
     """On the client's loop: copy ``zf``'s outcome into ``fut`` once it is known."""
     st = zf._state
 
