@@ -27,7 +27,7 @@ import threading
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["ZFabricBackend", "register", "register_on_import"]
+__all__ = ["register", "register_on_import"]  # and ZFabricBackend, made on first access
 
 #: Arguments at least this large are scattered once rather than pickled into every batch.
 SCATTER_BYTES = 64 * 1024
