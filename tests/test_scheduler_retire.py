@@ -145,7 +145,9 @@ def test_retire_moves_unique_data_then_closes_the_worker():
     state.handle(W2, [{"op": "acquired", "keys": ["x"], "failed": []}], 3.0)
     out = state.flush()
     assert out[W1] == [{"op": "close", "reason": "retired"}]
-    [reply] = out[C]
+    # and the client, which holds x, learns its new holders before the answer
+    memory, reply = out[C]
+    assert memory == {"op": "memory", "items": [["x", None, [A2], 2 * MB]]}
     assert list(reply["result"]["retired"]) == [A1] and reply["result"]["kept"] == {}
     assert holders(state, "x") == {A2}
     assert state.tasks["s"].state == "memory"
@@ -179,7 +181,8 @@ def test_retire_waits_for_started_tasks_and_takes_back_the_others():
     state.handle(W2, [{"op": "acquired", "keys": ["a"], "failed": []}], 3.2)
     out = state.flush()
     assert out[W1] == [{"op": "close", "reason": "retired"}]
-    assert list(out[C][0]["result"]["retired"]) == [A1]
+    assert out[C][0] == {"op": "memory", "items": [["a", None, [A2], 2 * MB]]}
+    assert list(out[C][1]["result"]["retired"]) == [A1]
     state.validate()
 
 

@@ -151,6 +151,7 @@ class LocalCluster(LifeCycle):
         self._control = None  # the cluster's own asynchronous Client, made on first need
         self._scale_lock: asyncio.Lock | None = None
         self._adaptive = None
+        self._watchers: list[asyncio.Task] = []  # drop workers that close by themselves
         self._loop_thread: LoopThread | None = None
         if not asynchronous:
             self._loop_thread = LoopThread("zfabric-cluster-loop")
@@ -218,8 +219,22 @@ class LocalCluster(LifeCycle):
         for r in results:
             if isinstance(r, BaseException):
                 raise r
+        self._watchers = [t for t in self._watchers if not t.done()]
+        for w in new:
+            self._watchers.append(asyncio.ensure_future(self._forget_when_closed(w)))
+
+    async def _forget_when_closed(self, w) -> None:
+        """A worker that closes by itself (retired through any client, or told to close)
+        leaves :attr:`workers`, as in dask.distributed's clusters."""
+        await w.finished()
+        if self.status == "running":
+            for i, other in list(self.workers.items()):
+                if other is w:
+                    del self.workers[i]
 
     async def _close(self) -> None:
+        for t in self._watchers:
+            t.cancel()
         if self._adaptive is not None:
             await self._adaptive.stop_async()
         if self._control is not None:

@@ -146,6 +146,15 @@ class Retirement:
                     continue
                 ts.drop_holder(ws)
                 self.batch(ws.ident, "free", ts.key)
+            self._tell_holders(ts)
+
+    def _tell_holders(self, ts: TaskState) -> None:
+        """Clients holding ``ts`` learn its holders anew (they fetch large values from one of
+        those they were told, which must not be a worker that is leaving)."""
+        if ts.value is None and ts.state == "memory":
+            item = ts.memory_item()
+            for cs in ts.wanters():
+                self.batch(cs.ident, "memory", item)
 
     def _join_move(self, job: Job, ws: WorkerState, ts: TaskState) -> None:
         slot = (ws.ident, ts.key)
@@ -223,6 +232,7 @@ class Retirement:
                 if not unique and not ws.processing:
                     for ts in ws.has_what:
                         ts.drop_holder(ws)  # every one has another holder or inline bytes
+                        self._tell_holders(ts)
                     self.send(ws.ident, {"op": "close", "reason": "retired"})
                     self._end_retirement(job, ws, "retired")
         self._maybe_done(job)
