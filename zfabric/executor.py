@@ -83,12 +83,15 @@ class ClientExecutor(cf.Executor):
 
     def submit(self, fn: Callable, /, *args, **kwargs) -> cf.Future:
         """Schedule ``fn(*args, **kwargs)``; a standard future for its result."""
+        # The lock is never held while calling the client: the client's loop thread holds the
+        # client's lock when it settles futures, and settling takes this lock (_forget).
         with self._lock:
             if self._shutdown:
                 raise RuntimeError("cannot schedule new futures after shutdown")
-            call = functools.partial(fn, **kwargs) if kwargs else fn
-            zf = self._client.submit(call, *args, **self._options)
-            fut = ExecutorFuture(zf)
+        call = functools.partial(fn, **kwargs) if kwargs else fn
+        zf = self._client.submit(call, *args, **self._options)
+        fut = ExecutorFuture(zf)
+        with self._lock:
             self._futures.add(fut)
         fut.add_done_callback(self._forget)
         self._client._on_loop(functools.partial(mirror, self._client, zf, fut))

@@ -196,7 +196,11 @@ def _make_backend_class():
             self.client = client
             self.wait_for_workers_timeout = wait_for_workers_timeout
             self.submit_kwargs = {"pure": False, **submit_kwargs}
+            # _lock guards _pending and is taken on the client's loop thread (when a batch is
+            # done): never hold it while waiting for the client. Scattering waits for the
+            # client, under a lock of its own.
             self._lock = threading.Lock()
+            self._scatter_lock = threading.Lock()
             self._scattered: dict[int, tuple[object, object]] = {}  # id -> (arg, Future)
             self._pending: dict[str, object] = {}  # key -> zfabric Future not done
             self._callbacks: cf.ThreadPoolExecutor | None = None
@@ -227,7 +231,7 @@ def _make_backend_class():
             self._callbacks = cf.ThreadPoolExecutor(1, thread_name_prefix="zfabric-joblib")
 
         def stop_call(self):
-            with self._lock:
+            with self._scatter_lock:
                 self._scattered.clear()
             pool, self._callbacks = self._callbacks, None
             if pool is not None:
@@ -241,7 +245,7 @@ def _make_backend_class():
             """The Future of ``arg`` scattered (once per Parallel call), or None if small."""
             if _nbytes(arg) < SCATTER_BYTES:
                 return None
-            with self._lock:
+            with self._scatter_lock:
                 hit = self._scattered.get(id(arg))
                 if hit is not None and hit[0] is arg:
                     return hit[1]
