@@ -56,6 +56,16 @@ def run_script(tmp_path, body: str, timeout: float = 80) -> str:
     return proc.stdout
 
 
+def test_zfabric_and_its_client_modules_do_not_import_joblib():
+    code = ("import sys, zfabric.client, zfabric.cluster, zfabric.executor,"
+            " zfabric.joblib_backend, zfabric.adaptive, zfabric.control;"
+            " bad = [m for m in ('joblib', 'sklearn', 'numpy') if m in sys.modules];"
+            " assert not bad, bad")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                          timeout=30)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+
+
 def test_joblib_backend_registered_on_first_import_runs_on_the_cluster(tmp_path):
     out = run_script(tmp_path, """
         import os, sys, time
