@@ -3,6 +3,7 @@ LocalCluster's options, scale, wait_for_workers, get_logs, get_client; Client.sh
 
 from __future__ import annotations
 
+import asyncio
 import os
 import socket
 import time
@@ -172,3 +173,24 @@ def test_adaptive_policy_grows_at_once_and_shrinks_after_wait_count():
     assert decide(runnable=0, task_duration_s=1, workers=4, low_count=2, **kw) == (1, 0)
     # work arriving resets the count
     assert decide(runnable=4, task_duration_s=1, workers=4, low_count=2, **kw) == (4, 0)
+
+
+async def test_asynchronous_cluster_scales_from_and_to_zero():
+    async with LocalCluster(n_workers=0, threads_per_worker=1, processes=False,
+                            asynchronous=True) as cluster, \
+            Client(cluster, asynchronous=True, set_as_default=False) as c:
+        await cluster.scale(2)
+        await cluster.wait_for_workers(2, timeout=5)
+        x = c.submit(sum, [1, 2])
+        assert await x == 3
+        await cluster.scale(0)  # x is small: the scheduler holds its bytes
+        assert cluster.workers == {} and (await c.scheduler_info())["workers"] == {}
+        adaptive = cluster.adapt(minimum=0, maximum=2, interval=0.05, wait_count=2)
+        y = c.submit(sum, [3, 4])
+        assert await asyncio.wait_for(y, 10) == 7  # a worker was started for it
+        deadline = time.monotonic() + 5
+        while cluster.workers and time.monotonic() < deadline:
+            await asyncio.sleep(0.02)
+        assert cluster.workers == {}
+        assert [kind for _, kind, _, _ in adaptive.log] == ["up", "down"]
+        assert await x == 3 and await y == 7

@@ -312,18 +312,20 @@ class LocalCluster(LifeCycle):
         """Retire ``count`` workers of the scheduler's choosing (or these ``addresses``) and
         drop them from :attr:`workers` once closed."""
         where = {}
-        for i, w in self.workers.items():
+        for w in self.workers.values():
             if isinstance(w, Nanny):
                 for wp in w.processes:
-                    where[wp.address] = i
+                    where[wp.address] = w
             else:
-                where[w.address] = i
+                where[w.address] = w
         client = await self._client()
         retired = await client._retire_workers(addresses, None if addresses else count)
         gone = [where[a] for a in retired if a in where]
-        await asyncio.gather(*(self.workers[i].close() for i in gone), return_exceptions=True)
-        for i in gone:
-            self.workers.pop(i, None)
+        # They close by themselves (told by the scheduler); this waits for it.
+        await asyncio.gather(*(w.close() for w in gone), return_exceptions=True)
+        for i, w in list(self.workers.items()):
+            if any(w is g for g in gone):
+                del self.workers[i]
         return retired
 
     def adapt(self, minimum: int = 0, maximum: float = math.inf, *, interval="1s",
