@@ -23,7 +23,7 @@ import os
 import time
 import weakref
 
-from .config import Config, from_env, memory_limit_bytes, parse_bytes
+from .config import Config, from_env, memory_limit_bytes, parse_bytes, parse_timedelta
 from .errors import ClosedError, CommTimeoutError
 from .lifecycle import LifeCycle, LoopThread
 from .nanny import Nanny, format_bytes
@@ -338,7 +338,6 @@ class LocalCluster(LifeCycle):
         take on the workers wanted. Returns the :class:`~zfabric.adaptive.Adaptive`
         (``.stop()`` ends it; so do ``scale`` and ``close``)."""
         from .adaptive import Adaptive
-        from .control import seconds
 
         if minimum_cores is not None:
             minimum = max(minimum, self._target(0, None, minimum_cores))
@@ -350,9 +349,10 @@ class LocalCluster(LifeCycle):
             maximum = min(maximum, self._target(0, maximum_memory, None))
         if self._adaptive is not None:
             self._adaptive.stop()
-        self._adaptive = Adaptive(self, minimum=minimum, maximum=maximum,
-                                  interval=seconds(interval, "interval"), wait_count=wait_count,
-                                  target_duration=seconds(target_duration, "target_duration"))
+        interval_s = parse_timedelta(interval, name="interval")
+        target_s = parse_timedelta(target_duration, name="target_duration")
+        self._adaptive = Adaptive(self, minimum=minimum, maximum=maximum, interval=interval_s,
+                                  wait_count=wait_count, target_duration=target_s)
         if self.asynchronous:
             self._adaptive.start()
         else:
@@ -361,9 +361,7 @@ class LocalCluster(LifeCycle):
 
     def wait_for_workers(self, n_workers: int = 0, timeout=None):
         """Return once ``n_workers`` workers are connected to the scheduler."""
-        from .control import seconds
-
-        return self._run(self._wait_for_workers(n_workers, seconds(timeout)), None)
+        return self._run(self._wait_for_workers(n_workers, parse_timedelta(timeout)), None)
 
     async def _wait_for_workers(self, n: int, timeout: float | None) -> None:
         deadline = None if timeout is None else time.monotonic() + timeout

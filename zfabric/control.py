@@ -10,9 +10,9 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import re
 import time
 
+from .config import parse_timedelta
 from .errors import CommTimeoutError, RemoteProtocolError, ZFabricError
 from .futures import Future, futures_of, until_done
 
@@ -20,25 +20,6 @@ logger = logging.getLogger("zfabric.client")
 
 #: How long ``retire_workers`` waits for retired workers to be gone after they were told.
 RETIRE_GONE_TIMEOUT_S = 30.0
-
-_UNITS = {"ms": 1e-3, "s": 1.0, "sec": 1.0, "second": 1.0, "seconds": 1.0, "m": 60.0,
-          "min": 60.0, "minute": 60.0, "minutes": 60.0, "h": 3600.0, "hour": 3600.0,
-          "hours": 3600.0, "us": 1e-6, "d": 86400.0, "day": 86400.0, "days": 86400.0}
-
-
-def seconds(value, name: str = "timeout") -> float | None:
-    """A duration in seconds from a number or a string such as ``"10s"`` or ``"1 min"``."""
-    if value is None:
-        return None
-    if isinstance(value, int | float) and not isinstance(value, bool):
-        return float(value)
-    if isinstance(value, str):
-        m = re.fullmatch(r"\s*([0-9.]+(?:e-?[0-9]+)?)\s*([a-z]*)\s*", value.lower())
-        if m and (m.group(2) in _UNITS or not m.group(2)):
-            return float(m.group(1)) * _UNITS.get(m.group(2) or "s", 1.0)
-    raise ValueError(f"{name} must be seconds or a duration such as '10s' or '1 min',"
-                     f" got {value!r}")
-
 
 def _names(workers) -> list[str] | None:
     if workers is None:
@@ -148,7 +129,7 @@ class ClusterControl:
         Returns ``{worker: "OK"}`` (or, with ``raise_for_error=False``, the error text of those
         that did not come back within ``timeout``).
         """
-        return self.sync(self._restart_workers, _names(workers), seconds(timeout),
+        return self.sync(self._restart_workers, _names(workers), parse_timedelta(timeout),
                          raise_for_error)
 
     async def _restart_workers(self, workers, timeout, raise_for_error):
