@@ -1,10 +1,6 @@
 """The joblib backend and adaptive scaling, as users run them: ``python script.py`` with a
-LocalCluster of worker processes and a blocking Client.
-
-(The scripts' task functions live in a module next to the script rather than in its
-``__main__``: joblib nests them inside its batches, and objects of ``__main__`` nested in
-arguments travel by value only with issue 11 §1.)
-"""
+LocalCluster of worker processes, a blocking Client, and the task functions and classes
+defined in the script's ``__main__`` (joblib nests them inside its batches)."""
 
 from __future__ import annotations
 
@@ -17,39 +13,13 @@ import pytest
 
 pytestmark = [pytest.mark.timeout(90), pytest.mark.usefixtures("no_leftover_processes")]
 
-HELPERS = '''
-import os
-import time
-
-import numpy as np
-
-
-def pid_and_sum(i, arr):
-    return os.getpid(), i + float(arr.sum())
-
-
-def slow_or_fail(i):
-    if i == 0:
-        time.sleep(0.3)
-        raise ValueError("boom")
-    time.sleep(1.0)
-    return i
-
-
-def slow_array(i, log_path):
-    with open(log_path, "a") as f:  # one line per run: a recomputation would add one
-        f.write(f"{i}\\n")
-    time.sleep(0.4)
-    return np.full(100_000, i, dtype=np.int64)  # large: stays on the worker that made it
-'''
 
 
 def run_script(tmp_path, body: str, timeout: float = 80) -> str:
-    (tmp_path / "jb_helpers.py").write_text(HELPERS)
     script = tmp_path / "script.py"
     script.write_text(textwrap.dedent(body))
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([root, str(tmp_path)])}
+    env = {**os.environ, "PYTHONPATH": root}
     proc = subprocess.run([sys.executable, str(script)], cwd=tmp_path, env=env,
                           capture_output=True, text=True, timeout=timeout)
     assert proc.returncode == 0, f"stdout:\n{proc.stdout}\nstderr:\n{proc.stderr}"
@@ -69,9 +39,23 @@ def test_zfabric_and_its_client_modules_do_not_import_joblib():
 def test_joblib_backend_registered_on_first_import_runs_on_the_cluster(tmp_path):
     out = run_script(tmp_path, """
         import os, sys, time
+        from dataclasses import dataclass
         import numpy as np
         from zfabric import Client, LocalCluster
-        from jb_helpers import pid_and_sum, slow_or_fail
+
+        @dataclass
+        class Item:
+            i: int
+
+        def pid_and_sum(item, arr):
+            return os.getpid(), item.i + float(arr.sum())
+
+        def slow_or_fail(i):
+            if i == 0:
+                time.sleep(0.3)
+                raise ValueError("boom")
+            time.sleep(1.0)
+            return i
 
         if __name__ == "__main__":
             with LocalCluster(n_workers=2, threads_per_worker=1, memory_limit=0) as cluster, \\
@@ -92,7 +76,7 @@ def test_joblib_backend_registered_on_first_import_runs_on_the_cluster(tmp_path)
                 arr = np.ones(200_000)  # 1.6 MB: scattered once, reused by every batch
                 with joblib.parallel_config(backend="zfabric"):
                     out = Parallel(n_jobs=-1, batch_size=1)(
-                        delayed(pid_and_sum)(i, arr) for i in range(40))
+                        delayed(pid_and_sum)(Item(i), arr) for i in range(40))
                 assert [s for _, s in out] == [i + 200_000.0 for i in range(40)]
                 pids = {p for p, _ in out}
                 assert os.getpid() not in pids and len(pids) == 2, pids
@@ -148,8 +132,14 @@ def test_joblib_imported_first_and_grid_search_matches_default_backend(tmp_path)
 def test_adaptive_adds_workers_for_a_burst_then_retires_them_without_losing_results(tmp_path):
     out = run_script(tmp_path, """
         import os, time
+        import numpy as np
         from zfabric import Client, LocalCluster
-        from jb_helpers import slow_array
+
+        def slow_array(i, log_path):
+            with open(log_path, "a") as f:  # one line per run: a recomputation adds one
+                f.write(f"{i}\\n")
+            time.sleep(0.4)
+            return np.full(100_000, i, dtype=np.int64)  # large: stays on its worker
 
         if __name__ == "__main__":
             with LocalCluster(n_workers=1, threads_per_worker=1, memory_limit=0) as cluster, \\
