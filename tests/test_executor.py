@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import concurrent.futures as cf
 import os
+import threading
 import time
 from operator import add
 
@@ -37,6 +38,23 @@ def test_submit_works_with_the_standard_wait_and_as_completed(client):
     assert ex.submit(dict, priority=3, workers="w").result(10) == {"priority": 3, "workers": "w"}
     # the work ran in the worker processes
     assert ex.submit(os.getpid).result(10) != os.getpid()
+
+
+def test_done_callbacks_run_off_the_io_loop_and_may_call_result(client):
+    ex = client.get_executor()
+    seen = []
+    done = threading.Event()
+
+    def callback(fut):
+        seen.append((threading.current_thread().name, fut.result()))
+        done.set()
+
+    fut = ex.submit(time.sleep, 0.2)
+    fut.add_done_callback(callback)
+    assert done.wait(10)
+    assert seen == [(seen[0][0], None)] and seen[0][0].startswith("zfabric-callbacks")
+    fut.add_done_callback(callback)  # already done: called at once, as the standard's
+    assert seen[1] == (threading.current_thread().name, None)
 
 
 def test_errors_and_large_results(client):

@@ -44,6 +44,15 @@ class ExecutorFuture(cf.Future):
         self.zfuture.cancel()
         return True
 
+    def add_done_callback(self, fn) -> None:
+        """As the standard library's, except that a callback added before the future is done
+        runs on the client's callback thread, never on its I/O loop (which sets results)."""
+        if self.done():
+            super().add_done_callback(fn)
+            return
+        client = self.zfuture.client
+        super().add_done_callback(lambda fut: client._run_callback(fn, fut))
+
 
 def _cancel_here(fut: cf.Future) -> bool:
     """Cancel the standard future only, and wake ``concurrent.futures.wait`` callers (they
@@ -93,8 +102,8 @@ class ClientExecutor(cf.Executor):
         fut = ExecutorFuture(zf)
         with self._lock:
             self._futures.add(fut)
-        fut.add_done_callback(self._forget)
-        self._client._on_loop(functools.partial(mirror, self._client, zf, fut))
+        cf.Future.add_done_callback(fut, self._forget)  # quick: may run on the I/O loop
+        mirror(self._client, zf, fut)
         return fut
 
     def _forget(self, fut: cf.Future) -> None:
@@ -159,7 +168,7 @@ def _run_chunk(fn: Callable, chunk: list) -> list:
 
 
 def mirror(client, zf, fut: ExecutorFuture) -> None:
-    """On the client's loop: copy ``zf``'s outcome into ``fut`` once it is known."""
+    """Copy ``zf``'s outcome into ``fut`` once it is known (on the client's loop thread)."""
     st = zf._state
 
     def settle() -> None:
@@ -180,12 +189,7 @@ def mirror(client, zf, fut: ExecutorFuture) -> None:
         else:
             _set(fut, exc=st.exception())
 
-    if st.done():
-        settle()
-    elif st.callbacks is None:
-        st.callbacks = [settle]
-    else:
-        st.callbacks.append(settle)
+    zf._on_done(settle)
 
 
 _fetches: set[asyncio.Task] = set()  # fetches of large results in flight (kept referenced)

@@ -291,8 +291,8 @@ def _make_backend_class():
                 except (RuntimeError, AttributeError):  # the call ended (aborted)
                     pass
 
-            out.add_done_callback(done)
-            self.client._on_loop(functools.partial(mirror, self.client, zf, out))
+            cf.Future.add_done_callback(out, done)  # quick: may run on the I/O loop
+            mirror(self.client, zf, out)
             return out
 
         def retrieve_result_callback(self, out):
