@@ -241,3 +241,13 @@ def test_restart_workers_without_nanny_is_a_clear_error():
     state = given((W1, A1))
     out = request(state, "restart-workers", workers=[A1])
     assert "have no Nanny" in out[C][0]["error"] and out[C][0]["kind"] == "ValueError"
+
+
+def test_retire_spreads_the_data_over_the_workers_that_stay():
+    state = given((W1, A1), (W2, A2), (W3, A3))
+    for key in "abcd":
+        computed(state, key, W1)
+    out = request(state, "retire-workers", workers=[A1])
+    moved = {w: [item[0] for item in ops[0]["items"]] for w, ops in out.items()}
+    assert sorted(moved) == [W2, W3] and len(moved[W2]) == len(moved[W3]) == 2
+    state.validate()

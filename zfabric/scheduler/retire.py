@@ -39,12 +39,16 @@ logger = logging.getLogger(__name__)
 
 #: How many times one value is given a new target after a move of it failed.
 MOVE_ATTEMPTS = 3
+#: How often :meth:`Retirement.moves_tick` looks again at a retirement (a step scans what the
+#: retiring workers hold; answers from workers trigger a step at once anyway).
+RETIRE_STEP_S = 0.2
 
 
 class Job:
     """A client's replicate or retire request in progress."""
 
-    __slots__ = ("attempts", "id", "kind", "left", "peer", "result", "rid", "workers")
+    __slots__ = ("attempts", "id", "kind", "left", "next_step", "peer", "result", "rid",
+                 "workers")
 
     def __init__(self, id: int, kind: str, peer: bytes, rid: int):
         self.id = id
@@ -54,6 +58,7 @@ class Job:
         self.left: set[tuple[bytes, str]] = set()  # moves it waits for
         self.workers: list[WorkerState] = []  # retire: the workers still to close
         self.attempts: dict[str, int] = {}  # key -> failed moves
+        self.next_step = 0.0  # retire: when moves_tick looks at it again
         self.result: dict = {"retired": {}, "kept": {}, "failed": []}
 
 
@@ -217,6 +222,7 @@ class Retirement:
                 self._end_retirement(job, ws, "kept", "no other worker would stay to take its"
                                      " data; start more workers first")
                 continue
+            incoming: dict[bytes, int] = {}  # moves started in this step, per target
             for ts in unique:
                 if any((w.ident, ts.key) in self.moves for w in stay):
                     for w in stay:
@@ -226,7 +232,10 @@ class Retirement:
                 if job.attempts.get(ts.key, 0) >= MOVE_ATTEMPTS:
                     self._end_retirement(job, ws, "kept", f"could not move {ts.key!r} off it")
                     break
-                target = min(stay, key=lambda w: (w.nheld, len(w.processing)))
+                # the emptiest worker, counting what this step already sends it
+                target = min(stay, key=lambda w: (w.nheld + incoming.get(w.ident, 0),
+                                                  len(w.processing)))
+                incoming[target.ident] = incoming.get(target.ident, 0) + 1
                 self._join_move(job, target, ts)
             else:
                 if not unique and not ws.processing:
@@ -338,5 +347,6 @@ class Retirement:
         for ident, key in [s for s in self.moves if s[0] not in self.workers]:
             self._move_ended(ident, key, ok=False)
         for job in list(self.jobs.values()):
-            if job.id in self.jobs:
+            if job.id in self.jobs and self.now >= job.next_step:
+                job.next_step = self.now + RETIRE_STEP_S
                 self._progress(job)
