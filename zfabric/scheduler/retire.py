@@ -340,6 +340,24 @@ class Retirement:
             if self.retiring.get(ws.ident) == job.id:
                 del self.retiring[ws.ident]
 
+    def validate_moves(self) -> None:
+        """Invariants of the moves and retirements (called by ``validate``)."""
+        for ident, jid in self.retiring.items():
+            job = self.jobs.get(jid)
+            assert job is not None and any(w.ident == ident for w in job.workers), ident
+            if ident in self.workers:
+                ws = self.workers[ident]
+                assert ws.retiring and ws.limit == 0 and not any(
+                    not t.started for t in ws.processing.values()), ws
+        # (a worker still retiring but in no retirement was told to close: it says goodbye)
+        for slot, jids in self.moves.items():
+            for jid in jids:
+                job = self.jobs.get(jid)
+                assert job is not None and slot in job.left, (slot, jid)
+        for job in self.jobs.values():
+            for slot in job.left:
+                assert job.id in self.moves.get(slot, ()), (job.id, slot)
+
     def moves_tick(self) -> None:
         """Moves whose target left end as failed; retirements take the next step."""
         if not self.jobs and not self.moves:

@@ -704,3 +704,4 @@ class SchedulerState(ClientOps, WorkerLoss, Retirement):
         for key, ts in self.tasks.items():
             for ws in ts.who_has:
                 assert ts in held.get(ws, ()), (key, ws)  # a live worker, which logs it
+        self.validate_moves()
