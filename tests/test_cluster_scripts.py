@@ -1,5 +1,5 @@
-"""The joblib backend and adaptive scaling, as users run them: ``python script.py`` with a
-LocalCluster of worker processes, a blocking Client, and the task functions and classes
+"""The joblib backend, adaptive scaling and retirement as users run them: ``python script.py``
+with a LocalCluster of worker processes, a blocking Client, and the task functions and classes
 defined in the script's ``__main__`` (joblib nests them inside its batches)."""
 
 from __future__ import annotations
@@ -173,3 +173,35 @@ def test_adaptive_adds_workers_for_a_burst_then_retires_them_without_losing_resu
                 print("adaptive ok", adaptive.log)
     """)
     assert "adaptive ok" in out
+
+
+def test_retire_and_replicate_keep_main_objects_intact(tmp_path):
+    out = run_script(tmp_path, """
+        from dataclasses import dataclass
+        import numpy as np
+        from zfabric import Client, LocalCluster
+
+        @dataclass
+        class Frame:
+            name: str
+            data: np.ndarray
+
+        def make(name, n):
+            return Frame(name, np.arange(n))
+
+        if __name__ == "__main__":
+            with LocalCluster(n_workers=3, threads_per_worker=1, memory_limit=0) as cluster, \\
+                    Client(cluster) as client:
+                frames = client.map(make, ["a", "b", "c"], [300_000] * 3)
+                client.gather(frames)
+                client.replicate(frames[:1], n=2)
+                assert len(client.who_has(frames[:1])[frames[0].key]) == 2
+                holders = sorted({a for f in frames for a in client.who_has([f])[f.key]})
+                client.retire_workers(holders[:2])
+                got = client.gather(frames)
+                assert [f.name for f in got] == ["a", "b", "c"]
+                assert all(int(f.data.sum()) == 300_000 * 299_999 // 2 for f in got)
+                assert type(got[0]).__name__ == "Frame"
+                print("retire ok", len(client.scheduler_info()["workers"]))
+    """)
+    assert "retire ok" in out
