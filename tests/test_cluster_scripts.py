@@ -81,6 +81,12 @@ def test_joblib_backend_registered_on_first_import_runs_on_the_cluster(tmp_path)
                 pids = {p for p, _ in out}
                 assert os.getpid() not in pids and len(pids) == 2, pids
                 assert len(scatters) == 1, f"scattered {len(scatters)} times"
+                pair = [np.ones(50_000), np.ones(50_000)]  # a list of arrays: scattered whole
+                with joblib.parallel_config(backend="zfabric"):
+                    out = Parallel(n_jobs=-1, batch_size=1)(
+                        delayed(pid_and_sum)(Item(i), pair[0]) for i in range(4))
+                    sums = Parallel(n_jobs=-1)(delayed(len)(pair) for i in range(10))
+                assert sums == [2] * 10 and len(scatters) == 3, len(scatters)
                 print("parallel ok")
 
                 # a failing batch cancels the pending ones on the cluster

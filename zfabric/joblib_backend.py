@@ -21,6 +21,7 @@ from __future__ import annotations
 import concurrent.futures as cf
 import functools
 import importlib.abc
+import itertools
 import logging
 import sys
 import threading
@@ -136,9 +137,14 @@ def _run_batch(tasks: list, nested, *values):
                 for func, args, kwargs in tasks]
 
 
-def _nbytes(obj) -> int:
+def _nbytes(obj, depth: int = 0) -> int:
+    """Roughly how many bytes ``obj`` holds: arrays, data frames and bytes, and (one level
+    down, the first 1,000 items) lists, tuples and dicts of them; 0 for anything else."""
     if isinstance(obj, bytes | bytearray | memoryview):
         return memoryview(obj).nbytes
+    if depth == 0 and isinstance(obj, list | tuple | dict):
+        items = obj.values() if isinstance(obj, dict) else obj
+        return sum(_nbytes(x, 1) for x in itertools.islice(items, 1000))
     n = getattr(obj, "nbytes", None)
     if isinstance(n, int):
         return n
@@ -249,7 +255,8 @@ def _make_backend_class():
                 hit = self._scattered.get(id(arg))
                 if hit is not None and hit[0] is arg:
                     return hit[1]
-                future = self.client.scatter(arg, hash=False)
+                # in a list: scatter would take a list or dict argument as many values
+                [future] = self.client.scatter([arg], hash=False)
                 self._scattered[id(arg)] = (arg, future)  # the arg is kept: its id stays valid
                 return future
 
