@@ -33,6 +33,7 @@ from .errors import (
     SchedulerLost,
 )
 from .futures import Future, FutureState, futures_of
+from .keys import from_wire, to_wire
 from .lifecycle import LoopThread
 from .link import Link
 from .session import Deferred, Session
@@ -270,10 +271,9 @@ class Client(Values, Session):
         if actor or actors:
             raise NotImplementedError("zfabric has no actors")
         opts = _options(workers, resources, retries, priority, allow_other_workers, task_timeout)
-        if key is not None and not isinstance(key, str):
-            raise TypeError(f"key must be a string, got {type(key).__name__}")
-        item = self._task(func, args, kwargs, key, funcname(func), pure)
-        return self._submit_many([item], opts)[0]
+        wkey = to_wire(key) if key is not None else None
+        item = self._task(func, args, kwargs, wkey, funcname(func), pure)
+        return self._submit_many([item], opts, None if key is None else [key])[0]
 
     def _task(self, func, args, kwargs, key, prefix, pure) -> tuple:
         """``(key, function id, function pickle, args pickle, deps, buffers)`` for one call;
@@ -291,11 +291,14 @@ class Client(Values, Session):
         """A key suffix unique across clients: this client's random id and a counter."""
         return f"{self._id_prefix}{next(self._unique):x}"
 
-    def _submit_many(self, items: list, opts: dict | None) -> list[Future]:
+    def _submit_many(self, items: list, opts: dict | None,
+                     user_keys: list | None = None) -> list[Future]:
+        """Futures for ``items`` (from :meth:`_task`, keyed by wire keys); ``user_keys``, when
+        given, are the keys as the user gave them, in the same order."""
         out, tasks, functions = [], [], {}
         with self._lock:
             self._queue_releases()
-            for key, fid, fbytes, abytes, deps, buffers in items:
+            for i, (key, fid, fbytes, abytes, deps, buffers) in enumerate(items):
                 st = self._states.get(key)
                 if st is None or st.status == "cancelled" or _lost(st):
                     st = self._states[key] = FutureState(key)
@@ -306,7 +309,7 @@ class Client(Values, Session):
                     else:
                         functions[fid] = fbytes
                         tasks.append([key, abytes, deps, opts, fid])
-                out.append(Future(key, self, st))
+                out.append(Future(user_keys[i] if user_keys is not None else key, self, st))
             self._flush_tasks(tasks, functions)
         self._send()
         return out
@@ -347,20 +350,23 @@ class Client(Values, Session):
             if len(key) != len(argss):
                 raise ValueError(f"{len(key)} keys given for {len(argss)} items")
             keys = list(key)
+            wkeys = [to_wire(k) for k in keys]
+        elif key is not None and not isinstance(key, str):
+            raise TypeError("map's key must be a prefix string or a list of keys, one per item")
         else:
-            keys = None
+            keys = wkeys = None
         prefix = key if isinstance(key, str) else funcname(func)
         items = []
         for i, args in enumerate(argss):
-            items.append(self._task(func, args, kwargs, keys[i] if keys else None, prefix, pure))
-        return self._submit_many(items, opts)
+            items.append(self._task(func, args, kwargs, wkeys[i] if wkeys else None, prefix, pure))
+        return self._submit_many(items, opts, keys)
 
     # ------------------------------------------------------------------ cancel
 
     def cancel(self, futures, asynchronous=None, force: bool = False):
         """Stop these futures' tasks (and what depends on them); their results are gone."""
         flat = futures_of(futures) if not isinstance(futures, Future) else [futures]
-        keys = [f.key for f in flat]
+        keys = [f._wkey for f in flat]
         self._send({"op": "cancel", "keys": keys})
 
         def mark():
@@ -393,14 +399,27 @@ class Client(Values, Session):
         return self.sync(self._request, "info")
 
     def who_has(self, futures=None, **kwargs):
-        keys = [f.key for f in futures_of(futures)] if futures is not None else None
-        return self.sync(self._request, "who-has", keys=keys)
+        """``{key: [worker addresses]}`` for these futures (default: every key)."""
+        if futures is not None:
+            futures = futures_of(futures) if not isinstance(futures, Future) else [futures]
+        return self.sync(self._who_has, futures)
+
+    async def _who_has(self, futures):
+        keys = [f._wkey for f in futures] if futures is not None else None
+        result = await self._request("who-has", keys=keys)
+        return {from_wire(k): v for k, v in result.items()}
 
     def has_what(self, workers=None, **kwargs):
-        return self.sync(self._request, "has-what")
+        """``{worker address: [keys it holds]}``."""
+        return self.sync(self._keys_by_worker, "has-what")
 
     def processing(self, workers=None):
-        return self.sync(self._request, "processing")
+        """``{worker address: [keys it is running or about to run]}``."""
+        return self.sync(self._keys_by_worker, "processing")
+
+    async def _keys_by_worker(self, kind: str):
+        result = await self._request(kind)
+        return {a: [from_wire(k) for k in ks] for a, ks in result.items()}
 
     def nthreads(self, workers=None, **kwargs):
         return self.sync(self._nthreads)
