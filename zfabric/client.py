@@ -18,14 +18,14 @@ import logging
 import threading
 import time
 import uuid
-import weakref
 from collections import deque
 
 import zmq
 import zmq.asyncio
 
-from . import _zmq, protocol, serialize
+from . import _zmq, dask_scheduler, protocol, serialize
 from .config import Config, from_env
+from .dask_scheduler import default_client
 from .errors import (
     ClosedError,
     CommTimeoutError,
@@ -44,15 +44,6 @@ logger = logging.getLogger(__name__)
 
 __all__ = ["Client", "default_client"]
 
-_default: weakref.ref | None = None
-
-
-def default_client() -> Client:
-    """The most recently created client that is still open."""
-    c = _default() if _default is not None else None
-    if c is None or c.status in ("closing", "closed"):
-        raise ValueError("No client is open; create one with Client(address)")
-    return c
 
 
 def funcname(func) -> str:
@@ -73,7 +64,6 @@ class Client(Values, Session):
     def __init__(self, address=None, *, asynchronous: bool = False, timeout: float | None = None,
                  name: str | None = None, set_as_default: bool = True,
                  config: Config | None = None, **kwargs):
-        global _default
         self.config = config or from_env()
         self.asynchronous = asynchronous
         self.timeout = float(timeout if timeout is not None else self.config.CONNECT_TIMEOUT_S)
@@ -110,8 +100,9 @@ class Client(Values, Session):
         self._last_heard = time.monotonic()
         self._lost_reported = False
         self._gone_holders: set[str] = set()  # data addresses whose values were lost
+        self._is_default = set_as_default
         if set_as_default:
-            _default = weakref.ref(self)
+            dask_scheduler.push(self)
         if not asynchronous:
             self._loop_thread = LoopThread("zfabric-client-loop")
             self.loop = self._loop_thread.loop
@@ -361,6 +352,32 @@ class Client(Values, Session):
             items.append(self._task(func, args, kwargs, wkeys[i] if wkeys else None, prefix, pure))
         return self._submit_many(items, opts, keys)
 
+    # ------------------------------------------------------------------ dask collections
+
+    def get(self, dsk, keys, **kwargs):
+        """Run a dask graph on the cluster and return the values of ``keys`` (nested lists
+        as given); dask calls this as its scheduler. See :mod:`zfabric.dask`."""
+        self._check_open()
+        from . import dask
+
+        return dask.get(self, dsk, keys, **kwargs)
+
+    def compute(self, collections, sync: bool = False, **kwargs):
+        """Start computing dask collections: a Future per collection (values with
+        ``sync=True``). Keywords as dask.distributed's (``workers``, ``retries``,
+        ``priority``, ``resources``, ``allow_other_workers``, ``optimize_graph``, ...)."""
+        self._check_open()
+        from . import dask
+
+        return dask.compute(self, collections, sync=sync, **kwargs)
+
+    def persist(self, collections, **kwargs):
+        """The same dask collections, now computed (or computing) and held on the cluster."""
+        self._check_open()
+        from . import dask
+
+        return dask.persist(self, collections, **kwargs)
+
     # ------------------------------------------------------------------ cancel
 
     def cancel(self, futures, asynchronous=None, force: bool = False):
@@ -532,6 +549,8 @@ class Client(Values, Session):
         if self._own_cluster and self.cluster is not None:
             await self.cluster.close()
         self.status = "closed"
+        if self._is_default:
+            dask_scheduler.pop(self)
 
     def __del__(self):
         if self.status == "running" and not self.asynchronous and self._loop_thread is not None:

@@ -1,0 +1,201 @@
+"""Which client is the default one, and making it dask's scheduler without importing dask.
+
+Clients created with ``set_as_default=True`` stack up; the newest open one is the default
+(:func:`default_client`, and dask's scheduler). Closing it hands over to the previous open one,
+and when none is left, dask's configuration goes back to what it was before any zfabric client.
+
+dask's configuration gets one value, :func:`dask_get` (a module-level function, so that a
+``copy.deepcopy`` of the config keeps it), which runs each graph on the current default client.
+When dask is not imported yet, a finder on ``sys.meta_path`` sets the configuration right after
+``import dask`` finishes, so that ``import zfabric`` and ``Client()`` never import dask
+themselves. While a zfabric client is dask's scheduler, ``dataframe.shuffle.method`` is
+``"tasks"`` unless the user set it: without a dask.distributed client dask would pick
+``"disk"``, which writes partd files on the client's host and breaks across hosts.
+"""
+
+from __future__ import annotations
+
+import importlib.abc
+import importlib.util
+import sys
+import threading
+import weakref
+
+__all__ = ["dask_get", "default_client", "pop", "push"]
+
+_lock = threading.RLock()
+_stack: list[weakref.ref] = []
+_MISSING = object()
+_saved: dict | None = None  # dask config before the first zfabric client, once installed
+
+
+def push(client) -> None:
+    """``client`` becomes the default client (and dask's scheduler)."""
+    with _lock:
+        _stack.append(weakref.ref(client, _gone))
+        _install()
+
+
+def _gone(ref) -> None:
+    """A default client was garbage-collected without being closed."""
+    with _lock:
+        if ref in _stack:
+            _stack.remove(ref)
+        if current() is None:
+            _restore()
+
+
+def pop(client) -> None:
+    """``client`` closes: the previous open default client takes over."""
+    with _lock:
+        _stack[:] = [r for r in _stack if r() is not None and r() is not client]
+        if current() is None:
+            _restore()
+
+
+def current():
+    """The newest open default client, or None."""
+    with _lock:
+        for ref in reversed(_stack):
+            c = ref()
+            if c is not None and c.status not in ("closing", "closed"):
+                return c
+    return None
+
+
+def default_client():
+    """The most recently created default client that is still open."""
+    c = current()
+    if c is None:
+        raise ValueError("No client is open; create one with Client(address)")
+    return c
+
+
+def _client_for_dask():
+    c = current()
+    if c is None:
+        raise RuntimeError("no zfabric client is open to run this dask computation; create"
+                           " one with zfabric.Client(address)")
+    if c.asynchronous:
+        # the error dask (and dask.distributed) give for an asynchronous default client
+        raise RuntimeError("Attempting to use an asynchronous Client in a synchronous context"
+                           " of `dask.compute`; use `await client.compute(x)` instead")
+    return c
+
+
+def dask_get(dsk, keys, **kwargs):
+    """dask's scheduler while a zfabric client is the default: runs on that client."""
+    return _client_for_dask().get(dsk, keys, **kwargs)
+
+
+def _dask_persist(collections, **kwargs):
+    return _client_for_dask().persist(collections, **kwargs)
+
+
+# dask.persist asks the scheduler for a ``persist`` to keep results on the cluster.
+dask_get.persist = _dask_persist
+
+
+# ---------------------------------------------------------------------------- dask's config
+
+
+def _install() -> None:
+    """Make dask's config point at :func:`dask_get`: now if dask is imported, else on import."""
+    config = sys.modules.get("dask.config")
+    if config is None or "dask" not in sys.modules or not hasattr(sys.modules["dask"], "config"):
+        _add_hook()
+        return
+    _apply(config)
+
+
+def _apply(config) -> None:
+    global _saved
+    if _saved is None:
+        _saved = {
+            "scheduler": config.config.get("scheduler", _MISSING),
+            "shuffle": _shuffle_of(config),
+        }
+    config.config["scheduler"] = dask_get
+    if _saved["shuffle"] is _MISSING:
+        config.config.setdefault("dataframe", {}).setdefault("shuffle", {})["method"] = "tasks"
+
+
+def _shuffle_of(config):
+    value = config.config.get("dataframe", {}).get("shuffle", {}).get("method", _MISSING)
+    return _MISSING if value is None else value
+
+
+def _restore() -> None:
+    global _saved
+    config = sys.modules.get("dask.config")
+    if _saved is None or config is None:
+        _saved = None
+        return
+    if config.config.get("scheduler") is dask_get:
+        if _saved["scheduler"] is _MISSING:
+            config.config.pop("scheduler", None)
+        else:
+            config.config["scheduler"] = _saved["scheduler"]
+    if _saved["shuffle"] is _MISSING:
+        shuffle = config.config.get("dataframe", {}).get("shuffle", {})
+        if shuffle.get("method") == "tasks":
+            shuffle["method"] = None
+    _saved = None
+
+
+class _DaskImportHook(importlib.abc.MetaPathFinder):
+    """Runs :func:`_install` once ``import dask`` has finished (then steps aside)."""
+
+    def find_spec(self, fullname, path=None, target=None):
+        if fullname != "dask":
+            return None
+        for finder in sys.meta_path:
+            if finder is self or not hasattr(finder, "find_spec"):
+                continue
+            spec = finder.find_spec(fullname, path, target)
+            if spec is not None:
+                break
+        else:
+            return None
+        loader = spec.loader
+        if loader is None or not hasattr(loader, "exec_module"):
+            return spec
+        spec.loader = _AfterLoader(loader)
+        return spec
+
+
+class _AfterLoader(importlib.abc.Loader):
+    def __init__(self, loader):
+        self.loader = loader
+
+    def create_module(self, spec):
+        return self.loader.create_module(spec)
+
+    def exec_module(self, module):
+        module.__spec__.loader = self.loader
+        self.loader.exec_module(module)
+        _remove_hook()
+        with _lock:
+            if current() is not None:
+                _install()
+
+    def __getattr__(self, name):
+        return getattr(self.loader, name)
+
+
+_hook: _DaskImportHook | None = None
+
+
+def _add_hook() -> None:
+    global _hook
+    if _hook is None:
+        _hook = _DaskImportHook()
+        sys.meta_path.insert(0, _hook)
+
+
+def _remove_hook() -> None:
+    global _hook
+    if _hook is not None:
+        if _hook in sys.meta_path:
+            sys.meta_path.remove(_hook)
+        _hook = None
