@@ -85,6 +85,7 @@ class Client(Values, Session):
         self._lock = threading.RLock()
         self._states: dict[str, FutureState] = {}
         self._refcount: dict[str, int] = {}
+        self._renamed: dict[str, str] = {}  # wire key of an alias-named Future -> its data's
         self._outbox: deque = deque()
         self._release_keys: list[str] = []
         self._worker_list: list[str] = []

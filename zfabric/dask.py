@@ -90,7 +90,8 @@ class GraphChunk:
 
 
 def materialize(dsk):
-    """``(mapping of task-spec nodes, annotations)`` from what dask hands a scheduler."""
+    """``(mapping of task-spec nodes, annotations, {key: Future})`` from what dask hands a
+    scheduler."""
     from dask._task_spec import convert_legacy_graph
 
     annotations = {}
@@ -108,13 +109,19 @@ def materialize(dsk):
                     for k in layer:
                         per_key[k] = value(k) if callable(value) else value
         dsk = dsk.to_dict()
-    return convert_legacy_graph(dict(dsk)), annotations
+    dsk = dict(dsk)
+    # Keys whose value is a Future (a persisted collection's graph): their data is on the
+    # cluster already, under the Future's own wire key.
+    held = {k: v for k, v in dsk.items() if type(v) is Future}
+    for k in held:
+        del dsk[k]
+    return convert_legacy_graph(dsk), annotations, held
 
 
 class Plan:
     """What one graph turns into: literals, tasks in order, and where each key's value is."""
 
-    __slots__ = ("external", "literals", "order", "resolved", "tasks")
+    __slots__ = ("external", "literals", "order", "resolved", "tasks", "wire")
 
     def __init__(self):
         self.literals: dict = {}  # key -> value (DataNodes)
@@ -122,13 +129,20 @@ class Plan:
         self.resolved: dict = {}  # alias key -> key holding its value
         self.external: set = set()  # keys the graph refers to but does not define (Futures)
         self.order: dict | None = None
+        self.wire: dict = {}  # key -> wire key, where computed
 
 
-def plan(graph: dict) -> Plan:
-    """Turn task-spec nodes into literals and ordered tasks (see the module docstring)."""
+def plan(graph: dict, held: dict | None = None, renamed: dict | None = None) -> Plan:
+    """Turn task-spec nodes into literals and ordered tasks (see the module docstring).
+
+    ``held`` maps keys whose data a Future holds to that Future; ``renamed`` maps the wire
+    keys of Futures named after an alias (persist's) to the wire keys holding their data.
+    """
     from dask._task_spec import Alias, DataNode
 
     p = Plan()
+    held = held or {}
+    renamed = renamed or {}
     aliases = {}
     tasks = {}
     for k, node in graph.items():
@@ -150,12 +164,15 @@ def plan(graph: dict) -> Plan:
         if t not in graph:
             p.external.add(t)
     resolved = p.resolved
-    wire = {}
+    wire = {k: f._wkey for k, f in held.items()}
 
     def wire_of(k):
         w = wire.get(k)
         if w is None:
-            w = wire[k] = to_wire(k)
+            w = to_wire(k)
+            if renamed and k in p.external:
+                w = renamed.get(w, w)
+            wire[k] = w
         return w
 
     deps_of = {}
@@ -175,6 +192,7 @@ def plan(graph: dict) -> Plan:
     if has_edges:
         keys = _ordered(graph, tasks, deps_of)
     p.tasks = [(k, tasks[k], deps_of[k][0], [wire_of(t) for t in deps_of[k][1]]) for k in keys]
+    p.wire = wire
     return p
 
 
@@ -250,17 +268,30 @@ def task_options(base: dict | None, annotations: dict, key) -> dict | None:
     return opts if opts is not None else base
 
 
-def submit_graph(client, graph: dict, annotations: dict, want: list, opts: dict | None):
+def _lost(st: FutureState) -> bool:
+    from .client import _lost
+
+    return _lost(st)
+
+
+def submit_graph(client, graph: dict, annotations: dict, held: dict, want: list,
+                 opts: dict | None):
     """Send a graph's tasks; ``{key: Future}`` for each key of ``want`` that is computed on
     the cluster, and ``{key: value}`` for those answered here (literals)."""
-    p = plan(graph)
+    renamed = client._renamed
+    if renamed:
+        held_now = client._refcount
+        for alias in [a for a, w in renamed.items() if w not in held_now]:
+            del renamed[alias]
+    p = plan(graph, held, renamed)
+    p.external.update(held)
     batch = client.config.SUBMIT_BATCH
     inline_bytes = client.config.INLINE_BYTES
     resolved = p.resolved
     wanted = {}
     for k in want:
         t = resolved.get(k, k)
-        if t not in graph and t not in p.external:
+        if t not in graph and t not in p.external and t not in held:
             raise KeyError(f"{k!r} is not a key of the graph")
         wanted[k] = t
     # literals: answered here when only requested, placed on the cluster when tasks need them
@@ -289,14 +320,19 @@ def submit_graph(client, graph: dict, annotations: dict, want: list, opts: dict 
             if t in local and to_wire(t) not in needed:
                 values[k] = local[t]
                 continue
-            wt = to_wire(t)
+            if t in held:
+                futures[k] = Future(k, client, held[t]._state)
+                continue
+            wt = p.wire.get(t) or to_wire(t)
             st = states.get(wt)
-            if st is None or st.status == "cancelled" or (
-                    st.status == "error" and t in graph):
+            if st is None or st.status == "cancelled" or _lost(st):
                 st = states[wt] = FutureState(wt)
                 if t in p.external:
                     client._send({"op": "want", "keys": [wt]})
-            futures[k] = Future(t, client, st)
+            # named by the requested key; an alias's Future follows its target's record
+            futures[k] = Future(k, client, st)
+            if k != t:
+                renamed[to_wire(k)] = wt
         if scatter_inline:
             client._outbox.append({"op": "scatter", "items": scatter_inline})
         if scatter_large:
@@ -313,7 +349,7 @@ def submit_graph(client, graph: dict, annotations: dict, want: list, opts: dict 
                 items.append([wk, pickle.dumps(((i, _ALL), None), protocol=5), wires,
                               task_options(opts, annotations, k)])
                 internal.append(wk)
-            fid, fbytes = _pickle_chunk(entries, client)
+            fid, fbytes = _pickle_chunk(entries, items, resolved, p.wire, client)
             for item in items:
                 item.append(fid)
             outbox.append({"op": "submit", "tasks": items, "functions": {fid: fbytes}})
@@ -327,27 +363,72 @@ def submit_graph(client, graph: dict, annotations: dict, want: list, opts: dict 
     return futures, values
 
 
-def _pickle_chunk(entries: list, client) -> tuple[str, bytes]:
+def _pickle_chunk(entries: list, items: list, resolved: dict, wire: dict,
+                  client) -> tuple[str, bytes]:
+    """``(function id, pickle)`` of the nodes of one submit op.
+
+    A zfabric Future that dask left inside a task's arguments (``delayed(f)(future)``) turns
+    that task into one whose argument is a reference to the future's key, through dask's own
+    ``parse_input``; its key becomes a dependency of the task.
+    """
     collected: list = []
+    data = _dumps_collecting(GraphChunk(entries), collected)
+    if collected:
+        for i, (node, _, _) in enumerate(entries):
+            futures: dict = {}
+            new = _with_refs(node, futures)
+            if new is not node:
+                names = list(new.dependencies)
+                targets = [resolved.get(n, n) for n in names]
+                wires = [futures.get(t) or wire.get(t) or to_wire(t) for t in targets]
+                entries[i] = (new, names, wires)
+                items[i][2] = wires
+        del collected[:]
+        data = _dumps_collecting(GraphChunk(entries), collected)
+        if collected:
+            raise TypeError(
+                "a zfabric Future is inside a dask task where dask cannot see it as a"
+                " dependency; pass it as an argument of dask.delayed or as a graph value")
+    return f"dask-{client._new_id()}", data
+
+
+def _dumps_collecting(obj, collected: list) -> bytes:
+    import cloudpickle
+
+    # cloudpickle, not pickle: functions of a script's __main__ must travel by value
     serialize._local.collect = collected
     try:
-        try:
-            data = pickle.dumps(GraphChunk(entries), protocol=5)
-        except Exception:
-            import cloudpickle
-
-            del collected[:]
-            data = cloudpickle.dumps(GraphChunk(entries), protocol=5)
+        return cloudpickle.dumps(obj, protocol=5)
     except Exception as exc:
         raise serialize.SerializationError(
             f"cannot pickle a task of the graph: {type(exc).__name__}: {exc}") from exc
     finally:
         serialize._local.collect = None
-    if collected:
-        raise TypeError(
-            "a zfabric Future is hidden inside a task's arguments where dask cannot see it as a"
-            " dependency; pass it as a direct argument of dask.delayed or in the graph")
-    return f"dask-{client._new_id()}", data
+
+
+def _with_refs(node, futures: dict):
+    """``node`` with Futures among its arguments turned into references (dask's way);
+    ``futures`` gets the wire key of each such Future's key."""
+    from dask._task_spec import Task, parse_input
+
+    if type(node) is not Task:
+        return node
+    _find_futures((node.args, node.kwargs), futures)
+    args = tuple(parse_input(a) for a in node.args)
+    kwargs = {k: parse_input(v) for k, v in node.kwargs.items()}
+    new = Task(node.key, node.func, *args, _data_producer=node.data_producer, **kwargs)
+    return new if new.dependencies != node.dependencies else node
+
+
+def _find_futures(obj, out: dict) -> None:
+    if type(obj) is Future:
+        out[obj.key] = obj._wkey
+    elif isinstance(obj, list | tuple | set | frozenset):
+        for x in obj:
+            _find_futures(x, out)
+    elif isinstance(obj, dict):
+        for x in obj.values():
+            _find_futures(x, out)
 
 
 async def _ship_literals(client, items: list) -> list[dict]:
@@ -398,9 +479,9 @@ def get(client, dsk, keys, *, workers=None, allow_other_workers=False, resources
     _check_kwargs(kwargs)
     opts = base_options(workers, allow_other_workers, resources, retries, priority,
                         fifo_timeout, actors)
-    graph, annotations = materialize(dsk)
+    graph, annotations, held = materialize(dsk)
     flat = _flat(keys)
-    futures, values = submit_graph(client, graph, annotations, flat, opts)
+    futures, values = submit_graph(client, graph, annotations, held, flat, opts)
     if not sync:
         return _pack(keys, {**values, **futures})
     if client.asynchronous:
@@ -471,8 +552,8 @@ def compute(client, collections, *, sync=False, optimize_graph=True, workers=Non
         expr = FinalizeCompute(collections_to_expr(variables, optimize_graph, **kwargs))
         expr = expr.optimize()
         names = _flat(expr.__dask_keys__())
-        graph, annotations = materialize(expr)
-        futures, values = submit_graph(client, graph, annotations, names, opts)
+        graph, annotations, held = materialize(expr)
+        futures, values = submit_graph(client, graph, annotations, held, names, opts)
         by_name = {**values, **futures}
     out, i = [], 0
     for a in items:
@@ -512,8 +593,8 @@ def persist(client, collections, *, optimize_graph=True, workers=None,
     keys = expr.__dask_keys__()
     if len(colls) == 1 and len(keys) != 1:
         keys = [keys]
-    graph, annotations = materialize(expr)
-    futures, values = submit_graph(client, graph, annotations, _flat(keys), opts)
+    graph, annotations, held = materialize(expr)
+    futures, values = submit_graph(client, graph, annotations, held, _flat(keys), opts)
     held = {**values, **futures}
     out = []
     for c, ks in zip(colls, keys, strict=True):
