@@ -256,11 +256,11 @@ async def test_async_client_compute_persist_get(c, s, a, b):
 
 def test_async_default_client_refuses_dask_compute():
     async def main():
-        async with LocalCluster(n_workers=1, processes=False, asynchronous=True) as cl:
-            async with Client(cl, asynchronous=True) as c:
-                with pytest.raises(RuntimeError, match="asynchronous Client"):
-                    da.ones(4, chunks=2).sum().compute()
-                assert await c.compute(da.ones(4, chunks=2).sum()) == 4
+        async with LocalCluster(n_workers=1, processes=False, asynchronous=True) as cl, \
+                Client(cl, asynchronous=True) as c:
+            with pytest.raises(RuntimeError, match="asynchronous Client"):
+                da.ones(4, chunks=2).sum().compute()
+            assert await c.compute(da.ones(4, chunks=2).sum()) == 4
 
     asyncio.run(asyncio.wait_for(main(), 60))
 
