@@ -333,3 +333,26 @@ def test_user_script_subprocess(tmp_path):
     assert "bag [5.0, 10.0]" in proc.stdout
     assert "remote True" in proc.stdout
     assert "restored" in proc.stdout
+
+
+def slow_block(block, delay):
+    time.sleep(delay)
+    return block * 2
+
+
+def test_worker_killed_mid_reduction(client):
+    # Given a reduction whose blocks take a while, running on both worker processes
+    import signal
+
+    x = da.arange(4000, chunks=100).map_blocks(slow_block, 0.05, dtype=int)
+    total = x.sum()
+    want = threaded(total)
+    f = client.compute(total)
+    pids = client.run(os.getpid)
+    time.sleep(0.6)
+    assert not f.done()
+    # When one worker process is killed with SIGKILL in the middle
+    os.kill(next(iter(pids.values())), signal.SIGKILL)
+    # Then the lost blocks are recomputed (lineage) and the answer is still right
+    assert f.result(timeout=60) == want
+    client.wait_for_workers(2, timeout=30)
