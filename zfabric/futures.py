@@ -321,6 +321,8 @@ class as_completed:
         self._pending = 0
         self._cond = threading.Condition()
         self._events: list[tuple[asyncio.AbstractEventLoop, asyncio.Event]] = []
+        if hasattr(futures, "__dask_graph__"):  # a persisted dask collection
+            futures = futures_of(futures)
         for f in futures:
             self.add(f)
 
