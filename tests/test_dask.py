@@ -357,3 +357,27 @@ def test_worker_killed_mid_reduction(client):
     # Then the lost blocks are recomputed (lineage) and the answer is still right
     assert f.result(timeout=60) == want
     client.wait_for_workers(2, timeout=30)
+
+
+def test_plan_orders_by_dask_order_and_resolves_aliases_and_literals():
+    # Given a reduction graph with an alias and a literal
+    from dask.core import flatten
+    from dask.order import order
+
+    from zfabric.dask import materialize, plan
+
+    x = da.ones(64, chunks=4).sum(split_every=2)
+    (top,) = flatten(x.__dask_keys__())
+    graph, _, _ = materialize({**x.__dask_graph__(), "alias": top, "lit": 5})
+    p = plan(graph)
+    # Then tasks go out in dask.order's order, dependencies first
+    prio = order(graph)
+    keys = [t[0] for t in p.tasks]
+    assert keys == sorted(keys, key=prio.__getitem__)
+    seen = set()
+    for k, node, _, _ in p.tasks:
+        assert all(d in seen for d in node.dependencies if d in graph), k
+        seen.add(k)
+    # and the alias and the literal cost no task
+    assert "alias" not in keys and "lit" not in keys
+    assert p.literals == {"lit": 5} and p.resolved["alias"] in keys

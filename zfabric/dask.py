@@ -469,6 +469,10 @@ def base_options(workers=None, allow_other_workers=False, resources=None, retrie
         raise NotImplementedError("zfabric has no actors")
     if workers is not None and not isinstance(workers, str | list | tuple | set):
         raise TypeError("workers must be a worker address or name, or a list of them")
+    # zfabric orders graphs strictly by submission (dask.distributed's fifo_timeout=0); the
+    # keyword is taken for compatibility, but must still be a duration.
+    if fifo_timeout is not None and not isinstance(fifo_timeout, str | int | float):
+        raise TypeError(f"fifo_timeout must be a duration such as '60s', got {fifo_timeout!r}")
     return _options(workers, resources, retries, priority, allow_other_workers, None)
 
 
@@ -477,6 +481,9 @@ def get(client, dsk, keys, *, workers=None, allow_other_workers=False, resources
         asynchronous=None, direct=None, **kwargs):
     """Run a dask graph on the cluster; the values of ``keys`` in the same nested lists."""
     _check_kwargs(kwargs)
+    if asynchronous is not None and bool(asynchronous) != bool(client.asynchronous):
+        raise ValueError(f"this client is {'a' if client.asynchronous else ''}synchronous;"
+                         f" get(asynchronous={asynchronous}) cannot change that")
     opts = base_options(workers, allow_other_workers, resources, retries, priority,
                         fifo_timeout, actors)
     graph, annotations, held = materialize(dsk)
