@@ -62,6 +62,13 @@ class _AllValues:
 
 
 _ALL = _AllValues()
+_ARGS: list[bytes] = []  # the arguments pickle of node i of a chunk, the same in every chunk
+
+
+def _args_bytes(i: int) -> bytes:
+    while len(_ARGS) <= i:
+        _ARGS.append(pickle.dumps(((len(_ARGS), _ALL), None), protocol=5))
+    return _ARGS[i]
 
 
 class GraphChunk:
@@ -324,6 +331,7 @@ def submit_graph(client, graph: dict, annotations: dict, held: dict, want: list,
                 futures[k] = Future(k, client, held[t]._state)
                 continue
             wt = p.wire.get(t) or to_wire(t)
+            p.wire[t] = wt
             st = states.get(wt)
             if st is None or st.status == "cancelled" or _lost(st):
                 st = states[wt] = FutureState(wt)
@@ -343,10 +351,11 @@ def submit_graph(client, graph: dict, annotations: dict, held: dict, want: list,
             part = p.tasks[start : start + batch]
             entries = []
             items = []
+            wire = p.wire
             for i, (k, node, names, wires) in enumerate(part):
-                wk = to_wire(k)
+                wk = wire.get(k) or to_wire(k)
                 entries.append((node, names, wires))
-                items.append([wk, pickle.dumps(((i, _ALL), None), protocol=5), wires,
+                items.append([wk, _args_bytes(i), wires,
                               task_options(opts, annotations, k)])
                 internal.append(wk)
             fid, fbytes = _pickle_chunk(entries, items, resolved, p.wire, client)

@@ -29,6 +29,8 @@ def to_wire(key) -> str:
         if key.startswith(MARK):
             raise ValueError(f"task keys may not begin with {MARK!r} (zfabric reserves it)")
         return key
+    if type(key) is tuple and all(type(k) is str or type(k) is int for k in key):
+        return MARK + repr(key)  # dask's usual (name, i, j, ...): already canonical
     return MARK + repr(_canonical(key))
 
 
