@@ -201,12 +201,17 @@ def task_hash(payload, buffers=()) -> str:
 class _FunctionCache:
     """Recently unpickled functions, by their pickle."""
 
-    def __init__(self, size: int = 512):
+    def __init__(self, size: int = 512, max_bytes: int = 64 * 1024):
         self.size = size
+        self.max_bytes = max_bytes
         self.items: OrderedDict[bytes, object] = OrderedDict()
         self.lock = threading.Lock()
 
     def get(self, data: bytes):
+        if len(data) > self.max_bytes:
+            # a chunk of a dask graph (or a function closing over much data): the worker keeps
+            # it under its id while tasks need it; caching it here would outlive that
+            return pickle.loads(data)
         with self.lock:
             func = self.items.get(data)
             if func is not None:
