@@ -27,6 +27,7 @@ from .errors import (
 if TYPE_CHECKING:
     from .client import Client, default_client
     from .cluster import LocalCluster
+    from .context import get_client, get_worker, rejoin, secede, worker_client
     from .futures import Future, as_completed, fire_and_forget, futures_of, wait
     from .nanny import Nanny
     from .scheduler import Scheduler
@@ -42,6 +43,8 @@ _LAZY = {
     "Worker": "worker",
     "Nanny": "nanny",
     "LocalCluster": "cluster",
+    "get_client": "context", "get_worker": "context", "rejoin": "context", "secede": "context",
+    "worker_client": "context",
 }
 
 
@@ -70,6 +73,12 @@ __all__ = [
     "fire_and_forget",
     "futures_of",
     "wait",
+    # Inside tasks
+    "get_client",
+    "get_worker",
+    "rejoin",
+    "secede",
+    "worker_client",
     # Errors
     "ClosedError",
     "CommTimeoutError",

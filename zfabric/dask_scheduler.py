@@ -1,8 +1,8 @@
-"""Which client is the default one, and making it dask's scheduler without importing dask.
+"""Making the default client dask's scheduler, without importing dask.
 
-Clients created with ``set_as_default=True`` stack up; the newest open one is the default
-(:func:`default_client`, and dask's scheduler). Closing it hands over to the previous open one,
-and when none is left, dask's configuration goes back to what it was before any zfabric client.
+Clients created with ``set_as_default=True`` stack up (:func:`zfabric.client.default_client`);
+the newest open one is dask's scheduler. Closing it hands over to the previous open one, and
+when none is left, dask's configuration goes back to what it was before any zfabric client.
 
 dask's configuration gets one value, :func:`dask_get` (a module-level function, so that a
 ``copy.deepcopy`` of the config keeps it), which runs each graph on the current default client.
@@ -21,54 +21,38 @@ import sys
 import threading
 import weakref
 
-__all__ = ["dask_get", "default_client", "pop", "push"]
+__all__ = ["closed", "current", "dask_get", "install"]
 
 _lock = threading.RLock()
-_stack: list[weakref.ref] = []
 _MISSING = object()
 _saved: dict | None = None  # dask config before the first zfabric client, once installed
 
 
-def push(client) -> None:
-    """``client`` becomes the default client (and dask's scheduler)."""
+def install(client=None) -> None:
+    """A default client was created: dask's scheduler is now the newest open default client
+    (set now if dask is imported, else when it is). ``client`` garbage-collected without
+    being closed counts as closed."""
     with _lock:
-        _stack.append(weakref.ref(client, _gone))
         _install()
+    if client is not None:
+        weakref.finalize(client, closed)
 
 
-def _gone(ref) -> None:
-    """A default client was garbage-collected without being closed."""
+def closed() -> None:
+    """A default client closed: without another open one, dask's config goes back."""
     with _lock:
-        if ref in _stack:
-            _stack.remove(ref)
-        if current() is None:
-            _restore()
-
-
-def pop(client) -> None:
-    """``client`` closes: the previous open default client takes over."""
-    with _lock:
-        _stack[:] = [r for r in _stack if r() is not None and r() is not client]
         if current() is None:
             _restore()
 
 
 def current():
-    """The newest open default client, or None."""
-    with _lock:
-        for ref in reversed(_stack):
-            c = ref()
-            if c is not None and c.status not in ("closing", "closed"):
-                return c
-    return None
+    """The newest open default client (see :func:`zfabric.client.default_client`), or None."""
+    from .client import default_client
 
-
-def default_client():
-    """The most recently created default client that is still open."""
-    c = current()
-    if c is None:
-        raise ValueError("No client is open; create one with Client(address)")
-    return c
+    try:
+        return default_client()
+    except ValueError:
+        return None
 
 
 def _client_for_dask():

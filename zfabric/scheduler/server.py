@@ -50,6 +50,7 @@ class Scheduler(LifeCycle):
         self.config = config or from_env()
         self.address = ""
         self.state = SchedulerState(config=self.config, versions=protocol.versions())
+        self.state.started = time.time()
         self._stop = False
         self._thread: threading.Thread | None = None
         self._backlog: dict[bytes, deque[bytes]] = {}  # messages a full peer queue refused
