@@ -168,6 +168,12 @@ def test_compute_persist_get_sync(client):
     dsk = {"a": 1, 5: (inc, "a"), ("t", 0): (sum, [5, "a"]), "alias": ("t", 0)}
     assert client.get(dsk, [("t", 0), [5, "alias"], "a"]) == [3, [2, 3], 1]
     assert client.get(dsk, 5) == 2
+    # a HighLevelGraph and nested keys, as a collection hands them over
+    y = da.arange(6, chunks=2) * 3
+    hlg = y.__dask_graph__()
+    assert type(hlg).__name__ == "HighLevelGraph"
+    blocks = client.get(hlg, y.__dask_keys__())
+    assert [b.tolist() for b in blocks] == [[0, 3], [6, 9], [12, 15]]
     # every keyword is either understood or refused
     assert client.get(dsk, 5, retries=1, priority=3, workers=None) == 2
     with pytest.raises(TypeError, match="unexpected keyword"):
