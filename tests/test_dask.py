@@ -69,6 +69,11 @@ def test_array_through_the_default_client(client):
         "matmul": x.dot(y).sum(axis=1),
         "std": x.std(),
     }
+    # numpy data inside the graph (2 MB per node: shipped to workers, not through the
+    # scheduler), and a chunk of small nodes beside it
+    data = np.random.default_rng(3).random((1000, 1000))
+    cases["from_array"] = (da.from_array(data, chunks=(500, 500)) + 1).T.sum(axis=0)
+    cases["from_array_small"] = da.from_array(data[:40, :40], chunks=(10, 10)).sum(axis=1)
     # Then each gives the threaded scheduler's answer
     for name, expr in cases.items():
         np.testing.assert_allclose(expr.compute(), threaded(expr), err_msg=name)

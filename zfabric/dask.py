@@ -41,6 +41,9 @@ logger = logging.getLogger(__name__)
 
 __all__ = ["GraphChunk", "compute", "get", "persist", "plan"]
 
+#: A chunk of graph nodes pickled larger than this is split (see :func:`_split`).
+LARGE_CHUNK_BYTES = 1 << 20
+
 #: Annotation names dask hands over that become task options.
 ANNOTATIONS = ("priority", "retries", "workers", "allow_other_workers", "resources")
 
@@ -359,6 +362,9 @@ def submit_graph(client, graph: dict, annotations: dict, held: dict, want: list,
                               task_options(opts, annotations, k)])
                 internal.append(wk)
             fid, fbytes = _pickle_chunk(entries, items, resolved, p.wire, client)
+            if len(fbytes) > LARGE_CHUNK_BYTES:
+                _split(client, entries, items, inline_bytes)
+                continue
             for item in items:
                 item.append(fid)
             outbox.append({"op": "submit", "tasks": items, "functions": {fid: fbytes}})
@@ -427,6 +433,69 @@ def _with_refs(node, futures: dict):
     kwargs = {k: parse_input(v) for k, v in node.kwargs.items()}
     new = Task(node.key, node.func, *args, _data_producer=node.data_producer, **kwargs)
     return new if new.dependencies != node.dependencies else node
+
+
+def _split(client, entries: list, items: list, inline_bytes: int) -> None:
+    """Queue a chunk whose nodes carry much data (``from_array``, ``from_pandas``): a node
+    with large buffers goes straight to a worker, as a submitted task's large arguments do
+    (the scheduler and the other workers never see it); the small ones travel in chunks."""
+    run_fid, run_fbytes = serialize.dumps_function(run_node)
+    group_entries: list = []
+    group_items: list = []
+
+    def flush():
+        if not group_entries:
+            return
+        fid, fbytes = _pickle_chunk(group_entries, group_items, {}, {}, client)
+        for i, item in enumerate(group_items):
+            item[1] = _args_bytes(i)
+            item.append(fid)
+        client._outbox.append({"op": "submit", "tasks": list(group_items),
+                               "functions": {fid: fbytes}})
+        group_entries.clear()
+        group_items.clear()
+
+    for entry, item in zip(entries, items, strict=True):
+        header, buffers = _dumps_node(entry, inline_bytes)
+        if serialize.nbytes(header, buffers) < inline_bytes:
+            group_entries.append(entry)
+            group_items.append(item)
+            continue
+        flush()
+        wk, _, wires, opts = item
+        st = client._states.get(wk) or FutureState(wk)
+        client._outbox.append(Deferred(
+            client._ship_args(wk, run_fid, run_fbytes, header, wires, buffers, opts), st))
+    flush()
+
+
+def run_node(node, names, wires, values):
+    """Run one task-spec node shipped on its own (see :func:`_split`)."""
+    if names:
+        return node({n: values[w] for n, w in zip(names, wires, strict=True)})
+    return node({})
+
+
+def _dumps_node(entry, inline_bytes: int):
+    """A node's call arguments, with its large buffers out of band."""
+    import cloudpickle
+
+    node, names, wires = entry
+    buffers: list = []
+
+    def keep(pb):
+        try:
+            raw = pb.raw()
+        except BufferError:
+            return True
+        if raw.nbytes < inline_bytes:
+            return True
+        buffers.append(raw)
+        return False
+
+    header = cloudpickle.dumps(((node, names, wires, _ALL), None), protocol=5,
+                               buffer_callback=keep)
+    return header, buffers
 
 
 def _find_futures(obj, out: dict) -> None:
