@@ -271,6 +271,29 @@ def submit_graph(client, graph: dict, annotations: dict, held: dict, want: list,
                 scatter_inline.append([wk, header, size, []])
         local[k] = value
     internal = [item[0] for item in scatter_inline] + [item[0] for item in scatter_large]
+    # The ops are built (and the nodes pickled) before taking the client's lock, which its
+    # I/O loop needs for every op it receives.
+    ops: list = []
+    if scatter_inline:
+        ops.append({"op": "scatter", "items": scatter_inline})
+    if scatter_large:
+        ops.append(Deferred(_ship_literals(client, scatter_large), FutureState("literals")))
+    wire = p.wire
+    for start in range(0, len(p.tasks), batch):
+        entries = []
+        items = []
+        for i, (k, node, names, wires) in enumerate(p.tasks[start : start + batch]):
+            wk = wire.get(k) or to_wire(k)
+            entries.append((node, names, wires))
+            items.append([wk, args_bytes(i), wires, task_options(opts, annotations, k)])
+            internal.append(wk)
+        fid, fbytes = pickle_chunk(entries, items, resolved, wire, client)
+        if len(fbytes) > LARGE_CHUNK_BYTES:
+            split(client, entries, items, inline_bytes, ops)
+            continue
+        for item in items:
+            item.append(fid)
+        ops.append({"op": "submit", "tasks": items, "functions": {fid: fbytes}})
     futures: dict = {}
     values: dict = {}
     with client._lock:
@@ -283,8 +306,7 @@ def submit_graph(client, graph: dict, annotations: dict, held: dict, want: list,
             if t in held:
                 futures[k] = Future(k, client, held[t]._state)
                 continue
-            wt = p.wire.get(t) or to_wire(t)
-            p.wire[t] = wt
+            wt = wire.get(t) or to_wire(t)
             st = states.get(wt)
             if st is None or st.status == "cancelled" or _lost(st):
                 st = states[wt] = FutureState(wt)
@@ -294,36 +316,16 @@ def submit_graph(client, graph: dict, annotations: dict, held: dict, want: list,
             futures[k] = Future(k, client, st)
             if k != t:
                 renamed[to_wire(k)] = wt
-        if scatter_inline:
-            client._outbox.append({"op": "scatter", "items": scatter_inline})
-        if scatter_large:
-            client._outbox.append(Deferred(_ship_literals(client, scatter_large),
-                                           FutureState("literals")))
-        outbox = client._outbox
-        for start in range(0, len(p.tasks), batch):
-            part = p.tasks[start : start + batch]
-            entries = []
-            items = []
-            wire = p.wire
-            for i, (k, node, names, wires) in enumerate(part):
-                wk = wire.get(k) or to_wire(k)
-                entries.append((node, names, wires))
-                items.append([wk, args_bytes(i), wires,
-                              task_options(opts, annotations, k)])
-                internal.append(wk)
-            fid, fbytes = pickle_chunk(entries, items, resolved, p.wire, client)
-            if len(fbytes) > LARGE_CHUNK_BYTES:
-                split(client, entries, items, inline_bytes)
-                continue
-            for item in items:
-                item.append(fid)
-            outbox.append({"op": "submit", "tasks": items, "functions": {fid: fbytes}})
+        for op in ops:
+            if type(op) is Deferred and op.state.key in states:
+                op.state = states[op.state.key]  # a requested key shipped on its own
+        client._outbox.extend(ops)
         # Keys this client holds Futures for (the requested ones, or earlier ones that the
         # graph shares) stay wanted; the rest were wanted only while the ops went out.
-        held = client._refcount
-        internal = [k for k in internal if k not in held]
+        held_keys = client._refcount
+        internal = [k for k in internal if k not in held_keys]
         if internal:
-            outbox.append({"op": "release", "keys": internal})
+            client._outbox.append({"op": "release", "keys": internal})
     client._send()
     return futures, values
 

@@ -132,8 +132,8 @@ def _with_refs(node, futures: dict):
     return new if new.dependencies != node.dependencies else node
 
 
-def split(client, entries: list, items: list, inline_bytes: int) -> None:
-    """Queue a chunk whose nodes carry much data (``from_array``, ``from_pandas``): a node
+def split(client, entries: list, items: list, inline_bytes: int, ops: list) -> None:
+    """Add to ``ops`` a chunk whose nodes carry much data (``from_array``, ``from_pandas``): a node
     with large buffers goes straight to a worker, as a submitted task's large arguments do
     (the scheduler and the other workers never see it); the small ones travel in chunks."""
     run_fid, run_fbytes = serialize.dumps_function(run_node)
@@ -147,8 +147,7 @@ def split(client, entries: list, items: list, inline_bytes: int) -> None:
         for i, item in enumerate(group_items):
             item[1] = args_bytes(i)
             item.append(fid)
-        client._outbox.append({"op": "submit", "tasks": list(group_items),
-                               "functions": {fid: fbytes}})
+        ops.append({"op": "submit", "tasks": list(group_items), "functions": {fid: fbytes}})
         group_entries.clear()
         group_items.clear()
 
@@ -160,9 +159,9 @@ def split(client, entries: list, items: list, inline_bytes: int) -> None:
             continue
         flush()
         wk, _, wires, opts = item
-        st = client._states.get(wk) or FutureState(wk)
-        client._outbox.append(Deferred(
-            client._ship_args(wk, run_fid, run_fbytes, header, wires, buffers, opts), st))
+        ops.append(Deferred(
+            client._ship_args(wk, run_fid, run_fbytes, header, wires, buffers, opts),
+            FutureState(wk)))
     flush()
 
 
