@@ -40,7 +40,11 @@ def client():
 
 
 def threaded(x):
-    return dask.compute(x, scheduler="threads")[0]
+    # dask.threaded.get itself: a scheduler *name* makes dask import dask.distributed, which
+    # installs tblib's exception pickling process-wide (and changes what other tests see)
+    import dask.threaded
+
+    return dask.compute(x, scheduler=dask.threaded.get)[0]
 
 
 def inc(x):
@@ -127,6 +131,7 @@ def test_dataframe(client):
     df = dd.from_pandas(pdf, npartitions=5)
     odf = dd.from_pandas(other, npartitions=2)
     assert dask.config.get("dataframe.shuffle.method") == "tasks"
+    assert dask.config.get("array.rechunk.method") == "tasks"
     cases = {
         "groupby": df.groupby("k").v.mean(),
         "agg": df.groupby("w").agg({"v": "sum", "k": "max"}),
@@ -331,6 +336,8 @@ SCRIPT = textwrap.dedent('''
                                   for i in range(4)])
             print("remote", os.getpid() not in pids)
         assert dask.config.get("scheduler", None) is None, "config not restored"
+        assert dask.config.get("dataframe.shuffle.method", None) is None
+        assert "distributed" not in sys.modules, "dask.distributed was imported"
         print("restored")
 ''')
 
@@ -392,3 +399,8 @@ def test_plan_orders_by_dask_order_and_resolves_aliases_and_literals():
     # and the alias and the literal cost no task
     assert "alias" not in keys and "lit" not in keys
     assert p.literals == {"lit": 5} and p.resolved["alias"] in keys
+
+
+def test_dask_distributed_was_not_imported():
+    # zfabric as dask's scheduler never needs dask.distributed (see threaded() above)
+    assert "distributed" not in sys.modules

@@ -8,9 +8,10 @@ dask's configuration gets one value, :func:`dask_get` (a module-level function, 
 ``copy.deepcopy`` of the config keeps it), which runs each graph on the current default client.
 When dask is not imported yet, a finder on ``sys.meta_path`` sets the configuration right after
 ``import dask`` finishes, so that ``import zfabric`` and ``Client()`` never import dask
-themselves. While a zfabric client is dask's scheduler, ``dataframe.shuffle.method`` is
-``"tasks"`` unless the user set it: without a dask.distributed client dask would pick
-``"disk"``, which writes partd files on the client's host and breaks across hosts.
+themselves. While a zfabric client is dask's scheduler, ``dataframe.shuffle.method`` and
+``array.rechunk.method`` are ``"tasks"`` unless the user set them (:data:`TASK_METHODS`):
+without a dask.distributed client dask would pick ``"disk"`` for shuffles, which writes partd
+files on the client's host and breaks across hosts.
 """
 
 from __future__ import annotations
@@ -92,21 +93,38 @@ def _install() -> None:
     _apply(config)
 
 
+#: dask settings that default to dask.distributed's P2P extension (or to files on the client's
+#: host) when left unset; while a zfabric client is the scheduler they are "tasks" unless the
+#: user set them. Leaving them unset would also make dask import dask.distributed to ask
+#: whether one of its clients is open.
+TASK_METHODS = (("dataframe", "shuffle", "method"), ("array", "rechunk", "method"))
+
+
 def _apply(config) -> None:
     global _saved
     if _saved is None:
-        _saved = {
-            "scheduler": config.config.get("scheduler", _MISSING),
-            "shuffle": _shuffle_of(config),
-        }
+        _saved = {"scheduler": config.config.get("scheduler", _MISSING)}
+        for path in TASK_METHODS:
+            _saved[path] = _get(config.config, path)
     config.config["scheduler"] = dask_get
-    if _saved["shuffle"] is _MISSING:
-        config.config.setdefault("dataframe", {}).setdefault("shuffle", {})["method"] = "tasks"
+    for path in TASK_METHODS:
+        if _saved[path] is _MISSING:
+            _set(config.config, path, "tasks")
 
 
-def _shuffle_of(config):
-    value = config.config.get("dataframe", {}).get("shuffle", {}).get("method", _MISSING)
+def _get(tree: dict, path: tuple):
+    for name in path[:-1]:
+        tree = tree.get(name) or {}
+    value = tree.get(path[-1], _MISSING)
     return _MISSING if value is None else value
+
+
+def _set(tree: dict, path: tuple, value) -> None:
+    for name in path[:-1]:
+        if not isinstance(tree.get(name), dict):
+            tree[name] = {}
+        tree = tree[name]
+    tree[path[-1]] = value
 
 
 def _restore() -> None:
@@ -120,10 +138,9 @@ def _restore() -> None:
             config.config.pop("scheduler", None)
         else:
             config.config["scheduler"] = _saved["scheduler"]
-    if _saved["shuffle"] is _MISSING:
-        shuffle = config.config.get("dataframe", {}).get("shuffle", {})
-        if shuffle.get("method") == "tasks":
-            shuffle["method"] = None
+    for path in TASK_METHODS:
+        if _saved[path] is _MISSING and _get(config.config, path) == "tasks":
+            _set(config.config, path, None)
     _saved = None
 
 
