@@ -173,7 +173,7 @@ class _AfterLoader(importlib.abc.Loader):
         return self.loader.create_module(spec)
 
     def exec_module(self, module):
-        module.__spec__.loader = self.loader
+        module.__spec__.loader = module.__loader__ = self.loader  # as if we were never here
         self.loader.exec_module(module)
         _remove_hook()
         with _lock:
