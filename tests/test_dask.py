@@ -339,6 +339,11 @@ SCRIPT = textwrap.dedent('''
         assert dask.config.get("dataframe.shuffle.method", None) is None
         assert "distributed" not in sys.modules, "dask.distributed was imported"
         print("restored")
+        dask.config.set(scheduler="sync")
+        with LocalCluster(n_workers=1, processes=False) as cluster, Client(cluster):
+            assert dask.config.get("scheduler").__module__ == "zfabric.dask_scheduler"
+        assert dask.config.get("scheduler") == "sync", dask.config.get("scheduler")
+        print("handed back")
 ''')
 
 
@@ -351,7 +356,7 @@ def test_user_script_subprocess(tmp_path):
     assert "sum 2000000.0" in proc.stdout
     assert "bag [5.0, 10.0]" in proc.stdout
     assert "remote True" in proc.stdout
-    assert "restored" in proc.stdout
+    assert "restored" in proc.stdout and "handed back" in proc.stdout
 
 
 def slow_block(block, delay):
