@@ -235,9 +235,10 @@ def _lost(st: FutureState) -> bool:
 
 
 def submit_graph(client, graph: dict, annotations: dict, held: dict, want: list,
-                 opts: dict | None):
+                 opts: dict | None, place: bool = False):
     """Send a graph's tasks; ``{key: Future}`` for each key of ``want`` that is computed on
-    the cluster, and ``{key: value}`` for those answered here (literals)."""
+    the cluster, and ``{key: value}`` for those answered here (literals, unless ``place``:
+    persist puts requested literals on the cluster too)."""
     renamed = client._renamed
     if renamed:
         held_now = client._refcount
@@ -258,6 +259,8 @@ def submit_graph(client, graph: dict, annotations: dict, held: dict, want: list,
     needed = set()
     for _, _, _, wires in p.tasks:
         needed.update(wires)
+    if place:
+        needed.update(to_wire(t) for t in wanted.values() if t in p.literals)
     local: dict = {}
     scatter_inline, scatter_large = [], []
     for k, value in p.literals.items():
@@ -500,7 +503,8 @@ def persist(client, collections, *, optimize_graph=True, workers=None,
     if len(colls) == 1 and len(keys) != 1:
         keys = [keys]
     graph, annotations, held = materialize(expr)
-    futures, values = submit_graph(client, graph, annotations, held, _flat(keys), opts)
+    futures, values = submit_graph(client, graph, annotations, held, _flat(keys), opts,
+                                   place=True)
     held = {**values, **futures}
     out = []
     for c, ks in zip(colls, keys, strict=True):

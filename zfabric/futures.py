@@ -232,6 +232,11 @@ class Future:
     def __del__(self):
         self.release()
 
+    def __dask_tokenize__(self):
+        # dask names collections by hashing their graphs: a persisted dataframe's graph holds
+        # Futures, whose token is their key (as dask.distributed's are)
+        return ("zfabric.Future", self._wkey)
+
     def __reduce__(self):
         collected = serialize.collecting()
         if collected is not None:
