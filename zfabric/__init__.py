@@ -28,7 +28,7 @@ if TYPE_CHECKING:
     from .client import Client, default_client
     from .cluster import LocalCluster
     from .context import get_client, get_worker, rejoin, secede, worker_client
-    from .futures import Future, as_completed, fire_and_forget, wait
+    from .futures import Future, as_completed, fire_and_forget, futures_of, wait
     from .nanny import Nanny
     from .scheduler import Scheduler
     from .worker import Worker
@@ -38,7 +38,7 @@ if TYPE_CHECKING:
 _LAZY = {
     "Client": "client", "default_client": "client",
     "Future": "futures", "as_completed": "futures", "fire_and_forget": "futures",
-    "wait": "futures",
+    "wait": "futures", "futures_of": "futures",
     "Scheduler": "scheduler.server",
     "Worker": "worker",
     "Nanny": "nanny",
@@ -71,6 +71,7 @@ __all__ = [
     "as_completed",
     "default_client",
     "fire_and_forget",
+    "futures_of",
     "wait",
     # Inside tasks
     "get_client",
