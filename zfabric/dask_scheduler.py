@@ -22,11 +22,12 @@ import sys
 import threading
 import weakref
 
-__all__ = ["closed", "current", "dask_get", "install"]
+__all__ = ["closed", "current", "dask_get", "install", "serve_tasks"]
 
 _lock = threading.RLock()
 _MISSING = object()
 _saved: dict | None = None  # dask config before the first zfabric client, once installed
+_for_tasks = False  # a worker process: keep dask's config on zfabric (see serve_tasks)
 
 
 def install(client=None) -> None:
@@ -42,7 +43,7 @@ def install(client=None) -> None:
 def closed() -> None:
     """A default client closed: without another open one, dask's config goes back."""
     with _lock:
-        if current() is None:
+        if current() is None and not _for_tasks:
             _restore()
 
 
@@ -56,7 +57,27 @@ def current():
         return None
 
 
+def serve_tasks() -> None:
+    """This is a worker process: a dask computation started inside a task runs on the
+    worker's own client (``get_client()``), so dask's config points at :func:`dask_get` here
+    even with no default client (set now if dask is imported, else when it is)."""
+    global _for_tasks
+    with _lock:
+        _for_tasks = True
+        _install()
+
+
+def _in_task() -> bool:
+    from .worker.execute import current_task
+
+    return current_task()[1] is not None
+
+
 def _client_for_dask():
+    if _in_task():  # inside a task: the worker's client
+        from .context import get_client
+
+        return get_client()
     c = current()
     if c is None:
         raise RuntimeError("no zfabric client is open to run this dask computation; create"
@@ -69,7 +90,14 @@ def _client_for_dask():
 
 
 def dask_get(dsk, keys, **kwargs):
-    """dask's scheduler while a zfabric client is the default: runs on that client."""
+    """dask's scheduler while a zfabric client is the default: runs on that client. Inside a
+    task it runs on the worker's client, the task giving its slot back meanwhile (so a
+    one-thread worker does not wait for itself)."""
+    if _in_task():
+        from .context import worker_client
+
+        with worker_client() as client:
+            return client.get(dsk, keys, **kwargs)
     return _client_for_dask().get(dsk, keys, **kwargs)
 
 
@@ -177,7 +205,7 @@ class _AfterLoader(importlib.abc.Loader):
         self.loader.exec_module(module)
         _remove_hook()
         with _lock:
-            if current() is not None:
+            if current() is not None or _for_tasks:
                 _install()
 
     def __getattr__(self, name):
