@@ -97,9 +97,10 @@ class LocalCluster(LifeCycle):
         worker_log_level: str = "warning",
         config: Config | None = None,
         scheduler_port: int | None = None,
+        dashboard_address: str | int | None = "default",
         **kwargs,
     ):
-        for ignored in ("dashboard_address", "silence_logs", "diagnostics_port"):
+        for ignored in ("silence_logs", "diagnostics_port"):
             kwargs.pop(ignored, None)
         if kwargs:
             raise TypeError(f"LocalCluster got unexpected arguments: {', '.join(sorted(kwargs))}")
@@ -117,6 +118,7 @@ class LocalCluster(LifeCycle):
         self.death_timeout = death_timeout
         self.worker_log_level = worker_log_level
         self.config = config or from_env()
+        self.dashboard_address = dashboard_address
         self.scheduler: Scheduler | None = None
         self.workers: dict[int, Nanny | Worker] = {}
         self._loop_thread: LoopThread | None = None
@@ -137,6 +139,11 @@ class LocalCluster(LifeCycle):
         return self.scheduler.address if self.scheduler is not None else ""
 
     @property
+    def dashboard_link(self) -> str | None:
+        """The dashboard's URL, or None when it is off."""
+        return self.scheduler.dashboard_link if self.scheduler is not None else None
+
+    @property
     def name(self) -> str:
         return f"LocalCluster({self.scheduler_address or 'not started'})"
 
@@ -153,7 +160,8 @@ class LocalCluster(LifeCycle):
     # ------------------------------------------------------------------ life cycle
 
     async def start(self) -> None:
-        self.scheduler = Scheduler(host=self.host, port=self.port, config=self.config)
+        self.scheduler = Scheduler(host=self.host, port=self.port, config=self.config,
+                                   dashboard_address=self.dashboard_address)
         await self.scheduler
         address = self.scheduler.address
         for i in range(self.n_workers):

@@ -39,6 +39,7 @@ from ..errors import RemoteProtocolError
 from ..protocol import version_mismatches
 from . import policy
 from .client_ops import ClientOps
+from .observe import Observer
 from .outbox import Outbox
 from .queue import ReadyQueue
 from .records import FIRE_AND_FORGET, ClientState, NannyState, TaskState, WorkerState
@@ -95,12 +96,21 @@ class SchedulerState(ClientOps, WorkerLoss):
         self.events: list[tuple[float, str]] = []  # recent notable events, for info and logs
         self.now = 0.0
         self.counts = {"finished": 0, "erred": 0}
+        self.observe = Observer(config.TASK_STREAM_LENGTH)  # groups, task stream, topics
+        self.dashboard_link: str | None = None  # set by the shell once its dashboard serves
+        self.log_source = None  # set by the shell: n -> recent log records of this process
 
-    def _event(self, text: str) -> None:
+    def _event(self, text: str, kind: str = "event") -> None:
         logger.info(text)
         self.events.append((self.now, text))
         if len(self.events) > 200:
             del self.events[:100]
+        self.observe.event(kind)
+        self.observe.log_event("scheduler", {"action": kind, "text": text}, self.now)
+
+    def _observe_new(self, ts: TaskState) -> None:
+        g = ts.group = self.observe.group_of(ts.key)
+        g.counts["new"] += 1
 
     # ------------------------------------------------------------------ entry points
 
@@ -158,6 +168,7 @@ class SchedulerState(ClientOps, WorkerLoss):
     def tick(self, now: float) -> None:
         """Time passes: declare silent workers dead and silent clients gone."""
         self.now = now
+        self.observe.sample(now, self.counts["finished"])
         limit = now - self.config.WORKER_TTL_S
         for ws in [w for w in self.workers.values() if w.last_seen < limit]:
             if ws.nanny is not None and ws.nanny in self.nannies:
@@ -227,7 +238,8 @@ class SchedulerState(ClientOps, WorkerLoss):
             self.workers[peer] = ws
             self.workers_by_address[address] = ws
             self.send(peer, welcome)
-            self._event(f"worker {ws.name} joined at {address} ({ws.nthreads} threads)")
+            self._event(f"worker {ws.name} joined at {address} ({ws.nthreads} threads)",
+                        "worker-joined")
             if ws.nanny in self.nannies:
                 self.nannies[ws.nanny].workers.add(peer)
             self._fill(ws)
@@ -309,12 +321,32 @@ class SchedulerState(ClientOps, WorkerLoss):
                     ws.address: sorted(ws.processing)
                     for ws in self.workers.values()
                 }
+            case "snapshot" | "task-stream" | "events" | "log-event" | "logs":
+                reply["result"] = self._observe_request(kind, args)
             case "task-states":
                 keys = args.get("keys") or list(self.tasks)
                 reply["result"] = {k: self.tasks[k].state for k in keys if k in self.tasks}
             case _:
                 reply["error"] = f"unknown request {kind!r}"
         self.send(peer, reply)
+
+    def _observe_request(self, kind: str, args: dict):
+        obs = self.observe
+        match kind:
+            case "snapshot":
+                return obs.snapshot(self, self.now)
+            case "task-stream":
+                return obs.stream_since(args.get("since"), start=args.get("start"),
+                                        stop=args.get("stop"), count=args.get("count"))
+            case "events":
+                return obs.get_events(args.get("topic"))
+            case "log-event":
+                topics = args["topic"]
+                for topic in [topics] if type(topics) is str else topics:
+                    obs.log_event(str(topic), args.get("msg"), self.now)
+                return True
+            case "logs":
+                return self.log_source(args.get("n")) if self.log_source else []
 
     def _start_fan_out(self, peer: bytes, rid: int, kind: str, args: dict) -> None:
         """A run (on workers) or restart (through nannies): reply once all have answered."""
@@ -393,6 +425,8 @@ class SchedulerState(ClientOps, WorkerLoss):
                 metrics = op.get("metrics")
                 if isinstance(metrics, dict):
                     ws.metrics = metrics
+                if "transfers" in op:
+                    self.observe.transferred(ws, op["transfers"])
             case "missing":
                 self._missing(ws, op["key"], op["dep"], op["address"])
             case "run-result":
@@ -407,7 +441,8 @@ class SchedulerState(ClientOps, WorkerLoss):
                 raise RemoteProtocolError(f"a worker may not send {other!r}")
 
     def task_finished(
-        self, ws: WorkerState, key: str, nbytes: int, value: bytes | None, duration: float
+        self, ws: WorkerState, key: str, nbytes: int, value: bytes | None, duration: float,
+        start: float | None = None, stop: float | None = None, thread: int | None = None,
     ) -> None:
         if (type(key) is not str or type(nbytes) is not int
                 or not (value is None or type(value) is bytes)
@@ -428,6 +463,7 @@ class SchedulerState(ClientOps, WorkerLoss):
         ts.value = value
         ts.add_holder(ws)
         self.counts["finished"] += 1
+        self.observe.finished(ts, ws, "OK", start, stop, thread, self.now)
         self._set_state(ts, "memory")
         item = None
         for cs in ts.wanters():
@@ -441,7 +477,8 @@ class SchedulerState(ClientOps, WorkerLoss):
         self._check_release(release)
 
     def task_erred(self, ws: WorkerState, key: str, exc: bytes | None, tb: bytes | None,
-                   text: str, kind: str | None = None) -> None:
+                   text: str, kind: str | None = None, start: float | None = None,
+                   stop: float | None = None, thread: int | None = None) -> None:
         if (type(key) is not str or type(text) is not str
                 or not (exc is None or type(exc) is bytes) or not (tb is None or type(tb) is bytes)
                 or not (kind is None or type(kind) is str)):
@@ -451,6 +488,7 @@ class SchedulerState(ClientOps, WorkerLoss):
             return
         ws.done(ts, 0.0)
         ts.processing_on = None
+        self.observe.finished(ts, ws, "error", start, stop, thread, self.now)
         if ts.retries > 0:
             ts.retries -= 1
             self._set_state(ts, "released")
@@ -464,6 +502,11 @@ class SchedulerState(ClientOps, WorkerLoss):
     def _set_state(self, ts: TaskState, new: str) -> None:
         if new not in TRANSITIONS[ts.state]:
             raise InvalidTransition(f"{ts.key!r}: {ts.state} -> {new}")
+        g = ts.group
+        if g is not None:
+            c = g.counts
+            c[ts.state] -= 1
+            c[new] += 1
         ts.state = new
 
     def _start(self, ts: TaskState) -> None:
@@ -569,6 +612,8 @@ class SchedulerState(ClientOps, WorkerLoss):
                 t.processing_on = None
             t.value = None
             self._free_holders(t)
+            if t.group is not None:
+                t.group.move(t.state, "erred")
             t.state = "erred"  # any state may fail
             t.error = [exc, tb, text, kind, extra]
             item = None
@@ -606,6 +651,9 @@ class SchedulerState(ClientOps, WorkerLoss):
                 continue
             self._drop_work(ts)
             del self.tasks[ts.key]
+            if ts.group is not None:
+                ts.group.move(ts.state, "forgotten" if ts.state in ("memory", "released")
+                              else "cancelled")
             ts.state = "forgotten"
             if ts.func is not None:
                 self._drop_function(ts.func)

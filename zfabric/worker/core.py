@@ -82,6 +82,8 @@ class WorkerLoop(DataPlane):
         self.fetch_queue: dict[str, deque[str]] = {}  # peer address -> dep keys to ask it for
         self.fetch_inflight: dict[str, int] = {}  # peer address -> requests awaiting an answer
         self.fetch_stats = {"requests": 0, "most_in_flight": 0}
+        # [peer, start, stop, nbytes, nkeys] of finished fetches, sent with the next heartbeat
+        self.transfer_log: list[list] = []
         self.ready: deque = deque()  # (key, payload, options)
         self.executing: dict[str, float] = {}  # key -> deadline or 0
         self.cancelled: set[str] = set()
@@ -211,12 +213,17 @@ class WorkerLoop(DataPlane):
     def _beat(self, now: float) -> None:
         try:
             mem = self._process.memory_info().rss
+            cpu = self._process.cpu_percent()  # since the last beat
         except psutil.Error:
-            mem = 0
-        self.outbox.append({"op": "heartbeat", "metrics": {
-            "memory": mem, "executing": len(self.executing), "ready": len(self.ready),
-            "in_memory": len(self.store), "fetching": len(self.fetching),
-        }})
+            mem, cpu = 0, 0.0
+        beat = {"op": "heartbeat", "metrics": {
+            "memory": mem, "cpu": cpu, "executing": len(self.executing),
+            "ready": len(self.ready), "in_memory": len(self.store),
+            "fetching": len(self.fetching),
+        }}
+        if self.transfer_log:
+            beat["transfers"], self.transfer_log = self.transfer_log, []
+        self.outbox.append(beat)
         self._check_timeouts(now)
         if self.use_shm:
             shm.pool().expire(now)
@@ -406,10 +413,12 @@ class WorkerLoop(DataPlane):
             self.serialized[key] = (out.header, out.buffers, out.nbytes)
             small = not out.buffers and out.nbytes < self.config.INLINE_BYTES
             inline = out.header if small else None
-            self.finished_items.append([key, out.nbytes, inline, out.duration])
+            self.finished_items.append([key, out.nbytes, inline, out.duration, out.start,
+                                        out.stop, out.thread])
         else:
             data, tb, text, kind = out.error
-            self.outbox.append({"op": "erred", "items": [[key, data, tb, text, kind]]})
+            self.outbox.append({"op": "erred", "items": [[key, data, tb, text, kind, out.start,
+                                                          out.stop, out.thread]]})
 
     def _check_timeouts(self, now: float) -> None:
         """Abandon threads stuck past their task's deadline (a thread cannot be killed)."""
