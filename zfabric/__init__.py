@@ -27,8 +27,10 @@ from .errors import (
 if TYPE_CHECKING:
     from .client import Client, default_client
     from .cluster import LocalCluster
+    from .diagnostics import get_task_stream, performance_report
     from .futures import Future, as_completed, fire_and_forget, wait
     from .nanny import Nanny
+    from .progress import progress
     from .scheduler import Scheduler
     from .worker import Worker
 
@@ -38,6 +40,8 @@ _LAZY = {
     "Client": "client", "default_client": "client",
     "Future": "futures", "as_completed": "futures", "fire_and_forget": "futures",
     "wait": "futures",
+    "progress": "progress",
+    "performance_report": "diagnostics", "get_task_stream": "diagnostics",
     "Scheduler": "scheduler.server",
     "Worker": "worker",
     "Nanny": "nanny",
@@ -69,6 +73,10 @@ __all__ = [
     "default_client",
     "fire_and_forget",
     "wait",
+    # Diagnostics
+    "get_task_stream",
+    "performance_report",
+    "progress",
     # Errors
     "ClosedError",
     "CommTimeoutError",

@@ -26,6 +26,7 @@ import zmq.asyncio
 
 from . import _zmq, protocol, serialize
 from .config import Config, from_env
+from .diagnostics import Diagnostics
 from .errors import (
     ClosedError,
     CommTimeoutError,
@@ -61,7 +62,7 @@ def funcname(func) -> str:
     return "lambda" if name == "<lambda>" else name
 
 
-class Client(Values, Session):
+class Client(Values, Session, Diagnostics):
     """Connects to a scheduler and turns calls into Futures.
 
     ``address`` may be a ``tcp://host:port`` string, a Scheduler, or a LocalCluster; with no

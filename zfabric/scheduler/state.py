@@ -194,6 +194,7 @@ class SchedulerState(ClientOps, WorkerLoss):
             "address": self.address,
             "warnings": warnings,
             "heartbeat_s": self.config.HEARTBEAT_INTERVAL_S,
+            "dashboard": self.dashboard_link,
         }
 
     def _handle_hello(self, peer: bytes, op: dict) -> None:
@@ -336,8 +337,11 @@ class SchedulerState(ClientOps, WorkerLoss):
             case "snapshot":
                 return obs.snapshot(self, self.now)
             case "task-stream":
-                return obs.stream_since(args.get("since"), start=args.get("start"),
-                                        stop=args.get("stop"), count=args.get("count"))
+                out = obs.stream_since(args.get("since"), start=args.get("start"),
+                                       stop=args.get("stop"), count=args.get("count"))
+                if "transfers" in args:
+                    out["transfers"] = obs.transfers_since(args["transfers"])
+                return out
             case "events":
                 return obs.get_events(args.get("topic"))
             case "log-event":
@@ -377,6 +381,7 @@ class SchedulerState(ClientOps, WorkerLoss):
             "clients": len(self.clients) - 1,
             "tasks": counts,
             "events": [list(e) for e in self.events[-20:]],
+            "services": {"dashboard": self.dashboard_link} if self.dashboard_link else {},
         }
 
     # ------------------------------------------------------------------ nannies
@@ -409,6 +414,8 @@ class SchedulerState(ClientOps, WorkerLoss):
     def _handle_worker(self, ws: WorkerState, op: dict) -> None:
         match op["op"]:
             case "finished":
+                if "transfers" in op:
+                    self.observe.transferred(ws, op["transfers"])
                 for item in op["tasks"]:
                     self.task_finished(ws, *item)
                 self._fill(ws)

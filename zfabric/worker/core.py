@@ -194,7 +194,10 @@ class WorkerLoop(DataPlane):
             self.outbox.append({"op": "started", "keys": self.started_keys})
             self.started_keys = []
         if self.finished_items:
-            self.outbox.append({"op": "finished", "tasks": self.finished_items})
+            op = {"op": "finished", "tasks": self.finished_items}
+            if self.transfer_log:  # the fetches its tasks waited for: seen with them
+                op["transfers"], self.transfer_log = self.transfer_log, []
+            self.outbox.append(op)
             self.finished_items = []
         if self.outbox:
             ops, self.outbox = self.outbox, []
