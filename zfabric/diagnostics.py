@@ -271,7 +271,7 @@ class performance_report:
         reply, snap = replies
         self._add(reply)
         stop = time.time()
-        html = render_report(self.records, [list(t) for t in self.transfers], self.first, snap, self.start, stop,
-                             dropped=self.dropped)
+        html = render_report(self.records, [list(t) for t in self.transfers], self.first,
+                             snap, self.start, stop, dropped=self.dropped)
         with open(self.filename, "w", encoding="utf-8") as f:
             f.write(html)

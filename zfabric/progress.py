@@ -64,7 +64,7 @@ class _Tracker:
 
 def _bar(done: int, total: int) -> str:
     frac = done / total if total else 1.0
-    n = int(round(BAR_WIDTH * frac))
+    n = round(BAR_WIDTH * frac)
     return "[" + "#" * n + " " * (BAR_WIDTH - n) + f"] {frac * 100:3.0f}%"
 
 
