@@ -188,14 +188,16 @@ class SchedulerState(ClientOps, WorkerLoss):
     # ------------------------------------------------------------------ hello
 
     def _welcome(self, warnings: list[str]) -> dict:
-        return {
+        op = {
             "op": "welcome",
             "epoch": self.epoch,
             "address": self.address,
             "warnings": warnings,
             "heartbeat_s": self.config.HEARTBEAT_INTERVAL_S,
-            "dashboard": self.dashboard_link,
         }
+        if self.dashboard_link:
+            op["dashboard"] = self.dashboard_link
+        return op
 
     def _handle_hello(self, peer: bytes, op: dict) -> None:
         if op["protocol"] != PROTOCOL_VERSION:
