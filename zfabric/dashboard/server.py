@@ -111,6 +111,10 @@ class _Server(ThreadingHTTPServer):
         self.dashboard = dashboard
         super().__init__(addr, handler)
 
+    def process_request_thread(self, request, client_address):
+        threading.current_thread().name = "zfabric-dashboard-request"  # seen by leak checks
+        super().process_request_thread(request, client_address)
+
 
 class _Handler(BaseHTTPRequestHandler):
     server_version = "zfabric-dashboard"
