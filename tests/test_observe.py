@@ -191,3 +191,14 @@ def test_snapshot_renders_as_prometheus_text():
     assert samples[("zfabric_task_duration_seconds_bucket", (("group", "inc"), ("le", "0.1")))] == 2
     tasks = {tuple(sorted(s.labels.items())): s.value for s in fams["zfabric_tasks"].samples}
     assert tasks[(("group", "inc"), ("state", "memory"))] == 2
+
+
+@pytest.mark.parametrize("key", [
+    "inc-3f2a9b0c1d", "hello-world-1", "hello-world", "hello-1", "x-abcdefab", "x-1-2-3",
+    "('x-2', 1)", "a-b-c", "a-b-12", "lambda-c1e4", "-1", "x-", "ae05086432ca935f6eba409a8ecd4896",
+])
+def test_group_of_caches_without_changing_the_answer(key):
+    obs = Observer()
+    for k in ("hello-2", "hello-world-2", "x-9", "a-b-3", key):  # warm the cache with heads
+        obs.group_of(k)
+    assert obs.group_of(key).name == key_group(key)

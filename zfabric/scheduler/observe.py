@@ -132,11 +132,27 @@ class Observer:
         self.messages_in = self.messages_out = self.bytes_in = self.bytes_out = 0
         self._next_sample = 0.0
         self._last = (0.0, 0, 0)  # (now, tasks done, bytes moved) at the last sample
+        self._heads: dict[str, str] = {}  # key without its last word -> group (group_of)
 
     # ------------------------------------------------------------------ hot path
 
     def group_of(self, key) -> Group:
-        name = key_group(key)
+        # Keys of one map share everything but a last, token-like word: remember the group of
+        # that head (a word with a digit or a symbol ends a group name, so the rest of the key
+        # cannot change it). Alphabetic last words may belong to the name: computed each time.
+        name = None
+        if type(key) is str:
+            head, sep, tail = key.rpartition("-")
+            if sep and not tail.isalpha():
+                cache = self._heads
+                name = cache.get(head)
+                if name is None:
+                    name = key_group(key)
+                    if len(cache) >= 10_000:
+                        cache.clear()
+                    cache[head] = name
+        if name is None:
+            name = key_group(key)
         g = self.groups.get(name)
         if g is None:
             g = self.groups[name] = Group(name)
