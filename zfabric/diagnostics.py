@@ -66,15 +66,15 @@ class Diagnostics:
         return getattr(self, "_dashboard_link", None)
 
     def get_task_stream(self, start=None, stop=None, count: int | None = None,
-                        plot: bool = False, filename: str = "task-stream.html"):
+                        plot: bool = False, filename: str | None = None):
         """Records of recently finished tasks, oldest first, in dask.distributed's shape:
         ``{"key", "worker", "thread", "status", "nbytes", "startstops": [{"action", "start",
         "stop"}], "group"}``. ``start``/``stop`` bound the time (see :func:`as_wall_time`),
         ``count`` keeps the newest. The scheduler remembers the last ``TASK_STREAM_LENGTH``."""
-        if plot:
+        if plot or filename is not None:
             raise NotImplementedError("zfabric draws the task stream on its dashboard and in"
                                       " performance_report(filename=...), not with bokeh;"
-                                      " call get_task_stream() without plot=")
+                                      " call get_task_stream() without plot= or filename=")
         if count is not None and (not isinstance(count, int) or count < 0):
             raise ValueError(f"count must be a non-negative integer, got {count!r}")
         args = {"start": as_wall_time(start), "stop": as_wall_time(stop), "count": count}
@@ -140,8 +140,8 @@ class get_task_stream:
     """Collect the task stream of the block: ``with get_task_stream() as ts: ...``, then
     ``ts.data`` holds the records (see :meth:`Diagnostics.get_task_stream`)."""
 
-    def __init__(self, client=None, plot: bool = False, filename: str = "task-stream.html"):
-        if plot:
+    def __init__(self, client=None, plot: bool = False, filename: str | None = None):
+        if plot or filename is not None:
             raise NotImplementedError("zfabric draws no bokeh plot; use ts.data, the dashboard"
                                       " or performance_report(filename=...)")
         self.client = client
@@ -178,8 +178,8 @@ class performance_report:
     worker utilization and bytes moved. ``with performance_report(filename="report.html"):``
     (or ``async with`` on an asynchronous client); it opens with no network."""
 
-    def __init__(self, filename: str = "dask-report.html", stacklevel: int = 1, mode=None,
-                 storage_options=None, client=None):
+    def __init__(self, filename: str = "dask-report.html", mode=None, storage_options=None,
+                 client=None):
         if mode not in (None, "inline"):
             raise ValueError(f"mode={mode!r}: zfabric's report is always one self-contained"
                              " file (mode='inline')")
