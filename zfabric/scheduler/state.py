@@ -39,6 +39,7 @@ from ..errors import RemoteProtocolError
 from ..protocol import version_mismatches
 from . import policy
 from .client_ops import ClientOps
+from .observe import LIVE as LIVE_STATES
 from .observe import Observer
 from .outbox import Outbox
 from .queue import ReadyQueue
@@ -722,3 +723,11 @@ class SchedulerState(ClientOps, WorkerLoss):
         for key, ts in self.tasks.items():
             for ws in ts.who_has:
                 assert ts in held.get(ws, ()), (key, ws)  # a live worker, which logs it
+        by_group: dict[tuple, int] = {}  # the observer's counters agree with the tasks
+        for ts in self.tasks.values():
+            assert ts.group is None or self.observe.groups.get(ts.group.name) is ts.group
+            if ts.group is not None:
+                by_group[ts.group.name, ts.state] = by_group.get((ts.group.name, ts.state), 0) + 1
+        for g in self.observe.groups.values():
+            for st in LIVE_STATES:
+                assert g.counts[st] == by_group.get((g.name, st), 0), (g.name, st, g.counts)
