@@ -3,6 +3,7 @@ shows against known work, and the page itself in a real headless browser (Chromi
 
 from __future__ import annotations
 
+import asyncio
 import http.client
 import json
 import logging
@@ -392,3 +393,25 @@ def test_page_in_a_real_browser(lc, tmp_path):
         d.save_screenshot(str(ARTIFACTS / "performance-report.png"))
     finally:
         d.quit()
+
+
+async def test_progress_in_a_notebook_returns_at_once(fab, monkeypatch, capsys):
+    pytest.importorskip("ipywidgets")
+    from zfabric import progress
+    from zfabric.progress import WidgetProgressBar
+
+    futs = fab.c.map(slow_inc, range(12), key=[f"nb_inc-{i}" for i in range(12)])
+    bar = progress(futs, notebook=True)
+    assert isinstance(bar, WidgetProgressBar) and not all(f.done() for f in futs)
+    await fab.c.gather(futs)
+    await asyncio.to_thread(bar.thread.join, 10)
+    assert not bar.thread.is_alive()
+    assert (bar.bars["nb_inc"].value, bar.bars["nb_inc"].max) == (12, 12)
+    assert bar.bars["nb_inc"].bar_style == "success" and bar.labels["nb_inc"].value == "12 / 12"
+    # without ipywidgets: text, still without blocking
+    monkeypatch.setitem(sys.modules, "ipywidgets", None)
+    more = fab.c.map(slow_inc, range(3), key=[f"nb2_inc-{i}" for i in range(3)])
+    assert progress(more, notebook=True) is None
+    await fab.c.gather(more)
+    await asyncio.sleep(0.5)
+    assert "100% Completed | 3/3" in capsys.readouterr().out

@@ -134,7 +134,7 @@ def name_os_thread(name: str) -> None:
 
 class _Handler(BaseHTTPRequestHandler):
     server_version = "zfabric-dashboard"
-    timeout = 30  # a reader that stops reading is dropped rather than kept forever
+    timeout = 10  # a reader that stops reading is dropped (and close() is not held up long)
 
     def log_message(self, format, *args):
         logger.debug("dashboard %s: " + format, self.address_string(), *args)
