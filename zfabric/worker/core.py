@@ -25,7 +25,7 @@ from collections import ChainMap, deque
 import psutil
 import zmq
 
-from .. import _zmq, protocol, serialize, shm
+from .. import _zmq, logs, protocol, serialize, shm
 from ..config import Config
 from ..errors import RemoteProtocolError, SerializationError, TaskTimeout
 from ..transfer import cancel_leases
@@ -96,6 +96,7 @@ class WorkerLoop(DataPlane):
         self._process = psutil.Process()
         self.last_heard = time.monotonic()
         self.use_shm = config.SAME_HOST_SHM and shm.available()
+        logs.install()  # keep this process's recent log records for client.get_worker_logs()
 
     # ------------------------------------------------------------------ life cycle
 
