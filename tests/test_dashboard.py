@@ -64,6 +64,10 @@ def slow_inc(x):
     return x + 1
 
 
+def warn_in_worker():
+    logging.getLogger("zfabric.test").warning("a mark in a worker")
+
+
 def ones(n):
     import numpy as np
 
@@ -243,9 +247,16 @@ def test_task_stream_report_logs_and_events(lc, tmp_path):
     assert "scheduler" in client.get_events()
     with pytest.raises(TypeError, match="msgpack"):
         client.log_event("my-topic", object())
-    assert isinstance(client.get_scheduler_logs(), list)
+    logging.getLogger("zfabric.test").warning("a mark in the scheduler's process")
+    assert ("WARNING", "a mark in the scheduler's process") in [
+        (level, text.rsplit(" - ", 1)[-1]) for level, text in client.get_scheduler_logs()]
+    client.run(warn_in_worker)
     logs = client.get_worker_logs()
-    assert len(logs) == 2 and all(isinstance(v, list) for v in logs.values())
+    assert sorted(logs) == sorted(client.scheduler_info()["workers"])
+    for records in logs.values():
+        assert any(lvl == "WARNING" and text.endswith("a mark in a worker")
+                   for lvl, text in records)
+    assert all(len(v) <= 1 for v in client.get_worker_logs(n=1).values())
 
 
 PROGRESS_SCRIPT = """
