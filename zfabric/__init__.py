@@ -27,6 +27,7 @@ from .errors import (
 if TYPE_CHECKING:
     from .client import Client, default_client
     from .cluster import LocalCluster
+    from .context import get_client, get_worker, rejoin, secede, worker_client
     from .diagnostics import get_task_stream, performance_report
     from .futures import Future, as_completed, fire_and_forget, wait
     from .nanny import Nanny
@@ -46,6 +47,8 @@ _LAZY = {
     "Worker": "worker",
     "Nanny": "nanny",
     "LocalCluster": "cluster",
+    "get_client": "context", "get_worker": "context", "rejoin": "context", "secede": "context",
+    "worker_client": "context",
 }
 
 
@@ -77,6 +80,12 @@ __all__ = [
     "get_task_stream",
     "performance_report",
     "progress",
+    # Inside tasks
+    "get_client",
+    "get_worker",
+    "rejoin",
+    "secede",
+    "worker_client",
     # Errors
     "ClosedError",
     "CommTimeoutError",
