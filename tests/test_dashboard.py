@@ -261,11 +261,16 @@ def test_task_stream_report_logs_and_events(lc, tmp_path):
 
 PROGRESS_SCRIPT = """
 import time
+from dataclasses import dataclass
 from zfabric import Client, LocalCluster, progress
 
-def work(n):
+@dataclass
+class Job:
+    n: int
+
+def work(job):
     time.sleep(0.01)
-    return n * 2
+    return job.n * 2
 
 def combine(xs):
     return sum(xs)
@@ -273,7 +278,7 @@ def combine(xs):
 if __name__ == "__main__":
     with LocalCluster(n_workers=1, threads_per_worker=2, dashboard_address=None) as c, \\
             Client(c) as client:
-        futs = client.map(work, range(30))
+        futs = client.map(work, [Job(i) for i in range(30)])
         total = client.submit(combine, futs)
         progress(futs, total)
         print("result", total.result())
