@@ -431,3 +431,36 @@ async def test_progress_in_a_notebook_returns_at_once(fab, monkeypatch, capsys):
     await fab.c.gather(more)
     await asyncio.sleep(0.5)
     assert "100% Completed | 3/3" in capsys.readouterr().out
+
+
+def test_top_live_in_a_terminal_until_interrupted(lc):
+    import pty
+    import select
+    import signal
+    import subprocess
+
+    c, _ = lc
+    master, slave = pty.openpty()
+    env = dict(os.environ, COLUMNS="160", LINES="50", TERM="xterm")
+    proc = subprocess.Popen([sys.executable, "-m", "zfabric", "top", c.scheduler_address,
+                             "--interval", "0.2"], stdin=slave, stdout=slave, stderr=slave,
+                            env=env)
+    os.close(slave)
+    out = b""
+    try:
+        deadline = time.monotonic() + 20
+        while out.count(b"Progress by task group") < 3 and time.monotonic() < deadline:
+            if select.select([master], [], [], 0.5)[0]:
+                try:
+                    out += os.read(master, 65536)
+                except OSError:
+                    break
+        proc.send_signal(signal.SIGINT)
+        assert proc.wait(10) == 0
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+        os.close(master)
+    assert b"\x1b[?1049h" in out  # the alternate (full) screen
+    assert out.count(b"Progress by task group") >= 3  # redrawn, live
