@@ -464,3 +464,23 @@ def test_top_live_in_a_terminal_until_interrupted(lc):
         os.close(master)
     assert b"\x1b[?1049h" in out  # the alternate (full) screen
     assert out.count(b"Progress by task group") >= 3  # redrawn, live
+
+
+def test_scheduler_command_dashboard_options(tmp_path):
+    import subprocess
+
+    bad = subprocess.run([sys.executable, "-m", "zfabric", "scheduler", "--port", "0",
+                          "--dashboard-address", "nope"], capture_output=True, text=True,
+                         timeout=30)
+    assert bad.returncode == 2 and "--dashboard-address" in bad.stderr
+    proc = subprocess.Popen([sys.executable, "-m", "zfabric", "scheduler", "--port", "0",
+                             "--host", "127.0.0.1", "--dashboard-address", "127.0.0.1:0"],
+                            stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+    try:
+        lines = [proc.stdout.readline(), proc.stdout.readline()]
+        assert lines[0].startswith("Scheduler at: tcp://127.0.0.1:")
+        assert lines[1].startswith("Dashboard at: http://127.0.0.1:")
+        assert get(lines[1].split(": ", 1)[1].strip())[0] == 200
+    finally:
+        proc.terminate()
+        assert proc.wait(10) == 0
