@@ -22,7 +22,7 @@ __all__ = ["Diagnostics", "get_task_stream", "performance_report"]
 
 #: How often a performance_report fetches the task stream while its block runs (the
 #: scheduler's ring is bounded: TASK_STREAM_LENGTH).
-REPORT_POLL_S = 0.5
+REPORT_POLL_S = 0.1
 
 _UNITS_S = {"ms": 1e-3, "s": 1.0, "sec": 1.0, "second": 1.0, "seconds": 1.0, "m": 60.0,
             "min": 60.0, "minute": 60.0, "minutes": 60.0, "h": 3600.0, "hour": 3600.0,

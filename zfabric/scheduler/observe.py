@@ -22,6 +22,7 @@ shell) turns one into the other for events.
 from __future__ import annotations
 
 import bisect
+import itertools
 import re
 from collections import deque
 
@@ -234,7 +235,7 @@ class Observer:
         first = self.stream_seq - len(ring)  # number of the oldest entry kept
         dropped = 0
         if since is not None and since > first:
-            entries = list(ring)[since - first:] if since < self.stream_seq else []
+            entries = list(itertools.islice(ring, since - first, None))
         else:
             if since is not None:
                 dropped = first - since
