@@ -126,7 +126,18 @@ def test_snapshot_figures_match_known_work(lc):
     assert len(snap["workers"]) == 2 and {w["nthreads"] for w in snap["workers"]} == {2}
     assert any(e[1] == "slow_inc" and e[6] == "OK" for e in snap["stream"])
     assert snap["counters"]["messages_in"] > 0
-    del futs, arr
+    # When a task on the other worker needs the array, the fetch is reported with its size
+    other = next(a for a in held if a != holder)
+    n = client.submit(len, arr, key="len-8mb", workers=[other])
+    assert n.result() == 8_000_000
+
+    def fetched():
+        snap = snapshot(c.dashboard_link)
+        return [t for t in snap["transfers"] if t[0] == other and t[1] == holder] or None
+
+    ((_, _, start, stop, nbytes, nkeys),) = wait_for(fetched)
+    assert 8_000_000 <= nbytes < 8_100_000 and nkeys == 1 and 0 <= stop - start < 10
+    del futs, arr, n
 
 
 def test_live_stream_sends_snapshots(lc):
@@ -379,6 +390,7 @@ def test_page_in_a_real_browser(lc, tmp_path):
                         .map(Number)])),
                   workers: q('#workers tr.worker').map((r) => r.dataset.address),
                   bars: q('#stream rect.task').map((r) => r.dataset.group),
+                  transfers: q('#stream rect.transfer').length,
                   live: document.getElementById('live').className,
                 };""")
 
@@ -396,7 +408,12 @@ def test_page_in_a_real_browser(lc, tmp_path):
                  timeout=30, every=0.25)
         assert len(set(seen)) >= 2 and seen == sorted(seen)
         wait_for(lambda: page()["done"].get("page_sum") == [100, 100], timeout=20)
-        del futs, pairs
+        # a fetch between workers shows in the task stream
+        a, b = sorted(first["workers"])
+        big = client.submit(ones, 4_000_000, key="page_ones", workers=[a])
+        assert client.submit(len, big, key="page_len", workers=[b]).result() == 4_000_000
+        wait_for(lambda: page()["transfers"] > 0, timeout=10)
+        del futs, pairs, big
         # And a performance report opens in the same browser, offline
         report = tmp_path / "report.html"
         with performance_report(filename=str(report), client=client):
