@@ -7,7 +7,7 @@ import pytest
 
 from zfabric import protocol
 from zfabric.config import Config
-from zfabric.scheduler.observe import DURATION_BUCKETS_S, Observer, key_group
+from zfabric.scheduler.observe import DURATION_BUCKETS_S, Observer, StreamRing, key_group
 from zfabric.scheduler.state import SchedulerState
 
 W1, W2 = b"w1", b"w2"
@@ -202,3 +202,21 @@ def test_group_of_caches_without_changing_the_answer(key):
     for k in ("hello-2", "hello-world-2", "x-9", "a-b-3", key):  # warm the cache with heads
         obs.group_of(k)
     assert obs.group_of(key).name == key_group(key)
+
+
+def test_stream_ring_wraps_and_reads_back_what_was_written():
+    ring = StreamRing(3)
+    nan = float("nan")
+    for i in range(5):
+        ring.append(f"k-{i}", "k", "tcp://w:1", 2**63 + i, 10.0 + i if i != 3 else nan,
+                    10.5 + i if i != 3 else nan, i != 4, 100 * i)
+    assert len(ring) == 3 and ring.seq == 5
+    assert ring.entries(0) == [
+        ("k-2", "k", "tcp://w:1", 2**63 + 2, 12.0, 12.5, "OK", 200),
+        ("k-3", "k", "tcp://w:1", 2**63 + 3, None, None, "OK", 300),
+        ("k-4", "k", "tcp://w:1", 2**63 + 4, 14.0, 14.5, "error", 400),
+    ]
+    assert [e[0] for e in ring.entries(4)] == ["k-4"] and ring.entries(5) == []
+    empty = StreamRing(0)
+    empty.append("k", "k", "w", 0, 1.0, 2.0, True, 0)
+    assert empty.seq == 1 and empty.entries(0) == []

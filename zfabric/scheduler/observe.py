@@ -22,8 +22,8 @@ shell) turns one into the other for events.
 from __future__ import annotations
 
 import bisect
-import itertools
 import re
+from array import array
 from collections import deque
 
 #: Upper bounds (seconds) of the task-duration histogram buckets, per group (+Inf is implied).
@@ -49,6 +49,7 @@ STATES = ("new", "waiting", "queued", "processing", "memory", "released", "erred
 LIVE = ("new", "waiting", "queued", "processing", "memory", "released", "erred")
 
 _HEX = re.compile(r"^[0-9a-f]+$")
+_NAN = float("nan")
 
 
 def key_group(key) -> str:
@@ -116,13 +117,69 @@ class Group:
         }
 
 
+class StreamRing:
+    """The last ``length`` finished tasks, in parallel arrays: about 60 bytes an entry (plus
+    the key, while nothing else keeps it) where a tuple of boxed numbers costs about 230.
+
+    Entries are numbered from 0 in the order they came; :attr:`seq` is the next number.
+    Times that were not reported are stored as NaN and read back as None.
+    """
+
+    __slots__ = ("groups", "keys", "length", "ok", "seq", "sizes", "threads", "times",
+                 "workers")
+
+    def __init__(self, length: int):
+        n = self.length = max(0, int(length))
+        self.keys: list = [None] * n
+        self.groups: list = [None] * n  # group names (shared strings)
+        self.workers: list = [None] * n  # worker addresses (shared strings)
+        self.times = array("d", bytes(16 * n))  # start, stop of entry i at 2i, 2i + 1
+        self.threads = array("Q", bytes(8 * n))
+        self.sizes = array("q", bytes(8 * n))
+        self.ok = bytearray(n)
+        self.seq = 0
+
+    def __len__(self) -> int:
+        return min(self.seq, self.length)
+
+    def append(self, key, group: str, worker: str, thread, start, stop, ok: bool,
+               nbytes: int) -> None:
+        n = self.length
+        if n:
+            i = self.seq % n
+            self.keys[i] = key
+            self.groups[i] = group
+            self.workers[i] = worker
+            t = self.times
+            t[2 * i] = start
+            t[2 * i + 1] = stop
+            self.threads[i] = thread
+            self.sizes[i] = nbytes
+            self.ok[i] = ok
+        self.seq += 1
+
+    def entries(self, since: int = 0) -> list[tuple]:
+        """``(key, group, worker, thread, start, stop, status, nbytes)`` of the entries
+        numbered ``since`` or later that are still kept, oldest first."""
+        n = self.length
+        out = []
+        t = self.times
+        for number in range(max(since, self.seq - len(self)), self.seq):
+            i = number % n
+            start, stop = t[2 * i], t[2 * i + 1]
+            if start != start:  # NaN: not reported
+                start = stop = None
+            out.append((self.keys[i], self.groups[i], self.workers[i], self.threads[i], start,
+                        stop, "OK" if self.ok[i] else "error", self.sizes[i]))
+        return out
+
+
 class Observer:
     """Counters, rings and topics the scheduler state feeds (see the module docstring)."""
 
     def __init__(self, stream_length: int = 10_000):
         self.groups: dict[str, Group] = {}
-        self.stream: deque[tuple] = deque(maxlen=stream_length)
-        self.stream_seq = 0  # entries ever appended; the newest has number stream_seq - 1
+        self.stream = StreamRing(stream_length)
         self.transfers: deque[tuple] = deque(maxlen=2000)
         self.transfer_bytes = 0
         self.series: deque[tuple] = deque(maxlen=SERIES_LENGTH)
@@ -163,7 +220,7 @@ class Observer:
         """A task ended on ``ws``: one stream entry, and its group's time and size."""
         g = ts.group
         if type(start) is not float or type(stop) is not float:
-            start = stop = None  # an old worker, or a bad report: counted, not drawn
+            start = stop = _NAN  # an old worker, or a bad report: counted, not drawn
         elif g is not None:
             d = stop - start
             if d >= 0:
@@ -173,10 +230,15 @@ class Observer:
         if g is not None:
             g.nbytes += ts.nbytes
             g.last_active = now
-        self.stream.append((ts.key, g.name if g is not None else "Other", ws.address,
-                            thread if type(thread) is int else 0, start, stop, status,
-                            ts.nbytes))
-        self.stream_seq += 1
+        if type(thread) is not int or not 0 <= thread < 2**64:
+            thread = 0
+        self.stream.append(ts.key, g.name if g is not None else "Other", ws.address, thread,
+                           start, stop, status == "OK", ts.nbytes)
+
+    @property
+    def stream_seq(self) -> int:
+        """Task-stream entries ever recorded (the next one's number)."""
+        return self.stream.seq
 
     def transferred(self, ws, items) -> None:
         """Transfers a worker reported: ``[[peer address, start, stop, nbytes, nkeys], ...]``."""
@@ -232,14 +294,12 @@ class Observer:
         ``count``. Returns ``{"records", "next", "dropped"}`` (``dropped``: records after
         ``since`` that the ring had already let go)."""
         ring = self.stream
-        first = self.stream_seq - len(ring)  # number of the oldest entry kept
-        dropped = 0
-        if since is not None and since > first:
-            entries = list(itertools.islice(ring, since - first, None))
-        else:
-            if since is not None:
-                dropped = first - since
-            entries = list(ring)
+        first = ring.seq - len(ring)  # number of the oldest entry kept
+        dropped = first - since if since is not None and since < first else 0
+        if count is not None and start is None and stop is None:
+            # only the newest are wanted: read no more of the ring than that
+            since = max(since or 0, ring.seq - count)
+        entries = ring.entries(since or 0)
         if start is not None:
             entries = [e for e in entries if e[5] is None or e[5] >= start]
         if stop is not None:
@@ -287,7 +347,7 @@ class Observer:
         for g in self.groups.values():
             for s, n in g.counts.items():
                 totals[s] += n
-        stream = [list(e) for e in list(self.stream)[-SNAPSHOT_STREAM:]]
+        stream = [list(e) for e in self.stream.entries(self.stream.seq - SNAPSHOT_STREAM)]
         transfers = [list(t) for t in list(self.transfers)[-SNAPSHOT_TRANSFERS:]]
         return {
             "time": wall,
