@@ -187,6 +187,25 @@ def test_metrics_without_prometheus_client_answer_501(lc, monkeypatch):
     assert status == 501 and b"pip install 'zfabric[dashboard]'" in body
 
 
+async def test_live_readers_are_bounded():
+    async with Scheduler(dashboard_address="127.0.0.1:0") as s:
+        s.dashboard.hub.max_readers = 1
+        host, port = s.dashboard_link.split("//")[1].split("/")[0].split(":")
+        first = http.client.HTTPConnection(host, int(port), timeout=10)
+        first.request("GET", "/events")
+        reading = await asyncio.to_thread(first.getresponse)  # holds the connection open
+        assert reading.status == 200
+        status, body, _ = await asyncio.to_thread(get, base(s.dashboard_link) + "/events")
+        assert status == 503 and b"live readers" in body
+        reading.close()
+        await asyncio.to_thread(wait_for, lambda: s.dashboard.hub.readers == 0, 10)
+        second = http.client.HTTPConnection(host, int(port), timeout=10)
+        second.request("GET", "/events")
+        reading = await asyncio.to_thread(second.getresponse)
+        assert reading.status == 200
+        reading.close()
+
+
 async def test_port_in_use_falls_back_with_a_warning(caplog):
     with socket.socket() as taken:
         taken.bind(("127.0.0.1", 0))

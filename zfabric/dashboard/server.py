@@ -31,6 +31,8 @@ ASSETS = {
 }
 #: A live-stream reader with nothing new hears a comment this often (keeps proxies open).
 KEEPALIVE_S = 15.0
+#: Live-stream readers served at once (each holds a thread); more are told to come back.
+MAX_READERS = 64
 
 
 def parse_address(value, default_host: str) -> tuple[str, int]:
@@ -67,6 +69,8 @@ class Hub:
         self._encoded: tuple[int, bytes] = (0, b"")
         self._encode_lock = threading.Lock()
         self.closed = False
+        self.readers = 0
+        self.max_readers = MAX_READERS
 
     def publish(self, snapshot: dict) -> None:
         """Called by the scheduler's loop: swap the reference, wake the readers."""
@@ -196,6 +200,21 @@ class _Handler(BaseHTTPRequestHandler):
         self._reply(HTTPStatus.OK, body, CONTENT_TYPE)
 
     def _events(self, hub: Hub) -> None:
+        with hub._cond:
+            full = hub.readers >= hub.max_readers
+            if not full:
+                hub.readers += 1
+        if full:
+            self._reply(HTTPStatus.SERVICE_UNAVAILABLE,
+                        f"{hub.max_readers} live readers already; try again later\n".encode())
+            return
+        try:
+            self._stream(hub)
+        finally:
+            with hub._cond:
+                hub.readers -= 1
+
+    def _stream(self, hub: Hub) -> None:
         self.send_response(HTTPStatus.OK)
         self.send_header("Content-Type", "text/event-stream")
         self.send_header("Cache-Control", "no-store")
