@@ -220,3 +220,30 @@ def test_stream_ring_wraps_and_reads_back_what_was_written():
     empty = StreamRing(0)
     empty.append("k", "k", "w", 0, 1.0, 2.0, True, 0)
     assert empty.seq == 1 and empty.entries(0) == []
+
+
+def test_text_progress_bars_by_group():
+    import io
+
+    from zfabric.futures import FutureState
+    from zfabric.progress import TextProgressBar
+
+    states = {f"inc-{i}": FutureState(f"inc-{i}") for i in range(4)}
+    states["total-x1"] = FutureState("total-x1")
+    class F:  # what progress reads of a Future
+        def __init__(self, key, state):
+            self.key, self._state = key, state
+
+    futs = [F(k, st) for k, st in states.items()]
+    out = io.StringIO()
+    bar = TextProgressBar(futs, multi=True, complete=False, stream=out)
+    for k in ("inc-0", "inc-1", "inc-2", "inc-3"):
+        states[k].finish(None, None, 1)
+    states["total-x1"].fail(None, ValueError("x"))
+    assert bar.step()  # all done: the final frame is drawn even off a terminal
+    head, *rows = out.getvalue().splitlines()
+    assert head.startswith("[" + "#" * 40 + "] 100% Completed | 5/5") and "1 erred" in head
+    assert rows == ["total [" + "#" * 40 + "] 100% 1/1 (1 erred)"]  # complete groups hidden
+    single = TextProgressBar(futs, multi=False, stream=io.StringIO())
+    single.step()
+    assert len(single.lines()) == 1
