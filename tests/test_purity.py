@@ -13,7 +13,7 @@ import zfabric
 
 PURE = ["zfabric.protocol", "zfabric.heartbeat", "zfabric.scheduler.state",
         "zfabric.scheduler.policy", "zfabric.scheduler.records", "zfabric.config",
-        "zfabric.scheduler.observe"]
+        "zfabric.scheduler.observe", "zfabric.scheduler.retire"]
 
 FORBIDDEN = {"zmq", "asyncio", "socket", "threading", "time", "selectors"}
 

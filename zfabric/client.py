@@ -32,6 +32,7 @@ import zmq.asyncio
 from . import _zmq, protocol, serialize
 from .admin import ClusterRequests
 from .config import Config, from_env, parse_timedelta
+from .control import ClusterControl
 from .diagnostics import Diagnostics
 from .errors import (
     ClosedError,
@@ -97,7 +98,7 @@ def funcname(func) -> str:
     return "lambda" if name == "<lambda>" else name
 
 
-class Client(Values, ClusterRequests, Session, Diagnostics):
+class Client(Values, ClusterRequests, ClusterControl, Session, Diagnostics):
     """Connects to a scheduler and turns calls into Futures.
 
     ``address`` may be a ``tcp://host:port`` string, a Scheduler, or a LocalCluster; with no
@@ -325,6 +326,9 @@ class Client(Values, ClusterRequests, Session, Diagnostics):
             await self._close()
             raise
         self.status = "running"
+        from . import joblib_backend
+
+        joblib_backend.register_on_import()  # without importing joblib (see there)
 
     # ------------------------------------------------------------------ reference counting
 

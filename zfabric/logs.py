@@ -1,9 +1,9 @@
-"""Recent log records of this process, kept in memory for ``get_worker_logs`` and
-``get_scheduler_logs``.
+"""The last log records of this process, kept in memory for ``LocalCluster.get_logs``.
 
-One :class:`LogRing` per process hangs on the ``zfabric`` logger; it keeps what that logger
-emits (its level decides what is recorded) as ``(level name, formatted message)``, the newest
-``LOG_RING_LENGTH``. Workers in the scheduler's process (``processes=False``) share its ring.
+:func:`install` attaches one bounded handler to the ``zfabric`` logger (once per process);
+worker processes install it at start, a LocalCluster in its own process. :func:`recent` reads
+it back as ``[(level name, formatted message)]``, oldest first, which is what dask's
+``get_worker_logs`` returns per worker. Records below the logger's level never reach it.
 """
 
 from __future__ import annotations
@@ -12,25 +12,26 @@ import logging
 import threading
 from collections import deque
 
-#: Records kept per process.
-LOG_RING_LENGTH = 10_000
+#: Records kept per process (the oldest go first).
+MAX_RECORDS = 1000
 
+_FORMAT = "%(asctime)s %(name)s %(levelname)s %(message)s"
 _lock = threading.Lock()
-_ring: LogRing | None = None
+_handler: LogBuffer | None = None
 
 
-class LogRing(logging.Handler):
-    """A handler that keeps the newest records, formatted, in a bounded deque."""
+class LogBuffer(logging.Handler):
+    """A handler that keeps the last ``n`` formatted records."""
 
-    def __init__(self, length: int = LOG_RING_LENGTH):
-        super().__init__(logging.NOTSET)
-        self.records: deque[tuple[str, str]] = deque(maxlen=length)
-        self.setFormatter(logging.Formatter("%(asctime)s - %(name)s - %(levelname)s - %(message)s"))
+    def __init__(self, n: int = MAX_RECORDS):
+        super().__init__()
+        self.records: deque[tuple[str, str]] = deque(maxlen=n)
+        self.setFormatter(logging.Formatter(_FORMAT))
 
     def emit(self, record: logging.LogRecord) -> None:
         try:
             self.records.append((record.levelname, self.format(record)))
-        except Exception:  # a record that cannot be formatted must not break the caller
+        except Exception:  # pragma: no cover - a bad record must not break logging
             self.handleError(record)
         # Being a handler, this one hides logging's last resort (warnings to stderr when the
         # program configured no logging): stand in for it.
@@ -40,17 +41,19 @@ class LogRing(logging.Handler):
             last.handle(record)
 
 
-def install() -> LogRing:
-    """Hang this process's ring on the ``zfabric`` logger (once) and return it."""
-    global _ring
+def install() -> LogBuffer:
+    """Keep the ``zfabric`` logger's records in memory from now on (idempotent)."""
+    global _handler
     with _lock:
-        if _ring is None:
-            _ring = LogRing()
-            logging.getLogger("zfabric").addHandler(_ring)
-        return _ring
+        if _handler is None:
+            _handler = LogBuffer()
+            logging.getLogger("zfabric").addHandler(_handler)
+        return _handler
 
 
-def recent(n: int | None = None) -> list[tuple[str, str]]:
-    """The newest ``n`` records of this process (all kept when ``n`` is None), oldest first."""
-    records = list(install().records)
-    return records[-n:] if n else records
+def recent(n: int | None = None, prefix: str = "zfabric") -> list[tuple[str, str]]:
+    """The last ``n`` kept records (all by default) of loggers under ``prefix``."""
+    if _handler is None:
+        return []
+    out = [r for r in list(_handler.records) if r[1].split(" ", 3)[2].startswith(prefix)]
+    return out[-n:] if n else out

@@ -45,6 +45,7 @@ from .outbox import Outbox
 from .queue import ReadyQueue
 from .records import FIRE_AND_FORGET, ClientState, NannyState, TaskState, WorkerState
 from .requests import FanOut
+from .retire import Retirement
 from .worker_loss import WorkerLoss
 
 logger = logging.getLogger(__name__)
@@ -66,7 +67,7 @@ class InvalidTransition(RuntimeError):
     """Raised when code (ours) tries a task-state move that the table forbids."""
 
 
-class SchedulerState(ClientOps, WorkerLoss):
+class SchedulerState(ClientOps, WorkerLoss, Retirement):
     """Tasks, workers and clients; ops in, ops out."""
 
     def __init__(
@@ -101,6 +102,7 @@ class SchedulerState(ClientOps, WorkerLoss):
         self.observe = Observer(config.TASK_STREAM_LENGTH)  # groups, task stream, topics
         self.dashboard_link: str | None = None  # set by the shell once its dashboard serves
         self.log_source = None  # set by the shell: n -> recent log records of this process
+        self._init_moves()  # replicate and retire (see .retire)
 
     def _event(self, text: str, kind: str = "event") -> None:
         logger.info(text)
@@ -186,6 +188,8 @@ class SchedulerState(ClientOps, WorkerLoss):
         silent = now - self.config.WORKER_TTL_S
         for ns in [n for n in self.nannies.values() if n.last_seen < silent]:
             self._drop_nanny(ns.ident)
+        if self.moves or self.jobs:
+            self.moves_tick()
 
     # ------------------------------------------------------------------ hello
 
@@ -321,6 +325,9 @@ class SchedulerState(ClientOps, WorkerLoss):
                     self._event("restart requested: cancelling every task")
                     self.cancel(list(self.tasks), "the cluster was restarted", restart=True)
                 self._start_fan_out(peer, rid, kind, args)
+                return
+            case "replicate" | "retire-workers" | "restart-workers":
+                self.move_request(peer, op)
                 return
             case "shutdown":
                 self.closing = True
@@ -468,6 +475,8 @@ class SchedulerState(ClientOps, WorkerLoss):
                     self.observe.transferred(ws, op["transfers"])
             case "missing":
                 self._missing(ws, op["key"], op["dep"], op["address"])
+            case "acquired":
+                self.acquired(ws, op["keys"], op.get("failed") or [])
             case "run-result":
                 self._fan_out.answer(ws.ident, op)
             case "request":
@@ -761,3 +770,4 @@ class SchedulerState(ClientOps, WorkerLoss):
         for g in self.observe.groups.values():
             for st in LIVE_STATES:
                 assert g.counts[st] == by_group.get((g.name, st), 0), (g.name, st, g.counts)
+        self.validate_moves()
