@@ -33,6 +33,7 @@ from . import _zmq, dask_scheduler, protocol, serialize
 from .admin import ClusterRequests
 from .config import Config, from_env, parse_timedelta
 from .control import ClusterControl
+from .diagnostics import Diagnostics
 from .errors import (
     ClosedError,
     CommTimeoutError,
@@ -98,7 +99,7 @@ def funcname(func) -> str:
     return "lambda" if name == "<lambda>" else name
 
 
-class Client(Values, ClusterRequests, ClusterControl, Session):
+class Client(Values, ClusterRequests, ClusterControl, Session, Diagnostics):
     """Connects to a scheduler and turns calls into Futures.
 
     ``address`` may be a ``tcp://host:port`` string, a Scheduler, or a LocalCluster; with no
