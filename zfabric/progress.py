@@ -184,7 +184,8 @@ def _in_notebook() -> bool:
 
 def progress(*futures, notebook: bool | None = None, multi: bool = True, complete: bool = True,
              group_by: str = "prefix", **kwargs):
-    """Show the progress of futures (or lists/dicts of them) as they finish.
+    """Show the progress of futures (or lists/dicts of them, or persisted dask collections)
+    as they finish.
 
     In a script it blocks until all are done; with an asynchronous client, await it; in a
     notebook it returns at once (a widget with ipywidgets, else text below the cell).
@@ -197,7 +198,8 @@ def progress(*futures, notebook: bool | None = None, multi: bool = True, complet
         raise NotImplementedError(f"group_by={group_by!r}: zfabric groups by key prefix only")
     flat = futures_of(list(futures))
     if len(futures) and not flat:
-        raise TypeError("progress needs Futures (or lists or dicts of them); got"
+        raise TypeError("progress needs Futures (lists or dicts of them, or dask collections"
+                        " that client.persist returned); got"
                         f" {', '.join(type(f).__name__ for f in futures)}")
     client = flat[0].client if flat else None
     if notebook is None:
