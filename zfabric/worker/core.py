@@ -518,9 +518,11 @@ class WorkerLoop(DataPlane, Replicas):
         return more
 
     def _hold_tasks(self) -> None:
+        # While this thread writes values to disk, each task thread may start one more task
+        # (overlapping the write with its work) and then waits: it closes the gate behind it.
         ex = getattr(self, "executor", None)
-        if ex is not None and ex.gate.is_set():
-            ex.gate.clear()
+        if ex is not None:
+            ex.tight = True
 
     def _rss(self) -> int:
         try:
