@@ -186,3 +186,19 @@ def test_flood_of_submissions_keeps_the_scheduler_small(tmp_path):
     assert out["ok"]
     assert out["held"] <= 1000 + 2, out  # the first probe, the gate, at most the window
     assert out["grown"] < 8 * 2**20, f"scheduler grew by {out['grown'] / 2**20:.1f} MiB"
+
+
+async def test_map_in_chunks_keeps_keys_and_order(monkeypatch):
+    import zfabric.client
+
+    monkeypatch.setattr(zfabric.client, "_MAP_CHUNK", 7)  # 20 items: chunks of 7, 7, 6
+    async with cluster(nworkers=1, nthreads=1) as (s, _), \
+            Client(s.address, asynchronous=True, set_as_default=False,
+                   config=from_env(SUBMIT_WINDOW_TASKS=5)) as c:
+        keys = [f"k-{i}" for i in range(20)]
+        futures = c.map(_first, range(20), key=keys)
+        assert [f.key for f in futures] == keys
+        assert await c.gather(futures) == list(range(20))
+        named = c.map(_first, range(20), key="p")
+        assert len({f.key for f in named}) == 20
+        assert await c.gather(named) == list(range(20))

@@ -497,10 +497,16 @@ class Client(Values, ClusterRequests, ClusterControl, Session, Diagnostics):
         else:
             keys = wkeys = None
         prefix = key if isinstance(key, str) else funcname(func)
-        items = []
-        for i, args in enumerate(argss):
-            items.append(self._task(func, args, kwargs, wkeys[i] if wkeys else None, prefix, pure))
-        return self._submit_many(items, opts, batch_size, keys)
+        # In chunks: the pickled calls of a chunk are queued (or held by the submit window)
+        # before the next chunk is pickled, so a map of millions never holds every call twice.
+        out: list[Future] = []
+        step = _MAP_CHUNK
+        for lo in range(0, len(argss), step):
+            items = [self._task(func, argss[i], kwargs, wkeys[i] if wkeys else None, prefix,
+                                pure) for i in range(lo, min(lo + step, len(argss)))]
+            out.extend(self._submit_many(items, opts, batch_size,
+                                         keys[lo:lo + step] if keys else None))
+        return out
 
     # ------------------------------------------------------------------ dask collections
 
@@ -636,6 +642,10 @@ class Client(Values, ClusterRequests, ClusterControl, Session, Diagnostics):
         if self.status == "running" and not self.asynchronous and self._loop_thread is not None:
             with contextlib.suppress(Exception):
                 self.close()
+
+
+#: Items pickled at a time by ``Client.map`` (see there).
+_MAP_CHUNK = 10_000
 
 
 def _options(workers, resources, retries, priority, allow_other_workers, task_timeout):
