@@ -27,6 +27,7 @@ from .errors import (
 if TYPE_CHECKING:
     from .client import Client, default_client
     from .cluster import LocalCluster
+    from .coordination import Event, Lock, Queue, Semaphore, Variable
     from .context import get_client, get_worker, rejoin, secede, worker_client
     from .futures import Future, as_completed, fire_and_forget, wait
     from .nanny import Nanny
@@ -45,6 +46,8 @@ _LAZY = {
     "LocalCluster": "cluster",
     "get_client": "context", "get_worker": "context", "rejoin": "context", "secede": "context",
     "worker_client": "context",
+    "Event": "coordination", "Lock": "coordination", "Queue": "coordination",
+    "Semaphore": "coordination", "Variable": "coordination",
 }
 
 
@@ -72,6 +75,12 @@ __all__ = [
     "default_client",
     "fire_and_forget",
     "wait",
+    # Shared state
+    "Event",
+    "Lock",
+    "Queue",
+    "Semaphore",
+    "Variable",
     # Inside tasks
     "get_client",
     "get_worker",

@@ -32,6 +32,7 @@ import zmq.asyncio
 from . import _zmq, protocol, serialize
 from .admin import ClusterRequests
 from .config import Config, from_env, parse_timedelta
+from .datasets import Datasets
 from .errors import (
     ClosedError,
     CommTimeoutError,
@@ -96,7 +97,7 @@ def funcname(func) -> str:
     return "lambda" if name == "<lambda>" else name
 
 
-class Client(Values, ClusterRequests, Session):
+class Client(Values, ClusterRequests, Session, Datasets):
     """Connects to a scheduler and turns calls into Futures.
 
     ``address`` may be a ``tcp://host:port`` string, a Scheduler, or a LocalCluster; with no
@@ -108,7 +109,8 @@ class Client(Values, ClusterRequests, Session):
                  name: str | None = None, set_as_default: bool = True,
                  config: Config | None = None, scheduler_file=None, security=None,
                  direct_to_workers=None, heartbeat_interval=None, serializers=None,
-                 deserializers=None, connection_limit=None, **kwargs):
+                 deserializers=None, connection_limit=None, _for_worker: str | None = None,
+                 **kwargs):
         self.status = "created"  # first: __del__ reads these even if the checks below raise
         self.asynchronous = asynchronous
         self._loop_thread: LoopThread | None = None
@@ -154,6 +156,8 @@ class Client(Values, ClusterRequests, Session):
             address = address.address
         self.scheduler_address = address
         self.id = name or f"client-{uuid.uuid4().hex[:12]}"
+        # the client of a worker's tasks says whose: its leases go when that worker dies
+        self._hello = {"worker": _for_worker} if _for_worker else {}
         self._id_prefix = uuid.uuid4().hex[:20]
         self.status = "created"
         self.epoch: str | None = None
@@ -310,7 +314,7 @@ class Client(Values, ClusterRequests, Session):
         self._backlog: deque = deque()
         self._writer: asyncio.Future | None = None
         self._tasks = [asyncio.ensure_future(self._heartbeat())]
-        self._send(protocol.hello("client", self.id))
+        self._send(protocol.hello("client", self.id, **self._hello))
         try:
             await asyncio.wait_for(asyncio.shield(self._welcome), self.timeout)
         except TimeoutError:

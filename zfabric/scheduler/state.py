@@ -41,7 +41,8 @@ from . import policy
 from .client_ops import ClientOps
 from .outbox import Outbox
 from .queue import ReadyQueue
-from .records import FIRE_AND_FORGET, ClientState, NannyState, TaskState, WorkerState
+from .coordination import Coordination
+from .records import FIRE_AND_FORGET, HELD, ClientState, NannyState, TaskState, WorkerState
 from .requests import FanOut
 from .worker_loss import WorkerLoss
 
@@ -78,12 +79,13 @@ class SchedulerState(ClientOps, WorkerLoss):
         self.functions: dict[str, list] = {}  # id -> [pickle, tasks using it, id]
         self.workers: dict[bytes, WorkerState] = {}  # by routing id
         self.workers_by_address: dict[str, WorkerState] = {}
-        self.clients: dict[bytes, ClientState] = {FIRE_AND_FORGET: ClientState(FIRE_AND_FORGET)}
+        self.clients: dict[bytes, ClientState] = {FIRE_AND_FORGET: ClientState(FIRE_AND_FORGET),
+                                                  HELD: ClientState(HELD)}
         self.nannies: dict[bytes, NannyState] = {}
         # Worker processes their Nanny reported dead (it may still be killing them): one that
         # says hello again must not come back as a worker nobody will ever report.
         self.reported_dead: dict[bytes, None] = {}
-        self._outbox = Outbox(ignore=FIRE_AND_FORGET)
+        self._outbox = Outbox(ignore=frozenset({FIRE_AND_FORGET, HELD}))
         self.send = self._outbox.send  # queue an op for a peer
         self.batch = self._outbox.batch  # queue one item of a list-carrying op (see Outbox)
         self.flush = self._outbox.flush  # {peer: [ops]} queued since the last flush
@@ -96,6 +98,9 @@ class SchedulerState(ClientOps, WorkerLoss):
         self.now = 0.0
         self.started = 0.0  # wall-clock time the shell started serving (it sets it)
         self.counts = {"finished": 0, "erred": 0}
+        # Locks, semaphores, events, variables, queues and datasets (scheduler/coordination.py)
+        self.coord = Coordination(self.send, self._hold, self._unhold, self._client_seen,
+                                  self._give)
 
     def _event(self, text: str) -> None:
         logger.info(text)
@@ -167,13 +172,14 @@ class SchedulerState(ClientOps, WorkerLoss):
                     continue  # busy holding the GIL, but its Nanny sees it alive
             self.remove_worker(ws, f"silent for {now - ws.last_seen:.1f} s", died=True)
         limit = now - self.config.CLIENT_TTL_S
-        for cs in [c for c in self.clients.values() if c.ident != FIRE_AND_FORGET]:
+        for cs in [c for c in self.clients.values() if c.ident not in (FIRE_AND_FORGET, HELD)]:
             if cs.last_seen < limit:
                 self._event(f"client {cs.name} silent for {now - cs.last_seen:.0f} s; releasing")
                 self.remove_client(cs)
         silent = now - self.config.WORKER_TTL_S
         for ns in [n for n in self.nannies.values() if n.last_seen < silent]:
             self._drop_nanny(ns.ident)
+        self.coord.tick(now)
 
     # ------------------------------------------------------------------ hello
 
@@ -236,6 +242,8 @@ class SchedulerState(ClientOps, WorkerLoss):
         elif role == "client":
             cs = ClientState(peer, name=op["id"], now=self.now)
             self.clients[peer] = cs
+            if type(op.get("worker")) is str:  # the client of a worker's tasks
+                self.coord.client_worker[peer] = op["worker"]
             self.send(peer, welcome)
         elif role == "nanny":
             ns = NannyState(peer, name=op["id"], now=self.now)
@@ -270,6 +278,8 @@ class SchedulerState(ClientOps, WorkerLoss):
                 self.scatter(cs, op["items"], op.get("fire_and_forget", False))
             case "request":
                 self.request(cs.ident, op)
+            case "coord":
+                self.coord.handle(cs.ident, op, self.now)
             case "heartbeat":
                 pass
             case "goodbye":
@@ -358,10 +368,31 @@ class SchedulerState(ClientOps, WorkerLoss):
             "versions": self.versions,
             "workers": {ws.address: ws.info() for ws in workers},
             "nannies": len(self.nannies),
-            "clients": len(self.clients) - 1,
+            "clients": len(self.clients) - 2,
             "tasks": counts,
             "events": [list(e) for e in self.events[-20:]],
         }
+
+    # ------------------------------------------------------------------ shared state
+
+    def _hold(self, key: str) -> None:
+        """Keep a key alive for a Variable, Queue or dataset (KeyError if unknown)."""
+        ts = self.tasks[key]
+        self._want(self.clients[HELD], ts)
+        if ts.state == "released":
+            self._recompute(ts)
+
+    def _unhold(self, key: str) -> None:
+        self.release_key(self.clients[HELD], key)
+
+    def _give(self, peer: bytes, key: str) -> None:
+        cs, ts = self.clients.get(peer), self.tasks.get(key)
+        if cs is not None and ts is not None:
+            self._want(cs, ts)
+
+    def _client_seen(self, peer: bytes) -> float | None:
+        cs = self.clients.get(peer)
+        return None if cs is None else cs.last_seen
 
     # ------------------------------------------------------------------ nannies
 
