@@ -27,8 +27,8 @@ from .errors import (
 if TYPE_CHECKING:
     from .client import Client, default_client
     from .cluster import LocalCluster
-    from .coordination import Event, Lock, Queue, Semaphore, Variable
     from .context import get_client, get_worker, rejoin, secede, worker_client
+    from .coordination import Event, Lock, Queue, Semaphore, Variable
     from .futures import Future, as_completed, fire_and_forget, wait
     from .nanny import Nanny
     from .scheduler import Scheduler

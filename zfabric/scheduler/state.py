@@ -39,9 +39,9 @@ from ..errors import RemoteProtocolError
 from ..protocol import version_mismatches
 from . import policy
 from .client_ops import ClientOps
+from .coordination import Coordination
 from .outbox import Outbox
 from .queue import ReadyQueue
-from .coordination import Coordination
 from .records import FIRE_AND_FORGET, HELD, ClientState, NannyState, TaskState, WorkerState
 from .requests import FanOut
 from .worker_loss import WorkerLoss
@@ -386,9 +386,10 @@ class SchedulerState(ClientOps, WorkerLoss):
         self.release_key(self.clients[HELD], key)
 
     def _give(self, peer: bytes, key: str) -> None:
+        # quietly: the client's Future for the key asks ("want") and is told the state then
         cs, ts = self.clients.get(peer), self.tasks.get(key)
-        if cs is not None and ts is not None:
-            self._want(cs, ts)
+        if cs is not None and ts is not None and not ts.wanted_by(cs):
+            ts.add_wanter(cs)
 
     def _client_seen(self, peer: bytes) -> float | None:
         cs = self.clients.get(peer)
