@@ -132,7 +132,7 @@ async def test_async_client_large_values_and_futures(fab):
     big = b"x" * (c.config.INLINE_BYTES + 10)
     await var.set(big)
     assert await var.get() == big
-    [(name, item)] = [(n, v.item) for n, v in fab.s.state.coord.variables.items()]
+    [item] = [v.item for v in fab.s.state.coord.variables.values()]
     assert item[0] == "s" and len(item) == 2
 
     # A Future set into a Variable keeps its result alive after the handle is dropped

@@ -3,10 +3,10 @@ exact replies out. Every scenario ends with ``state.validate()``."""
 
 from __future__ import annotations
 
+from test_scheduler_state import A1, C2, W1, C, finish, given, submit, task
+
 from zfabric import protocol
 from zfabric.scheduler.records import HELD
-
-from test_scheduler_state import A1, C, C2, W1, finish, given, submit, task
 
 C3 = b"client-3"
 
