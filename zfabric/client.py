@@ -33,6 +33,7 @@ from . import _zmq, protocol, serialize
 from .admin import ClusterRequests
 from .config import Config, from_env, parse_timedelta
 from .datasets import Datasets
+from .plugins import PluginRequests
 from .errors import (
     ClosedError,
     CommTimeoutError,
@@ -97,7 +98,7 @@ def funcname(func) -> str:
     return "lambda" if name == "<lambda>" else name
 
 
-class Client(Values, ClusterRequests, Session, Datasets):
+class Client(Values, ClusterRequests, Session, Datasets, PluginRequests):
     """Connects to a scheduler and turns calls into Futures.
 
     ``address`` may be a ``tcp://host:port`` string, a Scheduler, or a LocalCluster; with no

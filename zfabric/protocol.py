@@ -68,6 +68,8 @@ SCHEMAS: dict[str, dict[str, tuple[type, ...]]] = {
     "functions": {"items": _L},
     "forget-functions": {"keys": _L},
     "run-result": {"id": _I},
+    "plugin-add": {"id": _I, "name": _S, "payload": _B},  # also scheduler -> nanny
+    "plugin-remove": {"id": _I, "name": _S},
     "close": {},
     # nanny <-> scheduler
     "worker-died": {"worker": _S, "reason": _S},

@@ -41,6 +41,7 @@ from . import policy
 from .client_ops import ClientOps
 from .coordination import Coordination
 from .outbox import Outbox
+from .plugins import PluginOps
 from .queue import ReadyQueue
 from .records import FIRE_AND_FORGET, HELD, ClientState, NannyState, TaskState, WorkerState
 from .requests import FanOut
@@ -65,7 +66,7 @@ class InvalidTransition(RuntimeError):
     """Raised when code (ours) tries a task-state move that the table forbids."""
 
 
-class SchedulerState(ClientOps, WorkerLoss):
+class SchedulerState(ClientOps, WorkerLoss, PluginOps):
     """Tasks, workers and clients; ops in, ops out."""
 
     def __init__(
@@ -99,6 +100,7 @@ class SchedulerState(ClientOps, WorkerLoss):
         self.started = 0.0  # wall-clock time the shell started serving (it sets it)
         self.counts = {"finished": 0, "erred": 0}
         # Locks, semaphores, events, variables, queues and datasets (scheduler/coordination.py)
+        self.plugins: dict[str, dict[str, bytes]] = {"worker": {}, "nanny": {}}  # name -> pickle
         self.coord = Coordination(self.send, self._hold, self._unhold, self._client_seen,
                                   self._give)
 
@@ -237,6 +239,7 @@ class SchedulerState(ClientOps, WorkerLoss):
             self._event(f"worker {ws.name} joined at {address} ({ws.nthreads} threads)")
             if ws.nanny in self.nannies:
                 self.nannies[ws.nanny].workers.add(peer)
+            self.plugins_for_newcomer(peer, "worker")
             self._fill(ws)
             self._fill_restricted()
         elif role == "client":
@@ -249,6 +252,7 @@ class SchedulerState(ClientOps, WorkerLoss):
             ns = NannyState(peer, name=op["id"], now=self.now)
             self.nannies[peer] = ns
             self.send(peer, welcome)
+            self.plugins_for_newcomer(peer, "nanny")
         else:
             raise RemoteProtocolError(f"unknown role {role!r}")
         for w in warnings:
@@ -315,6 +319,9 @@ class SchedulerState(ClientOps, WorkerLoss):
                     self._event("restart requested: cancelling every task")
                     self.cancel(list(self.tasks), "the cluster was restarted", restart=True)
                 self._start_fan_out(peer, rid, kind, args)
+                return
+            case "register-plugin" | "unregister-plugin":
+                self.plugin_request(peer, rid, kind, args)
                 return
             case "shutdown":
                 self.closing = True

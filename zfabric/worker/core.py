@@ -33,6 +33,7 @@ from ..errors import RemoteProtocolError, SerializationError, TaskTimeout
 from ..transfer import cancel_leases
 from .data import DataPlane, waiting
 from .execute import Executor, Outcome
+from .plugins import WorkerPlugins
 
 logger = logging.getLogger(__name__)
 
@@ -101,6 +102,7 @@ class WorkerLoop(DataPlane):
         self._process = psutil.Process()
         self.last_heard = time.monotonic()
         self.use_shm = config.SAME_HOST_SHM and shm.available()
+        self.plugins = WorkerPlugins(self)  # true only when one hears transitions
 
     # ------------------------------------------------------------------ life cycle
 
@@ -168,6 +170,7 @@ class WorkerLoop(DataPlane):
                 self.sched.send_multipart(protocol.encode([bye]), zmq.NOBLOCK)
         except zmq.ZMQError:
             pass
+        self.plugins.teardown_all()
         self.executor.stop()
         for s in (self.sched, self.data, *self.peers.values()):
             s.close(linger=self.config.LINGER_MS)
@@ -296,6 +299,8 @@ class WorkerLoop(DataPlane):
                 self._hello()
             case "run":
                 self._run_function(op["id"], op["payload"])
+            case "plugin-add" | "plugin-remove":
+                self._plugin_op(op)
             case "close":
                 self.stop("closed by the scheduler")
             case "error":
@@ -349,6 +354,8 @@ class WorkerLoop(DataPlane):
                     fetch.append((dep, addresses))
                 else:
                     waiters.append(key)
+        if self.plugins:
+            self.plugins.transition(key, "released", "waiting" if missing else "ready")
         if missing:
             # Waiting before any fetch starts: one that fails at once (no holder left) must
             # find the task here to report it ``missing``, or the task would wait forever.
@@ -381,6 +388,8 @@ class WorkerLoop(DataPlane):
                 self.raw_keys.discard(d)
 
     def _free(self, key: str) -> None:
+        if self.plugins and key in self.store:
+            self.plugins.transition(key, "memory", "released")
         if key not in self.executing:
             self._release(key)  # an executing task releases when it ends
         self.raw_keys.discard(key)
@@ -404,6 +413,8 @@ class WorkerLoop(DataPlane):
                 func = SerializationError(f"function {fid!r} of task {key!r} never arrived")
             timeout = options.get("task_timeout") if options else None
             self.executing[key] = timeout or 0.0
+            if self.plugins:
+                self.plugins.transition(key, "ready", "executing")
             values = self.store
             borrowed = self.borrows.get(key)
             if borrowed:  # the run keeps its own references: a copy may go before it starts
@@ -430,6 +441,8 @@ class WorkerLoop(DataPlane):
         if key in self.cancelled or (not out.ok and out.error is None):
             self.cancelled.discard(key)
             return
+        if self.plugins:
+            self.plugins.transition(key, "executing", "memory" if out.ok else "error")
         if out.ok:
             self.borrowed.pop(key, None)
             self.store[key] = out.value
@@ -466,6 +479,19 @@ class WorkerLoop(DataPlane):
             cancel_leases(into)
             for k in keys:
                 self._fetch_failed(k, addr)
+
+    def _plugin_op(self, op: dict) -> None:
+        """Set up or tear down a plugin; the answer goes to whoever registered it."""
+        try:
+            if op["op"] == "plugin-add":
+                self.plugins.add(op["name"], op["payload"])
+            else:
+                self.plugins.remove(op["name"])
+            self.outbox.append({"op": "run-result", "id": op["id"], "value": None})
+        except Exception as exc:
+            logger.exception("worker %s: plugin %r failed", self.name, op["name"])
+            data, tb, text = serialize.exception_payload(exc)
+            self.outbox.append({"op": "run-result", "id": op["id"], "error": [data, tb, text]})
 
     def _run_function(self, rid: int, payload: bytes) -> None:
         try:

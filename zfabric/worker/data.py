@@ -223,6 +223,8 @@ class DataPlane:
             if not w[1]:
                 del self.waiting[key]
                 self.ready.append((key, w[0], w[2], w[3]))
+                if self.plugins:
+                    self.plugins.transition(key, "waiting", "ready")
 
     def _fetch_failed(self, dep: str, addr: str) -> None:
         for key in self.fetching.pop(dep, ()):
