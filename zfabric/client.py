@@ -33,7 +33,6 @@ from . import _zmq, protocol, serialize
 from .admin import ClusterRequests
 from .config import Config, from_env, parse_timedelta
 from .datasets import Datasets
-from .plugins import PluginRequests
 from .errors import (
     ClosedError,
     CommTimeoutError,
@@ -43,6 +42,7 @@ from .errors import (
 from .futures import Future, FutureState, futures_of
 from .lifecycle import LoopThread
 from .link import Link
+from .plugins import PluginRequests
 from .session import Deferred, Session
 from .transfer import DataPool, dispatch
 from .values import Values

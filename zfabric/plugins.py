@@ -123,7 +123,7 @@ class PluginRequests:
             raise TypeError(f"register_plugin needs a WorkerPlugin or a NannyPlugin, got"
                             f" {type(plugin).__name__} (zfabric's scheduler runs no user code,"
                             " so there are no scheduler plugins)")
-        header, buffers = serialize.dumps_value(plugin, inline_bytes=1 << 62)
+        header, _ = serialize.dumps_value(plugin, inline_bytes=1 << 62)
         return self.sync(self._register_plugin, kind, _name(plugin, name), header,
                          bool(idempotent))
 
@@ -162,7 +162,7 @@ class PluginRequests:
 
 def _statuses(results: dict) -> dict:
     out = {}
-    for who, (value, error) in results.items():
+    for who, (_, error) in results.items():
         if error is not None:
             data, tb, text = error
             raise serialize.rebuild_exception(data, tb, text)
