@@ -168,3 +168,31 @@ def _statuses(results: dict) -> dict:
             raise serialize.rebuild_exception(data, tb, text)
         out[who] = {"status": "OK"}
     return out
+
+
+async def nanny_plugin_op(nanny, op: dict, restart: bool = True) -> dict:
+    """A Nanny's ``plugin-add``/``plugin-remove``: set up (restarting its workers when the
+    plugin asks) or tear down; the reply for whoever registered it."""
+    import inspect
+
+    plugins = nanny.__dict__.setdefault("plugins", {})
+    reply = {"op": "reply", "id": op["id"]}
+    try:
+        old = plugins.pop(op["name"], None)
+        if old is not None and hasattr(old, "teardown"):
+            out = old.teardown(nanny)
+            if inspect.isawaitable(out):
+                await out
+        if op["op"] == "plugin-add":
+            plugin = serialize.loads_value(op["payload"])
+            out = plugin.setup(nanny) if hasattr(plugin, "setup") else None
+            if inspect.isawaitable(out):
+                await out
+            plugins[op["name"]] = plugin
+            if restart and getattr(plugin, "restart", False):
+                await nanny.restart_workers()
+        reply["value"] = True
+    except Exception as exc:
+        logger.exception("nanny plugin %r failed", op["name"])
+        reply["error"] = list(serialize.exception_payload(exc))
+    return reply

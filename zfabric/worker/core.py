@@ -292,6 +292,15 @@ class WorkerLoop(DataPlane):
                 for w in op.get("warnings") or ():
                     logger.warning("version mismatch with the scheduler: %s", w)
                 if first:
+                    if self.owner is not None:  # what preloads and plugins may read
+                        self.owner.address, self.owner.name = self.address, self.name
+                    try:
+                        self.plugins.start_preloads()
+                    except Exception as exc:
+                        logger.exception("worker %s: a preload failed", self.name)
+                        self.on_ready(None, exc)
+                        self.stop("a preload failed")
+                        return
                     self.on_ready(self.address, None)
             case "reregister":
                 logger.info("worker %s registers again: %s", self.name, op["reason"])

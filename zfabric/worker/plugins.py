@@ -43,6 +43,7 @@ class WorkerPlugins:
         self.loop = loop
         self.plugins: dict[str, object] = {}
         self.hooked: list = []  # plugins with a transition method, in registration order
+        self.preloads: list = []  # modules (dask_setup/dask_teardown) to set up at the welcome
 
     def __bool__(self) -> bool:
         return bool(self.hooked)
@@ -54,7 +55,15 @@ class WorkerPlugins:
 
     def add(self, name: str, payload: bytes) -> None:
         """Unpickle and set up a plugin; one of the same name is torn down first."""
-        plugin = serialize.loads_value(payload)
+        self.add_object(name, serialize.loads_value(payload))
+
+    def start_preloads(self) -> None:
+        """Run the preloads' ``dask_setup(worker)`` (at the first welcome, before any task)."""
+        preloads, self.preloads = self.preloads, []
+        for module in preloads:
+            self.add_object(f"preload-{module.__name__}", Preload(module))
+
+    def add_object(self, name: str, plugin) -> None:
         self.remove(name)
         _call(plugin.setup, self.worker) if hasattr(plugin, "setup") else None
         self.plugins[name] = plugin
@@ -70,8 +79,10 @@ class WorkerPlugins:
         return True
 
     def _hooks(self) -> None:
+        base = _base_transition()
         self.hooked = [p for p in self.plugins.values()
-                       if type(p).transition is not _base_transition()]
+                       if hasattr(p, "transition") and getattr(type(p), "transition", None)
+                       not in (base, Preload.transition)]
 
     def transition(self, key: str, start: str, finish: str, **kwargs) -> None:
         for plugin in self.hooked:
@@ -114,9 +125,21 @@ def load_preload(spec: str):
                           " module name or the path of a .py file") from exc
 
 
-def run_preloads(modules: list, worker, hook: str) -> None:
-    """Call ``hook`` (``dask_setup`` or ``dask_teardown``) of each preload module."""
-    for module in modules:
-        fn = getattr(module, hook, None)
+class Preload:
+    """A preload module as a plugin: ``dask_setup(worker)`` and ``dask_teardown(worker)``."""
+
+    def __init__(self, module):
+        self.module = module
+
+    def setup(self, worker):
+        fn = getattr(self.module, "dask_setup", None)
         if fn is not None:
             _call(fn, worker)
+
+    def teardown(self, worker):
+        fn = getattr(self.module, "dask_teardown", None)
+        if fn is not None:
+            _call(fn, worker)
+
+    def transition(self, *args, **kwargs):
+        pass
