@@ -378,12 +378,13 @@ class Client(Values, ClusterRequests, Session, Datasets, PluginRequests):
         self._check_open()
         if not callable(func):
             raise TypeError("First input to submit must be a callable function")
-        if actor or actors:
-            raise NotImplementedError("zfabric has no actors")
         opts = _options(workers, resources, retries, priority, allow_other_workers, task_timeout)
         if key is not None and not isinstance(key, str):
             raise TypeError(f"key must be a string, got {type(key).__name__}")
-        item = self._task(func, args, kwargs, key, funcname(func), pure)
+        prefix = funcname(func)
+        if actor or actors:  # the object stays on the worker; the result is its proxy
+            func, args, pure = _actor_task(func, args)
+        item = self._task(func, args, kwargs, key, prefix, pure)
         return self._submit_many([item], opts)[0]
 
     def _task(self, func, args, kwargs, key, prefix, pure) -> tuple:
@@ -443,7 +444,8 @@ class Client(Values, ClusterRequests, Session, Datasets, PluginRequests):
 
     def map(self, func, *iterables, key=None, workers=None, retries=None, resources=None,
             priority: int = 0, allow_other_workers: bool = False, pure: bool = True,
-            batch_size=None, task_timeout=None, **kwargs) -> list[Future]:
+            batch_size=None, task_timeout=None, actor: bool = False, actors: bool = False,
+            **kwargs) -> list[Future]:
         """``submit(func, *items)`` for items zipped from ``iterables``; a list of Futures."""
         self._check_open()
         if not callable(func):
@@ -461,6 +463,10 @@ class Client(Values, ClusterRequests, Session, Datasets, PluginRequests):
         else:
             keys = None
         prefix = key if isinstance(key, str) else funcname(func)
+        if actor or actors:
+            cls = func
+            func, _, pure = _actor_task(cls, ())
+            argss = [(cls, *args) for args in argss]
         items = []
         for i, args in enumerate(argss):
             items.append(self._task(func, args, kwargs, keys[i] if keys else None, prefix, pure))
@@ -584,6 +590,15 @@ def _options(workers, resources, retries, priority, allow_other_workers, task_ti
     if task_timeout:
         opts["task_timeout"] = float(task_timeout)
     return opts or None
+
+
+def _actor_task(cls, args: tuple):
+    """``(function, args, pure)`` of the task that builds an actor of ``cls`` on a worker."""
+    if not isinstance(cls, type):
+        raise TypeError(f"actor=True needs a class, got {type(cls).__name__}")
+    from .actor import create
+
+    return create, (cls, *args), False
 
 
 def _lost(st: FutureState) -> bool:

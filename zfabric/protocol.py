@@ -80,6 +80,8 @@ SCHEMAS: dict[str, dict[str, tuple[type, ...]]] = {
     "put-data": {"id": _I, "items": _L},
     "lease": {"id": _I, "sizes": _L},
     "leases": {"id": _I, "items": _L},
+    "actor-call": {"id": _I, "key": _S, "name": _S},  # args: pickle of (args, kwargs)
+    "actor-result": {"id": _I},  # value (pickle, nframes buffers after) or error
 }
 
 _packer = msgpack.Packer(use_bin_type=True)

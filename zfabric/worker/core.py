@@ -31,6 +31,7 @@ from .. import _zmq, protocol, serialize, shm
 from ..config import Config
 from ..errors import RemoteProtocolError, SerializationError, TaskTimeout
 from ..transfer import cancel_leases
+from .actors import Actors
 from .data import DataPlane, waiting
 from .execute import Executor, Outcome
 from .plugins import WorkerPlugins
@@ -148,6 +149,7 @@ class WorkerLoop(DataPlane):
                                  inline_bytes=self.config.INLINE_BYTES,
                                  max_bytes=self.config.MAX_MESSAGE_BYTES, name=str(self.name),
                                  context=self.owner or self)
+        self.actors = Actors(self.executor._poke, self.config.INLINE_BYTES)
         self.poller = zmq.Poller()
         for s in (self.sched, self.data, self.wake):
             self.poller.register(s, zmq.POLLIN)
@@ -171,6 +173,7 @@ class WorkerLoop(DataPlane):
         except zmq.ZMQError:
             pass
         self.plugins.teardown_all()
+        self.actors.stop()
         self.executor.stop()
         for s in (self.sched, self.data, *self.peers.values()):
             s.close(linger=self.config.LINGER_MS)
@@ -188,6 +191,8 @@ class WorkerLoop(DataPlane):
                 self._drain_scheduler()
             if self.wake in events or self.executor.done:
                 self._drain_done()
+                if self.actors.replies:
+                    self._send_actor_replies()
             if self.data in events:
                 self._drain_data()
             for addr, sock in list(self.peers.items()):
@@ -397,6 +402,8 @@ class WorkerLoop(DataPlane):
                 self.raw_keys.discard(d)
 
     def _free(self, key: str) -> None:
+        if key in self.actors.objects:
+            self.actors.forget(key)
         if self.plugins and key in self.store:
             self.plugins.transition(key, "memory", "released")
         if key not in self.executing:

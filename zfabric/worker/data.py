@@ -97,10 +97,18 @@ class DataPlane:
                         self.borrowed.pop(key, None)  # placed here: this worker's own
                         self._put(key, header, bufs, raw or bool(op.get("raw")))
                 self._reply_data(peer, [{"op": "reply", "id": op["id"], "result": True}])
+            case "actor-call":
+                self.actors.call(peer, op)
             case "heartbeat":
                 pass
             case other:
                 raise RemoteProtocolError(f"unexpected {other!r} on the data port")
+
+    def _send_actor_replies(self) -> None:
+        replies = self.actors.replies
+        while replies:
+            peer, op, frames = replies.popleft()
+            self._reply_data(peer, [op], frames)
 
     def _reply_data(self, peer: bytes, ops: list, frames: list = ()) -> None:
         try:
