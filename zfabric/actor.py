@@ -20,6 +20,7 @@ import threading
 import zmq
 
 from . import _zmq, protocol, serialize
+from .config import DEFAULT
 from .errors import ActorLost, RemoteProtocolError
 
 __all__ = ["Actor", "ActorFuture", "BaseActorFuture"]
@@ -44,7 +45,7 @@ def create(cls, *args, **kwargs):
         raise RuntimeError("actors are created by client.submit(cls, actor=True) on a worker")
     obj = cls(*args, **kwargs)
     loop.actors.register(key, obj)
-    return Actor(cls, loop.address, key)
+    return Actor(cls, loop.address, key, worker=loop.identity.decode())
 
 
 # ---------------------------------------------------------------------------- the link
@@ -55,8 +56,13 @@ class _Link:
 
     def __init__(self, address: str):
         self.address = address
-        self.sock = _zmq.dealer(zmq.Context.instance(), address, linger_ms=0)
-        self.sock.setsockopt(zmq.IMMEDIATE, 1)  # POLLOUT then means: the worker is connected
+        sock = self.sock = zmq.Context.instance().socket(zmq.DEALER)
+        _zmq._common(sock, 0, DEFAULT.HWM_MESSAGES)
+        # before connect: POLLOUT then means "the worker is connected", and nothing is
+        # queued for a worker that is gone
+        sock.setsockopt(zmq.IMMEDIATE, 1)
+        sock.setsockopt(zmq.RECONNECT_IVL, 100)
+        sock.connect(_zmq.normalize_address(address))
         self.ids = itertools.count(1)
         self.answers: dict[int, tuple[dict, list]] = {}
         self.connected = False
@@ -75,11 +81,16 @@ class _Link:
                             " again") from None
         return rid
 
-    def wait(self, rid: int, timeout: float | None) -> tuple[dict, list]:
+    def wait(self, rid: int, timeout: float | None, key: str = "",
+             worker: str = "") -> tuple[dict, list]:
+        """The answer to call ``rid``. While it is slow to come, the worker is asked (from
+        its loop thread, not the busy actor thread) whether it still holds actor ``key``: a
+        worker that died, or a new process at its address, raises ActorLost."""
         import time
 
         deadline = None if timeout is None else time.monotonic() + timeout
         sock = self.sock
+        pings: set[int] = set()  # a ping sent just before a reconnection is lost: send more
         while rid not in self.answers:
             left = LIVENESS_CHECK_MS if deadline is None else min(
                 LIVENESS_CHECK_MS, max(0, int((deadline - time.monotonic()) * 1000)))
@@ -92,6 +103,13 @@ class _Link:
                             raise RemoteProtocolError(f"actor call refused by {self.address}:"
                                                       f" {op.get('message')}")
                         self.answers[op["id"]] = (op, bufs)
+                for answered in [p for p in pings if p in self.answers]:
+                    pings.discard(answered)
+                    op, _ = self.answers.pop(answered)
+                    if not op.get("alive"):
+                        raise ActorLost(f"actor {key!r} is no longer at {self.address} (its"
+                                        " worker restarted or released it); its state is"
+                                        " lost: create the actor again")
                 continue
             if not sock.getsockopt(_EVENTS) & _POLLOUT:
                 self.connected = False
@@ -100,6 +118,8 @@ class _Link:
             if deadline is not None and time.monotonic() >= deadline:
                 raise TimeoutError(f"no answer from the actor at {self.address} within"
                                    f" {timeout:g} s")
+            if key and len(pings) < 50:
+                pings.add(self.send({"op": "actor-ping", "key": key, "worker": worker}))
         return self.answers.pop(rid)
 
 
@@ -139,6 +159,24 @@ def _pool() -> concurrent.futures.ThreadPoolExecutor:
         return _async_pool
 
 
+def close_async_calls() -> None:
+    """Stop the helper thread of asynchronous callers and close its sockets (a client
+    closing; the next asynchronous call starts them again)."""
+    global _async_pool
+    with _pool_lock:
+        pool, _async_pool = _async_pool, None
+    if pool is not None:
+        pool.submit(close_links)
+        pool.shutdown(wait=True)
+
+
+def close_links() -> None:
+    """Close the calling thread's sockets to actors' workers."""
+    for link in (getattr(_local, "links", None) or {}).values():
+        link.sock.close(linger=0)
+    _local.links = {}
+
+
 # ---------------------------------------------------------------------------- proxies
 
 
@@ -150,16 +188,16 @@ class ActorFuture(BaseActorFuture):
     """A call sent to an actor: ``result(timeout=None)`` waits for its value (or raises the
     method's exception); ``await`` works too."""
 
-    __slots__ = ("_done", "_link", "_rid", "_value")
+    __slots__ = ("_done", "_key", "_link", "_rid", "_value", "_worker")
 
-    def __init__(self, link: _Link, rid: int):
-        self._link, self._rid = link, rid
+    def __init__(self, link: _Link, rid: int, key: str = "", worker: str = ""):
+        self._link, self._rid, self._key, self._worker = link, rid, key, worker
         self._done = False
         self._value = None
 
     def result(self, timeout=None):
         if not self._done:
-            answer = self._link.wait(self._rid, timeout)
+            answer = self._link.wait(self._rid, timeout, self._key, self._worker)
             self._done = True
             try:
                 self._value = ("ok", _value(answer))
@@ -196,7 +234,7 @@ class _AsyncActorFuture(BaseActorFuture):
         return self._fut.done()
 
 
-def _rebuild(cls, address: str, key: str) -> Actor:
+def _rebuild(cls, address: str, key: str, worker: str = "") -> Actor:
     """An Actor arriving in a process: it holds a Future of its key, through this process's
     client (inside a task, its worker's), so that the actor lives while the proxy does."""
     from .context import get_client
@@ -206,7 +244,7 @@ def _rebuild(cls, address: str, key: str) -> Actor:
         future = Future(key, get_client())
     except ValueError:  # no client here: the proxy works, but does not keep the actor
         future = None
-    return Actor(cls, address, key, future)
+    return Actor(cls, address, key, future, worker)
 
 
 def _in_loop() -> bool:
@@ -220,14 +258,15 @@ def _in_loop() -> bool:
 class Actor:
     """A proxy for an object on a worker (see the module docstring)."""
 
-    def __init__(self, cls, address: str, key: str, future=None):
+    def __init__(self, cls, address: str, key: str, future=None, worker: str = ""):
         self._cls = cls
         self._address = address
         self._key = key
+        self._worker = worker  # the worker process's id: a new process at the address is not it
         self._future = future  # keeps the actor alive (its key) while this proxy lives
 
     def __reduce__(self):
-        return (_rebuild, (self._cls, self._address, self._key))
+        return (_rebuild, (self._cls, self._address, self._key, self._worker))
 
     def __repr__(self) -> str:
         return f"<Actor: {self._cls.__name__}, key={self._key}>"
@@ -240,14 +279,14 @@ class Actor:
         return sorted(set(dir(type(self))) | {n for n in dir(self._cls) if not n.startswith("_")})
 
     def _send(self, name: str, args: tuple | None, kwargs: dict | None, attr: bool):
-        op = {"op": "actor-call", "key": self._key, "name": name}
+        op = {"op": "actor-call", "key": self._key, "name": name, "worker": self._worker}
         if attr:
             op["attr"] = True
         elif args or kwargs:
             header, _ = serialize.dumps_value((args, kwargs), inline_bytes=1 << 62)
             op["args"] = header
         link = _link(self._address)
-        return ActorFuture(link, link.send(op))
+        return ActorFuture(link, link.send(op), self._key, self._worker)
 
     def __getattr__(self, name: str):
         if name.startswith("_"):

@@ -20,6 +20,7 @@ import itertools
 import json
 import logging
 import os
+import sys
 import threading
 import time
 import uuid
@@ -563,6 +564,9 @@ class Client(Values, ClusterRequests, Session, Datasets, PluginRequests):
                 fut.set_exception(ClosedError("the client was closed"))
         if getattr(self, "data", None) is not None:
             self.data.close()
+        actor = sys.modules.get("zfabric.actor")
+        if actor is not None:  # the helper thread of asynchronous actor calls
+            await asyncio.to_thread(actor.close_async_calls)
         if getattr(self, "_link", None) is not None:
             self._link.close(linger=self.config.LINGER_MS)
         if self._own_cluster and self.cluster is not None:

@@ -81,6 +81,7 @@ SCHEMAS: dict[str, dict[str, tuple[type, ...]]] = {
     "lease": {"id": _I, "sizes": _L},
     "leases": {"id": _I, "items": _L},
     "actor-call": {"id": _I, "key": _S, "name": _S},  # args: pickle of (args, kwargs)
+    "actor-ping": {"id": _I, "key": _S},
     "actor-result": {"id": _I},  # value (pickle, nframes buffers after) or error
 }
 

@@ -26,7 +26,8 @@ logger = logging.getLogger(__name__)
 class Actors:
     """The actors of one worker and the thread that runs their calls."""
 
-    def __init__(self, poke, inline_bytes: int):
+    def __init__(self, poke, inline_bytes: int, identity: str = ""):
+        self.identity = identity  # this process's worker id: calls name the one they mean
         self.poke = poke  # wakes the loop thread (thread-safe)
         self.inline_bytes = inline_bytes
         self.objects: dict[str, object] = {}
@@ -78,11 +79,17 @@ class Actors:
             self.replies.append((peer, reply, frames))
             self.poke()
 
+    def holds(self, key: str, worker) -> bool:
+        return key in self.objects and (not worker or worker == self.identity)
+
     def _execute(self, op: dict):
         obj = self.objects.get(op["key"])
-        if obj is None:
-            raise ValueError(f"actor {op['key']!r} is not on this worker (it was released, or"
-                             " its worker restarted); create it again")
+        if obj is None or not self.holds(op["key"], op.get("worker")):
+            from ..errors import ActorLost
+
+            raise ActorLost(f"actor {op['key']!r} is not on this worker (it was released, or"
+                            " its worker died and another took its address); its state is"
+                            " lost: create the actor again")
         name = op["name"]
         if op.get("attr"):
             return getattr(obj, name)

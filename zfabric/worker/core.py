@@ -149,7 +149,8 @@ class WorkerLoop(DataPlane):
                                  inline_bytes=self.config.INLINE_BYTES,
                                  max_bytes=self.config.MAX_MESSAGE_BYTES, name=str(self.name),
                                  context=self.owner or self)
-        self.actors = Actors(self.executor._poke, self.config.INLINE_BYTES)
+        self.actors = Actors(self.executor._poke, self.config.INLINE_BYTES,
+                             self.identity.decode())
         self.poller = zmq.Poller()
         for s in (self.sched, self.data, self.wake):
             self.poller.register(s, zmq.POLLIN)

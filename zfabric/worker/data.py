@@ -99,6 +99,10 @@ class DataPlane:
                 self._reply_data(peer, [{"op": "reply", "id": op["id"], "result": True}])
             case "actor-call":
                 self.actors.call(peer, op)
+            case "actor-ping":  # a caller waiting long: is the actor still here?
+                self._reply_data(peer, [{"op": "actor-result", "id": op["id"],
+                                         "alive": self.actors.holds(op["key"],
+                                                                    op.get("worker"))}])
             case "heartbeat":
                 pass
             case other:
