@@ -11,7 +11,7 @@ import pytest
 from userscript import run_script
 
 from zfabric import Client, Event, Lock, Queue, Semaphore, Variable
-from zfabric.testing import cluster
+from zfabric.testing import cluster, until
 
 pytestmark = pytest.mark.timeout(90)
 
@@ -218,4 +218,5 @@ async def test_queue_lives_while_a_client_uses_it():
             assert await Queue("shared", client=b).get() == 1
             await Queue("shared", client=a).close()
             assert "shared" in s.state.coord.queues  # b still uses it
-        assert "shared" not in s.state.coord.queues
+        # the goodbyes reach the scheduler soon after
+        await until(lambda: "shared" not in s.state.coord.queues, 5, "queue forgotten")
