@@ -12,7 +12,8 @@ import pytest
 import zfabric
 
 PURE = ["zfabric.protocol", "zfabric.heartbeat", "zfabric.scheduler.state",
-        "zfabric.scheduler.policy", "zfabric.scheduler.records", "zfabric.config"]
+        "zfabric.scheduler.policy", "zfabric.scheduler.records", "zfabric.config",
+        "zfabric.scheduler.retire"]
 
 FORBIDDEN = {"zmq", "asyncio", "socket", "threading", "time", "selectors"}
 

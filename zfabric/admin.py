@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
 import os
 import time
 from collections import defaultdict
@@ -17,6 +18,8 @@ from . import protocol, serialize
 from .config import parse_timedelta
 from .errors import CommTimeoutError, ZFabricError
 from .futures import futures_of
+
+logger = logging.getLogger("zfabric.client")
 
 _RUN_ON_ERROR = ("raise", "return", "ignore")
 
@@ -184,7 +187,11 @@ class ClusterRequests:
 
     def shutdown(self):
         """Close the scheduler, its workers and this client (and the LocalCluster)."""
-        return self.sync(self._shutdown)
+        if self.asynchronous:
+            return self._shutdown()
+        self.sync(self._shutdown)
+        self.close()  # and the client's loop thread
+        return None
 
     async def _shutdown(self):
         try:
@@ -192,15 +199,18 @@ class ClusterRequests:
         except Exception:
             pass
         await self._close()
-        if self.cluster is not None and not self._own_cluster:
-            close = getattr(self.cluster, "_close", None) or getattr(self.cluster, "close", None)
-            if close is not None and getattr(self.cluster, "status", "") != "closed":
-                try:
-                    res = close()
-                    if asyncio.iscoroutine(res):
-                        await res
-                except Exception:
-                    pass
+        cluster = self.cluster
+        if cluster is not None and not self._own_cluster and \
+                getattr(cluster, "status", "") != "closed":
+            # As dask.distributed: the cluster closes too, and says so. A blocking cluster
+            # runs on a loop thread of its own: close it through its public close().
+            try:
+                if getattr(cluster, "asynchronous", False):
+                    await cluster.close()
+                else:
+                    await asyncio.to_thread(cluster.close)
+            except Exception:
+                logger.warning("closing %r after shutdown failed", cluster, exc_info=True)
 
     def wait_for_workers(self, n_workers: int, timeout=None):
         """Block until at least ``n_workers`` workers are connected."""

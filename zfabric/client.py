@@ -33,6 +33,7 @@ import zmq.asyncio
 from . import _zmq, protocol, serialize
 from .admin import ClusterRequests
 from .config import Config, from_env, parse_timedelta
+from .control import ClusterControl
 from .datasets import Datasets
 from .errors import (
     ClosedError,
@@ -99,7 +100,7 @@ def funcname(func) -> str:
     return "lambda" if name == "<lambda>" else name
 
 
-class Client(Values, ClusterRequests, Session, Datasets, PluginRequests):
+class Client(Values, ClusterRequests, ClusterControl, Session, Datasets, PluginRequests):
     """Connects to a scheduler and turns calls into Futures.
 
     ``address`` may be a ``tcp://host:port`` string, a Scheduler, or a LocalCluster; with no
@@ -330,6 +331,9 @@ class Client(Values, ClusterRequests, Session, Datasets, PluginRequests):
             await self._close()
             raise
         self.status = "running"
+        from . import joblib_backend
+
+        joblib_backend.register_on_import()  # without importing joblib (see there)
 
     # ------------------------------------------------------------------ reference counting
 
@@ -375,7 +379,11 @@ class Client(Values, ClusterRequests, Session, Datasets, PluginRequests):
                retries: int | None = None, priority: int = 0, allow_other_workers: bool = False,
                pure: bool = True, fifo_timeout=None, actor: bool = False, actors: bool = False,
                task_timeout: float | None = None, **kwargs) -> Future:
-        """Run ``func(*args, **kwargs)`` on a worker; returns a Future at once."""
+        """Run ``func(*args, **kwargs)`` on a worker; returns a Future at once.
+
+        ``fifo_timeout`` is accepted for dask's sake: zfabric keeps strict submission order
+        among tasks of equal priority, whatever the time between them."""
+        parse_timedelta(fifo_timeout, name="fifo_timeout")
         self._check_open()
         if not callable(func):
             raise TypeError("First input to submit must be a callable function")
@@ -404,7 +412,8 @@ class Client(Values, ClusterRequests, Session, Datasets, PluginRequests):
         """A key suffix unique across clients: this client's random id and a counter."""
         return f"{self._id_prefix}{next(self._unique):x}"
 
-    def _submit_many(self, items: list, opts: dict | None) -> list[Future]:
+    def _submit_many(self, items: list, opts: dict | None,
+                     batch: int | None = None) -> list[Future]:
         out, tasks, functions = [], [], {}
         with self._lock:
             self._queue_releases()
@@ -413,14 +422,14 @@ class Client(Values, ClusterRequests, Session, Datasets, PluginRequests):
                 if st is None or st.status == "cancelled" or _lost(st):
                     st = self._states[key] = FutureState(key)
                     if buffers:
-                        self._flush_tasks(tasks, functions)
+                        self._flush_tasks(tasks, functions, batch)
                         self._outbox.append(Deferred(
                             self._ship_args(key, fid, fbytes, abytes, deps, buffers, opts), st))
                     else:
                         functions[fid] = fbytes
                         tasks.append([key, abytes, deps, opts, fid])
                 out.append(Future(key, self, st))
-            self._flush_tasks(tasks, functions)
+            self._flush_tasks(tasks, functions, batch)
         self._send()
         return out
 
@@ -431,10 +440,10 @@ class Client(Values, ClusterRequests, Session, Datasets, PluginRequests):
             self._outbox.append({"op": "release", "keys": self._release_keys})
             self._release_keys = []
 
-    def _flush_tasks(self, tasks: list, functions: dict) -> None:
-        """Queue submit ops of at most SUBMIT_BATCH tasks, each carrying the pickles of the
-        functions its tasks use (once per message, not once per task)."""
-        batch = self.config.SUBMIT_BATCH
+    def _flush_tasks(self, tasks: list, functions: dict, batch: int | None = None) -> None:
+        """Queue submit ops of at most ``batch`` (SUBMIT_BATCH) tasks, each carrying the
+        pickles of the functions its tasks use (once per message, not once per task)."""
+        batch = batch or self.config.SUBMIT_BATCH
         for i in range(0, len(tasks), batch):
             chunk = tasks[i : i + batch]
             fids = {t[4] for t in chunk} if len(functions) > 1 else functions.keys()
@@ -447,7 +456,11 @@ class Client(Values, ClusterRequests, Session, Datasets, PluginRequests):
             priority: int = 0, allow_other_workers: bool = False, pure: bool = True,
             batch_size=None, task_timeout=None, actor: bool = False, actors: bool = False,
             **kwargs) -> list[Future]:
-        """``submit(func, *items)`` for items zipped from ``iterables``; a list of Futures."""
+        """``submit(func, *items)`` for items zipped from ``iterables``; a list of Futures.
+
+        ``batch_size``: tasks per message to the scheduler (default ``SUBMIT_BATCH``)."""
+        if batch_size is not None and (not isinstance(batch_size, int) or batch_size < 1):
+            raise ValueError(f"batch_size must be a positive int, got {batch_size!r}")
         self._check_open()
         if not callable(func):
             raise TypeError("First input to map must be a callable function")
@@ -471,7 +484,7 @@ class Client(Values, ClusterRequests, Session, Datasets, PluginRequests):
         items = []
         for i, args in enumerate(argss):
             items.append(self._task(func, args, kwargs, keys[i] if keys else None, prefix, pure))
-        return self._submit_many(items, opts)
+        return self._submit_many(items, opts, batch_size)
 
     # ------------------------------------------------------------------ cancel
 

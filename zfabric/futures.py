@@ -251,6 +251,15 @@ def futures_of(obj) -> list[Future]:
     return out
 
 
+def _as_futures(obj) -> list[Future]:
+    """The Futures of a Future, a (nested) collection of them, or any iterable of them."""
+    if isinstance(obj, Future):
+        return [obj]
+    if not isinstance(obj, list | tuple | set | frozenset | dict):
+        obj = list(obj)  # a generator, say
+    return futures_of(obj)
+
+
 def _client_of(futures: list[Future]):
     if not futures:
         from .client import default_client
@@ -266,7 +275,7 @@ def wait(fs, timeout=None, return_when: str = "ALL_COMPLETED"):
     Raises ``TimeoutError`` when ``timeout`` seconds pass first. Returns an awaitable when the
     futures belong to an asynchronous client.
     """
-    futures = futures_of(fs) if not isinstance(fs, Future) else [fs]
+    futures = _as_futures(fs)
     if return_when not in ("ALL_COMPLETED", "FIRST_COMPLETED"):
         raise ValueError(
             f"return_when must be ALL_COMPLETED or FIRST_COMPLETED, not {return_when!r}"
@@ -337,7 +346,7 @@ class as_completed:
         self._cleared = 0  # bumped by clear(): futures added before it are ignored
         self._cond = threading.Condition()
         self._events: list[tuple[asyncio.AbstractEventLoop, asyncio.Event]] = []
-        for f in futures_of(futures) if not isinstance(futures, Future) else [futures]:
+        for f in _as_futures(futures):
             self.add(f)
 
     def add(self, future: Future) -> None:

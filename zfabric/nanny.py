@@ -279,7 +279,7 @@ class Nanny(LifeCycle):
                 self.epoch = None
                 self._send(protocol.hello("nanny", self.identity, pid=os.getpid()))
             case "restart":
-                self._own(self._restart(op["id"]))
+                self._own(self._restart(op["id"], op.get("workers")))
             case "plugin-add" | "plugin-remove":
                 if self._initial_plugins is not None:  # before the workers start
                     self._initial_plugins.append(asyncio.ensure_future(
@@ -538,13 +538,16 @@ class Nanny(LifeCycle):
                 )
             await asyncio.sleep(0.005)
 
-    async def restart_workers(self) -> None:
-        """Replace every worker process; returns once all are back (CommTimeoutError if
-        they are not within RESTART_TIMEOUT_S)."""
+    async def restart_workers(self, workers: list | None = None) -> None:
+        """Replace every worker process (or those whose identities ``workers`` lists);
+        returns once all are back (CommTimeoutError if not within RESTART_TIMEOUT_S)."""
         now = time.monotonic()
         marks = []
         for slot in self.slots:
             if slot.phase == "closed":
+                continue
+            if workers is not None and (slot.process is None
+                                        or slot.process.identity not in workers):
                 continue
             marks.append((slot, slot.generation))
             if slot.phase in ("starting", "running") and slot.process is not None:
@@ -555,11 +558,12 @@ class Nanny(LifeCycle):
                 slot.restart_at = now
         await self._wait_started(marks, RESTART_TIMEOUT_S, fail_on_exit=False)
 
-    async def _restart(self, rid: int) -> None:
-        """``client.restart()``: replace every worker process, answer once all are back."""
+    async def _restart(self, rid: int, workers: list | None = None) -> None:
+        """``client.restart()``: replace every worker process (or those whose identities
+        ``workers`` lists: ``client.restart_workers``), answer once all are back."""
         reply = {"op": "reply", "id": rid}
         try:
-            await self.restart_workers()
+            await self.restart_workers(workers)
             reply["value"] = True
         except ZFabricError as exc:
             reply["error"] = str(exc)

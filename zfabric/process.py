@@ -257,6 +257,9 @@ def setup_logging(level: str) -> None:
         raise ValueError(f"unknown log level {level!r}; use debug, info, warning or error")
     logging.basicConfig(level=numeric, stream=sys.stderr,
                         format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    from . import logs
+
+    logs.install()  # for LocalCluster.get_logs
 
 
 def main_from_nanny(argv: list[str]) -> int:

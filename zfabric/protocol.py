@@ -70,6 +70,8 @@ SCHEMAS: dict[str, dict[str, tuple[type, ...]]] = {
     "run-result": {"id": _I},
     "plugin-add": {"id": _I, "name": _S, "payload": _B},  # also scheduler -> nanny
     "plugin-remove": {"id": _I, "name": _S},
+    "acquire": {"items": _L},  # keep copies of these keys (replicate, retire_workers)
+    "acquired": {"keys": _L},  # ... now held; optional "failed": keys it could not get
     "close": {},
     # nanny <-> scheduler
     "worker-died": {"worker": _S, "reason": _S},

@@ -151,6 +151,7 @@ class Values:
         """Results of futures, in the same nested structure (lists, tuples, dicts, sets)."""
         if errors not in ("raise", "skip"):
             raise ValueError(f"errors must be 'raise' or 'skip', not {errors!r}")
+        _check_direct_and_mode(self, direct, asynchronous)
         return self.sync(self._gather, futures, errors=errors)
 
     async def _gather(self, futures, errors: str = "raise"):
@@ -183,8 +184,14 @@ class Values:
 
     def scatter(self, data, workers=None, broadcast: bool = False, direct=None, hash=True,
                 timeout=None, asynchronous=None):
-        """Place local data on the cluster; Futures in the same shape (list, dict, or one)."""
-        return self.sync(self._scatter, data, workers=workers, broadcast=broadcast, hash=hash)
+        """Place local data on the cluster; Futures in the same shape (list, dict, or one).
+
+        ``timeout`` bounds the whole placement (seconds or a string like "10s")."""
+        _check_direct_and_mode(self, direct, asynchronous)
+        timeout = parse_timedelta(timeout)
+        return self.sync(_bounded, lambda: self._scatter(data, workers=workers,
+                                                         broadcast=broadcast, hash=hash),
+                         timeout, "scatter")
 
     async def _scatter(self, data, workers=None, broadcast=False, hash=True):
         self._check_open()
@@ -257,3 +264,22 @@ def _rebuild(obj, values: dict, bad: set):
         return {k: _rebuild(v, values, bad) for k, v in obj.items()
                 if not (isinstance(v, Future) and v.key in bad)}
     return obj
+
+
+def _check_direct_and_mode(client, direct, asynchronous) -> None:
+    if direct is False:
+        raise ValueError("direct=False: zfabric's scheduler never carries values; data always"
+                         " moves directly between the client and the workers")
+    if asynchronous is not None and bool(asynchronous) != client.asynchronous:
+        raise ValueError(f"asynchronous={asynchronous!r} on a client created with"
+                         f" asynchronous={client.asynchronous}; create the client in the mode"
+                         " you want")
+
+
+async def _bounded(make, timeout: float | None, what: str):
+    if timeout is None:
+        return await make()
+    try:
+        return await asyncio.wait_for(make(), timeout)
+    except TimeoutError:
+        raise TimeoutError(f"{what} did not finish within {timeout:g} s") from None

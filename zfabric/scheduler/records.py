@@ -322,6 +322,7 @@ class WorkerState:
         "pid",
         "processing",
         "resources",
+        "retiring",
         "started",
     )
 
@@ -349,6 +350,7 @@ class WorkerState:
         self.avg_duration: float | None = None
         self.finished = 0
         self.limit = self.nthreads * 2 + 2  # until task durations are known
+        self.retiring = False  # being retired: no new tasks (its limit stays 0)
 
     def __repr__(self) -> str:
         return f"<Worker {self.name} {self.address}>"
@@ -401,7 +403,8 @@ class WorkerState:
             self.finished += 1
             if self.finished & 15 == 1:  # the allowance need not move on every task
                 extra = int(DEFAULT.PREFETCH_TARGET_S * self.nthreads / max(avg, 1e-6))
-                self.limit = self.nthreads + min(DEFAULT.PREFETCH_MAX, max(1, extra))
+                if not self.retiring:
+                    self.limit = self.nthreads + min(DEFAULT.PREFETCH_MAX, max(1, extra))
 
     def info(self) -> dict:
         return {
@@ -418,7 +421,8 @@ class WorkerState:
             "metrics": self.metrics,
             "processing": len(self.processing),
             "in_memory": self.nheld,
-            "status": "running",
+            "avg_duration": self.avg_duration,
+            "status": "closing_gracefully" if self.retiring else "running",
             "local_directory": self.metrics.get("local_directory"),
         }
 

@@ -45,6 +45,7 @@ from .plugins import PluginOps
 from .queue import ReadyQueue
 from .records import FIRE_AND_FORGET, HELD, ClientState, NannyState, TaskState, WorkerState
 from .requests import FanOut
+from .retire import Retirement
 from .worker_loss import WorkerLoss
 
 logger = logging.getLogger(__name__)
@@ -66,7 +67,7 @@ class InvalidTransition(RuntimeError):
     """Raised when code (ours) tries a task-state move that the table forbids."""
 
 
-class SchedulerState(ClientOps, WorkerLoss, PluginOps):
+class SchedulerState(ClientOps, WorkerLoss, Retirement, PluginOps):
     """Tasks, workers and clients; ops in, ops out."""
 
     def __init__(
@@ -99,6 +100,7 @@ class SchedulerState(ClientOps, WorkerLoss, PluginOps):
         self.now = 0.0
         self.started = 0.0  # wall-clock time the shell started serving (it sets it)
         self.counts = {"finished": 0, "erred": 0}
+        self._init_moves()  # replicate and retire (see .retire)
         # Locks, semaphores, events, variables, queues and datasets (scheduler/coordination.py)
         self.plugins: dict[str, dict[str, bytes]] = {"worker": {}, "nanny": {}}  # name -> pickle
         self.coord = Coordination(self.send, self._hold, self._unhold, self._client_seen,
@@ -182,6 +184,8 @@ class SchedulerState(ClientOps, WorkerLoss, PluginOps):
         for ns in [n for n in self.nannies.values() if n.last_seen < silent]:
             self._drop_nanny(ns.ident)
         self.coord.tick(now)
+        if self.moves or self.jobs:
+            self.moves_tick()
 
     # ------------------------------------------------------------------ hello
 
@@ -323,6 +327,9 @@ class SchedulerState(ClientOps, WorkerLoss, PluginOps):
             case "register-plugin" | "unregister-plugin":
                 self.plugin_request(peer, rid, kind, args)
                 return
+            case "replicate" | "retire-workers" | "restart-workers":
+                self.move_request(peer, op)
+                return
             case "shutdown":
                 self.closing = True
                 reply["result"] = True
@@ -463,6 +470,8 @@ class SchedulerState(ClientOps, WorkerLoss, PluginOps):
                     ws.metrics = metrics
             case "missing":
                 self._missing(ws, op["key"], op["dep"], op["address"])
+            case "acquired":
+                self.acquired(ws, op["keys"], op.get("failed") or [])
             case "run-result":
                 self._fan_out.answer(ws.ident, op)
             case "request":
@@ -734,3 +743,4 @@ class SchedulerState(ClientOps, WorkerLoss, PluginOps):
         for key, ts in self.tasks.items():
             for ws in ts.who_has:
                 assert ts in held.get(ws, ()), (key, ws)  # a live worker, which logs it
+        self.validate_moves()

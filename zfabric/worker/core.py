@@ -35,6 +35,7 @@ from .actors import Actors
 from .data import DataPlane, waiting
 from .execute import Executor, Outcome
 from .plugins import WorkerPlugins
+from .replicas import Replicas
 
 logger = logging.getLogger(__name__)
 
@@ -45,7 +46,7 @@ FETCH_TIMEOUT_S = 15.0
 EXIT_CRASHED = 70
 
 
-class WorkerLoop(DataPlane):
+class WorkerLoop(DataPlane, Replicas):
     """Everything a worker does, in one thread (see module docstring)."""
 
     def __init__(self, *, scheduler_address: str, nthreads: int, name: str | None,
@@ -86,6 +87,7 @@ class WorkerLoop(DataPlane):
         self.borrows: dict[str, list[str]] = {}
         self.waiting: dict[str, list] = {}  # key -> [payload, missing dep keys set, options]
         self.fetching: dict[str, list[str]] = {}  # dep key -> task keys waiting for it
+        self.acquiring: set[str] = set()  # keys fetched to keep (see .replicas)
         # fetch id -> (address, keys, time sent, shared-memory leases by key)
         self.inflight_fetch: dict[int, tuple[str, list[str], float, dict]] = {}
         self.fetch_queue: dict[str, deque[str]] = {}  # peer address -> dep keys to ask it for
@@ -281,6 +283,8 @@ class WorkerLoop(DataPlane):
             case "free":
                 for key in op["keys"]:
                     self._free(key)
+            case "acquire":
+                self._acquire(op["items"])
             case "functions":
                 for fid, data in op["items"]:
                     try:
@@ -335,6 +339,7 @@ class WorkerLoop(DataPlane):
         self.borrows.clear()
         self.waiting.clear()
         self.fetching.clear()
+        self.acquiring.clear()
         self.fetch_queue.clear()
         self.ready.clear()
         self.cancelled.update(self.executing)

@@ -196,7 +196,7 @@ class DataPlane:
                     later.append((key, sizes))
                 elif header is None:
                     self._fetch_failed(key, addr)
-                elif key in self.borrowed:  # else every task that wanted it is gone
+                elif key in self.borrowed or key in self.acquiring:  # else nobody wants it
                     self._put(key, header, bufs, raw)
                     self._got_dep(key)
                 else:
@@ -227,6 +227,8 @@ class DataPlane:
             self.raw_keys.discard(key)
 
     def _got_dep(self, dep: str) -> None:
+        if self.acquiring:
+            self._acquire_ended(dep, True)
         for key in self.fetching.pop(dep, ()):
             w = self.waiting.get(key)
             if w is None:
@@ -239,6 +241,8 @@ class DataPlane:
                     self.plugins.transition(key, "waiting", "ready")
 
     def _fetch_failed(self, dep: str, addr: str) -> None:
+        if self.acquiring:
+            self._acquire_ended(dep, False)
         for key in self.fetching.pop(dep, ()):
             if self.waiting.pop(key, None) is not None:
                 self._release(key)
