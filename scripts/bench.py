@@ -140,6 +140,9 @@ class Counter:
         self.n += 1
         return self.n
 
+    def value(self) -> int:
+        return self.n
+
 
 def noop(x: Any) -> None:
     return None
@@ -613,7 +616,8 @@ def _actor_calls(api: Any, address: str, warmup: int, iters: int) -> dict[str, A
             start = time.perf_counter()
             counter.incr().result()
             calls.append((time.perf_counter() - start) * 1e3)
-        expect(counter.n == warmup + iters, f"the actor counted {counter.n}")
+        count = counter.value().result()
+        expect(count == warmup + iters, f"the actor counted {count}")
         for i in range(warmup):
             client.submit(inc, i, pure=False).result()
         tasks = []
