@@ -286,7 +286,8 @@ def test_malformed_coord_ops_are_refused_and_the_rest_is_served():
     # the state refuses them too (a peer may skip the door's encoding step)
     state.handle(C, [bad[1], {"op": "coord", "id": 9, "kind": "event-is-set", "name": "x"}], 1.0)
     out = state.flush()[C]
-    assert out[0]["op"] == "error" and out[1] == reply(9, False)
+    assert out[0]["op"] == "reply" and out[0]["type"] == "ValueError" and out[0]["id"] == 2
+    assert out[1] == reply(9, False)
     state.validate()
 
 

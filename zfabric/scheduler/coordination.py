@@ -28,10 +28,14 @@ from __future__ import annotations
 
 import heapq
 import itertools
+import logging
 from collections import deque
 from collections.abc import Callable
 
+from ..errors import RemoteProtocolError
 from ..protocol import coord_item_keys as item_keys
+
+logger = logging.getLogger(__name__)
 
 #: How often (seconds) lease timeouts are checked; leases are few, checking is O(leases).
 LEASE_CHECK_S = 0.5
@@ -122,6 +126,14 @@ class Coordination:
             result = method(peer, rid, name, op, now)
         except _Refused as exc:
             self.send(peer, {"op": "reply", "id": rid, "error": str(exc), "type": exc.kind})
+            return
+        except RemoteProtocolError as exc:  # a malformed op that skipped the door
+            self.send(peer, {"op": "reply", "id": rid, "type": "ValueError", "error": str(exc)})
+            return
+        except Exception as exc:  # a bug of ours: the caller must not wait for ever
+            logger.exception("coordination op %r on %r failed", kind, name)
+            self.send(peer, {"op": "reply", "id": rid, "type": "RuntimeError",
+                             "error": f"the scheduler failed on {kind} {name!r}: {exc!r}"})
             return
         if result is not _LATER:
             self.send(peer, {"op": "reply", "id": rid, "result": result})
@@ -215,13 +227,13 @@ class Coordination:
 
     def hold(self, keys: list[str]) -> None:
         for i, key in enumerate(keys):
-            if key not in self.held:
-                try:
-                    self._hold(key)
-                except KeyError:
-                    self.unhold(keys[:i])
-                    raise _Refused(f"the future {key!r} is not known to the scheduler (was it"
-                                   " released?); keep it until it is stored", "ValueError")
+            # every time (it is idempotent): a restart may have dropped what the count knows
+            try:
+                self._hold(key)
+            except KeyError:
+                self.unhold(keys[:i])
+                raise _Refused(f"the future {key!r} is not known to the scheduler (was it"
+                               " released?); keep it until it is stored", "ValueError") from None
             self.held[key] = self.held.get(key, 0) + 1
 
     def unhold(self, keys: list[str]) -> None:
