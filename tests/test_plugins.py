@@ -70,6 +70,11 @@ def test_plugins_upload_file_and_preload_reach_current_and_later_workers(tmp_pat
                 client.upload_file("shipped.py")
                 os.rename("shipped.py", "not_importable_here.py")
                 print("task", client.submit(use_shipped, 1).result())
+                import zipfile
+                with zipfile.ZipFile("bundle.zip", "w") as z:
+                    z.writestr("zipped_pkg/__init__.py", "ANSWER = 42")
+                client.upload_file("bundle.zip")
+                print("zip", client.submit(lambda: __import__("zipped_pkg").ANSWER).result())
                 print("transitions", client.submit(transitions, pure=False).result()[:1])
 
                 # Workers that join later: a worker and a nanny from the command line, with
@@ -104,7 +109,7 @@ def test_plugins_upload_file_and_preload_reach_current_and_later_workers(tmp_pat
     })
     assert "registered [{'status': 'OK'}]" in out
     assert "nanny plugin [{'status': 'OK'}]" in out  # the cluster's Nanny
-    assert "task 42" in out
+    assert "task 42" in out and "zip 42" in out
     assert "transitions [('released', 'ready')]" in out
     # The first worker (no preload), then the nanny's worker (preload, env from the Nanny
     # plugin), then the bare worker (preload)
