@@ -165,9 +165,9 @@ def close_async_calls() -> None:
     global _async_pool
     with _pool_lock:
         pool, _async_pool = _async_pool, None
-    if pool is not None:
+    if pool is not None:  # not waiting: a call still running on a live actor may be long
         pool.submit(close_links)
-        pool.shutdown(wait=True)
+        pool.shutdown(wait=False)
 
 
 def close_links() -> None:
