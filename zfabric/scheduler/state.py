@@ -39,7 +39,7 @@ from ..errors import RemoteProtocolError
 from ..protocol import version_mismatches
 from . import policy
 from .client_ops import ClientOps
-from .coordination import Coordination
+from .coordination import Coordination, SharedStateOps
 from .outbox import Outbox
 from .plugins import PluginOps
 from .queue import ReadyQueue
@@ -67,7 +67,7 @@ class InvalidTransition(RuntimeError):
     """Raised when code (ours) tries a task-state move that the table forbids."""
 
 
-class SchedulerState(ClientOps, WorkerLoss, Retirement, PluginOps):
+class SchedulerState(ClientOps, WorkerLoss, Retirement, PluginOps, SharedStateOps):
     """Tasks, workers and clients; ops in, ops out."""
 
     def __init__(
@@ -386,28 +386,6 @@ class SchedulerState(ClientOps, WorkerLoss, Retirement, PluginOps):
             "tasks": counts,
             "events": [list(e) for e in self.events[-20:]],
         }
-
-    # ------------------------------------------------------------------ shared state
-
-    def _hold(self, key: str) -> None:
-        """Keep a key alive for a Variable, Queue or dataset (KeyError if unknown)."""
-        ts = self.tasks[key]
-        self._want(self.clients[HELD], ts)
-        if ts.state == "released":
-            self._recompute(ts)
-
-    def _unhold(self, key: str) -> None:
-        self.release_key(self.clients[HELD], key)
-
-    def _give(self, peer: bytes, key: str) -> None:
-        # quietly: the client's Future for the key asks ("want") and is told the state then
-        cs, ts = self.clients.get(peer), self.tasks.get(key)
-        if cs is not None and ts is not None and not ts.wanted_by(cs):
-            ts.add_wanter(cs)
-
-    def _client_seen(self, peer: bytes) -> float | None:
-        cs = self.clients.get(peer)
-        return None if cs is None else cs.last_seen
 
     # ------------------------------------------------------------------ nannies
 
