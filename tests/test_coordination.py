@@ -220,3 +220,31 @@ async def test_queue_lives_while_a_client_uses_it():
             assert "shared" in s.state.coord.queues  # b still uses it
         # the goodbyes reach the scheduler soon after
         await until(lambda: "shared" not in s.state.coord.queues, 5, "queue forgotten")
+
+
+def test_lease_of_a_stopped_holder_lapses_after_lease_timeout(no_leftover_processes):
+    # Given a task on a worker process holding a lease with a 3 s lease_timeout
+    from zfabric import LocalCluster
+
+    def hold(sem):
+        sem.acquire()
+        time.sleep(60)
+
+    with LocalCluster(n_workers=1, threads_per_worker=1) as lc, Client(lc) as c:
+        with pytest.raises(ValueError, match="three heartbeats"):
+            Semaphore(1, "short", lease_timeout=0.5)
+        sem = Semaphore(1, "short", lease_timeout=3)
+        holder = c.submit(hold, sem, pure=False)
+        deadline = time.monotonic() + 20
+        while sem.get_value() == 0:
+            assert time.monotonic() < deadline, "the task never took the lease"
+            time.sleep(0.05)
+        [pid] = c.run(os.getpid).values()
+        # When its process stops (alive, so no death is reported, but silent)
+        os.kill(pid, signal.SIGSTOP)
+        try:
+            # Then the lease lapses once the holder's client has been silent for 3 s
+            assert Semaphore(1, "short", lease_timeout=3).acquire(timeout=15)
+        finally:
+            os.kill(pid, signal.SIGCONT)
+        del holder

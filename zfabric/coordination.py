@@ -165,7 +165,8 @@ class Semaphore(_Handle):
 
     A lease whose holder's client leaves, or whose worker dies, is released at once; one whose
     holder stays silent (no heartbeat) for ``lease_timeout`` (default 30 s; None: never) is
-    released too. ``acquire(timeout=)`` returns False when the time runs out.
+    released too (it must be at least three client heartbeats: 3 s by default).
+    ``acquire(timeout=)`` returns False when the time runs out.
     """
 
     _prefix = "semaphore"
@@ -176,6 +177,10 @@ class Semaphore(_Handle):
             raise ValueError(f"max_leases must be a positive integer, got {max_leases!r}")
         super().__init__(name, client)
         self._init(max_leases=max_leases, lease_timeout=lease_timeout)
+        beat = max(self.client.config.HEARTBEAT_INTERVAL_S * 2, 0.2)  # the client's heartbeat
+        if self.lease_timeout is not None and self.lease_timeout < 3 * beat:
+            raise ValueError(f"lease_timeout must be at least {3 * beat:g} s (three heartbeats"
+                             " of the holder's client, which keep its leases), or None")
 
     def _init(self, max_leases: int = 1, lease_timeout="30s") -> None:
         self.max_leases = max_leases
