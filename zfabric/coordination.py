@@ -82,8 +82,12 @@ async def encode(client, value) -> tuple[list, object]:
 
     if isinstance(value, Future):
         return ["f", value.key], value
+    from .futures import futures_of
+
     limit = client.config.INLINE_BYTES
     header, buffers, keys = _dumps_collecting(value, limit)
+    # and those a collection reports (dask collections: futures_of looks into their graphs)
+    keys = list(dict.fromkeys([*keys, *(f.key for f in futures_of(value))]))
     if not buffers and len(header) < limit:
         return ["v", header, keys], None
     fut = await client._scatter(value, hash=False)  # on the data plane, not the scheduler
