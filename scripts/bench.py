@@ -35,6 +35,18 @@ localcluster_first_result_s
     processes=True)`` to the first ``Client(cluster).submit(inc, 1).result()``.
     Each repetition is a fresh Python process that imports the library before
     the clock starts, so import time is not counted; closing is not timed.
+dask_array_sum_s, dask_xxT_mean_s, dask_groupby_mean_s, dask_persist_100k_s
+    dask collections computed with the implementation's client
+    (``await client.compute(x)``), wall time from the call to the result, each
+    answer checked against dask's local threaded scheduler (not timed): (1)
+    ``da.ones(10_000_000, chunks=1_000).sum()``; (2) ``(x + x.T).mean()`` with
+    ``x = da.random.default_rng(42).random((4000, 4000), chunks=(250, 250))``;
+    (3) groupby("name").x.mean() of ``dask.datasets.timeseries`` over 16 days
+    at 500 ms (2.76 M rows, 16 partitions, shuffle method "tasks"); (4)
+    ``client.persist(da.ones(100_000, chunks=1).map_blocks(f))`` until every
+    block is in memory (``wait``); the JSON keeps the client's own submit time
+    as ``client_submit_s``.  A small untimed graph goes first (workers import
+    dask on their first graph).
 sched_bytes_per_task_pending / sched_bytes_per_task_done
     Growth of the scheduler process's RSS (psutil, whole process tree) divided
     by the number of tasks it holds: (pending) tasks that all depend on a
@@ -327,6 +339,11 @@ class DaskImpl(Impl):
         return list(info["workers"])
 
 
+# The dask-collection rows run the same sizes on both implementations (side by side).
+DASK_FULL = dict(dask_sum_n=10_000_000, dask_xxt_n=4_000, dask_df_days=16,
+                 dask_persist_n=100_000)
+DASK_QUICK = dict(dask_sum_n=200_000, dask_xxt_n=1_000, dask_df_days=2, dask_persist_n=2_000)
+
 IMPLS: dict[str, Impl] = {
     "zfabric": ZfabricImpl(
         name="zfabric",
@@ -343,6 +360,7 @@ IMPLS: dict[str, Impl] = {
             echo_mb=100,
             pending_tasks=100_000,
             done_tasks=20_000,
+            **DASK_FULL,
         ),
         quick_sizes=dict(
             rtt_warmup=10,
@@ -354,6 +372,7 @@ IMPLS: dict[str, Impl] = {
             echo_mb=10,
             pending_tasks=10_000,
             done_tasks=2_000,
+            **DASK_QUICK,
         ),
     ),
     "dask": DaskImpl(
@@ -371,6 +390,7 @@ IMPLS: dict[str, Impl] = {
             echo_mb=100,
             pending_tasks=10_000,
             done_tasks=2_000,
+            **DASK_FULL,
         ),
         quick_sizes=dict(
             rtt_warmup=5,
@@ -382,6 +402,7 @@ IMPLS: dict[str, Impl] = {
             echo_mb=10,
             pending_tasks=2_000,
             done_tasks=500,
+            **DASK_QUICK,
         ),
     ),
 }
@@ -749,6 +770,93 @@ async def bench_sched_done(c: Cluster) -> Measurement:
     return Measurement((after - before) / n, {"tasks": n, "rss_before": before, "rss_after": after})
 
 
+# --- dask collections: the same dask code, with each implementation's client as scheduler ---
+
+
+def plus_one(block: Any) -> Any:
+    return block + 1
+
+
+def threaded(collection: Any) -> Any:
+    import dask
+
+    return dask.compute(collection, scheduler="threads")[0]
+
+
+async def dask_warmup(client: Any) -> None:
+    """A small graph first, untimed: each worker imports dask on its first graph."""
+    import dask.array as da
+
+    expect(await client.compute(da.ones(4, chunks=2).sum()) == 4, "warm-up sum is wrong")
+
+
+async def bench_dask_array_sum(c: Cluster) -> Measurement:
+    import dask.array as da
+
+    n = c.sizes["dask_sum_n"]
+    x = da.ones(n, chunks=1_000).sum()
+    want = float(n)
+    await dask_warmup(c.client)
+    start = time.perf_counter()
+    got = await c.client.compute(x)
+    seconds = time.perf_counter() - start
+    expect(got == want == threaded(x), f"sum {got} differs from the threaded scheduler's")
+    return Measurement(seconds, {"n": n, "chunks": n // 1_000})
+
+
+async def bench_dask_xxt_mean(c: Cluster) -> Measurement:
+    import dask.array as da
+    import numpy as np
+
+    n = c.sizes["dask_xxt_n"]
+    x = da.random.default_rng(42).random((n, n), chunks=(250, 250))
+    expr = (x + x.T).mean()
+    want = threaded(expr)
+    await dask_warmup(c.client)
+    start = time.perf_counter()
+    got = await c.client.compute(expr)
+    seconds = time.perf_counter() - start
+    expect(bool(np.isclose(got, want)), f"mean {got} differs from the threaded {want}")
+    return Measurement(seconds, {"n": n})
+
+
+async def bench_dask_groupby(c: Cluster) -> Measurement:
+    import dask
+    import dask.datasets
+
+    days = c.sizes["dask_df_days"]
+    with dask.config.set({"dataframe.shuffle.method": "tasks"}):
+        df = dask.datasets.timeseries(start="2000-01-01", end=f"2000-01-{1 + days:02d}",
+                                      freq="500ms", partition_freq="1D", seed=7)
+        expr = df.groupby("name").x.mean()
+        want = threaded(expr).sort_index()
+        await dask_warmup(c.client)
+        start = time.perf_counter()
+        got = await c.client.compute(expr)
+        seconds = time.perf_counter() - start
+    got = got.sort_index()
+    expect(len(got) == len(want) and bool((abs(got - want) < 1e-9).all()),
+           "groupby-mean differs from the threaded scheduler's")
+    return Measurement(seconds, {"rows": days * 86_400 * 2, "partitions": days})
+
+
+async def bench_dask_persist(c: Cluster) -> Measurement:
+    import dask.array as da
+
+    n = c.sizes["dask_persist_n"]
+    x = da.ones(n, chunks=1).map_blocks(plus_one)
+    await dask_warmup(c.client)
+    start = time.perf_counter()
+    xp = c.client.persist(x)
+    submitted = time.perf_counter() - start
+    await c.api.wait(xp)
+    seconds = time.perf_counter() - start
+    sample = x[: min(n, 1_000)]
+    got = await c.client.compute(xp[: min(n, 1_000)].sum())
+    expect(got == threaded(sample.sum()) == 2 * len(sample), "persisted values are wrong")
+    return Measurement(seconds, {"tasks": n, "client_submit_s": submitted})
+
+
 def bench_localcluster(impl: Impl, timeout: float) -> Measurement:
     """Runs synchronously, in a fresh process, after the library is imported."""
     api = impl.api()  # import outside the timed region
@@ -791,6 +899,10 @@ ROWS: dict[str, Row] = {
             "sched_bytes_per_task_pending", "B/task", False, bench_sched_pending, fresh_cluster=True
         ),
         Row("sched_bytes_per_task_done", "B/task", False, bench_sched_done, fresh_cluster=True),
+        Row("dask_array_sum_s", "s", False, bench_dask_array_sum),
+        Row("dask_xxT_mean_s", "s", False, bench_dask_xxt_mean),
+        Row("dask_groupby_mean_s", "s", False, bench_dask_groupby),
+        Row("dask_persist_100k_s", "s", False, bench_dask_persist),
     ]
 }
 ROW_ALIASES = {

@@ -29,7 +29,7 @@ if TYPE_CHECKING:
     from .cluster import LocalCluster
     from .context import get_client, get_worker, rejoin, secede, worker_client
     from .coordination import Event, Lock, Queue, Semaphore, Variable
-    from .futures import Future, as_completed, fire_and_forget, wait
+    from .futures import Future, as_completed, fire_and_forget, futures_of, wait
     from .nanny import Nanny
     from .scheduler import Scheduler
     from .worker import Worker
@@ -39,7 +39,7 @@ if TYPE_CHECKING:
 _LAZY = {
     "Client": "client", "default_client": "client",
     "Future": "futures", "as_completed": "futures", "fire_and_forget": "futures",
-    "wait": "futures",
+    "wait": "futures", "futures_of": "futures",
     "Scheduler": "scheduler.server",
     "Worker": "worker",
     "Nanny": "nanny",
@@ -74,6 +74,7 @@ __all__ = [
     "as_completed",
     "default_client",
     "fire_and_forget",
+    "futures_of",
     "wait",
     # Shared state
     "Event",

@@ -17,7 +17,8 @@ from collections import defaultdict
 from . import protocol, serialize
 from .config import parse_timedelta
 from .errors import CommTimeoutError, ZFabricError
-from .futures import futures_of
+from .futures import Future, futures_of
+from .keys import from_wire, to_wire
 
 logger = logging.getLogger("zfabric.client")
 
@@ -53,8 +54,14 @@ class ClusterRequests:
     def who_has(self, futures=None, **kwargs):
         """``{key: [worker addresses]}`` for these futures (all keys without)."""
         _no_kwargs("who_has", kwargs)
-        keys = [f.key for f in futures_of(futures)] if futures is not None else None
-        return self.sync(self._request, "who-has", keys=keys)
+        if futures is not None:
+            futures = [futures] if isinstance(futures, Future) else futures_of(futures)
+        return self.sync(self._who_has, futures)
+
+    async def _who_has(self, futures):
+        keys = [f._wkey for f in futures] if futures is not None else None
+        result = await self._request("who-has", keys=keys)
+        return {from_wire(k): v for k, v in result.items()}
 
     def has_what(self, workers=None, **kwargs):
         """``{worker address: [keys it holds]}``, for these workers (names or addresses)."""
@@ -79,6 +86,7 @@ class ClusterRequests:
 
     async def _by_worker(self, kind: str, workers):
         result = await self._request(kind)
+        result = {a: [from_wire(k) for k in ks] for a, ks in result.items()}
         if workers is None:
             return result
         wanted = _selector(workers, await self._request("info"))
@@ -88,11 +96,11 @@ class ClusterRequests:
         """Bytes of each result held on the cluster (``summary``: summed by key prefix)."""
         _no_kwargs("nbytes", kwargs)
         if keys is not None:
-            keys = [k.key if hasattr(k, "key") else k for k in futures_of(keys)] or list(keys)
+            keys = [f._wkey for f in futures_of(keys)] or [to_wire(k) for k in keys]
         return self.sync(self._nbytes, keys, summary)
 
     async def _nbytes(self, keys, summary):
-        items = await self._request("nbytes", keys=keys)
+        items = [(from_wire(k), n) for k, n in await self._request("nbytes", keys=keys)]
         if not summary:
             return dict(items)
         out: dict[str, int] = defaultdict(int)
@@ -283,7 +291,7 @@ class ClusterRequests:
                 f._state.retry()
 
         self._on_loop(reset)
-        self._send({"op": "retry", "keys": [f.key for f in flat]})
+        self._send({"op": "retry", "keys": [f._wkey for f in flat]})
         if self.asynchronous:
             return _done()
         return None

@@ -286,6 +286,9 @@ async def run_worker(address: str, kw: dict, parent_pid: int | None = None,
     pipe = NannyPipe(ready_fd)
     if parent_pid is not None and not die_with_parent(parent_pid):
         return 0  # the Nanny that started us is gone already
+    from .dask_scheduler import serve_tasks
+
+    serve_tasks()  # dask.compute() inside a task runs on this worker's client
     w = Worker(address, **kw)
     if not await start_or_stop(w):
         return 0
