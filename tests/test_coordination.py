@@ -105,6 +105,15 @@ def test_primitives_across_worker_processes(tmp_path, no_leftover_processes):
                         print("taken")
                     other.unpublish_dataset("meta")
                 print("left", client.list_datasets())
+
+                # A persisted dask collection (tuple keys) published by one client, computed
+                # by another
+                import dask.array as da
+                client.publish_dataset(client.persist(da.arange(100, chunks=10) * 2),
+                                       name="array")
+                with Client(cluster.scheduler_address, set_as_default=False) as other:
+                    array = other.get_dataset("array")
+                    print("array", type(array).__name__, int(other.compute(array.sum()).result()))
     """)
     assert "counter 20" in out
     assert "overlaps 0" in out and "leases 0" in out
@@ -114,6 +123,7 @@ def test_primitives_across_worker_processes(tmp_path, no_leftover_processes):
     assert "second acquire False True" in out
     assert "datasets ['meta', 'total'] 6 {'a': [1, 2]} none" in out
     assert "taken" in out and "left ['total']" in out
+    assert "array Array 9900" in out
 
 
 async def test_async_client_large_values_and_futures(fab):

@@ -239,9 +239,10 @@ def _rebuild(cls, address: str, key: str, worker: str = "") -> Actor:
     client (inside a task, its worker's), so that the actor lives while the proxy does."""
     from .context import get_client
     from .futures import Future
+    from .keys import from_wire
 
     try:
-        future = Future(key, get_client())
+        future = Future(from_wire(key), get_client())
     except ValueError:  # no client here: the proxy works, but does not keep the actor
         future = None
     return Actor(cls, address, key, future, worker)

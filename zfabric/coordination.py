@@ -23,9 +23,9 @@ import asyncio
 import contextlib
 import uuid
 
-from . import serialize
+from . import protocol, serialize
 from .config import parse_timedelta
-from .errors import ClosedError, RemoteProtocolError, SchedulerLost
+from .errors import ClosedError, LocalProtocolError, RemoteProtocolError, SchedulerLost
 
 __all__ = ["Event", "Lock", "Queue", "Semaphore", "Variable"]
 
@@ -45,9 +45,14 @@ async def call(client, kind: str, name: str, abandon: dict | None = None, **fiel
         raise SchedulerLost(f"not connected to the scheduler at {client.scheduler_address}")
     client._request_seq += 1
     rid = client._request_seq
+    op = {"op": "coord", "id": rid, "kind": kind, "name": name, **fields}
+    try:  # here, not at the scheduler's door, which would drop it without an answer
+        protocol.check(op)
+    except RemoteProtocolError as exc:
+        raise LocalProtocolError(f"zfabric built a malformed {kind} op: {exc}") from None
     fut = client.loop.create_future()
     client._requests[rid] = fut
-    client._send({"op": "coord", "id": rid, "kind": kind, "name": name, **fields})
+    client._send(op)
     try:
         reply = await fut
     except asyncio.CancelledError:
@@ -81,13 +86,13 @@ async def encode(client, value) -> tuple[list, object]:
     from .futures import Future
 
     if isinstance(value, Future):
-        return ["f", value.key], value
+        return ["f", value._wkey], value
     from .futures import futures_of
 
     limit = client.config.INLINE_BYTES
     header, buffers, keys = _dumps_collecting(value, limit)
     # and those a collection reports (dask collections: futures_of looks into their graphs)
-    keys = list(dict.fromkeys([*keys, *(f.key for f in futures_of(value))]))
+    keys = list(dict.fromkeys([*keys, *(f._wkey for f in futures_of(value))]))
     if not buffers and len(header) < limit:
         return ["v", header, keys], None
     fut = await client._scatter(value, hash=False)  # on the data plane, not the scheduler
@@ -97,12 +102,13 @@ async def encode(client, value) -> tuple[list, object]:
 async def decode(client, item):
     """The value an item stands for, in ``client`` (Futures bind to it)."""
     from .futures import Future
+    from .keys import from_wire
 
     kind = item[0]
     if kind == "f":
-        return Future(item[1], client)
+        return Future(from_wire(item[1]), client)
     if kind == "s":
-        return await client._result(Future(item[1], client))
+        return await client._result(Future(from_wire(item[1]), client))
     with client.as_current():
         return serialize.loads_value(item[1])
 
