@@ -297,10 +297,21 @@ class ZfabricImpl(Impl):
             str(scheduler_file),
             "--host",
             "127.0.0.1",
+            *self.dashboard_args(),
         ]
+
+    def dashboard_args(self) -> list[str]:
+        return ["--no-dashboard"]  # as dask runs with --no-dashboard
 
     def worker_cmd(self, address: str) -> list[str]:
         return [*self._cli(), "worker", address, "--nthreads", "1"]
+
+
+class ZfabricDashboardImpl(ZfabricImpl):
+    """zfabric with its dashboard on and one live-stream reader (the dashboard-cost runs)."""
+
+    def dashboard_args(self) -> list[str]:
+        return ["--dashboard-address", "127.0.0.1:0"]
 
 
 class DaskImpl(Impl):
@@ -406,6 +417,21 @@ IMPLS: dict[str, Impl] = {
         ),
     ),
 }
+
+
+#: Implementations that are no column of the table: the dashboard-cost runs.
+EXTRA_IMPLS: dict[str, Impl] = {
+    "zfabric+dashboard": ZfabricDashboardImpl(
+        name="zfabric+dashboard",
+        title="zfabric, dashboard on",
+        package="zfabric",
+        required=True,
+        full_sizes=IMPLS["zfabric"].full_sizes,
+        quick_sizes=IMPLS["zfabric"].quick_sizes,
+    ),
+}
+#: Rows the dashboard-cost runs alternate (dashboard off, then on, each a fresh cluster).
+DASHBOARD_COST_ROWS = ("noop_tasks_per_s", "rtt_p50_ms")
 
 
 # ---------------------------------------------------------------------------
@@ -934,7 +960,12 @@ async def run_cluster_row(
 
     async def measure(cluster: Cluster) -> None:
         nonlocal done
-        m = await asyncio.wait_for(row.run(cluster), timeout)
+        if isinstance(impl, ZfabricDashboardImpl):
+            with DashboardProbe(cluster) as probe:
+                m = await asyncio.wait_for(row.run(cluster), timeout)
+            m.extra.update(probe.figures())
+        else:
+            m = await asyncio.wait_for(row.run(cluster), timeout)
         done += 1
         log(f"[{impl.name}] {row.name} {done}/{repeat}: {fmt(m.value)} {row.unit}")
         emit("value", value=m.value, extra=m.extra)
@@ -949,9 +980,87 @@ async def run_cluster_row(
                 await measure(cluster)
 
 
+class DashboardProbe:
+    """While a row runs: one reader of the dashboard's live stream (at the page's rate, no
+    browser), and the CPU time of the scheduler process and of its dashboard threads (named
+    ``zf-dashboard`` at the OS level; per-thread times from psutil)."""
+
+    def __init__(self, cluster: Cluster):
+        self.cluster = cluster
+        self.events = 0
+        self.stop = False
+        self.thread: Any = None
+
+    def _read(self, link: str) -> None:
+        import http.client
+        from urllib.parse import urlsplit
+
+        u = urlsplit(link)
+        conn = http.client.HTTPConnection(u.hostname, u.port, timeout=10)
+        conn.request("GET", "/events")
+        r = conn.getresponse()
+        while not self.stop:
+            line = r.fp.readline()
+            if not line:
+                break
+            if line.startswith(b"data: "):
+                json.loads(line[6:])  # a page parses every snapshot too
+                self.events += 1
+        conn.close()
+
+    def _cpu(self) -> tuple[float, float]:
+        import psutil
+
+        pid = self.cluster.scheduler_pid
+        proc = psutil.Process(pid)
+        t = proc.cpu_times()
+        dash = 0.0
+        for th in proc.threads():
+            try:
+                name = Path(f"/proc/{pid}/task/{th.id}/comm").read_text().strip()
+            except OSError:
+                continue
+            if name.startswith("zf-dashboard"):
+                dash += th.user_time + th.system_time
+        return t.user + t.system, dash
+
+    def __enter__(self):
+        import threading
+
+        link = self.cluster.client.dashboard_link
+        expect(bool(link), "the scheduler gave no dashboard link")
+        self.thread = threading.Thread(target=self._read, args=(link,), daemon=True)
+        self.thread.start()
+        deadline = time.monotonic() + 5
+        while not self.events and time.monotonic() < deadline:
+            time.sleep(0.01)
+        expect(self.events > 0, "the dashboard's live stream sent nothing")
+        self.first = self.events
+        self.start = self._cpu()
+        self.t0 = time.monotonic()
+        return self
+
+    def __exit__(self, *exc):
+        self.end = self._cpu()
+        self.seconds = time.monotonic() - self.t0
+        self.stop = True
+        self.thread.join(15)
+
+    def figures(self) -> dict[str, Any]:
+        proc = self.end[0] - self.start[0]
+        dash = self.end[1] - self.start[1]
+        return {
+            "scheduler_cpu_s": proc,
+            "dashboard_cpu_s": dash,
+            "dashboard_cpu_share": dash / proc if proc > 0 else 0.0,
+            "sse_events": self.events - self.first,
+            "window_s": self.seconds,
+        }
+
+
 def child_main(args: argparse.Namespace) -> int:
     impl_name, row_name = args._child
-    impl, row = IMPLS[impl_name], ROWS[row_name]
+    impl, row = IMPLS.get(impl_name) or EXTRA_IMPLS[impl_name], ROWS[row_name]
     sizes = json.loads(args._sizes)
     warnings.filterwarnings("ignore", message="(Sending large graph|Large object)")
     try:
@@ -1097,6 +1206,59 @@ def run_all(
                     setup_broken.add(impl.name)
 
 
+def run_dashboard_cost(args: argparse.Namespace, marker: str) -> dict[str, list[dict]]:
+    """Dashboard off, then on, ``args.dashboard_cost`` times, each a fresh cluster per row;
+    returns every run: ``{row: [{"dashboard": bool, "value": ..., **extra}, ...]}``."""
+    off, on = IMPLS["zfabric"], EXTRA_IMPLS["zfabric+dashboard"]
+    runs: dict[str, list[dict]] = {name: [] for name in DASHBOARD_COST_ROWS}
+    for i in range(args.dashboard_cost):
+        for impl in (off, on):
+            for name in DASHBOARD_COST_ROWS:
+                result = Result()
+                log(f"[dashboard cost {i + 1}/{args.dashboard_cost}] {impl.name} {name}")
+                sizes = impl.sizes(args.quick)
+                # ten times the row's usual work, so that CPU times (10 ms ticks) mean something
+                sizes["noop_tasks"] *= 10
+                sizes["rtt_iters"] *= 10
+                run_child(impl, ROWS[name], sizes, 1, args.timeout, marker, result)
+                entry: dict[str, Any] = {"run": i + 1, "dashboard": impl is on}
+                if result.error:
+                    entry["error"] = result.error
+                else:
+                    entry["value"] = result.values[0]
+                    entry.update(result.extras[0])
+                runs[name].append(entry)
+    return runs
+
+
+def print_dashboard_cost(runs: dict[str, list[dict]]) -> None:
+    print()
+    print("dashboard cost: the no-op and round-trip rows (ten times their usual work) with the"
+          " dashboard off and on (one live-stream reader), alternating, each run a fresh"
+          " cluster")
+    print(f"{'row':<18} {'run':>3}  {'off':>10}  {'on':>10}  {'dashboard CPU':>13}"
+          f"  {'of scheduler CPU':>16}  {'SSE events':>10}")
+    for name, entries in runs.items():
+        by_run: dict[int, dict[bool, dict]] = {}
+        for e in entries:
+            by_run.setdefault(e["run"], {})[e["dashboard"]] = e
+        for i, pair in sorted(by_run.items()):
+            a, b = pair.get(False, {}), pair.get(True, {})
+            share = b.get("dashboard_cpu_share")
+            print(f"{name:<18} {i:>3}  {fmt(a.get('value')):>10}  {fmt(b.get('value')):>10}"
+                  f"  {b.get('dashboard_cpu_s', 0) * 1e3:>10.1f} ms"
+                  f"  {'n/a' if share is None else f'{share * 100:.2f} %':>16}"
+                  f"  {b.get('sse_events', 'n/a'):>10}")
+        offs = [e["value"] for e in entries if not e["dashboard"] and "value" in e]
+        ons = [e["value"] for e in entries if e["dashboard"] and "value" in e]
+        shares = [e["dashboard_cpu_share"] for e in entries if "dashboard_cpu_share" in e]
+        if offs and ons:
+            m_off, m_on = statistics.median(offs), statistics.median(ons)
+            print(f"{name:<18} median off {fmt(m_off)}, on {fmt(m_on)} (on/off"
+                  f" {m_on / m_off:.3f}); dashboard threads at most"
+                  f" {max(shares) * 100:.2f} % of the scheduler process's CPU")
+
+
 def fmt(value: float | None) -> str:
     if value is None:
         return "n/a"
@@ -1208,6 +1370,14 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         "(default 120, quick 30)",
     )
     parser.add_argument("--json", type=Path, metavar="PATH", help="write raw numbers here")
+    parser.add_argument(
+        "--dashboard-cost",
+        type=int,
+        default=0,
+        metavar="N",
+        help="also run the no-op and round-trip rows N times with the dashboard off and on"
+        " (one live-stream reader), alternating, and report every run (N >= 5 for the record)",
+    )
     parser.add_argument("--_child", nargs=2, help=argparse.SUPPRESS)
     parser.add_argument("--_sizes", help=argparse.SUPPRESS)
     parser.add_argument("--_rep-label", default="", help=argparse.SUPPRESS)
@@ -1255,8 +1425,11 @@ def main(argv: list[str] | None = None) -> int:
     started = time.monotonic()
     interrupted = False
     results: Results = {}
+    cost: dict[str, list[dict]] = {}
     try:
         run_all(args, impls, marker, notes, results)
+        if args.dashboard_cost:
+            cost = run_dashboard_cost(args, marker)
     except KeyboardInterrupt:
         interrupted = True
         notes.append("interrupted")
@@ -1268,8 +1441,14 @@ def main(argv: list[str] | None = None) -> int:
     notes.extend(f"{impl}/{row}: {error.splitlines()[0]}" for (impl, row), error in failures)
     notes.append(f"repeat={args.repeat}, quick={args.quick}, total {elapsed:.1f}s")
     print_table(args.rows, results, notes)
+    if cost:
+        print_dashboard_cost(cost)
+        failures += [(("zfabric+dashboard", name), e["error"]) for name, entries in cost.items()
+                     for e in entries if "error" in e]
     if args.json:
         report = json_report(args, impls, results, elapsed)
+        if cost:
+            report["dashboard_cost"] = cost
         args.json.write_text(json.dumps(report, indent=2) + "\n")
         log(f"wrote {args.json}")
     if interrupted:

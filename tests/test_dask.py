@@ -26,7 +26,15 @@ db = pytest.importorskip("dask.bag")
 dd = pytest.importorskip("dask.dataframe")
 pd = pytest.importorskip("pandas")
 
-from zfabric import Client, Future, LocalCluster, as_completed, futures_of, wait  # noqa: E402
+from zfabric import (  # noqa: E402
+    Client,
+    Future,
+    LocalCluster,
+    as_completed,
+    futures_of,
+    progress,
+    wait,
+)
 from zfabric.errors import TaskCancelled  # noqa: E402
 from zfabric.testing import gen_cluster  # noqa: E402
 
@@ -176,6 +184,7 @@ def test_compute_persist_get_sync(client):
     assert (xp + 1).sum().compute() == 2 * 4950 + 100
     assert client.who_has(xp)  # accepted as futures
     assert len(list(as_completed(xp))) == 10
+    progress(xp)  # persisted collections are accepted, as by wait and as_completed
     xp2, yp = dask.persist(x + 1, db.from_sequence([1, 2, 3]))
     assert len(futures_of(xp2)) == 10 and yp.compute() == [1, 2, 3]
 

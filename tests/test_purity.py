@@ -13,7 +13,7 @@ import zfabric
 
 PURE = ["zfabric.protocol", "zfabric.heartbeat", "zfabric.scheduler.state",
         "zfabric.scheduler.policy", "zfabric.scheduler.records", "zfabric.config",
-        "zfabric.scheduler.retire"]
+        "zfabric.scheduler.observe", "zfabric.scheduler.retire"]
 
 FORBIDDEN = {"zmq", "asyncio", "socket", "threading", "time", "selectors"}
 
@@ -77,3 +77,20 @@ print("ok")
                           timeout=60)
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout.strip() == "ok"
+
+
+def test_watching_stays_optional_at_import():
+    # The dashboard's HTTP server, prometheus_client, rich and the browser test's selenium load
+    # only when used: a Client and a LocalCluster do not pull them in.
+    code = """
+import sys
+import zfabric
+from zfabric import Client, LocalCluster, progress, performance_report  # noqa: F401
+zfabric.Client.dashboard_link
+heavy = [m for m in ("prometheus_client", "rich", "selenium", "ipywidgets") if m in sys.modules]
+print(heavy)
+"""
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                          timeout=30)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert proc.stdout.strip() == "[]"

@@ -29,8 +29,10 @@ if TYPE_CHECKING:
     from .cluster import LocalCluster
     from .context import get_client, get_worker, rejoin, secede, worker_client
     from .coordination import Event, Lock, Queue, Semaphore, Variable
+    from .diagnostics import get_task_stream, performance_report
     from .futures import Future, as_completed, fire_and_forget, futures_of, wait
     from .nanny import Nanny
+    from .progress import progress
     from .scheduler import Scheduler
     from .worker import Worker
 
@@ -40,6 +42,8 @@ _LAZY = {
     "Client": "client", "default_client": "client",
     "Future": "futures", "as_completed": "futures", "fire_and_forget": "futures",
     "wait": "futures", "futures_of": "futures",
+    "progress": "progress",
+    "performance_report": "diagnostics", "get_task_stream": "diagnostics",
     "Scheduler": "scheduler.server",
     "Worker": "worker",
     "Nanny": "nanny",
@@ -82,6 +86,10 @@ __all__ = [
     "Queue",
     "Semaphore",
     "Variable",
+    # Diagnostics
+    "get_task_stream",
+    "performance_report",
+    "progress",
     # Inside tasks
     "get_client",
     "get_worker",

@@ -35,6 +35,7 @@ from .admin import ClusterRequests
 from .config import Config, from_env, parse_timedelta
 from .control import ClusterControl
 from .datasets import Datasets
+from .diagnostics import Diagnostics
 from .errors import (
     ClosedError,
     CommTimeoutError,
@@ -101,7 +102,8 @@ def funcname(func) -> str:
     return "lambda" if name == "<lambda>" else name
 
 
-class Client(Values, ClusterRequests, ClusterControl, Session, Datasets, PluginRequests):
+class Client(Values, ClusterRequests, ClusterControl, Session, Diagnostics, Datasets,
+             PluginRequests):
     """Connects to a scheduler and turns calls into Futures.
 
     ``address`` may be a ``tcp://host:port`` string, a Scheduler, or a LocalCluster; with no

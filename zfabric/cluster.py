@@ -104,6 +104,7 @@ class LocalCluster(LifeCycle):
         worker_log_level: str = "warning",
         config: Config | None = None,
         scheduler_port: int | None = None,
+        dashboard_address: str | int | None = "default",
         name: str | None = None,
         ip: str | None = None,
         interface: str | None = None,
@@ -112,7 +113,7 @@ class LocalCluster(LifeCycle):
         security=None,
         **kwargs,
     ):
-        for ignored in ("dashboard_address", "silence_logs", "diagnostics_port"):
+        for ignored in ("silence_logs", "diagnostics_port"):
             kwargs.pop(ignored, None)
         if kwargs:
             raise TypeError(f"LocalCluster got unexpected arguments: {', '.join(sorted(kwargs))}")
@@ -144,6 +145,7 @@ class LocalCluster(LifeCycle):
         self.death_timeout = death_timeout
         self.worker_log_level = worker_log_level
         self.config = config or from_env()
+        self.dashboard_address = dashboard_address
         self.scheduler: Scheduler | None = None
         self.workers: dict[int, Nanny | Worker] = {}
         self._name = name
@@ -170,6 +172,11 @@ class LocalCluster(LifeCycle):
         return self.scheduler.address if self.scheduler is not None else ""
 
     @property
+    def dashboard_link(self) -> str | None:
+        """The dashboard's URL, or None when it is off."""
+        return self.scheduler.dashboard_link if self.scheduler is not None else None
+
+    @property
     def name(self) -> str:
         return self._name or f"LocalCluster({self.scheduler_address or 'not started'})"
 
@@ -189,7 +196,8 @@ class LocalCluster(LifeCycle):
         from . import logs
 
         logs.install()  # for get_logs
-        kw = {"config": self.config, **self._scheduler_kwargs}
+        kw = {"config": self.config, "dashboard_address": self.dashboard_address,
+              **self._scheduler_kwargs}
         self.scheduler = Scheduler(host=self.host, port=self.port, **kw)
         await self.scheduler
         await self._add_workers(self.n_workers)

@@ -33,6 +33,12 @@ class LogBuffer(logging.Handler):
             self.records.append((record.levelname, self.format(record)))
         except Exception:  # pragma: no cover - a bad record must not break logging
             self.handleError(record)
+        # Being a handler, this one hides logging's last resort (warnings to stderr when the
+        # program configured no logging): stand in for it.
+        last = logging.lastResort
+        if (last is not None and record.levelno >= last.level
+                and not logging.getLogger().handlers):
+            last.handle(record)
 
 
 def install() -> LogBuffer:

@@ -83,6 +83,7 @@ class Session:
                     fut.set_result(op)
             case "welcome":
                 self.epoch = op["epoch"]
+                self._dashboard_link = op.get("dashboard")
                 self._lost_reported = False
                 for w in op.get("warnings") or ():
                     warnings.warn(f"zfabric version mismatch with the scheduler: {w}",

@@ -18,8 +18,9 @@ from collections import deque
 
 import zmq
 
-from .. import _zmq, protocol
+from .. import _zmq, logs, protocol
 from ..config import Config, from_env
+from ..dashboard import Dashboard, parse_address
 from ..errors import RemoteProtocolError
 from ..lifecycle import LifeCycle, call_from_thread
 from .state import SchedulerState
@@ -42,12 +43,19 @@ class Scheduler(LifeCycle):
     """
 
     def __init__(self, host: str = "127.0.0.1", port: int = 0, *, config: Config | None = None,
+                 dashboard_address: str | int | None = "default", dashboard: bool = True,
                  **kwargs):
-        if kwargs.get("dashboard_address") is not None or kwargs.get("dashboard"):
-            logger.info("zfabric has no dashboard; ignoring dashboard options")
+        if kwargs:
+            raise TypeError(f"Scheduler got unexpected arguments: {', '.join(sorted(kwargs))}")
         self.host = host
         self.port = port
         self.config = config or from_env()
+        if dashboard_address == "default":
+            dashboard_address = self.config.DASHBOARD_ADDRESS or None
+        #: ``(host, port)`` of the dashboard to start, or None (see :mod:`zfabric.dashboard`)
+        self.dashboard_bind = (parse_address(dashboard_address, host)
+                               if dashboard and dashboard_address is not None else None)
+        self.dashboard: Dashboard | None = None
         self.address = ""
         self.state = SchedulerState(config=self.config, versions=protocol.versions())
         self.state.started = time.time()
@@ -56,6 +64,10 @@ class Scheduler(LifeCycle):
         self._backlog: dict[bytes, deque[bytes]] = {}  # messages a full peer queue refused
         self._peer_bytes: dict[bytes, int] = {}
         self.backlog_bytes = 0
+        self._publish = None  # the dashboard's publish(snapshot), once it serves
+        self.state.observe.wall_offset = time.time() - time.monotonic()
+        self.state.log_source = logs.recent
+        logs.install()
 
     def __repr__(self) -> str:
         return f"<Scheduler {self.address or 'not started'} workers={len(self.state.workers)}>"
@@ -96,11 +108,29 @@ class Scheduler(LifeCycle):
         self.address = await ready
         self.state.address = self.address
         logger.info("scheduler at %s", self.address)
+        if self.dashboard_bind is not None:
+            # after the scheduler is ready; a failure to serve the page must not stop it
+            host, port = self.dashboard_bind
+            d = Dashboard(host, port, contact_host=self.address.rsplit(":", 1)[0][6:])
+            try:
+                d.start()
+            except OSError as exc:
+                logger.error("could not start the dashboard on %s:%d: %s", host, port, exc)
+            else:
+                self.dashboard = d
+                self.state.dashboard_link = d.link
+                self._publish = d.publish
+
+    @property
+    def dashboard_link(self) -> str | None:
+        return self.dashboard.link if self.dashboard is not None else None
 
     async def _close(self) -> None:
         self._stop = True
         if self._thread is not None and self._thread.is_alive():
             await asyncio.to_thread(self._thread.join, 10)
+        if self.dashboard is not None:
+            await asyncio.to_thread(self.dashboard.close)
 
     def _main(self, report) -> None:
         try:
@@ -132,10 +162,13 @@ class Scheduler(LifeCycle):
         recv = sock.recv_multipart
         decode = protocol.decode
         max_frames = self.config.MAX_FRAMES
-        next_tick = time.monotonic()
+        next_tick = next_publish = time.monotonic()
+        obs = state.observe
+        publish_s = self.config.DASHBOARD_INTERVAL_S
         while not self._stop and not state.closing:
             if poller.poll(TICK_MS):
                 now = time.monotonic()
+                nin = bin_ = 0
                 for i in range(DRAIN_MAX):
                     if i and not sock.getsockopt(_EVENTS) & _POLLIN:
                         break  # asking is cheaper than an Again raised
@@ -144,6 +177,9 @@ class Scheduler(LifeCycle):
                     except zmq.Again:
                         break
                     peer = frames[0]
+                    nin += 1
+                    for f in frames:
+                        bin_ += len(f)
                     try:
                         ops, _ = decode(frames[1:], max_frames)
                     except RemoteProtocolError as exc:
@@ -157,6 +193,8 @@ class Scheduler(LifeCycle):
                         logger.exception("scheduler state failed on ops from %r", peer)
                         state.send(peer, {"op": "error", "message": "internal scheduler error"
                                           " (see the scheduler's log)"})
+                obs.messages_in += nin
+                obs.bytes_in += bin_
             now = time.monotonic()
             if now >= next_tick:
                 try:
@@ -164,6 +202,12 @@ class Scheduler(LifeCycle):
                 except Exception:
                     logger.exception("scheduler tick failed")
                 next_tick = now + TICK_MS / 1000
+                if self._publish is not None and now >= next_publish:
+                    next_publish = now + publish_s
+                    try:
+                        self._publish(obs.snapshot(state, now))
+                    except Exception:
+                        logger.exception("publishing a snapshot to the dashboard failed")
             gone = self._send(sock, state.flush())
             while gone:  # ends: each pass drops peers, and only sends to those left
                 now = time.monotonic()
@@ -183,10 +227,13 @@ class Scheduler(LifeCycle):
         gone: dict[bytes, str] = {}
         if self._backlog:
             self._retry_backlog(sock, gone)
+        obs = self.state.observe
         for peer, ops in out.items():
             if peer in gone:
                 continue
             frame = protocol.encode(ops)[0]
+            obs.messages_out += 1
+            obs.bytes_out += len(frame)
             if peer in self._backlog:
                 self._queue(peer, frame, gone)
                 continue

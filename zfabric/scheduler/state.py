@@ -40,6 +40,8 @@ from ..protocol import version_mismatches
 from . import policy
 from .client_ops import ClientOps
 from .coordination import Coordination, SharedStateOps
+from .observe import LIVE as LIVE_STATES
+from .observe import Observer
 from .outbox import Outbox
 from .plugins import PluginOps
 from .queue import ReadyQueue
@@ -100,17 +102,26 @@ class SchedulerState(ClientOps, WorkerLoss, Retirement, PluginOps, SharedStateOp
         self.now = 0.0
         self.started = 0.0  # wall-clock time the shell started serving (it sets it)
         self.counts = {"finished": 0, "erred": 0}
+        self.observe = Observer(config.TASK_STREAM_LENGTH)  # groups, task stream, topics
+        self.dashboard_link: str | None = None  # set by the shell once its dashboard serves
+        self.log_source = None  # set by the shell: n -> recent log records of this process
         self._init_moves()  # replicate and retire (see .retire)
         # Locks, semaphores, events, variables, queues and datasets (scheduler/coordination.py)
         self.plugins: dict[str, dict[str, bytes]] = {"worker": {}, "nanny": {}}  # name -> pickle
         self.coord = Coordination(self.send, self._hold, self._unhold, self._client_seen,
                                   self._give)
 
-    def _event(self, text: str) -> None:
+    def _event(self, text: str, kind: str = "event") -> None:
         logger.info(text)
         self.events.append((self.now, text))
         if len(self.events) > 200:
             del self.events[:100]
+        self.observe.event(kind)
+        self.observe.log_event("scheduler", {"action": kind, "text": text}, self.now)
+
+    def _observe_new(self, ts: TaskState) -> None:
+        g = ts.group = self.observe.group_of(ts.key)
+        g.counts["new"] += 1
 
     # ------------------------------------------------------------------ entry points
 
@@ -168,6 +179,7 @@ class SchedulerState(ClientOps, WorkerLoss, Retirement, PluginOps, SharedStateOp
     def tick(self, now: float) -> None:
         """Time passes: declare silent workers dead and silent clients gone."""
         self.now = now
+        self.observe.sample(now, self.counts["finished"])
         limit = now - self.config.WORKER_TTL_S
         for ws in [w for w in self.workers.values() if w.last_seen < limit]:
             if ws.nanny is not None and ws.nanny in self.nannies:
@@ -190,13 +202,16 @@ class SchedulerState(ClientOps, WorkerLoss, Retirement, PluginOps, SharedStateOp
     # ------------------------------------------------------------------ hello
 
     def _welcome(self, warnings: list[str]) -> dict:
-        return {
+        op = {
             "op": "welcome",
             "epoch": self.epoch,
             "address": self.address,
             "warnings": warnings,
             "heartbeat_s": self.config.HEARTBEAT_INTERVAL_S,
         }
+        if self.dashboard_link:
+            op["dashboard"] = self.dashboard_link
+        return op
 
     def _handle_hello(self, peer: bytes, op: dict) -> None:
         if op["protocol"] != PROTOCOL_VERSION:
@@ -240,7 +255,8 @@ class SchedulerState(ClientOps, WorkerLoss, Retirement, PluginOps, SharedStateOp
             self.workers[peer] = ws
             self.workers_by_address[address] = ws
             self.send(peer, welcome)
-            self._event(f"worker {ws.name} joined at {address} ({ws.nthreads} threads)")
+            self._event(f"worker {ws.name} joined at {address} ({ws.nthreads} threads)",
+                        "worker-joined")
             if ws.nanny in self.nannies:
                 self.nannies[ws.nanny].workers.add(peer)
             self.plugins_for_newcomer(peer, "worker")
@@ -343,12 +359,35 @@ class SchedulerState(ClientOps, WorkerLoss, Retirement, PluginOps, SharedStateOp
                     ws.address: sorted(ws.processing)
                     for ws in self.workers.values()
                 }
+            case "snapshot" | "task-stream" | "events" | "log-event" | "logs":
+                reply["result"] = self._observe_request(kind, args)
             case "task-states":
                 keys = args.get("keys") or list(self.tasks)
                 reply["result"] = {k: self.tasks[k].state for k in keys if k in self.tasks}
             case _:
                 reply["error"] = f"unknown request {kind!r}"
         self.send(peer, reply)
+
+    def _observe_request(self, kind: str, args: dict):
+        obs = self.observe
+        match kind:
+            case "snapshot":
+                return obs.snapshot(self, self.now)
+            case "task-stream":
+                out = obs.stream_since(args.get("since"), start=args.get("start"),
+                                       stop=args.get("stop"), count=args.get("count"))
+                if "transfers" in args:
+                    out["transfers"] = obs.transfers_since(args["transfers"])
+                return out
+            case "events":
+                return obs.get_events(args.get("topic"))
+            case "log-event":
+                topics = args["topic"]
+                for topic in [topics] if type(topics) is str else topics:
+                    obs.log_event(str(topic), args.get("msg"), self.now)
+                return True
+            case "logs":
+                return self.log_source(args.get("n")) if self.log_source else []
 
     def _start_fan_out(self, peer: bytes, rid: int, kind: str, args: dict) -> None:
         """A run (on workers) or restart (through nannies): reply once all have answered."""
@@ -385,6 +424,7 @@ class SchedulerState(ClientOps, WorkerLoss, Retirement, PluginOps, SharedStateOp
             "clients": len(self.clients) - 2,
             "tasks": counts,
             "events": [list(e) for e in self.events[-20:]],
+            "services": {"dashboard": self.dashboard_link} if self.dashboard_link else {},
         }
 
     # ------------------------------------------------------------------ nannies
@@ -417,6 +457,8 @@ class SchedulerState(ClientOps, WorkerLoss, Retirement, PluginOps, SharedStateOp
     def _handle_worker(self, ws: WorkerState, op: dict) -> None:
         match op["op"]:
             case "finished":
+                if "transfers" in op:
+                    self.observe.transferred(ws, op["transfers"])
                 for item in op["tasks"]:
                     self.task_finished(ws, *item)
                 self._fill(ws)
@@ -446,6 +488,8 @@ class SchedulerState(ClientOps, WorkerLoss, Retirement, PluginOps, SharedStateOp
                 metrics = op.get("metrics")
                 if isinstance(metrics, dict):
                     ws.metrics = metrics
+                if "transfers" in op:
+                    self.observe.transferred(ws, op["transfers"])
             case "missing":
                 self._missing(ws, op["key"], op["dep"], op["address"])
             case "acquired":
@@ -463,7 +507,8 @@ class SchedulerState(ClientOps, WorkerLoss, Retirement, PluginOps, SharedStateOp
                 raise RemoteProtocolError(f"a worker may not send {other!r}")
 
     def task_finished(
-        self, ws: WorkerState, key: str, nbytes: int, value: bytes | None, duration: float
+        self, ws: WorkerState, key: str, nbytes: int, value: bytes | None, duration: float,
+        start: float | None = None, stop: float | None = None, thread: int | None = None,
     ) -> None:
         if (type(key) is not str or type(nbytes) is not int
                 or not (value is None or type(value) is bytes)
@@ -484,6 +529,7 @@ class SchedulerState(ClientOps, WorkerLoss, Retirement, PluginOps, SharedStateOp
         ts.value = value
         ts.add_holder(ws)
         self.counts["finished"] += 1
+        self.observe.finished(ts, ws, "OK", start, stop, thread, self.now)
         self._set_state(ts, "memory")
         item = None
         for cs in ts.wanters():
@@ -497,7 +543,8 @@ class SchedulerState(ClientOps, WorkerLoss, Retirement, PluginOps, SharedStateOp
         self._check_release(release)
 
     def task_erred(self, ws: WorkerState, key: str, exc: bytes | None, tb: bytes | None,
-                   text: str, kind: str | None = None) -> None:
+                   text: str, kind: str | None = None, start: float | None = None,
+                   stop: float | None = None, thread: int | None = None) -> None:
         if (type(key) is not str or type(text) is not str
                 or not (exc is None or type(exc) is bytes) or not (tb is None or type(tb) is bytes)
                 or not (kind is None or type(kind) is str)):
@@ -507,6 +554,7 @@ class SchedulerState(ClientOps, WorkerLoss, Retirement, PluginOps, SharedStateOp
             return
         ws.done(ts, 0.0)
         ts.processing_on = None
+        self.observe.finished(ts, ws, "error", start, stop, thread, self.now)
         if ts.retries > 0:
             ts.retries -= 1
             self._set_state(ts, "released")
@@ -520,6 +568,11 @@ class SchedulerState(ClientOps, WorkerLoss, Retirement, PluginOps, SharedStateOp
     def _set_state(self, ts: TaskState, new: str) -> None:
         if new not in TRANSITIONS[ts.state]:
             raise InvalidTransition(f"{ts.key!r}: {ts.state} -> {new}")
+        g = ts.group
+        if g is not None:
+            c = g.counts
+            c[ts.state] -= 1
+            c[new] += 1
         ts.state = new
 
     def _start(self, ts: TaskState) -> None:
@@ -625,6 +678,8 @@ class SchedulerState(ClientOps, WorkerLoss, Retirement, PluginOps, SharedStateOp
                 t.processing_on = None
             t.value = None
             self._free_holders(t)
+            if t.group is not None:
+                t.group.move(t.state, "erred")
             t.state = "erred"  # any state may fail
             t.error = [exc, tb, text, kind, extra]
             item = None
@@ -662,6 +717,9 @@ class SchedulerState(ClientOps, WorkerLoss, Retirement, PluginOps, SharedStateOp
                 continue
             self._drop_work(ts)
             del self.tasks[ts.key]
+            if ts.group is not None:
+                ts.group.move(ts.state, "forgotten" if ts.state in ("memory", "released")
+                              else "cancelled")
             ts.state = "forgotten"
             if ts.func is not None:
                 self._drop_function(ts.func)
@@ -721,4 +779,12 @@ class SchedulerState(ClientOps, WorkerLoss, Retirement, PluginOps, SharedStateOp
         for key, ts in self.tasks.items():
             for ws in ts.who_has:
                 assert ts in held.get(ws, ()), (key, ws)  # a live worker, which logs it
+        by_group: dict[tuple, int] = {}  # the observer's counters agree with the tasks
+        for ts in self.tasks.values():
+            assert ts.group is None or self.observe.groups.get(ts.group.name) is ts.group
+            if ts.group is not None:
+                by_group[ts.group.name, ts.state] = by_group.get((ts.group.name, ts.state), 0) + 1
+        for g in self.observe.groups.values():
+            for st in LIVE_STATES:
+                assert g.counts[st] == by_group.get((g.name, st), 0), (g.name, st, g.counts)
         self.validate_moves()

@@ -27,7 +27,7 @@ from collections import ChainMap, deque
 import psutil
 import zmq
 
-from .. import _zmq, protocol, serialize, shm
+from .. import _zmq, logs, protocol, serialize, shm
 from ..config import Config
 from ..errors import RemoteProtocolError, SerializationError, TaskTimeout
 from ..transfer import cancel_leases
@@ -93,6 +93,8 @@ class WorkerLoop(DataPlane, Replicas):
         self.fetch_queue: dict[str, deque[str]] = {}  # peer address -> dep keys to ask it for
         self.fetch_inflight: dict[str, int] = {}  # peer address -> requests awaiting an answer
         self.fetch_stats = {"requests": 0, "most_in_flight": 0}
+        # [peer, start, stop, nbytes, nkeys] of finished fetches, sent with the next heartbeat
+        self.transfer_log: list[list] = []
         self.ready: deque = deque()  # (key, payload, options)
         self.executing: dict[str, float] = {}  # key -> deadline or 0
         self.cancelled: set[str] = set()
@@ -106,6 +108,7 @@ class WorkerLoop(DataPlane, Replicas):
         self.last_heard = time.monotonic()
         self.use_shm = config.SAME_HOST_SHM and shm.available()
         self.plugins = WorkerPlugins(self)  # true only when one hears transitions
+        logs.install()  # keep this process's recent log records for client.get_worker_logs()
 
     # ------------------------------------------------------------------ life cycle
 
@@ -225,7 +228,10 @@ class WorkerLoop(DataPlane, Replicas):
                 items.append([key, flag])
             self.outbox.append({"op": "long-running", "items": items})
         if self.finished_items:
-            self.outbox.append({"op": "finished", "tasks": self.finished_items})
+            op = {"op": "finished", "tasks": self.finished_items}
+            if self.transfer_log:  # the fetches its tasks waited for: seen with them
+                op["transfers"], self.transfer_log = self.transfer_log, []
+            self.outbox.append(op)
             self.finished_items = []
         if self.outbox:
             ops, self.outbox = self.outbox, []
@@ -244,12 +250,17 @@ class WorkerLoop(DataPlane, Replicas):
     def _beat(self, now: float) -> None:
         try:
             mem = self._process.memory_info().rss
+            cpu = self._process.cpu_percent()  # since the last beat
         except psutil.Error:
-            mem = 0
-        self.outbox.append({"op": "heartbeat", "metrics": {
-            "memory": mem, "executing": len(self.executing), "ready": len(self.ready),
-            "in_memory": len(self.store), "fetching": len(self.fetching),
-        }})
+            mem, cpu = 0, 0.0
+        beat = {"op": "heartbeat", "metrics": {
+            "memory": mem, "cpu": cpu, "executing": len(self.executing),
+            "ready": len(self.ready), "in_memory": len(self.store),
+            "fetching": len(self.fetching),
+        }}
+        if self.transfer_log:
+            beat["transfers"], self.transfer_log = self.transfer_log, []
+        self.outbox.append(beat)
         self._check_timeouts(now)
         if self.use_shm:
             shm.pool().expire(now)
@@ -471,10 +482,12 @@ class WorkerLoop(DataPlane, Replicas):
             self.serialized[key] = (out.header, out.buffers, out.nbytes)
             small = not out.buffers and out.nbytes < self.config.INLINE_BYTES
             inline = out.header if small else None
-            self.finished_items.append([key, out.nbytes, inline, out.duration])
+            self.finished_items.append([key, out.nbytes, inline, out.duration, out.start,
+                                        out.stop, out.thread])
         else:
             data, tb, text, kind = out.error
-            self.outbox.append({"op": "erred", "items": [[key, data, tb, text, kind]]})
+            self.outbox.append({"op": "erred", "items": [[key, data, tb, text, kind, out.start,
+                                                          out.stop, out.thread]]})
 
     def _check_timeouts(self, now: float) -> None:
         """Abandon threads stuck past their task's deadline (a thread cannot be killed)."""

@@ -190,6 +190,7 @@ class DataPlane:
                 self._fetch_failed(k, addr)
             return
         later = []
+        got = nkeys = 0
         try:
             for key, header, bufs, raw, sizes in unpack_values(op["items"], buffers):
                 if sizes is not None:
@@ -197,6 +198,8 @@ class DataPlane:
                 elif header is None:
                     self._fetch_failed(key, addr)
                 elif key in self.borrowed or key in self.acquiring:  # else nobody wants it
+                    got += serialize.nbytes(header, bufs)
+                    nkeys += 1
                     self._put(key, header, bufs, raw)
                     self._got_dep(key)
                 else:
@@ -206,9 +209,18 @@ class DataPlane:
             for k in keys:
                 self._fetch_failed(k, addr)  # no-op for those already stored
             return
+        if nkeys:
+            self._log_transfer(addr, req[2], got, nkeys)
         if later:
             # Too large for a frame, on this host: ask again, naming segments to write into.
             self._send_fetch(addr, [k for k, _ in later], {"shm": False}, lease_for(later))
+
+    def _log_transfer(self, addr: str, sent: float, nbytes: int, nkeys: int) -> None:
+        """Note a finished fetch for the scheduler's task stream (wall-clock times)."""
+        now = time.monotonic()
+        wall = time.time()
+        if len(self.transfer_log) < 1000:  # heartbeats carry them; a burst is sampled
+            self.transfer_log.append([addr, wall - (now - sent), wall, nbytes, nkeys])
 
     def _put(self, key: str, header: bytes, bufs: list, raw: bool) -> None:
         """Store a value that arrived pickled. Task arguments (``raw``) stay pickled until
