@@ -45,6 +45,7 @@ class Worker(LifeCycle):
         death_timeout: float | None = None,
         config: Config | None = None,
         identity: str | bytes | None = None,
+        preload: str | list[str] | None = None,
         **kwargs,
     ):
         address = scheduler_address or scheduler_ip
@@ -74,6 +75,11 @@ class Worker(LifeCycle):
         self._core: WorkerLoop | None = None
         self._closed_by_core: asyncio.Event | None = None
         self._task_client = None  # made by get_client() in a task (zfabric.context)
+        # dask's --preload: modules or .py files whose dask_setup(worker) runs at the start
+        from .plugins import load_preload
+
+        specs = [preload] if isinstance(preload, str) else list(preload or ())
+        self._preloads = [load_preload(spec) for spec in specs]
 
     def __repr__(self) -> str:
         return f"<Worker {self.name or ''} {self.address or 'not started'} threads={self.nthreads}>"
@@ -119,6 +125,7 @@ class Worker(LifeCycle):
             identity=self._identity,
         )
         self._core.owner = self
+        self._core.plugins.preloads = list(self._preloads)
         self._core.start()
         try:
             self.address = await asyncio.wait_for(ready, self.death_timeout)
