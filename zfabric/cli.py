@@ -48,6 +48,9 @@ PauseFraction = Annotated[float | None, typer.Option(
 LocalDirectory = Annotated[str | None, typer.Option(
     help="Where workers spill values (a directory of their own inside it; default: the"
     " system's temporary directory).", show_default=False)]
+Preload = Annotated[list[str] | None, typer.Option(
+    "--preload", help="A module name or .py file whose dask_setup(worker) runs in each worker"
+    " as it starts (and dask_teardown(worker) as it closes); repeatable.")]
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -107,6 +110,19 @@ def _resources(text: str | None) -> dict[str, float]:
         raise typer.BadParameter(str(exc), param_hint="--resources") from None
 
 
+def _preloads(specs: list[str] | None) -> list[str]:
+    """Preload specs with files made absolute (worker processes may start elsewhere); a
+    missing file is a bad parameter now, not a worker that fails later."""
+    out = []
+    for spec in specs or ():
+        if spec.endswith(".py") or os.sep in spec:
+            if not os.path.isfile(spec):
+                raise typer.BadParameter(f"no preload file {spec!r}", param_hint="--preload")
+            spec = os.path.abspath(spec)
+        out.append(spec)
+    return out
+
+
 # ---------------------------------------------------------------------- scheduler
 
 
@@ -125,8 +141,17 @@ def scheduler(
         " back to a free one).  [default: :8787]", show_default=False)] = None,
     dashboard: Annotated[bool, typer.Option(help="Serve the web dashboard.")] = True,
     log_level: LogLevel = "info",
+    preload: Annotated[list[str] | None, typer.Option(
+        "--preload", help="Not supported: the scheduler runs no user code (use it on"
+        " `zfabric worker` or `zfabric nanny`).")] = None,
 ) -> None:
     """Start a scheduler and print its address."""
+    if preload:
+        raise typer.BadParameter(
+            "zfabric's scheduler runs no user code (it never unpickles anything), so it has no"
+            " preloads and no scheduler plugins; pass --preload to `zfabric worker` or"
+            " `zfabric nanny` to set workers up, or use client.register_plugin(WorkerPlugin)",
+            param_hint="--preload")
     _setup_logging(log_level)
     _run(_scheduler_main(host, port, scheduler_file, pid_file,
                          dashboard_address if dashboard else None, dashboard))
@@ -197,6 +222,7 @@ def worker(
     memory_pause_fraction: PauseFraction = None,
     local_directory: LocalDirectory = None,
     log_level: LogLevel = "info",
+    preload: Preload = None,
     nanny: Annotated[str | None, typer.Option(hidden=True)] = None,
     identity: Annotated[str | None, typer.Option(hidden=True)] = None,
     parent_pid: Annotated[int | None, typer.Option(hidden=True)] = None,
@@ -210,7 +236,8 @@ def worker(
               contact_address=contact_address, death_timeout=death_timeout, nanny=nanny,
               identity=identity, memory_target_fraction=memory_target_fraction,
               memory_spill_fraction=memory_spill_fraction,
-              memory_pause_fraction=memory_pause_fraction, local_directory=local_directory)
+              memory_pause_fraction=memory_pause_fraction, local_directory=local_directory,
+              preload=_preloads(preload))
     _run(_worker_main(addr, kw, parent_pid, ready_fd))
 
 
@@ -253,6 +280,7 @@ def nanny_command(
         show_default=False)] = None,
     local_directory: LocalDirectory = None,
     log_level: LogLevel = "info",
+    preload: Preload = None,
 ) -> None:
     """Start worker processes for the scheduler at ADDRESS and keep them alive."""
     _setup_logging(log_level)
@@ -264,7 +292,8 @@ def nanny_command(
                                 memory_spill_fraction=memory_spill_fraction,
                                 memory_pause_fraction=memory_pause_fraction,
                                 memory_terminate_fraction=memory_terminate_fraction,
-                                local_directory=local_directory)))
+                                local_directory=local_directory,
+                                preload=_preloads(preload))))
 
 
 async def _nanny_main(address: str, kw: dict) -> int:

@@ -72,7 +72,8 @@ def _worker_client(worker, timeout=None):
             return client
         kwargs = {"timeout": timeout} if timeout is not None else {}
         client = Client(worker.scheduler_address, config=worker.config,
-                        name=f"worker-client-{worker.name}", **kwargs)
+                        name=f"worker-client-{worker.name}", _for_worker=worker.address,
+                        **kwargs)
         worker._task_client = client
         return client
 

@@ -15,7 +15,8 @@
     ├── LostDataError            data that cannot be recomputed (scattered) was lost with a worker
     ├── TaskCancelled            the result of a cancelled task was asked for (also
     │                            concurrent.futures.CancelledError, as dask.distributed raises)
-    └── ResultTooLarge           a value passed the configured message size limit
+    ├── ResultTooLarge           a value passed the configured message size limit
+    └── ActorLost                an actor's worker is gone (also a ConnectionError)
 
 A task that raises keeps its own exception type: ``future.result()`` re-raises the very
 exception the function raised, with the remote traceback attached.
@@ -26,6 +27,7 @@ from __future__ import annotations
 from concurrent.futures import CancelledError
 
 __all__ = [
+    "ActorLost",
     "ClosedError",
     "CommTimeoutError",
     "KilledWorker",
@@ -101,3 +103,7 @@ class TaskCancelled(ZFabricError, CancelledError):
 
 class ResultTooLarge(ZFabricError):
     """Raised when a value is larger than the configured message size limit."""
+
+
+class ActorLost(ZFabricError, ConnectionError):
+    """Raised when an actor's worker died or cannot be reached: the actor's state is gone."""

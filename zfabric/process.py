@@ -164,7 +164,8 @@ def worker_command(scheduler_address: str, *, identity: str, nthreads: int, memo
                    resources: dict | None = None, listen_address: str | None = None,
                    contact_address: str | None = None, death_timeout_s: float | None = None,
                    log_level: str = "warning", memory_fractions: dict | None = None,
-                   local_directory: str | None = None) -> list[str]:
+                   local_directory: str | None = None,
+                   preload: list[str] | None = None) -> list[str]:
     """The argv of a worker process a Nanny starts: zfabric's own entry point, fresh."""
     cmd = [
         sys.executable, "-m", "zfabric", "worker", scheduler_address,
@@ -187,6 +188,8 @@ def worker_command(scheduler_address: str, *, identity: str, nthreads: int, memo
             cmd += [f"--memory-{name}-fraction", repr(float(memory_fractions[name]))]
     if local_directory:
         cmd += ["--local-directory", local_directory]
+    for spec in preload or ():
+        cmd += ["--preload", spec]
     return cmd
 
 
@@ -235,6 +238,7 @@ def parse_worker_argv(argv: list[str]) -> dict:
     p.add_argument("--memory-spill-fraction", type=float)
     p.add_argument("--memory-pause-fraction", type=float)
     p.add_argument("--local-directory")
+    p.add_argument("--preload", action="append", default=[])
     return vars(p.parse_args(argv))
 
 
@@ -281,7 +285,8 @@ def main_from_nanny(argv: list[str]) -> int:
               memory_target_fraction=args["memory_target_fraction"],
               memory_spill_fraction=args["memory_spill_fraction"],
               memory_pause_fraction=args["memory_pause_fraction"],
-              local_directory=args["local_directory"])
+              local_directory=args["local_directory"],
+              preload=args["preload"])
     try:
         return asyncio.run(run_worker(args["address"], kw, args["parent_pid"], args["ready_fd"]))
     except Exception as exc:

@@ -57,6 +57,7 @@ class Worker(LifeCycle):
         memory_spill_fraction: float | None = None,
         memory_pause_fraction: float | None = None,
         local_directory: str | None = None,
+        preload: str | list[str] | None = None,
         **kwargs,
     ):
         address = scheduler_address or scheduler_ip
@@ -93,6 +94,11 @@ class Worker(LifeCycle):
         self._core: WorkerLoop | None = None
         self._closed_by_core: asyncio.Event | None = None
         self._task_client = None  # made by get_client() in a task (zfabric.context)
+        # dask's --preload: modules or .py files whose dask_setup(worker) runs at the start
+        from .plugins import load_preload
+
+        specs = [preload] if isinstance(preload, str) else list(preload or ())
+        self._preloads = [load_preload(spec) for spec in specs]
 
     def __repr__(self) -> str:
         return f"<Worker {self.name or ''} {self.address or 'not started'} threads={self.nthreads}>"
@@ -139,6 +145,7 @@ class Worker(LifeCycle):
             local_directory=self.local_directory,
         )
         self._core.owner = self
+        self._core.plugins.preloads = list(self._preloads)
         self._core.start()
         try:
             self.address = await asyncio.wait_for(ready, self.death_timeout)
