@@ -118,8 +118,17 @@ class LocalCluster(LifeCycle):
         local_directory: str | None = None,
         **kwargs,
     ):
-        for ignored in ("silence_logs", "diagnostics_port"):
-            kwargs.pop(ignored, None)
+        # dask's names for two things zfabric has under its own
+        silence_logs = kwargs.pop("silence_logs", None)
+        if silence_logs:  # a logging level for the workers (False/None: leave as it is)
+            import logging
+
+            level = logging.getLevelName(silence_logs) if isinstance(silence_logs, int) \
+                else str(silence_logs)
+            worker_log_level = str(level).lower()
+        diagnostics_port = kwargs.pop("diagnostics_port", None)
+        if diagnostics_port is not None:  # dask's old name for the dashboard's port
+            dashboard_address = f":{int(diagnostics_port)}"
         if kwargs:
             raise TypeError(f"LocalCluster got unexpected arguments: {', '.join(sorted(kwargs))}")
         if security not in (None, False):

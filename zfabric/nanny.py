@@ -110,6 +110,8 @@ class Nanny(LifeCycle):
         preload: str | list[str] | None = None,
         **kwargs,
     ):
+        if kwargs:
+            raise TypeError(f"Nanny got unexpected arguments: {', '.join(sorted(kwargs))}")
         address = scheduler_address or scheduler_ip
         if hasattr(address, "address") and not isinstance(address, str):
             address = address.address

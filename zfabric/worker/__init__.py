@@ -60,6 +60,8 @@ class Worker(LifeCycle):
         preload: str | list[str] | None = None,
         **kwargs,
     ):
+        if kwargs:
+            raise TypeError(f"Worker got unexpected arguments: {', '.join(sorted(kwargs))}")
         address = scheduler_address or scheduler_ip
         if not address:
             raise ValueError("Worker needs the scheduler's address, e.g. Worker('tcp://host:8786')")
