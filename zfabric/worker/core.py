@@ -90,6 +90,9 @@ class WorkerLoop(DataPlane):
         self.finished_items: list = []
         self.started_keys: list = []
         self.peers: dict[str, zmq.Socket] = {}
+        # answers a data peer's full queue refused, by peer, and their bytes (see data.py)
+        self.data_backlog: dict[bytes, deque[tuple[list, int]]] = {}
+        self.data_backlog_bytes: dict[bytes, int] = {}
         self._fetch_seq = 0
         self._process = psutil.Process()
         self.last_heard = time.monotonic()
@@ -124,7 +127,8 @@ class WorkerLoop(DataPlane):
 
     def _setup(self, ctx: zmq.Context) -> None:
         host = self.listen or _zmq.local_address_for(self.scheduler_address)
-        self.data, bound = _zmq.router(ctx, host, 0)
+        self.data, bound = _zmq.router(ctx, host, 0, linger_ms=self.config.LINGER_MS,
+                                       hwm=self.config.HWM_MESSAGES)
         self.address = self.contact or bound
         if self.name is None:
             self.name = self.address
@@ -172,6 +176,8 @@ class WorkerLoop(DataPlane):
                 self._drain_done()
             if self.data in events:
                 self._drain_data()
+            if self.data_backlog:
+                self._retry_replies()
             for addr, sock in list(self.peers.items()):
                 if sock in events:
                     self._drain_peer(addr, sock)

@@ -56,18 +56,22 @@ class DataPlane:
         for frames in waiting(self.data, copy=False):
             peer = frames[0].bytes
             try:
-                ops, buffers = protocol.decode([frames[1].bytes, *frames[2:]])
+                ops, buffers = protocol.decode([frames[1].bytes, *frames[2:]],
+                                               self.config.MAX_FRAMES)
             except (RemoteProtocolError, IndexError) as exc:
                 self._reply_data(peer, [{"op": "error", "message": str(exc)}])
                 continue
+            srcfd = None
             for op in ops:
                 try:
-                    self._on_data_op(peer, op, buffers)
+                    if op["op"] == "get-data" and op.get("into") and srcfd is None:
+                        srcfd = frames[1].get(zmq.SRCFD)
+                    self._on_data_op(peer, op, buffers, srcfd)
                 except Exception as exc:
                     self._reply_data(peer, [{"op": "error", "message": f"{op['op']}: {exc}",
                                              "id": op.get("id")}])
 
-    def _on_data_op(self, peer: bytes, op: dict, buffers: list) -> None:
+    def _on_data_op(self, peer: bytes, op: dict, buffers: list, srcfd: int | None) -> None:
         match op["op"]:
             case "get-data":
                 values = []
@@ -82,17 +86,19 @@ class DataPlane:
                     else:
                         values.append((key, ser[0], ser[1], key in self.raw_keys))
                 into = op.get("into") if self.use_shm else None
+                # the segments named must belong to the process that asked (srcfd's peer)
                 items, frames = pack_values(values, ask=bool(op.get("shm")) and self.use_shm,
-                                            into=into if type(into) is dict else None)
+                                            into=into if type(into) is dict else None,
+                                            srcfd=srcfd)
                 self._reply_data(peer, [{"op": "data", "id": op["id"], "items": items}], frames)
             case "lease":
                 pool = shm.pool() if self.use_shm else None
                 limit = self.config.MAX_MESSAGE_BYTES
-                descs = [pool.lease(n) if pool and type(n) is int and 0 < n <= limit else None
-                         for n in op["sizes"]]
+                descs = [pool.lease(n, owner=peer) if pool and type(n) is int and 0 < n <= limit
+                         else None for n in op["sizes"]]
                 self._reply_data(peer, [{"op": "leases", "id": op["id"], "items": descs}])
             case "put-data":
-                for key, header, bufs, raw, _ in unpack_values(op["items"], buffers):
+                for key, header, bufs, raw, _ in unpack_values(op["items"], buffers, peer):
                     if header is not None and bufs is not None:
                         self.borrowed.pop(key, None)  # placed here: this worker's own
                         self._put(key, header, bufs, raw or bool(op.get("raw")))
@@ -103,10 +109,48 @@ class DataPlane:
                 raise RemoteProtocolError(f"unexpected {other!r} on the data port")
 
     def _reply_data(self, peer: bytes, ops: list, frames: list = ()) -> None:
+        """Answer a data peer without ever blocking the loop: what its full queue refuses
+        waits in a backlog of its own, retried each turn, within ``PEER_BACKLOG_BYTES``."""
+        message = [peer, *protocol.encode(ops, frames)]
+        if peer in self.data_backlog:
+            self._queue_reply(peer, message)
+            return
         try:
-            self.data.send_multipart([peer, *protocol.encode(ops, frames)], copy=False)
+            self.data.send_multipart(message, zmq.NOBLOCK, copy=False)
+        except zmq.Again:
+            self._queue_reply(peer, message)
         except zmq.ZMQError as exc:
             logger.info("could not answer a data peer: %s", exc)
+
+    def _queue_reply(self, peer: bytes, message: list) -> None:
+        queue = self.data_backlog.get(peer)
+        if queue is None:
+            queue = self.data_backlog[peer] = deque()
+            self.data_backlog_bytes[peer] = 0
+        size = sum(memoryview(f).nbytes for f in message)
+        queue.append((message, size))
+        total = self.data_backlog_bytes[peer] = self.data_backlog_bytes[peer] + size
+        if total > self.config.PEER_BACKLOG_BYTES:
+            logger.warning("data peer %r does not read its answers: %d bytes wait for it, more"
+                           " than PEER_BACKLOG_BYTES; dropping them", peer[:64], total)
+            self.data_backlog.pop(peer, None)
+            self.data_backlog_bytes.pop(peer, None)
+
+    def _retry_replies(self) -> None:
+        for peer in list(self.data_backlog):
+            queue = self.data_backlog[peer]
+            while queue:
+                try:
+                    self.data.send_multipart(queue[0][0], zmq.NOBLOCK, copy=False)
+                except zmq.Again:
+                    break
+                except zmq.ZMQError:  # gone: nobody to answer
+                    queue.clear()
+                    break
+                self.data_backlog_bytes[peer] -= queue.popleft()[1]
+            if not queue:
+                del self.data_backlog[peer]
+                del self.data_backlog_bytes[peer]
 
     def _fetch(self, dep: str, addresses: list[str]) -> None:
         if not addresses:
@@ -179,7 +223,7 @@ class DataPlane:
             return
         later = []
         try:
-            for key, header, bufs, raw, sizes in unpack_values(op["items"], buffers):
+            for key, header, bufs, raw, sizes in unpack_values(op["items"], buffers, addr):
                 if sizes is not None:
                     later.append((key, sizes))
                 elif header is None:
@@ -196,7 +240,8 @@ class DataPlane:
             return
         if later:
             # Too large for a frame, on this host: ask again, naming segments to write into.
-            self._send_fetch(addr, [k for k, _ in later], {"shm": False}, lease_for(later))
+            self._send_fetch(addr, [k for k, _ in later], {"shm": False},
+                             lease_for(later, owner=addr))
 
     def _put(self, key: str, header: bytes, bufs: list, raw: bool) -> None:
         """Store a value that arrived pickled. Task arguments (``raw``) stay pickled until
