@@ -77,3 +77,82 @@ async def test_worker_data_port_never_blocks_on_a_peer_that_does_not_read():
         finally:
             sock.close(0)
         await canary(c)
+
+
+# ---------------------------------------------------------------------------- shared memory
+
+VICTIM = textwrap.dedent("""
+    import json, os, sys
+    from zfabric import shm
+    path = sys.argv[1]
+    f = open(path, "r+b")
+    st = os.fstat(f.fileno())
+    seg = shm.pool().lease(2 << 20)
+    print(json.dumps({"file": [1, os.getpid(), f.fileno(), st.st_dev, st.st_ino, st.st_size],
+                      "segment": seg}), flush=True)
+    sys.stdin.readline()
+    f.seek(0)
+    seg_bytes = os.pread(seg[2], 16, 0)
+    print(json.dumps({"file": f.read(16).hex(), "segment": seg_bytes.hex()}), flush=True)
+""")
+
+
+@pytest.mark.skipif(not shm.available(), reason="memfd segments are not available")
+async def test_get_data_into_never_writes_another_process_memory_or_files(tmp_path):
+    # Given a process that is not part of the cluster, with a file and a segment open
+    target = tmp_path / "precious"
+    target.write_bytes(b"\0" * (4 * MiB))
+    victim = subprocess.Popen([sys.executable, "-c", VICTIM, str(target)], text=True,
+                              stdin=subprocess.PIPE, stdout=subprocess.PIPE)
+    try:
+        descs = json.loads(await asyncio.to_thread(victim.stdout.readline))
+        async with cluster(1) as (s, [w]), \
+                Client(s.address, asynchronous=True, set_as_default=False) as c:
+            big = c.submit(np.ones, MiB // 2, key="big")  # 4 MiB of buffers
+            await big
+            sock = raw_dealer(w.address)
+            try:
+                # When a peer asks for the value "into" the other process's descriptors
+                for name in ("file", "segment"):
+                    [op], frames = await ask(sock, {"op": "get-data", "id": 1, "keys": ["big"],
+                                                    "into": {"big": descs[name]}})
+                    # Then the value comes over the socket instead
+                    assert op["op"] == "data" and op["items"][0][4] is None, op
+                    assert sum(len(f) for f in frames) == 4 * MiB
+            finally:
+                sock.close(0)
+            await canary(c)
+        victim.stdin.write("\n")
+        victim.stdin.flush()
+        after = json.loads(await asyncio.to_thread(victim.stdout.readline))
+        # and nothing of it was written there
+        assert after == {"file": "00" * 16, "segment": "00" * 16}
+    finally:
+        victim.kill()
+        victim.wait()
+
+
+@pytest.mark.skipif(not shm.available(), reason="memfd segments are not available")
+async def test_a_lease_is_adopted_only_by_the_connection_it_was_leased_to():
+    async with cluster(1) as (s, [w]):
+        a, b = raw_dealer(w.address), raw_dealer(w.address)
+        try:
+            # Given a lease the worker granted to peer A
+            [op], _ = await ask(a, {"op": "lease", "id": 1, "sizes": [2 * MiB]})
+            [desc] = op["items"]
+            assert desc is not None
+            header = b"\x80\x05K\x01."  # pickle of 1
+            item = ["stolen", header, 0, False, ["seg", desc[0], [16]]]
+            # When peer B claims it in a put-data
+            [op], _ = await ask(b, {"op": "put-data", "id": 2, "items": [item]})
+            # Then B is refused and nothing is stored
+            assert op["op"] == "error" and "lease" in op["message"], op
+            assert "stolen" not in w.data
+            # while A may still use it
+            item[0] = "mine"
+            [op], _ = await ask(a, {"op": "put-data", "id": 3, "items": [item]})
+            assert op["op"] == "reply", op
+            await until(lambda: "mine" in w.data, 5)
+        finally:
+            a.close(0)
+            b.close(0)
