@@ -261,22 +261,29 @@ def info(
     typer.echo(format_info(report))
 
 
-def format_info(report: dict) -> str:
-    """The text ``zfabric info`` prints for a scheduler_info() report."""
+def _size(n) -> str:
+    """A byte count from a report, shown as such; anything else shown as it is."""
     from .nanny import format_bytes
 
+    if type(n) in (int, float) and n == n and abs(n) != float("inf"):
+        return format_bytes(n)
+    return str(n)[:20]
+
+
+def format_info(report: dict) -> str:
+    """The text ``zfabric info`` prints for a scheduler_info() report."""
     header = ("NAME", "ADDRESS", "THREADS", "MEMORY", "RUNNING", "HELD")
     rows = []
     for addr, w in sorted(report.get("workers", {}).items(), key=lambda kv: str(kv[1]["name"])):
         metrics = w.get("metrics") or {}
-        used = format_bytes(metrics.get("memory", 0))
-        limit = format_bytes(w["memory_limit"]) if w.get("memory_limit") else "-"
+        used = _size(metrics.get("memory", 0))
+        limit = _size(w["memory_limit"]) if w.get("memory_limit") else "-"
         rows.append((str(w.get("name", addr)), addr, str(w.get("nthreads", "")),
                      f"{used} / {limit}", str(metrics.get("executing", w.get("processing", 0))),
                      str(w.get("in_memory", 0))))
     widths = [max(len(r[i]) for r in [header, *rows]) for i in range(len(header))]
     lines = [f"Scheduler {report.get('address', '')}: {len(rows)} worker(s),"
-             f" {sum(int(r[2] or 0) for r in rows)} thread(s)", ""]
+             f" {sum(int(r[2]) for r in rows if r[2].isdigit())} thread(s)", ""]
     for r in [header, *rows]:
         lines.append("  ".join(c.ljust(wd) for c, wd in zip(r, widths, strict=True)).rstrip())
     tasks = report.get("tasks") or {}

@@ -36,11 +36,11 @@ import uuid
 
 from ..config import DEFAULT, PROTOCOL_VERSION, Config
 from ..errors import RemoteProtocolError
-from ..protocol import version_mismatches
+from ..protocol import check_worker_hello, clean_metrics, safe_name, short, version_mismatches
 from . import policy
 from .client_ops import ClientOps
 from .outbox import Outbox
-from .queue import ReadyQueue
+from .queue import ReadyQueue, RestrictedQueue
 from .records import FIRE_AND_FORGET, ClientState, NannyState, TaskState, WorkerState
 from .requests import FanOut
 from .worker_loss import WorkerLoss
@@ -88,7 +88,7 @@ class SchedulerState(ClientOps, WorkerLoss):
         self.batch = self._outbox.batch  # queue one item of a list-carrying op (see Outbox)
         self.flush = self._outbox.flush  # {peer: [ops]} queued since the last flush
         self._queued = ReadyQueue()  # unrestricted queued tasks; stale entries are skipped
-        self._restricted: set[TaskState] = set()  # queued tasks that only some workers may run
+        self._restricted = RestrictedQueue()  # queued tasks that only some workers may run
         self._seq = 0
         self._fan_out = FanOut(self.send)  # run and restart requests in flight
         self.closing = False  # set by a remote shutdown request; the shell closes
@@ -107,22 +107,30 @@ class SchedulerState(ClientOps, WorkerLoss):
     def handle(self, peer: bytes, ops: list[dict], now: float) -> None:
         """Apply the ops one peer sent; the replies wait in :attr:`outbox`."""
         self.now = now
+        # Ops after one that ends the peer's session (goodbye, a removal) are not applied:
+        # they would pin data to a record that is gone.
         ws = self.workers.get(peer)
         if ws is not None:
             ws.last_seen = now
             for op in ops:
                 self._guard(peer, op, self._handle_worker, ws)
+                if op["op"] == "goodbye" and self.workers.get(peer) is not ws:
+                    return
             return
         cs = self.clients.get(peer)
         if cs is not None:
             cs.last_seen = now
             for op in ops:
+                if self.clients.get(peer) is not cs:
+                    return
                 self._guard(peer, op, self._handle_client, cs)
             return
         ns = self.nannies.get(peer)
         if ns is not None:
             ns.last_seen = now
             for op in ops:
+                if self.nannies.get(peer) is not ns:
+                    return
                 self._guard(peer, op, self._handle_nanny, ns)
             return
         for i, op in enumerate(ops):
@@ -142,6 +150,8 @@ class SchedulerState(ClientOps, WorkerLoss):
         except (RemoteProtocolError, KeyError, TypeError, ValueError, IndexError,
                 AttributeError) as exc:
             text = f"bad {op.get('op')!r} op from {peer!r}: {type(exc).__name__}: {exc}"
+            if len(text) > 1000:
+                text = text[:997] + "..."
             logger.warning(text)
             reply = {"op": "error", "message": text}
             if op.get("op") == "submit" and type(op.get("tasks")) is list:
@@ -202,28 +212,26 @@ class SchedulerState(ClientOps, WorkerLoss):
         role = op["role"]
         welcome = self._welcome(warnings)
         if role == "worker":
-            if peer in self.reported_dead:
+            fields = check_worker_hello(op)
+            if peer in self.reported_dead and self.reported_dead[peer] == fields["nanny"]:
                 self.send(peer, {"op": "close", "reason": "its nanny reported it dead"})
                 return
-            address = op["address"]
-            if not isinstance(address, str) or not address.startswith(("tcp://", "ipc://")):
-                raise RemoteProtocolError(f"worker hello needs a data address, got {address!r}")
+            address = fields["address"]
             old = self.workers_by_address.get(address)
             if old is not None:
+                if not self._replaceable(old):
+                    # A live worker serves there: a second one would make it flap. Probe the
+                    # old one (a send to a gone connection removes it at once) and let the
+                    # new one try again after a heartbeat.
+                    self.send(old.ident, {"op": "heartbeat"})
+                    self.send(peer, {
+                        "op": "error", "retry_s": self.config.HEARTBEAT_INTERVAL_S,
+                        "message": f"data address {address} is in use by live worker"
+                        f" {old.name}; a worker replaces it only once it has been silent for"
+                        " two heartbeat intervals or its nanny reported it gone"})
+                    return
                 self.remove_worker(old, "replaced by a new incarnation", died=False)
-            ws = WorkerState(
-                ident=peer,
-                id=op["id"],
-                address=address,
-                name=str(op.get("name") or address),
-                nthreads=int(op.get("nthreads") or 1),
-                memory_limit=int(op.get("memory_limit") or 0),
-                resources=dict(op.get("resources") or {}),
-                nanny=(op.get("nanny") or "").encode() or None,
-                pid=int(op.get("pid") or 0),
-                host=str(op.get("host") or ""),
-                now=self.now,
-            )
+            ws = WorkerState(ident=peer, id=safe_name(op["id"]), now=self.now, **fields)
             self.workers[peer] = ws
             self.workers_by_address[address] = ws
             self.send(peer, welcome)
@@ -233,25 +241,38 @@ class SchedulerState(ClientOps, WorkerLoss):
             self._fill(ws)
             self._fill_restricted()
         elif role == "client":
-            cs = ClientState(peer, name=op["id"], now=self.now)
+            cs = ClientState(peer, name=safe_name(op["id"]), now=self.now)
             self.clients[peer] = cs
             self.send(peer, welcome)
         elif role == "nanny":
-            ns = NannyState(peer, name=op["id"], now=self.now)
+            ns = NannyState(peer, name=safe_name(op["id"]), now=self.now)
             self.nannies[peer] = ns
             self.send(peer, welcome)
         else:
-            raise RemoteProtocolError(f"unknown role {role!r}")
+            raise RemoteProtocolError(f"unknown role {short(role)}")
         for w in warnings:
-            logger.warning("%s %s: version mismatch: %s", role, op["id"], w)
+            logger.warning("%s %s: version mismatch: %s", role, safe_name(op["id"]), w)
+
+    def _replaceable(self, old: WorkerState) -> bool:
+        """Whether a new worker may take ``old``'s data address: ``old`` has been silent for
+        two heartbeat intervals or its Nanny reported it gone."""
+        return (self.now - old.last_seen >= 2 * self.config.HEARTBEAT_INTERVAL_S
+                or old.ident in self.reported_dead)
 
     # ------------------------------------------------------------------ clients
 
     def _handle_client(self, cs: ClientState, op: dict) -> None:
         match op["op"]:
             case "submit":
-                self.add_functions(op.get("functions"))
-                self.submit(cs, op["tasks"])
+                added = self.add_functions(op.get("functions"))
+                try:
+                    self.submit(cs, op["tasks"])
+                finally:
+                    # Functions no task of it (or before it) uses are not kept.
+                    for fid in added:
+                        entry = self.functions.get(fid)
+                        if entry is not None and entry[1] <= 0:
+                            del self.functions[fid]
             case "release":
                 for key in op["keys"]:
                     self.release_key(cs, key)
@@ -320,6 +341,11 @@ class SchedulerState(ClientOps, WorkerLoss):
         """A run (on workers) or restart (through nannies): reply once all have answered."""
         if kind == "run":
             names = args.get("workers")
+            if type(args.get("payload")) is not bytes:
+                raise RemoteProtocolError("a run request needs its payload as bytes")
+            if names is not None and (type(names) is not list
+                                      or any(type(n) is not str for n in names)):
+                raise RemoteProtocolError("a run request's workers must be a list of addresses")
             targets = [(ws.ident, ws.address) for ws in self.workers.values()
                        if not names or ws.address in names]
             op = {"op": "run", "payload": args["payload"]}
@@ -354,13 +380,17 @@ class SchedulerState(ClientOps, WorkerLoss):
             case "heartbeat":
                 ns.vouched = {w.encode() for w in op.get("workers") or ()}
             case "worker-died":
+                # Only about a worker of its own: a worker that names it as its nanny.
                 ident = op["worker"].encode()
-                self.reported_dead[ident] = None
+                ws = self.workers.get(ident)
+                if ws is not None and ws.nanny != ns.ident:
+                    raise RemoteProtocolError(
+                        f"nanny {ns.name} reported worker {ws.name}, which is not its own")
+                self.reported_dead[ident] = ns.ident
                 if len(self.reported_dead) > 10_000:
                     del self.reported_dead[next(iter(self.reported_dead))]
-                ws = self.workers.get(ident)
                 if ws is not None:
-                    self.remove_worker(ws, op["reason"], died=True)
+                    self.remove_worker(ws, safe_name(op["reason"], 500), died=True)
             case "reply":
                 self._fan_out.answer(ns.ident, op)
             case "goodbye":
@@ -391,8 +421,8 @@ class SchedulerState(ClientOps, WorkerLoss):
                         ws.started.add(ts)
             case "heartbeat":
                 metrics = op.get("metrics")
-                if isinstance(metrics, dict):
-                    ws.metrics = metrics
+                if metrics is not None:
+                    ws.metrics = clean_metrics(metrics)
             case "missing":
                 self._missing(ws, op["key"], op["dep"], op["address"])
             case "run-result":
@@ -400,7 +430,7 @@ class SchedulerState(ClientOps, WorkerLoss):
             case "request":
                 self.request(ws.ident, op)
             case "goodbye":
-                self.remove_worker(ws, op.get("reason") or "closed", died=False)
+                self.remove_worker(ws, safe_name(op.get("reason") or "closed", 500), died=False)
             case "hello":
                 pass
             case other:
@@ -416,10 +446,9 @@ class SchedulerState(ClientOps, WorkerLoss):
             raise RemoteProtocolError(f"malformed finished item {[key, nbytes, duration]!r:.200}")
         ts = self.tasks.get(key)
         if ts is None or ts.state != "processing" or ts.processing_on is not ws:
+            # Not its task (now): it does not become a holder, whatever it says; a worker
+            # that finished a task taken from it frees its copy.
             if ts is None or not ts.held_by(ws):
-                if ts is not None and ts.state == "memory":
-                    ts.add_holder(ws)  # a duplicate: one more copy is harmless
-                    return
                 self.batch(ws.ident, "free", key)
             return
         ws.done(ts, duration)
@@ -546,14 +575,11 @@ class SchedulerState(ClientOps, WorkerLoss):
             self._fill_restricted()
 
     def _fill_restricted(self) -> None:
-        for ts in sorted(self._restricted, key=lambda t: t.priority):
-            if ts.state != "queued":
-                self._restricted.discard(ts)
-                continue
-            ws = policy.choose_worker(ts, self.workers.values())
-            if ws is not None:
-                self._restricted.discard(ts)
-                self._dispatch(ts, ws)
+        workers = self.workers.values()
+        self._restricted.fill(lambda ts: policy.choose_worker(ts, workers), self._dispatch)
+
+    def _restricted_drop(self, ts: TaskState) -> None:
+        self._restricted.discard(ts)
 
     def _fail(self, ts: TaskState, exc: bytes | None, tb: bytes | None, text: str, *,
               kind: str | None = None, extra: dict | None = None) -> None:

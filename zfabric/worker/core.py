@@ -96,6 +96,7 @@ class WorkerLoop(DataPlane):
         self._fetch_seq = 0
         self._process = psutil.Process()
         self.last_heard = time.monotonic()
+        self.hello_at = 0.0  # when to say hello again after a refusal that said to retry
         self.use_shm = config.SAME_HOST_SHM and shm.available()
 
     # ------------------------------------------------------------------ life cycle
@@ -224,6 +225,9 @@ class WorkerLoop(DataPlane):
             "in_memory": len(self.store), "fetching": len(self.fetching),
         }})
         self._check_timeouts(now)
+        if self.hello_at and now >= self.hello_at and self.epoch is None:
+            self.hello_at = 0.0
+            self._hello()
         if self.use_shm:
             shm.pool().expire(now)
         if now - self.last_heard > self.death_timeout_s:
@@ -236,19 +240,30 @@ class WorkerLoop(DataPlane):
     def _drain_scheduler(self) -> None:
         for frames in waiting(self.sched):
             self.last_heard = time.monotonic()
+            errors: list = []
             try:
-                ops, _ = protocol.decode(frames)
+                ops, _ = protocol.decode(frames, self.config.MAX_FRAMES, errors)
             except RemoteProtocolError as exc:
                 logger.warning("bad message from the scheduler: %s", exc)
                 continue
+            for exc in errors:  # each bad op alone is skipped, never its neighbours
+                logger.warning("bad op from the scheduler: %s", exc)
             for op in ops:
-                self._on_scheduler_op(op)
+                try:
+                    self._on_scheduler_op(op)
+                except Exception:
+                    logger.exception("worker %s could not apply %r from the scheduler",
+                                     self.name, op["op"])
 
     def _on_scheduler_op(self, op: dict) -> None:
         match op["op"]:
             case "compute":
                 for item in op["tasks"]:
-                    self._compute(*item)
+                    try:
+                        self._compute(*item)
+                    except Exception as exc:  # one bad item, not the op
+                        logger.warning("bad compute item from the scheduler: %s",
+                                       protocol.short(exc, 300))
             case "free":
                 for key in op["keys"]:
                     self._free(key)
@@ -280,6 +295,10 @@ class WorkerLoop(DataPlane):
                 self.stop("closed by the scheduler")
             case "error":
                 logger.error("scheduler says: %s", op["message"])
+                retry = op.get("retry_s")
+                if self.epoch is None and type(retry) in (int, float) and 0 < retry < 60:
+                    self.hello_at = time.monotonic() + retry  # refused for now: ask again
+                    return
                 if op.get("fatal") and self.epoch is None:
                     self.on_ready(None, RemoteProtocolError(op["message"]))
                     self.stop("refused by the scheduler")
