@@ -156,3 +156,199 @@ async def test_a_lease_is_adopted_only_by_the_connection_it_was_leased_to():
         finally:
             a.close(0)
             b.close(0)
+
+
+# ---------------------------------------------------------------------------- roles, ownership
+
+
+def worker_hello(address: str = "tcp://127.0.0.1:9", **extra) -> dict:
+    return {"address": address, "nthreads": 1, "pid": 1, "name": "fake", **extra}
+
+
+async def test_a_nanny_may_report_only_its_own_workers_dead():
+    async with cluster(1) as (s, [w]), FakePeer(s.address, role="nanny") as nanny, \
+            Client(s.address, asynchronous=True, set_as_default=False) as c:
+        assert (await nanny.hello())["op"] == "welcome"
+        # When a nanny reports a worker that is not its own
+        await nanny.send({"op": "worker-died", "worker": w.id, "reason": "made up"})
+        answer = await nanny.expect("error")
+        # Then it is refused and the worker stays
+        assert "not its own" in answer["message"]
+        assert w.id.encode() in s.state.workers and w.status == "running"
+        await canary(c)
+
+
+async def test_finished_and_missing_are_accepted_only_from_the_worker_concerned():
+    async with cluster(1) as (s, [w]), FakePeer(s.address, role="worker") as fake, \
+            Client(s.address, asynchronous=True, set_as_default=False) as c:
+        big = c.submit(np.zeros, 1 << 17, key="big")  # 1 MiB: held by the worker only
+        await big
+        fake_addr = "tcp://127.0.0.1:9"
+        assert (await fake.hello(**worker_hello(fake_addr)))["op"] == "welcome"
+        ts = s.state.tasks["big"]
+        # When a worker that never ran "big" says it finished it
+        await fake.send({"op": "finished", "tasks": [["big", 10, None, 0.1]]})
+        # and says it could not fetch it from the worker that holds it
+        await fake.send({"op": "missing", "key": "big", "dep": "big", "address": w.address})
+        await fake.expect("free")
+        # Then it does not become a holder, and the real holder stays one
+        assert [ws.address for ws in ts.who_has] == [w.address]
+        s.state.validate()
+        assert (await big).nbytes == 1 << 20
+        await canary(c)
+
+
+async def test_a_live_workers_data_address_is_not_taken_over():
+    async with cluster(1) as (s, [w]), FakePeer(s.address, role="worker") as fake, \
+            Client(s.address, asynchronous=True, set_as_default=False) as c:
+        # When a newcomer says hello with the data address of a live worker
+        answer = await fake.hello(**worker_hello(w.address))
+        # Then it is refused, with the address named, and the live worker keeps its place
+        assert answer["op"] == "error" and w.address in answer["message"]
+        assert answer["retry_s"] > 0
+        assert [ws.ident for ws in s.state.workers.values()] == [w.id.encode()]
+        await canary(c)
+
+
+# ---------------------------------------------------------------------------- bad values
+
+
+@pytest.mark.parametrize("extra", [
+    {"resources": {"GPU": "x"}}, {"nthreads": float("inf")}, {"memory_limit": float("inf")},
+    {"pid": float("inf")}, {"resources": {"GPU": float("nan")}}, {"nthreads": -5},
+])
+async def test_bad_worker_hello_values_are_refused_and_wedge_nothing(extra):
+    async with cluster(1, resources={"GPU": 1}) as (s, [w]), \
+            FakePeer(s.address, role="worker") as fake, \
+            Client(s.address, asynchronous=True, set_as_default=False) as c:
+        answer = await fake.hello(**{**worker_hello(), **extra})
+        assert answer["op"] == "error", answer
+        assert next(iter(extra)) in answer["message"]  # it names the field
+        assert fake.identity not in s.state.workers
+        # resource-restricted tasks still run
+        f = c.submit(inc, 1, resources={"GPU": 1}, pure=False)
+        assert await asyncio.wait_for(f, 10) == 2
+        s.state.validate()
+
+
+async def test_names_cannot_forge_log_lines_and_op_names_are_not_logged_whole(caplog):
+    async with cluster(0) as (s, _), FakePeer(s.address, role="worker") as fake, \
+            FakePeer(s.address) as peer:
+        forged = "fake\n2026-01-01 CRITICAL scheduler: all data deleted"
+        assert (await fake.hello(**worker_hello(name=forged)))["op"] == "welcome"
+        [ws] = s.state.workers.values()
+        assert "\n" not in ws.name
+        await peer.send({"op": "x" * 10_000_000})
+        answer = await peer.expect("error", timeout=10)
+        assert len(answer["message"]) < 1000
+        assert all(len(r.getMessage()) < 2000 for r in caplog.records)
+        assert all("\n2026-01-01" not in r.getMessage() for r in caplog.records)
+
+
+async def test_ops_after_goodbye_and_unused_functions_are_not_kept():
+    async with cluster(0) as (s, _), FakePeer(s.address) as peer:
+        await peer.hello()
+        # a submit with no task but a large function, one refused for a bad option
+        await peer.send({"op": "submit", "tasks": [], "functions": {"f1": b"x" * 100_000}})
+        await peer.send({"op": "submit", "functions": {"f2": b"y" * 100_000},
+                         "tasks": [["k", b"p", [], {"priority": "high"}, "f2"]]})
+        await peer.expect("error")
+        # a goodbye, then more in the same message
+        await peer.send({"op": "goodbye"},
+                        {"op": "scatter", "items": [["pinned", b"v" * 1000, 1000, []]]})
+        await until(lambda: peer.identity not in s.state.clients, 5)
+        await asyncio.sleep(0.1)
+        assert s.state.functions == {}
+        assert "pinned" not in s.state.tasks and "k" not in s.state.tasks
+        s.state.validate()
+
+
+async def test_non_numeric_metrics_are_not_kept_and_info_prints(tmp_path):
+    from zfabric.cli import format_info
+
+    async with cluster(0) as (s, _), FakePeer(s.address, role="worker") as fake, \
+            Client(s.address, asynchronous=True, set_as_default=False) as c:
+        await fake.hello(**worker_hello(memory_limit=1000))
+        await fake.send({"op": "heartbeat", "metrics": {"memory": "lots", "executing": [1],
+                                                        "ok": 5}})
+        [ws] = s.state.workers.values()
+        await until(lambda: ws.metrics == {"ok": 5}, 5)
+        assert "fake" in format_info(await c.scheduler_info())
+        # and a report from elsewhere with odd values still prints
+        text = format_info({"workers": {"tcp://x:1": {"name": "x", "metrics": {"memory": "?"},
+                                                      "memory_limit": "big", "nthreads": "n"}}})
+        assert "tcp://x:1" in text
+
+
+async def test_a_bad_run_request_is_refused_and_drops_no_other_work():
+    async with cluster(1) as (s, [w]), FakePeer(s.address) as peer, \
+            Client(s.address, asynchronous=True, set_as_default=False) as c:
+        await peer.hello()
+        futures = c.map(inc, range(50), pure=False)
+        await peer.send({"op": "request", "id": 1, "kind": "run",
+                         "args": {"payload": "not bytes"}})
+        answer = await peer.expect("error")
+        assert "payload" in answer["message"]
+        assert await asyncio.wait_for(c.gather(futures), 10) == list(range(1, 51))
+        await canary(c)
+
+
+# ---------------------------------------------------------------------------- pure state
+
+
+def state_with_workers(*workers):
+    from zfabric.config import Config
+    from zfabric.scheduler.state import SchedulerState
+
+    state = SchedulerState(address="tcp://sched:8786", config=Config())
+    for ident, address in workers:
+        state.handle(ident, [protocol.hello("worker", ident.decode(), address=address,
+                                            nthreads=1)], 0.0)
+    state.handle(b"c", [protocol.hello("client", "c")], 0.0)
+    state.flush()
+    return state
+
+
+def test_a_lost_result_makes_its_dependents_wait_for_it_again():
+    state = state_with_workers((b"w1", "tcp://10.0.0.1:1"), (b"w2", "tcp://10.0.0.2:1"))
+    # Given x (large, held by w1 only) in memory, z still running, y waiting on both
+    state.handle(b"c", [{"op": "submit", "tasks": [["x", b"p", [], None],
+                                                   ["z", b"p", [], None]]}], 1.0)
+    ws_x = state.tasks["x"].processing_on
+    state.handle(ws_x.ident, [{"op": "finished", "tasks": [["x", 1 << 20, None, 0.1]]}], 2.0)
+    state.handle(b"c", [{"op": "submit", "tasks": [["y", b"p", ["x", "z"], None]]}], 2.0)
+    assert state.tasks["y"].state == "waiting" and state.tasks["y"].waiting_on == 1
+    # When the holder of x dies
+    state.remove_worker(ws_x, "killed", died=True)
+    # Then y waits for x again too, and the books balance
+    assert state.tasks["y"].waiting_on == 2
+    state.validate()
+
+
+def test_restricted_tasks_nobody_can_run_cost_one_check_per_fill():
+    from zfabric.scheduler.queue import RestrictedQueue
+    from zfabric.scheduler.records import TaskState
+
+    q = RestrictedQueue()
+    tasks = []
+    for i in range(20_000):
+        ts = TaskState(f"t{i}", b"p")
+        ts.set_options({"resources": {"GPU": 1}})
+        ts.state = "queued"
+        ts.priority = i
+        q.add(ts)
+        tasks.append(ts)
+    other = TaskState("u", b"p")
+    other.set_options({"resources": {"CPU": 1}})
+    other.state, other.priority = "queued", -1
+    q.add(other)
+    asked, sent = [], []
+    q.fill(lambda ts: asked.append(ts.key) or ("w" if ts.key == "u" else None),
+           lambda ts, ws: sent.append(ts.key))
+    assert sorted(asked) == ["t0", "u"] and sent == ["u"] and len(q) == 20_000
+    for ts in tasks[:15_000]:
+        q.discard(ts)
+    tasks[15_000].state = "memory"
+    asked.clear()
+    q.fill(lambda ts: asked.append(ts.key) or "w", lambda ts, ws: sent.append(ts.key))
+    assert asked == [f"t{i}" for i in range(15_001, 20_000)] and len(q) == 0

@@ -143,12 +143,18 @@ class Scheduler(LifeCycle):
                     except zmq.Again:
                         break
                     peer = frames[0]
+                    errors = []
                     try:
-                        ops, _ = decode(frames[1:], max_frames)
+                        # a bad op is left out (and answered), not the good ops beside it
+                        ops, _ = decode(frames[1:], max_frames, errors)
                     except RemoteProtocolError as exc:
                         logger.warning("malformed message from %r: %s", peer, exc)
                         state.send(peer, {"op": "error", "message": f"malformed message: {exc}"})
                         continue
+                    if errors:
+                        text = "; ".join(str(e) for e in errors[:5])
+                        logger.warning("malformed ops from %r: %s", peer, text)
+                        state.send(peer, {"op": "error", "message": f"malformed message: {text}"})
                     self._answer_heartbeats(peer, ops)
                     try:
                         state.handle(peer, ops, now)
