@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-import os
 import subprocess
 import sys
 import textwrap
@@ -134,7 +133,7 @@ async def test_get_data_into_never_writes_another_process_memory_or_files(tmp_pa
 
 @pytest.mark.skipif(not shm.available(), reason="memfd segments are not available")
 async def test_a_lease_is_adopted_only_by_the_connection_it_was_leased_to():
-    async with cluster(1) as (s, [w]):
+    async with cluster(1) as (_, [w]):
         a, b = raw_dealer(w.address), raw_dealer(w.address)
         try:
             # Given a lease the worker granted to peer A
@@ -218,7 +217,7 @@ async def test_a_live_workers_data_address_is_not_taken_over():
     {"pid": float("inf")}, {"resources": {"GPU": float("nan")}}, {"nthreads": -5},
 ])
 async def test_bad_worker_hello_values_are_refused_and_wedge_nothing(extra):
-    async with cluster(1, resources={"GPU": 1}) as (s, [w]), \
+    async with cluster(1, resources={"GPU": 1}) as (s, _), \
             FakePeer(s.address, role="worker") as fake, \
             Client(s.address, asynchronous=True, set_as_default=False) as c:
         answer = await fake.hello(**{**worker_hello(), **extra})
@@ -281,7 +280,7 @@ async def test_non_numeric_metrics_are_not_kept_and_info_prints(tmp_path):
 
 
 async def test_a_bad_run_request_is_refused_and_drops_no_other_work():
-    async with cluster(1) as (s, [w]), FakePeer(s.address) as peer, \
+    async with cluster(1) as (s, _), FakePeer(s.address) as peer, \
             Client(s.address, asynchronous=True, set_as_default=False) as c:
         await peer.hello()
         futures = c.map(inc, range(50), pure=False)
