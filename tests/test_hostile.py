@@ -351,3 +351,36 @@ def test_restricted_tasks_nobody_can_run_cost_one_check_per_fill():
     asked.clear()
     q.fill(lambda ts: asked.append(ts.key) or "w", lambda ts, ws: sent.append(ts.key))
     assert asked == [f"t{i}" for i in range(15_001, 20_000)] and len(q) == 0
+
+
+# ---------------------------------------------------------------------------- sizes
+
+
+async def test_a_task_over_the_frame_limit_fails_at_once_naming_size_and_scatter():
+    from zfabric.errors import TaskTooLarge
+
+    cfg = from_env(SCHEDULER_FRAME_BYTES=4 * MiB)
+    async with cluster(1, config=cfg) as (s, _), \
+            Client(s.address, asynchronous=True, set_as_default=False, config=cfg) as c:
+        big = b"x" * (5 * MiB)
+        f = c.submit(len, big)
+        with pytest.raises(TaskTooLarge, match=r"5,24\d,\d+ bytes.*scatter"):
+            await asyncio.wait_for(f, 5)
+        # many tasks of 1 MiB each travel in several messages, each inside the limit
+        futures = c.map(len, [b"y" * MiB] * 12, pure=False)
+        assert await asyncio.wait_for(c.gather(futures), 20) == [MiB] * 12
+        await canary(c)
+
+
+async def test_an_oversized_frame_closes_only_its_own_connection():
+    cfg = from_env(SCHEDULER_FRAME_BYTES=MiB)
+    async with cluster(1, config=cfg) as (s, _), \
+            Client(s.address, asynchronous=True, set_as_default=False, config=cfg) as c:
+        sock = raw_dealer(s.address)
+        try:
+            await sock.send_multipart([b"\x91" + b"\xc6" + (64 * MiB).to_bytes(4, "big")
+                                       + b"\0" * (2 * MiB)])
+            await asyncio.sleep(0.2)
+            await canary(c)
+        finally:
+            sock.close(0)

@@ -25,19 +25,30 @@ def new_identity(role: str) -> bytes:
     return f"{role}-{os.getpid()}-{uuid.uuid4().hex[:12]}".encode()
 
 
-def _common(sock: zmq.Socket, linger_ms: int, hwm: int) -> None:
+def _common(sock: zmq.Socket, linger_ms: int, hwm: int, max_frame_bytes: int) -> None:
     # Messages queued per peer before sends block (a ROUTER raises zmq.Again instead).
     sock.setsockopt(zmq.LINGER, linger_ms)
     sock.setsockopt(zmq.SNDHWM, hwm)
     sock.setsockopt(zmq.RCVHWM, hwm)
-    sock.setsockopt(zmq.MAXMSGSIZE, -1)
+    # A larger frame closes the connection before libzmq allocates it (a peer cannot make
+    # us hold more than this per frame); -1 means no limit.
+    sock.setsockopt(zmq.MAXMSGSIZE, max_frame_bytes)
 
 
 def router(ctx: zmq.Context, host: str, port: int = 0, *, linger_ms: int = DEFAULT.LINGER_MS,
-           hwm: int = DEFAULT.HWM_MESSAGES):
-    """A bound ROUTER and the ``tcp://host:port`` address others should connect to."""
+           hwm: int = DEFAULT.HWM_MESSAGES, sndhwm: int | None = None,
+           max_frame_bytes: int = -1, security=None, role: str = ""):
+    """A bound ROUTER and the ``tcp://host:port`` address others should connect to.
+
+    ``sndhwm``: messages queued toward one peer (default ``hwm``). ``security``: a
+    :class:`zfabric.security.Security` with encryption on makes it a CURVE server whose
+    peers are checked by the ZAP authenticator (``role``: whose port it is)."""
     sock = ctx.socket(zmq.ROUTER)
-    _common(sock, linger_ms, hwm)
+    _common(sock, linger_ms, hwm, max_frame_bytes)
+    if sndhwm is not None:
+        sock.setsockopt(zmq.SNDHWM, sndhwm)
+    if security is not None:
+        security.server_socket(sock, role)
     sock.setsockopt(zmq.ROUTER_MANDATORY, 1)
     try:
         if host.startswith(("tcp://", "ipc://", "inproc://")):
@@ -55,10 +66,14 @@ def router(ctx: zmq.Context, host: str, port: int = 0, *, linger_ms: int = DEFAU
 
 
 def dealer(ctx: zmq.Context, address: str, identity: bytes | None = None, *,
-           linger_ms: int = DEFAULT.LINGER_MS, hwm: int = DEFAULT.HWM_MESSAGES):
-    """A DEALER connected to ``address``."""
+           linger_ms: int = DEFAULT.LINGER_MS, hwm: int = DEFAULT.HWM_MESSAGES,
+           max_frame_bytes: int = -1, security=None, role: str = ""):
+    """A DEALER connected to ``address``. ``security``: a :class:`zfabric.security.Security`
+    with encryption on makes it a CURVE client with ``role``'s key pair."""
     sock = ctx.socket(zmq.DEALER)
-    _common(sock, linger_ms, hwm)
+    _common(sock, linger_ms, hwm, max_frame_bytes)
+    if security is not None:
+        security.client_socket(sock, role)
     if identity:
         sock.setsockopt(zmq.ROUTING_ID, identity)
     sock.setsockopt(zmq.RECONNECT_IVL, 100)

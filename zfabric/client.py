@@ -31,6 +31,7 @@ from .errors import (
     CommTimeoutError,
     RemoteProtocolError,
     SchedulerLost,
+    TaskTooLarge,
 )
 from .futures import Future, FutureState, futures_of
 from .lifecycle import LoopThread
@@ -299,7 +300,16 @@ class Client(Values, Session):
                 st = self._states.get(key)
                 if st is None or st.status == "cancelled" or _lost(st):
                     st = self._states[key] = FutureState(key)
-                    if buffers:
+                    size = len(fbytes) + len(abytes)
+                    if size > self.config.SCHEDULER_FRAME_BYTES - 2**16:
+                        # It would close our connection (MAXMSGSIZE): fail it here instead.
+                        st.fail(None, TaskTooLarge(
+                            f"task {key!r} pickles to {size:,} bytes (function and arguments"
+                            " besides out-of-band buffers); the scheduler takes at most"
+                            f" {self.config.SCHEDULER_FRAME_BYTES:,} bytes in a frame"
+                            " (SCHEDULER_FRAME_BYTES). Place large values on the workers"
+                            " with client.scatter(...) and pass the futures instead"))
+                    elif buffers:
                         self._flush_tasks(tasks, functions)
                         self._outbox.append(Deferred(
                             self._ship_args(key, fid, fbytes, abytes, deps, buffers, opts), st))
@@ -322,8 +332,19 @@ class Client(Values, Session):
         """Queue submit ops of at most SUBMIT_BATCH tasks, each carrying the pickles of the
         functions its tasks use (once per message, not once per task)."""
         batch = self.config.SUBMIT_BATCH
-        for i in range(0, len(tasks), batch):
-            chunk = tasks[i : i + batch]
+        most = self.config.SCHEDULER_FRAME_BYTES // 4  # a message stays well inside a frame
+        start = 0
+        while start < len(tasks):
+            end, size, seen = start, 0, set()
+            while end < len(tasks) and end - start < batch and (end == start or size < most):
+                t = tasks[end]
+                size += len(t[1])
+                if t[4] not in seen:
+                    seen.add(t[4])
+                    size += len(functions[t[4]])
+                end += 1
+            chunk = tasks[start:end]
+            start = end
             fids = {t[4] for t in chunk} if len(functions) > 1 else functions.keys()
             self._outbox.append({"op": "submit", "tasks": chunk,
                                  "functions": {f: functions[f] for f in fids}})

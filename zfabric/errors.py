@@ -15,7 +15,9 @@
     ├── LostDataError            data that cannot be recomputed (scattered) was lost with a worker
     ├── TaskCancelled            the result of a cancelled task was asked for
     │                            (also asyncio.CancelledError, as dask.distributed raises)
-    └── ResultTooLarge           a value passed the configured message size limit
+    ├── ResultTooLarge           a value passed the configured message size limit
+    └── TaskTooLarge             a task's function and arguments pass the scheduler's frame
+                                 limit (also a ValueError)
 
 A task that raises keeps its own exception type: ``future.result()`` re-raises the very
 exception the function raised, with the remote traceback attached.
@@ -101,3 +103,8 @@ class TaskCancelled(ZFabricError, asyncio.CancelledError):
 
 class ResultTooLarge(ZFabricError):
     """Raised when a value is larger than the configured message size limit."""
+
+
+class TaskTooLarge(ZFabricError, ValueError):
+    """Raised when a task's pickled function and arguments are larger than the scheduler
+    takes in one frame (``SCHEDULER_FRAME_BYTES``); ``scatter`` the large values first."""

@@ -22,6 +22,7 @@ from .. import _zmq, protocol
 from ..config import Config, from_env
 from ..errors import RemoteProtocolError
 from ..lifecycle import LifeCycle, call_from_thread
+from .outbox import encode_bounded
 from .state import SchedulerState
 
 logger = logging.getLogger(__name__)
@@ -103,9 +104,11 @@ class Scheduler(LifeCycle):
 
     def _main(self, report) -> None:
         try:
-            sock, address = _zmq.router(zmq.Context.instance(), self.host, self.port,
-                                        linger_ms=self.config.LINGER_MS,
-                                        hwm=self.config.HWM_MESSAGES)
+            sock, address = _zmq.router(
+                zmq.Context.instance(), self.host, self.port, linger_ms=self.config.LINGER_MS,
+                hwm=self.config.HWM_MESSAGES,
+                sndhwm=min(self.config.HWM_MESSAGES, self.config.SEND_QUEUE_MESSAGES),
+                max_frame_bytes=self.config.SCHEDULER_FRAME_BYTES)
         except Exception as exc:
             report(exc)
             return
@@ -188,20 +191,29 @@ class Scheduler(LifeCycle):
         gone: dict[bytes, str] = {}
         if self._backlog:
             self._retry_backlog(sock, gone)
+        limit = self.config.SEND_MESSAGE_BYTES
         for peer, ops in out.items():
             if peer in gone:
                 continue
             frame = protocol.encode(ops)[0]
-            if peer in self._backlog:
-                self._queue(peer, frame, gone)
-                continue
-            try:
-                sock.send_multipart([peer, frame], zmq.NOBLOCK)
-            except zmq.Again:
-                self._queue(peer, frame, gone)
-            except zmq.ZMQError as exc:  # EHOSTUNREACH: the peer is gone
-                logger.debug("dropping %d ops for gone peer %r: %s", len(ops), peer, exc)
-                gone[peer] = "its connection is gone"
+            # ZeroMQ's queue counts messages: keep each about SEND_MESSAGE_BYTES, so that
+            # SEND_QUEUE_MESSAGES of them bound its bytes too
+            frames = ([frame] if len(frame) <= limit
+                      else encode_bounded(ops, limit, lambda o: protocol.encode(o)[0]))
+            for frame in frames:
+                if peer in gone:
+                    break
+                if peer in self._backlog:
+                    self._queue(peer, frame, gone)
+                    continue
+                try:
+                    sock.send_multipart([peer, frame], zmq.NOBLOCK)
+                except zmq.Again:
+                    self._queue(peer, frame, gone)
+                except zmq.ZMQError as exc:  # EHOSTUNREACH: the peer is gone
+                    logger.debug("dropping %d ops for gone peer %r: %s", len(ops), peer, exc)
+                    gone[peer] = "its connection is gone"
+                    break
         return gone
 
     def _queue(self, peer: bytes, frame: bytes, gone: dict) -> None:

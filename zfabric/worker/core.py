@@ -128,8 +128,10 @@ class WorkerLoop(DataPlane):
 
     def _setup(self, ctx: zmq.Context) -> None:
         host = self.listen or _zmq.local_address_for(self.scheduler_address)
-        self.data, bound = _zmq.router(ctx, host, 0, linger_ms=self.config.LINGER_MS,
-                                       hwm=self.config.HWM_MESSAGES)
+        self.data, bound = _zmq.router(
+            ctx, host, 0, linger_ms=self.config.LINGER_MS, hwm=self.config.HWM_MESSAGES,
+            sndhwm=min(self.config.HWM_MESSAGES, self.config.SEND_QUEUE_MESSAGES),
+            max_frame_bytes=self.config.MAX_MESSAGE_BYTES)
         self.address = self.contact or bound
         if self.name is None:
             self.name = self.address

@@ -186,7 +186,8 @@ class DataPlane:
     def _send_fetch(self, addr: str, keys: list[str], extra: dict, into: dict | None = None):
         sock = self.peers.get(addr)
         if sock is None:
-            sock = _zmq.dealer(zmq.Context.instance(), addr)
+            sock = _zmq.dealer(zmq.Context.instance(), addr,
+                               max_frame_bytes=self.config.MAX_MESSAGE_BYTES)
             self.peers[addr] = sock
             self.poller.register(sock, zmq.POLLIN)
         self._fetch_seq += 1
