@@ -384,3 +384,21 @@ async def test_an_oversized_frame_closes_only_its_own_connection():
             await canary(c)
         finally:
             sock.close(0)
+
+
+async def test_values_placed_under_keys_the_scheduler_never_hears_of_are_dropped():
+    cfg = from_env(PUT_DATA_CONFIRM_S=0.5)
+    async with cluster(1, config=cfg) as (s, [w]), \
+            Client(s.address, asynchronous=True, set_as_default=False, config=cfg) as c:
+        [kept] = await c.scatter([np.arange(200_000)])  # placed and registered
+        sock = raw_dealer(w.address)
+        try:
+            header = b"\x80\x05K\x01."  # pickle of 1
+            [op], _ = await ask(sock, {"op": "put-data", "id": 1,
+                                       "items": [["orphan", header, 0, False, None]]})
+            assert op["op"] == "reply" and "orphan" in w.data
+        finally:
+            sock.close(0)
+        await until(lambda: "orphan" not in w.data, 10, "orphan value dropped")
+        assert kept.key in w.data
+        assert (await kept).sum() == np.arange(200_000).sum()

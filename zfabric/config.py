@@ -70,6 +70,10 @@ class Config:
     #: (memfd segments the receiver leases out; see zfabric/shm.py) instead of TCP. Same host
     #: is decided by network address; across hosts values always go over TCP.
     SAME_HOST_SHM: bool = True
+    #: A value placed on a worker (``put-data``) that the scheduler has not heard of this long
+    #: after (no ``scatter`` registered it) is dropped, so that nobody can fill a worker's
+    #: memory with keys nothing will ever free.
+    PUT_DATA_CONFIRM_S: float = 30.0
     #: Keys sent per ``submit`` message by ``Client.map``.
     SUBMIT_BATCH: int = 1000
 

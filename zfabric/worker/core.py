@@ -93,6 +93,9 @@ class WorkerLoop(DataPlane):
         # answers a data peer's full queue refused, by peer, and their bytes (see data.py)
         self.data_backlog: dict[bytes, deque[tuple[list, int]]] = {}
         self.data_backlog_bytes: dict[bytes, int] = {}
+        # values peers placed here (put-data), by when, until the scheduler lists them
+        self.unconfirmed: dict[str, float] = {}
+        self.confirming: tuple[int, list] | None = None  # who-has request in flight
         self._fetch_seq = 0
         self._process = psutil.Process()
         self.last_heard = time.monotonic()
@@ -227,6 +230,8 @@ class WorkerLoop(DataPlane):
             "in_memory": len(self.store), "fetching": len(self.fetching),
         }})
         self._check_timeouts(now)
+        if self.unconfirmed:
+            self._confirm_placed(now)
         if self.hello_at and now >= self.hello_at and self.epoch is None:
             self.hello_at = 0.0
             self._hello()
@@ -280,6 +285,8 @@ class WorkerLoop(DataPlane):
                     self.functions.pop(fid, None)
             case "heartbeat":
                 pass
+            case "reply":
+                self._on_confirmed(op)
             case "welcome":
                 first = self.epoch is None
                 self.epoch = op["epoch"]
@@ -312,6 +319,8 @@ class WorkerLoop(DataPlane):
         self.backlog.clear()  # what was meant for the old scheduler must not reach the new one
         self.store.clear()
         self.serialized.clear()
+        self.unconfirmed.clear()
+        self.confirming = None
         self.borrowed.clear()
         self.borrows.clear()
         self.waiting.clear()
@@ -379,6 +388,7 @@ class WorkerLoop(DataPlane):
                 self.raw_keys.discard(d)
 
     def _free(self, key: str) -> None:
+        self.unconfirmed.pop(key, None)
         if key not in self.executing:
             self._release(key)  # an executing task releases when it ends
         self.raw_keys.discard(key)

@@ -102,6 +102,7 @@ class DataPlane:
                     if header is not None and bufs is not None:
                         self.borrowed.pop(key, None)  # placed here: this worker's own
                         self._put(key, header, bufs, raw or bool(op.get("raw")))
+                        self.unconfirmed[key] = time.monotonic()  # until the scheduler knows
                 self._reply_data(peer, [{"op": "reply", "id": op["id"], "result": True}])
             case "heartbeat":
                 pass
@@ -243,6 +244,35 @@ class DataPlane:
             # Too large for a frame, on this host: ask again, naming segments to write into.
             self._send_fetch(addr, [k for k, _ in later], {"shm": False},
                              lease_for(later, owner=addr))
+
+    def _confirm_placed(self, now: float) -> None:
+        """Ask the scheduler about values placed here ``PUT_DATA_CONFIRM_S`` ago; those it
+        does not list this worker for are dropped (see :meth:`_on_confirmed`)."""
+        if self.confirming is not None or self.epoch is None:
+            return
+        due = now - self.config.PUT_DATA_CONFIRM_S
+        keys = [k for k, t in self.unconfirmed.items() if t <= due][:10_000]
+        if keys:
+            self._fetch_seq += 1
+            self.confirming = (self._fetch_seq, keys)
+            self.outbox.append({"op": "request", "id": self._fetch_seq, "kind": "who-has",
+                                "args": {"keys": keys}})
+
+    def _on_confirmed(self, op: dict) -> None:
+        if self.confirming is None or op.get("id") != self.confirming[0]:
+            return
+        keys, self.confirming = self.confirming[1], None
+        result = op.get("result")
+        if type(result) is not dict:
+            return
+        for key in keys:
+            if self.unconfirmed.pop(key, None) is None:
+                continue
+            holders = result.get(key)
+            if type(holders) is not list or self.address not in holders:
+                logger.warning("dropping value %r placed here: the scheduler does not know it",
+                               protocol.short(key))
+                self._free(key)
 
     def _put(self, key: str, header: bytes, bufs: list, raw: bool) -> None:
         """Store a value that arrived pickled. Task arguments (``raw``) stay pickled until
