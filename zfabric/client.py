@@ -24,7 +24,7 @@ from collections import deque
 import zmq
 import zmq.asyncio
 
-from . import _zmq, protocol, serialize
+from . import _zmq, handshake, protocol, serialize
 from .config import Config, from_env
 from .errors import (
     ClosedError,
@@ -36,6 +36,7 @@ from .errors import (
 from .futures import Future, FutureState, futures_of
 from .lifecycle import LoopThread
 from .link import Link
+from .security import SecurityError, as_security
 from .session import Deferred, Session
 from .transfer import DataPool, dispatch
 from .values import Values
@@ -72,9 +73,10 @@ class Client(Values, Session):
 
     def __init__(self, address=None, *, asynchronous: bool = False, timeout: float | None = None,
                  name: str | None = None, set_as_default: bool = True,
-                 config: Config | None = None, **kwargs):
+                 config: Config | None = None, security=None, **kwargs):
         global _default
         self.config = config or from_env()
+        self.security = as_security(security)
         self.asynchronous = asynchronous
         self.timeout = float(timeout if timeout is not None else self.config.CONNECT_TIMEOUT_S)
         self.cluster = None
@@ -82,11 +84,22 @@ class Client(Values, Session):
         if address is None:
             self._own_cluster = True
             self._cluster_kwargs = kwargs
+            if security is not None:
+                kwargs["security"] = security if security is not True else self.security
+        elif kwargs:
+            raise TypeError(f"Client got unexpected arguments {sorted(kwargs)} (cluster"
+                            " arguments are taken only when Client() starts its own cluster)")
         elif hasattr(address, "scheduler_address"):
             self.cluster = address
             address = address.scheduler_address
         elif hasattr(address, "address") and not isinstance(address, str):
             address = address.address
+        if self.security is None and getattr(self.cluster or address, "security", None):
+            # Client(cluster) and Client(scheduler) use the keys they were made with
+            self.security = as_security(getattr(self.cluster or address, "security", None))
+        if self.security is None and self.config.REQUIRE_ENCRYPTION and not self._own_cluster:
+            raise SecurityError("REQUIRE_ENCRYPTION is set but this client has no keys: pass"
+                                " security=Security(DIR) (`zfabric keygen DIR`)")
         self.scheduler_address = address
         self.id = name or f"client-{uuid.uuid4().hex[:12]}"
         self._id_prefix = uuid.uuid4().hex[:20]
@@ -189,25 +202,30 @@ class Client(Values, Session):
             kw = self._cluster_kwargs
             self.cluster = await LocalCluster(asynchronous=True, **kw)
             self.scheduler_address = self.cluster.scheduler_address
+            self.security = self.cluster.security
         if not self.scheduler_address:
             raise ValueError("Client needs a scheduler address such as tcp://127.0.0.1:8786")
         self._ctx = zmq.asyncio.Context.instance()
         self.identity = _zmq.new_identity("client")
         # The scheduler link is a plain socket on the loop's selector (see zfabric/link.py):
         # zmq.asyncio costs more than the round trip on this latency-bound path.
+        monitor = f"inproc://zfabric-monitor-{self.identity.decode()}"
         self._link = Link(
-            self.loop, _zmq.dealer(zmq.Context.instance(), self.scheduler_address, self.identity),
+            self.loop, _zmq.dealer(zmq.Context.instance(), self.scheduler_address, self.identity,
+                                   security=self.security, role="client", monitor=monitor),
             # _on_op is looked up per op, so that a test may wrap it on a live client
             lambda frames: dispatch(frames, lambda op: self._on_op(op), who="client",
                                     heard=self._heard, lock=self._lock))
-        self.data = DataPool(self._ctx, use_shm=self.config.SAME_HOST_SHM)
+        self.data = DataPool(self._ctx, use_shm=self.config.SAME_HOST_SHM,
+                             security=self.security)
         self._welcome = self.loop.create_future()
         self._backlog: deque = deque()
         self._writer: asyncio.Future | None = None
         self._tasks = [asyncio.ensure_future(self._heartbeat())]
         self._send(protocol.hello("client", self.id))
         try:
-            await asyncio.wait_for(asyncio.shield(self._welcome), self.timeout)
+            await handshake.wait(self._welcome, self._link.sock, monitor, self.timeout,
+                                 self.scheduler_address, self.security)
         except TimeoutError:
             await self._close()
             raise CommTimeoutError(

@@ -21,6 +21,7 @@ from .errors import ClosedError
 from .lifecycle import LifeCycle, LoopThread
 from .nanny import Nanny, format_bytes
 from .scheduler import Scheduler
+from .security import as_security
 from .worker import Worker
 
 logger = logging.getLogger(__name__)
@@ -97,6 +98,7 @@ class LocalCluster(LifeCycle):
         worker_log_level: str = "warning",
         config: Config | None = None,
         scheduler_port: int | None = None,
+        security=None,
         **kwargs,
     ):
         for ignored in ("dashboard_address", "silence_logs", "diagnostics_port"):
@@ -117,6 +119,8 @@ class LocalCluster(LifeCycle):
         self.death_timeout = death_timeout
         self.worker_log_level = worker_log_level
         self.config = config or from_env()
+        #: The cluster's keys (``security=True``: fresh ones in memory); Client(cluster) uses them.
+        self.security = as_security(security)
         self.scheduler: Scheduler | None = None
         self.workers: dict[int, Nanny | Worker] = {}
         self._loop_thread: LoopThread | None = None
@@ -153,7 +157,8 @@ class LocalCluster(LifeCycle):
     # ------------------------------------------------------------------ life cycle
 
     async def start(self) -> None:
-        self.scheduler = Scheduler(host=self.host, port=self.port, config=self.config)
+        self.scheduler = Scheduler(host=self.host, port=self.port, config=self.config,
+                                   security=self.security)
         await self.scheduler
         address = self.scheduler.address
         for i in range(self.n_workers):
@@ -162,13 +167,13 @@ class LocalCluster(LifeCycle):
                     address, nworkers=1, nthreads=self.threads_per_worker,
                     memory_limit=self.memory_limit, resources=self.resources, name=str(i),
                     death_timeout=self.death_timeout, worker_log_level=self.worker_log_level,
-                    config=self.config,
+                    config=self.config, security=self.security,
                 )
             else:
                 self.workers[i] = Worker(
                     address, nthreads=self.threads_per_worker, memory_limit=self.memory_limit,
                     resources=self.resources, name=str(i), death_timeout=self.death_timeout,
-                    config=self.config,
+                    config=self.config, security=self.security,
                 )
         # Every worker process starts at the same time: this is most of the start-up time.
         # All of them settle before an error is raised, so that closing finds none half-started.

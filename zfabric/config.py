@@ -74,6 +74,11 @@ class Config:
     #: after (no ``scatter`` registered it) is dropped, so that nobody can fill a worker's
     #: memory with keys nothing will ever free.
     PUT_DATA_CONFIRM_S: float = 30.0
+    #: Refuse to start a scheduler, worker, nanny or client without CurveZMQ keys.
+    REQUIRE_ENCRYPTION: bool = False
+    #: Requests that, with security on, only an ``admin`` key may make (comma-separated:
+    #: run, restart, shutdown); others are open to client keys.
+    ADMIN_ONLY: str = ""
     #: Keys sent per ``submit`` message by ``Client.map``.
     SUBMIT_BATCH: int = 1000
 

@@ -265,6 +265,9 @@ def main_from_nanny(argv: list[str]) -> int:
               listen_address=args["listen_address"], contact_address=args["contact_address"],
               death_timeout=args["death_timeout"], nanny=args["nanny"],
               identity=args["identity"])
+    from .security import Security
+
+    kw["security"] = Security.from_environ()  # the keys its Nanny passed, if any
     try:
         return asyncio.run(run_worker(args["address"], kw, args["parent_pid"], args["ready_fd"]))
     except Exception as exc:

@@ -104,9 +104,9 @@ def cancel_leases(into: dict) -> None:
 
 
 class _Conn:
-    def __init__(self, ctx: zmq.asyncio.Context, address: str):
+    def __init__(self, ctx: zmq.asyncio.Context, address: str, security=None):
         self.address = address
-        self.sock = _zmq.dealer(ctx, address)
+        self.sock = _zmq.dealer(ctx, address, security=security, role="client", server="worker")
         self.pending: dict[int, asyncio.Future] = {}
         self.reader = asyncio.ensure_future(self._read())
 
@@ -134,8 +134,10 @@ class _Conn:
 class DataPool:
     """Requests to workers' data ports, one connection per worker."""
 
-    def __init__(self, ctx: zmq.asyncio.Context, timeout_s: float = 30.0, use_shm: bool = False):
+    def __init__(self, ctx: zmq.asyncio.Context, timeout_s: float = 30.0, use_shm: bool = False,
+                 security=None):
         self.ctx = ctx
+        self.security = security
         self.use_shm = use_shm and shm.available()
         self.timeout_s = timeout_s
         self.conns: dict[str, _Conn] = {}
@@ -144,7 +146,7 @@ class DataPool:
     async def request(self, address: str, op: dict, frames: list = ()) -> tuple[dict, list]:
         conn = self.conns.get(address)
         if conn is None:
-            conn = self.conns[address] = _Conn(self.ctx, address)
+            conn = self.conns[address] = _Conn(self.ctx, address, self.security)
         self._seq += 1
         op = {**op, "id": self._seq}
         fut = asyncio.get_running_loop().create_future()

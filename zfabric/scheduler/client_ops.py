@@ -21,6 +21,7 @@ class ClientOps:
 
     def remove_client(self, cs: ClientState) -> None:
         self.clients.pop(cs.ident, None)
+        self.admins.discard(cs.ident)
         # O(tasks), but only when a client leaves (see ClientState).
         for ts in [t for t in self.tasks.values() if t.wanted_by(cs)]:
             self.release_key(cs, ts.key)

@@ -22,6 +22,7 @@ from .. import _zmq, protocol
 from ..config import Config, from_env
 from ..errors import RemoteProtocolError
 from ..lifecycle import LifeCycle, call_from_thread
+from ..security import SecurityError, as_security, role_of
 from .outbox import encode_bounded
 from .state import SchedulerState
 
@@ -43,14 +44,20 @@ class Scheduler(LifeCycle):
     """
 
     def __init__(self, host: str = "127.0.0.1", port: int = 0, *, config: Config | None = None,
-                 **kwargs):
+                 security=None, **kwargs):
         if kwargs.get("dashboard_address") is not None or kwargs.get("dashboard"):
             logger.info("zfabric has no dashboard; ignoring dashboard options")
         self.host = host
         self.port = port
         self.config = config or from_env()
+        self.security = as_security(security)
+        if self.security is None and self.config.REQUIRE_ENCRYPTION:
+            raise SecurityError("REQUIRE_ENCRYPTION is set but this scheduler has no keys:"
+                                " pass security=Security(DIR) (`zfabric keygen DIR`)")
+        self._keys: dict[bytes, bytes] = {}  # peer -> the public key it connected with
         self.address = ""
         self.state = SchedulerState(config=self.config, versions=protocol.versions())
+        self.state.secured = self.security is not None
         self._stop = False
         self._thread: threading.Thread | None = None
         self._backlog: dict[bytes, deque[bytes]] = {}  # messages a full peer queue refused
@@ -108,7 +115,8 @@ class Scheduler(LifeCycle):
                 zmq.Context.instance(), self.host, self.port, linger_ms=self.config.LINGER_MS,
                 hwm=self.config.HWM_MESSAGES,
                 sndhwm=min(self.config.HWM_MESSAGES, self.config.SEND_QUEUE_MESSAGES),
-                max_frame_bytes=self.config.SCHEDULER_FRAME_BYTES)
+                max_frame_bytes=self.config.SCHEDULER_FRAME_BYTES, security=self.security,
+                role="scheduler")
         except Exception as exc:
             report(exc)
             return
@@ -121,6 +129,10 @@ class Scheduler(LifeCycle):
         finally:
             self._goodbye(sock)
             sock.close(linger=self.config.LINGER_MS)
+            if self.security is not None:
+                from .. import zap
+
+                zap.release(zmq.Context.instance(), self.security)
             if self.status not in ("closing", "closed"):
                 call_from_thread(self._loop, self._closed_from_inside)
 
@@ -135,6 +147,12 @@ class Scheduler(LifeCycle):
         decode = protocol.decode
         max_frames = self.config.MAX_FRAMES
         next_tick = time.monotonic()
+        secure = self.security is not None
+        if secure:
+            from .. import zap
+
+            ring = zap.keyring(self.security)
+            next_keys = 0.0
         while not self._stop and not state.closing:
             if poller.poll(TICK_MS):
                 now = time.monotonic()
@@ -142,9 +160,14 @@ class Scheduler(LifeCycle):
                     if i and not sock.getsockopt(_EVENTS) & _POLLIN:
                         break  # asking is cheaper than an Again raised
                     try:
-                        frames = recv(zmq.NOBLOCK)
+                        frames = recv(zmq.NOBLOCK, copy=not secure)
                     except zmq.Again:
                         break
+                    role = None
+                    if secure:
+                        frames, role = self._authenticated(frames, ring)
+                        if frames is None:
+                            continue
                     peer = frames[0]
                     errors = []
                     try:
@@ -160,12 +183,16 @@ class Scheduler(LifeCycle):
                         state.send(peer, {"op": "error", "message": f"malformed message: {text}"})
                     self._answer_heartbeats(peer, ops)
                     try:
-                        state.handle(peer, ops, now)
+                        state.handle(peer, ops, now, role)
                     except Exception:  # a bug of ours: log it, keep serving everyone else
                         logger.exception("scheduler state failed on ops from %r", peer)
                         state.send(peer, {"op": "error", "message": "internal scheduler error"
                                           " (see the scheduler's log)"})
             now = time.monotonic()
+            if secure and now >= next_keys:
+                next_keys = now + self.config.HEARTBEAT_INTERVAL_S / 2
+                if ring.refresh():
+                    self._revoke(ring, now)
             if now >= next_tick:
                 try:
                     state.tick(now)
@@ -178,6 +205,42 @@ class Scheduler(LifeCycle):
                 for peer, why in gone.items():
                     state.peer_gone(peer, now, why)
                 gone = self._send(sock, state.flush())
+
+    def _authenticated(self, frames: list, ring) -> tuple[list | None, str | None]:
+        """The frames (as bytes) and the role of a message on a CURVE socket; None for a
+        message whose key was revoked since its connection was accepted."""
+        try:
+            role, key = role_of(frames[1] if len(frames) > 1 else frames[0])
+        except zmq.ZMQError:
+            return None, None
+        peer = frames[0].bytes
+        if ring.keys.get(key) != role:
+            logger.warning("dropping a message from %r: its key was revoked", peer)
+            return None, None
+        if peer not in self._keys:
+            if len(self._keys) > 100_000:
+                self._keys = {p: k for p, k in self._keys.items() if self._known(p)}
+            self._keys[peer] = key
+        return [f.bytes for f in frames], role
+
+    def _known(self, peer: bytes) -> bool:
+        st = self.state
+        return peer in st.workers or peer in st.clients or peer in st.nannies
+
+    def _revoke(self, ring, now: float) -> None:
+        """Keys were removed from the authorized set: end the sessions that used them."""
+        for peer, key in list(self._keys.items()):
+            if key in ring.keys:
+                continue
+            del self._keys[peer]
+            if self._known(peer):
+                st = self.state
+                if peer in st.clients:
+                    st.send(peer, {"op": "error", "fatal": True,
+                                   "message": "this client's key was revoked"})
+                else:
+                    st.send(peer, {"op": "close", "reason": "its key was revoked"})
+                st.peer_gone(peer, now, "its key was revoked")
 
     def _answer_heartbeats(self, peer: bytes, ops: list) -> None:
         for op in ops:

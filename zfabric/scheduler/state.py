@@ -95,6 +95,9 @@ class SchedulerState(ClientOps, WorkerLoss):
         self.events: list[tuple[float, str]] = []  # recent notable events, for info and logs
         self.now = 0.0
         self.counts = {"finished": 0, "erred": 0}
+        self.secured = False  # set by the shell when keys bind roles (security on)
+        self.admins: set[bytes] = set()  # clients holding an admin key (security on)
+        self.admin_only = {k.strip() for k in config.ADMIN_ONLY.split(",") if k.strip()}
 
     def _event(self, text: str) -> None:
         logger.info(text)
@@ -104,9 +107,14 @@ class SchedulerState(ClientOps, WorkerLoss):
 
     # ------------------------------------------------------------------ entry points
 
-    def handle(self, peer: bytes, ops: list[dict], now: float) -> None:
-        """Apply the ops one peer sent; the replies wait in :attr:`outbox`."""
+    def handle(self, peer: bytes, ops: list[dict], now: float, role: str | None = None) -> None:
+        """Apply the ops one peer sent; the replies wait in :attr:`outbox`.
+
+        ``role``: with security on, the role of the key the message came with (the ZAP
+        user id); a peer may act only as its key's role."""
         self.now = now
+        if role is not None and not self._role_allows(peer, ops, role):
+            return
         # Ops after one that ends the peer's session (goodbye, a removal) are not applied:
         # they would pin data to a record that is gone.
         ws = self.workers.get(peer)
@@ -143,6 +151,37 @@ class SchedulerState(ClientOps, WorkerLoss):
                 continue
             self.send(peer, {"op": "reregister", "reason": f"unknown peer sent {op['op']!r}"})
             return
+
+    def _role_allows(self, peer: bytes, ops: list[dict], role: str) -> bool:
+        if peer in self.workers:
+            need = ("worker",)
+        elif peer in self.clients:
+            need = ("client", "admin")
+        elif peer in self.nannies:
+            need = ("nanny",)
+        else:
+            hello = next((op for op in ops if op["op"] == "hello"), None)
+            if hello is None:
+                return True  # answered with reregister
+            claimed = hello["role"]
+            need = ("client", "admin") if claimed == "client" else (claimed,)
+            if role not in need:
+                self.send(peer, {"op": "error", "fatal": True,
+                                 "message": f"a {role} key cannot register as a"
+                                 f" {safe_name(claimed, 20)}; use the {claimed} key that"
+                                 " `zfabric keygen` wrote"})
+                self._event(f"refused {peer!r}: a {role} key said hello as a"
+                            f" {safe_name(claimed, 20)}")
+                return False
+            if role == "admin":
+                self.admins.add(peer)
+            return True
+        if role not in need:
+            logger.warning("dropping ops from %r: it holds a %s key", peer, role)
+            self.send(peer, {"op": "error", "message": f"a {role} key may not act as a"
+                             f" {need[0]}"})
+            return False
+        return True
 
     def _guard(self, peer, op, method, record) -> None:
         try:
@@ -302,6 +341,10 @@ class SchedulerState(ClientOps, WorkerLoss):
     def request(self, peer: bytes, op: dict) -> None:
         rid, kind, args = op["id"], op["kind"], op["args"]
         reply = {"op": "reply", "id": rid}
+        if self.secured and kind in self.admin_only and peer not in self.admins:
+            reply["error"] = f"{kind!r} requests need an admin key (ADMIN_ONLY)"
+            self.send(peer, reply)
+            return
         match kind:
             case "info":
                 reply["result"] = self.info()

@@ -13,6 +13,7 @@ import os
 from ..config import Config, from_env, memory_limit_bytes
 from ..errors import CommTimeoutError, ZFabricError
 from ..lifecycle import LifeCycle, call_from_thread
+from ..security import SecurityError, as_security
 from .core import WorkerLoop
 
 logger = logging.getLogger(__name__)
@@ -45,6 +46,7 @@ class Worker(LifeCycle):
         death_timeout: float | None = None,
         config: Config | None = None,
         identity: str | bytes | None = None,
+        security=None,
         **kwargs,
     ):
         address = scheduler_address or scheduler_ip
@@ -54,6 +56,10 @@ class Worker(LifeCycle):
             address = address.address
         self.scheduler_address = address
         self.config = config or from_env()
+        self.security = as_security(security)
+        if self.security is None and self.config.REQUIRE_ENCRYPTION:
+            raise SecurityError("REQUIRE_ENCRYPTION is set but this worker has no keys: pass"
+                                " security=Security(DIR) (`zfabric keygen DIR`)")
         self.nthreads = int(nthreads or os.cpu_count() or 1)
         if self.nthreads < 1:
             raise ValueError(f"nthreads must be at least 1, got {nthreads}")
@@ -115,7 +121,7 @@ class Worker(LifeCycle):
             resources=self.resources, memory_limit=self.memory_limit, nanny=self.nanny,
             listen=self._listen, contact=self._contact, config=self.config,
             death_timeout_s=self.death_timeout, on_ready=on_ready, on_closed=on_closed,
-            identity=self._identity,
+            identity=self._identity, security=self.security,
         )
         self._core.start()
         try:

@@ -44,8 +44,10 @@ class WorkerLoop(DataPlane):
     def __init__(self, *, scheduler_address: str, nthreads: int, name: str | None,
                  resources: dict, memory_limit: int, nanny: str | None, listen: str,
                  contact: str | None, config: Config, death_timeout_s: float,
-                 on_ready, on_closed, identity: bytes | None = None):
+                 on_ready, on_closed, identity: bytes | None = None, security=None):
         self.scheduler_address = _zmq.normalize_address(scheduler_address)
+        self.security = security  # a Security with keys (CURVE on every socket) or None
+        self.keyring = None
         self.nthreads = nthreads
         self.name = name
         self.resources = resources
@@ -134,11 +136,17 @@ class WorkerLoop(DataPlane):
         self.data, bound = _zmq.router(
             ctx, host, 0, linger_ms=self.config.LINGER_MS, hwm=self.config.HWM_MESSAGES,
             sndhwm=min(self.config.HWM_MESSAGES, self.config.SEND_QUEUE_MESSAGES),
-            max_frame_bytes=self.config.MAX_MESSAGE_BYTES)
+            max_frame_bytes=self.config.MAX_MESSAGE_BYTES, security=self.security,
+            role="worker")
+        if self.security is not None:
+            from .. import zap
+
+            self.keyring = zap.keyring(self.security)
         self.address = self.contact or bound
         if self.name is None:
             self.name = self.address
-        self.sched = _zmq.dealer(ctx, self.scheduler_address, self.identity)
+        self.sched = _zmq.dealer(ctx, self.scheduler_address, self.identity,
+                                 security=self.security, role="worker")
         self.wake = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)  # task threads poke it
         self.executor = Executor(self.wake, self.nthreads,
                                  inline_bytes=self.config.INLINE_BYTES,
@@ -166,6 +174,10 @@ class WorkerLoop(DataPlane):
         self.executor.stop()
         for s in (self.sched, self.data, *self.peers.values()):
             s.close(linger=self.config.LINGER_MS)
+        if self.security is not None:
+            from .. import zap
+
+            zap.release(zmq.Context.instance(), self.security)
         self.executor.close_wake()
 
     # ------------------------------------------------------------------ loop
@@ -232,6 +244,8 @@ class WorkerLoop(DataPlane):
         self._check_timeouts(now)
         if self.unconfirmed:
             self._confirm_placed(now)
+        if self.keyring is not None:
+            self.keyring.refresh()  # revoked keys lose the data port within a heartbeat
         if self.hello_at and now >= self.hello_at and self.epoch is None:
             self.hello_at = 0.0
             self._hello()

@@ -24,6 +24,7 @@ import zmq
 
 from .. import _zmq, protocol, serialize, shm
 from ..errors import RemoteProtocolError
+from ..security import role_of
 from ..transfer import cancel_leases, lease_for, pack_values, unpack_values
 
 logger = logging.getLogger("zfabric.worker.core")
@@ -53,8 +54,11 @@ class DataPlane:
     """The data-plane methods of the worker loop (see the module docstring)."""
 
     def _drain_data(self) -> None:
+        ring = self.keyring
         for frames in waiting(self.data, copy=False):
             peer = frames[0].bytes
+            if ring is not None and not self._data_peer_allowed(peer, frames, ring):
+                continue
             try:
                 ops, buffers = protocol.decode([frames[1].bytes, *frames[2:]],
                                                self.config.MAX_FRAMES)
@@ -70,6 +74,18 @@ class DataPlane:
                 except Exception as exc:
                     self._reply_data(peer, [{"op": "error", "message": f"{op['op']}: {exc}",
                                              "id": op.get("id")}])
+
+    def _data_peer_allowed(self, peer: bytes, frames: list, ring) -> bool:
+        """With security on: workers and clients may ask for data; a revoked key may not."""
+        try:
+            role, key = role_of(frames[1] if len(frames) > 1 else frames[0])
+        except zmq.ZMQError:
+            return False
+        if role in ("worker", "client", "admin") and ring.keys.get(key) == role:
+            return True
+        self._reply_data(peer, [{"op": "error", "message": f"a {role} key may not use a"
+                                 " worker's data port, or it was revoked"}])
+        return False
 
     def _on_data_op(self, peer: bytes, op: dict, buffers: list, srcfd: int | None) -> None:
         match op["op"]:
@@ -188,7 +204,8 @@ class DataPlane:
         sock = self.peers.get(addr)
         if sock is None:
             sock = _zmq.dealer(zmq.Context.instance(), addr,
-                               max_frame_bytes=self.config.MAX_MESSAGE_BYTES)
+                               max_frame_bytes=self.config.MAX_MESSAGE_BYTES,
+                               security=self.security, role="worker", server="worker")
             self.peers[addr] = sock
             self.poller.register(sock, zmq.POLLIN)
         self._fetch_seq += 1
