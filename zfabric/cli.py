@@ -36,6 +36,26 @@ SchedulerFile = Annotated[
                               " JSON file (written by `zfabric scheduler --scheduler-file`).")
 ]
 LogLevel = Annotated[str, typer.Option("--log-level", help="debug, info, warning or error.")]
+SecurityDir = Annotated[
+    Path | None, typer.Option("--security", envvar="ZFABRIC_SECURITY", show_default=False,
+                              help="Directory of CurveZMQ keys (from `zfabric keygen DIR`):"
+                              " encrypt and authenticate every connection.")
+]
+RequireEncryption = Annotated[
+    bool, typer.Option("--require-encryption", help="Refuse to start without --security.")
+]
+
+
+def _security(directory: Path | None, require: bool):
+    """The Security of --security, or None; exits with a clear error when it is unusable."""
+    from .security import Security, SecurityError
+
+    try:
+        return Security(directory, require_encryption=require) if (directory or require) \
+            else None
+    except SecurityError as exc:
+        typer.echo(f"Error: {exc}", err=True)
+        raise typer.Exit(2) from None
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -109,19 +129,23 @@ def scheduler(
         help="Write the scheduler's address to this JSON file.")] = None,
     pid_file: Annotated[Path | None, typer.Option(help="Write this process's id here.")] = None,
     log_level: LogLevel = "info",
+    security: SecurityDir = None,
+    require_encryption: RequireEncryption = False,
 ) -> None:
     """Start a scheduler and print its address."""
     _setup_logging(log_level)
-    _run(_scheduler_main(host, port, scheduler_file, pid_file))
+    sec = _security(security, require_encryption)
+    _run(_scheduler_main(host, port, scheduler_file, pid_file, sec))
 
 
-async def _scheduler_main(host, port, scheduler_file, pid_file) -> int:
+async def _scheduler_main(host, port, scheduler_file, pid_file, security=None) -> int:
     from . import config
     from .process import serve, start_or_stop
     from .scheduler import Scheduler
 
     cfg = config.from_env()
-    s = Scheduler(host=host, port=cfg.SCHEDULER_PORT if port is None else port, config=cfg)
+    s = Scheduler(host=host, port=cfg.SCHEDULER_PORT if port is None else port, config=cfg,
+                  security=security)
     if not await start_or_stop(s):
         return 0
     written = []
@@ -171,14 +195,17 @@ def worker(
     identity: Annotated[str | None, typer.Option(hidden=True)] = None,
     parent_pid: Annotated[int | None, typer.Option(hidden=True)] = None,
     ready_fd: Annotated[int | None, typer.Option(hidden=True)] = None,
+    security: SecurityDir = None,
+    require_encryption: RequireEncryption = False,
 ) -> None:
     """Start one worker that runs tasks for the scheduler at ADDRESS."""
     _setup_logging(log_level)
+    sec = _security(security, require_encryption)
     addr = _address(address, scheduler_file, wait_s=death_timeout or 30.0)
     kw = dict(nthreads=nthreads, name=name, memory_limit=memory_limit,
               resources=_resources(resources), listen_address=listen_address,
               contact_address=contact_address, death_timeout=death_timeout, nanny=nanny,
-              identity=identity)
+              identity=identity, security=sec)
     _run(_worker_main(addr, kw, parent_pid, ready_fd))
 
 
@@ -213,13 +240,17 @@ def nanny_command(
     death_timeout: Annotated[float | None, typer.Option(
         help="Seconds to keep trying to reach a scheduler before closing.")] = None,
     log_level: LogLevel = "info",
+    security: SecurityDir = None,
+    require_encryption: RequireEncryption = False,
 ) -> None:
     """Start worker processes for the scheduler at ADDRESS and keep them alive."""
     _setup_logging(log_level)
+    sec = _security(security, require_encryption)
     addr = _address(address, scheduler_file, wait_s=death_timeout or 30.0)
     _run(_nanny_main(addr, dict(nworkers=nworkers, nthreads=nthreads, memory_limit=memory_limit,
                                 resources=_resources(resources), name=name,
-                                death_timeout=death_timeout, worker_log_level=log_level)))
+                                death_timeout=death_timeout, worker_log_level=log_level,
+                                security=sec)))
 
 
 async def _nanny_main(address: str, kw: dict) -> int:
@@ -242,18 +273,49 @@ async def _nanny_main(address: str, kw: dict) -> int:
 
 
 @app.command()
+def keygen(
+    directory: Annotated[Path, typer.Argument(help="Where to write the keys.")],
+    role: Annotated[str | None, typer.Option(
+        help="Add one key of this role (client, worker, nanny, admin) to an existing"
+        " directory, authorized at once; needs --name.")] = None,
+    name: Annotated[str | None, typer.Option(help="File name of the added key.")] = None,
+) -> None:
+    """Write CurveZMQ keys: one certificate per role, public halves authorized.
+
+    Give every host the secret files of the roles it runs plus scheduler.key and worker.key;
+    the scheduler's and workers' hosts also need DIR/authorized. Delete a file from
+    DIR/authorized to revoke that key (live sessions end within a heartbeat).
+    """
+    from .security import SecurityError
+    from .security import keygen as write_keys
+
+    if (role is None) != (name is None):
+        typer.echo("Error: --role and --name go together", err=True)
+        raise typer.Exit(2)
+    try:
+        roles = (role,) if role else ("worker", "client", "nanny", "admin")
+        root = write_keys(directory, roles, name=name)
+    except SecurityError as exc:
+        typer.echo(f"Error: {exc}", err=True)
+        raise typer.Exit(2) from None
+    typer.echo(f"Keys written to {root} (secret files are readable by you only)")
+
+
+@app.command()
 def info(
     address: Address = None,
     scheduler_file: SchedulerFile = None,
     timeout: Annotated[float, typer.Option(help="Seconds to wait for the scheduler.")] = 5.0,
+    security: SecurityDir = None,
 ) -> None:
     """Show the scheduler's workers and its tasks by state."""
     addr = _address(address, scheduler_file)
+    sec = _security(security, False)
     from .client import Client
     from .errors import ZFabricError
 
     try:
-        with Client(addr, timeout=timeout, set_as_default=False) as client:
+        with Client(addr, timeout=timeout, set_as_default=False, security=sec) as client:
             report = client.scheduler_info()
     except (ZFabricError, OSError) as exc:
         typer.echo(f"Error: {exc}", err=True)

@@ -73,6 +73,11 @@ def keygen(directory: str | os.PathLike, roles=PEER_ROLES, *, name: str | None =
         if role not in ROLES:
             raise SecurityError(f"unknown role {role!r}; choose from {', '.join(ROLES)}")
         public, secret = zmq.auth.create_certificates(str(root), stem, metadata={"role": role})
+        # pyzmq writes the metadata into the secret file only: the public one (what others
+        # authorize) carries the role too
+        text = Path(public).read_text()
+        if _cert_role(Path(public)) is None:
+            Path(public).write_text(text.replace("metadata\n", f"metadata\n    role = {role}\n", 1))
         for path in (public, secret):
             os.chmod(path, 0o600)
         if role in PEER_ROLES:
@@ -140,7 +145,9 @@ class Security:
         if not root.is_dir():
             raise SecurityError(f"security directory {str(root)!r} does not exist; write keys"
                                 " with `zfabric keygen DIR`")
-        for path in sorted(root.glob("*.key_secret")):
+        # a role's own file (client.key_secret) first, then others of that role (added keys)
+        paths = sorted(root.glob("*.key_secret"), key=lambda p: (p.stem[:-4] not in ROLES, p))
+        for path in paths:
             role = _cert_role(path)
             public, secret = zmq.auth.load_certificate(str(path))
             if role in ROLES and secret and role not in self.pairs:
