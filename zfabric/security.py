@@ -146,7 +146,7 @@ class Security:
             raise SecurityError(f"security directory {str(root)!r} does not exist; write keys"
                                 " with `zfabric keygen DIR`")
         # a role's own file (client.key_secret) first, then others of that role (added keys)
-        paths = sorted(root.glob("*.key_secret"), key=lambda p: (p.stem[:-4] not in ROLES, p))
+        paths = sorted(root.glob("*.key_secret"), key=lambda p: (p.stem not in ROLES, p))
         for path in paths:
             role = _cert_role(path)
             public, secret = zmq.auth.load_certificate(str(path))
