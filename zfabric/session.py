@@ -94,6 +94,8 @@ class Session:
                             f"the scheduler refused {key!r}: {op['message']}"))
                 if op.get("fatal") and not self._welcome.done():
                     self._welcome.set_exception(RemoteProtocolError(op["message"]))
+                elif op.get("fatal"):  # the session ended (its key was revoked): nothing waits
+                    self._scheduler_lost(f"the scheduler ended this session: {op['message']}")
             case "heartbeat":
                 pass
             case other:
