@@ -15,7 +15,7 @@ import random
 import msgpack
 import pytest
 
-from zfabric import Client, protocol
+from zfabric import Client
 from zfabric.config import from_env
 from zfabric.testing import FakePeer, cluster, until
 
