@@ -230,6 +230,12 @@ class Impl:
     def worker_cmd(self, address: str) -> list[str]:
         raise NotImplementedError
 
+    def client_kwargs(self) -> dict[str, Any]:
+        return {}
+
+    def cluster_kwargs(self) -> dict[str, Any]:
+        return {}
+
     async def worker_addresses(self, client: Any) -> list[str]:
         info = client.scheduler_info()
         if inspect.isawaitable(info):
@@ -270,6 +276,15 @@ class ZfabricImpl(Impl):
     def worker_cmd(self, address: str) -> list[str]:
         return [*self._cli(), "worker", address, "--nthreads", "1"]
 
+    # --curve: the CLI processes read ZFABRIC_SECURITY themselves; the client is given keys
+    def client_kwargs(self) -> dict[str, Any]:
+        keys = os.environ.get("ZFABRIC_SECURITY")
+        return ({"security": importlib.import_module("zfabric.security").Security(keys)}
+                if keys else {})
+
+    def cluster_kwargs(self) -> dict[str, Any]:
+        return {"security": True} if os.environ.get("ZFABRIC_SECURITY") else {}
+
 
 class DaskImpl(Impl):
     def scheduler_cmd(self, scheduler_file: Path) -> list[str]:
@@ -299,6 +314,12 @@ class DaskImpl(Impl):
             "--host",
             "127.0.0.1",
         ]
+
+    def client_kwargs(self) -> dict[str, Any]:
+        return {}
+
+    def cluster_kwargs(self) -> dict[str, Any]:
+        return {}
 
     async def worker_addresses(self, client: Any) -> list[str]:
         # An asynchronous dask Client's scheduler_info() is a cache without
@@ -509,7 +530,7 @@ async def running_cluster(impl: Impl, sizes: dict[str, int], timeout: float):
                 logs.append(workdir / f"worker-{i}.log")
                 procs.append(spawn(impl.worker_cmd(address), logs[-1], env))
 
-            client = api.Client(address, asynchronous=True)
+            client = api.Client(address, asynchronous=True, **impl.client_kwargs())
             try:
                 await asyncio.wait_for(start_client(client), max(0.1, deadline - time.monotonic()))
             except TimeoutError:
@@ -685,7 +706,8 @@ def bench_localcluster(impl: Impl, timeout: float) -> Measurement:
     """Runs synchronously, in a fresh process, after the library is imported."""
     api = impl.api()  # import outside the timed region
     start = time.perf_counter()
-    cluster = api.LocalCluster(n_workers=2, threads_per_worker=1, processes=True)
+    cluster = api.LocalCluster(n_workers=2, threads_per_worker=1, processes=True,
+                               **impl.cluster_kwargs())
     try:
         client = api.Client(cluster)
         try:
@@ -1027,6 +1049,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         "(default 120, quick 30)",
     )
     parser.add_argument("--json", type=Path, metavar="PATH", help="write raw numbers here")
+    parser.add_argument(
+        "--curve",
+        action="store_true",
+        help="zfabric with CurveZMQ security on every socket (keys from `zfabric keygen`"
+        " in a temporary directory); compare with a run without it",
+    )
     parser.add_argument("--_child", nargs=2, help=argparse.SUPPRESS)
     parser.add_argument("--_sizes", help=argparse.SUPPRESS)
     parser.add_argument("--_rep-label", default="", help=argparse.SUPPRESS)
@@ -1058,6 +1086,13 @@ def raise_system_exit(signum: int, frame: Any) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    if getattr(args, "curve", False) and not args._child:
+        from zfabric.security import keygen
+
+        keys = tempfile.mkdtemp(prefix="zfabric-bench-keys-")
+        keygen(keys)
+        os.environ["ZFABRIC_SECURITY"] = keys  # inherited by every child and CLI process
+        log(f"CurveZMQ on: keys in {keys}")
     signal.signal(signal.SIGTERM, raise_system_exit)  # so finally blocks clean up
     if args._child:
         return child_main(args)
