@@ -88,6 +88,7 @@ def test_resources_are_counted():
 
 
 def test_options_drop_empty_values_and_scheduling_only_fields():
+    # a user priority stays: the worker orders its queue by it too
     t = task(workers=None, resources={}, priority=5, retries=2, task_timeout=1.0)
-    assert t.options == {"task_timeout": 1.0} and not t.restricted
+    assert t.options == {"task_timeout": 1.0, "priority": 5} and not t.restricted
     assert policy.allowed(t, worker(1))

@@ -18,9 +18,7 @@ FORBIDDEN = {"zmq", "asyncio", "socket", "threading", "time", "selectors"}
 
 
 def test_pure_modules_import_with_zmq_and_asyncio_blocked():
-    # zfabric.errors defines TaskCancelled on asyncio.CancelledError (as dask.distributed
-    # raises it), so asyncio may be loaded on behalf of errors.py but nothing else; zmq may not
-    # be loaded at all.
+    # No zfabric module of the core may load asyncio, and zmq may not be loaded at all.
     code = f"""
 import sys, builtins
 sys.modules["zmq"] = None
@@ -28,8 +26,7 @@ sys.modules["zmq.asyncio"] = None
 real_import = builtins.__import__
 def guarded(name, globals=None, locals=None, fromlist=(), level=0):
     caller = (globals or {{}}).get("__name__", "")
-    if name.split(".")[0] == "asyncio" and caller not in ("zfabric.errors",) \\
-            and caller.startswith("zfabric"):
+    if name.split(".")[0] == "asyncio" and caller.startswith("zfabric"):
         raise ImportError(f"{{caller}} imported asyncio")
     return real_import(name, globals, locals, fromlist, level)
 builtins.__import__ = guarded

@@ -231,7 +231,9 @@ def test_priority_decides_queue_order():
     out = state.flush()
     keys = [t[0] for t in out[W1][1]["tasks"]]
     assert keys == ["high", "mid", "low"]
-    assert out[W1][1]["tasks"][0][4] is None  # priority is not shipped to the worker
+    # a user priority is shipped, so the worker's queue honours it too; none costs nothing
+    assert out[W1][1]["tasks"][0][4] == {"priority": 10}
+    assert out[W1][1]["tasks"][2][4] is None
     state.validate()
 
 

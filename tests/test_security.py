@@ -31,6 +31,14 @@ def total(a):
     return float(a.sum())
 
 
+def fan_out(n):
+    """A task that submits tasks (its worker's client connects with the client key)."""
+    from zfabric import get_client
+
+    client = get_client()
+    return sum(client.gather(client.map(inc, range(n), pure=False)))
+
+
 async def secure_cluster(sec, n=2, **kw):
     s = await Scheduler(security=sec, **kw)
     workers = [await Worker(s.address, security=sec, nthreads=1, memory_limit=0)
@@ -69,6 +77,7 @@ async def test_client_and_workers_compute_with_security_on():
             t = c.submit(total, big, workers=[workers[1].address])
             assert await t == float(1 << 18)
             assert (await big).shape == (1 << 18,)
+            assert await c.submit(fan_out, 10, pure=False) == sum(range(1, 11))
             [scattered] = await c.scatter([np.arange(300_000)])
             assert await c.submit(total, scattered) == float(np.arange(300_000).sum())
     finally:

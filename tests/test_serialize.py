@@ -142,8 +142,27 @@ def test_unpicklable_value_names_its_type():
 
 
 def test_unpicklable_bytes_give_a_clear_error():
-    with pytest.raises(SerializationError, match=r"cannot unpickle a value.*same code installed"):
+    with pytest.raises(SerializationError, match=r"cannot unpickle the value.*same code installed"):
         serialize.loads_value(b"not a pickle")
+    with pytest.raises(SerializationError, match=r"value of 'k'"):
+        serialize.loads_value(b"not a pickle", key="k")
+
+
+def test_undecodable_values_fail_the_tasks_that_use_them():
+    mark = serialize.loads_or_mark("dep", b"not a pickle")
+    assert isinstance(mark, serialize.Undecodable) and "'dep'" in mark.reason
+    payload, deps, _ = serialize.dumps_task(len, (Dep("dep"),), {})
+    assert deps == ["dep"]
+    with pytest.raises(SerializationError, match=r"cannot run task 't'.*dependency 'dep'"):
+        serialize.loads_task(payload, {"dep": mark}, "t")
+
+
+def test_plain_data_keeps_plain_pickle_and_main_objects_go_by_value():
+    header, _ = serialize.dumps_value({"a": [1, 2.0, "x"]})
+    assert header == pickle.dumps({"a": [1, 2.0, "x"]}, protocol=5)
+    Local = type("Local", (), {"__module__": "__main__"})  # as a script's class would be
+    header, _ = serialize.dumps_value(Local())
+    assert b"cloudpickle" in header
 
 
 # ---------------------------------------------------------------------------- exceptions

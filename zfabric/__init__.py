@@ -27,9 +27,11 @@ from .errors import (
 if TYPE_CHECKING:
     from .client import Client, default_client
     from .cluster import LocalCluster
+    from .context import get_client, get_worker, rejoin, secede, worker_client
     from .futures import Future, as_completed, fire_and_forget, wait
     from .nanny import Nanny
     from .scheduler import Scheduler
+    from .security import Security
     from .worker import Worker
 
 # The I/O roles load on first use, so that the sans-IO core (protocol, scheduler.state,
@@ -42,6 +44,8 @@ _LAZY = {
     "Worker": "worker",
     "Nanny": "nanny",
     "LocalCluster": "cluster",
+    "get_client": "context", "get_worker": "context", "rejoin": "context", "secede": "context",
+    "worker_client": "context",
 }
 
 
@@ -61,6 +65,7 @@ __all__ = [
     "LocalCluster",
     "Nanny",
     "Scheduler",
+    "Security",
     "Worker",
     # Client
     "Client",
@@ -69,6 +74,12 @@ __all__ = [
     "default_client",
     "fire_and_forget",
     "wait",
+    # Inside tasks
+    "get_client",
+    "get_worker",
+    "rejoin",
+    "secede",
+    "worker_client",
     # Errors
     "ClosedError",
     "CommTimeoutError",

@@ -12,9 +12,14 @@ batches). Moving values (results, gather, scatter, large arguments) lives in
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import contextlib
+import contextvars
+import dataclasses
 import itertools
+import json
 import logging
+import os
 import threading
 import time
 import uuid
@@ -25,7 +30,8 @@ import zmq
 import zmq.asyncio
 
 from . import _zmq, handshake, protocol, serialize
-from .config import Config, from_env
+from .admin import ClusterRequests
+from .config import Config, from_env, parse_timedelta
 from .errors import (
     ClosedError,
     CommTimeoutError,
@@ -45,15 +51,44 @@ logger = logging.getLogger(__name__)
 
 __all__ = ["Client", "default_client"]
 
-_default: weakref.ref | None = None
+#: Clients created with ``set_as_default=True``, oldest first: the newest open one is the
+#: default, and closing it hands over to the one before.
+_defaults: list[weakref.ref] = []
+_defaults_lock = threading.Lock()
+#: The client of ``with client.as_current():`` blocks, per thread and task.
+_current: contextvars.ContextVar = contextvars.ContextVar("zfabric_current_client",
+                                                         default=None)
 
 
-def default_client() -> Client:
-    """The most recently created client that is still open."""
-    c = _default() if _default is not None else None
-    if c is None or c.status in ("closing", "closed"):
-        raise ValueError("No client is open; create one with Client(address)")
-    return c
+def _open(c) -> bool:
+    return c is not None and c.status not in ("closing", "closed")
+
+
+def default_client(c: Client | None = None) -> Client:
+    """The client to use when none is given: ``c`` if given, else the newest open default
+    client (falling back to the one before when it closes). Raises ``ValueError`` if none."""
+    if c is not None:
+        return c
+    c = _current.get()
+    if _open(c):
+        return c
+    with _defaults_lock:
+        for ref in reversed(_defaults):
+            client = ref()
+            if _open(client):
+                return client
+    raise ValueError("No client is open; create one with Client(address)")
+
+
+def _set_default(client: Client) -> None:
+    with _defaults_lock:
+        _defaults[:] = [r for r in _defaults if _open(r()) and r() is not client]
+        _defaults.append(weakref.ref(client))
+
+
+def _drop_default(client: Client) -> None:
+    with _defaults_lock:
+        _defaults[:] = [r for r in _defaults if r() is not client and _open(r())]
 
 
 def funcname(func) -> str:
@@ -63,7 +98,7 @@ def funcname(func) -> str:
     return "lambda" if name == "<lambda>" else name
 
 
-class Client(Values, Session):
+class Client(Values, ClusterRequests, Session):
     """Connects to a scheduler and turns calls into Futures.
 
     ``address`` may be a ``tcp://host:port`` string, a Scheduler, or a LocalCluster; with no
@@ -71,13 +106,36 @@ class Client(Values, Session):
     ``timeout`` bounds how long connecting may take.
     """
 
-    def __init__(self, address=None, *, asynchronous: bool = False, timeout: float | None = None,
+    def __init__(self, address=None, *, asynchronous: bool = False, timeout=None,
                  name: str | None = None, set_as_default: bool = True,
-                 config: Config | None = None, security=None, **kwargs):
-        global _default
-        self.config = config or from_env()
-        self.security = as_security(security)
+                 config: Config | None = None, scheduler_file=None, security=None,
+                 direct_to_workers=None, heartbeat_interval=None, serializers=None,
+                 deserializers=None, connection_limit=None, **kwargs):
+        self.status = "created"  # first: __del__ reads these even if the checks below raise
         self.asynchronous = asynchronous
+        self._loop_thread: LoopThread | None = None
+        self.security = as_security(security)  # True: fresh keys (for its own cluster)
+        for kw, value in (("serializers", serializers), ("deserializers", deserializers)):
+            if value is not None:
+                raise ValueError(f"Client({kw}=...): zfabric always uses pickle protocol 5"
+                                 " with cloudpickle for what cannot be imported; leave it out")
+        if direct_to_workers is False:
+            raise ValueError("Client(direct_to_workers=False): zfabric's scheduler never"
+                             " carries values; data always moves directly to and from workers")
+        if connection_limit is not None:
+            raise ValueError("Client(connection_limit=...): zfabric keeps one connection per"
+                             " worker and needs no limit; leave it out")
+        self.config = config or from_env()
+        if heartbeat_interval is not None:
+            self.config = dataclasses.replace(
+                self.config, HEARTBEAT_INTERVAL_S=parse_timedelta(heartbeat_interval,
+                                                                  name="heartbeat_interval"))
+        if scheduler_file is not None:
+            if address is not None:
+                raise ValueError("give either an address or scheduler_file, not both")
+            address = _read_scheduler_file(scheduler_file, parse_timedelta(timeout) or 10.0)
+        self.asynchronous = asynchronous
+        timeout = parse_timedelta(timeout)
         self.timeout = float(timeout if timeout is not None else self.config.CONNECT_TIMEOUT_S)
         self.cluster = None
         self._own_cluster = False
@@ -87,8 +145,9 @@ class Client(Values, Session):
             if security is not None:
                 kwargs["security"] = security if security is not True else self.security
         elif kwargs:
-            raise TypeError(f"Client got unexpected arguments {sorted(kwargs)} (cluster"
-                            " arguments are taken only when Client() starts its own cluster)")
+            raise TypeError(f"Client got unexpected arguments: {', '.join(sorted(kwargs))} (they"
+                            " are LocalCluster's, which a client starts only without an"
+                            " address)")
         elif hasattr(address, "scheduler_address"):
             self.cluster = address
             address = address.scheduler_address
@@ -123,8 +182,9 @@ class Client(Values, Session):
         self._last_heard = time.monotonic()
         self._lost_reported = False
         self._gone_holders: set[str] = set()  # data addresses whose values were lost
+        self._callbacks = None  # the thread that runs add_done_callback's callbacks
         if set_as_default:
-            _default = weakref.ref(self)
+            _set_default(self)
         if not asynchronous:
             self._loop_thread = LoopThread("zfabric-client-loop")
             self.loop = self._loop_thread.loop
@@ -136,6 +196,45 @@ class Client(Values, Session):
 
     def __repr__(self) -> str:
         return f"<Client: scheduler={self.scheduler_address!r} status={self.status}>"
+
+    @classmethod
+    def current(cls, allow_global: bool = True) -> Client:
+        """The client of the innermost ``with client.as_current():`` block, else (with
+        ``allow_global``) the default client. Raises ``ValueError`` when there is none."""
+        c = _current.get()
+        if _open(c):
+            return c
+        if allow_global:
+            return default_client()
+        raise ValueError("No client is current; use `with client.as_current():`")
+
+    @contextlib.contextmanager
+    def as_current(self):
+        """Make this the client that Futures and ``get_client()`` use within the block."""
+        token = _current.set(self)
+        try:
+            yield self
+        finally:
+            _current.reset(token)
+
+    def _run_callback(self, fn, future) -> None:
+        """Run a done callback on this client's callback thread (see add_done_callback)."""
+        with self._lock:
+            if self._callbacks is None:
+                if self.status == "closed":
+                    return
+                self._callbacks = concurrent.futures.ThreadPoolExecutor(
+                    1, thread_name_prefix="zfabric-callbacks")
+            pool = self._callbacks
+
+        def call():
+            try:
+                fn(future)
+            except Exception:
+                logger.exception("error in a done callback of %s", future)
+
+        with contextlib.suppress(RuntimeError):  # closed meanwhile
+            pool.submit(call)
 
     # ------------------------------------------------------------------ sync / async plumbing
 
@@ -282,7 +381,11 @@ class Client(Values, Session):
                retries: int | None = None, priority: int = 0, allow_other_workers: bool = False,
                pure: bool = True, fifo_timeout=None, actor: bool = False, actors: bool = False,
                task_timeout: float | None = None, **kwargs) -> Future:
-        """Run ``func(*args, **kwargs)`` on a worker; returns a Future at once."""
+        """Run ``func(*args, **kwargs)`` on a worker; returns a Future at once.
+
+        ``fifo_timeout`` is accepted for dask's sake: zfabric keeps strict submission order
+        among tasks of equal priority, whatever the time between them."""
+        parse_timedelta(fifo_timeout, name="fifo_timeout")
         self._check_open()
         if not callable(func):
             raise TypeError("First input to submit must be a callable function")
@@ -310,7 +413,8 @@ class Client(Values, Session):
         """A key suffix unique across clients: this client's random id and a counter."""
         return f"{self._id_prefix}{next(self._unique):x}"
 
-    def _submit_many(self, items: list, opts: dict | None) -> list[Future]:
+    def _submit_many(self, items: list, opts: dict | None,
+                     batch: int | None = None) -> list[Future]:
         out, tasks, functions = [], [], {}
         with self._lock:
             self._queue_releases()
@@ -328,14 +432,14 @@ class Client(Values, Session):
                             " (SCHEDULER_FRAME_BYTES). Place large values on the workers"
                             " with client.scatter(...) and pass the futures instead"))
                     elif buffers:
-                        self._flush_tasks(tasks, functions)
+                        self._flush_tasks(tasks, functions, batch)
                         self._outbox.append(Deferred(
                             self._ship_args(key, fid, fbytes, abytes, deps, buffers, opts), st))
                     else:
                         functions[fid] = fbytes
                         tasks.append([key, abytes, deps, opts, fid])
                 out.append(Future(key, self, st))
-            self._flush_tasks(tasks, functions)
+            self._flush_tasks(tasks, functions, batch)
         self._send()
         return out
 
@@ -346,10 +450,11 @@ class Client(Values, Session):
             self._outbox.append({"op": "release", "keys": self._release_keys})
             self._release_keys = []
 
-    def _flush_tasks(self, tasks: list, functions: dict) -> None:
-        """Queue submit ops of at most SUBMIT_BATCH tasks, each carrying the pickles of the
-        functions its tasks use (once per message, not once per task)."""
-        batch = self.config.SUBMIT_BATCH
+    def _flush_tasks(self, tasks: list, functions: dict, batch: int | None = None) -> None:
+        """Queue submit ops of at most ``batch`` (SUBMIT_BATCH) tasks, each carrying the
+        pickles of the functions its tasks use (once per message, not once per task), and
+        about a quarter of SCHEDULER_FRAME_BYTES of pickles (past one task)."""
+        batch = batch or self.config.SUBMIT_BATCH
         most = self.config.SCHEDULER_FRAME_BYTES // 4  # a message stays well inside a frame
         start = 0
         while start < len(tasks):
@@ -372,7 +477,11 @@ class Client(Values, Session):
     def map(self, func, *iterables, key=None, workers=None, retries=None, resources=None,
             priority: int = 0, allow_other_workers: bool = False, pure: bool = True,
             batch_size=None, task_timeout=None, **kwargs) -> list[Future]:
-        """``submit(func, *items)`` for items zipped from ``iterables``; a list of Futures."""
+        """``submit(func, *items)`` for items zipped from ``iterables``; a list of Futures.
+
+        ``batch_size``: tasks per message to the scheduler (default ``SUBMIT_BATCH``)."""
+        if batch_size is not None and (not isinstance(batch_size, int) or batch_size < 1):
+            raise ValueError(f"batch_size must be a positive int, got {batch_size!r}")
         self._check_open()
         if not callable(func):
             raise TypeError("First input to map must be a callable function")
@@ -392,19 +501,31 @@ class Client(Values, Session):
         items = []
         for i, args in enumerate(argss):
             items.append(self._task(func, args, kwargs, keys[i] if keys else None, prefix, pure))
-        return self._submit_many(items, opts)
+        return self._submit_many(items, opts, batch_size)
 
     # ------------------------------------------------------------------ cancel
 
-    def cancel(self, futures, asynchronous=None, force: bool = False):
-        """Stop these futures' tasks (and what depends on them); their results are gone."""
+    def cancel(self, futures, asynchronous=None, force: bool = False, reason: str | None = None,
+               msg: str | None = None):
+        """Stop these futures' tasks (and what depends on them); their results are gone.
+
+        ``result()`` then raises a ``CancelledError`` naming the key and ``reason`` (or
+        ``msg``). Without ``force`` a key another client also wants is only released for this
+        one; with it, it is cancelled for every client.
+        """
         flat = futures_of(futures) if not isinstance(futures, Future) else [futures]
         keys = [f.key for f in flat]
-        self._send({"op": "cancel", "keys": keys})
+        why = reason or msg
+        op = {"op": "cancel", "keys": keys}
+        if why:
+            op["reason"] = str(why)
+        if force:
+            op["force"] = True
+        self._send(op)
 
         def mark():
             for f in flat:
-                f._state.cancel()
+                f._state.cancel(str(why) if why else None)
 
         self._on_loop(mark)
         if self.asynchronous:
@@ -427,87 +548,6 @@ class Client(Values, Session):
             raise RemoteProtocolError(reply["error"])
         return reply.get("result")
 
-    def scheduler_info(self, **kwargs):
-        """The scheduler's address, id and workers: ``{"workers": {address: {...}}}``."""
-        return self.sync(self._request, "info")
-
-    def who_has(self, futures=None, **kwargs):
-        keys = [f.key for f in futures_of(futures)] if futures is not None else None
-        return self.sync(self._request, "who-has", keys=keys)
-
-    def has_what(self, workers=None, **kwargs):
-        return self.sync(self._request, "has-what")
-
-    def processing(self, workers=None):
-        return self.sync(self._request, "processing")
-
-    def nthreads(self, workers=None, **kwargs):
-        return self.sync(self._nthreads)
-
-    ncores = nthreads
-
-    async def _nthreads(self):
-        info = await self._request("info")
-        return {a: w["nthreads"] for a, w in info["workers"].items()}
-
-    def run(self, function, *args, workers=None, **kwargs):
-        """Run ``function(*args, **kwargs)`` once on every worker: ``{address: result}``."""
-        return self.sync(self._run, function, args, kwargs, workers)
-
-    async def _run(self, function, args, kwargs, workers):
-        payload, _, _ = serialize.dumps_task(function, args, kwargs)
-        if isinstance(workers, str):
-            workers = [workers]
-        results = await self._request("run", payload=payload, workers=workers)
-        out = {}
-        for address, (value, error) in results.items():
-            if error is not None:
-                raise serialize.rebuild_exception(*error)
-            out[address] = serialize.loads_value(value)
-        return out
-
-    def restart(self, timeout: float = 60, **kwargs):
-        """Restart every worker process (through its Nanny); returns once they are back."""
-        return self.sync(self._restart, timeout)
-
-    async def _restart(self, timeout):
-        with self._lock:
-            for st in list(self._states.values()):
-                st.cancel()
-        info = await self._request("info")
-        n = len(info["workers"])
-        await asyncio.wait_for(self._request("restart"), timeout)
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            info = await self._request("info")
-            if len(info["workers"]) >= n:
-                return
-            await asyncio.sleep(0.05)
-        raise CommTimeoutError(f"workers did not come back within {timeout} s of a restart")
-
-    def shutdown(self):
-        """Close the scheduler (and this client)."""
-        return self.sync(self._shutdown)
-
-    async def _shutdown(self):
-        with contextlib.suppress(Exception):
-            await asyncio.wait_for(self._request("shutdown"), 5)
-        await self._close()
-
-    def wait_for_workers(self, n_workers: int, timeout: float | None = None):
-        return self.sync(self._wait_for_workers, n_workers, timeout)
-
-    async def _wait_for_workers(self, n_workers, timeout=None):
-        deadline = time.monotonic() + (timeout or 1e9)
-        while True:
-            info = await self._request("info")
-            if len(info["workers"]) >= n_workers:
-                return
-            if time.monotonic() > deadline:
-                raise CommTimeoutError(f"only {len(info['workers'])} of {n_workers} workers"
-                                       f" arrived within {timeout} s")
-            await asyncio.sleep(0.05)
-
     # ------------------------------------------------------------------ close
 
     def close(self, timeout=None):
@@ -521,12 +561,19 @@ class Client(Values, Session):
                 asyncio.run_coroutine_threadsafe(self._close(), self.loop).result(30)
         self._loop_thread.stop()
         self._loop_thread = None
+        pool = self._callbacks
+        if pool is not None:  # wait for a running callback, unless this is it closing us
+            pool.shutdown(wait=not threading.current_thread().name.startswith(
+                "zfabric-callbacks"))
         return None
 
     async def _close(self) -> None:
         if self.status in ("closing", "closed"):
             return
         self.status = "closing"
+        _drop_default(self)
+        if self._callbacks is not None:
+            self._callbacks.shutdown(wait=False)
         if getattr(self, "_link", None) is not None and self.epoch is not None:
             with contextlib.suppress(Exception):
                 self._link.send(protocol.encode([{"op": "goodbye"}]))
@@ -588,4 +635,23 @@ async def _noop():
 
 def _done_awaitable():
     return _noop()
+
+
+
+def _read_scheduler_file(path, timeout_s: float) -> str:
+    """The address in a scheduler file, waiting up to ``timeout_s`` for the file to appear."""
+    path = os.fspath(path)
+    deadline = time.monotonic() + timeout_s
+    while True:
+        try:
+            with open(path) as f:
+                return json.load(f)["address"]
+        except FileNotFoundError:
+            if time.monotonic() > deadline:
+                raise FileNotFoundError(f"no scheduler file at {path} after {timeout_s:g} s;"
+                                        " start the scheduler with --scheduler-file") from None
+            time.sleep(0.05)
+        except (ValueError, KeyError, TypeError) as exc:
+            raise ValueError(f"{path} is not a scheduler file (JSON with an 'address'):"
+                             f" {exc}") from None
 

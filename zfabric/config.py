@@ -150,3 +150,38 @@ def memory_limit_bytes(value, nthreads: int = 1) -> int:
     if isinstance(value, float) and 0 < value <= 1:
         return int(psutil.virtual_memory().total * value)
     return parse_bytes(value)
+
+
+_SECONDS = {
+    "": 1.0, "s": 1.0, "sec": 1.0, "secs": 1.0, "second": 1.0, "seconds": 1.0,
+    "ms": 1e-3, "millisecond": 1e-3, "milliseconds": 1e-3,
+    "us": 1e-6, "microsecond": 1e-6, "microseconds": 1e-6,
+    "m": 60.0, "min": 60.0, "mins": 60.0, "minute": 60.0, "minutes": 60.0,
+    "h": 3600.0, "hr": 3600.0, "hour": 3600.0, "hours": 3600.0,
+    "d": 86400.0, "day": 86400.0, "days": 86400.0,
+}
+
+
+def parse_timedelta(value, *, name: str = "timeout") -> float | None:
+    """Seconds from a number, a ``datetime.timedelta`` or a string such as ``"10s"``,
+    ``"500ms"`` or ``"1 min"`` (dask's forms); None stays None."""
+    if value is None:
+        return None
+    if isinstance(value, bool):
+        raise TypeError(f"{name} must be a number of seconds or a string like '10s'")
+    if isinstance(value, int | float):
+        return float(value)
+    if hasattr(value, "total_seconds"):
+        return float(value.total_seconds())
+    text = str(value).strip().lower().replace(" ", "")
+    i = len(text)
+    while i and not (text[i - 1].isdigit() or text[i - 1] == "."):
+        i -= 1
+    number, unit = text[:i], text[i:]
+    if unit not in _SECONDS or not number:
+        raise ValueError(f"cannot read {value!r} as a {name}; write it like 10, '10s', '500ms'"
+                         " or '1 min'")
+    try:
+        return float(number) * _SECONDS[unit]
+    except ValueError:
+        raise ValueError(f"cannot read {value!r} as a {name}; write it like '10s'") from None

@@ -13,8 +13,8 @@
     ├── KilledWorker             a task was on too many workers that died
     ├── TaskTimeout              a task ran past its task_timeout (also a TimeoutError)
     ├── LostDataError            data that cannot be recomputed (scattered) was lost with a worker
-    ├── TaskCancelled            the result of a cancelled task was asked for
-    │                            (also asyncio.CancelledError, as dask.distributed raises)
+    ├── TaskCancelled            the result of a cancelled task was asked for (also
+    │                            concurrent.futures.CancelledError, as dask.distributed raises)
     ├── ResultTooLarge           a value passed the configured message size limit
     └── TaskTooLarge             a task's function and arguments pass the scheduler's frame
                                  limit (also a ValueError)
@@ -25,7 +25,7 @@ exception the function raised, with the remote traceback attached.
 
 from __future__ import annotations
 
-import asyncio
+from concurrent.futures import CancelledError
 
 __all__ = [
     "ClosedError",
@@ -97,7 +97,7 @@ class LostDataError(ZFabricError):
     """Raised when data that cannot be recomputed (scattered data) was lost with its worker."""
 
 
-class TaskCancelled(ZFabricError, asyncio.CancelledError):
+class TaskCancelled(ZFabricError, CancelledError):
     """Raised when the result of a cancelled future is asked for."""
 
 

@@ -11,20 +11,26 @@ from __future__ import annotations
 
 import asyncio
 import threading
-from collections import deque
+import time
+from collections import deque, namedtuple
 from collections.abc import Iterable
 
 from . import serialize
+from .config import parse_timedelta
 from .errors import TaskCancelled, ZFabricError
 
-__all__ = ["Future", "FutureState", "as_completed", "fire_and_forget", "wait"]
+__all__ = ["DoneAndNotDoneFutures", "Future", "FutureState", "as_completed", "fire_and_forget",
+           "futures_of", "wait"]
+
+#: What :func:`wait` returns, as in ``concurrent.futures``: ``.done`` and ``.not_done`` sets.
+DoneAndNotDoneFutures = namedtuple("DoneAndNotDoneFutures", ["done", "not_done"])
 
 
 class FutureState:
     """What one client knows about one key. Changed only on the client's loop thread."""
 
-    __slots__ = ("_error", "callbacks", "error_item", "key", "nbytes", "status", "value",
-                 "waiters", "who_has")
+    __slots__ = ("_error", "callbacks", "cancel_reason", "error_item", "key", "nbytes",
+                 "status", "value", "waiters", "who_has")
 
     def __init__(self, key: str):
         self.key = key
@@ -36,6 +42,7 @@ class FutureState:
         self._error: BaseException | None = None
         self.waiters: list[asyncio.Future] | None = None
         self.callbacks: list | None = None
+        self.cancel_reason: str | None = None
 
     def done(self) -> bool:
         return self.status in ("finished", "error", "cancelled")
@@ -50,11 +57,24 @@ class FutureState:
         self.error_item, self._error = item, error
         self._wake()
 
-    def cancel(self) -> None:
-        if self.status in ("finished", "error"):
+    def cancel(self, reason: str | None = None, force: bool = False) -> None:
+        """Cancelled (``force``: even when it had finished, as after a restart)."""
+        if self.status == "cancelled" or (not force and self.status in ("finished", "error")):
             return
         self.status = "cancelled"
+        self.value = self.who_has = None
+        self.cancel_reason = reason
         self._wake()
+
+    def cancelled_error(self) -> TaskCancelled:
+        why = f": {self.cancel_reason}" if self.cancel_reason else ""
+        return TaskCancelled(f"{self.key!r} was cancelled{why}")
+
+    def retry(self) -> None:
+        """The erred task runs again: pending."""
+        if self.status == "error":
+            self.status = "pending"
+            self.error_item = self._error = None
 
     def reset(self) -> None:
         """The value was lost and will be recomputed: pending again."""
@@ -159,26 +179,35 @@ class Future:
         return self.client.cancel([self], **kwargs)
 
     def add_done_callback(self, fn) -> None:
-        """Call ``fn(future)`` once the future is done (on the client's loop thread)."""
-        st = self._state
+        """Call ``fn(future)`` once the future is done.
+
+        Callbacks run one at a time on a thread of the client's own (never its I/O loop), so
+        ``fn`` may call ``future.result()``, and a slow one holds up no other future.
+        """
+        client = self.client
 
         def call():
-            try:
-                fn(self)
-            except Exception:
-                import logging
+            client._run_callback(fn, self)
 
-                logging.getLogger(__name__).exception("error in a done callback of %s", self)
+        self._on_done(call)
+
+    def _on_done(self, fn) -> None:
+        """Call ``fn()`` on the client's loop thread once done (for zfabric's own waiters)."""
+        st = self._state
 
         def register():
             if st.done():
-                call()
+                fn()
             elif st.callbacks is None:
-                st.callbacks = [call]
+                st.callbacks = [fn]
             else:
-                st.callbacks.append(call)
+                st.callbacks.append(fn)
 
         self.client._on_loop(register)
+
+    def retry(self, **kwargs):
+        """Run this erred future's task again (and its erred dependencies)."""
+        return self.client.retry([self], **kwargs)
 
     def release(self) -> None:
         """Drop this handle; the scheduler forgets the key once no handle needs it."""
@@ -195,8 +224,13 @@ class Future:
     def __reduce__(self):
         collected = serialize.collecting()
         if collected is not None:
+            if not serialize.is_direct(self):
+                return (serialize._future_ref, (self.key,))
             collected.append(self.key)
         return (serialize._resolve, (self.key,))
+
+
+serialize.future_type = Future
 
 
 def _flatten(obj, out: list) -> None:
@@ -217,6 +251,15 @@ def futures_of(obj) -> list[Future]:
     return out
 
 
+def _as_futures(obj) -> list[Future]:
+    """The Futures of a Future, a (nested) collection of them, or any iterable of them."""
+    if isinstance(obj, Future):
+        return [obj]
+    if not isinstance(obj, list | tuple | set | frozenset | dict):
+        obj = list(obj)  # a generator, say
+    return futures_of(obj)
+
+
 def _client_of(futures: list[Future]):
     if not futures:
         from .client import default_client
@@ -225,19 +268,21 @@ def _client_of(futures: list[Future]):
     return futures[0].client
 
 
-def wait(fs, timeout: float | None = None, return_when: str = "ALL_COMPLETED"):
-    """Wait until all (or the first of) the futures are done: ``(done, not_done)`` sets.
+def wait(fs, timeout=None, return_when: str = "ALL_COMPLETED"):
+    """Wait until all (or the first of) the futures are done: ``(done, not_done)`` sets, as a
+    :data:`DoneAndNotDoneFutures` named tuple. ``timeout``: seconds or a string like "10s".
 
     Raises ``TimeoutError`` when ``timeout`` seconds pass first. Returns an awaitable when the
     futures belong to an asynchronous client.
     """
-    futures = futures_of(fs) if not isinstance(fs, Future) else [fs]
+    futures = _as_futures(fs)
     if return_when not in ("ALL_COMPLETED", "FIRST_COMPLETED"):
         raise ValueError(
             f"return_when must be ALL_COMPLETED or FIRST_COMPLETED, not {return_when!r}"
         )
     client = _client_of(futures)
-    return client.sync(_wait, futures, timeout=timeout, return_when=return_when)
+    return client.sync(_wait, futures, timeout=parse_timedelta(timeout),
+                       return_when=return_when)
 
 
 async def _wait(futures: list[Future], timeout=None, return_when="ALL_COMPLETED"):
@@ -252,7 +297,7 @@ async def _wait(futures: list[Future], timeout=None, return_when="ALL_COMPLETED"
                 f" done after {timeout} s"
             ) from None
     done = {f for f in futures if f.done()}
-    return done, {f for f in futures if not f.done()}
+    return DoneAndNotDoneFutures(done, {f for f in futures if not f.done()})
 
 
 async def until_done(states: list[FutureState], need: int | None = None) -> None:
@@ -290,20 +335,70 @@ class as_completed:
     """
 
     def __init__(self, futures: Iterable[Future] = (), with_results: bool = False,
-                 raise_errors: bool = True):
+                 raise_errors: bool = True, timeout=None):
         self.with_results = with_results
         self.raise_errors = raise_errors
+        timeout = parse_timedelta(timeout)
+        self._deadline = None if timeout is None else time.monotonic() + timeout
+        self._timeout = timeout
         self._ready: deque[Future] = deque()
         self._pending = 0
+        self._cleared = 0  # bumped by clear(): futures added before it are ignored
         self._cond = threading.Condition()
         self._events: list[tuple[asyncio.AbstractEventLoop, asyncio.Event]] = []
-        for f in futures:
+        for f in _as_futures(futures):
             self.add(f)
 
     def add(self, future: Future) -> None:
         with self._cond:
             self._pending += 1
-        future.add_done_callback(self._done)
+            generation = self._cleared
+        future._on_done(lambda: self._done(future, generation))
+
+    def has_ready(self) -> bool:
+        """Is a finished future waiting to be taken?"""
+        with self._cond:
+            return bool(self._ready)
+
+    def clear(self) -> None:
+        """Forget every future added so far, finished or not."""
+        with self._cond:
+            self._ready.clear()
+            self._pending = 0
+            self._cleared += 1
+            self._cond.notify_all()
+
+    def next_batch(self, block: bool = True) -> list:
+        """Every finished future now (at least one, waiting for it, when ``block``)."""
+        if block and not self.has_ready():
+            try:
+                first = [next(self)]
+            except StopIteration:
+                return []
+        else:
+            first = []
+        with self._cond:
+            batch, self._ready = list(self._ready), deque()
+        if self.with_results:
+            batch = [(f, self._value_sync(f)) for f in batch]
+        return first + batch
+
+    def batches(self):
+        """Iterate over lists of futures as they finish (for many tiny tasks)."""
+        while True:
+            batch = self.next_batch(block=True)
+            if not batch:
+                return
+            yield batch
+
+    def _time_left(self) -> float | None:
+        if self._deadline is None:
+            return None
+        left = self._deadline - time.monotonic()
+        if left <= 0:
+            raise TimeoutError(f"as_completed: {self._pending} futures were not done after"
+                               f" {self._timeout:g} s")
+        return left
 
     def update(self, futures: Iterable[Future]) -> None:
         for f in futures:
@@ -316,8 +411,10 @@ class as_completed:
     def is_empty(self) -> bool:
         return self.count() == 0
 
-    def _done(self, future: Future) -> None:
+    def _done(self, future: Future, generation: int = 0) -> None:
         with self._cond:
+            if generation != self._cleared:
+                return
             self._pending -= 1
             self._ready.append(future)
             self._cond.notify_all()
@@ -333,7 +430,8 @@ class as_completed:
             while not self._ready:
                 if self._pending == 0:
                     raise StopIteration
-                self._cond.wait(0.1)
+                left = self._time_left()
+                self._cond.wait(0.1 if left is None else min(0.1, left))
             f = self._ready.popleft()
         if self.with_results:
             return f, self._value_sync(f)
@@ -364,7 +462,11 @@ class as_completed:
                     if self._pending == 0:
                         raise StopAsyncIteration
                     ev.clear()
-                await ev.wait()
+                left = self._time_left()
+                try:
+                    await asyncio.wait_for(ev.wait(), left)
+                except TimeoutError:
+                    self._time_left()  # raises with the message
         finally:
             with self._cond:
                 self._events.remove((loop, ev))
@@ -372,10 +474,6 @@ class as_completed:
             try:
                 return f, await f.client._result(f)
             except Exception as exc:
-                if self.raise_errors:
-                    raise
-                return f, exc
-            except TaskCancelled as exc:
                 if self.raise_errors:
                     raise
                 return f, exc

@@ -302,7 +302,11 @@ async def run_worker(address: str, kw: dict, parent_pid: int | None = None,
             reason = w._core.close_reason
         # A worker that stopped itself with an exit code (a task passed its task_timeout under
         # a Nanny: a thread cannot be killed) wants a fresh process; otherwise it is done.
-        if w.exit_code is not None:
+        # A loop that crashed says nothing: its Nanny sees a death (and restarts it), and
+        # the scheduler counts it against what was running here.
+        if w._core is not None and w._core.crashed:
+            pass
+        elif w.exit_code is not None:
             pipe.restarting(reason)
         else:
             pipe.closing(reason)

@@ -6,6 +6,12 @@
 - Futures inside arguments pickle as :class:`Dep` markers; pickling records their keys (the
   task's dependencies) and unpickling on the worker swaps each marker for the dependency's
   value. One pickle pass finds every dependency, however deeply nested.
+- Plain pickle first (fast for plain data); anything whose pickle refers to ``__main__``, or to a
+  module of the user's own beside their script (which a worker cannot import), is pickled again
+  by value with cloudpickle, as dask.distributed does. That holds for every place user data is
+  pickled: arguments, results, scattered values, exceptions and ``run``.
+- A value a worker receives but cannot unpickle is stored as :class:`Undecodable`: the tasks that
+  use it fail with the reason and the key, and the worker's loop carries on.
 - Values use pickle protocol 5. Buffers of at least ``inline_bytes`` (NumPy arrays, bytes-like
   objects) travel out of band as separate frames without a copy; smaller ones stay in the pickle.
 - Exceptions travel pickled, with their traceback as (file, line, function) frames, rebuilt into
@@ -14,8 +20,11 @@
 
 from __future__ import annotations
 
+import os
 import pickle
 import struct
+import sys
+import sysconfig
 import threading
 import traceback as tb_module
 import types
@@ -29,6 +38,7 @@ from .errors import SerializationError
 
 __all__ = [
     "Dep",
+    "Undecodable",
     "dumps_task",
     "dumps_value",
     "exception_payload",
@@ -58,17 +68,58 @@ class Dep:
 
 def _resolve(key: str):
     values = getattr(_local, "values", None)
-    if values is None:
-        return Dep(key)
+    if values is None:  # not a task's argument: a Future of this process's client
+        return _future_ref(key)
     try:
-        return values[key]
+        value = values[key]
     except KeyError:
         raise SerializationError(f"dependency {key!r} is missing on this worker") from None
+    if type(value) is Undecodable:
+        raise SerializationError(f"dependency {key!r}: {value.reason}")
+    return value
 
 
 def collecting() -> list[str] | None:
     """The list that Future.__reduce__ should append its key to, while a task is pickled."""
     return getattr(_local, "collect", None)
+
+
+def is_direct(future) -> bool:
+    """Should ``future`` be pickled as a dependency (replaced by its value on the worker)?
+    Not while a task's arguments are pickled again with their direct Futures already swapped
+    for :class:`Dep` markers: a Future left then sits inside another object and stays one."""
+    return not getattr(_local, "nested", False)
+
+
+def _future_ref(key):
+    """A Future for ``key`` bound to this process's client (inside a task: its worker's)."""
+    from .context import get_client
+    from .futures import Future
+
+    return Future(key, get_client())
+
+
+#: Set by :mod:`zfabric.futures` (which imports this module).
+future_type: type = Dep
+
+
+def _swap_futures(obj):
+    """``obj`` with each Future in it, or in its lists, tuples, sets and dicts, swapped for a
+    :class:`Dep` marker (containers are copied only where something changed)."""
+    t = type(obj)
+    if t is future_type:
+        return Dep(obj.key)
+    if t in (list, tuple, set, frozenset):
+        items = [_swap_futures(x) for x in obj]
+        if all(a is b for a, b in zip(items, obj, strict=True)):
+            return obj
+        return items if t is list else t(items)
+    if t is dict:
+        out = {k: _swap_futures(v) for k, v in obj.items()}
+        if all(out[k] is v for k, v in obj.items()):
+            return obj
+        return out
+    return obj
 
 
 # ---------------------------------------------------------------------------- tasks
@@ -77,11 +128,80 @@ _func_cache: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 _func_lock = threading.Lock()
 
 
-def _dumps(obj) -> bytes:
+# ---------------------------------------------------------------------------- by value
+
+_local_cache: tuple = (None, -1, ())
+
+
+def _installed_roots() -> list[str]:
+    paths = sysconfig.get_paths()
+    roots = {paths.get(k) for k in ("stdlib", "platstdlib", "purelib", "platlib")}
+    roots.update(p for p in sys.path if p.endswith(("site-packages", "dist-packages")))
+    return [os.path.realpath(r) for r in roots if r]
+
+
+def local_modules() -> tuple[bytes, ...]:
+    """Names (as bytes) of the modules the user's script imports from beside itself.
+
+    A worker on another host, or started in another directory, cannot import these, so values
+    that refer to them travel by value (they are registered with cloudpickle for that). Modules
+    of installed distributions (editable ones too) and zfabric itself are left out. The answer
+    is cached until ``sys.modules`` grows.
+    """
+    global _local_cache
+    main = sys.modules.get("__main__")
+    path = getattr(main, "__file__", None)
+    n = len(sys.modules)
+    if not path:
+        return ()
+    if _local_cache[0] == path and _local_cache[1] == n:
+        return _local_cache[2]
+    root = os.path.dirname(os.path.realpath(path))
+    names: list[bytes] = []
+    if not any(root == r or root.startswith(r + os.sep) for r in _installed_roots()):
+        installed = None
+        for name, mod in list(sys.modules.items()):
+            if "." in name or name in ("__main__", "zfabric") or mod is None:
+                continue
+            f = getattr(mod, "__file__", None)
+            if not f or not os.path.realpath(f).startswith(root + os.sep):
+                continue
+            if installed is None:
+                from importlib.metadata import packages_distributions
+                installed = packages_distributions()
+            if name in installed:
+                continue
+            try:
+                cloudpickle.register_pickle_by_value(mod)
+            except (ValueError, TypeError):
+                continue
+            names.append(name.encode())
+    _local_cache = (path, n, tuple(names))
+    return _local_cache[2]
+
+
+def _by_value_needed(data) -> bool:
+    """Does a plain pickle refer to something a worker cannot import by name?"""
+    if b"__main__" in data:
+        return True
+    names = local_modules()
+    return bool(names) and any(n in data for n in names)
+
+
+def _pickle(obj, buffer_callback=None, reset=None) -> bytes:
+    """Plain pickle where it is safe, cloudpickle by value where it is not (module docstring).
+
+    ``reset`` is called before the second attempt, to forget what the first one collected.
+    """
     try:
-        return pickle.dumps(obj, protocol=5)
+        data = pickle.dumps(obj, protocol=5, buffer_callback=buffer_callback)
+        if not _by_value_needed(data):
+            return data
     except Exception:
-        return cloudpickle.dumps(obj, protocol=5)
+        pass
+    if reset is not None:
+        reset()
+    return cloudpickle.dumps(obj, protocol=5, buffer_callback=buffer_callback)
 
 
 def dumps_function(func) -> tuple[str, bytes]:
@@ -131,23 +251,29 @@ def dumps_call(func, args: tuple, kwargs: dict, inline_bytes: int | None = None)
             buffers.append(raw)
             return False
 
+    def reset():
+        del deps[:]
+        del buffers[:]
+
+    body = (args, kwargs or None)
     _local.collect = deps
     try:
-        body = (args, kwargs or None)
-        try:
-            abytes = pickle.dumps(body, protocol=5, buffer_callback=callback)
-        except Exception:
-            del deps[:]
-            del buffers[:]
-            try:
-                abytes = cloudpickle.dumps(body, protocol=5, buffer_callback=callback)
-            except Exception as exc:
-                raise SerializationError(
-                    f"cannot pickle the arguments of {getattr(func, '__name__', func)!r}:"
-                    f" {type(exc).__name__}: {exc}"
-                ) from exc
+        abytes = _pickle(body, callback, reset)
+        if deps:
+            # Futures among the arguments (or in their lists, tuples, sets and dicts) are
+            # dependencies, replaced by their values on the worker; one inside any other
+            # object stays a Future there (bound to the worker's client), as in dask.
+            reset()
+            _local.nested = True
+            abytes = _pickle(_swap_futures(body), callback, reset)
+    except Exception as exc:
+        raise SerializationError(
+            f"cannot pickle the arguments of {getattr(func, '__name__', func)!r}:"
+            f" {type(exc).__name__}: {exc}"
+        ) from exc
     finally:
         _local.collect = None
+        _local.nested = False
     return fid, fbytes, abytes, deps, buffers
 
 
@@ -234,25 +360,37 @@ def loads_function(fbytes: bytes):
         ) from exc
 
 
-def loads_args(abytes, values: dict) -> tuple[tuple, dict]:
-    """``(args, kwargs)``, with dependency markers replaced from ``values``."""
+def loads_args(abytes, values: dict, key=None) -> tuple[tuple, dict]:
+    """``(args, kwargs)`` of task ``key``, with dependency markers replaced from ``values``.
+
+    Raises :class:`SerializationError` naming the task (and the dependency, if one is to
+    blame) when they cannot be unpickled here.
+    """
     _local.values = values
     try:
         body = pickle.loads(abytes)
         if type(body) is ArgsRef:
             raw = values[body.key]
             body = pickle.loads(raw.header, buffers=raw.buffers)
+    except Exception as exc:
+        what = f"task {key!r}" if key is not None else "a task"
+        if isinstance(exc, SerializationError):  # a dependency, which names itself
+            raise SerializationError(f"cannot run {what}: {exc}") from exc
+        raise SerializationError(
+            f"cannot unpickle the arguments of {what}: {type(exc).__name__}: {exc}. Is the"
+            " same code installed on the client and the workers?"
+        ) from exc
     finally:
         _local.values = None
     args, kwargs = body
     return args, kwargs or {}
 
 
-def loads_task(payload: bytes, values: dict):
+def loads_task(payload: bytes, values: dict, key=None):
     """Rebuild ``(func, args, kwargs)`` from a whole-call payload."""
     (n,) = _LEN.unpack_from(payload)
     func = loads_function(payload[4 : 4 + n])
-    args, kwargs = loads_args(memoryview(payload)[4 + n :], values)
+    args, kwargs = loads_args(memoryview(payload)[4 + n :], values, key)
     return func, args, kwargs
 
 
@@ -274,27 +412,53 @@ def dumps_value(obj, inline_bytes: int = 64 * 1024) -> tuple[bytes, list]:
         return False
 
     try:
-        header = pickle.dumps(obj, protocol=5, buffer_callback=keep)
-    except Exception:
-        buffers.clear()
-        try:
-            header = cloudpickle.dumps(obj, protocol=5, buffer_callback=keep)
-        except Exception as exc:
-            raise SerializationError(
-                f"cannot pickle a value of type {type(obj).__qualname__}: "
-                f"{type(exc).__name__}: {exc}. Return or pass something picklable"
-            ) from exc
+        header = _pickle(obj, keep, buffers.clear)
+    except Exception as exc:
+        raise SerializationError(
+            f"cannot pickle a value of type {type(obj).__qualname__}: "
+            f"{type(exc).__name__}: {exc}. Return or pass something picklable"
+        ) from exc
     return header, buffers
 
 
-def loads_value(header, buffers=()):
+def loads_value(header, buffers=(), key=None):
     try:
         return pickle.loads(header, buffers=buffers)
     except Exception as exc:
+        of = f" of {key!r}" if key is not None else ""
         raise SerializationError(
-            f"cannot unpickle a value: {type(exc).__name__}: {exc}. Is the same code installed"
-            " on the client and the workers?"
+            f"cannot unpickle the value{of}: {type(exc).__name__}: {exc}. Is the same code"
+            " installed on the client and the workers?"
         ) from exc
+
+
+def inband(header, buffers) -> bytes:
+    """One pickle holding what ``header`` and its out-of-band ``buffers`` hold."""
+    return _pickle(pickle.loads(header, buffers=buffers))
+
+
+class Undecodable:
+    """Stands in a worker's store for a value that arrived but could not be unpickled.
+
+    Every task that uses it fails with :meth:`error`; nothing else is disturbed.
+    """
+
+    __slots__ = ("key", "reason")
+
+    def __init__(self, key, reason: str):
+        self.key = key
+        self.reason = reason
+
+    def error(self) -> SerializationError:
+        return SerializationError(self.reason)
+
+
+def loads_or_mark(key, header, buffers=()):
+    """The value, or an :class:`Undecodable` that says why it could not be had."""
+    try:
+        return loads_value(header, buffers, key)
+    except SerializationError as exc:
+        return Undecodable(key, str(exc))
 
 
 def nbytes(header, buffers) -> int:

@@ -59,10 +59,17 @@ class Session:
                         self._drop_fetches(st)  # a value in memory was lost for good
                         st.fail(item)
             case "cancelled":
+                reason = op.get("reason")
+                reason = str(reason)[:1000] if reason is not None else None
                 for key in op["keys"]:
                     st = states.get(key)
                     if st is not None:
-                        st.cancel()
+                        st.cancel(reason, force=op.get("restart") is True)
+            case "retried":
+                for key in op["keys"]:
+                    st = states.get(key)
+                    if st is not None:
+                        st.retry()
             case "lost":
                 for key in op["keys"]:
                     st = states.get(key)

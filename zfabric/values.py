@@ -15,7 +15,8 @@ import time
 import uuid
 
 from . import protocol, serialize
-from .errors import SchedulerLost, TaskCancelled
+from .config import parse_timedelta
+from .errors import SchedulerLost
 from .futures import Future, FutureState, futures_of, until_done
 
 logger = logging.getLogger(__name__)
@@ -34,7 +35,7 @@ class Values:
         args_key = f"args-{key}"
         address = await self._pick_worker()
         if address is None:  # no worker yet: the scheduler carries it all, in band
-            body = pickle.dumps(pickle.loads(abytes, buffers=buffers), protocol=5)
+            body = serialize.inband(abytes, buffers)
             return [{"op": "submit", "tasks": [[key, body, deps, opts, fid]],
                      "functions": functions}]
         await self.data.put(address, [(args_key, abytes, buffers)], raw=True)
@@ -65,11 +66,19 @@ class Values:
         self._next_worker = (self._next_worker + 1) % len(self._worker_list)
         return self._worker_list[self._next_worker]
 
-    async def _result(self, future: Future, timeout: float | None = None):
-        st = future._state
-        if not st.done():
-            await asyncio.wait_for(st.wait(), timeout) if timeout else await st.wait()
-        return await self._value_of(future)
+    async def _result(self, future: Future, timeout=None):
+        """The value; ``timeout`` bounds the whole call, the fetch of a large value included."""
+        timeout = parse_timedelta(timeout)
+        if timeout is None:
+            return await self._value_of(future)
+        try:
+            async with asyncio.timeout(timeout) as scope:
+                return await self._value_of(future)
+        except TimeoutError:
+            if not scope.expired():
+                raise  # the task's own TimeoutError (or TaskTimeout)
+            raise TimeoutError(f"no result for {future.key!r} within {timeout:g} s (it is"
+                               f" {future.status})") from None
 
     async def _value_of(self, future: Future):
         st = future._state
@@ -77,7 +86,7 @@ class Values:
             if st.status == "error":
                 raise st.exception()
             if st.status == "cancelled":
-                raise TaskCancelled(f"{future.key!r} was cancelled")
+                raise st.cancelled_error()
             if st.status != "finished":
                 await st.wait()
                 continue
@@ -117,12 +126,16 @@ class Values:
 
     async def _exception(self, future: Future, timeout=None):
         st = future._state
+        timeout = parse_timedelta(timeout)
         if not st.done():
-            await asyncio.wait_for(st.wait(), timeout) if timeout else await st.wait()
+            try:
+                await asyncio.wait_for(st.wait(), timeout) if timeout else await st.wait()
+            except TimeoutError:
+                raise TimeoutError(f"{future.key!r} was not done within {timeout:g} s") from None
         if st.status == "error":
             return st.exception()
         if st.status == "cancelled":
-            return TaskCancelled(f"{future.key!r} was cancelled")
+            return st.cancelled_error()
         return None
 
     async def _traceback(self, future: Future, timeout=None):
@@ -133,6 +146,7 @@ class Values:
         """Results of futures, in the same nested structure (lists, tuples, dicts, sets)."""
         if errors not in ("raise", "skip"):
             raise ValueError(f"errors must be 'raise' or 'skip', not {errors!r}")
+        _check_direct_and_mode(self, direct, asynchronous)
         return self.sync(self._gather, futures, errors=errors)
 
     async def _gather(self, futures, errors: str = "raise"):
@@ -152,7 +166,7 @@ class Values:
                     need[f.key] = st.who_has or []
             elif errors == "raise":
                 if st.status == "cancelled":
-                    raise TaskCancelled(f"{f.key!r} was cancelled")
+                    raise st.cancelled_error()
                 raise st.exception()
             else:
                 bad.add(f.key)
@@ -165,8 +179,14 @@ class Values:
 
     def scatter(self, data, workers=None, broadcast: bool = False, direct=None, hash=True,
                 timeout=None, asynchronous=None):
-        """Place local data on the cluster; Futures in the same shape (list, dict, or one)."""
-        return self.sync(self._scatter, data, workers=workers, broadcast=broadcast, hash=hash)
+        """Place local data on the cluster; Futures in the same shape (list, dict, or one).
+
+        ``timeout`` bounds the whole placement (seconds or a string like "10s")."""
+        _check_direct_and_mode(self, direct, asynchronous)
+        timeout = parse_timedelta(timeout)
+        return self.sync(_bounded, lambda: self._scatter(data, workers=workers,
+                                                         broadcast=broadcast, hash=hash),
+                         timeout, "scatter")
 
     async def _scatter(self, data, workers=None, broadcast=False, hash=True):
         self._check_open()
@@ -239,3 +259,22 @@ def _rebuild(obj, values: dict, bad: set):
         return {k: _rebuild(v, values, bad) for k, v in obj.items()
                 if not (isinstance(v, Future) and v.key in bad)}
     return obj
+
+
+def _check_direct_and_mode(client, direct, asynchronous) -> None:
+    if direct is False:
+        raise ValueError("direct=False: zfabric's scheduler never carries values; data always"
+                         " moves directly between the client and the workers")
+    if asynchronous is not None and bool(asynchronous) != client.asynchronous:
+        raise ValueError(f"asynchronous={asynchronous!r} on a client created with"
+                         f" asynchronous={client.asynchronous}; create the client in the mode"
+                         " you want")
+
+
+async def _bounded(make, timeout: float | None, what: str):
+    if timeout is None:
+        return await make()
+    try:
+        return await asyncio.wait_for(make(), timeout)
+    except TimeoutError:
+        raise TimeoutError(f"{what} did not finish within {timeout:g} s") from None

@@ -161,8 +161,25 @@ class ClientOps:
         ts.drop_wanter(cs)
         self._check_release([ts])
 
-    def cancel(self, keys: Iterable[str]) -> None:
-        stack = [self.tasks[k] for k in keys if k in self.tasks]
+    def cancel(self, keys: Iterable[str], reason: str | None = None,
+               restart: bool = False, by: ClientState | None = None) -> None:
+        """Cancel these tasks and what depends on them; tell the clients that want them (with
+        ``reason``; ``restart``: even finished ones).
+
+        ``by``: the client asking, without ``force``: a key another client also wants is only
+        released for ``by`` (its futures are cancelled, the others' are not).
+        """
+        stack = [self.tasks[k] for k in keys if type(k) is str and k in self.tasks]
+        if by is not None:
+            shared = [ts for ts in stack if any(c is not by for c in ts.wanters())]
+            if shared:
+                stack = [ts for ts in stack if ts not in shared]
+                op = {"op": "cancelled", "keys": [ts.key for ts in shared]}
+                if reason:
+                    op["reason"] = reason
+                self.send(by.ident, op)
+                for ts in shared:
+                    self.release_key(by, ts.key)
         seen = set()
         doomed = []
         while stack:
@@ -178,8 +195,36 @@ class ClientOps:
                 by_client.setdefault(cs.ident, []).append(ts.key)
             ts.who_wants = None
         for ident, ks in by_client.items():
-            self.send(ident, {"op": "cancelled", "keys": ks})
+            op = {"op": "cancelled", "keys": ks}
+            if reason:
+                op["reason"] = reason
+            if restart:
+                op["restart"] = True
+            self.send(ident, op)
         self._check_release(doomed)
+
+    def retry(self, keys: Iterable[str]) -> None:
+        """Run erred tasks again, with the erred tasks upstream of them (``Future.retry``)."""
+        stack = [self.tasks[k] for k in keys if type(k) is str and k in self.tasks]
+        again, seen = [], set()
+        while stack:
+            ts = stack.pop()
+            if ts in seen or ts.state != "erred" or ts.payload is None:
+                continue
+            seen.add(ts)
+            ts.error = None
+            self._set_state(ts, "released")
+            again.append(ts)
+            stack.extend(ts.deps)
+        by_client: dict[bytes, list[str]] = {}
+        for ts in again:
+            for cs in ts.wanters():
+                by_client.setdefault(cs.ident, []).append(ts.key)
+        for ident, ks in by_client.items():
+            self.send(ident, {"op": "retried", "keys": ks})
+        for ts in again:
+            if ts.state == "released":
+                self._start(ts)
 
     def scatter(self, cs: ClientState, items: list, fire_and_forget: bool = False) -> None:
         """Register data a client placed: ``[key, inline bytes or None, nbytes, [addresses]]``."""

@@ -176,8 +176,9 @@ class TaskState:
     suspicious = _extra_field("suspicious", 0, "Workers that died while it probably ran there.")
 
     def set_options(self, opts: dict) -> None:
-        """Keep the options a worker or the policy needs; drop the empty ones."""
-        keep = {k: v for k, v in opts.items() if v and k not in ("priority", "retries")}
+        """Keep the options a worker or the policy needs; drop the empty ones. A user
+        ``priority`` stays: the worker orders its queue by it too."""
+        keep = {k: v for k, v in opts.items() if v and k != "retries"}
         self.options = keep or None
 
     @property
@@ -309,6 +310,7 @@ class WorkerState:
         "ident",
         "last_seen",
         "limit",
+        "long_running",
         "memory_limit",
         "metrics",
         "name",
@@ -338,6 +340,7 @@ class WorkerState:
         self.metrics: dict = {}
         self.processing: dict = {}
         self.started: set = set()  # processing tasks it said it started (bounded by its slots)
+        self.long_running: set = set()  # processing tasks that seceded: they take no slot
         self._held: list = []  # tasks it held at some point: every one it holds, some stale
         self.nheld = 0  # how many tasks list it among their holders
         self.functions: set = set()  # function ids this worker has been sent
@@ -369,7 +372,7 @@ class WorkerState:
         self.nheld = 0
 
     def has_slot(self) -> bool:
-        return len(self.processing) < self.limit
+        return len(self.processing) - len(self.long_running) < self.limit
 
     def assign(self, ts: TaskState) -> None:
         self.processing[ts.key] = ts
@@ -381,6 +384,8 @@ class WorkerState:
     def done(self, ts: TaskState, duration: float) -> None:
         if self.started:
             self.started.discard(ts)
+        if self.long_running:
+            self.long_running.discard(ts)
         if self.processing.pop(ts.key, None) is None:
             return
         x = ts.extra
@@ -411,6 +416,8 @@ class WorkerState:
             "metrics": self.metrics,
             "processing": len(self.processing),
             "in_memory": self.nheld,
+            "status": "running",
+            "local_directory": self.metrics.get("local_directory"),
         }
 
 

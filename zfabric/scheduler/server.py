@@ -58,6 +58,7 @@ class Scheduler(LifeCycle):
         self.address = ""
         self.state = SchedulerState(config=self.config, versions=protocol.versions())
         self.state.secured = self.security is not None
+        self.state.started = time.time()
         self._stop = False
         self._thread: threading.Thread | None = None
         self._backlog: dict[bytes, deque[bytes]] = {}  # messages a full peer queue refused

@@ -94,6 +94,7 @@ class SchedulerState(ClientOps, WorkerLoss):
         self.closing = False  # set by a remote shutdown request; the shell closes
         self.events: list[tuple[float, str]] = []  # recent notable events, for info and logs
         self.now = 0.0
+        self.started = 0.0  # wall-clock time the shell started serving (it sets it)
         self.counts = {"finished": 0, "erred": 0}
         self.secured = False  # set by the shell when keys bind roles (security on)
         self.admins: set[bytes] = set()  # clients holding an admin key (security on)
@@ -320,7 +321,11 @@ class SchedulerState(ClientOps, WorkerLoss):
                 for key in op["keys"]:
                     self.want_key(target, key)
             case "cancel":
-                self.cancel(op["keys"])
+                reason = op.get("reason")
+                self.cancel(op["keys"], str(reason)[:1000] if reason is not None else None,
+                            by=None if op.get("force") is True else cs)
+            case "retry":
+                self.retry(op["keys"])
             case "scatter":
                 self.scatter(cs, op["items"], op.get("fire_and_forget", False))
             case "request":
@@ -362,12 +367,17 @@ class SchedulerState(ClientOps, WorkerLoss):
                 if kind == "restart":
                     # As dask.distributed does: a restart forgets every task and its data.
                     self._event("restart requested: cancelling every task")
-                    self.cancel(list(self.tasks))
+                    self.cancel(list(self.tasks), "the cluster was restarted", restart=True)
                 self._start_fan_out(peer, rid, kind, args)
                 return
             case "shutdown":
                 self.closing = True
                 reply["result"] = True
+            case "nbytes":
+                keys = args.get("keys")
+                tasks = (self.tasks.get(k) for k in keys) if keys else self.tasks.values()
+                reply["result"] = [[ts.key, ts.nbytes] for ts in tasks
+                                   if ts is not None and ts.state == "memory"]
             case "processing":
                 reply["result"] = {
                     ws.address: sorted(ws.processing)
@@ -405,11 +415,17 @@ class SchedulerState(ClientOps, WorkerLoss):
         counts: dict[str, int] = {}
         for ts in self.tasks.values():
             counts[ts.state] = counts.get(ts.state, 0) + 1
+        workers = self.workers.values()
         return {
             "type": "Scheduler",
             "id": self.epoch,
             "address": self.address,
-            "workers": {ws.address: ws.info() for ws in self.workers.values()},
+            "started": self.started,
+            "n_workers": len(self.workers),
+            "total_threads": sum(ws.nthreads for ws in workers),
+            "total_memory": sum(ws.memory_limit or 0 for ws in workers),
+            "versions": self.versions,
+            "workers": {ws.address: ws.info() for ws in workers},
             "nannies": len(self.nannies),
             "clients": len(self.clients) - 1,
             "tasks": counts,
@@ -457,6 +473,19 @@ class SchedulerState(ClientOps, WorkerLoss):
                 for item in op["items"]:
                     self.task_erred(ws, *item)
                 self._fill(ws)
+            case "long-running":
+                # a task waiting on tasks it submitted gives its slot back (secede), or takes
+                # it again (rejoin)
+                for item in op["items"]:
+                    if type(item) is not list or len(item) != 2 or type(item[0]) is not str:
+                        raise RemoteProtocolError(f"malformed long-running item {item!r:.100}")
+                    ts = ws.processing.get(item[0])
+                    if ts is not None:
+                        if item[1]:
+                            ws.long_running.add(ts)
+                        else:
+                            ws.long_running.discard(ts)
+                self._fill(ws)
             case "started":
                 for key in op["keys"]:
                     ts = ws.processing.get(key) if type(key) is str else None
@@ -473,7 +502,9 @@ class SchedulerState(ClientOps, WorkerLoss):
             case "request":
                 self.request(ws.ident, op)
             case "goodbye":
-                self.remove_worker(ws, safe_name(op.get("reason") or "closed", 500), died=False)
+                crashed = op.get("crashed") is True  # a crash, not a close: blame what ran
+                self.remove_worker(ws, safe_name(op.get("reason") or "closed", 500),
+                                   died=crashed)
             case "hello":
                 pass
             case other:

@@ -79,6 +79,7 @@ class Worker(LifeCycle):
         self.address = ""
         self._core: WorkerLoop | None = None
         self._closed_by_core: asyncio.Event | None = None
+        self._task_client = None  # made by get_client() in a task (zfabric.context)
 
     def __repr__(self) -> str:
         return f"<Worker {self.name or ''} {self.address or 'not started'} threads={self.nthreads}>"
@@ -123,6 +124,7 @@ class Worker(LifeCycle):
             death_timeout_s=self.death_timeout, on_ready=on_ready, on_closed=on_closed,
             identity=self._identity, security=self.security,
         )
+        self._core.owner = self
         self._core.start()
         try:
             self.address = await asyncio.wait_for(ready, self.death_timeout)
@@ -145,6 +147,10 @@ class Worker(LifeCycle):
         core = self._core
         if core is None:
             return
+        if getattr(self, "_task_client", None) is not None:
+            from ..context import close_worker_client
+
+            await asyncio.to_thread(close_worker_client, self)
         core.stop("closed")
         if core.thread.is_alive():
             await asyncio.to_thread(core.thread.join, 10)

@@ -15,6 +15,8 @@ the executor's threads report each start, which the loop forwards as ``started``
 
 from __future__ import annotations
 
+import asyncio
+import inspect
 import logging
 import os
 import socket as _socket
@@ -36,6 +38,9 @@ logger = logging.getLogger(__name__)
 
 #: A dependency fetch with no answer for this long is given up and reported missing.
 FETCH_TIMEOUT_S = 15.0
+
+#: Exit code of a worker process whose loop crashed (EX_SOFTWARE): its Nanny counts a death.
+EXIT_CRASHED = 70
 
 
 class WorkerLoop(DataPlane):
@@ -66,6 +71,8 @@ class WorkerLoop(DataPlane):
         self.stop_requested = False
         self.close_reason = ""
         self.exit_code: int | None = None  # set when the process should exit (Nanny restarts it)
+        self.crashed: str | None = None  # why the loop died of an unexpected exception
+        self.owner = None  # the Worker this loop works for: what get_worker() gives a task
         self.thread = threading.Thread(target=self._main, name="zfabric-worker", daemon=True)
         # state
         self.store: dict[str, object] = {}
@@ -125,8 +132,13 @@ class WorkerLoop(DataPlane):
             return
         try:
             self._loop()
-        except Exception:
-            logger.exception("worker %s loop crashed", self.name)
+        except Exception as exc:
+            # Not a goodbye: the scheduler and the Nanny must see a crash (suspicion for what
+            # ran here, a restart), never a deliberate close.
+            logger.exception("worker %s: its loop crashed", self.name)
+            self.crashed = f"its loop crashed: {type(exc).__name__}: {exc}"
+            self.close_reason = self.crashed
+            self.exit_code = EXIT_CRASHED
         finally:
             self._teardown()
             self.on_closed()
@@ -150,7 +162,8 @@ class WorkerLoop(DataPlane):
         self.wake = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)  # task threads poke it
         self.executor = Executor(self.wake, self.nthreads,
                                  inline_bytes=self.config.INLINE_BYTES,
-                                 max_bytes=self.config.MAX_MESSAGE_BYTES, name=str(self.name))
+                                 max_bytes=self.config.MAX_MESSAGE_BYTES, name=str(self.name),
+                                 context=self.owner or self)
         self.poller = zmq.Poller()
         for s in (self.sched, self.data, self.wake):
             self.poller.register(s, zmq.POLLIN)
@@ -167,8 +180,10 @@ class WorkerLoop(DataPlane):
     def _teardown(self) -> None:
         try:
             if self.epoch is not None:
-                self.sched.send_multipart(protocol.encode(
-                    [{"op": "goodbye", "reason": self.close_reason}]), zmq.NOBLOCK)
+                bye = {"op": "goodbye", "reason": self.close_reason}
+                if self.crashed:
+                    bye["crashed"] = True
+                self.sched.send_multipart(protocol.encode([bye]), zmq.NOBLOCK)
         except zmq.ZMQError:
             pass
         self.executor.stop()
@@ -215,6 +230,13 @@ class WorkerLoop(DataPlane):
         if self.started_keys:
             self.outbox.append({"op": "started", "keys": self.started_keys})
             self.started_keys = []
+        seceded = self.executor.seceded
+        if seceded:
+            items = []
+            while seceded:
+                key, flag = seceded.popleft()
+                items.append([key, flag])
+            self.outbox.append({"op": "long-running", "items": items})
         if self.finished_items:
             self.outbox.append({"op": "finished", "tasks": self.finished_items})
             self.finished_items = []
@@ -272,9 +294,9 @@ class WorkerLoop(DataPlane):
             for op in ops:
                 try:
                     self._on_scheduler_op(op)
-                except Exception:
-                    logger.exception("worker %s could not apply %r from the scheduler",
-                                     self.name, op["op"])
+                except Exception:  # one bad op must not stop the loop nor the ops beside it
+                    logger.exception("worker %s: could not handle %r from the scheduler",
+                                     self.name, str(op.get("op"))[:64])
 
     def _on_scheduler_op(self, op: dict) -> None:
         match op["op"]:
@@ -355,7 +377,10 @@ class WorkerLoop(DataPlane):
         if inline:
             for k, v in inline.items():
                 if k not in self.store:
-                    self.store[k] = serialize.loads_value(v)
+                    value = self.store[k] = serialize.loads_or_mark(k, v)
+                    if type(value) is serialize.Undecodable:
+                        logger.warning("worker %s: %s", self.name, value.reason)
+                        self.serialized[k] = (v, [], len(v))
         missing = fetch = None
         if who_has:
             for dep, addresses in who_has.items():
@@ -430,7 +455,8 @@ class WorkerLoop(DataPlane):
             borrowed = self.borrows.get(key)
             if borrowed:  # the run keeps its own references: a copy may go before it starts
                 values = ChainMap({d: self.store[d] for d in borrowed if d in self.store}, values)
-            ex.submit(key, func, payload, values)
+            ex.submit(key, func, payload, values,
+                      options.get("priority", 0) if options else 0)
 
     def _drain_done(self) -> None:
         try:
@@ -491,9 +517,20 @@ class WorkerLoop(DataPlane):
     def _run_function(self, rid: int, payload: bytes) -> None:
         try:
             func, args, kwargs = serialize.loads_task(payload, self.store)
+            if _takes(func, "dask_worker"):  # dask.distributed's convention
+                kwargs["dask_worker"] = self.owner or self
             value = func(*args, **kwargs)
+            if inspect.iscoroutine(value):
+                value = asyncio.run(value)
             header, _ = serialize.dumps_value(value, inline_bytes=1 << 62)
             self.outbox.append({"op": "run-result", "id": rid, "value": header})
         except Exception as exc:
             data, tb, text = serialize.exception_payload(exc)
             self.outbox.append({"op": "run-result", "id": rid, "error": [data, tb, text]})
+
+
+def _takes(func, name: str) -> bool:
+    try:
+        return name in inspect.signature(func).parameters
+    except (TypeError, ValueError):
+        return False

@@ -299,8 +299,12 @@ class DataPlane:
             self.serialized[key] = (header, bufs, serialize.nbytes(header, bufs))
             self.raw_keys.add(key)
         else:
-            self.store[key] = serialize.loads_value(header, bufs)
-            self.serialized.pop(key, None)
+            value = self.store[key] = serialize.loads_or_mark(key, header, bufs)
+            if type(value) is serialize.Undecodable:  # served on as it came; its tasks fail
+                logger.warning("worker %s: %s", self.name, value.reason)
+                self.serialized[key] = (header, bufs, serialize.nbytes(header, bufs))
+            else:
+                self.serialized.pop(key, None)
             self.raw_keys.discard(key)
 
     def _got_dep(self, dep: str) -> None:

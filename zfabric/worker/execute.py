@@ -6,10 +6,17 @@ A thread notes each start in ``started``, runs the function, pickles the result,
 outcome to ``done`` and, when ``done`` was empty, pokes the loop through an eventfd that the
 loop polls beside its sockets (one system call; no ZeroMQ socket per thread); the loop drains
 everything at once.
+
+Concurrency is bounded by ``nthreads`` slots, not by the number of threads: a task that calls
+``secede()`` gives its slot back and a spare thread starts, so a task that waits for tasks it
+submitted never holds up the queue; ``rejoin()`` waits for a free slot again. Threads beyond
+what the slots and the seceded tasks need leave when their task ends.
 """
 
 from __future__ import annotations
 
+import heapq
+import itertools
 import logging
 import os
 import queue
@@ -22,6 +29,15 @@ from .. import serialize
 from ..errors import ResultTooLarge
 
 logger = logging.getLogger(__name__)
+
+#: The task this thread runs (``key``) and the executor running it; None between tasks.
+_task = threading.local()
+_task.key = _task.executor = None
+
+
+def current_task():
+    """``(key, executor)`` of the task the calling thread runs, or ``(None, None)``."""
+    return getattr(_task, "key", None), getattr(_task, "executor", None)
 
 
 @dataclass(slots=True)
@@ -40,64 +56,135 @@ class Outcome:
 
 
 class Executor:
-    """``nthreads`` threads running ``(key, payload, values, options)`` calls."""
+    """``nthreads`` slots running ``(key, payload, values, options)`` calls."""
 
     def __init__(self, wake_fd: int, nthreads: int, *,
-                 inline_bytes: int, max_bytes: int, name: str = "worker"):
+                 inline_bytes: int, max_bytes: int, name: str = "worker", context=None):
         self.wake_fd = wake_fd
         self._wake_lock = threading.Lock()  # no poke once close_wake() closed the descriptor
         self.inline_bytes = inline_bytes
         self.max_bytes = max_bytes
+        self.context = context  # what get_worker() gives a running task
+        # Calls wait in a heap, by user priority then arrival; each has a token in ``calls``,
+        # on which idle threads block (None tells one to stop).
         self.calls: queue.SimpleQueue = queue.SimpleQueue()
+        self._heap: list = []
+        self._arrivals = itertools.count()
         self.done: deque[Outcome] = deque()
         self.started: deque[str] = deque()
+        # (key, True): the task gave its slot back; (key, False): it took one again
+        self.seceded: deque[tuple] = deque()
         self.cancelled: set[str] = set()
         self.running: dict[int, tuple[str, float]] = {}  # thread id -> (key, start time)
         self.threads: list[threading.Thread] = []
         self.name = name
+        self.nthreads = nthreads
+        self.slots = threading.Semaphore(nthreads)
+        self._holding: set[int] = set()  # threads that hold a slot
+        self._nseceded = 0  # tasks running without a slot
+        self._lock = threading.Lock()
         self._stopping = False
-        for i in range(nthreads):
-            self._spawn(i)
+        self._serial = 0
+        for _ in range(nthreads):
+            self._spawn()
 
-    def _spawn(self, i: int) -> None:
-        t = threading.Thread(target=self._run, name=f"zfabric-{self.name}-task-{i}", daemon=True)
+    def _spawn(self) -> None:
+        with self._lock:
+            self._serial += 1
+            t = threading.Thread(target=self._run, daemon=True,
+                                 name=f"zfabric-{self.name}-task-{self._serial}")
+            self.threads.append(t)
         t.start()
-        self.threads.append(t)
-
-    @property
-    def nthreads(self) -> int:
-        return len(self.threads)
 
     def replace_thread(self, ident: int) -> None:
-        """A thread is stuck in a task that timed out: abandon it and start a fresh one."""
+        """A thread is stuck in a task that timed out: abandon it (its slot goes to a fresh
+        thread)."""
         self.running.pop(ident, None)
-        for t in self.threads:
-            if t.ident == ident:
-                self.threads.remove(t)
-                break
-        self._spawn(len(self.threads) + 1000)
+        with self._lock:
+            for t in self.threads:
+                if t.ident == ident:
+                    self.threads.remove(t)
+                    break
+            holding = ident in self._holding
+            self._holding.discard(ident)
+            if not holding:
+                self._nseceded -= 1  # it had seceded: it needs no thread in its place
+        if holding:
+            self.slots.release()
+        self._spawn()
 
-    def submit(self, key: str, func, args: bytes, values: dict) -> None:
-        """Run ``func`` on the pickled ``args`` (dependencies resolved from ``values``).
-        ``func`` may be the exception that explains why the function could not be loaded."""
-        self.calls.put((key, func, args, values))
+    def submit(self, key: str, func, args: bytes, values: dict, priority: int = 0) -> None:
+        """Run ``func`` on the pickled ``args`` (dependencies resolved from ``values``), after
+        the queued calls of higher ``priority``. ``func`` may be the exception that explains
+        why the function could not be loaded."""
+        with self._lock:
+            heapq.heappush(self._heap, (-priority, next(self._arrivals),
+                                        (key, func, args, values)))
+        self.calls.put(True)
 
     def stop(self) -> None:
         self._stopping = True
-        for _ in self.threads:
+        for _ in range(len(self.threads) + self._nseceded):
             self.calls.put(None)
+
+    # ---------------------------------------------------------------- secede / rejoin
+
+    def secede(self, key) -> bool:
+        """The calling task gives its slot back (it will wait on other tasks); a spare thread
+        takes the queue meanwhile. False if this thread held no slot."""
+        me = threading.get_ident()
+        with self._lock:
+            if me not in self._holding:
+                return False
+            self._holding.discard(me)
+            self._nseceded += 1
+        self.slots.release()
+        self.seceded.append((key, True))
+        self._poke()
+        self._spawn()
+        return True
+
+    def rejoin(self, key) -> None:
+        """The calling task takes a slot again, waiting until one is free."""
+        me = threading.get_ident()
+        with self._lock:
+            if me in self._holding:
+                return
+        self.slots.acquire()
+        with self._lock:
+            self._holding.add(me)
+            self._nseceded -= 1
+        self.seceded.append((key, False))
+        self._poke()
+
+    # ---------------------------------------------------------------- threads
 
     def _run(self) -> None:
         me = threading.get_ident()
         while True:
-            call = self.calls.get()
-            if call is None or self._stopping:
+            if self.calls.get() is None or self._stopping:
                 return
+            self.slots.acquire()
+            with self._lock:
+                self._holding.add(me)
+                call = heapq.heappop(self._heap)[2]  # the most urgent now that a slot is free
             # In a call of its own, so that nothing of the task (its arguments, a borrowed
             # dependency, the result) stays referenced while this thread waits for the next.
             if not self._one(call, me):
                 return
             call = None
+            with self._lock:
+                held = me in self._holding
+                self._holding.discard(me)
+                if not held:
+                    self._nseceded -= 1
+                spare = len(self.threads) > self.nthreads + self._nseceded
+                if spare:
+                    self.threads = [t for t in self.threads if t.ident != me]
+            if held:
+                self.slots.release()
+            if spare:
+                return  # a seceded task ended: the thread started in its place carries on
 
     def _one(self, call: tuple, me: int) -> bool:
         """Run one call and leave its outcome; False when this thread was abandoned."""
@@ -108,17 +195,24 @@ class Executor:
         else:
             self.running[me] = (key, time.monotonic())
             self.started.append(key)
-            outcome = self._execute(key, func, payload, values)
+            _task.key, _task.executor = key, self
+            try:
+                outcome = self._execute(key, func, payload, values)
+            finally:
+                _task.key = _task.executor = None
             outcome.thread = me
             if self.running.pop(me, None) is None:
                 return False  # abandoned after a timeout: nobody wants this outcome
         done = self.done
         done.append(outcome)
         if len(done) == 1:
-            with self._wake_lock:
-                if self.wake_fd >= 0:
-                    os.eventfd_write(self.wake_fd, 1)
+            self._poke()
         return True
+
+    def _poke(self) -> None:
+        with self._wake_lock:
+            if self.wake_fd >= 0:
+                os.eventfd_write(self.wake_fd, 1)
 
     def close_wake(self) -> None:
         """Close the wake-up descriptor (threads abandoned after a timeout may still end)."""
@@ -131,11 +225,11 @@ class Executor:
         start = time.perf_counter()
         try:
             if func is None:  # a whole-call payload
-                func, args, kwargs = serialize.loads_task(payload, values)
+                func, args, kwargs = serialize.loads_task(payload, values, key)
             elif isinstance(func, BaseException):
                 raise func
             else:
-                args, kwargs = serialize.loads_args(payload, values)
+                args, kwargs = serialize.loads_args(payload, values, key)
             result = func(*args, **kwargs)
         except BaseException as exc:  # the task's failure is data, not ours
             data, tb, text = serialize.exception_payload(_strip(exc))
