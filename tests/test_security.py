@@ -33,10 +33,10 @@ def total(a):
 
 def fan_out(n):
     """A task that submits tasks (its worker's client connects with the client key)."""
-    from zfabric import get_client
+    from zfabric import worker_client
 
-    client = get_client()
-    return sum(client.gather(client.map(inc, range(n), pure=False)))
+    with worker_client() as client:  # gives its slot back while it waits
+        return sum(client.gather(client.map(inc, range(n), pure=False)))
 
 
 async def secure_cluster(sec, n=2, **kw):
@@ -77,7 +77,6 @@ async def test_client_and_workers_compute_with_security_on():
             t = c.submit(total, big, workers=[workers[1].address])
             assert await t == float(1 << 18)
             assert (await big).shape == (1 << 18,)
-            assert await c.submit(fan_out, 10, pure=False) == sum(range(1, 11))
             [scattered] = await c.scatter([np.arange(300_000)])
             assert await c.submit(total, scattered) == float(np.arange(300_000).sum())
     finally:
@@ -209,13 +208,15 @@ async def test_revoking_a_key_refuses_new_connections_and_ends_live_sessions(tmp
 
 
 def test_local_cluster_with_security_true_runs_nanny_workers():
-    with LocalCluster(n_workers=1, threads_per_worker=1, security=True,
+    with LocalCluster(n_workers=2, threads_per_worker=1, security=True,
                       memory_limit=0) as cluster:
         assert cluster.security is not None
         with Client(cluster, set_as_default=False) as c:
             assert c.security is cluster.security
             assert c.submit(inc, 41).result(timeout=20) == 42
             assert c.submit(total, c.submit(np.ones, 1 << 18)).result(timeout=20) == 1 << 18
+            # a task that submits tasks: its worker's client connects with the client key
+            assert c.submit(fan_out, 10, pure=False).result(timeout=30) == sum(range(1, 11))
         with pytest.raises(SecurityError):
             Client(cluster.scheduler_address, set_as_default=False, timeout=5)
 

@@ -46,6 +46,7 @@ _LAZY = {
     "LocalCluster": "cluster",
     "get_client": "context", "get_worker": "context", "rejoin": "context", "secede": "context",
     "worker_client": "context",
+    "Security": "security",
 }
 
 
