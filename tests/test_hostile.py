@@ -27,10 +27,13 @@ def inc(x):
     return x + 1
 
 
-def raw_dealer(address: str, *, read: bool = True) -> zmq.asyncio.Socket:
+def raw_dealer(address: str, *, read: bool = True,
+               identity: bytes | None = None) -> zmq.asyncio.Socket:
     """A DEALER that, with ``read=False``, takes in as little as ZeroMQ lets it."""
     sock = zmq.asyncio.Context.instance().socket(zmq.DEALER)
     sock.setsockopt(zmq.LINGER, 0)
+    if identity:
+        sock.setsockopt(zmq.ROUTING_ID, identity)
     if not read:
         sock.setsockopt(zmq.RCVHWM, 1)
         sock.setsockopt(zmq.RCVBUF, 4096)
@@ -402,3 +405,30 @@ async def test_values_placed_under_keys_the_scheduler_never_hears_of_are_dropped
         await until(lambda: "orphan" not in w.data, 10, "orphan value dropped")
         assert kept.key in w.data
         assert (await kept).sum() == np.arange(200_000).sum()
+
+
+async def test_queued_bytes_not_messages_bound_a_peer_that_does_not_read():
+    # Given a scheduler with its default high-water mark (100,000 messages) and 8 MB of
+    # backlog allowed per peer
+    cfg = from_env(PEER_BACKLOG_BYTES=8_000_000)
+    async with cluster(0, config=cfg) as (s, _):
+        sock = raw_dealer(s.address, read=False, identity=b"greedy")
+        try:
+            await sock.send_multipart(protocol.encode([protocol.hello("client", "greedy")]))
+            await until(lambda: b"greedy" in s.state.clients, 5)
+            # When it places values inline (each comes back to it in a memory op, ~60 KB)
+            # and never reads: 3,000 of them, 180 MB
+            value = b"v" * 60_000
+            for batch in range(60):
+                await sock.send_multipart(protocol.encode([{"op": "scatter", "items": [
+                    [f"k-{batch}-{i}", value, len(value), []] for i in range(50)]}]))
+                await asyncio.sleep(0.01)
+                if b"greedy" not in s.state.clients:
+                    break
+            # Then it is dropped once its bytes, not its messages, pass the bound
+            await until(lambda: b"greedy" not in s.state.clients, 20, "greedy peer dropped")
+            assert any("did not read its messages" in text for _, text in s.state.events)
+            assert s.backlog_bytes == 0
+            await until(lambda: not s.state.tasks, 5, "its values released")
+        finally:
+            sock.close(0)
