@@ -432,3 +432,19 @@ async def test_queued_bytes_not_messages_bound_a_peer_that_does_not_read():
             await until(lambda: not s.state.tasks, 5, "its values released")
         finally:
             sock.close(0)
+
+
+async def test_workers_and_nannies_may_not_make_client_requests():
+    async with cluster(1) as (s, _), FakePeer(s.address, role="worker") as fake, \
+            FakePeer(s.address, role="nanny") as nanny:
+        await fake.hello(**worker_hello())
+        await nanny.hello()
+        for peer in (fake, nanny):
+            for kind in ("shutdown", "restart", "run"):
+                await peer.send({"op": "request", "id": 1, "kind": kind,
+                                 "args": {"payload": b"x"}})
+                answer = await peer.expect("error")
+                assert "only clients do" in answer["message"]
+            await peer.send({"op": "request", "id": 2, "kind": "who-has", "args": {}})
+            assert (await peer.expect("reply"))["id"] == 2
+        assert s.status == "running" and not s.state.closing

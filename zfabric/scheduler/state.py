@@ -60,6 +60,11 @@ TRANSITIONS: dict[str, frozenset[str]] = {
 
 
 
+#: Requests a worker or a nanny may make (they only read).
+READ_ONLY_REQUESTS = frozenset({"info", "who-has", "has-what", "nbytes", "processing",
+                                "task-states"})
+
+
 class InvalidTransition(RuntimeError):
     """Raised when code (ours) tries a task-state move that the table forbids."""
 
@@ -390,6 +395,12 @@ class SchedulerState(ClientOps, WorkerLoss):
                 reply["error"] = f"unknown request {kind!r}"
         self.send(peer, reply)
 
+    def _check_read_only(self, op: dict, role: str) -> None:
+        """Workers and nannies may ask, not act: run, restart, shutdown are clients'."""
+        if op["kind"] not in READ_ONLY_REQUESTS:
+            raise RemoteProtocolError(f"a {role} may not make {short(op['kind'])} requests;"
+                                      " only clients do")
+
     def _start_fan_out(self, peer: bytes, rid: int, kind: str, args: dict) -> None:
         """A run (on workers) or restart (through nannies): reply once all have answered."""
         if kind == "run":
@@ -455,6 +466,7 @@ class SchedulerState(ClientOps, WorkerLoss):
             case "goodbye":
                 self._drop_nanny(ns.ident)
             case "request":
+                self._check_read_only(op, "nanny")
                 self.request(ns.ident, op)
             case "hello":
                 pass
@@ -500,6 +512,7 @@ class SchedulerState(ClientOps, WorkerLoss):
             case "run-result":
                 self._fan_out.answer(ws.ident, op)
             case "request":
+                self._check_read_only(op, "worker")
                 self.request(ws.ident, op)
             case "goodbye":
                 crashed = op.get("crashed") is True  # a crash, not a close: blame what ran
