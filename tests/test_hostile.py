@@ -369,6 +369,9 @@ async def test_a_task_over_the_frame_limit_fails_at_once_naming_size_and_scatter
         f = c.submit(len, big)
         with pytest.raises(TaskTooLarge, match=r"5,24\d,\d+ bytes.*scatter"):
             await asyncio.wait_for(f, 5)
+        # so does a run whose function is too large
+        with pytest.raises(TaskTooLarge, match="scatter"):
+            await c.run(len, big)
         # many tasks of 1 MiB each travel in several messages, each inside the limit
         futures = c.map(len, [b"y" * MiB] * 12, pure=False)
         assert await asyncio.wait_for(c.gather(futures), 20) == [MiB] * 12

@@ -538,6 +538,14 @@ class Client(Values, ClusterRequests, Session):
         self._check_open()
         if self.epoch is None and self.status == "running":
             raise SchedulerLost(f"not connected to the scheduler at {self.scheduler_address}")
+        payload = args.get("payload")
+        if type(payload) is bytes and len(payload) > self.config.SCHEDULER_FRAME_BYTES - 2**16:
+            # it would close our connection (MAXMSGSIZE) rather than reach the scheduler
+            raise TaskTooLarge(
+                f"the function of this {kind} request pickles to {len(payload):,} bytes; the"
+                f" scheduler takes at most {self.config.SCHEDULER_FRAME_BYTES:,} bytes in a"
+                " frame (SCHEDULER_FRAME_BYTES). Place large values on the workers with"
+                " client.scatter(...) and pass the futures instead")
         self._request_seq += 1
         rid = self._request_seq
         fut = self.loop.create_future()
