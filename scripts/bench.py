@@ -244,12 +244,6 @@ class Impl:
 
 
 class ZfabricImpl(Impl):
-    def env(self) -> dict[str, str]:
-        # Make the in-tree package importable without installing it.
-        env = dict(os.environ)
-        paths = [str(REPO_ROOT), *filter(None, env.get("PYTHONPATH", "").split(os.pathsep))]
-        env["PYTHONPATH"] = os.pathsep.join(dict.fromkeys(paths))
-        return env
 
     def _cli(self) -> list[str]:
         if importlib.util.find_spec("zfabric.__main__") is not None:
@@ -276,14 +270,44 @@ class ZfabricImpl(Impl):
     def worker_cmd(self, address: str) -> list[str]:
         return [*self._cli(), "worker", address, "--nthreads", "1"]
 
-    # --curve: the CLI processes read ZFABRIC_SECURITY themselves; the client is given keys
+    def env(self) -> dict[str, str]:
+        env = self._env()
+        env.pop("ZFABRIC_SECURITY", None)  # plain zfabric: no keys, whatever we were given
+        return env
+
+    def _env(self) -> dict[str, str]:
+        # Make the in-tree package importable without installing it.
+        env = dict(os.environ)
+        paths = [str(REPO_ROOT), *filter(None, env.get("PYTHONPATH", "").split(os.pathsep))]
+        env["PYTHONPATH"] = os.pathsep.join(dict.fromkeys(paths))
+        return env
+
+
+_CURVE_KEYS: list[str] = []  # the key directory of this run (made once, in the parent)
+
+
+class ZfabricCurveImpl(ZfabricImpl):
+    """zfabric with CurveZMQ on every socket: the CLI processes read ZFABRIC_SECURITY, the
+    client and LocalCluster are given the keys."""
+
+    def env(self) -> dict[str, str]:
+        env = self._env()
+        keys = os.environ.get("ZFABRIC_SECURITY") or (_CURVE_KEYS[0] if _CURVE_KEYS else None)
+        if keys is None:
+            from zfabric.security import keygen
+
+            keys = tempfile.mkdtemp(prefix="zfabric-bench-keys-")
+            keygen(keys)
+            _CURVE_KEYS.append(keys)
+        env["ZFABRIC_SECURITY"] = keys
+        return env
+
     def client_kwargs(self) -> dict[str, Any]:
-        keys = os.environ.get("ZFABRIC_SECURITY")
-        return ({"security": importlib.import_module("zfabric.security").Security(keys)}
-                if keys else {})
+        security = importlib.import_module("zfabric.security").Security
+        return {"security": security(os.environ["ZFABRIC_SECURITY"])}
 
     def cluster_kwargs(self) -> dict[str, Any]:
-        return {"security": True} if os.environ.get("ZFABRIC_SECURITY") else {}
+        return {"security": True}
 
 
 class DaskImpl(Impl):
@@ -332,6 +356,30 @@ IMPLS: dict[str, Impl] = {
     "zfabric": ZfabricImpl(
         name="zfabric",
         title="zfabric",
+        package="zfabric",
+        required=True,
+        full_sizes=dict(
+            rtt_warmup=20,
+            rtt_iters=300,
+            noop_tasks=20_000,
+            tree_leaves=8_192,
+            echo_mb=100,
+            pending_tasks=100_000,
+            done_tasks=20_000,
+        ),
+        quick_sizes=dict(
+            rtt_warmup=10,
+            rtt_iters=100,
+            noop_tasks=2_000,
+            tree_leaves=1_024,
+            echo_mb=10,
+            pending_tasks=10_000,
+            done_tasks=2_000,
+        ),
+    ),
+    "zfabric-curve": ZfabricCurveImpl(
+        name="zfabric-curve",
+        title="zfabric+CURVE",
         package="zfabric",
         required=True,
         full_sizes=dict(
@@ -957,7 +1005,9 @@ def advantage(row: Row, results: Results) -> float | None:
 
 
 def print_table(rows: list[Row], results: Results, notes: list[str]) -> None:
-    headers = ["row", "unit", *(impl.title for impl in IMPLS.values()), "zfabric advantage"]
+    shown = [impl.name for impl in IMPLS.values()
+             if impl.name in ("zfabric", "dask") or any(k[0] == impl.name for k in results)]
+    headers = ["row", "unit", *(IMPLS[name].title for name in shown), "zfabric advantage"]
     table = []
     for row in rows:
         adv = advantage(row, results)
@@ -965,7 +1015,7 @@ def print_table(rows: list[Row], results: Results, notes: list[str]) -> None:
         table.append([
             row.name,
             f"{row.unit} ({better} better)",
-            *(fmt(median_of(results, name, row)) for name in IMPLS),
+            *(fmt(median_of(results, name, row)) for name in shown),
             "n/a" if adv is None else f"{adv:.2f}x",
         ])  # fmt: skip
     widths = [max(len(line[i]) for line in [headers, *table]) for i in range(len(headers))]
@@ -1027,7 +1077,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
         description="Benchmark zfabric against dask.distributed (see the module docstring)."
     )
-    parser.add_argument("--impl", choices=["zfabric", "dask", "both"], default="both")
+    parser.add_argument("--impl", choices=["zfabric", "dask", "zfabric-curve", "both"],
+                        default="both")
     parser.add_argument(
         "--only", metavar="ROW[,ROW]", help=f"rows to run: {', '.join([*ROWS, *ROW_ALIASES])}"
     )
@@ -1052,8 +1103,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument(
         "--curve",
         action="store_true",
-        help="zfabric with CurveZMQ security on every socket (keys from `zfabric keygen`"
-        " in a temporary directory); compare with a run without it",
+        help="also run zfabric with CurveZMQ security on every socket (keys from `zfabric"
+        " keygen` in a temporary directory), in a column of its own",
     )
     parser.add_argument("--_child", nargs=2, help=argparse.SUPPRESS)
     parser.add_argument("--_sizes", help=argparse.SUPPRESS)
@@ -1086,13 +1137,6 @@ def raise_system_exit(signum: int, frame: Any) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    if getattr(args, "curve", False) and not args._child:
-        from zfabric.security import keygen
-
-        keys = tempfile.mkdtemp(prefix="zfabric-bench-keys-")
-        keygen(keys)
-        os.environ["ZFABRIC_SECURITY"] = keys  # inherited by every child and CLI process
-        log(f"CurveZMQ on: keys in {keys}")
     signal.signal(signal.SIGTERM, raise_system_exit)  # so finally blocks clean up
     if args._child:
         return child_main(args)
@@ -1101,10 +1145,12 @@ def main(argv: list[str] | None = None) -> int:
     marker = uuid.uuid4().hex
     os.environ[RUN_MARKER_ENV] = marker  # inherited by everything started from here
     notes: list[str] = []
-    impls = list(IMPLS.values()) if args.impl == "both" else [IMPLS[args.impl]]
+    impls = [IMPLS["zfabric"], IMPLS["dask"]] if args.impl == "both" else [IMPLS[args.impl]]
     if args.quick and args.impl == "both":
         impls = [IMPLS["zfabric"]]
         notes.append("--quick skips dask.distributed unless --impl dask is given (40-50 s alone)")
+    if args.curve and IMPLS["zfabric-curve"] not in impls:
+        impls.insert(1, IMPLS["zfabric-curve"])
 
     started = time.monotonic()
     interrupted = False
