@@ -29,6 +29,18 @@ localcluster_first_result_s
     processes=True)`` to the first ``Client(cluster).submit(inc, 1).result()``.
     Each repetition is a fresh Python process that imports the library before
     the clock starts, so import time is not counted; closing is not timed.
+dask_array_sum_s, dask_xxT_mean_s, dask_groupby_mean_s, dask_persist_100k_s
+    dask collections computed with the implementation's client
+    (``await client.compute(x)``), wall time from the call to the result, each
+    answer checked against dask's local threaded scheduler (not timed): (1)
+    ``da.ones(10_000_000, chunks=1_000).sum()``; (2) ``(x + x.T).mean()`` with
+    ``x = da.random.default_rng(42).random((4000, 4000), chunks=(250, 250))``;
+    (3) groupby("name").x.mean() of ``dask.datasets.timeseries`` over 16 days
+    at 500 ms (2.76 M rows, 16 partitions, shuffle method "tasks"); (4)
+    ``client.persist(da.ones(100_000, chunks=1).map_blocks(f))`` until every
+    block is in memory (``wait``); the JSON keeps the client's own submit time
+    as ``client_submit_s``.  A small untimed graph goes first (workers import
+    dask on their first graph).
 sched_bytes_per_task_pending / sched_bytes_per_task_done
     Growth of the scheduler process's RSS (psutil, whole process tree) divided
     by the number of tasks it holds: (pending) tasks that all depend on a
@@ -244,7 +256,6 @@ class Impl:
 
 
 class ZfabricImpl(Impl):
-
     def _cli(self) -> list[str]:
         if importlib.util.find_spec("zfabric.__main__") is not None:
             return [sys.executable, "-m", "zfabric"]
@@ -265,7 +276,11 @@ class ZfabricImpl(Impl):
             str(scheduler_file),
             "--host",
             "127.0.0.1",
+            *self.dashboard_args(),
         ]
+
+    def dashboard_args(self) -> list[str]:
+        return ["--no-dashboard"]  # as dask runs with --no-dashboard
 
     def worker_cmd(self, address: str) -> list[str]:
         return [*self._cli(), "worker", address, "--nthreads", "1"]
@@ -310,6 +325,13 @@ class ZfabricCurveImpl(ZfabricImpl):
         return {"security": True}
 
 
+class ZfabricDashboardImpl(ZfabricImpl):
+    """zfabric with its dashboard on and one live-stream reader (the dashboard-cost runs)."""
+
+    def dashboard_args(self) -> list[str]:
+        return ["--dashboard-address", "127.0.0.1:0"]
+
+
 class DaskImpl(Impl):
     def scheduler_cmd(self, scheduler_file: Path) -> list[str]:
         return [
@@ -339,18 +361,17 @@ class DaskImpl(Impl):
             "127.0.0.1",
         ]
 
-    def client_kwargs(self) -> dict[str, Any]:
-        return {}
-
-    def cluster_kwargs(self) -> dict[str, Any]:
-        return {}
-
     async def worker_addresses(self, client: Any) -> list[str]:
         # An asynchronous dask Client's scheduler_info() is a cache without
         # per-worker entries, so ask the scheduler directly.
         info = await client.scheduler.identity(n_workers=-1)
         return list(info["workers"])
 
+
+# The dask-collection rows run the same sizes on both implementations (side by side).
+DASK_FULL = dict(dask_sum_n=10_000_000, dask_xxt_n=4_000, dask_df_days=16,
+                 dask_persist_n=100_000)
+DASK_QUICK = dict(dask_sum_n=200_000, dask_xxt_n=1_000, dask_df_days=2, dask_persist_n=2_000)
 
 IMPLS: dict[str, Impl] = {
     "zfabric": ZfabricImpl(
@@ -366,6 +387,7 @@ IMPLS: dict[str, Impl] = {
             echo_mb=100,
             pending_tasks=100_000,
             done_tasks=20_000,
+            **DASK_FULL,
         ),
         quick_sizes=dict(
             rtt_warmup=10,
@@ -375,6 +397,7 @@ IMPLS: dict[str, Impl] = {
             echo_mb=10,
             pending_tasks=10_000,
             done_tasks=2_000,
+            **DASK_QUICK,
         ),
     ),
     "zfabric-curve": ZfabricCurveImpl(
@@ -414,6 +437,7 @@ IMPLS: dict[str, Impl] = {
             echo_mb=100,
             pending_tasks=10_000,
             done_tasks=2_000,
+            **DASK_FULL,
         ),
         quick_sizes=dict(
             rtt_warmup=5,
@@ -423,9 +447,25 @@ IMPLS: dict[str, Impl] = {
             echo_mb=10,
             pending_tasks=2_000,
             done_tasks=500,
+            **DASK_QUICK,
         ),
     ),
 }
+
+
+#: Implementations that are no column of the table: the dashboard-cost runs.
+EXTRA_IMPLS: dict[str, Impl] = {
+    "zfabric+dashboard": ZfabricDashboardImpl(
+        name="zfabric+dashboard",
+        title="zfabric, dashboard on",
+        package="zfabric",
+        required=True,
+        full_sizes=IMPLS["zfabric"].full_sizes,
+        quick_sizes=IMPLS["zfabric"].quick_sizes,
+    ),
+}
+#: Rows the dashboard-cost runs alternate (dashboard off, then on, each a fresh cluster).
+DASHBOARD_COST_ROWS = ("noop_tasks_per_s", "rtt_p50_ms")
 
 
 # ---------------------------------------------------------------------------
@@ -750,6 +790,93 @@ async def bench_sched_done(c: Cluster) -> Measurement:
     return Measurement((after - before) / n, {"tasks": n, "rss_before": before, "rss_after": after})
 
 
+# --- dask collections: the same dask code, with each implementation's client as scheduler ---
+
+
+def plus_one(block: Any) -> Any:
+    return block + 1
+
+
+def threaded(collection: Any) -> Any:
+    import dask
+
+    return dask.compute(collection, scheduler="threads")[0]
+
+
+async def dask_warmup(client: Any) -> None:
+    """A small graph first, untimed: each worker imports dask on its first graph."""
+    import dask.array as da
+
+    expect(await client.compute(da.ones(4, chunks=2).sum()) == 4, "warm-up sum is wrong")
+
+
+async def bench_dask_array_sum(c: Cluster) -> Measurement:
+    import dask.array as da
+
+    n = c.sizes["dask_sum_n"]
+    x = da.ones(n, chunks=1_000).sum()
+    want = float(n)
+    await dask_warmup(c.client)
+    start = time.perf_counter()
+    got = await c.client.compute(x)
+    seconds = time.perf_counter() - start
+    expect(got == want == threaded(x), f"sum {got} differs from the threaded scheduler's")
+    return Measurement(seconds, {"n": n, "chunks": n // 1_000})
+
+
+async def bench_dask_xxt_mean(c: Cluster) -> Measurement:
+    import dask.array as da
+    import numpy as np
+
+    n = c.sizes["dask_xxt_n"]
+    x = da.random.default_rng(42).random((n, n), chunks=(250, 250))
+    expr = (x + x.T).mean()
+    want = threaded(expr)
+    await dask_warmup(c.client)
+    start = time.perf_counter()
+    got = await c.client.compute(expr)
+    seconds = time.perf_counter() - start
+    expect(bool(np.isclose(got, want)), f"mean {got} differs from the threaded {want}")
+    return Measurement(seconds, {"n": n})
+
+
+async def bench_dask_groupby(c: Cluster) -> Measurement:
+    import dask
+    import dask.datasets
+
+    days = c.sizes["dask_df_days"]
+    with dask.config.set({"dataframe.shuffle.method": "tasks"}):
+        df = dask.datasets.timeseries(start="2000-01-01", end=f"2000-01-{1 + days:02d}",
+                                      freq="500ms", partition_freq="1D", seed=7)
+        expr = df.groupby("name").x.mean()
+        want = threaded(expr).sort_index()
+        await dask_warmup(c.client)
+        start = time.perf_counter()
+        got = await c.client.compute(expr)
+        seconds = time.perf_counter() - start
+    got = got.sort_index()
+    expect(len(got) == len(want) and bool((abs(got - want) < 1e-9).all()),
+           "groupby-mean differs from the threaded scheduler's")
+    return Measurement(seconds, {"rows": days * 86_400 * 2, "partitions": days})
+
+
+async def bench_dask_persist(c: Cluster) -> Measurement:
+    import dask.array as da
+
+    n = c.sizes["dask_persist_n"]
+    x = da.ones(n, chunks=1).map_blocks(plus_one)
+    await dask_warmup(c.client)
+    start = time.perf_counter()
+    xp = c.client.persist(x)
+    submitted = time.perf_counter() - start
+    await c.api.wait(xp)
+    seconds = time.perf_counter() - start
+    sample = x[: min(n, 1_000)]
+    got = await c.client.compute(xp[: min(n, 1_000)].sum())
+    expect(got == threaded(sample.sum()) == 2 * len(sample), "persisted values are wrong")
+    return Measurement(seconds, {"tasks": n, "client_submit_s": submitted})
+
+
 def bench_localcluster(impl: Impl, timeout: float) -> Measurement:
     """Runs synchronously, in a fresh process, after the library is imported."""
     api = impl.api()  # import outside the timed region
@@ -792,6 +919,10 @@ ROWS: dict[str, Row] = {
             "sched_bytes_per_task_pending", "B/task", False, bench_sched_pending, fresh_cluster=True
         ),
         Row("sched_bytes_per_task_done", "B/task", False, bench_sched_done, fresh_cluster=True),
+        Row("dask_array_sum_s", "s", False, bench_dask_array_sum),
+        Row("dask_xxT_mean_s", "s", False, bench_dask_xxt_mean),
+        Row("dask_groupby_mean_s", "s", False, bench_dask_groupby),
+        Row("dask_persist_100k_s", "s", False, bench_dask_persist),
     ]
 }
 ROW_ALIASES = {
@@ -823,7 +954,12 @@ async def run_cluster_row(
 
     async def measure(cluster: Cluster) -> None:
         nonlocal done
-        m = await asyncio.wait_for(row.run(cluster), timeout)
+        if isinstance(impl, ZfabricDashboardImpl):
+            with DashboardProbe(cluster) as probe:
+                m = await asyncio.wait_for(row.run(cluster), timeout)
+            m.extra.update(probe.figures())
+        else:
+            m = await asyncio.wait_for(row.run(cluster), timeout)
         done += 1
         log(f"[{impl.name}] {row.name} {done}/{repeat}: {fmt(m.value)} {row.unit}")
         emit("value", value=m.value, extra=m.extra)
@@ -838,9 +974,87 @@ async def run_cluster_row(
                 await measure(cluster)
 
 
+class DashboardProbe:
+    """While a row runs: one reader of the dashboard's live stream (at the page's rate, no
+    browser), and the CPU time of the scheduler process and of its dashboard threads (named
+    ``zf-dashboard`` at the OS level; per-thread times from psutil)."""
+
+    def __init__(self, cluster: Cluster):
+        self.cluster = cluster
+        self.events = 0
+        self.stop = False
+        self.thread: Any = None
+
+    def _read(self, link: str) -> None:
+        import http.client
+        from urllib.parse import urlsplit
+
+        u = urlsplit(link)
+        conn = http.client.HTTPConnection(u.hostname, u.port, timeout=10)
+        conn.request("GET", "/events")
+        r = conn.getresponse()
+        while not self.stop:
+            line = r.fp.readline()
+            if not line:
+                break
+            if line.startswith(b"data: "):
+                json.loads(line[6:])  # a page parses every snapshot too
+                self.events += 1
+        conn.close()
+
+    def _cpu(self) -> tuple[float, float]:
+        import psutil
+
+        pid = self.cluster.scheduler_pid
+        proc = psutil.Process(pid)
+        t = proc.cpu_times()
+        dash = 0.0
+        for th in proc.threads():
+            try:
+                name = Path(f"/proc/{pid}/task/{th.id}/comm").read_text().strip()
+            except OSError:
+                continue
+            if name.startswith("zf-dashboard"):
+                dash += th.user_time + th.system_time
+        return t.user + t.system, dash
+
+    def __enter__(self):
+        import threading
+
+        link = self.cluster.client.dashboard_link
+        expect(bool(link), "the scheduler gave no dashboard link")
+        self.thread = threading.Thread(target=self._read, args=(link,), daemon=True)
+        self.thread.start()
+        deadline = time.monotonic() + 5
+        while not self.events and time.monotonic() < deadline:
+            time.sleep(0.01)
+        expect(self.events > 0, "the dashboard's live stream sent nothing")
+        self.first = self.events
+        self.start = self._cpu()
+        self.t0 = time.monotonic()
+        return self
+
+    def __exit__(self, *exc):
+        self.end = self._cpu()
+        self.seconds = time.monotonic() - self.t0
+        self.stop = True
+        self.thread.join(15)
+
+    def figures(self) -> dict[str, Any]:
+        proc = self.end[0] - self.start[0]
+        dash = self.end[1] - self.start[1]
+        return {
+            "scheduler_cpu_s": proc,
+            "dashboard_cpu_s": dash,
+            "dashboard_cpu_share": dash / proc if proc > 0 else 0.0,
+            "sse_events": self.events - self.first,
+            "window_s": self.seconds,
+        }
+
+
 def child_main(args: argparse.Namespace) -> int:
     impl_name, row_name = args._child
-    impl, row = IMPLS[impl_name], ROWS[row_name]
+    impl, row = IMPLS.get(impl_name) or EXTRA_IMPLS[impl_name], ROWS[row_name]
     sizes = json.loads(args._sizes)
     warnings.filterwarnings("ignore", message="(Sending large graph|Large object)")
     try:
@@ -986,6 +1200,59 @@ def run_all(
                     setup_broken.add(impl.name)
 
 
+def run_dashboard_cost(args: argparse.Namespace, marker: str) -> dict[str, list[dict]]:
+    """Dashboard off, then on, ``args.dashboard_cost`` times, each a fresh cluster per row;
+    returns every run: ``{row: [{"dashboard": bool, "value": ..., **extra}, ...]}``."""
+    off, on = IMPLS["zfabric"], EXTRA_IMPLS["zfabric+dashboard"]
+    runs: dict[str, list[dict]] = {name: [] for name in DASHBOARD_COST_ROWS}
+    for i in range(args.dashboard_cost):
+        for impl in (off, on):
+            for name in DASHBOARD_COST_ROWS:
+                result = Result()
+                log(f"[dashboard cost {i + 1}/{args.dashboard_cost}] {impl.name} {name}")
+                sizes = impl.sizes(args.quick)
+                # ten times the row's usual work, so that CPU times (10 ms ticks) mean something
+                sizes["noop_tasks"] *= 10
+                sizes["rtt_iters"] *= 10
+                run_child(impl, ROWS[name], sizes, 1, args.timeout, marker, result)
+                entry: dict[str, Any] = {"run": i + 1, "dashboard": impl is on}
+                if result.error:
+                    entry["error"] = result.error
+                else:
+                    entry["value"] = result.values[0]
+                    entry.update(result.extras[0])
+                runs[name].append(entry)
+    return runs
+
+
+def print_dashboard_cost(runs: dict[str, list[dict]]) -> None:
+    print()
+    print("dashboard cost: the no-op and round-trip rows (ten times their usual work) with the"
+          " dashboard off and on (one live-stream reader), alternating, each run a fresh"
+          " cluster")
+    print(f"{'row':<18} {'run':>3}  {'off':>10}  {'on':>10}  {'dashboard CPU':>13}"
+          f"  {'of scheduler CPU':>16}  {'SSE events':>10}")
+    for name, entries in runs.items():
+        by_run: dict[int, dict[bool, dict]] = {}
+        for e in entries:
+            by_run.setdefault(e["run"], {})[e["dashboard"]] = e
+        for i, pair in sorted(by_run.items()):
+            a, b = pair.get(False, {}), pair.get(True, {})
+            share = b.get("dashboard_cpu_share")
+            print(f"{name:<18} {i:>3}  {fmt(a.get('value')):>10}  {fmt(b.get('value')):>10}"
+                  f"  {b.get('dashboard_cpu_s', 0) * 1e3:>10.1f} ms"
+                  f"  {'n/a' if share is None else f'{share * 100:.2f} %':>16}"
+                  f"  {b.get('sse_events', 'n/a'):>10}")
+        offs = [e["value"] for e in entries if not e["dashboard"] and "value" in e]
+        ons = [e["value"] for e in entries if e["dashboard"] and "value" in e]
+        shares = [e["dashboard_cpu_share"] for e in entries if "dashboard_cpu_share" in e]
+        if offs and ons:
+            m_off, m_on = statistics.median(offs), statistics.median(ons)
+            print(f"{name:<18} median off {fmt(m_off)}, on {fmt(m_on)} (on/off"
+                  f" {m_on / m_off:.3f}); dashboard threads at most"
+                  f" {max(shares) * 100:.2f} % of the scheduler process's CPU")
+
+
 def fmt(value: float | None) -> str:
     if value is None:
         return "n/a"
@@ -1106,6 +1373,14 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         help="also run zfabric with CurveZMQ security on every socket (keys from `zfabric"
         " keygen` in a temporary directory), in a column of its own",
     )
+    parser.add_argument(
+        "--dashboard-cost",
+        type=int,
+        default=0,
+        metavar="N",
+        help="also run the no-op and round-trip rows N times with the dashboard off and on"
+        " (one live-stream reader), alternating, and report every run (N >= 5 for the record)",
+    )
     parser.add_argument("--_child", nargs=2, help=argparse.SUPPRESS)
     parser.add_argument("--_sizes", help=argparse.SUPPRESS)
     parser.add_argument("--_rep-label", default="", help=argparse.SUPPRESS)
@@ -1155,8 +1430,11 @@ def main(argv: list[str] | None = None) -> int:
     started = time.monotonic()
     interrupted = False
     results: Results = {}
+    cost: dict[str, list[dict]] = {}
     try:
         run_all(args, impls, marker, notes, results)
+        if args.dashboard_cost:
+            cost = run_dashboard_cost(args, marker)
     except KeyboardInterrupt:
         interrupted = True
         notes.append("interrupted")
@@ -1168,8 +1446,14 @@ def main(argv: list[str] | None = None) -> int:
     notes.extend(f"{impl}/{row}: {error.splitlines()[0]}" for (impl, row), error in failures)
     notes.append(f"repeat={args.repeat}, quick={args.quick}, total {elapsed:.1f}s")
     print_table(args.rows, results, notes)
+    if cost:
+        print_dashboard_cost(cost)
+        failures += [(("zfabric+dashboard", name), e["error"]) for name, entries in cost.items()
+                     for e in entries if "error" in e]
     if args.json:
         report = json_report(args, impls, results, elapsed)
+        if cost:
+            report["dashboard_cost"] = cost
         args.json.write_text(json.dumps(report, indent=2) + "\n")
         log(f"wrote {args.json}")
     if interrupted:

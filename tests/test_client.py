@@ -13,12 +13,16 @@ import numpy as np
 import pytest
 
 from zfabric import Client, Future, Scheduler, Worker, as_completed, wait
-from zfabric.errors import ClosedError, CommTimeoutError, TaskCancelled
+from zfabric.errors import ClosedError, CommTimeoutError, RemoteProtocolError, TaskCancelled
 from zfabric.testing import check_leaks, cluster, gen_cluster, until
 
 
 def inc(x):
     return x + 1
+
+
+def div(x, y):
+    return x / y
 
 
 def add(x, y=0, *, z=0):
@@ -195,8 +199,10 @@ async def test_pure_keys_and_explicit_keys(c, s, a, b):
     h = c.submit(inc, 1, key="my-key")
     assert h.key == "my-key"
     assert await asyncio.gather(f1, f2, g1, g2, h) == [2, 2, 2, 2, 2]
-    with pytest.raises(TypeError, match="key must be a string"):
-        c.submit(inc, 1, key=42)
+    with pytest.raises(TypeError, match="a key must be a str, int"):
+        c.submit(inc, 1, key=[1, 2])
+    with pytest.raises(ValueError, match="reserves"):
+        c.submit(inc, 1, key="\x1fx")
     with pytest.raises(TypeError, match="callable"):
         c.submit(42)
 
@@ -497,3 +503,43 @@ async def test_client_accepts_a_scheduler_object_and_shutdown_closes_it():
         await c.shutdown()
         await asyncio.wait_for(s.finished(), 5)
         assert s.status == "closed" and c.status == "closed"
+
+
+@gen_cluster()
+async def test_dask_style_keys_round_trip(c, s, a, b):
+    # Given keys of every kind dask uses
+    keys = [("sum-aggregate-3f2a", 0, 1), 42, ("x", ("nested", 2)), "plain", 1.5]
+    # When submitted one by one and through map
+    f1 = c.submit(inc, 1, key=("single", 0))
+    fs = c.map(inc, range(len(keys)), key=keys)
+    # Then each future carries the very key it was given, and the results arrive
+    assert f1.key == ("single", 0)
+    assert [f.key for f in fs] == keys
+    assert await c.gather(fs) == [1, 2, 3, 4, 5]
+    assert await f1 == 2
+    # a dependent task of a tuple-keyed future
+    g = c.submit(add, fs[0], f1, key=("dep", 1))
+    assert await g == 3
+    who = await c.who_has(fs)
+    assert set(who) == set(keys)
+    held = await c.has_what()
+    assert ("sum-aggregate-3f2a", 0, 1) in [k for ks in held.values() for k in ks]
+    # errors name the user's key, not its wire form
+    bad = c.submit(div, 1, 0, key=("bad", 7))
+    with pytest.raises(ZeroDivisionError):
+        await bad
+    slow = c.submit(time.sleep, 5, key=("slow", 42))
+    await c.cancel([slow])
+    with pytest.raises(TaskCancelled, match=r"\('slow', 42\)"):
+        await slow
+
+
+@gen_cluster()
+async def test_refused_submission_fails_its_futures_at_once(c, s, a, b):
+    # Given a submission the scheduler refuses (an option of the wrong type)
+    fs = c.map(inc, range(3), key=[("k", i) for i in range(3)], priority=0, retries=None)
+    assert await c.gather(fs) == [1, 2, 3]
+    f = c.submit(inc, 1, key=("refused", 0), resources={"GPU": "many"})
+    # Then its future fails promptly with the scheduler's reason
+    with pytest.raises(RemoteProtocolError, match=r"refused \('refused', 0\).*resources"):
+        await asyncio.wait_for(f, 5)

@@ -84,6 +84,7 @@ def eth0_bytes():
 CLIENT_MAIN = r'''
 
 import json
+import os
 import sys
 import time
 
@@ -133,7 +134,37 @@ def main(address, ip_b, ip_c, n):
         report["y_equal"] = bool(np.array_equal(r["y"], make(n) * 2 + 1))
         report["y_in_shm_at_client"] = in_shm(r["y"])
         report.update({k: v for k, v in r.items() if k != "y"})
+    report.update(dataframe_shuffles(address))
     return report
+
+
+def dataframe_shuffles(address):
+    """A merge and a set_index with a zfabric client as dask's scheduler (shuffle "tasks")."""
+    import dask
+    import dask.dataframe as dd
+    import pandas as pd
+
+    out = {}
+    with Client(address, timeout=10):  # the default client: dask's scheduler
+        out["shuffle_method"] = dask.config.get("dataframe.shuffle.method")
+        pdf = pd.DataFrame({"k": np.arange(4000) % 13, "v": np.arange(4000.0)})
+        other = pd.DataFrame({"k": np.arange(13), "w": np.arange(13) * 10})
+        df = dd.from_pandas(pdf, npartitions=6)
+        odf = dd.from_pandas(other, npartitions=3)
+        merged = df.merge(odf, on="k", shuffle_method="tasks")
+        got = merged.groupby("k").w.sum().compute().sort_index()
+        want = pdf.merge(other, on="k").groupby("k").w.sum().sort_index()
+        out["df_merge_ok"] = bool(got.equals(want))
+        indexed = df.set_index("k").v.compute()
+        got = indexed.groupby(level=0).sum()
+        want = pdf.set_index("k").v.groupby(level=0).sum().sort_index()
+        out["df_set_index_ok"] = bool(indexed.index.is_monotonic_increasing
+                                      and np.allclose(got.values, want.values)
+                                      and list(got.index) == list(want.index))
+        pids = dask.compute(*[dask.delayed(os.getpid)(dask_key_name=f"pid-{i}")
+                              for i in range(6)])
+        out["df_ran_remote"] = os.getpid() not in pids
+    return out
 
 
 if __name__ == "__main__":
@@ -286,6 +317,10 @@ def test_three_hosts(lan, tmp_path):
     assert _delta(snaps, 2, "c")[1] >= LAN_NBYTES, _delta(snaps, 2, "c")
     assert _delta(snaps, 2, "b")[0] < small, _delta(snaps, 2, "b")
     assert r["y_in_shm_at_client"] is False
+    # And dask dataframes shuffle across the hosts by tasks (no files on the client's host)
+    assert r["shuffle_method"] == "tasks"
+    assert r["df_merge_ok"] is True and r["df_set_index_ok"] is True
+    assert r["df_ran_remote"] is True
 
 
 # ---------------------------------------------------------------------- one host

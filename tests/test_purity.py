@@ -12,7 +12,8 @@ import pytest
 import zfabric
 
 PURE = ["zfabric.protocol", "zfabric.heartbeat", "zfabric.scheduler.state",
-        "zfabric.scheduler.policy", "zfabric.scheduler.records", "zfabric.config"]
+        "zfabric.scheduler.policy", "zfabric.scheduler.records", "zfabric.config",
+        "zfabric.scheduler.observe", "zfabric.scheduler.retire"]
 
 FORBIDDEN = {"zmq", "asyncio", "socket", "threading", "time", "selectors"}
 
@@ -56,3 +57,40 @@ def test_pure_module_source_imports_no_io(module):
             imported.add(node.module.split(".")[0])
     # config may use os (environment, at the edges) and psutil lazily; nothing may do I/O
     assert not imported & FORBIDDEN, f"{module} imports {imported & FORBIDDEN}"
+
+
+def test_dask_stays_optional_and_unimported():
+    # Given dask made unimportable, zfabric and its roles still import, and a Client module
+    # load (which installs dask's import hook lazily) does not import dask.
+    code = """
+import sys
+import zfabric
+from zfabric import Client, Future, LocalCluster, Worker, futures_of
+import zfabric.client, zfabric.worker, zfabric.dask_scheduler
+assert "dask" not in sys.modules, sorted(m for m in sys.modules if m.startswith("dask"))
+sys.modules["dask"] = None
+import importlib
+importlib.reload(zfabric.dask_scheduler)
+print("ok")
+"""
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                          timeout=60)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.strip() == "ok"
+
+
+def test_watching_stays_optional_at_import():
+    # The dashboard's HTTP server, prometheus_client, rich and the browser test's selenium load
+    # only when used: a Client and a LocalCluster do not pull them in.
+    code = """
+import sys
+import zfabric
+from zfabric import Client, LocalCluster, progress, performance_report  # noqa: F401
+zfabric.Client.dashboard_link
+heavy = [m for m in ("prometheus_client", "rich", "selenium", "ipywidgets") if m in sys.modules]
+print(heavy)
+"""
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                          timeout=30)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert proc.stdout.strip() == "[]"

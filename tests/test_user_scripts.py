@@ -256,6 +256,14 @@ def test_tasks_that_submit_tasks_on_one_thread(tmp_path):
             return holder.future.result(timeout=30) + plain
 
 
+        def nested_dask():
+            import dask
+
+            where = dask.delayed(lambda: get_worker().address)()
+            (address,) = dask.compute(where)
+            return address
+
+
         if __name__ == "__main__":
             with LocalCluster(n_workers=1, threads_per_worker=1) as cluster, \\
                     Client(cluster) as client:
@@ -265,6 +273,8 @@ def test_tasks_that_submit_tasks_on_one_thread(tmp_path):
                 assert address in client.scheduler_info()["workers"]
                 f = client.submit(lambda: 5)
                 assert client.submit(peek, Holder(f), f).result(timeout=30) == 10
+                # dask.compute inside a task runs on the worker's client (as zfabric tasks)
+                assert client.submit(nested_dask).result(timeout=60) == address
                 # outside a task
                 for fn in (get_worker, secede, rejoin):
                     try:

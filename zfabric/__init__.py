@@ -28,8 +28,10 @@ if TYPE_CHECKING:
     from .client import Client, default_client
     from .cluster import LocalCluster
     from .context import get_client, get_worker, rejoin, secede, worker_client
-    from .futures import Future, as_completed, fire_and_forget, wait
+    from .diagnostics import get_task_stream, performance_report
+    from .futures import Future, as_completed, fire_and_forget, futures_of, wait
     from .nanny import Nanny
+    from .progress import progress
     from .scheduler import Scheduler
     from .security import Security
     from .worker import Worker
@@ -39,7 +41,9 @@ if TYPE_CHECKING:
 _LAZY = {
     "Client": "client", "default_client": "client",
     "Future": "futures", "as_completed": "futures", "fire_and_forget": "futures",
-    "wait": "futures",
+    "wait": "futures", "futures_of": "futures",
+    "progress": "progress",
+    "performance_report": "diagnostics", "get_task_stream": "diagnostics",
     "Scheduler": "scheduler.server",
     "Worker": "worker",
     "Nanny": "nanny",
@@ -74,7 +78,12 @@ __all__ = [
     "as_completed",
     "default_client",
     "fire_and_forget",
+    "futures_of",
     "wait",
+    # Diagnostics
+    "get_task_stream",
+    "performance_report",
+    "progress",
     # Inside tasks
     "get_client",
     "get_worker",

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
 import os
 import time
 from collections import defaultdict
@@ -16,7 +17,10 @@ from collections import defaultdict
 from . import protocol, serialize
 from .config import parse_timedelta
 from .errors import CommTimeoutError, ZFabricError
-from .futures import futures_of
+from .futures import Future, futures_of
+from .keys import from_wire, to_wire
+
+logger = logging.getLogger("zfabric.client")
 
 _RUN_ON_ERROR = ("raise", "return", "ignore")
 
@@ -50,8 +54,14 @@ class ClusterRequests:
     def who_has(self, futures=None, **kwargs):
         """``{key: [worker addresses]}`` for these futures (all keys without)."""
         _no_kwargs("who_has", kwargs)
-        keys = [f.key for f in futures_of(futures)] if futures is not None else None
-        return self.sync(self._request, "who-has", keys=keys)
+        if futures is not None:
+            futures = [futures] if isinstance(futures, Future) else futures_of(futures)
+        return self.sync(self._who_has, futures)
+
+    async def _who_has(self, futures):
+        keys = [f._wkey for f in futures] if futures is not None else None
+        result = await self._request("who-has", keys=keys)
+        return {from_wire(k): v for k, v in result.items()}
 
     def has_what(self, workers=None, **kwargs):
         """``{worker address: [keys it holds]}``, for these workers (names or addresses)."""
@@ -76,6 +86,7 @@ class ClusterRequests:
 
     async def _by_worker(self, kind: str, workers):
         result = await self._request(kind)
+        result = {a: [from_wire(k) for k in ks] for a, ks in result.items()}
         if workers is None:
             return result
         wanted = _selector(workers, await self._request("info"))
@@ -85,11 +96,11 @@ class ClusterRequests:
         """Bytes of each result held on the cluster (``summary``: summed by key prefix)."""
         _no_kwargs("nbytes", kwargs)
         if keys is not None:
-            keys = [k.key if hasattr(k, "key") else k for k in futures_of(keys)] or list(keys)
+            keys = [f._wkey for f in futures_of(keys)] or [to_wire(k) for k in keys]
         return self.sync(self._nbytes, keys, summary)
 
     async def _nbytes(self, keys, summary):
-        items = await self._request("nbytes", keys=keys)
+        items = [(from_wire(k), n) for k, n in await self._request("nbytes", keys=keys)]
         if not summary:
             return dict(items)
         out: dict[str, int] = defaultdict(int)
@@ -184,7 +195,11 @@ class ClusterRequests:
 
     def shutdown(self):
         """Close the scheduler, its workers and this client (and the LocalCluster)."""
-        return self.sync(self._shutdown)
+        if self.asynchronous:
+            return self._shutdown()
+        self.sync(self._shutdown)
+        self.close()  # and the client's loop thread
+        return None
 
     async def _shutdown(self):
         try:
@@ -192,15 +207,18 @@ class ClusterRequests:
         except Exception:
             pass
         await self._close()
-        if self.cluster is not None and not self._own_cluster:
-            close = getattr(self.cluster, "_close", None) or getattr(self.cluster, "close", None)
-            if close is not None and getattr(self.cluster, "status", "") != "closed":
-                try:
-                    res = close()
-                    if asyncio.iscoroutine(res):
-                        await res
-                except Exception:
-                    pass
+        cluster = self.cluster
+        if cluster is not None and not self._own_cluster and \
+                getattr(cluster, "status", "") != "closed":
+            # As dask.distributed: the cluster closes too, and says so. A blocking cluster
+            # runs on a loop thread of its own: close it through its public close().
+            try:
+                if getattr(cluster, "asynchronous", False):
+                    await cluster.close()
+                else:
+                    await asyncio.to_thread(cluster.close)
+            except Exception:
+                logger.warning("closing %r after shutdown failed", cluster, exc_info=True)
 
     def wait_for_workers(self, n_workers: int, timeout=None):
         """Block until at least ``n_workers`` workers are connected."""
@@ -273,7 +291,7 @@ class ClusterRequests:
                 f._state.retry()
 
         self._on_loop(reset)
-        self._send({"op": "retry", "keys": [f.key for f in flat]})
+        self._send({"op": "retry", "keys": [f._wkey for f in flat]})
         if self.asynchronous:
             return _done()
         return None

@@ -1,4 +1,4 @@
-"""The ``zfabric`` command: ``scheduler``, ``worker``, ``nanny``, ``info`` and ``demo``.
+"""The ``zfabric`` command: ``scheduler``, ``worker``, ``nanny``, ``info``, ``top``, ``demo``.
 
 A thin typer app: it reads ``ZFABRIC_*`` settings (:func:`zfabric.config.from_env`), builds the
 objects, and runs them until SIGINT or SIGTERM, which close them in order (the signal handling
@@ -128,6 +128,10 @@ def scheduler(
     scheduler_file: Annotated[Path | None, typer.Option(
         help="Write the scheduler's address to this JSON file.")] = None,
     pid_file: Annotated[Path | None, typer.Option(help="Write this process's id here.")] = None,
+    dashboard_address: Annotated[str | None, typer.Option(
+        help="Where to serve the dashboard, e.g. :8787 or 0.0.0.0:8787 (a port in use falls"
+        " back to a free one).  [default: :8787]", show_default=False)] = None,
+    dashboard: Annotated[bool, typer.Option(help="Serve the web dashboard.")] = True,
     log_level: LogLevel = "info",
     security: SecurityDir = None,
     require_encryption: RequireEncryption = False,
@@ -135,17 +139,24 @@ def scheduler(
     """Start a scheduler and print its address."""
     _setup_logging(log_level)
     sec = _security(security, require_encryption)
-    _run(_scheduler_main(host, port, scheduler_file, pid_file, sec))
+    _run(_scheduler_main(host, port, scheduler_file, pid_file,
+                         dashboard_address if dashboard else None, dashboard, sec))
 
 
-async def _scheduler_main(host, port, scheduler_file, pid_file, security=None) -> int:
+async def _scheduler_main(host, port, scheduler_file, pid_file, dashboard_address=None,
+                          dashboard=True, security=None) -> int:
     from . import config
     from .process import serve, start_or_stop
     from .scheduler import Scheduler
 
     cfg = config.from_env()
-    s = Scheduler(host=host, port=cfg.SCHEDULER_PORT if port is None else port, config=cfg,
-                  security=security)
+    if dashboard_address is None and dashboard:
+        dashboard_address = cfg.DASHBOARD_ADDRESS or None
+    try:
+        s = Scheduler(host=host, port=cfg.SCHEDULER_PORT if port is None else port, config=cfg,
+                      dashboard_address=dashboard_address, security=security)
+    except (TypeError, ValueError) as exc:
+        raise typer.BadParameter(str(exc), param_hint="--dashboard-address") from None
     if not await start_or_stop(s):
         return 0
     written = []
@@ -160,6 +171,8 @@ async def _scheduler_main(host, port, scheduler_file, pid_file, security=None) -
             tmp.replace(scheduler_file)  # readers never see half a file
             written.append(scheduler_file)
         typer.echo(f"Scheduler at: {s.address}")
+        if s.dashboard_link:
+            typer.echo(f"Dashboard at: {s.dashboard_link}")
         reason = await serve(s)
         logging.getLogger("zfabric.cli").info("scheduler stopping: %s", reason)
     finally:
@@ -334,14 +347,22 @@ def _size(n) -> str:
 
 def format_info(report: dict) -> str:
     """The text ``zfabric info`` prints for a scheduler_info() report."""
-    header = ("NAME", "ADDRESS", "THREADS", "MEMORY", "RUNNING", "HELD")
+    from .top import text_bar
+
+    header = ("NAME", "ADDRESS", "THREADS", "MEMORY", "", "RUNNING", "HELD")
     rows = []
     for addr, w in sorted(report.get("workers", {}).items(), key=lambda kv: str(kv[1]["name"])):
         metrics = w.get("metrics") or {}
-        used = _size(metrics.get("memory", 0))
-        limit = _size(w["memory_limit"]) if w.get("memory_limit") else "-"
+        mem = metrics.get("memory", 0)
+        limit_bytes = w.get("memory_limit")
+        used = _size(mem)
+        limit = _size(limit_bytes) if limit_bytes else "-"
+        numeric = all(type(v) in (int, float) for v in (mem, limit_bytes))
+        bar = (f"{text_bar(mem / limit_bytes, 20)} {mem / limit_bytes * 100:3.0f}%"
+               if limit_bytes and numeric else "")
         rows.append((str(w.get("name", addr)), addr, str(w.get("nthreads", "")),
-                     f"{used} / {limit}", str(metrics.get("executing", w.get("processing", 0))),
+                     f"{used} / {limit}", bar,
+                     str(metrics.get("executing", w.get("processing", 0))),
                      str(w.get("in_memory", 0))))
     widths = [max(len(r[i]) for r in [header, *rows]) for i in range(len(header))]
     lines = [f"Scheduler {report.get('address', '')}: {len(rows)} worker(s),"
@@ -354,7 +375,35 @@ def format_info(report: dict) -> str:
         lines.append("Tasks: " + ", ".join(f"{state} {n}" for state, n in sorted(tasks.items())))
     else:
         lines.append("Tasks: none")
+    dashboard = (report.get("services") or {}).get("dashboard")
+    if dashboard:
+        lines.append(f"Dashboard: {dashboard}")
     return "\n".join(lines)
+
+
+# ---------------------------------------------------------------------- top
+
+
+@app.command()
+def top(
+    address: Address = None,
+    scheduler_file: SchedulerFile = None,
+    interval: Annotated[float, typer.Option(min=0.1, help="Seconds between frames.")] = 1.0,
+    once: Annotated[bool, typer.Option("--once", help="Print one frame and exit.")] = False,
+    timeout: Annotated[float, typer.Option(help="Seconds to wait for the scheduler.")] = 5.0,
+) -> None:
+    """A live full-screen view of the cluster: workers, progress, throughput, events."""
+    addr = _address(address, scheduler_file)
+    from .errors import ZFabricError
+    from .top import run
+
+    try:
+        run(addr, interval=interval, once=once, timeout=timeout)
+    except (ZFabricError, OSError) as exc:
+        typer.echo(f"Error: {exc}", err=True)
+        raise typer.Exit(1) from None
+    except KeyboardInterrupt:
+        raise typer.Exit(0) from None
 
 
 # ---------------------------------------------------------------------- demo

@@ -29,9 +29,11 @@ from collections import deque
 import zmq
 import zmq.asyncio
 
-from . import _zmq, handshake, protocol, serialize
+from . import _zmq, dask_scheduler, handshake, protocol, serialize
 from .admin import ClusterRequests
 from .config import Config, from_env, parse_timedelta
+from .control import ClusterControl
+from .diagnostics import Diagnostics
 from .errors import (
     ClosedError,
     CommTimeoutError,
@@ -40,6 +42,7 @@ from .errors import (
     TaskTooLarge,
 )
 from .futures import Future, FutureState, futures_of
+from .keys import to_wire
 from .lifecycle import LoopThread
 from .link import Link
 from .security import SecurityError, as_security
@@ -98,7 +101,7 @@ def funcname(func) -> str:
     return "lambda" if name == "<lambda>" else name
 
 
-class Client(Values, ClusterRequests, Session):
+class Client(Values, ClusterRequests, ClusterControl, Session, Diagnostics):
     """Connects to a scheduler and turns calls into Futures.
 
     ``address`` may be a ``tcp://host:port`` string, a Scheduler, or a LocalCluster; with no
@@ -167,6 +170,7 @@ class Client(Values, ClusterRequests, Session):
         self._lock = threading.RLock()
         self._states: dict[str, FutureState] = {}
         self._refcount: dict[str, int] = {}
+        self._renamed: dict[str, str] = {}  # wire key of an alias-named Future -> its data's
         self._outbox: deque = deque()
         self._release_keys: list[str] = []
         self._worker_list: list[str] = []
@@ -183,8 +187,10 @@ class Client(Values, ClusterRequests, Session):
         self._lost_reported = False
         self._gone_holders: set[str] = set()  # data addresses whose values were lost
         self._callbacks = None  # the thread that runs add_done_callback's callbacks
+        self._is_default = set_as_default
         if set_as_default:
             _set_default(self)
+            dask_scheduler.install(self)
         if not asynchronous:
             self._loop_thread = LoopThread("zfabric-client-loop")
             self.loop = self._loop_thread.loop
@@ -336,6 +342,9 @@ class Client(Values, ClusterRequests, Session):
             await self._close()
             raise
         self.status = "running"
+        from . import joblib_backend
+
+        joblib_backend.register_on_import()  # without importing joblib (see there)
 
     # ------------------------------------------------------------------ reference counting
 
@@ -392,10 +401,9 @@ class Client(Values, ClusterRequests, Session):
         if actor or actors:
             raise NotImplementedError("zfabric has no actors")
         opts = _options(workers, resources, retries, priority, allow_other_workers, task_timeout)
-        if key is not None and not isinstance(key, str):
-            raise TypeError(f"key must be a string, got {type(key).__name__}")
-        item = self._task(func, args, kwargs, key, funcname(func), pure)
-        return self._submit_many([item], opts)[0]
+        wkey = to_wire(key) if key is not None else None
+        item = self._task(func, args, kwargs, wkey, funcname(func), pure)
+        return self._submit_many([item], opts, user_keys=None if key is None else [key])[0]
 
     def _task(self, func, args, kwargs, key, prefix, pure) -> tuple:
         """``(key, function id, function pickle, args pickle, deps, buffers)`` for one call;
@@ -413,12 +421,14 @@ class Client(Values, ClusterRequests, Session):
         """A key suffix unique across clients: this client's random id and a counter."""
         return f"{self._id_prefix}{next(self._unique):x}"
 
-    def _submit_many(self, items: list, opts: dict | None,
-                     batch: int | None = None) -> list[Future]:
+    def _submit_many(self, items: list, opts: dict | None, batch: int | None = None,
+                     user_keys: list | None = None) -> list[Future]:
+        """Futures for ``items`` (from :meth:`_task`, keyed by wire keys); ``user_keys``, when
+        given, are the keys as the user gave them, in the same order."""
         out, tasks, functions = [], [], {}
         with self._lock:
             self._queue_releases()
-            for key, fid, fbytes, abytes, deps, buffers in items:
+            for i, (key, fid, fbytes, abytes, deps, buffers) in enumerate(items):
                 st = self._states.get(key)
                 if st is None or st.status == "cancelled" or _lost(st):
                     st = self._states[key] = FutureState(key)
@@ -438,7 +448,7 @@ class Client(Values, ClusterRequests, Session):
                     else:
                         functions[fid] = fbytes
                         tasks.append([key, abytes, deps, opts, fid])
-                out.append(Future(key, self, st))
+                out.append(Future(user_keys[i] if user_keys is not None else key, self, st))
             self._flush_tasks(tasks, functions, batch)
         self._send()
         return out
@@ -495,13 +505,42 @@ class Client(Values, ClusterRequests, Session):
             if len(key) != len(argss):
                 raise ValueError(f"{len(key)} keys given for {len(argss)} items")
             keys = list(key)
+            wkeys = [to_wire(k) for k in keys]
+        elif key is not None and not isinstance(key, str):
+            raise TypeError("map's key must be a prefix string or a list of keys, one per item")
         else:
-            keys = None
+            keys = wkeys = None
         prefix = key if isinstance(key, str) else funcname(func)
         items = []
         for i, args in enumerate(argss):
-            items.append(self._task(func, args, kwargs, keys[i] if keys else None, prefix, pure))
-        return self._submit_many(items, opts, batch_size)
+            items.append(self._task(func, args, kwargs, wkeys[i] if wkeys else None, prefix, pure))
+        return self._submit_many(items, opts, batch_size, keys)
+
+    # ------------------------------------------------------------------ dask collections
+
+    def get(self, dsk, keys, **kwargs):
+        """Run a dask graph on the cluster and return the values of ``keys`` (nested lists
+        as given); dask calls this as its scheduler. See :mod:`zfabric.dask`."""
+        self._check_open()
+        from . import dask
+
+        return dask.get(self, dsk, keys, **kwargs)
+
+    def compute(self, collections, sync: bool = False, **kwargs):
+        """Start computing dask collections: a Future per collection (values with
+        ``sync=True``). Keywords as dask.distributed's (``workers``, ``retries``,
+        ``priority``, ``resources``, ``allow_other_workers``, ``optimize_graph``, ...)."""
+        self._check_open()
+        from . import dask
+
+        return dask.compute(self, collections, sync=sync, **kwargs)
+
+    def persist(self, collections, **kwargs):
+        """The same dask collections, now computed (or computing) and held on the cluster."""
+        self._check_open()
+        from . import dask
+
+        return dask.persist(self, collections, **kwargs)
 
     # ------------------------------------------------------------------ cancel
 
@@ -514,7 +553,7 @@ class Client(Values, ClusterRequests, Session):
         one; with it, it is cancelled for every client.
         """
         flat = futures_of(futures) if not isinstance(futures, Future) else [futures]
-        keys = [f.key for f in flat]
+        keys = [f._wkey for f in flat]
         why = reason or msg
         op = {"op": "cancel", "keys": keys}
         if why:
@@ -607,6 +646,8 @@ class Client(Values, ClusterRequests, Session):
         if self._own_cluster and self.cluster is not None:
             await self.cluster.close()
         self.status = "closed"
+        if self._is_default:
+            dask_scheduler.closed()
 
     def __del__(self):
         if self.status == "running" and not self.asynchronous and self._loop_thread is not None:

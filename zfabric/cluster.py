@@ -5,19 +5,26 @@ With ``processes=True`` (the default) each worker is a separate process kept by 
 same event loop as the scheduler. ``LocalCluster()`` blocks and runs that loop in a background
 thread of its own; ``LocalCluster(asynchronous=True)`` lives in the caller's loop and is awaited
 (``await LocalCluster(asynchronous=True)`` or ``async with``).
+
+Its size may change while it runs: ``scale(n)`` starts workers or retires some (their data
+moves to the workers that stay first), ``adapt(minimum=, maximum=)`` does so by itself
+following the work queued (:mod:`zfabric.adaptive`). Both ask the scheduler through an
+internal asynchronous client of the cluster's own.
 """
 
 from __future__ import annotations
 
 import asyncio
 import atexit
+import inspect
 import logging
 import math
 import os
+import time
 import weakref
 
-from .config import Config, from_env
-from .errors import ClosedError
+from .config import Config, from_env, memory_limit_bytes, parse_bytes, parse_timedelta
+from .errors import ClosedError, CommTimeoutError
 from .lifecycle import LifeCycle, LoopThread
 from .nanny import Nanny, format_bytes
 from .scheduler import Scheduler
@@ -98,13 +105,28 @@ class LocalCluster(LifeCycle):
         worker_log_level: str = "warning",
         config: Config | None = None,
         scheduler_port: int | None = None,
+        dashboard_address: str | int | None = "default",
+        name: str | None = None,
+        ip: str | None = None,
+        interface: str | None = None,
+        scheduler_kwargs: dict | None = None,
+        worker_kwargs: dict | None = None,
         security=None,
         **kwargs,
     ):
-        for ignored in ("dashboard_address", "silence_logs", "diagnostics_port"):
+        for ignored in ("silence_logs", "diagnostics_port"):
             kwargs.pop(ignored, None)
         if kwargs:
             raise TypeError(f"LocalCluster got unexpected arguments: {', '.join(sorted(kwargs))}")
+        host = _host(host, ip, interface)
+        self._scheduler_kwargs = _checked_kwargs(Scheduler, scheduler_kwargs, "scheduler_kwargs",
+                                                 also=("dashboard_address", "dashboard"))
+        host = self._scheduler_kwargs.pop("host", host)
+        port = self._scheduler_kwargs.pop("port", port)
+        self._worker_cls = Nanny if processes else Worker
+        self._worker_kwargs = _checked_kwargs(self._worker_cls, worker_kwargs, "worker_kwargs",
+                                              refuse=("name", "scheduler_ip",
+                                                      "scheduler_address", "nworkers"))
         self.n_workers, self.threads_per_worker = _sizing(n_workers, threads_per_worker,
                                                           processes)
         if self.n_workers < 0 or self.threads_per_worker < 1:
@@ -121,8 +143,15 @@ class LocalCluster(LifeCycle):
         self.config = config or from_env()
         #: The cluster's keys (``security=True``: fresh ones in memory); Client(cluster) uses them.
         self.security = as_security(security)
+        self.dashboard_address = dashboard_address
         self.scheduler: Scheduler | None = None
         self.workers: dict[int, Nanny | Worker] = {}
+        self._name = name
+        self._next_index = 0
+        self._control = None  # the cluster's own asynchronous Client, made on first need
+        self._scale_lock: asyncio.Lock | None = None
+        self._adaptive = None
+        self._watchers: list[asyncio.Task] = []  # drop workers that close by themselves
         self._loop_thread: LoopThread | None = None
         if not asynchronous:
             self._loop_thread = LoopThread("zfabric-cluster-loop")
@@ -141,11 +170,16 @@ class LocalCluster(LifeCycle):
         return self.scheduler.address if self.scheduler is not None else ""
 
     @property
+    def dashboard_link(self) -> str | None:
+        """The dashboard's URL, or None when it is off."""
+        return self.scheduler.dashboard_link if self.scheduler is not None else None
+
+    @property
     def name(self) -> str:
-        return f"LocalCluster({self.scheduler_address or 'not started'})"
+        return self._name or f"LocalCluster({self.scheduler_address or 'not started'})"
 
     def __repr__(self) -> str:
-        threads = self.n_workers * self.threads_per_worker
+        threads = len(self.workers) * self.threads_per_worker
         if self.processes and self.workers:
             limit = next(iter(self.workers.values())).memory_limit * len(self.workers)
             memory = f", memory={format_bytes(limit)}" if limit else ""
@@ -157,33 +191,60 @@ class LocalCluster(LifeCycle):
     # ------------------------------------------------------------------ life cycle
 
     async def start(self) -> None:
-        self.scheduler = Scheduler(host=self.host, port=self.port, config=self.config,
-                                   security=self.security)
+        from . import logs
+
+        logs.install()  # for get_logs
+        kw = {"config": self.config, "dashboard_address": self.dashboard_address,
+              "security": self.security, **self._scheduler_kwargs}
+        self.scheduler = Scheduler(host=self.host, port=self.port, **kw)
         await self.scheduler
+        await self._add_workers(self.n_workers)
+
+    def _new_worker(self) -> Nanny | Worker:
+        i = self._next_index
+        self._next_index += 1
         address = self.scheduler.address
-        for i in range(self.n_workers):
-            if self.processes:
-                self.workers[i] = Nanny(
-                    address, nworkers=1, nthreads=self.threads_per_worker,
-                    memory_limit=self.memory_limit, resources=self.resources, name=str(i),
-                    death_timeout=self.death_timeout, worker_log_level=self.worker_log_level,
-                    config=self.config, security=self.security,
-                )
-            else:
-                self.workers[i] = Worker(
-                    address, nthreads=self.threads_per_worker, memory_limit=self.memory_limit,
-                    resources=self.resources, name=str(i), death_timeout=self.death_timeout,
-                    config=self.config, security=self.security,
-                )
+        if self.processes:
+            kw = dict(nworkers=1, nthreads=self.threads_per_worker,
+                      memory_limit=self.memory_limit, resources=self.resources,
+                      death_timeout=self.death_timeout, worker_log_level=self.worker_log_level,
+                      config=self.config, security=self.security)
+        else:
+            kw = dict(nthreads=self.threads_per_worker, memory_limit=self.memory_limit,
+                      resources=self.resources, death_timeout=self.death_timeout,
+                      config=self.config, security=self.security)
+        w = self._worker_cls(address, name=str(i), **{**kw, **self._worker_kwargs})
+        self.workers[i] = w
+        return w
+
+    async def _add_workers(self, n: int) -> None:
+        new = [self._new_worker() for _ in range(n)]
         # Every worker process starts at the same time: this is most of the start-up time.
         # All of them settle before an error is raised, so that closing finds none half-started.
-        results = await asyncio.gather(*(w._start_once() for w in self.workers.values()),
-                                       return_exceptions=True)
+        results = await asyncio.gather(*(w._start_once() for w in new), return_exceptions=True)
         for r in results:
             if isinstance(r, BaseException):
                 raise r
+        self._watchers = [t for t in self._watchers if not t.done()]
+        for w in new:
+            self._watchers.append(asyncio.ensure_future(self._forget_when_closed(w)))
+
+    async def _forget_when_closed(self, w) -> None:
+        """A worker that closes by itself (retired through any client, or told to close)
+        leaves :attr:`workers`, as in dask.distributed's clusters."""
+        await w.finished()
+        if self.status == "running":
+            for i, other in list(self.workers.items()):
+                if other is w:
+                    del self.workers[i]
 
     async def _close(self) -> None:
+        for t in self._watchers:
+            t.cancel()
+        if self._adaptive is not None:
+            await self._adaptive.stop_async()
+        if self._control is not None:
+            await self._control.close()
         results = await asyncio.gather(*(w.close() for w in self.workers.values()),
                                        return_exceptions=True)
         for r in results:
@@ -191,6 +252,167 @@ class LocalCluster(LifeCycle):
                 logger.warning("closing a worker of %s failed: %r", self.name, r)
         if self.scheduler is not None:
             await self.scheduler.close()
+
+    # ------------------------------------------------------------------ size
+
+    def _run(self, coro, timeout: float | None = START_TIMEOUT_S):
+        """Awaitable ``coro`` when asynchronous; else run it on the cluster's loop and wait."""
+        if self.asynchronous:
+            return coro
+        if self._loop_thread is None or self.status != "running":
+            coro.close()
+            raise ClosedError(f"{self.name} is {self.status}; create a new LocalCluster")
+        return self._loop_thread.run(coro, timeout)
+
+    async def _client(self):
+        """The cluster's own asynchronous client (for retiring workers, logs, adapt)."""
+        if self._control is None:
+            from .client import Client
+
+            self._control = Client(self.scheduler_address, asynchronous=True,
+                                   set_as_default=False, config=self.config)
+            await self._control
+        return self._control
+
+    def _lock(self) -> asyncio.Lock:
+        if self._scale_lock is None:
+            self._scale_lock = asyncio.Lock()
+        return self._scale_lock
+
+    def scale(self, n: int = 0, *, memory: int | str | None = None, cores: int | None = None):
+        """Run ``n`` workers (or enough for ``cores`` threads or ``memory`` bytes in all).
+
+        New workers start at once; extra ones retire (their data moves to the workers that
+        stay, the tasks they run finish first). Stops adaptive scaling. Returns once done
+        (awaitable when ``asynchronous=True``).
+        """
+        target = self._target(n, memory, cores)
+        if self._adaptive is not None:
+            self._adaptive.stop()
+            self._adaptive = None
+        return self._run(self._scale(target))
+
+    def _target(self, n, memory, cores) -> int:
+        if memory is not None and cores is not None:
+            raise ValueError("scale takes n, memory= or cores=, not several")
+        if cores is not None:
+            return math.ceil(int(cores) / self.threads_per_worker)
+        if memory is not None:
+            per = memory_limit_bytes(self.memory_limit, self.threads_per_worker)
+            if not per:
+                raise ValueError("scale(memory=) needs workers with a memory_limit")
+            return math.ceil(parse_bytes(memory) / per)
+        if not isinstance(n, int) or isinstance(n, bool) or n < 0:
+            raise ValueError(f"scale needs a number of workers >= 0, got {n!r}")
+        return n
+
+    async def _scale(self, n: int) -> None:
+        async with self._lock():
+            have = len(self.workers)
+            if n > have:
+                await self._add_workers(n - have)
+            elif n < have:
+                await self._retire(count=have - n)
+
+    async def _retire(self, *, count: int | None = None, addresses=None) -> dict:
+        """Retire ``count`` workers of the scheduler's choosing (or these ``addresses``) and
+        drop them from :attr:`workers` once closed."""
+        where = {}
+        for w in self.workers.values():
+            if isinstance(w, Nanny):
+                for wp in w.processes:
+                    where[wp.address] = w
+            else:
+                where[w.address] = w
+        client = await self._client()
+        retired = await client._retire_workers(addresses, None if addresses else count)
+        gone = [where[a] for a in retired if a in where]
+        # They close by themselves (told by the scheduler); this waits for it.
+        await asyncio.gather(*(w.close() for w in gone), return_exceptions=True)
+        for i, w in list(self.workers.items()):
+            if any(w is g for g in gone):
+                del self.workers[i]
+        return retired
+
+    def adapt(self, minimum: int = 0, maximum: float = math.inf, *, interval="1s",
+              wait_count: int = 3, target_duration="5s", minimum_cores=None,
+              maximum_cores=None,
+              minimum_memory=None, maximum_memory=None):
+        """Scale by itself between ``minimum`` and ``maximum`` workers: add workers while
+        tasks queue, retire idle ones once ``wait_count`` checks ``interval`` apart found too
+        many (their data moves first). ``target_duration``: how long the runnable work may
+        take on the workers wanted. Returns the :class:`~zfabric.adaptive.Adaptive`
+        (``.stop()`` ends it; so do ``scale`` and ``close``)."""
+        from .adaptive import Adaptive
+
+        if minimum_cores is not None:
+            minimum = max(minimum, self._target(0, None, minimum_cores))
+        if maximum_cores is not None:
+            maximum = min(maximum, self._target(0, None, maximum_cores))
+        if minimum_memory is not None:
+            minimum = max(minimum, self._target(0, minimum_memory, None))
+        if maximum_memory is not None:
+            maximum = min(maximum, self._target(0, maximum_memory, None))
+        if self._adaptive is not None:
+            self._adaptive.stop()
+        interval_s = parse_timedelta(interval, name="interval")
+        target_s = parse_timedelta(target_duration, name="target_duration")
+        self._adaptive = Adaptive(self, minimum=minimum, maximum=maximum, interval=interval_s,
+                                  wait_count=wait_count, target_duration=target_s)
+        if self.asynchronous:
+            self._adaptive.start()
+        else:
+            self.loop.call_soon_threadsafe(self._adaptive.start)
+        return self._adaptive
+
+    def wait_for_workers(self, n_workers: int = 0, timeout=None):
+        """Return once ``n_workers`` workers are connected to the scheduler."""
+        return self._run(self._wait_for_workers(n_workers, parse_timedelta(timeout)), None)
+
+    async def _wait_for_workers(self, n: int, timeout: float | None) -> None:
+        deadline = None if timeout is None else time.monotonic() + timeout
+        while len(self.scheduler.state.workers) < n:
+            if deadline is not None and time.monotonic() > deadline:
+                raise CommTimeoutError(f"only {len(self.scheduler.state.workers)} of {n}"
+                                       f" workers arrived within {timeout:g} s")
+            await asyncio.sleep(0.02)
+
+    # ------------------------------------------------------------------ logs and clients
+
+    def get_logs(self, cluster: bool = True, scheduler: bool = True, workers=True):
+        """Recent log lines: ``{"Cluster": ..., "Scheduler": ..., worker address: ...}``, each
+        one string of lines. ``workers`` may be a list of worker addresses."""
+        return self._run(self._get_logs(cluster, scheduler, workers))
+
+    async def _get_logs(self, cluster, scheduler, workers) -> dict[str, str]:
+        from . import logs
+
+        out = {}
+        if cluster:
+            out["Cluster"] = "\n".join(m for _, m in logs.recent(prefix="zfabric.cluster"))
+        if scheduler:
+            events = [f"{t:.3f} event {text}" for t, text in list(self.scheduler.state.events)]
+            lines = [m for _, m in logs.recent(prefix="zfabric.scheduler")]
+            out["Scheduler"] = "\n".join([*events, *lines])
+        if workers:
+            client = await self._client()
+            which = None if workers is True else list(workers)
+            got = await client.run(logs.recent, workers=which)
+            for address, records in got.items():
+                out[address] = "\n".join(m for _, m in records)
+        return out
+
+    def get_client(self):
+        """The default client if it talks to this cluster, else a new Client of it."""
+        from .client import Client, default_client
+
+        try:
+            c = default_client()
+        except ValueError:
+            c = None
+        if c is not None and c.scheduler_address == self.scheduler_address:
+            return c
+        return Client(self, asynchronous=self.asynchronous)
 
     def close(self, timeout: float | None = None):
         """Close the workers, then the scheduler. Awaitable when ``asynchronous=True``."""
@@ -231,3 +453,44 @@ class LocalCluster(LifeCycle):
                 self.close(timeout=10)
             except Exception:
                 pass
+
+
+def _host(host: str, ip: str | None, interface: str | None) -> str:
+    """The scheduler's host from ``host``, dask's ``ip=`` or a network ``interface`` name."""
+    if ip is not None:
+        if host not in ("127.0.0.1", ip):
+            raise ValueError(f"LocalCluster got host={host!r} and ip={ip!r}; give one")
+        host = ip
+    if interface is not None:
+        import socket
+
+        import psutil
+
+        addrs = psutil.net_if_addrs()
+        if interface not in addrs:
+            raise ValueError(f"no network interface {interface!r}; this host has"
+                             f" {sorted(addrs)}")
+        v4 = [a.address for a in addrs[interface] if a.family == socket.AF_INET]
+        if not v4:
+            raise ValueError(f"network interface {interface!r} has no IPv4 address")
+        if ip is not None and ip != v4[0]:
+            raise ValueError(f"ip={ip!r} is not the address of interface {interface!r}"
+                             f" ({v4[0]})")
+        host = v4[0]
+    return host
+
+
+def _checked_kwargs(cls, kwargs: dict | None, what: str, refuse: tuple = (),
+                    also: tuple = ()) -> dict:
+    """``kwargs`` for ``cls``, refusing names it does not take (rather than dropping them)."""
+    if not kwargs:
+        return {}
+    params = inspect.signature(cls.__init__).parameters
+    known = {n for n, p in params.items() if p.kind not in (p.VAR_KEYWORD, p.VAR_POSITIONAL)}
+    known.discard("self")
+    known.update(also)
+    bad = sorted(k for k in kwargs if k not in known or k in refuse)
+    if bad:
+        raise TypeError(f"{what} has options {cls.__name__} does not take here: {bad};"
+                        f" it takes {sorted(known - set(refuse))}")
+    return dict(kwargs)

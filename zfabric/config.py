@@ -81,6 +81,13 @@ class Config:
     ADMIN_ONLY: str = ""
     #: Keys sent per ``submit`` message by ``Client.map``.
     SUBMIT_BATCH: int = 1000
+    #: Where the scheduler serves its dashboard (dask.distributed's port); a host-less
+    #: ``:PORT`` binds the scheduler's own interface. Empty: no dashboard.
+    DASHBOARD_ADDRESS: str = ":8787"
+    #: How often the scheduler publishes a snapshot to its dashboard.
+    DASHBOARD_INTERVAL_S: float = 0.25
+    #: Finished tasks the scheduler remembers for the task stream (get_task_stream).
+    TASK_STREAM_LENGTH: int = 10_000
 
 
 def from_env(environ: dict[str, str] | None = None, **overrides) -> Config:

@@ -18,6 +18,7 @@ from collections.abc import Iterable
 from . import serialize
 from .config import parse_timedelta
 from .errors import TaskCancelled, ZFabricError
+from .keys import from_wire, readable, to_wire
 
 __all__ = ["DoneAndNotDoneFutures", "Future", "FutureState", "as_completed", "fire_and_forget",
            "futures_of", "wait"]
@@ -68,7 +69,7 @@ class FutureState:
 
     def cancelled_error(self) -> TaskCancelled:
         why = f": {self.cancel_reason}" if self.cancel_reason else ""
-        return TaskCancelled(f"{self.key!r} was cancelled{why}")
+        return TaskCancelled(f"{from_wire(self.key)!r} was cancelled{why}")
 
     def retry(self) -> None:
         """The erred task runs again: pending."""
@@ -87,7 +88,7 @@ class FutureState:
             _, exc, tb, text, kind, extra = (self.error_item + [None] * 6)[:6]
             self._error = rebuild_error(exc, tb, text, kind, extra)
         if self._error is None:
-            self._error = ZFabricError(f"{self.key!r} failed")
+            self._error = ZFabricError(f"{from_wire(self.key)!r} failed")
         return self._error
 
     def _wake(self) -> None:
@@ -112,6 +113,8 @@ class FutureState:
 
 def rebuild_error(exc, tb, text, kind, extra) -> BaseException:
     """A task's error as the caller sees it: the task's own exception, or one of ours."""
+    if text:
+        text = readable(text)
     if exc is None and kind:
         from . import errors
 
@@ -131,27 +134,35 @@ class Future:
     ``exception()`` and ``traceback()`` return awaitables; in a blocking client they block.
     """
 
-    __slots__ = ("__weakref__", "_released", "_state", "client", "key")
+    # ``key`` is the user's key (a str, int or tuple, as given); ``_wkey`` its wire form
+    # (zfabric.keys), which the scheduler, the workers and the client's records use.
+    __slots__ = ("__weakref__", "_released", "_state", "_wkey", "client", "key")
 
-    def __init__(self, key: str, client=None, state: FutureState | None = None, inform=True):
+    #: dask treats objects with this flag as references to remote data (``delayed(f)(future)``
+    #: and persisted collections' graphs), without zfabric importing dask.
+    __dask_future__ = True
+
+    def __init__(self, key, client=None, state: FutureState | None = None, inform=True):
         if client is None:
             from .client import default_client
 
             client = default_client()
         self.key = key
+        wkey = state.key if state is not None else to_wire(key)
+        self._wkey = wkey
         self.client = client
         self._released = False
-        self._state = state if state is not None else client._get_state(key, want=inform)
-        client._inc_ref(key)
+        self._state = state if state is not None else client._get_state(wkey, want=inform)
+        client._inc_ref(wkey)
 
     def __repr__(self) -> str:
         return f"<Future: {self.status}, key: {self.key}>"
 
     def __hash__(self) -> int:
-        return hash(self.key)
+        return hash(self._wkey)
 
     def __eq__(self, other) -> bool:
-        return isinstance(other, Future) and other.key == self.key
+        return isinstance(other, Future) and other._wkey == self._wkey
 
     @property
     def status(self) -> str:
@@ -214,20 +225,25 @@ class Future:
         if not self._released:
             self._released = True
             try:
-                self.client._dec_ref(self.key)
+                self.client._dec_ref(self._wkey)
             except Exception:
                 pass
 
     def __del__(self):
         self.release()
 
+    def __dask_tokenize__(self):
+        # dask names collections by hashing their graphs: a persisted dataframe's graph holds
+        # Futures, whose token is their key (as dask.distributed's are)
+        return ("zfabric.Future", self._wkey)
+
     def __reduce__(self):
         collected = serialize.collecting()
         if collected is not None:
             if not serialize.is_direct(self):
                 return (serialize._future_ref, (self.key,))
-            collected.append(self.key)
-        return (serialize._resolve, (self.key,))
+            collected.append(self._wkey)
+        return (serialize._resolve, (self._wkey,))
 
 
 serialize.future_type = Future
@@ -242,12 +258,25 @@ def _flatten(obj, out: list) -> None:
     elif isinstance(obj, dict):
         for x in obj.values():
             _flatten(x, out)
+    elif hasattr(obj, "__dask_graph__") and not isinstance(obj, type):
+        # a dask collection (a persisted one's graph holds Futures)
+        graph = obj.__dask_graph__()
+        for x in (graph.values() if graph is not None else ()):
+            if isinstance(x, Future):
+                out.append(x)
+            else:  # a task-spec node: a DataNode holding a Future
+                value = getattr(x, "value", None)
+                if isinstance(value, Future):
+                    out.append(value)
 
 
 def futures_of(obj) -> list[Future]:
-    """Every Future inside nested lists, tuples, sets and dicts."""
+    """Every Future inside nested lists, tuples, sets and dicts, and in the graphs of dask
+    collections (those that :meth:`Client.persist` returned), each once."""
     out: list[Future] = []
     _flatten(obj, out)
+    if len(out) > 1:
+        out = list(dict.fromkeys(out))
     return out
 
 
@@ -255,6 +284,8 @@ def _as_futures(obj) -> list[Future]:
     """The Futures of a Future, a (nested) collection of them, or any iterable of them."""
     if isinstance(obj, Future):
         return [obj]
+    if hasattr(obj, "__dask_graph__") and not isinstance(obj, type):
+        return futures_of(obj)  # a persisted dask collection
     if not isinstance(obj, list | tuple | set | frozenset | dict):
         obj = list(obj)  # a generator, say
     return futures_of(obj)
@@ -485,6 +516,6 @@ def fire_and_forget(obj) -> None:
     futures = futures_of(obj) if not isinstance(obj, Future) else [obj]
     by_client: dict = {}
     for f in futures:
-        by_client.setdefault(id(f.client), (f.client, []))[1].append(f.key)
+        by_client.setdefault(id(f.client), (f.client, []))[1].append(f._wkey)
     for client, keys in by_client.values():
         client._send({"op": "want", "keys": keys, "fire_and_forget": True})

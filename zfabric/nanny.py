@@ -275,7 +275,7 @@ class Nanny(LifeCycle):
                 self.epoch = None
                 self._send(protocol.hello("nanny", self.identity, pid=os.getpid()))
             case "restart":
-                self._own(self._restart(op["id"]))
+                self._own(self._restart(op["id"], op.get("workers")))
             case "heartbeat":
                 pass
             case "close":
@@ -534,12 +534,16 @@ class Nanny(LifeCycle):
                 )
             await asyncio.sleep(0.005)
 
-    async def _restart(self, rid: int) -> None:
-        """``client.restart()``: replace every worker process, answer once all are back."""
+    async def _restart(self, rid: int, workers: list | None = None) -> None:
+        """``client.restart()``: replace every worker process (or those whose identities
+        ``workers`` lists: ``client.restart_workers``), answer once all are back."""
         now = time.monotonic()
         marks = []
         for slot in self.slots:
             if slot.phase == "closed":
+                continue
+            if workers is not None and (slot.process is None
+                                        or slot.process.identity not in workers):
                 continue
             marks.append((slot, slot.generation))
             if slot.phase in ("starting", "running") and slot.process is not None:

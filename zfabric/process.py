@@ -254,6 +254,9 @@ def setup_logging(level: str) -> None:
         raise ValueError(f"unknown log level {level!r}; use debug, info, warning or error")
     logging.basicConfig(level=numeric, stream=sys.stderr,
                         format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    from . import logs
+
+    logs.install()  # for LocalCluster.get_logs
 
 
 def main_from_nanny(argv: list[str]) -> int:
@@ -283,6 +286,9 @@ async def run_worker(address: str, kw: dict, parent_pid: int | None = None,
     pipe = NannyPipe(ready_fd)
     if parent_pid is not None and not die_with_parent(parent_pid):
         return 0  # the Nanny that started us is gone already
+    from .dask_scheduler import serve_tasks
+
+    serve_tasks()  # dask.compute() inside a task runs on this worker's client
     w = Worker(address, **kw)
     if not await start_or_stop(w):
         return 0

@@ -68,6 +68,8 @@ SCHEMAS: dict[str, dict[str, tuple[type, ...]]] = {
     "functions": {"items": _L},
     "forget-functions": {"keys": _L},
     "run-result": {"id": _I},
+    "acquire": {"items": _L},  # keep copies of these keys (replicate, retire_workers)
+    "acquired": {"keys": _L},  # ... now held; optional "failed": keys it could not get
     "close": {},
     # nanny <-> scheduler
     "worker-died": {"worker": _S, "reason": _S},

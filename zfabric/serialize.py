@@ -108,7 +108,7 @@ def _swap_futures(obj):
     :class:`Dep` marker (containers are copied only where something changed)."""
     t = type(obj)
     if t is future_type:
-        return Dep(obj.key)
+        return Dep(obj._wkey)
     if t in (list, tuple, set, frozenset):
         items = [_swap_futures(x) for x in obj]
         if all(a is b for a, b in zip(items, obj, strict=True)):
@@ -327,12 +327,17 @@ def task_hash(payload, buffers=()) -> str:
 class _FunctionCache:
     """Recently unpickled functions, by their pickle."""
 
-    def __init__(self, size: int = 512):
+    def __init__(self, size: int = 512, max_bytes: int = 64 * 1024):
         self.size = size
+        self.max_bytes = max_bytes
         self.items: OrderedDict[bytes, object] = OrderedDict()
         self.lock = threading.Lock()
 
     def get(self, data: bytes):
+        if len(data) > self.max_bytes:
+            # a chunk of a dask graph (or a function closing over much data): the worker keeps
+            # it under its id while tasks need it; caching it here would outlive that
+            return pickle.loads(data)
         with self.lock:
             func = self.items.get(data)
             if func is not None:

@@ -20,6 +20,7 @@ import warnings
 from . import protocol, shm
 from .errors import RemoteProtocolError, SchedulerLost
 from .futures import FutureState
+from .keys import from_wire, readable
 
 logger = logging.getLogger("zfabric.client")
 
@@ -82,6 +83,7 @@ class Session:
                     fut.set_result(op)
             case "welcome":
                 self.epoch = op["epoch"]
+                self._dashboard_link = op.get("dashboard")
                 self._lost_reported = False
                 for w in op.get("warnings") or ():
                     warnings.warn(f"zfabric version mismatch with the scheduler: {w}",
@@ -93,12 +95,13 @@ class Session:
                                      f" ({op['reason']})")
                 self._send(protocol.hello("client", self.id))
             case "error":
-                logger.error("scheduler: %s", op["message"])
+                message = readable(op["message"])
+                logger.error("scheduler: %s", message)
                 for key in op.get("keys") or ():
                     st = states.get(key)
                     if st is not None and not st.done():
                         st.fail(None, RemoteProtocolError(
-                            f"the scheduler refused {key!r}: {op['message']}"))
+                            f"the scheduler refused {from_wire(key)!r}: {message}"))
                 if op.get("fatal") and not self._welcome.done():
                     self._welcome.set_exception(RemoteProtocolError(op["message"]))
                 elif op.get("fatal"):  # the session ended (its key was revoked): nothing waits

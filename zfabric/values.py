@@ -18,6 +18,7 @@ from . import protocol, serialize
 from .config import parse_timedelta
 from .errors import SchedulerLost
 from .futures import Future, FutureState, futures_of, until_done
+from .keys import to_wire
 
 logger = logging.getLogger(__name__)
 
@@ -92,9 +93,9 @@ class Values:
                 continue
             if st.value is not None:
                 return serialize.loads_value(st.value)
-            values = await self._fetch({future.key: st.who_has or []})
-            if future.key in values:
-                return values[future.key]
+            values = await self._fetch({future._wkey: st.who_has or []})
+            if future._wkey in values:
+                return values[future._wkey]
             await asyncio.sleep(0.05 * (_attempt + 1))
         raise SchedulerLost(f"could not get the value of {future.key!r} from any worker")
 
@@ -161,20 +162,20 @@ class Values:
             st = f._state
             if st.status == "finished":
                 if st.value is not None:
-                    values[f.key] = serialize.loads_value(st.value)
+                    values[f._wkey] = serialize.loads_value(st.value)
                 else:
-                    need[f.key] = st.who_has or []
+                    need[f._wkey] = st.who_has or []
             elif errors == "raise":
                 if st.status == "cancelled":
                     raise st.cancelled_error()
                 raise st.exception()
             else:
-                bad.add(f.key)
+                bad.add(f._wkey)
         if need:
             values.update(await self._fetch(need))
             for f in flat:
-                if f.key in need and f.key not in values:
-                    values[f.key] = await self._value_of(f)
+                if f._wkey in need and f._wkey not in values:
+                    values[f._wkey] = await self._value_of(f)
         return _rebuild(futures, values, bad)
 
     def scatter(self, data, workers=None, broadcast: bool = False, direct=None, hash=True,
@@ -197,7 +198,7 @@ class Values:
             items = [(None, v) for v in data]
         else:
             items, single = [(None, data)], True
-        large, inline, keys = [], [], []
+        large, inline, keys, user_keys = [], [], [], {}
         for k, v in items:
             header, bufs = serialize.dumps_value(v, self.config.INLINE_BYTES)
             size = serialize.nbytes(header, bufs)
@@ -205,6 +206,9 @@ class Values:
                 digest = (serialize.task_hash(header + b"".join(bytes(b) for b in bufs))
                           if hash else uuid.uuid4().hex)
                 k = f"{type(v).__name__}-{digest}"
+            wk = to_wire(k)
+            user_keys[wk] = k
+            k = wk
             keys.append(k)
             if not bufs and size < self.config.INLINE_BYTES and not broadcast and not workers:
                 inline.append([k, header, size, []])
@@ -232,14 +236,14 @@ class Values:
                 st = self._states.get(k)
                 if st is None:
                     st = self._states[k] = FutureState(k)
-                futs[k] = Future(k, self, st)
+                futs[k] = Future(user_keys[k], self, st)
             self._queue_releases()
             self._outbox.append({"op": "scatter", "items": inline})
         self._send()
         if single:
             return futs[keys[0]]
         if isinstance(data, dict):
-            return {k: futs[k] for k, _ in items}
+            return {k: futs[to_wire(k)] for k, _ in items}
         return type(data)(futs[k] for k in keys) if not isinstance(data, set | frozenset) else [
             futs[k] for k in keys]
 
@@ -250,14 +254,14 @@ def _pickle_ref(key: str) -> bytes:
 
 def _rebuild(obj, values: dict, bad: set):
     if isinstance(obj, Future):
-        return values[obj.key]
+        return values[obj._wkey]
     if isinstance(obj, list | tuple | set | frozenset):
         out = [_rebuild(x, values, bad) for x in obj
-               if not (isinstance(x, Future) and x.key in bad)]
+               if not (isinstance(x, Future) and x._wkey in bad)]
         return out if isinstance(obj, list) else type(obj)(out)
     if isinstance(obj, dict):
         return {k: _rebuild(v, values, bad) for k, v in obj.items()
-                if not (isinstance(v, Future) and v.key in bad)}
+                if not (isinstance(v, Future) and v._wkey in bad)}
     return obj
 
 

@@ -90,6 +90,7 @@ class ClientOps:
             if ts is None:
                 ts = TaskState(key, payload)
                 self.tasks[key] = ts
+                self._observe_new(ts)
             else:
                 ts.payload = payload
                 if ts.func is not None:
@@ -244,10 +245,13 @@ class ClientOps:
             if ts is None:
                 ts = TaskState(key, None)
                 self.tasks[key] = ts
+                self._observe_new(ts)
                 self._seq += 1
                 ts.priority = self._seq
             ts.scattered = True
             ts.value = value
+            for w in ts.who_has:  # their byte counts took the old size
+                w.nbytes += nbytes - ts.nbytes
             ts.nbytes = nbytes
             for ws in holders:
                 ts.add_holder(ws)

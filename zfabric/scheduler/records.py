@@ -134,6 +134,7 @@ class TaskState:
         "children",
         "extra",
         "func",
+        "group",
         "holders",
         "key",
         "nbytes",
@@ -151,6 +152,7 @@ class TaskState:
         self.key = key
         self.payload = payload
         self.func: str | None = None
+        self.group = None  # its observe.Group (counters by key prefix), set by the state
         self.state = "new"
         self.parents = None  # dependencies: None, one TaskState, or a tuple of them
         self.children = None  # tasks that depend on this one: None, one, or _Dependents
@@ -315,11 +317,13 @@ class WorkerState:
         "metrics",
         "name",
         "nanny",
+        "nbytes",
         "nheld",
         "nthreads",
         "pid",
         "processing",
         "resources",
+        "retiring",
         "started",
     )
 
@@ -343,10 +347,12 @@ class WorkerState:
         self.long_running: set = set()  # processing tasks that seceded: they take no slot
         self._held: list = []  # tasks it held at some point: every one it holds, some stale
         self.nheld = 0  # how many tasks list it among their holders
+        self.nbytes = 0  # summed sizes of the values it holds (as they were when it got them)
         self.functions: set = set()  # function ids this worker has been sent
         self.avg_duration: float | None = None
         self.finished = 0
         self.limit = self.nthreads * 2 + 2  # until task durations are known
+        self.retiring = False  # being retired: no new tasks (its limit stays 0)
 
     def __repr__(self) -> str:
         return f"<Worker {self.name} {self.address}>"
@@ -360,16 +366,19 @@ class WorkerState:
         """``ts`` now lists it among its holders (called by ``TaskState.add_holder``)."""
         self._held.append(ts)
         self.nheld += 1
+        self.nbytes += ts.nbytes
 
     def unhold(self, ts: TaskState) -> None:
         """``ts`` no longer lists it (called by ``TaskState.drop_holder``)."""
         self.nheld -= 1
+        self.nbytes -= ts.nbytes
         if len(self._held) > 2 * self.nheld + 64:  # amortised O(1): the log at least halves
             self._held = self.has_what
 
     def clear_held(self) -> None:
         self._held = []
         self.nheld = 0
+        self.nbytes = 0
 
     def has_slot(self) -> bool:
         return len(self.processing) - len(self.long_running) < self.limit
@@ -399,7 +408,8 @@ class WorkerState:
             self.finished += 1
             if self.finished & 15 == 1:  # the allowance need not move on every task
                 extra = int(DEFAULT.PREFETCH_TARGET_S * self.nthreads / max(avg, 1e-6))
-                self.limit = self.nthreads + min(DEFAULT.PREFETCH_MAX, max(1, extra))
+                if not self.retiring:
+                    self.limit = self.nthreads + min(DEFAULT.PREFETCH_MAX, max(1, extra))
 
     def info(self) -> dict:
         return {
@@ -416,7 +426,9 @@ class WorkerState:
             "metrics": self.metrics,
             "processing": len(self.processing),
             "in_memory": self.nheld,
-            "status": "running",
+            "nbytes": self.nbytes,
+            "avg_duration": self.avg_duration,
+            "status": "closing_gracefully" if self.retiring else "running",
             "local_directory": self.metrics.get("local_directory"),
         }
 

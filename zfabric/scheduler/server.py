@@ -18,8 +18,9 @@ from collections import deque
 
 import zmq
 
-from .. import _zmq, protocol
+from .. import _zmq, logs, protocol
 from ..config import Config, from_env
+from ..dashboard import Dashboard, parse_address
 from ..errors import RemoteProtocolError
 from ..lifecycle import LifeCycle, call_from_thread
 from ..security import SecurityError, as_security, role_of
@@ -44,9 +45,10 @@ class Scheduler(LifeCycle):
     """
 
     def __init__(self, host: str = "127.0.0.1", port: int = 0, *, config: Config | None = None,
+                 dashboard_address: str | int | None = "default", dashboard: bool = True,
                  security=None, **kwargs):
-        if kwargs.get("dashboard_address") is not None or kwargs.get("dashboard"):
-            logger.info("zfabric has no dashboard; ignoring dashboard options")
+        if kwargs:
+            raise TypeError(f"Scheduler got unexpected arguments: {', '.join(sorted(kwargs))}")
         self.host = host
         self.port = port
         self.config = config or from_env()
@@ -55,6 +57,15 @@ class Scheduler(LifeCycle):
             raise SecurityError("REQUIRE_ENCRYPTION is set but this scheduler has no keys:"
                                 " pass security=Security(DIR) (`zfabric keygen DIR`)")
         self._keys: dict[bytes, bytes] = {}  # peer -> the public key it connected with
+        if dashboard_address == "default":
+            dashboard_address = self.config.DASHBOARD_ADDRESS or None
+        #: ``(host, port)`` of the dashboard to start, or None (see :mod:`zfabric.dashboard`)
+        # The dashboard is unauthenticated HTTP: with security on, an address that names no
+        # interface (":8787") means loopback only
+        self.dashboard_bind = (
+            parse_address(dashboard_address, "127.0.0.1" if self.security else host)
+            if dashboard and dashboard_address is not None else None)
+        self.dashboard: Dashboard | None = None
         self.address = ""
         self.state = SchedulerState(config=self.config, versions=protocol.versions())
         self.state.secured = self.security is not None
@@ -64,6 +75,10 @@ class Scheduler(LifeCycle):
         self._backlog: dict[bytes, deque[bytes]] = {}  # messages a full peer queue refused
         self._peer_bytes: dict[bytes, int] = {}
         self.backlog_bytes = 0
+        self._publish = None  # the dashboard's publish(snapshot), once it serves
+        self.state.observe.wall_offset = time.time() - time.monotonic()
+        self.state.log_source = logs.recent
+        logs.install()
 
     def __repr__(self) -> str:
         return f"<Scheduler {self.address or 'not started'} workers={len(self.state.workers)}>"
@@ -104,11 +119,29 @@ class Scheduler(LifeCycle):
         self.address = await ready
         self.state.address = self.address
         logger.info("scheduler at %s", self.address)
+        if self.dashboard_bind is not None:
+            # after the scheduler is ready; a failure to serve the page must not stop it
+            host, port = self.dashboard_bind
+            d = Dashboard(host, port, contact_host=self.address.rsplit(":", 1)[0][6:])
+            try:
+                d.start()
+            except OSError as exc:
+                logger.error("could not start the dashboard on %s:%d: %s", host, port, exc)
+            else:
+                self.dashboard = d
+                self.state.dashboard_link = d.link
+                self._publish = d.publish
+
+    @property
+    def dashboard_link(self) -> str | None:
+        return self.dashboard.link if self.dashboard is not None else None
 
     async def _close(self) -> None:
         self._stop = True
         if self._thread is not None and self._thread.is_alive():
             await asyncio.to_thread(self._thread.join, 10)
+        if self.dashboard is not None:
+            await asyncio.to_thread(self.dashboard.close)
 
     def _main(self, report) -> None:
         try:
@@ -147,7 +180,9 @@ class Scheduler(LifeCycle):
         recv = sock.recv_multipart
         decode = protocol.decode
         max_frames = self.config.MAX_FRAMES
-        next_tick = time.monotonic()
+        next_tick = next_publish = time.monotonic()
+        obs = state.observe
+        publish_s = self.config.DASHBOARD_INTERVAL_S
         secure = self.security is not None
         if secure:
             from .. import zap
@@ -157,6 +192,7 @@ class Scheduler(LifeCycle):
         while not self._stop and not state.closing:
             if poller.poll(TICK_MS):
                 now = time.monotonic()
+                nin = bin_ = 0
                 for i in range(DRAIN_MAX):
                     if i and not sock.getsockopt(_EVENTS) & _POLLIN:
                         break  # asking is cheaper than an Again raised
@@ -171,6 +207,9 @@ class Scheduler(LifeCycle):
                             continue
                     peer = frames[0]
                     errors = []
+                    nin += 1
+                    for f in frames:
+                        bin_ += len(f)
                     try:
                         # a bad op is left out (and answered), not the good ops beside it
                         ops, _ = decode(frames[1:], max_frames, errors)
@@ -189,6 +228,8 @@ class Scheduler(LifeCycle):
                         logger.exception("scheduler state failed on ops from %r", peer)
                         state.send(peer, {"op": "error", "message": "internal scheduler error"
                                           " (see the scheduler's log)"})
+                obs.messages_in += nin
+                obs.bytes_in += bin_
             now = time.monotonic()
             if secure and now >= next_keys:
                 next_keys = now + self.config.HEARTBEAT_INTERVAL_S / 2
@@ -200,6 +241,12 @@ class Scheduler(LifeCycle):
                 except Exception:
                     logger.exception("scheduler tick failed")
                 next_tick = now + TICK_MS / 1000
+                if self._publish is not None and now >= next_publish:
+                    next_publish = now + publish_s
+                    try:
+                        self._publish(obs.snapshot(state, now))
+                    except Exception:
+                        logger.exception("publishing a snapshot to the dashboard failed")
             gone = self._send(sock, state.flush())
             while gone:  # ends: each pass drops peers, and only sends to those left
                 now = time.monotonic()
@@ -256,6 +303,7 @@ class Scheduler(LifeCycle):
         if self._backlog:
             self._retry_backlog(sock, gone)
         limit = self.config.SEND_MESSAGE_BYTES
+        obs = self.state.observe
         for peer, ops in out.items():
             if peer in gone:
                 continue
@@ -267,6 +315,8 @@ class Scheduler(LifeCycle):
             for frame in frames:
                 if peer in gone:
                     break
+                obs.messages_out += 1
+                obs.bytes_out += len(frame)
                 if peer in self._backlog:
                     self._queue(peer, frame, gone)
                     continue

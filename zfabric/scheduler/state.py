@@ -39,10 +39,13 @@ from ..errors import RemoteProtocolError
 from ..protocol import check_worker_hello, clean_metrics, safe_name, short, version_mismatches
 from . import policy
 from .client_ops import ClientOps
+from .observe import LIVE as LIVE_STATES
+from .observe import Observer
 from .outbox import Outbox
 from .queue import ReadyQueue, RestrictedQueue
 from .records import FIRE_AND_FORGET, ClientState, NannyState, TaskState, WorkerState
 from .requests import FanOut
+from .retire import Retirement
 from .worker_loss import WorkerLoss
 
 logger = logging.getLogger(__name__)
@@ -69,7 +72,7 @@ class InvalidTransition(RuntimeError):
     """Raised when code (ours) tries a task-state move that the table forbids."""
 
 
-class SchedulerState(ClientOps, WorkerLoss):
+class SchedulerState(ClientOps, WorkerLoss, Retirement):
     """Tasks, workers and clients; ops in, ops out."""
 
     def __init__(
@@ -101,15 +104,25 @@ class SchedulerState(ClientOps, WorkerLoss):
         self.now = 0.0
         self.started = 0.0  # wall-clock time the shell started serving (it sets it)
         self.counts = {"finished": 0, "erred": 0}
+        self.observe = Observer(config.TASK_STREAM_LENGTH)  # groups, task stream, topics
+        self.dashboard_link: str | None = None  # set by the shell once its dashboard serves
+        self.log_source = None  # set by the shell: n -> recent log records of this process
+        self._init_moves()  # replicate and retire (see .retire)
         self.secured = False  # set by the shell when keys bind roles (security on)
         self.admins: set[bytes] = set()  # clients holding an admin key (security on)
         self.admin_only = {k.strip() for k in config.ADMIN_ONLY.split(",") if k.strip()}
 
-    def _event(self, text: str) -> None:
+    def _event(self, text: str, kind: str = "event") -> None:
         logger.info(text)
         self.events.append((self.now, text))
         if len(self.events) > 200:
             del self.events[:100]
+        self.observe.event(kind)
+        self.observe.log_event("scheduler", {"action": kind, "text": text}, self.now)
+
+    def _observe_new(self, ts: TaskState) -> None:
+        g = ts.group = self.observe.group_of(ts.key)
+        g.counts["new"] += 1
 
     # ------------------------------------------------------------------ entry points
 
@@ -213,6 +226,7 @@ class SchedulerState(ClientOps, WorkerLoss):
     def tick(self, now: float) -> None:
         """Time passes: declare silent workers dead and silent clients gone."""
         self.now = now
+        self.observe.sample(now, self.counts["finished"])
         limit = now - self.config.WORKER_TTL_S
         for ws in [w for w in self.workers.values() if w.last_seen < limit]:
             if ws.nanny is not None and ws.nanny in self.nannies:
@@ -228,17 +242,22 @@ class SchedulerState(ClientOps, WorkerLoss):
         silent = now - self.config.WORKER_TTL_S
         for ns in [n for n in self.nannies.values() if n.last_seen < silent]:
             self._drop_nanny(ns.ident)
+        if self.moves or self.jobs:
+            self.moves_tick()
 
     # ------------------------------------------------------------------ hello
 
     def _welcome(self, warnings: list[str]) -> dict:
-        return {
+        op = {
             "op": "welcome",
             "epoch": self.epoch,
             "address": self.address,
             "warnings": warnings,
             "heartbeat_s": self.config.HEARTBEAT_INTERVAL_S,
         }
+        if self.dashboard_link:
+            op["dashboard"] = self.dashboard_link
+        return op
 
     def _handle_hello(self, peer: bytes, op: dict) -> None:
         if op["protocol"] != PROTOCOL_VERSION:
@@ -280,7 +299,8 @@ class SchedulerState(ClientOps, WorkerLoss):
             self.workers[peer] = ws
             self.workers_by_address[address] = ws
             self.send(peer, welcome)
-            self._event(f"worker {ws.name} joined at {address} ({ws.nthreads} threads)")
+            self._event(f"worker {ws.name} joined at {address} ({ws.nthreads} threads)",
+                        "worker-joined")
             if ws.nanny in self.nannies:
                 self.nannies[ws.nanny].workers.add(peer)
             self._fill(ws)
@@ -375,6 +395,9 @@ class SchedulerState(ClientOps, WorkerLoss):
                     self.cancel(list(self.tasks), "the cluster was restarted", restart=True)
                 self._start_fan_out(peer, rid, kind, args)
                 return
+            case "replicate" | "retire-workers" | "restart-workers":
+                self.move_request(peer, op)
+                return
             case "shutdown":
                 self.closing = True
                 reply["result"] = True
@@ -388,6 +411,8 @@ class SchedulerState(ClientOps, WorkerLoss):
                     ws.address: sorted(ws.processing)
                     for ws in self.workers.values()
                 }
+            case "snapshot" | "task-stream" | "events" | "log-event" | "logs":
+                reply["result"] = self._observe_request(kind, args)
             case "task-states":
                 keys = args.get("keys") or list(self.tasks)
                 reply["result"] = {k: self.tasks[k].state for k in keys if k in self.tasks}
@@ -400,6 +425,27 @@ class SchedulerState(ClientOps, WorkerLoss):
         if op["kind"] not in READ_ONLY_REQUESTS:
             raise RemoteProtocolError(f"a {role} may not make {short(op['kind'])} requests;"
                                       " only clients do")
+
+    def _observe_request(self, kind: str, args: dict):
+        obs = self.observe
+        match kind:
+            case "snapshot":
+                return obs.snapshot(self, self.now)
+            case "task-stream":
+                out = obs.stream_since(args.get("since"), start=args.get("start"),
+                                       stop=args.get("stop"), count=args.get("count"))
+                if "transfers" in args:
+                    out["transfers"] = obs.transfers_since(args["transfers"])
+                return out
+            case "events":
+                return obs.get_events(args.get("topic"))
+            case "log-event":
+                topics = args["topic"]
+                for topic in [topics] if type(topics) is str else topics:
+                    obs.log_event(str(topic), args.get("msg"), self.now)
+                return True
+            case "logs":
+                return self.log_source(args.get("n")) if self.log_source else []
 
     def _start_fan_out(self, peer: bytes, rid: int, kind: str, args: dict) -> None:
         """A run (on workers) or restart (through nannies): reply once all have answered."""
@@ -441,6 +487,7 @@ class SchedulerState(ClientOps, WorkerLoss):
             "clients": len(self.clients) - 1,
             "tasks": counts,
             "events": [list(e) for e in self.events[-20:]],
+            "services": {"dashboard": self.dashboard_link} if self.dashboard_link else {},
         }
 
     # ------------------------------------------------------------------ nannies
@@ -478,6 +525,8 @@ class SchedulerState(ClientOps, WorkerLoss):
     def _handle_worker(self, ws: WorkerState, op: dict) -> None:
         match op["op"]:
             case "finished":
+                if "transfers" in op:
+                    self.observe.transferred(ws, op["transfers"])
                 for item in op["tasks"]:
                     self.task_finished(ws, *item)
                 self._fill(ws)
@@ -507,8 +556,12 @@ class SchedulerState(ClientOps, WorkerLoss):
                 metrics = op.get("metrics")
                 if metrics is not None:
                     ws.metrics = clean_metrics(metrics)
+                if "transfers" in op:
+                    self.observe.transferred(ws, op["transfers"])
             case "missing":
                 self._missing(ws, op["key"], op["dep"], op["address"])
+            case "acquired":
+                self.acquired(ws, op["keys"], op.get("failed") or [])
             case "run-result":
                 self._fan_out.answer(ws.ident, op)
             case "request":
@@ -524,7 +577,8 @@ class SchedulerState(ClientOps, WorkerLoss):
                 raise RemoteProtocolError(f"a worker may not send {other!r}")
 
     def task_finished(
-        self, ws: WorkerState, key: str, nbytes: int, value: bytes | None, duration: float
+        self, ws: WorkerState, key: str, nbytes: int, value: bytes | None, duration: float,
+        start: float | None = None, stop: float | None = None, thread: int | None = None,
     ) -> None:
         if (type(key) is not str or type(nbytes) is not int
                 or not (value is None or type(value) is bytes)
@@ -544,6 +598,7 @@ class SchedulerState(ClientOps, WorkerLoss):
         ts.value = value
         ts.add_holder(ws)
         self.counts["finished"] += 1
+        self.observe.finished(ts, ws, "OK", start, stop, thread, self.now)
         self._set_state(ts, "memory")
         item = None
         for cs in ts.wanters():
@@ -557,7 +612,8 @@ class SchedulerState(ClientOps, WorkerLoss):
         self._check_release(release)
 
     def task_erred(self, ws: WorkerState, key: str, exc: bytes | None, tb: bytes | None,
-                   text: str, kind: str | None = None) -> None:
+                   text: str, kind: str | None = None, start: float | None = None,
+                   stop: float | None = None, thread: int | None = None) -> None:
         if (type(key) is not str or type(text) is not str
                 or not (exc is None or type(exc) is bytes) or not (tb is None or type(tb) is bytes)
                 or not (kind is None or type(kind) is str)):
@@ -567,6 +623,7 @@ class SchedulerState(ClientOps, WorkerLoss):
             return
         ws.done(ts, 0.0)
         ts.processing_on = None
+        self.observe.finished(ts, ws, "error", start, stop, thread, self.now)
         if ts.retries > 0:
             ts.retries -= 1
             self._set_state(ts, "released")
@@ -580,6 +637,11 @@ class SchedulerState(ClientOps, WorkerLoss):
     def _set_state(self, ts: TaskState, new: str) -> None:
         if new not in TRANSITIONS[ts.state]:
             raise InvalidTransition(f"{ts.key!r}: {ts.state} -> {new}")
+        g = ts.group
+        if g is not None:
+            c = g.counts
+            c[ts.state] -= 1
+            c[new] += 1
         ts.state = new
 
     def _start(self, ts: TaskState) -> None:
@@ -682,6 +744,8 @@ class SchedulerState(ClientOps, WorkerLoss):
                 t.processing_on = None
             t.value = None
             self._free_holders(t)
+            if t.group is not None:
+                t.group.move(t.state, "erred")
             t.state = "erred"  # any state may fail
             t.error = [exc, tb, text, kind, extra]
             item = None
@@ -719,6 +783,9 @@ class SchedulerState(ClientOps, WorkerLoss):
                 continue
             self._drop_work(ts)
             del self.tasks[ts.key]
+            if ts.group is not None:
+                ts.group.move(ts.state, "forgotten" if ts.state in ("memory", "released")
+                              else "cancelled")
             ts.state = "forgotten"
             if ts.func is not None:
                 self._drop_function(ts.func)
@@ -778,3 +845,12 @@ class SchedulerState(ClientOps, WorkerLoss):
         for key, ts in self.tasks.items():
             for ws in ts.who_has:
                 assert ts in held.get(ws, ()), (key, ws)  # a live worker, which logs it
+        by_group: dict[tuple, int] = {}  # the observer's counters agree with the tasks
+        for ts in self.tasks.values():
+            assert ts.group is None or self.observe.groups.get(ts.group.name) is ts.group
+            if ts.group is not None:
+                by_group[ts.group.name, ts.state] = by_group.get((ts.group.name, ts.state), 0) + 1
+        for g in self.observe.groups.values():
+            for st in LIVE_STATES:
+                assert g.counts[st] == by_group.get((g.name, st), 0), (g.name, st, g.counts)
+        self.validate_moves()

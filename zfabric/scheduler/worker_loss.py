@@ -62,7 +62,8 @@ class WorkerLoss:
         self._fan_out.peer_left(ws.ident)
         if self.workers_by_address.get(ws.address) is ws:
             del self.workers_by_address[ws.address]
-        self._event(f"worker {ws.name} ({ws.address}) removed: {reason}")
+        self._event(f"worker {ws.name} ({ws.address}) removed: {reason}",
+                    "worker-died" if died else "worker-removed")
         if ws.nanny in self.nannies:
             self.nannies[ws.nanny].workers.discard(ws.ident)
         if not died:
@@ -80,6 +81,8 @@ class WorkerLoss:
             if ts in blamed:
                 ts.suspicious += 1
                 if ts.suspicious > self.config.ALLOWED_FAILURES:
+                    self._event(f"KilledWorker: task {ts.key!r} was running on {ts.suspicious}"
+                                " workers that died", "killed-worker")
                     self._fail(
                         ts,
                         None,

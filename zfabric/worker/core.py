@@ -27,12 +27,13 @@ from collections import ChainMap, deque
 import psutil
 import zmq
 
-from .. import _zmq, protocol, serialize, shm
+from .. import _zmq, logs, protocol, serialize, shm
 from ..config import Config
 from ..errors import RemoteProtocolError, SerializationError, TaskTimeout
 from ..transfer import cancel_leases
 from .data import DataPlane, waiting
 from .execute import Executor, Outcome
+from .replicas import Replicas
 
 logger = logging.getLogger(__name__)
 
@@ -43,7 +44,7 @@ FETCH_TIMEOUT_S = 15.0
 EXIT_CRASHED = 70
 
 
-class WorkerLoop(DataPlane):
+class WorkerLoop(DataPlane, Replicas):
     """Everything a worker does, in one thread (see module docstring)."""
 
     def __init__(self, *, scheduler_address: str, nthreads: int, name: str | None,
@@ -86,11 +87,14 @@ class WorkerLoop(DataPlane):
         self.borrows: dict[str, list[str]] = {}
         self.waiting: dict[str, list] = {}  # key -> [payload, missing dep keys set, options]
         self.fetching: dict[str, list[str]] = {}  # dep key -> task keys waiting for it
+        self.acquiring: set[str] = set()  # keys fetched to keep (see .replicas)
         # fetch id -> (address, keys, time sent, shared-memory leases by key)
         self.inflight_fetch: dict[int, tuple[str, list[str], float, dict]] = {}
         self.fetch_queue: dict[str, deque[str]] = {}  # peer address -> dep keys to ask it for
         self.fetch_inflight: dict[str, int] = {}  # peer address -> requests awaiting an answer
         self.fetch_stats = {"requests": 0, "most_in_flight": 0}
+        # [peer, start, stop, nbytes, nkeys] of finished fetches, sent with the next heartbeat
+        self.transfer_log: list[list] = []
         self.ready: deque = deque()  # (key, payload, options)
         self.executing: dict[str, float] = {}  # key -> deadline or 0
         self.cancelled: set[str] = set()
@@ -110,6 +114,7 @@ class WorkerLoop(DataPlane):
         self.last_heard = time.monotonic()
         self.hello_at = 0.0  # when to say hello again after a refusal that said to retry
         self.use_shm = config.SAME_HOST_SHM and shm.available()
+        logs.install()  # keep this process's recent log records for client.get_worker_logs()
 
     # ------------------------------------------------------------------ life cycle
 
@@ -238,7 +243,10 @@ class WorkerLoop(DataPlane):
                 items.append([key, flag])
             self.outbox.append({"op": "long-running", "items": items})
         if self.finished_items:
-            self.outbox.append({"op": "finished", "tasks": self.finished_items})
+            op = {"op": "finished", "tasks": self.finished_items}
+            if self.transfer_log:  # the fetches its tasks waited for: seen with them
+                op["transfers"], self.transfer_log = self.transfer_log, []
+            self.outbox.append(op)
             self.finished_items = []
         if self.outbox:
             ops, self.outbox = self.outbox, []
@@ -257,12 +265,17 @@ class WorkerLoop(DataPlane):
     def _beat(self, now: float) -> None:
         try:
             mem = self._process.memory_info().rss
+            cpu = self._process.cpu_percent()  # since the last beat
         except psutil.Error:
-            mem = 0
-        self.outbox.append({"op": "heartbeat", "metrics": {
-            "memory": mem, "executing": len(self.executing), "ready": len(self.ready),
-            "in_memory": len(self.store), "fetching": len(self.fetching),
-        }})
+            mem, cpu = 0, 0.0
+        beat = {"op": "heartbeat", "metrics": {
+            "memory": mem, "cpu": cpu, "executing": len(self.executing),
+            "ready": len(self.ready), "in_memory": len(self.store),
+            "fetching": len(self.fetching),
+        }}
+        if self.transfer_log:
+            beat["transfers"], self.transfer_log = self.transfer_log, []
+        self.outbox.append(beat)
         self._check_timeouts(now)
         if self.unconfirmed:
             self._confirm_placed(now)
@@ -310,6 +323,8 @@ class WorkerLoop(DataPlane):
             case "free":
                 for key in op["keys"]:
                     self._free(key)
+            case "acquire":
+                self._acquire(op["items"])
             case "functions":
                 for fid, data in op["items"]:
                     try:
@@ -361,6 +376,7 @@ class WorkerLoop(DataPlane):
         self.borrows.clear()
         self.waiting.clear()
         self.fetching.clear()
+        self.acquiring.clear()
         self.fetch_queue.clear()
         self.ready.clear()
         self.cancelled.update(self.executing)
@@ -483,10 +499,12 @@ class WorkerLoop(DataPlane):
             self.serialized[key] = (out.header, out.buffers, out.nbytes)
             small = not out.buffers and out.nbytes < self.config.INLINE_BYTES
             inline = out.header if small else None
-            self.finished_items.append([key, out.nbytes, inline, out.duration])
+            self.finished_items.append([key, out.nbytes, inline, out.duration, out.start,
+                                        out.stop, out.thread])
         else:
             data, tb, text, kind = out.error
-            self.outbox.append({"op": "erred", "items": [[key, data, tb, text, kind]]})
+            self.outbox.append({"op": "erred", "items": [[key, data, tb, text, kind, out.start,
+                                                          out.stop, out.thread]]})
 
     def _check_timeouts(self, now: float) -> None:
         """Abandon threads stuck past their task's deadline (a thread cannot be killed)."""

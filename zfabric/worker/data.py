@@ -241,13 +241,16 @@ class DataPlane:
                 self._fetch_failed(k, addr)
             return
         later = []
+        got = nkeys = 0
         try:
             for key, header, bufs, raw, sizes in unpack_values(op["items"], buffers, addr):
                 if sizes is not None:
                     later.append((key, sizes))
                 elif header is None:
                     self._fetch_failed(key, addr)
-                elif key in self.borrowed:  # else every task that wanted it is gone
+                elif key in self.borrowed or key in self.acquiring:  # else nobody wants it
+                    got += serialize.nbytes(header, bufs)
+                    nkeys += 1
                     self._put(key, header, bufs, raw)
                     self._got_dep(key)
                 else:
@@ -257,6 +260,8 @@ class DataPlane:
             for k in keys:
                 self._fetch_failed(k, addr)  # no-op for those already stored
             return
+        if nkeys:
+            self._log_transfer(addr, req[2], got, nkeys)
         if later:
             # Too large for a frame, on this host: ask again, naming segments to write into.
             self._send_fetch(addr, [k for k, _ in later], {"shm": False},
@@ -291,6 +296,13 @@ class DataPlane:
                                protocol.short(key))
                 self._free(key)
 
+    def _log_transfer(self, addr: str, sent: float, nbytes: int, nkeys: int) -> None:
+        """Note a finished fetch for the scheduler's task stream (wall-clock times)."""
+        now = time.monotonic()
+        wall = time.time()
+        if len(self.transfer_log) < 1000:  # heartbeats carry them; a burst is sampled
+            self.transfer_log.append([addr, wall - (now - sent), wall, nbytes, nkeys])
+
     def _put(self, key: str, header: bytes, bufs: list, raw: bool) -> None:
         """Store a value that arrived pickled. Task arguments (``raw``) stay pickled until
         their task runs, so that the dependencies inside them resolve then."""
@@ -308,6 +320,8 @@ class DataPlane:
             self.raw_keys.discard(key)
 
     def _got_dep(self, dep: str) -> None:
+        if self.acquiring:
+            self._acquire_ended(dep, True)
         for key in self.fetching.pop(dep, ()):
             w = self.waiting.get(key)
             if w is None:
@@ -318,6 +332,8 @@ class DataPlane:
                 self.ready.append((key, w[0], w[2], w[3]))
 
     def _fetch_failed(self, dep: str, addr: str) -> None:
+        if self.acquiring:
+            self._acquire_ended(dep, False)
         for key in self.fetching.pop(dep, ()):
             if self.waiting.pop(key, None) is not None:
                 self._release(key)

@@ -53,6 +53,8 @@ class Outcome:
     duration: float = 0.0
     error: tuple | None = None  # (exception bytes, traceback bytes, text, kind)
     thread: int = 0
+    start: float = 0.0  # wall clock (time.time()) when it started, for the task stream
+    stop: float = 0.0  # wall clock when its result was ready (pickled) or it failed
 
 
 class Executor:
@@ -195,12 +197,15 @@ class Executor:
         else:
             self.running[me] = (key, time.monotonic())
             self.started.append(key)
+            wall = time.time()
             _task.key, _task.executor = key, self
             try:
                 outcome = self._execute(key, func, payload, values)
             finally:
                 _task.key = _task.executor = None
             outcome.thread = me
+            outcome.start = wall
+            outcome.stop = time.time()
             if self.running.pop(me, None) is None:
                 return False  # abandoned after a timeout: nobody wants this outcome
         done = self.done
