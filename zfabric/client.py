@@ -317,11 +317,13 @@ class Client(Values, ClusterRequests, ClusterControl, Session, Diagnostics):
         monitor = f"inproc://zfabric-monitor-{self.identity.decode()}"
         self._link = Link(
             self.loop, _zmq.dealer(zmq.Context.instance(), self.scheduler_address, self.identity,
-                                   security=self.security, role="client", monitor=monitor),
+                                   security=self.security, role="client", monitor=monitor,
+                                   max_frame_bytes=2 * self.config.SCHEDULER_FRAME_BYTES),
             # _on_op is looked up per op, so that a test may wrap it on a live client
             lambda frames: dispatch(frames, lambda op: self._on_op(op), who="client",
                                     heard=self._heard, lock=self._lock))
         self.data = DataPool(self._ctx, use_shm=self.config.SAME_HOST_SHM,
+                             max_frame_bytes=self.config.MAX_MESSAGE_BYTES,
                              security=self.security)
         self._welcome = self.loop.create_future()
         self._backlog: deque = deque()

@@ -193,7 +193,8 @@ class Nanny(LifeCycle):
         ctx = zmq.asyncio.Context.instance()
         self._sock = _zmq.dealer(ctx, self.scheduler_address, self.identity.encode(),
                                  linger_ms=self.config.LINGER_MS, security=self.security,
-                                 role="nanny")
+                                 role="nanny",
+                                 max_frame_bytes=2 * self.config.SCHEDULER_FRAME_BYTES)
         self._tasks.append(asyncio.ensure_future(
             read_ops(self._sock, self._on_op, who="nanny", heard=self._heard)))
         self._send(protocol.hello("nanny", self.identity, pid=os.getpid()))

@@ -104,9 +104,11 @@ def cancel_leases(into: dict) -> None:
 
 
 class _Conn:
-    def __init__(self, ctx: zmq.asyncio.Context, address: str, security=None):
+    def __init__(self, ctx: zmq.asyncio.Context, address: str, security=None,
+                 max_frame_bytes: int = -1):
         self.address = address
-        self.sock = _zmq.dealer(ctx, address, security=security, role="client", server="worker")
+        self.sock = _zmq.dealer(ctx, address, security=security, role="client", server="worker",
+                                max_frame_bytes=max_frame_bytes)
         self.pending: dict[int, asyncio.Future] = {}
         self.reader = asyncio.ensure_future(self._read())
 
@@ -135,9 +137,10 @@ class DataPool:
     """Requests to workers' data ports, one connection per worker."""
 
     def __init__(self, ctx: zmq.asyncio.Context, timeout_s: float = 30.0, use_shm: bool = False,
-                 security=None):
+                 security=None, max_frame_bytes: int = -1):
         self.ctx = ctx
         self.security = security
+        self.max_frame_bytes = max_frame_bytes  # MAXMSGSIZE of each data connection
         self.use_shm = use_shm and shm.available()
         self.timeout_s = timeout_s
         self.conns: dict[str, _Conn] = {}
@@ -146,7 +149,8 @@ class DataPool:
     async def request(self, address: str, op: dict, frames: list = ()) -> tuple[dict, list]:
         conn = self.conns.get(address)
         if conn is None:
-            conn = self.conns[address] = _Conn(self.ctx, address, self.security)
+            conn = self.conns[address] = _Conn(self.ctx, address, self.security,
+                                               self.max_frame_bytes)
         self._seq += 1
         op = {**op, "id": self._seq}
         fut = asyncio.get_running_loop().create_future()

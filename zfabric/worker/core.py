@@ -162,8 +162,10 @@ class WorkerLoop(DataPlane, Replicas):
         self.address = self.contact or bound
         if self.name is None:
             self.name = self.address
+        # frames from the scheduler: what it takes in a frame, and what it adds to a task
         self.sched = _zmq.dealer(ctx, self.scheduler_address, self.identity,
-                                 security=self.security, role="worker")
+                                 security=self.security, role="worker",
+                                 max_frame_bytes=2 * self.config.SCHEDULER_FRAME_BYTES)
         self.wake = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)  # task threads poke it
         self.executor = Executor(self.wake, self.nthreads,
                                  inline_bytes=self.config.INLINE_BYTES,
