@@ -237,3 +237,16 @@ def test_keygen_writes_private_files_and_require_encryption_refuses_to_start(tmp
     out = subprocess.run([sys.executable, "-m", "zfabric", "scheduler", "--port", "0",
                           "--require-encryption"], capture_output=True, text=True, timeout=60)
     assert out.returncode != 0 and "zfabric keygen" in out.stderr
+
+
+async def test_listening_beyond_loopback_without_keys_warns(caplog):
+    async with Scheduler(host="0.0.0.0", dashboard=False):
+        pass
+    assert any("without security" in r.getMessage() and "--require-encryption" in r.getMessage()
+               for r in caplog.records)
+    caplog.clear()
+    async with Scheduler(dashboard=False):  # loopback: no warning
+        pass
+    assert not any("without security" in r.getMessage() for r in caplog.records)
+    with pytest.raises(SecurityError, match="zfabric keygen"):
+        Scheduler(config=from_env(REQUIRE_ENCRYPTION=True))
