@@ -393,7 +393,7 @@ async def test_an_oversized_frame_closes_only_its_own_connection():
 
 
 async def test_values_placed_under_keys_the_scheduler_never_hears_of_are_dropped():
-    cfg = from_env(PUT_DATA_CONFIRM_S=0.5)
+    cfg = from_env(PUT_DATA_CONFIRM_S=1.0)
     async with cluster(1, config=cfg) as (s, [w]), \
             Client(s.address, asynchronous=True, set_as_default=False, config=cfg) as c:
         [kept] = await c.scatter([np.arange(200_000)])  # placed and registered
