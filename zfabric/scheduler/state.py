@@ -46,6 +46,7 @@ from .queue import ReadyQueue, RestrictedQueue
 from .records import FIRE_AND_FORGET, ClientState, NannyState, TaskState, WorkerState
 from .requests import FanOut
 from .retire import Retirement
+from .roles import Roles
 from .worker_loss import WorkerLoss
 
 logger = logging.getLogger(__name__)
@@ -63,16 +64,11 @@ TRANSITIONS: dict[str, frozenset[str]] = {
 
 
 
-#: Requests a worker or a nanny may make (they only read).
-READ_ONLY_REQUESTS = frozenset({"info", "who-has", "has-what", "nbytes", "processing",
-                                "task-states"})
-
-
 class InvalidTransition(RuntimeError):
     """Raised when code (ours) tries a task-state move that the table forbids."""
 
 
-class SchedulerState(ClientOps, WorkerLoss, Retirement):
+class SchedulerState(ClientOps, WorkerLoss, Roles, Retirement):
     """Tasks, workers and clients; ops in, ops out."""
 
     def __init__(
@@ -170,37 +166,6 @@ class SchedulerState(ClientOps, WorkerLoss, Retirement):
                 continue
             self.send(peer, {"op": "reregister", "reason": f"unknown peer sent {op['op']!r}"})
             return
-
-    def _role_allows(self, peer: bytes, ops: list[dict], role: str) -> bool:
-        if peer in self.workers:
-            need = ("worker",)
-        elif peer in self.clients:
-            need = ("client", "admin")
-        elif peer in self.nannies:
-            need = ("nanny",)
-        else:
-            hello = next((op for op in ops if op["op"] == "hello"), None)
-            if hello is None:
-                return True  # answered with reregister
-            claimed = hello["role"]
-            need = ("client", "admin") if claimed == "client" else (claimed,)
-            if role not in need:
-                self.send(peer, {"op": "error", "fatal": True,
-                                 "message": f"a {role} key cannot register as a"
-                                 f" {safe_name(claimed, 20)}; use the {claimed} key that"
-                                 " `zfabric keygen` wrote"})
-                self._event(f"refused {peer!r}: a {role} key said hello as a"
-                            f" {safe_name(claimed, 20)}")
-                return False
-            if role == "admin":
-                self.admins.add(peer)
-            return True
-        if role not in need:
-            logger.warning("dropping ops from %r: it holds a %s key", peer, role)
-            self.send(peer, {"op": "error", "message": f"a {role} key may not act as a"
-                             f" {need[0]}"})
-            return False
-        return True
 
     def _guard(self, peer, op, method, record) -> None:
         try:
@@ -318,12 +283,6 @@ class SchedulerState(ClientOps, WorkerLoss, Retirement):
         for w in warnings:
             logger.warning("%s %s: version mismatch: %s", role, safe_name(op["id"]), w)
 
-    def _replaceable(self, old: WorkerState) -> bool:
-        """Whether a new worker may take ``old``'s data address: ``old`` has been silent for
-        two heartbeat intervals or its Nanny reported it gone."""
-        return (self.now - old.last_seen >= 2 * self.config.HEARTBEAT_INTERVAL_S
-                or old.ident in self.reported_dead)
-
     # ------------------------------------------------------------------ clients
 
     def _handle_client(self, cs: ClientState, op: dict) -> None:
@@ -419,12 +378,6 @@ class SchedulerState(ClientOps, WorkerLoss, Retirement):
             case _:
                 reply["error"] = f"unknown request {kind!r}"
         self.send(peer, reply)
-
-    def _check_read_only(self, op: dict, role: str) -> None:
-        """Workers and nannies may ask, not act: run, restart, shutdown are clients'."""
-        if op["kind"] not in READ_ONLY_REQUESTS:
-            raise RemoteProtocolError(f"a {role} may not make {short(op['kind'])} requests;"
-                                      " only clients do")
 
     def _observe_request(self, kind: str, args: dict):
         obs = self.observe
