@@ -11,6 +11,12 @@ Rows
 rtt_p50_ms
     One tiny task round trip: ``await client.submit(inc, i, pure=False)``,
     sequentially, 300 timed iterations after 20 warm-up ones.  p50 in ms.
+actor_call_p50_ms
+    A blocking client (``Client(address)``, in a thread of the benchmarking
+    process) makes a ``Counter`` actor, then 200 warm-up and 2,000 timed
+    sequential ``counter.incr().result()`` calls; p50 in ms.  The same client's
+    tiny-task round trip p50 (1,000 ``submit(inc).result()``) is in the JSON as
+    ``blocking_task_rtt_p50_ms``, with ``ratio_to_task_rtt``.
 noop_tasks_per_s
     ``client.map(noop, range(N), pure=False)`` then ``gather``; tasks per second.
     N = 20,000 for zfabric and 2,000 for dask (dask is much slower per task).
@@ -134,6 +140,20 @@ PROCESS_STOP_GRACE = 3.0
 
 def inc(x: int) -> int:
     return x + 1
+
+
+class Counter:
+    """An actor for actor_call_p50_ms."""
+
+    def __init__(self) -> None:
+        self.n = 0
+
+    def incr(self) -> int:
+        self.n += 1
+        return self.n
+
+    def value(self) -> int:
+        return self.n
 
 
 def noop(x: Any) -> None:
@@ -382,6 +402,8 @@ IMPLS: dict[str, Impl] = {
         full_sizes=dict(
             rtt_warmup=20,
             rtt_iters=300,
+            actor_warmup=200,
+            actor_iters=2000,
             noop_tasks=20_000,
             tree_leaves=8_192,
             echo_mb=100,
@@ -392,6 +414,8 @@ IMPLS: dict[str, Impl] = {
         quick_sizes=dict(
             rtt_warmup=10,
             rtt_iters=100,
+            actor_warmup=50,
+            actor_iters=300,
             noop_tasks=2_000,
             tree_leaves=1_024,
             echo_mb=10,
@@ -432,6 +456,8 @@ IMPLS: dict[str, Impl] = {
         full_sizes=dict(
             rtt_warmup=20,
             rtt_iters=300,
+            actor_warmup=200,
+            actor_iters=2000,
             noop_tasks=2_000,
             tree_leaves=1_024,
             echo_mb=100,
@@ -442,6 +468,8 @@ IMPLS: dict[str, Impl] = {
         quick_sizes=dict(
             rtt_warmup=5,
             rtt_iters=50,
+            actor_warmup=50,
+            actor_iters=300,
             noop_tasks=500,
             tree_leaves=256,
             echo_mb=10,
@@ -685,6 +713,46 @@ async def bench_rtt(c: Cluster) -> Measurement:
     )
 
 
+def _actor_calls(api: Any, address: str, warmup: int, iters: int) -> dict[str, Any]:
+    """Blocking client: p50 of an actor method call and of a tiny task, in the same run."""
+    with api.Client(address, set_as_default=False) as client:
+        made = client.submit(Counter, actor=True)  # held: dask frees an actor with its Future
+        counter = made.result()
+        for _ in range(warmup):
+            counter.incr().result()
+        calls = []
+        for _ in range(iters):
+            start = time.perf_counter()
+            counter.incr().result()
+            calls.append((time.perf_counter() - start) * 1e3)
+        count = counter.value().result()
+        expect(count == warmup + iters, f"the actor counted {count}")
+        for i in range(warmup):
+            client.submit(inc, i, pure=False).result()
+        tasks = []
+        for i in range(iters // 2):
+            start = time.perf_counter()
+            client.submit(inc, i, pure=False).result()
+            tasks.append((time.perf_counter() - start) * 1e3)
+    return {"calls_ms": calls, "tasks_ms": tasks}
+
+
+async def bench_actor(c: Cluster) -> Measurement:
+    client = c.client
+    address = getattr(client, "scheduler_address", None) or client.scheduler.address
+    out = await asyncio.wait_for(asyncio.to_thread(
+        _actor_calls, c.api, address, c.sizes["actor_warmup"], c.sizes["actor_iters"]),
+        c.timeout)
+    calls, tasks = out["calls_ms"], out["tasks_ms"]
+    p50, task_p50 = statistics.median(calls), statistics.median(tasks)
+    return Measurement(p50, {
+        "iterations": len(calls),
+        "p90_ms": statistics.quantiles(calls, n=10)[8],
+        "blocking_task_rtt_p50_ms": task_p50,
+        "ratio_to_task_rtt": p50 / task_p50,
+    })
+
+
 async def bench_noop(c: Cluster) -> Measurement:
     client, n = c.client, c.sizes["noop_tasks"]
     await client.gather(client.map(noop, range(min(100, n)), pure=False))  # warm-up
@@ -911,6 +979,7 @@ ROWS: dict[str, Row] = {
     row.name: row
     for row in [
         Row("rtt_p50_ms", "ms", False, bench_rtt),
+        Row("actor_call_p50_ms", "ms", False, bench_actor),
         Row("noop_tasks_per_s", "tasks/s", True, bench_noop),
         Row("tree_tasks_per_s", "tasks/s", True, bench_tree),
         Row("echo_mb_per_s", "MB/s", True, bench_echo),

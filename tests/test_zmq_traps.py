@@ -69,7 +69,7 @@ async def test_send_to_a_client_that_is_gone_drops_it_at_once():
             line = await asyncio.wait_for(asyncio.to_thread(proc.stdout.readline), 20)
             assert line.strip() == "submitted"
             await until(lambda: "orphan" in s.state.tasks, 5, "the orphan task submitted")
-            assert len(s.state.clients) == 2  # the client, and the fire-and-forget holder
+            assert len(s.state.clients) == 3  # the client, and the fire-and-forget and held holders
             # When the client process dies while its task runs
             proc.kill()
             proc.wait(5)
@@ -77,7 +77,7 @@ async def test_send_to_a_client_that_is_gone_drops_it_at_once():
             # task at once, instead of after CLIENT_TTL_S
             took = await until(lambda: "orphan" not in s.state.tasks, 5, "the orphan released")
             assert took < 3.0
-            assert len(s.state.clients) == 1
+            assert len(s.state.clients) == 2  # the two pseudo clients
             # And carries on serving
             async with Client(s.address, asynchronous=True, set_as_default=False) as c:
                 assert await asyncio.wait_for(c.submit(inc, 1), 5) == 2
@@ -135,12 +135,12 @@ async def test_messages_queued_while_the_scheduler_was_down_are_refused_by_the_n
             assert "unknown peer" in refused["reason"]
             assert "unknown peer" in (await client.expect("reregister", timeout=10))["reason"]
             assert not s2.state.tasks and not s2.state.workers
-            assert len(s2.state.clients) == 1  # only the fire-and-forget holder
+            assert len(s2.state.clients) == 2  # only the fire-and-forget and held holders
             # And once they say hello they are welcome, in the new scheduler's epoch
             again = await worker.hello(**worker_hello())
             assert again["op"] == "welcome" and again["epoch"] != first["epoch"]
             assert (await client.hello())["op"] == "welcome"
-            assert len(s2.state.workers) == 1 and len(s2.state.clients) == 2
+            assert len(s2.state.workers) == 1 and len(s2.state.clients) == 3
     finally:
         await s1.close()
         if s2 is not None:

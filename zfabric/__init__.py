@@ -28,6 +28,7 @@ if TYPE_CHECKING:
     from .client import Client, default_client
     from .cluster import LocalCluster
     from .context import get_client, get_worker, rejoin, secede, worker_client
+    from .coordination import Event, Lock, Queue, Semaphore, Variable
     from .diagnostics import get_task_stream, performance_report
     from .futures import Future, as_completed, fire_and_forget, futures_of, wait
     from .nanny import Nanny
@@ -51,6 +52,8 @@ _LAZY = {
     "get_client": "context", "get_worker": "context", "rejoin": "context", "secede": "context",
     "worker_client": "context",
     "Security": "security",
+    "Event": "coordination", "Lock": "coordination", "Queue": "coordination",
+    "Semaphore": "coordination", "Variable": "coordination",
 }
 
 
@@ -80,6 +83,12 @@ __all__ = [
     "fire_and_forget",
     "futures_of",
     "wait",
+    # Shared state
+    "Event",
+    "Lock",
+    "Queue",
+    "Semaphore",
+    "Variable",
     # Diagnostics
     "get_task_stream",
     "performance_report",

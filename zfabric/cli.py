@@ -36,6 +36,9 @@ SchedulerFile = Annotated[
                               " JSON file (written by `zfabric scheduler --scheduler-file`).")
 ]
 LogLevel = Annotated[str, typer.Option("--log-level", help="debug, info, warning or error.")]
+Preload = Annotated[list[str] | None, typer.Option(
+    "--preload", help="A module name or .py file whose dask_setup(worker) runs in each worker"
+    " as it starts (and dask_teardown(worker) as it closes); repeatable.")]
 SecurityDir = Annotated[
     Path | None, typer.Option("--security", envvar="ZFABRIC_SECURITY", show_default=False,
                               help="Directory of CurveZMQ keys (from `zfabric keygen DIR`):"
@@ -115,6 +118,19 @@ def _resources(text: str | None) -> dict[str, float]:
         raise typer.BadParameter(str(exc), param_hint="--resources") from None
 
 
+def _preloads(specs: list[str] | None) -> list[str]:
+    """Preload specs with files made absolute (worker processes may start elsewhere); a
+    missing file is a bad parameter now, not a worker that fails later."""
+    out = []
+    for spec in specs or ():
+        if spec.endswith(".py") or os.sep in spec:
+            if not os.path.isfile(spec):
+                raise typer.BadParameter(f"no preload file {spec!r}", param_hint="--preload")
+            spec = os.path.abspath(spec)
+        out.append(spec)
+    return out
+
+
 # ---------------------------------------------------------------------- scheduler
 
 
@@ -135,8 +151,17 @@ def scheduler(
     log_level: LogLevel = "info",
     security: SecurityDir = None,
     require_encryption: RequireEncryption = False,
+    preload: Annotated[list[str] | None, typer.Option(
+        "--preload", help="Not supported: the scheduler runs no user code (use it on"
+        " `zfabric worker` or `zfabric nanny`).")] = None,
 ) -> None:
     """Start a scheduler and print its address."""
+    if preload:
+        raise typer.BadParameter(
+            "zfabric's scheduler runs no user code (it never unpickles anything), so it has no"
+            " preloads and no scheduler plugins; pass --preload to `zfabric worker` or"
+            " `zfabric nanny` to set workers up, or use client.register_plugin(WorkerPlugin)",
+            param_hint="--preload")
     _setup_logging(log_level)
     sec = _security(security, require_encryption)
     _run(_scheduler_main(host, port, scheduler_file, pid_file,
@@ -204,6 +229,7 @@ def worker(
     death_timeout: Annotated[float | None, typer.Option(
         help="Seconds to keep trying to reach a scheduler before closing.")] = None,
     log_level: LogLevel = "info",
+    preload: Preload = None,
     nanny: Annotated[str | None, typer.Option(hidden=True)] = None,
     identity: Annotated[str | None, typer.Option(hidden=True)] = None,
     parent_pid: Annotated[int | None, typer.Option(hidden=True)] = None,
@@ -218,7 +244,7 @@ def worker(
     kw = dict(nthreads=nthreads, name=name, memory_limit=memory_limit,
               resources=_resources(resources), listen_address=listen_address,
               contact_address=contact_address, death_timeout=death_timeout, nanny=nanny,
-              identity=identity, security=sec)
+              identity=identity, preload=_preloads(preload), security=sec)
     _run(_worker_main(addr, kw, parent_pid, ready_fd))
 
 
@@ -255,6 +281,7 @@ def nanny_command(
     log_level: LogLevel = "info",
     security: SecurityDir = None,
     require_encryption: RequireEncryption = False,
+    preload: Preload = None,
 ) -> None:
     """Start worker processes for the scheduler at ADDRESS and keep them alive."""
     _setup_logging(log_level)
@@ -263,7 +290,7 @@ def nanny_command(
     _run(_nanny_main(addr, dict(nworkers=nworkers, nthreads=nthreads, memory_limit=memory_limit,
                                 resources=_resources(resources), name=name,
                                 death_timeout=death_timeout, worker_log_level=log_level,
-                                security=sec)))
+                                preload=_preloads(preload), security=sec)))
 
 
 async def _nanny_main(address: str, kw: dict) -> int:

@@ -20,6 +20,7 @@ import itertools
 import json
 import logging
 import os
+import sys
 import threading
 import time
 import uuid
@@ -33,6 +34,7 @@ from . import _zmq, dask_scheduler, handshake, protocol, serialize
 from .admin import ClusterRequests
 from .config import Config, from_env, parse_timedelta
 from .control import ClusterControl
+from .datasets import Datasets
 from .diagnostics import Diagnostics
 from .errors import (
     ClosedError,
@@ -45,6 +47,7 @@ from .futures import Future, FutureState, futures_of
 from .keys import to_wire
 from .lifecycle import LoopThread
 from .link import Link
+from .plugins import PluginRequests
 from .security import SecurityError, as_security
 from .session import Deferred, Session
 from .transfer import DataPool, dispatch
@@ -101,7 +104,8 @@ def funcname(func) -> str:
     return "lambda" if name == "<lambda>" else name
 
 
-class Client(Values, ClusterRequests, ClusterControl, Session, Diagnostics):
+class Client(Values, ClusterRequests, ClusterControl, Session, Diagnostics, Datasets,
+             PluginRequests):
     """Connects to a scheduler and turns calls into Futures.
 
     ``address`` may be a ``tcp://host:port`` string, a Scheduler, or a LocalCluster; with no
@@ -113,7 +117,8 @@ class Client(Values, ClusterRequests, ClusterControl, Session, Diagnostics):
                  name: str | None = None, set_as_default: bool = True,
                  config: Config | None = None, scheduler_file=None, security=None,
                  direct_to_workers=None, heartbeat_interval=None, serializers=None,
-                 deserializers=None, connection_limit=None, **kwargs):
+                 deserializers=None, connection_limit=None, _for_worker: str | None = None,
+                 **kwargs):
         self.status = "created"  # first: __del__ reads these even if the checks below raise
         self.asynchronous = asynchronous
         self._loop_thread: LoopThread | None = None
@@ -164,6 +169,8 @@ class Client(Values, ClusterRequests, ClusterControl, Session, Diagnostics):
                                 " security=Security(DIR) (`zfabric keygen DIR`)")
         self.scheduler_address = address
         self.id = name or f"client-{uuid.uuid4().hex[:12]}"
+        # the client of a worker's tasks says whose: its leases go when that worker dies
+        self._hello = {"worker": _for_worker} if _for_worker else {}
         self._id_prefix = uuid.uuid4().hex[:20]
         self.status = "created"
         self.epoch: str | None = None
@@ -329,7 +336,7 @@ class Client(Values, ClusterRequests, ClusterControl, Session, Diagnostics):
         self._backlog: deque = deque()
         self._writer: asyncio.Future | None = None
         self._tasks = [asyncio.ensure_future(self._heartbeat())]
-        self._send(protocol.hello("client", self.id))
+        self._send(protocol.hello("client", self.id, **self._hello))
         try:
             await handshake.wait(self._welcome, self._link.sock, monitor, self.timeout,
                                  self.scheduler_address, self.security)
@@ -400,11 +407,12 @@ class Client(Values, ClusterRequests, ClusterControl, Session, Diagnostics):
         self._check_open()
         if not callable(func):
             raise TypeError("First input to submit must be a callable function")
-        if actor or actors:
-            raise NotImplementedError("zfabric has no actors")
         opts = _options(workers, resources, retries, priority, allow_other_workers, task_timeout)
         wkey = to_wire(key) if key is not None else None
-        item = self._task(func, args, kwargs, wkey, funcname(func), pure)
+        prefix = funcname(func)
+        if actor or actors:  # the object stays on the worker; the result is its proxy
+            func, args, pure = _actor_task(func, args)
+        item = self._task(func, args, kwargs, wkey, prefix, pure)
         return self._submit_many([item], opts, user_keys=None if key is None else [key])[0]
 
     def _task(self, func, args, kwargs, key, prefix, pure) -> tuple:
@@ -488,7 +496,8 @@ class Client(Values, ClusterRequests, ClusterControl, Session, Diagnostics):
 
     def map(self, func, *iterables, key=None, workers=None, retries=None, resources=None,
             priority: int = 0, allow_other_workers: bool = False, pure: bool = True,
-            batch_size=None, task_timeout=None, **kwargs) -> list[Future]:
+            batch_size=None, task_timeout=None, actor: bool = False, actors: bool = False,
+            **kwargs) -> list[Future]:
         """``submit(func, *items)`` for items zipped from ``iterables``; a list of Futures.
 
         ``batch_size``: tasks per message to the scheduler (default ``SUBMIT_BATCH``)."""
@@ -513,6 +522,10 @@ class Client(Values, ClusterRequests, ClusterControl, Session, Diagnostics):
         else:
             keys = wkeys = None
         prefix = key if isinstance(key, str) else funcname(func)
+        if actor or actors:
+            cls = func
+            func, _, pure = _actor_task(cls, ())
+            argss = [(cls, *args) for args in argss]
         items = []
         for i, args in enumerate(argss):
             items.append(self._task(func, args, kwargs, wkeys[i] if wkeys else None, prefix, pure))
@@ -643,6 +656,9 @@ class Client(Values, ClusterRequests, ClusterControl, Session, Diagnostics):
                 fut.set_exception(ClosedError("the client was closed"))
         if getattr(self, "data", None) is not None:
             self.data.close()
+        actor = sys.modules.get("zfabric.actor")
+        if actor is not None:  # the helper thread of asynchronous actor calls
+            await asyncio.to_thread(actor.close_async_calls)
         if getattr(self, "_link", None) is not None:
             self._link.close(linger=self.config.LINGER_MS)
         if self._own_cluster and self.cluster is not None:
@@ -672,6 +688,15 @@ def _options(workers, resources, retries, priority, allow_other_workers, task_ti
     if task_timeout:
         opts["task_timeout"] = float(task_timeout)
     return opts or None
+
+
+def _actor_task(cls, args: tuple):
+    """``(function, args, pure)`` of the task that builds an actor of ``cls`` on a worker."""
+    if not isinstance(cls, type):
+        raise TypeError(f"actor=True needs a class, got {type(cls).__name__}")
+    from .actor import create
+
+    return create, (cls, *args), False
 
 
 def _lost(st: FutureState) -> bool:

@@ -73,7 +73,7 @@ def _worker_client(worker, timeout=None):
         kwargs = {"timeout": timeout} if timeout is not None else {}
         # with security on it connects with the client key of the worker's keys
         client = Client(worker.scheduler_address, config=worker.config,
-                        name=f"worker-client-{worker.name}",
+                        name=f"worker-client-{worker.name}", _for_worker=worker.address,
                         security=getattr(worker, "security", None), **kwargs)
         worker._task_client = client
         return client

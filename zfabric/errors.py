@@ -16,8 +16,9 @@
     ├── TaskCancelled            the result of a cancelled task was asked for (also
     │                            concurrent.futures.CancelledError, as dask.distributed raises)
     ├── ResultTooLarge           a value passed the configured message size limit
-    └── TaskTooLarge             a task's function and arguments pass the scheduler's frame
-                                 limit (also a ValueError)
+    ├── TaskTooLarge             a task's function and arguments pass the scheduler's frame
+    │                            limit (also a ValueError)
+    └── ActorLost                an actor's worker is gone (also a ConnectionError)
 
 A task that raises keeps its own exception type: ``future.result()`` re-raises the very
 exception the function raised, with the remote traceback attached.
@@ -28,6 +29,7 @@ from __future__ import annotations
 from concurrent.futures import CancelledError
 
 __all__ = [
+    "ActorLost",
     "ClosedError",
     "CommTimeoutError",
     "KilledWorker",
@@ -108,3 +110,7 @@ class ResultTooLarge(ZFabricError):
 class TaskTooLarge(ZFabricError, ValueError):
     """Raised when a task's pickled function and arguments are larger than the scheduler
     takes in one frame (``SCHEDULER_FRAME_BYTES``); ``scatter`` the large values first."""
+
+
+class ActorLost(ZFabricError, ConnectionError):
+    """Raised when an actor's worker died or cannot be reached: the actor's state is gone."""

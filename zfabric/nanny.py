@@ -97,6 +97,7 @@ class Nanny(LifeCycle):
         worker_log_level: str = "warning",
         restart_policy: RestartPolicy | None = None,
         config: Config | None = None,
+        preload: str | list[str] | None = None,
         security=None,
         **kwargs,
     ):
@@ -132,6 +133,10 @@ class Nanny(LifeCycle):
             death_timeout if death_timeout is not None else self.config.RECONNECT_TIMEOUT_S
         )
         self.env = dict(env or {})
+        # dask's --preload, run by each worker process it starts (files made absolute)
+        specs = [preload] if isinstance(preload, str) else list(preload or ())
+        self.preload = [os.path.abspath(p) if p.endswith(".py") or os.sep in p else p
+                        for p in specs]
         self.worker_log_level = worker_log_level
         self.policy = restart_policy or RestartPolicy()
         self.identity = _zmq.new_identity("nanny").decode()
@@ -143,6 +148,7 @@ class Nanny(LifeCycle):
                 slot_name = self.name if self.nworkers == 1 else f"{self.name}-{i}"
             self.slots.append(Slot(i, slot_name))
         self.epoch: str | None = None
+        self._initial_plugins: list | None = []  # set up before the first workers start
         self._sock = None
         self._tasks: list[asyncio.Task] = []
         self._welcome: asyncio.Future | None = None
@@ -198,11 +204,6 @@ class Nanny(LifeCycle):
         self._tasks.append(asyncio.ensure_future(
             read_ops(self._sock, self._on_op, who="nanny", heard=self._heard)))
         self._send(protocol.hello("nanny", self.identity, pid=os.getpid()))
-        # Workers take far longer to start than the hello to be answered: start them now.
-        now = time.monotonic()
-        marks = [(s, s.generation) for s in self.slots]
-        for slot in self.slots:
-            self._spawn(slot, now)
         try:
             await asyncio.wait_for(asyncio.shield(self._welcome), self.death_timeout)
         except TimeoutError:
@@ -210,6 +211,16 @@ class Nanny(LifeCycle):
                 f"Nanny could not reach a scheduler at {self.scheduler_address} within"
                 f" {self.death_timeout:g} s; is the scheduler running there?"
             ) from None
+        # Workers start after the welcome and the Nanny plugins that came with it (a plugin
+        # sets up what the worker processes need: environment variables, files); one local
+        # round trip more than starting them at once.
+        initial, self._initial_plugins = self._initial_plugins, None
+        for task in initial:
+            await task
+        now = time.monotonic()
+        marks = [(s, s.generation) for s in self.slots]
+        for slot in self.slots:
+            self._spawn(slot, now)
         self._tasks.append(asyncio.ensure_future(self._watch()))
         await self._wait_started(marks, self.death_timeout, fail_on_exit=True)
         logger.info("nanny %s started %d worker(s) for %s", self.identity, self.nworkers,
@@ -277,6 +288,12 @@ class Nanny(LifeCycle):
                 self._send(protocol.hello("nanny", self.identity, pid=os.getpid()))
             case "restart":
                 self._own(self._restart(op["id"], op.get("workers")))
+            case "plugin-add" | "plugin-remove":
+                if self._initial_plugins is not None:  # before the workers start
+                    self._initial_plugins.append(asyncio.ensure_future(
+                        self._plugin(op, restart=False)))
+                else:  # a restart only when a client registers it now, not on a reconnect
+                    self._own(self._plugin(op, restart=op["id"] != 0))
             case "heartbeat":
                 pass
             case "close":
@@ -321,6 +338,7 @@ class Nanny(LifeCycle):
             ready_fd=write_fd, name=slot.name, resources=self.resources,
             listen_address=self.listen_address, contact_address=self.contact_address,
             death_timeout_s=self.death_timeout, log_level=self.worker_log_level,
+            preload=self.preload,
         )
         try:
             proc = subprocess.Popen(
@@ -535,9 +553,9 @@ class Nanny(LifeCycle):
                 )
             await asyncio.sleep(0.005)
 
-    async def _restart(self, rid: int, workers: list | None = None) -> None:
-        """``client.restart()``: replace every worker process (or those whose identities
-        ``workers`` lists: ``client.restart_workers``), answer once all are back."""
+    async def restart_workers(self, workers: list | None = None) -> None:
+        """Replace every worker process (or those whose identities ``workers`` lists);
+        returns once all are back (CommTimeoutError if not within RESTART_TIMEOUT_S)."""
         now = time.monotonic()
         marks = []
         for slot in self.slots:
@@ -553,13 +571,23 @@ class Nanny(LifeCycle):
                 self._stop(slot, now, then="restart", grace_s=RESTART_GRACE_S)
             elif slot.phase == "waiting":
                 slot.restart_at = now
+        await self._wait_started(marks, RESTART_TIMEOUT_S, fail_on_exit=False)
+
+    async def _restart(self, rid: int, workers: list | None = None) -> None:
+        """``client.restart()``: replace every worker process (or those whose identities
+        ``workers`` lists: ``client.restart_workers``), answer once all are back."""
         reply = {"op": "reply", "id": rid}
         try:
-            await self._wait_started(marks, RESTART_TIMEOUT_S, fail_on_exit=False)
+            await self.restart_workers(workers)
             reply["value"] = True
         except ZFabricError as exc:
             reply["error"] = str(exc)
         self._send(reply)
+
+    async def _plugin(self, op: dict, restart: bool = True) -> None:
+        from .plugins import nanny_plugin_op
+
+        self._send(await nanny_plugin_op(self, op, restart=restart))
 
 
 def _log_send_error(fut: asyncio.Future) -> None:

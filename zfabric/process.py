@@ -163,7 +163,7 @@ def worker_command(scheduler_address: str, *, identity: str, nthreads: int, memo
                    nanny: str, parent_pid: int, ready_fd: int, name: str | None = None,
                    resources: dict | None = None, listen_address: str | None = None,
                    contact_address: str | None = None, death_timeout_s: float | None = None,
-                   log_level: str = "warning") -> list[str]:
+                   log_level: str = "warning", preload: list[str] | None = None) -> list[str]:
     """The argv of a worker process a Nanny starts: zfabric's own entry point, fresh."""
     cmd = [
         sys.executable, "-m", "zfabric", "worker", scheduler_address,
@@ -181,6 +181,8 @@ def worker_command(scheduler_address: str, *, identity: str, nthreads: int, memo
         cmd += ["--contact-address", contact_address]
     if death_timeout_s is not None:
         cmd += ["--death-timeout", repr(float(death_timeout_s))]
+    for spec in preload or ():
+        cmd += ["--preload", spec]
     return cmd
 
 
@@ -225,6 +227,7 @@ def parse_worker_argv(argv: list[str]) -> dict:
     p.add_argument("--listen-address")
     p.add_argument("--contact-address")
     p.add_argument("--death-timeout", type=float)
+    p.add_argument("--preload", action="append", default=[])
     return vars(p.parse_args(argv))
 
 
@@ -267,7 +270,7 @@ def main_from_nanny(argv: list[str]) -> int:
               resources=parse_resources(args["resources"]),
               listen_address=args["listen_address"], contact_address=args["contact_address"],
               death_timeout=args["death_timeout"], nanny=args["nanny"],
-              identity=args["identity"])
+              identity=args["identity"], preload=args["preload"])
     from .security import Security
 
     kw["security"] = Security.from_environ()  # the keys its Nanny passed, if any

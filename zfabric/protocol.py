@@ -51,6 +51,7 @@ SCHEMAS: dict[str, dict[str, tuple[type, ...]]] = {
     "cancel": {"keys": _L},
     "retry": {"keys": _L},
     "scatter": {"items": _L},
+    "coord": {"id": _I, "kind": _S, "name": _S},  # shared state: see COORD_KINDS
     # scheduler -> client
     "memory": {"items": _L},
     "erred": {"items": _L},
@@ -68,6 +69,8 @@ SCHEMAS: dict[str, dict[str, tuple[type, ...]]] = {
     "functions": {"items": _L},
     "forget-functions": {"keys": _L},
     "run-result": {"id": _I},
+    "plugin-add": {"id": _I, "name": _S, "payload": _B},  # also scheduler -> nanny
+    "plugin-remove": {"id": _I, "name": _S},
     "acquire": {"items": _L},  # keep copies of these keys (replicate, retire_workers)
     "acquired": {"keys": _L},  # ... now held; optional "failed": keys it could not get
     "close": {},
@@ -80,6 +83,9 @@ SCHEMAS: dict[str, dict[str, tuple[type, ...]]] = {
     "put-data": {"id": _I, "items": _L},
     "lease": {"id": _I, "sizes": _L},
     "leases": {"id": _I, "items": _L},
+    "actor-call": {"id": _I, "key": _S, "name": _S},  # args: pickle of (args, kwargs)
+    "actor-ping": {"id": _I, "key": _S},
+    "actor-result": {"id": _I},  # value (pickle, nframes buffers after) or error
 }
 
 _packer = msgpack.Packer(use_bin_type=True)
@@ -145,6 +151,8 @@ def check(op) -> None:
                 f"op {name!r} field {field!r} must be {'/'.join(t.__name__ for t in types)},"
                 f" got {type(value).__name__}"
             )
+    if name == "coord":
+        check_coord(op)
 
 
 _MISSING = object()
@@ -276,3 +284,62 @@ def check_task_options(key: str, opts) -> None:
             type(k) is not str or not amount(v) for k, v in resources.items())):
         raise RemoteProtocolError(
             f"option 'resources' of task {short(key)} must map names to amounts")
+
+
+#: The kinds of ``coord`` op and the extra fields each must carry (with their types).
+_T = (int, float, type(None))
+COORD_KINDS: dict[str, dict[str, tuple]] = {
+    "sem-acquire": {"max_leases": (int,), "lease": _S, "timeout": _T, "lease_timeout": _T},
+    "sem-release": {"lease": _S},
+    "sem-value": {},
+    "sem-close": {},
+    "abandon": {"lease": _S},
+    "event-set": {},
+    "event-clear": {},
+    "event-is-set": {},
+    "event-wait": {"timeout": _T},
+    "var-set": {"item": _L},
+    "var-get": {"timeout": _T},
+    "var-delete": {},
+    "queue-put": {"maxsize": (int,), "item": _L, "timeout": _T},
+    "queue-get": {"maxsize": (int,), "timeout": _T, "batch": (bool, int)},
+    "queue-qsize": {"maxsize": (int,)},
+    "queue-close": {},
+    "ds-publish": {"item": _L, "override": (bool,)},
+    "ds-get": {},
+    "ds-list": {},
+    "ds-unpublish": {},
+}
+
+
+def check_coord(op: dict) -> None:
+    """Validate a ``coord`` op's kind and fields (raises RemoteProtocolError)."""
+    kind = op["kind"]
+    fields = COORD_KINDS.get(kind)
+    if fields is None:
+        raise RemoteProtocolError(f"unknown coordination kind {kind!r}")
+    for field, types in fields.items():
+        if field not in op:
+            raise RemoteProtocolError(f"coordination op {kind!r} lacks field {field!r}")
+        value = op[field]
+        if not isinstance(value, types) or (isinstance(value, bool) and bool not in types):
+            raise RemoteProtocolError(f"coordination op {kind!r}: field {field!r} has the wrong"
+                                      f" type {type(value).__name__}")
+        if field in ("timeout", "lease_timeout") and value is not None and value < 0:
+            raise RemoteProtocolError(f"coordination op {kind!r}: {field} must be >= 0")
+    if "item" in fields:
+        coord_item_keys(op["item"])
+    if kind == "sem-acquire" and op["max_leases"] < 1:
+        raise RemoteProtocolError("max_leases must be at least 1")
+    if kind.startswith("queue-") and "maxsize" in fields and op["maxsize"] < 0:
+        raise RemoteProtocolError("a queue's maxsize must be >= 0")
+
+
+def coord_item_keys(item) -> list[str]:
+    """The keys an item holds (and a check of its shape)."""
+    if type(item) is list and len(item) == 3 and item[0] == "v" and type(item[1]) is bytes \
+            and type(item[2]) is list and all(type(k) is str for k in item[2]):
+        return item[2]
+    if type(item) is list and len(item) == 2 and item[0] in ("f", "s") and type(item[1]) is str:
+        return [item[1]]
+    raise RemoteProtocolError(f"malformed coordination value {str(item)[:100]}")

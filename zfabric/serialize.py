@@ -95,8 +95,9 @@ def _future_ref(key):
     """A Future for ``key`` bound to this process's client (inside a task: its worker's)."""
     from .context import get_client
     from .futures import Future
+    from .keys import from_wire
 
-    return Future(key, get_client())
+    return Future(from_wire(key), get_client())  # ``key`` is the wire form
 
 
 #: Set by :mod:`zfabric.futures` (which imports this module).

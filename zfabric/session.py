@@ -93,7 +93,7 @@ class Session:
             case "reregister":
                 self._scheduler_lost(f"the scheduler at {self.scheduler_address} went away"
                                      f" ({op['reason']})")
-                self._send(protocol.hello("client", self.id))
+                self._send(protocol.hello("client", self.id, **self._hello))
             case "error":
                 message = readable(op["message"])
                 logger.error("scheduler: %s", message)
@@ -201,7 +201,7 @@ class Session:
                         f" {silent:.0f} s"
                     )
                 if first:  # queued until a scheduler listens at the address again
-                    self._send(protocol.hello("client", self.id))
+                    self._send(protocol.hello("client", self.id, **self._hello))
 
     def _send(self, *ops: dict) -> None:
         """Queue ops for the scheduler; they leave together on the next loop turn."""

@@ -82,6 +82,11 @@ class Values:
                                f" {future.status})") from None
 
     async def _value_of(self, future: Future):
+        # Futures and Actors inside the value bind to this client, not the default one
+        with self.as_current():
+            return await self._value_of_current(future)
+
+    async def _value_of_current(self, future: Future):
         st = future._state
         for _attempt in range(5):
             if st.status == "error":

@@ -22,6 +22,7 @@ class ClientOps:
     def remove_client(self, cs: ClientState) -> None:
         self.clients.pop(cs.ident, None)
         self.admins.discard(cs.ident)
+        self.coord.client_gone(cs.ident)
         # O(tasks), but only when a client leaves (see ClientState).
         for ts in [t for t in self.tasks.values() if t.wanted_by(cs)]:
             self.release_key(cs, ts.key)
@@ -151,6 +152,8 @@ class ClientOps:
         if ts is None:
             self.send(cs.ident, {"op": "cancelled", "keys": [key]})
             return
+        if ts.wanted_by(cs):  # wanted for it already (a Queue gave it): tell it the state
+            ts.drop_wanter(cs)
         self._want(cs, ts)
         if ts.state == "released":
             self._recompute(ts)

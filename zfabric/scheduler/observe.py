@@ -365,7 +365,7 @@ class Observer:
                 "finished": state.counts["finished"], "erred": state.counts["erred"],
                 "messages_in": self.messages_in, "messages_out": self.messages_out,
                 "bytes_in": self.bytes_in, "bytes_out": self.bytes_out,
-                "transfer_bytes": self.transfer_bytes, "clients": len(state.clients) - 1,
+                "transfer_bytes": self.transfer_bytes, "clients": len(state.clients) - 2,
             },
             "durations": {
                 g.name: {"buckets": list(g.hist), "sum": g.duration_s, "count": g.ndone}

@@ -12,18 +12,18 @@ class Outbox:
 
     Consecutive :meth:`batch` items of the same op to the same peer share one op; any other op
     sent to that peer in between closes the batch first, so the peer sees everything in the
-    order it was queued. Ops for ``ignore`` (a pseudo peer) are dropped.
+    order it was queued. Ops for the peers in ``ignore`` (pseudo peers) are dropped.
     """
 
     __slots__ = ("_batched", "_ops", "ignore")
 
-    def __init__(self, ignore: bytes = b""):
+    def __init__(self, ignore: frozenset[bytes] = frozenset()):
         self.ignore = ignore
         self._ops: dict[bytes, list[dict]] = {}
         self._batched: dict[bytes, tuple[str, list]] = {}
 
     def send(self, peer: bytes, op: dict) -> None:
-        if peer == self.ignore:
+        if peer in self.ignore:
             return
         if peer in self._batched:
             self._close_batch(peer)
@@ -35,7 +35,7 @@ class Outbox:
 
     def batch(self, peer: bytes, op: str, item) -> None:
         """Queue one item of a list-carrying op (memory, erred, compute, free...)."""
-        if peer == self.ignore:
+        if peer in self.ignore:
             return
         b = self._batched.get(peer)
         if b is None or b[0] != op:

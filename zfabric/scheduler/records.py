@@ -6,6 +6,8 @@ from ..config import DEFAULT
 
 #: Pseudo client that holds fire_and_forget keys until they finish.
 FIRE_AND_FORGET = b"<fire-and-forget>"
+#: The pseudo client that wants the keys that Variables, Queues and datasets hold.
+HELD = b"<held>"
 
 # _one_or_set: a container that is None (empty), the one member itself, or a set of two or more.
 

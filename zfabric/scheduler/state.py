@@ -39,11 +39,13 @@ from ..errors import RemoteProtocolError
 from ..protocol import check_worker_hello, clean_metrics, safe_name, short, version_mismatches
 from . import policy
 from .client_ops import ClientOps
+from .coordination import Coordination, SharedStateOps
 from .observe import LIVE as LIVE_STATES
 from .observe import Observer
 from .outbox import Outbox
+from .plugins import PluginOps
 from .queue import ReadyQueue, RestrictedQueue
-from .records import FIRE_AND_FORGET, ClientState, NannyState, TaskState, WorkerState
+from .records import FIRE_AND_FORGET, HELD, ClientState, NannyState, TaskState, WorkerState
 from .requests import FanOut
 from .retire import Retirement
 from .roles import Roles
@@ -68,7 +70,7 @@ class InvalidTransition(RuntimeError):
     """Raised when code (ours) tries a task-state move that the table forbids."""
 
 
-class SchedulerState(ClientOps, WorkerLoss, Roles, Retirement):
+class SchedulerState(ClientOps, WorkerLoss, Roles, Retirement, PluginOps, SharedStateOps):
     """Tasks, workers and clients; ops in, ops out."""
 
     def __init__(
@@ -82,12 +84,13 @@ class SchedulerState(ClientOps, WorkerLoss, Roles, Retirement):
         self.functions: dict[str, list] = {}  # id -> [pickle, tasks using it, id]
         self.workers: dict[bytes, WorkerState] = {}  # by routing id
         self.workers_by_address: dict[str, WorkerState] = {}
-        self.clients: dict[bytes, ClientState] = {FIRE_AND_FORGET: ClientState(FIRE_AND_FORGET)}
+        self.clients: dict[bytes, ClientState] = {FIRE_AND_FORGET: ClientState(FIRE_AND_FORGET),
+                                                  HELD: ClientState(HELD)}
         self.nannies: dict[bytes, NannyState] = {}
         # Worker processes their Nanny reported dead (it may still be killing them): one that
         # says hello again must not come back as a worker nobody will ever report.
         self.reported_dead: dict[bytes, None] = {}
-        self._outbox = Outbox(ignore=FIRE_AND_FORGET)
+        self._outbox = Outbox(ignore=frozenset({FIRE_AND_FORGET, HELD}))
         self.send = self._outbox.send  # queue an op for a peer
         self.batch = self._outbox.batch  # queue one item of a list-carrying op (see Outbox)
         self.flush = self._outbox.flush  # {peer: [ops]} queued since the last flush
@@ -104,6 +107,10 @@ class SchedulerState(ClientOps, WorkerLoss, Roles, Retirement):
         self.dashboard_link: str | None = None  # set by the shell once its dashboard serves
         self.log_source = None  # set by the shell: n -> recent log records of this process
         self._init_moves()  # replicate and retire (see .retire)
+        # Locks, semaphores, events, variables, queues and datasets (scheduler/coordination.py)
+        self.plugins: dict[str, dict[str, bytes]] = {"worker": {}, "nanny": {}}  # name -> pickle
+        self.coord = Coordination(self.send, self._hold, self._unhold, self._client_seen,
+                                  self._give)
         self.secured = False  # set by the shell when keys bind roles (security on)
         self.admins: set[bytes] = set()  # clients holding an admin key (security on)
         self.admin_only = {k.strip() for k in config.ADMIN_ONLY.split(",") if k.strip()}
@@ -200,13 +207,14 @@ class SchedulerState(ClientOps, WorkerLoss, Roles, Retirement):
                     continue  # busy holding the GIL, but its Nanny sees it alive
             self.remove_worker(ws, f"silent for {now - ws.last_seen:.1f} s", died=True)
         limit = now - self.config.CLIENT_TTL_S
-        for cs in [c for c in self.clients.values() if c.ident != FIRE_AND_FORGET]:
+        for cs in [c for c in self.clients.values() if c.ident not in (FIRE_AND_FORGET, HELD)]:
             if cs.last_seen < limit:
                 self._event(f"client {cs.name} silent for {now - cs.last_seen:.0f} s; releasing")
                 self.remove_client(cs)
         silent = now - self.config.WORKER_TTL_S
         for ns in [n for n in self.nannies.values() if n.last_seen < silent]:
             self._drop_nanny(ns.ident)
+        self.coord.tick(now)
         if self.moves or self.jobs:
             self.moves_tick()
 
@@ -268,16 +276,20 @@ class SchedulerState(ClientOps, WorkerLoss, Roles, Retirement):
                         "worker-joined")
             if ws.nanny in self.nannies:
                 self.nannies[ws.nanny].workers.add(peer)
+            self.plugins_for_newcomer(peer, "worker")
             self._fill(ws)
             self._fill_restricted()
         elif role == "client":
             cs = ClientState(peer, name=safe_name(op["id"]), now=self.now)
             self.clients[peer] = cs
+            if type(op.get("worker")) is str:  # the client of a worker's tasks
+                self.coord.client_worker[peer] = op["worker"]
             self.send(peer, welcome)
         elif role == "nanny":
             ns = NannyState(peer, name=safe_name(op["id"]), now=self.now)
             self.nannies[peer] = ns
             self.send(peer, welcome)
+            self.plugins_for_newcomer(peer, "nanny")
         else:
             raise RemoteProtocolError(f"unknown role {short(role)}")
         for w in warnings:
@@ -314,6 +326,8 @@ class SchedulerState(ClientOps, WorkerLoss, Roles, Retirement):
                 self.scatter(cs, op["items"], op.get("fire_and_forget", False))
             case "request":
                 self.request(cs.ident, op)
+            case "coord":
+                self.coord.handle(cs.ident, op, self.now)
             case "heartbeat":
                 pass
             case "goodbye":
@@ -353,6 +367,9 @@ class SchedulerState(ClientOps, WorkerLoss, Roles, Retirement):
                     self._event("restart requested: cancelling every task")
                     self.cancel(list(self.tasks), "the cluster was restarted", restart=True)
                 self._start_fan_out(peer, rid, kind, args)
+                return
+            case "register-plugin" | "unregister-plugin":
+                self.plugin_request(peer, rid, kind, args)
                 return
             case "replicate" | "retire-workers" | "restart-workers":
                 self.move_request(peer, op)
@@ -437,7 +454,7 @@ class SchedulerState(ClientOps, WorkerLoss, Roles, Retirement):
             "versions": self.versions,
             "workers": {ws.address: ws.info() for ws in workers},
             "nannies": len(self.nannies),
-            "clients": len(self.clients) - 1,
+            "clients": len(self.clients) - 2,
             "tasks": counts,
             "events": [list(e) for e in self.events[-20:]],
             "services": {"dashboard": self.dashboard_link} if self.dashboard_link else {},

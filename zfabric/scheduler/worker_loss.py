@@ -64,6 +64,8 @@ class WorkerLoss:
             del self.workers_by_address[ws.address]
         self._event(f"worker {ws.name} ({ws.address}) removed: {reason}",
                     "worker-died" if died else "worker-removed")
+        for ident in self.coord.worker_gone(ws.address):  # its tasks' leases and waits
+            self.coord.client_gone(ident)
         if ws.nanny in self.nannies:
             self.nannies[ws.nanny].workers.discard(ws.ident)
         if not died:

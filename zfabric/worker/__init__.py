@@ -46,6 +46,7 @@ class Worker(LifeCycle):
         death_timeout: float | None = None,
         config: Config | None = None,
         identity: str | bytes | None = None,
+        preload: str | list[str] | None = None,
         security=None,
         **kwargs,
     ):
@@ -80,6 +81,11 @@ class Worker(LifeCycle):
         self._core: WorkerLoop | None = None
         self._closed_by_core: asyncio.Event | None = None
         self._task_client = None  # made by get_client() in a task (zfabric.context)
+        # dask's --preload: modules or .py files whose dask_setup(worker) runs at the start
+        from .plugins import load_preload
+
+        specs = [preload] if isinstance(preload, str) else list(preload or ())
+        self._preloads = [load_preload(spec) for spec in specs]
 
     def __repr__(self) -> str:
         return f"<Worker {self.name or ''} {self.address or 'not started'} threads={self.nthreads}>"
@@ -125,6 +131,7 @@ class Worker(LifeCycle):
             identity=self._identity, security=self.security,
         )
         self._core.owner = self
+        self._core.plugins.preloads = list(self._preloads)
         self._core.start()
         try:
             self.address = await asyncio.wait_for(ready, self.death_timeout)

@@ -31,8 +31,10 @@ from .. import _zmq, logs, protocol, serialize, shm
 from ..config import Config
 from ..errors import RemoteProtocolError, SerializationError, TaskTimeout
 from ..transfer import cancel_leases
+from .actors import Actors
 from .data import DataPlane, waiting
 from .execute import Executor, Outcome
+from .plugins import WorkerPlugins
 from .replicas import Replicas
 
 logger = logging.getLogger(__name__)
@@ -114,6 +116,7 @@ class WorkerLoop(DataPlane, Replicas):
         self.last_heard = time.monotonic()
         self.hello_at = 0.0  # when to say hello again after a refusal that said to retry
         self.use_shm = config.SAME_HOST_SHM and shm.available()
+        self.plugins = WorkerPlugins(self)  # true only when one hears transitions
         logs.install()  # keep this process's recent log records for client.get_worker_logs()
 
     # ------------------------------------------------------------------ life cycle
@@ -171,6 +174,8 @@ class WorkerLoop(DataPlane, Replicas):
                                  inline_bytes=self.config.INLINE_BYTES,
                                  max_bytes=self.config.MAX_MESSAGE_BYTES, name=str(self.name),
                                  context=self.owner or self)
+        self.actors = Actors(self.executor._poke, self.config.INLINE_BYTES,
+                             self.identity.decode())
         self.poller = zmq.Poller()
         for s in (self.sched, self.data, self.wake):
             self.poller.register(s, zmq.POLLIN)
@@ -193,6 +198,8 @@ class WorkerLoop(DataPlane, Replicas):
                 self.sched.send_multipart(protocol.encode([bye]), zmq.NOBLOCK)
         except zmq.ZMQError:
             pass
+        self.plugins.teardown_all()
+        self.actors.stop()
         self.executor.stop()
         for s in (self.sched, self.data, *self.peers.values()):
             s.close(linger=self.config.LINGER_MS)
@@ -214,6 +221,8 @@ class WorkerLoop(DataPlane, Replicas):
                 self._drain_scheduler()
             if self.wake in events or self.executor.done:
                 self._drain_done()
+                if self.actors.replies:
+                    self._send_actor_replies()
             if self.data in events:
                 self._drain_data()
             if self.data_backlog:
@@ -346,6 +355,15 @@ class WorkerLoop(DataPlane, Replicas):
                 for w in op.get("warnings") or ():
                     logger.warning("version mismatch with the scheduler: %s", w)
                 if first:
+                    if self.owner is not None:  # what preloads and plugins may read
+                        self.owner.address, self.owner.name = self.address, self.name
+                    try:
+                        self.plugins.start_preloads()
+                    except Exception as exc:
+                        logger.exception("worker %s: a preload failed", self.name)
+                        self.on_ready(None, exc)
+                        self.stop("a preload failed")
+                        return
                     self.on_ready(self.address, None)
             case "reregister":
                 logger.info("worker %s registers again: %s", self.name, op["reason"])
@@ -353,6 +371,8 @@ class WorkerLoop(DataPlane, Replicas):
                 self._hello()
             case "run":
                 self._run_function(op["id"], op["payload"])
+            case "plugin-add" | "plugin-remove":
+                self._plugin_op(op)
             case "close":
                 self.stop("closed by the scheduler")
             case "error":
@@ -413,6 +433,8 @@ class WorkerLoop(DataPlane, Replicas):
                     fetch.append((dep, addresses))
                 else:
                     waiters.append(key)
+        if self.plugins:
+            self.plugins.transition(key, "released", "waiting" if missing else "ready")
         if missing:
             # Waiting before any fetch starts: one that fails at once (no holder left) must
             # find the task here to report it ``missing``, or the task would wait forever.
@@ -446,6 +468,10 @@ class WorkerLoop(DataPlane, Replicas):
 
     def _free(self, key: str) -> None:
         self.unconfirmed.pop(key, None)
+        if key in self.actors.objects:
+            self.actors.forget(key)
+        if self.plugins and key in self.store:
+            self.plugins.transition(key, "memory", "released")
         if key not in self.executing:
             self._release(key)  # an executing task releases when it ends
         self.raw_keys.discard(key)
@@ -469,6 +495,8 @@ class WorkerLoop(DataPlane, Replicas):
                 func = SerializationError(f"function {fid!r} of task {key!r} never arrived")
             timeout = options.get("task_timeout") if options else None
             self.executing[key] = timeout or 0.0
+            if self.plugins:
+                self.plugins.transition(key, "ready", "executing")
             values = self.store
             borrowed = self.borrows.get(key)
             if borrowed:  # the run keeps its own references: a copy may go before it starts
@@ -495,6 +523,8 @@ class WorkerLoop(DataPlane, Replicas):
         if key in self.cancelled or (not out.ok and out.error is None):
             self.cancelled.discard(key)
             return
+        if self.plugins:
+            self.plugins.transition(key, "executing", "memory" if out.ok else "error")
         if out.ok:
             self.borrowed.pop(key, None)
             self.store[key] = out.value
@@ -533,6 +563,19 @@ class WorkerLoop(DataPlane, Replicas):
             cancel_leases(into)
             for k in keys:
                 self._fetch_failed(k, addr)
+
+    def _plugin_op(self, op: dict) -> None:
+        """Set up or tear down a plugin; the answer goes to whoever registered it."""
+        try:
+            if op["op"] == "plugin-add":
+                self.plugins.add(op["name"], op["payload"])
+            else:
+                self.plugins.remove(op["name"])
+            self.outbox.append({"op": "run-result", "id": op["id"], "value": None})
+        except Exception as exc:
+            logger.exception("worker %s: plugin %r failed", self.name, op["name"])
+            data, tb, text = serialize.exception_payload(exc)
+            self.outbox.append({"op": "run-result", "id": op["id"], "error": [data, tb, text]})
 
     def _run_function(self, rid: int, payload: bytes) -> None:
         try:

@@ -120,10 +120,22 @@ class DataPlane:
                         self._put(key, header, bufs, raw or bool(op.get("raw")))
                         self.unconfirmed[key] = time.monotonic()  # until the scheduler knows
                 self._reply_data(peer, [{"op": "reply", "id": op["id"], "result": True}])
+            case "actor-call":
+                self.actors.call(peer, op)
+            case "actor-ping":  # a caller waiting long: is the actor still here?
+                self._reply_data(peer, [{"op": "actor-result", "id": op["id"],
+                                         "alive": self.actors.holds(op["key"],
+                                                                    op.get("worker"))}])
             case "heartbeat":
                 pass
             case other:
                 raise RemoteProtocolError(f"unexpected {other!r} on the data port")
+
+    def _send_actor_replies(self) -> None:
+        replies = self.actors.replies
+        while replies:
+            peer, op, frames = replies.popleft()
+            self._reply_data(peer, [op], frames)
 
     def _reply_data(self, peer: bytes, ops: list, frames: list = ()) -> None:
         """Answer a data peer without ever blocking the loop: what its full queue refuses
@@ -330,6 +342,8 @@ class DataPlane:
             if not w[1]:
                 del self.waiting[key]
                 self.ready.append((key, w[0], w[2], w[3]))
+                if self.plugins:
+                    self.plugins.transition(key, "waiting", "ready")
 
     def _fetch_failed(self, dep: str, addr: str) -> None:
         if self.acquiring:
