@@ -77,8 +77,8 @@ class Config:
     #: Refuse to start a scheduler, worker, nanny or client without CurveZMQ keys.
     REQUIRE_ENCRYPTION: bool = False
     #: Requests that, with security on, only an ``admin`` key may make, comma-separated
-    #: (any of run, restart, restart-workers, retire-workers, replicate, shutdown); the rest
-    #: are open to client keys.
+    #: (any of run, restart, restart-workers, retire-workers, replicate, shutdown,
+    #: register-plugin, unregister-plugin); the rest are open to client keys.
     ADMIN_ONLY: str = ""
     #: Keys sent per ``submit`` message by ``Client.map``.
     SUBMIT_BATCH: int = 1000
