@@ -255,3 +255,20 @@ async def test_listening_beyond_loopback_without_keys_warns(caplog):
     assert not any("without security" in r.getMessage() for r in caplog.records)
     with pytest.raises(SecurityError, match="zfabric keygen"):
         Scheduler(config=from_env(REQUIRE_ENCRYPTION=True))
+
+
+class Counter:
+    def __init__(self):
+        self.n = 0
+
+    def add(self, k=1):
+        self.n += k
+        return self.n
+
+
+def test_actors_work_with_security_on():
+    with LocalCluster(n_workers=1, threads_per_worker=1, security=True, memory_limit=0,
+                      processes=False) as cluster, Client(cluster, set_as_default=False) as c:
+        counter = c.submit(Counter, actor=True).result(timeout=20)
+        assert counter.add(2).result(timeout=20) == 2
+        assert counter.add().result(timeout=20) == 3

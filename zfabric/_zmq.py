@@ -35,7 +35,7 @@ def new_identity(role: str) -> bytes:
     return f"{role}-{os.getpid()}-{uuid.uuid4().hex[:12]}".encode()
 
 
-def _common(sock: zmq.Socket, linger_ms: int, hwm: int, max_frame_bytes: int) -> None:
+def _common(sock: zmq.Socket, linger_ms: int, hwm: int, max_frame_bytes: int = -1) -> None:
     # Messages queued per peer before sends block (a ROUTER raises zmq.Again instead).
     sock.setsockopt(zmq.LINGER, linger_ms)
     sock.setsockopt(zmq.SNDHWM, hwm)

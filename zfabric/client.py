@@ -48,7 +48,7 @@ from .keys import to_wire
 from .lifecycle import LoopThread
 from .link import Link
 from .plugins import PluginRequests
-from .security import SecurityError, as_security
+from .security import SecurityError, as_security, use_for_process
 from .session import Deferred, Session
 from .transfer import DataPool, dispatch
 from .values import Values
@@ -321,6 +321,7 @@ class Client(Values, ClusterRequests, ClusterControl, Session, Diagnostics, Data
         self.identity = _zmq.new_identity("client")
         # The scheduler link is a plain socket on the loop's selector (see zfabric/link.py):
         # zmq.asyncio costs more than the round trip on this latency-bound path.
+        use_for_process(self.security)  # actor handles of this process connect with it
         monitor = f"inproc://zfabric-monitor-{self.identity.decode()}"
         self._link = Link(
             self.loop, _zmq.dealer(zmq.Context.instance(), self.scheduler_address, self.identity,

@@ -274,6 +274,21 @@ class Security:
         sock.setsockopt(zmq.CURVE_SERVERKEY, server_key)
 
 
+_process: list[Security] = []  # the keys this process's clients and workers use
+
+
+def use_for_process(security: Security | None) -> None:
+    """Remember the keys a Client or Worker of this process uses, for connections made
+    without one at hand (an actor handle calling its worker)."""
+    if security is not None:
+        _process[:] = [security]
+
+
+def process_security() -> Security | None:
+    """The keys of :func:`use_for_process`, or None (security off)."""
+    return _process[0] if _process else None
+
+
 def as_security(value) -> Security | None:
     """What components accept as ``security=``: a Security, a directory, True (temporary),
     or None/False (off)."""

@@ -13,7 +13,7 @@ import os
 from ..config import Config, from_env, memory_limit_bytes
 from ..errors import CommTimeoutError, ZFabricError
 from ..lifecycle import LifeCycle, call_from_thread
-from ..security import SecurityError, as_security
+from ..security import SecurityError, as_security, use_for_process
 from .core import WorkerLoop
 
 logger = logging.getLogger(__name__)
@@ -58,6 +58,7 @@ class Worker(LifeCycle):
         self.scheduler_address = address
         self.config = config or from_env()
         self.security = as_security(security)
+        use_for_process(self.security)  # actor handles in its tasks connect with it
         if self.security is None and self.config.REQUIRE_ENCRYPTION:
             raise SecurityError("REQUIRE_ENCRYPTION is set but this worker has no keys: pass"
                                 " security=Security(DIR) (`zfabric keygen DIR`)")
