@@ -270,6 +270,12 @@ class Impl:
     def worker_cmd(self, address: str) -> list[str]:
         raise NotImplementedError
 
+    def client_kwargs(self) -> dict[str, Any]:
+        return {}
+
+    def cluster_kwargs(self) -> dict[str, Any]:
+        return {}
+
     async def worker_addresses(self, client: Any) -> list[str]:
         info = client.scheduler_info()
         if inspect.isawaitable(info):
@@ -278,13 +284,6 @@ class Impl:
 
 
 class ZfabricImpl(Impl):
-    def env(self) -> dict[str, str]:
-        # Make the in-tree package importable without installing it.
-        env = dict(os.environ)
-        paths = [str(REPO_ROOT), *filter(None, env.get("PYTHONPATH", "").split(os.pathsep))]
-        env["PYTHONPATH"] = os.pathsep.join(dict.fromkeys(paths))
-        return env
-
     def _cli(self) -> list[str]:
         if importlib.util.find_spec("zfabric.__main__") is not None:
             return [sys.executable, "-m", "zfabric"]
@@ -313,6 +312,45 @@ class ZfabricImpl(Impl):
 
     def worker_cmd(self, address: str) -> list[str]:
         return [*self._cli(), "worker", address, "--nthreads", "1"]
+
+    def env(self) -> dict[str, str]:
+        env = self._env()
+        env.pop("ZFABRIC_SECURITY", None)  # plain zfabric: no keys, whatever we were given
+        return env
+
+    def _env(self) -> dict[str, str]:
+        # Make the in-tree package importable without installing it.
+        env = dict(os.environ)
+        paths = [str(REPO_ROOT), *filter(None, env.get("PYTHONPATH", "").split(os.pathsep))]
+        env["PYTHONPATH"] = os.pathsep.join(dict.fromkeys(paths))
+        return env
+
+
+_CURVE_KEYS: list[str] = []  # the key directory of this run (made once, in the parent)
+
+
+class ZfabricCurveImpl(ZfabricImpl):
+    """zfabric with CurveZMQ on every socket: the CLI processes read ZFABRIC_SECURITY, the
+    client and LocalCluster are given the keys."""
+
+    def env(self) -> dict[str, str]:
+        env = self._env()
+        keys = os.environ.get("ZFABRIC_SECURITY") or (_CURVE_KEYS[0] if _CURVE_KEYS else None)
+        if keys is None:
+            from zfabric.security import keygen
+
+            keys = tempfile.mkdtemp(prefix="zfabric-bench-keys-")
+            keygen(keys)
+            _CURVE_KEYS.append(keys)
+        env["ZFABRIC_SECURITY"] = keys
+        return env
+
+    def client_kwargs(self) -> dict[str, Any]:
+        security = importlib.import_module("zfabric.security").Security
+        return {"security": security(os.environ["ZFABRIC_SECURITY"])}
+
+    def cluster_kwargs(self) -> dict[str, Any]:
+        return {"security": True}
 
 
 class ZfabricDashboardImpl(ZfabricImpl):
@@ -394,6 +432,30 @@ IMPLS: dict[str, Impl] = {
             done_tasks=2_000,
             **DASK_QUICK,
             spill_tasks=8,
+        ),
+    ),
+    "zfabric-curve": ZfabricCurveImpl(
+        name="zfabric-curve",
+        title="zfabric+CURVE",
+        package="zfabric",
+        required=True,
+        full_sizes=dict(
+            rtt_warmup=20,
+            rtt_iters=300,
+            noop_tasks=20_000,
+            tree_leaves=8_192,
+            echo_mb=100,
+            pending_tasks=100_000,
+            done_tasks=20_000,
+        ),
+        quick_sizes=dict(
+            rtt_warmup=10,
+            rtt_iters=100,
+            noop_tasks=2_000,
+            tree_leaves=1_024,
+            echo_mb=10,
+            pending_tasks=10_000,
+            done_tasks=2_000,
         ),
     ),
     "dask": DaskImpl(
@@ -596,7 +658,7 @@ async def running_cluster(impl: Impl, sizes: dict[str, int], timeout: float):
                 logs.append(workdir / f"worker-{i}.log")
                 procs.append(spawn(impl.worker_cmd(address), logs[-1], env))
 
-            client = api.Client(address, asynchronous=True)
+            client = api.Client(address, asynchronous=True, **impl.client_kwargs())
             try:
                 await asyncio.wait_for(start_client(client), max(0.1, deadline - time.monotonic()))
             except TimeoutError:
@@ -937,7 +999,8 @@ def bench_localcluster(impl: Impl, timeout: float) -> Measurement:
     """Runs synchronously, in a fresh process, after the library is imported."""
     api = impl.api()  # import outside the timed region
     start = time.perf_counter()
-    cluster = api.LocalCluster(n_workers=2, threads_per_worker=1, processes=True)
+    cluster = api.LocalCluster(n_workers=2, threads_per_worker=1, processes=True,
+                               **impl.cluster_kwargs())
     try:
         client = api.Client(cluster)
         try:
@@ -1333,7 +1396,9 @@ def advantage(row: Row, results: Results) -> float | None:
 
 
 def print_table(rows: list[Row], results: Results, notes: list[str]) -> None:
-    headers = ["row", "unit", *(impl.title for impl in IMPLS.values()), "zfabric advantage"]
+    shown = [impl.name for impl in IMPLS.values()
+             if impl.name in ("zfabric", "dask") or any(k[0] == impl.name for k in results)]
+    headers = ["row", "unit", *(IMPLS[name].title for name in shown), "zfabric advantage"]
     table = []
     for row in rows:
         adv = advantage(row, results)
@@ -1341,7 +1406,7 @@ def print_table(rows: list[Row], results: Results, notes: list[str]) -> None:
         table.append([
             row.name,
             f"{row.unit} ({better} better)",
-            *(fmt(median_of(results, name, row)) for name in IMPLS),
+            *(fmt(median_of(results, name, row)) for name in shown),
             "n/a" if adv is None else f"{adv:.2f}x",
         ])  # fmt: skip
     widths = [max(len(line[i]) for line in [headers, *table]) for i in range(len(headers))]
@@ -1403,7 +1468,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
         description="Benchmark zfabric against dask.distributed (see the module docstring)."
     )
-    parser.add_argument("--impl", choices=["zfabric", "dask", "both"], default="both")
+    parser.add_argument("--impl", choices=["zfabric", "dask", "zfabric-curve", "both"],
+                        default="both")
     parser.add_argument(
         "--only", metavar="ROW[,ROW]", help=f"rows to run: {', '.join([*ROWS, *ROW_ALIASES])}"
     )
@@ -1425,6 +1491,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         "(default 120, quick 30)",
     )
     parser.add_argument("--json", type=Path, metavar="PATH", help="write raw numbers here")
+    parser.add_argument(
+        "--curve",
+        action="store_true",
+        help="also run zfabric with CurveZMQ security on every socket (keys from `zfabric"
+        " keygen` in a temporary directory), in a column of its own",
+    )
     parser.add_argument(
         "--dashboard-cost",
         type=int,
@@ -1472,10 +1544,12 @@ def main(argv: list[str] | None = None) -> int:
     marker = uuid.uuid4().hex
     os.environ[RUN_MARKER_ENV] = marker  # inherited by everything started from here
     notes: list[str] = []
-    impls = list(IMPLS.values()) if args.impl == "both" else [IMPLS[args.impl]]
+    impls = [IMPLS["zfabric"], IMPLS["dask"]] if args.impl == "both" else [IMPLS[args.impl]]
     if args.quick and args.impl == "both":
         impls = [IMPLS["zfabric"]]
         notes.append("--quick skips dask.distributed unless --impl dask is given (40-50 s alone)")
+    if args.curve and IMPLS["zfabric-curve"] not in impls:
+        impls.insert(1, IMPLS["zfabric-curve"])
 
     started = time.monotonic()
     interrupted = False

@@ -90,7 +90,9 @@ def test_client_api_behaves_like_dask_distributed(tmp_path):
                        match="never runs user code")
 
                 # keywords that would be silently ignored raise
-                expect(NotImplementedError, Client, addr, security=True)
+                # keys this (insecure) scheduler does not use: a clear error, no silent drop
+                expect(ZFabricError, Client, addr, security=True, timeout=5,
+                       match="does not speak CurveZMQ")
                 expect(ValueError, Client, addr, serializers=["msgpack"])
                 expect(ValueError, Client, addr, direct_to_workers=False)
                 expect(TypeError, Client, addr, n_workers=3)

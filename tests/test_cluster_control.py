@@ -102,7 +102,7 @@ def test_restart_workers_replaces_only_those_processes():
 
 
 def test_local_cluster_options():
-    with pytest.raises(NotImplementedError, match="security="):
+    with pytest.raises(TypeError, match="security= takes a Security"):
         LocalCluster(n_workers=0, security=object())
     with pytest.raises(TypeError, match=r"worker_kwargs.*\['bogus'\]"):
         LocalCluster(n_workers=0, worker_kwargs={"bogus": 1})

@@ -34,6 +34,7 @@ if TYPE_CHECKING:
     from .nanny import Nanny
     from .progress import progress
     from .scheduler import Scheduler
+    from .security import Security
     from .worker import Worker
 
 # The I/O roles load on first use, so that the sans-IO core (protocol, scheduler.state,
@@ -50,6 +51,7 @@ _LAZY = {
     "LocalCluster": "cluster",
     "get_client": "context", "get_worker": "context", "rejoin": "context", "secede": "context",
     "worker_client": "context",
+    "Security": "security",
     "Event": "coordination", "Lock": "coordination", "Queue": "coordination",
     "Semaphore": "coordination", "Variable": "coordination",
 }
@@ -71,6 +73,7 @@ __all__ = [
     "LocalCluster",
     "Nanny",
     "Scheduler",
+    "Security",
     "Worker",
     # Client
     "Client",

@@ -9,6 +9,7 @@
 
 from __future__ import annotations
 
+import logging
 import os
 import socket as _socket
 import uuid
@@ -19,26 +20,56 @@ import zmq
 from .config import DEFAULT
 from .errors import ZFabricError
 
+logger = logging.getLogger(__name__)
+
+
+def _loopback(host: str) -> bool:
+    h = host.split("://", 1)[-1].rpartition(":")[0] if "://" in host else host
+    h = h.strip("[]")
+    return (host.startswith(("ipc://", "inproc://")) or h.startswith("127.")
+            or h in ("localhost", "::1"))
+
 
 def new_identity(role: str) -> bytes:
     """A routing id unique to this process incarnation (role prefix, pid, random part)."""
     return f"{role}-{os.getpid()}-{uuid.uuid4().hex[:12]}".encode()
 
 
-def _common(sock: zmq.Socket, linger_ms: int, hwm: int) -> None:
+def _common(sock: zmq.Socket, linger_ms: int, hwm: int, max_frame_bytes: int = -1) -> None:
     # Messages queued per peer before sends block (a ROUTER raises zmq.Again instead).
     sock.setsockopt(zmq.LINGER, linger_ms)
     sock.setsockopt(zmq.SNDHWM, hwm)
     sock.setsockopt(zmq.RCVHWM, hwm)
-    sock.setsockopt(zmq.MAXMSGSIZE, -1)
+    # A larger frame closes the connection before libzmq allocates it (a peer cannot make
+    # us hold more than this per frame); -1 means no limit.
+    sock.setsockopt(zmq.MAXMSGSIZE, max_frame_bytes)
 
 
 def router(ctx: zmq.Context, host: str, port: int = 0, *, linger_ms: int = DEFAULT.LINGER_MS,
-           hwm: int = DEFAULT.HWM_MESSAGES):
-    """A bound ROUTER and the ``tcp://host:port`` address others should connect to."""
+           hwm: int = DEFAULT.HWM_MESSAGES, sndhwm: int | None = None,
+           max_frame_bytes: int = -1, security=None, role: str = ""):
+    """A bound ROUTER and the ``tcp://host:port`` address others should connect to.
+
+    ``sndhwm``: messages queued toward one peer (default ``hwm``). ``security``: a
+    :class:`zfabric.security.Security` with encryption on makes it a CURVE server whose
+    peers are checked by the ZAP authenticator (``role``: whose port it is)."""
     sock = ctx.socket(zmq.ROUTER)
-    _common(sock, linger_ms, hwm)
+    _common(sock, linger_ms, hwm, max_frame_bytes)
+    if sndhwm is not None:
+        sock.setsockopt(zmq.SNDHWM, sndhwm)
+    if security is not None:
+        security.server_socket(sock, role)
+    elif not _loopback(host):
+        logger.warning(
+            "listening on %s without security: anyone who can reach this port can run code"
+            " in the cluster (messages carry pickles). Pass --security DIR (keys from"
+            " `zfabric keygen DIR`), or --require-encryption to refuse to start like this",
+            host)
     sock.setsockopt(zmq.ROUTER_MANDATORY, 1)
+    if security is not None:
+        from . import zap
+
+        zap.acquire(ctx, security)  # before any peer can connect; the owner releases it
     try:
         if host.startswith(("tcp://", "ipc://", "inproc://")):
             sock.bind(host)
@@ -46,6 +77,8 @@ def router(ctx: zmq.Context, host: str, port: int = 0, *, linger_ms: int = DEFAU
             sock.bind(f"tcp://{_bracket(host)}:{port or '*'}")
     except zmq.ZMQError as exc:
         sock.close(0)
+        if security is not None:
+            zap.release(ctx, security)
         raise ZFabricError(
             f"cannot listen on {host}:{port}: {exc}. Choose another port (0 picks a free one)"
             " or host"
@@ -55,10 +88,25 @@ def router(ctx: zmq.Context, host: str, port: int = 0, *, linger_ms: int = DEFAU
 
 
 def dealer(ctx: zmq.Context, address: str, identity: bytes | None = None, *,
-           linger_ms: int = DEFAULT.LINGER_MS, hwm: int = DEFAULT.HWM_MESSAGES):
-    """A DEALER connected to ``address``."""
+           linger_ms: int = DEFAULT.LINGER_MS, hwm: int = DEFAULT.HWM_MESSAGES,
+           max_frame_bytes: int = -1, security=None, role: str = "",
+           server: str = "scheduler", monitor: str | None = None):
+    """A DEALER connected to ``address``. ``security``: a :class:`zfabric.security.Security`
+    with encryption on makes it a CURVE client with ``role``'s key pair, expecting
+    ``server``'s public key. ``monitor``: an inproc endpoint that reports the connection's
+    events (set up before connecting, so that a failed handshake is seen)."""
     sock = ctx.socket(zmq.DEALER)
-    _common(sock, linger_ms, hwm)
+    _common(sock, linger_ms, hwm, max_frame_bytes)
+    if security is not None:
+        try:
+            security.client_socket(sock, role, server)
+        except Exception:
+            sock.close(0)
+            raise
+    if monitor is not None:
+        sock.monitor(monitor, zmq.EVENT_HANDSHAKE_FAILED_NO_DETAIL
+                     | zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL | zmq.EVENT_HANDSHAKE_FAILED_AUTH
+                     | zmq.EVENT_HANDSHAKE_SUCCEEDED)
     if identity:
         sock.setsockopt(zmq.ROUTING_ID, identity)
     sock.setsockopt(zmq.RECONNECT_IVL, 100)

@@ -22,6 +22,7 @@ import zmq
 from . import _zmq, protocol, serialize
 from .config import DEFAULT
 from .errors import ActorLost, RemoteProtocolError
+from .security import process_security
 
 __all__ = ["Actor", "ActorFuture", "BaseActorFuture"]
 
@@ -58,6 +59,9 @@ class _Link:
         self.address = address
         sock = self.sock = zmq.Context.instance().socket(zmq.DEALER)
         _zmq._common(sock, 0, DEFAULT.HWM_MESSAGES)
+        security = process_security()
+        if security is not None:  # a worker's data port: CURVE, as a client
+            security.client_socket(sock, "client", "worker")
         # before connect: POLLOUT then means "the worker is connected", and nothing is
         # queued for a worker that is gone
         sock.setsockopt(zmq.IMMEDIATE, 1)

@@ -51,6 +51,26 @@ LocalDirectory = Annotated[str | None, typer.Option(
 Preload = Annotated[list[str] | None, typer.Option(
     "--preload", help="A module name or .py file whose dask_setup(worker) runs in each worker"
     " as it starts (and dask_teardown(worker) as it closes); repeatable.")]
+SecurityDir = Annotated[
+    Path | None, typer.Option("--security", envvar="ZFABRIC_SECURITY", show_default=False,
+                              help="Directory of CurveZMQ keys (from `zfabric keygen DIR`):"
+                              " encrypt and authenticate every connection.")
+]
+RequireEncryption = Annotated[
+    bool, typer.Option("--require-encryption", help="Refuse to start without --security.")
+]
+
+
+def _security(directory: Path | None, require: bool):
+    """The Security of --security, or None; exits with a clear error when it is unusable."""
+    from .security import Security, SecurityError
+
+    try:
+        return Security(directory, require_encryption=require) if (directory or require) \
+            else None
+    except SecurityError as exc:
+        typer.echo(f"Error: {exc}", err=True)
+        raise typer.Exit(2) from None
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -141,6 +161,8 @@ def scheduler(
         " back to a free one).  [default: :8787]", show_default=False)] = None,
     dashboard: Annotated[bool, typer.Option(help="Serve the web dashboard.")] = True,
     log_level: LogLevel = "info",
+    security: SecurityDir = None,
+    require_encryption: RequireEncryption = False,
     preload: Annotated[list[str] | None, typer.Option(
         "--preload", help="Not supported: the scheduler runs no user code (use it on"
         " `zfabric worker` or `zfabric nanny`).")] = None,
@@ -153,12 +175,13 @@ def scheduler(
             " `zfabric nanny` to set workers up, or use client.register_plugin(WorkerPlugin)",
             param_hint="--preload")
     _setup_logging(log_level)
+    sec = _security(security, require_encryption)
     _run(_scheduler_main(host, port, scheduler_file, pid_file,
-                         dashboard_address if dashboard else None, dashboard))
+                         dashboard_address if dashboard else None, dashboard, sec))
 
 
 async def _scheduler_main(host, port, scheduler_file, pid_file, dashboard_address=None,
-                          dashboard=True) -> int:
+                          dashboard=True, security=None) -> int:
     from . import config
     from .process import serve, start_or_stop
     from .scheduler import Scheduler
@@ -168,7 +191,7 @@ async def _scheduler_main(host, port, scheduler_file, pid_file, dashboard_addres
         dashboard_address = cfg.DASHBOARD_ADDRESS or None
     try:
         s = Scheduler(host=host, port=cfg.SCHEDULER_PORT if port is None else port, config=cfg,
-                      dashboard_address=dashboard_address)
+                      dashboard_address=dashboard_address, security=security)
     except (TypeError, ValueError) as exc:
         raise typer.BadParameter(str(exc), param_hint="--dashboard-address") from None
     if not await start_or_stop(s):
@@ -227,9 +250,12 @@ def worker(
     identity: Annotated[str | None, typer.Option(hidden=True)] = None,
     parent_pid: Annotated[int | None, typer.Option(hidden=True)] = None,
     ready_fd: Annotated[int | None, typer.Option(hidden=True)] = None,
+    security: SecurityDir = None,
+    require_encryption: RequireEncryption = False,
 ) -> None:
     """Start one worker that runs tasks for the scheduler at ADDRESS."""
     _setup_logging(log_level)
+    sec = _security(security, require_encryption)
     addr = _address(address, scheduler_file, wait_s=death_timeout or 30.0)
     kw = dict(nthreads=nthreads, name=name, memory_limit=memory_limit,
               resources=_resources(resources), listen_address=listen_address,
@@ -237,7 +263,7 @@ def worker(
               identity=identity, memory_target_fraction=memory_target_fraction,
               memory_spill_fraction=memory_spill_fraction,
               memory_pause_fraction=memory_pause_fraction, local_directory=local_directory,
-              preload=_preloads(preload))
+              preload=_preloads(preload), security=sec)
     _run(_worker_main(addr, kw, parent_pid, ready_fd))
 
 
@@ -280,10 +306,13 @@ def nanny_command(
         show_default=False)] = None,
     local_directory: LocalDirectory = None,
     log_level: LogLevel = "info",
+    security: SecurityDir = None,
+    require_encryption: RequireEncryption = False,
     preload: Preload = None,
 ) -> None:
     """Start worker processes for the scheduler at ADDRESS and keep them alive."""
     _setup_logging(log_level)
+    sec = _security(security, require_encryption)
     addr = _address(address, scheduler_file, wait_s=death_timeout or 30.0)
     _run(_nanny_main(addr, dict(nworkers=nworkers, nthreads=nthreads, memory_limit=memory_limit,
                                 resources=_resources(resources), name=name,
@@ -293,7 +322,7 @@ def nanny_command(
                                 memory_pause_fraction=memory_pause_fraction,
                                 memory_terminate_fraction=memory_terminate_fraction,
                                 local_directory=local_directory,
-                                preload=_preloads(preload))))
+                                preload=_preloads(preload), security=sec)))
 
 
 async def _nanny_main(address: str, kw: dict) -> int:
@@ -316,18 +345,49 @@ async def _nanny_main(address: str, kw: dict) -> int:
 
 
 @app.command()
+def keygen(
+    directory: Annotated[Path, typer.Argument(help="Where to write the keys.")],
+    role: Annotated[str | None, typer.Option(
+        help="Add one key of this role (client, worker, nanny, admin) to an existing"
+        " directory, authorized at once; needs --name.")] = None,
+    name: Annotated[str | None, typer.Option(help="File name of the added key.")] = None,
+) -> None:
+    """Write CurveZMQ keys: one certificate per role, public halves authorized.
+
+    Give every host the secret files of the roles it runs plus scheduler.key and worker.key;
+    the scheduler's and workers' hosts also need DIR/authorized. Delete a file from
+    DIR/authorized to revoke that key (live sessions end within a heartbeat).
+    """
+    from .security import SecurityError
+    from .security import keygen as write_keys
+
+    if (role is None) != (name is None):
+        typer.echo("Error: --role and --name go together", err=True)
+        raise typer.Exit(2)
+    try:
+        roles = (role,) if role else ("worker", "client", "nanny", "admin")
+        root = write_keys(directory, roles, name=name)
+    except SecurityError as exc:
+        typer.echo(f"Error: {exc}", err=True)
+        raise typer.Exit(2) from None
+    typer.echo(f"Keys written to {root} (secret files are readable by you only)")
+
+
+@app.command()
 def info(
     address: Address = None,
     scheduler_file: SchedulerFile = None,
     timeout: Annotated[float, typer.Option(help="Seconds to wait for the scheduler.")] = 5.0,
+    security: SecurityDir = None,
 ) -> None:
     """Show the scheduler's workers and its tasks by state."""
     addr = _address(address, scheduler_file)
+    sec = _security(security, False)
     from .client import Client
     from .errors import ZFabricError
 
     try:
-        with Client(addr, timeout=timeout, set_as_default=False) as client:
+        with Client(addr, timeout=timeout, set_as_default=False, security=sec) as client:
             report = client.scheduler_info()
     except (ZFabricError, OSError) as exc:
         typer.echo(f"Error: {exc}", err=True)
@@ -335,9 +395,17 @@ def info(
     typer.echo(format_info(report))
 
 
+def _size(n) -> str:
+    """A byte count from a report, shown as such; anything else shown as it is."""
+    from .nanny import format_bytes
+
+    if type(n) in (int, float) and n == n and abs(n) != float("inf"):
+        return format_bytes(n)
+    return str(n)[:20]
+
+
 def format_info(report: dict) -> str:
     """The text ``zfabric info`` prints for a scheduler_info() report."""
-    from .nanny import format_bytes
     from .top import text_bar
 
     header = ("NAME", "ADDRESS", "THREADS", "MEMORY", "", "SPILLED", "STATUS", "RUNNING",
@@ -346,10 +414,12 @@ def format_info(report: dict) -> str:
     for addr, w in sorted(report.get("workers", {}).items(), key=lambda kv: str(kv[1]["name"])):
         metrics = w.get("metrics") or {}
         mem = metrics.get("memory", 0)
-        used = format_bytes(mem)
-        limit = format_bytes(w["memory_limit"]) if w.get("memory_limit") else "-"
-        bar = (f"{text_bar(mem / w['memory_limit'], 20)} {mem / w['memory_limit'] * 100:3.0f}%"
-               if w.get("memory_limit") else "")
+        limit_bytes = w.get("memory_limit")
+        used = _size(mem)
+        limit = _size(limit_bytes) if limit_bytes else "-"
+        numeric = all(type(v) in (int, float) for v in (mem, limit_bytes))
+        bar = (f"{text_bar(mem / limit_bytes, 20)} {mem / limit_bytes * 100:3.0f}%"
+               if limit_bytes and numeric else "")
         rows.append((str(w.get("name", addr)), addr, str(w.get("nthreads", "")),
                      f"{used} / {limit}", bar, format_bytes(metrics.get("spilled", 0)),
                      str(w.get("status", "running")),
@@ -357,7 +427,7 @@ def format_info(report: dict) -> str:
                      str(w.get("in_memory", 0))))
     widths = [max(len(r[i]) for r in [header, *rows]) for i in range(len(header))]
     lines = [f"Scheduler {report.get('address', '')}: {len(rows)} worker(s),"
-             f" {sum(int(r[2] or 0) for r in rows)} thread(s)", ""]
+             f" {sum(int(r[2]) for r in rows if r[2].isdigit())} thread(s)", ""]
     for r in [header, *rows]:
         lines.append("  ".join(c.ljust(wd) for c, wd in zip(r, widths, strict=True)).rstrip())
     tasks = report.get("tasks") or {}

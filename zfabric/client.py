@@ -30,7 +30,7 @@ from collections import deque
 import zmq
 import zmq.asyncio
 
-from . import _zmq, dask_scheduler, protocol, serialize
+from . import _zmq, dask_scheduler, handshake, protocol, serialize
 from .admin import ClusterRequests
 from .config import Config, from_env, parse_timedelta
 from .control import ClusterControl
@@ -41,12 +41,14 @@ from .errors import (
     CommTimeoutError,
     RemoteProtocolError,
     SchedulerLost,
+    TaskTooLarge,
 )
 from .futures import Future, FutureState, futures_of
 from .keys import to_wire
 from .lifecycle import LoopThread
 from .link import Link
 from .plugins import PluginRequests
+from .security import SecurityError, as_security, use_for_process
 from .session import Deferred, Session
 from .transfer import DataPool, dispatch
 from .values import Values
@@ -121,10 +123,7 @@ class Client(Values, ClusterRequests, ClusterControl, Session, Diagnostics, Data
         self.status = "created"  # first: __del__ reads these even if the checks below raise
         self.asynchronous = asynchronous
         self._loop_thread: LoopThread | None = None
-        if security not in (None, False):
-            raise NotImplementedError(
-                "Client(security=...): this zfabric has no CURVE security yet, and a security"
-                " setting is never silently dropped; leave it out on a trusted network")
+        self.security = as_security(security)  # True: fresh keys (for its own cluster)
         for kw, value in (("serializers", serializers), ("deserializers", deserializers)):
             if value is not None:
                 raise ValueError(f"Client({kw}=...): zfabric always uses pickle protocol 5"
@@ -152,6 +151,8 @@ class Client(Values, ClusterRequests, ClusterControl, Session, Diagnostics, Data
         if address is None:
             self._own_cluster = True
             self._cluster_kwargs = kwargs
+            if security is not None:
+                kwargs["security"] = security if security is not True else self.security
         elif kwargs:
             raise TypeError(f"Client got unexpected arguments: {', '.join(sorted(kwargs))} (they"
                             " are LocalCluster's, which a client starts only without an"
@@ -161,6 +162,12 @@ class Client(Values, ClusterRequests, ClusterControl, Session, Diagnostics, Data
             address = address.scheduler_address
         elif hasattr(address, "address") and not isinstance(address, str):
             address = address.address
+        if self.security is None and getattr(self.cluster or address, "security", None):
+            # Client(cluster) and Client(scheduler) use the keys they were made with
+            self.security = as_security(getattr(self.cluster or address, "security", None))
+        if self.security is None and self.config.REQUIRE_ENCRYPTION and not self._own_cluster:
+            raise SecurityError("REQUIRE_ENCRYPTION is set but this client has no keys: pass"
+                                " security=Security(DIR) (`zfabric keygen DIR`)")
         self.scheduler_address = address
         self.id = name or f"client-{uuid.uuid4().hex[:12]}"
         # the client of a worker's tasks says whose: its leases go when that worker dies
@@ -309,25 +316,33 @@ class Client(Values, ClusterRequests, ClusterControl, Session, Diagnostics, Data
             kw = self._cluster_kwargs
             self.cluster = await LocalCluster(asynchronous=True, **kw)
             self.scheduler_address = self.cluster.scheduler_address
+            self.security = self.cluster.security
         if not self.scheduler_address:
             raise ValueError("Client needs a scheduler address such as tcp://127.0.0.1:8786")
         self._ctx = zmq.asyncio.Context.instance()
         self.identity = _zmq.new_identity("client")
         # The scheduler link is a plain socket on the loop's selector (see zfabric/link.py):
         # zmq.asyncio costs more than the round trip on this latency-bound path.
+        use_for_process(self.security)  # actor handles of this process connect with it
+        monitor = f"inproc://zfabric-monitor-{self.identity.decode()}"
         self._link = Link(
-            self.loop, _zmq.dealer(zmq.Context.instance(), self.scheduler_address, self.identity),
+            self.loop, _zmq.dealer(zmq.Context.instance(), self.scheduler_address, self.identity,
+                                   security=self.security, role="client", monitor=monitor,
+                                   max_frame_bytes=2 * self.config.SCHEDULER_FRAME_BYTES),
             # _on_op is looked up per op, so that a test may wrap it on a live client
             lambda frames: dispatch(frames, lambda op: self._on_op(op), who="client",
                                     heard=self._heard, lock=self._lock))
-        self.data = DataPool(self._ctx, use_shm=self.config.SAME_HOST_SHM)
+        self.data = DataPool(self._ctx, use_shm=self.config.SAME_HOST_SHM,
+                             max_frame_bytes=self.config.MAX_MESSAGE_BYTES,
+                             security=self.security)
         self._welcome = self.loop.create_future()
         self._backlog: deque = deque()
         self._writer: asyncio.Future | None = None
         self._tasks = [asyncio.ensure_future(self._heartbeat())]
         self._send(protocol.hello("client", self.id, **self._hello))
         try:
-            await asyncio.wait_for(asyncio.shield(self._welcome), self.timeout)
+            await handshake.wait(self._welcome, self._link.sock, monitor, self.timeout,
+                                 self.scheduler_address, self.security)
         except TimeoutError:
             await self._close()
             raise CommTimeoutError(
@@ -435,7 +450,16 @@ class Client(Values, ClusterRequests, ClusterControl, Session, Diagnostics, Data
                     if st is not None:
                         window.drop(st)
                     st = self._states[key] = FutureState(key)
-                    if buffers:
+                    size = len(fbytes) + len(abytes)
+                    if size > self.config.SCHEDULER_FRAME_BYTES - 2**16:
+                        # It would close our connection (MAXMSGSIZE): fail it here instead.
+                        st.fail(None, TaskTooLarge(
+                            f"task {key!r} pickles to {size:,} bytes (function and arguments"
+                            " besides out-of-band buffers); the scheduler takes at most"
+                            f" {self.config.SCHEDULER_FRAME_BYTES:,} bytes in a frame"
+                            " (SCHEDULER_FRAME_BYTES). Place large values on the workers"
+                            " with client.scatter(...) and pass the futures instead"))
+                    elif buffers:
                         self._flush_tasks(tasks, functions, batch)
                         self._outbox.append(Deferred(
                             self._ship_args(key, fid, fbytes, abytes, deps, buffers, opts), st))
@@ -468,10 +492,22 @@ class Client(Values, ClusterRequests, ClusterControl, Session, Diagnostics, Data
 
     def _flush_tasks(self, tasks: list, functions: dict, batch: int | None = None) -> None:
         """Queue submit ops of at most ``batch`` (SUBMIT_BATCH) tasks, each carrying the
-        pickles of the functions its tasks use (once per message, not once per task)."""
+        pickles of the functions its tasks use (once per message, not once per task), and
+        about a quarter of SCHEDULER_FRAME_BYTES of pickles (past one task)."""
         batch = batch or self.config.SUBMIT_BATCH
-        for i in range(0, len(tasks), batch):
-            chunk = tasks[i : i + batch]
+        most = self.config.SCHEDULER_FRAME_BYTES // 4  # a message stays well inside a frame
+        start = 0
+        while start < len(tasks):
+            end, size, seen = start, 0, set()
+            while end < len(tasks) and end - start < batch and (end == start or size < most):
+                t = tasks[end]
+                size += len(t[1])
+                if t[4] not in seen:
+                    seen.add(t[4])
+                    size += len(functions[t[4]])
+                end += 1
+            chunk = tasks[start:end]
+            start = end
             fids = {t[4] for t in chunk} if len(functions) > 1 else functions.keys()
             self._outbox.append({"op": "submit", "tasks": chunk,
                                  "functions": {f: functions[f] for f in fids}})
@@ -587,6 +623,14 @@ class Client(Values, ClusterRequests, ClusterControl, Session, Diagnostics, Data
         self._check_open()
         if self.epoch is None and self.status == "running":
             raise SchedulerLost(f"not connected to the scheduler at {self.scheduler_address}")
+        payload = args.get("payload")
+        if type(payload) is bytes and len(payload) > self.config.SCHEDULER_FRAME_BYTES - 2**16:
+            # it would close our connection (MAXMSGSIZE) rather than reach the scheduler
+            raise TaskTooLarge(
+                f"the function of this {kind} request pickles to {len(payload):,} bytes; the"
+                f" scheduler takes at most {self.config.SCHEDULER_FRAME_BYTES:,} bytes in a"
+                " frame (SCHEDULER_FRAME_BYTES). Place large values on the workers with"
+                " client.scatter(...) and pass the futures instead")
         self._request_seq += 1
         rid = self._request_seq
         fut = self.loop.create_future()

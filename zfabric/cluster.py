@@ -28,6 +28,7 @@ from .errors import ClosedError, CommTimeoutError
 from .lifecycle import LifeCycle, LoopThread
 from .nanny import Nanny, format_bytes
 from .scheduler import Scheduler
+from .security import as_security
 from .worker import Worker
 
 logger = logging.getLogger(__name__)
@@ -131,11 +132,6 @@ class LocalCluster(LifeCycle):
             dashboard_address = f":{int(diagnostics_port)}"
         if kwargs:
             raise TypeError(f"LocalCluster got unexpected arguments: {', '.join(sorted(kwargs))}")
-        if security not in (None, False):
-            raise NotImplementedError(
-                "LocalCluster(security=...) is not supported yet: zfabric's CURVE security"
-                " (zfabric.security.Security) is being built; until it lands, run the cluster"
-                " on loopback or a trusted network without security=")
         host = _host(host, ip, interface)
         self._scheduler_kwargs = _checked_kwargs(Scheduler, scheduler_kwargs, "scheduler_kwargs",
                                                  also=("dashboard_address", "dashboard"))
@@ -173,6 +169,8 @@ class LocalCluster(LifeCycle):
         memory_fractions(self.config, target=memory_target_fraction,
                          spill=memory_spill_fraction, pause=memory_pause_fraction,
                          terminate=memory_terminate_fraction)
+        #: The cluster's keys (``security=True``: fresh ones in memory); Client(cluster) uses them.
+        self.security = as_security(security)
         self.dashboard_address = dashboard_address
         self.scheduler: Scheduler | None = None
         self.workers: dict[int, Nanny | Worker] = {}
@@ -225,7 +223,7 @@ class LocalCluster(LifeCycle):
 
         logs.install()  # for get_logs
         kw = {"config": self.config, "dashboard_address": self.dashboard_address,
-              **self._scheduler_kwargs}
+              "security": self.security, **self._scheduler_kwargs}
         self.scheduler = Scheduler(host=self.host, port=self.port, **kw)
         await self.scheduler
         await self._add_workers(self.n_workers)
@@ -238,11 +236,11 @@ class LocalCluster(LifeCycle):
             kw = dict(nworkers=1, nthreads=self.threads_per_worker,
                       memory_limit=self.memory_limit, resources=self.resources,
                       death_timeout=self.death_timeout, worker_log_level=self.worker_log_level,
-                      config=self.config, **self.memory)
+                      config=self.config, security=self.security, **self.memory)
         else:
             kw = dict(nthreads=self.threads_per_worker, memory_limit=self.memory_limit,
                       resources=self.resources, death_timeout=self.death_timeout,
-                      config=self.config, **self.memory)
+                      config=self.config, security=self.security, **self.memory)
         w = self._worker_cls(address, name=str(i), **{**kw, **self._worker_kwargs})
         self.workers[i] = w
         return w

@@ -28,7 +28,8 @@ class Config:
     CLIENT_TTL_S: float = 30.0
     #: A task that was running on this many dead workers, plus one, fails with KilledWorker.
     ALLOWED_FAILURES: int = 3
-    #: Largest message (all frames) a peer may send; larger ones are refused.
+    #: Largest frame a worker's data port takes (MAXMSGSIZE), and largest value a task may
+    #: return inline; larger ones are refused.
     MAX_MESSAGE_BYTES: int = 2 * 1024**3
     #: Most frames one message may carry.
     MAX_FRAMES: int = 10_000
@@ -61,6 +62,16 @@ class Config:
     LINGER_MS: int = 100
     #: Messages ZeroMQ queues per peer and direction (SNDHWM/RCVHWM) before a send is refused.
     HWM_MESSAGES: int = 100_000
+    #: Messages ZeroMQ queues toward one peer of a ROUTER (the scheduler's port, a worker's
+    #: data port). High-water marks count messages, not bytes: this one is kept small, and
+    #: what it refuses waits in the owner's own backlog, counted in bytes
+    #: (``PEER_BACKLOG_BYTES``).
+    SEND_QUEUE_MESSAGES: int = 100
+    #: The scheduler splits what it sends one peer into messages of about this size.
+    SEND_MESSAGE_BYTES: int = 2**20
+    #: Largest frame the scheduler's port takes (ZeroMQ's MAXMSGSIZE: a larger one closes the
+    #: connection before it is read). Values that large belong on workers: ``scatter`` them.
+    SCHEDULER_FRAME_BYTES: int = 256 * 2**20
     #: Bytes the scheduler keeps for one peer whose queue is full (it does not read); past
     #: this the peer is dropped as gone, loudly, rather than letting the scheduler grow.
     PEER_BACKLOG_BYTES: int = 256 * 2**20
@@ -68,6 +79,16 @@ class Config:
     #: (memfd segments the receiver leases out; see zfabric/shm.py) instead of TCP. Same host
     #: is decided by network address; across hosts values always go over TCP.
     SAME_HOST_SHM: bool = True
+    #: A value placed on a worker (``put-data``) that the scheduler has not heard of this long
+    #: after (no ``scatter`` registered it) is dropped, so that nobody can fill a worker's
+    #: memory with keys nothing will ever free.
+    PUT_DATA_CONFIRM_S: float = 30.0
+    #: Refuse to start a scheduler, worker, nanny or client without CurveZMQ keys.
+    REQUIRE_ENCRYPTION: bool = False
+    #: Requests that, with security on, only an ``admin`` key may make, comma-separated
+    #: (any of run, restart, restart-workers, retire-workers, replicate, shutdown,
+    #: register-plugin, unregister-plugin); the rest are open to client keys.
+    ADMIN_ONLY: str = ""
     #: Keys sent per ``submit`` message by ``Client.map``.
     SUBMIT_BATCH: int = 1000
     #: Tasks of one client the scheduler holds unfinished, at most; a client holds the rest

@@ -71,9 +71,10 @@ def _worker_client(worker, timeout=None):
         if client is not None and client.status not in ("closing", "closed"):
             return client
         kwargs = {"timeout": timeout} if timeout is not None else {}
+        # with security on it connects with the client key of the worker's keys
         client = Client(worker.scheduler_address, config=worker.config,
                         name=f"worker-client-{worker.name}", _for_worker=worker.address,
-                        **kwargs)
+                        security=getattr(worker, "security", None), **kwargs)
         worker._task_client = client
         return client
 

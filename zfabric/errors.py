@@ -16,6 +16,8 @@
     ├── TaskCancelled            the result of a cancelled task was asked for (also
     │                            concurrent.futures.CancelledError, as dask.distributed raises)
     ├── ResultTooLarge           a value passed the configured message size limit
+    ├── TaskTooLarge             a task's function and arguments pass the scheduler's frame
+    │                            limit (also a ValueError)
     └── ActorLost                an actor's worker is gone (also a ConnectionError)
 
 A task that raises keeps its own exception type: ``future.result()`` re-raises the very
@@ -103,6 +105,11 @@ class TaskCancelled(ZFabricError, CancelledError):
 
 class ResultTooLarge(ZFabricError):
     """Raised when a value is larger than the configured message size limit."""
+
+
+class TaskTooLarge(ZFabricError, ValueError):
+    """Raised when a task's pickled function and arguments are larger than the scheduler
+    takes in one frame (``SCHEDULER_FRAME_BYTES``); ``scatter`` the large values first."""
 
 
 class ActorLost(ZFabricError, ConnectionError):

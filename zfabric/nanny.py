@@ -53,6 +53,7 @@ from .config import Config, from_env, memory_limit_bytes
 from .errors import CommTimeoutError, RemoteProtocolError, ZFabricError
 from .lifecycle import LifeCycle
 from .process import worker_command, worker_environ
+from .security import ENV_DIRECTORY, ENV_KEYS, SecurityError, as_security
 from .supervision import RestartPolicy, Slot, WorkerProcess, assess
 from .transfer import read_ops
 from .worker.memory import memory_fractions
@@ -108,6 +109,7 @@ class Nanny(LifeCycle):
         memory_terminate_fraction: float | None = None,
         local_directory: str | None = None,
         preload: str | list[str] | None = None,
+        security=None,
         **kwargs,
     ):
         if kwargs:
@@ -122,6 +124,10 @@ class Nanny(LifeCycle):
             raise ValueError("Nanny needs the scheduler's address, e.g. Nanny('tcp://host:8786')")
         self.scheduler_address = _zmq.normalize_address(address)
         self.config = config or from_env()
+        self.security = as_security(security)
+        if self.security is None and self.config.REQUIRE_ENCRYPTION:
+            raise SecurityError("REQUIRE_ENCRYPTION is set but this nanny has no keys: pass"
+                                " security=Security(DIR) (`zfabric keygen DIR`)")
         self.nworkers = int(nworkers)
         if self.nworkers < 0:
             raise ValueError(f"nworkers must be 0 or more, got {nworkers}")
@@ -212,7 +218,9 @@ class Nanny(LifeCycle):
         self._welcome = self._loop.create_future()
         ctx = zmq.asyncio.Context.instance()
         self._sock = _zmq.dealer(ctx, self.scheduler_address, self.identity.encode(),
-                                 linger_ms=self.config.LINGER_MS)
+                                 linger_ms=self.config.LINGER_MS, security=self.security,
+                                 role="nanny",
+                                 max_frame_bytes=2 * self.config.SCHEDULER_FRAME_BYTES)
         self._tasks.append(asyncio.ensure_future(
             read_ops(self._sock, self._on_op, who="nanny", heard=self._heard)))
         self._send(protocol.hello("nanny", self.identity, pid=os.getpid()))
@@ -335,6 +343,12 @@ class Nanny(LifeCycle):
 
     # ------------------------------------------------------------------ processes
 
+    def _security_environ(self) -> dict:
+        """The keys for the worker processes (their own, never a parent's leftovers)."""
+        if self.security is None:
+            return {ENV_DIRECTORY: "", ENV_KEYS: ""}
+        return {ENV_DIRECTORY: "", ENV_KEYS: "", **self.security.environ()}
+
     def _spawn(self, slot: Slot, now: float) -> None:
         identity = f"worker-{uuid.uuid4().hex[:16]}"
         read_fd, write_fd = os.pipe()
@@ -349,7 +363,8 @@ class Nanny(LifeCycle):
         )
         try:
             proc = subprocess.Popen(
-                cmd, env=worker_environ(self.env), pass_fds=(write_fd,), stdin=subprocess.DEVNULL,
+                cmd, env=worker_environ({**self.env, **self._security_environ()}),
+                pass_fds=(write_fd,), stdin=subprocess.DEVNULL,
                 start_new_session=True,
             )
         except OSError:

@@ -287,6 +287,9 @@ def main_from_nanny(argv: list[str]) -> int:
               memory_pause_fraction=args["memory_pause_fraction"],
               local_directory=args["local_directory"],
               preload=args["preload"])
+    from .security import Security
+
+    kw["security"] = Security.from_environ()  # the keys its Nanny passed, if any
     try:
         return asyncio.run(run_worker(args["address"], kw, args["parent_pid"], args["ready_fd"]))
     except Exception as exc:

@@ -14,6 +14,7 @@ from a peer that has not said hello is answered with ``reregister``.
 
 from __future__ import annotations
 
+import math
 import platform
 from collections.abc import Sequence
 
@@ -102,8 +103,13 @@ def encode(ops: Sequence[dict], buffers: Sequence = ()) -> list:
     return [head, *buffers]
 
 
-def decode(frames: Sequence, max_frames: int = 10_000) -> tuple[list[dict], list]:
-    """Check and unpack one message. Raises RemoteProtocolError when anything is off."""
+def decode(frames: Sequence, max_frames: int = 10_000,
+           errors: list | None = None) -> tuple[list[dict], list]:
+    """Check and unpack one message. Raises RemoteProtocolError when anything is off.
+
+    Given ``errors``, an op that fails its schema is left out and its error appended there
+    instead, so that one bad op does not drop the good ones beside it.
+    """
     if not frames:
         raise RemoteProtocolError("empty message")
     if len(frames) > max_frames:
@@ -114,9 +120,19 @@ def decode(frames: Sequence, max_frames: int = 10_000) -> tuple[list[dict], list
         raise RemoteProtocolError(f"frame 0 is not msgpack: {exc}") from None
     if type(ops) is not list:
         raise RemoteProtocolError(f"frame 0 must be a list of ops, got {type(ops).__name__}")
+    if errors is None:
+        for op in ops:
+            check(op)
+        return ops, list(frames[1:])
+    good = []
     for op in ops:
-        check(op)
-    return ops, list(frames[1:])
+        try:
+            check(op)
+        except RemoteProtocolError as exc:
+            errors.append(exc)
+            continue
+        good.append(op)
+    return good, list(frames[1:])
 
 
 def check(op) -> None:
@@ -126,7 +142,7 @@ def check(op) -> None:
     name = op.get("op")
     schema = SCHEMAS.get(name) if type(name) is str else None
     if schema is None:
-        raise RemoteProtocolError(f"unknown op {name!r}")
+        raise RemoteProtocolError(f"unknown op {short(name)}")
     for field, types in schema.items():
         value = op.get(field, _MISSING)
         if value is _MISSING:
@@ -141,6 +157,75 @@ def check(op) -> None:
 
 
 _MISSING = object()
+
+
+def short(value, limit: int = 80) -> str:
+    """``repr`` of a peer-given value, cut to ``limit`` characters: safe to log (one line,
+    bounded, whatever the peer sent)."""
+    text = repr(value)
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+def safe_name(value, limit: int = 200) -> str:
+    """A peer-given name made safe to log and show: printable characters only, one line,
+    at most ``limit`` characters."""
+    text = str(value)
+    if not text.isprintable():
+        text = "".join(c if c.isprintable() else "?" for c in text)
+    return text[:limit]
+
+
+def _count(value, name: str, low: int, high: int) -> int:
+    if value is None:
+        return low
+    if type(value) is not int or not low <= value <= high:
+        raise RemoteProtocolError(f"worker hello: {name} must be an integer from {low} to"
+                                  f" {high}, got {short(value)}")
+    return value
+
+
+def amount(value) -> bool:
+    """Whether ``value`` is a finite, non-negative number (a resource amount)."""
+    return (type(value) is int or type(value) is float) and math.isfinite(value) and value >= 0
+
+
+def check_worker_hello(op: dict) -> dict:
+    """The fields of a worker's hello, checked and made safe, as WorkerState's arguments."""
+    address = op.get("address")
+    if type(address) is not str or not address.startswith(("tcp://", "ipc://")) \
+            or len(address) > 300 or not address.isprintable():
+        raise RemoteProtocolError(f"worker hello needs a data address, got {short(address)}")
+    resources = op.get("resources") or {}
+    if type(resources) is not dict or len(resources) > 1000 or any(
+            type(k) is not str or not amount(v) for k, v in resources.items()):
+        raise RemoteProtocolError("worker hello: resources must map names to finite,"
+                                  f" non-negative amounts, got {short(resources)}")
+    nanny = op.get("nanny") or ""
+    if type(nanny) is not str or len(nanny) > 200:
+        raise RemoteProtocolError(f"worker hello: bad nanny {short(nanny)}")
+    return {
+        "address": address,
+        "name": safe_name(op.get("name") or address),
+        "nthreads": _count(op.get("nthreads") or 1, "nthreads", 1, 1 << 20),
+        "memory_limit": _count(op.get("memory_limit") or 0, "memory_limit", 0, 1 << 62),
+        "resources": dict(resources),
+        "nanny": nanny.encode() or None,
+        "pid": _count(op.get("pid") or 0, "pid", 0, 1 << 31),
+        "host": safe_name(op.get("host") or ""),
+    }
+
+
+def clean_metrics(metrics) -> dict:
+    """A worker's heartbeat metrics, numbers only (at most 64 of them)."""
+    if type(metrics) is not dict:
+        return {}
+    out = {}
+    for k, v in metrics.items():
+        if type(k) is str and len(k) <= 64 and (type(v) is int or type(v) is float):
+            out[k] = v
+            if len(out) >= 64:
+                break
+    return out
 
 
 def versions() -> dict[str, str]:
@@ -186,20 +271,20 @@ def check_task_options(key: str, opts) -> None:
     """Refuse task options of the wrong shape before they reach the records or the policy
     (where a bad type would fail later, outside the op that brought it)."""
     if type(opts) is not dict:
-        raise RemoteProtocolError(f"options of task {key!r} must be a map, got {opts!r:.100}")
+        raise RemoteProtocolError(f"options of task {short(key)} must be a map, got {opts!r:.100}")
     for name in ("priority", "retries"):
         if not isinstance(opts.get(name) or 0, int):
-            raise RemoteProtocolError(f"option {name!r} of task {key!r} must be an integer")
+            raise RemoteProtocolError(f"option {name!r} of task {short(key)} must be an integer")
     if not isinstance(opts.get("task_timeout") or 0, int | float):
-        raise RemoteProtocolError(f"option 'task_timeout' of task {key!r} must be a number")
+        raise RemoteProtocolError(f"option 'task_timeout' of task {short(key)} must be a number")
     workers = opts.get("workers")
     if workers and (type(workers) is not list or any(type(w) is not str for w in workers)):
-        raise RemoteProtocolError(f"option 'workers' of task {key!r} must be a list of names")
+        raise RemoteProtocolError(f"option 'workers' of task {short(key)} must be a list of names")
     resources = opts.get("resources")
     if resources and (type(resources) is not dict or any(
-            type(k) is not str or not isinstance(v, int | float) for k, v in resources.items())):
+            type(k) is not str or not amount(v) for k, v in resources.items())):
         raise RemoteProtocolError(
-            f"option 'resources' of task {key!r} must map names to amounts")
+            f"option 'resources' of task {short(key)} must map names to amounts")
 
 
 #: The kinds of ``coord`` op and the extra fields each must carry (with their types).

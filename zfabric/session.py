@@ -111,6 +111,8 @@ class Session:
                             f"the scheduler refused {from_wire(key)!r}: {message}"))
                 if op.get("fatal") and not self._welcome.done():
                     self._welcome.set_exception(RemoteProtocolError(op["message"]))
+                elif op.get("fatal"):  # the session ended (its key was revoked): nothing waits
+                    self._scheduler_lost(f"the scheduler ended this session: {op['message']}")
             case "heartbeat":
                 pass
             case other:
@@ -163,11 +165,13 @@ class Session:
             if self._writer is None:
                 self._writer = asyncio.ensure_future(self._write_backlog())
             return
-        for batch in _batches(ops, self.config.SUBMIT_BATCH):
+        most = self.config.SCHEDULER_FRAME_BYTES // 4
+        for batch in _batches(ops, self.config.SUBMIT_BATCH, most):
             self._link.send(protocol.encode(batch))
 
     async def _write_backlog(self) -> None:
         send = self._link.send
+        most = self.config.SCHEDULER_FRAME_BYTES // 4
         try:
             while self._backlog:
                 ready: list[dict] = []
@@ -176,7 +180,7 @@ class Session:
                     if type(item) is not Deferred:
                         ready.append(item)
                         continue
-                    for batch in _batches(ready, self.config.SUBMIT_BATCH):
+                    for batch in _batches(ready, self.config.SUBMIT_BATCH, most):
                         send(protocol.encode(batch))
                     ready = []
                     try:
@@ -185,7 +189,7 @@ class Session:
                         with self._lock:
                             self._window.done(item.state)
                             item.state.fail(None, exc)
-                for batch in _batches(ready, self.config.SUBMIT_BATCH):
+                for batch in _batches(ready, self.config.SUBMIT_BATCH, most):
                     send(protocol.encode(batch))
         finally:
             self._writer = None
@@ -235,15 +239,23 @@ class Session:
             pass  # the loop is closed
 
 
-def _batches(ops: list, limit: int):
-    """Split ops into messages that carry at most ``limit`` tasks each."""
-    batch, weight = [], 0
+def _batches(ops: list, limit: int, max_bytes: int = 1 << 62):
+    """Split ops into messages that carry at most ``limit`` tasks each and, past one op,
+    about ``max_bytes`` of task pickles (a frame over the scheduler's limit would close the
+    connection)."""
+    batch, weight, size = [], 0, 0
     for op in ops:
-        w = len(op["tasks"]) if op["op"] == "submit" else 1
-        if batch and weight + w > limit:
+        if op["op"] == "submit":
+            w = len(op["tasks"])
+            b = sum(len(t[1]) for t in op["tasks"]) + sum(
+                len(f) for f in (op.get("functions") or {}).values())
+        else:
+            w, b = 1, 0
+        if batch and (weight + w > limit or size + b > max_bytes):
             yield batch
-            batch, weight = [], 0
+            batch, weight, size = [], 0, 0
         batch.append(op)
         weight += w
+        size += b
     if batch:
         yield batch

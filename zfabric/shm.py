@@ -97,20 +97,31 @@ def nbytes(buffers) -> int:
 # ---------------------------------------------------------------------------- sender
 
 
-def write(desc, buffers) -> bool:
+def write(desc, buffers, *, srcfd: int | None = None) -> bool:
     """Write ``buffers`` back to back into the leased segment ``desc``.
 
     Returns False, having written nothing that matters, when the segment cannot be opened or
-    is not the one named (the caller sends the buffers over the socket instead).
+    is not the one named (the caller sends the buffers over the socket instead). The
+    descriptor is a peer's word: only a zfabric segment is written, and, given ``srcfd`` (our
+    end of the connection the request came on), only one of the process at its other end.
     """
     try:
         _lease, pid, fd, dev, ino, size = (int(x) for x in desc)
-    except (TypeError, ValueError):
+    except (TypeError, ValueError, OverflowError):
         return False
-    if nbytes(buffers) > size:
+    if nbytes(buffers) > size or pid <= 0 or fd < 0:
         return False
+    if srcfd is not None and not connection_from(srcfd, pid):
+        logger.warning("refusing a shared-memory descriptor naming process %d, which did not"
+                       " send the request", pid)
+        return False
+    path = f"/proc/{pid}/fd/{fd}"
     try:
-        f = os.open(f"/proc/{pid}/fd/{fd}", os.O_WRONLY | os.O_CLOEXEC)
+        if not os.readlink(path).startswith(f"/memfd:{MEMFD_NAME}"):
+            logger.warning("refusing a shared-memory descriptor that names %s, not a zfabric"
+                           " segment", path)
+            return False
+        f = os.open(path, os.O_WRONLY | os.O_CLOEXEC)
     except OSError:
         return False
     try:
@@ -130,6 +141,71 @@ def write(desc, buffers) -> bool:
         return False
     finally:
         os.close(f)
+
+
+def connection_from(srcfd: int, pid: int) -> bool:
+    """Whether process ``pid`` holds the other end of this process's connected socket
+    ``srcfd`` (a TCP connection on this host, or a Unix socket).
+
+    For TCP: the peer's socket inode is found in ``/proc/net/tcp[6]`` (its local end is our
+    remote end), then looked for among ``pid``'s descriptors.
+    """
+    try:
+        s = socket.socket(fileno=os.dup(srcfd))
+    except OSError:
+        return False
+    try:
+        if s.family == socket.AF_UNIX:
+            import struct
+            creds = s.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i"))
+            return struct.unpack("3i", creds)[0] == pid
+        if s.family not in (socket.AF_INET, socket.AF_INET6):
+            return False
+        peer, mine = s.getpeername(), s.getsockname()
+    except OSError:
+        return False
+    finally:
+        s.close()
+    inode = _tcp_inode(peer[:2], mine[:2])
+    if inode is None:
+        return False
+    target = f"socket:[{inode}]"
+    try:
+        names = os.listdir(f"/proc/{pid}/fd")
+    except OSError:
+        return False
+    for name in names:
+        try:
+            if os.readlink(f"/proc/{pid}/fd/{name}") == target:
+                return True
+        except OSError:
+            continue
+    return False
+
+
+def _hexaddr(addr) -> str:
+    ip, port = addr
+    if ":" in ip:
+        packed = socket.inet_pton(socket.AF_INET6, ip)
+        words = [packed[i:i + 4][::-1].hex().upper() for i in range(0, 16, 4)]
+        return "".join(words) + f":{port:04X}"
+    packed = socket.inet_pton(socket.AF_INET, ip)
+    return packed[::-1].hex().upper() + f":{port:04X}"
+
+
+def _tcp_inode(local, remote) -> int | None:
+    want_local, want_remote = _hexaddr(local), _hexaddr(remote)
+    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+        try:
+            with open(table) as f:
+                next(f)
+                for line in f:
+                    parts = line.split()
+                    if parts[1] == want_local and parts[2] == want_remote:
+                        return int(parts[9])
+        except (OSError, StopIteration, IndexError, ValueError):
+            continue
+    return None
 
 
 # ---------------------------------------------------------------------------- receiver
@@ -160,15 +236,18 @@ class Pool:
         self.lease_timeout_s = lease_timeout_s
         self._lock = threading.Lock()
         self._free: list[_Segment] = []
-        self._leased: dict[int, tuple[_Segment, float]] = {}
+        self._leased: dict[int, tuple[_Segment, float, object]] = {}  # seg, deadline, owner
         self._returned: collections.deque[_Segment] = collections.deque()  # from finalizers
         self._kept = 0  # open descriptors of free and adopted segments
         self._ids = itertools.count(1)
 
     # -- leasing ---------------------------------------------------------------------
 
-    def lease(self, size: int, now: float | None = None) -> list | None:
-        """A segment of at least ``size`` bytes for a sender to write into, or None."""
+    def lease(self, size: int, now: float | None = None, owner=None) -> list | None:
+        """A segment of at least ``size`` bytes for a sender to write into, or None.
+
+        ``owner`` (the connection it was leased to) must be named again to adopt it, so that
+        one peer cannot claim the segments leased to another."""
         now = time.monotonic() if now is None else now
         with self._lock:
             self._take_returned(now)
@@ -182,15 +261,16 @@ class Pool:
                     logger.info("no shared-memory segment of %d bytes: %s", size, exc)
                     return None
             lease = next(self._ids)
-            self._leased[lease] = (seg, now + self.lease_timeout_s)
+            self._leased[lease] = (seg, now + self.lease_timeout_s, owner)
         return [lease, os.getpid(), seg.fd, seg.dev, seg.ino, seg.size]
 
-    def adopt(self, lease: int, sizes: list[int]) -> list[memoryview]:
+    def adopt(self, lease: int, sizes: list[int], owner=None) -> list[memoryview]:
         """The written buffers of ``lease``, as views of one mapping of its segment."""
         with self._lock:
-            entry = self._leased.pop(lease, None) if type(lease) is int else None
-            if entry is None:
+            entry = self._leased.get(lease) if type(lease) is int else None
+            if entry is None or entry[2] != owner:
                 raise ValueError(f"unknown or expired shared-memory lease {lease!r}")
+            del self._leased[lease]
             seg = entry[0]
             if (not all(type(n) is int and n >= 0 for n in sizes)) or sum(sizes) > seg.size:
                 seg.close()
@@ -222,8 +302,8 @@ class Pool:
         """Cancel leases past their deadline; close free segments idle for ``idle_s``."""
         with self._lock:
             self._take_returned(now)
-            for lease in [k for k, (_, t) in self._leased.items() if t <= now]:
-                seg, _ = self._leased.pop(lease)
+            for lease in [k for k, (_, t, _) in self._leased.items() if t <= now]:
+                seg = self._leased.pop(lease)[0]
                 seg.close()
             keep = []
             for seg in self._free:

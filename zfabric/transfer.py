@@ -23,14 +23,16 @@ logger = logging.getLogger(__name__)
 SHM_THRESHOLD_BYTES = 1 << 20
 
 
-def pack_values(values, *, ask: bool = False, into: dict | None = None) -> tuple[list, list]:
+def pack_values(values, *, ask: bool = False, into: dict | None = None,
+                srcfd: int | None = None) -> tuple[list, list]:
     """Wire form of stored values: ``items`` for the op, ``frames`` to send after it.
 
     ``values`` holds ``(key, header, buffers, raw)``; each item is
     ``[key, header, nframes, raw, where]``, where ``where`` is None (the buffers are the next
     ``nframes`` frames), ``["seg", lease, sizes]`` (written into the receiver's segment
     ``into[key]``), or ``["sizes", sizes]`` (``ask``: too large for a frame; ask again with a
-    segment of that size).
+    segment of that size). ``srcfd``: our end of the asker's connection; a segment of another
+    process is not written (see :func:`zfabric.shm.write`).
     """
     items, frames = [], []
     for key, header, bufs, raw in values:
@@ -38,7 +40,7 @@ def pack_values(values, *, ask: bool = False, into: dict | None = None) -> tuple
         if bufs and (ask or (into and key in into)):
             sizes = [memoryview(b).nbytes for b in bufs]
             desc = into.get(key) if into else None
-            if desc is not None and shm.write(desc, bufs):
+            if desc is not None and shm.write(desc, bufs, srcfd=srcfd):
                 where = ["seg", desc[0], sizes]
             elif ask and desc is None and sum(sizes) >= SHM_THRESHOLD_BYTES:
                 where = ["sizes", sizes]
@@ -50,11 +52,12 @@ def pack_values(values, *, ask: bool = False, into: dict | None = None) -> tuple
     return items, frames
 
 
-def unpack_values(items: list, frames: list):
+def unpack_values(items: list, frames: list, owner=None):
     """Yield ``(key, header, buffers, raw, sizes)`` from an op's items and the frames after it.
 
     A missing value has ``header`` None. ``sizes`` is set (and ``buffers`` None) when the
-    sender asks for a segment to write the value into (see :func:`pack_values`).
+    sender asks for a segment to write the value into (see :func:`pack_values`). Values
+    written into segments are taken only from leases made for ``owner``.
     """
     pos = 0
     for item in items:
@@ -71,7 +74,7 @@ def unpack_values(items: list, frames: list):
             yield key, header, None, raw, where[1]
         elif where[0] == "seg" and len(where) == 3 and type(where[2]) is list:
             try:
-                bufs = shm.pool().adopt(where[1], where[2])
+                bufs = shm.pool().adopt(where[1], where[2], owner)
             except (ValueError, OSError) as exc:
                 raise RemoteProtocolError(f"value {key!r}: {exc}") from None
             yield key, header, bufs, raw, None
@@ -79,14 +82,14 @@ def unpack_values(items: list, frames: list):
             raise RemoteProtocolError(f"value {key!r}: unknown location {where!r:.80}")
 
 
-def lease_for(keys_sizes) -> dict:
+def lease_for(keys_sizes, owner=None) -> dict:
     """Leases in this process's pool for ``(key, sizes)`` pairs; keys that got none are left
     out (their values come over the socket)."""
     into = {}
     if shm.available():
         pool = shm.pool()
         for key, sizes in keys_sizes:
-            desc = pool.lease(sum(sizes))
+            desc = pool.lease(sum(sizes), owner=owner)
             if desc is not None:
                 into[key] = desc
     return into
@@ -101,9 +104,11 @@ def cancel_leases(into: dict) -> None:
 
 
 class _Conn:
-    def __init__(self, ctx: zmq.asyncio.Context, address: str):
+    def __init__(self, ctx: zmq.asyncio.Context, address: str, security=None,
+                 max_frame_bytes: int = -1):
         self.address = address
-        self.sock = _zmq.dealer(ctx, address)
+        self.sock = _zmq.dealer(ctx, address, security=security, role="client", server="worker",
+                                max_frame_bytes=max_frame_bytes)
         self.pending: dict[int, asyncio.Future] = {}
         self.reader = asyncio.ensure_future(self._read())
 
@@ -131,8 +136,11 @@ class _Conn:
 class DataPool:
     """Requests to workers' data ports, one connection per worker."""
 
-    def __init__(self, ctx: zmq.asyncio.Context, timeout_s: float = 30.0, use_shm: bool = False):
+    def __init__(self, ctx: zmq.asyncio.Context, timeout_s: float = 30.0, use_shm: bool = False,
+                 security=None, max_frame_bytes: int = -1):
         self.ctx = ctx
+        self.security = security
+        self.max_frame_bytes = max_frame_bytes  # MAXMSGSIZE of each data connection
         self.use_shm = use_shm and shm.available()
         self.timeout_s = timeout_s
         self.conns: dict[str, _Conn] = {}
@@ -141,7 +149,8 @@ class DataPool:
     async def request(self, address: str, op: dict, frames: list = ()) -> tuple[dict, list]:
         conn = self.conns.get(address)
         if conn is None:
-            conn = self.conns[address] = _Conn(self.ctx, address)
+            conn = self.conns[address] = _Conn(self.ctx, address, self.security,
+                                               self.max_frame_bytes)
         self._seq += 1
         op = {**op, "id": self._seq}
         fut = asyncio.get_running_loop().create_future()
@@ -172,7 +181,7 @@ class DataPool:
         out: dict = {}
         later = self._take(address, op, buffers, out)
         if later:
-            into = lease_for(later)
+            into = lease_for(later, owner=address)
             try:
                 op, buffers = await self.request(address, {
                     "op": "get-data", "keys": [k for k, _ in later], "shm": False, "into": into})
@@ -186,7 +195,7 @@ class DataPool:
         if op["op"] != "data":
             raise ConnectionError(f"worker {address}: {op.get('message', op['op'])}")
         later = []
-        for key, header, bufs, raw, sizes in unpack_values(op["items"], buffers):
+        for key, header, bufs, raw, sizes in unpack_values(op["items"], buffers, address):
             if sizes is not None:
                 later.append((key, sizes))
             elif header is not None:

@@ -21,22 +21,28 @@ class ClientOps:
 
     def remove_client(self, cs: ClientState) -> None:
         self.clients.pop(cs.ident, None)
+        self.admins.discard(cs.ident)
         self.coord.client_gone(cs.ident)
         # O(tasks), but only when a client leaves (see ClientState).
         for ts in [t for t in self.tasks.values() if t.wanted_by(cs)]:
             self.release_key(cs, ts.key)
 
-    def add_functions(self, functions) -> None:
-        """Keep the function pickles that submitted tasks refer to by id (one copy each)."""
+    def add_functions(self, functions) -> list[str]:
+        """Keep the function pickles that submitted tasks refer to by id (one copy each);
+        returns the ids that were new (dropped again if no task comes to use them)."""
         if not functions:
-            return
+            return []
         if type(functions) is not dict:
             raise RemoteProtocolError("submit's functions must map ids to pickles")
         for fid, data in functions.items():
             if type(fid) is not str or type(data) is not bytes:
                 raise RemoteProtocolError("submit's functions must map string ids to bytes")
+        added = []
+        for fid, data in functions.items():
             if fid not in self.functions:
                 self.functions[fid] = [data, 0, fid]  # pickle, tasks using it, shared id
+                added.append(fid)
+        return added
 
     def _drop_function(self, fid: str) -> None:
         entry = self.functions.get(fid)

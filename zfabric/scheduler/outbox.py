@@ -60,3 +60,23 @@ class Outbox:
             self._close_batch(peer)
         out, self._ops = self._ops, {}
         return out
+
+
+def encode_bounded(ops: list[dict], limit: int, encode) -> list[bytes]:
+    """``ops`` packed by ``encode`` into frames of at most about ``limit`` bytes each, in
+    order: a long list is cut between ops, a long list-carrying op between its items (one
+    op or item larger than ``limit`` still goes whole). Costs a re-pack only past ``limit``."""
+    frame = encode(ops)
+    if len(frame) <= limit:
+        return [frame]
+    if len(ops) > 1:
+        mid = len(ops) // 2
+        return encode_bounded(ops[:mid], limit, encode) + encode_bounded(ops[mid:], limit, encode)
+    op = ops[0]
+    field = LIST_FIELD.get(op["op"])
+    items = op.get(field) if field else None
+    if items is not None and len(items) > 1:
+        mid = len(items) // 2
+        return (encode_bounded([{**op, field: items[:mid]}], limit, encode)
+                + encode_bounded([{**op, field: items[mid:]}], limit, encode))
+    return [frame]

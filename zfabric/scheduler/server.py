@@ -23,6 +23,8 @@ from ..config import Config, from_env
 from ..dashboard import Dashboard, parse_address
 from ..errors import RemoteProtocolError
 from ..lifecycle import LifeCycle, call_from_thread
+from ..security import SecurityError, as_security, role_of
+from .outbox import encode_bounded
 from .state import SchedulerState
 
 logger = logging.getLogger(__name__)
@@ -44,20 +46,29 @@ class Scheduler(LifeCycle):
 
     def __init__(self, host: str = "127.0.0.1", port: int = 0, *, config: Config | None = None,
                  dashboard_address: str | int | None = "default", dashboard: bool = True,
-                 **kwargs):
+                 security=None, **kwargs):
         if kwargs:
             raise TypeError(f"Scheduler got unexpected arguments: {', '.join(sorted(kwargs))}")
         self.host = host
         self.port = port
         self.config = config or from_env()
+        self.security = as_security(security)
+        if self.security is None and self.config.REQUIRE_ENCRYPTION:
+            raise SecurityError("REQUIRE_ENCRYPTION is set but this scheduler has no keys:"
+                                " pass security=Security(DIR) (`zfabric keygen DIR`)")
+        self._keys: dict[bytes, bytes] = {}  # peer -> the public key it connected with
         if dashboard_address == "default":
             dashboard_address = self.config.DASHBOARD_ADDRESS or None
         #: ``(host, port)`` of the dashboard to start, or None (see :mod:`zfabric.dashboard`)
-        self.dashboard_bind = (parse_address(dashboard_address, host)
-                               if dashboard and dashboard_address is not None else None)
+        # The dashboard is unauthenticated HTTP: with security on, an address that names no
+        # interface (":8787") means loopback only
+        self.dashboard_bind = (
+            parse_address(dashboard_address, "127.0.0.1" if self.security else host)
+            if dashboard and dashboard_address is not None else None)
         self.dashboard: Dashboard | None = None
         self.address = ""
         self.state = SchedulerState(config=self.config, versions=protocol.versions())
+        self.state.secured = self.security is not None
         self.state.started = time.time()
         self._stop = False
         self._thread: threading.Thread | None = None
@@ -134,9 +145,12 @@ class Scheduler(LifeCycle):
 
     def _main(self, report) -> None:
         try:
-            sock, address = _zmq.router(zmq.Context.instance(), self.host, self.port,
-                                        linger_ms=self.config.LINGER_MS,
-                                        hwm=self.config.HWM_MESSAGES)
+            sock, address = _zmq.router(
+                zmq.Context.instance(), self.host, self.port, linger_ms=self.config.LINGER_MS,
+                hwm=self.config.HWM_MESSAGES,
+                sndhwm=min(self.config.HWM_MESSAGES, self.config.SEND_QUEUE_MESSAGES),
+                max_frame_bytes=self.config.SCHEDULER_FRAME_BYTES, security=self.security,
+                role="scheduler")
         except Exception as exc:
             report(exc)
             return
@@ -149,6 +163,10 @@ class Scheduler(LifeCycle):
         finally:
             self._goodbye(sock)
             sock.close(linger=self.config.LINGER_MS)
+            if self.security is not None:
+                from .. import zap
+
+                zap.release(zmq.Context.instance(), self.security)
             if self.status not in ("closing", "closed"):
                 call_from_thread(self._loop, self._closed_from_inside)
 
@@ -165,6 +183,12 @@ class Scheduler(LifeCycle):
         next_tick = next_publish = time.monotonic()
         obs = state.observe
         publish_s = self.config.DASHBOARD_INTERVAL_S
+        secure = self.security is not None
+        if secure:
+            from .. import zap
+
+            ring = zap.keyring(self.security)
+            next_keys = 0.0
         while not self._stop and not state.closing:
             if poller.poll(TICK_MS):
                 now = time.monotonic()
@@ -173,22 +197,33 @@ class Scheduler(LifeCycle):
                     if i and not sock.getsockopt(_EVENTS) & _POLLIN:
                         break  # asking is cheaper than an Again raised
                     try:
-                        frames = recv(zmq.NOBLOCK)
+                        frames = recv(zmq.NOBLOCK, copy=not secure)
                     except zmq.Again:
                         break
+                    role = None
+                    if secure:
+                        frames, role = self._authenticated(frames, ring)
+                        if frames is None:
+                            continue
                     peer = frames[0]
+                    errors = []
                     nin += 1
                     for f in frames:
                         bin_ += len(f)
                     try:
-                        ops, _ = decode(frames[1:], max_frames)
+                        # a bad op is left out (and answered), not the good ops beside it
+                        ops, _ = decode(frames[1:], max_frames, errors)
                     except RemoteProtocolError as exc:
                         logger.warning("malformed message from %r: %s", peer, exc)
                         state.send(peer, {"op": "error", "message": f"malformed message: {exc}"})
                         continue
+                    if errors:
+                        text = "; ".join(str(e) for e in errors[:5])
+                        logger.warning("malformed ops from %r: %s", peer, text)
+                        state.send(peer, {"op": "error", "message": f"malformed message: {text}"})
                     self._answer_heartbeats(peer, ops)
                     try:
-                        state.handle(peer, ops, now)
+                        state.handle(peer, ops, now, role)
                     except Exception:  # a bug of ours: log it, keep serving everyone else
                         logger.exception("scheduler state failed on ops from %r", peer)
                         state.send(peer, {"op": "error", "message": "internal scheduler error"
@@ -196,6 +231,10 @@ class Scheduler(LifeCycle):
                 obs.messages_in += nin
                 obs.bytes_in += bin_
             now = time.monotonic()
+            if secure and now >= next_keys:
+                next_keys = now + self.config.HEARTBEAT_INTERVAL_S / 2
+                if ring.refresh():
+                    self._revoke(ring, now)
             if now >= next_tick:
                 try:
                     state.tick(now)
@@ -215,6 +254,42 @@ class Scheduler(LifeCycle):
                     state.peer_gone(peer, now, why)
                 gone = self._send(sock, state.flush())
 
+    def _authenticated(self, frames: list, ring) -> tuple[list | None, str | None]:
+        """The frames (as bytes) and the role of a message on a CURVE socket; None for a
+        message whose key was revoked since its connection was accepted."""
+        try:
+            role, key = role_of(frames[1] if len(frames) > 1 else frames[0])
+        except zmq.ZMQError:
+            return None, None
+        peer = frames[0].bytes
+        if ring.keys.get(key) != role:
+            logger.warning("dropping a message from %r: its key was revoked", peer)
+            return None, None
+        if peer not in self._keys:
+            if len(self._keys) > 100_000:
+                self._keys = {p: k for p, k in self._keys.items() if self._known(p)}
+            self._keys[peer] = key
+        return [f.bytes for f in frames], role
+
+    def _known(self, peer: bytes) -> bool:
+        st = self.state
+        return peer in st.workers or peer in st.clients or peer in st.nannies
+
+    def _revoke(self, ring, now: float) -> None:
+        """Keys were removed from the authorized set: end the sessions that used them."""
+        for peer, key in list(self._keys.items()):
+            if key in ring.keys:
+                continue
+            del self._keys[peer]
+            if self._known(peer):
+                st = self.state
+                if peer in st.clients:
+                    st.send(peer, {"op": "error", "fatal": True,
+                                   "message": "this client's key was revoked"})
+                else:
+                    st.send(peer, {"op": "close", "reason": "its key was revoked"})
+                st.peer_gone(peer, now, "its key was revoked")
+
     def _answer_heartbeats(self, peer: bytes, ops: list) -> None:
         for op in ops:
             if op["op"] == "heartbeat":
@@ -227,23 +302,32 @@ class Scheduler(LifeCycle):
         gone: dict[bytes, str] = {}
         if self._backlog:
             self._retry_backlog(sock, gone)
+        limit = self.config.SEND_MESSAGE_BYTES
         obs = self.state.observe
         for peer, ops in out.items():
             if peer in gone:
                 continue
             frame = protocol.encode(ops)[0]
-            obs.messages_out += 1
-            obs.bytes_out += len(frame)
-            if peer in self._backlog:
-                self._queue(peer, frame, gone)
-                continue
-            try:
-                sock.send_multipart([peer, frame], zmq.NOBLOCK)
-            except zmq.Again:
-                self._queue(peer, frame, gone)
-            except zmq.ZMQError as exc:  # EHOSTUNREACH: the peer is gone
-                logger.debug("dropping %d ops for gone peer %r: %s", len(ops), peer, exc)
-                gone[peer] = "its connection is gone"
+            # ZeroMQ's queue counts messages: keep each about SEND_MESSAGE_BYTES, so that
+            # SEND_QUEUE_MESSAGES of them bound its bytes too
+            frames = ([frame] if len(frame) <= limit
+                      else encode_bounded(ops, limit, lambda o: protocol.encode(o)[0]))
+            for frame in frames:
+                if peer in gone:
+                    break
+                obs.messages_out += 1
+                obs.bytes_out += len(frame)
+                if peer in self._backlog:
+                    self._queue(peer, frame, gone)
+                    continue
+                try:
+                    sock.send_multipart([peer, frame], zmq.NOBLOCK)
+                except zmq.Again:
+                    self._queue(peer, frame, gone)
+                except zmq.ZMQError as exc:  # EHOSTUNREACH: the peer is gone
+                    logger.debug("dropping %d ops for gone peer %r: %s", len(ops), peer, exc)
+                    gone[peer] = "its connection is gone"
+                    break
         return gone
 
     def _queue(self, peer: bytes, frame: bytes, gone: dict) -> None:

@@ -36,7 +36,7 @@ import uuid
 
 from ..config import DEFAULT, PROTOCOL_VERSION, Config
 from ..errors import RemoteProtocolError
-from ..protocol import version_mismatches
+from ..protocol import check_worker_hello, clean_metrics, safe_name, short, version_mismatches
 from . import policy
 from .client_ops import ClientOps
 from .coordination import Coordination, SharedStateOps
@@ -44,10 +44,11 @@ from .observe import LIVE as LIVE_STATES
 from .observe import Observer
 from .outbox import Outbox
 from .plugins import PluginOps
-from .queue import ReadyQueue
+from .queue import ReadyQueue, RestrictedQueue
 from .records import FIRE_AND_FORGET, HELD, ClientState, NannyState, TaskState, WorkerState
 from .requests import FanOut
 from .retire import Retirement
+from .roles import Roles
 from .worker_loss import WorkerLoss
 
 logger = logging.getLogger(__name__)
@@ -69,7 +70,7 @@ class InvalidTransition(RuntimeError):
     """Raised when code (ours) tries a task-state move that the table forbids."""
 
 
-class SchedulerState(ClientOps, WorkerLoss, Retirement, PluginOps, SharedStateOps):
+class SchedulerState(ClientOps, WorkerLoss, Roles, Retirement, PluginOps, SharedStateOps):
     """Tasks, workers and clients; ops in, ops out."""
 
     def __init__(
@@ -94,7 +95,7 @@ class SchedulerState(ClientOps, WorkerLoss, Retirement, PluginOps, SharedStateOp
         self.batch = self._outbox.batch  # queue one item of a list-carrying op (see Outbox)
         self.flush = self._outbox.flush  # {peer: [ops]} queued since the last flush
         self._queued = ReadyQueue()  # unrestricted queued tasks; stale entries are skipped
-        self._restricted: set[TaskState] = set()  # queued tasks that only some workers may run
+        self._restricted = RestrictedQueue()  # queued tasks that only some workers may run
         self._seq = 0
         self._fan_out = FanOut(self.send)  # run and restart requests in flight
         self.closing = False  # set by a remote shutdown request; the shell closes
@@ -110,6 +111,9 @@ class SchedulerState(ClientOps, WorkerLoss, Retirement, PluginOps, SharedStateOp
         self.plugins: dict[str, dict[str, bytes]] = {"worker": {}, "nanny": {}}  # name -> pickle
         self.coord = Coordination(self.send, self._hold, self._unhold, self._client_seen,
                                   self._give)
+        self.secured = False  # set by the shell when keys bind roles (security on)
+        self.admins: set[bytes] = set()  # clients holding an admin key (security on)
+        self.admin_only = {k.strip() for k in config.ADMIN_ONLY.split(",") if k.strip()}
 
     def _event(self, text: str, kind: str = "event") -> None:
         logger.info(text)
@@ -125,25 +129,38 @@ class SchedulerState(ClientOps, WorkerLoss, Retirement, PluginOps, SharedStateOp
 
     # ------------------------------------------------------------------ entry points
 
-    def handle(self, peer: bytes, ops: list[dict], now: float) -> None:
-        """Apply the ops one peer sent; the replies wait in :attr:`outbox`."""
+    def handle(self, peer: bytes, ops: list[dict], now: float, role: str | None = None) -> None:
+        """Apply the ops one peer sent; the replies wait in :attr:`outbox`.
+
+        ``role``: with security on, the role of the key the message came with (the ZAP
+        user id); a peer may act only as its key's role."""
         self.now = now
+        if role is not None and not self._role_allows(peer, ops, role):
+            return
+        # Ops after one that ends the peer's session (goodbye, a removal) are not applied:
+        # they would pin data to a record that is gone.
         ws = self.workers.get(peer)
         if ws is not None:
             ws.last_seen = now
             for op in ops:
                 self._guard(peer, op, self._handle_worker, ws)
+                if op["op"] == "goodbye" and self.workers.get(peer) is not ws:
+                    return
             return
         cs = self.clients.get(peer)
         if cs is not None:
             cs.last_seen = now
             for op in ops:
+                if self.clients.get(peer) is not cs:
+                    return
                 self._guard(peer, op, self._handle_client, cs)
             return
         ns = self.nannies.get(peer)
         if ns is not None:
             ns.last_seen = now
             for op in ops:
+                if self.nannies.get(peer) is not ns:
+                    return
                 self._guard(peer, op, self._handle_nanny, ns)
             return
         for i, op in enumerate(ops):
@@ -163,6 +180,8 @@ class SchedulerState(ClientOps, WorkerLoss, Retirement, PluginOps, SharedStateOp
         except (RemoteProtocolError, KeyError, TypeError, ValueError, IndexError,
                 AttributeError) as exc:
             text = f"bad {op.get('op')!r} op from {peer!r}: {type(exc).__name__}: {exc}"
+            if len(text) > 1000:
+                text = text[:997] + "..."
             logger.warning(text)
             reply = {"op": "error", "message": text}
             if op.get("op") == "submit" and type(op.get("tasks")) is list:
@@ -230,28 +249,26 @@ class SchedulerState(ClientOps, WorkerLoss, Retirement, PluginOps, SharedStateOp
         role = op["role"]
         welcome = self._welcome(warnings)
         if role == "worker":
-            if peer in self.reported_dead:
+            fields = check_worker_hello(op)
+            if peer in self.reported_dead and self.reported_dead[peer] == fields["nanny"]:
                 self.send(peer, {"op": "close", "reason": "its nanny reported it dead"})
                 return
-            address = op["address"]
-            if not isinstance(address, str) or not address.startswith(("tcp://", "ipc://")):
-                raise RemoteProtocolError(f"worker hello needs a data address, got {address!r}")
+            address = fields["address"]
             old = self.workers_by_address.get(address)
             if old is not None:
+                if not self._replaceable(old):
+                    # A live worker serves there: a second one would make it flap. Probe the
+                    # old one (a send to a gone connection removes it at once) and let the
+                    # new one try again after a heartbeat.
+                    self.send(old.ident, {"op": "heartbeat"})
+                    self.send(peer, {
+                        "op": "error", "retry_s": self.config.HEARTBEAT_INTERVAL_S,
+                        "message": f"data address {address} is in use by live worker"
+                        f" {old.name}; a worker replaces it only once it has been silent for"
+                        " two heartbeat intervals or its nanny reported it gone"})
+                    return
                 self.remove_worker(old, "replaced by a new incarnation", died=False)
-            ws = WorkerState(
-                ident=peer,
-                id=op["id"],
-                address=address,
-                name=str(op.get("name") or address),
-                nthreads=int(op.get("nthreads") or 1),
-                memory_limit=int(op.get("memory_limit") or 0),
-                resources=dict(op.get("resources") or {}),
-                nanny=(op.get("nanny") or "").encode() or None,
-                pid=int(op.get("pid") or 0),
-                host=str(op.get("host") or ""),
-                now=self.now,
-            )
+            ws = WorkerState(ident=peer, id=safe_name(op["id"]), now=self.now, **fields)
             local = op.get("local_directory")
             ws.local_directory = local[:4096] if type(local) is str else None
             self.workers[peer] = ws
@@ -265,28 +282,35 @@ class SchedulerState(ClientOps, WorkerLoss, Retirement, PluginOps, SharedStateOp
             self._fill(ws)
             self._fill_restricted()
         elif role == "client":
-            cs = ClientState(peer, name=op["id"], now=self.now)
+            cs = ClientState(peer, name=safe_name(op["id"]), now=self.now)
             self.clients[peer] = cs
             if type(op.get("worker")) is str:  # the client of a worker's tasks
                 self.coord.client_worker[peer] = op["worker"]
             self.send(peer, welcome)
         elif role == "nanny":
-            ns = NannyState(peer, name=op["id"], now=self.now)
+            ns = NannyState(peer, name=safe_name(op["id"]), now=self.now)
             self.nannies[peer] = ns
             self.send(peer, welcome)
             self.plugins_for_newcomer(peer, "nanny")
         else:
-            raise RemoteProtocolError(f"unknown role {role!r}")
+            raise RemoteProtocolError(f"unknown role {short(role)}")
         for w in warnings:
-            logger.warning("%s %s: version mismatch: %s", role, op["id"], w)
+            logger.warning("%s %s: version mismatch: %s", role, safe_name(op["id"]), w)
 
     # ------------------------------------------------------------------ clients
 
     def _handle_client(self, cs: ClientState, op: dict) -> None:
         match op["op"]:
             case "submit":
-                self.add_functions(op.get("functions"))
-                self.submit(cs, op["tasks"])
+                added = self.add_functions(op.get("functions"))
+                try:
+                    self.submit(cs, op["tasks"])
+                finally:
+                    # Functions no task of it (or before it) uses are not kept.
+                    for fid in added:
+                        entry = self.functions.get(fid)
+                        if entry is not None and entry[1] <= 0:
+                            del self.functions[fid]
             case "release":
                 for key in op["keys"]:
                     self.release_key(cs, key)
@@ -322,6 +346,10 @@ class SchedulerState(ClientOps, WorkerLoss, Retirement, PluginOps, SharedStateOp
     def request(self, peer: bytes, op: dict) -> None:
         rid, kind, args = op["id"], op["kind"], op["args"]
         reply = {"op": "reply", "id": rid}
+        if self.secured and kind in self.admin_only and peer not in self.admins:
+            reply["error"] = f"{kind!r} requests need an admin key (ADMIN_ONLY)"
+            self.send(peer, reply)
+            return
         match kind:
             case "info":
                 reply["result"] = self.info()
@@ -395,6 +423,11 @@ class SchedulerState(ClientOps, WorkerLoss, Retirement, PluginOps, SharedStateOp
         """A run (on workers) or restart (through nannies): reply once all have answered."""
         if kind == "run":
             names = args.get("workers")
+            if type(args.get("payload")) is not bytes:
+                raise RemoteProtocolError("a run request needs its payload as bytes")
+            if names is not None and (type(names) is not list
+                                      or any(type(n) is not str for n in names)):
+                raise RemoteProtocolError("a run request's workers must be a list of addresses")
             targets = [(ws.ident, ws.address) for ws in self.workers.values()
                        if not names or ws.address in names]
             op = {"op": "run", "payload": args["payload"]}
@@ -436,18 +469,23 @@ class SchedulerState(ClientOps, WorkerLoss, Retirement, PluginOps, SharedStateOp
             case "heartbeat":
                 ns.vouched = {w.encode() for w in op.get("workers") or ()}
             case "worker-died":
+                # Only about a worker of its own: a worker that names it as its nanny.
                 ident = op["worker"].encode()
-                self.reported_dead[ident] = None
+                ws = self.workers.get(ident)
+                if ws is not None and ws.nanny != ns.ident:
+                    raise RemoteProtocolError(
+                        f"nanny {ns.name} reported worker {ws.name}, which is not its own")
+                self.reported_dead[ident] = ns.ident
                 if len(self.reported_dead) > 10_000:
                     del self.reported_dead[next(iter(self.reported_dead))]
-                ws = self.workers.get(ident)
                 if ws is not None:
-                    self.remove_worker(ws, op["reason"], died=True)
+                    self.remove_worker(ws, safe_name(op["reason"], 500), died=True)
             case "reply":
                 self._fan_out.answer(ns.ident, op)
             case "goodbye":
                 self._drop_nanny(ns.ident)
             case "request":
+                self._check_read_only(op, "nanny")
                 self.request(ns.ident, op)
             case "hello":
                 pass
@@ -488,10 +526,8 @@ class SchedulerState(ClientOps, WorkerLoss, Retirement, PluginOps, SharedStateOp
                         ws.started.add(ts)
             case "heartbeat":
                 metrics = op.get("metrics")
-                if isinstance(metrics, dict):
-                    # Only numbers by name: the metrics are shown and summed, never trusted.
-                    ws.metrics = {k: v for k, v in metrics.items() if type(k) is str
-                                  and isinstance(v, int | float) and not isinstance(v, bool)}
+                if metrics is not None:
+                    ws.metrics = clean_metrics(metrics)
                 if "transfers" in op:
                     self.observe.transferred(ws, op["transfers"])
             case "worker-status":
@@ -503,10 +539,12 @@ class SchedulerState(ClientOps, WorkerLoss, Retirement, PluginOps, SharedStateOp
             case "run-result":
                 self._fan_out.answer(ws.ident, op)
             case "request":
+                self._check_read_only(op, "worker")
                 self.request(ws.ident, op)
             case "goodbye":
                 crashed = op.get("crashed") is True  # a crash, not a close: blame what ran
-                self.remove_worker(ws, str(op.get("reason") or "closed"), died=crashed)
+                self.remove_worker(ws, safe_name(op.get("reason") or "closed", 500),
+                                   died=crashed)
             case "hello":
                 pass
             case other:
@@ -549,10 +587,9 @@ class SchedulerState(ClientOps, WorkerLoss, Retirement, PluginOps, SharedStateOp
             raise RemoteProtocolError(f"malformed finished item {[key, nbytes, duration]!r:.200}")
         ts = self.tasks.get(key)
         if ts is None or ts.state != "processing" or ts.processing_on is not ws:
+            # Not its task (now): it does not become a holder, whatever it says; a worker
+            # that finished a task taken from it frees its copy.
             if ts is None or not ts.held_by(ws):
-                if ts is not None and ts.state == "memory":
-                    ts.add_holder(ws)  # a duplicate: one more copy is harmless
-                    return
                 self.batch(ws.ident, "free", key)
             return
         ws.done(ts, duration)
@@ -687,14 +724,11 @@ class SchedulerState(ClientOps, WorkerLoss, Retirement, PluginOps, SharedStateOp
             self._fill_restricted()
 
     def _fill_restricted(self) -> None:
-        for ts in sorted(self._restricted, key=lambda t: t.priority):
-            if ts.state != "queued":
-                self._restricted.discard(ts)
-                continue
-            ws = policy.choose_worker(ts, self.workers.values())
-            if ws is not None:
-                self._restricted.discard(ts)
-                self._dispatch(ts, ws)
+        workers = self.workers.values()
+        self._restricted.fill(lambda ts: policy.choose_worker(ts, workers), self._dispatch)
+
+    def _restricted_drop(self, ts: TaskState) -> None:
+        self._restricted.discard(ts)
 
     def _fail(self, ts: TaskState, exc: bytes | None, tb: bytes | None, text: str, *,
               kind: str | None = None, extra: dict | None = None) -> None:

@@ -37,15 +37,16 @@ class WorkerLoss:
         """A worker could not fetch ``dep`` from ``address``: fix who_has and try again."""
         ts = self.tasks.get(key)
         dts = self.tasks.get(dep)
-        holder = self.workers_by_address.get(address)
-        if dts is not None and holder is not None and dts.held_by(holder):
-            dts.drop_holder(holder)
-        if ts is None or ts.processing_on is not ws:
+        # Only about a task it was given, and one of that task's dependencies.
+        if ts is None or ts.processing_on is not ws or dts is None or dts not in ts.deps:
             return
+        holder = self.workers_by_address.get(address)
+        if holder is not None and dts.held_by(holder):
+            dts.drop_holder(holder)
         ws.done(ts, 0.0)
         ts.processing_on = None
         self._set_state(ts, "released")
-        if dts is not None and dts.state == "memory" and dts.holders is None and dts.value is None:
+        if dts.state == "memory" and dts.holders is None and dts.value is None:
             self._lose(dts)
         self._start(ts)
 
@@ -117,6 +118,16 @@ class WorkerLoss:
         for cs in ts.wanters():
             self.send(cs.ident, {"op": "lost", "keys": [ts.key]})
         self._set_state(ts, "released")
+        # Dependents counted it as there: waiting ones wait for it again, queued ones go back
+        # to waiting (they would run without it).
+        requeue = []
+        for d in ts.dependents or ():
+            if d.state == "waiting":
+                d.waiting_on += 1
+            elif d.state == "queued":
+                self._restricted_drop(d)
+                self._set_state(d, "released")
+                requeue.append(d)
         needed = bool(ts.who_wants) or any(
             d.state in ("waiting", "queued", "processing") for d in ts.dependents or ()
         )
@@ -127,9 +138,9 @@ class WorkerLoss:
         for d in moved:
             self._drop_work(d)
             self._set_state(d, "released")
-        if needed:
+        if needed or requeue:
             self._recompute(ts)
-        for d in moved:
+        for d in (*moved, *requeue):
             if d.state == "released":
                 self._start(d)
 

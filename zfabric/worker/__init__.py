@@ -13,6 +13,7 @@ import os
 from ..config import Config, from_env, memory_limit_bytes
 from ..errors import CommTimeoutError, ZFabricError
 from ..lifecycle import LifeCycle, call_from_thread
+from ..security import SecurityError, as_security, use_for_process
 from .core import WorkerLoop
 from .memory import memory_fractions
 
@@ -58,6 +59,7 @@ class Worker(LifeCycle):
         memory_pause_fraction: float | None = None,
         local_directory: str | None = None,
         preload: str | list[str] | None = None,
+        security=None,
         **kwargs,
     ):
         if kwargs:
@@ -69,6 +71,11 @@ class Worker(LifeCycle):
             address = address.address
         self.scheduler_address = address
         self.config = config or from_env()
+        self.security = as_security(security)
+        use_for_process(self.security)  # actor handles in its tasks connect with it
+        if self.security is None and self.config.REQUIRE_ENCRYPTION:
+            raise SecurityError("REQUIRE_ENCRYPTION is set but this worker has no keys: pass"
+                                " security=Security(DIR) (`zfabric keygen DIR`)")
         self.nthreads = int(nthreads or os.cpu_count() or 1)
         if self.nthreads < 1:
             raise ValueError(f"nthreads must be at least 1, got {nthreads}")
@@ -144,7 +151,7 @@ class Worker(LifeCycle):
             listen=self._listen, contact=self._contact, config=self.config,
             death_timeout_s=self.death_timeout, on_ready=on_ready, on_closed=on_closed,
             identity=self._identity, memory_fractions=self.memory_fractions,
-            local_directory=self.local_directory,
+            local_directory=self.local_directory, security=self.security,
         )
         self._core.owner = self
         self._core.plugins.preloads = list(self._preloads)

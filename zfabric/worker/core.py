@@ -55,8 +55,11 @@ class WorkerLoop(DataPlane, Replicas):
                  resources: dict, memory_limit: int, nanny: str | None, listen: str,
                  contact: str | None, config: Config, death_timeout_s: float,
                  on_ready, on_closed, identity: bytes | None = None,
-                 memory_fractions: dict | None = None, local_directory: str | None = None):
+                 memory_fractions: dict | None = None, local_directory: str | None = None,
+                 security=None):
         self.scheduler_address = _zmq.normalize_address(scheduler_address)
+        self.security = security  # a Security with keys (CURVE on every socket) or None
+        self.keyring = None
         self.nthreads = nthreads
         self.name = name
         self.resources = resources
@@ -116,9 +119,16 @@ class WorkerLoop(DataPlane, Replicas):
         self.finished_items: list = []
         self.started_keys: list = []
         self.peers: dict[str, zmq.Socket] = {}
+        # answers a data peer's full queue refused, by peer, and their bytes (see data.py)
+        self.data_backlog: dict[bytes, deque[tuple[list, int]]] = {}
+        self.data_backlog_bytes: dict[bytes, int] = {}
+        # values peers placed here (put-data), by when, until the scheduler lists them
+        self.unconfirmed: dict[str, float] = {}
+        self.confirming: tuple[int, list] | None = None  # who-has request in flight
         self._fetch_seq = 0
         self._process = psutil.Process()
         self.last_heard = time.monotonic()
+        self.hello_at = 0.0  # when to say hello again after a refusal that said to retry
         self.use_shm = config.SAME_HOST_SHM and shm.available()
         self.plugins = WorkerPlugins(self)  # true only when one hears transitions
         logs.install()  # keep this process's recent log records for client.get_worker_logs()
@@ -160,11 +170,22 @@ class WorkerLoop(DataPlane, Replicas):
         if self.memory_limit and self.use_shm:
             shm.pool().cap_idle(self.memory_limit // 10)
         host = self.listen or _zmq.local_address_for(self.scheduler_address)
-        self.data, bound = _zmq.router(ctx, host, 0)
+        self.data, bound = _zmq.router(
+            ctx, host, 0, linger_ms=self.config.LINGER_MS, hwm=self.config.HWM_MESSAGES,
+            sndhwm=min(self.config.HWM_MESSAGES, self.config.SEND_QUEUE_MESSAGES),
+            max_frame_bytes=self.config.MAX_MESSAGE_BYTES, security=self.security,
+            role="worker")
+        if self.security is not None:
+            from .. import zap
+
+            self.keyring = zap.keyring(self.security)
         self.address = self.contact or bound
         if self.name is None:
             self.name = self.address
-        self.sched = _zmq.dealer(ctx, self.scheduler_address, self.identity)
+        # frames from the scheduler: what it takes in a frame, and what it adds to a task
+        self.sched = _zmq.dealer(ctx, self.scheduler_address, self.identity,
+                                 security=self.security, role="worker",
+                                 max_frame_bytes=2 * self.config.SCHEDULER_FRAME_BYTES)
         self.wake = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)  # task threads poke it
         self.executor = Executor(self.wake, self.nthreads,
                                  inline_bytes=self.config.INLINE_BYTES,
@@ -202,6 +223,10 @@ class WorkerLoop(DataPlane, Replicas):
         self.executor.stop()
         for s in (self.sched, self.data, *self.peers.values()):
             s.close(linger=self.config.LINGER_MS)
+        if self.security is not None:
+            from .. import zap
+
+            zap.release(zmq.Context.instance(), self.security)
         self.executor.close_wake()
         self.store.close()
 
@@ -222,6 +247,8 @@ class WorkerLoop(DataPlane, Replicas):
                     self._send_actor_replies()
             if self.data in events:
                 self._drain_data()
+            if self.data_backlog:
+                self._retry_replies()
             for addr, sock in list(self.peers.items()):
                 if sock in events:
                     self._drain_peer(addr, sock)
@@ -291,6 +318,13 @@ class WorkerLoop(DataPlane, Replicas):
             beat["transfers"], self.transfer_log = self.transfer_log, []
         self.outbox.append(beat)
         self._check_timeouts(now)
+        if self.unconfirmed:
+            self._confirm_placed(now)
+        if self.keyring is not None:
+            self.keyring.refresh()  # revoked keys lose the data port within a heartbeat
+        if self.hello_at and now >= self.hello_at and self.epoch is None:
+            self.hello_at = 0.0
+            self._hello()
         if self.use_shm:
             shm.pool().expire(now)
         if now - self.last_heard > self.death_timeout_s:
@@ -303,11 +337,14 @@ class WorkerLoop(DataPlane, Replicas):
     def _drain_scheduler(self) -> None:
         for frames in waiting(self.sched):
             self.last_heard = time.monotonic()
+            errors: list = []
             try:
-                ops, _ = protocol.decode(frames)
+                ops, _ = protocol.decode(frames, self.config.MAX_FRAMES, errors)
             except RemoteProtocolError as exc:
                 logger.warning("bad message from the scheduler: %s", exc)
                 continue
+            for exc in errors:  # each bad op alone is skipped, never its neighbours
+                logger.warning("bad op from the scheduler: %s", exc)
             for op in ops:
                 try:
                     self._on_scheduler_op(op)
@@ -319,7 +356,11 @@ class WorkerLoop(DataPlane, Replicas):
         match op["op"]:
             case "compute":
                 for item in op["tasks"]:
-                    self._compute(*item)
+                    try:
+                        self._compute(*item)
+                    except Exception as exc:  # one bad item, not the op
+                        logger.warning("bad compute item from the scheduler: %s",
+                                       protocol.short(exc, 300))
             case "free":
                 for key in op["keys"]:
                     self._free(key)
@@ -336,6 +377,8 @@ class WorkerLoop(DataPlane, Replicas):
                     self.functions.pop(fid, None)
             case "heartbeat":
                 pass
+            case "reply":
+                self._on_confirmed(op)
             case "welcome":
                 first = self.epoch is None
                 self.epoch = op["epoch"]
@@ -364,6 +407,10 @@ class WorkerLoop(DataPlane, Replicas):
                 self.stop("closed by the scheduler")
             case "error":
                 logger.error("scheduler says: %s", op["message"])
+                retry = op.get("retry_s")
+                if self.epoch is None and type(retry) in (int, float) and 0 < retry < 60:
+                    self.hello_at = time.monotonic() + retry  # refused for now: ask again
+                    return
                 if op.get("fatal") and self.epoch is None:
                     self.on_ready(None, RemoteProtocolError(op["message"]))
                     self.stop("refused by the scheduler")
@@ -375,6 +422,8 @@ class WorkerLoop(DataPlane, Replicas):
         self.backlog.clear()  # what was meant for the old scheduler must not reach the new one
         self.store.clear()
         self.serialized.clear()
+        self.unconfirmed.clear()
+        self.confirming = None
         self.borrowed.clear()
         self.borrows.clear()
         self.waiting.clear()
@@ -449,6 +498,7 @@ class WorkerLoop(DataPlane, Replicas):
                 self.raw_keys.discard(d)
 
     def _free(self, key: str) -> None:
+        self.unconfirmed.pop(key, None)
         if key in self.actors.objects:
             self.actors.forget(key)
         if self.plugins and key in self.store:

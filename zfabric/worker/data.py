@@ -24,6 +24,7 @@ import zmq
 
 from .. import _zmq, protocol, serialize, shm
 from ..errors import RemoteProtocolError
+from ..security import role_of
 from ..transfer import cancel_leases, lease_for, pack_values, unpack_values
 
 logger = logging.getLogger("zfabric.worker.core")
@@ -53,21 +54,40 @@ class DataPlane:
     """The data-plane methods of the worker loop (see the module docstring)."""
 
     def _drain_data(self) -> None:
+        ring = self.keyring
         for frames in waiting(self.data, copy=False):
             peer = frames[0].bytes
+            if ring is not None and not self._data_peer_allowed(peer, frames, ring):
+                continue
             try:
-                ops, buffers = protocol.decode([frames[1].bytes, *frames[2:]])
+                ops, buffers = protocol.decode([frames[1].bytes, *frames[2:]],
+                                               self.config.MAX_FRAMES)
             except (RemoteProtocolError, IndexError) as exc:
                 self._reply_data(peer, [{"op": "error", "message": str(exc)}])
                 continue
+            srcfd = None
             for op in ops:
                 try:
-                    self._on_data_op(peer, op, buffers)
+                    if op["op"] == "get-data" and op.get("into") and srcfd is None:
+                        srcfd = frames[1].get(zmq.SRCFD)
+                    self._on_data_op(peer, op, buffers, srcfd)
                 except Exception as exc:
                     self._reply_data(peer, [{"op": "error", "message": f"{op['op']}: {exc}",
                                              "id": op.get("id")}])
 
-    def _on_data_op(self, peer: bytes, op: dict, buffers: list) -> None:
+    def _data_peer_allowed(self, peer: bytes, frames: list, ring) -> bool:
+        """With security on: workers and clients may ask for data; a revoked key may not."""
+        try:
+            role, key = role_of(frames[1] if len(frames) > 1 else frames[0])
+        except zmq.ZMQError:
+            return False
+        if role in ("worker", "client", "admin") and ring.keys.get(key) == role:
+            return True
+        self._reply_data(peer, [{"op": "error", "message": f"a {role} key may not use a"
+                                 " worker's data port, or it was revoked"}])
+        return False
+
+    def _on_data_op(self, peer: bytes, op: dict, buffers: list, srcfd: int | None) -> None:
         match op["op"]:
             case "get-data":
                 values = []
@@ -84,20 +104,23 @@ class DataPlane:
                     else:
                         values.append((key, ser[0], ser[1], key in self.raw_keys))
                 into = op.get("into") if self.use_shm else None
+                # the segments named must belong to the process that asked (srcfd's peer)
                 items, frames = pack_values(values, ask=bool(op.get("shm")) and self.use_shm,
-                                            into=into if type(into) is dict else None)
+                                            into=into if type(into) is dict else None,
+                                            srcfd=srcfd)
                 self._reply_data(peer, [{"op": "data", "id": op["id"], "items": items}], frames)
             case "lease":
                 pool = shm.pool() if self.use_shm else None
                 limit = self.config.MAX_MESSAGE_BYTES
-                descs = [pool.lease(n) if pool and type(n) is int and 0 < n <= limit else None
-                         for n in op["sizes"]]
+                descs = [pool.lease(n, owner=peer) if pool and type(n) is int and 0 < n <= limit
+                         else None for n in op["sizes"]]
                 self._reply_data(peer, [{"op": "leases", "id": op["id"], "items": descs}])
             case "put-data":
-                for key, header, bufs, raw, _ in unpack_values(op["items"], buffers):
+                for key, header, bufs, raw, _ in unpack_values(op["items"], buffers, peer):
                     if header is not None and bufs is not None:
                         self.borrowed.pop(key, None)  # placed here: this worker's own
                         self._put(key, header, bufs, raw or bool(op.get("raw")))
+                        self.unconfirmed[key] = time.monotonic()  # until the scheduler knows
                 self._reply_data(peer, [{"op": "reply", "id": op["id"], "result": True}])
             case "actor-call":
                 self.actors.call(peer, op)
@@ -117,10 +140,48 @@ class DataPlane:
             self._reply_data(peer, [op], frames)
 
     def _reply_data(self, peer: bytes, ops: list, frames: list = ()) -> None:
+        """Answer a data peer without ever blocking the loop: what its full queue refuses
+        waits in a backlog of its own, retried each turn, within ``PEER_BACKLOG_BYTES``."""
+        message = [peer, *protocol.encode(ops, frames)]
+        if peer in self.data_backlog:
+            self._queue_reply(peer, message)
+            return
         try:
-            self.data.send_multipart([peer, *protocol.encode(ops, frames)], copy=False)
+            self.data.send_multipart(message, zmq.NOBLOCK, copy=False)
+        except zmq.Again:
+            self._queue_reply(peer, message)
         except zmq.ZMQError as exc:
             logger.info("could not answer a data peer: %s", exc)
+
+    def _queue_reply(self, peer: bytes, message: list) -> None:
+        queue = self.data_backlog.get(peer)
+        if queue is None:
+            queue = self.data_backlog[peer] = deque()
+            self.data_backlog_bytes[peer] = 0
+        size = sum(memoryview(f).nbytes for f in message)
+        queue.append((message, size))
+        total = self.data_backlog_bytes[peer] = self.data_backlog_bytes[peer] + size
+        if total > self.config.PEER_BACKLOG_BYTES:
+            logger.warning("data peer %r does not read its answers: %d bytes wait for it, more"
+                           " than PEER_BACKLOG_BYTES; dropping them", peer[:64], total)
+            self.data_backlog.pop(peer, None)
+            self.data_backlog_bytes.pop(peer, None)
+
+    def _retry_replies(self) -> None:
+        for peer in list(self.data_backlog):
+            queue = self.data_backlog[peer]
+            while queue:
+                try:
+                    self.data.send_multipart(queue[0][0], zmq.NOBLOCK, copy=False)
+                except zmq.Again:
+                    break
+                except zmq.ZMQError:  # gone: nobody to answer
+                    queue.clear()
+                    break
+                self.data_backlog_bytes[peer] -= queue.popleft()[1]
+            if not queue:
+                del self.data_backlog[peer]
+                del self.data_backlog_bytes[peer]
 
     def _fetch(self, dep: str, addresses: list[str]) -> None:
         if not addresses:
@@ -163,7 +224,9 @@ class DataPlane:
     def _send_fetch(self, addr: str, keys: list[str], extra: dict, into: dict | None = None):
         sock = self.peers.get(addr)
         if sock is None:
-            sock = _zmq.dealer(zmq.Context.instance(), addr)
+            sock = _zmq.dealer(zmq.Context.instance(), addr,
+                               max_frame_bytes=self.config.MAX_MESSAGE_BYTES,
+                               security=self.security, role="worker", server="worker")
             self.peers[addr] = sock
             self.poller.register(sock, zmq.POLLIN)
         self._fetch_seq += 1
@@ -201,7 +264,7 @@ class DataPlane:
         later = []
         got = nkeys = 0
         try:
-            for key, header, bufs, raw, sizes in unpack_values(op["items"], buffers):
+            for key, header, bufs, raw, sizes in unpack_values(op["items"], buffers, addr):
                 if sizes is not None:
                     later.append((key, sizes))
                 elif header is None:
@@ -222,7 +285,37 @@ class DataPlane:
             self._log_transfer(addr, req[2], got, nkeys)
         if later:
             # Too large for a frame, on this host: ask again, naming segments to write into.
-            self._send_fetch(addr, [k for k, _ in later], {"shm": False}, lease_for(later))
+            self._send_fetch(addr, [k for k, _ in later], {"shm": False},
+                             lease_for(later, owner=addr))
+
+    def _confirm_placed(self, now: float) -> None:
+        """Ask the scheduler about values placed here ``PUT_DATA_CONFIRM_S`` ago; those it
+        does not list this worker for are dropped (see :meth:`_on_confirmed`)."""
+        if self.confirming is not None or self.epoch is None:
+            return
+        due = now - self.config.PUT_DATA_CONFIRM_S
+        keys = [k for k, t in self.unconfirmed.items() if t <= due][:10_000]
+        if keys:
+            self._fetch_seq += 1
+            self.confirming = (self._fetch_seq, keys)
+            self.outbox.append({"op": "request", "id": self._fetch_seq, "kind": "who-has",
+                                "args": {"keys": keys}})
+
+    def _on_confirmed(self, op: dict) -> None:
+        if self.confirming is None or op.get("id") != self.confirming[0]:
+            return
+        keys, self.confirming = self.confirming[1], None
+        result = op.get("result")
+        if type(result) is not dict:
+            return
+        for key in keys:
+            if self.unconfirmed.pop(key, None) is None:
+                continue
+            holders = result.get(key)
+            if type(holders) is not list or self.address not in holders:
+                logger.warning("dropping value %r placed here: the scheduler does not know it",
+                               protocol.short(key))
+                self._free(key)
 
     def _log_transfer(self, addr: str, sent: float, nbytes: int, nkeys: int) -> None:
         """Note a finished fetch for the scheduler's task stream (wall-clock times)."""

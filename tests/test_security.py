@@ -1,0 +1,274 @@
+"""CurveZMQ security (issue 15 §1): keys by role, strangers refused, revocation.
+
+Real sockets on loopback; raw CURVE peers play the strangers."""
+
+from __future__ import annotations
+
+import asyncio
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+import zmq
+import zmq.asyncio
+
+from zfabric import Client, LocalCluster, Scheduler, Worker, protocol
+from zfabric.config import from_env
+from zfabric.errors import SchedulerLost
+from zfabric.security import Security, SecurityError, keygen
+from zfabric.testing import FakePeer, until
+
+pytestmark = pytest.mark.timeout(60)
+
+
+def inc(x):
+    return x + 1
+
+
+def total(a):
+    return float(a.sum())
+
+
+def fan_out(n):
+    """A task that submits tasks (its worker's client connects with the client key)."""
+    from zfabric import worker_client
+
+    with worker_client() as client:  # gives its slot back while it waits
+        return sum(client.gather(client.map(inc, range(n), pure=False)))
+
+
+async def secure_cluster(sec, n=2, **kw):
+    s = await Scheduler(security=sec, **kw)
+    workers = [await Worker(s.address, security=sec, nthreads=1, memory_limit=0)
+               for _ in range(n)]
+    return s, workers
+
+
+async def close_all(s, workers):
+    import threading
+
+    for w in workers:
+        await w.close()
+    await s.close()
+    # the ZAP handler goes with the last server that used it
+    await until(lambda: not any(t.name == "zfabric-zap" for t in threading.enumerate()), 5,
+                "ZAP handler stopped")
+
+
+def real_clients(s) -> list[bytes]:
+    """The connected clients (not the scheduler's pseudo clients, named <...>)."""
+    return [c for c in s.state.clients if not c.startswith(b"<")]
+
+
+def curve_dealer(address: str, sec: Security, role: str) -> zmq.asyncio.Socket:
+    sock = zmq.asyncio.Context.instance().socket(zmq.DEALER)
+    sock.setsockopt(zmq.LINGER, 0)
+    sec.client_socket(sock, role)
+    sock.connect(address)
+    return sock
+
+
+async def test_client_and_workers_compute_with_security_on():
+    sec = Security.temporary()
+    s, workers = await secure_cluster(sec)
+    try:
+        async with Client(s.address, asynchronous=True, set_as_default=False,
+                          security=sec) as c:
+            assert await c.submit(inc, 1) == 2
+            # a large value fetched worker to worker, and by the client, over CURVE
+            big = c.submit(np.ones, 1 << 18, workers=[workers[0].address])
+            t = c.submit(total, big, workers=[workers[1].address])
+            assert await t == float(1 << 18)
+            assert (await big).shape == (1 << 18,)
+            [scattered] = await c.scatter([np.arange(300_000)])
+            assert await c.submit(total, scattered) == float(np.arange(300_000).sum())
+    finally:
+        await close_all(s, workers)
+
+
+async def test_strangers_are_refused_with_a_clear_error_and_never_served():
+    sec = Security.temporary()
+    s, workers = await secure_cluster(sec, n=1)
+    try:
+        # no keys
+        with pytest.raises(SecurityError, match="requires security"):
+            await Client(s.address, asynchronous=True, set_as_default=False, timeout=5)
+        # another cluster's keys
+        with pytest.raises(SecurityError, match="another cluster"):
+            await Client(s.address, asynchronous=True, set_as_default=False, timeout=5,
+                         security=Security.temporary())
+        # keys the scheduler knows but not authorized: a client of another cluster that
+        # somehow has this scheduler's public key
+        other = Security.temporary()
+        other.publics = dict(sec.publics)
+        with pytest.raises(SecurityError, match="refused this client's key"):
+            await Client(s.address, asynchronous=True, set_as_default=False, timeout=5,
+                         security=other)
+        # plain TCP, speaking the protocol: no answer, nothing registered, nothing parsed
+        async with FakePeer(s.address) as peer:
+            await peer.send(protocol.hello("client", "stranger"),
+                            {"op": "submit", "tasks": [["k", b"p", [], None]]})
+            with pytest.raises(Exception, match="nothing arrived"):
+                await peer.recv(timeout=1)
+        # and a worker's data port refuses them too
+        async with FakePeer(workers[0].address) as peer:
+            await peer.send({"op": "get-data", "id": 1, "keys": ["x"]})
+            with pytest.raises(Exception, match="nothing arrived"):
+                await peer.recv(timeout=1)
+        assert real_clients(s) == [] and "k" not in s.state.tasks
+        async with Client(s.address, asynchronous=True, set_as_default=False,
+                          security=sec) as c:
+            assert await c.submit(inc, 1) == 2
+    finally:
+        await close_all(s, workers)
+
+
+async def test_a_key_acts_only_in_its_role():
+    sec = Security.temporary()
+    s, workers = await secure_cluster(sec, n=1)
+    try:
+        # Given a peer holding the client key
+        sock = curve_dealer(s.address, sec, "client")
+        try:
+            # When it says hello as a worker
+            await sock.send_multipart(protocol.encode([protocol.hello(
+                "worker", "sneaky", address="tcp://127.0.0.1:9", nthreads=1)]))
+            assert await sock.poll(5000)
+            [op], _ = protocol.decode(await sock.recv_multipart())
+            # Then it is refused, and never becomes a worker
+            assert op["op"] == "error" and "a client key cannot register as a worker" in \
+                op["message"]
+            assert len(s.state.workers) == 1
+        finally:
+            sock.close(0)
+        # A worker key cannot say hello as a client
+        sock = curve_dealer(s.address, sec, "worker")
+        try:
+            await sock.send_multipart(protocol.encode([protocol.hello("client", "sneaky")]))
+            assert await sock.poll(5000)
+            [op], _ = protocol.decode(await sock.recv_multipart())
+            assert op["op"] == "error" and "a worker key cannot register as a client" in \
+                op["message"]
+        finally:
+            sock.close(0)
+    finally:
+        await close_all(s, workers)
+
+
+async def test_admin_only_requests_need_an_admin_key():
+    sec = Security.temporary()
+    cfg = from_env(ADMIN_ONLY="run,shutdown")
+    s, workers = await secure_cluster(sec, n=1, config=cfg)
+    try:
+        async with Client(s.address, asynchronous=True, set_as_default=False,
+                          security=sec) as c:
+            with pytest.raises(Exception, match="need an admin key"):
+                await c.run(inc, 1)
+        admin = Security.temporary()
+        admin.pairs = {"admin": sec.pairs["admin"]}
+        admin.publics = dict(sec.publics)
+        async with Client(s.address, asynchronous=True, set_as_default=False,
+                          security=admin) as c:
+            assert list((await c.run(inc, 1)).values()) == [2]
+    finally:
+        await close_all(s, workers)
+
+
+async def test_revoking_a_key_refuses_new_connections_and_ends_live_sessions(tmp_path):
+    keys = keygen(tmp_path / "keys")
+    keygen(keys, ("client",), name="alice")
+    sec = Security(keys)
+    alice = Security(keys)
+    alice.pairs = {"client": Security(keys).pairs["client"]}
+    import zmq.auth
+    alice.pairs["client"] = zmq.auth.load_certificate(str(keys / "alice.key_secret"))
+    s, workers = await secure_cluster(sec, n=1)
+    try:
+        c = await Client(s.address, asynchronous=True, set_as_default=False, security=alice)
+        try:
+            assert await c.submit(inc, 1) == 2
+            assert len(real_clients(s)) == 1
+            slow = c.submit(time.sleep, 3, pure=False)
+            # When alice's key leaves the authorized directory
+            (keys / "authorized" / "alice.key").unlink()
+            # Then her live session ends within a heartbeat or two, and what she waits for
+            # fails saying why
+            await until(lambda: real_clients(s) == [], 5, "alice's session ended")
+            with pytest.raises(SchedulerLost, match="revoked"):
+                await asyncio.wait_for(slow, 5)
+        finally:
+            await c.close()
+        # and she cannot connect again
+        with pytest.raises(SecurityError, match="refused this client's key"):
+            await Client(s.address, asynchronous=True, set_as_default=False, timeout=5,
+                         security=alice)
+        # while the cluster's own client key still works
+        async with Client(s.address, asynchronous=True, set_as_default=False,
+                          security=sec) as c2:
+            assert await c2.submit(inc, 3) == 4
+    finally:
+        await close_all(s, workers)
+
+
+def test_local_cluster_with_security_true_runs_nanny_workers():
+    with LocalCluster(n_workers=2, threads_per_worker=1, security=True,
+                      memory_limit=0) as cluster:
+        assert cluster.security is not None
+        with Client(cluster, set_as_default=False) as c:
+            assert c.security is cluster.security
+            assert c.submit(inc, 41).result(timeout=20) == 42
+            assert c.submit(total, c.submit(np.ones, 1 << 18)).result(timeout=20) == 1 << 18
+            # a task that submits tasks: its worker's client connects with the client key
+            assert c.submit(fan_out, 10, pure=False).result(timeout=30) == sum(range(1, 11))
+        with pytest.raises(SecurityError):
+            Client(cluster.scheduler_address, set_as_default=False, timeout=5)
+
+
+def test_dask_tls_arguments_name_keygen():
+    with pytest.raises(SecurityError, match=r"zfabric keygen.*Security.temporary"):
+        Security(tls_ca_file="ca.pem", tls_client_cert="c.pem")
+
+
+def test_keygen_writes_private_files_and_require_encryption_refuses_to_start(tmp_path):
+    out = subprocess.run([sys.executable, "-m", "zfabric", "keygen", str(tmp_path / "k")],
+                         capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0, out.stderr
+    for path in (tmp_path / "k").glob("*.key_secret"):
+        assert path.stat().st_mode & 0o077 == 0, path
+    assert sorted(p.stem for p in (tmp_path / "k" / "authorized").glob("*.key")) == [
+        "admin", "client", "nanny", "worker"]
+    out = subprocess.run([sys.executable, "-m", "zfabric", "scheduler", "--port", "0",
+                          "--require-encryption"], capture_output=True, text=True, timeout=60)
+    assert out.returncode != 0 and "zfabric keygen" in out.stderr
+
+
+async def test_listening_beyond_loopback_without_keys_warns(caplog):
+    async with Scheduler(host="0.0.0.0", dashboard=False):
+        pass
+    assert any("without security" in r.getMessage() and "--require-encryption" in r.getMessage()
+               for r in caplog.records)
+    caplog.clear()
+    async with Scheduler(dashboard=False):  # loopback: no warning
+        pass
+    assert not any("without security" in r.getMessage() for r in caplog.records)
+    with pytest.raises(SecurityError, match="zfabric keygen"):
+        Scheduler(config=from_env(REQUIRE_ENCRYPTION=True))
+
+
+class Counter:
+    def __init__(self):
+        self.n = 0
+
+    def add(self, k=1):
+        self.n += k
+        return self.n
+
+
+def test_actors_work_with_security_on():
+    with LocalCluster(n_workers=1, threads_per_worker=1, security=True, memory_limit=0,
+                      processes=False) as cluster, Client(cluster, set_as_default=False) as c:
+        counter = c.submit(Counter, actor=True).result(timeout=20)
+        assert counter.add(2).result(timeout=20) == 2
+        assert counter.add().result(timeout=20) == 3

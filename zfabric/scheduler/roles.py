@@ -1,0 +1,65 @@
+"""Who may do what: roles bound to keys, reports only about oneself, read-only requests.
+
+Methods of :class:`~zfabric.scheduler.state.SchedulerState` (mixed in), pure like it.
+"""
+
+from __future__ import annotations
+
+import logging
+
+from ..errors import RemoteProtocolError
+from ..protocol import safe_name, short
+from .records import WorkerState
+
+logger = logging.getLogger(__name__)
+
+#: Requests a worker or a nanny may make (they only read).
+READ_ONLY_REQUESTS = frozenset({"info", "who-has", "has-what", "nbytes", "processing",
+                                "task-states"})
+
+
+class Roles:
+    """SchedulerState's checks of who may do what (see the module docstring)."""
+
+    def _role_allows(self, peer: bytes, ops: list[dict], role: str) -> bool:
+        if peer in self.workers:
+            need = ("worker",)
+        elif peer in self.clients:
+            need = ("client", "admin")
+        elif peer in self.nannies:
+            need = ("nanny",)
+        else:
+            hello = next((op for op in ops if op["op"] == "hello"), None)
+            if hello is None:
+                return True  # answered with reregister
+            claimed = hello["role"]
+            need = ("client", "admin") if claimed == "client" else (claimed,)
+            if role not in need:
+                self.send(peer, {"op": "error", "fatal": True,
+                                 "message": f"a {role} key cannot register as a"
+                                 f" {safe_name(claimed, 20)}; use the {claimed} key that"
+                                 " `zfabric keygen` wrote"})
+                self._event(f"refused {peer!r}: a {role} key said hello as a"
+                            f" {safe_name(claimed, 20)}")
+                return False
+            if role == "admin":
+                self.admins.add(peer)
+            return True
+        if role not in need:
+            logger.warning("dropping ops from %r: it holds a %s key", peer, role)
+            self.send(peer, {"op": "error", "message": f"a {role} key may not act as a"
+                             f" {need[0]}"})
+            return False
+        return True
+
+    def _replaceable(self, old: WorkerState) -> bool:
+        """Whether a new worker may take ``old``'s data address: ``old`` has been silent for
+        two heartbeat intervals or its Nanny reported it gone."""
+        return (self.now - old.last_seen >= 2 * self.config.HEARTBEAT_INTERVAL_S
+                or old.ident in self.reported_dead)
+
+    def _check_read_only(self, op: dict, role: str) -> None:
+        """Workers and nannies may ask, not act: run, restart, shutdown are clients'."""
+        if op["kind"] not in READ_ONLY_REQUESTS:
+            raise RemoteProtocolError(f"a {role} may not make {short(op['kind'])} requests;"
+                                      " only clients do")
