@@ -421,7 +421,7 @@ def format_info(report: dict) -> str:
         bar = (f"{text_bar(mem / limit_bytes, 20)} {mem / limit_bytes * 100:3.0f}%"
                if limit_bytes and numeric else "")
         rows.append((str(w.get("name", addr)), addr, str(w.get("nthreads", "")),
-                     f"{used} / {limit}", bar, format_bytes(metrics.get("spilled", 0)),
+                     f"{used} / {limit}", bar, _size(metrics.get("spilled", 0)),
                      str(w.get("status", "running")),
                      str(metrics.get("executing", w.get("processing", 0))),
                      str(w.get("in_memory", 0))))
