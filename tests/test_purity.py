@@ -13,7 +13,8 @@ import zfabric
 
 PURE = ["zfabric.protocol", "zfabric.heartbeat", "zfabric.scheduler.state",
         "zfabric.scheduler.policy", "zfabric.scheduler.records", "zfabric.config",
-        "zfabric.scheduler.observe", "zfabric.scheduler.retire"]
+        "zfabric.scheduler.observe", "zfabric.scheduler.retire", "zfabric.scheduler.peers",
+        "zfabric.scheduler.queries", "zfabric.scheduler.coordination"]
 
 FORBIDDEN = {"zmq", "asyncio", "socket", "threading", "time", "selectors"}
 

@@ -24,9 +24,12 @@ so that it can be recomputed if their results are lost. A task is forgotten (rem
 client wants it and no dependent record exists.
 
 The class is spread over a few modules, one concern each: this one (dispatch, time, the
-transitions), :mod:`.client_ops` (submit, release, cancel, scatter), :mod:`.worker_loss`
-(a worker leaves or dies), :mod:`.policy` (where a task runs, whom to blame), and the pure
-helpers :mod:`.records`, :mod:`.queue`, :mod:`.outbox`, :mod:`.requests`.
+transitions), :mod:`.peers` (hellos and each role's ops), :mod:`.queries` (answers to
+requests), :mod:`.client_ops` (submit, release, cancel, scatter), :mod:`.worker_loss` (a worker
+leaves or dies), :mod:`.retire` (retiring workers, replicas), :mod:`.roles` (who may do what),
+:mod:`.coordination` and :mod:`.plugins` (shared state, worker plugins), :mod:`.policy` (where
+a task runs, whom to blame), and the pure helpers :mod:`.records`, :mod:`.queue`,
+:mod:`.outbox`, :mod:`.requests`, :mod:`.observe`.
 """
 
 from __future__ import annotations
@@ -34,16 +37,17 @@ from __future__ import annotations
 import logging
 import uuid
 
-from ..config import DEFAULT, PROTOCOL_VERSION, Config
+from ..config import DEFAULT, Config
 from ..errors import RemoteProtocolError
-from ..protocol import check_worker_hello, clean_metrics, safe_name, short, version_mismatches
 from . import policy
 from .client_ops import ClientOps
 from .coordination import Coordination, SharedStateOps
 from .observe import LIVE as LIVE_STATES
 from .observe import Observer
 from .outbox import Outbox
+from .peers import PeerOps
 from .plugins import PluginOps
+from .queries import Queries
 from .queue import ReadyQueue, RestrictedQueue
 from .records import FIRE_AND_FORGET, HELD, ClientState, NannyState, TaskState, WorkerState
 from .requests import FanOut
@@ -70,7 +74,8 @@ class InvalidTransition(RuntimeError):
     """Raised when code (ours) tries a task-state move that the table forbids."""
 
 
-class SchedulerState(ClientOps, WorkerLoss, Roles, Retirement, PluginOps, SharedStateOps):
+class SchedulerState(PeerOps, Queries, ClientOps, WorkerLoss, Roles, Retirement, PluginOps,
+                     SharedStateOps):
     """Tasks, workers and clients; ops in, ops out."""
 
     def __init__(
@@ -217,420 +222,6 @@ class SchedulerState(ClientOps, WorkerLoss, Roles, Retirement, PluginOps, Shared
         self.coord.tick(now)
         if self.moves or self.jobs:
             self.moves_tick()
-
-    # ------------------------------------------------------------------ hello
-
-    def _welcome(self, warnings: list[str]) -> dict:
-        op = {
-            "op": "welcome",
-            "epoch": self.epoch,
-            "address": self.address,
-            "warnings": warnings,
-            "heartbeat_s": self.config.HEARTBEAT_INTERVAL_S,
-        }
-        if self.dashboard_link:
-            op["dashboard"] = self.dashboard_link
-        return op
-
-    def _handle_hello(self, peer: bytes, op: dict) -> None:
-        if op["protocol"] != PROTOCOL_VERSION:
-            self.send(
-                peer,
-                {
-                    "op": "error",
-                    "fatal": True,
-                    "message": f"protocol version {op['protocol']} is not supported by this"
-                    f" scheduler, which speaks version {PROTOCOL_VERSION}; install the same"
-                    " zfabric version on every host",
-                },
-            )
-            return
-        warnings = version_mismatches(self.versions, op["versions"]) if self.versions else []
-        role = op["role"]
-        welcome = self._welcome(warnings)
-        if role == "worker":
-            fields = check_worker_hello(op)
-            if peer in self.reported_dead and self.reported_dead[peer] == fields["nanny"]:
-                self.send(peer, {"op": "close", "reason": "its nanny reported it dead"})
-                return
-            address = fields["address"]
-            old = self.workers_by_address.get(address)
-            if old is not None:
-                if not self._replaceable(old):
-                    # A live worker serves there: a second one would make it flap. Probe the
-                    # old one (a send to a gone connection removes it at once) and let the
-                    # new one try again after a heartbeat.
-                    self.send(old.ident, {"op": "heartbeat"})
-                    self.send(peer, {
-                        "op": "error", "retry_s": self.config.HEARTBEAT_INTERVAL_S,
-                        "message": f"data address {address} is in use by live worker"
-                        f" {old.name}; a worker replaces it only once it has been silent for"
-                        " two heartbeat intervals or its nanny reported it gone"})
-                    return
-                self.remove_worker(old, "replaced by a new incarnation", died=False)
-            ws = WorkerState(ident=peer, id=safe_name(op["id"]), now=self.now, **fields)
-            local = op.get("local_directory")
-            ws.local_directory = local[:4096] if type(local) is str else None
-            self.workers[peer] = ws
-            self.workers_by_address[address] = ws
-            self.send(peer, welcome)
-            self._event(f"worker {ws.name} joined at {address} ({ws.nthreads} threads)",
-                        "worker-joined")
-            if ws.nanny in self.nannies:
-                self.nannies[ws.nanny].workers.add(peer)
-            self.plugins_for_newcomer(peer, "worker")
-            self._fill(ws)
-            self._fill_restricted()
-        elif role == "client":
-            cs = ClientState(peer, name=safe_name(op["id"]), now=self.now)
-            self.clients[peer] = cs
-            if type(op.get("worker")) is str:  # the client of a worker's tasks
-                self.coord.client_worker[peer] = op["worker"]
-            self.send(peer, welcome)
-        elif role == "nanny":
-            ns = NannyState(peer, name=safe_name(op["id"]), now=self.now)
-            self.nannies[peer] = ns
-            self.send(peer, welcome)
-            self.plugins_for_newcomer(peer, "nanny")
-        else:
-            raise RemoteProtocolError(f"unknown role {short(role)}")
-        for w in warnings:
-            logger.warning("%s %s: version mismatch: %s", role, safe_name(op["id"]), w)
-
-    # ------------------------------------------------------------------ clients
-
-    def _handle_client(self, cs: ClientState, op: dict) -> None:
-        match op["op"]:
-            case "submit":
-                added = self.add_functions(op.get("functions"))
-                try:
-                    self.submit(cs, op["tasks"])
-                finally:
-                    # Functions no task of it (or before it) uses are not kept.
-                    for fid in added:
-                        entry = self.functions.get(fid)
-                        if entry is not None and entry[1] <= 0:
-                            del self.functions[fid]
-            case "release":
-                for key in op["keys"]:
-                    self.release_key(cs, key)
-            case "want":
-                target = self.clients[FIRE_AND_FORGET] if op.get("fire_and_forget") else cs
-                for key in op["keys"]:
-                    self.want_key(target, key)
-            case "cancel":
-                reason = op.get("reason")
-                self.cancel(op["keys"], str(reason)[:1000] if reason is not None else None,
-                            by=None if op.get("force") is True else cs)
-            case "retry":
-                self.retry(op["keys"])
-            case "scatter":
-                self.scatter(cs, op["items"], op.get("fire_and_forget", False))
-            case "request":
-                self.request(cs.ident, op)
-            case "coord":
-                self.coord.handle(cs.ident, op, self.now)
-            case "heartbeat":
-                pass
-            case "goodbye":
-                self.remove_client(cs)
-            case "hello":
-                # It thought us gone (we were silent past its SCHEDULER_LOST_TIMEOUT_S) and
-                # failed its futures; it waits for a welcome before it talks to us again.
-                self.send(cs.ident, self._welcome([]))
-            case other:
-                raise RemoteProtocolError(f"a client may not send {other!r}")
-
-    # ------------------------------------------------------------------ requests
-
-    def request(self, peer: bytes, op: dict) -> None:
-        rid, kind, args = op["id"], op["kind"], op["args"]
-        reply = {"op": "reply", "id": rid}
-        if self.secured and kind in self.admin_only and peer not in self.admins:
-            reply["error"] = f"{kind!r} requests need an admin key (ADMIN_ONLY)"
-            self.send(peer, reply)
-            return
-        match kind:
-            case "info":
-                reply["result"] = self.info()
-            case "who-has":
-                keys = args.get("keys")
-                tasks = (self.tasks.get(k) for k in keys) if keys else self.tasks.values()
-                reply["result"] = {
-                    ts.key: sorted(w.address for w in ts.who_has) for ts in tasks if ts
-                }
-            case "has-what":
-                reply["result"] = {
-                    ws.address: sorted(ts.key for ts in ws.has_what) for ws in self.workers.values()
-                }
-            case "run" | "restart":
-                if kind == "restart":
-                    # As dask.distributed does: a restart forgets every task and its data.
-                    self._event("restart requested: cancelling every task")
-                    self.cancel(list(self.tasks), "the cluster was restarted", restart=True)
-                self._start_fan_out(peer, rid, kind, args)
-                return
-            case "register-plugin" | "unregister-plugin":
-                self.plugin_request(peer, rid, kind, args)
-                return
-            case "replicate" | "retire-workers" | "restart-workers":
-                self.move_request(peer, op)
-                return
-            case "shutdown":
-                self.closing = True
-                reply["result"] = True
-            case "nbytes":
-                keys = args.get("keys")
-                tasks = (self.tasks.get(k) for k in keys) if keys else self.tasks.values()
-                reply["result"] = [[ts.key, ts.nbytes] for ts in tasks
-                                   if ts is not None and ts.state == "memory"]
-            case "processing":
-                reply["result"] = {
-                    ws.address: sorted(ws.processing)
-                    for ws in self.workers.values()
-                }
-            case "snapshot" | "task-stream" | "events" | "log-event" | "logs":
-                reply["result"] = self._observe_request(kind, args)
-            case "task-states":
-                keys = args.get("keys") or list(self.tasks)
-                reply["result"] = {k: self.tasks[k].state for k in keys if k in self.tasks}
-            case _:
-                reply["error"] = f"unknown request {kind!r}"
-        self.send(peer, reply)
-
-    def _observe_request(self, kind: str, args: dict):
-        obs = self.observe
-        match kind:
-            case "snapshot":
-                return obs.snapshot(self, self.now)
-            case "task-stream":
-                out = obs.stream_since(args.get("since"), start=args.get("start"),
-                                       stop=args.get("stop"), count=args.get("count"))
-                if "transfers" in args:
-                    out["transfers"] = obs.transfers_since(args["transfers"])
-                return out
-            case "events":
-                return obs.get_events(args.get("topic"))
-            case "log-event":
-                topics = args["topic"]
-                for topic in [topics] if type(topics) is str else topics:
-                    obs.log_event(str(topic), args.get("msg"), self.now)
-                return True
-            case "logs":
-                return self.log_source(args.get("n")) if self.log_source else []
-
-    def _start_fan_out(self, peer: bytes, rid: int, kind: str, args: dict) -> None:
-        """A run (on workers) or restart (through nannies): reply once all have answered."""
-        if kind == "run":
-            names = args.get("workers")
-            if type(args.get("payload")) is not bytes:
-                raise RemoteProtocolError("a run request needs its payload as bytes")
-            if names is not None and (type(names) is not list
-                                      or any(type(n) is not str for n in names)):
-                raise RemoteProtocolError("a run request's workers must be a list of addresses")
-            targets = [(ws.ident, ws.address) for ws in self.workers.values()
-                       if not names or ws.address in names]
-            op = {"op": "run", "payload": args["payload"]}
-        else:
-            targets = [(ns.ident, ns.name) for ns in self.nannies.values()]
-            op = {"op": "restart"}
-        self._fan_out.start(peer, rid, op, targets)
-
-    def _drop_nanny(self, ident: bytes) -> None:
-        if self.nannies.pop(ident, None) is not None:
-            self._fan_out.peer_left(ident)
-
-    def info(self) -> dict:
-        counts: dict[str, int] = {}
-        for ts in self.tasks.values():
-            counts[ts.state] = counts.get(ts.state, 0) + 1
-        workers = self.workers.values()
-        return {
-            "type": "Scheduler",
-            "id": self.epoch,
-            "address": self.address,
-            "started": self.started,
-            "n_workers": len(self.workers),
-            "total_threads": sum(ws.nthreads for ws in workers),
-            "total_memory": sum(ws.memory_limit or 0 for ws in workers),
-            "versions": self.versions,
-            "workers": {ws.address: ws.info() for ws in workers},
-            "nannies": len(self.nannies),
-            "clients": len(self.clients) - 2,
-            "tasks": counts,
-            "events": [list(e) for e in self.events[-20:]],
-            "services": {"dashboard": self.dashboard_link} if self.dashboard_link else {},
-        }
-
-    # ------------------------------------------------------------------ nannies
-
-    def _handle_nanny(self, ns: NannyState, op: dict) -> None:
-        match op["op"]:
-            case "heartbeat":
-                ns.vouched = {w.encode() for w in op.get("workers") or ()}
-            case "worker-died":
-                # Only about a worker of its own: a worker that names it as its nanny.
-                ident = op["worker"].encode()
-                ws = self.workers.get(ident)
-                if ws is not None and ws.nanny != ns.ident:
-                    raise RemoteProtocolError(
-                        f"nanny {ns.name} reported worker {ws.name}, which is not its own")
-                self.reported_dead[ident] = ns.ident
-                if len(self.reported_dead) > 10_000:
-                    del self.reported_dead[next(iter(self.reported_dead))]
-                if ws is not None:
-                    self.remove_worker(ws, safe_name(op["reason"], 500), died=True)
-            case "reply":
-                self._fan_out.answer(ns.ident, op)
-            case "goodbye":
-                self._drop_nanny(ns.ident)
-            case "request":
-                self._check_read_only(op, "nanny")
-                self.request(ns.ident, op)
-            case "hello":
-                pass
-            case other:
-                raise RemoteProtocolError(f"a nanny may not send {other!r}")
-
-    # ------------------------------------------------------------------ workers
-
-    def _handle_worker(self, ws: WorkerState, op: dict) -> None:
-        match op["op"]:
-            case "finished":
-                if "transfers" in op:
-                    self.observe.transferred(ws, op["transfers"])
-                for item in op["tasks"]:
-                    self.task_finished(ws, *item)
-                self._fill(ws)
-            case "erred":
-                for item in op["items"]:
-                    self.task_erred(ws, *item)
-                self._fill(ws)
-            case "long-running":
-                # a task waiting on tasks it submitted gives its slot back (secede), or takes
-                # it again (rejoin)
-                for item in op["items"]:
-                    if type(item) is not list or len(item) != 2 or type(item[0]) is not str:
-                        raise RemoteProtocolError(f"malformed long-running item {item!r:.100}")
-                    ts = ws.processing.get(item[0])
-                    if ts is not None:
-                        if item[1]:
-                            ws.long_running.add(ts)
-                        else:
-                            ws.long_running.discard(ts)
-                self._fill(ws)
-            case "started":
-                for key in op["keys"]:
-                    ts = ws.processing.get(key) if type(key) is str else None
-                    if ts is not None:
-                        ws.started.add(ts)
-            case "heartbeat":
-                metrics = op.get("metrics")
-                if metrics is not None:
-                    ws.metrics = clean_metrics(metrics)
-                if "transfers" in op:
-                    self.observe.transferred(ws, op["transfers"])
-            case "worker-status":
-                self.worker_status(ws, op["status"], op["reason"])
-            case "missing":
-                self._missing(ws, op["key"], op["dep"], op["address"])
-            case "acquired":
-                self.acquired(ws, op["keys"], op.get("failed") or [])
-            case "run-result":
-                self._fan_out.answer(ws.ident, op)
-            case "request":
-                self._check_read_only(op, "worker")
-                self.request(ws.ident, op)
-            case "goodbye":
-                crashed = op.get("crashed") is True  # a crash, not a close: blame what ran
-                self.remove_worker(ws, safe_name(op.get("reason") or "closed", 500),
-                                   died=crashed)
-            case "hello":
-                pass
-            case other:
-                raise RemoteProtocolError(f"a worker may not send {other!r}")
-
-    def worker_status(self, ws: WorkerState, status: str, reason: str) -> None:
-        """A worker paused (memory is short: it starts no new task) or resumed. The tasks
-        queued on it and not started go elsewhere; a resumed worker gets work again."""
-        if status not in ("running", "paused"):
-            raise RemoteProtocolError(f"unknown worker status {status!r}; expected running"
-                                      " or paused")
-        if status == ws.status:
-            return
-        ws.status = status
-        ws.status_reason = reason[:500]
-        if status == "paused":
-            self._event(f"worker {ws.name} paused: {ws.status_reason or 'memory'}")
-            queued = [ts for ts in ws.processing.values() if ts not in ws.started]
-            for ts in queued:
-                ws.done(ts, 0.0)
-                ts.processing_on = None
-                self.batch(ws.ident, "free", ts.key)
-                self._set_state(ts, "released")
-            for ts in queued:
-                if ts.state == "released":
-                    self._start(ts)
-        else:
-            self._event(f"worker {ws.name} resumed")
-            self._fill(ws)
-            self._fill_restricted()
-
-    def task_finished(
-        self, ws: WorkerState, key: str, nbytes: int, value: bytes | None, duration: float,
-        start: float | None = None, stop: float | None = None, thread: int | None = None,
-    ) -> None:
-        if (type(key) is not str or type(nbytes) is not int
-                or not (value is None or type(value) is bytes)
-                or not isinstance(duration, int | float)):
-            # checked before any change, so a bad item cannot leave the state half-updated
-            raise RemoteProtocolError(f"malformed finished item {[key, nbytes, duration]!r:.200}")
-        ts = self.tasks.get(key)
-        if ts is None or ts.state != "processing" or ts.processing_on is not ws:
-            # Not its task (now): it does not become a holder, whatever it says; a worker
-            # that finished a task taken from it frees its copy.
-            if ts is None or not ts.held_by(ws):
-                self.batch(ws.ident, "free", key)
-            return
-        ws.done(ts, duration)
-        ts.processing_on = None
-        ts.nbytes = int(nbytes)
-        ts.value = value
-        ts.add_holder(ws)
-        self.counts["finished"] += 1
-        self.observe.finished(ts, ws, "OK", start, stop, thread, self.now)
-        self._set_state(ts, "memory")
-        item = None
-        for cs in ts.wanters():
-            item = item or ts.memory_item()
-            self.batch(cs.ident, "memory", item)
-        self._release_dependents_waiting(ts)
-        self._drop_fire_and_forget(ts)
-        release = [ts]
-        if ts.deps:
-            release.extend(ts.deps)
-        self._check_release(release)
-
-    def task_erred(self, ws: WorkerState, key: str, exc: bytes | None, tb: bytes | None,
-                   text: str, kind: str | None = None, start: float | None = None,
-                   stop: float | None = None, thread: int | None = None) -> None:
-        if (type(key) is not str or type(text) is not str
-                or not (exc is None or type(exc) is bytes) or not (tb is None or type(tb) is bytes)
-                or not (kind is None or type(kind) is str)):
-            raise RemoteProtocolError(f"malformed erred item for {key!r:.100}")
-        ts = self.tasks.get(key)
-        if ts is None or ts.state != "processing" or ts.processing_on is not ws:
-            return
-        ws.done(ts, 0.0)
-        ts.processing_on = None
-        self.observe.finished(ts, ws, "error", start, stop, thread, self.now)
-        if ts.retries > 0:
-            ts.retries -= 1
-            self._set_state(ts, "released")
-            self._start(ts)
-            return
-        self.counts["erred"] += 1
-        self._fail(ts, exc, tb, text, kind=kind)
 
     # ------------------------------------------------------------------ transitions
 

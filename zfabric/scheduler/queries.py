@@ -1,0 +1,135 @@
+"""Answers to requests: info, who has what, what runs where, bytes held, and the requests
+that fan out to workers or nannies (run, restart).
+
+Methods of :class:`~zfabric.scheduler.state.SchedulerState` (mixed in), pure like it.
+"""
+
+from __future__ import annotations
+
+from ..errors import RemoteProtocolError
+
+
+class Queries:
+    """SchedulerState's answers to requests (see the module docstring)."""
+
+    # ------------------------------------------------------------------ requests
+
+    def request(self, peer: bytes, op: dict) -> None:
+        rid, kind, args = op["id"], op["kind"], op["args"]
+        reply = {"op": "reply", "id": rid}
+        if self.secured and kind in self.admin_only and peer not in self.admins:
+            reply["error"] = f"{kind!r} requests need an admin key (ADMIN_ONLY)"
+            self.send(peer, reply)
+            return
+        match kind:
+            case "info":
+                reply["result"] = self.info()
+            case "who-has":
+                keys = args.get("keys")
+                tasks = (self.tasks.get(k) for k in keys) if keys else self.tasks.values()
+                reply["result"] = {
+                    ts.key: sorted(w.address for w in ts.who_has) for ts in tasks if ts
+                }
+            case "has-what":
+                reply["result"] = {
+                    ws.address: sorted(ts.key for ts in ws.has_what) for ws in self.workers.values()
+                }
+            case "run" | "restart":
+                if kind == "restart":
+                    # As dask.distributed does: a restart forgets every task and its data.
+                    self._event("restart requested: cancelling every task")
+                    self.cancel(list(self.tasks), "the cluster was restarted", restart=True)
+                self._start_fan_out(peer, rid, kind, args)
+                return
+            case "register-plugin" | "unregister-plugin":
+                self.plugin_request(peer, rid, kind, args)
+                return
+            case "replicate" | "retire-workers" | "restart-workers":
+                self.move_request(peer, op)
+                return
+            case "shutdown":
+                self.closing = True
+                reply["result"] = True
+            case "nbytes":
+                keys = args.get("keys")
+                tasks = (self.tasks.get(k) for k in keys) if keys else self.tasks.values()
+                reply["result"] = [[ts.key, ts.nbytes] for ts in tasks
+                                   if ts is not None and ts.state == "memory"]
+            case "processing":
+                reply["result"] = {
+                    ws.address: sorted(ws.processing)
+                    for ws in self.workers.values()
+                }
+            case "snapshot" | "task-stream" | "events" | "log-event" | "logs":
+                reply["result"] = self._observe_request(kind, args)
+            case "task-states":
+                keys = args.get("keys") or list(self.tasks)
+                reply["result"] = {k: self.tasks[k].state for k in keys if k in self.tasks}
+            case _:
+                reply["error"] = f"unknown request {kind!r}"
+        self.send(peer, reply)
+
+    def _observe_request(self, kind: str, args: dict):
+        obs = self.observe
+        match kind:
+            case "snapshot":
+                return obs.snapshot(self, self.now)
+            case "task-stream":
+                out = obs.stream_since(args.get("since"), start=args.get("start"),
+                                       stop=args.get("stop"), count=args.get("count"))
+                if "transfers" in args:
+                    out["transfers"] = obs.transfers_since(args["transfers"])
+                return out
+            case "events":
+                return obs.get_events(args.get("topic"))
+            case "log-event":
+                topics = args["topic"]
+                for topic in [topics] if type(topics) is str else topics:
+                    obs.log_event(str(topic), args.get("msg"), self.now)
+                return True
+            case "logs":
+                return self.log_source(args.get("n")) if self.log_source else []
+
+    def _start_fan_out(self, peer: bytes, rid: int, kind: str, args: dict) -> None:
+        """A run (on workers) or restart (through nannies): reply once all have answered."""
+        if kind == "run":
+            names = args.get("workers")
+            if type(args.get("payload")) is not bytes:
+                raise RemoteProtocolError("a run request needs its payload as bytes")
+            if names is not None and (type(names) is not list
+                                      or any(type(n) is not str for n in names)):
+                raise RemoteProtocolError("a run request's workers must be a list of addresses")
+            targets = [(ws.ident, ws.address) for ws in self.workers.values()
+                       if not names or ws.address in names]
+            op = {"op": "run", "payload": args["payload"]}
+        else:
+            targets = [(ns.ident, ns.name) for ns in self.nannies.values()]
+            op = {"op": "restart"}
+        self._fan_out.start(peer, rid, op, targets)
+
+    def _drop_nanny(self, ident: bytes) -> None:
+        if self.nannies.pop(ident, None) is not None:
+            self._fan_out.peer_left(ident)
+
+    def info(self) -> dict:
+        counts: dict[str, int] = {}
+        for ts in self.tasks.values():
+            counts[ts.state] = counts.get(ts.state, 0) + 1
+        workers = self.workers.values()
+        return {
+            "type": "Scheduler",
+            "id": self.epoch,
+            "address": self.address,
+            "started": self.started,
+            "n_workers": len(self.workers),
+            "total_threads": sum(ws.nthreads for ws in workers),
+            "total_memory": sum(ws.memory_limit or 0 for ws in workers),
+            "versions": self.versions,
+            "workers": {ws.address: ws.info() for ws in workers},
+            "nannies": len(self.nannies),
+            "clients": len(self.clients) - 2,
+            "tasks": counts,
+            "events": [list(e) for e in self.events[-20:]],
+            "services": {"dashboard": self.dashboard_link} if self.dashboard_link else {},
+        }
+
