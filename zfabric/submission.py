@@ -1,0 +1,220 @@
+"""Turning calls into tasks: ``submit`` and ``map`` pickle each call (the function once per
+function, the arguments once per call), name it, and queue ``submit`` ops of at most
+``SUBMIT_BATCH`` tasks; large arguments go straight to a worker, and the submit window
+(:mod:`zfabric.window`) keeps the rest in the client when the scheduler holds enough.
+
+:class:`Submission` holds these methods of :class:`~zfabric.client.Client`, which mixes it in.
+"""
+
+from __future__ import annotations
+
+from . import serialize
+from .config import parse_timedelta
+from .errors import SchedulerLost, TaskTooLarge
+from .futures import Future, FutureState
+from .keys import to_wire
+from .session import Deferred
+
+
+def funcname(func) -> str:
+    while hasattr(func, "func"):  # functools.partial
+        func = func.func
+    name = getattr(func, "__name__", None) or type(func).__name__
+    return "lambda" if name == "<lambda>" else name
+
+
+class Submission:
+    """The Client's submit and map (see the module docstring)."""
+
+    def submit(self, func, *args, key: str | None = None, workers=None, resources=None,
+               retries: int | None = None, priority: int = 0, allow_other_workers: bool = False,
+               pure: bool = True, fifo_timeout=None, actor: bool = False, actors: bool = False,
+               task_timeout: float | None = None, **kwargs) -> Future:
+        """Run ``func(*args, **kwargs)`` on a worker; returns a Future at once.
+
+        ``fifo_timeout`` is accepted for dask's sake: zfabric keeps strict submission order
+        among tasks of equal priority, whatever the time between them."""
+        parse_timedelta(fifo_timeout, name="fifo_timeout")
+        self._check_open()
+        if not callable(func):
+            raise TypeError("First input to submit must be a callable function")
+        opts = _options(workers, resources, retries, priority, allow_other_workers, task_timeout)
+        wkey = to_wire(key) if key is not None else None
+        prefix = funcname(func)
+        if actor or actors:  # the object stays on the worker; the result is its proxy
+            func, args, pure = _actor_task(func, args)
+        item = self._task(func, args, kwargs, wkey, prefix, pure)
+        return self._submit_many([item], opts, user_keys=None if key is None else [key])[0]
+
+    def _task(self, func, args, kwargs, key, prefix, pure) -> tuple:
+        """``(key, function id, function pickle, args pickle, deps, buffers)`` for one call;
+        large buffers stay out of the pickle and go straight to a worker (:meth:`_ship_args`)."""
+        fid, fbytes, abytes, deps, buffers = serialize.dumps_call(
+            func, args, kwargs, self.config.INLINE_BYTES)
+        if key is None:
+            if pure:
+                key = f"{prefix}-{serialize.task_hash(fid.encode() + abytes, buffers)}"
+            else:
+                key = f"{prefix}-{self._new_id()}"
+        return key, fid, fbytes, abytes, deps, buffers
+
+    def _new_id(self) -> str:
+        """A key suffix unique across clients: this client's random id and a counter."""
+        return f"{self._id_prefix}{next(self._unique):x}"
+
+    def _submit_many(self, items: list, opts: dict | None, batch: int | None = None,
+                     user_keys: list | None = None) -> list[Future]:
+        """Futures for ``items`` (from :meth:`_task`, keyed by wire keys); ``user_keys``, when
+        given, are the keys as the user gave them, in the same order."""
+        out, tasks, functions = [], [], {}
+        window = self._window
+        with self._lock:
+            self._queue_releases()
+            for i, (key, fid, fbytes, abytes, deps, buffers) in enumerate(items):
+                st = self._states.get(key)
+                if st is None or st.status == "cancelled" or _lost(st):
+                    if st is not None:
+                        window.drop(st)
+                    st = self._states[key] = FutureState(key)
+                    size = len(fbytes) + len(abytes)
+                    if size > self.config.SCHEDULER_FRAME_BYTES - 2**16:
+                        # It would close our connection (MAXMSGSIZE): fail it here instead.
+                        st.fail(None, TaskTooLarge(
+                            f"task {key!r} pickles to {size:,} bytes (function and arguments"
+                            " besides out-of-band buffers); the scheduler takes at most"
+                            f" {self.config.SCHEDULER_FRAME_BYTES:,} bytes in a frame"
+                            " (SCHEDULER_FRAME_BYTES). Place large values on the workers"
+                            " with client.scatter(...) and pass the futures instead"))
+                    elif buffers:
+                        self._flush_tasks(tasks, functions, batch)
+                        self._outbox.append(Deferred(
+                            self._ship_args(key, fid, fbytes, abytes, deps, buffers, opts), st))
+                        window.sent(st)
+                    elif window.full():  # the scheduler holds enough of ours: wait here
+                        window.hold(st, abytes, deps, opts, fid, fbytes)
+                    else:
+                        functions[fid] = fbytes
+                        tasks.append([key, abytes, deps, opts, fid])
+                        window.sent(st)
+                out.append(Future(user_keys[i] if user_keys is not None else key, self, st))
+            self._flush_tasks(tasks, functions, batch)
+            if window.ready():
+                self._pump()
+        self._send()
+        return out
+
+    def _pump(self) -> None:
+        """Queue the held tasks that fit in the submit window now (lock held)."""
+        tasks, functions = self._window.take(self._states)
+        if tasks:
+            self._flush_tasks(tasks, functions)
+
+    def _queue_releases(self) -> None:
+        """Queue the batched releases now (lock held): a release must reach the scheduler
+        before a later submit or scatter of the same key, or it would undo it."""
+        if self._release_keys:
+            self._outbox.append({"op": "release", "keys": self._release_keys})
+            self._release_keys = []
+
+    def _flush_tasks(self, tasks: list, functions: dict, batch: int | None = None) -> None:
+        """Queue submit ops of at most ``batch`` (SUBMIT_BATCH) tasks, each carrying the
+        pickles of the functions its tasks use (once per message, not once per task), and
+        about a quarter of SCHEDULER_FRAME_BYTES of pickles (past one task)."""
+        batch = batch or self.config.SUBMIT_BATCH
+        most = self.config.SCHEDULER_FRAME_BYTES // 4  # a message stays well inside a frame
+        start = 0
+        while start < len(tasks):
+            end, size, seen = start, 0, set()
+            while end < len(tasks) and end - start < batch and (end == start or size < most):
+                t = tasks[end]
+                size += len(t[1])
+                if t[4] not in seen:
+                    seen.add(t[4])
+                    size += len(functions[t[4]])
+                end += 1
+            chunk = tasks[start:end]
+            start = end
+            fids = {t[4] for t in chunk} if len(functions) > 1 else functions.keys()
+            self._outbox.append({"op": "submit", "tasks": chunk,
+                                 "functions": {f: functions[f] for f in fids}})
+        tasks.clear()
+        functions.clear()
+
+    def map(self, func, *iterables, key=None, workers=None, retries=None, resources=None,
+            priority: int = 0, allow_other_workers: bool = False, pure: bool = True,
+            batch_size=None, task_timeout=None, actor: bool = False, actors: bool = False,
+            **kwargs) -> list[Future]:
+        """``submit(func, *items)`` for items zipped from ``iterables``; a list of Futures.
+
+        ``batch_size``: tasks per message to the scheduler (default ``SUBMIT_BATCH``)."""
+        if batch_size is not None and (not isinstance(batch_size, int) or batch_size < 1):
+            raise ValueError(f"batch_size must be a positive int, got {batch_size!r}")
+        self._check_open()
+        if not callable(func):
+            raise TypeError("First input to map must be a callable function")
+        if not iterables:
+            return []
+        if isinstance(iterables[0], dict) or any(isinstance(it, str) for it in iterables):
+            raise TypeError("map needs iterables such as lists, not dicts or strings")
+        opts = _options(workers, resources, retries, priority, allow_other_workers, task_timeout)
+        argss = list(zip(*iterables, strict=False))
+        if isinstance(key, list | tuple):
+            if len(key) != len(argss):
+                raise ValueError(f"{len(key)} keys given for {len(argss)} items")
+            keys = list(key)
+            wkeys = [to_wire(k) for k in keys]
+        elif key is not None and not isinstance(key, str):
+            raise TypeError("map's key must be a prefix string or a list of keys, one per item")
+        else:
+            keys = wkeys = None
+        prefix = key if isinstance(key, str) else funcname(func)
+        if actor or actors:
+            cls = func
+            func, _, pure = _actor_task(cls, ())
+            argss = [(cls, *args) for args in argss]
+        # In chunks: the pickled calls of a chunk are queued (or held by the submit window)
+        # before the next chunk is pickled, so a map of millions never holds every call twice.
+        out: list[Future] = []
+        step = _MAP_CHUNK
+        for lo in range(0, len(argss), step):
+            items = [self._task(func, argss[i], kwargs, wkeys[i] if wkeys else None, prefix,
+                                pure) for i in range(lo, min(lo + step, len(argss)))]
+            out.extend(self._submit_many(items, opts, batch_size,
+                                         keys[lo:lo + step] if keys else None))
+        return out
+
+
+#: Items pickled at a time by ``Client.map`` (see there).
+_MAP_CHUNK = 10_000
+
+
+def _options(workers, resources, retries, priority, allow_other_workers, task_timeout):
+    opts = {}
+    if workers is not None:
+        opts["workers"] = [workers] if isinstance(workers, str) else list(workers)
+    if resources:
+        opts["resources"] = dict(resources)
+    if retries:
+        opts["retries"] = int(retries)
+    if priority:
+        opts["priority"] = int(priority)
+    if allow_other_workers:
+        opts["allow_other_workers"] = True
+    if task_timeout:
+        opts["task_timeout"] = float(task_timeout)
+    return opts or None
+
+
+def _actor_task(cls, args: tuple):
+    """``(function, args, pure)`` of the task that builds an actor of ``cls`` on a worker."""
+    if not isinstance(cls, type):
+        raise TypeError(f"actor=True needs a class, got {type(cls).__name__}")
+    from .actor import create
+
+    return create, (cls, *args), False
+
+
+def _lost(st: FutureState) -> bool:
+    """Whether a future failed because its scheduler went away (then it may be submitted
+    again, like a cancelled one)."""
+    return st.status == "error" and isinstance(st.exception(), SchedulerLost)
