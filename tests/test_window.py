@@ -189,9 +189,9 @@ def test_flood_of_submissions_keeps_the_scheduler_small(tmp_path):
 
 
 async def test_map_in_chunks_keeps_keys_and_order(monkeypatch):
-    import zfabric.client
+    import zfabric.submission
 
-    monkeypatch.setattr(zfabric.client, "_MAP_CHUNK", 7)  # 20 items: chunks of 7, 7, 6
+    monkeypatch.setattr(zfabric.submission, "_MAP_CHUNK", 7)  # 20 items: chunks of 7, 7, 6
     async with cluster(nworkers=1, nthreads=1) as (s, _), \
             Client(s.address, asynchronous=True, set_as_default=False,
                    config=from_env(SUBMIT_WINDOW_TASKS=5)) as c:

@@ -229,7 +229,7 @@ def task_options(base: dict | None, annotations: dict, key) -> dict | None:
 
 
 def _lost(st: FutureState) -> bool:
-    from .client import _lost
+    from .submission import _lost
 
     return _lost(st)
 
@@ -365,7 +365,7 @@ def _pack(keys, values: dict):
 def base_options(workers=None, allow_other_workers=False, resources=None, retries=None,
                  priority=0, fifo_timeout=None, actors=None) -> dict | None:
     """Task options from the keywords dask.distributed's compute/persist/get take."""
-    from .client import _options
+    from .submission import _options
 
     if actors:
         raise NotImplementedError("zfabric has no actors")

@@ -331,7 +331,15 @@ class Scheduler(LifeCycle):
         return gone
 
     def _queue(self, peer: bytes, frame: bytes, gone: dict) -> None:
-        """Keep a message the peer's full queue refused, in order, to retry next turn."""
+        """Keep a message the peer's full queue refused, in order, to retry next turn.
+
+        Not for a peer that is no client, worker or nanny (one dropped already, or a stranger
+        answered with an error or ``reregister``): nothing waits on those answers, and a
+        peer that does not read must not make the scheduler keep them."""
+        st = self.state
+        if peer not in st.clients and peer not in st.workers and peer not in st.nannies:
+            logger.debug("not keeping %d bytes for unregistered peer %r", len(frame), peer)
+            return
         queue = self._backlog.get(peer)
         if queue is None:
             queue = self._backlog[peer] = deque()
