@@ -185,6 +185,7 @@ def test_compute_persist_get_sync(client):
     assert client.who_has(xp)  # accepted as futures
     assert len(list(as_completed(xp))) == 10
     progress(xp)  # persisted collections are accepted, as by wait and as_completed
+    assert client.gather(xp).tolist() == list(range(0, 200, 2))
     xp2, yp = dask.persist(x + 1, db.from_sequence([1, 2, 3]))
     assert len(futures_of(xp2)) == 10 and yp.compute() == [1, 2, 3]
 

@@ -149,10 +149,13 @@ class Values:
         return exc.__traceback__ if exc is not None else None
 
     def gather(self, futures, errors: str = "raise", direct=None, asynchronous=None):
-        """Results of futures, in the same nested structure (lists, tuples, dicts, sets)."""
+        """Results of futures, in the same nested structure (lists, tuples, dicts, sets); of a
+        persisted dask collection, its computed value (from the results it holds)."""
         if errors not in ("raise", "skip"):
             raise ValueError(f"errors must be 'raise' or 'skip', not {errors!r}")
         _check_direct_and_mode(self, direct, asynchronous)
+        if hasattr(futures, "__dask_graph__") and not isinstance(futures, type):
+            return self.compute(futures, sync=True)
         return self.sync(self._gather, futures, errors=errors)
 
     async def _gather(self, futures, errors: str = "raise"):
