@@ -475,6 +475,8 @@ class Client(Submission, Values, ClusterRequests, ClusterControl, Session, Diagn
         self._send({"op": "request", "id": rid, "kind": kind, "args": args})
         reply = await fut
         if "error" in reply:
+            if reply.get("kind") == "ValueError":  # the caller's mistake (a bad argument)
+                raise ValueError(reply["error"])
             raise RemoteProtocolError(reply["error"])
         return reply.get("result")
 

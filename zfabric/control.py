@@ -13,7 +13,7 @@ import logging
 import time
 
 from .config import parse_timedelta
-from .errors import CommTimeoutError, RemoteProtocolError, ZFabricError
+from .errors import CommTimeoutError, ZFabricError
 from .futures import Future, futures_of, until_done
 
 logger = logging.getLogger("zfabric.client")
@@ -31,21 +31,6 @@ def _names(workers) -> list[str] | None:
 
 class ClusterControl:
     """The Client's methods that move data between workers or change the set of workers."""
-
-    async def _move_request(self, kind: str, **args):
-        """A request whose error may be the caller's (``kind: ValueError``)."""
-        self._check_open()
-        self._request_seq += 1
-        rid = self._request_seq
-        fut = self.loop.create_future()
-        self._requests[rid] = fut
-        self._send({"op": "request", "id": rid, "kind": kind, "args": args})
-        reply = await fut
-        if "error" in reply:
-            if reply.get("kind") == "ValueError":
-                raise ValueError(reply["error"])
-            raise RemoteProtocolError(reply["error"])
-        return reply.get("result")
 
     def get_executor(self, **submit_options):
         """A ``concurrent.futures.Executor`` running calls on this cluster; the options
@@ -77,7 +62,7 @@ class ClusterControl:
         keys = [f.key for f in flat if f._state.status == "finished"]
         if not keys:
             return None
-        result = await self._move_request("replicate", keys=keys, n=n, workers=_names(workers))
+        result = await self._request("replicate", keys=keys, n=n, workers=_names(workers))
         if result["failed"]:
             raise ZFabricError(f"could not copy {result['failed']} to the chosen workers (their"
                                " holders did not answer); try again")
@@ -105,7 +90,7 @@ class ClusterControl:
             raise ValueError("retire_workers needs workers= (addresses or names) or n=")
         if workers is not None and not workers:
             return {}
-        result = await self._move_request("retire-workers", workers=workers, n=n)
+        result = await self._request("retire-workers", workers=workers, n=n)
         for address, why in result["kept"].items():
             logger.warning("worker %s was not retired: %s", address, why)
         retired = result["retired"]
@@ -142,7 +127,7 @@ class ClusterControl:
                 if name in (address, w["name"]):
                     nanny_of[name] = w.get("nanny")
         try:
-            request = self._move_request("restart-workers", workers=workers)
+            request = self._request("restart-workers", workers=workers)
             result = await (asyncio.wait_for(request, timeout) if timeout else request)
         except TimeoutError:
             if raise_for_error:

@@ -178,19 +178,8 @@ def _dumps_node(entry, inline_bytes: int):
 
     node, names, wires = entry
     buffers: list = []
-
-    def keep(pb):
-        try:
-            raw = pb.raw()
-        except BufferError:
-            return True
-        if raw.nbytes < inline_bytes:
-            return True
-        buffers.append(raw)
-        return False
-
     header = cloudpickle.dumps(((node, names, wires, _ALL), None), protocol=5,
-                               buffer_callback=keep)
+                               buffer_callback=serialize.buffer_keeper(buffers, inline_bytes))
     return header, buffers
 
 

@@ -242,15 +242,7 @@ def dumps_call(func, args: tuple, kwargs: dict, inline_bytes: int | None = None)
     buffers: list = []
     callback = None
     if inline_bytes is not None:
-        def callback(pb: pickle.PickleBuffer):
-            try:
-                raw = pb.raw()
-            except BufferError:
-                return True
-            if raw.nbytes < inline_bytes:
-                return True
-            buffers.append(raw)
-            return False
+        callback = buffer_keeper(buffers, inline_bytes)
 
     def reset():
         del deps[:]
@@ -403,11 +395,10 @@ def loads_task(payload: bytes, values: dict, key=None):
 # ---------------------------------------------------------------------------- values
 
 
-def dumps_value(obj, inline_bytes: int = 64 * 1024) -> tuple[bytes, list]:
-    """Pickle a value; buffers of ``inline_bytes`` or more come back separately, uncopied."""
-    buffers: list = []
-
-    def keep(pb: pickle.PickleBuffer):
+def buffer_keeper(buffers: list, inline_bytes: int):
+    """A pickle ``buffer_callback`` that keeps contiguous buffers of ``inline_bytes`` or more
+    out of band (appended to ``buffers``, uncopied) and the rest in the pickle."""
+    def keep(pb: pickle.PickleBuffer) -> bool:
         try:
             raw = pb.raw()
         except BufferError:
@@ -417,8 +408,14 @@ def dumps_value(obj, inline_bytes: int = 64 * 1024) -> tuple[bytes, list]:
         buffers.append(raw)
         return False
 
+    return keep
+
+
+def dumps_value(obj, inline_bytes: int = 64 * 1024) -> tuple[bytes, list]:
+    """Pickle a value; buffers of ``inline_bytes`` or more come back separately, uncopied."""
+    buffers: list = []
     try:
-        header = _pickle(obj, keep, buffers.clear)
+        header = _pickle(obj, buffer_keeper(buffers, inline_bytes), buffers.clear)
     except Exception as exc:
         raise SerializationError(
             f"cannot pickle a value of type {type(obj).__qualname__}: "
