@@ -33,6 +33,10 @@ _EVENTS, _POLLIN = int(zmq.EVENTS), int(zmq.POLLIN)  # plain ints: enum arithmet
 
 #: Messages taken from the socket before the state's replies are sent.
 DRAIN_MAX = 2000
+#: ... or this many seconds of handling them, whichever comes first: a flood of large submit
+#: messages must not hold back ticks, heartbeats and replies (peers would look silent, and
+#: think the scheduler silent, for as long as one turn lasted).
+TURN_MAX_S = 0.05
 #: Longest wait in poll, which is also how often ``tick`` runs at least.
 TICK_MS = 50
 
@@ -191,11 +195,15 @@ class Scheduler(LifeCycle):
             next_keys = 0.0
         while not self._stop and not state.closing:
             if poller.poll(TICK_MS):
-                now = time.monotonic()
+                now = start = time.monotonic()
                 nin = bin_ = 0
                 for i in range(DRAIN_MAX):
-                    if i and not sock.getsockopt(_EVENTS) & _POLLIN:
-                        break  # asking is cheaper than an Again raised
+                    if i:
+                        if not sock.getsockopt(_EVENTS) & _POLLIN:
+                            break  # asking is cheaper than an Again raised
+                        now = time.monotonic()
+                        if now - start > TURN_MAX_S:
+                            break
                     try:
                         frames = recv(zmq.NOBLOCK, copy=not secure)
                     except zmq.Again:
