@@ -30,8 +30,9 @@ DoneAndNotDoneFutures = namedtuple("DoneAndNotDoneFutures", ["done", "not_done"]
 class FutureState:
     """What one client knows about one key. Changed only on the client's loop thread."""
 
-    __slots__ = ("_error", "callbacks", "cancel_reason", "error_item", "key", "nbytes",
-                 "status", "value", "waiters", "who_has", "window")
+    # Memory matters (a client may hold millions): every slot costs up to 16 bytes a state.
+    __slots__ = ("_error", "callbacks", "error_item", "key", "nbytes", "status", "value",
+                 "waiters", "who_has", "window")
 
     def __init__(self, key: str):
         self.key = key
@@ -43,7 +44,6 @@ class FutureState:
         self._error: BaseException | None = None
         self.waiters: list[asyncio.Future] | None = None
         self.callbacks: list | None = None
-        self.cancel_reason: str | None = None
         self.window = None  # the client's submit window: True in flight, or the held call
 
     def done(self) -> bool:
@@ -65,11 +65,17 @@ class FutureState:
             return
         self.status = "cancelled"
         self.value = self.who_has = None
-        self.cancel_reason = reason
+        # the reason rides in _error (no slot of its own: see __slots__)
+        self._error = self._cancelled(reason) if reason else None
         self._wake()
 
     def cancelled_error(self) -> TaskCancelled:
-        why = f": {self.cancel_reason}" if self.cancel_reason else ""
+        if isinstance(self._error, TaskCancelled):
+            return self._error
+        return self._cancelled(None)
+
+    def _cancelled(self, reason: str | None) -> TaskCancelled:
+        why = f": {reason}" if reason else ""
         return TaskCancelled(f"{from_wire(self.key)!r} was cancelled{why}")
 
     def retry(self) -> None:
