@@ -16,11 +16,11 @@ files on the client's host and breaks across hosts.
 
 from __future__ import annotations
 
-import importlib.abc
-import importlib.util
 import sys
 import threading
 import weakref
+
+from .import_hooks import after_import
 
 __all__ = ["closed", "current", "dask_get", "install", "serve_tasks"]
 
@@ -172,59 +172,19 @@ def _restore() -> None:
     _saved = None
 
 
-class _DaskImportHook(importlib.abc.MetaPathFinder):
-    """Runs :func:`_install` once ``import dask`` has finished (then steps aside)."""
-
-    def find_spec(self, fullname, path=None, target=None):
-        if fullname != "dask":
-            return None
-        for finder in sys.meta_path:
-            if finder is self or not hasattr(finder, "find_spec"):
-                continue
-            spec = finder.find_spec(fullname, path, target)
-            if spec is not None:
-                break
-        else:
-            return None
-        loader = spec.loader
-        if loader is None or not hasattr(loader, "exec_module"):
-            return spec
-        spec.loader = _AfterLoader(loader)
-        return spec
-
-
-class _AfterLoader(importlib.abc.Loader):
-    def __init__(self, loader):
-        self.loader = loader
-
-    def create_module(self, spec):
-        return self.loader.create_module(spec)
-
-    def exec_module(self, module):
-        module.__spec__.loader = module.__loader__ = self.loader  # as if we were never here
-        self.loader.exec_module(module)
-        _remove_hook()
-        with _lock:
-            if current() is not None or _for_tasks:
-                _install()
-
-    def __getattr__(self, name):
-        return getattr(self.loader, name)
-
-
-_hook: _DaskImportHook | None = None
+_waiting = False  # a callback waits for dask's first import (see _add_hook)
 
 
 def _add_hook() -> None:
-    global _hook
-    if _hook is None:
-        _hook = _DaskImportHook()
-        sys.meta_path.insert(0, _hook)
+    global _waiting
+    if not _waiting:
+        _waiting = True
+        after_import("dask", _dask_imported)
 
 
-def _remove_hook() -> None:
-    global _hook
-    if _hook is not None:
-        if _hook in sys.meta_path:
-            sys.meta_path.remove(_hook)
-        _hook = None
+def _dask_imported() -> None:
+    global _waiting
+    _waiting = False
+    with _lock:
+        if current() is not None or _for_tasks:
+            _install()

@@ -20,11 +20,11 @@ from __future__ import annotations
 
 import concurrent.futures as cf
 import functools
-import importlib.abc
 import itertools
 import logging
-import sys
 import threading
+
+from .import_hooks import after_import
 
 logger = logging.getLogger(__name__)
 
@@ -33,7 +33,6 @@ __all__ = ["register", "register_on_import"]  # and ZFabricBackend, made on firs
 #: Arguments at least this large are scattered once rather than pickled into every batch.
 SCATTER_BYTES = 64 * 1024
 
-_hook_lock = threading.Lock()
 
 
 # ---------------------------------------------------------------------- registration
@@ -51,62 +50,9 @@ def _factory():
     return _make_backend_class()
 
 
-class _JoblibImportHook(importlib.abc.MetaPathFinder):
-    """Registers the backend right after joblib's first import, then removes itself."""
-
-    def find_spec(self, name, path, target=None):
-        if name != "joblib":
-            return None
-        spec = None
-        for finder in sys.meta_path:
-            if finder is self or not hasattr(finder, "find_spec"):
-                continue
-            spec = finder.find_spec(name, path, target)
-            if spec is not None:
-                break
-        _remove_hook()
-        if spec is None or spec.loader is None or not hasattr(spec.loader, "exec_module"):
-            return spec
-        exec_module = spec.loader.exec_module
-
-        def exec_then_register(module):
-            exec_module(module)
-            try:
-                register()
-            except Exception:  # joblib works without our backend; say why it is missing
-                logger.exception("could not register zfabric's joblib backend")
-
-        spec.loader.exec_module = exec_then_register  # this spec's own loader instance
-        return spec
-
-
-_hook: _JoblibImportHook | None = None
-
-
-def _remove_hook() -> None:
-    global _hook
-    with _hook_lock:
-        if _hook is not None:
-            try:
-                sys.meta_path.remove(_hook)
-            except ValueError:
-                pass
-            _hook = None
-
-
 def register_on_import() -> None:
     """Register now if joblib is imported; else on its first import. Never imports joblib."""
-    global _hook
-    if "joblib" in sys.modules:
-        try:
-            register()
-        except Exception:
-            logger.exception("could not register zfabric's joblib backend")
-        return
-    with _hook_lock:
-        if _hook is None:
-            _hook = _JoblibImportHook()
-            sys.meta_path.insert(0, _hook)
+    after_import("joblib", register)
 
 
 # ---------------------------------------------------------------------- running batches
