@@ -17,7 +17,7 @@ from __future__ import annotations
 import pickle
 
 from . import serialize
-from .futures import Future, FutureState
+from .futures import FutureState, futures_of
 from .keys import to_wire
 from .session import Deferred
 
@@ -125,7 +125,8 @@ def _with_refs(node, futures: dict):
 
     if type(node) is not Task:
         return node
-    _find_futures((node.args, node.kwargs), futures)
+    for f in futures_of((node.args, node.kwargs)):
+        futures[f.key] = f._wkey
     args = tuple(parse_input(a) for a in node.args)
     kwargs = {k: parse_input(v) for k, v in node.kwargs.items()}
     new = Task(node.key, node.func, *args, _data_producer=node.data_producer, **kwargs)
@@ -181,14 +182,3 @@ def _dumps_node(entry, inline_bytes: int):
     header = cloudpickle.dumps(((node, names, wires, _ALL), None), protocol=5,
                                buffer_callback=serialize.buffer_keeper(buffers, inline_bytes))
     return header, buffers
-
-
-def _find_futures(obj, out: dict) -> None:
-    if type(obj) is Future:
-        out[obj.key] = obj._wkey
-    elif isinstance(obj, list | tuple | set | frozenset):
-        for x in obj:
-            _find_futures(x, out)
-    elif isinstance(obj, dict):
-        for x in obj.values():
-            _find_futures(x, out)
