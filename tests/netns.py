@@ -201,3 +201,24 @@ class Lan:
         """Every namespace of this LAN that still exists."""
         existing = set(_netns_names())
         return [n for n in [self.bridge_ns, *self.hosts] if n in existing]
+
+
+@contextlib.contextmanager
+def lan_for_test(hosts: int):
+    """A LAN of ``hosts`` namespace hosts for one test, torn down afterwards; the test is
+    skipped (saying why) where none can be built."""
+    import pytest
+
+    reason = unavailable_reason()
+    if reason:
+        pytest.skip(reason)
+    sweep_stale()
+    lan = Lan(hosts)
+    try:
+        lan.create()
+    except NetnsError as exc:
+        pytest.skip(f"cannot build a LAN of network namespaces here: {exc}")
+    try:
+        yield lan
+    finally:
+        lan.close()

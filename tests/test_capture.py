@@ -46,19 +46,8 @@ def lan():
         if os.environ.get("ZFABRIC_CI"):
             pytest.fail("tcpdump is missing; .ci/run installs it (apt-get install tcpdump)")
         pytest.skip("needs tcpdump: apt-get install -y tcpdump")
-    reason = netns.unavailable_reason()
-    if reason:
-        pytest.skip(reason)
-    netns.sweep_stale()
-    lan = netns.Lan(2)
-    try:
-        lan.create()
-    except netns.NetnsError as exc:
-        pytest.skip(f"cannot build a LAN of network namespaces here: {exc}")
-    try:
+    with netns.lan_for_test(2) as lan:
         yield lan
-    finally:
-        lan.close()
 
 
 @pytest.mark.parametrize("secure", [True, False], ids=["curve", "plain"])

@@ -227,19 +227,8 @@ def _delta(snaps: list[dict], i: int, host: str) -> tuple[int, int]:
 @pytest.fixture
 def lan():
     """Three hosts on a bridge, each in its own network namespace; torn down afterwards."""
-    reason = netns.unavailable_reason()
-    if reason:
-        pytest.skip(reason)
-    netns.sweep_stale()
-    lan = netns.Lan(3)
-    try:
-        lan.create()
-    except netns.NetnsError as exc:
-        pytest.skip(f"cannot build a LAN of network namespaces here: {exc}")
-    try:
+    with netns.lan_for_test(3) as lan:
         yield lan
-    finally:
-        lan.close()
     assert lan.names() == [], "network namespaces left behind"
 
 
