@@ -78,8 +78,12 @@ class _Link:
                 raise ActorLost(f"cannot reach the actor's worker at {self.address} (it died or"
                                 " left); create the actor again")
             self.connected = True
+        message = protocol.encode([op], frames)
+        notice = protocol.announcement(message)
         try:
-            self.sock.send_multipart(protocol.encode([op], frames), zmq.NOBLOCK, copy=False)
+            if notice is not None:  # a large message is announced (zfabric/intake.py)
+                self.sock.send_multipart(notice, zmq.NOBLOCK)
+            self.sock.send_multipart(message, zmq.NOBLOCK, copy=False)
         except zmq.Again:
             raise ActorLost(f"the actor's worker at {self.address} is gone; create the actor"
                             " again") from None

@@ -22,6 +22,8 @@ from collections.abc import Callable
 
 import zmq
 
+from .protocol import announcement
+
 logger = logging.getLogger(__name__)
 
 #: Messages read per loop turn before the loop gets to run other callbacks.
@@ -48,6 +50,13 @@ class Link:
         """Send one message now, or after those that wait (never blocks, never drops)."""
         if self.closed:
             raise zmq.ZMQError(zmq.ENOTSOCK, "the link is closed")
+        notice = announcement(frames)
+        if notice is not None:  # a large message is announced (zfabric/intake.py)
+            self._send(notice)
+        self._send(frames)
+        self._check()
+
+    def _send(self, frames: list) -> None:
         if not self.backlog:
             try:
                 self.sock.send_multipart(frames, zmq.NOBLOCK)
@@ -55,7 +64,6 @@ class Link:
                 self.backlog.append(frames)
         else:
             self.backlog.append(frames)
-        self._check()
 
     def _check(self) -> None:
         if self._scheduled or self.closed:

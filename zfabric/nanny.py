@@ -287,7 +287,11 @@ class Nanny(LifeCycle):
     def _send(self, *ops: dict) -> None:
         if self._sock is None:
             return
-        fut = self._sock.send_multipart(protocol.encode(list(ops)))
+        frames = protocol.encode(list(ops))
+        notice = protocol.announcement(frames)
+        if notice is not None:  # a large reply is announced (zfabric/intake.py)
+            self._sock.send_multipart(notice)
+        fut = self._sock.send_multipart(frames)
         if isinstance(fut, asyncio.Future):
             fut.add_done_callback(_log_send_error)
 

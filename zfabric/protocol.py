@@ -42,6 +42,7 @@ SCHEMAS: dict[str, dict[str, tuple[type, ...]]] = {
     "error": {"message": _S},
     "heartbeat": {},
     "goodbye": {},
+    "announce": {"bytes": _I, "frames": _I},  # the next message's size (any server port)
     "request": {"id": _I, "kind": _S, "args": _D},
     "reply": {"id": _I},
     # client -> scheduler
@@ -90,6 +91,22 @@ SCHEMAS: dict[str, dict[str, tuple[type, ...]]] = {
 }
 
 _packer = msgpack.Packer(use_bin_type=True)
+
+#: A message larger than this is announced: an ``announce`` op in a message of its own, just
+#: before it, gives its bytes and frames. A server shuts down a connection that runs further
+#: ahead of its complete messages than it announced plus ``INCOMPLETE_MESSAGE_BYTES``
+#: (see :mod:`zfabric.intake`), so this must stay well below that setting.
+ANNOUNCE_ABOVE = 2**20
+
+
+def announcement(frames: Sequence) -> list | None:
+    """The message to send just before ``frames`` (one message) when it is large, else None."""
+    n = 0
+    for f in frames:
+        n += len(f) if type(f) is bytes else memoryview(f).nbytes
+    if n <= ANNOUNCE_ABOVE:
+        return None
+    return [_packer.pack([{"op": "announce", "bytes": n, "frames": len(frames)}])]
 
 
 def encode(ops: Sequence[dict], buffers: Sequence = ()) -> list:

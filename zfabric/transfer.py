@@ -155,7 +155,11 @@ class DataPool:
         op = {**op, "id": self._seq}
         fut = asyncio.get_running_loop().create_future()
         conn.pending[self._seq] = fut
-        await conn.sock.send_multipart(protocol.encode([op], frames), copy=False)
+        message = protocol.encode([op], frames)
+        notice = protocol.announcement(message)
+        if notice is not None:  # a large message is announced (zfabric/intake.py)
+            await conn.sock.send_multipart(notice)
+        await conn.sock.send_multipart(message, copy=False)
         try:
             return await asyncio.wait_for(asyncio.shield(fut), self.timeout_s)
         except TimeoutError:

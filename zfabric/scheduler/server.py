@@ -22,6 +22,7 @@ from .. import _zmq, logs, protocol
 from ..config import Config, from_env
 from ..dashboard import Dashboard, parse_address
 from ..errors import RemoteProtocolError
+from ..intake import Intake
 from ..lifecycle import LifeCycle, call_from_thread
 from ..security import SecurityError, as_security, role_of
 from .outbox import encode_bounded
@@ -29,7 +30,9 @@ from .state import SchedulerState
 
 logger = logging.getLogger(__name__)
 
-_EVENTS, _POLLIN = int(zmq.EVENTS), int(zmq.POLLIN)  # plain ints: enum arithmetic is slow
+# plain ints: enum arithmetic is slow
+_EVENTS, _POLLIN, _RCVMORE = int(zmq.EVENTS), int(zmq.POLLIN), int(zmq.RCVMORE)
+_NOBLOCK, _SRCFD = int(zmq.NOBLOCK), int(zmq.SRCFD)
 
 #: Messages taken from the socket before the state's replies are sent.
 DRAIN_MAX = 2000
@@ -37,6 +40,10 @@ DRAIN_MAX = 2000
 #: messages must not hold back ticks, heartbeats and replies (peers would look silent, and
 #: think the scheduler silent, for as long as one turn lasted).
 TURN_MAX_S = 0.05
+#: How often connections are checked for unfinished messages (zfabric/intake.py), at most.
+INTAKE_CHECK_S = 0.05
+#: The connection of a revoked key ends this long after it was told (so that it hears why).
+REVOKED_GRACE_S = 0.5
 #: Longest wait in poll, which is also how often ``tick`` runs at least.
 TICK_MS = 50
 
@@ -80,6 +87,7 @@ class Scheduler(LifeCycle):
         self._peer_bytes: dict[bytes, int] = {}
         self.backlog_bytes = 0
         self._publish = None  # the dashboard's publish(snapshot), once it serves
+        self._intake: Intake | None = None
         self.state.observe.wall_offset = time.time() - time.monotonic()
         self.state.log_source = logs.recent
         logs.install()
@@ -166,6 +174,8 @@ class Scheduler(LifeCycle):
             logger.exception("scheduler loop crashed")
         finally:
             self._goodbye(sock)
+            if self._intake is not None:
+                self._intake.close()
             sock.close(linger=self.config.LINGER_MS)
             if self.security is not None:
                 from .. import zap
@@ -181,8 +191,11 @@ class Scheduler(LifeCycle):
         state = self.state
         poller = zmq.Poller()
         poller.register(sock, zmq.POLLIN)
-        recv = sock.recv_multipart
+        recv, getsockopt = sock.recv, sock.getsockopt
         decode = protocol.decode
+        intake = self._intake = self._make_intake(sock)
+        next_intake = 0.0
+        conn = None
         max_frames = self.config.MAX_FRAMES
         next_tick = next_publish = time.monotonic()
         obs = state.observe
@@ -199,32 +212,41 @@ class Scheduler(LifeCycle):
                 nin = bin_ = 0
                 for i in range(DRAIN_MAX):
                     if i:
-                        if not sock.getsockopt(_EVENTS) & _POLLIN:
+                        if not getsockopt(_EVENTS) & _POLLIN:
                             break  # asking is cheaper than an Again raised
                         if not i & 15:  # the clock every 16 messages is enough
                             now = time.monotonic()
                             if now - start > TURN_MAX_S:
                                 break
                     try:
-                        frames = recv(zmq.NOBLOCK, copy=not secure)
+                        peer = recv(_NOBLOCK)
                     except zmq.Again:
                         break
+                    # the first data frame as a Frame: it knows its connection and key
+                    first = recv(_NOBLOCK, copy=False)
+                    frames = [first.bytes]
+                    while getsockopt(_RCVMORE):
+                        frames.append(recv(_NOBLOCK))
+                    if intake is not None:
+                        conn = intake.received(first.get(_SRCFD), peer, frames)
                     role = None
                     if secure:
-                        frames, role = self._authenticated(frames, ring)
-                        if frames is None:
+                        role = self._authenticated(peer, first, ring)
+                        if role is None:
                             continue
-                    peer = frames[0]
                     errors = []
                     nin += 1
                     for f in frames:
                         bin_ += len(f)
                     try:
                         # a bad op is left out (and answered), not the good ops beside it
-                        ops, _ = decode(frames[1:], max_frames, errors)
+                        ops, _ = decode(frames, max_frames, errors)
                     except RemoteProtocolError as exc:
                         logger.warning("malformed message from %r: %s", peer, exc)
                         state.send(peer, {"op": "error", "message": f"malformed message: {exc}"})
+                        continue
+                    if len(ops) == 1 and ops[0]["op"] == "announce":
+                        self._announced(peer, conn if intake is not None else None, ops[0])
                         continue
                     if errors:
                         text = "; ".join(str(e) for e in errors[:5])
@@ -244,6 +266,9 @@ class Scheduler(LifeCycle):
                 next_keys = now + self.config.HEARTBEAT_INTERVAL_S / 2
                 if ring.refresh():
                     self._revoke(ring, now)
+            if intake is not None and now >= next_intake:
+                next_intake = now + INTAKE_CHECK_S
+                self._check_intake(intake, now)
             if now >= next_tick:
                 try:
                     state.tick(now)
@@ -263,22 +288,57 @@ class Scheduler(LifeCycle):
                     state.peer_gone(peer, now, why)
                 gone = self._send(sock, state.flush())
 
-    def _authenticated(self, frames: list, ring) -> tuple[list | None, str | None]:
-        """The frames (as bytes) and the role of a message on a CURVE socket; None for a
-        message whose key was revoked since its connection was accepted."""
+    def _authenticated(self, peer: bytes, first: zmq.Frame, ring) -> str | None:
+        """The role of a message on a CURVE socket (``first``: its first data frame); None
+        for a message whose key was revoked since its connection was accepted."""
         try:
-            role, key = role_of(frames[1] if len(frames) > 1 else frames[0])
+            role, key = role_of(first)
         except zmq.ZMQError:
-            return None, None
-        peer = frames[0].bytes
+            return None
         if ring.keys.get(key) != role:
             logger.warning("dropping a message from %r: its key was revoked", peer)
-            return None, None
+            if self._intake is not None:
+                self._intake.shut_peer_later(peer, time.monotonic() + REVOKED_GRACE_S)
+            return None
         if peer not in self._keys:
             if len(self._keys) > 100_000:
                 self._keys = {p: k for p, k in self._keys.items() if self._known(p)}
             self._keys[peer] = key
-        return [f.bytes for f in frames], role
+        return role
+
+    def _make_intake(self, sock: zmq.Socket) -> Intake | None:
+        limit = self.config.INCOMPLETE_MESSAGE_BYTES
+        if limit <= 0:
+            return None
+        return Intake(sock, curve=self.security is not None, slack=limit,
+                      frame_limit=self.config.SCHEDULER_FRAME_BYTES,
+                      max_frames=self.config.MAX_FRAMES, name="scheduler")
+
+    def _announced(self, peer: bytes, conn, op: dict) -> None:
+        """An ``announce`` op: the peer's next message is this large (zfabric/intake.py)."""
+        if conn is None:
+            return
+        error = self._intake.announced(conn, op)
+        if error is not None:
+            logger.warning("peer %r: %s", peer, error)
+            self.state.send(peer, {"op": "error", "message": f"refused announcement: {error}"})
+
+    def _check_intake(self, intake: Intake, now: float) -> None:
+        """End connections too far ahead of their complete messages (their peers are gone:
+        see zfabric/intake.py), and those of revoked keys whose time came."""
+        if intake.doomed:
+            intake.expire(now)
+        try:
+            shut = intake.check()
+        except Exception:
+            logger.exception("checking connections for unfinished messages failed")
+            return
+        for conn, why in shut:
+            peer = conn.peer
+            self.state._event(f"connection from {conn.peer_address or '?'} shut down: {why}",
+                              "connection-shut-down")
+            if peer is not None and self._known(peer):
+                self.state.peer_gone(peer, now, why)
 
     def _known(self, peer: bytes) -> bool:
         st = self.state
@@ -290,6 +350,8 @@ class Scheduler(LifeCycle):
             if key in ring.keys:
                 continue
             del self._keys[peer]
+            if self._intake is not None:  # a ROUTER cannot close one connection itself
+                self._intake.shut_peer_later(peer, now + REVOKED_GRACE_S)
             if self._known(peer):
                 st = self.state
                 if peer in st.clients:

@@ -28,6 +28,7 @@ import zmq
 from .. import _zmq, logs, protocol, serialize, shm
 from ..config import Config
 from ..errors import RemoteProtocolError, TaskTimeout
+from ..intake import Intake
 from ..transfer import cancel_leases
 from .actors import Actors
 from .data import DataPlane, waiting
@@ -59,6 +60,9 @@ class WorkerLoop(TaskFlow, DataPlane, Replicas):
         self.scheduler_address = _zmq.normalize_address(scheduler_address)
         self.security = security  # a Security with keys (CURVE on every socket) or None
         self.keyring = None
+        self.intake = None  # the data port's guard against unfinished messages
+        self.next_intake = 0.0
+        self.data_keys: dict[bytes, bytes] = {}  # data peer -> the key it connected with
         self.nthreads = nthreads
         self.name = name
         self.resources = resources
@@ -178,6 +182,12 @@ class WorkerLoop(TaskFlow, DataPlane, Replicas):
             from .. import zap
 
             self.keyring = zap.keyring(self.security)
+        if self.config.INCOMPLETE_MESSAGE_BYTES > 0:
+            self.intake = Intake(self.data, curve=self.security is not None,
+                                 slack=self.config.INCOMPLETE_MESSAGE_BYTES,
+                                 frame_limit=self.config.MAX_MESSAGE_BYTES,
+                                 max_frames=self.config.MAX_FRAMES,
+                                 name=f"worker {self.name or bound}")
         self.address = self.contact or bound
         if self.name is None:
             self.name = self.address
@@ -220,6 +230,8 @@ class WorkerLoop(TaskFlow, DataPlane, Replicas):
         self.plugins.teardown_all()
         self.actors.stop()
         self.executor.stop()
+        if self.intake is not None:
+            self.intake.close()
         for s in (self.sched, self.data, *self.peers.values()):
             s.close(linger=self.config.LINGER_MS)
         if self.security is not None:
@@ -248,6 +260,8 @@ class WorkerLoop(TaskFlow, DataPlane, Replicas):
                 self._drain_data()
             if self.data_backlog:
                 self._retry_replies()
+            if self.intake is not None:
+                self._check_intake(time.monotonic())
             for addr, sock in list(self.peers.items()):
                 if sock in events:
                     self._drain_peer(addr, sock)
@@ -286,7 +300,11 @@ class WorkerLoop(TaskFlow, DataPlane, Replicas):
             self.status_op = None
         if self.outbox:
             ops, self.outbox = self.outbox, []
-            self.backlog.append(protocol.encode(ops))
+            frames = protocol.encode(ops)
+            notice = protocol.announcement(frames)
+            if notice is not None:  # a large message is announced (zfabric/intake.py)
+                self.backlog.append(notice)
+            self.backlog.append(frames)
         # A full link (the scheduler not reading) keeps messages here, in order, to retry on
         # the next turn; nothing is dropped.
         while self.backlog:
@@ -319,8 +337,8 @@ class WorkerLoop(TaskFlow, DataPlane, Replicas):
         self._check_timeouts(now)
         if self.unconfirmed:
             self._confirm_placed(now)
-        if self.keyring is not None:
-            self.keyring.refresh()  # revoked keys lose the data port within a heartbeat
+        if self.keyring is not None and self.keyring.refresh():
+            self._revoke_data_peers(now)  # revoked keys lose the data port within a heartbeat
         if self.hello_at and now >= self.hello_at and self.epoch is None:
             self.hello_at = 0.0
             self._hello()

@@ -35,7 +35,12 @@ FETCH_BATCH_KEYS = 64
 FETCHES_PER_PEER = 2
 FETCHES_TOTAL = 16
 
-_EVENTS, _POLLIN = int(zmq.EVENTS), int(zmq.POLLIN)  # plain ints: enum arithmetic is slow
+# plain ints: enum arithmetic is slow
+_EVENTS, _POLLIN, _SRCFD = int(zmq.EVENTS), int(zmq.POLLIN), int(zmq.SRCFD)
+#: How often data connections are checked for unfinished messages, at most.
+INTAKE_CHECK_S = 0.05
+#: A revoked key's data connection ends this long after it was told (so that it hears why).
+REVOKED_GRACE_S = 0.5
 
 
 def waiting(sock: zmq.Socket, copy: bool = True):
@@ -55,8 +60,12 @@ class DataPlane:
 
     def _drain_data(self) -> None:
         ring = self.keyring
+        intake = self.intake
+        conn = None
         for frames in waiting(self.data, copy=False):
             peer = frames[0].bytes
+            if intake is not None:
+                conn = intake.received(frames[1].get(_SRCFD), peer, frames[1:])
             if ring is not None and not self._data_peer_allowed(peer, frames, ring):
                 continue
             try:
@@ -64,6 +73,11 @@ class DataPlane:
                                                self.config.MAX_FRAMES)
             except (RemoteProtocolError, IndexError) as exc:
                 self._reply_data(peer, [{"op": "error", "message": str(exc)}])
+                continue
+            if len(ops) == 1 and ops[0]["op"] == "announce":
+                error = intake.announced(conn, ops[0]) if conn is not None else None
+                if error is not None:
+                    self._reply_data(peer, [{"op": "error", "message": error}])
                 continue
             srcfd = None
             for op in ops:
@@ -75,17 +89,52 @@ class DataPlane:
                     self._reply_data(peer, [{"op": "error", "message": f"{op['op']}: {exc}",
                                              "id": op.get("id")}])
 
+    def _check_intake(self, now: float) -> None:
+        """Every ``INTAKE_CHECK_S``: end connections too far ahead of their complete
+        messages (zfabric/intake.py), and those of revoked keys whose time came."""
+        if now < self.next_intake:
+            return
+        self.next_intake = now + INTAKE_CHECK_S
+        intake = self.intake
+        if intake.doomed:
+            intake.expire(now)
+        try:
+            shut = intake.check()
+        except Exception:
+            logger.exception("checking data connections for unfinished messages failed")
+            return
+        for conn, _ in shut:
+            if conn.peer is not None:
+                self.data_backlog.pop(conn.peer, None)
+                self.data_backlog_bytes.pop(conn.peer, None)
+
     def _data_peer_allowed(self, peer: bytes, frames: list, ring) -> bool:
-        """With security on: workers and clients may ask for data; a revoked key may not."""
+        """With security on: workers and clients may ask for data; a revoked key may not
+        (its connection ends, after it was told why)."""
         try:
             role, key = role_of(frames[1] if len(frames) > 1 else frames[0])
         except zmq.ZMQError:
             return False
         if role in ("worker", "client", "admin") and ring.keys.get(key) == role:
+            if peer not in self.data_keys:
+                if len(self.data_keys) > 100_000:
+                    self.data_keys.clear()  # forgotten ones are noted again on their next message
+                self.data_keys[peer] = key
             return True
         self._reply_data(peer, [{"op": "error", "message": f"a {role} key may not use a"
                                  " worker's data port, or it was revoked"}])
+        if self.intake is not None:
+            self.intake.shut_peer_later(peer, time.monotonic() + REVOKED_GRACE_S)
         return False
+
+    def _revoke_data_peers(self, now: float) -> None:
+        """The authorized keys changed: end the data connections of keys no longer in it."""
+        ring = self.keyring
+        for peer, key in list(self.data_keys.items()):
+            if key not in ring.keys:
+                del self.data_keys[peer]
+                if self.intake is not None:
+                    self.intake.shut_peer_later(peer, now)
 
     def _on_data_op(self, peer: bytes, op: dict, buffers: list, srcfd: int | None) -> None:
         match op["op"]:
