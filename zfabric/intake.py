@@ -95,8 +95,10 @@ class Ledger:
     def received(self, fd: int, peer: bytes, frames) -> Connection:
         """A complete message (its data frames) came on ``fd`` from ``peer``."""
         conn = self.conns.get(fd)
-        if conn is None:  # its ACCEPTED event is not read yet
-            conn = self.conns[fd] = Connection()
+        if conn is None:
+            if fd < 0:  # no descriptor (not TCP): nothing to check it against
+                return Connection(peer=peer)
+            conn = self.conns[fd] = Connection()  # its ACCEPTED event is not read yet
         conn.complete += wire_bytes(frames, self.curve)
         conn.peer = peer
         conn.announced = 0
@@ -206,8 +208,10 @@ class Intake:
         ledger = self.ledger
         for fd, conn in list(ledger.conns.items()):
             counts = _tcp_counts(fd)
-            if counts is None:
-                continue  # not TCP (ipc://), or closed: its DISCONNECTED event will come
+            if counts is None:  # not TCP (ipc://), or closed (its DISCONNECTED may be read)
+                if _identity(fd)[0] != conn.ino:
+                    ledger.closed(fd)  # gone, or another file now: forget it
+                continue
             over = ledger.ahead(conn, *counts)
             if over <= 0:
                 conn.flagged = 0
