@@ -128,7 +128,7 @@ async def test_an_unfinished_message_gets_its_connection_shut_down(port):
             # (that would be 1 GiB in libzmq: 64 bytes per frame)
             open_after = await asyncio.to_thread(raw.trickle, _endless(32 * MiB),
                                                  256 * 1024, 0.005)
-            # Then its connection is shut down soon after INCOMPLETE_MESSAGE_BYTES (2 MiB)
+            # Then its connection is shut down soon after INCOMPLETE_MESSAGE_BYTES (1 MiB)
             assert not open_after
             assert raw.sent < 12 * MiB, raw.sent
             if port == "scheduler":

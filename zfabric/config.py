@@ -75,7 +75,7 @@ class Config:
     #: Bytes a connection to the scheduler's port or a worker's data port may send beyond its
     #: last complete message, unless it announced a larger one (zfabric/intake.py): libzmq
     #: keeps the frames of an unfinished message, so a peer past this is shut down.
-    INCOMPLETE_MESSAGE_BYTES: int = 2 * 2**20
+    INCOMPLETE_MESSAGE_BYTES: int = 2**20
     #: Bytes the scheduler keeps for one peer whose queue is full (it does not read); past
     #: this the peer is dropped as gone, loudly, rather than letting the scheduler grow.
     PEER_BACKLOG_BYTES: int = 256 * 2**20

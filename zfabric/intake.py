@@ -69,7 +69,6 @@ class Connection:
     complete: int = 0  # wire bytes of the complete messages received on it
     announced: int = 0  # wire bytes the next message may take, as announced
     peer: bytes | None = None  # routing id its messages came with
-    flagged: int = 0  # checks in a row it was found too far ahead
 
 
 @dataclass
@@ -214,7 +213,6 @@ class Intake:
                 continue
             over = ledger.ahead(conn, *counts)
             if over <= 0:
-                conn.flagged = 0
                 continue
             # Complete messages may have arrived since the socket was drained: only a
             # connection found too far ahead with nothing complete waiting is shut down.
@@ -226,9 +224,6 @@ class Intake:
             if ino != conn.ino:  # the descriptor is another socket now
                 ledger.closed(fd)
                 continue
-            conn.flagged += 1
-            if conn.flagged < 2:
-                continue  # seen twice in a row: not a message completing as we looked
             why = (f"it sent {over + ledger.slack + conn.announced:,} bytes beyond its last"
                    f" complete message, more than INCOMPLETE_MESSAGE_BYTES"
                    f" ({ledger.slack:,})" + (f" plus the {conn.announced:,} it announced"

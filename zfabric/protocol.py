@@ -96,7 +96,7 @@ _packer = msgpack.Packer(use_bin_type=True)
 #: before it, gives its bytes and frames. A server shuts down a connection that runs further
 #: ahead of its complete messages than it announced plus ``INCOMPLETE_MESSAGE_BYTES``
 #: (see :mod:`zfabric.intake`), so this must stay well below that setting.
-ANNOUNCE_ABOVE = 2**20
+ANNOUNCE_ABOVE = 2**18
 
 
 def announcement(frames: Sequence) -> list | None:
