@@ -96,3 +96,33 @@ async def test_actor_with_an_asynchronous_client(fab):
     assert await box.later(21) == 42
     with pytest.raises(TypeError):
         fab.c.submit(lambda: 1, actor=True)
+
+
+def test_actors_of_a_secure_and_a_plain_cluster_in_one_process(tmp_path):
+    # A script that used a cluster with keys, then one without: each actor handle calls with
+    # the keys of the client it came from (they once all used the first client's keys)
+    out = run_script(tmp_path, """
+        from zfabric import Client, LocalCluster
+
+
+        class Box:
+            def __init__(self, v):
+                self.v = v
+
+            def get(self):
+                return self.v
+
+
+        if __name__ == "__main__":
+            with LocalCluster(n_workers=1, processes=False, security=True) as secure, \\
+                    Client(secure) as c1:
+                a = c1.submit(Box, "secure", actor=True).result(timeout=30)
+                assert a.get().result(timeout=30) == "secure"
+                with LocalCluster(n_workers=1, processes=False) as plain, \\
+                        Client(plain, set_as_default=False) as c2:
+                    b = c2.submit(Box, "plain", actor=True).result(timeout=30)
+                    assert b.get().result(timeout=30) == "plain"
+                    assert a.get().result(timeout=30) == "secure"
+            print("all good")
+    """)
+    assert "all good" in out

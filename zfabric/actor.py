@@ -55,11 +55,10 @@ def create(cls, *args, **kwargs):
 class _Link:
     """One DEALER from this thread to one worker's data port, and the answers that came."""
 
-    def __init__(self, address: str):
+    def __init__(self, address: str, security=None):
         self.address = address
         sock = self.sock = zmq.Context.instance().socket(zmq.DEALER)
         _zmq._common(sock, 0, DEFAULT.HWM_MESSAGES)
-        security = process_security()
         if security is not None:  # a worker's data port: CURVE, as a client
             security.client_socket(sock, "client", "worker")
         # before connect: POLLOUT then means "the worker is connected", and nothing is
@@ -134,13 +133,17 @@ class _Link:
 _local = threading.local()
 
 
-def _link(address: str) -> _Link:
+def _link(address: str, security) -> _Link:
+    """This thread's link to ``address`` with ``security``'s keys (None: no CURVE)."""
     links = getattr(_local, "links", None)
     if links is None:
         links = _local.links = {}
-    link = links.get(address)
+    # by the keys themselves: a Security object may go and another take its id
+    which = (address, None if security is None else
+             (security.pair("client")[0], security.publics.get("worker")))
+    link = links.get(which)
     if link is None:
-        link = links[address] = _Link(address)
+        link = links[which] = _Link(address, security)
     return link
 
 
@@ -294,8 +297,16 @@ class Actor:
         elif args or kwargs:
             header, _ = serialize.dumps_value((args, kwargs), inline_bytes=1 << 62)
             op["args"] = header
-        link = _link(self._address)
+        link = _link(self._address, self._security())
         return ActorFuture(link, link.send(op), self._key, self._worker)
+
+    def _security(self):
+        """The keys to call with: those of the client the handle came from, else those of
+        this process's worker or client (a handle that travelled into a task)."""
+        client = getattr(self._future, "client", None)
+        if client is not None:
+            return client.security
+        return process_security()
 
     def __getattr__(self, name: str):
         if name.startswith("_"):
