@@ -10,7 +10,14 @@ import logging
 
 from ..config import PROTOCOL_VERSION
 from ..errors import RemoteProtocolError
-from ..protocol import check_worker_hello, clean_metrics, safe_name, short, version_mismatches
+from ..protocol import (
+    check_worker_hello,
+    clean_metrics,
+    clean_transfers,
+    safe_name,
+    short,
+    version_mismatches,
+)
 from .records import FIRE_AND_FORGET, ClientState, NannyState, WorkerState
 
 logger = logging.getLogger(__name__)
@@ -178,7 +185,7 @@ class PeerOps:
         match op["op"]:
             case "finished":
                 if "transfers" in op:
-                    self.observe.transferred(ws, op["transfers"])
+                    self.observe.transferred(ws, clean_transfers(op["transfers"]))
                 for item in op["tasks"]:
                     self.task_finished(ws, *item)
                 self._fill(ws)
@@ -209,7 +216,7 @@ class PeerOps:
                 if metrics is not None:
                     ws.metrics = clean_metrics(metrics)
                 if "transfers" in op:
-                    self.observe.transferred(ws, op["transfers"])
+                    self.observe.transferred(ws, clean_transfers(op["transfers"]))
             case "worker-status":
                 self.worker_status(ws, op["status"], op["reason"])
             case "missing":
