@@ -17,7 +17,7 @@ import zmq.asyncio
 from zfabric import Client, LocalCluster, Scheduler, Worker, protocol
 from zfabric.config import from_env
 from zfabric.errors import SchedulerLost
-from zfabric.security import Security, SecurityError, keygen
+from zfabric.security import KeyRevoked, Security, SecurityError, keygen
 from zfabric.testing import FakePeer, until
 
 pytestmark = pytest.mark.timeout(60)
@@ -198,6 +198,18 @@ async def test_revoking_a_key_refuses_new_connections_and_ends_live_sessions(tmp
             await until(lambda: real_clients(s) == [], 5, "alice's session ended")
             with pytest.raises(SchedulerLost, match="revoked"):
                 await asyncio.wait_for(slow, 5)
+            # and the session is over: every later call fails at once, saying what to do
+            # (not after SCHEDULER_LOST_TIMEOUT_S of waiting for an answer that never comes)
+            with pytest.raises(KeyRevoked, match="authorize a key"):
+                c.submit(inc, 2)
+            with pytest.raises(KeyRevoked, match="new Client"):
+                c.map(inc, [1, 2])
+            with pytest.raises(KeyRevoked):
+                await c.scatter([1])
+            with pytest.raises(KeyRevoked):
+                await c.scheduler_info()
+            with pytest.raises(KeyRevoked):
+                await c.gather([slow])
         finally:
             await c.close()
         # and she cannot connect again

@@ -28,11 +28,11 @@ from pathlib import Path
 import zmq
 import zmq.auth
 
-from .errors import ZFabricError
+from .errors import SchedulerLost, ZFabricError
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["ROLES", "Security", "SecurityError", "keygen"]
+__all__ = ["ROLES", "KeyRevoked", "Security", "SecurityError", "keygen"]
 
 #: The roles a key can carry. The scheduler's key only serves; ``admin`` is a client that may
 #: also make the requests listed in the ``ADMIN_ONLY`` setting.
@@ -56,6 +56,11 @@ _TLS_ARGUMENTS = {
 class SecurityError(ZFabricError):
     """Raised when security is misconfigured: missing keys, a refused key, or a peer that
     requires encryption met without it."""
+
+
+class KeyRevoked(SecurityError, SchedulerLost):
+    """Raised when the scheduler ended a client's session because its key was revoked: every
+    future that was pending and every later call of that client fails with it at once."""
 
 
 def keygen(directory: str | os.PathLike, roles=PEER_ROLES, *, name: str | None = None) -> Path:
