@@ -224,6 +224,66 @@ async def test_revoking_a_key_refuses_new_connections_and_ends_live_sessions(tmp
         await close_all(s, workers)
 
 
+async def test_a_worker_restarted_at_its_address_with_the_same_key_takes_it_at_once(tmp_path):
+    import os
+    import signal
+    import socket
+
+    keys = keygen(tmp_path / "keys")
+    sec = Security(keys)
+    ports = []
+    for _ in range(2):
+        with socket.socket() as probe:
+            probe.bind(("127.0.0.1", 0))
+            ports.append(probe.getsockname()[1])
+    address = f"tcp://127.0.0.1:{ports[0]}"
+    # A stranger may take a live worker's address only after two of the scheduler's heartbeat
+    # intervals of silence (2 x 15 s here), and a silent worker is dropped after WORKER_TTL_S:
+    # both far longer than this test waits.
+    cfg = from_env(HEARTBEAT_INTERVAL_S=15, WORKER_TTL_S=60)
+
+    def start_worker(scheduler, port):
+        return subprocess.Popen(
+            [sys.executable, "-m", "zfabric", "worker", scheduler, "--nthreads", "1",
+             "--memory-limit", "0", "--listen-address", f"tcp://127.0.0.1:{port}",
+             "--contact-address", address, "--security", str(keys)],
+            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+
+    def worker_pids(s):
+        return {ws.pid for ws in list(s.state.workers.values())}
+
+    async with Scheduler(security=sec, config=cfg, dashboard=False) as s:
+        first = start_worker(s.address, ports[0])
+        second = None
+        try:
+            await until(lambda: worker_pids(s) == {first.pid}, 30, "the first worker joined")
+            # Given a worker whose connection stays open but that no longer answers (a frozen
+            # machine: a kill -9 closes the connection, and the scheduler's probe of the old
+            # worker finds it gone at once, with or without keys)
+            os.kill(first.pid, signal.SIGSTOP)
+            # When a new worker with the same key says hello with its address (its
+            # replacement; two processes of one host cannot listen at one port, so this one
+            # listens elsewhere and gives the old address to contact it)
+            second = start_worker(s.address, ports[1])
+            # Then it takes the address at once, not after two heartbeat intervals
+            await until(lambda: worker_pids(s) == {second.pid}, 10, "the new worker took over")
+            async with Client(s.address, asynchronous=True, set_as_default=False,
+                              security=sec) as c:
+                f = c.submit(abs, -2, workers=[address], pure=False)
+                assert await asyncio.wait_for(f, 20) == 2
+                # and the old one, should it wake up, is told to close (it does not flap
+                # with the new one)
+                os.kill(first.pid, signal.SIGCONT)
+                assert await asyncio.to_thread(first.wait, 20) == 0
+                assert worker_pids(s) == {second.pid}
+                assert await asyncio.wait_for(c.submit(abs, -3, pure=False), 20) == 3
+        finally:
+            for p in (first, second):
+                if p is not None and p.poll() is None:
+                    p.kill()
+                    p.wait(10)
+
+
 def test_local_cluster_with_security_true_runs_nanny_workers():
     with LocalCluster(n_workers=2, threads_per_worker=1, security=True,
                       memory_limit=0) as cluster:

@@ -63,7 +63,15 @@ class PeerOps:
                 return
             address = fields["address"]
             old = self.workers_by_address.get(address)
-            if old is not None:
+            if old is not None and self._same_key(old, peer):
+                # Its restart (the same keys at the same address): the old process is gone,
+                # or, if it lives, two workers share one address by mistake. Close the old
+                # one rather than ask it to say hello again, which would make them flap.
+                self.send(old.ident, {"op": "close", "reason": f"a new worker with the same"
+                                      f" key took its data address {address}"})
+                self.remove_worker(old, "replaced by a new worker with the same key",
+                                   died=True, unheard=False)
+            elif old is not None:
                 if not self._replaceable(old):
                     # A live worker serves there: a second one would make it flap. Probe the
                     # old one (a send to a gone connection removes it at once) and let the
