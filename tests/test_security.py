@@ -298,6 +298,69 @@ def test_local_cluster_with_security_true_runs_nanny_workers():
             Client(cluster.scheduler_address, set_as_default=False, timeout=5)
 
 
+def what_a_task_sees():
+    """Everything of its environment a task, and the processes it starts, can read."""
+    import os
+
+    with open("/proc/self/environ", "rb") as f:
+        proc_environ = f.read().decode(errors="replace")
+    child = subprocess.run(["env"], capture_output=True, text=True, timeout=30).stdout
+    grandchild = subprocess.run(
+        [sys.executable, "-c", "import os, subprocess; print(dict(os.environ));"
+         " print(subprocess.run(['env'], capture_output=True, text=True).stdout)"],
+        capture_output=True, text=True, timeout=60).stdout
+    return os.getpid(), "\n".join([repr(dict(os.environ)), proc_environ, child, grandchild])
+
+
+def test_nanny_workers_get_keys_in_memory_through_a_pipe_never_the_environment():
+    import os
+    import signal
+
+    sec = Security.temporary()
+    secrets = [secret.decode() for _, secret in sec.pairs.values()]
+    with LocalCluster(n_workers=1, threads_per_worker=1, security=sec,
+                      memory_limit=0) as cluster, Client(cluster, set_as_default=False) as c:
+        # A task and what it starts see no key in any environment
+        pid, seen = c.submit(what_a_task_sees, pure=False).result(timeout=60)
+        assert seen.count("PATH=") >= 3  # it did read the environments
+        assert "ZFABRIC_SECURITY_KEYS" not in seen
+        assert not [s for s in secrets if s in seen]
+        # and a worker process the Nanny starts again (this one killed) gets its keys too
+        os.kill(pid, signal.SIGKILL)
+        deadline = time.monotonic() + 60
+        while True:
+            new_pid, seen = c.submit(what_a_task_sees, pure=False).result(timeout=60)
+            if new_pid != pid or time.monotonic() > deadline:
+                break
+        assert new_pid != pid
+        assert not [s for s in secrets if s in seen]
+        assert c.submit(inc, 1, pure=False).result(timeout=30) == 2
+
+
+def test_keys_in_a_pipe_are_read_once_and_the_pipe_closed(monkeypatch, tmp_path):
+    import os
+
+    from zfabric.spawn import _keys_pipe, read_keys, worker_env
+
+    sec = Security.temporary()
+    fd = _keys_pipe(sec)
+    got = read_keys(fd)
+    # a worker gets its own key and the client key of its tasks, not the admin's or the
+    # scheduler's, and knows every key that may connect to its data port
+    assert got.pairs == {r: sec.pairs[r] for r in ("worker", "client")}
+    assert got.publics == sec.publics and got.authorized() == sec.authorized()
+    with pytest.raises(OSError):
+        os.fstat(fd)
+    with pytest.raises(SecurityError, match="keys-fd"):
+        read_keys(fd)
+    # a worker's environment names the keys' directory at most, never keys
+    monkeypatch.setenv("ZFABRIC_SECURITY_KEYS", "left over")
+    monkeypatch.setenv("ZFABRIC_SECURITY", "/not/ours")
+    assert not {"ZFABRIC_SECURITY_KEYS", "ZFABRIC_SECURITY"} & set(worker_env({}, sec))
+    on_disk = Security(keygen(tmp_path / "keys"))
+    assert worker_env({}, on_disk)["ZFABRIC_SECURITY"] == str(tmp_path / "keys")
+
+
 def test_dask_tls_arguments_name_keygen():
     with pytest.raises(SecurityError, match=r"zfabric keygen.*Security.temporary"):
         Security(tls_ca_file="ca.pem", tls_client_cert="c.pem")
