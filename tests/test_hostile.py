@@ -365,6 +365,28 @@ def test_a_lost_result_makes_its_dependents_wait_for_it_again():
     state.validate()
 
 
+def test_with_keys_only_the_same_key_takes_a_live_workers_address_early():
+    keys = {b"w1": b"K1", b"w2": b"K1", b"w3": b"K2"}
+    state = state_with_workers()
+    state.key_of = keys.get  # as the shell does with security on
+    address = "tcp://10.0.0.1:1"
+    state.handle(b"w1", [protocol.hello("worker", "w1", address=address, nthreads=1)], 0.0)
+    state.flush()
+    # When a worker with another key says hello with w1's address while w1 is live
+    state.handle(b"w3", [protocol.hello("worker", "w3", address=address, nthreads=1)], 0.1)
+    out = state.flush()
+    # Then it is refused
+    assert [o["op"] for o in out[b"w3"]] == ["error"] and b"w3" not in state.workers
+    # When one with w1's own key does
+    state.handle(b"w2", [protocol.hello("worker", "w2", address=address, nthreads=1)], 0.2)
+    out = state.flush()
+    # Then it takes the address at once, and w1 is told to close (not to say hello again)
+    assert [o["op"] for o in out[b"w2"]] == ["welcome"]
+    assert list(state.workers) == [b"w2"] and state.workers_by_address[address].ident == b"w2"
+    assert [o["op"] for o in out[b"w1"]] == ["close"]
+    state.validate()
+
+
 def test_restricted_tasks_nobody_can_run_cost_one_check_per_fill():
     from zfabric.scheduler.queue import RestrictedQueue
     from zfabric.scheduler.records import TaskState
