@@ -200,6 +200,44 @@ async def test_finished_and_missing_are_accepted_only_from_the_worker_concerned(
         await canary(c)
 
 
+async def test_bad_transfer_reports_are_dropped_and_the_finish_beside_them_applies():
+    import math
+
+    good = ["tcp://127.0.0.1:7", 1.0, 2.0, 100, 1]
+    bad = [
+        ["tcp://x:1", float("nan"), 1.0, 10, 1], ["tcp://x:1", 0.0, float("inf"), 10, 1],
+        ["tcp://x:1", 0.0, 1.0, float("inf"), 1], ["tcp://x:1", 0.0, 1.0, -5, 1],
+        ["tcp://x:1", 0.0, 1.0, 2**63, 1], ["tcp://x:1", 0.0, 1.0, 10, "many"],
+        ["x" * 4 * MiB, 0.0, 1.0, 10, 1], ["tcp://x:1\nforged", 0.0, 1.0, 10, 1],
+        [1, 2, 3], "junk", None, {"a": 1},
+    ]
+    async with cluster(1) as (s, _), FakePeer(s.address, role="worker") as fake, \
+            Client(s.address, asynchronous=True, set_as_default=False) as c:
+        fake_addr = "tcp://127.0.0.1:9"
+        assert (await fake.hello(**worker_hello(fake_addr)))["op"] == "welcome"
+        f = c.submit(inc, 1, workers=[fake_addr], pure=False)
+        [key, *_] = (await fake.expect("compute", timeout=5))["tasks"][0]
+        # When a worker's report of its transfers is full of bad values, and long
+        await fake.send({"op": "heartbeat", "transfers": "not a list"},
+                        {"op": "heartbeat", "transfers": [good] * 100_000})
+        await fake.send({"op": "finished", "tasks": [[key, 1, None, 0.1]],
+                         "transfers": [*bad, good]})
+        # Then the task it finished beside them is applied, nothing failed in the loop
+        await until(lambda: f.done(), 5, "the fake worker's task finished")
+        assert f.status == "finished" and s.state.tasks[key].state == "memory"
+        assert not any(o["op"] == "error" for o in fake.received), fake.received
+        # and only well-formed entries were kept, at most a report's worth
+        obs = s.state.observe
+        kept = list(obs.transfers)
+        assert kept and all(t[1:] == (good[0], 1.0, 2.0, 100, 1) for t in kept)
+        assert obs.transfer_bytes == 100 * 1001
+        assert all(math.isfinite(t[2]) and math.isfinite(t[3]) for t in kept)
+        s.state.validate()
+        await fake.send({"op": "goodbye"})
+        await until(lambda: fake.identity not in s.state.workers, 5)
+        await canary(c)
+
+
 async def test_a_live_workers_data_address_is_not_taken_over():
     async with cluster(1) as (s, [w]), FakePeer(s.address, role="worker") as fake, \
             Client(s.address, asynchronous=True, set_as_default=False) as c:
@@ -324,6 +362,28 @@ def test_a_lost_result_makes_its_dependents_wait_for_it_again():
     state.remove_worker(ws_x, "killed", died=True)
     # Then y waits for x again too, and the books balance
     assert state.tasks["y"].waiting_on == 2
+    state.validate()
+
+
+def test_with_keys_only_the_same_key_takes_a_live_workers_address_early():
+    keys = {b"w1": b"K1", b"w2": b"K1", b"w3": b"K2"}
+    state = state_with_workers()
+    state.key_of = keys.get  # as the shell does with security on
+    address = "tcp://10.0.0.1:1"
+    state.handle(b"w1", [protocol.hello("worker", "w1", address=address, nthreads=1)], 0.0)
+    state.flush()
+    # When a worker with another key says hello with w1's address while w1 is live
+    state.handle(b"w3", [protocol.hello("worker", "w3", address=address, nthreads=1)], 0.1)
+    out = state.flush()
+    # Then it is refused
+    assert [o["op"] for o in out[b"w3"]] == ["error"] and b"w3" not in state.workers
+    # When one with w1's own key does
+    state.handle(b"w2", [protocol.hello("worker", "w2", address=address, nthreads=1)], 0.2)
+    out = state.flush()
+    # Then it takes the address at once, and w1 is told to close (not to say hello again)
+    assert [o["op"] for o in out[b"w2"]] == ["welcome"]
+    assert list(state.workers) == [b"w2"] and state.workers_by_address[address].ident == b"w2"
+    assert [o["op"] for o in out[b"w1"]] == ["close"]
     state.validate()
 
 

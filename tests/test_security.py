@@ -17,7 +17,7 @@ import zmq.asyncio
 from zfabric import Client, LocalCluster, Scheduler, Worker, protocol
 from zfabric.config import from_env
 from zfabric.errors import SchedulerLost
-from zfabric.security import Security, SecurityError, keygen
+from zfabric.security import KeyRevoked, Security, SecurityError, keygen
 from zfabric.testing import FakePeer, until
 
 pytestmark = pytest.mark.timeout(60)
@@ -198,6 +198,18 @@ async def test_revoking_a_key_refuses_new_connections_and_ends_live_sessions(tmp
             await until(lambda: real_clients(s) == [], 5, "alice's session ended")
             with pytest.raises(SchedulerLost, match="revoked"):
                 await asyncio.wait_for(slow, 5)
+            # and the session is over: every later call fails at once, saying what to do
+            # (not after SCHEDULER_LOST_TIMEOUT_S of waiting for an answer that never comes)
+            with pytest.raises(KeyRevoked, match="authorize a key"):
+                c.submit(inc, 2)
+            with pytest.raises(KeyRevoked, match="new Client"):
+                c.map(inc, [1, 2])
+            with pytest.raises(KeyRevoked):
+                await c.scatter([1])
+            with pytest.raises(KeyRevoked):
+                await c.scheduler_info()
+            with pytest.raises(KeyRevoked):
+                await c.gather([slow])
         finally:
             await c.close()
         # and she cannot connect again
@@ -212,6 +224,66 @@ async def test_revoking_a_key_refuses_new_connections_and_ends_live_sessions(tmp
         await close_all(s, workers)
 
 
+async def test_a_worker_restarted_at_its_address_with_the_same_key_takes_it_at_once(tmp_path):
+    import os
+    import signal
+    import socket
+
+    keys = keygen(tmp_path / "keys")
+    sec = Security(keys)
+    ports = []
+    for _ in range(2):
+        with socket.socket() as probe:
+            probe.bind(("127.0.0.1", 0))
+            ports.append(probe.getsockname()[1])
+    address = f"tcp://127.0.0.1:{ports[0]}"
+    # A stranger may take a live worker's address only after two of the scheduler's heartbeat
+    # intervals of silence (2 x 15 s here), and a silent worker is dropped after WORKER_TTL_S:
+    # both far longer than this test waits.
+    cfg = from_env(HEARTBEAT_INTERVAL_S=15, WORKER_TTL_S=60)
+
+    def start_worker(scheduler, port):
+        return subprocess.Popen(
+            [sys.executable, "-m", "zfabric", "worker", scheduler, "--nthreads", "1",
+             "--memory-limit", "0", "--listen-address", f"tcp://127.0.0.1:{port}",
+             "--contact-address", address, "--security", str(keys)],
+            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+
+    def worker_pids(s):
+        return {ws.pid for ws in list(s.state.workers.values())}
+
+    async with Scheduler(security=sec, config=cfg, dashboard=False) as s:
+        first = start_worker(s.address, ports[0])
+        second = None
+        try:
+            await until(lambda: worker_pids(s) == {first.pid}, 30, "the first worker joined")
+            # Given a worker whose connection stays open but that no longer answers (a frozen
+            # machine: a kill -9 closes the connection, and the scheduler's probe of the old
+            # worker finds it gone at once, with or without keys)
+            os.kill(first.pid, signal.SIGSTOP)
+            # When a new worker with the same key says hello with its address (its
+            # replacement; two processes of one host cannot listen at one port, so this one
+            # listens elsewhere and gives the old address to contact it)
+            second = start_worker(s.address, ports[1])
+            # Then it takes the address at once, not after two heartbeat intervals
+            await until(lambda: worker_pids(s) == {second.pid}, 10, "the new worker took over")
+            async with Client(s.address, asynchronous=True, set_as_default=False,
+                              security=sec) as c:
+                f = c.submit(abs, -2, workers=[address], pure=False)
+                assert await asyncio.wait_for(f, 20) == 2
+                # and the old one, should it wake up, is told to close (it does not flap
+                # with the new one)
+                os.kill(first.pid, signal.SIGCONT)
+                assert await asyncio.to_thread(first.wait, 20) == 0
+                assert worker_pids(s) == {second.pid}
+                assert await asyncio.wait_for(c.submit(abs, -3, pure=False), 20) == 3
+        finally:
+            for p in (first, second):
+                if p is not None and p.poll() is None:
+                    p.kill()
+                    p.wait(10)
+
+
 def test_local_cluster_with_security_true_runs_nanny_workers():
     with LocalCluster(n_workers=2, threads_per_worker=1, security=True,
                       memory_limit=0) as cluster:
@@ -224,6 +296,69 @@ def test_local_cluster_with_security_true_runs_nanny_workers():
             assert c.submit(fan_out, 10, pure=False).result(timeout=30) == sum(range(1, 11))
         with pytest.raises(SecurityError):
             Client(cluster.scheduler_address, set_as_default=False, timeout=5)
+
+
+def what_a_task_sees():
+    """Everything of its environment a task, and the processes it starts, can read."""
+    import os
+
+    with open("/proc/self/environ", "rb") as f:
+        proc_environ = f.read().decode(errors="replace")
+    child = subprocess.run(["env"], capture_output=True, text=True, timeout=30).stdout
+    grandchild = subprocess.run(
+        [sys.executable, "-c", "import os, subprocess; print(dict(os.environ));"
+         " print(subprocess.run(['env'], capture_output=True, text=True).stdout)"],
+        capture_output=True, text=True, timeout=60).stdout
+    return os.getpid(), "\n".join([repr(dict(os.environ)), proc_environ, child, grandchild])
+
+
+def test_nanny_workers_get_keys_in_memory_through_a_pipe_never_the_environment():
+    import os
+    import signal
+
+    sec = Security.temporary()
+    secrets = [secret.decode() for _, secret in sec.pairs.values()]
+    with LocalCluster(n_workers=1, threads_per_worker=1, security=sec,
+                      memory_limit=0) as cluster, Client(cluster, set_as_default=False) as c:
+        # A task and what it starts see no key in any environment
+        pid, seen = c.submit(what_a_task_sees, pure=False).result(timeout=60)
+        assert seen.count("PATH=") >= 3  # it did read the environments
+        assert "ZFABRIC_SECURITY_KEYS" not in seen
+        assert not [s for s in secrets if s in seen]
+        # and a worker process the Nanny starts again (this one killed) gets its keys too
+        os.kill(pid, signal.SIGKILL)
+        deadline = time.monotonic() + 60
+        while True:
+            new_pid, seen = c.submit(what_a_task_sees, pure=False).result(timeout=60)
+            if new_pid != pid or time.monotonic() > deadline:
+                break
+        assert new_pid != pid
+        assert not [s for s in secrets if s in seen]
+        assert c.submit(inc, 1, pure=False).result(timeout=30) == 2
+
+
+def test_keys_in_a_pipe_are_read_once_and_the_pipe_closed(monkeypatch, tmp_path):
+    import os
+
+    from zfabric.spawn import _keys_pipe, read_keys, worker_env
+
+    sec = Security.temporary()
+    fd = _keys_pipe(sec)
+    got = read_keys(fd)
+    # a worker gets its own key and the client key of its tasks, not the admin's or the
+    # scheduler's, and knows every key that may connect to its data port
+    assert got.pairs == {r: sec.pairs[r] for r in ("worker", "client")}
+    assert got.publics == sec.publics and got.authorized() == sec.authorized()
+    with pytest.raises(OSError):
+        os.fstat(fd)
+    with pytest.raises(SecurityError, match="keys-fd"):
+        read_keys(fd)
+    # a worker's environment names the keys' directory at most, never keys
+    monkeypatch.setenv("ZFABRIC_SECURITY_KEYS", "left over")
+    monkeypatch.setenv("ZFABRIC_SECURITY", "/not/ours")
+    assert not {"ZFABRIC_SECURITY_KEYS", "ZFABRIC_SECURITY"} & set(worker_env({}, sec))
+    on_disk = Security(keygen(tmp_path / "keys"))
+    assert worker_env({}, on_disk)["ZFABRIC_SECURITY"] == str(tmp_path / "keys")
 
 
 def test_dask_tls_arguments_name_keygen():

@@ -393,6 +393,7 @@ class Client(Submission, Values, ClusterRequests, ClusterControl, Session, Diagn
     def _check_open(self) -> None:
         if self.status in ("closing", "closed"):
             raise ClosedError("this client is closed; create a new Client")
+        self._check_session()  # ended by the scheduler (a revoked key)
 
     # ------------------------------------------------------------------ dask collections
 

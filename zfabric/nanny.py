@@ -3,9 +3,10 @@
 Theory of operation
 -------------------
 A :class:`Nanny` owns ``nworkers`` *slots*. Each slot runs one worker process at a time, a fresh
-interpreter started with :func:`zfabric.process.worker_command` (``python -m zfabric worker
-ADDRESS ...``), never a fork of this process: no ZeroMQ context or event loop crosses into it,
-and a user's script without ``if __name__ == "__main__":`` is not run again.
+interpreter started by :func:`zfabric.spawn.start_worker` (``python -m zfabric worker
+ADDRESS ...``; keys in memory go through a pipe, never the environment), never a fork of this
+process: no ZeroMQ context or event loop crosses into it, and a user's script without
+``if __name__ == "__main__":`` is not run again.
 
 The Nanny picks each process's routing id (``--identity``), so it can name the worker when it
 tells the scheduler that the process died (``worker-died``), without asking anyone. A pipe links
@@ -44,16 +45,14 @@ import logging
 import os
 import shutil
 import signal
-import subprocess
 import time
-import uuid
 
 from . import _zmq, protocol
 from .config import Config, from_env, memory_limit_bytes
 from .errors import CommTimeoutError, RemoteProtocolError, ZFabricError
 from .lifecycle import LifeCycle
-from .process import worker_command, worker_environ
-from .security import ENV_DIRECTORY, ENV_KEYS, SecurityError, as_security
+from .security import SecurityError, as_security
+from .spawn import start_worker
 from .supervision import RestartPolicy, Slot, WorkerProcess, assess
 from .transfer import read_ops
 from .worker.memory import memory_fractions
@@ -347,42 +346,21 @@ class Nanny(LifeCycle):
 
     # ------------------------------------------------------------------ processes
 
-    def _security_environ(self) -> dict:
-        """The keys for the worker processes (their own, never a parent's leftovers)."""
-        if self.security is None:
-            return {ENV_DIRECTORY: "", ENV_KEYS: ""}
-        return {ENV_DIRECTORY: "", ENV_KEYS: "", **self.security.environ()}
-
     def _spawn(self, slot: Slot, now: float) -> None:
-        identity = f"worker-{uuid.uuid4().hex[:16]}"
-        read_fd, write_fd = os.pipe()
-        cmd = worker_command(
-            self.scheduler_address, identity=identity, nthreads=self.nthreads,
-            memory_limit=self.memory_limit, nanny=self.identity, parent_pid=os.getpid(),
-            ready_fd=write_fd, name=slot.name, resources=self.resources,
-            listen_address=self.listen_address, contact_address=self.contact_address,
-            death_timeout_s=self.death_timeout, log_level=self.worker_log_level,
-            memory_fractions=self.memory_fractions, local_directory=self.local_directory,
-            preload=self.preload,
+        wp = start_worker(
+            self.scheduler_address, now=now, security=self.security, env=self.env,
+            nthreads=self.nthreads, memory_limit=self.memory_limit, nanny=self.identity,
+            name=slot.name, resources=self.resources, listen_address=self.listen_address,
+            contact_address=self.contact_address, death_timeout_s=self.death_timeout,
+            log_level=self.worker_log_level, memory_fractions=self.memory_fractions,
+            local_directory=self.local_directory, preload=self.preload,
         )
-        try:
-            proc = subprocess.Popen(
-                cmd, env=worker_environ({**self.env, **self._security_environ()}),
-                pass_fds=(write_fd,), stdin=subprocess.DEVNULL,
-                start_new_session=True,
-            )
-        except OSError:
-            os.close(read_fd)
-            raise
-        finally:
-            os.close(write_fd)
-        wp = WorkerProcess(proc, identity, read_fd, now)
         slot.process = wp
         slot.generation += 1
         slot.phase = "starting"
-        os.set_blocking(read_fd, False)
-        self._loop.add_reader(read_fd, self._on_pipe, slot, wp)
-        logger.debug("nanny %s started worker process %d (%s)", self.identity, wp.pid, identity)
+        self._loop.add_reader(wp.fd, self._on_pipe, slot, wp)
+        logger.debug("nanny %s started worker process %d (%s)", self.identity, wp.pid,
+                     wp.identity)
 
     def _on_pipe(self, slot: Slot, wp: WorkerProcess) -> None:
         try:
@@ -395,18 +373,9 @@ class Nanny(LifeCycle):
             self._close_pipe(wp)
             self._own(self._reap_soon(slot, wp))
             return
-        wp.buffer += data
-        *lines, wp.buffer = wp.buffer.split(b"\n")
-        for raw in lines:
-            word, _, rest = raw.decode(errors="replace").partition(" ")
-            if word == "ready":
-                wp.address, wp.ready = rest, True
-                if slot.process is wp and slot.phase == "starting":
-                    slot.phase = "running"
-            elif word == "closing":
-                wp.closing_reason = rest or "closed"
-            elif word == "restarting":
-                wp.restart_reason = rest or "restarting"
+        wp.feed(data)
+        if wp.ready and slot.process is wp and slot.phase == "starting":
+            slot.phase = "running"
 
     def _close_pipe(self, wp: WorkerProcess) -> None:
         if wp.fd is None:

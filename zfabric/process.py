@@ -165,7 +165,7 @@ def worker_command(scheduler_address: str, *, identity: str, nthreads: int, memo
                    contact_address: str | None = None, death_timeout_s: float | None = None,
                    log_level: str = "warning", memory_fractions: dict | None = None,
                    local_directory: str | None = None,
-                   preload: list[str] | None = None) -> list[str]:
+                   preload: list[str] | None = None, keys_fd: int | None = None) -> list[str]:
     """The argv of a worker process a Nanny starts: zfabric's own entry point, fresh."""
     cmd = [
         sys.executable, "-m", "zfabric", "worker", scheduler_address,
@@ -190,6 +190,8 @@ def worker_command(scheduler_address: str, *, identity: str, nthreads: int, memo
         cmd += ["--local-directory", local_directory]
     for spec in preload or ():
         cmd += ["--preload", spec]
+    if keys_fd is not None:  # a pipe that holds its keys (zfabric.spawn)
+        cmd += ["--keys-fd", str(keys_fd)]
     return cmd
 
 
@@ -239,6 +241,7 @@ def parse_worker_argv(argv: list[str]) -> dict:
     p.add_argument("--memory-pause-fraction", type=float)
     p.add_argument("--local-directory")
     p.add_argument("--preload", action="append", default=[])
+    p.add_argument("--keys-fd", type=int)
     return vars(p.parse_args(argv))
 
 
@@ -289,8 +292,13 @@ def main_from_nanny(argv: list[str]) -> int:
               preload=args["preload"])
     from .security import Security
 
-    kw["security"] = Security.from_environ()  # the keys its Nanny passed, if any
     try:
+        if args["keys_fd"] is not None:  # keys in memory: read once from the Nanny's pipe
+            from .spawn import read_keys
+
+            kw["security"] = read_keys(args["keys_fd"])
+        else:  # the directory of the Nanny's keys, if any
+            kw["security"] = Security.from_environ()
         return asyncio.run(run_worker(args["address"], kw, args["parent_pid"], args["ready_fd"]))
     except Exception as exc:
         print(f"zfabric worker: {type(exc).__name__}: {exc}", file=sys.stderr)

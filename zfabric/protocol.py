@@ -361,3 +361,34 @@ def coord_item_keys(item) -> list[str]:
     if type(item) is list and len(item) == 2 and item[0] in ("f", "s") and type(item[1]) is str:
         return [item[1]]
     raise RemoteProtocolError(f"malformed coordination value {str(item)[:100]}")
+
+
+#: Transfers one worker report may carry (a worker sends at most 1000).
+MAX_TRANSFERS = 1000
+
+
+def clean_transfers(items) -> list[tuple]:
+    """The well-formed entries of a worker's ``transfers`` report, as tuples
+    ``(peer address, start, stop, nbytes, nkeys)``: a printable address of at most 300
+    characters, finite times, byte and key counts from 0 to 2**62. Others are dropped (they
+    would raise in the scheduler's loop, or reach the dashboard as NaN or megabytes of text);
+    at most :data:`MAX_TRANSFERS` are kept."""
+    if type(items) is not list:
+        return []
+    out = []
+    for item in items[:MAX_TRANSFERS]:
+        if type(item) is not list or len(item) != 5:
+            continue
+        peer, start, stop, nbytes, nkeys = item
+        if (type(peer) is str and len(peer) <= 300 and peer.isprintable()
+                and _finite(start) and _finite(stop)
+                and type(nbytes) is int and 0 <= nbytes <= 1 << 62
+                and type(nkeys) is int and 0 <= nkeys <= 1 << 62):
+            out.append((peer, float(start), float(stop), nbytes, nkeys))
+    return out
+
+
+def _finite(value) -> bool:
+    if type(value) is float:
+        return math.isfinite(value)
+    return type(value) is int and abs(value) <= 1 << 62

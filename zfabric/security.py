@@ -28,11 +28,11 @@ from pathlib import Path
 import zmq
 import zmq.auth
 
-from .errors import ZFabricError
+from .errors import SchedulerLost, ZFabricError
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["ROLES", "Security", "SecurityError", "keygen"]
+__all__ = ["ROLES", "KeyRevoked", "Security", "SecurityError", "keygen"]
 
 #: The roles a key can carry. The scheduler's key only serves; ``admin`` is a client that may
 #: also make the requests listed in the ``ADMIN_ONLY`` setting.
@@ -42,9 +42,9 @@ PEER_ROLES = ("worker", "client", "nanny", "admin")
 #: The ZAP endpoint libzmq asks (RFC 27), one per context.
 ZAP_ENDPOINT = "inproc://zeromq.zap.01"
 #: Environment variable with the directory of a process's keys (read by the CLI and by
-#: workers that a Nanny starts); ``ZFABRIC_SECURITY_KEYS`` carries in-memory keys instead.
+#: workers that a Nanny starts). Keys in memory never travel in the environment: a Nanny
+#: hands them to its worker processes through a pipe (:meth:`Security.dumps_keys`).
 ENV_DIRECTORY = "ZFABRIC_SECURITY"
-ENV_KEYS = "ZFABRIC_SECURITY_KEYS"
 
 _TLS_ARGUMENTS = {
     "tls_ca_file", "tls_ciphers", "tls_client_key", "tls_client_cert", "tls_scheduler_key",
@@ -56,6 +56,11 @@ _TLS_ARGUMENTS = {
 class SecurityError(ZFabricError):
     """Raised when security is misconfigured: missing keys, a refused key, or a peer that
     requires encryption met without it."""
+
+
+class KeyRevoked(SecurityError, SchedulerLost):
+    """Raised when the scheduler ended a client's session because its key was revoked: every
+    future that was pending and every later call of that client fails with it at once."""
 
 
 def keygen(directory: str | os.PathLike, roles=PEER_ROLES, *, name: str | None = None) -> Path:
@@ -163,26 +168,47 @@ class Security:
                                 " with `zfabric keygen DIR`")
 
     def environ(self) -> dict[str, str]:
-        """Environment variables that carry these keys to a process this one starts."""
-        if not self.encrypted:
-            return {}
-        if self.directory is not None:
+        """Environment variables that carry these keys to a process this one starts: the
+        directory's name for keys on disk (not a secret), none for keys in memory, which go
+        by :meth:`dumps_keys` through a pipe (an environment is inherited by every process
+        that one starts, and readable in ``/proc/PID/environ``)."""
+        if self.encrypted and self.directory is not None:
             return {ENV_DIRECTORY: str(self.directory)}
-        data = {"pairs": {r: [p.decode(), s.decode()] for r, (p, s) in self.pairs.items()},
-                "publics": {r: p.decode() for r, p in self.publics.items()}}
-        return {ENV_KEYS: json.dumps(data)}
+        return {}
+
+    @property
+    def in_memory(self) -> bool:
+        """Whether these are keys in memory (:meth:`temporary`), not read from a directory."""
+        return self.encrypted and self.directory is None
+
+    def dumps_keys(self, roles=ROLES) -> bytes:
+        """These keys (in memory) as bytes for :meth:`loads_keys` in a process this one
+        starts: the key pairs of ``roles`` only, the servers' public keys and the authorized
+        set. Secret: hand them over a pipe, never on a command line or in the environment."""
+        data = {"pairs": {r: [p.decode(), s.decode()] for r, (p, s) in self.pairs.items()
+                          if r in roles},
+                "publics": {r: p.decode() for r, p in self.publics.items()},
+                "authorized": {p.decode(): r for p, r in self.authorized().items()}}
+        return json.dumps(data).encode()
+
+    @classmethod
+    def loads_keys(cls, data: bytes) -> Security:
+        """The Security of :meth:`dumps_keys`."""
+        try:
+            obj = json.loads(data)
+            self = cls()
+            self.pairs = {r: (p.encode(), s.encode()) for r, (p, s) in obj["pairs"].items()}
+            self.publics = {r: p.encode() for r, p in obj["publics"].items()}
+            self._authorized = {p.encode(): r for p, r in obj["authorized"].items()
+                                if r in PEER_ROLES}
+        except (ValueError, KeyError, TypeError, AttributeError) as exc:
+            raise SecurityError(f"malformed keys from the parent process: {exc}") from None
+        return self
 
     @classmethod
     def from_environ(cls, environ=None) -> Security | None:
-        """The Security of :meth:`environ`, or None when the environment names none."""
+        """The Security of the directory :meth:`environ` names, or None."""
         env = os.environ if environ is None else environ
-        if env.get(ENV_KEYS):
-            data = json.loads(env[ENV_KEYS])
-            self = cls()
-            self.pairs = {r: (p.encode(), s.encode()) for r, (p, s) in data["pairs"].items()}
-            self.publics = {r: p.encode() for r, p in data["publics"].items()}
-            self._authorized = {p: r for r, (p, _) in self.pairs.items() if r in PEER_ROLES}
-            return self
         if env.get(ENV_DIRECTORY):
             return cls(env[ENV_DIRECTORY])
         return None

@@ -21,6 +21,7 @@ from . import protocol, shm
 from .errors import RemoteProtocolError, SchedulerLost
 from .futures import FutureState
 from .keys import from_wire, readable
+from .security import KeyRevoked
 
 logger = logging.getLogger("zfabric.client")
 
@@ -37,6 +38,11 @@ class Deferred:
 
 class Session:
     """The Client's methods that talk to the scheduler (see the module docstring)."""
+
+    #: Set when the scheduler ended this session for good (its key was revoked): every later
+    #: call raises it (:meth:`_check_session`) instead of waiting for a scheduler that will
+    #: never answer this client again.
+    _ended: Exception | None = None
 
     def _heard(self) -> None:
         self._last_heard = time.monotonic()
@@ -112,7 +118,7 @@ class Session:
                 if op.get("fatal") and not self._welcome.done():
                     self._welcome.set_exception(RemoteProtocolError(op["message"]))
                 elif op.get("fatal"):  # the session ended (its key was revoked): nothing waits
-                    self._scheduler_lost(f"the scheduler ended this session: {op['message']}")
+                    self._end_session(message)
             case "heartbeat":
                 pass
             case other:
@@ -147,6 +153,39 @@ class Session:
             if not fut.done():
                 fut.set_exception(SchedulerLost(why))
         self._requests.clear()
+
+    def _end_session(self, message: str) -> None:
+        """The scheduler ended this session for good (after a welcome, only a revoked key
+        does): fail what is pending and every later call at once, saying what to do."""
+        where = f"the scheduler at {self.scheduler_address} ended this client's session"
+        if "revoked" in message:
+            self._ended = KeyRevoked(
+                f"{where}: {message}. This client can no longer submit, scatter, gather or"
+                " make requests; ask the cluster's administrator to authorize a key for you,"
+                " then make a new Client with security=Security(DIR) holding it (or other"
+                " authorized keys)")
+        else:
+            self._ended = SchedulerLost(f"{where}: {message}; make a new Client")
+        logger.error("%s", self._ended)
+        self.epoch = None
+        self._lost_reported = True
+        self._window.clear(self._states.values())
+        for st in list(self._states.values()):
+            if not st.done():
+                st.fail(None, self._session_error())
+        for fut in self._requests.values():
+            if not fut.done():
+                fut.set_exception(self._session_error())
+        self._requests.clear()
+
+    def _session_error(self) -> Exception:
+        err = self._ended
+        return type(err)(*err.args)
+
+    def _check_session(self) -> None:
+        """Raise at once if the scheduler ended this session for good (see :attr:`_ended`)."""
+        if self._ended is not None:
+            raise self._session_error()
 
     def _flush(self) -> None:
         """Send what is queued, now, in one message per batch (on the loop thread)."""
@@ -196,7 +235,7 @@ class Session:
 
     async def _heartbeat(self) -> None:
         interval = max(self.config.HEARTBEAT_INTERVAL_S * 2, 0.2)
-        while True:
+        while self._ended is None:  # an ended session has nobody to beat for
             await asyncio.sleep(interval)
             self._link.poke()
             if self.data.use_shm:  # idle shared-memory segments go back to the system

@@ -82,6 +82,21 @@ class WorkerProcess:
     def __repr__(self) -> str:
         return f"<WorkerProcess pid={self.pid} {self.address or self.identity}>"
 
+    def feed(self, data: bytes) -> None:
+        """Take what the process wrote on its pipe: lines ``ready ADDRESS`` (it registered),
+        ``closing REASON`` (it closes on purpose), ``restarting REASON`` (it leaves to be
+        started afresh)."""
+        self.buffer += data
+        *lines, self.buffer = self.buffer.split(b"\n")
+        for raw in lines:
+            word, _, rest = raw.decode(errors="replace").partition(" ")
+            if word == "ready":
+                self.address, self.ready = rest, True
+            elif word == "closing":
+                self.closing_reason = rest or "closed"
+            elif word == "restarting":
+                self.restart_reason = rest or "restarting"
+
     def rss(self) -> int:
         try:
             return self.ps.memory_info().rss if self.ps is not None else 0

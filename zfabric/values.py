@@ -159,6 +159,7 @@ class Values:
         return self.sync(self._gather, futures, errors=errors)
 
     async def _gather(self, futures, errors: str = "raise"):
+        self._check_session()
         flat = futures_of(futures)
         pending = [f._state for f in flat if not f._state.done()]
         if pending:

@@ -240,17 +240,13 @@ class Observer:
         """Task-stream entries ever recorded (the next one's number)."""
         return self.stream.seq
 
-    def transferred(self, ws, items) -> None:
-        """Transfers a worker reported: ``[[peer address, start, stop, nbytes, nkeys], ...]``."""
-        if type(items) is not list:
-            return
-        for item in items[:1000]:
-            if (type(item) is list and len(item) == 5 and type(item[0]) is str
-                    and all(isinstance(x, int | float) for x in item[1:])):
-                peer, start, stop, nbytes, nkeys = item
-                self.transfers.append((ws.address, peer, float(start), float(stop),
-                                       int(nbytes), int(nkeys)))
-                self.transfer_bytes += int(nbytes)
+    def transferred(self, ws, items: list[tuple]) -> None:
+        """Transfers a worker reported, checked by :func:`~zfabric.protocol.clean_transfers`:
+        ``[(peer address, start, stop, nbytes, nkeys), ...]``."""
+        address = ws.address
+        for peer, start, stop, nbytes, nkeys in items:
+            self.transfers.append((address, peer, start, stop, nbytes, nkeys))
+            self.transfer_bytes += nbytes
 
     def event(self, kind: str) -> None:
         self.event_counts[kind] = self.event_counts.get(kind, 0) + 1

@@ -10,7 +10,14 @@ import logging
 
 from ..config import PROTOCOL_VERSION
 from ..errors import RemoteProtocolError
-from ..protocol import check_worker_hello, clean_metrics, safe_name, short, version_mismatches
+from ..protocol import (
+    check_worker_hello,
+    clean_metrics,
+    clean_transfers,
+    safe_name,
+    short,
+    version_mismatches,
+)
 from .records import FIRE_AND_FORGET, ClientState, NannyState, WorkerState
 
 logger = logging.getLogger(__name__)
@@ -56,7 +63,15 @@ class PeerOps:
                 return
             address = fields["address"]
             old = self.workers_by_address.get(address)
-            if old is not None:
+            if old is not None and self._same_key(old, peer):
+                # Its restart (the same keys at the same address): the old process is gone,
+                # or, if it lives, two workers share one address by mistake. Close the old
+                # one rather than ask it to say hello again, which would make them flap.
+                self.send(old.ident, {"op": "close", "reason": f"a new worker with the same"
+                                      f" key took its data address {address}"})
+                self.remove_worker(old, "replaced by a new worker with the same key",
+                                   died=True, unheard=False)
+            elif old is not None:
                 if not self._replaceable(old):
                     # A live worker serves there: a second one would make it flap. Probe the
                     # old one (a send to a gone connection removes it at once) and let the
@@ -178,7 +193,7 @@ class PeerOps:
         match op["op"]:
             case "finished":
                 if "transfers" in op:
-                    self.observe.transferred(ws, op["transfers"])
+                    self.observe.transferred(ws, clean_transfers(op["transfers"]))
                 for item in op["tasks"]:
                     self.task_finished(ws, *item)
                 self._fill(ws)
@@ -209,7 +224,7 @@ class PeerOps:
                 if metrics is not None:
                     ws.metrics = clean_metrics(metrics)
                 if "transfers" in op:
-                    self.observe.transferred(ws, op["transfers"])
+                    self.observe.transferred(ws, clean_transfers(op["transfers"]))
             case "worker-status":
                 self.worker_status(ws, op["status"], op["reason"])
             case "missing":

@@ -52,11 +52,23 @@ class Roles:
             return False
         return True
 
+    def key_of(self, peer: bytes) -> bytes | None:
+        """The public key (Z85) ``peer`` connected with, or None without security. The shell
+        replaces this with a lookup in the keys its ZAP handler reported."""
+        return None
+
     def _replaceable(self, old: WorkerState) -> bool:
         """Whether a new worker may take ``old``'s data address: ``old`` has been silent for
         two heartbeat intervals or its Nanny reported it gone."""
         return (self.now - old.last_seen >= 2 * self.config.HEARTBEAT_INTERVAL_S
                 or old.ident in self.reported_dead)
+
+    def _same_key(self, old: WorkerState, peer: bytes) -> bool:
+        """Whether the new worker ``peer`` holds the key ``old`` connected with (security on):
+        a restart of the same worker, at a fixed port, with the same keys. It may take the
+        address at once; only a stranger, or another key, must wait for ``_replaceable``."""
+        key = self.key_of(old.ident)
+        return key is not None and key == self.key_of(peer)
 
     def _check_read_only(self, op: dict, role: str) -> None:
         """Workers and nannies may ask, not act: run, restart, shutdown are clients'."""

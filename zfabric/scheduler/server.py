@@ -79,6 +79,7 @@ class Scheduler(LifeCycle):
         self.dashboard: Dashboard | None = None
         self.address = ""
         self.state = SchedulerState(config=self.config, versions=protocol.versions())
+        self.state.key_of = lambda peer: self._keys.get(peer)  # read now: _keys is rebound
         self.state.secured = self.security is not None
         self.state.started = time.time()
         self._stop = False

@@ -421,7 +421,11 @@ class WorkerLoop(TaskFlow, DataPlane, Replicas):
             case "plugin-add" | "plugin-remove":
                 self._plugin_op(op)
             case "close":
-                self.stop("closed by the scheduler")
+                why = op.get("reason")
+                why = f"closed by the scheduler: {why:.500}" if type(why) is str else \
+                    "closed by the scheduler"
+                logger.info("worker %s: %s", self.name, why)
+                self.stop(why)
             case "error":
                 logger.error("scheduler says: %s", op["message"])
                 retry = op.get("retry_s")
