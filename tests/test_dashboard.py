@@ -450,7 +450,7 @@ def test_page_in_a_real_browser(lc, tmp_path):
 async def test_progress_in_a_notebook_returns_at_once(fab, monkeypatch, capsys):
     pytest.importorskip("ipywidgets")
     from zfabric import progress
-    from zfabric.progress import WidgetProgressBar
+    from zfabric.progressbar import WidgetProgressBar
 
     futs = fab.c.map(slow_inc, range(12), key=[f"nb_inc-{i}" for i in range(12)])
     bar = progress(futs, notebook=True)

@@ -226,7 +226,7 @@ def test_text_progress_bars_by_group():
     import io
 
     from zfabric.futures import FutureState
-    from zfabric.progress import TextProgressBar
+    from zfabric.progressbar import TextProgressBar
 
     states = {f"inc-{i}": FutureState(f"inc-{i}") for i in range(4)}
     states["total-x1"] = FutureState("total-x1")
@@ -247,3 +247,12 @@ def test_text_progress_bars_by_group():
     single = TextProgressBar(futs, multi=False, stream=io.StringIO())
     single.step()
     assert len(single.lines()) == 1
+
+
+def test_progress_stays_the_function_once_its_module_is_imported():
+    # ``import zfabric.progressbar`` sets an attribute on the package: it must not be the
+    # name users import (``from zfabric import progress``), or it shadows the function
+    import zfabric.progressbar  # noqa: F401
+    from zfabric import progress
+
+    assert callable(progress) and progress.__module__ == "zfabric.progressbar"

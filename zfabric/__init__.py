@@ -32,7 +32,7 @@ if TYPE_CHECKING:
     from .diagnostics import get_task_stream, performance_report
     from .futures import Future, as_completed, fire_and_forget, futures_of, wait
     from .nanny import Nanny
-    from .progress import progress
+    from .progressbar import progress
     from .scheduler import Scheduler
     from .security import Security
     from .worker import Worker
@@ -43,7 +43,7 @@ _LAZY = {
     "Client": "client", "default_client": "client",
     "Future": "futures", "as_completed": "futures", "fire_and_forget": "futures",
     "wait": "futures", "futures_of": "futures",
-    "progress": "progress",
+    "progress": "progressbar",
     "performance_report": "diagnostics", "get_task_stream": "diagnostics",
     "Scheduler": "scheduler.server",
     "Worker": "worker",
