@@ -377,6 +377,10 @@ def test_keygen_writes_private_files_and_require_encryption_refuses_to_start(tmp
     out = subprocess.run([sys.executable, "-m", "zfabric", "scheduler", "--port", "0",
                           "--require-encryption"], capture_output=True, text=True, timeout=60)
     assert out.returncode != 0 and "zfabric keygen" in out.stderr
+    # a named worker key would make its data port unreachable (peers expect worker.key)
+    with pytest.raises(SecurityError, match=r"copy worker\.key_secret"):
+        keygen(tmp_path / "k", ("worker",), name="host1")
+    assert not (tmp_path / "k" / "host1.key_secret").exists()
 
 
 async def test_listening_beyond_loopback_without_keys_warns(caplog):

@@ -66,6 +66,13 @@ class KeyRevoked(SecurityError, SchedulerLost):
 def keygen(directory: str | os.PathLike, roles=PEER_ROLES, *, name: str | None = None) -> Path:
     """Write a certificate per role into ``directory`` (scheduler's too, unless adding one key
     with ``name``) and authorize the peer roles' public keys. Returns the directory."""
+    if name is not None and "worker" in roles:
+        # a worker's data port serves with its key pair, and its peers check the port
+        # against worker.key: one worker key per cluster
+        raise SecurityError(
+            "every worker of a cluster uses the cluster's worker key (peers check its data"
+            " port against worker.key): copy worker.key_secret, worker.key, scheduler.key and"
+            " authorized/ to the new host instead of adding a worker key")
     root = Path(directory)
     root.mkdir(parents=True, exist_ok=True)
     os.chmod(root, 0o700)
