@@ -198,6 +198,19 @@ class Intake:
             else:
                 ledger.closed(fd)
 
+    def review(self, now: float) -> list[tuple[Connection, str]]:
+        """What the owner calls now and then: end the connections :meth:`shut_peer_later`
+        named whose time came, then :meth:`check` (a failure of which is logged, not
+        raised: the owner's loop serves others)."""
+        if self.doomed:
+            self.expire(now)
+        try:
+            return self.check()
+        except Exception:
+            logger.exception("%s: checking connections for unfinished messages failed",
+                             self.name)
+            return []
+
     def check(self) -> list[tuple[Connection, str]]:
         """Shut down every connection too far ahead; returns them, each with why."""
         self._read_events()

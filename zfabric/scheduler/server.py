@@ -327,14 +327,7 @@ class Scheduler(LifeCycle):
     def _check_intake(self, intake: Intake, now: float) -> None:
         """End connections too far ahead of their complete messages (their peers are gone:
         see zfabric/intake.py), and those of revoked keys whose time came."""
-        if intake.doomed:
-            intake.expire(now)
-        try:
-            shut = intake.check()
-        except Exception:
-            logger.exception("checking connections for unfinished messages failed")
-            return
-        for conn, why in shut:
+        for conn, why in intake.review(now):
             peer = conn.peer
             self.state._event(f"connection from {conn.peer_address or '?'} shut down: {why}",
                               "connection-shut-down")

@@ -95,15 +95,7 @@ class DataPlane:
         if now < self.next_intake:
             return
         self.next_intake = now + INTAKE_CHECK_S
-        intake = self.intake
-        if intake.doomed:
-            intake.expire(now)
-        try:
-            shut = intake.check()
-        except Exception:
-            logger.exception("checking data connections for unfinished messages failed")
-            return
-        for conn, _ in shut:
+        for conn, _ in self.intake.review(now):
             if conn.peer is not None:
                 self.data_backlog.pop(conn.peer, None)
                 self.data_backlog_bytes.pop(conn.peer, None)
