@@ -8,6 +8,7 @@ import json
 import subprocess
 import sys
 import textwrap
+import time
 
 import numpy as np
 import pytest
@@ -309,11 +310,14 @@ async def test_non_numeric_metrics_are_not_kept_and_info_prints(tmp_path):
     async with cluster(0) as (s, _), FakePeer(s.address, role="worker") as fake, \
             Client(s.address, asynchronous=True, set_as_default=False) as c:
         await fake.hello(**worker_hello(memory_limit=1000))
-        await fake.send({"op": "heartbeat", "metrics": {"memory": "lots", "executing": [1],
-                                                        "ok": 5}})
+        await fake.send({"op": "heartbeat", "metrics": {
+            "memory": "lots", "executing": float("nan"), "cpu": float("inf"), "ready": [1],
+            "ok": 5}})
         [ws] = s.state.workers.values()
         await until(lambda: ws.metrics == {"ok": 5}, 5)
         assert "fake" in format_info(await c.scheduler_info())
+        # the dashboard's snapshot of it is made (a NaN count once failed every snapshot)
+        assert s.state.observe.snapshot(s.state, time.monotonic())["workers"]
         # and a report from elsewhere with odd values still prints
         text = format_info({"workers": {"tcp://x:1": {"name": "x", "metrics": {"memory": "?"},
                                                       "memory_limit": "big", "nthreads": "n"}}})

@@ -233,12 +233,13 @@ def check_worker_hello(op: dict) -> dict:
 
 
 def clean_metrics(metrics) -> dict:
-    """A worker's heartbeat metrics, numbers only (at most 64 of them)."""
+    """A worker's heartbeat metrics, finite numbers only (at most 64 of them)."""
     if type(metrics) is not dict:
         return {}
     out = {}
     for k, v in metrics.items():
-        if type(k) is str and len(k) <= 64 and (type(v) is int or type(v) is float):
+        if type(k) is str and len(k) <= 64 and (
+                type(v) is int or (type(v) is float and math.isfinite(v))):
             out[k] = v
             if len(out) >= 64:
                 break
