@@ -51,6 +51,9 @@ def seeds(worker_address: str) -> list[dict]:
                                                             "workers": [worker_address]}},
         {"op": "heartbeat", "metrics": {"memory": 1, "executing": 0}, "workers": ["x"]},
         {"op": "finished", "tasks": [["f1", 10, b"v", 0.1]]},
+        {"op": "finished", "tasks": [["f2", 10, b"v", 0.1]],
+         "transfers": [[worker_address, 1.0, 2.0, 100, 1]]},
+        {"op": "announce", "bytes": 1 << 20, "frames": 1},
         {"op": "erred", "items": [["f2", b"e", b"t", "Error: x", None]]},
         {"op": "started", "keys": ["f1"]},
         {"op": "missing", "key": "f2", "dep": "f1", "address": worker_address},
@@ -69,6 +72,7 @@ def data_seeds() -> list[dict]:
         {"op": "put-data", "id": 3, "items": [["p", b"\x80\x05K\x01.", 0, False, None]]},
         {"op": "put-data", "id": 4, "items": [["p", b"h", 1, False, None]]},
         {"op": "lease", "id": 5, "sizes": [1 << 20, -1, "x"]},
+        {"op": "announce", "bytes": 1 << 20, "frames": 2},
         {"op": "heartbeat"},
     ]
 
