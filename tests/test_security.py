@@ -377,10 +377,6 @@ def test_keygen_writes_private_files_and_require_encryption_refuses_to_start(tmp
     out = subprocess.run([sys.executable, "-m", "zfabric", "scheduler", "--port", "0",
                           "--require-encryption"], capture_output=True, text=True, timeout=60)
     assert out.returncode != 0 and "zfabric keygen" in out.stderr
-    # a named worker key would make its data port unreachable (peers expect worker.key)
-    with pytest.raises(SecurityError, match=r"copy worker\.key_secret"):
-        keygen(tmp_path / "k", ("worker",), name="host1")
-    assert not (tmp_path / "k" / "host1.key_secret").exists()
 
 
 async def test_listening_beyond_loopback_without_keys_warns(caplog):
@@ -411,3 +407,62 @@ def test_actors_work_with_security_on():
         counter = c.submit(Counter, actor=True).result(timeout=20)
         assert counter.add(2).result(timeout=20) == 2
         assert counter.add().result(timeout=20) == 3
+
+
+class Box:
+    def __init__(self, v):
+        self.v = v
+
+    def get(self):
+        return self.v
+
+
+def _host_keys(keys, tmp_path, name: str):
+    """What one worker host holds: its own worker key, the public keys it checks servers
+    against, a client key for its tasks, and the authorized set (shared here, so that a
+    revocation reaches every host at once, as an administrator's would)."""
+    import shutil
+
+    host = tmp_path / name
+    host.mkdir()
+    for f in (f"{name}.key_secret", f"{name}.key", "scheduler.key", "worker.key",
+              "client.key_secret", "client.key"):
+        shutil.copy(keys / f, host / f)
+    (host / "authorized").symlink_to(keys / "authorized")
+    return Security(host)
+
+
+async def test_workers_with_keys_of_their_own_serve_and_one_can_be_revoked(tmp_path):
+    # Given two worker hosts, each with a worker key of its own (keygen --role worker --name)
+    keys = keygen(tmp_path / "keys")
+    for name in ("host1", "host2"):
+        keygen(keys, ("worker",), name=name)
+    sec = Security(keys)
+    s = await Scheduler(security=sec)
+    h1, h2 = _host_keys(keys, tmp_path, "host1"), _host_keys(keys, tmp_path, "host2")
+    assert h1.pair("worker") != h2.pair("worker") != sec.pair("worker")
+    w1 = await Worker(s.address, security=h1, nthreads=1, memory_limit=0, name="w1")
+    w2 = await Worker(s.address, security=h2, nthreads=1, memory_limit=0, name="w2")
+    try:
+        async with Client(s.address, asynchronous=True, set_as_default=False,
+                          security=Security(keys)) as c:
+            # When values move between them and to the client (each data port serves with
+            # its own key, which the scheduler vouches for)
+            x = c.submit(np.arange, 300_000, workers=[w1.address])
+            total = c.submit(np.sum, x, workers=[w2.address])  # w2 fetches x from w1
+            assert await total == np.arange(300_000).sum()
+            assert (await x)[-1] == 299_999  # the client fetches from w1's port
+            [y] = await c.scatter([np.ones(200_000)], workers=[w2.address])
+            assert await c.submit(np.sum, y, workers=[w1.address]) == 200_000
+            box = await c.submit(Box, "held by w1", actor=True, workers=[w1.address])
+            assert await box.get() == "held by w1"
+            # Then revoking host1's key ends that worker alone
+            (keys / "authorized" / "host1.key").unlink()
+            await until(lambda: [ws.name for ws in s.state.workers.values()] == ["w2"], 10,
+                        "host1's worker removed")
+            assert await c.submit(np.sum, y) == 200_000
+            assert await c.submit(inc, 41, pure=False) == 42
+    finally:
+        for w in (w1, w2):
+            await w.close()
+        await s.close()

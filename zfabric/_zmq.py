@@ -99,7 +99,7 @@ def dealer(ctx: zmq.Context, address: str, identity: bytes | None = None, *,
     _common(sock, linger_ms, hwm, max_frame_bytes)
     if security is not None:
         try:
-            security.client_socket(sock, role, server)
+            security.client_socket(sock, role, server, normalize_address(address))
         except Exception:
             sock.close(0)
             raise

@@ -60,7 +60,7 @@ class _Link:
         sock = self.sock = zmq.Context.instance().socket(zmq.DEALER)
         _zmq._common(sock, 0, DEFAULT.HWM_MESSAGES)
         if security is not None:  # a worker's data port: CURVE, as a client
-            security.client_socket(sock, "client", "worker")
+            security.client_socket(sock, "client", "worker", _zmq.normalize_address(address))
         # before connect: POLLOUT then means "the worker is connected", and nothing is
         # queued for a worker that is gone
         sock.setsockopt(zmq.IMMEDIATE, 1)

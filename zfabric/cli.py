@@ -348,8 +348,8 @@ async def _nanny_main(address: str, kw: dict) -> int:
 def keygen(
     directory: Annotated[Path, typer.Argument(help="Where to write the keys.")],
     role: Annotated[str | None, typer.Option(
-        help="Add one key of this role (client, nanny, admin; workers all share worker.key)"
-        " to an existing directory, authorized at once; needs --name.")] = None,
+        help="Add one key of this role (client, worker, nanny, admin) to an existing"
+        " directory, authorized at once; needs --name.")] = None,
     name: Annotated[str | None, typer.Option(help="File name of the added key.")] = None,
 ) -> None:
     """Write CurveZMQ keys: one certificate per role, public halves authorized.

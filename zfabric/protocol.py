@@ -76,6 +76,7 @@ SCHEMAS: dict[str, dict[str, tuple[type, ...]]] = {
     "acquire": {"items": _L},  # keep copies of these keys (replicate, retire_workers)
     "acquired": {"keys": _L},  # ... now held; optional "failed": keys it could not get
     "close": {},
+    "worker-keys": {"keys": _D},  # data address -> its port's public key (also -> client)
     # nanny <-> scheduler
     "worker-died": {"worker": _S, "reason": _S},
     "restart": {"id": _I},

@@ -39,6 +39,8 @@ __all__ = ["ROLES", "KeyRevoked", "Security", "SecurityError", "keygen"]
 ROLES = ("scheduler", "worker", "client", "nanny", "admin")
 #: Roles that connect, and so are listed in the authorized directory.
 PEER_ROLES = ("worker", "client", "nanny", "admin")
+#: Most data ports whose keys a process remembers (the oldest is forgotten first).
+MAX_WORKER_KEYS = 100_000
 #: The ZAP endpoint libzmq asks (RFC 27), one per context.
 ZAP_ENDPOINT = "inproc://zeromq.zap.01"
 #: Environment variable with the directory of a process's keys (read by the CLI and by
@@ -66,13 +68,6 @@ class KeyRevoked(SecurityError, SchedulerLost):
 def keygen(directory: str | os.PathLike, roles=PEER_ROLES, *, name: str | None = None) -> Path:
     """Write a certificate per role into ``directory`` (scheduler's too, unless adding one key
     with ``name``) and authorize the peer roles' public keys. Returns the directory."""
-    if name is not None and "worker" in roles:
-        # a worker's data port serves with its key pair, and its peers check the port
-        # against worker.key: one worker key per cluster
-        raise SecurityError(
-            "every worker of a cluster uses the cluster's worker key (peers check its data"
-            " port against worker.key): copy worker.key_secret, worker.key, scheduler.key and"
-            " authorized/ to the new host instead of adding a worker key")
     root = Path(directory)
     root.mkdir(parents=True, exist_ok=True)
     os.chmod(root, 0o700)
@@ -132,6 +127,8 @@ class Security:
         self.pairs: dict[str, tuple[bytes, bytes]] = {}  # role -> (public, secret)
         self.publics: dict[str, bytes] = {}  # server role -> public key
         self._authorized: dict[bytes, str] | None = None  # in-memory keys (temporary)
+        #: data address -> its port's public key, as the scheduler tells (learn_worker_keys)
+        self.worker_keys: dict[str, bytes] = {}
         if self.directory is not None:
             self._load(self.directory)
         if self.require_encryption and not self.encrypted:
@@ -292,12 +289,28 @@ class Security:
         sock.setsockopt(zmq.ZAP_DOMAIN, self.domain)
         sock.setsockopt(zmq.ZAP_ENFORCE_DOMAIN, 1)
 
-    def client_socket(self, sock: zmq.Socket, role: str, server: str = "scheduler") -> None:
+    def learn_worker_keys(self, keys) -> None:
+        """Data address -> public key (Z85) of workers' data ports, as the scheduler tells
+        them (``welcome`` and ``worker-keys``): a worker with a key of its own serves with it."""
+        if type(keys) is not dict:
+            return
+        book = self.worker_keys
+        for address, key in keys.items():
+            if type(address) is str and len(address) <= 300 and type(key) is str \
+                    and len(key) == 40:
+                if len(book) >= MAX_WORKER_KEYS:
+                    book.pop(next(iter(book)))
+                book[address] = key.encode()
+
+    def client_socket(self, sock: zmq.Socket, role: str, server: str = "scheduler",
+                      address: str | None = None) -> None:
         """Make ``sock`` (before it connects) a CURVE client with ``role``'s key pair that
-        expects ``server``'s public key."""
+        expects ``server``'s public key (a worker's data port at ``address``: the key the
+        scheduler said it has, else the cluster's ``worker.key``)."""
         public, secret = self.pair(role)
         try:
-            server_key = self.publics[server]
+            server_key = (self.worker_keys.get(address) if server == "worker" and address
+                          else None) or self.publics[server]
         except KeyError:
             raise SecurityError(f"no public key of the {server} in {self!r}: copy"
                                 f" {server}.key from the directory `zfabric keygen` wrote"

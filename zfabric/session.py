@@ -94,6 +94,8 @@ class Session:
                     fut.set_result(op)
             case "welcome":
                 self.epoch = op["epoch"]
+                if self.security is not None:  # the data ports' keys, as the scheduler knows
+                    self.security.learn_worker_keys(op.get("worker_keys"))
                 self._dashboard_link = op.get("dashboard")
                 self._lost_reported = False
                 for w in op.get("warnings") or ():
@@ -101,6 +103,9 @@ class Session:
                                   RuntimeWarning, stacklevel=1)
                 if not self._welcome.done():
                     self._welcome.set_result(op)
+            case "worker-keys":
+                if self.security is not None:
+                    self.security.learn_worker_keys(op["keys"])
             case "reregister":
                 self._scheduler_lost(f"the scheduler at {self.scheduler_address} went away"
                                      f" ({op['reason']})")

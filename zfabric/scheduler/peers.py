@@ -56,6 +56,8 @@ class PeerOps:
         warnings = version_mismatches(self.versions, op["versions"]) if self.versions else []
         role = op["role"]
         welcome = self._welcome(warnings)
+        if role in ("client", "worker") and self.key_of(peer) is not None:
+            welcome["worker_keys"] = self.worker_keys()  # the data ports' keys (security on)
         if role == "worker":
             fields = check_worker_hello(op)
             if peer in self.reported_dead and self.reported_dead[peer] == fields["nanny"]:
@@ -90,6 +92,7 @@ class PeerOps:
             self.workers[peer] = ws
             self.workers_by_address[address] = ws
             self.send(peer, welcome)
+            self._tell_worker_key(ws)
             self._event(f"worker {ws.name} joined at {address} ({ws.nthreads} threads)",
                         "worker-joined")
             if ws.nanny in self.nannies:

@@ -57,6 +57,28 @@ class Roles:
         replaces this with a lookup in the keys its ZAP handler reported."""
         return None
 
+    def worker_keys(self) -> dict[str, str]:
+        """Each worker's data address -> the public key (Z85) it connected with, which is the
+        key its data port serves with (empty without security). Peers check a data port
+        against it, so a worker host can hold a key of its own (see docs/security.md)."""
+        out = {}
+        for ws in self.workers.values():
+            key = self.key_of(ws.ident)
+            if key is not None:
+                out[ws.address] = key.decode()
+        return out
+
+    def _tell_worker_key(self, ws: WorkerState) -> None:
+        """A worker joined (security on): every client and worker learns its data port's key
+        before any op of theirs names its address."""
+        key = self.key_of(ws.ident)
+        if key is None:
+            return
+        op = {"op": "worker-keys", "keys": {ws.address: key.decode()}}
+        for peer in (*self.clients, *self.workers):
+            if peer != ws.ident:
+                self.send(peer, op)
+
     def _replaceable(self, old: WorkerState) -> bool:
         """Whether a new worker may take ``old``'s data address: ``old`` has been silent for
         two heartbeat intervals or its Nanny reported it gone."""

@@ -399,6 +399,8 @@ class WorkerLoop(TaskFlow, DataPlane, Replicas):
             case "welcome":
                 first = self.epoch is None
                 self.epoch = op["epoch"]
+                if self.security is not None:
+                    self.security.learn_worker_keys(op.get("worker_keys"))
                 for w in op.get("warnings") or ():
                     logger.warning("version mismatch with the scheduler: %s", w)
                 if first:
@@ -412,6 +414,9 @@ class WorkerLoop(TaskFlow, DataPlane, Replicas):
                         self.stop("a preload failed")
                         return
                     self.on_ready(self.address, None)
+            case "worker-keys":
+                if self.security is not None:
+                    self.security.learn_worker_keys(op["keys"])
             case "reregister":
                 logger.info("worker %s registers again: %s", self.name, op["reason"])
                 self._forget_everything()
