@@ -99,7 +99,7 @@ def test_client_api_behaves_like_dask_distributed(tmp_path):
                 expect(TypeError, client.scheduler_info, bogus=1)
 
                 # cancel with a reason
-                slow = client.submit(time.sleep, 30, pure=False)
+                slow = client.submit(time.sleep, 5, pure=False)
                 client.cancel(slow, reason="not needed any more")
                 err = expect(CancelledError, slow.result, timeout=10)
                 assert slow.key in str(err) and "not needed any more" in str(err)
@@ -130,7 +130,7 @@ def test_client_api_behaves_like_dask_distributed(tmp_path):
                 for batch in ac.batches():
                     got.extend(batch)
                 assert sorted(f.result() for f in got) == list(range(10))
-                stuck = client.submit(time.sleep, 20, pure=False)
+                stuck = client.submit(time.sleep, 3, pure=False)
                 ac = as_completed([stuck], timeout=0.5)
                 expect(TimeoutError, next, ac)
                 ac.clear()

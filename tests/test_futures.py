@@ -85,6 +85,22 @@ async def test_cancel_future(c, s, a, b):
 
 
 @gen_cluster()
+async def test_new_work_does_not_queue_behind_a_cancelled_task_still_running(c, s, a, b):
+    # Given a task running on one of two one-thread workers
+    slow = c.submit(time.sleep, 1.5, pure=False)
+    await until(lambda: any(ws.started for ws in s.state.workers.values()))
+    [busy] = [ws.address for ws in s.state.workers.values() if ws.started]
+    # When it is cancelled (its thread runs on: Python cannot stop it)
+    await slow.cancel()
+    # Then the next task goes to the idle worker, not behind the busy thread
+    f = c.submit(inc, 1, pure=False)
+    assert await f == 2
+    assert (await c.who_has([f]))[f.key] != [busy]
+    # and once the cancelled task ends, the busy worker takes work again
+    await until(lambda: not s.state.workers_by_address[busy].cancelled_running, 10)
+
+
+@gen_cluster()
 async def test_release_and_garbage_collection(c, s, a, b):
     f = c.submit(inc, 1)
     await f

@@ -443,6 +443,29 @@ def test_cancel_stops_task_and_dependents():
     state.validate()
 
 
+def test_a_task_cancelled_while_it_runs_holds_its_thread_until_the_worker_says_it_ended():
+    # Given two one-thread workers, w1 running "slow" (it said it started)
+    state = given((W1, A1), (W2, A2), PREFETCH_MAX=0)
+    submit(state, task("slow"))
+    [ws1] = [ws for ws in state.workers.values() if "slow" in ws.processing]
+    state.handle(ws1.ident, [{"op": "started", "keys": ["slow"]}], 2.0)
+    # When the client cancels it (a thread cannot be stopped: it runs on)
+    state.handle(C, [{"op": "cancel", "keys": ["slow"]}], 3.0)
+    state.flush()
+    # Then a new task goes to the other worker, not behind the busy thread
+    out = submit(state, task("x"), now=4.0)
+    other = W2 if ws1.ident == W1 else W1
+    assert list(out) == [other] and [t[0] for t in out[other][0]["tasks"]] == ["x"]
+    assert ws1.occupancy == 1
+    state.validate()
+    # and once w1 says the cancelled task ended, its thread counts as free again
+    state.handle(ws1.ident, [{"op": "thread-free", "keys": ["slow"]}], 5.0)
+    assert ws1.occupancy == 0
+    out = submit(state, task("y"), now=6.0)
+    assert list(out) == [ws1.ident]
+    state.validate()
+
+
 def test_want_unknown_key_is_cancelled():
     state = given((W1, A1))
     state.handle(C, [{"op": "want", "keys": ["nope"]}], 1.0)

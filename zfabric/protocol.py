@@ -65,6 +65,7 @@ SCHEMAS: dict[str, dict[str, tuple[type, ...]]] = {
     "finished": {"tasks": _L},
     "long-running": {"items": _L},
     "started": {"keys": _L},
+    "thread-free": {"keys": _L},  # tasks released while they ran have ended
     "missing": {"key": _S, "dep": _S, "address": _S},
     "run": {"id": _I, "payload": _B},
     "functions": {"items": _L},

@@ -222,6 +222,12 @@ class PeerOps:
                     ts = ws.processing.get(key) if type(key) is str else None
                     if ts is not None:
                         ws.started.add(ts)
+            case "thread-free":  # tasks released while they ran have ended: slots again
+                if ws.cancelled_running:
+                    for key in op["keys"]:
+                        if type(key) is str:
+                            ws.cancelled_running.discard(key)
+                    self._fill(ws)
             case "heartbeat":
                 metrics = op.get("metrics")
                 if metrics is not None:

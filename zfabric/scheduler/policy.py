@@ -42,7 +42,7 @@ def choose_worker(ts: TaskState, workers: Iterable[WorkerState]) -> WorkerState 
             for d in large:
                 if d.held_by(ws):
                     local += d.nbytes
-            score = (-local, len(ws.processing) / ws.nthreads)
+            score = (-local, ws.occupancy / ws.nthreads)
             if best_score is None or score < best_score:
                 best, best_score = ws, score
         if best is not None:

@@ -307,6 +307,7 @@ class WorkerState:
         "address",
         "available",
         "avg_duration",
+        "cancelled_running",
         "finished",
         "functions",
         "host",
@@ -350,6 +351,9 @@ class WorkerState:
         self.processing: dict = {}
         self.started: set = set()  # processing tasks it said it started (bounded by its slots)
         self.long_running: set = set()  # processing tasks that seceded: they take no slot
+        #: keys of tasks released while they ran: their threads stay busy until the worker
+        #: says they ended (``thread-free``), so they count against its slots
+        self.cancelled_running: set = set()
         self._held: list = []  # tasks it held at some point: every one it holds, some stale
         self.nheld = 0  # how many tasks list it among their holders
         self.nbytes = 0  # summed sizes of the values it holds (as they were when it got them)
@@ -389,8 +393,14 @@ class WorkerState:
         self.nbytes = 0
 
     def has_slot(self) -> bool:
-        return (len(self.processing) - len(self.long_running) < self.limit
-                and self.status == "running")
+        return (len(self.processing) - len(self.long_running) + len(self.cancelled_running)
+                < self.limit and self.status == "running")
+
+    @property
+    def occupancy(self) -> int:
+        """Tasks that hold (or wait for) its threads: those it processes, and those released
+        while they ran, whose threads are still busy."""
+        return len(self.processing) + len(self.cancelled_running)
 
     def assign(self, ts: TaskState) -> None:
         self.processing[ts.key] = ts

@@ -388,8 +388,12 @@ class SchedulerState(PeerOps, Queries, ClientOps, WorkerLoss, Roles, Retirement,
                 stack.append(dts)
 
     def _drop_work(self, ts: TaskState) -> None:
-        if ts.processing_on is not None:
-            ts.processing_on.done(ts, 0.0)
+        ws = ts.processing_on
+        if ws is not None:
+            if ts in ws.started and ts not in ws.long_running:
+                # it runs on: its thread stays busy until the worker says it ended
+                ws.cancelled_running.add(ts.key)
+            ws.done(ts, 0.0)
             self.batch(ts.processing_on.ident, "free", ts.key)
             self._fill(ts.processing_on)
             ts.processing_on = None

@@ -514,6 +514,9 @@ class WorkerLoop(TaskFlow, DataPlane, Replicas):
             timeout = self.executing.get(key)
             if timeout and now - start > timeout:
                 self.executing.pop(key, None)
+                if key in self.cancelled:  # released while it ran: its slot is free now
+                    self.cancelled.discard(key)
+                    self.outbox.append({"op": "thread-free", "keys": [key]})
                 what = "the worker restarts" if self.nanny else "its thread was abandoned"
                 err = TaskTimeout(f"task {key!r} ran longer than its task_timeout of"
                                   f" {timeout:g} s; {what}")

@@ -139,6 +139,8 @@ class TaskFlow:
         self.executing.pop(key, None)
         self._release(key)
         if key in self.cancelled or (not out.ok and out.error is None):
+            if key in self.cancelled and out.start:  # it ran: its thread is free again
+                self.outbox.append({"op": "thread-free", "keys": [key]})
             self.cancelled.discard(key)
             return
         if self.plugins:
