@@ -466,3 +466,70 @@ async def test_workers_with_keys_of_their_own_serve_and_one_can_be_revoked(tmp_p
         for w in (w1, w2):
             await w.close()
         await s.close()
+
+
+async def test_a_data_port_that_refuses_the_clients_key_says_so_at_once(tmp_path):
+    # Given alice's key authorized on the scheduler's host but not yet on the worker's (a
+    # process of its own: one process checks keys with one authorized set)
+    import shutil
+
+    import zmq.auth
+
+    keys = keygen(tmp_path / "keys")
+    keygen(keys, ("client",), name="alice")
+    host = tmp_path / "worker-host"
+    shutil.copytree(keys, host)
+    (host / "authorized" / "alice.key").unlink()
+    s = await Scheduler(security=Security(keys))
+    worker = subprocess.Popen([sys.executable, "-m", "zfabric", "worker", s.address,
+                               "--nthreads", "1", "--memory-limit", "0", "--security",
+                               str(host)], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    alice = Security(keys)
+    alice.pairs = {"client": zmq.auth.load_certificate(str(keys / "alice.key_secret"))}
+    try:
+        await until(lambda: len(s.state.workers) == 1, 30, "the worker joined")
+        async with Client(s.address, asynchronous=True, set_as_default=False,
+                          security=alice) as c:
+            # When she asks for a value held on the worker (fetched from its data port)
+            f = c.submit(np.ones, 300_000)
+            await until(lambda: f.status == "finished", 30)
+            t0 = time.monotonic()
+            # Then the refusal is an error that says what to do, not a wait for a timeout
+            with pytest.raises(SecurityError, match="refused this process's key"):
+                await f
+            assert time.monotonic() - t0 < 10
+    finally:
+        worker.terminate()
+        worker.wait(20)
+        await s.close()
+
+
+async def test_a_data_port_refusing_a_key_after_the_handshake_fails_its_requests_at_once(
+        tmp_path):
+    # In one process the handshake is checked with the scheduler's authorized set (one ZAP
+    # handler per process); the worker's own set, without alice, refuses her requests then
+    import shutil
+
+    import zmq.auth
+
+    keys = keygen(tmp_path / "keys")
+    keygen(keys, ("client",), name="alice")
+    host = tmp_path / "worker-host"
+    shutil.copytree(keys, host)
+    (host / "authorized" / "alice.key").unlink()
+    s = await Scheduler(security=Security(keys))
+    w = await Worker(s.address, security=Security(host), nthreads=1, memory_limit=0)
+    alice = Security(keys)
+    alice.pairs = {"client": zmq.auth.load_certificate(str(keys / "alice.key_secret"))}
+    try:
+        async with Client(s.address, asynchronous=True, set_as_default=False,
+                          security=alice) as c:
+            f = c.submit(np.ones, 300_000)
+            await until(lambda: f.status == "finished", 30)
+            t0 = time.monotonic()
+            with pytest.raises(SecurityError, match="refused this process's key"):
+                await f
+            assert time.monotonic() - t0 < 10
+    finally:
+        await w.close()
+        await s.close()

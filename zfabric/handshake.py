@@ -16,8 +16,9 @@ from zmq.utils.monitor import recv_monitor_message
 
 from .security import SecurityError
 
-_FAILED = (zmq.EVENT_HANDSHAKE_FAILED_NO_DETAIL, zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL,
-           zmq.EVENT_HANDSHAKE_FAILED_AUTH)
+#: The monitor events of a refused handshake.
+FAILED = (zmq.EVENT_HANDSHAKE_FAILED_NO_DETAIL, zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL,
+          zmq.EVENT_HANDSHAKE_FAILED_AUTH)
 
 
 async def wait(welcome: asyncio.Future, sock: zmq.Socket, monitor: str, timeout: float,
@@ -51,7 +52,7 @@ def _failure(pair: zmq.Socket) -> dict | None:
             event = recv_monitor_message(pair, zmq.NOBLOCK)
         except zmq.Again:
             return None
-        if event["event"] in _FAILED:
+        if event["event"] in FAILED:
             return event
 
 
@@ -73,3 +74,16 @@ def explain(event: dict, address: str, security) -> str:
     return (f"the CurveZMQ handshake with the scheduler at {address} failed: the scheduler's"
             " public key in this Security does not match it (keys of another cluster?). Use"
             " the scheduler.key of the directory its keys came from")
+
+
+def explain_data_port(event: dict, address: str) -> str:
+    """What a failed handshake with a worker's data port means, and what to do."""
+    if event["event"] == zmq.EVENT_HANDSHAKE_FAILED_AUTH:
+        return (f"the worker's data port at {address} refused this process's key: it is not in"
+                " that worker's authorized keys (DIR/authorized on its host), or it was"
+                " revoked. Copy your public key into DIR/authorized on the worker hosts too")
+    if event["event"] == zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL:
+        return (f"the worker's data port at {address} does not speak CurveZMQ: that worker runs"
+                " without security while its scheduler has keys; start it with --security DIR")
+    return (f"the CurveZMQ handshake with the worker's data port at {address} failed: its key is"
+            " not the one the scheduler announced or worker.key (keys of another cluster?)")

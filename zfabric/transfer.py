@@ -10,12 +10,15 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import os
 
 import zmq
 import zmq.asyncio
+from zmq.utils.monitor import parse_monitor_message
 
-from . import _zmq, protocol, serialize, shm
+from . import _zmq, handshake, protocol, serialize, shm
 from .errors import CommTimeoutError, RemoteProtocolError
+from .security import SecurityError
 
 logger = logging.getLogger(__name__)
 
@@ -107,10 +110,30 @@ class _Conn:
     def __init__(self, ctx: zmq.asyncio.Context, address: str, security=None,
                  max_frame_bytes: int = -1):
         self.address = address
+        # with keys, a monitor turns a refused handshake into an error at once (a CURVE
+        # failure is otherwise silent: libzmq retries, and requests wait for their timeout)
+        monitor = f"inproc://zfabric-data-{id(self):x}-{os.getpid()}" if security else None
         self.sock = _zmq.dealer(ctx, address, security=security, role="client", server="worker",
-                                max_frame_bytes=max_frame_bytes)
+                                max_frame_bytes=max_frame_bytes, monitor=monitor)
         self.pending: dict[int, asyncio.Future] = {}
+        self.failed: Exception | None = None  # the handshake was refused: why
         self.reader = asyncio.ensure_future(self._read())
+        self.events = self.watcher = None
+        if monitor is not None:
+            self.events = ctx.socket(zmq.PAIR)  # now: events before it connects are lost
+            self.events.setsockopt(zmq.LINGER, 0)
+            self.events.connect(monitor)
+            self.watcher = asyncio.ensure_future(self._watch())
+
+    async def _watch(self) -> None:
+        while True:
+            event = parse_monitor_message(await self.events.recv_multipart())
+            if event["event"] in handshake.FAILED:
+                self.failed = SecurityError(handshake.explain_data_port(event, self.address))
+                for fut in self.pending.values():
+                    if not fut.done():
+                        fut.set_exception(self.failed)
+                self.pending.clear()
 
     async def _read(self) -> None:
         while True:
@@ -121,15 +144,37 @@ class _Conn:
                 logger.warning("bad data message from %s: %s", self.address, exc)
                 continue
             for op in ops:
+                if op["op"] == "error" and op.get("id") is None:
+                    self._fail_all(op)  # about the connection, not one request
+                    continue
                 fut = self.pending.pop(op.get("id"), None)
                 if fut is not None and not fut.done():
                     fut.set_result((op, buffers))
+
+    def _fail_all(self, op: dict) -> None:
+        message = protocol.short(op.get("message"), 500)
+        if op.get("refused"):
+            self.failed = SecurityError(
+                f"the worker's data port at {self.address} refused this process's key"
+                f" ({message}): have it added to DIR/authorized on the worker hosts")
+            exc = self.failed
+        else:
+            exc = ConnectionError(f"worker {self.address}: {message}")
+        for fut in self.pending.values():
+            if not fut.done():
+                fut.set_exception(exc)
+        self.pending.clear()
 
     def close(self) -> None:
         self.reader.cancel()
         for fut in self.pending.values():
             if not fut.done():
                 fut.set_exception(ConnectionError(f"connection to {self.address} closed"))
+        if self.watcher is not None:
+            self.watcher.cancel()
+            with contextlib.suppress(zmq.ZMQError):
+                self.sock.disable_monitor()
+            self.events.close(0)
         self.sock.close(linger=0)
 
 
@@ -148,6 +193,9 @@ class DataPool:
 
     async def request(self, address: str, op: dict, frames: list = ()) -> tuple[dict, list]:
         conn = self.conns.get(address)
+        if conn is not None and conn.failed is not None:
+            self.drop(address)  # refused: say so now; the next request tries afresh
+            raise conn.failed
         if conn is None:
             conn = self.conns[address] = _Conn(self.ctx, address, self.security,
                                                self.max_frame_bytes)

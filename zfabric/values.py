@@ -19,6 +19,7 @@ from .config import parse_timedelta
 from .errors import SchedulerLost
 from .futures import Future, FutureState, futures_of, until_done
 from .keys import to_wire
+from .security import SecurityError
 
 logger = logging.getLogger(__name__)
 
@@ -116,6 +117,8 @@ class Values:
             return_exceptions=True,
         )
         for (addr, _), res in zip(by_worker.items(), results, strict=True):
+            if isinstance(res, SecurityError):
+                raise res  # its keys refused us: asking again would not help
             if isinstance(res, BaseException):
                 logger.info("fetch from %s failed: %s", addr, res)
                 self.data.drop(addr)

@@ -113,8 +113,9 @@ class DataPlane:
                     self.data_keys.clear()  # forgotten ones are noted again on their next message
                 self.data_keys[peer] = key
             return True
-        self._reply_data(peer, [{"op": "error", "message": f"a {role} key may not use a"
-                                 " worker's data port, or it was revoked"}])
+        # no request id: it answers every request of the connection ("refused")
+        self._reply_data(peer, [{"op": "error", "refused": True, "message": f"a {role} key"
+                                 " may not use this worker's data port, or it was revoked"}])
         if self.intake is not None:
             self.intake.shut_peer_later(peer, time.monotonic() + REVOKED_GRACE_S)
         return False
@@ -288,6 +289,15 @@ class DataPlane:
                 logger.warning("bad data message from %s: %s", addr, exc)
                 continue
             for op in ops:
+                if op["op"] == "error" and op.get("id") is None:  # the whole connection
+                    logger.warning("data port %s: %s", addr, protocol.short(op["message"], 300))
+                    for rid in [i for i, r in self.inflight_fetch.items() if r[0] == addr]:
+                        self._fetch_ended(addr)
+                        req = self.inflight_fetch.pop(rid)
+                        cancel_leases(req[3])
+                        for k in req[1]:
+                            self._fetch_failed(k, addr)
+                    continue
                 req = self.inflight_fetch.pop(op.get("id"), None)
                 if req is not None:
                     self._fetch_ended(addr)
