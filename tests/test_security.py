@@ -468,9 +468,9 @@ async def test_workers_with_keys_of_their_own_serve_and_one_can_be_revoked(tmp_p
         await s.close()
 
 
-async def test_a_data_port_that_refuses_the_clients_key_says_so_at_once(tmp_path):
-    # Given alice's key authorized on the scheduler's host but not yet on the worker's (a
-    # process of its own: one process checks keys with one authorized set)
+def _alice_unknown_to_the_worker_host(tmp_path):
+    """Keys with a client key "alice" authorized on the scheduler's host; a copy for a worker
+    host without it; and alice's Security."""
     import shutil
 
     import zmq.auth
@@ -480,12 +480,25 @@ async def test_a_data_port_that_refuses_the_clients_key_says_so_at_once(tmp_path
     host = tmp_path / "worker-host"
     shutil.copytree(keys, host)
     (host / "authorized" / "alice.key").unlink()
-    s = await Scheduler(security=Security(keys))
-    worker = subprocess.Popen([sys.executable, "-m", "zfabric", "worker", s.address,
-                               "--nthreads", "1", "--memory-limit", "0", "--security",
-                               str(host)], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     alice = Security(keys)
     alice.pairs = {"client": zmq.auth.load_certificate(str(keys / "alice.key_secret"))}
+    return keys, host, alice
+
+
+@pytest.mark.parametrize("where", ["worker-process", "same-process"])
+async def test_a_data_port_that_refuses_the_clients_key_says_so_at_once(tmp_path, where):
+    # Given alice's key authorized on the scheduler's host but not on the worker's. A worker
+    # process of its own refuses her handshake; in one process the handshake is checked with
+    # the scheduler's set (one ZAP handler per process), and the worker's own set refuses
+    # her requests after it
+    keys, host, alice = _alice_unknown_to_the_worker_host(tmp_path)
+    s = await Scheduler(security=Security(keys))
+    if where == "worker-process":
+        worker = subprocess.Popen([sys.executable, "-m", "zfabric", "worker", s.address,
+                                   "--nthreads", "1", "--memory-limit", "0", "--security",
+                                   str(host)], stdout=subprocess.DEVNULL)
+    else:
+        worker = await Worker(s.address, security=Security(host), nthreads=1, memory_limit=0)
     try:
         await until(lambda: len(s.state.workers) == 1, 30, "the worker joined")
         async with Client(s.address, asynchronous=True, set_as_default=False,
@@ -499,37 +512,9 @@ async def test_a_data_port_that_refuses_the_clients_key_says_so_at_once(tmp_path
                 await f
             assert time.monotonic() - t0 < 10
     finally:
-        worker.terminate()
-        worker.wait(20)
-        await s.close()
-
-
-async def test_a_data_port_refusing_a_key_after_the_handshake_fails_its_requests_at_once(
-        tmp_path):
-    # In one process the handshake is checked with the scheduler's authorized set (one ZAP
-    # handler per process); the worker's own set, without alice, refuses her requests then
-    import shutil
-
-    import zmq.auth
-
-    keys = keygen(tmp_path / "keys")
-    keygen(keys, ("client",), name="alice")
-    host = tmp_path / "worker-host"
-    shutil.copytree(keys, host)
-    (host / "authorized" / "alice.key").unlink()
-    s = await Scheduler(security=Security(keys))
-    w = await Worker(s.address, security=Security(host), nthreads=1, memory_limit=0)
-    alice = Security(keys)
-    alice.pairs = {"client": zmq.auth.load_certificate(str(keys / "alice.key_secret"))}
-    try:
-        async with Client(s.address, asynchronous=True, set_as_default=False,
-                          security=alice) as c:
-            f = c.submit(np.ones, 300_000)
-            await until(lambda: f.status == "finished", 30)
-            t0 = time.monotonic()
-            with pytest.raises(SecurityError, match="refused this process's key"):
-                await f
-            assert time.monotonic() - t0 < 10
-    finally:
-        await w.close()
+        if where == "worker-process":
+            worker.terminate()
+            worker.wait(20)
+        else:
+            await worker.close()
         await s.close()
