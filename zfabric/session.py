@@ -146,17 +146,23 @@ class Session:
         Called again for each refusal while reconnecting, so that work submitted during the
         outage (which no scheduler accepted) fails too instead of hanging.
         """
-        self.epoch = None
-        self._window.clear(self._states.values())  # held tasks fail below with the rest
         if not self._lost_reported:
             logger.warning("%s", why)
+        self._fail_pending(lambda: SchedulerLost(f"{why}; resubmit the work once it is back"),
+                           lambda: SchedulerLost(why))
+
+    def _fail_pending(self, for_futures, for_requests) -> None:
+        """No scheduler answers this session now: every pending future and request fails
+        with a fresh error of ``for_futures()`` / ``for_requests()``."""
+        self.epoch = None
         self._lost_reported = True
+        self._window.clear(self._states.values())  # held tasks fail below with the rest
         for st in list(self._states.values()):
             if not st.done():
-                st.fail(None, SchedulerLost(f"{why}; resubmit the work once it is back"))
+                st.fail(None, for_futures())
         for fut in self._requests.values():
             if not fut.done():
-                fut.set_exception(SchedulerLost(why))
+                fut.set_exception(for_requests())
         self._requests.clear()
 
     def _end_session(self, message: str) -> None:
@@ -172,16 +178,7 @@ class Session:
         else:
             self._ended = SchedulerLost(f"{where}: {message}; make a new Client")
         logger.error("%s", self._ended)
-        self.epoch = None
-        self._lost_reported = True
-        self._window.clear(self._states.values())
-        for st in list(self._states.values()):
-            if not st.done():
-                st.fail(None, self._session_error())
-        for fut in self._requests.values():
-            if not fut.done():
-                fut.set_exception(self._session_error())
-        self._requests.clear()
+        self._fail_pending(self._session_error, self._session_error)
 
     def _session_error(self) -> Exception:
         err = self._ended

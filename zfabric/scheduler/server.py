@@ -247,7 +247,7 @@ class Scheduler(LifeCycle):
                         state.send(peer, {"op": "error", "message": f"malformed message: {exc}"})
                         continue
                     if len(ops) == 1 and ops[0]["op"] == "announce":
-                        self._announced(peer, conn if intake is not None else None, ops[0])
+                        self._announced(peer, conn, ops[0])  # conn: None without an intake
                         continue
                     if errors:
                         text = "; ".join(str(e) for e in errors[:5])
