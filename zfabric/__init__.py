@@ -9,20 +9,8 @@ __version__ = "0.1.0"
 
 from typing import TYPE_CHECKING
 
-from .errors import (
-    ClosedError,
-    CommTimeoutError,
-    KilledWorker,
-    LostDataError,
-    ProtocolError,
-    RemoteProtocolError,
-    ResultTooLarge,
-    SchedulerLost,
-    SerializationError,
-    TaskCancelled,
-    TaskTimeout,
-    ZFabricError,
-)
+from . import errors as _errors
+from .errors import *  # noqa: F403  (every public error: the list is errors.__all__)
 
 if TYPE_CHECKING:
     from .client import Client, default_client
@@ -99,18 +87,7 @@ __all__ = [
     "rejoin",
     "secede",
     "worker_client",
-    # Errors
-    "ClosedError",
-    "CommTimeoutError",
-    "KilledWorker",
-    "LostDataError",
-    "ProtocolError",
-    "RemoteProtocolError",
-    "ResultTooLarge",
-    "SchedulerLost",
-    "SerializationError",
-    "TaskCancelled",
-    "TaskTimeout",
-    "ZFabricError",
     "__version__",
+    # Errors: every name in zfabric.errors.__all__
+    *_errors.__all__,
 ]

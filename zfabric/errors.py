@@ -18,7 +18,11 @@
     ├── ResultTooLarge           a value passed the configured message size limit
     ├── TaskTooLarge             a task's function and arguments pass the scheduler's frame
     │                            limit (also a ValueError)
-    └── ActorLost                an actor's worker is gone (also a ConnectionError)
+    ├── ActorLost                an actor's worker is gone (also a ConnectionError)
+    └── SecurityError            security is misconfigured: missing keys, a refused key, or
+        │                        a peer that requires encryption met without it
+        └── KeyRevoked           the scheduler ended this client's session because its key
+                                 was revoked (also a SchedulerLost)
 
 A task that raises keeps its own exception type: ``future.result()`` re-raises the very
 exception the function raised, with the remote traceback attached.
@@ -36,12 +40,15 @@ __all__ = [
     "LocalProtocolError",
     "LostDataError",
     "ProtocolError",
+    "KeyRevoked",
     "RemoteProtocolError",
     "ResultTooLarge",
     "SchedulerLost",
+    "SecurityError",
     "SerializationError",
     "TaskCancelled",
     "TaskTimeout",
+    "TaskTooLarge",
     "ZFabricError",
 ]
 
@@ -114,3 +121,13 @@ class TaskTooLarge(ZFabricError, ValueError):
 
 class ActorLost(ZFabricError, ConnectionError):
     """Raised when an actor's worker died or cannot be reached: the actor's state is gone."""
+
+
+class SecurityError(ZFabricError):
+    """Raised when security is misconfigured: missing keys, a refused key, or a peer that
+    requires encryption met without it."""
+
+
+class KeyRevoked(SecurityError, SchedulerLost):
+    """Raised when the scheduler ended a client's session because its key was revoked: every
+    future that was pending and every later call of that client fails with it at once."""

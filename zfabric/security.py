@@ -28,7 +28,7 @@ from pathlib import Path
 import zmq
 import zmq.auth
 
-from .errors import SchedulerLost, ZFabricError
+from .errors import KeyRevoked, SecurityError
 
 logger = logging.getLogger(__name__)
 
@@ -53,16 +53,6 @@ _TLS_ARGUMENTS = {
     "tls_scheduler_cert", "tls_worker_key", "tls_worker_cert", "tls_min_version",
     "tls_max_version", "extra_conn_args",
 }
-
-
-class SecurityError(ZFabricError):
-    """Raised when security is misconfigured: missing keys, a refused key, or a peer that
-    requires encryption met without it."""
-
-
-class KeyRevoked(SecurityError, SchedulerLost):
-    """Raised when the scheduler ended a client's session because its key was revoked: every
-    future that was pending and every later call of that client fails with it at once."""
 
 
 def keygen(directory: str | os.PathLike, roles=PEER_ROLES, *, name: str | None = None) -> Path:
