@@ -86,15 +86,17 @@ def tail(path: Path, n: int = 2000) -> str:
 
 
 class Scheduler:
-    """A ``zfabric scheduler`` process on 127.0.0.1 and a free port."""
+    """A scheduler process on 127.0.0.1 and a free port: ``zfabric scheduler ARGS``, or
+    ``cmd`` (any scheduler CLI that takes ``--scheduler-file``, e.g. dask's)."""
 
     def __init__(self, env: dict[str, str], workdir: Path, args: Sequence[str] = (),
-                 timeout: float = 30.0):
+                 timeout: float = 30.0, cmd: Sequence[str] | None = None):
         self.log = workdir / "scheduler.log"
         sfile = workdir / "scheduler.json"
-        cmd = [sys.executable, "-m", "zfabric", "scheduler", "--host", "127.0.0.1",
-               "--port", "0", "--scheduler-file", str(sfile), *args]
-        self.proc = spawn(cmd, env, self.log)
+        if cmd is None:
+            cmd = [sys.executable, "-m", "zfabric", "scheduler", "--host", "127.0.0.1",
+                   "--port", "0"]
+        self.proc = spawn([*cmd, "--scheduler-file", str(sfile), *args], env, self.log)
         self.pid = self.proc.pid
         deadline = time.monotonic() + timeout
         while True:
@@ -117,12 +119,14 @@ class Scheduler:
         return rss_mb(self.pid)
 
 
-def stop(procs: list[subprocess.Popen], grace: float = 5.0) -> None:
-    """SIGTERM each process's group, wait up to ``grace`` s in all, then SIGKILL the rest."""
+def stop(procs: Sequence[subprocess.Popen], grace: float = 5.0,
+         sig: signal.Signals = signal.SIGTERM) -> None:
+    """Signal each process's group (``sig``), wait up to ``grace`` s in all, then SIGKILL the
+    rest (each was started in a session of its own, see :func:`spawn`)."""
     for p in procs:
         if p.poll() is None:
             with contextlib.suppress(ProcessLookupError, PermissionError):
-                os.killpg(p.pid, signal.SIGTERM)
+                os.killpg(p.pid, sig)
     deadline = time.monotonic() + grace
     for p in procs:
         with contextlib.suppress(subprocess.TimeoutExpired):
@@ -144,3 +148,21 @@ def raise_on_sigterm() -> None:
         raise SystemExit(128 + signum)
 
     signal.signal(signal.SIGTERM, handler)
+
+
+def kill_marked(name: str, value: str) -> int:
+    """Kill every process (but this one) whose environment has ``name=value``: what the
+    processes we started left behind."""
+    import psutil
+
+    killed = 0
+    for proc in psutil.process_iter():
+        if proc.pid == os.getpid():
+            continue
+        try:
+            if proc.environ().get(name) == value:
+                proc.kill()
+                killed += 1
+        except (psutil.Error, OSError):
+            continue
+    return killed
