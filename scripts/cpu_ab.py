@@ -193,7 +193,8 @@ try:
         expected = 2
     with client:
         client.wait_for_workers(expected, timeout=60)
-        workers = len(client.scheduler_info()["workers"])
+        info = client.scheduler_info()
+        workers = info.get("n_workers", len(info["workers"]))
         meter = Meter()
         client.gather(client.map(noop, range(cfg["warmup"]), pure=False))
         for i in range(20):

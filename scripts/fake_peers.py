@@ -540,7 +540,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     if soft != -1 and soft < 2 * max(args.peers) + 200:
         print(f"warning: {soft} open files may be too few for {max(args.peers)} peers (two"
               " descriptors each here, one each in the scheduler)", file=sys.stderr)
-    rows = []
+    rows: list[dict] = []
+    interrupted = False
     try:
         for n in args.peers:
             print(f"N = {n} ...", file=sys.stderr, flush=True)
@@ -549,11 +550,14 @@ def main(argv: Sequence[str] | None = None) -> int:
             rows.append(row)
             print(f"N = {n}: {json.dumps(row)} ({time.monotonic() - t0:.0f} s)",
                   file=sys.stderr, flush=True)
-    except KeyboardInterrupt:
+    except (KeyboardInterrupt, SystemExit):  # Ctrl-C, SIGTERM: what was measured, then out
         print("interrupted", file=sys.stderr)
+        interrupted = True
     print_table(rows, args)
     if args.json:
         args.json.write_text(json.dumps(rows, indent=1) + "\n")
+    if interrupted:
+        return 130
     return 0 if rows and all("error" not in r for r in rows) else 1
 
 

@@ -298,6 +298,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             print("dask.distributed is not installed; zfabric only", file=sys.stderr)
     marker = uuid.uuid4().hex
     rows: list[dict] = []
+    interrupted = False
     try:
         for n in args.workers:
             for impl in impls:
@@ -309,14 +310,17 @@ def main(argv: Sequence[str] | None = None) -> int:
                 row = run_n(impl, n, args, budget, marker)
                 rows.append(row)
                 print(json.dumps(row), file=sys.stderr, flush=True)
-    except KeyboardInterrupt:
+    except (KeyboardInterrupt, SystemExit):  # Ctrl-C, SIGTERM: what was measured, then out
         print("interrupted", file=sys.stderr)
+        interrupted = True
     finally:
         with contextlib.suppress(Exception):
             procs.kill_marked(MARKER, marker)
     print_table(rows, args)
     if args.json:
         args.json.write_text(json.dumps(rows, indent=1) + "\n")
+    if interrupted:
+        return 130
     return 0 if rows and all("error" not in r for r in rows) else 1
 
 
