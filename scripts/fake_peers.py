@@ -171,6 +171,7 @@ class FakeWorkers:
             if not peer.welcomed and op.get("retry_s"):
                 self.hello(peer)
         else:
+            name = str(name)
             self.other_ops[name] = self.other_ops.get(name, 0) + 1
 
     def finish(self, peer: Peer, key: str, duration: float) -> None:

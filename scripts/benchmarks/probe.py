@@ -28,7 +28,7 @@ class DashboardProbe:
         from urllib.parse import urlsplit
 
         u = urlsplit(link)
-        conn = http.client.HTTPConnection(u.hostname, u.port, timeout=10)
+        conn = http.client.HTTPConnection(u.hostname or "127.0.0.1", u.port, timeout=10)
         conn.request("GET", "/events")
         r = conn.getresponse()
         while not self.stop:
