@@ -1,0 +1,42 @@
+"""Every row of the table, in its order, from the family modules."""
+
+from __future__ import annotations
+
+from .actors import bench_actor
+from .common import Row
+from .dask_collections import (
+    bench_dask_array_sum,
+    bench_dask_groupby,
+    bench_dask_persist,
+    bench_dask_xxt_mean,
+)
+from .data import bench_echo
+from .memory import bench_sched_done, bench_sched_pending
+from .roundtrip import bench_rtt
+from .spill import bench_spill
+from .startup import bench_localcluster
+from .tasks import bench_noop, bench_tree
+
+ROWS: dict[str, Row] = {
+    row.name: row
+    for row in [
+        Row("rtt_p50_ms", "ms", False, bench_rtt),
+        Row("actor_call_p50_ms", "ms", False, bench_actor),
+        Row("noop_tasks_per_s", "tasks/s", True, bench_noop),
+        Row("tree_tasks_per_s", "tasks/s", True, bench_tree),
+        Row("echo_mb_per_s", "MB/s", True, bench_echo),
+        Row("localcluster_first_result_s", "s", False, local=bench_localcluster),
+        Row(
+            "sched_bytes_per_task_pending", "B/task", False, bench_sched_pending, fresh_cluster=True
+        ),
+        Row("sched_bytes_per_task_done", "B/task", False, bench_sched_done, fresh_cluster=True),
+        Row("dask_array_sum_s", "s", False, bench_dask_array_sum),
+        Row("dask_xxT_mean_s", "s", False, bench_dask_xxt_mean),
+        Row("dask_groupby_mean_s", "s", False, bench_dask_groupby),
+        Row("dask_persist_100k_s", "s", False, bench_dask_persist),
+        Row("spill_mb_per_s", "MB/s", True, local=bench_spill),
+    ]
+}
+ROW_ALIASES = {
+    "sched_bytes_per_task": ["sched_bytes_per_task_pending", "sched_bytes_per_task_done"]
+}
