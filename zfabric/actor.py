@@ -16,13 +16,15 @@ import asyncio
 import concurrent.futures
 import itertools
 import threading
+import time
 
 import zmq
 
-from . import _zmq, protocol, serialize
+from . import _zmq, current, protocol, serialize
 from .config import DEFAULT
 from .errors import ActorLost, RemoteProtocolError
-from .security import process_security
+from .futures import Future
+from .keys import from_wire
 
 __all__ = ["Actor", "ActorFuture", "BaseActorFuture"]
 
@@ -37,9 +39,7 @@ _EVENTS = int(zmq.EVENTS)
 
 def create(cls, *args, **kwargs):
     """The task behind ``submit(cls, actor=True)``: build the object, keep it on this worker."""
-    from .worker.execute import current_task
-
-    key, executor = current_task()
+    key, executor = current.current_task()
     worker = executor.context if executor is not None else None
     loop = getattr(worker, "_core", None) or worker
     if loop is None or not hasattr(loop, "actors"):
@@ -93,8 +93,6 @@ class _Link:
         """The answer to call ``rid``. While it is slow to come, the worker is asked (from
         its loop thread, not the busy actor thread) whether it still holds actor ``key``: a
         worker that died, or a new process at its address, raises ActorLost."""
-        import time
-
         deadline = None if timeout is None else time.monotonic() + timeout
         sock = self.sock
         pings: set[int] = set()  # a ping sent just before a reconnection is lost: send more
@@ -248,12 +246,8 @@ class _AsyncActorFuture(BaseActorFuture):
 def _rebuild(cls, address: str, key: str, worker: str = "") -> Actor:
     """An Actor arriving in a process: it holds a Future of its key, through this process's
     client (inside a task, its worker's), so that the actor lives while the proxy does."""
-    from .context import get_client
-    from .futures import Future
-    from .keys import from_wire
-
     try:
-        future = Future(from_wire(key), get_client())
+        future = Future(from_wire(key), current.client())
     except ValueError:  # no client here: the proxy works, but does not keep the actor
         future = None
     return Actor(cls, address, key, future, worker)
@@ -306,7 +300,7 @@ class Actor:
         client = getattr(self._future, "client", None)
         if client is not None:
             return client.security
-        return process_security()
+        return current.process_keys()
 
     def __getattr__(self, name: str):
         if name.startswith("_"):

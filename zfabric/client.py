@@ -14,7 +14,6 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures
 import contextlib
-import contextvars
 import dataclasses
 import itertools
 import json
@@ -24,16 +23,16 @@ import sys
 import threading
 import time
 import uuid
-import weakref
 from collections import deque
 
 import zmq
 import zmq.asyncio
 
-from . import _zmq, dask_scheduler, handshake, protocol
+from . import _zmq, current, dask, dask_scheduler, handshake, joblib_backend, protocol
 from .admin import ClusterRequests
 from .config import Config, from_env, parse_timedelta
 from .control import ClusterControl
+from .current import default_client
 from .datasets import Datasets
 from .diagnostics import Diagnostics
 from .errors import (
@@ -46,8 +45,8 @@ from .errors import (
 from .futures import Future, FutureState, futures_of
 from .lifecycle import LoopThread
 from .link import Link
-from .plugins import PluginRequests
-from .security import SecurityError, as_security, use_for_process
+from .plugin_requests import PluginRequests
+from .security import SecurityError, as_security
 from .session import Session
 from .submission import Submission, funcname  # noqa: F401  (funcname: public there)
 from .transfer import DataPool, dispatch
@@ -57,47 +56,6 @@ from .window import SubmitWindow
 logger = logging.getLogger(__name__)
 
 __all__ = ["Client", "default_client"]
-
-#: Clients created with ``set_as_default=True``, oldest first: the newest open one is the
-#: default, and closing it hands over to the one before.
-_defaults: list[weakref.ref] = []
-_defaults_lock = threading.Lock()
-#: The client of ``with client.as_current():`` blocks, per thread and task.
-_current: contextvars.ContextVar = contextvars.ContextVar("zfabric_current_client",
-                                                         default=None)
-
-
-def _open(c) -> bool:
-    return c is not None and c.status not in ("closing", "closed")
-
-
-def default_client(c: Client | None = None) -> Client:
-    """The client to use when none is given: ``c`` if given, else the newest open default
-    client (falling back to the one before when it closes). Raises ``ValueError`` if none."""
-    if c is not None:
-        return c
-    c = _current.get()
-    if _open(c):
-        return c
-    with _defaults_lock:
-        for ref in reversed(_defaults):
-            client = ref()
-            if _open(client):
-                return client
-    raise ValueError("No client is open; create one with Client(address)")
-
-
-def _set_default(client: Client) -> None:
-    with _defaults_lock:
-        _defaults[:] = [r for r in _defaults if _open(r()) and r() is not client]
-        _defaults.append(weakref.ref(client))
-
-
-def _drop_default(client: Client) -> None:
-    with _defaults_lock:
-        _defaults[:] = [r for r in _defaults if r() is not client and _open(r())]
-
-
 
 class Client(Submission, Values, ClusterRequests, ClusterControl, Session, Diagnostics, Datasets,
              PluginRequests):
@@ -192,7 +150,7 @@ class Client(Submission, Values, ClusterRequests, ClusterControl, Session, Diagn
         self._callbacks = None  # the thread that runs add_done_callback's callbacks
         self._is_default = set_as_default
         if set_as_default:
-            _set_default(self)
+            current.add_default(self)
             dask_scheduler.install(self)
         if not asynchronous:
             self._loop_thread = LoopThread("zfabric-client-loop")
@@ -210,8 +168,8 @@ class Client(Submission, Values, ClusterRequests, ClusterControl, Session, Diagn
     def current(cls, allow_global: bool = True) -> Client:
         """The client of the innermost ``with client.as_current():`` block, else (with
         ``allow_global``) the default client. Raises ``ValueError`` when there is none."""
-        c = _current.get()
-        if _open(c):
+        c = current.as_current_client()
+        if c is not None:
             return c
         if allow_global:
             return default_client()
@@ -220,11 +178,8 @@ class Client(Submission, Values, ClusterRequests, ClusterControl, Session, Diagn
     @contextlib.contextmanager
     def as_current(self):
         """Make this the client that Futures and ``get_client()`` use within the block."""
-        token = _current.set(self)
-        try:
+        with current.using_client(self):
             yield self
-        finally:
-            _current.reset(token)
 
     def _run_callback(self, fn, future) -> None:
         """Run a done callback on this client's callback thread (see add_done_callback)."""
@@ -304,11 +259,9 @@ class Client(Submission, Values, ClusterRequests, ClusterControl, Session, Diagn
     async def _start(self) -> None:
         self.status = "connecting"
         self.loop = asyncio.get_running_loop()
-        if self._own_cluster:
-            from .cluster import LocalCluster
-
-            kw = self._cluster_kwargs
-            self.cluster = await LocalCluster(asynchronous=True, **kw)
+        if self._own_cluster:  # the factory the cluster layer installed (zfabric.current)
+            self.cluster = await current.start_local_cluster(asynchronous=True,
+                                                             **self._cluster_kwargs)
             self.scheduler_address = self.cluster.scheduler_address
             self.security = self.cluster.security
         if not self.scheduler_address:
@@ -317,7 +270,7 @@ class Client(Submission, Values, ClusterRequests, ClusterControl, Session, Diagn
         self.identity = _zmq.new_identity("client")
         # The scheduler link is a plain socket on the loop's selector (see zfabric/link.py):
         # zmq.asyncio costs more than the round trip on this latency-bound path.
-        use_for_process(self.security)  # actor handles of this process connect with it
+        current.set_process_keys(self.security)  # actor handles of this process connect with it
         monitor = f"inproc://zfabric-monitor-{self.identity.decode()}"
         self._link = Link(
             self.loop, _zmq.dealer(zmq.Context.instance(), self.scheduler_address, self.identity,
@@ -348,8 +301,6 @@ class Client(Submission, Values, ClusterRequests, ClusterControl, Session, Diagn
             await self._close()
             raise
         self.status = "running"
-        from . import joblib_backend
-
         joblib_backend.register_on_import()  # without importing joblib (see there)
 
     # ------------------------------------------------------------------ reference counting
@@ -401,8 +352,6 @@ class Client(Submission, Values, ClusterRequests, ClusterControl, Session, Diagn
         """Run a dask graph on the cluster and return the values of ``keys`` (nested lists
         as given); dask calls this as its scheduler. See :mod:`zfabric.dask`."""
         self._check_open()
-        from . import dask
-
         return dask.get(self, dsk, keys, **kwargs)
 
     def compute(self, collections, sync: bool = False, **kwargs):
@@ -410,15 +359,11 @@ class Client(Submission, Values, ClusterRequests, ClusterControl, Session, Diagn
         ``sync=True``). Keywords as dask.distributed's (``workers``, ``retries``,
         ``priority``, ``resources``, ``allow_other_workers``, ``optimize_graph``, ...)."""
         self._check_open()
-        from . import dask
-
         return dask.compute(self, collections, sync=sync, **kwargs)
 
     def persist(self, collections, **kwargs):
         """The same dask collections, now computed (or computing) and held on the cluster."""
         self._check_open()
-        from . import dask
-
         return dask.persist(self, collections, **kwargs)
 
     # ------------------------------------------------------------------ cancel
@@ -504,7 +449,7 @@ class Client(Submission, Values, ClusterRequests, ClusterControl, Session, Diagn
         if self.status in ("closing", "closed"):
             return
         self.status = "closing"
-        _drop_default(self)
+        current.drop_default(self)
         if self._callbacks is not None:
             self._callbacks.shutdown(wait=False)
         if getattr(self, "_link", None) is not None and self.epoch is not None:

@@ -23,6 +23,7 @@ import os
 import time
 import weakref
 
+from .client import Client, default_client
 from .config import Config, from_env, memory_limit_bytes, parse_bytes, parse_timedelta
 from .errors import ClosedError, CommTimeoutError
 from .lifecycle import LifeCycle, LoopThread
@@ -295,8 +296,6 @@ class LocalCluster(LifeCycle):
     async def _client(self):
         """The cluster's own asynchronous client (for retiring workers, logs, adapt)."""
         if self._control is None:
-            from .client import Client
-
             self._control = Client(self.scheduler_address, asynchronous=True,
                                    set_as_default=False, config=self.config)
             await self._control
@@ -432,8 +431,6 @@ class LocalCluster(LifeCycle):
 
     def get_client(self):
         """The default client if it talks to this cluster, else a new Client of it."""
-        from .client import Client, default_client
-
         try:
             c = default_client()
         except ValueError:

@@ -14,6 +14,7 @@ import time
 
 from .config import parse_timedelta
 from .errors import CommTimeoutError, ZFabricError
+from .executor import ClientExecutor
 from .futures import Future, futures_of, until_done
 
 logger = logging.getLogger("zfabric.client")
@@ -36,8 +37,6 @@ class ClusterControl:
         """A ``concurrent.futures.Executor`` running calls on this cluster; the options
         (``workers=``, ``resources=``, ``retries=``, ``priority=``, ``pure=``...) apply to every
         call. See :mod:`zfabric.executor`."""
-        from .executor import ClientExecutor
-
         return ClientExecutor(self, **submit_options)
 
     # ------------------------------------------------------------------ replicate

@@ -23,9 +23,11 @@ import asyncio
 import contextlib
 import uuid
 
-from . import protocol, serialize
+from . import current, protocol, serialize
 from .config import parse_timedelta
 from .errors import ClosedError, LocalProtocolError, RemoteProtocolError, SchedulerLost
+from .futures import Future, futures_of
+from .keys import from_wire
 
 __all__ = ["Event", "Lock", "Queue", "Semaphore", "Variable"]
 
@@ -72,23 +74,16 @@ def _dumps_collecting(value, inline_bytes: int) -> tuple[bytes, list, list[str]]
     """Pickle ``value``; the keys of the Futures anywhere inside it are returned too (they
     unpickle as Futures bound to the reader's client)."""
     keys: list[str] = []
-    serialize._local.collect = keys
-    try:
+    with serialize.collect_keys(keys):
         header, buffers = serialize.dumps_value(value, inline_bytes)
-    finally:
-        serialize._local.collect = None
     return header, buffers, list(dict.fromkeys(keys))
 
 
 async def encode(client, value) -> tuple[list, object]:
     """The wire item for ``value``, and what must stay referenced until the op is answered
     (a Future the item refers to)."""
-    from .futures import Future
-
     if isinstance(value, Future):
         return ["f", value._wkey], value
-    from .futures import futures_of
-
     limit = client.config.INLINE_BYTES
     header, buffers, keys = _dumps_collecting(value, limit)
     # and those a collection reports (dask collections: futures_of looks into their graphs)
@@ -101,9 +96,6 @@ async def encode(client, value) -> tuple[list, object]:
 
 async def decode(client, item):
     """The value an item stands for, in ``client`` (Futures bind to it)."""
-    from .futures import Future
-    from .keys import from_wire
-
     kind = item[0]
     if kind == "f":
         return Future(from_wire(item[1]), client)
@@ -138,9 +130,7 @@ class _Handle:
             raise TypeError(f"name must be a string, got {type(name).__name__}")
         self.name = name or f"{self._prefix}-{uuid.uuid4().hex}"
         if client is None:
-            from .context import get_client
-
-            client = get_client()
+            client = current.client()
         self._client = client
 
     def _init(self, **params) -> None:
@@ -152,9 +142,7 @@ class _Handle:
     @property
     def client(self):
         if self._client is None:
-            from .context import get_client
-
-            self._client = get_client()
+            self._client = current.client()
         return self._client
 
     def _sync(self, func, *args, **kwargs):

@@ -37,6 +37,7 @@ from .dask_wire import LARGE_CHUNK_BYTES, args_bytes, pickle_chunk, split
 from .futures import Future, FutureState
 from .keys import to_wire
 from .session import Deferred
+from .submission import _lost, _options
 
 logger = logging.getLogger(__name__)
 
@@ -228,12 +229,6 @@ def task_options(base: dict | None, annotations: dict, key) -> dict | None:
     return opts if opts is not None else base
 
 
-def _lost(st: FutureState) -> bool:
-    from .submission import _lost
-
-    return _lost(st)
-
-
 def submit_graph(client, graph: dict, annotations: dict, held: dict, want: list,
                  opts: dict | None, place: bool = False):
     """Send a graph's tasks; ``{key: Future}`` for each key of ``want`` that is computed on
@@ -365,8 +360,6 @@ def _pack(keys, values: dict):
 def base_options(workers=None, allow_other_workers=False, resources=None, retries=None,
                  priority=0, fifo_timeout=None, actors=None) -> dict | None:
     """Task options from the keywords dask.distributed's compute/persist/get take."""
-    from .submission import _options
-
     if actors:
         raise NotImplementedError("zfabric has no actors")
     if workers is not None and not isinstance(workers, str | list | tuple | set):

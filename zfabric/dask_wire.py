@@ -31,7 +31,7 @@ LARGE_CHUNK_BYTES = 1 << 20
 
 
 def _current_values():
-    return serialize._local.values
+    return serialize.task_values()
 
 
 class _AllValues:
@@ -108,14 +108,12 @@ def _dumps_collecting(obj, collected: list) -> bytes:
     import cloudpickle
 
     # cloudpickle, not pickle: functions of a script's __main__ must travel by value
-    serialize._local.collect = collected
-    try:
-        return cloudpickle.dumps(obj, protocol=5)
-    except Exception as exc:
-        raise serialize.SerializationError(
-            f"cannot pickle a task of the graph: {type(exc).__name__}: {exc}") from exc
-    finally:
-        serialize._local.collect = None
+    with serialize.collect_keys(collected):
+        try:
+            return cloudpickle.dumps(obj, protocol=5)
+        except Exception as exc:
+            raise serialize.SerializationError(
+                f"cannot pickle a task of the graph: {type(exc).__name__}: {exc}") from exc
 
 
 def _with_refs(node, futures: dict):

@@ -17,6 +17,9 @@ import time
 import warnings
 
 from . import protocol
+from .current import default_client
+from .logs import recent
+from .report import render_report
 
 __all__ = ["Diagnostics", "get_task_stream", "performance_report"]
 
@@ -95,8 +98,6 @@ class Diagnostics:
         if nanny:
             raise NotImplementedError("zfabric keeps no log of its nannies; call"
                                       " get_worker_logs() without nanny=")
-        from .logs import recent
-
         return self.sync(self._worker_logs, recent, n, workers)
 
     async def _worker_logs(self, recent, n, workers):
@@ -130,8 +131,6 @@ class Diagnostics:
 
 def _client(client):
     if client is None:
-        from .client import default_client
-
         return default_client()
     return client
 
@@ -266,8 +265,6 @@ class performance_report:
         self._since = reply["next"]
 
     def _write(self, replies) -> None:
-        from .report import render_report
-
         reply, snap = replies
         self._add(reply)
         stop = time.time()

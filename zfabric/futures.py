@@ -15,7 +15,7 @@ import time
 from collections import deque, namedtuple
 from collections.abc import Iterable
 
-from . import serialize
+from . import current, errors, serialize
 from .config import parse_timedelta
 from .errors import TaskCancelled, ZFabricError
 from .keys import from_wire, readable, to_wire
@@ -123,8 +123,6 @@ def rebuild_error(exc, tb, text, kind, extra) -> BaseException:
     if text:
         text = readable(text)
     if exc is None and kind:
-        from . import errors
-
         cls = getattr(errors, kind, None)
         if isinstance(cls, type) and issubclass(cls, BaseException):
             if cls is errors.KilledWorker and extra:
@@ -134,7 +132,7 @@ def rebuild_error(exc, tb, text, kind, extra) -> BaseException:
     return serialize.rebuild_exception(exc, tb, text)
 
 
-class Future:
+class Future(serialize.KeyHandle):
     """A remote computation's result, as in dask.distributed and concurrent.futures.
 
     In an asynchronous client, ``await future`` gives the result, and ``result()``,
@@ -151,9 +149,7 @@ class Future:
 
     def __init__(self, key, client=None, state: FutureState | None = None, inform=True):
         if client is None:
-            from .client import default_client
-
-            client = default_client()
+            client = current.default_client()
         self.key = key
         wkey = state.key if state is not None else to_wire(key)
         self._wkey = wkey
@@ -248,12 +244,24 @@ class Future:
         collected = serialize.collecting()
         if collected is not None:
             if not serialize.is_direct(self):
-                return (serialize._future_ref, (self.key,))
+                return (_rebuild, (self.key,))
             collected.append(self._wkey)
-        return (serialize._resolve, (self._wkey,))
+        return (_unpickle, (self._wkey,))
 
 
-serialize.future_type = Future
+def _unpickle(wkey: str):
+    """A pickled Future arriving: among a task's arguments its dependency's value, elsewhere
+    a Future of this process's client (inside a task, its worker's)."""
+    values = serialize.task_values()
+    if values is not None:
+        return serialize.resolve(values, wkey)
+    return Future(from_wire(wkey), current.client())
+
+
+def _rebuild(key):
+    """A Future that sat inside another object of a task's arguments: a Future there too,
+    bound to this process's client (inside a task, its worker's)."""
+    return Future(from_wire(key), current.client())
 
 
 def _flatten(obj, out: list) -> None:
@@ -300,9 +308,7 @@ def _as_futures(obj) -> list[Future]:
 
 def _client_of(futures: list[Future]):
     if not futures:
-        from .client import default_client
-
-        return default_client()
+        return current.default_client()
     return futures[0].client
 
 

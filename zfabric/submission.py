@@ -9,6 +9,7 @@ function, the arguments once per call), name it, and queue ``submit`` ops of at 
 from __future__ import annotations
 
 from . import serialize
+from .actor import create
 from .config import parse_timedelta
 from .errors import SchedulerLost, TaskTooLarge
 from .futures import Future, FutureState
@@ -209,8 +210,6 @@ def _actor_task(cls, args: tuple):
     """``(function, args, pure)`` of the task that builds an actor of ``cls`` on a worker."""
     if not isinstance(cls, type):
         raise TypeError(f"actor=True needs a class, got {type(cls).__name__}")
-    from .actor import create
-
     return create, (cls, *args), False
 
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import time
 
+from .client import Client
 from .nanny import format_bytes
 
 #: Width of the text bars, in characters.
@@ -91,8 +92,6 @@ def run(address: str, *, interval: float = 1.0, once: bool = False, timeout: flo
     """Draw the cluster at ``address`` until interrupted (or once)."""
     from rich.console import Console
     from rich.live import Live
-
-    from .client import Client
 
     if console is None:
         console = Console()
