@@ -17,6 +17,7 @@ import concurrent.futures
 import itertools
 import threading
 import time
+from typing import Any, cast
 
 import zmq
 
@@ -57,7 +58,8 @@ class _Link:
 
     def __init__(self, address: str, security=None):
         self.address = address
-        sock = self.sock = zmq.Context.instance().socket(zmq.DEALER)
+        sock: zmq.Socket = zmq.Context.instance().socket(zmq.DEALER)
+        self.sock = sock
         _zmq._common(sock, 0, DEFAULT.HWM_MESSAGES)
         if security is not None:  # a worker's data port: CURVE, as a client
             security.client_socket(sock, "client", "worker", _zmq.normalize_address(address))
@@ -100,7 +102,7 @@ class _Link:
             left = LIVENESS_CHECK_MS if deadline is None else min(
                 LIVENESS_CHECK_MS, max(0, int((deadline - time.monotonic()) * 1000)))
             if sock.poll(left, zmq.POLLIN):
-                while sock.getsockopt(_EVENTS) & zmq.POLLIN:
+                while cast(int, sock.getsockopt(_EVENTS)) & zmq.POLLIN:
                     frames = sock.recv_multipart(zmq.NOBLOCK, copy=False)
                     ops, bufs = protocol.decode([frames[0].bytes, *frames[1:]])
                     for op in ops:
@@ -116,7 +118,7 @@ class _Link:
                                         " worker restarted or released it); its state is"
                                         " lost: create the actor again")
                 continue
-            if not sock.getsockopt(_EVENTS) & _POLLOUT:
+            if not cast(int, sock.getsockopt(_EVENTS)) & _POLLOUT:
                 self.connected = False
                 raise ActorLost(f"the actor's worker at {self.address} died before answering;"
                                 " its state is lost: create the actor again")
@@ -285,7 +287,8 @@ class Actor:
         return sorted(set(dir(type(self))) | {n for n in dir(self._cls) if not n.startswith("_")})
 
     def _send(self, name: str, args: tuple | None, kwargs: dict | None, attr: bool):
-        op = {"op": "actor-call", "key": self._key, "name": name, "worker": self._worker}
+        op: dict[str, Any] = {"op": "actor-call", "key": self._key, "name": name,
+                              "worker": self._worker}
         if attr:
             op["attr"] = True
         elif args or kwargs:

@@ -352,7 +352,7 @@ class LocalCluster(LifeCycle):
             else:
                 where[w.address] = w
         client = await self._client()
-        retired = await client._retire_workers(addresses, None if addresses else count)
+        retired = await client.retire_workers(addresses, n=None if addresses else count)
         gone = [where[a] for a in retired if a in where]
         # They close by themselves (told by the scheduler); this waits for it.
         await asyncio.gather(*(w.close() for w in gone), return_exceptions=True)

@@ -105,7 +105,7 @@ def _dask_persist(collections, **kwargs):
 
 
 # dask.persist asks the scheduler for a ``persist`` to keep results on the cluster.
-dask_get.persist = _dask_persist
+vars(dask_get)["persist"] = _dask_persist
 
 
 # ---------------------------------------------------------------------------- dask's config

@@ -101,7 +101,7 @@ def pickle_chunk(entries: list, items: list, resolved: dict, wire: dict,
             raise TypeError(
                 "a zfabric Future is inside a dask task where dask cannot see it as a"
                 " dependency; pass it as an argument of dask.delayed or as a graph value")
-    return f"dask-{client._new_id()}", data
+    return f"dask-{client.core.new_id()}", data
 
 
 def _dumps_collecting(obj, collected: list) -> bytes:
@@ -159,7 +159,7 @@ def split(client, entries: list, items: list, inline_bytes: int, ops: list) -> N
         flush()
         wk, _, wires, opts = item
         ops.append(Deferred(
-            client._ship_args(wk, run_fid, run_fbytes, header, wires, buffers, opts),
+            client.values.ship_args(wk, run_fid, run_fbytes, header, wires, buffers, opts),
             FutureState(wk)))
     flush()
 

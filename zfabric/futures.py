@@ -155,8 +155,8 @@ class Future(serialize.KeyHandle):
         self._wkey = wkey
         self.client = client
         self._released = False
-        self._state = state if state is not None else client._get_state(wkey, want=inform)
-        client._inc_ref(wkey)
+        self._state = state if state is not None else client.core.get_state(wkey, want=inform)
+        client.core.inc_ref(wkey)
 
     def __repr__(self) -> str:
         return f"<Future: {self.status}, key: {self.key}>"
@@ -178,16 +178,16 @@ class Future(serialize.KeyHandle):
         return self._state.status == "cancelled"
 
     def __await__(self):
-        return self.client._result(self).__await__()
+        return self.client.values.result(self).__await__()
 
     def result(self, timeout: float | None = None):
-        return self.client.sync(self.client._result, self, timeout=timeout)
+        return self.client.sync(self.client.values.result, self, timeout=timeout)
 
     def exception(self, timeout: float | None = None):
-        return self.client.sync(self.client._exception, self, timeout=timeout)
+        return self.client.sync(self.client.values.exception, self, timeout=timeout)
 
     def traceback(self, timeout: float | None = None):
-        return self.client.sync(self.client._traceback, self, timeout=timeout)
+        return self.client.sync(self.client.values.traceback, self, timeout=timeout)
 
     def cancel(self, **kwargs):
         return self.client.cancel([self], **kwargs)
@@ -201,7 +201,7 @@ class Future(serialize.KeyHandle):
         client = self.client
 
         def call():
-            client._run_callback(fn, self)
+            client.core.run_callback(fn, self)
 
         self._on_done(call)
 
@@ -217,7 +217,7 @@ class Future(serialize.KeyHandle):
             else:
                 st.callbacks.append(fn)
 
-        self.client._on_loop(register)
+        self.client.core.on_loop(register)
 
     def retry(self, **kwargs):
         """Run this erred future's task again (and its erred dependencies)."""
@@ -228,7 +228,7 @@ class Future(serialize.KeyHandle):
         if not self._released:
             self._released = True
             try:
-                self.client._dec_ref(self._wkey)
+                self.client.core.dec_ref(self._wkey)
             except Exception:
                 pass
 
@@ -422,7 +422,8 @@ class as_completed:
         else:
             first = []
         with self._cond:
-            batch, self._ready = list(self._ready), deque()
+            batch: list = list(self._ready)
+            self._ready = deque()
         if self.with_results:
             batch = [(f, self._value_sync(f)) for f in batch]
         return first + batch
@@ -516,7 +517,7 @@ class as_completed:
                 self._events.remove((loop, ev))
         if self.with_results:
             try:
-                return f, await f.client._result(f)
+                return f, await f.client.values.result(f)
             except Exception as exc:
                 if self.raise_errors:
                     raise
@@ -531,4 +532,4 @@ def fire_and_forget(obj) -> None:
     for f in futures:
         by_client.setdefault(id(f.client), (f.client, []))[1].append(f._wkey)
     for client, keys in by_client.values():
-        client._send({"op": "want", "keys": keys, "fire_and_forget": True})
+        client.core.send({"op": "want", "keys": keys, "fire_and_forget": True})

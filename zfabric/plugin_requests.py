@@ -9,8 +9,10 @@ from __future__ import annotations
 
 import os
 import uuid
+from typing import Any
 
 from . import serialize
+from .client_core import ClientCore
 from .plugins import NannyPlugin, UploadFile, WorkerPlugin
 
 __all__ = ["PluginRequests"]
@@ -26,7 +28,11 @@ def _name(plugin, name) -> str:
 
 
 class PluginRequests:
-    """The Client's plugin methods (see the module docstring)."""
+    """The Client's plugin methods (see the module docstring), for ``client``."""
+
+    def __init__(self, client: Any, core: ClientCore):
+        self.sync = client.sync
+        self.request = core.request
 
     def register_plugin(self, plugin, name: str | None = None, idempotent: bool | None = None):
         """Register a WorkerPlugin (set up on every worker, current and later) or a
@@ -52,7 +58,7 @@ class PluginRequests:
         return self.register_plugin(plugin, name=name)
 
     async def _register_plugin(self, kind, name, payload, idempotent):
-        results = await self._request("register-plugin", role=kind, name=name, payload=payload,
+        results = await self.request("register-plugin", role=kind, name=name, payload=payload,
                                       idempotent=idempotent)
         return _statuses(results)
 
@@ -62,7 +68,7 @@ class PluginRequests:
         return self.sync(self._unregister_plugin, kind, str(name))
 
     async def _unregister_plugin(self, kind, name):
-        results = await self._request("unregister-plugin", role=kind, name=name)
+        results = await self.request("unregister-plugin", role=kind, name=name)
         if results is None:
             raise ValueError(f"there is no {kind} plugin named {name!r}")
         return _statuses(results)

@@ -349,6 +349,6 @@ def as_security(value) -> Security | None:
 
 def role_of(frame: zmq.Frame) -> tuple[str, bytes]:
     """The role and public key (Z85) the ZAP handler gave the connection ``frame`` came on."""
-    user = frame.get("User-Id")
+    user = str(frame.get("User-Id"))
     role, _, key = user.partition(" ")
     return role, key.encode()

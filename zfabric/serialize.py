@@ -543,7 +543,7 @@ def build_traceback(frames: list[tuple[str, int, str]]) -> types.TracebackType |
         try:
             exec(code, {"_E": RuntimeError, "__name__": "<remote>"})
         except RuntimeError as e:
-            stub = e.__traceback__.tb_next
+            stub = e.__traceback__.tb_next if e.__traceback__ is not None else None
             if stub is None:
                 continue
             tb = types.TracebackType(tb, stub.tb_frame, stub.tb_lasti, stub.tb_lineno)
