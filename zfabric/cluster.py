@@ -23,6 +23,7 @@ import os
 import time
 import weakref
 
+from .client import Client, default_client
 from .config import Config, from_env, memory_limit_bytes, parse_bytes, parse_timedelta
 from .errors import ClosedError, CommTimeoutError
 from .lifecycle import LifeCycle, LoopThread
@@ -295,8 +296,6 @@ class LocalCluster(LifeCycle):
     async def _client(self):
         """The cluster's own asynchronous client (for retiring workers, logs, adapt)."""
         if self._control is None:
-            from .client import Client
-
             self._control = Client(self.scheduler_address, asynchronous=True,
                                    set_as_default=False, config=self.config)
             await self._control
@@ -353,7 +352,7 @@ class LocalCluster(LifeCycle):
             else:
                 where[w.address] = w
         client = await self._client()
-        retired = await client._retire_workers(addresses, None if addresses else count)
+        retired = await client.retire_workers(addresses, n=None if addresses else count)
         gone = [where[a] for a in retired if a in where]
         # They close by themselves (told by the scheduler); this waits for it.
         await asyncio.gather(*(w.close() for w in gone), return_exceptions=True)
@@ -432,8 +431,6 @@ class LocalCluster(LifeCycle):
 
     def get_client(self):
         """The default client if it talks to this cluster, else a new Client of it."""
-        from .client import Client, default_client
-
         try:
             c = default_client()
         except ValueError:

@@ -20,6 +20,7 @@ from collections.abc import Sequence
 
 import msgpack
 
+from ._version import __version__
 from .config import PROTOCOL_VERSION
 from .errors import LocalProtocolError, RemoteProtocolError
 
@@ -252,8 +253,6 @@ def versions() -> dict[str, str]:
     """The library versions a peer announces in its hello."""
     import cloudpickle
     import msgpack as _m
-
-    from . import __version__
 
     return {
         "python": platform.python_version(),
