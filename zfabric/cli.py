@@ -59,6 +59,26 @@ SecurityDir = Annotated[
 RequireEncryption = Annotated[
     bool, typer.Option("--require-encryption", help="Refuse to start without --security.")
 ]
+StdinLifeline = Annotated[
+    bool, typer.Option("--stdin-lifeline", help="Close cleanly when standard input reaches its"
+                       " end (how SSHCluster ties a remote process to its ssh session).")
+]
+
+
+def _stdin_lifeline() -> None:
+    """SIGTERM this process (a clean close, see :mod:`zfabric.process`) once stdin ends."""
+    import signal
+    import threading
+
+    def watch() -> None:
+        try:
+            while os.read(0, 4096):
+                pass
+        except OSError:
+            pass
+        os.kill(os.getpid(), signal.SIGTERM)
+
+    threading.Thread(target=watch, name="zfabric-stdin-lifeline", daemon=True).start()
 
 
 def _security(directory: Path | None, require: bool):
@@ -166,6 +186,7 @@ def scheduler(
     preload: Annotated[list[str] | None, typer.Option(
         "--preload", help="Not supported: the scheduler runs no user code (use it on"
         " `zfabric worker` or `zfabric nanny`).")] = None,
+    stdin_lifeline: StdinLifeline = False,
 ) -> None:
     """Start a scheduler and print its address."""
     if preload:
@@ -176,6 +197,8 @@ def scheduler(
             param_hint="--preload")
     _setup_logging(log_level)
     sec = _security(security, require_encryption)
+    if stdin_lifeline:
+        _stdin_lifeline()
     _run(_scheduler_main(host, port, scheduler_file, pid_file,
                          dashboard_address if dashboard else None, dashboard, sec))
 
@@ -309,11 +332,14 @@ def nanny_command(
     security: SecurityDir = None,
     require_encryption: RequireEncryption = False,
     preload: Preload = None,
+    stdin_lifeline: StdinLifeline = False,
 ) -> None:
     """Start worker processes for the scheduler at ADDRESS and keep them alive."""
     _setup_logging(log_level)
     sec = _security(security, require_encryption)
     addr = _address(address, scheduler_file, wait_s=death_timeout or 30.0)
+    if stdin_lifeline:
+        _stdin_lifeline()
     _run(_nanny_main(addr, dict(nworkers=nworkers, nthreads=nthreads, memory_limit=memory_limit,
                                 resources=_resources(resources), name=name,
                                 death_timeout=death_timeout, worker_log_level=log_level,
