@@ -1,4 +1,5 @@
-"""The ``zfabric`` command: ``scheduler``, ``worker``, ``nanny``, ``info``, ``top``, ``demo``.
+"""The ``zfabric`` command: ``scheduler``, ``worker``, ``nanny``, ``mpi``, ``info``, ``top``,
+``demo``.
 
 A thin typer app: it reads ``ZFABRIC_*`` settings (:func:`zfabric.config.from_env`), builds the
 objects, and runs them until SIGINT or SIGTERM, which close them in order (the signal handling
@@ -365,6 +366,60 @@ async def _nanny_main(address: str, kw: dict) -> int:
     finally:
         await n.close()
     return 0
+
+
+# ---------------------------------------------------------------------- mpi
+
+
+@app.command(context_settings={"allow_extra_args": True, "ignore_unknown_options": True})
+def mpi(
+    ctx: typer.Context,
+    script: Annotated[str | None, typer.Argument(
+        help="The Python script rank 1 runs as the client (its arguments follow it).",
+        show_default=False)] = None,
+    scheduler_file: Annotated[Path, typer.Option(
+        help="Where rank 0 writes the scheduler's address; on a filesystem every rank"
+        " shares.")] = Path("scheduler.json"),
+    no_client: Annotated[bool, typer.Option(
+        "--no-client", help="Run no script: every rank but 0 is a worker, until a client of"
+        " the scheduler file calls client.shutdown().")] = False,
+    interface: Annotated[str | None, typer.Option(
+        help="Network interface the scheduler listens on (default: every interface, giving"
+        " workers this host's address).", show_default=False)] = None,
+    host: Annotated[str | None, typer.Option(help="Address the scheduler listens on.",
+                                             show_default=False)] = None,
+    scheduler_port: Annotated[int, typer.Option(help="The scheduler's port (0: any free"
+                                                " one).")] = 0,
+    dashboard: Annotated[bool, typer.Option(help="Serve the scheduler's dashboard.")] = True,
+    dashboard_address: Annotated[str, typer.Option(help="Where to serve it.")] = ":8787",
+    nthreads: Annotated[int, typer.Option(min=1, help="Threads of each worker rank.")] = 1,
+    memory_limit: Annotated[str, typer.Option(help="Per worker: bytes, auto or 0.")] = "auto",
+    local_directory: LocalDirectory = None,
+    death_timeout: Annotated[float, typer.Option(
+        help="Seconds workers keep trying to reach a lost scheduler before exiting.")] = 60.0,
+    name: Annotated[str | None, typer.Option(help="Worker name prefix (NAME-RANK).",
+                                             show_default=False)] = None,
+    log_level: LogLevel = "warning",
+) -> None:
+    """Run inside `mpirun -n N` or `srun -n N`: rank 0 the scheduler, rank 1 SCRIPT as the
+    client (a plain Client() in it connects), the others workers; all exit when it ends."""
+    _setup_logging(log_level)
+    from .deploy.mpi import MPIError, run_rank
+
+    if no_client and script is not None:
+        raise typer.BadParameter("give a SCRIPT or --no-client, not both")
+    try:
+        code = run_rank(script, list(ctx.args), client=not no_client,
+                        scheduler_file=scheduler_file, host=host, interface=interface,
+                        port=scheduler_port,
+                        dashboard_address=dashboard_address if dashboard else None,
+                        nthreads=nthreads, memory_limit=memory_limit,
+                        local_directory=local_directory, death_timeout=death_timeout,
+                        name=name)
+    except (MPIError, OSError, ValueError) as exc:
+        typer.echo(f"Error: {exc}", err=True)
+        raise typer.Exit(1) from None
+    raise typer.Exit(code)
 
 
 # ---------------------------------------------------------------------- info
