@@ -42,7 +42,7 @@ def report(**kw):
     print("REPORT " + json.dumps(kw), flush=True)
 '''
 
-#: The example docs/deploy.md shows (keep the two in step).
+#: The example docs/deploy.md shows (keep the two in step), then adaptive scaling.
 COMPUTE = r'''
 def host_of(address):
     return address.rpartition(":")[0].removeprefix("tcp://")
@@ -60,8 +60,23 @@ with SSHCluster(HOSTS, connect_options=CONNECT, remote_python=PYTHON,
         cluster.scale(1)
         after = len(client.scheduler_info()["workers"])
         logs = sorted(cluster.get_logs())
+        jobs = list(cluster.jobs)
+        # Adaptive: a second Nanny while 0.2 s tasks queue, back to one once idle.
+        adaptive = cluster.adapt(minimum=1, maximum=2, interval="200ms", wait_count=3,
+                                 target_duration="1s")
+        futures = client.map(lambda x: time.sleep(0.2) or x, range(40))
+        deadline = time.monotonic() + 30
+        while len(cluster.workers) < 2 and time.monotonic() < deadline:
+            time.sleep(0.1)
+        grew = len(cluster.workers)
+        adapted = sum(client.gather(futures))
+        while len(cluster.workers) > 1 and time.monotonic() < deadline + 30:
+            time.sleep(0.1)
+        shrank = len(cluster.workers)
+        adaptive.stop()
     report(total=total, scheduler=cluster.scheduler_address, first=first, third=third,
-           after=after, logs=logs, jobs=list(cluster.jobs))
+           after=after, logs=logs, jobs=jobs, grew=grew, adapted=adapted, shrank=shrank,
+           log=[entry[1:] for entry in adaptive.log])
 '''
 
 FAILURES = r'''
@@ -158,6 +173,8 @@ def test_ssh_cluster_runs_a_computation_and_close_leaves_nothing(ssh_lan):
     assert r["after"] == 1
     assert r["jobs"] == ["0"]
     assert {"Cluster", "Scheduler"} <= set(r["logs"])
+    assert r["adapted"] == sum(range(40))
+    assert (r["grew"], r["shrank"]) == (2, 1), r["log"]
     assert netns.zfabric_pids(lan) == {}
 
 
@@ -204,3 +221,41 @@ def test_sigkilled_client_leaves_nothing_after_the_death_timeout(ssh_lan):
         assert time.monotonic() - killed < SHORT_DEATH_TIMEOUT_S + 15, netns.zfabric_pids(lan)
         time.sleep(0.2)
     print(f"nothing left {time.monotonic() - killed:.1f} s after the SIGKILL")
+
+
+def test_workers_exit_after_the_death_timeout_once_the_scheduler_is_gone(ssh_lan):
+    lan = ssh_lan
+    body = HANG.format(death_timeout=SHORT_DEATH_TIMEOUT_S)
+    log = lan.ssh_dir / "gone.log"
+    with open(log, "w") as out:
+        proc = lan.popen(0, _script(lan, body)[len(lan.argv(0, [])):], stdout=out,
+                         stderr=subprocess.STDOUT, env=_env())
+    try:
+        deadline = time.monotonic() + SCRIPT_TIMEOUT_S
+        while "REPORT" not in log.read_text():
+            assert proc.poll() is None, log.read_text()
+            assert time.monotonic() < deadline, log.read_text()
+            time.sleep(0.1)
+        # The scheduler dies without a word (its session stays open): only the death
+        # timeout can end the Nannies on hosts b and c.
+        (scheduler,) = [int(p) for p in netns.ip("netns", "pids", lan.hosts[0]).split()
+                        if "-m zfabric scheduler" in _cmdline(p)
+                        and not _cmdline(p).startswith("ssh ")]  # not the local ssh client
+        os.kill(scheduler, signal.SIGKILL)
+        killed = time.monotonic()
+        while set(netns.zfabric_pids(lan)) & set(lan.hosts[1:]):
+            assert time.monotonic() - killed < SHORT_DEATH_TIMEOUT_S + 15, \
+                netns.zfabric_pids(lan)
+            time.sleep(0.2)
+        print(f"workers gone {time.monotonic() - killed:.1f} s after their scheduler")
+    finally:
+        os.kill(proc.pid, signal.SIGKILL)
+        proc.wait(timeout=10)
+
+
+def _cmdline(pid: str) -> str:
+    try:
+        with open(f"/proc/{pid}/cmdline", "rb") as f:
+            return f.read().replace(b"\0", b" ").decode(errors="replace")
+    except OSError:
+        return ""
