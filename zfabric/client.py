@@ -129,6 +129,8 @@ class Client:
         if connection_limit is not None:
             raise ValueError("Client(connection_limit=...): zfabric keeps one connection per"
                              " worker and needs no limit; leave it out")
+        if address is None and scheduler_file is None and not kwargs:
+            address = self.config.SCHEDULER_ADDRESS or None  # zfabric mpi's job scheduler
         if scheduler_file is not None:
             if address is not None:
                 raise ValueError("give either an address or scheduler_file, not both")
