@@ -40,6 +40,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import inspect
 import json
 import logging
 import os
@@ -47,7 +48,9 @@ import shutil
 import signal
 import time
 
-from . import _zmq, protocol
+import zmq.asyncio
+
+from . import _zmq, protocol, serialize
 from .config import Config, from_env, memory_limit_bytes
 from .errors import CommTimeoutError, RemoteProtocolError, ZFabricError
 from .lifecycle import LifeCycle
@@ -57,6 +60,7 @@ from .supervision import RestartPolicy, Slot, WorkerProcess, assess
 from .transfer import read_ops
 from .worker.memory import memory_fractions
 from .worker.spill import worker_directory
+from .worker.state import heartbeat_seconds
 
 logger = logging.getLogger(__name__)
 
@@ -172,6 +176,10 @@ class Nanny(LifeCycle):
         self._tasks: list[asyncio.Task] = []
         self._welcome: asyncio.Future | None = None
         self._last_heard = time.monotonic()
+        # how often to heartbeat: the setting until the scheduler says (welcome, and later
+        # ``heartbeat-interval`` as the cluster grows)
+        self.heartbeat_s = self.config.HEARTBEAT_INTERVAL_S
+        self._next_beat = 0.0
         self._loop: asyncio.AbstractEventLoop | None = None
         self._closer: asyncio.Future | None = None
 
@@ -211,8 +219,6 @@ class Nanny(LifeCycle):
     # ------------------------------------------------------------------ start and close
 
     async def start(self) -> None:
-        import zmq.asyncio
-
         self._loop = asyncio.get_running_loop()
         self._welcome = self._loop.create_future()
         ctx = zmq.asyncio.Context.instance()
@@ -301,6 +307,7 @@ class Nanny(LifeCycle):
         match op["op"]:
             case "welcome":
                 self.epoch = op["epoch"]
+                self._set_heartbeat(op.get("heartbeat_s"))
                 for w in op.get("warnings") or ():
                     logger.warning("version mismatch with the scheduler: %s", w)
                 if self._welcome is not None and not self._welcome.done():
@@ -319,6 +326,8 @@ class Nanny(LifeCycle):
                     self._own(self._plugin(op, restart=op["id"] != 0))
             case "heartbeat":
                 pass
+            case "heartbeat-interval":
+                self._set_heartbeat(op.get("heartbeat_s"))
             case "close":
                 self._close_soon()
             case "error":
@@ -327,6 +336,13 @@ class Nanny(LifeCycle):
                     self._welcome.set_exception(RemoteProtocolError(op["message"]))
             case other:
                 logger.warning("nanny ignores %r from the scheduler", other)
+
+    def _set_heartbeat(self, value) -> None:
+        """The scheduler's heartbeat interval (checked: a bad value is logged and ignored)."""
+        seconds = heartbeat_seconds(value)
+        if seconds is not None:
+            self.heartbeat_s = seconds
+            self._next_beat = min(self._next_beat, time.monotonic() + seconds)
 
     def _close_soon(self) -> None:
         """Close from inside one of our own tasks (which the close cancels)."""
@@ -414,8 +430,6 @@ class Nanny(LifeCycle):
     async def _watch(self) -> None:
         """Check every process each ``NANNY_CHECK_INTERVAL_S``; heartbeat the scheduler."""
         interval = self.config.NANNY_CHECK_INTERVAL_S
-        beat_every = self.config.HEARTBEAT_INTERVAL_S
-        next_beat = 0.0
         while True:
             now = time.monotonic()
             for slot in self.slots:
@@ -424,8 +438,8 @@ class Nanny(LifeCycle):
                 except Exception:  # e.g. no more processes or file descriptors: try again
                     logger.exception("nanny %s: checking worker slot %d failed",
                                      self.identity, slot.index)
-            if now >= next_beat:
-                next_beat = now + beat_every
+            if now >= self._next_beat:
+                self._next_beat = now + self.heartbeat_s
                 alive = [s.process.identity for s in self.slots
                          if s.phase in ("starting", "running") and s.process is not None]
                 self._send({"op": "heartbeat", "workers": alive})
@@ -581,9 +595,29 @@ class Nanny(LifeCycle):
         self._send(reply)
 
     async def _plugin(self, op: dict, restart: bool = True) -> None:
-        from .plugins import nanny_plugin_op
-
-        self._send(await nanny_plugin_op(self, op, restart=restart))
+        """``plugin-add``/``plugin-remove``: set up (restarting the workers when the plugin
+        asks) or tear down; the reply goes to whoever registered it."""
+        plugins = self.__dict__.setdefault("plugins", {})
+        reply: dict = {"op": "reply", "id": op["id"]}
+        try:
+            old = plugins.pop(op["name"], None)
+            if old is not None and hasattr(old, "teardown"):
+                out = old.teardown(self)
+                if inspect.isawaitable(out):
+                    await out
+            if op["op"] == "plugin-add":
+                plugin = serialize.loads_value(op["payload"])
+                out = plugin.setup(self) if hasattr(plugin, "setup") else None
+                if inspect.isawaitable(out):
+                    await out
+                plugins[op["name"]] = plugin
+                if restart and getattr(plugin, "restart", False):
+                    await self.restart_workers()
+            reply["value"] = True
+        except Exception as exc:
+            logger.exception("nanny plugin %r failed", op["name"])
+            reply["error"] = list(serialize.exception_payload(exc))
+        self._send(reply)
 
 
 def _log_send_error(fut: asyncio.Future) -> None:

@@ -16,6 +16,7 @@ from ..lifecycle import LifeCycle, call_from_thread
 from ..security import SecurityError, as_security, use_for_process
 from .core import WorkerLoop
 from .memory import memory_fractions
+from .plugins import load_preload
 
 logger = logging.getLogger(__name__)
 
@@ -104,8 +105,6 @@ class Worker(LifeCycle):
         self._closed_by_core: asyncio.Event | None = None
         self._task_client = None  # made by get_client() in a task (zfabric.context)
         # dask's --preload: modules or .py files whose dask_setup(worker) runs at the start
-        from .plugins import load_preload
-
         specs = [preload] if isinstance(preload, str) else list(preload or ())
         self._preloads = [load_preload(spec) for spec in specs]
 

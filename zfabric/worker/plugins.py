@@ -22,6 +22,7 @@ import os
 import sys
 
 from .. import serialize
+from ..plugins import WorkerPlugin
 
 logger = logging.getLogger(__name__)
 
@@ -101,8 +102,6 @@ class WorkerPlugins:
 
 
 def _base_transition():
-    from ..plugins import WorkerPlugin
-
     return WorkerPlugin.transition
 
 
