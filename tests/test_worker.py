@@ -273,7 +273,7 @@ async def test_heartbeats_follow_the_interval_the_scheduler_gives():
     async with check_leaks(), Scheduler("127.0.0.1", 0, config=fast) as s, \
             Worker(s.address, nthreads=1, memory_limit=0, config=slow) as w:
         # When the idle worker runs for a second
-        ws = list(s.state.workers.values())[0]
+        ws = next(iter(s.state.workers.values()))
         seen = set()
         deadline = time.monotonic() + 1.0
         while time.monotonic() < deadline:

@@ -4,7 +4,8 @@ The ``zfabric`` command (:mod:`zfabric.cli`) uses :func:`serve` and :func:`start
 scheduler, worker or nanny until SIGINT or SIGTERM. A worker process started by a Nanny takes a
 shorter road: ``python -m zfabric worker ... --ready-fd N`` is recognised by ``__main__`` and
 parsed here by :func:`parse_worker_argv` without loading typer (which costs ~0.2 s of start-up on
-every restart); the worker process's entry point itself is :mod:`zfabric.worker_main`. :func:`worker_command` writes that command line (and :func:`worker_environ` its
+every restart); the worker process's entry point itself is :mod:`zfabric.worker_main`.
+:func:`worker_command` writes that command line (and :func:`worker_environ` its
 environment); the two are kept together so they cannot drift apart.
 
 The worker's end of the Nanny link (see :mod:`zfabric.nanny`): it writes ``ready ADDRESS``, then

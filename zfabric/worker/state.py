@@ -366,8 +366,9 @@ class WorkerCore:
                 self.borrowed[d] = n - 1
             else:
                 del self.borrowed[d]
-                self.held.discard(d)
-                self._acts.append((DROP, d))
+                if d in self.held:
+                    self.held.discard(d)
+                    self._acts.append((DROP, d))
 
     def _free(self, key: str) -> None:
         self.unconfirmed.pop(key, None)
@@ -416,6 +417,7 @@ class WorkerCore:
             if key in self.cancelled or (not out.ok and out.error is None):
                 if key in self.cancelled and out.start:  # it ran: its thread is free again
                     self.outbox.append({"op": "thread-free", "keys": [key]})
+                    acts.append((UNCANCEL, key))  # the executor's note is spent too
                 self.cancelled.discard(key)
                 continue
             if self.hear_transitions:
