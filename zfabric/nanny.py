@@ -47,6 +47,7 @@ import os
 import shutil
 import signal
 import time
+from typing import Any
 
 import zmq.asyncio
 
@@ -117,7 +118,7 @@ class Nanny(LifeCycle):
     ):
         if kwargs:
             raise TypeError(f"Nanny got unexpected arguments: {', '.join(sorted(kwargs))}")
-        address = scheduler_address or scheduler_ip
+        address: Any = scheduler_address or scheduler_ip
         if hasattr(address, "address") and not isinstance(address, str):
             address = address.address
         if not address and scheduler_file:
@@ -172,7 +173,7 @@ class Nanny(LifeCycle):
             self.slots.append(Slot(i, slot_name))
         self.epoch: str | None = None
         self._initial_plugins: list | None = []  # set up before the first workers start
-        self._sock = None
+        self._sock: Any = None
         self._tasks: list[asyncio.Task] = []
         self._welcome: asyncio.Future | None = None
         self._last_heard = time.monotonic()
@@ -180,7 +181,7 @@ class Nanny(LifeCycle):
         # ``heartbeat-interval`` as the cluster grows)
         self.heartbeat_s = self.config.HEARTBEAT_INTERVAL_S
         self._next_beat = 0.0
-        self._loop: asyncio.AbstractEventLoop | None = None
+        self._loop: Any = None  # the running loop, from start()
         self._closer: asyncio.Future | None = None
 
     def __repr__(self) -> str:
@@ -240,7 +241,7 @@ class Nanny(LifeCycle):
         # sets up what the worker processes need: environment variables, files); one local
         # round trip more than starting them at once.
         initial, self._initial_plugins = self._initial_plugins, None
-        for task in initial:
+        for task in initial or ():
             await task
         now = time.monotonic()
         marks = [(s, s.generation) for s in self.slots]
@@ -264,7 +265,8 @@ class Nanny(LifeCycle):
             rc = wp.proc.poll() if wp is not None else None
             if wp is not None and rc is None:
                 self._stop(slot, now, then="close", grace_s=CLOSE_GRACE_S)
-            elif wp is not None and slot.phase in ("starting", "running", "stopping"):
+            elif wp is not None and rc is not None and slot.phase in (
+                    "starting", "running", "stopping"):
                 self._exited(slot, wp, rc, now)  # died just now: tell the scheduler
             else:
                 self._retire(slot)
@@ -276,7 +278,8 @@ class Nanny(LifeCycle):
                 if slot.phase == "stopping":
                     self._check(slot, now)
             if now > give_up:
-                stuck = [s.process.pid for s in self.slots if s.phase == "stopping"]
+                stuck = [s.process.pid for s in self.slots
+                         if s.phase == "stopping" and s.process is not None]
                 logger.error("nanny %s: worker processes %s do not die, even with SIGKILL",
                              self.identity, stuck)
                 break
@@ -379,6 +382,8 @@ class Nanny(LifeCycle):
                      wp.identity)
 
     def _on_pipe(self, slot: Slot, wp: WorkerProcess) -> None:
+        if wp.fd is None:
+            return  # its pipe is closed already
         try:
             data = os.read(wp.fd, 4096)
         except BlockingIOError:
@@ -473,7 +478,7 @@ class Nanny(LifeCycle):
             now=now, kill_at=slot.kill_at,
         )
         match action:
-            case "exited":
+            case "exited" if rc is not None:
                 self._exited(slot, wp, rc, now)
             case "terminate-memory":
                 rss = wp.rss()

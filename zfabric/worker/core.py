@@ -26,7 +26,7 @@ import socket as _socket
 import threading
 import time
 from collections import ChainMap, deque
-from typing import Any
+from typing import Any, cast
 
 import psutil
 import zmq
@@ -144,7 +144,7 @@ class WorkerLoop:
         self.stop_requested = True
 
     def _main(self) -> None:
-        ctx = zmq.Context.instance()
+        ctx: zmq.Context = zmq.Context.instance()
         err = None
         try:
             self._setup(ctx)
@@ -204,7 +204,7 @@ class WorkerLoop:
     def _teardown(self) -> None:
         try:
             if self.state.epoch is not None:
-                bye = {"op": "goodbye", "reason": self.close_reason}
+                bye: dict[str, Any] = {"op": "goodbye", "reason": self.close_reason}
                 if self.crashed:
                     bye["crashed"] = True
                 self.sched.send_multipart(protocol.encode([bye]), zmq.NOBLOCK)
@@ -322,8 +322,8 @@ class WorkerLoop:
                 self.state.last_heard = now
                 logger.warning("bad message from the scheduler: %s", exc)
                 continue
-            for exc in errors:  # each bad op alone is skipped, never its neighbours
-                logger.warning("bad op from the scheduler: %s", exc)
+            for error in errors:  # each bad op alone is skipped, never its neighbours
+                logger.warning("bad op from the scheduler: %s", error)
             self._do(self.state.handle(ops, now))
 
     # ------------------------------------------------------------------ actions
@@ -552,7 +552,7 @@ class WorkerLoop:
 
     def _run_function(self, rid: int, payload: bytes) -> None:
         try:
-            func, args, kwargs = serialize.loads_task(payload, self.store)
+            func, args, kwargs = serialize.loads_task(payload, cast(dict, self.store))
             if _takes(func, "dask_worker"):  # dask.distributed's convention
                 kwargs["dask_worker"] = self.owner or self
             value = func(*args, **kwargs)

@@ -18,7 +18,7 @@ from __future__ import annotations
 import logging
 import time
 from collections import deque
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
 import zmq
@@ -51,7 +51,7 @@ def waiting(sock: zmq.Socket, copy: bool = True) -> Iterator[Any]:
             yield sock.recv_multipart(zmq.NOBLOCK, copy=copy)
         except zmq.Again:
             return
-        if not sock.getsockopt(_EVENTS) & _POLLIN:
+        if not int(sock.getsockopt(_EVENTS)) & _POLLIN:
             return
 
 
@@ -189,7 +189,7 @@ class DataPort:
     def _on_data_op(self, peer: bytes, op: dict, buffers: list, srcfd: int | None) -> None:
         match op["op"]:
             case "get-data":
-                values = []
+                values: list[tuple] = []
                 for key in op["keys"]:
                     ser = self.serialized.get(key)
                     if ser is None and self.store.is_spilled(key):
@@ -237,7 +237,7 @@ class DataPort:
             peer, op, frames = replies.popleft()
             self._reply_data(peer, [op], frames)
 
-    def _reply_data(self, peer: bytes, ops: list, frames: list = ()) -> None:
+    def _reply_data(self, peer: bytes, ops: list, frames: Sequence = ()) -> None:
         """Answer a data peer without ever blocking the loop: what its full queue refuses
         waits in a backlog of its own, retried each turn, within ``PEER_BACKLOG_BYTES``."""
         message = [peer, *protocol.encode(ops, frames)]
@@ -324,7 +324,7 @@ class DataPort:
                     logger.warning("data port %s: %s", addr, protocol.short(op["message"], 300))
                     self.on_refused(addr)
                     continue
-                if fid not in expected:
+                if type(fid) is not int or fid not in expected:
                     continue
                 if op["op"] != "data":
                     self.on_fetched(fid, None)

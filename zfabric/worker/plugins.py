@@ -113,6 +113,8 @@ def load_preload(spec: str):
             raise FileNotFoundError(f"preload file {spec!r} does not exist")
         name = os.path.splitext(os.path.basename(path))[0]
         module_spec = importlib.util.spec_from_file_location(name, path)
+        if module_spec is None or module_spec.loader is None:
+            raise ImportError(f"cannot load preload file {spec!r} as a module")
         module = importlib.util.module_from_spec(module_spec)
         sys.modules.setdefault(name, module)
         module_spec.loader.exec_module(module)

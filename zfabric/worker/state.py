@@ -274,7 +274,8 @@ class WorkerCore:
             case "error":
                 logger.error("scheduler says: %s", op["message"])
                 retry = op.get("retry_s")
-                if self.epoch is None and type(retry) in (int, float) and 0 < retry < 60:
+                if (self.epoch is None and isinstance(retry, (int, float))
+                        and type(retry) is not bool and 0 < retry < 60):
                     self.hello_at = now + retry  # refused for now: ask again
                     return
                 if op.get("fatal") and self.epoch is None:
