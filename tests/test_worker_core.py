@@ -174,7 +174,7 @@ def test_fetches_are_batched_with_few_requests_in_flight_per_peer():
     # two requests of 64 keys to A2 (FETCHES_PER_PEER), the rest waits
     assert [(a[0], a[1], len(a[3])) for a in acts] == [(FETCH, 1, FETCH_BATCH_KEYS),
                                                        (FETCH, 2, FETCH_BATCH_KEYS)]
-    assert FETCHES_PER_PEER == 2 and core.fetch_inflight == {A2: 2}
+    assert FETCHES_PER_PEER == 2 and core.fetches.per_peer == {A2: 2}
     # When the first answers, the last 22 keys leave at the next turn
     core.fetched(1, [(k, b"h", [], False, None, 1) for k in acts[0][3]], 2.0)
     (last,) = core.pump(2.0)
@@ -213,7 +213,7 @@ def test_an_unanswered_fetch_is_given_up_after_the_timeout():
     assert core.tick(1.0 + FETCH_TIMEOUT_S + 1) == [(END_FETCH, 1)]
     ops = core.flush()
     assert ops[1:] == [{"op": "missing", "key": "y", "dep": "x", "address": A2}]
-    assert ops[0]["op"] == "heartbeat" and core.fetch_inflight == {}
+    assert ops[0]["op"] == "heartbeat" and core.fetches.per_peer == {}
 
 
 def test_a_refusing_data_port_fails_every_fetch_to_it():
@@ -223,7 +223,7 @@ def test_a_refusing_data_port_fails_every_fetch_to_it():
     core.pump(1.0)
     assert core.fetch_refused(A2) == [(END_FETCH, 1)]
     assert core.flush() == [{"op": "missing", "key": "y", "dep": "x", "address": A2}]
-    assert list(core.inflight_fetch) == [2]  # the fetch from A3 goes on
+    assert list(core.fetches.inflight) == [2]  # the fetch from A3 goes on
 
 
 def test_values_too_large_for_a_frame_are_asked_again_with_segments():

@@ -243,7 +243,7 @@ class WorkerLoop:
             if port.intake is not None:
                 port.check_intake(time.monotonic())
             if port.peers:
-                expected = state.inflight_fetch
+                expected = state.fetches.inflight
                 for addr, sock in list(port.peers.items()):
                     if sock in events:
                         port.drain_peer(addr, sock, expected)

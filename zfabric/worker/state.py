@@ -21,12 +21,18 @@ fetched for this worker's tasks: ``borrowed`` counts the tasks using it, ``borro
 task's), waiting for dependencies (``waiting``, ``fetching``), ready, executing (``executing``:
 its task_timeout), cancelled while executing (``cancelled``), placed by a client and not yet
 confirmed by the scheduler (``unconfirmed``), fetched to keep (``acquiring``: replication and
-retirement). Fetches wait in a queue per peer (``fetch_queue``) and leave at :meth:`pump`, in
-batches of ``FETCH_BATCH_KEYS`` keys, at most ``FETCHES_PER_PEER`` requests in flight to a
-peer and ``FETCHES_TOTAL`` in all (one key, one request while memory is tight; none while
-paused). A fetch unanswered for ``FETCH_TIMEOUT_S`` is given up and its tasks are reported
-``missing``. A scheduler silent for ``death_timeout_s`` stops the worker; one that asks it to
-register again (``reregister``, after a restart) makes it forget everything it held.
+retirement). Fetches wait in a queue per peer and leave at :meth:`pump` as the fetch plan
+(:class:`~zfabric.worker.fetches.Fetches`) allows, none while paused; one unanswered for
+``FETCH_TIMEOUT_S`` is given up and its tasks are reported ``missing``. A scheduler silent for
+``death_timeout_s`` stops the worker; one that asks it to register again (``reregister``,
+after a restart) makes it forget everything it held. Memory thresholds are applied by the
+shell's :class:`~zfabric.worker.memory.MemoryManager` (it picks what to spill and writes it);
+its verdict comes in through :meth:`memory`, and the core decides what a pause means: the
+scheduler is told, no fetch leaves.
+
+The heartbeat interval is the scheduler's: the ``heartbeat_s`` of its welcome, changed later by
+a ``heartbeat-interval`` op (:func:`heartbeat_seconds` drops a value that is not a finite
+positive number, with a warning).
 
 The per-task path (``compute`` -> :data:`EXECUTE` -> :meth:`done` -> ``finished``) allocates
 one tuple per action and appends to lists; a batch of ops is one call.
@@ -42,16 +48,12 @@ from typing import Any
 
 from .. import protocol, serialize
 from ..errors import TaskTimeout
+from .fetches import FETCH_BATCH_KEYS, FETCH_TIMEOUT_S, FETCHES_PER_PEER, FETCHES_TOTAL, Fetches
 
 logger = logging.getLogger("zfabric.worker.core")
 
-#: A dependency fetch with no answer for this long is given up and reported missing.
-FETCH_TIMEOUT_S = 15.0
-#: Keys asked for in one ``get-data`` request.
-FETCH_BATCH_KEYS = 64
-#: Fetch requests in flight to one peer at once, and to all peers.
-FETCHES_PER_PEER = 2
-FETCHES_TOTAL = 16
+__all__ = ["FETCHES_PER_PEER", "FETCHES_TOTAL", "FETCH_BATCH_KEYS", "FETCH_TIMEOUT_S",
+           "WorkerCore", "heartbeat_seconds"]
 
 # ---------------------------------------------------------------------- actions
 # Each action is a tuple: (NAME, fields...). The shell carries them out in order.
@@ -144,13 +146,10 @@ class WorkerCore:
         self.cancelled: set[str] = set()
         self.unconfirmed: dict[str, float] = {}  # placed here (put-data) -> when
         self.confirming: tuple[int, list] | None = None  # who-has request in flight
-        # fetches
-        self.fetch_queue: dict[str, deque[str]] = {}  # peer address -> dep keys to ask for
-        self.fetch_inflight: dict[str, int] = {}  # peer address -> requests in flight
-        self.inflight_fetch: dict[int, tuple[str, list[str], float]] = {}  # id -> addr, keys, sent
-        self.fetch_stats = {"requests": 0, "most_in_flight": 0}
+        self.fetches = Fetches()
+        self.fetch_stats = self.fetches.stats
         self.transfer_log: list[list] = []  # [peer, start, stop, nbytes, nkeys]
-        self._seq = 0
+        self._request_seq = 0  # ids of requests to the scheduler
         # to the scheduler
         self.outbox: list[dict] = []
         self.started_keys: list = []
@@ -299,7 +298,7 @@ class WorkerCore:
         self.waiting.clear()
         self.fetching.clear()
         self.acquiring.clear()
-        self.fetch_queue.clear()
+        self.fetches.clear_queue()
         self.ready.clear()
         self.cancelled.update(self.executing)
         self.finished_items = []
@@ -390,8 +389,11 @@ class WorkerCore:
     def pump(self, now: float) -> list[tuple]:
         """Once per turn of the shell's loop: send queued fetches (batched per peer) and hand
         the ready tasks to the executor."""
-        if self.fetch_queue:
-            self._start_fetches(now)
+        if self.fetches.queue and not self.paused:  # paused: fetch nothing until it resumes
+            # Near the memory thresholds one value at a time: a batch of large values could
+            # overshoot the limit before it can be spilled.
+            for fid, addr, keys in self.fetches.due(self.fetching, now, self.tight):
+                self._acts.append((FETCH, fid, addr, keys, None))
         ready = self.ready
         if ready:
             acts = self._acts
@@ -443,58 +445,17 @@ class WorkerCore:
         if not addresses:
             self._fetch_failed(dep, "")
             return
-        addr = random.choice(addresses)
-        queue = self.fetch_queue.get(addr)
-        if queue is None:
-            queue = self.fetch_queue[addr] = deque()
-        queue.append(dep)
-
-    def _start_fetches(self, now: float) -> None:
-        """Send queued fetches, batched per peer, within the in-flight bounds."""
-        if self.paused:
-            return  # memory is short: fetch nothing more until it resumes
-        # Near the memory thresholds one value at a time: a batch of large values could
-        # overshoot the limit before it can be spilled.
-        total, batch = (1, 1) if self.tight else (FETCHES_TOTAL, FETCH_BATCH_KEYS)
-        inflight = self.fetch_inflight
-        for addr in list(self.fetch_queue):
-            queue = self.fetch_queue[addr]
-            while (queue and inflight.get(addr, 0) < FETCHES_PER_PEER
-                   and len(self.inflight_fetch) < total):
-                keys = [queue.popleft() for _ in range(min(len(queue), batch))]
-                keys = [k for k in keys if k in self.fetching]  # not those nobody waits for now
-                if keys:
-                    self._send_fetch(addr, keys, now, None)
-            if not queue:
-                del self.fetch_queue[addr]
-
-    def _send_fetch(self, addr: str, keys: list[str], now: float, sizes: list | None) -> None:
-        self._seq += 1
-        self.inflight_fetch[self._seq] = (addr, keys, now)
-        n = self.fetch_inflight[addr] = self.fetch_inflight.get(addr, 0) + 1
-        stats = self.fetch_stats
-        stats["requests"] += 1
-        if n > stats["most_in_flight"]:
-            stats["most_in_flight"] = n
-        self._acts.append((FETCH, self._seq, addr, keys, sizes))
-
-    def _fetch_ended(self, addr: str) -> None:
-        n = self.fetch_inflight.get(addr, 0) - 1
-        if n > 0:
-            self.fetch_inflight[addr] = n
-        else:
-            self.fetch_inflight.pop(addr, None)
+        self.fetches.add(random.choice(addresses), dep)
 
     def fetched(self, fid: int, items: list | None, now: float) -> list[tuple]:
         """A peer answered fetch ``fid``: ``items`` are ``(key, header, buffers, raw, sizes,
         nbytes)`` (``header`` None: it does not hold the key; ``sizes``: too large for a frame,
         ask again naming shared-memory segments), or None when it answered with an error or
         its values could not be read."""
-        req = self.inflight_fetch.pop(fid, None)
+        req = self.fetches.end(fid)
         if req is None:
             return self._take()
         addr, keys, sent = req
-        self._fetch_ended(addr)
         if items is None:
             for k in keys:
                 self._fetch_failed(k, addr)
@@ -519,19 +480,24 @@ class WorkerCore:
                 self.transfer_log.append([addr, sent + self.wall_offset, wall, got, nkeys])
             if later:
                 # Too large for a frame, on this host: ask again, naming segments to write into.
-                self._send_fetch(addr, [k for k, _ in later], now, later)
+                later_id = self.fetches.start(addr, [k for k, _ in later], now)
+                self._acts.append((FETCH, later_id, addr, [k for k, _ in later], later))
         self._acts.append((END_FETCH, fid))
         return self._take()
 
     def fetch_refused(self, addr: str) -> list[tuple]:
         """A peer's data port refused this worker's connection: every request to it fails."""
-        for fid in [i for i, r in self.inflight_fetch.items() if r[0] == addr]:
-            self._fetch_ended(addr)
-            _, keys, _ = self.inflight_fetch.pop(fid)
-            self._acts.append((END_FETCH, fid))
-            for k in keys:
-                self._fetch_failed(k, addr)
+        for fid in self.fetches.to_peer(addr):
+            self._fetch_over(fid)
         return self._take()
+
+    def _fetch_over(self, fid: int) -> None:
+        """Fetch ``fid`` failed as a whole: its keys are missing where it asked."""
+        req = self.fetches.end(fid)
+        self._acts.append((END_FETCH, fid))
+        if req is not None:
+            for k in req[1]:
+                self._fetch_failed(k, req[0])
 
     def _got_dep(self, dep: str) -> None:
         if self.acquiring:
@@ -575,9 +541,9 @@ class WorkerCore:
         due = now - self.put_data_confirm_s
         keys = [k for k, t in self.unconfirmed.items() if t <= due][:10_000]
         if keys:
-            self._seq += 1
-            self.confirming = (self._seq, keys)
-            self.outbox.append({"op": "request", "id": self._seq, "kind": "who-has",
+            self._request_seq += 1
+            self.confirming = (self._request_seq, keys)
+            self.outbox.append({"op": "request", "id": self._request_seq, "kind": "who-has",
                                 "args": {"keys": keys}})
 
     def _on_confirmed(self, op: dict) -> None:
@@ -683,14 +649,8 @@ class WorkerCore:
                 restarting = self._timed_out(key, ident, timeout)
                 if restarting:
                     break
-        stale = [] if restarting else \
-            [i for i, req in self.inflight_fetch.items() if now - req[2] > FETCH_TIMEOUT_S]
-        for i in stale:
-            addr, keys, _ = self.inflight_fetch.pop(i)
-            self._fetch_ended(addr)
-            self._acts.append((END_FETCH, i))
-            for k in keys:
-                self._fetch_failed(k, addr)
+        for fid in () if restarting else self.fetches.stale(now):
+            self._fetch_over(fid)
         if self.unconfirmed:
             self._confirm_placed(now)
         if self.hello_at and now >= self.hello_at and self.epoch is None:
