@@ -228,7 +228,7 @@ class WorkerLoop:
         poll = self.poller.poll
         more = False  # spilling still to do: do not sleep in poll
         while not self.stop_requested:
-            wait_ms = min(100, int(state.heartbeat_s * 1000))
+            wait_ms = min(100, max(1, int(state.heartbeat_s * 1000)))
             events = dict(poll(0 if more else wait_ms))
             if self.sched in events:
                 self._drain_scheduler()
