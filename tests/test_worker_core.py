@@ -290,6 +290,13 @@ def test_transitions_are_told_only_when_a_plugin_hears_them():
     assert core.done([out]) == [(TRANSITION, "x", "executing", "memory"), (KEEP, out)]
 
 
+def test_a_plugin_added_hears_the_tasks_that_come_after_it_in_the_same_message():
+    core = given()
+    add = {"op": "plugin-add", "id": 3, "name": "p", "payload": b"plugin"}
+    assert core.handle([add, {"op": "compute", "tasks": [compute("x")]}], 1.0) == [
+        ("plugin", add), (TRANSITION, "x", "released", "ready")]
+
+
 # ---------------------------------------------------------------------------- memory: pause
 
 

@@ -263,6 +263,11 @@ class WorkerCore:
             case "run":
                 self._acts.append((RUN, op["id"], op["payload"]))
             case "plugin-add" | "plugin-remove":
+                # A plugin added now hears the transitions of the ops after this one; the
+                # shell sets the flag right once the plugin is set up (telling too many is
+                # harmless: nobody hears them).
+                if op["op"] == "plugin-add":
+                    self.hear_transitions = True
                 self._acts.append((PLUGIN, op))
             case "close":
                 why = op.get("reason")
