@@ -11,17 +11,13 @@ import math
 
 import pytest
 
-from zfabric.worker.execute import Outcome
-from zfabric.worker.state import (
+from zfabric.worker.actions import (
     ACQUIRE_VALUES,
     CANCEL,
     DROP,
     END_FETCH,
     EXECUTE,
     FETCH,
-    FETCH_BATCH_KEYS,
-    FETCH_TIMEOUT_S,
-    FETCHES_PER_PEER,
     FORGET,
     KEEP,
     REPLACE_THREAD,
@@ -31,6 +27,12 @@ from zfabric.worker.state import (
     TRANSITION,
     UNCANCEL,
     WELCOMED,
+)
+from zfabric.worker.execute import Outcome
+from zfabric.worker.state import (
+    FETCH_BATCH_KEYS,
+    FETCH_TIMEOUT_S,
+    FETCHES_PER_PEER,
     WorkerCore,
 )
 

@@ -34,7 +34,7 @@ import zmq
 from .. import _zmq, logs, protocol, serialize, shm, zap
 from ..config import Config
 from ..errors import RemoteProtocolError, SerializationError
-from . import state as S
+from . import actions as A
 from .actors import Actors
 from .data import DataPort, waiting
 from .execute import Executor
@@ -332,37 +332,37 @@ class WorkerLoop:
         """Carry out the state's actions, in order."""
         for act in acts:
             kind = act[0]
-            if kind == S.EXECUTE:
+            if kind == A.EXECUTE:
                 self._execute(act[1], act[2], act[3], act[4], act[5])
-            elif kind == S.KEEP:
+            elif kind == A.KEEP:
                 out = act[1]
                 self.store.put(out.key, out.value, out.nbytes)
                 self.serialized[out.key] = (out.header, out.buffers, out.nbytes)
-            elif kind == S.DROP:
+            elif kind == A.DROP:
                 key = act[1]
                 self.store.pop(key, None)
                 self.serialized.pop(key, None)
                 self.raw_keys.discard(key)
                 if self.actors is not None and key in self.actors.objects:
                     self.actors.forget(key)
-            elif kind == S.STORE_INLINE:
+            elif kind == A.STORE_INLINE:
                 key, v = act[1], act[2]
                 value = serialize.loads_or_mark(key, v)
                 self.store.put(key, value, len(v))
                 if type(value) is serialize.Undecodable:
                     logger.warning("worker %s: %s", self.name, value.reason)
                     self.serialized[key] = (v, [], len(v))
-            elif kind == S.STORE:
+            elif kind == A.STORE:
                 self._put(act[1], act[2], act[3], act[4])
-            elif kind == S.FETCH:
+            elif kind == A.FETCH:
                 self.port.fetch(act[1], act[2], act[3], act[4])
-            elif kind == S.END_FETCH:
+            elif kind == A.END_FETCH:
                 self.port.end_fetch(act[1])
-            elif kind == S.CANCEL:
+            elif kind == A.CANCEL:
                 self.executor.cancelled.add(act[1])
-            elif kind == S.UNCANCEL:
+            elif kind == A.UNCANCEL:
                 self.executor.cancelled.discard(act[1])
-            elif kind == S.TRANSITION:
+            elif kind == A.TRANSITION:
                 self.plugins.transition(act[1], act[2], act[3])
             else:
                 self._do_rare(act)
@@ -370,16 +370,16 @@ class WorkerLoop:
     def _do_rare(self, act: tuple) -> None:
         kind = act[0]
         state = self.state
-        if kind == S.LOAD_FUNCTIONS:
+        if kind == A.LOAD_FUNCTIONS:
             for fid, data in act[1]:
                 try:
                     self.functions[fid] = serialize.loads_function(data)
                 except Exception as exc:  # every task using it will fail with this
                     self.functions[fid] = exc
-        elif kind == S.FORGET_FUNCTIONS:
+        elif kind == A.FORGET_FUNCTIONS:
             for fid in act[1]:
                 self.functions.pop(fid, None)
-        elif kind == S.ACQUIRE_VALUES:
+        elif kind == A.ACQUIRE_VALUES:
             loaded, failed = [], act[3]
             for key, value in act[1]:
                 try:
@@ -391,14 +391,14 @@ class WorkerLoop:
                 self.serialized.pop(key, None)
                 loaded.append(key)
             state.acquire_loaded(loaded, act[2], failed)
-        elif kind == S.WORKER_KEYS:
+        elif kind == A.WORKER_KEYS:
             if self.security is not None:
                 self.security.learn_worker_keys(act[1])
-        elif kind == S.RUN:
+        elif kind == A.RUN:
             self._run_function(act[1], act[2])
-        elif kind == S.PLUGIN:
+        elif kind == A.PLUGIN:
             self._plugin_op(act[1])
-        elif kind == S.WELCOMED:
+        elif kind == A.WELCOMED:
             if self.owner is not None:  # what preloads and plugins may read
                 self.owner.address, self.owner.name = self.address, self.name
             try:
@@ -411,18 +411,18 @@ class WorkerLoop:
             finally:
                 state.hear_transitions = bool(self.plugins)
             self.on_ready(self.address, None)
-        elif kind == S.REFUSED:
+        elif kind == A.REFUSED:
             self.on_ready(None, RemoteProtocolError(act[1]))
             self.stop("refused by the scheduler")
-        elif kind == S.FORGET:
+        elif kind == A.FORGET:
             # what was meant for the old scheduler must not reach the new one
             self.backlog.clear()
             self.store.clear()
             self.serialized.clear()
             self.raw_keys.clear()
-        elif kind == S.REPLACE_THREAD:
+        elif kind == A.REPLACE_THREAD:
             self.executor.replace_thread(act[1])
-        elif kind == S.STOP:
+        elif kind == A.STOP:
             self.stop(act[1])
             if act[2] is not None:
                 self.exit_code = act[2]
