@@ -6,11 +6,16 @@ Payloads and values are opaque to the core, so these tests use short byte string
 
 from __future__ import annotations
 
+import ast
 import logging
 import math
+import pathlib
+import subprocess
+import sys
 
 import pytest
 
+import zfabric
 from zfabric.worker.actions import (
     ACQUIRE_VALUES,
     CANCEL,
@@ -38,6 +43,55 @@ from zfabric.worker.state import (
 
 ME, A2, A3 = "tcp://10.0.0.1:1001", "tcp://10.0.0.2:1002", "tcp://10.0.0.3:1003"
 HELLO = {"op": "hello", "role": "worker", "id": "w1"}
+
+
+PURE = ["state", "fetches", "actions"]  # modules of zfabric/worker that do no I/O
+
+
+# ---------------------------------------------------------------------------- purity
+
+
+def test_the_core_imports_neither_zmq_nor_asyncio_nor_the_clock():
+    # Its source names none of the modules that do I/O or read the clock
+    forbidden = {"zmq", "asyncio", "socket", "threading", "time", "selectors", "os"}
+    root = pathlib.Path(zfabric.__file__).parent / "worker"
+    for name in PURE:
+        tree = ast.parse((root / f"{name}.py").read_text())
+        for node in ast.walk(tree):
+            if isinstance(node, ast.Import):
+                names = [a.name for a in node.names]
+            elif isinstance(node, ast.ImportFrom) and node.level == 0:
+                names = [node.module or ""]
+            else:
+                continue
+            assert not {n.split(".")[0] for n in names} & forbidden, (name, names)
+    # and it loads with zmq and asyncio blocked (without the worker package's shell)
+    code = f"""
+import builtins, os, sys, types
+sys.modules["zmq"] = None
+sys.modules["zmq.asyncio"] = None
+real_import = builtins.__import__
+def guarded(name, globals=None, locals=None, fromlist=(), level=0):
+    caller = (globals or {{}}).get("__name__", "")
+    if name.split(".")[0] == "asyncio" and caller.startswith("zfabric"):
+        raise ImportError(f"{{caller}} imported asyncio")
+    return real_import(name, globals, locals, fromlist, level)
+builtins.__import__ = guarded
+import zfabric
+package = types.ModuleType("zfabric.worker")
+package.__path__ = [os.path.join(os.path.dirname(zfabric.__file__), "worker")]
+sys.modules["zfabric.worker"] = package
+import importlib
+for name in {PURE!r}:
+    importlib.import_module("zfabric.worker." + name)
+from zfabric.worker.state import WorkerCore
+core = WorkerCore(inline_bytes=10, heartbeat_s=1.0, death_timeout_s=5.0, put_data_confirm_s=1.0)
+core.tick(1.0)
+assert sys.modules.get("zmq") is None
+"""
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         timeout=60)
+    assert out.returncode == 0, out.stderr
 
 
 # ---------------------------------------------------------------------------- helpers
