@@ -293,7 +293,7 @@ def worker(
 
 async def _worker_main(address: str, kw: dict, parent_pid: int | None,
                        ready_fd: int | None) -> int:
-    from .process import run_worker
+    from .worker_main import run_worker
 
     def announce(w) -> None:
         if kw["nanny"] is None:
