@@ -9,14 +9,11 @@ it: this module is on the ground floor so that they import it without the client
 from __future__ import annotations
 
 import importlib
-import inspect
 import logging
 import os
 import shutil
 import sys
 import tempfile
-
-from . import serialize
 
 logger = logging.getLogger(__name__)
 
@@ -96,29 +93,3 @@ class UploadFile(WorkerPlugin):
         if directory is not None:
             worker._upload_dir = None
             shutil.rmtree(directory, ignore_errors=True)
-
-
-async def nanny_plugin_op(nanny, op: dict, restart: bool = True) -> dict:
-    """A Nanny's ``plugin-add``/``plugin-remove``: set up (restarting its workers when the
-    plugin asks) or tear down; the reply for whoever registered it."""
-    plugins = nanny.__dict__.setdefault("plugins", {})
-    reply = {"op": "reply", "id": op["id"]}
-    try:
-        old = plugins.pop(op["name"], None)
-        if old is not None and hasattr(old, "teardown"):
-            out = old.teardown(nanny)
-            if inspect.isawaitable(out):
-                await out
-        if op["op"] == "plugin-add":
-            plugin = serialize.loads_value(op["payload"])
-            out = plugin.setup(nanny) if hasattr(plugin, "setup") else None
-            if inspect.isawaitable(out):
-                await out
-            plugins[op["name"]] = plugin
-            if restart and getattr(plugin, "restart", False):
-                await nanny.restart_workers()
-        reply["value"] = True
-    except Exception as exc:
-        logger.exception("nanny plugin %r failed", op["name"])
-        reply["error"] = list(serialize.exception_payload(exc))
-    return reply

@@ -12,6 +12,7 @@ import os
 from collections.abc import MutableMapping
 from typing import Any
 
+from .. import current
 from ..config import Config, from_env, memory_limit_bytes
 from ..errors import CommTimeoutError, ZFabricError
 from ..lifecycle import LifeCycle, call_from_thread
@@ -179,9 +180,7 @@ class Worker(LifeCycle):
         if core is None:
             return
         if getattr(self, "_task_client", None) is not None:
-            from ..context import close_worker_client
-
-            await asyncio.to_thread(close_worker_client, self)
+            await asyncio.to_thread(current.close_task_client, self)
         core.stop("closed")
         if core.thread.is_alive():
             await asyncio.to_thread(core.thread.join, 10)
