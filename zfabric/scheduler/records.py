@@ -2,7 +2,12 @@
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING, Any
+
 from ..config import DEFAULT
+
+if TYPE_CHECKING:
+    from .observe import Group
 
 #: Pseudo client that holds fire_and_forget keys until they finish.
 FIRE_AND_FORGET = b"<fire-and-forget>"
@@ -154,14 +159,14 @@ class TaskState:
         self.key = key
         self.payload = payload
         self.func: str | None = None
-        self.group = None  # its observe.Group (counters by key prefix), set by the state
+        self.group: Group | None = None  # counters by key prefix, set by the state
         self.state = "new"
-        self.parents = None  # dependencies: None, one TaskState, or a tuple of them
-        self.children = None  # tasks that depend on this one: None, one, or _Dependents
+        self.parents: Any = None  # dependencies: None, one TaskState, or a tuple of them
+        self.children: Any = None  # tasks that depend on this one: None, one, or _Dependents
         self.waiting_on = 0
-        self.holders = None  # workers holding the value: None, one WorkerState, or a set
-        self.who_wants = None  # None, one ClientState, or a set of them
-        self.processing_on = None
+        self.holders: Any = None  # workers holding the value: None, one WorkerState, or a set
+        self.who_wants: Any = None  # None, one ClientState, or a set of them
+        self.processing_on: WorkerState | None = None
         self.priority = 0  # smaller runs first: -user priority * 2**40 + submission order
         self.value: bytes | None = None
         self.nbytes = 0
@@ -194,7 +199,7 @@ class TaskState:
     # containers that are usually empty or hold one item
 
     @property
-    def deps(self) -> tuple:
+    def deps(self) -> tuple[TaskState, ...]:
         """The tasks this one depends on."""
         p = self.parents
         if p is None:
@@ -245,17 +250,17 @@ class TaskState:
         """The workers holding the value (a set or tuple; empty when none)."""
         return _members(self.holders)
 
-    def held_by(self, ws) -> bool:
+    def held_by(self, ws: WorkerState) -> bool:
         return _has(self.holders, ws)
 
-    def add_holder(self, ws) -> None:
+    def add_holder(self, ws: WorkerState) -> None:
         h = self.holders
         if h is ws or (type(h) is set and ws in h):
             return
         self.holders = _add(h, ws)
         ws.hold(self)
 
-    def drop_holder(self, ws) -> None:
+    def drop_holder(self, ws: WorkerState) -> None:
         h = self.holders
         if h is ws or (type(h) is set and ws in h):
             self.holders = _discard(h, ws)

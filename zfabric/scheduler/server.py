@@ -15,6 +15,7 @@ import logging
 import threading
 import time
 from collections import deque
+from collections.abc import Callable
 
 import zmq
 
@@ -87,7 +88,8 @@ class Scheduler(LifeCycle):
         self._backlog: dict[bytes, deque[bytes]] = {}  # messages a full peer queue refused
         self._peer_bytes: dict[bytes, int] = {}
         self.backlog_bytes = 0
-        self._publish = None  # the dashboard's publish(snapshot), once it serves
+        #: the dashboard's publish(snapshot), once it serves
+        self._publish: Callable[[dict], None] | None = None
         self._intake: Intake | None = None
         self.state.observe.wall_offset = time.time() - time.monotonic()
         self.state.log_source = logs.recent
@@ -192,7 +194,8 @@ class Scheduler(LifeCycle):
         state = self.state
         poller = zmq.Poller()
         poller.register(sock, zmq.POLLIN)
-        recv, getsockopt = sock.recv, sock.getsockopt
+        recv = sock.recv
+        getsockopt: Callable[[int], int] = sock.getsockopt  # type: ignore[assignment]
         decode = protocol.decode
         intake = self._intake = self._make_intake(sock)
         next_intake = 0.0
@@ -202,7 +205,7 @@ class Scheduler(LifeCycle):
         obs = state.observe
         publish_s = self.config.DASHBOARD_INTERVAL_S
         secure = self.security is not None
-        if secure:
+        if self.security is not None:
             from .. import zap
 
             ring = zap.keyring(self.security)
@@ -235,7 +238,7 @@ class Scheduler(LifeCycle):
                         role = self._authenticated(peer, first, ring)
                         if role is None:
                             continue
-                    errors = []
+                    errors: list = []
                     nin += 1
                     for f in frames:
                         bin_ += len(f)
@@ -317,7 +320,7 @@ class Scheduler(LifeCycle):
 
     def _announced(self, peer: bytes, conn, op: dict) -> None:
         """An ``announce`` op: the peer's next message is this large (zfabric/intake.py)."""
-        if conn is None:
+        if conn is None or self._intake is None:
             return
         error = self._intake.announced(conn, op)
         if error is not None:
@@ -329,7 +332,7 @@ class Scheduler(LifeCycle):
         see zfabric/intake.py), and those of revoked keys whose time came."""
         for conn, why in intake.review(now):
             peer = conn.peer
-            self.state._event(f"connection from {conn.peer_address or '?'} shut down: {why}",
+            self.state.event(f"connection from {conn.peer_address or '?'} shut down: {why}",
                               "connection-shut-down")
             if peer is not None and self._known(peer):
                 self.state.peer_gone(peer, now, why)
