@@ -14,7 +14,8 @@ import zfabric
 PURE = ["zfabric.protocol", "zfabric.scheduler.state",
         "zfabric.scheduler.policy", "zfabric.scheduler.records", "zfabric.config",
         "zfabric.scheduler.observe", "zfabric.scheduler.retire", "zfabric.scheduler.peers",
-        "zfabric.scheduler.queries", "zfabric.scheduler.shared_state"]
+        "zfabric.scheduler.queries", "zfabric.scheduler.shared_state",
+        "zfabric.scheduler.candidates", "zfabric.scheduler.liveness"]
 
 FORBIDDEN = {"zmq", "asyncio", "socket", "threading", "time", "selectors"}
 

@@ -905,3 +905,71 @@ def test_random_ops_never_crash_the_state_or_break_its_invariants(seed):
                 state.tick(now)
             state.flush()
             state.validate()
+
+
+# ---------------------------------------------------------------------------- heartbeat interval
+
+
+def test_heartbeat_interval_grows_with_the_cluster_and_bounds_heartbeats_per_second():
+    state = new_state()
+    told: dict[bytes, float] = {}  # what each peer was told last (welcome, then the op)
+    broadcasts = 0
+    for i in range(1000):
+        ident = f"w{i}".encode()
+        join_worker(state, ident, f"tcp://10.0.{i // 250}.{i % 250}:1")
+        out = state.flush()
+        for peer, ops in out.items():
+            for op in ops:
+                if op["op"] in ("welcome", "heartbeat-interval"):
+                    told[peer] = op["heartbeat_s"]
+        broadcasts += any(op["op"] == "heartbeat-interval" for ops in out.values() for op in ops)
+        # Then at every size, the peers' heartbeats add up to at most 200 a second, and
+        # everyone was told the same interval
+        assert sum(1 / s for s in told.values()) <= 200 + 1e-6, i
+        assert set(told.values()) == {state.liveness.interval_s}
+    assert state.liveness.interval_s >= 1000 / 200
+    assert broadcasts <= 15  # told again only each time the cluster grew by a quarter
+    # And a small cluster beats at the configured interval
+    assert new_state().liveness.interval_s == Config().HEARTBEAT_INTERVAL_S
+
+
+def test_killed_worker_among_1000_is_detected_within_20_s():
+    state = new_state()
+    for i in range(1000):
+        join_worker(state, f"w{i}".encode(), f"tcp://10.0.{i // 250}.{i % 250}:1")
+    state.flush()
+    interval = state.liveness.interval_s
+    # When w0 is killed at t=0 and the others beat at the interval they were told
+    now, gone_at = 0.0, None
+    while now < 30.0 and gone_at is None:
+        now += interval / 4
+        for i in range(1, 1000):
+            if (now + i * interval / 1000) % interval < interval / 4:  # spread, as peers do
+                state.handle(f"w{i}".encode(), [{"op": "heartbeat"}], now)
+        state.tick(now)
+        if b"w0" not in state.workers:
+            gone_at = now
+    # Then it is removed within 20 s, and nobody else
+    assert gone_at is not None and gone_at <= 20.0, gone_at
+    assert len(state.workers) == 999
+    state.validate()
+
+
+def test_a_shrinking_cluster_is_told_a_shorter_interval_and_the_old_one_counts_a_while():
+    state = new_state()
+    for i in range(600):
+        join_worker(state, f"w{i}".encode(), f"tcp://10.0.{i // 250}.{i % 250}:1")
+    state.flush()
+    long = state.liveness.interval_s
+    for i in range(2, 600):
+        state.handle(f"w{i}".encode(), [{"op": "goodbye"}], 1.0)
+    out = state.flush()
+    # Then the two left are told the configured interval again
+    for peer in (b"w0", b"w1"):
+        assert {"op": "heartbeat-interval", "heartbeat_s": Config().HEARTBEAT_INTERVAL_S} \
+            in out[peer]
+    # and a peer that beat at the old interval just before is not dropped meanwhile
+    assert state.liveness.worker_ttl_s(1.0) >= 3 * long
+    state.tick(1.0 + 2 * long)
+    assert set(state.workers) == {b"w0", b"w1"}
+    assert state.liveness.worker_ttl_s(1.0 + 4 * long) == Config().WORKER_TTL_S

@@ -42,6 +42,7 @@ SCHEMAS: dict[str, dict[str, tuple[type, ...]]] = {
     "reregister": {"reason": _S},
     "error": {"message": _S},
     "heartbeat": {},
+    "heartbeat-interval": {"heartbeat_s": _N},  # scheduler -> workers, nannies: beat so often
     "goodbye": {},
     "announce": {"bytes": _I, "frames": _I},  # the next message's size (any server port)
     "request": {"id": _I, "kind": _S, "args": _D},
@@ -174,9 +175,19 @@ def check(op) -> None:
             )
     if name == "coord":
         check_coord(op)
+    elif name == "heartbeat-interval" or (name == "welcome" and "heartbeat_s" in op):
+        value = op["heartbeat_s"]
+        if not (_finite(value) and 0 < value <= MAX_HEARTBEAT_S):
+            raise RemoteProtocolError(f"op {name!r}: heartbeat_s must be a number of seconds"
+                                      f" above 0 and at most {MAX_HEARTBEAT_S}, got"
+                                      f" {short(value)}")
 
 
 _MISSING = object()
+
+#: The longest heartbeat interval a scheduler may ask for (an hour: a bad value must not make
+#: a peer fall silent for ever).
+MAX_HEARTBEAT_S = 3600
 
 
 # ---------------------------------------------------------------------- nested items

@@ -28,6 +28,7 @@ class ClientOps:
 
     def remove_client(self, cs: ClientState) -> None:
         self.s.clients.pop(cs.ident, None)
+        self.s.peers_changed()
         self.s.admins.discard(cs.ident)
         self.s.coord.client_gone(cs.ident)
         # O(tasks), but only when a client leaves (see ClientState).
@@ -55,7 +56,7 @@ class ClientOps:
             del self.s.functions[fid]
             for ws in self.s.workers.values():
                 if fid in ws.functions:
-                    ws.functions.discard(fid)
+                    ws.forget_function(fid)
                     self.s.batch(ws.ident, "forget-functions", fid)
 
     def submit(self, cs: ClientState, items: list[TaskSpec]) -> None:

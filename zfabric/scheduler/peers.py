@@ -42,7 +42,7 @@ class PeerOps:
             "epoch": self.s.epoch,
             "address": self.s.address,
             "warnings": warnings,
-            "heartbeat_s": self.s.config.HEARTBEAT_INTERVAL_S,
+            "heartbeat_s": self.s.liveness.interval_s,
         }
         if self.s.dashboard_link:
             op["dashboard"] = self.s.dashboard_link
@@ -63,6 +63,8 @@ class PeerOps:
             return
         warnings = version_mismatches(self.s.versions, op["versions"]) if self.s.versions else []
         role = op["role"]
+        if role in ("worker", "client", "nanny"):
+            self.s.peers_changed(joining=1)  # the welcome tells the interval with it counted
         welcome = self._welcome(warnings)
         if role in ("client", "worker") and self.s.key_of(peer) is not None:
             # the data ports' keys (security on)
@@ -89,7 +91,7 @@ class PeerOps:
                     # new one try again after a heartbeat.
                     self.s.send(old.ident, {"op": "heartbeat"})
                     self.s.send(peer, {
-                        "op": "error", "retry_s": self.s.config.HEARTBEAT_INTERVAL_S,
+                        "op": "error", "retry_s": self.s.liveness.interval_s,
                         "message": f"data address {address} is in use by live worker"
                         f" {old.name}; a worker replaces it only once it has been silent for"
                         " two heartbeat intervals or its nanny reported it gone"})
@@ -99,6 +101,7 @@ class PeerOps:
             local = op.get("local_directory")
             ws.local_directory = local[:4096] if type(local) is str else None
             self.s.workers[peer] = ws
+            self.s.candidates.add(ws)
             self.s.workers_by_address[address] = ws
             self.s.send(peer, welcome)
             self.s.roles.tell_worker_key(ws)
@@ -219,20 +222,16 @@ class PeerOps:
                 for item in op["items"]:
                     ts = ws.processing.get(item[0])
                     if ts is not None:
-                        if item[1]:
-                            ws.long_running.add(ts)
-                        else:
-                            ws.long_running.discard(ts)
+                        ws.set_long_running(ts, bool(item[1]))
                 self.s.fill(ws)
             case "started":
                 for key in op["keys"]:
                     ts = ws.processing.get(key)
                     if ts is not None:
-                        ws.started.add(ts)
+                        ws.mark_started(ts)
             case "thread-free":  # tasks released while they ran have ended: slots again
                 if ws.cancelled_running:
-                    for key in op["keys"]:
-                        ws.cancelled_running.discard(key)
+                    ws.threads_free(op["keys"])
                     self.s.fill(ws)
             case "heartbeat":
                 metrics = op.get("metrics")
@@ -269,6 +268,7 @@ class PeerOps:
         if status == ws.status:
             return
         ws.status = status
+        ws.changed()
         ws.status_reason = reason[:500]
         if status == "paused":
             self.s.event(f"worker {ws.name} paused: {ws.status_reason or 'memory'}")

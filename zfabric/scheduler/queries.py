@@ -124,6 +124,7 @@ class Queries:
 
     def drop_nanny(self, ident: bytes) -> None:
         if self.s.nannies.pop(ident, None) is not None:
+            self.s.peers_changed()
             self.s.fan_out.peer_left(ident)
 
     def info(self) -> dict:

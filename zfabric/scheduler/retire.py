@@ -201,6 +201,7 @@ class Retirement:
             job.workers.append(ws)
             ws.retiring = True
             ws.limit = 0
+            ws.changed()
             self.s.event(f"retiring worker {ws.name} ({ws.address})")
             self._take_back(ws)
         self._retire_step(job)
@@ -260,6 +261,7 @@ class Retirement:
         else:
             ws.retiring = False
             ws.limit = ws.nthreads * 2 + 2
+            ws.changed()
             job.result["kept"][ws.address] = why
             self.s.event(f"worker {ws.name} not retired: {why}")
             self.s.fill(ws)

@@ -84,7 +84,7 @@ class Roles:
     def replaceable(self, old: WorkerState) -> bool:
         """Whether a new worker may take ``old``'s data address: ``old`` has been silent for
         two heartbeat intervals or its Nanny reported it gone."""
-        return (self.s.now - old.last_seen >= 2 * self.s.config.HEARTBEAT_INTERVAL_S
+        return (self.s.now - old.last_seen >= 2 * self.s.liveness.interval_s
                 or old.ident in self.s.reported_dead)
 
     def same_key(self, old: WorkerState, peer: bytes) -> bool:

@@ -46,8 +46,9 @@ from collections.abc import Callable
 from ..config import DEFAULT, Config
 from ..errors import RemoteProtocolError
 from ..protocol import check_items, submitted_keys
-from . import policy
+from .candidates import Candidates
 from .client_ops import ClientOps
+from .liveness import Liveness
 from .observe import LIVE as LIVE_STATES
 from .observe import Observer
 from .outbox import Outbox
@@ -117,6 +118,7 @@ class SchedulerState:
         self.flush = self._outbox.flush  # {peer: [ops]} queued since the last flush
         self._queued = ReadyQueue()  # unrestricted queued tasks; stale entries are skipped
         self._restricted = RestrictedQueue()  # queued tasks that only some workers may run
+        self.candidates = Candidates()  # workers by load, name, resource (see .candidates)
         self.seq = 0
         self.fan_out = FanOut(self.send)  # run and restart requests in flight
         self.closing = False  # set by a remote shutdown request; the shell closes
@@ -144,6 +146,13 @@ class SchedulerState:
         self.plugin_registry = PluginRegistry(self.send, self.fan_out)
         self.coord = Coordination(self.send, self.keys.hold, self.keys.unhold,
                                   self.keys.client_seen, self.keys.give)
+        self.liveness = Liveness(config, self.send)  # heartbeat interval, time-to-live
+
+    def peers_changed(self, joining: int = 0) -> None:
+        """Workers, nannies or clients came or went (``joining``: about to): the heartbeat
+        interval follows their number (see .liveness)."""
+        n = len(self.workers) + len(self.nannies) + len(self.clients) - 2 + joining
+        self.liveness.peers_changed(n, self.now, lambda: (*self.workers, *self.nannies))
 
     # ------------------------------------------------------------------ what tests and the
     # shell ask of the parts
@@ -273,7 +282,8 @@ class SchedulerState:
         """Time passes: declare silent workers dead and silent clients gone."""
         self.now = now
         self.observe.sample(now, self.counts["finished"])
-        limit = now - self.config.WORKER_TTL_S
+        ttl = self.liveness.worker_ttl_s(now)
+        limit = now - ttl
         for ws in [w for w in self.workers.values() if w.last_seen < limit]:
             if ws.nanny is not None and ws.nanny in self.nannies:
                 ns = self.nannies[ws.nanny]
@@ -285,7 +295,7 @@ class SchedulerState:
             if cs.last_seen < limit:
                 self.event(f"client {cs.name} silent for {now - cs.last_seen:.0f} s; releasing")
                 self.keys.remove_client(cs)
-        silent = now - self.config.WORKER_TTL_S
+        silent = now - ttl
         for ns in [n for n in self.nannies.values() if n.last_seen < silent]:
             self.queries.drop_nanny(ns.ident)
         self.coord.tick(now)
@@ -335,7 +345,7 @@ class SchedulerState:
             self.set_state(ts, "queued")
             self._queued.push(ts)
             return
-        ws = policy.choose_worker(ts, self.workers.values())
+        ws = self.candidates.choose(ts)
         if ws is None:
             self.set_state(ts, "queued")
             if ts.restricted:
@@ -351,7 +361,7 @@ class SchedulerState:
         ws.assign(ts)
         fid = ts.func
         if fid is not None and fid not in ws.functions:
-            ws.functions.add(fid)
+            ws.add_function(fid)
             self.send(ws.ident, {"op": "functions", "items": [[fid, self.functions[fid][0]]]})
         inline = who_has = None
         for dts in ts.deps:
@@ -384,8 +394,7 @@ class SchedulerState:
             self.fill_restricted()
 
     def fill_restricted(self) -> None:
-        workers = self.workers.values()
-        self._restricted.fill(lambda ts: policy.choose_worker(ts, workers), self._dispatch)
+        self._restricted.fill(self.candidates.choose, self._dispatch)
 
     def restricted_drop(self, ts: TaskState) -> None:
         self._restricted.discard(ts)
@@ -461,8 +470,8 @@ class SchedulerState:
         if ws is not None:
             if ts in ws.started and ts not in ws.long_running:
                 # it runs on: its thread stays busy until the worker says it ended
-                ws.cancelled_running.add(ts.key)
-            ws.done(ts, 0.0)
+                ws.running_cancelled(ts.key)
+            ws.done(ts, 0.0)  # (tells the candidate index)
             self.batch(ws.ident, "free", ts.key)
             self.fill(ws)
             ts.processing_on = None
@@ -532,3 +541,4 @@ class SchedulerState:
             for st in LIVE_STATES:
                 assert g.counts[st] == by_group.get((g.name, st), 0), (g.name, st, g.counts)
         self.retirement.validate_moves()
+        self.candidates.validate(self.workers.values())

@@ -66,6 +66,8 @@ class WorkerLoss:
         """
         if self.s.workers.pop(ws.ident, None) is None:
             return
+        self.s.candidates.remove(ws)
+        self.s.peers_changed()
         self.s.fan_out.peer_left(ws.ident)
         if self.s.workers_by_address.get(ws.address) is ws:
             del self.s.workers_by_address[ws.address]
