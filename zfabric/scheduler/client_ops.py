@@ -43,7 +43,8 @@ class ClientOps:
         added = []
         for fid, data in functions.items():
             if fid not in self.s.functions:
-                self.s.functions[fid] = [data, 0, fid]  # pickle, tasks using it, shared id
+                # pickle, tasks using it, the id all its tasks share, the workers sent it
+                self.s.functions[fid] = [data, 0, fid, []]
                 added.append(fid)
         return added
 
@@ -54,8 +55,8 @@ class ClientOps:
         entry[1] -= 1
         if entry[1] <= 0:
             del self.s.functions[fid]
-            for ws in self.s.workers.values():
-                if fid in ws.functions:
+            for ws in entry[3]:  # O(workers sent it), not O(workers)
+                if fid in ws.functions and ws.index is not None:  # (still connected)
                     ws.forget_function(fid)
                     self.s.batch(ws.ident, "forget-functions", fid)
 

@@ -103,7 +103,8 @@ class SchedulerState:
         self.epoch = uuid.uuid4().hex
         self.versions = versions or {}
         self.tasks: dict[str, TaskState] = {}
-        self.functions: dict[str, list] = {}  # id -> [pickle, tasks using it, id]
+        #: id -> [pickle, tasks using it, id, workers it was sent to]
+        self.functions: dict[str, list] = {}
         self.workers: dict[bytes, WorkerState] = {}  # by routing id
         self.workers_by_address: dict[str, WorkerState] = {}
         self.clients: dict[bytes, ClientState] = {FIRE_AND_FORGET: ClientState(FIRE_AND_FORGET),
@@ -362,7 +363,9 @@ class SchedulerState:
         fid = ts.func
         if fid is not None and fid not in ws.functions:
             ws.add_function(fid)
-            self.send(ws.ident, {"op": "functions", "items": [[fid, self.functions[fid][0]]]})
+            entry = self.functions[fid]
+            entry[3].append(ws)
+            self.send(ws.ident, {"op": "functions", "items": [[fid, entry[0]]]})
         inline = who_has = None
         for dts in ts.deps:
             if dts.held_by(ws):
