@@ -25,8 +25,15 @@ class Config:
     INLINE_BYTES: int = 64 * 1024
     #: How often workers, nannies and clients send a heartbeat.
     HEARTBEAT_INTERVAL_S: float = 0.5
-    #: A worker silent this long is declared dead.
+    #: At most this many heartbeats a second reach the scheduler from all its workers and
+    #: nannies: the interval it tells them grows with their number (HEARTBEAT_INTERVAL_S
+    #: at least).
+    HEARTBEATS_PER_S_MAX: float = 200.0
+    #: A worker silent this long is declared dead (at least: see WORKER_TTL_HEARTBEATS).
     WORKER_TTL_S: float = 5.0
+    #: A worker or Nanny silent for this many of the heartbeat intervals it was told is
+    #: declared dead, when that is longer than WORKER_TTL_S (large clusters beat slower).
+    WORKER_TTL_HEARTBEATS: float = 3.0
     #: A client silent this long has its futures released.
     CLIENT_TTL_S: float = 30.0
     #: A task that was running on this many dead workers, plus one, fails with KilledWorker.
