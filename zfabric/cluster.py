@@ -23,6 +23,8 @@ import os
 import time
 import weakref
 
+from . import logs
+from .adaptive import Adaptive
 from .client import Client, default_client
 from .config import Config, from_env, memory_limit_bytes, parse_bytes, parse_timedelta
 from .errors import ClosedError, CommTimeoutError
@@ -31,6 +33,7 @@ from .nanny import Nanny, format_bytes
 from .scheduler import Scheduler
 from .security import as_security
 from .worker import Worker
+from .worker.memory import memory_fractions
 
 logger = logging.getLogger(__name__)
 
@@ -166,7 +169,6 @@ class LocalCluster(LifeCycle):
         if processes:
             self.memory["memory_terminate_fraction"] = memory_terminate_fraction
         # Checked here, before anything starts, rather than in each worker.
-        from .worker.memory import memory_fractions
         memory_fractions(self.config, target=memory_target_fraction,
                          spill=memory_spill_fraction, pause=memory_pause_fraction,
                          terminate=memory_terminate_fraction)
@@ -220,8 +222,6 @@ class LocalCluster(LifeCycle):
     # ------------------------------------------------------------------ life cycle
 
     async def start(self) -> None:
-        from . import logs
-
         logs.install()  # for get_logs
         kw = {"config": self.config, "dashboard_address": self.dashboard_address,
               "security": self.security, **self._scheduler_kwargs}
@@ -370,8 +370,6 @@ class LocalCluster(LifeCycle):
         many (their data moves first). ``target_duration``: how long the runnable work may
         take on the workers wanted. Returns the :class:`~zfabric.adaptive.Adaptive`
         (``.stop()`` ends it; so do ``scale`` and ``close``)."""
-        from .adaptive import Adaptive
-
         if minimum_cores is not None:
             minimum = max(minimum, self._target(0, None, minimum_cores))
         if maximum_cores is not None:
@@ -412,8 +410,6 @@ class LocalCluster(LifeCycle):
         return self._run(self._get_logs(cluster, scheduler, workers))
 
     async def _get_logs(self, cluster, scheduler, workers) -> dict[str, str]:
-        from . import logs
-
         out = {}
         if cluster:
             out["Cluster"] = "\n".join(m for _, m in logs.recent(prefix="zfabric.cluster"))
