@@ -64,6 +64,7 @@ def _sizing(n_workers: int | None, threads_per_worker: int | None,
             return nprocesses_nthreads(cores)
         return 1, cores
     if n_workers is None:
+        assert threads_per_worker is not None
         return (max(1, cores // threads_per_worker) if processes else 1), threads_per_worker
     if threads_per_worker is None:
         return n_workers, max(1, math.ceil(cores / max(1, n_workers)))
@@ -175,13 +176,14 @@ class LocalCluster(LifeCycle):
         #: The cluster's keys (``security=True``: fresh ones in memory); Client(cluster) uses them.
         self.security = as_security(security)
         self.dashboard_address = dashboard_address
-        self.scheduler: Scheduler | None = None
+        #: Set by start(): the scheduler this cluster runs in its own loop.
+        self.scheduler: Scheduler = None
         self.workers: dict[int, Nanny | Worker] = {}
         self._name = name
         self._next_index = 0
         self._control = None  # the cluster's own asynchronous Client, made on first need
         self._scale_lock: asyncio.Lock | None = None
-        self._adaptive = None
+        self._adaptive: Adaptive | None = None
         self._watchers: list[asyncio.Task] = []  # drop workers that close by themselves
         self._loop_thread: LoopThread | None = None
         if not asynchronous:
@@ -344,7 +346,7 @@ class LocalCluster(LifeCycle):
     async def _retire(self, *, count: int | None = None, addresses=None) -> dict:
         """Retire ``count`` workers of the scheduler's choosing (or these ``addresses``) and
         drop them from :attr:`workers` once closed."""
-        where = {}
+        where: dict[str, Nanny | Worker] = {}
         for w in self.workers.values():
             if isinstance(w, Nanny):
                 for wp in w.processes:
@@ -382,13 +384,16 @@ class LocalCluster(LifeCycle):
             self._adaptive.stop()
         interval_s = parse_timedelta(interval, name="interval")
         target_s = parse_timedelta(target_duration, name="target_duration")
-        self._adaptive = Adaptive(self, minimum=minimum, maximum=maximum, interval=interval_s,
-                                  wait_count=wait_count, target_duration=target_s)
+        if interval_s is None or target_s is None:
+            raise ValueError("adapt(interval=, target_duration=) take durations, not None")
+        adaptive = self._adaptive = Adaptive(self, minimum=minimum, maximum=maximum,
+                                             interval=interval_s, wait_count=wait_count,
+                                             target_duration=target_s)
         if self.asynchronous:
-            self._adaptive.start()
+            adaptive.start()
         else:
-            self.loop.call_soon_threadsafe(self._adaptive.start)
-        return self._adaptive
+            self.loop.call_soon_threadsafe(adaptive.start)
+        return adaptive
 
     def wait_for_workers(self, n_workers: int = 0, timeout=None):
         """Return once ``n_workers`` workers are connected to the scheduler."""

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass, fields, replace
+from typing import Any
 
 #: Version of the wire protocol; peers with another version are refused.
 PROTOCOL_VERSION = 1
@@ -120,12 +121,12 @@ class Config:
 def from_env(environ: dict[str, str] | None = None, **overrides) -> Config:
     """Build a Config from ``ZFABRIC_*`` environment variables and keyword overrides."""
     env = os.environ if environ is None else environ
-    values = {}
+    values: dict[str, Any] = {}
     for f in fields(Config):
         raw = env.get("ZFABRIC_" + f.name)
         if raw is None:
             continue
-        kind = type(f.default)
+        kind: Any = type(f.default)
         try:
             if kind is bool:
                 if raw.strip().lower() not in ("1", "0", "true", "false", "yes", "no", "on", "off"):

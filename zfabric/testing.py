@@ -266,7 +266,7 @@ class FakePeer:
         await self.sock.send_multipart(list(frames))
 
     async def recv_frames(self, timeout: float = 2.0) -> list[bytes]:
-        if not await self.sock.poll(int(timeout * 1000), zmq.POLLIN):
+        if not await self.sock.poll(int(timeout * 1000)):  # POLLIN is the default
             raise CommTimeoutError(f"nothing arrived from {self.address} in {timeout:g} s")
         return await self.sock.recv_multipart(zmq.NOBLOCK)
 
