@@ -216,9 +216,13 @@ class ClientCore:
             st = self.states.pop(key, None)
             if st is not None:
                 self.window.drop(st)
-            if self.status in ("running", "connecting"):
-                self._release_keys.append(key)
-                self.send()
+            if self.status not in ("running", "connecting"):
+                return
+            self._release_keys.append(key)
+            if self._flush_pending:  # what send() does, inline: this runs for every Future
+                return
+            self._flush_pending = True
+        self.wake()
 
     def forget_renamed(self) -> dict[str, str]:
         """``renamed`` without the aliases whose Futures are all gone (lock not needed: the
