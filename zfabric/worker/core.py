@@ -154,15 +154,7 @@ class WorkerLoop:
             self.on_closed()
             return
         try:
-            if os.environ.get("ZF_PROF"):
-                import cProfile
-                _pr = cProfile.Profile(time.thread_time); _pr.enable()
-                try:
-                    self._loop()
-                finally:
-                    _pr.disable(); _pr.dump_stats(os.environ["ZF_PROF"] + f".{os.getpid()}")
-            else:
-                self._loop()
+            self._loop()
         except Exception as exc:
             # Not a goodbye: the scheduler and the Nanny must see a crash (suspicion for what
             # ran here, a restart), never a deliberate close.
