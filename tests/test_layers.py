@@ -48,7 +48,7 @@ LAYERS: list[tuple[str, list[str]]] = [
         "zfabric.values", "zfabric.datasets",
         "zfabric.diagnostics", "zfabric.dask", "zfabric.dask_*", "zfabric.executor",
         "zfabric.actor", "zfabric.coordination", "zfabric.progressbar", "zfabric.report",
-        "zfabric.joblib_backend", "zfabric.window",
+        "zfabric.joblib_backend", "zfabric.window", "zfabric.replies",
     ]),
     ("task API", ["zfabric.context"]),
     ("top", [

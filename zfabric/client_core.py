@@ -85,6 +85,7 @@ class ClientCore:
         self.renamed: dict[str, str] = {}
         self.outbox: deque = deque()
         self.window = SubmitWindow(config.SUBMIT_WINDOW_TASKS)
+        self.direct: Any = None  # zfabric.replies.DirectReplies, set by the session
         self.requests: dict[int, asyncio.Future] = {}
         #: Called (outside the lock) when ops wait to go out; the session installs it.
         self.wake: Callable[[], None] = _nothing

@@ -104,6 +104,10 @@ class Config:
     #: (any of run, restart, restart-workers, retire-workers, replicate, shutdown,
     #: register-plugin, unregister-plugin); the rest are open to client keys.
     ADMIN_ONLY: str = ""
+    #: Small results of tasks a client submits while few of its tasks run come straight
+    #: from the worker to the client (the scheduler still hears of them as always); off:
+    #: every result comes through the scheduler (zfabric/replies.py).
+    DIRECT_REPLIES: bool = True
     #: Keys sent per ``submit`` message by ``Client.map``.
     SUBMIT_BATCH: int = 1000
     #: Tasks of one client the scheduler holds unfinished, at most; a client holds the rest
