@@ -361,19 +361,19 @@ class JobQueueCluster(SpecCluster):
             if not addrs:
                 raise ValueError(f"interface={interface!r}: this host has no such network"
                                  f" interface (it has {', '.join(sorted(psutil.net_if_addrs()))})")
-            for a in addrs:
-                if a.family.name == "AF_INET":
-                    return a.address
+            for snic in addrs:
+                if snic.family.name == "AF_INET":
+                    return snic.address
             raise ValueError(f"interface={interface!r} has no IPv4 address")
         for node in self._node_addresses():
             with contextlib.suppress(OSError, ValueError):
                 ip = local_address_for(f"tcp://{node}:1")
                 if not ip.startswith("127."):
                     return ip
-        for a in psutil.net_if_addrs().values():
-            for addr in a:
-                if addr.family.name == "AF_INET" and not addr.address.startswith("127."):
-                    return addr.address
+        for nic in psutil.net_if_addrs().values():
+            for snic in nic:
+                if snic.family.name == "AF_INET" and not snic.address.startswith("127."):
+                    return snic.address
         raise ValueError(f"{type(self).__name__} found no address of this host that the compute"
                          " nodes could reach (only loopback): pass interface= naming the"
                          " network they share")
