@@ -129,6 +129,8 @@ class Client(Submission, Values, ClusterRequests, ClusterControl, Session, Diagn
             raise ValueError("Client(connection_limit=...): zfabric keeps one connection per"
                              " worker and needs no limit; leave it out")
         self.config = config or from_env()
+        if address is None and scheduler_file is None and not kwargs:
+            address = self.config.SCHEDULER_ADDRESS or None  # zfabric mpi's job scheduler
         if heartbeat_interval is not None:
             self.config = dataclasses.replace(
                 self.config, HEARTBEAT_INTERVAL_S=parse_timedelta(heartbeat_interval,

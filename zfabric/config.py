@@ -18,6 +18,9 @@ PROTOCOL_VERSION = 1
 class Config:
     #: Port the ``zfabric scheduler`` command binds by default (dask.distributed's).
     SCHEDULER_PORT: int = 8786
+    #: The scheduler ``Client()`` without an address connects to (set by ``zfabric mpi`` and
+    #: ``zfabric.deploy.mpi.initialize()`` for the job's script); empty: start a LocalCluster.
+    SCHEDULER_ADDRESS: str = ""
     #: Values whose pickle is smaller than this ride inline with control messages.
     INLINE_BYTES: int = 64 * 1024
     #: How often workers, nannies and clients send a heartbeat.

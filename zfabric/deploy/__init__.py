@@ -7,6 +7,7 @@ of resources comes from) plus a launcher (how workers start in it): :mod:`.ssh`
 """
 
 from .spec import DEATH_TIMEOUT_S, InProcessScheduler, NannyJob, ProcessInterface, SpecCluster
+from .ssh import SSHCluster, SSHError
 
 __all__ = ["DEATH_TIMEOUT_S", "InProcessScheduler", "NannyJob", "ProcessInterface",
-           "SpecCluster"]
+           "SSHCluster", "SSHError", "SpecCluster"]
