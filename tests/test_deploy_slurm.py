@@ -199,9 +199,20 @@ def test_a_bad_partition_raises_sbatchs_message(lab):
                 cluster.wait_for_workers(1, timeout=30)
             except JobSubmissionError as exc:
                 report["wait"] = str(exc)
+
+        async def main():
+            async with SLURMCluster(cores=1, queue="nosuch", log_directory=LOGDIR,
+                                    asynchronous=True) as cluster:
+                try:
+                    await cluster.scale(jobs=1)
+                except JobSubmissionError as exc:
+                    report["async"] = str(exc)
+
+        import asyncio
+        asyncio.run(main())
         done()
     ''')
-    for where in ("scale", "wait"):
+    for where in ("scale", "wait", "async"):
         assert "sbatch" in r[where] and "invalid partition specified: nosuch" in r[where]
 
 

@@ -278,6 +278,7 @@ class JobQueueCluster(SpecCluster):
         self._threads_per_process = threads
         self._memory_per_process = (self.memory // self.processes) if self.memory else None
         self._job_failures: list[BaseException] = []
+        self._n_workers = n_workers
         self._status_task: asyncio.Task | None = None
         sched = dict(scheduler_options or {})
         if "host" not in sched:
@@ -288,7 +289,7 @@ class JobQueueCluster(SpecCluster):
             workers=None, scheduler={"cls": InProcessScheduler, "options": sched},
             worker={"cls": self.job_cls, "options": {"cluster": self}},
             asynchronous=asynchronous, name=name, death_timeout=death_timeout)
-        if n_workers:
+        if n_workers and not asynchronous:
             self.scale(n_workers)
 
     # ------------------------------------------------------------------ the script
@@ -395,6 +396,8 @@ class JobQueueCluster(SpecCluster):
     async def start(self) -> None:
         await super().start()
         self._status_task = asyncio.ensure_future(self._follow_jobs())
+        if self._n_workers and self.asynchronous:
+            await self._scale(self._jobs_for(self._n_workers))
 
     def adapt(self, *args: Any, **kwargs: Any):
         adaptive = super().adapt(*args, **kwargs)
