@@ -121,8 +121,11 @@ class SlurmLab:
         key.write_bytes(os.urandom(1024))
         key.chmod(0o400)
         d = self.dir
+        # In ctl's namespace (its socket is a path, so every namespace reaches it), where a
+        # later run's netns.sweep_stale kills it if this run was killed before its close().
         subprocess.run(
-            ["munged", "--force", f"--key-file={key}", f"--socket={d / 'munge.sock'}",
+            ["nsenter", f"--net=/var/run/netns/{self.lan.hosts[0]}", "--",
+             "munged", "--force", f"--key-file={key}", f"--socket={d / 'munge.sock'}",
              f"--pid-file={d / 'munged.pid'}", f"--log-file={d / 'munged.log'}",
              f"--seed-file={d / 'munged.seed'}"],
             check=True, capture_output=True, timeout=COMMAND_TIMEOUT_S)
