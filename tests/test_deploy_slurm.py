@@ -15,6 +15,7 @@ import signal
 import subprocess
 import sys
 import textwrap
+import threading
 import time
 
 import pytest
@@ -194,6 +195,7 @@ def test_a_bad_partition_raises_sbatchs_message(lab):
                 cluster.scale(jobs=1)
             except JobSubmissionError as exc:
                 report["scale"] = str(exc)
+            cluster.wait_for_workers(0, timeout=5)  # scale() raised: not once more here
             cluster.adapt(minimum_jobs=1, maximum_jobs=1, interval="0.5s")
             try:
                 cluster.wait_for_workers(1, timeout=30)
@@ -303,13 +305,16 @@ def test_a_killed_client_leaves_no_job_behind(lab):
         time.sleep(600)
     ''')
     report = None
-    deadline = time.monotonic() + 90
-    assert p.stdout is not None
-    for line in p.stdout:
-        if line.startswith("REPORT "):
-            report = json.loads(line[len("REPORT "):])
-            break
-        assert time.monotonic() < deadline
+    watchdog = threading.Timer(SCRIPT_TIMEOUT_S, p.kill)  # reading stdout ends, whatever happens
+    watchdog.start()
+    try:
+        assert p.stdout is not None
+        for line in p.stdout:
+            if line.startswith("REPORT "):
+                report = json.loads(line[len("REPORT "):])
+                break
+    finally:
+        watchdog.cancel()
     assert report is not None, "the client script ended early"
     # When it is SIGKILLed (nothing of it runs its clean-up)
     os.kill(p.pid, signal.SIGKILL)

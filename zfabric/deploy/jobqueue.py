@@ -495,6 +495,15 @@ class JobQueueCluster(SpecCluster):
 
     # ------------------------------------------------------------------ size and end
 
+    async def _scale(self, jobs: int) -> None:
+        try:
+            await super()._scale(jobs)
+        except JobSubmissionError as exc:
+            # Raised here, in the caller's code: not a second time at wait_for_workers().
+            with contextlib.suppress(ValueError):
+                self._job_failures.remove(exc)
+            raise
+
     async def _retire(self, *, count: int) -> list[str]:
         # Jobs about to retire by themselves go first; their replacements stay.
         order = sorted(self.workers, key=lambda n: not getattr(self.workers[n], "expiring",
