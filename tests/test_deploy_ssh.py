@@ -29,7 +29,7 @@ SCRIPT_TIMEOUT_S = 90.0
 SHORT_DEATH_TIMEOUT_S = 5.0
 
 PRELUDE = r'''
-import json, sys, time
+import asyncio, json, sys, time
 from zfabric import Client
 from zfabric.deploy.ssh import SSHCluster, SSHError
 
@@ -96,6 +96,17 @@ out["no_zfabric"] = attempt(hosts=HOSTS[:2], connect_options=CONNECT,
                             remote_python=[PYTHON, BARE_PYTHON])
 out["no_python"] = attempt(hosts=HOSTS[:2], connect_options=CONNECT,
                            remote_python=[PYTHON, "/nonexistent/bin/python3"])
+
+
+async def asynchronous():
+    async with SSHCluster(HOSTS[:2], connect_options=CONNECT, remote_python=PYTHON,
+                          asynchronous=True) as cluster:
+        await cluster.wait_for_workers(1, timeout=30)
+        async with Client(cluster, asynchronous=True) as client:
+            return await client.submit(sum, [1, 2, 3])
+
+
+out["asynchronous"] = asyncio.run(asynchronous())
 report(**out)
 '''
 
@@ -178,7 +189,7 @@ def test_ssh_cluster_runs_a_computation_and_close_leaves_nothing(ssh_lan):
     assert netns.zfabric_pids(lan) == {}
 
 
-def test_ssh_cluster_start_failures_name_the_host_and_stderr(ssh_lan):
+def test_ssh_cluster_start_failures_name_the_host_and_stderr_and_async_use(ssh_lan):
     lan = ssh_lan
     unreachable = lan.ips[0].rpartition(".")[0] + ".250"
     bare = str(lan.ssh_dir / "bare" / "bin" / "python")
@@ -196,6 +207,7 @@ def test_ssh_cluster_start_failures_name_the_host_and_stderr(ssh_lan):
     assert "No module named zfabric" in r["no_zfabric"]["error"]
     assert f"host {lan.ips[1]!r}" in r["no_python"]["error"]
     assert "/nonexistent/bin/python3" in r["no_python"]["error"]
+    assert r["asynchronous"] == 6
     # A failed start closes what had started (the scheduler on host a).
     assert netns.zfabric_pids(lan) == {}
 

@@ -371,7 +371,8 @@ async def _nanny_main(address: str, kw: dict) -> int:
 # ---------------------------------------------------------------------- mpi
 
 
-@app.command(context_settings={"allow_extra_args": True, "ignore_unknown_options": True})
+@app.command(context_settings={"allow_extra_args": True, "ignore_unknown_options": True,
+                               "allow_interspersed_args": False})
 def mpi(
     ctx: typer.Context,
     script: Annotated[str | None, typer.Argument(

@@ -151,10 +151,13 @@ async def _worker_rank(address: str, options: dict) -> int:
     return 0
 
 
-def _shutdown(address: str) -> None:
-    """Close the job's scheduler and workers (what ends the other ranks)."""
+def _shutdown(address: str, path: Path | None = None) -> None:
+    """Close the job's scheduler and workers (what ends the other ranks), unless the script
+    did (rank 0 removes the scheduler file as it ends)."""
     from ..client import Client
 
+    if path is not None and not path.exists():
+        return
     try:
         with Client(address, timeout=SHUTDOWN_TIMEOUT_S, set_as_default=False) as client:
             client.shutdown()
@@ -203,11 +206,11 @@ def run_rank(script: str | None, args: list[str], *, client: bool = True,
     address = read_scheduler_file(path, key, not_before=started - 1)
     if rank == 1 and client:
         assert script is not None
-        return _client_rank(address, script, args)
+        return _client_rank(address, script, args, path)
     return asyncio.run(_worker_rank(address, worker_kw))
 
 
-def _client_rank(address: str, script: str, args: list[str]) -> int:
+def _client_rank(address: str, script: str, args: list[str], path: Path) -> int:
     os.environ["ZFABRIC_SCHEDULER_ADDRESS"] = address  # a plain Client() connects to it
     old_argv = sys.argv
     sys.argv = [script, *args]
@@ -225,7 +228,7 @@ def _client_rank(address: str, script: str, args: list[str]) -> int:
         code = 1
     finally:
         sys.argv = old_argv
-        _shutdown(address)
+        _shutdown(address, path)
     return code
 
 
@@ -261,7 +264,7 @@ def initialize(interface: str | None = None, nthreads: int = 1,
     if rank == 1:
         address = read_scheduler_file(path, key, not_before=started - 1)
         os.environ["ZFABRIC_SCHEDULER_ADDRESS"] = address
-        atexit.register(_shutdown, address)
+        atexit.register(_shutdown, address, path)
         return True
     if rank == 0:
         code = asyncio.run(_scheduler_rank(path, key, scheduler_kw))
