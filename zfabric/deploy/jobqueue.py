@@ -505,16 +505,28 @@ class JobQueueCluster(SpecCluster):
             raise
 
     async def _retire(self, *, count: int) -> list[str]:
-        # Jobs about to retire by themselves go first; their replacements stay.
-        order = sorted(self.workers, key=lambda n: not getattr(self.workers[n], "expiring",
-                                                                False))
-        expiring = [n for n in order[:count] if getattr(self.workers[n], "expiring", False)]
-        if not expiring:
-            return await super()._retire(count=count)
-        # Move them to the end, where the base class picks the jobs it retires from.
-        for n in expiring:
-            self.workers[n] = self.workers.pop(n)
-        return await super()._retire(count=count)
+        """Retire ``count`` jobs: those about to retire by themselves first, then the newest.
+        A job is cancelled only once its workers retired (their data moved off); a job whose
+        worker the scheduler kept (no other worker to take its data yet) stays."""
+        names = list(self.workers)
+        names.reverse()  # newest first
+        names.sort(key=lambda n: not getattr(self.workers[n], "expiring", False))
+        names = names[:count]
+        if not names:
+            return []
+        owner = {w: n for n in names for w in self.workers[n].worker_names()}
+        client = await self._client()
+        info = await client._request("info")
+        addresses = {a: owner[str(w.get("name"))] for a, w in info["workers"].items()
+                     if str(w.get("name")) in owner}
+        retired = await client._retire_workers(list(addresses), None) if addresses else {}
+        kept = {addresses[a] for a in addresses if a not in retired}
+        gone = [n for n in names if n not in kept and n in self.workers]
+        jobs = [self.workers.pop(n) for n in gone]
+        for n in gone:
+            self.worker_spec.pop(n, None)
+        await asyncio.gather(*(j.close() for j in jobs), return_exceptions=True)
+        return gone
 
     async def _cancel(self, jobs: list[JobQueueJob]) -> None:
         ids = [j.job_id for j in jobs if j.job_id is not None]
