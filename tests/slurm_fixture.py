@@ -303,10 +303,13 @@ def _stop(pid: int, timeout: float = 5.0) -> None:
 
 
 def lab_or_skip(nodes: int = 2):
-    """A started :class:`SlurmLab`, or ``pytest.skip`` saying why none can be built; with
-    ``CI=true`` a missing program or a missing root fails instead."""
+    """A started :class:`SlurmLab`, or ``pytest.skip`` saying why none can be built (not root,
+    no namespaces, SLURM's programs missing); with ``CI=true`` a missing program fails."""
     import pytest
 
+    reason = netns.unavailable_reason()
+    if reason:  # not root, or no namespaces: skipped, as the other multi-host tests
+        pytest.skip(reason)
     reason = unavailable_reason()
     if reason:
         if os.environ.get("CI", "").lower() == "true":
