@@ -4,7 +4,7 @@ The lab (:mod:`slurm_fixture`) is a controller host ``ctl`` and two single-CPU c
 each in a network namespace of its own. Each test's client is a script run on ``ctl`` (the
 cluster's scheduler lives in it), so the jobs' workers reach the scheduler only over the
 namespace network: a 127.0.0.1 address would fail there. The script prints one JSON report as
-its last line. Root only; skipped otherwise (failed with ``CI=true``).
+its last line. Root only; skipped otherwise (a missing SLURM program fails with ``CI=true``).
 """
 
 from __future__ import annotations
