@@ -31,6 +31,8 @@ import subprocess
 import sys
 import time
 
+from ..client import Client
+
 #: Wait between two attempts to reach the scheduler's port at start.
 CONNECT_RETRY_S = 1.0
 #: Wait between two retirement requests the scheduler refused.
@@ -73,8 +75,6 @@ def worker_names(name: str, nworkers: int) -> list[str]:
 
 def retire(address: str, names: list[str], timeout_s: float) -> bool:
     """Ask the scheduler to retire these workers; True once none of them is left."""
-    from ..client import Client
-
     with Client(address, timeout=timeout_s, set_as_default=False) as client:
         client.retire_workers(names=names)
         left = {w.get("name") for w in client.scheduler_info()["workers"].values()}
