@@ -83,9 +83,11 @@ class DirectReplies:
             return
         loop = self.core.loop
         try:
+            # no reconnecting: a link that ended (a revoked key, a worker gone) stays down, and
+            # results come through the scheduler
             sock = _zmq.dealer(zmq.Context.instance(), address, security=self.security,
                                role="client", server="worker",
-                               max_frame_bytes=self.max_frame_bytes)
+                               max_frame_bytes=self.max_frame_bytes, reconnect=False)
         except (zmq.ZMQError, ValueError) as exc:
             logger.debug("no reply link to %s: %s", address, exc)
             self.refused.add(address)

@@ -94,6 +94,7 @@ class WorkerLoop:
         # direct replies (zfabric/replies.py): task -> its client's token, while it runs; and
         # the results of this turn to send, by the client's data connection
         self.reply_to: dict[str, str] = {}
+        self._ring_changes = 0  # changes of the authorized keys acted on (_beat)
         self.direct: dict[bytes, list] = {}
         self.local_directory = worker_directory(local_directory, self.identity.decode())
         self.store = SpillStore(self.local_directory, serialized=self.serialized,
@@ -309,8 +310,12 @@ class WorkerLoop:
         self.state.wall_offset = time.time() - now
         self._do(self.state.tick(now, metrics, running))
         port = self.port
-        if port.keyring is not None and port.keyring.refresh():
-            port.revoke_peers(now)  # revoked keys lose the data port within a heartbeat
+        ring = port.keyring
+        if ring is not None:
+            ring.refresh()
+            if ring.changes != self._ring_changes:  # (whoever in this process reloaded it)
+                self._ring_changes = ring.changes
+                port.revoke_peers(now)  # revoked keys lose the data port within a heartbeat
         if self.use_shm:
             shm.pool().expire(now)
 

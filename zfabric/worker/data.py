@@ -242,8 +242,19 @@ class DataPort:
                 raise RemoteProtocolError(f"unexpected {other!r} on the data port")
 
     def send_results(self, peer: bytes, items: list) -> None:
-        """Small results straight to the client on ``peer`` (``[key, pickle, nbytes]``)."""
-        self._reply_data(peer, [{"op": "results", "items": items}])
+        """Small results straight to the client on ``peer`` (``[key, pickle, nbytes]``). Only
+        a shortcut (the scheduler tells the client as well): what the client's full queue
+        refuses is dropped, and the token of a client gone is forgotten."""
+        if peer in self.data_backlog:
+            return
+        try:
+            self.data.send_multipart([peer, *protocol.encode([{"op": "results",
+                                                                "items": items}])], zmq.NOBLOCK)
+        except zmq.Again:
+            pass
+        except zmq.ZMQError:
+            for token in [t for t, p in self.reply_peers.items() if p == peer]:
+                del self.reply_peers[token]
 
     def send_actor_replies(self) -> None:
         replies = self.actors.replies
