@@ -83,7 +83,7 @@ class Queries:
         obs = self.s.observe
         match kind:
             case "snapshot":
-                return obs.snapshot(self, self.s.now)
+                return obs.snapshot(self.s, self.s.now)
             case "task-stream":
                 out = obs.stream_since(args.get("since"), start=args.get("start"),
                                        stop=args.get("stop"), count=args.get("count"))
