@@ -155,3 +155,28 @@ async def test_a_worker_that_dies_after_replying_directly_changes_nothing_for_th
     # Then the next results come from the other one, through the scheduler first
     for i in range(10):
         assert await asyncio.wait_for(c.submit(inc, 100 + i, pure=False), 10) == 101 + i
+
+
+async def test_a_second_connection_naming_a_clients_token_gets_none_of_its_results():
+    async with cluster(nworkers=1, nthreads=1) as (s, [w]), \
+            Client(s.address, asynchronous=True, set_as_default=False) as c:
+        direct = c.core.direct
+        for i in range(5):
+            assert await c.submit(inc, i, pure=False) == i + 1
+        assert list(direct.links) == [w.address]
+        # When another connection names the client's token
+        sock = zmq.asyncio.Context.instance().socket(zmq.DEALER)
+        sock.setsockopt(zmq.LINGER, 0)
+        sock.connect(w.address)
+        try:
+            await sock.send_multipart(protocol.encode([{"op": "reply-to",
+                                                        "token": direct.token}]))
+            await asyncio.sleep(0.1)
+            before = direct.received
+            for i in range(10):
+                assert await c.submit(inc, i, pure=False) == i + 1
+            # Then the results still go to the client that named it first, and none to it
+            assert direct.received - before >= 5
+            assert not await sock.poll(200)
+        finally:
+            sock.close(0)

@@ -10,7 +10,7 @@ and still tells the client with ``memory``: whichever comes first finishes the f
 other changes nothing).
 
 The token is random and known only to the client, the scheduler and the workers; a worker
-sends a result only to the connection that named the task's token (``reply-to``).
+sends a result only to the connection that named the task's token first (``reply-to``).
 
 It degrades to the scheduler's path: the client opens a reply link to a worker only after the
 scheduler named that worker as the holder of such a task's result. Until then, and from a

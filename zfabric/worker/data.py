@@ -235,7 +235,10 @@ class DataPort:
                                               f" {protocol.MAX_REPLY_TOKEN} characters")
                 if len(self.reply_peers) >= 10_000:
                     self.reply_peers.clear()  # gone clients' tokens: theirs say it again
-                self.reply_peers[token] = peer
+                # the first connection to name a token keeps it (another naming it too would
+                # only take the direct path from its owner; a gone owner's is forgotten when
+                # a send to it fails)
+                self.reply_peers.setdefault(token, peer)
             case "heartbeat":
                 pass
             case other:
