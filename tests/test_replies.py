@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+from types import SimpleNamespace
 
 import pytest
 import zmq
@@ -17,6 +18,17 @@ from zfabric.errors import RemoteProtocolError
 from zfabric.testing import cluster, until
 
 pytestmark = pytest.mark.timeout(60)
+
+ON = dataclasses.replace(from_env(), DIRECT_REPLIES=True)
+
+
+@pytest.fixture
+async def fab():
+    """The shared fixture's shape (a scheduler, two single-threaded workers, an asynchronous
+    client), with direct replies on."""
+    async with cluster(nworkers=2, nthreads=1) as (s, workers), \
+            Client(s.address, asynchronous=True, config=ON, set_as_default=False) as c:
+        yield SimpleNamespace(s=s, workers=workers, a=workers[0], b=workers[1], c=c)
 
 
 def inc(x):
@@ -43,7 +55,7 @@ async def test_results_waited_for_one_at_a_time_come_straight_from_the_worker(fa
 
 async def test_a_map_keeps_the_scheduler_path():
     async with cluster(nworkers=1, nthreads=1) as (s, _), \
-            Client(s.address, asynchronous=True, set_as_default=False) as c:
+            Client(s.address, asynchronous=True, config=ON, set_as_default=False) as c:
         futures = c.map(inc, range(200))
         assert await c.gather(futures) == list(range(1, 201))
         # many tasks in flight: no reply option, so no link and nothing direct
@@ -54,7 +66,7 @@ def test_a_blocking_client_gets_direct_results():
     async def run():
         async with cluster(nworkers=1, nthreads=1) as (s, _):
             def blocking():
-                with Client(s.address, set_as_default=False) as c:
+                with Client(s.address, config=ON, set_as_default=False) as c:
                     values = [c.submit(inc, i, pure=False).result() for i in range(20)]
                     big = c.submit(bytes, 200_000).result()  # too large to ride inline
                     return values, len(big), c.core.direct.received
@@ -66,9 +78,8 @@ def test_a_blocking_client_gets_direct_results():
 
 
 async def test_direct_replies_off_every_result_comes_through_the_scheduler():
-    config = dataclasses.replace(from_env(), DIRECT_REPLIES=False)
     async with cluster(nworkers=1, nthreads=1) as (s, _), \
-            Client(s.address, asynchronous=True, config=config, set_as_default=False) as c:
+            Client(s.address, asynchronous=True, set_as_default=False) as c:
         for i in range(5):
             assert await c.submit(inc, i, pure=False) == i + 1
         assert c.core.direct is None
@@ -134,7 +145,7 @@ async def test_the_data_port_checks_reply_to_and_serves_on(fab):
 
 async def test_the_scheduler_refuses_a_bad_reply_option():
     async with cluster(nworkers=1, nthreads=1) as (s, _), \
-            Client(s.address, asynchronous=True, set_as_default=False) as c:
+            Client(s.address, asynchronous=True, config=ON, set_as_default=False) as c:
         with pytest.raises(RemoteProtocolError):
             protocol.check_task_options("k", {"reply": 5})
         with pytest.raises(RemoteProtocolError):
@@ -159,7 +170,7 @@ async def test_a_worker_that_dies_after_replying_directly_changes_nothing_for_th
 
 async def test_a_second_connection_naming_a_clients_token_gets_none_of_its_results():
     async with cluster(nworkers=1, nthreads=1) as (s, [w]), \
-            Client(s.address, asynchronous=True, set_as_default=False) as c:
+            Client(s.address, asynchronous=True, config=ON, set_as_default=False) as c:
         direct = c.core.direct
         for i in range(5):
             assert await c.submit(inc, i, pure=False) == i + 1

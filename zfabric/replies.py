@@ -15,8 +15,9 @@ sends a result only to the connection that named the task's token first (``reply
 It degrades to the scheduler's path: the client opens a reply link to a worker only after the
 scheduler named that worker as the holder of such a task's result. Until then, and from a
 worker it cannot reach, one that refuses ``reply-to`` (an older worker) or one that died,
-results come through the scheduler as before. At most ``MAX_LINKS`` workers are linked;
-``DIRECT_REPLIES`` (config) turns it off.
+results come through the scheduler as before. At most ``MAX_LINKS`` workers are linked.
+``DIRECT_REPLIES`` (config, ``ZFABRIC_DIRECT_REPLIES=1``) turns it on; it is off by default
+(see docs/performance.md, The hot path, for why).
 """
 
 from __future__ import annotations
