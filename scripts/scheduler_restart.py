@@ -90,11 +90,10 @@ def main() -> None:
         for i in range(2):
             start(sys.executable, "-m", "zfabric", "nanny", address, "--nthreads", "2",
                   "--memory-limit", "0", "--log-level", "error", log=f"nanny{i}.log")
-        with open(work / "client.out", "wb") as out:
+        with open(work / "client.out", "wb") as out, open(work / "client.log", "wb") as err:
             client = subprocess.Popen([sys.executable, str(CLIENT), "graph", address,
                                        str(effects), str(n)], env=env, stdout=out,
-                                      stderr=open(work / "client.log", "wb"),
-                                      start_new_session=True)
+                                      stderr=err, start_new_session=True)
         procs.append(client)
         kills = []
         total = 2 * n
