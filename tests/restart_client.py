@@ -83,13 +83,13 @@ def dask_modes(c, d, step):
         time.sleep(step)
         return block
 
-    x = da.ones((4000, 4000), chunks=(250, 250))  # 256 blocks
+    x = da.ones((2000, 2000), chunks=(125, 125))  # 256 blocks
     y = x.map_blocks(slow, dtype=float)
     persisted = (y * 2).persist()
     say(mode="dask", submitted=True)
     s = dask.compute(y.sum())[0]
     p = float(persisted.sum().compute())
-    say(mode="dask", ok=s == 4000 * 4000 and p == 2 * 4000 * 4000, compute=float(s),
+    say(mode="dask", ok=s == 2000 * 2000 and p == 2 * 2000 * 2000, compute=float(s),
         persist=p)
     return [persisted]
 

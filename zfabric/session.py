@@ -77,6 +77,9 @@ class Session:
         #: What a new scheduler incarnation must hear again (None: SCHEDULER_RECOVERY off).
         self.replay: Replay | None = Replay() if self.config.SCHEDULER_RECOVERY else None
         self.rejoining = False  # said hello to a new incarnation; the outbox waits
+        #: key -> the holders the old incarnation named, of finished large values that wait
+        #: for the new one to say where they are (or to compute them again)
+        self.rechecked: dict[str, list] = {}
         self.rejoined_at = 0.0
         core.wake = self.wake
 
@@ -152,6 +155,8 @@ class Session:
                         window.done(st)
                     if value is not None and replay is not None:
                         replay.unpin(key)  # its value is here: sent again if need be
+                    if self.rechecked:
+                        self.holders_rechecked(key, who_has)
                     # not an error: one failed with SchedulerLost stays failed even if the
                     # submit it came from, queued in the outage, reaches a new scheduler
                     if st is not None and st.status != "error":
@@ -266,6 +271,12 @@ class Session:
                     queued.update(t[0] for t in op.get("tasks") or op.get("items") or ())
             ops = self.replay.ops(core.states, queued, self.config.SUBMIT_BATCH,
                                   self.config.SCHEDULER_FRAME_BYTES // 4)
+            # Large values held on workers: pending until the new one says where they are
+            # (a holder may have died with the old one; the value is computed again then).
+            for key, st in core.states.items():
+                if st.status == "finished" and st.value is None and st.who_has:
+                    self.rechecked[key] = st.who_has
+                    st.reset()
         ntasks = sum(len(op["tasks"]) for op in ops if op["op"] == "submit")
         logger.warning("the new scheduler at %s (epoch %s) welcomed us: sending %d pending"
                        " tasks again", core.address, protocol.short(welcome["epoch"], 40),
@@ -276,6 +287,15 @@ class Session:
                                   self.config.SCHEDULER_FRAME_BYTES // 4):
                 send(protocol.encode(batch))
         core.send()  # what waited in the outbox
+
+    def holders_rechecked(self, key: str, who_has: list | None) -> None:
+        """The new incarnation named the holders of a value the old one had: fetches in
+        flight to holders it no longer names fail now (they may be gone)."""
+        old = self.rechecked.pop(key, None)
+        for address in old or ():
+            if address not in (who_has or ()):
+                self.gone_holders.add(address)
+                self.data.drop(address)
 
     def drop_fetches(self, st: FutureState) -> None:
         """The holders of a value that was lost: a fetch in flight to them would wait out the
@@ -295,6 +315,7 @@ class Session:
             logger.warning("%s", why)
         self.lost_reported = True
         self.rejoining = False
+        self.rechecked.clear()
         if self.replay is not None:
             self.replay.clear()
         self.core.fail_pending(
