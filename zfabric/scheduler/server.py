@@ -24,7 +24,7 @@ try:
 except ImportError:  # not POSIX
     resource = None  # type: ignore[assignment]
 
-from .. import _zmq, logs, protocol
+from .. import _zmq, logs, protocol, zap
 from ..config import Config, from_env
 from ..dashboard import Dashboard, parse_address
 from ..errors import RemoteProtocolError
@@ -224,8 +224,6 @@ class Scheduler(LifeCycle):
                 self._intake.close()
             sock.close(linger=self.config.LINGER_MS)
             if self.security is not None:
-                from .. import zap
-
                 zap.release(zmq.Context.instance(), self.security)
             if self.status not in ("closing", "closed"):
                 call_from_thread(self._loop, self._closed_from_inside)
@@ -249,8 +247,6 @@ class Scheduler(LifeCycle):
         publish_s = self.config.DASHBOARD_INTERVAL_S
         secure = self.security is not None
         if self.security is not None:
-            from .. import zap
-
             ring = zap.keyring(self.security)
             next_keys = 0.0
         while not self._stop and not state.closing:
