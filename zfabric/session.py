@@ -148,13 +148,10 @@ class Session:
         window = core.window
         match op["op"]:
             case "memory":
-                replay = self.replay
                 for key, value, who_has, nbytes in op["items"]:
                     st = states.get(key)
                     if st is not None:
                         window.done(st)
-                    if value is not None and replay is not None:
-                        replay.unpin(key)  # its value is here: sent again if need be
                     if self.rechecked:
                         self.holders_rechecked(key, who_has)
                     # not an error: one failed with SchedulerLost stays failed even if the
@@ -166,8 +163,6 @@ class Session:
             case "erred":
                 for item in op["items"]:
                     st = states.get(item[0])
-                    if self.replay is not None:
-                        self.replay.unpin(item[0])
                     if st is not None:
                         window.done(st)
                         self.drop_fetches(st)  # a value in memory was lost for good
@@ -177,8 +172,6 @@ class Session:
                 reason = str(reason)[:1000] if reason is not None else None
                 for key in op["keys"]:
                     st = states.get(key)
-                    if self.replay is not None:
-                        self.replay.unpin(key)
                     if st is not None:
                         window.done(st)
                         st.cancel(reason, force=op.get("restart") is True)
@@ -374,12 +367,11 @@ class Session:
             if self.writer is None:
                 self.writer = asyncio.ensure_future(self._write_backlog())
             return
+        if self.replay is not None:
+            self.replay.sent(ops, self.core.states)
         most = self.config.SCHEDULER_FRAME_BYTES // 4
         send = self.link.send
-        replay = self.replay
         for batch in _batches(ops, self.config.SUBMIT_BATCH, most):
-            if replay is not None:
-                replay.sent(batch, self.core.states)
             send(protocol.encode(batch))
 
     def send_now(self, ops: list[dict]) -> None:
@@ -401,8 +393,8 @@ class Session:
                     if type(item) is not Deferred:
                         ready.append(item)
                         continue
+                    self._record(ready)
                     for batch in _batches(ready, self.config.SUBMIT_BATCH, most):
-                        self._record(batch)
                         send(protocol.encode(batch))
                     ready = []
                     try:
@@ -411,8 +403,8 @@ class Session:
                         with core.lock:
                             core.window.done(item.state)
                             item.state.fail(None, exc)
+                self._record(ready)
                 for batch in _batches(ready, self.config.SUBMIT_BATCH, most):
-                    self._record(batch)
                     send(protocol.encode(batch))
         finally:
             self.writer = None
