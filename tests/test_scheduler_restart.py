@@ -25,6 +25,7 @@ import pytest
 from zfabric import Client, Event, Lock, Queue, Variable
 from zfabric import config as zconfig
 from zfabric.errors import SchedulerLost
+from zfabric.security import Security, keygen
 from zfabric.testing import until
 
 HERE = Path(__file__).resolve().parent
@@ -53,6 +54,7 @@ class Cluster:
         path = os.pathsep.join(filter(None, [str(HERE), os.environ.get("PYTHONPATH")]))
         self.env = {**os.environ, **ENV, "PYTHONPATH": path}
         self.kills: list[float] = []
+        self.security: list[str] = []  # ["--security", DIR] for every process
 
     def start(self, *args: str, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL):
         proc = subprocess.Popen([sys.executable, *args], env=self.env, stdin=stdin,
@@ -65,7 +67,7 @@ class Cluster:
         sfile.unlink(missing_ok=True)
         self.sched = self.start("-m", "zfabric", "scheduler", "--host", "127.0.0.1", "--port",
                                 str(self.port), "--no-dashboard", "--scheduler-file",
-                                str(sfile), "--log-level", "error")
+                                str(sfile), "--log-level", "error", *self.security)
         await until(sfile.exists, 20, "the scheduler's address file")
 
     async def kill_scheduler(self, down_s: float) -> None:
@@ -83,7 +85,7 @@ class Cluster:
 
     def worker(self) -> subprocess.Popen:
         return self.start("-m", "zfabric", "worker", self.address, "--nthreads", "2",
-                          "--memory-limit", "0", "--log-level", "error")
+                          "--memory-limit", "0", "--log-level", "error", *self.security)
 
     def client(self, mode: str, effects: Path, *extra: str) -> subprocess.Popen:
         return self.start(str(CLIENT), mode, self.address, str(effects), *extra,
@@ -274,3 +276,29 @@ async def test_a_scheduler_back_after_the_timeout_fails_the_futures(cluster):
             await asyncio.wait_for(pending, 10)
         await until(lambda: c.epoch is not None, 15, "the client registered again")
         assert await asyncio.wait_for(c.submit(total, [1, 2], pure=False), 30) == 3.0
+
+
+def slow_inc(x):
+    time.sleep(0.01)
+    return x + 1
+
+
+async def test_with_security_on_the_restart_is_the_same(cluster, tmp_path):
+    keys = keygen(tmp_path / "keys")
+    cluster.security = ["--security", str(keys)]
+    await cluster.scheduler()
+    cluster.worker()
+    cluster.worker()
+    config = zconfig.from_env(HEARTBEAT_INTERVAL_S=0.2, SCHEDULER_LOST_TIMEOUT_S=20)
+    async with Client(cluster.address, asynchronous=True, config=config, security=Security(keys),
+                      set_as_default=False) as c:
+        await asyncio.wait_for(c.wait_for_workers(2), 30)
+        bigs = c.map(big, range(10))
+        await c.gather(c.map(total, bigs))
+        chain = c.map(slow_inc, range(300))
+        # When the scheduler is killed while work runs, and back with the same keys
+        await cluster.kill_scheduler(1.0)
+        # Then the work completes, and values held on the workers are fetched over CURVE
+        assert await asyncio.wait_for(c.gather(chain), 60) == list(range(1, 301))
+        again = await asyncio.wait_for(c.gather(bigs), 30)
+        assert [v[0] for v in again] == list(range(10))

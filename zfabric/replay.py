@@ -8,7 +8,7 @@ futures for, and the Variables, Events and datasets it set.
 :class:`Replay` keeps, per message sent, its ``submit`` and ``scatter`` ops as they left (the
 pickled calls already made: nothing is copied), and the last ``var-set``, ``ds-publish`` and
 ``event-set``/``event-clear`` per name. A healthy client pays one list append per message for
-it; nothing is done per task or per result. Once the ops kept hold twice as many tasks as
+it; nothing is done per task or per result. Once the ops kept hold three times as many tasks as
 after the last sweep, :meth:`Replay.sweep` drops the messages nothing needs any more (newest
 first: a message is needed while it carries a task or value this client waits for, or holds
 a future for whose value is on a worker, or one that a needed message depends on), so the
@@ -98,6 +98,7 @@ class Replay:
         needed: set[str] = set()
         keep = []
         n = 0
+        get = states.get
         for group in reversed(self.groups):
             live = False
             for op in group:
@@ -106,8 +107,9 @@ class Replay:
                     if key in needed:
                         live = True
                         break
-                    st = states.get(key)
-                    if st is not None and _needs_sending(st):
+                    st = get(key)
+                    if st is not None and (st.status == "pending" or (
+                            st.status == "finished" and st.value is None)):
                         live = True
                         break
                 if live:
@@ -126,7 +128,7 @@ class Replay:
         keep.reverse()
         self.groups = deque(keep)
         self.recorded = n
-        self.limit = max(SWEEP_FIRST, 2 * n)
+        self.limit = max(SWEEP_FIRST, 3 * n)
         return needed
 
     # ------------------------------------------------------------------ sending again
