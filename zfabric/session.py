@@ -207,7 +207,8 @@ class Session:
             case "reregister":
                 if self.rejoining and time.monotonic() - self.rejoined_at < 1.0:
                     pass  # one answer per message queued in the outage: hello sent already
-                elif self.replay is not None and (core.epoch is not None or self.rejoining):
+                elif self.replay is not None and op.get("closed") is not True and (
+                        core.epoch is not None or self.rejoining):
                     self.rejoin(f"the scheduler at {core.address} was replaced"
                                 f" ({op['reason']})")
                 else:
