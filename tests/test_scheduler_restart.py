@@ -302,3 +302,48 @@ async def test_with_security_on_the_restart_is_the_same(cluster, tmp_path):
         assert await asyncio.wait_for(c.gather(chain), 60) == list(range(1, 301))
         again = await asyncio.wait_for(c.gather(bigs), 30)
         assert [v[0] for v in again] == list(range(10))
+
+
+# ---------------------------------------------------------------------------- the pure state
+
+
+def test_a_new_incarnation_keeps_reported_results_and_runs_only_the_rest():
+    from zfabric import protocol
+    from zfabric.config import Config
+    from zfabric.scheduler.state import SchedulerState
+
+    state = SchedulerState(address="tcp://sched:8786", config=Config(RESTART_SETTLE_S=1.0))
+    w1, w2, c = b"w1", b"w2", b"client"
+    # Given two workers of the old incarnation that hold and run work, and say so
+    for ident, address, held, running in ((w1, "tcp://10.0.0.1:1", [["a", 100]], ["r"]),
+                                          (w2, "tcp://10.0.0.2:2", [["b", 2**24]], [])):
+        state.handle(ident, [protocol.hello("worker", ident.decode(), address=address),
+                             {"op": "holding", "items": held, "running": running,
+                              "epoch": "old"}], 0.0)
+    state.flush()
+    # When its client sends again, after its hello, what it still waits for
+    state.handle(c, [protocol.hello("client", "client", rejoin=True, epoch="old")], 0.1)
+    assert [op["op"] for op in state.flush()[c]] == ["welcome"]
+    tasks = [["a", b"pa", [], None], ["b", b"pb", [], None], ["r", b"pr", ["a"], None],
+             ["x", b"px", ["a", "b"], None]]
+    state.handle(c, [{"op": "submit", "tasks": tasks}], 0.2)
+    # Then its ops wait while the restart settles
+    assert state.flush() == {} and "a" not in state.tasks
+    # and once it has settled, what the workers hold is in memory, what runs stays where it
+    # runs, and only the new task is sent to a worker
+    state.tick(1.2)
+    out = state.flush()
+    assert out[c] == [{"op": "memory", "items": [["a", None, ["tcp://10.0.0.1:1"], 100],
+                                                 ["b", None, ["tcp://10.0.0.2:2"], 2**24]]}]
+    computes = [t[0] for ops in out.values() for op in ops if op["op"] == "compute"
+                for t in op["tasks"]]
+    assert computes == ["x"]
+    assert state.tasks["r"].state == "processing"
+    assert state.tasks["r"].processing_on.ident == w1
+    state.validate()
+    # When the task that ran across the restart ends, its result is the client's
+    state.handle(w1, [{"op": "finished", "tasks": [["r", 5, b"R", 0.1]]}], 1.3)
+    assert state.flush()[c] == [{"op": "memory", "items": [["r", b"R", None, 5]]}]
+    events = [text for _, text in state.events]
+    assert any("scheduler replaced" in e for e in events)
+    assert any("2 results kept, 1 left running" in e for e in events)
