@@ -431,7 +431,7 @@ class JobQueueCluster(SpecCluster):
         names: set[str] = set()
         with contextlib.suppress(Exception):
             client = await self._client()
-            info = await client._request("info")
+            info = await client.scheduler_info(n_workers=-1)
             names = {str(w.get("name")) for w in info["workers"].values()}
         now = time.monotonic()
         for job in jobs:
@@ -477,7 +477,7 @@ class JobQueueCluster(SpecCluster):
     async def _event(self, msg: dict) -> None:
         with contextlib.suppress(Exception):
             client = await self._client()
-            await client._request("log-event", topic=[EVENT_TOPIC], msg=msg)
+            await client.log_event(EVENT_TOPIC, msg)
 
     def _status_means_gone(self, stderr: str) -> bool:
         """Whether a failed status command says the jobs are unknown (so they ended)."""
@@ -516,10 +516,10 @@ class JobQueueCluster(SpecCluster):
             return []
         owner = {w: n for n in names for w in self.workers[n].worker_names()}
         client = await self._client()
-        info = await client._request("info")
+        info = await client.scheduler_info(n_workers=-1)
         addresses = {a: owner[str(w.get("name"))] for a, w in info["workers"].items()
                      if str(w.get("name")) in owner}
-        retired = await client._retire_workers(list(addresses), None) if addresses else {}
+        retired = await client.retire_workers(list(addresses)) if addresses else {}
         kept = {addresses[a] for a in addresses if a not in retired}
         gone = [n for n in names if n not in kept and n in self.workers]
         jobs = [self.workers.pop(n) for n in gone]
