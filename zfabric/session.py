@@ -259,7 +259,7 @@ class Session:
         assert self.replay is not None
         self.rejoining = False
         with core.lock:
-            queued = set()
+            queued: set[str] = set()
             for op in core.outbox:
                 if type(op) is dict and op["op"] in ("submit", "scatter"):
                     queued.update(t[0] for t in op.get("tasks") or op.get("items") or ())
