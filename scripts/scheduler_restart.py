@@ -62,7 +62,7 @@ def main() -> None:
     effects = work / "effects"
     effects.mkdir()
     env = {**os.environ, "PYTHONPATH": f"{REPO}{os.pathsep}{os.environ.get('PYTHONPATH', '')}",
-           "ZFABRIC_HEARTBEAT_INTERVAL_S": "0.2", "ZFABRIC_RESTART_SETTLE_S": "1.0",
+           "ZFABRIC_HEARTBEAT_INTERVAL_S": "0.2", "ZFABRIC_RESTART_SETTLE_S": "2.5",
            "ZFABRIC_SCHEDULER_LOST_TIMEOUT_S": "30", "RESTART_STEP_S": str(args.step)}
     port = free_port()
     address = f"tcp://127.0.0.1:{port}"

@@ -55,8 +55,8 @@ class Config:
     SCHEDULER_RECOVERY: bool = True
     #: A restarted scheduler applies its clients' ops only this long after the first peer
     #: rejoined, so that the workers can report what they hold first (and nothing they hold
-    #: runs again).
-    RESTART_SETTLE_S: float = 2.0
+    #: runs again): longer than the peers' reconnection backoff (at most 2 s) takes.
+    RESTART_SETTLE_S: float = 3.0
     #: Values workers reported to a restarted scheduler that no client claims within this
     #: long (by submitting or wanting their keys) are freed.
     RESTART_GRACE_S: float = 60.0
