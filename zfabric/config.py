@@ -22,6 +22,8 @@ class Config:
     INLINE_BYTES: int = 64 * 1024
     #: How often workers, nannies and clients send a heartbeat.
     HEARTBEAT_INTERVAL_S: float = 0.5
+    #: Seconds between the profiler's samples of a worker's task threads (0: no profiler).
+    PROFILE_INTERVAL_S: float = 0.02
     #: A worker silent this long is declared dead.
     WORKER_TTL_S: float = 5.0
     #: A client silent this long has its futures released.

@@ -13,6 +13,7 @@ from ..errors import RemoteProtocolError
 from ..protocol import (
     check_worker_hello,
     clean_metrics,
+    clean_profile,
     clean_transfers,
     safe_name,
     short,
@@ -234,6 +235,8 @@ class PeerOps:
                     ws.metrics = clean_metrics(metrics)
                 if "transfers" in op:
                     self.observe.transferred(ws, clean_transfers(op["transfers"]))
+                if "profile" in op:
+                    self.observe.profiled(clean_profile(op["profile"]), self.now)
             case "worker-status":
                 self.worker_status(ws, op["status"], op["reason"])
             case "missing":

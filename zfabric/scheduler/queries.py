@@ -60,7 +60,8 @@ class Queries:
                     ws.address: sorted(ws.processing)
                     for ws in self.workers.values()
                 }
-            case "snapshot" | "task-stream" | "events" | "log-event" | "logs":
+            case "snapshot" | "task-stream" | "events" | "log-event" | "logs" | "profile" \
+                    | "history":
                 reply["result"] = self._observe_request(kind, args)
             case "task-states":
                 keys = args.get("keys") or list(self.tasks)
@@ -89,6 +90,11 @@ class Queries:
                 return True
             case "logs":
                 return self.log_source(args.get("n")) if self.log_source else []
+            case "profile":  # {group: [label, count, [children]]}, see worker/profiler.py
+                group = args.get("group")
+                return obs.profile(group if type(group) is str else None)
+            case "history":
+                return obs.history.points()
 
     def _start_fan_out(self, peer: bytes, rid: int, kind: str, args: dict) -> None:
         """A run (on workers) or restart (through nannies): reply once all have answered."""

@@ -35,6 +35,7 @@ from .data import DataPlane, waiting
 from .execute import Executor
 from .memory import MemoryManager
 from .plugins import WorkerPlugins
+from .profiler import Profiler, io_metrics
 from .replicas import Replicas
 from .spill import SpillStore, worker_directory
 from .tasks import TaskFlow
@@ -202,6 +203,9 @@ class WorkerLoop(TaskFlow, DataPlane, Replicas):
                                  context=self.owner or self)
         self.actors = Actors(self.executor._poke, self.config.INLINE_BYTES,
                              self.identity.decode())
+        self.profiler = Profiler(self.executor.running, self.config.PROFILE_INTERVAL_S,
+                                 str(self.name))
+        self.profiler.start()
         self.poller = zmq.Poller()
         for s in (self.sched, self.data, self.wake):
             self.poller.register(s, zmq.POLLIN)
@@ -230,6 +234,7 @@ class WorkerLoop(TaskFlow, DataPlane, Replicas):
         self.plugins.teardown_all()
         self.actors.stop()
         self.executor.stop()
+        self.profiler.close()
         if self.intake is not None:
             self.intake.close()
         for s in (self.sched, self.data, *self.peers.values()):
@@ -330,7 +335,11 @@ class WorkerLoop(TaskFlow, DataPlane, Replicas):
             "spilled_count": len(self.store.slow),
             "spilled_total": self.store.counters["spilled"],
             "unspilled_total": self.store.counters["unspilled"],
+            **io_metrics(self._process),
         }}
+        profile = self.profiler.take()
+        if profile:
+            beat["profile"] = profile
         if self.transfer_log:
             beat["transfers"], self.transfer_log = self.transfer_log, []
         self.outbox.append(beat)
