@@ -64,6 +64,8 @@ def key_group(key) -> str:
         key = key.decode(errors="replace")
     if not isinstance(key, str):
         return "Other"
+    if key.startswith("\x1f"):  # a tuple key's wire form (zfabric.keys.to_wire)
+        key = key[1:]
     if key.startswith("("):  # a stringified tuple key
         key = key[1:].split(",", 1)[0].strip("'\" ")
     if key.startswith("<"):  # "<module.Class object at 0x...>"
@@ -75,7 +77,8 @@ def key_group(key) -> str:
         return "data"
     out = [first]
     for word in words[1:]:
-        if word.isalpha() and not (len(word) == 8 and _HEX.match(word)):
+        # as dask's key_split: an 8-letter word that starts like hex ends the name too
+        if word.isalpha() and not (len(word) == 8 and word[0] in "abcdef"):
             out.append(word)
         else:
             break
