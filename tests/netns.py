@@ -222,3 +222,83 @@ def lan_for_test(hosts: int):
         yield lan
     finally:
         lan.close()
+
+
+# ---------------------------------------------------------------------- sshd on the hosts
+
+#: The test key's and host key's type.
+SSH_KEY_TYPE = "ed25519"
+
+
+def ssh_unavailable_reason() -> str | None:
+    """Why sshd cannot serve the LAN's hosts here, or None."""
+    for program in ("sshd", "ssh", "ssh-keygen"):
+        if shutil.which(program) is None and not os.path.exists(f"/usr/sbin/{program}"):
+            return f"`{program}` (Debian's openssh-server / openssh-client) is not installed"
+    return None
+
+
+def make_ssh_keys(directory: str) -> str:
+    """A client key pair and a host key in ``directory``; returns the client key's path
+    (its public half is the only authorized key)."""
+    key = os.path.join(directory, "id_test")
+    for path in (key, os.path.join(directory, "host_key")):
+        subprocess.run(["ssh-keygen", "-q", "-t", SSH_KEY_TYPE, "-N", "", "-f", path],
+                       check=True, capture_output=True, timeout=30)
+    shutil.copy(key + ".pub", os.path.join(directory, "authorized_keys"))
+    return key
+
+
+def start_sshd(lan: Lan, host: int, directory: str) -> subprocess.Popen:
+    """sshd on host ``host``'s address, port 22, taking only the key of :func:`make_ssh_keys`
+    (root may log in with it); its log goes to ``directory/sshd-<host>.log``."""
+    os.makedirs("/run/sshd", exist_ok=True)  # its privilege separation directory
+    config = os.path.join(directory, f"sshd-{host}.conf")
+    with open(config, "w") as f:
+        f.write(f"""Port 22
+ListenAddress {lan.ips[host]}
+HostKey {directory}/host_key
+PidFile none
+AuthorizedKeysFile {directory}/authorized_keys
+PermitRootLogin prohibit-password
+PasswordAuthentication no
+KbdInteractiveAuthentication no
+UsePAM no
+StrictModes no
+PrintMotd no
+LogLevel ERROR
+""")
+    sshd = shutil.which("sshd") or "/usr/sbin/sshd"
+    log = open(os.path.join(directory, f"sshd-{host}.log"), "wb")  # noqa: SIM115
+    try:
+        return lan.popen(host, [sshd, "-D", "-e", "-f", config], stdout=log, stderr=log)
+    finally:
+        log.close()
+
+
+def wait_for_port(lan: Lan, host: int, port: int, timeout: float = 10.0) -> None:
+    """Return once something listens on host ``host``'s ``port``."""
+    deadline = time.monotonic() + timeout
+    while True:
+        out = subprocess.run(lan.argv(host, ["ss", "-ltnH", f"sport = :{port}"]),
+                             capture_output=True, text=True, timeout=10).stdout
+        if out.strip():
+            return
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"nothing listens on {lan.ips[host]}:{port}")
+        time.sleep(0.05)
+
+
+def zfabric_pids(lan: Lan) -> dict[str, list[str]]:
+    """``{host namespace: [command lines]}`` of zfabric processes still in the LAN's hosts."""
+    out: dict[str, list[str]] = {}
+    for name in lan.hosts:
+        for p in ip("netns", "pids", name, check=False).split():
+            try:
+                with open(f"/proc/{p}/cmdline", "rb") as f:
+                    cmd = f.read().replace(b"\0", b" ").decode(errors="replace").strip()
+            except OSError:
+                continue
+            if "zfabric" in cmd:
+                out.setdefault(name, []).append(cmd)
+    return out

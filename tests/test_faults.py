@@ -169,14 +169,15 @@ def procs():
 def count_results(client: Client) -> collections.Counter:
     """Count, by key, every result the scheduler gives ``client`` from now on."""
     delivered: collections.Counter = collections.Counter()
-    on_op = client._on_op
+    session = client._session  # the client's link to the scheduler (zfabric.session)
+    on_op = session.on_op
 
     def spy(op):
         if op["op"] == "memory":
             delivered.update(item[0] for item in op["items"])
         on_op(op)
 
-    client._on_op = spy
+    session.on_op = spy
     return delivered
 
 

@@ -17,7 +17,7 @@ import psutil
 import pytest
 
 from zfabric import Client, KilledWorker, Scheduler
-from zfabric.config import from_env
+from zfabric.config import Config, from_env
 from zfabric.errors import CommTimeoutError, ZFabricError
 from zfabric.nanny import Nanny, RestartPolicy, assess, format_bytes
 from zfabric.process import (
@@ -243,3 +243,23 @@ def test_nanny_command_stops_cleanly_on_sigterm():
                     proc.wait()
 
     asyncio.run(main())
+
+
+async def test_nanny_and_its_worker_heartbeat_at_the_schedulers_interval():
+    # Given a scheduler that asks for a beat every 0.05 s and a Nanny whose own setting is 5 s
+    fast, slow = Config(HEARTBEAT_INTERVAL_S=0.05), Config(HEARTBEAT_INTERVAL_S=5.0)
+    async with Scheduler(config=fast) as s, \
+            Nanny(s.address, nthreads=1, memory_limit=0, config=slow) as nanny:
+        ns = s.state.nannies[nanny.identity.encode()]
+        ws = s.state.workers[nanny.worker_identities[0].encode()]
+        # When they run idle for a second
+        nanny_seen, worker_seen = set(), set()
+        deadline = time.monotonic() + 1.0
+        while time.monotonic() < deadline:
+            nanny_seen.add(ns.last_seen)
+            worker_seen.add(ws.last_seen)
+            await asyncio.sleep(0.01)
+        # Then both beat at the scheduler's pace (about 20 beats; the Nanny's setting: none)
+        assert nanny.heartbeat_s == 0.05
+        assert len(nanny_seen) >= 6, sorted(nanny_seen)
+        assert len(worker_seen) >= 6, sorted(worker_seen)

@@ -238,3 +238,13 @@ def test_build_traceback_points_at_given_file_and_line():
     frames = traceback.extract_tb(tb)
     assert [(f.filename, f.lineno, f.name) for f in frames] == [
         ("/remote/host/job.py", 17, "compute"), ("/remote/host/lib.py", 3, "helper")]
+
+
+def test_a_dependency_marker_read_again_on_the_client_stays_a_marker():
+    # A task's large arguments carried in band (no worker yet) are unpickled and pickled
+    # again on the client: a dependency must arrive at the worker as its value, never as a
+    # Future of whatever client the client's process has.
+    header = pickle.dumps(((serialize.Dep("k"), [serialize.Dep("k")]), None), protocol=5)
+    again = serialize.inband(header, [])
+    args, kwargs = serialize.loads_args(again, {"k": 5})
+    assert args == (5, [5]) and kwargs == {}

@@ -80,10 +80,10 @@ async def test_scheduler_holds_at_most_the_window():
         await until(lambda: len(s.state.tasks) >= 10, what="window filled")
         await _until_quiet()
         assert len(s.state.tasks) <= 10 + 1, len(s.state.tasks)
-        assert c._window.held == 300 + 1 - 10
+        assert c.core.window.held == 300 + 1 - 10
         _gate.set()
         assert await c.gather(futures) == list(range(300))
-        assert c._window.held == 0 and c._window.inflight == 0
+        assert c.core.window.held == 0 and c.core.window.inflight == 0
 
 
 async def _until_quiet():
@@ -102,7 +102,7 @@ async def test_high_priority_overtakes_held_tasks():
         lows = [c.submit(_record, f"low{i}", pure=False) for i in range(4)]
         high = c.submit(_record, "high", priority=10, pure=False)
         await _until_quiet()
-        assert c._window.held == 5
+        assert c.core.window.held == 5
         # a held future can be cancelled: it never reaches the scheduler
         await c.cancel(lows[3])
         _gate.set()

@@ -265,3 +265,21 @@ async def test_worker_name_and_repr(c, s, a):
     assert a.name == a.address and a.address in repr(a)
     assert a.id and a.status == "running"
     assert threading.active_count() > 1
+
+
+async def test_heartbeats_follow_the_interval_the_scheduler_gives():
+    # Given a scheduler that asks for a beat every 0.05 s and a worker whose own setting is 5 s
+    fast, slow = Config(HEARTBEAT_INTERVAL_S=0.05), Config(HEARTBEAT_INTERVAL_S=5.0)
+    async with check_leaks(), Scheduler("127.0.0.1", 0, config=fast) as s, \
+            Worker(s.address, nthreads=1, memory_limit=0, config=slow) as w:
+        # When the idle worker runs for a second
+        ws = next(iter(s.state.workers.values()))
+        seen = set()
+        deadline = time.monotonic() + 1.0
+        while time.monotonic() < deadline:
+            seen.add(ws.last_seen)
+            await asyncio.sleep(0.01)
+        # Then it took the scheduler's interval (the welcome's heartbeat_s) and beat by it:
+        # about 20 beats, where its own setting would have sent none
+        assert w._core.state.heartbeat_s == 0.05
+        assert len(seen) >= 6, sorted(seen)

@@ -5,11 +5,12 @@
 ...         assert await client.submit(lambda x: x + 1, 10) == 11
 """
 
-__version__ = "0.1.0"
-
+import importlib
 from typing import TYPE_CHECKING
 
+from . import current as _current
 from . import errors as _errors
+from ._version import __version__
 from .errors import *  # noqa: F403  (every public error: the list is errors.__all__)
 
 if TYPE_CHECKING:
@@ -49,11 +50,21 @@ def __getattr__(name):
     module = _LAZY.get(name)
     if module is None:
         raise AttributeError(f"module 'zfabric' has no attribute {name!r}")
-    import importlib
-
-    value = getattr(importlib.import_module(f".{module}", __name__), name)
+    value = _load(module, name)
     globals()[name] = value
     return value
+
+
+def _load(module: str, name: str):
+    return getattr(importlib.import_module(f".{module}", __name__), name)
+
+
+# The top layer wires what lower layers get from higher ones (see zfabric.current), each module
+# loaded on first use: a task's client (zfabric.context) and the LocalCluster of Client().
+_current.install_task_client(lambda worker, timeout: _load("context", "tasks_client")(worker,
+                                                                                       timeout),
+                             lambda worker: _load("context", "close_worker_client")(worker))
+_current.install_local_cluster(lambda **kwargs: _load("cluster", "LocalCluster")(**kwargs))
 
 
 __all__ = [

@@ -1,17 +1,18 @@
 """``python -m zfabric`` runs the ``zfabric`` command (this is also how a Nanny starts workers).
 
-A worker started by a Nanny skips the typer app and its imports (see :mod:`zfabric.process`).
+A worker started by a Nanny skips the typer app and its imports (see :mod:`zfabric.worker_main`);
+each road imports only what it needs (start-up time).
 """
 
 import sys
 
+from zfabric.process import is_nanny_worker_argv
+
 
 def _main() -> None:
     argv = sys.argv[1:]
-    from zfabric.process import is_nanny_worker_argv
-
     if is_nanny_worker_argv(argv):
-        from zfabric.process import main_from_nanny
+        from zfabric.worker_main import main_from_nanny
 
         sys.exit(main_from_nanny(argv))
     from zfabric.cli import main

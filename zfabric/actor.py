@@ -16,13 +16,16 @@ import asyncio
 import concurrent.futures
 import itertools
 import threading
+import time
+from typing import Any, cast
 
 import zmq
 
-from . import _zmq, protocol, serialize
+from . import _zmq, current, protocol, serialize
 from .config import DEFAULT
 from .errors import ActorLost, RemoteProtocolError
-from .security import process_security
+from .futures import Future
+from .keys import from_wire
 
 __all__ = ["Actor", "ActorFuture", "BaseActorFuture"]
 
@@ -37,9 +40,7 @@ _EVENTS = int(zmq.EVENTS)
 
 def create(cls, *args, **kwargs):
     """The task behind ``submit(cls, actor=True)``: build the object, keep it on this worker."""
-    from .worker.execute import current_task
-
-    key, executor = current_task()
+    key, executor = current.current_task()
     worker = executor.context if executor is not None else None
     loop = getattr(worker, "_core", None) or worker
     if loop is None or not hasattr(loop, "actors"):
@@ -57,7 +58,8 @@ class _Link:
 
     def __init__(self, address: str, security=None):
         self.address = address
-        sock = self.sock = zmq.Context.instance().socket(zmq.DEALER)
+        sock: zmq.Socket = zmq.Context.instance().socket(zmq.DEALER)
+        self.sock = sock
         _zmq._common(sock, 0, DEFAULT.HWM_MESSAGES)
         if security is not None:  # a worker's data port: CURVE, as a client
             security.client_socket(sock, "client", "worker", _zmq.normalize_address(address))
@@ -93,8 +95,6 @@ class _Link:
         """The answer to call ``rid``. While it is slow to come, the worker is asked (from
         its loop thread, not the busy actor thread) whether it still holds actor ``key``: a
         worker that died, or a new process at its address, raises ActorLost."""
-        import time
-
         deadline = None if timeout is None else time.monotonic() + timeout
         sock = self.sock
         pings: set[int] = set()  # a ping sent just before a reconnection is lost: send more
@@ -102,7 +102,7 @@ class _Link:
             left = LIVENESS_CHECK_MS if deadline is None else min(
                 LIVENESS_CHECK_MS, max(0, int((deadline - time.monotonic()) * 1000)))
             if sock.poll(left, zmq.POLLIN):
-                while sock.getsockopt(_EVENTS) & zmq.POLLIN:
+                while cast(int, sock.getsockopt(_EVENTS)) & zmq.POLLIN:
                     frames = sock.recv_multipart(zmq.NOBLOCK, copy=False)
                     ops, bufs = protocol.decode([frames[0].bytes, *frames[1:]])
                     for op in ops:
@@ -118,7 +118,7 @@ class _Link:
                                         " worker restarted or released it); its state is"
                                         " lost: create the actor again")
                 continue
-            if not sock.getsockopt(_EVENTS) & _POLLOUT:
+            if not cast(int, sock.getsockopt(_EVENTS)) & _POLLOUT:
                 self.connected = False
                 raise ActorLost(f"the actor's worker at {self.address} died before answering;"
                                 " its state is lost: create the actor again")
@@ -248,12 +248,8 @@ class _AsyncActorFuture(BaseActorFuture):
 def _rebuild(cls, address: str, key: str, worker: str = "") -> Actor:
     """An Actor arriving in a process: it holds a Future of its key, through this process's
     client (inside a task, its worker's), so that the actor lives while the proxy does."""
-    from .context import get_client
-    from .futures import Future
-    from .keys import from_wire
-
     try:
-        future = Future(from_wire(key), get_client())
+        future = Future(from_wire(key), current.client())
     except ValueError:  # no client here: the proxy works, but does not keep the actor
         future = None
     return Actor(cls, address, key, future, worker)
@@ -291,7 +287,8 @@ class Actor:
         return sorted(set(dir(type(self))) | {n for n in dir(self._cls) if not n.startswith("_")})
 
     def _send(self, name: str, args: tuple | None, kwargs: dict | None, attr: bool):
-        op = {"op": "actor-call", "key": self._key, "name": name, "worker": self._worker}
+        op: dict[str, Any] = {"op": "actor-call", "key": self._key, "name": name,
+                              "worker": self._worker}
         if attr:
             op["attr"] = True
         elif args or kwargs:
@@ -306,7 +303,7 @@ class Actor:
         client = getattr(self._future, "client", None)
         if client is not None:
             return client.security
-        return process_security()
+        return current.process_keys()
 
     def __getattr__(self, name: str):
         if name.startswith("_"):

@@ -112,7 +112,7 @@ class Adaptive:
         """One check: ask the scheduler, decide, scale."""
         cluster = self.cluster
         client = await cluster._client()
-        info = await client._request("info")
+        info = await client.scheduler_info(n_workers=-1)
         counts = info["tasks"]
         runnable = counts.get("queued", 0) + counts.get("processing", 0)
         durations = [w["avg_duration"] for w in info["workers"].values()

@@ -1,4 +1,5 @@
-"""The ``zfabric`` command: ``scheduler``, ``worker``, ``nanny``, ``info``, ``top``, ``demo``.
+"""The ``zfabric`` command: ``scheduler``, ``worker``, ``nanny``, ``mpi``, ``info``, ``top``,
+``demo``.
 
 A thin typer app: it reads ``ZFABRIC_*`` settings (:func:`zfabric.config.from_env`), builds the
 objects, and runs them until SIGINT or SIGTERM, which close them in order (the signal handling
@@ -59,6 +60,26 @@ SecurityDir = Annotated[
 RequireEncryption = Annotated[
     bool, typer.Option("--require-encryption", help="Refuse to start without --security.")
 ]
+StdinLifeline = Annotated[
+    bool, typer.Option("--stdin-lifeline", help="Close cleanly when standard input reaches its"
+                       " end (how SSHCluster ties a remote process to its ssh session).")
+]
+
+
+def _stdin_lifeline() -> None:
+    """SIGTERM this process (a clean close, see :mod:`zfabric.process`) once stdin ends."""
+    import signal
+    import threading
+
+    def watch() -> None:
+        try:
+            while os.read(0, 4096):
+                pass
+        except OSError:
+            pass
+        os.kill(os.getpid(), signal.SIGTERM)
+
+    threading.Thread(target=watch, name="zfabric-stdin-lifeline", daemon=True).start()
 
 
 def _security(directory: Path | None, require: bool):
@@ -166,6 +187,7 @@ def scheduler(
     preload: Annotated[list[str] | None, typer.Option(
         "--preload", help="Not supported: the scheduler runs no user code (use it on"
         " `zfabric worker` or `zfabric nanny`).")] = None,
+    stdin_lifeline: StdinLifeline = False,
 ) -> None:
     """Start a scheduler and print its address."""
     if preload:
@@ -176,6 +198,8 @@ def scheduler(
             param_hint="--preload")
     _setup_logging(log_level)
     sec = _security(security, require_encryption)
+    if stdin_lifeline:
+        _stdin_lifeline()
     _run(_scheduler_main(host, port, scheduler_file, pid_file,
                          dashboard_address if dashboard else None, dashboard, sec))
 
@@ -269,7 +293,7 @@ def worker(
 
 async def _worker_main(address: str, kw: dict, parent_pid: int | None,
                        ready_fd: int | None) -> int:
-    from .process import run_worker
+    from .worker_main import run_worker
 
     def announce(w) -> None:
         if kw["nanny"] is None:
@@ -309,11 +333,14 @@ def nanny_command(
     security: SecurityDir = None,
     require_encryption: RequireEncryption = False,
     preload: Preload = None,
+    stdin_lifeline: StdinLifeline = False,
 ) -> None:
     """Start worker processes for the scheduler at ADDRESS and keep them alive."""
     _setup_logging(log_level)
     sec = _security(security, require_encryption)
     addr = _address(address, scheduler_file, wait_s=death_timeout or 30.0)
+    if stdin_lifeline:
+        _stdin_lifeline()
     _run(_nanny_main(addr, dict(nworkers=nworkers, nthreads=nthreads, memory_limit=memory_limit,
                                 resources=_resources(resources), name=name,
                                 death_timeout=death_timeout, worker_log_level=log_level,
@@ -339,6 +366,61 @@ async def _nanny_main(address: str, kw: dict) -> int:
     finally:
         await n.close()
     return 0
+
+
+# ---------------------------------------------------------------------- mpi
+
+
+@app.command(context_settings={"allow_extra_args": True, "ignore_unknown_options": True,
+                               "allow_interspersed_args": False})
+def mpi(
+    ctx: typer.Context,
+    script: Annotated[str | None, typer.Argument(
+        help="The Python script rank 1 runs as the client (its arguments follow it).",
+        show_default=False)] = None,
+    scheduler_file: Annotated[Path, typer.Option(
+        help="Where rank 0 writes the scheduler's address; on a filesystem every rank"
+        " shares.")] = Path("scheduler.json"),
+    no_client: Annotated[bool, typer.Option(
+        "--no-client", help="Run no script: every rank but 0 is a worker, until a client of"
+        " the scheduler file calls client.shutdown().")] = False,
+    interface: Annotated[str | None, typer.Option(
+        help="Network interface the scheduler listens on (default: every interface, giving"
+        " workers this host's address).", show_default=False)] = None,
+    host: Annotated[str | None, typer.Option(help="Address the scheduler listens on.",
+                                             show_default=False)] = None,
+    scheduler_port: Annotated[int, typer.Option(help="The scheduler's port (0: any free"
+                                                " one).")] = 0,
+    dashboard: Annotated[bool, typer.Option(help="Serve the scheduler's dashboard.")] = True,
+    dashboard_address: Annotated[str, typer.Option(help="Where to serve it.")] = ":8787",
+    nthreads: Annotated[int, typer.Option(min=1, help="Threads of each worker rank.")] = 1,
+    memory_limit: Annotated[str, typer.Option(help="Per worker: bytes, auto or 0.")] = "auto",
+    local_directory: LocalDirectory = None,
+    death_timeout: Annotated[float, typer.Option(
+        help="Seconds workers keep trying to reach a lost scheduler before exiting.")] = 60.0,
+    name: Annotated[str | None, typer.Option(help="Worker name prefix (NAME-RANK).",
+                                             show_default=False)] = None,
+    log_level: LogLevel = "warning",
+) -> None:
+    """Run inside `mpirun -n N` or `srun -n N`: rank 0 the scheduler, rank 1 SCRIPT as the
+    client (a plain Client() in it connects), the others workers; all exit when it ends."""
+    _setup_logging(log_level)
+    from .deploy.mpi import MPIError, run_rank
+
+    if no_client and script is not None:
+        raise typer.BadParameter("give a SCRIPT or --no-client, not both")
+    try:
+        code = run_rank(script, list(ctx.args), client=not no_client,
+                        scheduler_file=scheduler_file, host=host, interface=interface,
+                        port=scheduler_port,
+                        dashboard_address=dashboard_address if dashboard else None,
+                        nthreads=nthreads, memory_limit=memory_limit,
+                        local_directory=local_directory, death_timeout=death_timeout,
+                        name=name)
+    except (MPIError, OSError, ValueError) as exc:
+        typer.echo(f"Error: {exc}", err=True)
+        raise typer.Exit(1) from None
+    raise typer.Exit(code)
 
 
 # ---------------------------------------------------------------------- info

@@ -2,21 +2,31 @@
 
 ``Client(address, asynchronous=True)`` lives in the caller's event loop and its methods return
 awaitables; ``Client(address)`` runs its own loop in a background thread and its methods block.
-Either way one DEALER talks to the scheduler (:mod:`zfabric.session`: what comes in, what goes
-out, liveness); everything a tick produces goes out as one message (``map`` is split into
-batches). Turning calls into tasks lives in :mod:`zfabric.submission`, moving values
-(results, gather, scatter, large arguments) in :mod:`zfabric.values`; values come straight
-from workers through :class:`~zfabric.transfer.DataPool`.
+
+A Client is its records and a few parts that work on them, each in a module of its own:
+
+- :class:`~zfabric.client_core.ClientCore` (``client.core``): the lock, the state of every key
+  (shared by its Futures), reference counts, the outbox, the submit window and the requests
+  waiting for replies. Futures and zfabric's other client-side modules use it;
+- :class:`~zfabric.session.Session`: the DEALER to the scheduler, what comes in, the flush of
+  what goes out (one message per loop turn, ``map`` split into batches), liveness;
+- :class:`~zfabric.submission.Submission`: ``submit`` and ``map`` turn calls into tasks;
+- :class:`~zfabric.values.Values` (``client.values``): results, ``gather``, ``scatter`` and
+  large arguments, straight from and to the workers (:class:`~zfabric.transfer.DataPool`);
+- :class:`~zfabric.cluster_admin.ClusterAdmin`: requests about the cluster and commands for
+  it; :class:`~zfabric.datasets.Datasets`, :class:`~zfabric.diagnostics.Diagnostics` and
+  :class:`~zfabric.plugin_requests.PluginRequests`.
+
+The Client's own methods below are its life cycle (connect, close, ``sync``), ``cancel``,
+dask's ``get``/``compute``/``persist``, and one line per method a part carries out.
 """
 
 from __future__ import annotations
 
 import asyncio
-import concurrent.futures
 import contextlib
-import contextvars
 import dataclasses
-import itertools
+import functools
 import json
 import logging
 import os
@@ -24,83 +34,67 @@ import sys
 import threading
 import time
 import uuid
-import weakref
-from collections import deque
+from collections.abc import Callable, Iterator
+from typing import Any, Concatenate, Generic, ParamSpec, TypeVar, overload
 
-import zmq
 import zmq.asyncio
 
-from . import _zmq, dask_scheduler, handshake, protocol
-from .admin import ClusterRequests
+from . import current, dask, dask_scheduler, joblib_backend
+from .client_core import ClientCore
+from .cluster_admin import ClusterAdmin
 from .config import Config, from_env, parse_timedelta
-from .control import ClusterControl
-from .datasets import Datasets
+from .current import default_client
+from .datasets import Datasets, DatasetsMapping
 from .diagnostics import Diagnostics
-from .errors import (
-    ClosedError,
-    CommTimeoutError,
-    RemoteProtocolError,
-    SchedulerLost,
-    TaskTooLarge,
-)
+from .errors import ClosedError
 from .futures import Future, FutureState, futures_of
 from .lifecycle import LoopThread
-from .link import Link
-from .plugins import PluginRequests
-from .security import SecurityError, as_security, use_for_process
+from .plugin_requests import PluginRequests
+from .security import SecurityError, as_security
 from .session import Session
 from .submission import Submission, funcname  # noqa: F401  (funcname: public there)
-from .transfer import DataPool, dispatch
+from .transfer import DataPool
 from .values import Values
-from .window import SubmitWindow
 
 logger = logging.getLogger(__name__)
 
 __all__ = ["Client", "default_client"]
 
-#: Clients created with ``set_as_default=True``, oldest first: the newest open one is the
-#: default, and closing it hands over to the one before.
-_defaults: list[weakref.ref] = []
-_defaults_lock = threading.Lock()
-#: The client of ``with client.as_current():`` blocks, per thread and task.
-_current: contextvars.ContextVar = contextvars.ContextVar("zfabric_current_client",
-                                                         default=None)
+P = ParamSpec("P")
+R = TypeVar("R")
 
 
-def _open(c) -> bool:
-    return c is not None and c.status not in ("closing", "closed")
+class _ByPart(Generic[P, R]):
+    """A Client method that one of its parts carries out: ``submit = _ByPart("_submission",
+    Submission.submit)`` has the part's signature and docstring. The first use on a client
+    keeps the part's bound method in the client's ``__dict__``, so later calls cost nothing
+    more than a method of the Client's own."""
+
+    def __init__(self, part: str, method: Callable[Concatenate[Any, P], R]):
+        self.part = part
+        self.method = method
+        self.name = method.__name__
+        functools.update_wrapper(self, method)  # type: ignore[arg-type]
+
+    def __set_name__(self, owner: type, name: str) -> None:
+        self.name = name
+
+    @overload
+    def __get__(self, obj: None,
+                owner: type | None = None) -> Callable[Concatenate[Any, P], R]: ...
+
+    @overload
+    def __get__(self, obj: object, owner: type | None = None) -> Callable[P, R]: ...
+
+    def __get__(self, obj, owner=None):
+        if obj is None:  # on the class: the part's function (signature, docstring)
+            return self.method
+        bound = getattr(getattr(obj, self.part), self.method.__name__)
+        obj.__dict__[self.name] = bound
+        return bound
 
 
-def default_client(c: Client | None = None) -> Client:
-    """The client to use when none is given: ``c`` if given, else the newest open default
-    client (falling back to the one before when it closes). Raises ``ValueError`` if none."""
-    if c is not None:
-        return c
-    c = _current.get()
-    if _open(c):
-        return c
-    with _defaults_lock:
-        for ref in reversed(_defaults):
-            client = ref()
-            if _open(client):
-                return client
-    raise ValueError("No client is open; create one with Client(address)")
-
-
-def _set_default(client: Client) -> None:
-    with _defaults_lock:
-        _defaults[:] = [r for r in _defaults if _open(r()) and r() is not client]
-        _defaults.append(weakref.ref(client))
-
-
-def _drop_default(client: Client) -> None:
-    with _defaults_lock:
-        _defaults[:] = [r for r in _defaults if r() is not client and _open(r())]
-
-
-
-class Client(Submission, Values, ClusterRequests, ClusterControl, Session, Diagnostics, Datasets,
-             PluginRequests):
+class Client:
     """Connects to a scheduler and turns calls into Futures.
 
     ``address`` may be a ``tcp://host:port`` string, a Scheduler, or a LocalCluster; with no
@@ -114,9 +108,16 @@ class Client(Submission, Values, ClusterRequests, ClusterControl, Session, Diagn
                  direct_to_workers=None, heartbeat_interval=None, serializers=None,
                  deserializers=None, connection_limit=None, _for_worker: str | None = None,
                  **kwargs):
-        self.status = "created"  # first: __del__ reads these even if the checks below raise
         self.asynchronous = asynchronous
         self._loop_thread: LoopThread | None = None
+        self.config = config or from_env()
+        if heartbeat_interval is not None:
+            beat = parse_timedelta(heartbeat_interval, name="heartbeat_interval")
+            assert beat is not None
+            self.config = dataclasses.replace(self.config, HEARTBEAT_INTERVAL_S=beat)
+        #: The client's records (keys, outbox, window, requests): zfabric's own modules use
+        #: them (see zfabric.client_core); not part of dask's API.
+        self.core = ClientCore(self.config)  # first: __del__ reads its status
         self.security = as_security(security)  # True: fresh keys (for its own cluster)
         for kw, value in (("serializers", serializers), ("deserializers", deserializers)):
             if value is not None:
@@ -128,20 +129,17 @@ class Client(Submission, Values, ClusterRequests, ClusterControl, Session, Diagn
         if connection_limit is not None:
             raise ValueError("Client(connection_limit=...): zfabric keeps one connection per"
                              " worker and needs no limit; leave it out")
-        self.config = config or from_env()
-        if heartbeat_interval is not None:
-            self.config = dataclasses.replace(
-                self.config, HEARTBEAT_INTERVAL_S=parse_timedelta(heartbeat_interval,
-                                                                  name="heartbeat_interval"))
+        if address is None and scheduler_file is None and not kwargs:
+            address = self.config.SCHEDULER_ADDRESS or None  # zfabric mpi's job scheduler
         if scheduler_file is not None:
             if address is not None:
                 raise ValueError("give either an address or scheduler_file, not both")
             address = _read_scheduler_file(scheduler_file, parse_timedelta(timeout) or 10.0)
-        self.asynchronous = asynchronous
         timeout = parse_timedelta(timeout)
         self.timeout = float(timeout if timeout is not None else self.config.CONNECT_TIMEOUT_S)
-        self.cluster = None
+        self.cluster: Any = None
         self._own_cluster = False
+        self._cluster_kwargs: dict = {}
         if address is None:
             self._own_cluster = True
             self._cluster_kwargs = kwargs
@@ -162,41 +160,29 @@ class Client(Submission, Values, ClusterRequests, ClusterControl, Session, Diagn
         if self.security is None and self.config.REQUIRE_ENCRYPTION and not self._own_cluster:
             raise SecurityError("REQUIRE_ENCRYPTION is set but this client has no keys: pass"
                                 " security=Security(DIR) (`zfabric keygen DIR`)")
-        self.scheduler_address = address
+        self.scheduler_address: str | None = address
         self.id = name or f"client-{uuid.uuid4().hex[:12]}"
+        self.data: DataPool | None = None  # made on connecting (the keys may come then)
+        core = self.core
+        core.address = address
         # the client of a worker's tasks says whose: its leases go when that worker dies
-        self._hello = {"worker": _for_worker} if _for_worker else {}
-        self._id_prefix = uuid.uuid4().hex[:20]
-        self.status = "created"
-        self.epoch: str | None = None
-        self._lock = threading.RLock()
-        self._states: dict[str, FutureState] = {}
-        self._refcount: dict[str, int] = {}
-        self._renamed: dict[str, str] = {}  # wire key of an alias-named Future -> its data's
-        self._outbox: deque = deque()
-        self._release_keys: list[str] = []
-        self._worker_list: list[str] = []
-        self._workers_seen = 0.0
-        self._next_worker = -1
-        self._unique = itertools.count()
-        self._flush_pending = False
-        self._requests: dict[int, asyncio.Future] = {}
-        self._request_seq = 0
-        self._tasks: list[asyncio.Task] = []
-        self._loop_thread: LoopThread | None = None
-        self.loop: asyncio.AbstractEventLoop | None = None
-        self._last_heard = time.monotonic()
-        self._lost_reported = False
-        self._gone_holders: set[str] = set()  # data addresses whose values were lost
-        self._window = SubmitWindow(self.config.SUBMIT_WINDOW_TASKS)
-        self._callbacks = None  # the thread that runs add_done_callback's callbacks
+        self._session = Session(core, name=self.id,
+                                hello={"worker": _for_worker} if _for_worker else {})
+        #: Results, gather, scatter and large arguments (zfabric.values): zfabric's own
+        #: modules use it; not part of dask's API.
+        self.values = Values(self, core, self._session, self.timeout)
+        self._submission = Submission(self, core, self.values.ship_args)
+        self._admin = ClusterAdmin(self, core)
+        self._datasets = Datasets(self)
+        self._diagnostics = Diagnostics(self, core, self._admin.run_on_workers)
+        self._plugins = PluginRequests(self, core)
         self._is_default = set_as_default
         if set_as_default:
-            _set_default(self)
+            current.add_default(self)
             dask_scheduler.install(self)
         if not asynchronous:
             self._loop_thread = LoopThread("zfabric-client-loop")
-            self.loop = self._loop_thread.loop
+            core.loop = self._loop_thread.loop
             try:
                 self.sync(self._start)
             except BaseException:
@@ -206,44 +192,37 @@ class Client(Submission, Values, ClusterRequests, ClusterControl, Session, Diagn
     def __repr__(self) -> str:
         return f"<Client: scheduler={self.scheduler_address!r} status={self.status}>"
 
+    @property
+    def status(self) -> str:
+        """created, connecting, running, closing or closed."""
+        return self.core.status
+
+    @property
+    def epoch(self) -> str | None:
+        """The scheduler's id once it welcomed this client; None while not connected."""
+        return self.core.epoch
+
+    @property
+    def loop(self) -> asyncio.AbstractEventLoop | None:
+        """The event loop the client runs on."""
+        return self.core.loop
+
     @classmethod
     def current(cls, allow_global: bool = True) -> Client:
         """The client of the innermost ``with client.as_current():`` block, else (with
         ``allow_global``) the default client. Raises ``ValueError`` when there is none."""
-        c = _current.get()
-        if _open(c):
+        c = current.as_current_client()
+        if c is not None:
             return c
         if allow_global:
             return default_client()
         raise ValueError("No client is current; use `with client.as_current():`")
 
     @contextlib.contextmanager
-    def as_current(self):
+    def as_current(self) -> Iterator[Client]:
         """Make this the client that Futures and ``get_client()`` use within the block."""
-        token = _current.set(self)
-        try:
+        with current.using_client(self):
             yield self
-        finally:
-            _current.reset(token)
-
-    def _run_callback(self, fn, future) -> None:
-        """Run a done callback on this client's callback thread (see add_done_callback)."""
-        with self._lock:
-            if self._callbacks is None:
-                if self.status == "closed":
-                    return
-                self._callbacks = concurrent.futures.ThreadPoolExecutor(
-                    1, thread_name_prefix="zfabric-callbacks")
-            pool = self._callbacks
-
-        def call():
-            try:
-                fn(future)
-            except Exception:
-                logger.exception("error in a done callback of %s", future)
-
-        with contextlib.suppress(RuntimeError):  # closed meanwhile
-            pool.submit(call)
 
     # ------------------------------------------------------------------ sync / async plumbing
 
@@ -252,32 +231,17 @@ class Client(Submission, Values, ClusterRequests, ClusterControl, Session, Diagn
         blocking until it is done."""
         if self.asynchronous:
             return func(*args, **kwargs)
-        if self.loop is None or self._loop_thread is None:
+        loop = self.core.loop
+        if loop is None or self._loop_thread is None:
             raise ClosedError("this client is closed; create a new Client")
         if threading.current_thread() is self._loop_thread.thread:
             raise RuntimeError("a blocking Client cannot be used from its own loop thread")
-        fut = asyncio.run_coroutine_threadsafe(func(*args, **kwargs), self.loop)
+        fut = asyncio.run_coroutine_threadsafe(func(*args, **kwargs), loop)
         try:
             return fut.result()
         except KeyboardInterrupt:
             fut.cancel()
             raise
-
-    def _on_loop(self, fn) -> None:
-        loop = self.loop
-        if loop is None:
-            return
-        if self._in_loop():
-            fn()
-        else:
-            with contextlib.suppress(RuntimeError):
-                loop.call_soon_threadsafe(fn)
-
-    def _in_loop(self) -> bool:
-        try:
-            return asyncio.get_running_loop() is self.loop
-        except RuntimeError:
-            return False
 
     def __await__(self):
         return self._start_async().__await__()
@@ -302,123 +266,65 @@ class Client(Submission, Values, ClusterRequests, ClusterControl, Session, Diagn
     # ------------------------------------------------------------------ connect
 
     async def _start(self) -> None:
-        self.status = "connecting"
-        self.loop = asyncio.get_running_loop()
-        if self._own_cluster:
-            from .cluster import LocalCluster
-
-            kw = self._cluster_kwargs
-            self.cluster = await LocalCluster(asynchronous=True, **kw)
-            self.scheduler_address = self.cluster.scheduler_address
+        core = self.core
+        core.status = "connecting"
+        core.loop = asyncio.get_running_loop()
+        if self._own_cluster:  # the factory the cluster layer installed (zfabric.current)
+            self.cluster = await current.start_local_cluster(asynchronous=True,
+                                                             **self._cluster_kwargs)
+            self.scheduler_address = core.address = self.cluster.scheduler_address
             self.security = self.cluster.security
         if not self.scheduler_address:
             raise ValueError("Client needs a scheduler address such as tcp://127.0.0.1:8786")
-        self._ctx = zmq.asyncio.Context.instance()
-        self.identity = _zmq.new_identity("client")
-        # The scheduler link is a plain socket on the loop's selector (see zfabric/link.py):
-        # zmq.asyncio costs more than the round trip on this latency-bound path.
-        use_for_process(self.security)  # actor handles of this process connect with it
-        monitor = f"inproc://zfabric-monitor-{self.identity.decode()}"
-        self._link = Link(
-            self.loop, _zmq.dealer(zmq.Context.instance(), self.scheduler_address, self.identity,
-                                   security=self.security, role="client", monitor=monitor,
-                                   max_frame_bytes=2 * self.config.SCHEDULER_FRAME_BYTES),
-            # _on_op is looked up per op, so that a test may wrap it on a live client
-            lambda frames: dispatch(frames, lambda op: self._on_op(op), who="client",
-                                    heard=self._heard, lock=self._lock))
-        self.data = DataPool(self._ctx, use_shm=self.config.SAME_HOST_SHM,
+        current.set_process_keys(self.security)  # actor handles of this process connect with it
+        self.data = DataPool(zmq.asyncio.Context.instance(), use_shm=self.config.SAME_HOST_SHM,
                              max_frame_bytes=self.config.MAX_MESSAGE_BYTES,
                              security=self.security)
-        self._welcome = self.loop.create_future()
-        self._backlog: deque = deque()
-        self._writer: asyncio.Future | None = None
-        self._tasks = [asyncio.ensure_future(self._heartbeat())]
-        self._send(protocol.hello("client", self.id, **self._hello))
         try:
-            await handshake.wait(self._welcome, self._link.sock, monitor, self.timeout,
-                                 self.scheduler_address, self.security)
-        except TimeoutError:
-            await self._close()
-            raise CommTimeoutError(
-                f"Timed out connecting to a zfabric scheduler at {self.scheduler_address} after"
-                f" {self.timeout:g} s; is a scheduler running there? (start one with"
-                " `zfabric scheduler`)"
-            ) from None
+            await self._session.connect(self.data, self.security, self.timeout)
         except BaseException:  # refused (e.g. protocol mismatch) or cancelled: leave nothing open
             await self._close()
             raise
-        self.status = "running"
-        from . import joblib_backend
-
+        core.status = "running"
         joblib_backend.register_on_import()  # without importing joblib (see there)
 
-    # ------------------------------------------------------------------ reference counting
-
-    def _get_state(self, key: str, want: bool = True) -> FutureState:
-        with self._lock:
-            st = self._states.get(key)
-            if st is None:
-                st = self._states[key] = FutureState(key)
-                if want:
-                    self._send({"op": "want", "keys": [key]})
-            return st
-
-    def _inc_ref(self, key: str) -> None:
-        with self._lock:
-            self._refcount[key] = self._refcount.get(key, 0) + 1
-
-    def _dec_ref(self, key: str) -> None:
-        with self._lock:
-            n = self._refcount.get(key, 0) - 1
-            if n > 0:
-                self._refcount[key] = n
-                return
-            self._refcount.pop(key, None)
-            st = self._states.pop(key, None)
-            if st is not None:
-                self._window.drop(st)
-            if self.status in ("running", "connecting"):
-                self._release_keys.append(key)
-                self._send()
+    # ------------------------------------------------------------------ futures
 
     def refcount(self, key: str) -> int:
-        return self._refcount.get(key, 0)
+        return self.core.refcount.get(key, 0)
 
     @property
     def futures(self) -> dict[str, FutureState]:
-        return self._states
+        return self.core.states
 
-    # ------------------------------------------------------------------ submit and map
+    # ------------------------------------------------------------------ submitting work
 
-    def _check_open(self) -> None:
-        if self.status in ("closing", "closed"):
-            raise ClosedError("this client is closed; create a new Client")
-        self._check_session()  # ended by the scheduler (a revoked key)
+    submit = _ByPart("_submission", Submission.submit)
+    map = _ByPart("_submission", Submission.map)
+
+    # ------------------------------------------------------------------ values
+
+    gather = _ByPart("values", Values.gather)
+    scatter = _ByPart("values", Values.scatter)
 
     # ------------------------------------------------------------------ dask collections
 
     def get(self, dsk, keys, **kwargs):
         """Run a dask graph on the cluster and return the values of ``keys`` (nested lists
         as given); dask calls this as its scheduler. See :mod:`zfabric.dask`."""
-        self._check_open()
-        from . import dask
-
+        self.core.check_open()
         return dask.get(self, dsk, keys, **kwargs)
 
     def compute(self, collections, sync: bool = False, **kwargs):
         """Start computing dask collections: a Future per collection (values with
         ``sync=True``). Keywords as dask.distributed's (``workers``, ``retries``,
         ``priority``, ``resources``, ``allow_other_workers``, ``optimize_graph``, ...)."""
-        self._check_open()
-        from . import dask
-
+        self.core.check_open()
         return dask.compute(self, collections, sync=sync, **kwargs)
 
     def persist(self, collections, **kwargs):
         """The same dask collections, now computed (or computing) and held on the cluster."""
-        self._check_open()
-        from . import dask
-
+        self.core.check_open()
         return dask.persist(self, collections, **kwargs)
 
     # ------------------------------------------------------------------ cancel
@@ -434,54 +340,103 @@ class Client(Submission, Values, ClusterRequests, ClusterControl, Session, Diagn
         flat = futures_of(futures) if not isinstance(futures, Future) else [futures]
         keys = [f._wkey for f in flat]
         why = reason or msg
-        op = {"op": "cancel", "keys": keys}
+        op: dict[str, Any] = {"op": "cancel", "keys": keys}
         if why:
             op["reason"] = str(why)
         if force:
             op["force"] = True
-        self._send(op)
-
-        def mark():
-            with self._lock:
-                for f in flat:
-                    self._window.drop(f._state)  # one still held never reaches the scheduler
-                    f._state.cancel(str(why) if why else None)
-                if self._window.ready():
-                    self._pump()
-                    self._send()
-
-        self._on_loop(mark)
+        core = self.core
+        core.send(op)
+        core.on_loop(lambda: core.cancel_states([f._state for f in flat],
+                                                str(why) if why else None))
         if self.asynchronous:
-            return _done_awaitable()
+            return _noop()
         return None
 
-    # ------------------------------------------------------------------ requests
+    # ------------------------------------------------------------------ the cluster
 
-    async def _request(self, kind: str, **args):
-        self._check_open()
-        if self.epoch is None and self.status == "running":
-            raise SchedulerLost(f"not connected to the scheduler at {self.scheduler_address}")
-        payload = args.get("payload")
-        if type(payload) is bytes and len(payload) > self.config.SCHEDULER_FRAME_BYTES - 2**16:
-            # it would close our connection (MAXMSGSIZE) rather than reach the scheduler
-            raise TaskTooLarge(
-                f"the function of this {kind} request pickles to {len(payload):,} bytes; the"
-                f" scheduler takes at most {self.config.SCHEDULER_FRAME_BYTES:,} bytes in a"
-                " frame (SCHEDULER_FRAME_BYTES). Place large values on the workers with"
-                " client.scatter(...) and pass the futures instead")
-        self._request_seq += 1
-        rid = self._request_seq
-        fut = self.loop.create_future()
-        self._requests[rid] = fut
-        self._send({"op": "request", "id": rid, "kind": kind, "args": args})
-        reply = await fut
-        if "error" in reply:
-            if reply.get("kind") == "ValueError":  # the caller's mistake (a bad argument)
-                raise ValueError(reply["error"])
-            raise RemoteProtocolError(reply["error"])
-        return reply.get("result")
+    scheduler_info = _ByPart("_admin", ClusterAdmin.scheduler_info)
+    who_has = _ByPart("_admin", ClusterAdmin.who_has)
+    has_what = _ByPart("_admin", ClusterAdmin.has_what)
+    processing = _ByPart("_admin", ClusterAdmin.processing)
+    nthreads = _ByPart("_admin", ClusterAdmin.nthreads)
+    ncores = _ByPart("_admin", ClusterAdmin.nthreads)
+    nbytes = _ByPart("_admin", ClusterAdmin.nbytes)
+    run = _ByPart("_admin", ClusterAdmin.run)
+    run_on_scheduler = _ByPart("_admin", ClusterAdmin.run_on_scheduler)
+    register_scheduler_plugin = _ByPart("_admin", ClusterAdmin.register_scheduler_plugin)
+    restart = _ByPart("_admin", ClusterAdmin.restart)
+    wait_for_workers = _ByPart("_admin", ClusterAdmin.wait_for_workers)
+    get_versions = _ByPart("_admin", ClusterAdmin.get_versions)
+    write_scheduler_file = _ByPart("_admin", ClusterAdmin.write_scheduler_file)
+    retry = _ByPart("_admin", ClusterAdmin.retry)
+    get_executor = _ByPart("_admin", ClusterAdmin.get_executor)
+    replicate = _ByPart("_admin", ClusterAdmin.replicate)
+    retire_workers = _ByPart("_admin", ClusterAdmin.retire_workers)
+    restart_workers = _ByPart("_admin", ClusterAdmin.restart_workers)
+
+    # ------------------------------------------------------------------ datasets
+
+    publish_dataset = _ByPart("_datasets", Datasets.publish_dataset)
+    get_dataset = _ByPart("_datasets", Datasets.get_dataset)
+    list_datasets = _ByPart("_datasets", Datasets.list_datasets)
+    unpublish_dataset = _ByPart("_datasets", Datasets.unpublish_dataset)
+
+    @property
+    def datasets(self) -> DatasetsMapping:
+        """The published datasets as a mapping: ``client.datasets["x"] = value`` publishes
+        (replacing), ``del client.datasets["x"]`` unpublishes. Blocking clients only."""
+        return DatasetsMapping(self)
+
+    # ------------------------------------------------------------------ diagnostics
+
+    @property
+    def dashboard_link(self) -> str | None:
+        """The URL of the scheduler's dashboard (its host's contact address), or None when the
+        scheduler serves none."""
+        return self._session.dashboard_link
+
+    get_task_stream = _ByPart("_diagnostics", Diagnostics.get_task_stream)
+    get_scheduler_logs = _ByPart("_diagnostics", Diagnostics.get_scheduler_logs)
+    get_worker_logs = _ByPart("_diagnostics", Diagnostics.get_worker_logs)
+    log_event = _ByPart("_diagnostics", Diagnostics.log_event)
+    get_events = _ByPart("_diagnostics", Diagnostics.get_events)
+
+    # ------------------------------------------------------------------ plugins
+
+    register_plugin = _ByPart("_plugins", PluginRequests.register_plugin)
+    register_worker_plugin = _ByPart("_plugins", PluginRequests.register_worker_plugin)
+    unregister_worker_plugin = _ByPart("_plugins", PluginRequests.unregister_worker_plugin)
+    upload_file = _ByPart("_plugins", PluginRequests.upload_file)
 
     # ------------------------------------------------------------------ close
+
+    def shutdown(self):
+        """Close the scheduler, its workers and this client (and the LocalCluster)."""
+        if self.asynchronous:
+            return self._shutdown()
+        self.sync(self._shutdown)
+        self.close()  # and the client's loop thread
+        return None
+
+    async def _shutdown(self):
+        try:
+            await asyncio.wait_for(self.core.request("shutdown"), 5)
+        except Exception:
+            pass
+        await self._close()
+        cluster = self.cluster
+        if cluster is not None and not self._own_cluster and \
+                getattr(cluster, "status", "") != "closed":
+            # As dask.distributed: the cluster closes too, and says so. A blocking cluster
+            # runs on a loop thread of its own: close it through its public close().
+            try:
+                if getattr(cluster, "asynchronous", False):
+                    await cluster.close()
+                else:
+                    await asyncio.to_thread(cluster.close)
+            except Exception:
+                logger.warning("closing %r after shutdown failed", cluster, exc_info=True)
 
     def close(self, timeout=None):
         """Release every future and disconnect; closes a LocalCluster the client started."""
@@ -489,68 +444,52 @@ class Client(Submission, Values, ClusterRequests, ClusterControl, Session, Diagn
             return self._close()
         if self._loop_thread is None:
             return None
-        if self.loop is not None and self.loop.is_running() and self.status != "closed":
+        loop = self.core.loop
+        if loop is not None and loop.is_running() and self.status != "closed":
             with contextlib.suppress(Exception):
-                asyncio.run_coroutine_threadsafe(self._close(), self.loop).result(30)
+                asyncio.run_coroutine_threadsafe(self._close(), loop).result(30)
         self._loop_thread.stop()
         self._loop_thread = None
-        pool = self._callbacks
-        if pool is not None:  # wait for a running callback, unless this is it closing us
-            pool.shutdown(wait=not threading.current_thread().name.startswith(
-                "zfabric-callbacks"))
+        # wait for a running callback, unless this is it closing us
+        self.core.stop_callbacks(
+            wait=not threading.current_thread().name.startswith("zfabric-callbacks"))
         return None
 
     async def _close(self) -> None:
-        if self.status in ("closing", "closed"):
+        core = self.core
+        if core.status in ("closing", "closed"):
             return
-        self.status = "closing"
-        _drop_default(self)
-        if self._callbacks is not None:
-            self._callbacks.shutdown(wait=False)
-        if getattr(self, "_link", None) is not None and self.epoch is not None:
-            with contextlib.suppress(Exception):
-                self._link.send(protocol.encode([{"op": "goodbye"}]))
-        if self._writer is not None:
-            self._tasks.append(self._writer)
-        for t in self._tasks:
-            t.cancel()
-        for t in self._tasks:
-            with contextlib.suppress(BaseException):
-                await t
-        self._tasks = []
-        with self._lock:
-            for st in list(self._states.values()):
+        core.status = "closing"
+        current.drop_default(self)
+        core.stop_callbacks(wait=False)
+        await self._session.close()
+        with core.lock:
+            for st in list(core.states.values()):
                 if not st.done():
                     st.cancel()
-        for fut in self._requests.values():
-            if not fut.done():
-                fut.set_exception(ClosedError("the client was closed"))
-        if getattr(self, "data", None) is not None:
+        core.fail_requests(lambda: ClosedError("the client was closed"))
+        if self.data is not None:
             self.data.close()
         actor = sys.modules.get("zfabric.actor")
         if actor is not None:  # the helper thread of asynchronous actor calls
             await asyncio.to_thread(actor.close_async_calls)
-        if getattr(self, "_link", None) is not None:
-            self._link.close(linger=self.config.LINGER_MS)
+        self._session.close_link()
         if self._own_cluster and self.cluster is not None:
             await self.cluster.close()
-        self.status = "closed"
+        core.status = "closed"
         if self._is_default:
             dask_scheduler.closed()
 
     def __del__(self):
-        if self.status == "running" and not self.asynchronous and self._loop_thread is not None:
+        core = self.__dict__.get("core")
+        if core is not None and core.status == "running" and not self.asynchronous and \
+                self._loop_thread is not None:
             with contextlib.suppress(Exception):
                 self.close()
 
 
 async def _noop():
     return None
-
-
-def _done_awaitable():
-    return _noop()
-
 
 
 def _read_scheduler_file(path, timeout_s: float) -> str:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass, fields, replace
+from typing import Any
 
 #: Version of the wire protocol; peers with another version are refused.
 PROTOCOL_VERSION = 1
@@ -18,14 +19,24 @@ PROTOCOL_VERSION = 1
 class Config:
     #: Port the ``zfabric scheduler`` command binds by default (dask.distributed's).
     SCHEDULER_PORT: int = 8786
+    #: The scheduler ``Client()`` without an address connects to (set by ``zfabric mpi`` and
+    #: ``zfabric.deploy.mpi.initialize()`` for the job's script); empty: start a LocalCluster.
+    SCHEDULER_ADDRESS: str = ""
     #: Values whose pickle is smaller than this ride inline with control messages.
     INLINE_BYTES: int = 64 * 1024
     #: How often workers, nannies and clients send a heartbeat.
     HEARTBEAT_INTERVAL_S: float = 0.5
     #: Seconds between the profiler's samples of a worker's task threads (0: no profiler).
     PROFILE_INTERVAL_S: float = 0.02
-    #: A worker silent this long is declared dead.
+    #: At most this many heartbeats a second reach the scheduler from all its workers and
+    #: nannies: the interval it tells them grows with their number (HEARTBEAT_INTERVAL_S
+    #: at least).
+    HEARTBEATS_PER_S_MAX: float = 200.0
+    #: A worker silent this long is declared dead (at least: see WORKER_TTL_HEARTBEATS).
     WORKER_TTL_S: float = 5.0
+    #: A worker or Nanny silent for this many of the heartbeat intervals it was told is
+    #: declared dead, when that is longer than WORKER_TTL_S (large clusters beat slower).
+    WORKER_TTL_HEARTBEATS: float = 3.0
     #: A client silent this long has its futures released.
     CLIENT_TTL_S: float = 30.0
     #: A task that was running on this many dead workers, plus one, fails with KilledWorker.
@@ -112,12 +123,12 @@ class Config:
 def from_env(environ: dict[str, str] | None = None, **overrides) -> Config:
     """Build a Config from ``ZFABRIC_*`` environment variables and keyword overrides."""
     env = os.environ if environ is None else environ
-    values = {}
+    values: dict[str, Any] = {}
     for f in fields(Config):
         raw = env.get("ZFABRIC_" + f.name)
         if raw is None:
             continue
-        kind = type(f.default)
+        kind: Any = type(f.default)
         try:
             if kind is bool:
                 if raw.strip().lower() not in ("1", "0", "true", "false", "yes", "no", "on", "off"):

@@ -22,7 +22,9 @@ from __future__ import annotations
 import contextlib
 import threading
 
-from .worker.execute import current_task
+from . import current
+from .client import Client
+from .current import current_task
 
 __all__ = ["get_client", "get_worker", "rejoin", "secede", "worker_client"]
 
@@ -45,17 +47,15 @@ def get_client(address: str | None = None, timeout=None):
     """A client: inside a task, its worker's own client (made on first use, one per worker,
     connected to the same scheduler); elsewhere the default client, or a new one to
     ``address``."""
-    from .client import Client, default_client
-
     _, executor = current_task()
     if executor is not None and executor.context is not None:
         worker = executor.context
         if address is not None and address != worker.scheduler_address:
             raise ValueError(f"this task runs on a worker of {worker.scheduler_address}; it"
                              f" cannot get a client of {address}: create one with Client()")
-        return _worker_client(worker, timeout)
+        return tasks_client(worker, timeout)
     try:
-        return default_client()
+        return current.default_client()
     except ValueError:
         if address is None:
             raise ValueError("No client found: get_client() works inside a task, or after a"
@@ -63,9 +63,9 @@ def get_client(address: str | None = None, timeout=None):
         return Client(address, timeout=timeout)
 
 
-def _worker_client(worker, timeout=None):
-    from .client import Client
-
+def tasks_client(worker, timeout=None):
+    """The client of ``worker``'s tasks: made on first use, one per worker (the package
+    installs this as :mod:`zfabric.current`'s task client)."""
     with _lock:
         client = getattr(worker, "_task_client", None)
         if client is not None and client.status not in ("closing", "closed"):

@@ -1,6 +1,6 @@
 """Shared state between tasks and clients: Lock, Semaphore, Event, Variable and Queue.
 
-Each is a handle on a record the scheduler keeps by name (:mod:`zfabric.scheduler.coordination`);
+Each is a handle on a record the scheduler keeps by name (:mod:`zfabric.scheduler.shared_state`);
 two handles with the same name, in any clients or tasks, share one state. A handle pickles by
 name: passed to ``submit`` (or inside an argument) it arrives in the task bound to the worker's
 client. With a blocking client the methods block; with an asynchronous one they return
@@ -23,9 +23,11 @@ import asyncio
 import contextlib
 import uuid
 
-from . import protocol, serialize
+from . import current, protocol, serialize
 from .config import parse_timedelta
 from .errors import ClosedError, LocalProtocolError, RemoteProtocolError, SchedulerLost
+from .futures import Future, futures_of
+from .keys import from_wire
 
 __all__ = ["Event", "Lock", "Queue", "Semaphore", "Variable"]
 
@@ -40,25 +42,24 @@ _ERRORS = {"TimeoutError": TimeoutError, "ValueError": ValueError, "KeyError": K
 async def call(client, kind: str, name: str, abandon: dict | None = None, **fields):
     """One ``coord`` op and its reply, on the client's loop. ``abandon``: an op to send if
     the caller stops waiting (cancelled), so that the scheduler drops the wait."""
-    client._check_open()
-    if client.epoch is None:
+    core = client.core
+    core.check_open()
+    if core.epoch is None:
         raise SchedulerLost(f"not connected to the scheduler at {client.scheduler_address}")
-    client._request_seq += 1
-    rid = client._request_seq
-    op = {"op": "coord", "id": rid, "kind": kind, "name": name, **fields}
+    op = {"op": "coord", "id": 0, "kind": kind, "name": name, **fields}
     try:  # here, not at the scheduler's door, which would drop it without an answer
         protocol.check(op)
     except RemoteProtocolError as exc:
         raise LocalProtocolError(f"zfabric built a malformed {kind} op: {exc}") from None
-    fut = client.loop.create_future()
-    client._requests[rid] = fut
-    client._send(op)
+    rid, fut = core.new_request()
+    op["id"] = rid
+    core.send(op)
     try:
         reply = await fut
     except asyncio.CancelledError:
-        client._requests.pop(rid, None)
-        if abandon is not None and client.status == "running":
-            client._send({"op": "coord", "id": 0, "name": name, **abandon})
+        core.forget_request(rid)
+        if abandon is not None and core.status == "running":
+            core.send({"op": "coord", "id": 0, "name": name, **abandon})
         raise
     if "error" in reply:
         cls = _ERRORS.get(reply.get("type"))
@@ -72,43 +73,34 @@ def _dumps_collecting(value, inline_bytes: int) -> tuple[bytes, list, list[str]]
     """Pickle ``value``; the keys of the Futures anywhere inside it are returned too (they
     unpickle as Futures bound to the reader's client)."""
     keys: list[str] = []
-    serialize._local.collect = keys
-    try:
+    with serialize.collect_keys(keys):
         header, buffers = serialize.dumps_value(value, inline_bytes)
-    finally:
-        serialize._local.collect = None
     return header, buffers, list(dict.fromkeys(keys))
 
 
 async def encode(client, value) -> tuple[list, object]:
     """The wire item for ``value``, and what must stay referenced until the op is answered
     (a Future the item refers to)."""
-    from .futures import Future
-
     if isinstance(value, Future):
         return ["f", value._wkey], value
-    from .futures import futures_of
-
     limit = client.config.INLINE_BYTES
     header, buffers, keys = _dumps_collecting(value, limit)
     # and those a collection reports (dask collections: futures_of looks into their graphs)
     keys = list(dict.fromkeys([*keys, *(f._wkey for f in futures_of(value))]))
     if not buffers and len(header) < limit:
         return ["v", header, keys], None
-    fut = await client._scatter(value, hash=False)  # on the data plane, not the scheduler
+    # on the data plane, not through the scheduler
+    fut = await client.values.scatter_async(value, hash=False)
     return ["s", fut.key], fut
 
 
 async def decode(client, item):
     """The value an item stands for, in ``client`` (Futures bind to it)."""
-    from .futures import Future
-    from .keys import from_wire
-
     kind = item[0]
     if kind == "f":
         return Future(from_wire(item[1]), client)
     if kind == "s":
-        return await client._result(Future(from_wire(item[1]), client))
+        return await client.values.result(Future(from_wire(item[1]), client))
     with client.as_current():
         return serialize.loads_value(item[1])
 
@@ -138,13 +130,11 @@ class _Handle:
             raise TypeError(f"name must be a string, got {type(name).__name__}")
         self.name = name or f"{self._prefix}-{uuid.uuid4().hex}"
         if client is None:
-            from .context import get_client
-
-            client = get_client()
+            client = current.client()
         self._client = client
 
-    def _init(self, **params) -> None:
-        pass
+    def _init(self) -> None:
+        """Set the handle's parameters (also on a handle unpickled by name)."""
 
     def _params(self) -> dict:
         return {}
@@ -152,9 +142,7 @@ class _Handle:
     @property
     def client(self):
         if self._client is None:
-            from .context import get_client
-
-            self._client = get_client()
+            self._client = current.client()
         return self._client
 
     def _sync(self, func, *args, **kwargs):
@@ -263,7 +251,8 @@ class Lock(Semaphore):
     def _init(self, max_leases: int = 1, lease_timeout="30s") -> None:
         super()._init(1, lease_timeout)
 
-    def acquire(self, blocking: bool = True, timeout=None):
+    def acquire(self, blocking: bool = True, timeout=None):  # type: ignore[override]
+        # dask.distributed's Lock.acquire(blocking, timeout): not a Semaphore's signature
         if not blocking:
             if timeout is not None:
                 raise ValueError("can't specify a timeout for a non-blocking call")

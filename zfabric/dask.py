@@ -37,6 +37,7 @@ from .dask_wire import LARGE_CHUNK_BYTES, args_bytes, pickle_chunk, split
 from .futures import Future, FutureState
 from .keys import to_wire
 from .session import Deferred
+from .submission import options
 
 logger = logging.getLogger(__name__)
 
@@ -135,7 +136,7 @@ def plan(graph: dict, held: dict | None = None, renamed: dict | None = None) -> 
             wire[k] = w
         return w
 
-    deps_of = {}
+    deps_of: dict = {}
     has_edges = False
     for k, node in tasks.items():
         names = list(node.dependencies)
@@ -228,22 +229,13 @@ def task_options(base: dict | None, annotations: dict, key) -> dict | None:
     return opts if opts is not None else base
 
 
-def _lost(st: FutureState) -> bool:
-    from .submission import _lost
-
-    return _lost(st)
-
-
 def submit_graph(client, graph: dict, annotations: dict, held: dict, want: list,
                  opts: dict | None, place: bool = False):
     """Send a graph's tasks; ``{key: Future}`` for each key of ``want`` that is computed on
     the cluster, and ``{key: value}`` for those answered here (literals, unless ``place``:
     persist puts requested literals on the cluster too)."""
-    renamed = client._renamed
-    if renamed:
-        held_now = client._refcount
-        for alias in [a for a, w in renamed.items() if w not in held_now]:
-            del renamed[alias]
+    core = client.core
+    renamed = core.forget_renamed()
     p = plan(graph, held, renamed)
     p.external.update(held)
     batch = client.config.SUBMIT_BATCH
@@ -299,9 +291,10 @@ def submit_graph(client, graph: dict, annotations: dict, held: dict, want: list,
         ops.append({"op": "submit", "tasks": items, "functions": {fid: fbytes}})
     futures: dict = {}
     values: dict = {}
-    with client._lock:
-        client._queue_releases()
-        states = client._states
+    revive = core.revive
+    with core.lock:
+        core.queue_releases()
+        states = core.states
         for k, t in wanted.items():
             if t in local and to_wire(t) not in needed:
                 values[k] = local[t]
@@ -310,11 +303,9 @@ def submit_graph(client, graph: dict, annotations: dict, held: dict, want: list,
                 futures[k] = Future(k, client, held[t]._state)
                 continue
             wt = wire.get(t) or to_wire(t)
-            st = states.get(wt)
-            if st is None or st.status == "cancelled" or _lost(st):
-                st = states[wt] = FutureState(wt)
-                if t in p.external:
-                    client._send({"op": "want", "keys": [wt]})
+            st, new = revive(wt)
+            if new and t in p.external:
+                core.send({"op": "want", "keys": [wt]})
             # named by the requested key; an alias's Future follows its target's record
             futures[k] = Future(k, client, st)
             if k != t:
@@ -322,20 +313,20 @@ def submit_graph(client, graph: dict, annotations: dict, held: dict, want: list,
         for op in ops:
             if type(op) is Deferred and op.state.key in states:
                 op.state = states[op.state.key]  # a requested key shipped on its own
-        client._outbox.extend(ops)
+        core.outbox.extend(ops)
         # Keys this client holds Futures for (the requested ones, or earlier ones that the
         # graph shares) stay wanted; the rest were wanted only while the ops went out.
-        held_keys = client._refcount
+        held_keys = core.refcount
         internal = [k for k in internal if k not in held_keys]
         if internal:
-            client._outbox.append({"op": "release", "keys": internal})
-    client._send()
+            core.outbox.append({"op": "release", "keys": internal})
+    core.send()
     return futures, values
 
 
 async def _ship_literals(client, items: list) -> list[dict]:
     """Put large literal values of a graph on workers, then register them (in order)."""
-    address = await client._pick_worker()
+    address = await client.values.pick_worker()
     if address is None:  # no worker yet: they ride with the scheduler
         return [{"op": "scatter", "items": [
             [wk, pickle.dumps(serialize.loads_value(h, b), protocol=5), size, []]
@@ -365,8 +356,6 @@ def _pack(keys, values: dict):
 def base_options(workers=None, allow_other_workers=False, resources=None, retries=None,
                  priority=0, fifo_timeout=None, actors=None) -> dict | None:
     """Task options from the keywords dask.distributed's compute/persist/get take."""
-    from .submission import _options
-
     if actors:
         raise NotImplementedError("zfabric has no actors")
     if workers is not None and not isinstance(workers, str | list | tuple | set):
@@ -375,7 +364,7 @@ def base_options(workers=None, allow_other_workers=False, resources=None, retrie
     # keyword is taken for compatibility, but must still be a duration.
     if fifo_timeout is not None and not isinstance(fifo_timeout, str | int | float):
         raise TypeError(f"fifo_timeout must be a duration such as '60s', got {fifo_timeout!r}")
-    return _options(workers, resources, retries, priority, allow_other_workers, None)
+    return options(workers, resources, retries, priority, allow_other_workers, None)
 
 
 def get(client, dsk, keys, *, workers=None, allow_other_workers=False, resources=None,
@@ -403,7 +392,7 @@ def get(client, dsk, keys, *, workers=None, allow_other_workers=False, resources
 
 
 async def _gather_packed(client, keys, futures, values):
-    got = await client._gather(futures)
+    got = await client.values.gather_async(futures)
     return _pack(keys, {**values, **got})
 
 

@@ -20,6 +20,8 @@ import sys
 import threading
 import weakref
 
+from .current import client as any_client
+from .current import current_task, default_client
 from .import_hooks import after_import
 
 __all__ = ["closed", "current", "dask_get", "install", "serve_tasks"]
@@ -49,8 +51,6 @@ def closed() -> None:
 
 def current():
     """The newest open default client (see :func:`zfabric.client.default_client`), or None."""
-    from .client import default_client
-
     try:
         return default_client()
     except ValueError:
@@ -68,16 +68,12 @@ def serve_tasks() -> None:
 
 
 def _in_task() -> bool:
-    from .worker.execute import current_task
-
     return current_task()[1] is not None
 
 
 def _client_for_dask():
     if _in_task():  # inside a task: the worker's client
-        from .context import get_client
-
-        return get_client()
+        return any_client()
     c = current()
     if c is None:
         raise RuntimeError("no zfabric client is open to run this dask computation; create"
@@ -93,11 +89,14 @@ def dask_get(dsk, keys, **kwargs):
     """dask's scheduler while a zfabric client is the default: runs on that client. Inside a
     task it runs on the worker's client, the task giving its slot back meanwhile (so a
     one-thread worker does not wait for itself)."""
-    if _in_task():
-        from .context import worker_client
-
-        with worker_client() as client:
+    key, executor = current_task()
+    if executor is not None:  # as worker_client(): the slot is given back meanwhile
+        client = any_client()
+        executor.secede(key)
+        try:
             return client.get(dsk, keys, **kwargs)
+        finally:
+            executor.rejoin(key)
     return _client_for_dask().get(dsk, keys, **kwargs)
 
 
@@ -106,7 +105,7 @@ def _dask_persist(collections, **kwargs):
 
 
 # dask.persist asks the scheduler for a ``persist`` to keep results on the cluster.
-dask_get.persist = _dask_persist
+vars(dask_get)["persist"] = _dask_persist
 
 
 # ---------------------------------------------------------------------------- dask's config

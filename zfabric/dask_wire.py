@@ -31,7 +31,7 @@ LARGE_CHUNK_BYTES = 1 << 20
 
 
 def _current_values():
-    return serialize._local.values
+    return serialize.task_values()
 
 
 class _AllValues:
@@ -101,21 +101,19 @@ def pickle_chunk(entries: list, items: list, resolved: dict, wire: dict,
             raise TypeError(
                 "a zfabric Future is inside a dask task where dask cannot see it as a"
                 " dependency; pass it as an argument of dask.delayed or as a graph value")
-    return f"dask-{client._new_id()}", data
+    return f"dask-{client.core.new_id()}", data
 
 
 def _dumps_collecting(obj, collected: list) -> bytes:
     import cloudpickle
 
     # cloudpickle, not pickle: functions of a script's __main__ must travel by value
-    serialize._local.collect = collected
-    try:
-        return cloudpickle.dumps(obj, protocol=5)
-    except Exception as exc:
-        raise serialize.SerializationError(
-            f"cannot pickle a task of the graph: {type(exc).__name__}: {exc}") from exc
-    finally:
-        serialize._local.collect = None
+    with serialize.collect_keys(collected):
+        try:
+            return cloudpickle.dumps(obj, protocol=5)
+        except Exception as exc:
+            raise serialize.SerializationError(
+                f"cannot pickle a task of the graph: {type(exc).__name__}: {exc}") from exc
 
 
 def _with_refs(node, futures: dict):
@@ -161,7 +159,7 @@ def split(client, entries: list, items: list, inline_bytes: int, ops: list) -> N
         flush()
         wk, _, wires, opts = item
         ops.append(Deferred(
-            client._ship_args(wk, run_fid, run_fbytes, header, wires, buffers, opts),
+            client.values.ship_args(wk, run_fid, run_fbytes, header, wires, buffers, opts),
             FutureState(wk)))
     flush()
 

@@ -1,8 +1,8 @@
 """Published datasets: named values (Futures, collections, anything picklable) that any client
 of the scheduler can read, as with dask.distributed's ``publish_dataset``.
 
-:class:`Datasets` holds these methods of :class:`~zfabric.client.Client`, which mixes it in.
-The scheduler keeps each dataset as an item of :mod:`zfabric.scheduler.coordination`: the
+:class:`Datasets` is the part of a :class:`~zfabric.client.Client` that holds these methods.
+The scheduler keeps each dataset as an item of :mod:`zfabric.scheduler.shared_state`: the
 Futures inside it (anywhere in it, a persisted collection's included) stay alive until it is
 unpublished; a value over the inline limit is scattered to a worker first.
 """
@@ -10,6 +10,7 @@ unpublished; a value over the inline limit is scattered to a worker first.
 from __future__ import annotations
 
 from collections.abc import MutableMapping
+from typing import Any
 
 from .coordination import call, decode, encode
 
@@ -17,7 +18,11 @@ _NO_DEFAULT = object()
 
 
 class Datasets:
-    """The Client's dataset methods (see the module docstring)."""
+    """The Client's dataset methods (see the module docstring), for ``client``."""
+
+    def __init__(self, client: Any):
+        self.client = client
+        self.sync = client.sync
 
     def publish_dataset(self, *args, name=None, override: bool = False, **kwargs):
         """Publish named data: ``publish_dataset(x, name="x")`` or ``publish_dataset(x=x)``.
@@ -38,8 +43,8 @@ class Datasets:
 
     async def _publish(self, data: dict, override: bool):
         for n, value in data.items():
-            item, keep = await encode(self, value)
-            await call(self, "ds-publish", n, item=item, override=override)
+            item, keep = await encode(self.client, value)
+            await call(self.client, "ds-publish", n, item=item, override=override)
             del keep
 
     def get_dataset(self, name, default=_NO_DEFAULT, **kwargs):
@@ -51,30 +56,24 @@ class Datasets:
 
     async def _get_dataset(self, name, default):
         try:
-            item = await call(self, "ds-get", str(name))
+            item = await call(self.client, "ds-get", str(name))
         except KeyError:
             if default is _NO_DEFAULT:
                 raise
             return default
-        return await decode(self, item)
+        return await decode(self.client, item)
 
     def list_datasets(self, **kwargs):
         """The names of the published datasets."""
         if kwargs:
             raise TypeError(f"list_datasets got unexpected arguments: {', '.join(kwargs)}")
-        return self.sync(call, self, "ds-list", "")
+        return self.sync(call, self.client, "ds-list", "")
 
     def unpublish_dataset(self, name, **kwargs):
         """Remove a dataset (its Futures are released unless someone else holds them)."""
         if kwargs:
             raise TypeError(f"unpublish_dataset got unexpected arguments: {', '.join(kwargs)}")
-        return self.sync(call, self, "ds-unpublish", str(name))
-
-    @property
-    def datasets(self) -> DatasetsMapping:
-        """The published datasets as a mapping: ``client.datasets["x"] = value`` publishes
-        (replacing), ``del client.datasets["x"]`` unpublishes. Blocking clients only."""
-        return DatasetsMapping(self)
+        return self.sync(call, self.client, "ds-unpublish", str(name))
 
 
 class DatasetsMapping(MutableMapping):

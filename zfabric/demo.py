@@ -11,6 +11,10 @@ import random
 import sys
 import time
 
+from .client import Client
+from .cluster import LocalCluster
+from .futures import as_completed
+
 __all__ = ["combine", "run_demo", "sample"]
 
 
@@ -43,10 +47,6 @@ def _bar(done: int, total: int, elapsed: float, width: int = 40) -> str:
 def run_demo(*, n_workers: int = 2, tasks: int = 2000, samples: int = 1000,
              processes: bool = True, out=None) -> dict:
     """Run the demo, print its report to ``out`` (stdout) and return the numbers."""
-    from .client import Client
-    from .cluster import LocalCluster
-    from .futures import as_completed
-
     out = out or sys.stdout
     t0 = time.perf_counter()
     kind = "processes" if processes else "threads"

@@ -1,8 +1,8 @@
 """What a client can see of the cluster: the task stream, logs, events, performance reports.
 
-:class:`Diagnostics` is a mixin of :class:`~zfabric.client.Client` (the methods dask.distributed
-users know: ``get_task_stream``, ``get_worker_logs``, ``get_scheduler_logs``, ``log_event``,
-``get_events``, ``dashboard_link``); :class:`get_task_stream` and :class:`performance_report`
+:class:`Diagnostics` is the part of a :class:`~zfabric.client.Client` with the methods
+dask.distributed users know (``get_task_stream``, ``get_worker_logs``, ``get_scheduler_logs``,
+``log_event``, ``get_events``); :class:`get_task_stream` and :class:`performance_report`
 are context managers that collect the task stream while their block runs. Everything comes
 from the scheduler's :mod:`~zfabric.scheduler.observe` records through requests; nothing here
 touches a socket.
@@ -15,8 +15,13 @@ import datetime
 import threading
 import time
 import warnings
+from typing import Any
 
 from . import protocol
+from .client_core import ClientCore
+from .current import default_client
+from .logs import recent
+from .report import render_report
 
 __all__ = ["Diagnostics", "get_task_stream", "performance_report"]
 
@@ -57,13 +62,13 @@ def as_wall_time(value, now: float | None = None) -> float | None:
 
 
 class Diagnostics:
-    """The Client's diagnostic methods (see the module docstring)."""
+    """The Client's diagnostic methods (see the module docstring); ``run`` runs a function
+    on the workers (``ClusterAdmin``'s)."""
 
-    @property
-    def dashboard_link(self) -> str | None:
-        """The URL of the scheduler's dashboard (its host's contact address), or None when the
-        scheduler serves none."""
-        return getattr(self, "_dashboard_link", None)
+    def __init__(self, client: Any, core: ClientCore, run):
+        self.sync = client.sync
+        self.request = core.request
+        self.run = run
 
     def get_task_stream(self, start=None, stop=None, count: int | None = None,
                         plot: bool = False, filename: str | None = None):
@@ -81,26 +86,24 @@ class Diagnostics:
         return self.sync(self._task_stream, args)
 
     async def _task_stream(self, args: dict) -> list[dict]:
-        return (await self._request("task-stream", **args))["records"]
+        return (await self.request("task-stream", **args))["records"]
 
     def get_scheduler_logs(self, n: int | None = None):
         """The scheduler process's recent log records: ``[(level, message), ...]``."""
         return self.sync(self._logs, n)
 
     async def _logs(self, n):
-        return [tuple(r) for r in await self._request("logs", n=n)]
+        return [tuple(r) for r in await self.request("logs", n=n)]
 
     def get_worker_logs(self, n: int | None = None, nanny: bool = False, workers=None):
         """Each worker process's recent log records: ``{address: [(level, message), ...]}``."""
         if nanny:
             raise NotImplementedError("zfabric keeps no log of its nannies; call"
                                       " get_worker_logs() without nanny=")
-        from .logs import recent
-
         return self.sync(self._worker_logs, recent, n, workers)
 
     async def _worker_logs(self, recent, n, workers):
-        out = await self._run(recent, (n,), {}, workers)
+        out = await self.run(recent, (n,), {}, workers)
         return {addr: [tuple(r) for r in records] for addr, records in out.items()}
 
     def log_event(self, topic, msg):
@@ -114,7 +117,7 @@ class Diagnostics:
         except Exception as exc:
             raise TypeError(f"log_event needs msgpack-able data (dicts, lists, strings,"
                             f" numbers, bytes), not {type(msg).__name__}: {exc}") from None
-        return self.sync(self._request, "log-event", topic=topics, msg=msg)
+        return self.sync(self.request, "log-event", topic=topics, msg=msg)
 
     def get_events(self, topic: str | None = None):
         """Events logged under ``topic`` as ``((time, msg), ...)``; with no topic, a dict of
@@ -122,7 +125,7 @@ class Diagnostics:
         return self.sync(self._events, topic)
 
     async def _events(self, topic):
-        result = await self._request("events", topic=topic)
+        result = await self.request("events", topic=topic)
         if topic is None:
             return {t: tuple(tuple(e) for e in events) for t, events in result.items()}
         return tuple(tuple(e) for e in result)
@@ -130,8 +133,6 @@ class Diagnostics:
 
 def _client(client):
     if client is None:
-        from .client import default_client
-
         return default_client()
     return client
 
@@ -150,19 +151,19 @@ class get_task_stream:
 
     def __enter__(self):
         self.client = _client(self.client)
-        self._since = self.client.sync(self.client._request, "task-stream", count=0)["next"]
+        self._since = self.client.sync(self.client.core.request, "task-stream", count=0)["next"]
         return self
 
     def __exit__(self, *exc):
-        self._collect(self.client.sync(self.client._request, "task-stream", since=self._since))
+        self._collect(self.client.sync(self.client.core.request, "task-stream", since=self._since))
 
     async def __aenter__(self):
         self.client = _client(self.client)
-        self._since = (await self.client._request("task-stream", count=0))["next"]
+        self._since = (await self.client.core.request("task-stream", count=0))["next"]
         return self
 
     async def __aexit__(self, *exc):
-        self._collect(await self.client._request("task-stream", since=self._since))
+        self._collect(await self.client.core.request("task-stream", since=self._since))
 
     def _collect(self, reply: dict) -> None:
         if reply["dropped"]:
@@ -214,7 +215,7 @@ class performance_report:
     def _poll_thread(self) -> None:
         while not self._stop.wait(REPORT_POLL_S):
             try:
-                self._add(self.client.sync(self.client._request, "task-stream",
+                self._add(self.client.sync(self.client.core.request, "task-stream",
                                            since=self._since, transfers=self.start))
             except Exception:  # the block's own calls will report a broken client
                 return
@@ -238,19 +239,19 @@ class performance_report:
     async def _poll_task(self) -> None:
         while True:
             await asyncio.sleep(REPORT_POLL_S)
-            self._add(await self.client._request("task-stream", since=self._since,
+            self._add(await self.client.core.request("task-stream", since=self._since,
                                                  transfers=self.start))
 
     # ---------------------------------------------------------------- shared
 
     async def _first(self):
-        return (await self.client._request("task-stream", count=0),
-                await self.client._request("snapshot"))
+        return (await self.client.core.request("task-stream", count=0),
+                await self.client.core.request("snapshot"))
 
     async def _last(self):
-        return (await self.client._request("task-stream", since=self._since,
+        return (await self.client.core.request("task-stream", since=self._since,
                                            transfers=self.start),
-                await self.client._request("snapshot"))
+                await self.client.core.request("snapshot"))
 
     def _begin(self, replies) -> None:
         reply, snap = replies
@@ -266,8 +267,6 @@ class performance_report:
         self._since = reply["next"]
 
     def _write(self, replies) -> None:
-        from .report import render_report
-
         reply, snap = replies
         self._add(reply)
         stop = time.time()

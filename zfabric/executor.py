@@ -51,7 +51,7 @@ class ExecutorFuture(cf.Future):
             super().add_done_callback(fn)
             return
         client = self.zfuture.client
-        super().add_done_callback(lambda fut: client._run_callback(fn, fut))
+        super().add_done_callback(lambda fut: client.core.run_callback(fn, fut))
 
 
 def _cancel_here(fut: cf.Future) -> bool:
@@ -197,7 +197,7 @@ _fetches: set[asyncio.Task] = set()  # fetches of large results in flight (kept 
 
 async def _fetch(client, zf, fut: ExecutorFuture) -> None:
     try:
-        value = await client._result(zf)
+        value = await client.values.result(zf)
     except BaseException as exc:
         _set(fut, exc=exc)
     else:

@@ -15,7 +15,7 @@ import time
 from collections import deque, namedtuple
 from collections.abc import Iterable
 
-from . import serialize
+from . import current, errors, serialize
 from .config import parse_timedelta
 from .errors import TaskCancelled, ZFabricError
 from .keys import from_wire, readable, to_wire
@@ -123,8 +123,6 @@ def rebuild_error(exc, tb, text, kind, extra) -> BaseException:
     if text:
         text = readable(text)
     if exc is None and kind:
-        from . import errors
-
         cls = getattr(errors, kind, None)
         if isinstance(cls, type) and issubclass(cls, BaseException):
             if cls is errors.KilledWorker and extra:
@@ -134,7 +132,7 @@ def rebuild_error(exc, tb, text, kind, extra) -> BaseException:
     return serialize.rebuild_exception(exc, tb, text)
 
 
-class Future:
+class Future(serialize.KeyHandle):
     """A remote computation's result, as in dask.distributed and concurrent.futures.
 
     In an asynchronous client, ``await future`` gives the result, and ``result()``,
@@ -151,16 +149,14 @@ class Future:
 
     def __init__(self, key, client=None, state: FutureState | None = None, inform=True):
         if client is None:
-            from .client import default_client
-
-            client = default_client()
+            client = current.default_client()
         self.key = key
         wkey = state.key if state is not None else to_wire(key)
         self._wkey = wkey
         self.client = client
         self._released = False
-        self._state = state if state is not None else client._get_state(wkey, want=inform)
-        client._inc_ref(wkey)
+        self._state = state if state is not None else client.core.get_state(wkey, want=inform)
+        client.core.inc_ref(wkey)
 
     def __repr__(self) -> str:
         return f"<Future: {self.status}, key: {self.key}>"
@@ -182,16 +178,16 @@ class Future:
         return self._state.status == "cancelled"
 
     def __await__(self):
-        return self.client._result(self).__await__()
+        return self.client.values.result(self).__await__()
 
     def result(self, timeout: float | None = None):
-        return self.client.sync(self.client._result, self, timeout=timeout)
+        return self.client.sync(self.client.values.result, self, timeout=timeout)
 
     def exception(self, timeout: float | None = None):
-        return self.client.sync(self.client._exception, self, timeout=timeout)
+        return self.client.sync(self.client.values.exception, self, timeout=timeout)
 
     def traceback(self, timeout: float | None = None):
-        return self.client.sync(self.client._traceback, self, timeout=timeout)
+        return self.client.sync(self.client.values.traceback, self, timeout=timeout)
 
     def cancel(self, **kwargs):
         return self.client.cancel([self], **kwargs)
@@ -205,7 +201,7 @@ class Future:
         client = self.client
 
         def call():
-            client._run_callback(fn, self)
+            client.core.run_callback(fn, self)
 
         self._on_done(call)
 
@@ -221,7 +217,7 @@ class Future:
             else:
                 st.callbacks.append(fn)
 
-        self.client._on_loop(register)
+        self.client.core.on_loop(register)
 
     def retry(self, **kwargs):
         """Run this erred future's task again (and its erred dependencies)."""
@@ -232,7 +228,7 @@ class Future:
         if not self._released:
             self._released = True
             try:
-                self.client._dec_ref(self._wkey)
+                self.client.core.dec_ref(self._wkey)
             except Exception:
                 pass
 
@@ -248,12 +244,24 @@ class Future:
         collected = serialize.collecting()
         if collected is not None:
             if not serialize.is_direct(self):
-                return (serialize._future_ref, (self.key,))
+                return (_rebuild, (self.key,))
             collected.append(self._wkey)
-        return (serialize._resolve, (self._wkey,))
+        return (_unpickle, (self._wkey,))
 
 
-serialize.future_type = Future
+def _unpickle(wkey: str):
+    """A pickled Future arriving: among a task's arguments its dependency's value, elsewhere
+    a Future of this process's client (inside a task, its worker's)."""
+    values = serialize.task_values()
+    if values is not None:
+        return serialize.resolve(values, wkey)
+    return Future(from_wire(wkey), current.client())
+
+
+def _rebuild(key):
+    """A Future that sat inside another object of a task's arguments: a Future there too,
+    bound to this process's client (inside a task, its worker's)."""
+    return Future(from_wire(key), current.client())
 
 
 def _flatten(obj, out: list) -> None:
@@ -300,9 +308,7 @@ def _as_futures(obj) -> list[Future]:
 
 def _client_of(futures: list[Future]):
     if not futures:
-        from .client import default_client
-
-        return default_client()
+        return current.default_client()
     return futures[0].client
 
 
@@ -416,7 +422,8 @@ class as_completed:
         else:
             first = []
         with self._cond:
-            batch, self._ready = list(self._ready), deque()
+            batch: list = list(self._ready)
+            self._ready = deque()
         if self.with_results:
             batch = [(f, self._value_sync(f)) for f in batch]
         return first + batch
@@ -510,7 +517,7 @@ class as_completed:
                 self._events.remove((loop, ev))
         if self.with_results:
             try:
-                return f, await f.client._result(f)
+                return f, await f.client.values.result(f)
             except Exception as exc:
                 if self.raise_errors:
                     raise
@@ -525,4 +532,4 @@ def fire_and_forget(obj) -> None:
     for f in futures:
         by_client.setdefault(id(f.client), (f.client, []))[1].append(f._wkey)
     for client, keys in by_client.values():
-        client._send({"op": "want", "keys": keys, "fire_and_forget": True})
+        client.core.send({"op": "want", "keys": keys, "fire_and_forget": True})

@@ -24,6 +24,8 @@ import itertools
 import logging
 import threading
 
+from .current import default_client
+from .executor import SUBMIT_OPTIONS, ExecutorFuture, mirror
 from .import_hooks import after_import
 
 logger = logging.getLogger(__name__)
@@ -106,8 +108,6 @@ def _nbytes(obj, depth: int = 0) -> int:
 def _make_backend_class():
     from joblib._parallel_backends import AutoBatchingMixin, ParallelBackendBase
 
-    from .executor import ExecutorFuture, mirror
-
     class ZFabricBackend(AutoBatchingMixin, ParallelBackendBase):
         """joblib backend running batches on a zfabric cluster (see the module docstring).
 
@@ -126,9 +126,6 @@ def _make_backend_class():
                      nesting_level=None, inner_max_num_threads=None, **submit_kwargs):
             super().__init__(nesting_level=nesting_level,
                              inner_max_num_threads=inner_max_num_threads)
-            from .client import default_client
-            from .executor import SUBMIT_OPTIONS
-
             unknown = set(submit_kwargs) - SUBMIT_OPTIONS
             if unknown:
                 raise TypeError(f"the zfabric joblib backend got unknown options"

@@ -40,14 +40,18 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import inspect
 import json
 import logging
 import os
 import shutil
 import signal
 import time
+from typing import Any
 
-from . import _zmq, protocol
+import zmq.asyncio
+
+from . import _zmq, protocol, serialize
 from .config import Config, from_env, memory_limit_bytes
 from .errors import CommTimeoutError, RemoteProtocolError, ZFabricError
 from .lifecycle import LifeCycle
@@ -57,6 +61,7 @@ from .supervision import RestartPolicy, Slot, WorkerProcess, assess
 from .transfer import read_ops
 from .worker.memory import memory_fractions
 from .worker.spill import worker_directory
+from .worker.state import heartbeat_seconds
 
 logger = logging.getLogger(__name__)
 
@@ -113,7 +118,7 @@ class Nanny(LifeCycle):
     ):
         if kwargs:
             raise TypeError(f"Nanny got unexpected arguments: {', '.join(sorted(kwargs))}")
-        address = scheduler_address or scheduler_ip
+        address: Any = scheduler_address or scheduler_ip
         if hasattr(address, "address") and not isinstance(address, str):
             address = address.address
         if not address and scheduler_file:
@@ -168,11 +173,15 @@ class Nanny(LifeCycle):
             self.slots.append(Slot(i, slot_name))
         self.epoch: str | None = None
         self._initial_plugins: list | None = []  # set up before the first workers start
-        self._sock = None
+        self._sock: Any = None
         self._tasks: list[asyncio.Task] = []
         self._welcome: asyncio.Future | None = None
         self._last_heard = time.monotonic()
-        self._loop: asyncio.AbstractEventLoop | None = None
+        # how often to heartbeat: the setting until the scheduler says (welcome, and later
+        # ``heartbeat-interval`` as the cluster grows)
+        self.heartbeat_s = self.config.HEARTBEAT_INTERVAL_S
+        self._next_beat = 0.0
+        self._loop: Any = None  # the running loop, from start()
         self._closer: asyncio.Future | None = None
 
     def __repr__(self) -> str:
@@ -211,8 +220,6 @@ class Nanny(LifeCycle):
     # ------------------------------------------------------------------ start and close
 
     async def start(self) -> None:
-        import zmq.asyncio
-
         self._loop = asyncio.get_running_loop()
         self._welcome = self._loop.create_future()
         ctx = zmq.asyncio.Context.instance()
@@ -234,7 +241,7 @@ class Nanny(LifeCycle):
         # sets up what the worker processes need: environment variables, files); one local
         # round trip more than starting them at once.
         initial, self._initial_plugins = self._initial_plugins, None
-        for task in initial:
+        for task in initial or ():
             await task
         now = time.monotonic()
         marks = [(s, s.generation) for s in self.slots]
@@ -258,7 +265,8 @@ class Nanny(LifeCycle):
             rc = wp.proc.poll() if wp is not None else None
             if wp is not None and rc is None:
                 self._stop(slot, now, then="close", grace_s=CLOSE_GRACE_S)
-            elif wp is not None and slot.phase in ("starting", "running", "stopping"):
+            elif wp is not None and rc is not None and slot.phase in (
+                    "starting", "running", "stopping"):
                 self._exited(slot, wp, rc, now)  # died just now: tell the scheduler
             else:
                 self._retire(slot)
@@ -270,7 +278,8 @@ class Nanny(LifeCycle):
                 if slot.phase == "stopping":
                     self._check(slot, now)
             if now > give_up:
-                stuck = [s.process.pid for s in self.slots if s.phase == "stopping"]
+                stuck = [s.process.pid for s in self.slots
+                         if s.phase == "stopping" and s.process is not None]
                 logger.error("nanny %s: worker processes %s do not die, even with SIGKILL",
                              self.identity, stuck)
                 break
@@ -301,6 +310,7 @@ class Nanny(LifeCycle):
         match op["op"]:
             case "welcome":
                 self.epoch = op["epoch"]
+                self._set_heartbeat(op.get("heartbeat_s"))
                 for w in op.get("warnings") or ():
                     logger.warning("version mismatch with the scheduler: %s", w)
                 if self._welcome is not None and not self._welcome.done():
@@ -319,6 +329,8 @@ class Nanny(LifeCycle):
                     self._own(self._plugin(op, restart=op["id"] != 0))
             case "heartbeat":
                 pass
+            case "heartbeat-interval":
+                self._set_heartbeat(op.get("heartbeat_s"))
             case "close":
                 self._close_soon()
             case "error":
@@ -327,6 +339,13 @@ class Nanny(LifeCycle):
                     self._welcome.set_exception(RemoteProtocolError(op["message"]))
             case other:
                 logger.warning("nanny ignores %r from the scheduler", other)
+
+    def _set_heartbeat(self, value) -> None:
+        """The scheduler's heartbeat interval (checked: a bad value is logged and ignored)."""
+        seconds = heartbeat_seconds(value)
+        if seconds is not None:
+            self.heartbeat_s = seconds
+            self._next_beat = min(self._next_beat, time.monotonic() + seconds)
 
     def _close_soon(self) -> None:
         """Close from inside one of our own tasks (which the close cancels)."""
@@ -363,6 +382,8 @@ class Nanny(LifeCycle):
                      wp.identity)
 
     def _on_pipe(self, slot: Slot, wp: WorkerProcess) -> None:
+        if wp.fd is None:
+            return  # its pipe is closed already
         try:
             data = os.read(wp.fd, 4096)
         except BlockingIOError:
@@ -414,8 +435,6 @@ class Nanny(LifeCycle):
     async def _watch(self) -> None:
         """Check every process each ``NANNY_CHECK_INTERVAL_S``; heartbeat the scheduler."""
         interval = self.config.NANNY_CHECK_INTERVAL_S
-        beat_every = self.config.HEARTBEAT_INTERVAL_S
-        next_beat = 0.0
         while True:
             now = time.monotonic()
             for slot in self.slots:
@@ -424,8 +443,8 @@ class Nanny(LifeCycle):
                 except Exception:  # e.g. no more processes or file descriptors: try again
                     logger.exception("nanny %s: checking worker slot %d failed",
                                      self.identity, slot.index)
-            if now >= next_beat:
-                next_beat = now + beat_every
+            if now >= self._next_beat:
+                self._next_beat = now + self.heartbeat_s
                 alive = [s.process.identity for s in self.slots
                          if s.phase in ("starting", "running") and s.process is not None]
                 self._send({"op": "heartbeat", "workers": alive})
@@ -459,7 +478,7 @@ class Nanny(LifeCycle):
             now=now, kill_at=slot.kill_at,
         )
         match action:
-            case "exited":
+            case "exited" if rc is not None:
                 self._exited(slot, wp, rc, now)
             case "terminate-memory":
                 rss = wp.rss()
@@ -581,9 +600,29 @@ class Nanny(LifeCycle):
         self._send(reply)
 
     async def _plugin(self, op: dict, restart: bool = True) -> None:
-        from .plugins import nanny_plugin_op
-
-        self._send(await nanny_plugin_op(self, op, restart=restart))
+        """``plugin-add``/``plugin-remove``: set up (restarting the workers when the plugin
+        asks) or tear down; the reply goes to whoever registered it."""
+        plugins = self.__dict__.setdefault("plugins", {})
+        reply: dict = {"op": "reply", "id": op["id"]}
+        try:
+            old = plugins.pop(op["name"], None)
+            if old is not None and hasattr(old, "teardown"):
+                out = old.teardown(self)
+                if inspect.isawaitable(out):
+                    await out
+            if op["op"] == "plugin-add":
+                plugin = serialize.loads_value(op["payload"])
+                out = plugin.setup(self) if hasattr(plugin, "setup") else None
+                if inspect.isawaitable(out):
+                    await out
+                plugins[op["name"]] = plugin
+                if restart and getattr(plugin, "restart", False):
+                    await self.restart_workers()
+            reply["value"] = True
+        except Exception as exc:
+            logger.exception("nanny plugin %r failed", op["name"])
+            reply["error"] = list(serialize.exception_payload(exc))
+        self._send(reply)
 
 
 def _log_send_error(fut: asyncio.Future) -> None:

@@ -4,7 +4,8 @@ The ``zfabric`` command (:mod:`zfabric.cli`) uses :func:`serve` and :func:`start
 scheduler, worker or nanny until SIGINT or SIGTERM. A worker process started by a Nanny takes a
 shorter road: ``python -m zfabric worker ... --ready-fd N`` is recognised by ``__main__`` and
 parsed here by :func:`parse_worker_argv` without loading typer (which costs ~0.2 s of start-up on
-every restart). :func:`worker_command` writes that command line (and :func:`worker_environ` its
+every restart); the worker process's entry point itself is :mod:`zfabric.worker_main`.
+:func:`worker_command` writes that command line (and :func:`worker_environ` its
 environment); the two are kept together so they cannot drift apart.
 
 The worker's end of the Nanny link (see :mod:`zfabric.nanny`): it writes ``ready ADDRESS``, then
@@ -19,14 +20,18 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import logging
 import os
 import signal
 import sys
 import threading
 
+from . import logs
+
 __all__ = [
-    "NannyPipe", "die_with_parent", "parent_alive", "parse_worker_argv", "run_worker", "serve",
-    "start_or_stop", "worker_command", "worker_environ",
+    "NannyPipe", "die_with_parent", "is_nanny_worker_argv", "parent_alive", "parse_resources",
+    "parse_worker_argv", "serve", "setup_logging", "start_or_stop", "worker_command",
+    "worker_environ",
 ]
 
 #: Environment every worker process gets: one thread per BLAS call (the worker already runs
@@ -264,85 +269,9 @@ def parse_resources(text: str | None) -> dict[str, float]:
 
 def setup_logging(level: str) -> None:
     """Log to stderr at ``level`` (a name such as ``info``); ValueError for an unknown one."""
-    import logging
-
     numeric = getattr(logging, level.upper(), None)
     if not isinstance(numeric, int):
         raise ValueError(f"unknown log level {level!r}; use debug, info, warning or error")
     logging.basicConfig(level=numeric, stream=sys.stderr,
                         format="%(asctime)s %(name)s %(levelname)s %(message)s")
-    from . import logs
-
     logs.install()  # for LocalCluster.get_logs
-
-
-def main_from_nanny(argv: list[str]) -> int:
-    """``python -m zfabric worker ...`` as a Nanny runs it (see the module docstring)."""
-    args = parse_worker_argv(argv[1:])
-    setup_logging(args["log_level"])
-    kw = dict(nthreads=args["nthreads"], name=args["name"], memory_limit=args["memory_limit"],
-              resources=parse_resources(args["resources"]),
-              listen_address=args["listen_address"], contact_address=args["contact_address"],
-              death_timeout=args["death_timeout"], nanny=args["nanny"],
-              identity=args["identity"],
-              memory_target_fraction=args["memory_target_fraction"],
-              memory_spill_fraction=args["memory_spill_fraction"],
-              memory_pause_fraction=args["memory_pause_fraction"],
-              local_directory=args["local_directory"],
-              preload=args["preload"])
-    from .security import Security
-
-    try:
-        if args["keys_fd"] is not None:  # keys in memory: read once from the Nanny's pipe
-            from .spawn import read_keys
-
-            kw["security"] = read_keys(args["keys_fd"])
-        else:  # the directory of the Nanny's keys, if any
-            kw["security"] = Security.from_environ()
-        return asyncio.run(run_worker(args["address"], kw, args["parent_pid"], args["ready_fd"]))
-    except Exception as exc:
-        print(f"zfabric worker: {type(exc).__name__}: {exc}", file=sys.stderr)
-        return 1
-
-
-async def run_worker(address: str, kw: dict, parent_pid: int | None = None,
-                     ready_fd: int | None = None, *, announce=None) -> int:
-    """Run a Worker until a signal, its own close, or (with ``parent_pid``) its Nanny's death."""
-    from .worker import Worker
-
-    pipe = NannyPipe(ready_fd)
-    if parent_pid is not None and not die_with_parent(parent_pid):
-        return 0  # the Nanny that started us is gone already
-    from .dask_scheduler import serve_tasks
-
-    serve_tasks()  # dask.compute() inside a task runs on this worker's client
-    w = Worker(address, **kw)
-    if not await start_or_stop(w):
-        return 0
-    pipe.ready(w.address)
-    if announce is not None:
-        announce(w)
-
-    async def parent_gone():
-        while parent_alive(parent_pid):
-            await asyncio.sleep(w.config.HEARTBEAT_INTERVAL_S)
-        return "its nanny is gone"
-
-    try:
-        reason = await serve(w, stop_when=parent_gone() if parent_pid is not None else None,
-                             parent_pid=parent_pid)
-        if reason == "closed" and w._core is not None and w._core.close_reason:
-            reason = w._core.close_reason
-        # A worker that stopped itself with an exit code (a task passed its task_timeout under
-        # a Nanny: a thread cannot be killed) wants a fresh process; otherwise it is done.
-        # A loop that crashed says nothing: its Nanny sees a death (and restarts it), and
-        # the scheduler counts it against what was running here.
-        if w._core is not None and w._core.crashed:
-            pass
-        elif w.exit_code is not None:
-            pipe.restarting(reason)
-        else:
-            pipe.closing(reason)
-    finally:
-        await w.close()
-    return w.exit_code or 0

@@ -33,7 +33,7 @@ def _stream_svg(records: list[dict], transfers: list, names: dict, start: float,
     for r in records:
         rows.setdefault((r["worker"], r["thread"]), 0)
     threads: dict[str, int] = {}
-    labels = {}
+    labels: dict[tuple, str] = {}
     for worker, thread in sorted(rows, key=lambda k: (str(names.get(k[0], k[0])), k[1])):
         i = threads.get(worker, 0)
         threads[worker] = i + 1

@@ -28,6 +28,7 @@ from pathlib import Path
 import zmq
 import zmq.auth
 
+from . import current
 from .errors import KeyRevoked, SecurityError
 
 logger = logging.getLogger(__name__)
@@ -310,19 +311,16 @@ class Security:
         sock.setsockopt(zmq.CURVE_SERVERKEY, server_key)
 
 
-_process: list[Security] = []  # the keys this process's clients and workers use
-
-
 def use_for_process(security: Security | None) -> None:
     """Remember the keys a Client or Worker of this process uses, for connections made
-    without one at hand (an actor handle calling its worker)."""
-    if security is not None:
-        _process[:] = [security]
+    without one at hand (an actor handle calling its worker): :mod:`zfabric.current` keeps
+    them (the last keys set win)."""
+    current.set_process_keys(security)
 
 
 def process_security() -> Security | None:
     """The keys of :func:`use_for_process`, or None (security off)."""
-    return _process[0] if _process else None
+    return current.process_keys()
 
 
 def as_security(value) -> Security | None:
@@ -341,6 +339,6 @@ def as_security(value) -> Security | None:
 
 def role_of(frame: zmq.Frame) -> tuple[str, bytes]:
     """The role and public key (Z85) the ZAP handler gave the connection ``frame`` came on."""
-    user = frame.get("User-Id")
+    user = str(frame.get("User-Id"))
     role, _, key = user.partition(" ")
     return role, key.encode()

@@ -20,6 +20,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import pickle
 import struct
@@ -30,6 +31,7 @@ import traceback as tb_module
 import types
 import weakref
 from collections import OrderedDict
+from collections.abc import Iterator
 
 import cloudpickle
 import xxhash
@@ -38,6 +40,7 @@ from .errors import SerializationError
 
 __all__ = [
     "Dep",
+    "KeyHandle",
     "Undecodable",
     "dumps_task",
     "dumps_value",
@@ -49,6 +52,17 @@ __all__ = [
 
 _local = threading.local()
 _LEN = struct.Struct("!I")
+
+
+class KeyHandle:
+    """Base of objects that stand for a key's value on the cluster (zfabric's Future).
+
+    Inside a task's arguments (or their lists, tuples, sets and dicts) one is swapped for a
+    :class:`Dep` marker, which the worker replaces by the key's value; pickled anywhere else
+    it pickles as its subclass's ``__reduce__`` says."""
+
+    __slots__ = ()
+    _wkey: str  # the key's wire form (zfabric.keys), set by the subclass
 
 
 class Dep:
@@ -68,8 +82,14 @@ class Dep:
 
 def _resolve(key: str):
     values = getattr(_local, "values", None)
-    if values is None:  # not a task's argument: a Future of this process's client
-        return _future_ref(key)
+    if values is None:  # not a task's argument (a pickle read again on the client): a marker
+        return Dep(key)
+    return resolve(values, key)
+
+
+def resolve(values: dict, key: str):
+    """The value of dependency ``key`` among a task's ``values`` (see :func:`task_values`);
+    SerializationError when it is missing or could not be unpickled."""
     try:
         value = values[key]
     except KeyError:
@@ -79,9 +99,26 @@ def _resolve(key: str):
     return value
 
 
+def task_values() -> dict | None:
+    """The dependency values of the task whose arguments are being unpickled on this thread
+    (:func:`loads_args`), else None."""
+    return getattr(_local, "values", None)
+
+
 def collecting() -> list[str] | None:
     """The list that Future.__reduce__ should append its key to, while a task is pickled."""
     return getattr(_local, "collect", None)
+
+
+@contextlib.contextmanager
+def collect_keys(keys: list[str]) -> Iterator[list[str]]:
+    """Within the block, pickling a Future (or a :class:`Dep`) on this thread appends its key
+    to ``keys`` (and it unpickles as a Future of the reader's client, or a task's value)."""
+    _local.collect = keys
+    try:
+        yield keys
+    finally:
+        _local.collect = None
 
 
 def is_direct(future) -> bool:
@@ -91,25 +128,10 @@ def is_direct(future) -> bool:
     return not getattr(_local, "nested", False)
 
 
-def _future_ref(key):
-    """A Future for ``key`` bound to this process's client (inside a task: its worker's)."""
-    from .context import get_client
-    from .futures import Future
-    from .keys import from_wire
-
-    return Future(from_wire(key), get_client())  # ``key`` is the wire form
-
-
-#: Set by :mod:`zfabric.futures` (which imports this module).
-future_type: type = Dep
-
-
 def _swap_futures(obj):
     """``obj`` with each Future in it, or in its lists, tuples, sets and dicts, swapped for a
     :class:`Dep` marker (containers are copied only where something changed)."""
     t = type(obj)
-    if t is future_type:
-        return Dep(obj._wkey)
     if t in (list, tuple, set, frozenset):
         items = [_swap_futures(x) for x in obj]
         if all(a is b for a, b in zip(items, obj, strict=True)):
@@ -120,6 +142,8 @@ def _swap_futures(obj):
         if all(out[k] is v for k, v in obj.items()):
             return obj
         return out
+    if isinstance(obj, KeyHandle):
+        return Dep(obj._wkey)
     return obj
 
 
@@ -519,7 +543,7 @@ def build_traceback(frames: list[tuple[str, int, str]]) -> types.TracebackType |
         try:
             exec(code, {"_E": RuntimeError, "__name__": "<remote>"})
         except RuntimeError as e:
-            stub = e.__traceback__.tb_next
+            stub = e.__traceback__.tb_next if e.__traceback__ is not None else None
             if stub is None:
                 continue
             tb = types.TracebackType(tb, stub.tb_frame, stub.tb_lasti, stub.tb_lineno)

@@ -3,17 +3,27 @@ function, the arguments once per call), name it, and queue ``submit`` ops of at 
 ``SUBMIT_BATCH`` tasks; large arguments go straight to a worker, and the submit window
 (:mod:`zfabric.window`) keeps the rest in the client when the scheduler holds enough.
 
-:class:`Submission` holds these methods of :class:`~zfabric.client.Client`, which mixes it in.
+:class:`Submission` is the part of a :class:`~zfabric.client.Client` that does this, on the
+client's records (:class:`~zfabric.client_core.ClientCore`).
 """
 
 from __future__ import annotations
 
+from collections.abc import Awaitable, Callable
+from typing import Any
+
 from . import serialize
+from .actor import create
+from .client_core import ClientCore
 from .config import parse_timedelta
-from .errors import SchedulerLost, TaskTooLarge
-from .futures import Future, FutureState
+from .errors import TaskTooLarge
+from .futures import Future
 from .keys import to_wire
 from .session import Deferred
+
+#: ``ship_args(key, fid, fbytes, abytes, deps, buffers, opts)``: the ops of a task whose large
+#: arguments were put on a worker first (:meth:`zfabric.values.Values.ship_args`).
+ShipArgs = Callable[..., Awaitable[list[dict]]]
 
 
 def funcname(func) -> str:
@@ -24,7 +34,14 @@ def funcname(func) -> str:
 
 
 class Submission:
-    """The Client's submit and map (see the module docstring)."""
+    """The Client's submit and map (see the module docstring): ``client`` is the Client whose
+    Futures these are, ``ship_args`` puts a task's large arguments on a worker."""
+
+    def __init__(self, client: Any, core: ClientCore, ship_args: ShipArgs):
+        self.client = client
+        self.core = core
+        self.config = core.config
+        self.ship_args = ship_args
 
     def submit(self, func, *args, key: str | None = None, workers=None, resources=None,
                retries: int | None = None, priority: int = 0, allow_other_workers: bool = False,
@@ -35,60 +52,60 @@ class Submission:
         ``fifo_timeout`` is accepted for dask's sake: zfabric keeps strict submission order
         among tasks of equal priority, whatever the time between them."""
         parse_timedelta(fifo_timeout, name="fifo_timeout")
-        self._check_open()
+        self.core.check_open()
         if not callable(func):
             raise TypeError("First input to submit must be a callable function")
-        opts = _options(workers, resources, retries, priority, allow_other_workers, task_timeout)
+        opts = options(workers, resources, retries, priority, allow_other_workers, task_timeout)
         wkey = to_wire(key) if key is not None else None
         prefix = funcname(func)
         if actor or actors:  # the object stays on the worker; the result is its proxy
             func, args, pure = _actor_task(func, args)
-        item = self._task(func, args, kwargs, wkey, prefix, pure)
-        return self._submit_many([item], opts, user_keys=None if key is None else [key])[0]
+        item = self.task(func, args, kwargs, wkey, prefix, pure)
+        return self.submit_many([item], opts, user_keys=None if key is None else [key])[0]
 
-    def _task(self, func, args, kwargs, key, prefix, pure) -> tuple:
+    def task(self, func, args, kwargs, key, prefix, pure) -> tuple:
         """``(key, function id, function pickle, args pickle, deps, buffers)`` for one call;
-        large buffers stay out of the pickle and go straight to a worker (:meth:`_ship_args`)."""
+        large buffers stay out of the pickle and go straight to a worker (``ship_args``)."""
         fid, fbytes, abytes, deps, buffers = serialize.dumps_call(
             func, args, kwargs, self.config.INLINE_BYTES)
         if key is None:
             if pure:
                 key = f"{prefix}-{serialize.task_hash(fid.encode() + abytes, buffers)}"
             else:
-                key = f"{prefix}-{self._new_id()}"
+                key = f"{prefix}-{self.core.new_id()}"
         return key, fid, fbytes, abytes, deps, buffers
 
-    def _new_id(self) -> str:
-        """A key suffix unique across clients: this client's random id and a counter."""
-        return f"{self._id_prefix}{next(self._unique):x}"
-
-    def _submit_many(self, items: list, opts: dict | None, batch: int | None = None,
-                     user_keys: list | None = None) -> list[Future]:
-        """Futures for ``items`` (from :meth:`_task`, keyed by wire keys); ``user_keys``, when
+    def submit_many(self, items: list, opts: dict | None, batch: int | None = None,
+                    user_keys: list | None = None) -> list[Future]:
+        """Futures for ``items`` (from :meth:`task`, keyed by wire keys); ``user_keys``, when
         given, are the keys as the user gave them, in the same order."""
-        out, tasks, functions = [], [], {}
-        window = self._window
-        with self._lock:
-            self._queue_releases()
+        out: list[Future] = []
+        tasks: list = []
+        functions: dict = {}
+        core = self.core
+        client = self.client
+        window = core.window
+        revive = core.revive
+        outbox = core.outbox
+        limit = self.config.SCHEDULER_FRAME_BYTES
+        with core.lock:
+            core.queue_releases()
             for i, (key, fid, fbytes, abytes, deps, buffers) in enumerate(items):
-                st = self._states.get(key)
-                if st is None or st.status == "cancelled" or _lost(st):
-                    if st is not None:
-                        window.drop(st)
-                    st = self._states[key] = FutureState(key)
+                st, new = revive(key)
+                if new:
                     size = len(fbytes) + len(abytes)
-                    if size > self.config.SCHEDULER_FRAME_BYTES - 2**16:
+                    if size > limit - 2**16:
                         # It would close our connection (MAXMSGSIZE): fail it here instead.
                         st.fail(None, TaskTooLarge(
                             f"task {key!r} pickles to {size:,} bytes (function and arguments"
                             " besides out-of-band buffers); the scheduler takes at most"
-                            f" {self.config.SCHEDULER_FRAME_BYTES:,} bytes in a frame"
+                            f" {limit:,} bytes in a frame"
                             " (SCHEDULER_FRAME_BYTES). Place large values on the workers"
                             " with client.scatter(...) and pass the futures instead"))
                     elif buffers:
-                        self._flush_tasks(tasks, functions, batch)
-                        self._outbox.append(Deferred(
-                            self._ship_args(key, fid, fbytes, abytes, deps, buffers, opts), st))
+                        core.queue_tasks(tasks, functions, batch)
+                        outbox.append(Deferred(
+                            self.ship_args(key, fid, fbytes, abytes, deps, buffers, opts), st))
                         window.sent(st)
                     elif window.full():  # the scheduler holds enough of ours: wait here
                         window.hold(st, abytes, deps, opts, fid, fbytes)
@@ -96,49 +113,12 @@ class Submission:
                         functions[fid] = fbytes
                         tasks.append([key, abytes, deps, opts, fid])
                         window.sent(st)
-                out.append(Future(user_keys[i] if user_keys is not None else key, self, st))
-            self._flush_tasks(tasks, functions, batch)
+                out.append(Future(user_keys[i] if user_keys is not None else key, client, st))
+            core.queue_tasks(tasks, functions, batch)
             if window.ready():
-                self._pump()
-        self._send()
+                core.pump()
+        core.send()
         return out
-
-    def _pump(self) -> None:
-        """Queue the held tasks that fit in the submit window now (lock held)."""
-        tasks, functions = self._window.take(self._states)
-        if tasks:
-            self._flush_tasks(tasks, functions)
-
-    def _queue_releases(self) -> None:
-        """Queue the batched releases now (lock held): a release must reach the scheduler
-        before a later submit or scatter of the same key, or it would undo it."""
-        if self._release_keys:
-            self._outbox.append({"op": "release", "keys": self._release_keys})
-            self._release_keys = []
-
-    def _flush_tasks(self, tasks: list, functions: dict, batch: int | None = None) -> None:
-        """Queue submit ops of at most ``batch`` (SUBMIT_BATCH) tasks, each carrying the
-        pickles of the functions its tasks use (once per message, not once per task), and
-        about a quarter of SCHEDULER_FRAME_BYTES of pickles (past one task)."""
-        batch = batch or self.config.SUBMIT_BATCH
-        most = self.config.SCHEDULER_FRAME_BYTES // 4  # a message stays well inside a frame
-        start = 0
-        while start < len(tasks):
-            end, size, seen = start, 0, set()
-            while end < len(tasks) and end - start < batch and (end == start or size < most):
-                t = tasks[end]
-                size += len(t[1])
-                if t[4] not in seen:
-                    seen.add(t[4])
-                    size += len(functions[t[4]])
-                end += 1
-            chunk = tasks[start:end]
-            start = end
-            fids = {t[4] for t in chunk} if len(functions) > 1 else functions.keys()
-            self._outbox.append({"op": "submit", "tasks": chunk,
-                                 "functions": {f: functions[f] for f in fids}})
-        tasks.clear()
-        functions.clear()
 
     def map(self, func, *iterables, key=None, workers=None, retries=None, resources=None,
             priority: int = 0, allow_other_workers: bool = False, pure: bool = True,
@@ -149,15 +129,17 @@ class Submission:
         ``batch_size``: tasks per message to the scheduler (default ``SUBMIT_BATCH``)."""
         if batch_size is not None and (not isinstance(batch_size, int) or batch_size < 1):
             raise ValueError(f"batch_size must be a positive int, got {batch_size!r}")
-        self._check_open()
+        self.core.check_open()
         if not callable(func):
             raise TypeError("First input to map must be a callable function")
         if not iterables:
             return []
         if isinstance(iterables[0], dict) or any(isinstance(it, str) for it in iterables):
             raise TypeError("map needs iterables such as lists, not dicts or strings")
-        opts = _options(workers, resources, retries, priority, allow_other_workers, task_timeout)
+        opts = options(workers, resources, retries, priority, allow_other_workers, task_timeout)
         argss = list(zip(*iterables, strict=False))
+        keys: list | None = None
+        wkeys: list | None = None
         if isinstance(key, list | tuple):
             if len(key) != len(argss):
                 raise ValueError(f"{len(key)} keys given for {len(argss)} items")
@@ -165,8 +147,6 @@ class Submission:
             wkeys = [to_wire(k) for k in keys]
         elif key is not None and not isinstance(key, str):
             raise TypeError("map's key must be a prefix string or a list of keys, one per item")
-        else:
-            keys = wkeys = None
         prefix = key if isinstance(key, str) else funcname(func)
         if actor or actors:
             cls = func
@@ -177,10 +157,10 @@ class Submission:
         out: list[Future] = []
         step = _MAP_CHUNK
         for lo in range(0, len(argss), step):
-            items = [self._task(func, argss[i], kwargs, wkeys[i] if wkeys else None, prefix,
-                                pure) for i in range(lo, min(lo + step, len(argss)))]
-            out.extend(self._submit_many(items, opts, batch_size,
-                                         keys[lo:lo + step] if keys else None))
+            items = [self.task(func, argss[i], kwargs, wkeys[i] if wkeys else None, prefix,
+                               pure) for i in range(lo, min(lo + step, len(argss)))]
+            out.extend(self.submit_many(items, opts, batch_size,
+                                        keys[lo:lo + step] if keys else None))
         return out
 
 
@@ -188,7 +168,7 @@ class Submission:
 _MAP_CHUNK = 10_000
 
 
-def _options(workers, resources, retries, priority, allow_other_workers, task_timeout):
+def options(workers, resources, retries, priority, allow_other_workers, task_timeout):
     opts = {}
     if workers is not None:
         opts["workers"] = [workers] if isinstance(workers, str) else list(workers)
@@ -209,12 +189,4 @@ def _actor_task(cls, args: tuple):
     """``(function, args, pure)`` of the task that builds an actor of ``cls`` on a worker."""
     if not isinstance(cls, type):
         raise TypeError(f"actor=True needs a class, got {type(cls).__name__}")
-    from .actor import create
-
     return create, (cls, *args), False
-
-
-def _lost(st: FutureState) -> bool:
-    """Whether a future failed because its scheduler went away (then it may be submitted
-    again, like a cancelled one)."""
-    return st.status == "error" and isinstance(st.exception(), SchedulerLost)

@@ -9,7 +9,9 @@ full-screen (rich's live display), or prints one frame with ``once``.
 from __future__ import annotations
 
 import time
+from typing import Literal
 
+from .client import Client
 from .nanny import format_bytes
 
 #: Width of the text bars, in characters.
@@ -60,9 +62,10 @@ def render(snap: dict):
         head.append(f"\ndashboard: {snap['dashboard']}", style="dim")
 
     wt = Table(title="Workers", title_justify="left", expand=False)
-    for col, just in [("name", "left"), ("address", "left"), ("threads", "right"),
-                      ("memory", "left"), ("CPU", "right"),
-                      ("processing", "right"), ("held", "right"), ("bytes", "right")]:
+    columns: list[tuple[str, Literal["left", "right"]]] = [
+        ("name", "left"), ("address", "left"), ("threads", "right"), ("memory", "left"),
+        ("CPU", "right"), ("processing", "right"), ("held", "right"), ("bytes", "right")]
+    for col, just in columns:
         wt.add_column(col, justify=just)
     for w in workers:
         wt.add_row(str(w["name"]), w["address"], str(w["nthreads"]), _memory_bar(w),
@@ -70,8 +73,9 @@ def render(snap: dict):
                    format_bytes(w["nbytes"]))
 
     gt = Table(title="Progress by task group", title_justify="left")
-    for col, just in [("group", "left"), ("", "left"), ("done", "right"),
-                      ("processing", "right"), ("waiting", "right"), ("erred", "right")]:
+    columns = [("group", "left"), ("", "left"), ("done", "right"), ("processing", "right"),
+               ("waiting", "right"), ("erred", "right")]
+    for col, just in columns:
         gt.add_column(col, justify=just)
     for g in sorted(snap["groups"], key=lambda g: g["name"]):
         if not g["total"]:
@@ -92,15 +96,13 @@ def run(address: str, *, interval: float = 1.0, once: bool = False, timeout: flo
     from rich.console import Console
     from rich.live import Live
 
-    from .client import Client
-
     if console is None:
         console = Console()
         if not console.is_terminal:  # a pipe or a file: do not squeeze the tables into 80
             console = Console(width=140)
     with Client(address, timeout=timeout, set_as_default=False) as client:
         def frame():
-            return render(client.sync(client._request, "snapshot"))
+            return render(client.sync(client.core.request, "snapshot"))
 
         if once:
             console.print(frame())

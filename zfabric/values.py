@@ -2,8 +2,9 @@
 
 Values never pass through the scheduler: small results arrive inline with its notices, large
 ones are fetched from the workers that hold them, and large task arguments and scattered data
-are put on a worker directly (through :class:`~zfabric.transfer.DataPool`). :class:`Values`
-holds these methods of :class:`~zfabric.client.Client`, which mixes it in.
+are put on a worker directly (through :class:`~zfabric.transfer.DataPool`). :class:`Values` is
+the part of a :class:`~zfabric.client.Client` that does this, on the client's records
+(:class:`~zfabric.client_core.ClientCore`).
 """
 
 from __future__ import annotations
@@ -13,21 +14,36 @@ import logging
 import pickle
 import time
 import uuid
+from typing import Any
 
-from . import protocol, serialize
+from . import serialize
+from .client_core import ClientCore
 from .config import parse_timedelta
 from .errors import SchedulerLost
 from .futures import Future, FutureState, futures_of, until_done
 from .keys import to_wire
 from .security import SecurityError
+from .session import Session
 
 logger = logging.getLogger(__name__)
 
 
 class Values:
-    """The Client's methods that move values (see the module docstring)."""
+    """The Client's methods that move values (see the module docstring): ``client`` is the
+    Client whose Futures these are; the session's ``data`` its connections to the workers'
+    data ports."""
 
-    async def _ship_args(self, key, fid, fbytes, abytes, deps, buffers, opts) -> list[dict]:
+    def __init__(self, client: Any, core: ClientCore, session: Session, timeout: float):
+        self.client = client
+        self.core = core
+        self.config = core.config
+        self.session = session
+        self.timeout = timeout
+        self._worker_list: list[str] = []
+        self._workers_seen = 0.0
+        self._next_worker = -1
+
+    async def ship_args(self, key, fid, fbytes, abytes, deps, buffers, opts) -> list[dict]:
         """Put a task's large arguments on a worker, then submit the task referring to them.
 
         Runs inside the writer, so ops queued after this task wait for it (order is kept).
@@ -35,12 +51,12 @@ class Values:
         """
         functions = {fid: fbytes}
         args_key = f"args-{key}"
-        address = await self._pick_worker()
+        address = await self.pick_worker()
         if address is None:  # no worker yet: the scheduler carries it all, in band
             body = serialize.inband(abytes, buffers)
             return [{"op": "submit", "tasks": [[key, body, deps, opts, fid]],
                      "functions": functions}]
-        await self.data.put(address, [(args_key, abytes, buffers)], raw=True)
+        await self.session.data.put(address, [(args_key, abytes, buffers)], raw=True)
         size = serialize.nbytes(abytes, buffers)
         return [
             {"op": "scatter", "items": [[args_key, None, size, [address]]]},
@@ -49,17 +65,13 @@ class Values:
             {"op": "release", "keys": [args_key]},
         ]
 
-    async def _pick_worker(self) -> str | None:
+    async def pick_worker(self) -> str | None:
         """A worker to hold large arguments: round robin over a recently fetched list."""
         now = time.monotonic()
         if now - self._workers_seen > 2.0 or not self._worker_list:
-            self._request_seq += 1
-            rid = self._request_seq
-            fut = self.loop.create_future()
-            self._requests[rid] = fut
+            rid, fut = self.core.new_request()
             # Sent directly: this runs inside the writer, which would not see the outbox.
-            self._link.send(protocol.encode(
-                [{"op": "request", "id": rid, "kind": "info", "args": {}}]))
+            self.session.send_now([{"op": "request", "id": rid, "kind": "info", "args": {}}])
             reply = await asyncio.wait_for(fut, self.timeout)
             self._worker_list = list(reply.get("result", {}).get("workers", {}))
             self._workers_seen = now
@@ -68,7 +80,7 @@ class Values:
         self._next_worker = (self._next_worker + 1) % len(self._worker_list)
         return self._worker_list[self._next_worker]
 
-    async def _result(self, future: Future, timeout=None):
+    async def result(self, future: Future, timeout=None):
         """The value; ``timeout`` bounds the whole call, the fetch of a large value included."""
         timeout = parse_timedelta(timeout)
         if timeout is None:
@@ -84,7 +96,7 @@ class Values:
 
     async def _value_of(self, future: Future):
         # Futures and Actors inside the value bind to this client, not the default one
-        with self.as_current():
+        with self.client.as_current():
             return await self._value_of_current(future)
 
     async def _value_of_current(self, future: Future):
@@ -121,7 +133,7 @@ class Values:
                 raise res  # its keys refused us: asking again would not help
             if isinstance(res, BaseException):
                 logger.info("fetch from %s failed: %s", addr, res)
-                self.data.drop(addr)
+                self.session.data.drop(addr)
             else:
                 out.update(res)
         return out
@@ -129,11 +141,11 @@ class Values:
     async def _get_from(self, address: str, keys: list[str]) -> dict:
         # Checked when the fetch really starts (gather starts it a loop turn later): a holder
         # found gone in between would otherwise be asked anyway and never answer.
-        if address in self._gone_holders:
+        if address in self.session.gone_holders:
             raise ConnectionError(f"{address} no longer holds {keys[0]!r}")
-        return await self.data.get(address, keys)
+        return await self.session.data.get(address, keys)
 
-    async def _exception(self, future: Future, timeout=None):
+    async def exception(self, future: Future, timeout=None):
         st = future._state
         timeout = parse_timedelta(timeout)
         if not st.done():
@@ -147,8 +159,8 @@ class Values:
             return st.cancelled_error()
         return None
 
-    async def _traceback(self, future: Future, timeout=None):
-        exc = await self._exception(future, timeout)
+    async def traceback(self, future: Future, timeout=None):
+        exc = await self.exception(future, timeout)
         return exc.__traceback__ if exc is not None else None
 
     def gather(self, futures, errors: str = "raise", direct=None, asynchronous=None):
@@ -156,13 +168,14 @@ class Values:
         persisted dask collection, its computed value (from the results it holds)."""
         if errors not in ("raise", "skip"):
             raise ValueError(f"errors must be 'raise' or 'skip', not {errors!r}")
-        _check_direct_and_mode(self, direct, asynchronous)
+        _check_direct_and_mode(self.client, direct, asynchronous)
         if hasattr(futures, "__dask_graph__") and not isinstance(futures, type):
-            return self.compute(futures, sync=True)
-        return self.sync(self._gather, futures, errors=errors)
+            return self.client.compute(futures, sync=True)
+        return self.client.sync(self.gather_async, futures, errors=errors)
 
-    async def _gather(self, futures, errors: str = "raise"):
-        self._check_session()
+    async def gather_async(self, futures, errors: str = "raise"):
+        """The values of ``futures`` in their nested structure (``gather`` on the loop)."""
+        self.core.check_session()
         flat = futures_of(futures)
         pending = [f._state for f in flat if not f._state.done()]
         if pending:
@@ -195,14 +208,15 @@ class Values:
         """Place local data on the cluster; Futures in the same shape (list, dict, or one).
 
         ``timeout`` bounds the whole placement (seconds or a string like "10s")."""
-        _check_direct_and_mode(self, direct, asynchronous)
+        _check_direct_and_mode(self.client, direct, asynchronous)
         timeout = parse_timedelta(timeout)
-        return self.sync(_bounded, lambda: self._scatter(data, workers=workers,
-                                                         broadcast=broadcast, hash=hash),
-                         timeout, "scatter")
+        return self.client.sync(_bounded, lambda: self.scatter_async(
+            data, workers=workers, broadcast=broadcast, hash=hash), timeout, "scatter")
 
-    async def _scatter(self, data, workers=None, broadcast=False, hash=True):
-        self._check_open()
+    async def scatter_async(self, data, workers=None, broadcast=False, hash=True):
+        """Futures of ``data`` placed on the cluster (``scatter`` on the loop)."""
+        core = self.core
+        core.check_open()
         single = False
         if isinstance(data, dict):
             items = list(data.items())
@@ -227,7 +241,7 @@ class Values:
             else:
                 large.append((k, header, bufs, size))
         if large:
-            info = await self._request("info")
+            info = await core.request("info")
             addresses = list(info["workers"])
             if workers:
                 names = {workers} if isinstance(workers, str) else set(workers)
@@ -241,17 +255,19 @@ class Values:
                 for a in targets:
                     placements.setdefault(a, []).append((k, header, bufs))
                 inline.append([k, None, size, targets])
-            await asyncio.gather(*(self.data.put(a, its) for a, its in placements.items()))
-        with self._lock:
+            await asyncio.gather(*(self.session.data.put(a, its) for a, its in placements.items()))
+        client = self.client
+        with core.lock:
             futs = {}
+            states = core.states
             for k in keys:
-                st = self._states.get(k)
+                st = states.get(k)
                 if st is None:
-                    st = self._states[k] = FutureState(k)
-                futs[k] = Future(user_keys[k], self, st)
-            self._queue_releases()
-            self._outbox.append({"op": "scatter", "items": inline})
-        self._send()
+                    st = states[k] = FutureState(k)
+                futs[k] = Future(user_keys[k], client, st)
+            core.queue_releases()
+            core.outbox.append({"op": "scatter", "items": inline})
+        core.send()
         if single:
             return futs[keys[0]]
         if isinstance(data, dict):

@@ -26,6 +26,7 @@ from urllib.parse import parse_qs
 
 import psutil
 
+from .metrics import CONTENT_TYPE, INSTALL_HINT, render
 from .view import View
 
 logger = logging.getLogger(__name__)
@@ -283,8 +284,6 @@ class _Handler(BaseHTTPRequestHandler):
         self._reply(HTTPStatus.OK, read_asset(name), ctype)
 
     def _metrics(self, hub: Hub) -> None:
-        from .metrics import CONTENT_TYPE, INSTALL_HINT, render
-
         _seq, snap = hub.latest()
         try:
             body = render(snap or {})

@@ -9,13 +9,17 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
+from collections.abc import MutableMapping
+from typing import Any
 
+from .. import current
 from ..config import Config, from_env, memory_limit_bytes
 from ..errors import CommTimeoutError, ZFabricError
 from ..lifecycle import LifeCycle, call_from_thread
 from ..security import SecurityError, as_security, use_for_process
 from .core import WorkerLoop
 from .memory import memory_fractions
+from .plugins import load_preload
 
 logger = logging.getLogger(__name__)
 
@@ -104,8 +108,6 @@ class Worker(LifeCycle):
         self._closed_by_core: asyncio.Event | None = None
         self._task_client = None  # made by get_client() in a task (zfabric.context)
         # dask's --preload: modules or .py files whose dask_setup(worker) runs at the start
-        from .plugins import load_preload
-
         specs = [preload] if isinstance(preload, str) else list(preload or ())
         self._preloads = [load_preload(spec) for spec in specs]
 
@@ -123,7 +125,7 @@ class Worker(LifeCycle):
         return self._core.exit_code if self._core else None
 
     @property
-    def data(self) -> dict:
+    def data(self) -> MutableMapping[str, Any]:
         """The values this worker holds, by key."""
         return self._core.store if self._core else {}
 
@@ -148,7 +150,7 @@ class Worker(LifeCycle):
         self._core = WorkerLoop(
             scheduler_address=self.scheduler_address, nthreads=self.nthreads, name=self.name,
             resources=self.resources, memory_limit=self.memory_limit, nanny=self.nanny,
-            listen=self._listen, contact=self._contact, config=self.config,
+            listen=self._listen or "", contact=self._contact, config=self.config,
             death_timeout_s=self.death_timeout, on_ready=on_ready, on_closed=on_closed,
             identity=self._identity, memory_fractions=self.memory_fractions,
             local_directory=self.local_directory, security=self.security,
@@ -178,9 +180,7 @@ class Worker(LifeCycle):
         if core is None:
             return
         if getattr(self, "_task_client", None) is not None:
-            from ..context import close_worker_client
-
-            await asyncio.to_thread(close_worker_client, self)
+            await asyncio.to_thread(current.close_task_client, self)
         core.stop("closed")
         if core.thread.is_alive():
             await asyncio.to_thread(core.thread.join, 10)

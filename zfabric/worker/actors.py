@@ -19,6 +19,7 @@ import threading
 from collections import deque
 
 from .. import serialize
+from ..errors import ActorLost
 
 logger = logging.getLogger(__name__)
 
@@ -85,8 +86,6 @@ class Actors:
     def _execute(self, op: dict):
         obj = self.objects.get(op["key"])
         if obj is None or not self.holds(op["key"], op.get("worker")):
-            from ..errors import ActorLost
-
             raise ActorLost(f"actor {op['key']!r} is not on this worker (it was released, or"
                             " its worker died and another took its address); its state is"
                             " lost: create the actor again")

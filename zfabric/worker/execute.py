@@ -26,18 +26,11 @@ from collections import deque
 from dataclasses import dataclass
 
 from .. import serialize
+from ..current import current_task  # noqa: F401  (its home now; was defined here)
+from ..current import thread_task as _task  # the task this thread runs (zfabric.current)
 from ..errors import ResultTooLarge
 
 logger = logging.getLogger(__name__)
-
-#: The task this thread runs (``key``) and the executor running it; None between tasks.
-_task = threading.local()
-_task.key = _task.executor = None
-
-
-def current_task():
-    """``(key, executor)`` of the task the calling thread runs, or ``(None, None)``."""
-    return getattr(_task, "key", None), getattr(_task, "executor", None)
 
 
 @dataclass(slots=True)

@@ -22,6 +22,7 @@ import os
 import sys
 
 from .. import serialize
+from ..plugins import WorkerPlugin
 
 logger = logging.getLogger(__name__)
 
@@ -101,8 +102,6 @@ class WorkerPlugins:
 
 
 def _base_transition():
-    from ..plugins import WorkerPlugin
-
     return WorkerPlugin.transition
 
 
@@ -114,6 +113,8 @@ def load_preload(spec: str):
             raise FileNotFoundError(f"preload file {spec!r} does not exist")
         name = os.path.splitext(os.path.basename(path))[0]
         module_spec = importlib.util.spec_from_file_location(name, path)
+        if module_spec is None or module_spec.loader is None:
+            raise ImportError(f"cannot load preload file {spec!r} as a module")
         module = importlib.util.module_from_spec(module_spec)
         sys.modules.setdefault(name, module)
         module_spec.loader.exec_module(module)

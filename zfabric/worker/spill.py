@@ -252,7 +252,7 @@ class SpillStore(MutableMapping):
             ser = self.serialized.get(key)
             copy = self.clean.get(key)
         raw = isinstance(value, serialize.RawArgs)
-        if raw:
+        if isinstance(value, serialize.RawArgs):
             header, bufs = value.header, value.buffers
         elif ser is not None:
             header, bufs = ser[0], ser[1]
@@ -273,7 +273,7 @@ class SpillStore(MutableMapping):
                 raise SpillFailed(exc.errno, f"cannot spill to {self.directory}: {exc.strerror}"
                                   ) from exc
             where = _OnDisk(path, len(header), sizes, raw, digest)
-        header = bufs = ser = None
+        del header, bufs, ser  # no reference to the value's pickle is kept while it spills
         with self._lock:
             if self.fast.get(key) is None or key in self.slow:
                 if where is not copy:
@@ -304,7 +304,7 @@ class SpillStore(MutableMapping):
             return None
         try:
             header = os.pread(fd, where.header_len, 0)
-            bufs = []
+            bufs: list[memoryview | bytes] = []
             if sum(where.sizes):
                 mm = mmap.mmap(fd, 0, access=mmap.ACCESS_READ)
                 view = memoryview(mm)

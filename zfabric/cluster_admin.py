@@ -1,8 +1,11 @@
 """The Client's questions to the cluster and commands for it: who is there, who holds what,
-``run`` on every worker, ``restart``, ``shutdown``, versions, the scheduler file.
+``run`` on every worker, ``restart``, versions, the scheduler file; ``replicate``,
+``retire_workers``, ``restart_workers`` and ``get_executor``.
 
-:class:`ClusterRequests` holds these methods of :class:`~zfabric.client.Client`, which mixes it
-in. Each is one request to the scheduler (``_request``), answered once.
+:class:`ClusterAdmin` is the part of a :class:`~zfabric.client.Client` that holds these
+methods. Each is one or a few requests to the scheduler (``ClientCore.request``), answered
+once; the work happens in the scheduler (:mod:`zfabric.scheduler.retire` for retiring) and
+here the answers become dask.distributed's return values and errors.
 """
 
 from __future__ import annotations
@@ -13,11 +16,14 @@ import logging
 import os
 import time
 from collections import defaultdict
+from typing import Any
 
 from . import protocol, serialize
+from .client_core import ClientCore
 from .config import parse_timedelta
 from .errors import CommTimeoutError, ZFabricError
-from .futures import Future, futures_of
+from .executor import ClientExecutor
+from .futures import Future, futures_of, until_done
 from .keys import from_wire, to_wire
 
 logger = logging.getLogger("zfabric.client")
@@ -29,8 +35,26 @@ def _versions() -> dict:
     return protocol.versions()
 
 
-class ClusterRequests:
-    """The Client's requests about the cluster (see the module docstring)."""
+#: How long ``retire_workers`` waits for retired workers to be gone after they were told.
+RETIRE_GONE_TIMEOUT_S = 30.0
+
+def _names(workers) -> list[str] | None:
+    if workers is None:
+        return None
+    if isinstance(workers, str):
+        return [workers]
+    return [str(w) for w in workers]
+
+
+class ClusterAdmin:
+    """The Client's requests about the cluster and commands for it (see the module
+    docstring); ``client`` is the Client they run for (its ``sync`` and ``scheduler_address``)."""
+
+    def __init__(self, client: Any, core: ClientCore):
+        self.client = client
+        self.core = core
+        self.sync = client.sync
+        self.request = core.request
 
     # ------------------------------------------------------------------ who is there
 
@@ -46,7 +70,7 @@ class ClusterRequests:
         return self.sync(self._scheduler_info, n_workers)
 
     async def _scheduler_info(self, n_workers: int = -1):
-        info = await self._request("info")
+        info = await self.request("info")
         if n_workers >= 0 and len(info["workers"]) > n_workers:
             info["workers"] = dict(list(info["workers"].items())[:n_workers])
         return info
@@ -60,7 +84,7 @@ class ClusterRequests:
 
     async def _who_has(self, futures):
         keys = [f._wkey for f in futures] if futures is not None else None
-        result = await self._request("who-has", keys=keys)
+        result = await self.request("who-has", keys=keys)
         return {from_wire(k): v for k, v in result.items()}
 
     def has_what(self, workers=None, **kwargs):
@@ -80,16 +104,16 @@ class ClusterRequests:
     ncores = nthreads
 
     async def _nthreads(self, workers=None):
-        info = await self._request("info")
+        info = await self.request("info")
         wanted = _selector(workers, info)
         return {a: w["nthreads"] for a, w in info["workers"].items() if wanted(a)}
 
     async def _by_worker(self, kind: str, workers):
-        result = await self._request(kind)
+        result = await self.request(kind)
         result = {a: [from_wire(k) for k in ks] for a, ks in result.items()}
         if workers is None:
             return result
-        wanted = _selector(workers, await self._request("info"))
+        wanted = _selector(workers, await self.request("info"))
         return {a: v for a, v in result.items() if wanted(a)}
 
     def nbytes(self, keys=None, summary: bool = False, **kwargs):
@@ -100,7 +124,7 @@ class ClusterRequests:
         return self.sync(self._nbytes, keys, summary)
 
     async def _nbytes(self, keys, summary):
-        items = [(from_wire(k), n) for k, n in await self._request("nbytes", keys=keys)]
+        items = [(from_wire(k), n) for k, n in await self.request("nbytes", keys=keys)]
         if not summary:
             return dict(items)
         out: dict[str, int] = defaultdict(int)
@@ -125,15 +149,17 @@ class ClusterRequests:
         if nanny:
             raise ValueError("run(nanny=True): zfabric's Nannies run no user code; run it on"
                              " the workers (nanny=False)")
-        return self.sync(self._run, function, args, kwargs, workers, wait, on_error)
+        return self.sync(self.run_on_workers, function, args, kwargs, workers, wait, on_error)
 
-    async def _run(self, function, args, kwargs, workers, wait=True, on_error="raise"):
+    async def run_on_workers(self, function, args, kwargs, workers, wait=True,
+                             on_error="raise"):
+        """``run`` on the loop: ``{address: result}`` (None without ``wait``)."""
         payload, _, _ = serialize.dumps_task(function, args, kwargs)
         if workers is not None:
-            info = await self._request("info")
+            info = await self.request("info")
             wanted = _selector(workers, info)
             workers = [a for a in info["workers"] if wanted(a)]
-        request = self._request("run", payload=payload, workers=workers)
+        request = self.request("run", payload=payload, workers=workers)
         if not wait:
             task = asyncio.ensure_future(request)
             task.add_done_callback(lambda t: t.cancelled() or t.exception())
@@ -173,14 +199,11 @@ class ClusterRequests:
 
     async def _restart(self, timeout=60, wait_for_workers=True):
         timeout = 60.0 if timeout is None else timeout
-        with self._lock:
-            self._window.clear(self._states.values())
-            for st in list(self._states.values()):
-                st.cancel("the cluster was restarted", force=True)
-        info = await self._request("info")
+        self.core.cancel_all("the cluster was restarted")
+        info = await self.request("info")
         n = len(info["workers"])
         try:
-            await asyncio.wait_for(self._request("restart"), timeout)
+            await asyncio.wait_for(self.request("restart"), timeout)
         except TimeoutError:
             raise CommTimeoutError(f"the workers' nannies did not restart them within"
                                    f" {timeout:g} s") from None
@@ -188,38 +211,11 @@ class ClusterRequests:
             return
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
-            info = await self._request("info")
+            info = await self.request("info")
             if len(info["workers"]) >= n:
                 return
             await asyncio.sleep(0.05)
         raise CommTimeoutError(f"workers did not come back within {timeout:g} s of a restart")
-
-    def shutdown(self):
-        """Close the scheduler, its workers and this client (and the LocalCluster)."""
-        if self.asynchronous:
-            return self._shutdown()
-        self.sync(self._shutdown)
-        self.close()  # and the client's loop thread
-        return None
-
-    async def _shutdown(self):
-        try:
-            await asyncio.wait_for(self._request("shutdown"), 5)
-        except Exception:
-            pass
-        await self._close()
-        cluster = self.cluster
-        if cluster is not None and not self._own_cluster and \
-                getattr(cluster, "status", "") != "closed":
-            # As dask.distributed: the cluster closes too, and says so. A blocking cluster
-            # runs on a loop thread of its own: close it through its public close().
-            try:
-                if getattr(cluster, "asynchronous", False):
-                    await cluster.close()
-                else:
-                    await asyncio.to_thread(cluster.close)
-            except Exception:
-                logger.warning("closing %r after shutdown failed", cluster, exc_info=True)
 
     def wait_for_workers(self, n_workers: int, timeout=None):
         """Block until at least ``n_workers`` workers are connected."""
@@ -228,7 +224,7 @@ class ClusterRequests:
     async def _wait_for_workers(self, n_workers, timeout=None):
         deadline = time.monotonic() + (timeout or 1e9)
         while True:
-            info = await self._request("info")
+            info = await self.request("info")
             if len(info["workers"]) >= n_workers:
                 return
             if time.monotonic() > deadline:
@@ -257,11 +253,11 @@ class ClusterRequests:
                     out[name] = None
             return out
 
-        info = await self._request("info")
+        info = await self.request("info")
         result = {
             "client": versions(),
             "scheduler": dict(info.get("versions") or {}),
-            "workers": await self._run(versions, (), {}, None),
+            "workers": await self.run_on_workers(versions, (), {}, None),
         }
         if check:
             mismatched = _mismatches(result)
@@ -278,8 +274,8 @@ class ClusterRequests:
         if os.path.exists(path):
             raise ValueError(f"{path} exists already; remove it or choose another path")
         with open(path, "w") as f:
-            json.dump({"type": "Scheduler", "address": self.scheduler_address,
-                       "id": self.epoch}, f)
+            json.dump({"type": "Scheduler", "address": self.client.scheduler_address,
+                       "id": self.core.epoch}, f)
 
     # ------------------------------------------------------------------ retry
 
@@ -291,11 +287,121 @@ class ClusterRequests:
             for f in flat:
                 f._state.retry()
 
-        self._on_loop(reset)
-        self._send({"op": "retry", "keys": [f._wkey for f in flat]})
-        if self.asynchronous:
+        self.core.on_loop(reset)
+        self.core.send({"op": "retry", "keys": [f._wkey for f in flat]})
+        if self.client.asynchronous:
             return _done()
         return None
+
+    def get_executor(self, **submit_options):
+        """A ``concurrent.futures.Executor`` running calls on this cluster; the options
+        (``workers=``, ``resources=``, ``retries=``, ``priority=``, ``pure=``...) apply to every
+        call. See :mod:`zfabric.executor`."""
+        return ClientExecutor(self.client, **submit_options)
+
+    # ------------------------------------------------------------------ replicate
+
+    def replicate(self, futures, n: int | None = None, workers=None):
+        """Keep ``n`` copies (default: one on every worker) of these futures' values.
+
+        The copies are the workers' own, recorded by the scheduler: ``who_has`` lists them and
+        ``retire_workers`` and worker losses can rely on them. Copies beyond ``n`` are dropped.
+        ``workers`` limits the workers that take part (addresses or names). Waits for the
+        futures first; returns once the copies are made.
+        """
+        return self.sync(self._replicate, futures, n, workers)
+
+    async def _replicate(self, futures, n, workers):
+        if n is not None and (not isinstance(n, int) or isinstance(n, bool) or n < 1):
+            raise ValueError(f"n must be a positive integer or None, got {n!r}")
+        flat = [futures] if isinstance(futures, Future) else futures_of(futures)
+        pending = [f._state for f in flat if not f._state.done()]
+        if pending:
+            await until_done(pending)
+        keys = [f.key for f in flat if f._state.status == "finished"]
+        if not keys:
+            return None
+        result = await self.request("replicate", keys=keys, n=n, workers=_names(workers))
+        if result["failed"]:
+            raise ZFabricError(f"could not copy {result['failed']} to the chosen workers (their"
+                               " holders did not answer); try again")
+        return None
+
+    # ------------------------------------------------------------------ retire
+
+    def retire_workers(self, workers=None, close_workers: bool = True, *, n: int | None = None,
+                       names=None):
+        """Move the data off these workers (addresses or names), then close them.
+
+        Or pass ``n`` to let the scheduler pick the ``n`` least busy workers. Tasks they were
+        given but had not started run elsewhere; those running finish first. Returns
+        ``{address: worker info}`` of the workers retired, once they are gone. A worker whose
+        data no other worker could take is kept (and a warning logged).
+        """
+        if not close_workers:
+            raise ValueError("zfabric always closes the workers it retires"
+                             " (close_workers=False is not supported)")
+        return self.sync(self._retire_workers, _names(workers if workers is not None
+                                                      else names), n)
+
+    async def _retire_workers(self, workers, n=None):
+        if workers is None and n is None:
+            raise ValueError("retire_workers needs workers= (addresses or names) or n=")
+        if workers is not None and not workers:
+            return {}
+        result = await self.request("retire-workers", workers=workers, n=n)
+        for address, why in result["kept"].items():
+            logger.warning("worker %s was not retired: %s", address, why)
+        retired = result["retired"]
+        deadline = time.monotonic() + RETIRE_GONE_TIMEOUT_S
+        while retired:
+            info = await self.request("info")
+            if not set(retired) & set(info["workers"]):
+                break
+            if time.monotonic() > deadline:
+                raise CommTimeoutError(f"retired workers {sorted(retired)} did not leave within"
+                                       f" {RETIRE_GONE_TIMEOUT_S:g} s")
+            await asyncio.sleep(0.02)
+        return retired
+
+    # ------------------------------------------------------------------ restart
+
+    def restart_workers(self, workers, timeout=None, raise_for_error: bool = True):
+        """Restart these worker processes (addresses or names) through their Nannies.
+
+        Their data is lost and recomputed where still needed, as when a worker dies.
+        Returns ``{worker: "OK"}`` (or, with ``raise_for_error=False``, the error text of those
+        that did not come back within ``timeout``).
+        """
+        return self.sync(self._restart_workers, _names(workers), parse_timedelta(timeout),
+                         raise_for_error)
+
+    async def _restart_workers(self, workers, timeout, raise_for_error):
+        if not workers:
+            return {}
+        info = await self.request("info")
+        nanny_of = {}
+        for address, w in info["workers"].items():
+            for name in workers:
+                if name in (address, w["name"]):
+                    nanny_of[name] = w.get("nanny")
+        try:
+            request = self.request("restart-workers", workers=workers)
+            result = await (asyncio.wait_for(request, timeout) if timeout else request)
+        except TimeoutError:
+            if raise_for_error:
+                raise CommTimeoutError(f"workers {workers} did not restart within"
+                                       f" {timeout:g} s") from None
+            return {w: f"timed out after {timeout:g} s" for w in workers}
+        out = {}
+        for name in workers:
+            _, error = result.get(nanny_of.get(name), [None, "its nanny did not answer"])
+            out[name] = "OK" if error is None else str(error[2] if isinstance(error, list)
+                                                       else error)
+        bad = {w: e for w, e in out.items() if e != "OK"}
+        if bad and raise_for_error:
+            raise ZFabricError(f"workers did not restart: {bad}")
+        return out
 
 
 async def _done():
