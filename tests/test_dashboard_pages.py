@@ -6,11 +6,12 @@ reload. Screenshots of each page go to the test artifacts."""
 from __future__ import annotations
 
 import time
+from contextlib import ExitStack
 
 import pytest
 from test_dashboard import ARTIFACTS, browser, wait_for
 
-from zfabric import Client, LocalCluster, keys
+from zfabric import Client, LocalCluster, keys, performance_report
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -30,7 +31,7 @@ def pause(x):
     return x
 
 
-def test_every_page_during_and_after_a_computation():
+def test_every_page_during_and_after_a_computation(tmp_path):
     da = pytest.importorskip("dask.array")
     from dask.utils import key_split
 
@@ -44,13 +45,15 @@ def test_every_page_during_and_after_a_computation():
     try:
         with LocalCluster(n_workers=2, threads_per_worker=2,
                           dashboard_address="127.0.0.1:0") as c, \
-                Client(c, set_as_default=False) as client:
+                Client(c, set_as_default=False) as client, ExitStack() as recording:
             base = c.dashboard_link.rsplit("/", 1)[0]
             ARTIFACTS.mkdir(parents=True, exist_ok=True)
             # Given a dask.array reduction, a task that spins in a known function, and a
             # stream of short tasks that keeps the cluster busy while the pages are visited
             x = da.ones((400, 400), chunks=(100, 100))
             total = (x + 1).sum()
+            report = tmp_path / "report.html"
+            recording.enter_context(performance_report(filename=str(report), client=client))
             spin = client.submit(spin_in_known_function, 1.5, key="spin-1")
             busy = client.map(pause, range(300), key=[f"pause-{i}" for i in range(300)])
             result = client.compute(total)
@@ -97,6 +100,12 @@ def test_every_page_during_and_after_a_computation():
             assert result.result() == 400 * 400 * 2
             spin.result()
             client.gather(busy)
+            recording.close()
+            # the performance report has the graph, profile and history pages too
+            text = report.read_text()
+            assert 'data-function="spin_in_known_function"' in text
+            assert 'class="group-node" data-group="sum-partial"' in text
+            assert 'class="history"' in text
             records = client.get_task_stream()
             ran_there = {str(keys.from_wire(r["key"])) for r in records
                          if r["worker"] == address}

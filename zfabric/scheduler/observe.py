@@ -32,6 +32,9 @@ from .feed import Feed, History, merge_profile, profile_wire
 DURATION_BUCKETS_S = (0.0001, 0.001, 0.01, 0.1, 1.0, 10.0, 60.0)
 #: Task-stream entries a snapshot carries (the newest), for the page's task stream.
 SNAPSHOT_STREAM = 1000
+#: Profiles a whole snapshot carries (the most sampled groups), and nodes of each.
+SNAPSHOT_PROFILES = 20
+SNAPSHOT_PROFILE_NODES = 300
 #: Transfers a snapshot carries (the newest).
 SNAPSHOT_TRANSFERS = 200
 #: Groups kept once they have no live task; the oldest idle ones go first beyond this.
@@ -512,4 +515,7 @@ class Observer:
             "buckets": list(DURATION_BUCKETS_S),
             "graph": self.group_graph(),
             "history": self.history.points(),
+            # the most sampled groups' profiles, their largest nodes (performance_report)
+            "profiles": {g: profile_wire(t, SNAPSHOT_PROFILE_NODES) for g, t in sorted(
+                self.profiles.items(), key=lambda kv: -kv[1][0])[:SNAPSHOT_PROFILES]},
         }
