@@ -83,7 +83,7 @@ def measure(nworkers: int, ntasks: int, finished: int, rate: float, reps: int) -
     obs = state.observe
     view = View()
     now = 2.0
-    for _ in range(nworkers // SCAN_WORKERS + 3):  # the round-robin goes round once
+    for _ in range(2 * nworkers // SCAN_WORKERS + 4):  # every worker seen, the round went round
         state.tick(now)
         view.merge(obs.delta(state, now))
         now += 1 / rate

@@ -57,7 +57,7 @@ def finish_some(state, out: dict, n: int, now: float) -> set:
 
 def settle(state, view: View, now: float) -> float:
     """Deltas until every worker was looked at (the round-robin went round)."""
-    for _ in range(NWORKERS // SCAN_WORKERS + 2):
+    for _ in range(2 * NWORKERS // SCAN_WORKERS + 4):
         state.tick(now)
         view.merge(state.observe.delta(state, now))
         now += 0.25

@@ -5,7 +5,8 @@ Theory of operation
 The scheduler's loop asks :meth:`Feed.delta` for the dashboard's update a few times a second.
 A delta carries only what changed since the last one: the rows of the workers that changed
 (those that finished or moved something since, plus a bounded round-robin look at
-:data:`SCAN_WORKERS` others for heartbeat changes: never all of them), the rows of the groups
+:data:`SCAN_WORKERS` others for heartbeat changes: never all of them; at most
+:data:`MAX_ROWS` rows a delta, the rest follow in the next), the rows of the groups
 whose counters moved, the task-stream entries, transfers, samples and events that are new, the
 history points that are new, the group graph when it changed, and the names of the groups
 whose profile grew. So at 1,000 idle workers and 100,000 tasks a delta costs the same as at
@@ -32,6 +33,8 @@ from itertools import islice
 
 #: Workers looked at each delta beyond those known to have changed (heartbeat metrics).
 SCAN_WORKERS = 128
+#: Worker rows one delta rebuilds at most (more changed: the rest come in the next ones).
+MAX_ROWS = 100
 #: Task keys a worker row names (of those it processes).
 ROW_KEYS = 20
 #: History: one-second points kept, seconds per coarse point, coarse points kept (an hour).
@@ -259,8 +262,9 @@ class Feed:
             work["workers"] += len(workers)
         dirty = self.obs.dirty_workers
         if dirty:
-            look.extend(ws for ws in dirty if ws.ident in workers)
-            dirty.clear()
+            take = list(islice(dirty, MAX_ROWS)) if len(dirty) > MAX_ROWS else list(dirty)
+            dirty.difference_update(take)  # the rest: in the next delta
+            look.extend(take)
         order = self._order
         if order:
             n = min(SCAN_WORKERS, len(order))
@@ -272,6 +276,8 @@ class Feed:
         out = []
         seen = set()
         for ws in look:
+            if len(out) >= MAX_ROWS:
+                break  # bounded: the others are seen again (dirty, or on the next round)
             work["workers"] += 1
             ident = ws.ident
             if ident in seen or workers.get(ident) is not ws:
