@@ -213,3 +213,21 @@ def test_profile_reports_are_checked_and_bounded():
     many = {"spin": ["", 1, [[f"h{i};b.py;1", 1, []] for i in range(PROFILE_GROUP_NODES + 5)]]}
     merge_profile(trees, many, counts)
     assert trees["spin"][2] <= PROFILE_GROUP_NODES  # bounded per group
+
+
+def test_erred_groups_stay_until_dismissed():
+    view = View()
+    row = {"name": "bad", "total": 1, "done": 0, "erred": 1, "nerred": 1, "processing": 0,
+           "waiting": 0, "forgotten": 0}
+    view.merge({"kind": "delta", "time": 1.0, "groups": [row]})
+    # released and then forgotten by the scheduler: still shown, until dismissed
+    view.merge({"kind": "delta", "time": 2.0, "groups_gone": ["bad"]})
+    assert [g["name"] for g in view.full()["groups"]] == ["bad"]
+    assert view.full()["erred_groups"] == ["bad"]
+    assert view.dismiss("bad") and not view.dismiss("bad")
+    assert view.full()["groups"] == [] and view.full()["erred_groups"] == []
+    # the same failures again do not bring it back; a new one does
+    view.merge({"kind": "delta", "time": 3.0, "groups": [row]})
+    assert view.full()["erred_groups"] == []
+    view.merge({"kind": "delta", "time": 4.0, "groups": [dict(row, nerred=2)]})
+    assert view.full()["erred_groups"] == ["bad"]

@@ -75,7 +75,7 @@ class Hub:
     """The dashboard's picture (:class:`~zfabric.dashboard.view.View`) and the recent deltas;
     readers wait here for the next one."""
 
-    def __init__(self):
+    def __init__(self) -> None:
         self._cond = threading.Condition()
         self._seq = 0
         self.view = View()
@@ -182,7 +182,7 @@ class _Server(ThreadingHTTPServer):
 class ProcessSampler:
     """CPU %, memory, disk and network counters of this process (the scheduler's)."""
 
-    def __init__(self):
+    def __init__(self) -> None:
         self.process = psutil.Process()
 
     def sample(self) -> list:

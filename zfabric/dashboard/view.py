@@ -25,12 +25,15 @@ EVENTS = 50
 
 
 class View:
-    def __init__(self):
+    def __init__(self) -> None:
+        self.dismissed: dict[str, int] = {}  # group -> failures it had when dismissed
+        self._reset()
+
+    def _reset(self) -> None:
         self.scalars: dict = {}
         self.workers: dict[str, dict] = {}
         self.groups: dict[str, dict] = {}
         self.erred: dict[str, dict] = {}  # groups with failures, kept until dismissed
-        self.dismissed: dict[str, int] = {}  # group -> failures it had when dismissed
         self.stream: deque = deque(maxlen=STREAM)
         self.transfers: deque = deque(maxlen=TRANSFERS)
         self.series: deque = deque(maxlen=SERIES)
@@ -49,10 +52,8 @@ class View:
     def merge(self, delta: dict) -> None:
         self.empty = False
         if delta.get("kind") != "delta":  # a whole snapshot (Observer.snapshot)
-            self.__init__()
+            self._reset()
             self.empty = False
-            self.workers.clear()
-            self.groups.clear()
         t = delta.get("time") or 0.0
         for key in ("time", "address", "dashboard", "totals", "counters", "buckets",
                     "event_counts"):

@@ -70,7 +70,7 @@ def worker_row(ws, now: float) -> dict:
 class History:
     """The dashboard's series over the last hour (see the module docstring)."""
 
-    def __init__(self):
+    def __init__(self) -> None:
         self.fine: deque[list] = deque(maxlen=FINE_POINTS)
         self.coarse: deque[list] = deque(maxlen=COARSE_POINTS)
         self.seq = 0  # fine points ever added
@@ -167,7 +167,7 @@ def profile_wire(tree: list, limit: int = PROFILE_SENT) -> list:
 class Feed:
     """Builds the dashboard's deltas from the observer and the state (module docstring)."""
 
-    def __init__(self, observer):
+    def __init__(self, observer) -> None:
         self.obs = observer
         self.rows: dict[bytes, tuple] = {}  # worker ident -> (ws, metrics seen, signature)
         self._order: list = []  # workers to look at in turn
@@ -208,7 +208,7 @@ class Feed:
         out["series"] = [list(s) for s in islice(obs.series, len(obs.series) - new, None)] \
             if new > 0 else []
         self.series_seq = obs.series_seq
-        events = []
+        events: list[list] = []
         for t, text in reversed(state.events):
             if t <= self.event_time or len(events) >= 50:
                 break
@@ -273,7 +273,7 @@ class Feed:
             if start + n > len(order):
                 look.extend(order[:start + n - len(order)])
             self._turn = start + n
-        out = []
+        out: list[dict] = []
         seen = set()
         for ws in look:
             if len(out) >= MAX_ROWS:
@@ -298,7 +298,7 @@ class Feed:
         gone = [name for name in sent if name not in groups]
         for name in gone:
             del sent[name]
-        out = []
+        out: list[dict] = []
         for name, g in groups.items():
             work["groups"] += 1
             sig = (*g.counts.values(), g.ndone, g.nbytes, g.nerred)
