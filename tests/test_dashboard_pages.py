@@ -15,7 +15,8 @@ from zfabric import Client, LocalCluster, keys, performance_report
 
 pytestmark = pytest.mark.timeout(120)
 
-ERROR_COLOURS = {"#e53935", "#d32f2f"}  # errors and transfers: never a task group's colour
+# errors and transfers: never a task group's colour (as attributes, and as computed styles)
+ERROR_COLOURS = {"#e53935", "#d32f2f", "rgb(229, 57, 53)", "rgb(211, 47, 47)"}
 
 
 def spin_in_known_function(seconds):
@@ -148,9 +149,10 @@ def test_every_page_during_and_after_a_computation(tmp_path):
                     "return document.body.dataset.updates || 0")) > 1)
                 fills = d.execute_script(
                     "return Array.from(document.querySelectorAll('#stream rect.task,"
-                    " #hist-groups rect, #graph circle, #progress i.swatch'))"
-                    ".map((e) => (e.getAttribute('fill') || e.getAttribute('stroke') ||"
-                    " e.style.background || '').toLowerCase())")
+                    " #hist-groups rect, #graph circle[stroke-width='4'], #progress i.swatch'))"
+                    ".map((e) => (e.tagName === 'I' ? getComputedStyle(e).backgroundColor :"
+                    " e.tagName === 'circle' ? e.getAttribute('stroke') :"
+                    " e.getAttribute('fill') || '').toLowerCase())")
                 assert fills and not ERROR_COLOURS & set(fills), page
             timing = d.execute_script("return window.zfabricRender")
             assert timing["count"] > 0

@@ -35,6 +35,9 @@ from itertools import islice
 SCAN_WORKERS = 128
 #: Worker rows one delta rebuilds at most (more changed: the rest come in the next ones).
 MAX_ROWS = 100
+#: Task-stream entries one delta carries at most (the newest; at thousands of tasks a second
+#: the page's stream is a sample, the counters stay exact).
+DELTA_STREAM = 500
 #: Task keys a worker row names (of those it processes).
 ROW_KEYS = 20
 #: History: one-second points kept, seconds per coarse point, coarse points kept (an hour).
@@ -196,8 +199,10 @@ class Feed:
         out["groups"], out["groups_gone"] = self._groups(work)
         out["totals"] = obs.totals()
         ring = obs.stream
-        since = max(self.stream_seq, ring.seq - obs.snapshot_stream)
-        out["stream"] = [list(e) for e in ring.entries(since)]
+        since = max(self.stream_seq, ring.seq - DELTA_STREAM)
+        out["stream"] = [[k, g, w, th, t0 if t0 is None else round(t0, 4),
+                          t1 if t1 is None else round(t1, 4), st, nb]
+                         for k, g, w, th, t0, t1, st, nb in ring.entries(since)]
         work["stream"] = len(out["stream"])
         self.stream_seq = ring.seq
         new = min(obs.transfer_seq - self.transfer_seq, len(obs.transfers))
@@ -285,7 +290,8 @@ class Feed:
             seen.add(ident)
             sig = (len(ws.processing), ws.nbytes, ws.nheld)
             old = rows.get(ident)
-            if old is not None and old[1] is ws.metrics and old[2] == sig:
+            if old is not None and old[2] == sig and (old[1] is ws.metrics
+                                                      or old[1] == ws.metrics):
                 continue
             rows[ident] = (ws, ws.metrics, sig)
             out.append(worker_row(ws, now))

@@ -455,16 +455,17 @@
 
   // ------------------------------------------------------------------ profile page
 
-  let profileVersion = -1, profileGroup = null, profileTree = null;
+  let profileVersion = -1, profileGroup = null, profileTree = null, profileChosen = null;
   function renderProfile() {
     const select = $("profile-group");
     if (S.profiles_version === profileVersion && profileGroup === select.value) return;
     profileVersion = S.profiles_version;
     fetch("/api/profile").then((r) => r.json()).then((info) => {
-      const want = select.value || PARAMS.get("group") || info.groups[0] || "";
+      const want = profileChosen || PARAMS.get("group") || info.groups[0] || "";
       select.replaceChildren(...info.groups.map((g) => el("option", {value: g}, g)));
       if (want) select.value = want;
       profileGroup = select.value;
+      if (want && profileGroup !== want) profileVersion = -1;  // not sampled yet: ask again
       if (!profileGroup) { $("profile-note").textContent = "(no samples yet: run some tasks)"; return; }
       return fetch("/api/profile?group=" + encodeURIComponent(profileGroup)).then((r) => r.json()).then((p) => {
         profileTree = p.tree;
@@ -631,7 +632,7 @@
   $("workers-next").onclick = () => { workersPage++; schedule(); };
   $("workers-filter").oninput = () => { workersPage = 0; schedule(); };
   $("graph-tasks").onchange = schedule;
-  $("profile-group").onchange = () => { profileVersion = -1; schedule(); };
+  $("profile-group").onchange = () => { profileChosen = $("profile-group").value; profileVersion = -1; schedule(); };
 
   const source = new EventSource("/events");
   source.onmessage = (msg) => { merge(JSON.parse(msg.data)); schedule(); };
