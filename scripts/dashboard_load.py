@@ -69,13 +69,28 @@ class Reader(threading.Thread):
             return
 
 
+def open_browser(link: str):
+    """Headless Chromium on the status page (its render time per update is read at the end)."""
+    from selenium import webdriver
+    from selenium.webdriver.chrome.options import Options
+    from selenium.webdriver.chrome.service import Service
+
+    opts = Options()
+    for arg in ("--headless=new", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage",
+                "--window-size=1400,1000"):
+        opts.add_argument(arg)
+    d = webdriver.Chrome(options=opts, service=Service("/usr/bin/chromedriver"))
+    d.get(link)
+    return d
+
+
 def run(n: int, dashboard: bool, args: argparse.Namespace) -> dict:
     env = procs.env_for_zfabric()
     extra = ["--dashboard-address", "127.0.0.1:0"] if dashboard else ["--no-dashboard"]
     out: dict = {"peers": n, "dashboard": dashboard}
     with procs.workdir("dash-load-") as tmp:
         sched = procs.Scheduler(env, Path(tmp), extra)
-        peers = reader = None
+        peers = reader = browser = None
         try:
             peers = PeerProcess(sched.address, n, limit_s=args.timeout * 4 + 120,
                                 timeout=args.timeout)
@@ -92,6 +107,8 @@ def run(n: int, dashboard: bool, args: argparse.Namespace) -> dict:
                     raise RuntimeError("the scheduler printed no dashboard link")
                 reader = Reader(link.rsplit("/", 1)[0] + "/events")
                 reader.start()
+                if args.browser:
+                    browser = open_browser(link)
             with Client(sched.address, set_as_default=False) as client:
                 wait_workers(client, n, args.timeout)
                 time.sleep(1.0)
@@ -115,7 +132,11 @@ def run(n: int, dashboard: bool, args: argparse.Namespace) -> dict:
                 out["run_dash_cpu_s"] = d1 - d0
                 out["run_stream_kib_per_s"] = ((reader.nbytes if reader else 0) - b0) / 1024 / (
                     t1 - t0)
+                if browser is not None:
+                    out["render"] = browser.execute_script("return window.zfabricRender")
         finally:
+            if browser is not None:
+                browser.quit()
             if reader is not None:
                 reader.stop = True
             if peers is not None:
@@ -131,18 +152,26 @@ def main() -> None:
     ap.add_argument("--delay", type=float, default=0.01, help="seconds a task takes (0.01)")
     ap.add_argument("--idle-s", type=float, default=10.0)
     ap.add_argument("--timeout", type=float, default=300.0)
+    ap.add_argument("--browser", action="store_true",
+                    help="also open the status page in headless Chromium; print its render times")
+    ap.add_argument("--on-only", action="store_true", help="skip the runs without a dashboard")
     args = ap.parse_args()
     procs.raise_nofile()
     print(f"{'peers':>5} {'dash':>4} | {'idle %':>6} {'dash %':>6} {'upd/s':>5} |"
           f" {'run s':>6} {'CPU s':>6} {'dash s':>6} {'KiB/s':>6}")
     for n in args.peers:
-        for dashboard in (False, True):
+        for dashboard in (True,) if args.on_only else (False, True):
             r = run(n, dashboard, args)
             print(f"{n:>5} {'on' if dashboard else 'off':>4} | {r['idle_cpu_pct']:>6.2f}"
                   f" {r['idle_dash_pct']:>6.2f} {r['idle_updates_per_s']:>5.1f} |"
                   f" {r['run_s']:>6.1f} {r['run_cpu_s']:>6.2f} {r['run_dash_cpu_s']:>6.2f}"
                   f" {r['run_stream_kib_per_s']:>6.0f}" + ("" if r["done"] else " (timed out)"),
                   flush=True)
+            if r.get("render"):
+                t = r["render"]
+                print(f"      page render per update: {t['count']} updates, mean"
+                      f" {t['total'] / max(t['count'], 1):.1f} ms, max {t['max']:.1f} ms",
+                      flush=True)
 
 
 if __name__ == "__main__":

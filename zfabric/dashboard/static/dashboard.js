@@ -5,6 +5,7 @@
 (function () {
   const WINDOW_S = 10;  // the task stream shows this much (of the recent past, or of the last activity)
   const PAGE_ROWS = 50;  // workers a page of the table shows
+  const STREAM_ROWS = 120;  // task-stream rows (worker threads and fetch rows) drawn at most
   const FINISHED_HIDE_S = 120;  // a finished group leaves the progress list after this (history keeps it)
   const $ = (id) => document.getElementById(id);
   const SVG = "http://www.w3.org/2000/svg";
@@ -227,12 +228,18 @@
       const m = threads.get(e[2]);
       if (!m.has(e[3])) m.set(e[3], m.size);
     }
+    let hiddenRows = 0;
     for (const [addr, m] of [...threads.entries()].sort()) {
-      for (const [thread, i] of m) rows.set(addr + "|" + thread, {label: (names.get(addr) || addr) + " #" + i, index: rows.size});
+      for (const [thread, i] of m) {
+        if (rows.size >= STREAM_ROWS) { hiddenRows++; continue; }
+        rows.set(addr + "|" + thread, {label: (names.get(addr) || addr) + " #" + i, index: rows.size});
+      }
     }
     for (const t of transfers) {
       const k = t[0] + "|transfer";
-      if (!rows.has(k)) rows.set(k, {label: (names.get(t[0]) || t[0]) + " fetch", index: rows.size});
+      if (rows.has(k)) continue;
+      if (rows.size >= STREAM_ROWS) { hiddenRows++; continue; }
+      rows.set(k, {label: (names.get(t[0]) || t[0]) + " fetch", index: rows.size});
     }
     const rowH = 16;
     svg.setAttribute("height", Math.max(40, rows.size * rowH + 20));
@@ -240,6 +247,7 @@
     for (const [, r] of rows) out.push(el("svg:text", {x: 2, y: r.index * rowH + 12}, r.label));
     for (const e of tasks) {
       const r = rows.get(e[2] + "|" + e[3]);
+      if (!r) continue;
       const x0 = x(Math.max(e[4], start)), x1 = x(e[5]);
       const rect = el("svg:rect", {class: "task", x: x0, y: r.index * rowH + 2,
         width: Math.max(1, x1 - x0), height: rowH - 4, fill: e[6] === "OK" ? color(e[1]) : "#000",
@@ -249,6 +257,7 @@
     }
     for (const t of transfers) {
       const r = rows.get(t[0] + "|transfer");
+      if (!r) continue;
       const x0 = x(Math.max(t[2], start)), x1 = x(t[3]);
       const rect = el("svg:rect", {class: "transfer", x: x0, y: r.index * rowH + 4,
         width: Math.max(1, x1 - x0), height: rowH - 8});
@@ -258,9 +267,10 @@
     const axisY = rows.size * rowH + 14;
     for (let s = 0; s <= WINDOW_S; s += 2) out.push(el("svg:text", {x: x(start + s) - 8, y: axisY}, (s - WINDOW_S) + "s"));
     svg.replaceChildren(...out);
-    $("stream-window").textContent = end < S.time - 1
-      ? "(the last activity, ended " + clock(lastStop) + "; " + tasks.length + " tasks)"
-      : "(last " + WINDOW_S + " s; " + tasks.length + " tasks)";
+    $("stream-window").textContent = (end < S.time - 1
+      ? "(the last activity, ended " + clock(lastStop) + "; " + tasks.length + " tasks"
+      : "(last " + WINDOW_S + " s; " + tasks.length + " tasks") +
+      (hiddenRows ? "; the first " + STREAM_ROWS + " rows of " + (STREAM_ROWS + hiddenRows) : "") + ")";
   }
 
   // A line chart: series = [{points: [[t, v]], colour, label}] in one viewBox 400 x 120.
