@@ -69,7 +69,7 @@
 
   const S = {workers: new Map(), groups: new Map(), erred: [], stream: [], transfers: [], series: [],
     events: [], fine: [], coarse: [], durations: {}, graph: {nodes: [], edges: []}, tasks: null,
-    totals: {}, counters: {}, time: 0, address: "", profiles_version: 0};
+    totals: {}, counters: {}, time: 0, address: "", profiles_version: 0, membership: 0};
   const KEEP = {stream: 1000, transfers: 200, series: 600, events: 50, fine: 300, coarse: 360};
   function push(name, items) {
     if (!items || !items.length) return;
@@ -79,7 +79,7 @@
   }
   function merge(d) {
     if (d.kind !== "delta") {
-      S.workers.clear(); S.groups.clear();
+      S.workers.clear(); S.groups.clear(); S.membership++;
       for (const k of ["stream", "transfers", "series", "events", "fine", "coarse"]) S[k] = [];
       S.durations = {};
       if (d.history) { push("fine", d.history.fine); push("coarse", d.history.coarse); }
@@ -91,8 +91,11 @@
       if (k in d) S[k] = d[k];
     }
     if (d.erred_groups) S.erred = d.erred_groups;
-    for (const w of d.workers || []) S.workers.set(w.address, w);
-    for (const a of d.workers_gone || []) S.workers.delete(a);
+    for (const w of d.workers || []) {
+      if (!S.workers.has(w.address)) S.membership++;
+      S.workers.set(w.address, w);
+    }
+    for (const a of d.workers_gone || []) if (S.workers.delete(a)) S.membership++;
     for (const g of d.groups || []) { g.changed = g.changed || d.time; S.groups.set(g.name, g); }
     for (const n of d.groups_gone || []) S.groups.delete(n);
     push("stream", d.stream); push("transfers", d.transfers); push("series", d.series);
@@ -102,12 +105,22 @@
 
   // ------------------------------------------------------------------ status page
 
-  let workersPage = 0;
+  let workersPage = 0, order = [], orderKey = "";
+  const COLLATOR = new Intl.Collator(undefined, {numeric: true});
   function sortedWorkers() {
+    // sorted again only when workers come or go, or the filter changes (1,000 rows: a sort
+    // on every update would cost more than the rest of the page)
     const filter = ($("workers-filter") || {}).value || "";
-    let ws = [...S.workers.values()];
-    if (filter) ws = ws.filter((w) => w.name.includes(filter) || w.address.includes(filter));
-    return ws.sort((a, b) => a.name.localeCompare(b.name, undefined, {numeric: true}));
+    const key = S.membership + "|" + filter;
+    if (key !== orderKey) {
+      orderKey = key;
+      let ws = [...S.workers.values()];
+      if (filter) ws = ws.filter((w) => w.name.includes(filter) || w.address.includes(filter));
+      order = ws.sort((a, b) => COLLATOR.compare(a.name, b.name)).map((w) => w.address);
+    }
+    const out = [];
+    for (const a of order) { const w = S.workers.get(a); if (w) out.push(w); }
+    return out;
   }
   function renderWorkers() {
     const body = document.querySelector("#workers tbody");
@@ -616,10 +629,10 @@
     pending = false;
     const t0 = performance.now();
     $("scheduler").textContent = "scheduler " + S.address;
-    const ws = [...S.workers.values()];
-    const threads = ws.reduce((n, w) => n + w.nthreads, 0);
+    let threads = 0;
+    for (const w of S.workers.values()) threads += w.nthreads;
     const t = S.totals || {};
-    $("summary").textContent = ws.length + " workers · " + threads + " threads · " +
+    $("summary").textContent = S.workers.size + " workers · " + threads + " threads · " +
       (t.processing || 0) + " processing · " + ((t.new || 0) + (t.waiting || 0) + (t.queued || 0)) + " waiting · " +
       (S.counters.finished || 0) + " finished";
     for (const f of renderers) {
