@@ -58,6 +58,9 @@ def finish_some(state, out: dict, n: int, now: float) -> set:
 def settle(state, view: View, now: float) -> float:
     """Deltas until every worker was looked at (the round-robin went round)."""
     for _ in range(2 * NWORKERS // SCAN_WORKERS + 4):
+        for ident in list(state.workers):  # a heartbeat without metrics: none is silent
+            state.handle(ident, [{"op": "heartbeat"}], now)
+        state.flush()
         state.tick(now)
         view.merge(state.observe.delta(state, now))
         now += 0.25
