@@ -149,7 +149,7 @@ def test_every_page_during_and_after_a_computation(tmp_path):
                     "return document.body.dataset.updates || 0")) > 1)
                 fills = d.execute_script(
                     "return Array.from(document.querySelectorAll('#stream rect.task,"
-                    " #hist-groups rect, #graph circle[stroke-width='4'], #progress i.swatch'))"
+                    " #hist-groups rect, #graph circle[stroke-width=\"4\"], #progress i.swatch'))"
                     ".map((e) => (e.tagName === 'I' ? getComputedStyle(e).backgroundColor :"
                     " e.tagName === 'circle' ? e.getAttribute('stroke') :"
                     " e.getAttribute('fill') || '').toLowerCase())")
