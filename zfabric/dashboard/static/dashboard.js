@@ -387,9 +387,15 @@
     const colW = (width - 40) / ncols;
     const maxTotal = Math.max(1, ...nodes.map((n) => n.total));
     const pos = new Map();
-    for (const [d, col] of columns) {
-      col.sort((a, b) => a.id.localeCompare(b.id, undefined, {numeric: true}));
-      col.forEach((n, i) => pos.set(n.id, [20 + colW * (d + 0.5), 20 + (height - 40) * (i + 0.5) / col.length]));
+    const parentsOf = new Map();
+    for (const [a, b] of edges) { if (!parentsOf.has(b)) parentsOf.set(b, []); parentsOf.get(b).push(a); }
+    const ys = new Map();  // a column after the first is ordered by its nodes' parents (fewer crossings)
+    for (const d of [...columns.keys()].sort((a, b) => a - b)) {
+      const col = columns.get(d);
+      const centre = (n) => { const ps = (parentsOf.get(n.id) || []).filter((p) => ys.has(p));
+        return ps.length ? ps.reduce((t, p) => t + ys.get(p), 0) / ps.length : Infinity; };
+      col.sort((a, b) => (centre(a) - centre(b)) || COLLATOR.compare(a.id, b.id));
+      col.forEach((n, i) => { const y = 20 + (height - 40) * (i + 0.5) / col.length; ys.set(n.id, y); pos.set(n.id, [20 + colW * (d + 0.5), y]); });
     }
     const radius = (n) => byTask ? 6 : 8 + 22 * Math.sqrt(n.total / maxTotal);
     const nodeOf = new Map(nodes.map((n) => [n.id, n]));
