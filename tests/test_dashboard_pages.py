@@ -5,6 +5,7 @@ reload. Screenshots of each page go to the test artifacts."""
 
 from __future__ import annotations
 
+import logging
 import time
 from contextlib import ExitStack
 
@@ -25,6 +26,10 @@ def spin_in_known_function(seconds):
     while time.perf_counter() < end:
         n += sum(range(100))
     return n
+
+
+def warn_in_worker():
+    logging.getLogger("zfabric.test").warning("a mark in this worker")
 
 
 def pause(x):
@@ -68,6 +73,7 @@ def test_every_page_during_and_after_a_computation(tmp_path):
             assert sorted(rows) == sorted(client.scheduler_info()["workers"])
             d.save_screenshot(str(ARTIFACTS / "dashboard-status.png"))
             address = rows[0]
+            client.run(warn_in_worker, workers=[address])
             d.execute_script("document.querySelector('#workers tr.worker a').click()")
             wait_for(lambda: "/worker" in d.current_url)
             shown = wait_for(lambda: d.execute_script(
@@ -75,6 +81,9 @@ def test_every_page_during_and_after_a_computation(tmp_path):
                 ".map((r) => r.firstChild.textContent)") or None)
             assert d.execute_script(
                 "return document.getElementById('worker-address').textContent") == address
+            # its own log lines, sent with its heartbeats
+            wait_for(lambda: "a mark in this worker" in d.execute_script(
+                "return document.getElementById('worker-events').textContent"), timeout=20)
             d.save_screenshot(str(ARTIFACTS / "dashboard-worker.png"))
 
             # The graph page: the groups, sized and coloured by state while they run

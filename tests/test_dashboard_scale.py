@@ -234,3 +234,10 @@ def test_erred_groups_stay_until_dismissed():
     assert view.full()["erred_groups"] == []
     view.merge({"kind": "delta", "time": 4.0, "groups": [dict(row, nerred=2)]})
     assert view.full()["erred_groups"] == ["bad"]
+
+
+def test_log_reports_are_checked_and_bounded():
+    lines = [["WARNING", "x" * 5000], ["INFO", "ok"], ["bad"], [1, "x"], ["L" * 30, "x"]]
+    assert protocol.clean_logs(lines) == [("WARNING", "x" * 1000), ("INFO", "ok")]
+    assert protocol.clean_logs("nonsense") == []
+    assert len(protocol.clean_logs([["INFO", "a"]] * 500)) == protocol.MAX_LOG_LINES

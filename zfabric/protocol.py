@@ -632,3 +632,20 @@ def _profile_node(node, depth: int, budget: list) -> bool:
             or not 0 <= node[1] <= 1 << 31 or type(node[2]) is not list):
         return False
     return all(_profile_node(child, depth + 1, budget) for child in node[2])
+
+
+#: Log lines one worker report may carry.
+MAX_LOG_LINES = 50
+
+
+def clean_logs(items) -> list[tuple[str, str]]:
+    """The well-formed lines of a worker's ``logs`` report: ``(level, text)``, a level name of
+    at most 20 characters, text cut to 1,000; at most :data:`MAX_LOG_LINES`."""
+    if type(items) is not list:
+        return []
+    out = []
+    for item in items[:MAX_LOG_LINES]:
+        if (type(item) is list and len(item) == 2 and type(item[0]) is str
+                and len(item[0]) <= 20 and type(item[1]) is str):
+            out.append((item[0], item[1][:1000]))
+    return out

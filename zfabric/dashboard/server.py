@@ -242,6 +242,8 @@ class _Handler(BaseHTTPRequestHandler):
                     self._reply(HTTPStatus.OK, d.hub.encoded(seq, snap), "application/json")
             elif path == "/api/profile":
                 self._json(d.hub.call("profile", args.get("group")))
+            elif path == "/api/logs":
+                self._json(d.hub.call("worker_logs", args.get("address")))
             elif path == "/api/system":
                 self._json(d.hub.call("system_series"))
             elif path == "/metrics":

@@ -22,6 +22,9 @@ STREAM = 1000
 TRANSFERS = 200
 SERIES = 600
 EVENTS = 50
+#: Log lines kept per worker, and workers.
+LOG_LINES = 100
+LOGGED_WORKERS = 2000
 
 
 class View:
@@ -47,6 +50,7 @@ class View:
         self.profiles_version = 0
         self.system: dict[str, deque] = {}  # process -> [[t, cpu %, rss, disk r, w, net r, s]]
         self.names: dict[str, str] = {"scheduler": "scheduler"}
+        self.logs: dict[str, deque] = {}  # worker address -> [time, level, text]
         self.empty = True
 
     def merge(self, delta: dict) -> None:
@@ -90,6 +94,13 @@ class View:
             self.fine.extend(history or ())
             self.coarse.extend(delta.get("history_coarse") or ())
         self.durations.update(delta.get("durations") or {})
+        for address, t_log, level, text in delta.get("logs") or ():
+            q = self.logs.get(address)
+            if q is None:
+                if len(self.logs) >= LOGGED_WORKERS:
+                    del self.logs[next(iter(self.logs))]
+                q = self.logs[address] = deque(maxlen=LOG_LINES)
+            q.append([t_log, level, text])
         if "graph" in delta:
             self.graph = delta["graph"]
         if "tasks" in delta:
@@ -139,6 +150,9 @@ class View:
     def system_series(self) -> dict:
         return {"names": dict(self.names),
                 "series": {p: list(points) for p, points in self.system.items()}}
+
+    def worker_logs(self, address: str | None) -> list:
+        return list(self.logs.get(address or "", ()))
 
     def profile(self, group: str | None) -> dict:
         if group is None:

@@ -230,6 +230,8 @@ class Feed:
         self.history_seq, self.coarse_seq = h.seq, h.coarse_seq
         out["counters"] = obs.counters(state)
         out["event_counts"] = dict(obs.event_counts)
+        if obs.new_logs:
+            out["logs"], obs.new_logs = [list(x) for x in obs.new_logs], []
         out["durations"] = {r["name"]: obs.duration_row(obs.groups[r["name"]])
                             for r in out["groups"] if obs.groups[r["name"]].ndone}
         out["buckets"] = obs.buckets

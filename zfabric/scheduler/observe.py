@@ -35,6 +35,9 @@ SNAPSHOT_STREAM = 1000
 #: Profiles a whole snapshot carries (the most sampled groups), and nodes of each.
 SNAPSHOT_PROFILES = 20
 SNAPSHOT_PROFILE_NODES = 300
+#: Log lines kept per worker, and workers whose lines are kept.
+WORKER_LOG_LINES = 100
+MAX_LOGGED_WORKERS = 2000
 #: Transfers a snapshot carries (the newest).
 SNAPSHOT_TRANSFERS = 200
 #: Groups kept once they have no live task; the oldest idle ones go first beyond this.
@@ -212,6 +215,8 @@ class Observer:
         self.fresh: list = []  # tasks new since the last sample (their edges, not yet counted)
         self.graph_version = 0  # bumped when a group or a group edge appears or goes
         self.history = History()
+        self.worker_logs: dict[str, deque] = {}  # address -> its last log lines
+        self.new_logs: list[tuple] = []  # (address, time, level, text) not yet in a delta
         self.profiles: dict[str, list] = {}  # group -> merged profile tree
         self.profile_grown: set[str] = set()
         self._profile_nodes = [0]
@@ -291,6 +296,23 @@ class Observer:
             self.transfers.append((address, peer, start, stop, nbytes, nkeys))
             self.transfer_bytes += nbytes
         self.transfer_seq += len(items)
+
+    def logged(self, ws, lines: list, now: float) -> None:
+        """Log lines a worker sent (checked by :func:`~zfabric.protocol.clean_logs`)."""
+        if not lines:
+            return
+        t = now + self.wall_offset
+        address = ws.address
+        q = self.worker_logs.get(address)
+        if q is None:
+            if len(self.worker_logs) >= MAX_LOGGED_WORKERS:
+                del self.worker_logs[next(iter(self.worker_logs))]
+            q = self.worker_logs[address] = deque(maxlen=WORKER_LOG_LINES)
+        for level, text in lines:
+            q.append((t, level, text))
+            self.new_logs.append((address, t, level, text))
+        if len(self.new_logs) > 2 * WORKER_LOG_LINES * 10:
+            del self.new_logs[:-WORKER_LOG_LINES * 10]
 
     def profiled(self, report: dict, now: float) -> None:
         """A worker's profile report, checked by :func:`~zfabric.protocol.clean_profile`."""

@@ -40,7 +40,7 @@ from .data import DataPort, waiting
 from .execute import Executor
 from .memory import MemoryManager
 from .plugins import WorkerPlugins
-from .profiler import Profiler, io_metrics
+from .profiler import LogTail, Profiler, heartbeat_extras, io_metrics
 from .spill import SpillStore, worker_directory
 from .state import FETCH_TIMEOUT_S, WorkerCore
 
@@ -191,6 +191,7 @@ class WorkerLoop:
         self.profiler = Profiler(self.executor.running, self.config.PROFILE_INTERVAL_S,
                                  str(self.name))
         self.profiler.start()
+        self.log_tail = LogTail()
         self.port.actors = self.actors
         self.poller = self.port.poller = zmq.Poller()
         for s in (self.sched, self.port.data, self.wake):
@@ -309,7 +310,8 @@ class WorkerLoop:
         running = [(ident, key, start)
                    for ident, (key, start) in list(self.executor.running.items())]
         self.state.wall_offset = time.time() - now
-        self._do(self.state.tick(now, metrics, running, self.profiler.take()))
+        self._do(self.state.tick(now, metrics, running,
+                                heartbeat_extras(self.profiler, self.log_tail)))
         port = self.port
         if port.keyring is not None and port.keyring.refresh():
             port.revoke_peers(now)  # revoked keys lose the data port within a heartbeat

@@ -30,6 +30,7 @@ from pathlib import Path
 
 import psutil
 
+from .. import logs
 from ..scheduler.observe import key_group
 
 #: Seconds between samples while a task runs, and between looks while none does.
@@ -38,6 +39,9 @@ IDLE_S = 0.1
 #: Frames kept of one stack (from the task's function down), and nodes of one delta.
 MAX_DEPTH = 64
 MAX_NODES = 4000
+#: Log lines one heartbeat carries at most, and characters of each.
+LOG_LINES = 20
+LOG_CHARS = 500
 
 # The executor's frames (and this module's) are not the task's: a stack is cut there.
 _OWN_FILES = frozenset(str(Path(__file__).with_name(name)) for name in ("execute.py",))
@@ -160,6 +164,41 @@ def _name_os_thread(name: bytes) -> None:
 
 def _wire(text: str, node: list) -> list:
     return [text, node[0], [_wire(t, child) for t, child in node[1].items()]]
+
+
+class LogTail:
+    """The log records this process kept (:mod:`zfabric.logs`) that the scheduler has not
+    seen: :meth:`take` returns the new ones (``[[level, text], ...]``, at most
+    :data:`LOG_LINES`, each cut to :data:`LOG_CHARS`) for the heartbeat; the dashboard's
+    worker page shows them."""
+
+    def __init__(self) -> None:
+        self.buffer = logs.install()
+        self._last = None  # the newest record handed over (records are new tuples each)
+
+    def take(self) -> list | None:
+        records = self.buffer.records
+        if not records or records[-1] is self._last:
+            return None
+        new = []
+        for record in reversed(records):
+            if record is self._last or len(new) >= LOG_LINES:
+                break
+            new.append([record[0], record[1][:LOG_CHARS]])
+        self._last = records[-1]
+        return new[::-1]
+
+
+def heartbeat_extras(profiler: Profiler, tail: LogTail) -> dict:
+    """What the heartbeat carries besides metrics: new profile samples and log lines."""
+    out: dict = {}
+    profile = profiler.take()
+    if profile:
+        out["profile"] = profile
+    lines = tail.take()
+    if lines:
+        out["logs"] = lines
+    return out
 
 
 def io_metrics(process) -> dict:

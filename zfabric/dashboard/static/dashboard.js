@@ -437,7 +437,21 @@
 
   // ------------------------------------------------------------------ worker page
 
-  let workerSystem = null, workerSystemAt = 0;
+  let workerSystem = null, workerSystemAt = 0, workerLog = [];
+  function drawWorkerLog(address, w) {
+    // the worker's own log lines and what the scheduler logged about it, newest first
+    const name = w ? w.name : address;
+    const about = S.events.filter(([, text]) => text.includes(address) || (name && text.includes("worker " + name + " ")))
+      .map(([t, text]) => [t, "scheduler", text]);
+    const lines = workerLog.map(([t, level, text]) => [t, level, text]).concat(about).sort((a, b) => b[0] - a[0]);
+    $("worker-events").replaceChildren(...lines.slice(0, 200).map(([t, level, text]) => {
+      const li = el("li", {class: "log " + level.toLowerCase()});
+      li.appendChild(el("time", {}, clock(t)));
+      li.appendChild(el("b", {class: "level"}, level + " "));
+      li.appendChild(document.createTextNode(text));
+      return li;
+    }));
+  }
   function renderWorker() {
     const address = PARAMS.get("address") || "";
     const w = S.workers.get(address);
@@ -466,14 +480,12 @@
       for (const v of [inbound ? "in" : "out", inbound ? t[1] : t[0], t[5], bytes(t[4]), secs(t[3] - t[2])]) tr.appendChild(el("td", {}, String(v)));
       return tr;
     }));
-    const name = w ? w.name : address;
-    const about = S.events.filter(([, text]) => text.includes(address) || (name && text.includes("worker " + name + " ")));
-    $("worker-events").replaceChildren(...about.slice().reverse().map(([t, text]) => {
-      const li = el("li"); li.appendChild(el("time", {}, clock(t))); li.appendChild(document.createTextNode(text)); return li;
-    }));
+    drawWorkerLog(address, w);
     if (Date.now() - workerSystemAt > 2000) {
       workerSystemAt = Date.now();
       fetch("/api/system").then((r) => r.json()).then((s) => { workerSystem = s; drawWorkerSystem(address); });
+      fetch("/api/logs?address=" + encodeURIComponent(address)).then((r) => r.json())
+        .then((lines) => { workerLog = lines; drawWorkerLog(address, S.workers.get(address)); });
     }
   }
   function drawWorkerSystem(address) {
