@@ -328,3 +328,51 @@ def test_a_new_incarnation_keeps_reported_results_and_runs_only_the_rest():
     events = [text for _, text in state.events]
     assert any("scheduler replaced" in e for e in events)
     assert any("2 results kept, 1 left running" in e for e in events)
+
+
+def test_the_client_record_sends_again_what_is_still_needed_in_order():
+    from zfabric.futures import FutureState
+    from zfabric.replay import Replay
+
+    def state(key, status="pending", value=None):
+        st = FutureState(key)
+        st.status, st.value, st.nbytes = status, value, 7
+        return st
+
+    replay = Replay()
+    # Given a graph sent as one message: inner tasks "i1", "i2" (no future here), and "out"
+    states = {"out": state("out"), "done": state("done", "finished", b"V"),
+              "big": state("big", "finished"), "gone": state("gone", "error")}
+    graph = {"op": "submit", "functions": {"f": b"F"}, "tasks": [
+        ["i1", b"p1", [], None, "f"], ["i2", b"p2", ["i1"], None, "f"],
+        ["out", b"po", ["i2"], None, "f"]]}
+    replay.sent([graph, {"op": "release", "keys": ["i1", "i2"]}], states)
+    # and tasks that finished (small and large values), failed, and were released
+    replay.sent([{"op": "submit", "functions": {"f": b"F"}, "tasks": [
+        ["done", b"pd", [], None, "f"], ["big", b"pb", [], None, "f"],
+        ["gone", b"pg", [], None, "f"], ["dropped", b"px", [], None, "f"]]}], states)
+    replay.sent([{"op": "scatter", "items": [["s", b"S", 1, []]]},
+                 {"op": "coord", "id": 3, "kind": "var-set", "name": "v", "item": ["v", b"x", []]},
+                 {"op": "coord", "id": 4, "kind": "event-set", "name": "e"}], states)
+    states["s"] = state("s", "finished", b"S")
+    # When a new incarnation must hear it again
+    ops = replay.ops(states, queued=set(), batch=1000, max_bytes=2**20)
+    # Then it gets the graph in order (inner tasks too), a finished small value as a value,
+    # a large one's task (its holder may be gone), nothing failed or released, the Variable
+    # and Event, and a release of the inner keys
+    assert ops == [
+        {"op": "submit", "functions": {"f": b"F"}, "tasks": [
+            ["i1", b"p1", [], None, "f"], ["i2", b"p2", ["i1"], None, "f"],
+            ["out", b"po", ["i2"], None, "f"]]},
+        {"op": "scatter", "items": [["done", b"V", 7, []]]},
+        {"op": "submit", "functions": {"f": b"F"}, "tasks": [["big", b"pb", [], None, "f"]]},
+        {"op": "scatter", "items": [["s", b"S", 7, []]]},
+        {"op": "coord", "id": 0, "kind": "var-set", "name": "v", "item": ["v", b"x", []]},
+        {"op": "coord", "id": 0, "kind": "event-set", "name": "e"},
+        {"op": "release", "keys": ["i1", "i2"]},
+    ]
+    # When the futures finish with small values, a sweep drops every message
+    states["out"] = state("out", "finished", b"O")
+    states["big"] = state("big", "finished", b"B")
+    replay.sweep(states)
+    assert not replay.groups and replay.recorded == 0
