@@ -166,6 +166,18 @@ def connection_from(srcfd: int, pid: int) -> bool:
         return False
     finally:
         s.close()
+    conn = (peer[:2], mine[:2], pid)
+    known = _known_peers.get(conn)
+    if known is not None:
+        # Seen before: one readlink shows that ``pid`` still holds that socket (a connected
+        # TCP socket never changes its addresses, so it is still our connection's other end).
+        inode, name = known
+        try:
+            if os.readlink(f"/proc/{pid}/fd/{name}") == f"socket:[{inode}]":
+                return True
+        except OSError:
+            pass
+        _known_peers.pop(conn, None)
     inode = _tcp_inode(peer[:2], mine[:2])
     if inode is None:
         return False
@@ -177,10 +189,19 @@ def connection_from(srcfd: int, pid: int) -> bool:
     for name in names:
         try:
             if os.readlink(f"/proc/{pid}/fd/{name}") == target:
+                if len(_known_peers) >= 1024:
+                    _known_peers.clear()
+                _known_peers[conn] = (inode, name)
                 return True
         except OSError:
             continue
     return False
+
+
+#: Connections already traced to a process: (peer address, our address, pid) -> (the peer
+#: socket's inode, its descriptor in ``pid``). Tracing scans ``/proc/net/tcp`` and the
+#: process's descriptors (milliseconds with many connections); checking again is one readlink.
+_known_peers: dict[tuple, tuple[int, str]] = {}
 
 
 def _hexaddr(addr) -> str:
