@@ -394,6 +394,19 @@ class Pool:
         self._kept -= 1
 
 
+def scratch(size: int) -> memoryview:
+    """A writable buffer of ``size`` bytes for this process's own use (pieces of a value
+    joined again): a mapping of a pool segment where this process has a pool, so that steady
+    traffic reuses pages already allocated; a ``bytearray`` elsewhere."""
+    if size >= GRANULE and available():
+        p = pool()
+        desc = p.lease(size, owner=_SCRATCH)
+        if desc is not None:
+            return p.adopt(desc[0], [size], owner=_SCRATCH)[0]
+    return memoryview(bytearray(size))
+
+
+_SCRATCH = object()  # the owner of leases this process takes for itself
 _pool: Pool | None = None
 _pool_lock = threading.Lock()
 

@@ -24,6 +24,15 @@ logger = logging.getLogger(__name__)
 
 #: Values with at least this many bytes of buffers go through shared memory on one host.
 SHM_THRESHOLD_BYTES = 1 << 20
+#: Over a socket, a buffer of more than ``PIECE_MIN_BYTES`` leaves in frames of
+#: ``PIECE_BYTES``: libzmq then sends, receives (and with CURVE encrypts and decrypts) the
+#: pieces as a pipeline across the two ends' I/O threads, where one 100 MB frame is encrypted
+#: whole, then sent whole, then decrypted whole. The receiver joins the pieces (one copy).
+PIECE_BYTES = 1 << 20
+PIECE_MIN_BYTES = 4 << 20
+#: Pieces in one message at most (``Config.MAX_FRAMES`` bounds frames); past this a buffer
+#: leaves whole.
+MAX_PIECES = 4096
 
 
 def pack_values(values, *, ask: bool = False, into: dict | None = None,
@@ -32,12 +41,14 @@ def pack_values(values, *, ask: bool = False, into: dict | None = None,
 
     ``values`` holds ``(key, header, buffers, raw)``; each item is
     ``[key, header, nframes, raw, where]``, where ``where`` is None (the buffers are the next
-    ``nframes`` frames), ``["seg", lease, sizes]`` (written into the receiver's segment
-    ``into[key]``), or ``["sizes", sizes]`` (``ask``: too large for a frame; ask again with a
-    segment of that size). ``srcfd``: our end of the asker's connection; a segment of another
-    process is not written (see :func:`zfabric.shm.write`).
+    ``nframes`` frames), ``["pieces", counts]`` (the same, buffer ``i`` cut into
+    ``counts[i]`` frames: see ``PIECE_BYTES``), ``["seg", lease, sizes]`` (written into the
+    receiver's segment ``into[key]``), or ``["sizes", sizes]`` (``ask``: too large for a frame;
+    ask again with a segment of that size). ``srcfd``: our end of the asker's connection; a
+    segment of another process is not written (see :func:`zfabric.shm.write`).
     """
     items, frames = [], []
+    pieces = 0
     for key, header, bufs, raw in values:
         where = None
         if bufs and (ask or (into and key in into)):
@@ -49,10 +60,52 @@ def pack_values(values, *, ask: bool = False, into: dict | None = None,
                 where = ["sizes", sizes]
         if where is not None:
             items.append([key, header, 0, raw, where])
-        else:
-            items.append([key, header, len(bufs), raw, None])
-            frames.extend(bufs)
+            continue
+        counts = None
+        start = len(frames)
+        for i, b in enumerate(bufs):
+            view = memoryview(b)
+            n = view.nbytes
+            if (n <= PIECE_MIN_BYTES or pieces + n // PIECE_BYTES > MAX_PIECES
+                    or not view.c_contiguous):
+                frames.append(b)
+                if counts is not None:
+                    counts.append(1)
+                continue
+            if counts is None:
+                counts = [1] * i
+            view = view.cast("B") if view.format != "B" or view.ndim != 1 else view
+            cut = [view[off:off + PIECE_BYTES] for off in range(0, n, PIECE_BYTES)]
+            frames.extend(cut)
+            counts.append(len(cut))
+            pieces += len(cut)
+        items.append([key, header, len(frames) - start, raw,
+                      ["pieces", counts] if counts is not None else None])
     return items, frames
+
+
+def _joined(frames: list, counts: list) -> list:
+    """Buffers from frames, those cut into pieces joined again (into a segment of this
+    process's pool where it has one: pages already allocated, back to the pool when the value
+    dies; see :func:`zfabric.shm.Pool.scratch`)."""
+    out, pos = [], 0
+    for c in counts:
+        if type(c) is not int or c < 1 or pos + c > len(frames):
+            raise RemoteProtocolError(f"bad piece counts {counts!r:.80}")
+        if c == 1:
+            out.append(frames[pos])
+        else:
+            parts = [memoryview(f) for f in frames[pos:pos + c]]
+            dest = shm.scratch(sum(p.nbytes for p in parts))
+            off = 0
+            for p in parts:
+                dest[off:off + p.nbytes] = p.cast("B") if p.format != "B" else p
+                off += p.nbytes
+            out.append(dest)
+        pos += c
+    if pos != len(frames):
+        raise RemoteProtocolError(f"piece counts {counts!r:.80} do not match {len(frames)} frames")
+    return out
 
 
 def unpack_values(items: list, frames: list, owner=None):
@@ -73,6 +126,10 @@ def unpack_values(items: list, frames: list, owner=None):
             bufs = [f.buffer if hasattr(f, "buffer") else f for f in frames[pos : pos + n]]
             pos += n
             yield key, header, bufs, raw, None
+        elif where[0] == "pieces" and len(where) == 2 and type(where[1]) is list:
+            got = [f.buffer if hasattr(f, "buffer") else f for f in frames[pos : pos + n]]
+            pos += n
+            yield key, header, _joined(got, where[1]), raw, None
         elif where[0] == "sizes" and len(where) == 2 and type(where[1]) is list:
             yield key, header, None, raw, where[1]
         elif where[0] == "seg" and len(where) == 3 and type(where[2]) is list:
