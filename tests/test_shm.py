@@ -223,6 +223,24 @@ async def test_large_values_move_through_shared_memory_on_one_host(c, s, a, b):
     await until(lambda: shm.pool().stats()["leased"] == 0)
 
 
+@gen_cluster()
+async def test_chunks_of_a_group_seen_before_take_one_request_each(c, s, a, b):
+    # Given large values of one group on worker a
+    chunks = [c.submit(np.full, 3 * MiB // 8, float(i), key=f"chunk-{i}", workers=[a.address])
+              for i in range(3)]
+    await c.gather(chunks)
+    stats = b._core.state.fetch_stats
+    # When b fetches the first: its sizes, then the value written into a segment
+    first = c.submit(np.sum, chunks[0], workers=[b.address])
+    assert await first == 0.0 and stats["requests"] == 2
+    # Then the next ones of the group come at once, into segments named in the first request
+    rest = c.submit(lambda p, q: (shm.in_segment(p), float(p.sum() + q.sum())),
+                    chunks[1], chunks[2], workers=[b.address])
+    in_seg, total = await rest
+    assert in_seg and total == 3.0 * (3 * MiB // 8) and stats["requests"] == 3
+    await until(lambda: shm.pool().stats()["leased"] == 0)
+
+
 @gen_cluster(nworkers=1)
 async def test_a_put_into_an_expired_lease_is_refused_and_the_worker_carries_on(c, s, a):
     ctx = zmq.Context()

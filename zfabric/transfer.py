@@ -56,8 +56,8 @@ def pack_values(values, *, ask: bool = False, into: dict | None = None,
             desc = into.get(key) if into else None
             if desc is not None and shm.write(desc, bufs, srcfd=srcfd):
                 where = ["seg", desc[0], sizes]
-            elif ask and desc is None and sum(sizes) >= SHM_THRESHOLD_BYTES:
-                where = ["sizes", sizes]
+            elif ask and sum(sizes) >= SHM_THRESHOLD_BYTES:
+                where = ["sizes", sizes]  # (a segment named with a guess may be too small)
         if where is not None:
             items.append([key, header, 0, raw, where])
             continue
