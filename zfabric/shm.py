@@ -171,9 +171,8 @@ def connection_from(srcfd: int, pid: int) -> bool:
     if known is not None:
         # Seen before: one readlink shows that ``pid`` still holds that socket (a connected
         # TCP socket never changes its addresses, so it is still our connection's other end).
-        inode, name = known
         try:
-            if os.readlink(f"/proc/{pid}/fd/{name}") == f"socket:[{inode}]":
+            if os.readlink(f"/proc/{pid}/fd/{known[1]}") == f"socket:[{known[0]}]":
                 return True
         except OSError:
             pass

@@ -47,7 +47,8 @@ def pack_values(values, *, ask: bool = False, into: dict | None = None,
     ask again with a segment of that size). ``srcfd``: our end of the asker's connection; a
     segment of another process is not written (see :func:`zfabric.shm.write`).
     """
-    items, frames = [], []
+    items: list = []
+    frames: list = []
     pieces = 0
     for key, header, bufs, raw in values:
         where = None
