@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass, fields, replace
+from typing import Any
 
 #: Version of the wire protocol; peers with another version are refused.
 PROTOCOL_VERSION = 1
@@ -25,8 +26,15 @@ class Config:
     INLINE_BYTES: int = 64 * 1024
     #: How often workers, nannies and clients send a heartbeat.
     HEARTBEAT_INTERVAL_S: float = 0.5
-    #: A worker silent this long is declared dead.
+    #: At most this many heartbeats a second reach the scheduler from all its workers and
+    #: nannies: the interval it tells them grows with their number (HEARTBEAT_INTERVAL_S
+    #: at least).
+    HEARTBEATS_PER_S_MAX: float = 200.0
+    #: A worker silent this long is declared dead (at least: see WORKER_TTL_HEARTBEATS).
     WORKER_TTL_S: float = 5.0
+    #: A worker or Nanny silent for this many of the heartbeat intervals it was told is
+    #: declared dead, when that is longer than WORKER_TTL_S (large clusters beat slower).
+    WORKER_TTL_HEARTBEATS: float = 3.0
     #: A client silent this long has its futures released.
     CLIENT_TTL_S: float = 30.0
     #: A task that was running on this many dead workers, plus one, fails with KilledWorker.
@@ -108,17 +116,28 @@ class Config:
     DASHBOARD_INTERVAL_S: float = 0.25
     #: Finished tasks the scheduler remembers for the task stream (get_task_stream).
     TASK_STREAM_LENGTH: int = 10_000
+    #: A batch job (SLURMCluster, PBSCluster) pending this long is reported, once: a warning
+    #: and an event on the scheduler (topic ``jobqueue``).
+    PENDING_REPORT_S: float = 60.0
+    #: How often a job-queue cluster asks the batch system (squeue, qstat) about its jobs.
+    JOB_STATUS_INTERVAL_S: float = 5.0
+    #: A batch job's workers retire (their data moved off) this long before its walltime.
+    JOB_RETIRE_LEAD_S: float = 60.0
+    #: Adaptive scaling submits a replacement this long before a job's workers retire.
+    JOB_REPLACE_AHEAD_S: float = 120.0
+    #: Longest a batch command (sbatch, scancel, squeue, qsub, ...) may take.
+    JOB_COMMAND_TIMEOUT_S: float = 60.0
 
 
 def from_env(environ: dict[str, str] | None = None, **overrides) -> Config:
     """Build a Config from ``ZFABRIC_*`` environment variables and keyword overrides."""
     env = os.environ if environ is None else environ
-    values = {}
+    values: dict[str, Any] = {}
     for f in fields(Config):
         raw = env.get("ZFABRIC_" + f.name)
         if raw is None:
             continue
-        kind = type(f.default)
+        kind: Any = type(f.default)
         try:
             if kind is bool:
                 if raw.strip().lower() not in ("1", "0", "true", "false", "yes", "no", "on", "off"):

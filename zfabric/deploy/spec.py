@@ -50,9 +50,14 @@ import time
 import weakref
 from typing import Any
 
+from .. import logs
+from ..adaptive import Adaptive
+from ..client import Client
 from ..config import parse_bytes, parse_timedelta
 from ..errors import ClosedError, CommTimeoutError
 from ..lifecycle import LifeCycle, LoopThread
+from ..nanny import Nanny
+from ..scheduler import Scheduler
 from ..security import as_security
 
 logger = logging.getLogger("zfabric.cluster")
@@ -121,9 +126,6 @@ class InProcessScheduler(ProcessInterface):
         self.server: Any = None
 
     async def start(self) -> None:
-        from .. import logs
-        from ..scheduler import Scheduler
-
         logs.install()
         server = self.server = Scheduler(**self.options)
         await server
@@ -135,8 +137,6 @@ class InProcessScheduler(ProcessInterface):
             await self.server.close()
 
     def logs(self) -> str:
-        from .. import logs
-
         events: list[str] = []
         if self.server is not None:
             events = [f"{t:.3f} event {text}" for t, text in list(self.server.state.events)]
@@ -157,8 +157,6 @@ class NannyJob(ProcessInterface):
         return [str(self.name)] if n == 1 else [f"{self.name}-{i}" for i in range(n)]
 
     async def start(self) -> None:
-        from ..nanny import Nanny
-
         self.nanny = Nanny(self.scheduler, name=self.name, **self.options)
         await self.nanny
         self._own(self._watch(self.nanny))
@@ -261,8 +259,6 @@ class SpecCluster(LifeCycle):
     # ------------------------------------------------------------------ life cycle
 
     async def start(self) -> None:
-        from .. import logs
-
         logs.install()
         spec = self.scheduler_spec
         self.scheduler = spec["cls"](**spec.get("options", {}))
@@ -346,8 +342,6 @@ class SpecCluster(LifeCycle):
     async def _client(self):
         """The cluster's own asynchronous client (retiring workers, logs, adapt)."""
         if self._control is None:
-            from ..client import Client
-
             self._control = Client(self.scheduler_address, asynchronous=True,
                                    set_as_default=False, security=self.security)
             await self._control
@@ -404,16 +398,19 @@ class SpecCluster(LifeCycle):
         if not names:
             return []
         client = await self._client()
-        info = await client._request("info")
-        addresses = [a for a, w in info["workers"].items()
-                     if _job_of(str(w.get("name")), names) is not None]
-        if addresses:
-            await client._retire_workers(addresses, None)
-        gone = [self.workers.pop(n) for n in names if n in self.workers]
-        for n in names:
+        info = await client.scheduler_info(n_workers=-1)
+        owner = {a: _job_of(str(w.get("name")), names) for a, w in info["workers"].items()}
+        addresses = {a: job for a, job in owner.items() if job is not None}
+        retired = await client.retire_workers(list(addresses)) if addresses else {}
+        # A job whose worker the scheduler kept (no other worker could take its data yet)
+        # stays: closing it would lose that data.
+        kept = {addresses[a] for a in addresses if a not in retired}
+        done = [n for n in names if n not in kept and n in self.workers]
+        gone = [self.workers.pop(n) for n in done]
+        for n in done:
             self.worker_spec.pop(n, None)
         await asyncio.gather(*(j.close() for j in gone), return_exceptions=True)
-        return names
+        return done
 
     def adapt(self, minimum: int = 0, maximum: float = math.inf, *, minimum_jobs=None,
               maximum_jobs=None, minimum_cores=None, maximum_cores=None, minimum_memory=None,
@@ -423,8 +420,6 @@ class SpecCluster(LifeCycle):
         ``minimum_jobs``/``maximum_jobs``, cores, memory), counted in whole jobs: add jobs
         while tasks queue, retire idle ones after ``wait_count`` checks ``interval`` apart.
         Returns the :class:`~zfabric.adaptive.Adaptive` (``.stop()`` ends it)."""
-        from ..adaptive import Adaptive
-
         lo = self._jobs_for(minimum)
         hi = math.inf if maximum == math.inf else self._jobs_for(int(maximum))
         for value, low in ((minimum_jobs, True), (maximum_jobs, False)):
@@ -458,7 +453,7 @@ class SpecCluster(LifeCycle):
         client = await self._client()
         while True:
             self._raise_failed()
-            info = await client._request("info")
+            info = await client.scheduler_info(n_workers=-1)
             have = len(info["workers"])
             if have >= n:
                 return
@@ -483,8 +478,6 @@ class SpecCluster(LifeCycle):
         return self._run(self._get_logs(cluster, scheduler, workers))
 
     async def _get_logs(self, cluster, scheduler, workers) -> dict[str, str]:
-        from .. import logs
-
         out = {}
         if cluster:
             out["Cluster"] = "\n".join(m for _, m in logs.recent(prefix="zfabric.cluster"))
@@ -503,8 +496,6 @@ class SpecCluster(LifeCycle):
 
     def get_client(self):
         """A Client of this cluster."""
-        from ..client import Client
-
         return Client(self, asynchronous=self.asynchronous)
 
     def close(self, timeout: float | None = None):
