@@ -133,14 +133,17 @@ def test_pack_and_unpack_values_through_a_lease():
     np.testing.assert_array_equal(np.frombuffer(bufs[0], dtype="f8"), big)
 
 
-def test_large_buffers_travel_in_pieces_joined_again_on_a_pooled_segment():
+def test_large_buffers_cross_encrypted_sockets_in_pieces_joined_on_a_pooled_segment():
     from zfabric.transfer import PIECE_BYTES, PIECE_MIN_BYTES
 
     big = np.arange((PIECE_MIN_BYTES + PIECE_BYTES // 2) // 8, dtype="f8")
     edge = np.ones(PIECE_MIN_BYTES // 8)  # not more than the threshold: one frame
     values = [("a", b"h1", [b"tiny", memoryview(big)], False), ("b", b"h2", [edge], True)]
-    # Over a socket: the large buffer leaves as views of itself, one frame per piece
+    # Plain: every buffer leaves whole
     items, frames = pack_values(values)
+    assert [i[2:] for i in items] == [[2, False, None], [1, True, None]] and len(frames) == 3
+    # Encrypted: the large buffer leaves as views of itself, one frame per piece
+    items, frames = pack_values(values, pieces=True)
     pieces = -(-big.nbytes // PIECE_BYTES)
     assert items[0][2:] == [1 + pieces, False, ["pieces", [1, pieces]]]
     assert items[1][2:] == [1, True, None] and len(frames) == 1 + pieces + 1

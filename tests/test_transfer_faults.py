@@ -1,9 +1,9 @@
-"""Values that cross a socket in pieces (``zfabric.transfer.PIECE_BYTES``), under faults: a
-worker killed while a peer or the client fetches from it, a value freed while its answer is
-still on the wire, a message whose pieces do not add up. Each ends in the right result or a
-clear error, and the worker carries on.
+"""Values that cross an encrypted socket in pieces (``zfabric.transfer.PIECE_BYTES``), under
+faults: a worker killed while a peer or the client fetches from it, a value freed while its
+answer is still on the wire, a message whose pieces do not add up. Each ends in the right
+result or a clear error, and the worker carries on.
 
-The shared-memory path is off in every process here, so large values go over TCP.
+The shared-memory path is off in every process here, so large values go over TCP (CurveZMQ).
 """
 
 from __future__ import annotations
@@ -18,9 +18,12 @@ import sys
 import cloudpickle
 import numpy as np
 import pytest
+import zmq
+import zmq.asyncio
 
-from zfabric import Client, Scheduler, Worker, protocol, serialize
+from zfabric import Client, Scheduler, Worker, _zmq, protocol, serialize
 from zfabric import config as zconfig
+from zfabric.security import Security, keygen
 from zfabric.testing import FakePeer, until
 from zfabric.transfer import PIECE_BYTES, PIECE_MIN_BYTES, unpack_values
 
@@ -49,13 +52,18 @@ def negate_slowly(x, seconds: float = 0.0):
 
 
 @pytest.fixture
-def worker_process():
+def keys(tmp_path):
+    return keygen(tmp_path / "keys")
+
+
+@pytest.fixture
+def worker_process(keys):
     started: list[subprocess.Popen] = []
 
     def start(address: str) -> subprocess.Popen:
         proc = subprocess.Popen(
             [sys.executable, "-m", "zfabric", "worker", address, "--nthreads", "1",
-             "--memory-limit", "0", "--log-level", "error"],
+             "--memory-limit", "0", "--log-level", "error", "--security", str(keys)],
             env={**os.environ, **TCP_ENV}, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
             start_new_session=True)
         started.append(proc)
@@ -81,11 +89,12 @@ async def holder(s: Scheduler, proc: subprocess.Popen):
     return find()
 
 
-async def test_a_worker_killed_while_a_peer_fetches_pieces_from_it(worker_process):
-    config = tcp(WORKER_TTL_S=1.0)
-    async with Scheduler(config=config) as s, \
-            Client(s.address, asynchronous=True, config=config, set_as_default=False) as c, \
-            Worker(s.address, nthreads=1, memory_limit=0, config=config) as b:
+async def test_a_worker_killed_while_a_peer_fetches_pieces_from_it(worker_process, keys):
+    config, sec = tcp(WORKER_TTL_S=1.0), Security(keys)
+    async with Scheduler(config=config, security=sec, dashboard=False) as s, \
+            Client(s.address, asynchronous=True, config=config, set_as_default=False,
+                   security=sec) as c, \
+            Worker(s.address, nthreads=1, memory_limit=0, config=config, security=sec) as b:
         w = worker_process(s.address)
         ws = await holder(s, w)
         # Given a large value on a worker process
@@ -101,11 +110,12 @@ async def test_a_worker_killed_while_a_peer_fetches_pieces_from_it(worker_proces
 
 
 async def test_the_client_gets_the_right_value_when_its_holder_dies_mid_transfer(
-        worker_process):
-    config = tcp(WORKER_TTL_S=1.0)
-    async with Scheduler(config=config) as s, \
-            Client(s.address, asynchronous=True, config=config, set_as_default=False) as c, \
-            Worker(s.address, nthreads=1, memory_limit=0, config=config):
+        worker_process, keys):
+    config, sec = tcp(WORKER_TTL_S=1.0), Security(keys)
+    async with Scheduler(config=config, security=sec, dashboard=False) as s, \
+            Client(s.address, asynchronous=True, config=config, set_as_default=False,
+                   security=sec) as c, \
+            Worker(s.address, nthreads=1, memory_limit=0, config=config, security=sec):
         w = worker_process(s.address)
         ws = await holder(s, w)
         x = c.submit(big, 2, workers=[ws.address], allow_other_workers=True)
@@ -124,32 +134,39 @@ async def test_the_client_gets_the_right_value_when_its_holder_dies_mid_transfer
         np.testing.assert_array_equal(value, big(2))
 
 
-async def test_a_value_freed_while_its_pieces_are_on_the_wire_arrives_whole():
-    config = tcp()
-    async with Scheduler(config=config) as s, \
-            Client(s.address, asynchronous=True, config=config, set_as_default=False) as c, \
-            Worker(s.address, nthreads=1, memory_limit=0, config=config) as a:
+async def test_a_value_freed_while_its_pieces_are_on_the_wire_arrives_whole(keys):
+    config, sec = tcp(), Security(keys)
+    async with Scheduler(config=config, security=sec, dashboard=False) as s, \
+            Client(s.address, asynchronous=True, config=config, set_as_default=False,
+                   security=sec) as c, \
+            Worker(s.address, nthreads=1, memory_limit=0, config=config, security=sec) as a:
         x = c.submit(big, 3, pure=False)
         await asyncio.wait_for(x, 10)
         key = x.key
-        async with FakePeer(a.address, role="client") as peer:
+        sock = _zmq.dealer(zmq.asyncio.Context.instance(), a.address, security=sec,
+                           role="client", server="worker")
+        try:
             # Given an answer sent (in pieces) but not yet read
-            await peer.send({"op": "get-data", "id": 1, "keys": [key]})
+            await sock.send_multipart(protocol.encode([{"op": "get-data", "id": 1,
+                                                        "keys": [key]}]))
             await asyncio.sleep(0.2)
             # When the value is freed on the worker meanwhile
             del x
             await until(lambda: key not in a.data, 10, "the value dropped")
             # Then the answer still holds all of it, joined again
-            frames = await asyncio.wait_for(peer.sock.recv_multipart(), 10)
-            ops, buffers = protocol.decode(frames)
+            ops, buffers = protocol.decode(
+                await asyncio.wait_for(sock.recv_multipart(copy=False), 10))
             [[k, _, n, _, where]] = ops[0]["items"]
             assert k == key and where[0] == "pieces" and n == len(buffers) > 2
             [(_, h, bufs, _, _)] = list(unpack_values(ops[0]["items"], buffers))
             np.testing.assert_array_equal(serialize.loads_value(h, bufs), big(3))
             # and asked again, the worker says it no longer holds it
-            await peer.send({"op": "get-data", "id": 2, "keys": [key]})
-            ops, _ = protocol.decode(await asyncio.wait_for(peer.sock.recv_multipart(), 10))
+            await sock.send_multipart(protocol.encode([{"op": "get-data", "id": 2,
+                                                        "keys": [key]}]))
+            ops, _ = protocol.decode(await asyncio.wait_for(sock.recv_multipart(), 10))
             assert ops[0]["items"][0][1] is None
+        finally:
+            sock.close(0)
 
 
 async def test_pieces_that_do_not_add_up_are_refused_and_the_worker_carries_on():

@@ -24,10 +24,12 @@ logger = logging.getLogger(__name__)
 
 #: Values with at least this many bytes of buffers go through shared memory on one host.
 SHM_THRESHOLD_BYTES = 1 << 20
-#: Over a socket, a buffer of more than ``PIECE_MIN_BYTES`` leaves in frames of
-#: ``PIECE_BYTES``: libzmq then sends, receives (and with CURVE encrypts and decrypts) the
-#: pieces as a pipeline across the two ends' I/O threads, where one 100 MB frame is encrypted
-#: whole, then sent whole, then decrypted whole. The receiver joins the pieces (one copy).
+#: Over an encrypted socket, a buffer of more than ``PIECE_MIN_BYTES`` leaves in frames of
+#: ``PIECE_BYTES``: libzmq then encrypts, sends, receives and decrypts the pieces as a pipeline
+#: across the two ends' I/O threads, where one 100 MB frame is encrypted whole, then sent
+#: whole, then decrypted whole. The receiver joins the pieces (one copy). Plain TCP has no
+#: step to overlap (libzmq reads a large frame straight into its buffer), so there the copy
+#: would only cost: buffers leave whole.
 PIECE_BYTES = 1 << 20
 PIECE_MIN_BYTES = 4 << 20
 #: Pieces in one message at most (``Config.MAX_FRAMES`` bounds frames); past this a buffer
@@ -36,20 +38,21 @@ MAX_PIECES = 4096
 
 
 def pack_values(values, *, ask: bool = False, into: dict | None = None,
-                srcfd: int | None = None) -> tuple[list, list]:
+                srcfd: int | None = None, pieces: bool = False) -> tuple[list, list]:
     """Wire form of stored values: ``items`` for the op, ``frames`` to send after it.
 
     ``values`` holds ``(key, header, buffers, raw)``; each item is
     ``[key, header, nframes, raw, where]``, where ``where`` is None (the buffers are the next
     ``nframes`` frames), ``["pieces", counts]`` (the same, buffer ``i`` cut into
-    ``counts[i]`` frames: see ``PIECE_BYTES``), ``["seg", lease, sizes]`` (written into the
+    ``counts[i]`` frames, given ``pieces``: see ``PIECE_BYTES``), ``["seg", lease, sizes]``
+    (written into the
     receiver's segment ``into[key]``), or ``["sizes", sizes]`` (``ask``: too large for a frame;
     ask again with a segment of that size). ``srcfd``: our end of the asker's connection; a
     segment of another process is not written (see :func:`zfabric.shm.write`).
     """
     items: list = []
     frames: list = []
-    pieces = 0
+    cut_so_far = 0 if pieces else MAX_PIECES + 1  # no pieces: every buffer leaves whole
     for key, header, bufs, raw in values:
         where = None
         if bufs and (ask or (into and key in into)):
@@ -67,7 +70,7 @@ def pack_values(values, *, ask: bool = False, into: dict | None = None,
         for i, b in enumerate(bufs):
             view = memoryview(b)
             n = view.nbytes
-            if (n <= PIECE_MIN_BYTES or pieces + n // PIECE_BYTES > MAX_PIECES
+            if (n <= PIECE_MIN_BYTES or cut_so_far + n // PIECE_BYTES > MAX_PIECES
                     or not view.c_contiguous):
                 frames.append(b)
                 if counts is not None:
@@ -79,7 +82,7 @@ def pack_values(values, *, ask: bool = False, into: dict | None = None,
             cut = [view[off:off + PIECE_BYTES] for off in range(0, n, PIECE_BYTES)]
             frames.extend(cut)
             counts.append(len(cut))
-            pieces += len(cut)
+            cut_so_far += len(cut)
         items.append([key, header, len(frames) - start, raw,
                       ["pieces", counts] if counts is not None else None])
     return items, frames
@@ -325,14 +328,16 @@ class DataPool:
             big = [(k, s) for k, s in big if sum(s) >= SHM_THRESHOLD_BYTES]
             if big:
                 into = await self._leases(address, big)
+        pieces = self.security is not None
         if into:
-            spec, frames = await asyncio.to_thread(pack_values, values, into=into)
+            spec, frames = await asyncio.to_thread(pack_values, values, into=into,
+                                                   pieces=pieces)
         else:
-            spec, frames = pack_values(values)
+            spec, frames = pack_values(values, pieces=pieces)
         op, _ = await self.request(address, {"op": "put-data", "items": spec}, frames)
         if op["op"] != "reply" and into:
             # A lease that ran out before the data came: send it all over the socket.
-            spec, frames = pack_values(values)
+            spec, frames = pack_values(values, pieces=pieces)
             op, _ = await self.request(address, {"op": "put-data", "items": spec}, frames)
         if op["op"] != "reply":
             raise ConnectionError(f"worker {address} refused data: {op.get('message')}")

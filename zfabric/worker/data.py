@@ -206,7 +206,7 @@ class DataPort:
                 # the segments named must belong to the process that asked (srcfd's peer)
                 items, frames = pack_values(values, ask=bool(op.get("shm")) and self.use_shm,
                                             into=into if type(into) is dict else None,
-                                            srcfd=srcfd)
+                                            srcfd=srcfd, pieces=self.security is not None)
                 self._reply_data(peer, [{"op": "data", "id": op["id"], "items": items}], frames)
             case "lease":
                 pool = shm.pool() if self.use_shm else None
