@@ -193,13 +193,15 @@ def local_modules() -> tuple[bytes, ...]:
     main = sys.modules.get("__main__")
     path = getattr(main, "__file__", None)
     n = len(sys.modules)
-    if not path or _is_zfabric_main(main):
-        return ()  # a worker or a zfabric command: no user script beside it
+    if not path:
+        return ()
     if _local_cache[0] == path and _local_cache[1] == n:
         return _local_cache[2]
     root = os.path.dirname(os.path.realpath(path))
     names: list[bytes] = []
-    if not any(root == r or root.startswith(r + os.sep) for r in _installed_roots()):
+    # (a worker or a zfabric command has no user script beside it)
+    if not _is_zfabric_main(main) and not any(root == r or root.startswith(r + os.sep)
+                                              for r in _installed_roots()):
         installed = None
         for name, mod in list(sys.modules.items()):
             if "." in name or name in ("__main__", "zfabric") or mod is None:
