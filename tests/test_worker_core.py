@@ -316,12 +316,16 @@ def test_sizes_learned_for_a_group_name_segments_in_the_first_request():
                             ("f-2", b"h", [], False, None, small)], 2.5)
     assert acts == [(STORE, "f-2", b"h", [], False),
                     (FETCH, 5, A2, [chunk(1)], [(chunk(1), [big * 2])]), (END_FETCH, 3)]
-    assert core.fetches.sizes == {"\x1f('random-abc'": big * 2, "f": small}
+    assert core.fetches.sizes == {"\x1f('random-abc'": (big, big * 2), "f": (small, small)}
+    # A group whose sizes differ widely gets no guess (a segment would be mostly wasted)
+    core.fetches.learn(chunk(9), big * 3)
+    assert core.fetches.guess([chunk(3)]) is None
 
 
 def test_no_sizes_are_guessed_near_the_memory_thresholds():
     core = given()
     core.fetches.learn("x-1", 4 << 20)
+    assert core.fetches.guess(["x-2"]) == [("x-2", [4 << 20])]
     core.memory(False, "", True)
     core.handle([{"op": "compute", "tasks": [compute("y", who_has={"x-2": [A2]})]}], 1.0)
     assert core.pump(1.0) == [(FETCH, 1, A2, ["x-2"], None)]

@@ -9,9 +9,10 @@ connection, or ``FETCH_TIMEOUT_S`` of silence ends it.
 
 Sizes are learned per *group* of keys (a dask collection's chunks share the name before their
 index; other keys their prefix before the last ``-``): a request for keys of a group whose
-values were large comes with a guess of their sizes, so that on one host the shell can name
-shared-memory segments in the first request and the peer write into them at once, saving the
-round trip of asking for sizes first (a value larger than its guess is asked again, as before).
+values were large and alike in size comes with a guess of their sizes, so that on one host the
+shell can name shared-memory segments in the first request and the peer write into them at
+once, saving the round trip of asking for sizes first (a value larger than its guess is asked
+again, as before).
 """
 
 from __future__ import annotations
@@ -52,30 +53,35 @@ class Fetches:
         self.per_peer: dict[str, int] = {}  # peer address -> requests in flight
         self.inflight: dict[int, tuple[str, list[str], float]] = {}  # id -> peer, keys, sent
         self.stats = {"requests": 0, "most_in_flight": 0}
-        self.sizes: dict[str, int] = {}  # key group -> largest value seen of it, in bytes
+        # key group -> smallest and largest value seen of it, in bytes
+        self.sizes: dict[str, tuple[int, int]] = {}
         self._seq = 0
 
     def learn(self, key: str, nbytes: int) -> None:
         """A value of ``key``'s group had ``nbytes``."""
         group = group_of(key)
         sizes = self.sizes
-        if nbytes > sizes.get(group, 0):
-            if group not in sizes and len(sizes) >= GUESS_GROUPS:
+        seen = sizes.get(group)
+        if seen is None:
+            if len(sizes) >= GUESS_GROUPS:
                 del sizes[next(iter(sizes))]
-            sizes[group] = nbytes
+            sizes[group] = (nbytes, nbytes)
+        elif not seen[0] <= nbytes <= seen[1]:
+            sizes[group] = (min(seen[0], nbytes), max(seen[1], nbytes))
 
     def guess(self, keys: list[str]) -> list[tuple[str, list[int]]] | None:
-        """``(key, [bytes])`` for the keys whose group's values were large, or None."""
+        """``(key, [bytes])`` for the keys whose group's values were large and alike in size
+        (the largest at most twice the smallest, as chunks of one collection are), or None."""
         sizes = self.sizes
         if not sizes:
             return None
         out = None
         for k in keys:
-            n = sizes.get(group_of(k), 0)
-            if n >= GUESS_MIN_BYTES:
+            seen = sizes.get(group_of(k))
+            if seen is not None and seen[1] >= GUESS_MIN_BYTES and seen[1] <= 2 * seen[0]:
                 if out is None:
                     out = []
-                out.append((k, [n]))
+                out.append((k, [seen[1]]))
         return out
 
     def add(self, addr: str, key: str) -> None:
