@@ -11,6 +11,7 @@ threads warm their own caches). Every answer is checked against the threaded one
 
 from __future__ import annotations
 
+import itertools
 import time
 from collections.abc import Callable
 from typing import Any
@@ -22,28 +23,31 @@ from .dask_collections import dask_warmup
 _warm: set[str] = set()  # rows whose untimed runs are done (one child process per row)
 
 
-def threaded_s(make: Callable[[], Any]) -> tuple[float, Any]:
+_seeds = itertools.count(1)  # a new seed for every graph: no run finds another's results
+
+
+def threaded_s(expr: Any) -> tuple[float, Any]:
     import dask
 
-    expr = make()
     start = time.perf_counter()
     with dask.config.set(scheduler="threads", num_workers=2):
         got = dask.compute(expr)[0]
     return time.perf_counter() - start, got
 
 
-async def versus_threads(c: Cluster, name: str, make: Callable[[], Any],
+async def versus_threads(c: Cluster, name: str, make: Callable[[int], Any],
                          same: Callable[[Any, Any], bool]) -> Measurement:
+    """``make(seed)``: the graph; the same graph runs on the cluster, then threaded."""
     if name not in _warm:
         await dask_warmup(c.client)
-        await c.client.compute(make())
-        threaded_s(make)
+        await c.client.compute(make(next(_seeds)))
+        threaded_s(make(next(_seeds)))
         _warm.add(name)
-    expr = make()
+    expr = make(next(_seeds))
     start = time.perf_counter()
     got = await c.client.compute(expr)
     seconds = time.perf_counter() - start
-    threads, want = threaded_s(make)
+    threads, want = threaded_s(expr)
     expect(same(got, want), f"{name}: {got!r:.80} differs from the threaded {want!r:.80}")
     return Measurement(seconds, {"threads_s": threads, "vs_threads": seconds / threads})
 
@@ -54,37 +58,44 @@ def _close(a: Any, b: Any) -> bool:
     return bool(np.isclose(a, b, rtol=1e-9))
 
 
-def _array(n: int, chunk: int, seed: int = 42):
+def _array(n: int, chunk: int, seed: int):
     import dask.array as da
 
     return da.random.default_rng(seed).random((n, n), chunks=(chunk, chunk))
 
 
-def _frame(days: int):
+def _frame(days: int, seed: int):
     import dask
     import dask.datasets
 
     return dask.datasets.timeseries(start="2000-01-01", end=f"2000-01-{1 + days:02d}",
-                                    freq="1s", partition_freq="1D", seed=7)
+                                    freq="1s", partition_freq="1D", seed=seed)
 
 
 async def bench_move_xxt(c: Cluster) -> Measurement:
     n = c.sizes["move_n"]
-    return await versus_threads(c, "xxt", lambda: (_array(n, 500) + _array(n, 500).T).mean(),
-                                _close)
+    def make(seed: int):
+        x = _array(n, 500, seed)
+        return (x + x.T).mean()
+
+    return await versus_threads(c, "xxt", make, _close)
 
 
 async def bench_move_matmul(c: Cluster) -> Measurement:
     n = c.sizes["move_matmul_n"]
-    return await versus_threads(c, "matmul", lambda: (_array(n, 500) @ _array(n, 500).T).sum(),
-                                _close)
+    def make(seed: int):
+        a = _array(n, 500, seed)
+        return (a @ a.T).sum()
+
+    return await versus_threads(c, "matmul", make, _close)
 
 
 async def bench_move_rechunk(c: Cluster) -> Measurement:
     n = c.sizes["move_n"]
-    return await versus_threads(c, "rechunk",
-                                lambda: _array(n, 500).rechunk((n, 250)).sum(axis=0)[::7].sum(),
-                                _close)
+    def make(seed: int):
+        return _array(n, 500, seed).rechunk((n, 250)).sum(axis=0)[::7].sum()
+
+    return await versus_threads(c, "rechunk", make, _close)
 
 
 async def bench_move_merge(c: Cluster) -> Measurement:
@@ -95,9 +106,9 @@ async def bench_move_merge(c: Cluster) -> Measurement:
 
     days = c.sizes["move_df_days"]
 
-    def make():
+    def make(seed: int):
         with dask.config.set({"dataframe.shuffle.method": "tasks"}):
-            left = _frame(days)
+            left = _frame(days, seed)
             ids = np.arange(900, 1100)
             right = dd.from_pandas(pd.DataFrame({"id": ids, "w": ids * 0.5}), npartitions=4)
             joined = left.merge(right, on="id", how="inner", shuffle_method="tasks",
@@ -112,14 +123,14 @@ async def bench_move_set_index(c: Cluster) -> Measurement:
 
     days = c.sizes["move_df_days"]
 
-    def make():
+    def make(seed: int):
         import numpy as np
 
         # given divisions (x is uniform on [-1, 1)): dask would otherwise compute them at
         # once, with whatever scheduler is the default
         edges = [float(v) for v in np.linspace(-1.0, 1.0, days + 1)]
         with dask.config.set({"dataframe.shuffle.method": "tasks"}):
-            df = _frame(days).set_index("x", shuffle_method="tasks", divisions=edges)
+            df = _frame(days, seed).set_index("x", shuffle_method="tasks", divisions=edges)
             return df.y.cumsum().sum()
 
     return await versus_threads(c, "set_index", make, _close)
@@ -132,8 +143,8 @@ async def bench_move_delayed_tree(c: Cluster) -> Measurement:
 
     leaves = c.sizes["move_tree_leaves"]
 
-    def make():
-        level = [delayed(make_array)(i, 2_000_000) for i in range(leaves)]
+    def make(seed: int):
+        level = [delayed(make_array)(i + seed, 2_000_000) for i in range(leaves)]
         while len(level) > 1:
             level = [delayed(add)(level[i], level[i + 1])
                      for i in range(0, len(level), 2)]
