@@ -50,6 +50,8 @@ MAX_KEPT_FDS = 128
 MAX_LEASES = 256
 #: One ``pwrite`` writes at most this much (Linux stops a single write near 2 GiB).
 _CHUNK = 1 << 30
+#: How a leased segment is mapped by its receiver.
+_MAP_FLAGS = mmap.MAP_SHARED | getattr(mmap, "MAP_POPULATE", 0)
 
 
 @functools.cache
@@ -295,7 +297,10 @@ class Pool:
             if (not all(type(n) is int and n >= 0 for n in sizes)) or sum(sizes) > seg.size:
                 seg.close()
                 raise ValueError(f"buffer sizes {sizes!r} do not fit lease {lease}")
-            mm = mmap.mmap(seg.fd, seg.size)
+            # only what was written, its page tables filled at once: touching 100 MB of a
+            # fresh mapping page by page costs ~45 ms here, populated ~20 ms
+            used = -(-max(sum(sizes), 1) // mmap.PAGESIZE) * mmap.PAGESIZE
+            mm = mmap.mmap(seg.fd, min(used, seg.size), flags=_MAP_FLAGS)
             if self._kept < MAX_KEPT_FDS:
                 self._kept += 1
             else:
