@@ -45,10 +45,10 @@ def pack_values(values, *, ask: bool = False, into: dict | None = None,
     ``[key, header, nframes, raw, where]``, where ``where`` is None (the buffers are the next
     ``nframes`` frames), ``["pieces", counts]`` (the same, buffer ``i`` cut into
     ``counts[i]`` frames, given ``pieces``: see ``PIECE_BYTES``), ``["seg", lease, sizes]``
-    (written into the
-    receiver's segment ``into[key]``), or ``["sizes", sizes]`` (``ask``: too large for a frame;
-    ask again with a segment of that size). ``srcfd``: our end of the asker's connection; a
-    segment of another process is not written (see :func:`zfabric.shm.write`).
+    (written into the receiver's segment ``into[key]``), or ``["sizes", sizes]`` (``ask``: too
+    large for a frame, or for the segment named; ask again with a segment of that size).
+    ``srcfd``: our end of the asker's connection; a segment of another process is not written
+    (see :func:`zfabric.shm.write`).
     """
     items: list = []
     frames: list = []
