@@ -329,7 +329,7 @@ class Scheduler(LifeCycle):
                 if self._publish is not None and now >= next_publish:
                     next_publish = now + publish_s
                     try:
-                        self._publish(obs.snapshot(state, now))
+                        self._publish(obs.delta(state, now))
                     except Exception:
                         logger.exception("publishing a snapshot to the dashboard failed")
             gone = self._send(sock, state.flush())
@@ -499,7 +499,8 @@ class Scheduler(LifeCycle):
         After a shutdown request (``client.shutdown()``) workers and nannies close, as in
         dask.distributed; otherwise they keep trying to reach a scheduler at this address.
         """
-        again = protocol.encode([{"op": "reregister", "reason": "scheduler closed"}])[0]
+        again = protocol.encode([{"op": "reregister", "reason": "scheduler closed",
+                                  "closed": True}])[0]  # (not a restart: clients fail now)
         close = protocol.encode([{"op": "close", "reason": "scheduler shut down"}])[0]
         servers = [*self.state.workers, *self.state.nannies]
         for peer in [*servers, *self.state.clients]:

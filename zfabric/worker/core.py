@@ -40,6 +40,7 @@ from .data import DataPort, waiting
 from .execute import Executor
 from .memory import MemoryManager
 from .plugins import WorkerPlugins
+from .profiler import LogTail, Profiler, heartbeat_extras, io_metrics
 from .spill import SpillStore, worker_directory
 from .state import FETCH_TIMEOUT_S, WorkerCore
 
@@ -86,7 +87,8 @@ class WorkerLoop:
         self.state = WorkerCore(
             name=str(name or ""), nanny=bool(nanny), inline_bytes=config.INLINE_BYTES,
             heartbeat_s=config.HEARTBEAT_INTERVAL_S, death_timeout_s=death_timeout_s,
-            put_data_confirm_s=config.PUT_DATA_CONFIRM_S, now=now)
+            put_data_confirm_s=config.PUT_DATA_CONFIRM_S, now=now,
+            keep_on_rejoin=config.SCHEDULER_RECOVERY)
         # values: by key in the store (least recently used ones spill to this process's local
         # directory), their pickles where kept, and those kept pickled (task arguments)
         self.serialized: dict[str, tuple[bytes, list, int]] = {}
@@ -187,6 +189,10 @@ class WorkerLoop:
                                  context=self.owner or self)
         self.actors = Actors(self.executor._poke, self.config.INLINE_BYTES,
                              self.identity.decode())
+        self.profiler = Profiler(self.executor.running, self.config.PROFILE_INTERVAL_S,
+                                 str(self.name))
+        self.profiler.start()
+        self.log_tail = LogTail()
         self.port.actors = self.actors
         self.poller = self.port.poller = zmq.Poller()
         for s in (self.sched, self.port.data, self.wake):
@@ -213,6 +219,7 @@ class WorkerLoop:
         self.plugins.teardown_all()
         self.actors.stop()
         self.executor.stop()
+        self.profiler.close()
         self.port.close()
         self.sched.close(linger=self.config.LINGER_MS)
         if self.security is not None:
@@ -299,11 +306,13 @@ class WorkerLoop:
             "spilled_count": len(store.slow),
             "spilled_total": store.counters["spilled"],
             "unspilled_total": store.counters["unspilled"],
+            **io_metrics(self._process),
         }
         running = [(ident, key, start)
                    for ident, (key, start) in list(self.executor.running.items())]
         self.state.wall_offset = time.time() - now
-        self._do(self.state.tick(now, metrics, running))
+        self._do(self.state.tick(now, metrics, running,
+                                heartbeat_extras(self.profiler, self.log_tail)))
         port = self.port
         if port.keyring is not None and port.keyring.refresh():
             port.revoke_peers(now)  # revoked keys lose the data port within a heartbeat
@@ -421,6 +430,12 @@ class WorkerLoop:
             self.store.clear()
             self.serialized.clear()
             self.raw_keys.clear()
+        elif kind == A.REJOIN:
+            # what was meant for the old scheduler must not reach the new one; what it needs
+            # to know is in the report, after the hello
+            self.backlog.clear()
+            self.state.send({"op": "holding", "items": self._sizes(act[1]),
+                             "running": act[2], "epoch": act[3]})
         elif kind == A.REPLACE_THREAD:
             self.executor.replace_thread(act[1])
         elif kind == A.STOP:
@@ -429,6 +444,20 @@ class WorkerLoop:
                 self.exit_code = act[2]
         else:
             raise AssertionError(f"unknown worker action {kind!r}")
+
+    def _sizes(self, keys: list[str]) -> list[list]:
+        """``[key, size in bytes]`` of each stored key (in memory or spilled)."""
+        store = self.store
+        out = []
+        for key in keys:
+            size = store.weights.get(key)
+            if size is None:
+                where = store.slow.get(key)
+                if where is None:
+                    continue
+                size = where.nbytes
+            out.append([key, int(size)])
+        return out
 
     def _execute(self, key: str, payload: bytes, options: dict | None, fid: str | None,
                  borrowed: list[str] | None) -> None:
