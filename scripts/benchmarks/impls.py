@@ -227,9 +227,10 @@ class DaskTlsImpl(DaskImpl):
 # The dask-collection rows run the same sizes on both implementations (side by side).
 DASK_FULL = dict(dask_sum_n=10_000_000, dask_xxt_n=4_000, dask_df_days=16,
                  dask_persist_n=100_000, move_n=4_000, move_matmul_n=3_000, move_df_days=30,
-                 move_tree_leaves=64)
+                 move_tree_leaves=64, threads_sum_chunks=1_000)
 DASK_QUICK = dict(dask_sum_n=200_000, dask_xxt_n=1_000, dask_df_days=2, dask_persist_n=2_000,
-                  move_n=1_000, move_matmul_n=1_000, move_df_days=2, move_tree_leaves=8)
+                  move_n=1_000, move_matmul_n=1_000, move_df_days=2, move_tree_leaves=8,
+                  threads_sum_chunks=100)
 
 IMPLS: dict[str, Impl] = {
     "zfabric": ZfabricImpl(

@@ -18,6 +18,8 @@ from .data_moving import (
     bench_move_rechunk,
     bench_move_set_index,
     bench_move_xxt,
+    bench_threads_array_sum,
+    bench_threads_groupby,
 )
 from .memory import bench_sched_done, bench_sched_pending
 from .roundtrip import bench_rtt
@@ -58,10 +60,13 @@ ROWS: dict[str, Row] = {
         Row("move_merge_s", "s", False, bench_move_merge),
         Row("move_set_index_s", "s", False, bench_move_set_index),
         Row("move_delayed_tree_s", "s", False, bench_move_delayed_tree),
+        Row("threads_array_sum_s", "s", False, bench_threads_array_sum),
+        Row("threads_groupby_mean_s", "s", False, bench_threads_groupby),
     ]
 }
 ROW_ALIASES = {
     "move": ["move_xxT_mean_s", "move_matmul_s", "move_rechunk_s", "move_merge_s",
              "move_set_index_s", "move_delayed_tree_s"],
+    "threads": ["threads_array_sum_s", "threads_groupby_mean_s"],
     "sched_bytes_per_task": ["sched_bytes_per_task_pending", "sched_bytes_per_task_done"]
 }
