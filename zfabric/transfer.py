@@ -11,6 +11,7 @@ import asyncio
 import contextlib
 import logging
 import os
+from collections.abc import Sequence
 
 import zmq
 import zmq.asyncio
@@ -179,16 +180,17 @@ class _Conn:
         self.pending: dict[int, asyncio.Future] = {}
         self.failed: Exception | None = None  # the handshake was refused: why
         self.reader = asyncio.ensure_future(self._read())
-        self.events = self.watcher = None
+        self.events: zmq.asyncio.Socket | None = None
+        self.watcher: asyncio.Future | None = None
         if monitor is not None:
-            self.events = ctx.socket(zmq.PAIR)  # now: events before it connects are lost
-            self.events.setsockopt(zmq.LINGER, 0)
-            self.events.connect(monitor)
-            self.watcher = asyncio.ensure_future(self._watch())
+            events = self.events = ctx.socket(zmq.PAIR)  # now: events before it connects are lost
+            events.setsockopt(zmq.LINGER, 0)
+            events.connect(monitor)
+            self.watcher = asyncio.ensure_future(self._watch(events))
 
-    async def _watch(self) -> None:
+    async def _watch(self, events: zmq.asyncio.Socket) -> None:
         while True:
-            event = parse_monitor_message(await self.events.recv_multipart())
+            event = dict(parse_monitor_message(await events.recv_multipart()))
             if event["event"] in handshake.FAILED:
                 self.failed = SecurityError(handshake.explain_data_port(event, self.address))
                 for fut in self.pending.values():
@@ -208,17 +210,17 @@ class _Conn:
                 if op["op"] == "error" and op.get("id") is None:
                     self._fail_all(op)  # about the connection, not one request
                     continue
-                fut = self.pending.pop(op.get("id"), None)
+                fut = self.pending.pop(op.get("id", -1), None)
                 if fut is not None and not fut.done():
                     fut.set_result((op, buffers))
 
     def _fail_all(self, op: dict) -> None:
         message = protocol.short(op.get("message"), 500)
+        exc: Exception
         if op.get("refused"):
-            self.failed = SecurityError(
+            exc = self.failed = SecurityError(
                 f"the worker's data port at {self.address} refused this process's key"
                 f" ({message}): have it added to DIR/authorized on the worker hosts")
-            exc = self.failed
         else:
             exc = ConnectionError(f"worker {self.address}: {message}")
         for fut in self.pending.values():
@@ -235,6 +237,7 @@ class _Conn:
             self.watcher.cancel()
             with contextlib.suppress(zmq.ZMQError):
                 self.sock.disable_monitor()
+        if self.events is not None:
             self.events.close(0)
         self.sock.close(linger=0)
 
@@ -252,7 +255,8 @@ class DataPool:
         self.conns: dict[str, _Conn] = {}
         self._seq = 0
 
-    async def request(self, address: str, op: dict, frames: list = ()) -> tuple[dict, list]:
+    async def request(self, address: str, op: dict,
+                      frames: Sequence = ()) -> tuple[dict, list]:
         conn = self.conns.get(address)
         if conn is not None and conn.failed is not None:
             self.drop(address)  # refused: say so now; the next request tries afresh
