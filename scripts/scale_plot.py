@@ -19,7 +19,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from scheduler_scaling import run_workers  # noqa: E402  (a sibling script)
+from scheduler_scaling import run_workers  # a sibling script
 
 
 def pure_state(workers: list[int], repeat: int) -> dict[int, float]:
