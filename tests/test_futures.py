@@ -178,8 +178,11 @@ async def test_as_completed_errors(c, s, a, b):
             pass
     pairs = [p async for p in as_completed([bad, c.submit(inc, 1)], with_results=True,
                                             raise_errors=False)]
-    values = {type(r) for _, r in pairs}
-    assert values == {ZeroDivisionError, int}
+    # as dask.distributed's: an erred future's result is its (type, exception, traceback)
+    results = {f.key: r for f, r in pairs}
+    typ, exc, tb = results[bad.key]
+    assert typ is ZeroDivisionError and isinstance(exc, ZeroDivisionError) and tb is not None
+    assert sorted(type(r).__name__ for r in results.values()) == ["int", "tuple"]
 
 
 # ---------------------------------------------------------------------------- fire_and_forget

@@ -6,6 +6,7 @@
 """
 
 import importlib
+import os as _os
 from typing import TYPE_CHECKING
 
 from . import current as _current
@@ -14,17 +15,26 @@ from ._version import __version__
 from .errors import *  # noqa: F403  (every public error: the list is errors.__all__)
 
 if TYPE_CHECKING:
+    from .actor import Actor, ActorFuture, BaseActorFuture
+    from .adaptive import Adaptive
     from .client import Client, default_client
     from .cluster import LocalCluster
-    from .context import get_client, get_worker, rejoin, secede, worker_client
+    from .context import get_client, get_worker, local_client, rejoin, secede, worker_client
     from .coordination import Event, Lock, Queue, Semaphore, Variable
-    from .diagnostics import get_task_stream, performance_report
+    from .deploy import SpecCluster, SSHCluster, SubprocessCluster
+    from .diagnostics import get_task_metadata, get_task_stream, performance_report
     from .futures import Future, as_completed, fire_and_forget, futures_of, wait
+    from .lifecycle import Status
+    from .multilock import MultiLock
     from .nanny import Nanny
+    from .plugins import NannyPlugin, SchedulerPlugin, UploadFile, WorkerPlugin
     from .progressbar import progress
     from .scheduler import Scheduler
     from .security import Security
+    from .span import span
+    from .transitions import TransitionListener
     from .worker import Worker
+    from .worker_plugins import CondaInstall, Environ, InstallPlugin, PipInstall, UploadDirectory
 
 # The I/O roles load on first use, so that the sans-IO core (protocol, scheduler.state,
 # policy, heartbeat) imports without zmq, as its tests check.
@@ -42,8 +52,22 @@ _LAZY = {
     "worker_client": "context",
     "Security": "security",
     "Event": "coordination", "Lock": "coordination", "Queue": "coordination",
-    "Semaphore": "coordination", "Variable": "coordination",
+    "Semaphore": "coordination", "Variable": "coordination", "MultiLock": "multilock",
+    "Adaptive": "adaptive", "Status": "lifecycle",
+    "SpecCluster": "deploy", "SSHCluster": "deploy", "SubprocessCluster": "deploy",
+    "WorkerPlugin": "plugins", "NannyPlugin": "plugins", "UploadFile": "plugins",
+    "SchedulerPlugin": "plugins",
+    "Environ": "worker_plugins", "InstallPlugin": "worker_plugins",
+    "PipInstall": "worker_plugins", "CondaInstall": "worker_plugins",
+    "UploadDirectory": "worker_plugins",
+    "Actor": "actor", "ActorFuture": "actor", "BaseActorFuture": "actor",
+    "TransitionListener": "transitions",
+    "span": "span", "print": "task_output", "warn": "task_output",
+    "get_task_metadata": "diagnostics", "local_client": "context",
 }
+if _os.path.exists(_os.path.join(_os.path.dirname(__file__), "deploy", "slurm.py")):
+    # the job-queue clusters (without importing zfabric.deploy now)
+    _LAZY.update({"SLURMCluster": "deploy.slurm", "PBSCluster": "deploy.pbs"})
 
 
 def __getattr__(name):
@@ -69,11 +93,31 @@ _current.install_local_cluster(lambda **kwargs: _load("cluster", "LocalCluster")
 
 __all__ = [
     # Cluster
+    "Adaptive",
     "LocalCluster",
     "Nanny",
+    "SSHCluster",
     "Scheduler",
     "Security",
+    "SpecCluster",
+    "Status",
+    "SubprocessCluster",
     "Worker",
+    # Plugins
+    "CondaInstall",
+    "Environ",
+    "InstallPlugin",
+    "NannyPlugin",
+    "PipInstall",
+    "SchedulerPlugin",
+    "TransitionListener",
+    "UploadDirectory",
+    "UploadFile",
+    "WorkerPlugin",
+    # Actors
+    "Actor",
+    "ActorFuture",
+    "BaseActorFuture",
     # Client
     "Client",
     "Future",
@@ -85,16 +129,21 @@ __all__ = [
     # Shared state
     "Event",
     "Lock",
+    "MultiLock",
     "Queue",
     "Semaphore",
     "Variable",
     # Diagnostics
+    "get_task_metadata",
     "get_task_stream",
     "performance_report",
     "progress",
-    # Inside tasks
+    "span",
+    # Inside tasks (zfabric.print and zfabric.warn too: not in __all__, so that a star
+    # import does not replace the builtin print)
     "get_client",
     "get_worker",
+    "local_client",
     "rejoin",
     "secede",
     "worker_client",

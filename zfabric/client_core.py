@@ -94,6 +94,12 @@ class ClientCore:
         self._id_prefix = uuid.uuid4().hex[:20]
         self._unique = itertools.count()
         self._callbacks: concurrent.futures.ThreadPoolExecutor | None = None
+        #: Sets that collect the wire keys of the tasks this client submits while they are
+        #: here (``get_task_metadata`` blocks; :meth:`note_submitted`).
+        self.key_collectors: list[set] = []
+        #: Called once, with the first tasks submitted (the client starts listening for its
+        #: tasks' printed output then); None once called.
+        self.on_first_submit: Callable[[], None] | None = None
 
     # ------------------------------------------------------------------ liveness
 
@@ -276,6 +282,14 @@ class ClientCore:
             ops = list(self.outbox)
             self.outbox.clear()
         return ops
+
+    def note_submitted(self, keys: Iterable[str]) -> None:
+        """Tasks of these wire keys were submitted (lock held): collectors learn them."""
+        hook, self.on_first_submit = self.on_first_submit, None
+        if hook is not None:
+            hook()
+        for collector in self.key_collectors:
+            collector.update(keys)
 
     def pump(self) -> None:
         """Queue the held tasks that fit in the submit window now (lock held)."""

@@ -28,6 +28,7 @@ from .config import Config, from_env, memory_limit_bytes, parse_bytes, parse_tim
 from .errors import ClosedError, CommTimeoutError
 from .lifecycle import LifeCycle, LoopThread
 from .nanny import Nanny, format_bytes
+from .reprs import render_cluster_of
 from .scheduler import Scheduler
 from .security import as_security
 from .worker import Worker
@@ -206,6 +207,9 @@ class LocalCluster(LifeCycle):
     @property
     def name(self) -> str:
         return self._name or f"LocalCluster({self.scheduler_address or 'not started'})"
+
+    def _repr_html_(self) -> str:
+        return render_cluster_of(self)
 
     def __repr__(self) -> str:
         threads = len(self.workers) * self.threads_per_worker

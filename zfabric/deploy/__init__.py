@@ -8,6 +8,7 @@ of resources comes from) plus a launcher (how workers start in it): :mod:`.ssh`
 
 from .spec import DEATH_TIMEOUT_S, InProcessScheduler, NannyJob, ProcessInterface, SpecCluster
 from .ssh import SSHCluster, SSHError
+from .subprocess import SubprocessCluster
 
 __all__ = ["DEATH_TIMEOUT_S", "InProcessScheduler", "NannyJob", "ProcessInterface",
-           "SSHCluster", "SSHError", "SpecCluster"]
+           "SSHCluster", "SSHError", "SpecCluster", "SubprocessCluster"]

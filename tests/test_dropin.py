@@ -1,0 +1,236 @@
+"""dask.distributed's names that scripts reach for, each used as a dask user would, in a
+``python script.py`` subprocess on a LocalCluster of worker processes."""
+
+from __future__ import annotations
+
+import pytest
+from userscript import run_script
+
+pytestmark = [pytest.mark.timeout(150), pytest.mark.usefixtures("no_leftover_processes")]
+
+
+def test_missing_names_now_work(tmp_path):
+    (tmp_path / "pkgdir" / "mypkg").mkdir(parents=True)
+    (tmp_path / "pkgdir" / "mypkg" / "__init__.py").write_text("ANSWER = 42\n")
+    out = run_script(tmp_path, """
+        import logging
+        import os
+        import threading
+        import time
+        import warnings
+
+        import msgpack
+        import gzip
+
+        import zfabric
+        from zfabric import Client, LocalCluster, as_completed
+        from zfabric.errors import SerializationError, ZFabricError
+
+
+        def inc(x):
+            return x + 1
+
+
+        def talk(x):
+            zfabric.print("hello from a task", x)
+            zfabric.warn("careful, task")
+            logging.getLogger("userlog").warning("logged on a worker %s", x)
+            return x
+
+
+        def log_topic(x):
+            zfabric.get_client().log_event("mytopic", {"x": x})
+            return x
+
+
+        def expect(exc_type, fn, *args, match="", **kwargs):
+            try:
+                fn(*args, **kwargs)
+            except exc_type as exc:
+                assert match in str(exc), (match, str(exc))
+                return exc
+            raise AssertionError(f"{fn} did not raise {exc_type.__name__}")
+
+
+        class Listener(zfabric.TransitionListener):
+            def __init__(self):
+                self.seen = []
+
+            def transition(self, key, start, finish, **kwargs):
+                self.seen.append((key, start, finish))
+
+
+        def until(check, what, timeout=20):
+            deadline = time.monotonic() + timeout
+            while not check():
+                assert time.monotonic() < deadline, what
+                time.sleep(0.05)
+
+
+        if __name__ == "__main__":
+            for name in zfabric.__all__:
+                assert getattr(zfabric, name) is not None, name
+            for name in ("print", "warn", "CancelledError", "TimeoutError", "Reschedule"):
+                assert getattr(zfabric, name) is not None, name
+            assert issubclass(zfabric.TaskCancelled, zfabric.CancelledError)
+            assert issubclass(SerializationError, TypeError)
+
+            with LocalCluster(n_workers=2, threads_per_worker=1) as cluster, \\
+                    Client(cluster) as client:
+                assert cluster.status == zfabric.Status.running
+                info = client.scheduler_info()  # every worker by default, each with services
+                assert len(info["workers"]) == 2
+                assert all(w["services"] == {} for w in info["workers"].values())
+
+                # Futures: identity, executor, type, bind_client
+                a, b = client.submit(inc, 1), client.submit(inc, 1)
+                assert a.key == b.key and a != b and len({a, b}) == 2
+                assert a.executor is client and a.result() == 2 and a.type is int
+                assert "<code>int" in a._repr_html_().replace("builtins.", "")
+                with Client(cluster, set_as_default=False) as other:
+                    b.bind_client(other)
+                    assert b.client is other and b.result() == 2
+
+                # SerializationError is a TypeError, as dask raises
+                expect(TypeError, client.submit, inc, threading.Lock())
+
+                # as_completed(raise_errors=False): dask's (type, exc, tb) triple
+                bad = client.submit(lambda: 1 / 0)
+                pairs = dict((f.key, r) for f, r in as_completed(
+                    [bad, client.submit(inc, 5)], with_results=True, raise_errors=False))
+                typ, exc, tb = pairs[bad.key]
+                assert typ is ZeroDivisionError and isinstance(exc, ZeroDivisionError)
+                assert tb is not None
+                slow = client.submit(time.sleep, 5, pure=False)
+                slow.cancel()
+                try:
+                    slow.result()
+                except zfabric.CancelledError:
+                    pass
+                else:
+                    raise AssertionError("no CancelledError")
+
+                # a task's print and warn reach the client; so do forwarded log records
+                got = []
+                handler = logging.Handler()
+                handler.emit = lambda record: got.append(record.getMessage())
+                logging.getLogger("userlog").addHandler(handler)
+                client.forward_logging("userlog", level=logging.INFO)
+                with warnings.catch_warnings(record=True) as caught:
+                    warnings.simplefilter("always")
+                    client.submit(talk, 7).result()
+                    until(lambda: any("careful, task" in str(w.message) for w in caught),
+                          "the task's warning did not reach the client")
+                until(lambda: any("logged on a worker 7" in m for m in got),
+                      "the forwarded record did not arrive")
+                client.unforward_logging("userlog")
+
+                # subscribe_topic
+                events = []
+                client.subscribe_topic("mytopic", events.append)
+                client.submit(log_topic, 3).result()
+                until(lambda: events, "no event for mytopic")
+                assert events[0][1] == {"x": 3}
+                client.unsubscribe_topic("mytopic")
+
+                # metadata
+                client.set_metadata(["a", "b"], 1)
+                client.set_metadata("c", [1, 2])
+                assert client.get_metadata("a") == {"b": 1}
+                assert client.get_metadata(["a", "b"]) == 1
+                assert client.get_metadata("missing", default=None) is None
+                expect(KeyError, client.get_metadata, "missing")
+
+                # rebalance: values placed on one worker spread over both
+                first, second = sorted(info["workers"])
+                data = client.scatter([bytes(200_000) for _ in range(6)], workers=[first],
+                                      hash=False)
+                assert set(client.has_what()[first]) >= {d.key for d in data}
+                client.rebalance(data)
+                held = client.has_what()
+                assert {d.key for d in data} & set(held[second]), held
+                assert client.gather(data)[0] == bytes(200_000)
+
+                # dump_cluster_state, benchmark_hardware
+                path = client.dump_cluster_state(str(os.path.join(os.getcwd(), "dump")))
+                with gzip.open(path) as f:
+                    state = msgpack.unpackb(f.read(), strict_map_key=False)
+                assert set(state) == {"scheduler", "workers", "versions"}
+                assert len(state["scheduler"]["info"]["workers"]) == 2
+                bench = client.benchmark_hardware()
+                assert set(bench) == {"memory", "disk", "network"}
+                assert all(v > 0 for v in bench["memory"].values())
+
+                # plugins: callbacks, Environ, UploadDirectory, InstallPlugin, CondaInstall
+                client.register_worker_callbacks(
+                    lambda dask_worker: os.environ.__setitem__("CB", dask_worker.address))
+                ran = client.run(lambda dask_worker: os.environ["CB"] == dask_worker.address)
+                assert all(ran.values()), ran
+                client.register_plugin(zfabric.Environ({"MY_ENV": "set"}))
+                client.wait_for_workers(2)
+                until(lambda: all(v == "set" for v in client.run(
+                    os.environ.get, "MY_ENV", on_error="return").values()),
+                    "Environ did not reach the restarted workers")
+                client.register_plugin(zfabric.UploadDirectory("pkgdir", update_path=True))
+                assert client.submit(lambda: __import__("mypkg").ANSWER).result() == 42
+                marker = os.path.join(os.getcwd(), "installed")
+                client.register_plugin(zfabric.InstallPlugin(
+                    lambda: open(marker, "a").write("x")))
+                assert open(marker).read() == "x"  # once per host
+                client.register_plugin(zfabric.PipInstall(["msgpack"],
+                                                          pip_options=["--no-index"]))
+                expect(RuntimeError, client.register_plugin,
+                       zfabric.PipInstall(["no-such-package-zz"], pip_options=["--no-index"]),
+                       match="pip install failed")
+                if not os.environ.get("CONDA_EXE"):
+                    expect(RuntimeError, client.register_plugin,
+                           zfabric.CondaInstall(["numpy"]), match="PipInstall")
+
+                # scheduler plugins: an error naming what to use instead
+                expect(ZFabricError, client.unregister_scheduler_plugin, "x",
+                       match="TransitionListener")
+                expect(TypeError, client.register_plugin, zfabric.SchedulerPlugin(),
+                       match="subscribe_topic")
+
+                # TransitionListener, get_task_metadata, the task stream's records
+                with Listener() as listener, zfabric.get_task_metadata() as tasks:
+                    f = client.submit(inc, 100)
+                    assert f.result() == 101
+                    until(lambda: (f.key, "processing", "memory") in listener.seen
+                          or any(k == f.key and e == "memory" for k, _, e in listener.seen),
+                          f"no transition of {f.key}: {listener.seen}")
+                assert tasks.state == {f.key: "memory"}, tasks.state
+                assert tasks.metadata[f.key]["worker"] in client.scheduler_info()["workers"]
+                [record] = client.get_task_stream(count=1)
+                assert {"type", "typename", "metadata", "stimulus_id"} <= set(record)
+                expect(ImportError, client.get_task_stream, plot=True, match="bokeh")
+
+                # MultiLock, local_client, span
+                m1 = zfabric.MultiLock(["x", "y"])
+                assert m1.acquire(timeout=5)
+                assert not zfabric.MultiLock(["y", "z"]).acquire(blocking=False)
+                m1.release()
+                with zfabric.MultiLock(["y", "z"]):
+                    pass
+
+                def nested(x):
+                    with zfabric.local_client() as c:
+                        return c.submit(inc, x).result()
+
+                assert client.submit(nested, 1).result() == 2
+                with zfabric.span("load") as span_id:
+                    assert isinstance(span_id, str)
+
+                # HTML reprs
+                assert "zfabric Client" in client._repr_html_()
+                assert "LocalCluster" in cluster._repr_html_()
+                assert "Workers" in cluster._repr_html_()
+
+            with zfabric.SubprocessCluster(n_workers=1, threads_per_worker=1) as sc, \\
+                    Client(sc) as client:
+                assert client.submit(inc, 1).result() == 2
+                assert "SubprocessCluster" in sc._repr_html_()
+            print("ALL OK")
+    """, timeout=140)
+    assert "ALL OK" in out
+    assert "hello from a task 7" in out  # the task's zfabric.print, printed by the client
