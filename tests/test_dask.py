@@ -234,6 +234,29 @@ def test_cancel_a_compute_future(client):
     assert client.compute(dask.delayed(inc)(1), sync=True) == 2
 
 
+def test_dask_hook_ignores_other_schedulers_keywords(client):
+    # dask hands every keyword of dask.compute/x.compute to the scheduler: the hook zfabric
+    # installs ignores those meant for other schedulers, as dask's own schedulers do
+    x = dask.delayed(sum)([1, 2, 3])
+    assert dask.compute(x, bogus_keyword=1) == (6,)
+    assert da.ones(4, chunks=2).sum().compute(bogus_keyword=1) == 4
+    # zfabric's own methods keep raising on unknown keywords
+    with pytest.raises(TypeError, match="bogus"):
+        client.compute(x, bogus_keyword=1)
+    with pytest.raises(TypeError, match="bogus"):
+        client.get({"a": 1}, "a", bogus_keyword=1)
+
+
+def test_normalize_collection_takes_held_futures(client):
+    x = dask.delayed(sum)([1, 2, 3], dask_key_name="norm-sum")
+    assert client.normalize_collection(x) is x  # nothing held
+    held = client.persist(x)
+    normal = client.normalize_collection(x)
+    assert any(isinstance(v, Future) for v in dict(normal.__dask_graph__()).values())
+    assert normal.compute() == 6
+    del held
+
+
 def test_released_after_get(client):
     # Given the scheduler's task count before a graph runs
     gc.collect()

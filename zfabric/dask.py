@@ -398,7 +398,7 @@ def _submitted_keys(ops: list) -> list[str]:
         if type(op) is Deferred:
             keys.append(op.state.key)
         else:
-            keys.extend(t[0] for t in op["tasks"])
+            keys.extend(t[0] for t in op.get("tasks", ()))
     return keys
 
 
