@@ -146,8 +146,8 @@ _SKIP = (".git", ".github", ".pytest_cache", "tests", "docs", "__pycache__")
 class UploadDirectory(WorkerPlugin):
     """Copy a local directory to every worker (current and later), into the worker's own
     temporary directory; ``update_path=True`` puts the copy on the worker's ``sys.path``
-    (so the modules and packages inside it import there), as dask.distributed's. Files under a part named in
-    ``skip_words`` are left out, as in dask.distributed.
+    (so the modules and packages inside it import there), as dask.distributed's. Files
+    under a part named in ``skip_words`` are left out.
 
     ``restart=True`` is dask's way of reloading modules already imported: in zfabric,
     register the plugin, then call ``client.restart()``.
