@@ -230,3 +230,38 @@ def test_large_messages_over_a_slow_link_are_announced_not_cut_off(slow_lan, tmp
     # Then they all arrive: announced, none is taken for an unfinished message
     assert client.returncode == 0 and "OK" in out, err + text
     assert "shutting down the connection" not in text, text
+
+
+def test_a_review_looks_only_at_connections_that_sent_bytes_since_the_last():
+    # Given a ROUTER with an intake guard and 40 connected DEALERs that said something once
+    ctx = zmq.Context()
+    router = ctx.socket(zmq.ROUTER)
+    port = router.bind_to_random_port("tcp://127.0.0.1")
+    guard = Intake(router, curve=False, slack=MiB, frame_limit=-1, max_frames=100,
+                   name="test")
+    dealers = [ctx.socket(zmq.DEALER) for _ in range(40)]
+    try:
+        for d in dealers:
+            d.connect(f"tcp://127.0.0.1:{port}")
+            d.send(b"hello")
+        for _ in dealers:
+            parts = router.recv_multipart(copy=False)
+            guard.received(parts[1].get(zmq.SRCFD), parts[0].bytes, parts[1:])
+        time.sleep(0.1)
+        assert guard.check() == []
+        assert len(guard.ledger.conns) == 40
+        # When they stay quiet, a review looks at none of them
+        before = guard.looked_at
+        time.sleep(0.05)
+        assert guard.check() == [] and guard.looked_at == before
+        # and when two of them send, it looks at those two only
+        dealers[3].send(b"x" * 1000)
+        dealers[7].send(b"y" * 1000)
+        for _ in range(2):
+            parts = router.recv_multipart(copy=False)
+            guard.received(parts[1].get(zmq.SRCFD), parts[0].bytes, parts[1:])
+        time.sleep(0.05)
+        assert guard.check() == [] and guard.looked_at == before + 2
+    finally:
+        guard.close()
+        ctx.destroy(0)

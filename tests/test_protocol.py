@@ -102,3 +102,15 @@ def test_version_mismatches_name_both_sides():
     assert protocol.version_mismatches(mine, {**mine, "python": "3.12.7"}) == []
     diffs = protocol.version_mismatches(mine, {**mine, "python": "3.11.2", "zfabric": "0.2.0"})
     assert diffs == ["python 3.12 here vs 3.11 there", "zfabric 0.1.0 here vs 0.2.0 there"]
+
+
+def test_heartbeat_interval_is_checked_at_the_door():
+    ok = {"op": "heartbeat-interval", "heartbeat_s": 2.5}
+    assert protocol.decode(protocol.encode([ok]))[0] == [ok]
+    for bad in (0, -1, float("nan"), float("inf"), 10**9, "1", None):
+        frames = protocol.encode([{"op": "heartbeat-interval", "heartbeat_s": bad}])
+        with pytest.raises(RemoteProtocolError, match="heartbeat_s"):
+            protocol.decode(frames)
+    with pytest.raises(RemoteProtocolError, match="heartbeat_s"):
+        protocol.decode(protocol.encode([{"op": "welcome", "epoch": "e", "address": "a",
+                                          "heartbeat_s": -1}]))

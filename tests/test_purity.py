@@ -11,10 +11,11 @@ import pytest
 
 import zfabric
 
-PURE = ["zfabric.protocol", "zfabric.heartbeat", "zfabric.scheduler.state",
+PURE = ["zfabric.protocol", "zfabric.scheduler.state",
         "zfabric.scheduler.policy", "zfabric.scheduler.records", "zfabric.config",
         "zfabric.scheduler.observe", "zfabric.scheduler.retire", "zfabric.scheduler.peers",
-        "zfabric.scheduler.queries", "zfabric.scheduler.coordination"]
+        "zfabric.scheduler.queries", "zfabric.scheduler.shared_state",
+        "zfabric.scheduler.candidates", "zfabric.scheduler.liveness"]
 
 FORBIDDEN = {"zmq", "asyncio", "socket", "threading", "time", "selectors"}
 

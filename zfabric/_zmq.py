@@ -17,6 +17,7 @@ import uuid
 import psutil
 import zmq
 
+from . import zap
 from .config import DEFAULT
 from .errors import ZFabricError
 
@@ -67,8 +68,6 @@ def router(ctx: zmq.Context, host: str, port: int = 0, *, linger_ms: int = DEFAU
             host)
     sock.setsockopt(zmq.ROUTER_MANDATORY, 1)
     if security is not None:
-        from . import zap
-
         zap.acquire(ctx, security)  # before any peer can connect; the owner releases it
     try:
         if host.startswith(("tcp://", "ipc://", "inproc://")):

@@ -23,6 +23,8 @@ import os
 import time
 import weakref
 
+from . import logs
+from .adaptive import Adaptive
 from .client import Client, default_client
 from .config import Config, from_env, memory_limit_bytes, parse_bytes, parse_timedelta
 from .errors import ClosedError, CommTimeoutError
@@ -32,6 +34,7 @@ from .reprs import render_cluster_of
 from .scheduler import Scheduler
 from .security import as_security
 from .worker import Worker
+from .worker.memory import memory_fractions
 
 logger = logging.getLogger(__name__)
 
@@ -62,6 +65,7 @@ def _sizing(n_workers: int | None, threads_per_worker: int | None,
             return nprocesses_nthreads(cores)
         return 1, cores
     if n_workers is None:
+        assert threads_per_worker is not None
         return (max(1, cores // threads_per_worker) if processes else 1), threads_per_worker
     if threads_per_worker is None:
         return n_workers, max(1, math.ceil(cores / max(1, n_workers)))
@@ -167,20 +171,20 @@ class LocalCluster(LifeCycle):
         if processes:
             self.memory["memory_terminate_fraction"] = memory_terminate_fraction
         # Checked here, before anything starts, rather than in each worker.
-        from .worker.memory import memory_fractions
         memory_fractions(self.config, target=memory_target_fraction,
                          spill=memory_spill_fraction, pause=memory_pause_fraction,
                          terminate=memory_terminate_fraction)
         #: The cluster's keys (``security=True``: fresh ones in memory); Client(cluster) uses them.
         self.security = as_security(security)
         self.dashboard_address = dashboard_address
-        self.scheduler: Scheduler | None = None
+        #: Set by start(): the scheduler this cluster runs in its own loop.
+        self.scheduler: Scheduler = None
         self.workers: dict[int, Nanny | Worker] = {}
         self._name = name
         self._next_index = 0
         self._control = None  # the cluster's own asynchronous Client, made on first need
         self._scale_lock: asyncio.Lock | None = None
-        self._adaptive = None
+        self._adaptive: Adaptive | None = None
         self._watchers: list[asyncio.Task] = []  # drop workers that close by themselves
         self._loop_thread: LoopThread | None = None
         if not asynchronous:
@@ -224,8 +228,6 @@ class LocalCluster(LifeCycle):
     # ------------------------------------------------------------------ life cycle
 
     async def start(self) -> None:
-        from . import logs
-
         logs.install()  # for get_logs
         kw = {"config": self.config, "dashboard_address": self.dashboard_address,
               "security": self.security, **self._scheduler_kwargs}
@@ -348,7 +350,7 @@ class LocalCluster(LifeCycle):
     async def _retire(self, *, count: int | None = None, addresses=None) -> dict:
         """Retire ``count`` workers of the scheduler's choosing (or these ``addresses``) and
         drop them from :attr:`workers` once closed."""
-        where = {}
+        where: dict[str, Nanny | Worker] = {}
         for w in self.workers.values():
             if isinstance(w, Nanny):
                 for wp in w.processes:
@@ -374,8 +376,6 @@ class LocalCluster(LifeCycle):
         many (their data moves first). ``target_duration``: how long the runnable work may
         take on the workers wanted. Returns the :class:`~zfabric.adaptive.Adaptive`
         (``.stop()`` ends it; so do ``scale`` and ``close``)."""
-        from .adaptive import Adaptive
-
         if minimum_cores is not None:
             minimum = max(minimum, self._target(0, None, minimum_cores))
         if maximum_cores is not None:
@@ -388,13 +388,16 @@ class LocalCluster(LifeCycle):
             self._adaptive.stop()
         interval_s = parse_timedelta(interval, name="interval")
         target_s = parse_timedelta(target_duration, name="target_duration")
-        self._adaptive = Adaptive(self, minimum=minimum, maximum=maximum, interval=interval_s,
-                                  wait_count=wait_count, target_duration=target_s)
+        if interval_s is None or target_s is None:
+            raise ValueError("adapt(interval=, target_duration=) take durations, not None")
+        adaptive = self._adaptive = Adaptive(self, minimum=minimum, maximum=maximum,
+                                             interval=interval_s, wait_count=wait_count,
+                                             target_duration=target_s)
         if self.asynchronous:
-            self._adaptive.start()
+            adaptive.start()
         else:
-            self.loop.call_soon_threadsafe(self._adaptive.start)
-        return self._adaptive
+            self.loop.call_soon_threadsafe(adaptive.start)
+        return adaptive
 
     def wait_for_workers(self, n_workers: int = 0, timeout=None):
         """Return once ``n_workers`` workers are connected to the scheduler."""
@@ -416,8 +419,6 @@ class LocalCluster(LifeCycle):
         return self._run(self._get_logs(cluster, scheduler, workers))
 
     async def _get_logs(self, cluster, scheduler, workers) -> dict[str, str]:
-        from . import logs
-
         out = {}
         if cluster:
             out["Cluster"] = "\n".join(m for _, m in logs.recent(prefix="zfabric.cluster"))

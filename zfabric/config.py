@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass, fields, replace
+from typing import Any
 
 from . import dask_config
 
@@ -27,8 +28,15 @@ class Config:
     INLINE_BYTES: int = 64 * 1024
     #: How often workers, nannies and clients send a heartbeat.
     HEARTBEAT_INTERVAL_S: float = 0.5
-    #: A worker silent this long is declared dead.
+    #: At most this many heartbeats a second reach the scheduler from all its workers and
+    #: nannies: the interval it tells them grows with their number (HEARTBEAT_INTERVAL_S
+    #: at least).
+    HEARTBEATS_PER_S_MAX: float = 200.0
+    #: A worker silent this long is declared dead (at least: see WORKER_TTL_HEARTBEATS).
     WORKER_TTL_S: float = 5.0
+    #: A worker or Nanny silent for this many of the heartbeat intervals it was told is
+    #: declared dead, when that is longer than WORKER_TTL_S (large clusters beat slower).
+    WORKER_TTL_HEARTBEATS: float = 3.0
     #: A client silent this long has its futures released.
     CLIENT_TTL_S: float = 30.0
     #: A task that was running on this many dead workers, plus one, fails with KilledWorker.
@@ -117,12 +125,12 @@ def from_env(environ: dict[str, str] | None = None, **overrides) -> Config:
     (:mod:`zfabric.dask_config`; only where dask is installed), then ``ZFABRIC_*``
     environment variables, then keyword overrides (each wins over the one before)."""
     env = os.environ if environ is None else environ
-    values = dask_config.settings(environ)
+    values: dict[str, Any] = dask_config.settings(environ)
     for f in fields(Config):
         raw = env.get("ZFABRIC_" + f.name)
         if raw is None:
             continue
-        kind = type(f.default)
+        kind: Any = type(f.default)
         try:
             if kind is bool:
                 if raw.strip().lower() not in ("1", "0", "true", "false", "yes", "no", "on", "off"):

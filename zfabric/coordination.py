@@ -1,6 +1,6 @@
 """Shared state between tasks and clients: Lock, Semaphore, Event, Variable and Queue.
 
-Each is a handle on a record the scheduler keeps by name (:mod:`zfabric.scheduler.coordination`);
+Each is a handle on a record the scheduler keeps by name (:mod:`zfabric.scheduler.shared_state`);
 two handles with the same name, in any clients or tasks, share one state. A handle pickles by
 name: passed to ``submit`` (or inside an argument) it arrives in the task bound to the worker's
 client. With a blocking client the methods block; with an asynchronous one they return

@@ -2,7 +2,7 @@
 of the scheduler can read, as with dask.distributed's ``publish_dataset``.
 
 :class:`Datasets` is the part of a :class:`~zfabric.client.Client` that holds these methods.
-The scheduler keeps each dataset as an item of :mod:`zfabric.scheduler.coordination`: the
+The scheduler keeps each dataset as an item of :mod:`zfabric.scheduler.shared_state`: the
 Futures inside it (anywhere in it, a persisted collection's included) stay alive until it is
 unpublished; a value over the inline limit is scattered to a worker first.
 """

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+from typing import Any
 
 import zmq
 from zmq.utils.monitor import recv_monitor_message
@@ -26,7 +27,7 @@ async def wait(welcome: asyncio.Future, sock: zmq.Socket, monitor: str, timeout:
     """The welcome's result; TimeoutError after ``timeout``; SecurityError on a failed
     handshake. ``sock`` was made with ``monitor`` as its monitor endpoint."""
     loop = asyncio.get_running_loop()
-    pair = zmq.Context.instance().socket(zmq.PAIR)
+    pair: zmq.Socket = zmq.Context.instance().socket(zmq.PAIR)
     pair.setsockopt(zmq.LINGER, 0)
     pair.connect(monitor)
     deadline = loop.time() + timeout
@@ -46,10 +47,10 @@ async def wait(welcome: asyncio.Future, sock: zmq.Socket, monitor: str, timeout:
         pair.close(0)
 
 
-def _failure(pair: zmq.Socket) -> dict | None:
+def _failure(pair: zmq.Socket) -> dict[str, Any] | None:
     while True:
         try:
-            event = recv_monitor_message(pair, zmq.NOBLOCK)
+            event = dict(recv_monitor_message(pair, zmq.NOBLOCK))
         except zmq.Again:
             return None
         if event["event"] in FAILED:

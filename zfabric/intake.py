@@ -18,7 +18,10 @@ descriptor, which libzmq then closes, freeing what it held).
 
 The check counts only when the socket has nothing to read: then no complete message waits in
 libzmq's queues, so everything counted ahead is unfinished (an owner too busy to drain its
-socket checks nothing until it catches up). :class:`Ledger` is the bookkeeping
+socket checks nothing until it catches up). It looks only at the connections bytes arrived on
+since they were last looked at: each accepted descriptor is also in an edge-triggered epoll
+set of the intake's own (see :data:`_EDGES`), which names them, so a review costs
+O(connections that sent something), not O(connections). :class:`Ledger` is the bookkeeping
 (pure, given the kernel's counts); :class:`Intake` is the shell around one ROUTER: its socket
 monitor (``ACCEPTED``/``DISCONNECTED`` give each connection's descriptor) and the syscalls.
 """
@@ -29,10 +32,12 @@ import errno
 import fcntl
 import logging
 import os
+import select
 import socket
 import struct
 import termios
 from dataclasses import dataclass, field
+from typing import cast
 
 import zmq
 from zmq.utils.monitor import recv_monitor_message
@@ -48,6 +53,14 @@ FRAME_OVERHEAD_MAX = 9 + 33
 #: Offset of ``tcpi_bytes_received`` in Linux's ``struct tcp_info`` (Linux 4.1 and later).
 _BYTES_RECEIVED = 128
 _SIOCINQ = termios.FIONREAD
+
+
+#: What the intake's epoll set asks of each descriptor. Edge-triggered: an arrival of bytes
+#: wakes it once. EPOLLOUT as well as EPOLLIN, because epoll reports an edge only if the
+#: descriptor is still ready when it is read, and libzmq has read the bytes by then; a
+#: connection is (nearly) always writable, so the edge is kept. (Room freed in a full send
+#: buffer wakes it too: a connection looked at for nothing, now and then.)
+_EDGES = select.EPOLLIN | select.EPOLLOUT | select.EPOLLET
 
 
 def wire_bytes(frames, curve: bool) -> int:
@@ -171,6 +184,12 @@ class Intake:
         self.ledger = Ledger(curve, slack, frame_limit, max_frames)
         self.shut_down = 0  # connections shut down, for tests and the logs
         self.doomed: dict[bytes, float] = {}  # peer -> when to end its connection
+        # Connections that received bytes since they were last checked: the epoll set's
+        # edges name them (see the module docstring), and a check that had to skip one
+        # keeps it here.
+        self._epoll = select.epoll()
+        self._active: set[int] = set()
+        self.looked_at = 0  # connections checked (with syscalls) so far, for tests
         endpoint = f"inproc://zfabric-intake-{id(self):x}-{os.getpid()}"
         sock.monitor(endpoint, zmq.EVENT_ACCEPTED | zmq.EVENT_DISCONNECTED)
         self.events = sock.context.socket(zmq.PAIR)
@@ -178,10 +197,29 @@ class Intake:
         self.events.connect(endpoint)
 
     def received(self, fd: int, peer: bytes, frames) -> Connection:
+        if fd >= 0 and fd not in self.ledger.conns:
+            self._watch(fd)  # its ACCEPTED event is not read yet
         return self.ledger.received(fd, peer, frames)
 
+    def _watch(self, fd: int) -> None:
+        try:
+            self._epoll.register(fd, _EDGES)
+        except FileExistsError:
+            self._epoll.modify(fd, _EDGES)
+        except OSError:
+            pass  # closed already (its DISCONNECTED follows)
+        self._active.add(fd)  # whatever came before it was watched
+
+    def _forget(self, fd: int) -> None:
+        self.ledger.closed(fd)
+        self._active.discard(fd)
+        try:
+            self._epoll.unregister(fd)
+        except OSError:
+            pass  # closed: the kernel dropped it from the set
+
     def announced(self, conn: Connection, op: dict) -> str | None:
-        return self.ledger.announce(conn, op.get("bytes"), op.get("frames"))
+        return self.ledger.announce(conn, op["bytes"], op["frames"])  # the door checked them
 
     def _read_events(self) -> None:
         ledger = self.ledger
@@ -195,8 +233,9 @@ class Intake:
             fd = int(event["value"])
             if event["event"] == zmq.EVENT_ACCEPTED:
                 ledger.accepted(fd, *_identity(fd))
+                self._watch(fd)
             else:
-                ledger.closed(fd)
+                self._forget(fd)
 
     def review(self, now: float) -> list[tuple[Connection, str]]:
         """What the owner calls now and then: end the connections :meth:`shut_peer_later`
@@ -212,30 +251,42 @@ class Intake:
             return []
 
     def check(self) -> list[tuple[Connection, str]]:
-        """Shut down every connection too far ahead; returns them, each with why."""
+        """Shut down every connection too far ahead; returns them, each with why. Looks at
+        the connections that received bytes since they were last looked at only."""
         self._read_events()
-        if self.sock.getsockopt(zmq.EVENTS) & zmq.POLLIN:
+        active = self._active
+        for fd, _ in self._epoll.poll(0):
+            active.add(fd)
+        if not active or self._readable():
             return []  # complete messages wait: what is ahead is not all unfinished
         out = []
         ledger = self.ledger
-        for fd, conn in list(ledger.conns.items()):
+        for fd in list(active):
+            conn = ledger.conns.get(fd)
+            if conn is None:
+                active.discard(fd)
+                continue
+            self.looked_at += 1
             counts = _tcp_counts(fd)
             if counts is None:  # not TCP (ipc://), or closed (its DISCONNECTED may be read)
+                active.discard(fd)
                 if _identity(fd)[0] != conn.ino:
-                    ledger.closed(fd)  # gone, or another file now: forget it
+                    self._forget(fd)  # gone, or another file now: forget it
                 continue
             over = ledger.ahead(conn, *counts)
             if over <= 0:
+                active.discard(fd)  # looked at: nothing new until bytes come again
                 continue
             # Complete messages may have arrived since the socket was drained: only a
             # connection found too far ahead with nothing complete waiting is shut down.
-            if self.sock.getsockopt(zmq.EVENTS) & zmq.POLLIN:
-                continue
+            if self._readable():
+                continue  # (it stays active: looked at again next time)
+            active.discard(fd)
             ino, address = _identity(fd)
             if not conn.ino:
                 conn.ino, conn.peer_address = ino, address
             if ino != conn.ino:  # the descriptor is another socket now
-                ledger.closed(fd)
+                self._forget(fd)
                 continue
             why = (f"it sent {over + ledger.slack + conn.announced:,} bytes beyond its last"
                    f" complete message, more than INCOMPLETE_MESSAGE_BYTES"
@@ -247,6 +298,10 @@ class Intake:
             out.append((conn, why))
         return out
 
+    def _readable(self) -> bool:
+        """Whether complete messages wait in the socket."""
+        return bool(cast(int, self.sock.getsockopt(zmq.EVENTS)) & zmq.POLLIN)
+
     def shut(self, fd: int) -> None:
         """End connection ``fd`` (libzmq sees it closed and frees what it holds)."""
         sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM, 0, fileno=fd)
@@ -257,7 +312,7 @@ class Intake:
                 raise
         finally:
             sock.detach()
-        self.ledger.closed(fd)
+        self._forget(fd)
         self.shut_down += 1
 
     def shut_peer_later(self, peer: bytes, when: float) -> None:
@@ -288,3 +343,4 @@ class Intake:
         except zmq.ZMQError:
             pass
         self.events.close(0)
+        self._epoll.close()

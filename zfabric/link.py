@@ -41,7 +41,7 @@ class Link:
         self.sock = sock
         self.on_message = on_message
         self.backlog: deque[list] = deque()
-        self._fd = sock.getsockopt(zmq.FD)
+        self._fd: int = sock.getsockopt(zmq.FD)  # type: ignore[assignment]
         self._scheduled = False
         self.closed = False
         loop.add_reader(self._fd, self._ready)
@@ -68,7 +68,7 @@ class Link:
     def _check(self) -> None:
         if self._scheduled or self.closed:
             return
-        events = self.sock.getsockopt(_EVENTS)
+        events: int = self.sock.getsockopt(_EVENTS)  # type: ignore[assignment]
         if events & _POLLIN or (self.backlog and events & _POLLOUT):
             self._scheduled = True
             self.loop.call_soon(self._ready)
@@ -79,7 +79,7 @@ class Link:
             return
         sock = self.sock
         for _ in range(READ_BATCH):
-            events = sock.getsockopt(_EVENTS)
+            events: int = sock.getsockopt(_EVENTS)  # type: ignore[assignment]
             if self.backlog and events & _POLLOUT and self._drain_backlog():
                 continue  # ask again: the sends may have taken in what the descriptor signalled
             if not events & _POLLIN:

@@ -16,7 +16,8 @@ from __future__ import annotations
 
 import math
 import platform
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from typing import NamedTuple
 
 import msgpack
 
@@ -42,6 +43,7 @@ SCHEMAS: dict[str, dict[str, tuple[type, ...]]] = {
     "reregister": {"reason": _S},
     "error": {"message": _S},
     "heartbeat": {},
+    "heartbeat-interval": {"heartbeat_s": _N},  # scheduler -> workers, nannies: beat so often
     "goodbye": {},
     "announce": {"bytes": _I, "frames": _I},  # the next message's size (any server port)
     "request": {"id": _I, "kind": _S, "args": _D},
@@ -174,9 +176,213 @@ def check(op) -> None:
             )
     if name == "coord":
         check_coord(op)
+    elif name == "heartbeat-interval" or (name == "welcome" and "heartbeat_s" in op):
+        value = op["heartbeat_s"]
+        if not (_finite(value) and 0 < value <= MAX_HEARTBEAT_S):
+            raise RemoteProtocolError(f"op {name!r}: heartbeat_s must be a number of seconds"
+                                      f" above 0 and at most {MAX_HEARTBEAT_S}, got"
+                                      f" {short(value)}")
 
 
 _MISSING = object()
+
+#: The longest heartbeat interval a scheduler may ask for (an hour: a bad value must not make
+#: a peer fall silent for ever).
+MAX_HEARTBEAT_S = 3600
+
+
+# ---------------------------------------------------------------------- nested items
+# The items inside the scheduler's incoming ops, checked (and, where a handler reads them by
+# field, made typed records) here, so that no handler checks them by hand.
+
+
+class TaskSpec(NamedTuple):
+    """One task of a ``submit``: its key, its payload (the whole call pickled, or the
+    arguments when ``func`` names a function sent in the op's ``functions``), the keys it
+    depends on, its options."""
+
+    key: str
+    payload: bytes
+    deps: list[str]
+    options: dict | None
+    func: str | None = None
+
+
+class ScatterItem(NamedTuple):
+    """One value a client placed: inline bytes or None (held by ``addresses``)."""
+
+    key: str
+    value: bytes | None
+    nbytes: int
+    addresses: list[str]
+
+
+class FinishedItem(NamedTuple):
+    """A task a worker finished: its result's size, the result when small, how long it ran,
+    when (worker clock) and on which thread."""
+
+    key: str
+    nbytes: int
+    value: bytes | None
+    duration: float
+    start: float | None = None
+    stop: float | None = None
+    thread: int | None = None
+
+
+_new = tuple.__new__  # a record from a list of the right length, without the per-field call
+
+
+def _bad(what: str, item) -> RemoteProtocolError:
+    return RemoteProtocolError(f"malformed {what} {short(item, 200)}")
+
+
+def _strings(op: dict, field: str) -> None:
+    for key in op[field]:
+        if type(key) is not str:
+            raise _bad(f"{op['op']} {field}", key)
+
+
+def _optional_strings(field: str):
+    def check_field(op: dict) -> None:
+        value = op.get(field)
+        if value is not None and (type(value) is not list
+                                  or any(type(k) is not str for k in value)):
+            raise _bad(f"{op['op']} {field}", value)
+    return check_field
+
+
+def _keys(op: dict) -> None:
+    _strings(op, "keys")
+
+
+def submitted_keys(op: dict) -> list[str]:
+    """The keys a ``submit`` op names, however malformed the rest of it."""
+    tasks = op.get("tasks")
+    if type(tasks) is not list:
+        return []
+    return [t[0] for t in tasks if type(t) in (list, TaskSpec) and t and type(t[0]) is str]
+
+
+def _submit(op: dict) -> None:
+    functions = op.get("functions")
+    if functions is not None and (type(functions) is not dict or any(
+            type(f) is not str or type(b) is not bytes for f, b in functions.items())):
+        raise RemoteProtocolError("submit's functions must map string ids to bytes")
+    tasks = op["tasks"]
+    for i, t in enumerate(tasks):
+        if type(t) is not list or not 4 <= len(t) <= 5:
+            raise _bad("task", t)
+        key, payload, deps, opts = t[0], t[1], t[2], t[3]
+        full = len(t) == 5
+        if (type(key) is not str or type(payload) is not bytes or type(deps) is not list
+                or not (not full or t[4] is None or type(t[4]) is str)):
+            raise _bad("task", t)
+        for d in deps:
+            if type(d) is not str:
+                raise _bad("task", t)
+        if opts is not None:
+            check_task_options(key, opts)
+        tasks[i] = _new(TaskSpec, t) if full else TaskSpec(key, payload, deps, opts)
+
+
+def _scatter(op: dict) -> None:
+    items = op["items"]
+    for i, t in enumerate(items):
+        if (type(t) is not list or len(t) != 4 or type(t[0]) is not str
+                or not (t[1] is None or type(t[1]) is bytes) or type(t[2]) is not int
+                or type(t[3]) is not list):
+            raise _bad("scatter item", t)
+        items[i] = ScatterItem(t[0], t[1], t[2], [a for a in t[3] if type(a) is str])
+
+
+def _finished(op: dict) -> None:
+    tasks = op["tasks"]
+    for i, t in enumerate(tasks):
+        if (type(t) is not list or not 4 <= len(t) <= 7 or type(t[0]) is not str
+                or type(t[1]) is not int or not (t[2] is None or type(t[2]) is bytes)
+                or not _finite(t[3])):
+            raise _bad("finished item", t)
+        tasks[i] = _new(FinishedItem, t) if len(t) == 7 else FinishedItem(*t)
+
+
+def _erred(op: dict) -> None:
+    # [key, exception, traceback, text, kind, ...]: from a worker (then start, stop, thread)
+    # and to a client (then extra); both share the first five.
+    for t in op["items"]:
+        if (type(t) is not list or not 4 <= len(t) <= 8 or type(t[0]) is not str
+                or not (t[1] is None or type(t[1]) is bytes)
+                or not (t[2] is None or type(t[2]) is bytes) or type(t[3]) is not str
+                or not (len(t) < 5 or t[4] is None or type(t[4]) is str)):
+            raise _bad("erred item", t)
+
+
+def _long_running(op: dict) -> None:
+    for t in op["items"]:
+        if type(t) is not list or len(t) != 2 or type(t[0]) is not str:
+            raise _bad("long-running item", t)
+
+
+def _acquired(op: dict) -> None:
+    _strings(op, "keys")
+    _optional_strings("failed")(op)
+
+
+_REQUEST_NUMBERS = ("since", "start", "stop", "count", "n", "transfers")
+_TIMES = ("start", "stop", "transfers")
+
+
+def _request(op: dict) -> None:
+    """The request arguments the scheduler reads (each kind's own rules are its handler's)."""
+    args = op["args"]
+    keys = args.get("keys") if op["kind"] in ("who-has", "nbytes", "task-states") else None
+    if keys is not None and (type(keys) is not list or any(type(k) is not str for k in keys)):
+        raise _bad(f"{op['kind']} request keys", keys)
+    value = args.get("workers")
+    if value is not None and (type(value) is not list or any(type(v) is not str for v in value)):
+        raise _bad(f"{op['kind']} request workers", value)
+    for name in _REQUEST_NUMBERS:
+        value = args.get(name)
+        if value is not None and not (_finite(value) if name in _TIMES else type(value) is int):
+            raise _bad(f"{op['kind']} request {name}", value)
+    topic = args.get("topic")
+    if op["kind"] == "log-event" and not (type(topic) is str or (
+            type(topic) is list and all(type(t) is str for t in topic))):
+        raise _bad("log-event request topic", topic)
+    if op["kind"] == "events" and not (topic is None or type(topic) is str):
+        raise _bad("events request topic", topic)
+
+
+def _heartbeat(op: dict) -> None:
+    _optional_strings("workers")(op)  # a Nanny's: the workers it vouches for
+
+
+#: The checks of each op's nested items (the schema checked the op's own fields first).
+ITEMS: dict[str, Callable[[dict], None]] = {
+    "submit": _submit,
+    "scatter": _scatter,
+    "finished": _finished,
+    "erred": _erred,
+    "long-running": _long_running,
+    "release": _keys,
+    "want": _keys,
+    "cancel": _keys,
+    "retry": _keys,
+    "started": _keys,
+    "thread-free": _keys,
+    "acquired": _acquired,
+    "heartbeat": _heartbeat,
+    "request": _request,
+}
+
+
+def check_items(op: dict) -> None:
+    """Check the nested items of an op :func:`check` passed, making the ones handlers read by
+    field typed records (:class:`TaskSpec`, :class:`ScatterItem`, :class:`FinishedItem`), in
+    place. The scheduler calls it for each op it applies; raises RemoteProtocolError."""
+    items = ITEMS.get(op["op"])
+    if items is not None:
+        items(op)
 
 
 def short(value, limit: int = 80) -> str:

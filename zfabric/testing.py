@@ -31,8 +31,11 @@ import zmq
 import zmq.asyncio
 
 from . import protocol
+from .client import Client
 from .config import Config
 from .errors import CommTimeoutError
+from .scheduler import Scheduler
+from .worker import Worker
 
 __all__ = ["FakePeer", "LeakError", "check_leaks", "cluster", "gen_cluster", "open_sockets"]
 
@@ -142,9 +145,6 @@ async def cluster(
     ``names=[...]`` to name them one by one. On exit every object is closed and, unless
     ``leak_check=False``, no zfabric thread or ZeroMQ socket may outlive them.
     """
-    from .scheduler import Scheduler
-    from .worker import Worker
-
     names = worker_kwargs.pop("names", None)
     worker_kwargs.setdefault("memory_limit", 0)
     leaks = check_leaks() if leak_check else contextlib.nullcontext()
@@ -195,8 +195,6 @@ def gen_cluster(
             )
 
         async def run(**fixtures):
-            from .client import Client
-
             async with cluster(nworkers, nthreads, config=config, leak_check=leak_check,
                                **worker_kwargs) as (s, workers):
                 if not client:
@@ -268,7 +266,7 @@ class FakePeer:
         await self.sock.send_multipart(list(frames))
 
     async def recv_frames(self, timeout: float = 2.0) -> list[bytes]:
-        if not await self.sock.poll(int(timeout * 1000), zmq.POLLIN):
+        if not await self.sock.poll(int(timeout * 1000)):  # POLLIN is the default
             raise CommTimeoutError(f"nothing arrived from {self.address} in {timeout:g} s")
         return await self.sock.recv_multipart(zmq.NOBLOCK)
 

@@ -33,7 +33,12 @@ import time
 from pathlib import Path
 from typing import Any
 
+from ..client import Client
+from ..cluster import _host
 from ..errors import ZFabricError
+from ..nanny import Nanny
+from ..process import serve
+from ..scheduler import Scheduler
 from .spec import DEATH_TIMEOUT_S
 
 logger = logging.getLogger("zfabric.cluster")
@@ -122,9 +127,6 @@ def read_scheduler_file(path: Path, key: str | None, timeout: float = FILE_TIMEO
 
 
 async def _scheduler_rank(path: Path, key: str | None, options: dict) -> int:
-    from ..process import serve
-    from ..scheduler import Scheduler
-
     s = Scheduler(**options)
     await s
     try:
@@ -139,9 +141,6 @@ async def _scheduler_rank(path: Path, key: str | None, options: dict) -> int:
 
 
 async def _worker_rank(address: str, options: dict) -> int:
-    from ..nanny import Nanny
-    from ..process import serve
-
     n = Nanny(address, **options)
     await n
     try:
@@ -154,8 +153,6 @@ async def _worker_rank(address: str, options: dict) -> int:
 def _shutdown(address: str, path: Path | None = None) -> None:
     """Close the job's scheduler and workers (what ends the other ranks), unless the script
     did (rank 0 removes the scheduler file as it ends)."""
-    from ..client import Client
-
     if path is not None and not path.exists():
         return
     try:
@@ -170,8 +167,6 @@ def _setup(scheduler_file: str | os.PathLike, *, host: str | None, interface: st
            memory_limit: Any, local_directory: str | None, death_timeout: float,
            worker_options: dict | None, name: str | None,
            rank: int) -> tuple[Path, str | None, dict, dict]:
-    from ..cluster import _host
-
     path = Path(scheduler_file).absolute()
     scheduler = {"host": _host(host or "0.0.0.0", None, interface), "port": port,
                  "dashboard_address": dashboard_address}

@@ -50,10 +50,15 @@ import time
 import weakref
 from typing import Any
 
+from .. import logs
+from ..adaptive import Adaptive
+from ..client import Client
 from ..config import parse_bytes, parse_timedelta
 from ..errors import ClosedError, CommTimeoutError
 from ..lifecycle import LifeCycle, LoopThread
+from ..nanny import Nanny
 from ..reprs import render_cluster_of
+from ..scheduler import Scheduler
 from ..security import as_security
 
 logger = logging.getLogger("zfabric.cluster")
@@ -122,9 +127,6 @@ class InProcessScheduler(ProcessInterface):
         self.server: Any = None
 
     async def start(self) -> None:
-        from .. import logs
-        from ..scheduler import Scheduler
-
         logs.install()
         server = self.server = Scheduler(**self.options)
         await server
@@ -136,8 +138,6 @@ class InProcessScheduler(ProcessInterface):
             await self.server.close()
 
     def logs(self) -> str:
-        from .. import logs
-
         events: list[str] = []
         if self.server is not None:
             events = [f"{t:.3f} event {text}" for t, text in list(self.server.state.events)]
@@ -158,8 +158,6 @@ class NannyJob(ProcessInterface):
         return [str(self.name)] if n == 1 else [f"{self.name}-{i}" for i in range(n)]
 
     async def start(self) -> None:
-        from ..nanny import Nanny
-
         self.nanny = Nanny(self.scheduler, name=self.name, **self.options)
         await self.nanny
         self._own(self._watch(self.nanny))
@@ -265,8 +263,6 @@ class SpecCluster(LifeCycle):
     # ------------------------------------------------------------------ life cycle
 
     async def start(self) -> None:
-        from .. import logs
-
         logs.install()
         spec = self.scheduler_spec
         self.scheduler = spec["cls"](**spec.get("options", {}))
@@ -350,8 +346,6 @@ class SpecCluster(LifeCycle):
     async def _client(self):
         """The cluster's own asynchronous client (retiring workers, logs, adapt)."""
         if self._control is None:
-            from ..client import Client
-
             self._control = Client(self.scheduler_address, asynchronous=True,
                                    set_as_default=False, security=self.security)
             await self._control
@@ -427,8 +421,6 @@ class SpecCluster(LifeCycle):
         ``minimum_jobs``/``maximum_jobs``, cores, memory), counted in whole jobs: add jobs
         while tasks queue, retire idle ones after ``wait_count`` checks ``interval`` apart.
         Returns the :class:`~zfabric.adaptive.Adaptive` (``.stop()`` ends it)."""
-        from ..adaptive import Adaptive
-
         lo = self._jobs_for(minimum)
         hi = math.inf if maximum == math.inf else self._jobs_for(int(maximum))
         for value, low in ((minimum_jobs, True), (maximum_jobs, False)):
@@ -487,8 +479,6 @@ class SpecCluster(LifeCycle):
         return self._run(self._get_logs(cluster, scheduler, workers))
 
     async def _get_logs(self, cluster, scheduler, workers) -> dict[str, str]:
-        from .. import logs
-
         out = {}
         if cluster:
             out["Cluster"] = "\n".join(m for _, m in logs.recent(prefix="zfabric.cluster"))
@@ -507,8 +497,6 @@ class SpecCluster(LifeCycle):
 
     def get_client(self):
         """A Client of this cluster."""
-        from ..client import Client
-
         return Client(self, asynchronous=self.asynchronous)
 
     def close(self, timeout: float | None = None):

@@ -1,17 +1,21 @@
 """What clients ask of the scheduler: submit, want, release, cancel, scatter.
 
-Methods of :class:`~zfabric.scheduler.state.SchedulerState` (mixed in), pure like it: they
-change records and queue ops, nothing else.
+A part of :class:`~zfabric.scheduler.state.SchedulerState`, which it is given (``s``), pure like it:
+it changes records and queues ops, nothing else.
 """
 
 from __future__ import annotations
 
 import logging
 from collections.abc import Iterable
+from typing import TYPE_CHECKING
 
 from ..errors import RemoteProtocolError
-from ..protocol import check_task_options
-from .records import FIRE_AND_FORGET, ClientState, TaskState
+from ..protocol import ScatterItem, TaskSpec
+from .records import FIRE_AND_FORGET, HELD, ClientState, TaskState
+
+if TYPE_CHECKING:
+    from .state import SchedulerState
 
 logger = logging.getLogger(__name__)
 
@@ -19,12 +23,16 @@ logger = logging.getLogger(__name__)
 class ClientOps:
     """SchedulerState's handling of clients' keys (see the module docstring)."""
 
+    def __init__(self, s: SchedulerState):
+        self.s = s
+
     def remove_client(self, cs: ClientState) -> None:
-        self.clients.pop(cs.ident, None)
-        self.admins.discard(cs.ident)
-        self.coord.client_gone(cs.ident)
+        self.s.clients.pop(cs.ident, None)
+        self.s.peers_changed()
+        self.s.admins.discard(cs.ident)
+        self.s.coord.client_gone(cs.ident)
         # O(tasks), but only when a client leaves (see ClientState).
-        for ts in [t for t in self.tasks.values() if t.wanted_by(cs)]:
+        for ts in [t for t in self.s.tasks.values() if t.wanted_by(cs)]:
             self.release_key(cs, ts.key)
 
     def add_functions(self, functions) -> list[str]:
@@ -32,85 +40,74 @@ class ClientOps:
         returns the ids that were new (dropped again if no task comes to use them)."""
         if not functions:
             return []
-        if type(functions) is not dict:
-            raise RemoteProtocolError("submit's functions must map ids to pickles")
-        for fid, data in functions.items():
-            if type(fid) is not str or type(data) is not bytes:
-                raise RemoteProtocolError("submit's functions must map string ids to bytes")
         added = []
         for fid, data in functions.items():
-            if fid not in self.functions:
-                self.functions[fid] = [data, 0, fid]  # pickle, tasks using it, shared id
+            if fid not in self.s.functions:
+                # pickle, tasks using it, the id all its tasks share, the workers sent it
+                self.s.functions[fid] = [data, 0, fid, []]
                 added.append(fid)
         return added
 
-    def _drop_function(self, fid: str) -> None:
-        entry = self.functions.get(fid)
+    def drop_function(self, fid: str) -> None:
+        entry = self.s.functions.get(fid)
         if entry is None:
             return
         entry[1] -= 1
         if entry[1] <= 0:
-            del self.functions[fid]
-            for ws in self.workers.values():
-                if fid in ws.functions:
-                    ws.functions.discard(fid)
-                    self.batch(ws.ident, "forget-functions", fid)
+            del self.s.functions[fid]
+            for ws in entry[3]:  # O(workers sent it), not O(workers)
+                if fid in ws.functions and ws.index is not None:  # (still connected)
+                    ws.forget_function(fid)
+                    self.s.batch(ws.ident, "forget-functions", fid)
 
-    def submit(self, cs: ClientState, items: list) -> None:
-        """Add tasks: each item is ``[key, args pickle, dep keys, options or None, function id]``
-        (or, without the function id, ``[key, whole-call payload, dep keys, options]``)."""
+    def submit(self, cs: ClientState, items: list[TaskSpec]) -> None:
+        """Add tasks (checked at the protocol's door: :class:`~zfabric.protocol.TaskSpec`)."""
         if cs.ident == FIRE_AND_FORGET:
             return
-        for item in items:
-            key, payload, deps, opts, *rest = item
-            if type(key) is not str or type(payload) is not bytes or type(deps) is not list:
-                raise RemoteProtocolError(f"malformed task {str(item)[:200]}")
-            if opts is not None:
-                check_task_options(key, opts)
-            fid = rest[0] if rest else None
+        for key, payload, deps, opts, fid in items:
             entry = None
             if fid is not None:
-                entry = self.functions.get(fid) if type(fid) is str else None
+                entry = self.s.functions.get(fid)
                 if entry is None:
                     raise RemoteProtocolError(
                         f"task {key!r} refers to function {fid!r}, which was not sent with it")
-            ts = self.tasks.get(key)
+            ts = self.s.tasks.get(key)
             if ts is not None and ts.state != "released":
                 self._want(cs, ts)
                 if opts and opts.get("fire_and_forget"):
-                    self._want(self.clients[FIRE_AND_FORGET], ts)
+                    self._want(self.s.clients[FIRE_AND_FORGET], ts)
                 continue
             dep_states = []
             missing = None
             for d in deps:
-                dts = self.tasks.get(d)
+                dts = self.s.tasks.get(d)
                 if dts is None:
                     missing = d
                     break
                 dep_states.append(dts)
             if ts is None:
                 ts = TaskState(key, payload)
-                self.tasks[key] = ts
-                self._observe_new(ts)
+                self.s.tasks[key] = ts
+                self.s.observe_new(ts)
             else:
                 ts.payload = payload
                 if ts.func is not None:
-                    self._drop_function(ts.func)
+                    self.drop_function(ts.func)
             if entry is not None:
                 entry[1] += 1
                 ts.func = entry[2]  # one id string shared by all its tasks
-            self._seq += 1
+            self.s.seq += 1
             prio = 0
             if opts:
                 prio = -int(opts.get("priority") or 0)
                 ts.retries = int(opts.get("retries") or 0)
                 ts.set_options(opts)
-            ts.priority = prio * 2**40 + self._seq
+            ts.priority = prio * 2**40 + self.s.seq
             self._want(cs, ts)
             if opts and opts.get("fire_and_forget"):
-                self._want(self.clients[FIRE_AND_FORGET], ts)
+                self._want(self.s.clients[FIRE_AND_FORGET], ts)
             if missing is not None:
-                self._fail(
+                self.s.fail(
                     ts,
                     None,
                     None,
@@ -131,39 +128,39 @@ class ClientOps:
                 dep_states = [dts for dts in dep_states if dts not in old]
             for dts in dep_states:
                 dts.add_dependent(ts)
-            self._start(ts)
+            self.s.start(ts)
 
     def _want(self, cs: ClientState, ts: TaskState) -> None:
         if ts.wanted_by(cs):
             return
         ts.add_wanter(cs)
         if ts.state == "memory":
-            self.batch(cs.ident, "memory", ts.memory_item())
+            self.s.batch(cs.ident, "memory", ts.memory_item())
         elif ts.state == "erred":
-            self.batch(cs.ident, "erred", ts.erred_item())
+            self.s.batch(cs.ident, "erred", ts.erred_item())
 
-    def _drop_fire_and_forget(self, ts: TaskState) -> None:
-        faf = self.clients[FIRE_AND_FORGET]
+    def drop_fire_and_forget(self, ts: TaskState) -> None:
+        faf = self.s.clients[FIRE_AND_FORGET]
         if ts.wanted_by(faf):
             ts.drop_wanter(faf)
 
     def want_key(self, cs: ClientState, key: str) -> None:
-        ts = self.tasks.get(key)
+        ts = self.s.tasks.get(key)
         if ts is None:
-            self.send(cs.ident, {"op": "cancelled", "keys": [key]})
+            self.s.send(cs.ident, {"op": "cancelled", "keys": [key]})
             return
         if ts.wanted_by(cs):  # wanted for it already (a Queue gave it): tell it the state
             ts.drop_wanter(cs)
         self._want(cs, ts)
         if ts.state == "released":
-            self._recompute(ts)
+            self.s.recompute(ts)
 
     def release_key(self, cs: ClientState, key: str) -> None:
-        ts = self.tasks.get(key)
+        ts = self.s.tasks.get(key)
         if ts is None or not ts.wanted_by(cs):
             return
         ts.drop_wanter(cs)
-        self._check_release([ts])
+        self.s.check_release([ts])
 
     def cancel(self, keys: Iterable[str], reason: str | None = None,
                restart: bool = False, by: ClientState | None = None) -> None:
@@ -173,15 +170,15 @@ class ClientOps:
         ``by``: the client asking, without ``force``: a key another client also wants is only
         released for ``by`` (its futures are cancelled, the others' are not).
         """
-        stack = [self.tasks[k] for k in keys if type(k) is str and k in self.tasks]
+        stack = [self.s.tasks[k] for k in keys if k in self.s.tasks]
         if by is not None:
             shared = [ts for ts in stack if any(c is not by for c in ts.wanters())]
             if shared:
                 stack = [ts for ts in stack if ts not in shared]
-                op = {"op": "cancelled", "keys": [ts.key for ts in shared]}
+                op: dict = {"op": "cancelled", "keys": [ts.key for ts in shared]}
                 if reason:
                     op["reason"] = reason
-                self.send(by.ident, op)
+                self.s.send(by.ident, op)
                 for ts in shared:
                     self.release_key(by, ts.key)
         seen = set()
@@ -204,12 +201,12 @@ class ClientOps:
                 op["reason"] = reason
             if restart:
                 op["restart"] = True
-            self.send(ident, op)
-        self._check_release(doomed)
+            self.s.send(ident, op)
+        self.s.check_release(doomed)
 
     def retry(self, keys: Iterable[str]) -> None:
         """Run erred tasks again, with the erred tasks upstream of them (``Future.retry``)."""
-        stack = [self.tasks[k] for k in keys if type(k) is str and k in self.tasks]
+        stack = [self.s.tasks[k] for k in keys if k in self.s.tasks]
         again, seen = [], set()
         while stack:
             ts = stack.pop()
@@ -217,7 +214,7 @@ class ClientOps:
                 continue
             seen.add(ts)
             ts.error = None
-            self._set_state(ts, "released")
+            self.s.set_state(ts, "released")
             again.append(ts)
             stack.extend(ts.deps)
         by_client: dict[bytes, list[str]] = {}
@@ -225,32 +222,28 @@ class ClientOps:
             for cs in ts.wanters():
                 by_client.setdefault(cs.ident, []).append(ts.key)
         for ident, ks in by_client.items():
-            self.send(ident, {"op": "retried", "keys": ks})
+            self.s.send(ident, {"op": "retried", "keys": ks})
         for ts in again:
             if ts.state == "released":
-                self._start(ts)
+                self.s.start(ts)
 
-    def scatter(self, cs: ClientState, items: list, fire_and_forget: bool = False) -> None:
-        """Register data a client placed: ``[key, inline bytes or None, nbytes, [addresses]]``."""
+    def scatter(self, cs: ClientState, items: list[ScatterItem],
+                fire_and_forget: bool = False) -> None:
+        """Register data a client placed (checked at the protocol's door)."""
         for key, value, nbytes, addresses in items:
-            # checked before any change, so a bad item cannot leave the state half-updated
-            if (type(key) is not str or not (value is None or type(value) is bytes)
-                    or type(nbytes) is not int or type(addresses) is not list):
-                raise RemoteProtocolError(
-                    f"malformed scatter item {[key, type(value).__name__, nbytes]!r:.200}")
-            ts = self.tasks.get(key)
+            ts = self.s.tasks.get(key)
             if ts is not None and ts.state not in ("memory", "released"):
                 raise RemoteProtocolError(
                     f"cannot scatter {key!r}: a task with that key is {ts.state}; scatter under"
                     " another key")
-            known = self.workers_by_address
-            holders = [known[a] for a in addresses if type(a) is str and a in known]
+            known = self.s.workers_by_address
+            holders = [known[a] for a in addresses if a in known]
             if ts is None:
                 ts = TaskState(key, None)
-                self.tasks[key] = ts
-                self._observe_new(ts)
-                self._seq += 1
-                ts.priority = self._seq
+                self.s.tasks[key] = ts
+                self.s.observe_new(ts)
+                self.s.seq += 1
+                ts.priority = self.s.seq
             ts.scattered = True
             ts.value = value
             for w in ts.who_has:  # their byte counts took the old size
@@ -260,14 +253,38 @@ class ClientOps:
                 ts.add_holder(ws)
             if value is None and not holders:
                 self._want(cs, ts)
-                self._fail(ts, None, None, f"scattered {key!r} has no live worker holding it",
+                self.s.fail(ts, None, None, f"scattered {key!r} has no live worker holding it",
                            kind="LostDataError")
                 continue
             if ts.state != "memory":
-                self._set_state(ts, "memory")
+                self.s.set_state(ts, "memory")
             self._want(cs, ts)
-            self._release_dependents_waiting(ts)
+            self.s.release_dependents_waiting(ts)
 
     def wanted_keys(self, cs: ClientState) -> list[str]:
         """The keys a client holds futures for (O(tasks); for tests and diagnostics)."""
-        return [t.key for t in self.tasks.values() if t.wanted_by(cs)]
+        return [t.key for t in self.s.tasks.values() if t.wanted_by(cs)]
+
+    # ------------------------------------------------------------------ shared state
+    # Coordination's side: the keys records hold are wanted by the HELD pseudo client, so
+    # reference counting needs no rule of its own.
+
+    def hold(self, key: str) -> None:
+        """Keep a key alive for a Variable, Queue or dataset (KeyError if unknown)."""
+        ts = self.s.tasks[key]
+        self._want(self.s.clients[HELD], ts)
+        if ts.state == "released":
+            self.s.recompute(ts)
+
+    def unhold(self, key: str) -> None:
+        self.release_key(self.s.clients[HELD], key)
+
+    def give(self, peer: bytes, key: str) -> None:
+        # quietly: the client's Future for the key asks ("want") and is told the state then
+        cs, ts = self.s.clients.get(peer), self.s.tasks.get(key)
+        if cs is not None and ts is not None and not ts.wanted_by(cs):
+            ts.add_wanter(cs)
+
+    def client_seen(self, peer: bytes) -> float | None:
+        cs = self.s.clients.get(peer)
+        return None if cs is None else cs.last_seen

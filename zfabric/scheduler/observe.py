@@ -167,10 +167,11 @@ class StreamRing:
         for number in range(max(since, self.seq - len(self)), self.seq):
             i = number % n
             start, stop = t[2 * i], t[2 * i + 1]
+            shown: tuple[float | None, float | None] = (start, stop)
             if start != start:  # NaN: not reported
-                start = stop = None
-            out.append((self.keys[i], self.groups[i], self.workers[i], self.threads[i], start,
-                        stop, "OK" if self.ok[i] else "error", self.sizes[i]))
+                shown = (None, None)
+            out.append((self.keys[i], self.groups[i], self.workers[i], self.threads[i],
+                        *shown, "OK" if self.ok[i] else "error", self.sizes[i]))
         return out
 
 

@@ -2,12 +2,21 @@
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING, Any, cast
+
 from ..config import DEFAULT
+
+if TYPE_CHECKING:
+    from .observe import Group
 
 #: Pseudo client that holds fire_and_forget keys until they finish.
 FIRE_AND_FORGET = b"<fire-and-forget>"
 #: The pseudo client that wants the keys that Variables, Queues and datasets hold.
 HELD = b"<held>"
+
+#: The shared empty set of WorkerState's usually empty sets (see WorkerState.__init__): a
+#: frozenset, so that a change made without the methods there fails at once.
+_NONE: set = cast(set, frozenset())
 
 # _one_or_set: a container that is None (empty), the one member itself, or a set of two or more.
 
@@ -154,14 +163,14 @@ class TaskState:
         self.key = key
         self.payload = payload
         self.func: str | None = None
-        self.group = None  # its observe.Group (counters by key prefix), set by the state
+        self.group: Group | None = None  # counters by key prefix, set by the state
         self.state = "new"
-        self.parents = None  # dependencies: None, one TaskState, or a tuple of them
-        self.children = None  # tasks that depend on this one: None, one, or _Dependents
+        self.parents: Any = None  # dependencies: None, one TaskState, or a tuple of them
+        self.children: Any = None  # tasks that depend on this one: None, one, or _Dependents
         self.waiting_on = 0
-        self.holders = None  # workers holding the value: None, one WorkerState, or a set
-        self.who_wants = None  # None, one ClientState, or a set of them
-        self.processing_on = None
+        self.holders: Any = None  # workers holding the value: None, one WorkerState, or a set
+        self.who_wants: Any = None  # None, one ClientState, or a set of them
+        self.processing_on: WorkerState | None = None
         self.priority = 0  # smaller runs first: -user priority * 2**40 + submission order
         self.value: bytes | None = None
         self.nbytes = 0
@@ -194,7 +203,7 @@ class TaskState:
     # containers that are usually empty or hold one item
 
     @property
-    def deps(self) -> tuple:
+    def deps(self) -> tuple[TaskState, ...]:
         """The tasks this one depends on."""
         p = self.parents
         if p is None:
@@ -245,17 +254,17 @@ class TaskState:
         """The workers holding the value (a set or tuple; empty when none)."""
         return _members(self.holders)
 
-    def held_by(self, ws) -> bool:
+    def held_by(self, ws: WorkerState) -> bool:
         return _has(self.holders, ws)
 
-    def add_holder(self, ws) -> None:
+    def add_holder(self, ws: WorkerState) -> None:
         h = self.holders
         if h is ws or (type(h) is set and ws in h):
             return
         self.holders = _add(h, ws)
         ws.hold(self)
 
-    def drop_holder(self, ws) -> None:
+    def drop_holder(self, ws: WorkerState) -> None:
         h = self.holders
         if h is ws or (type(h) is set and ws in h):
             self.holders = _discard(h, ws)
@@ -313,6 +322,7 @@ class WorkerState:
         "host",
         "id",
         "ident",
+        "index",
         "last_seen",
         "limit",
         "local_directory",
@@ -324,6 +334,7 @@ class WorkerState:
         "nbytes",
         "nheld",
         "nthreads",
+        "order",
         "pid",
         "processing",
         "resources",
@@ -331,6 +342,7 @@ class WorkerState:
         "started",
         "status",
         "status_reason",
+        "version",
     )
 
     def __init__(self, *, ident, id, address, name, nthreads, memory_limit, resources, nanny,
@@ -349,15 +361,20 @@ class WorkerState:
         self.last_seen = now
         self.metrics: dict = {}
         self.processing: dict = {}
-        self.started: set = set()  # processing tasks it said it started (bounded by its slots)
-        self.long_running: set = set()  # processing tasks that seceded: they take no slot
+        # These four are usually empty: they share one empty frozenset until the first member
+        # comes (a thousand workers would otherwise hold 4,000 empty sets for the garbage
+        # collector to walk); change them through the methods below.
+        #: processing tasks it said it started (bounded by its slots)
+        self.started: set[TaskState] = _NONE
+        #: processing tasks that seceded: they take no slot
+        self.long_running: set[TaskState] = _NONE
         #: keys of tasks released while they ran: their threads stay busy until the worker
         #: says they ended (``thread-free``), so they count against its slots
-        self.cancelled_running: set = set()
+        self.cancelled_running: set[str] = _NONE
         self._held: list = []  # tasks it held at some point: every one it holds, some stale
         self.nheld = 0  # how many tasks list it among their holders
         self.nbytes = 0  # summed sizes of the values it holds (as they were when it got them)
-        self.functions: set = set()  # function ids this worker has been sent
+        self.functions: set[str] = _NONE  # function ids this worker has been sent
         self.avg_duration: float | None = None
         self.finished = 0
         self.limit = self.nthreads * 2 + 2  # until task durations are known
@@ -365,6 +382,55 @@ class WorkerState:
         self.local_directory: str | None = None  # where it spills (from its hello)
         self.status_reason = ""
         self.retiring = False  # being retired: no new tasks (its limit stays 0)
+        #: The scheduler's Candidates (see .candidates) while it is a candidate: told of
+        #: every change of its load or slots (:meth:`changed`).
+        self.index: Any = None
+        self.order = 0  # when it joined (Candidates breaks ties of load by it)
+        self.version = 0  # Candidates' entries for it are live while they carry this
+
+    def mark_started(self, ts: TaskState) -> None:
+        if not self.started:
+            self.started = set()
+        self.started.add(ts)
+
+    def set_long_running(self, ts: TaskState, seceded: bool) -> None:
+        """A task it runs seceded (takes no slot) or rejoined."""
+        if seceded:
+            if not self.long_running:
+                self.long_running = set()
+            self.long_running.add(ts)
+        elif ts in self.long_running:
+            self.long_running.discard(ts)
+        self.changed()
+
+    def running_cancelled(self, key: str) -> None:
+        """A task released while it ran keeps its thread until the worker says it ended."""
+        if not self.cancelled_running:
+            self.cancelled_running = set()
+        self.cancelled_running.add(key)
+
+    def threads_free(self, keys: list[str]) -> None:
+        """Tasks released while they ran have ended: their threads are free."""
+        if self.cancelled_running:
+            for key in keys:
+                self.cancelled_running.discard(key)
+            self.changed()
+
+    def add_function(self, fid: str) -> None:
+        if not self.functions:
+            self.functions = set()
+        self.functions.add(fid)
+
+    def forget_function(self, fid: str) -> None:
+        if fid in self.functions:
+            self.functions.discard(fid)
+
+    def changed(self) -> None:
+        """Its load or free slots changed: the candidate index learns it (O(log workers)).
+        Whoever changes ``long_running``, ``cancelled_running``, ``status`` or ``limit``
+        calls it; :meth:`assign` and :meth:`done` do."""
+        if self.index is not None:
+            self.index.update(self)
 
     def __repr__(self) -> str:
         return f"<Worker {self.name} {self.address}>"
@@ -408,6 +474,8 @@ class WorkerState:
         if x is not None and x.options and x.options.get("resources"):
             for name, amount in x.options["resources"].items():
                 self.available[name] = self.available.get(name, 0) - amount
+        if self.index is not None:
+            self.index.update(self)
 
     def done(self, ts: TaskState, duration: float) -> None:
         if self.started:
@@ -429,6 +497,8 @@ class WorkerState:
                 extra = int(DEFAULT.PREFETCH_TARGET_S * self.nthreads / max(avg, 1e-6))
                 if not self.retiring:
                     self.limit = self.nthreads + min(DEFAULT.PREFETCH_MAX, max(1, extra))
+        if self.index is not None:
+            self.index.update(self)
 
     def info(self) -> dict:
         return {

@@ -1,6 +1,6 @@
 """Moving data between workers on request: ``replicate``, ``retire_workers``, ``restart_workers``.
 
-Methods of :class:`~zfabric.scheduler.state.SchedulerState` (mixed in), pure like it.
+A part of :class:`~zfabric.scheduler.state.SchedulerState`, which it is given (``s``), pure like it.
 
 Theory of operation
 -------------------
@@ -31,9 +31,13 @@ a lost worker can rely on it. One move per ``(worker, key)`` is in flight at a t
 from __future__ import annotations
 
 import logging
+from typing import TYPE_CHECKING
 
 from ..errors import RemoteProtocolError
 from .records import TaskState, WorkerState
+
+if TYPE_CHECKING:
+    from .state import SchedulerState
 
 logger = logging.getLogger(__name__)
 
@@ -78,7 +82,8 @@ def _matches(ws: WorkerState, names: list[str]) -> bool:
 class Retirement:
     """SchedulerState's data moves (see the module docstring)."""
 
-    def _init_moves(self) -> None:
+    def __init__(self, s: SchedulerState):
+        self.s = s
         self.moves: dict[tuple[bytes, str], set[int]] = {}  # (worker, key) -> job ids
         self.jobs: dict[int, Job] = {}
         self.retiring: dict[bytes, int] = {}  # worker ident -> retire job id
@@ -106,7 +111,7 @@ class Retirement:
         except (RemoteProtocolError, ValueError) as exc:
             for job in [j for j in self.jobs.values() if j.peer == peer and j.rid == rid]:
                 self._drop_job(job)
-            self.send(peer, {"op": "reply", "id": rid, "error": str(exc),
+            self.s.send(peer, {"op": "reply", "id": rid, "error": str(exc),
                              "kind": "ValueError" if isinstance(exc, ValueError) else None})
 
     def _replicate(self, job: Job, args: dict) -> None:
@@ -115,14 +120,14 @@ class Retirement:
         n = args.get("n")
         if n is not None and (type(n) is not int or n < 1):
             raise ValueError(f"n must be a positive integer or None, got {n!r}")
-        pool = [ws for ws in self.workers.values()
+        pool = [ws for ws in self.s.workers.values()
                 if ws.ident not in self.retiring and (not names or _matches(ws, names))]
         if not pool:
             raise ValueError(f"no worker to replicate to (workers={names!r})")
         want = len(pool) if n is None else min(n, len(pool))
         missing = []
         for key in keys:
-            ts = self.tasks.get(key)
+            ts = self.s.tasks.get(key)
             if ts is None or ts.state != "memory":
                 missing.append(key)
                 continue
@@ -150,7 +155,7 @@ class Retirement:
                 if any(d.processing_on is ws for d in ts.dependents or ()):
                     continue
                 ts.drop_holder(ws)
-                self.batch(ws.ident, "free", ts.key)
+                self.s.batch(ws.ident, "free", ts.key)
             self._tell_holders(ts)
 
     def _tell_holders(self, ts: TaskState) -> None:
@@ -159,7 +164,7 @@ class Retirement:
         if ts.value is None and ts.state == "memory":
             item = ts.memory_item()
             for cs in ts.wanters():
-                self.batch(cs.ident, "memory", item)
+                self.s.batch(cs.ident, "memory", item)
 
     def _join_move(self, job: Job, ws: WorkerState, ts: TaskState) -> None:
         slot = (ws.ident, ts.key)
@@ -170,7 +175,7 @@ class Retirement:
                 return
             self.moves[slot] = {job.id}
             sources = None if ts.value is not None else [w.address for w in ts.who_has]
-            self.batch(ws.ident, "acquire", [ts.key, ts.value, sources])
+            self.s.batch(ws.ident, "acquire", [ts.key, ts.value, sources])
         else:
             waiting.add(job.id)
         job.left.add(slot)
@@ -181,10 +186,10 @@ class Retirement:
         if n is not None and (type(n) is not int or n < 0):
             raise ValueError(f"n must be a non-negative integer or None, got {n!r}")
         if names is not None:
-            chosen = [ws for ws in self.workers.values() if _matches(ws, names)]
+            chosen = [ws for ws in self.s.workers.values() if _matches(ws, names)]
         elif n is not None:
             # The workers with the least to move and the least to finish go first.
-            idle = sorted((ws for ws in self.workers.values() if ws.ident not in self.retiring),
+            idle = sorted((ws for ws in self.s.workers.values() if ws.ident not in self.retiring),
                           key=lambda w: (len(w.processing), w.nheld, w.name))
             chosen = idle[:n]
         else:
@@ -196,7 +201,8 @@ class Retirement:
             job.workers.append(ws)
             ws.retiring = True
             ws.limit = 0
-            self._event(f"retiring worker {ws.name} ({ws.address})")
+            ws.changed()
+            self.s.event(f"retiring worker {ws.name} ({ws.address})")
             self._take_back(ws)
         self._retire_step(job)
 
@@ -204,18 +210,18 @@ class Retirement:
         """Tasks a retiring worker was given but has not started go elsewhere."""
         for ts in [t for t in ws.processing.values() if not t.started]:
             ws.done(ts, 0.0)
-            self.batch(ws.ident, "free", ts.key)
+            self.s.batch(ws.ident, "free", ts.key)
             ts.processing_on = None
-            self._set_state(ts, "released")
-            self._start(ts)
+            self.s.set_state(ts, "released")
+            self.s.start(ts)
 
     def _retire_step(self, job: Job) -> None:
         """Move what the job's workers alone hold; close those with nothing left to do."""
         for ws in list(job.workers):
-            if ws.ident not in self.workers:  # it left (or died) meanwhile: nothing to move
+            if ws.ident not in self.s.workers:  # it left (or died) meanwhile: nothing to move
                 self._end_retirement(job, ws, "retired")
                 continue
-            stay = [w for w in self.workers.values() if w.ident not in self.retiring]
+            stay = [w for w in self.s.workers.values() if w.ident not in self.retiring]
             unique = [ts for ts in ws.has_what if ts.value is None
                       and not any(w.ident not in self.retiring for w in ts.who_has)]
             if unique and not stay:
@@ -242,7 +248,7 @@ class Retirement:
                     for ts in ws.has_what:
                         ts.drop_holder(ws)  # every one has another holder or inline bytes
                         self._tell_holders(ts)
-                    self.send(ws.ident, {"op": "close", "reason": "retired"})
+                    self.s.send(ws.ident, {"op": "close", "reason": "retired"})
                     self._end_retirement(job, ws, "retired")
         self._maybe_done(job)
 
@@ -251,48 +257,43 @@ class Retirement:
         self.retiring.pop(ws.ident, None)
         if how == "retired":
             job.result["retired"][ws.address] = ws.info()
-            self._event(f"worker {ws.name} ({ws.address}) retired")
+            self.s.event(f"worker {ws.name} ({ws.address}) retired")
         else:
             ws.retiring = False
             ws.limit = ws.nthreads * 2 + 2
+            ws.changed()
             job.result["kept"][ws.address] = why
-            self._event(f"worker {ws.name} not retired: {why}")
-            self._fill(ws)
+            self.s.event(f"worker {ws.name} not retired: {why}")
+            self.s.fill(ws)
 
     def _restart_workers(self, peer: bytes, rid: int, args: dict) -> None:
         names = _names(args, "workers")
         if not names:
             raise ValueError("restart_workers needs the workers to restart")
-        chosen = [ws for ws in self.workers.values() if _matches(ws, names)]
+        chosen = [ws for ws in self.s.workers.values() if _matches(ws, names)]
         unknown = [n for n in names if not any(_matches(ws, [n]) for ws in chosen)]
         if unknown:
             raise ValueError(f"no such workers: {unknown}")
-        lone = [ws.address for ws in chosen if ws.nanny not in self.nannies]
+        lone = [ws.address for ws in chosen if ws.nanny not in self.s.nannies]
         if lone:
             raise ValueError(f"workers {lone} have no Nanny to restart them; start workers"
                              " with a Nanny (the default of LocalCluster and `zfabric worker`)")
         nannies = {ws.nanny for ws in chosen}
-        targets = [(ident, self.nannies[ident].name) for ident in nannies]
+        targets = [(ident, self.s.nannies[ident].name) for ident in nannies]
         op = {"op": "restart", "workers": [ws.ident.decode() for ws in chosen]}
-        self._fan_out.start(peer, rid, op, targets)
+        self.s.fan_out.start(peer, rid, op, targets)
 
     # ------------------------------------------------------------------ worker answers
 
     def acquired(self, ws: WorkerState, keys: list, failed: list) -> None:
         """A worker now holds ``keys`` as its own, and could not get ``failed``."""
-        for key in keys:
-            if type(key) is not str:
-                raise RemoteProtocolError(f"acquired keys must be strings, got {key!r:.100}")
-        for key in failed:
-            if type(key) is not str:
-                raise RemoteProtocolError(f"failed keys must be strings, got {key!r:.100}")
         touched: set[int] = set()
         for key in keys:
-            ts = self.tasks.get(key)
+            ts = self.s.tasks.get(key)
             if ts is not None and ts.state == "memory":
                 ts.add_holder(ws)
             elif not (ts is not None and ts.held_by(ws)):
-                self.batch(ws.ident, "free", key)  # nobody needs it any more
+                self.s.batch(ws.ident, "free", key)  # nobody needs it any more
             touched |= self._move_ended(ws.ident, key, ok=True)
         for key in failed:
             touched |= self._move_ended(ws.ident, key, ok=False)
@@ -328,7 +329,7 @@ class Retirement:
         if job.kind == "replicate":
             result = {"missing": result.get("missing", []),
                       "failed": sorted(set(result["failed"]))}
-        self.send(job.peer, {"op": "reply", "id": job.rid, "result": result})
+        self.s.send(job.peer, {"op": "reply", "id": job.rid, "result": result})
 
     def _drop_job(self, job: Job) -> None:
         self.jobs.pop(job.id, None)
@@ -345,8 +346,8 @@ class Retirement:
         for ident, jid in self.retiring.items():
             job = self.jobs.get(jid)
             assert job is not None and any(w.ident == ident for w in job.workers), ident
-            if ident in self.workers:
-                ws = self.workers[ident]
+            if ident in self.s.workers:
+                ws = self.s.workers[ident]
                 assert ws.retiring and ws.limit == 0 and not any(
                     not t.started for t in ws.processing.values()), ws
         # (a worker still retiring but in no retirement was told to close: it says goodbye)
@@ -362,9 +363,9 @@ class Retirement:
         """Moves whose target left end as failed; retirements take the next step."""
         if not self.jobs and not self.moves:
             return
-        for ident, key in [s for s in self.moves if s[0] not in self.workers]:
+        for ident, key in [s for s in self.moves if s[0] not in self.s.workers]:
             self._move_ended(ident, key, ok=False)
         for job in list(self.jobs.values()):
-            if job.id in self.jobs and self.now >= job.next_step:
-                job.next_step = self.now + RETIRE_STEP_S
+            if job.id in self.jobs and self.s.now >= job.next_step:
+                job.next_step = self.s.now + RETIRE_STEP_S
                 self._progress(job)

@@ -15,10 +15,16 @@ import logging
 import threading
 import time
 from collections import deque
+from collections.abc import Callable
 
 import zmq
 
-from .. import _zmq, logs, protocol
+try:
+    import resource
+except ImportError:  # not POSIX
+    resource = None  # type: ignore[assignment]
+
+from .. import _zmq, logs, protocol, zap
 from ..config import Config, from_env
 from ..dashboard import Dashboard, parse_address
 from ..errors import RemoteProtocolError
@@ -46,6 +52,41 @@ INTAKE_CHECK_S = 0.05
 REVOKED_GRACE_S = 0.5
 #: Longest wait in poll, which is also how often ``tick`` runs at least.
 TICK_MS = 50
+#: Sockets a context may hold (pyzmq's default is 1,023): the scheduler's takes this many.
+MAX_SOCKETS = 65536
+#: Descriptors the scheduler keeps for itself (files, the dashboard, ZAP, monitors) beyond
+#: one per peer connection.
+SPARE_FDS = 64
+
+
+def raise_limits(ctx: zmq.Context) -> int:
+    """Raise this process's soft limit of open files to its hard limit (as ``dask
+    scheduler`` does) and the context's MAX_SOCKETS, so that one connection per peer fits
+    for thousands of peers. Returns how many peers fit (each takes one descriptor); logs
+    a warning saying what to do when that is fewer than a thousand."""
+    try:
+        if ctx.get(zmq.MAX_SOCKETS) < MAX_SOCKETS:
+            ctx.set(zmq.MAX_SOCKETS, MAX_SOCKETS)  # counts before the context's first socket
+    except zmq.ZMQError as exc:
+        logger.warning("could not raise the ZeroMQ context's MAX_SOCKETS: %s", exc)
+    if resource is None:  # not POSIX
+        return 1 << 20
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    want = hard if hard != resource.RLIM_INFINITY else 1 << 20
+    if soft != resource.RLIM_INFINITY and soft < want:
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (want, hard))
+            soft = want
+        except (ValueError, OSError) as exc:
+            logger.warning("could not raise the open-file limit from %d to %d: %s", soft,
+                           want, exc)
+    fit = (1 << 20 if soft == resource.RLIM_INFINITY else soft) - SPARE_FDS
+    if fit < 1000:
+        logger.warning("this scheduler can hold about %d peers (workers, nannies and clients:"
+                       " one open file each; the open-file limit is %d). Raise it for more,"
+                       " with `ulimit -n` (soft) or in /etc/security/limits.conf (hard)",
+                       fit, soft)
+    return fit
 
 
 class Scheduler(LifeCycle):
@@ -87,8 +128,11 @@ class Scheduler(LifeCycle):
         self._backlog: dict[bytes, deque[bytes]] = {}  # messages a full peer queue refused
         self._peer_bytes: dict[bytes, int] = {}
         self.backlog_bytes = 0
-        self._publish = None  # the dashboard's publish(snapshot), once it serves
+        #: the dashboard's publish(snapshot), once it serves
+        self._publish: Callable[[dict], None] | None = None
         self._intake: Intake | None = None
+        self.peers_fit = 1 << 20  # how many peer connections the open-file limit allows
+        self._full_told = False
         self.state.observe.wall_offset = time.time() - time.monotonic()
         self.state.log_source = logs.recent
         logs.install()
@@ -157,6 +201,7 @@ class Scheduler(LifeCycle):
             await asyncio.to_thread(self.dashboard.close)
 
     def _main(self, report) -> None:
+        self.peers_fit = raise_limits(zmq.Context.instance())
         try:
             sock, address = _zmq.router(
                 zmq.Context.instance(), self.host, self.port, linger_ms=self.config.LINGER_MS,
@@ -179,8 +224,6 @@ class Scheduler(LifeCycle):
                 self._intake.close()
             sock.close(linger=self.config.LINGER_MS)
             if self.security is not None:
-                from .. import zap
-
                 zap.release(zmq.Context.instance(), self.security)
             if self.status not in ("closing", "closed"):
                 call_from_thread(self._loop, self._closed_from_inside)
@@ -192,7 +235,8 @@ class Scheduler(LifeCycle):
         state = self.state
         poller = zmq.Poller()
         poller.register(sock, zmq.POLLIN)
-        recv, getsockopt = sock.recv, sock.getsockopt
+        recv = sock.recv
+        getsockopt: Callable[[int], int] = sock.getsockopt  # type: ignore[assignment]
         decode = protocol.decode
         intake = self._intake = self._make_intake(sock)
         next_intake = 0.0
@@ -202,9 +246,7 @@ class Scheduler(LifeCycle):
         obs = state.observe
         publish_s = self.config.DASHBOARD_INTERVAL_S
         secure = self.security is not None
-        if secure:
-            from .. import zap
-
+        if self.security is not None:
             ring = zap.keyring(self.security)
             next_keys = 0.0
         while not self._stop and not state.closing:
@@ -235,7 +277,7 @@ class Scheduler(LifeCycle):
                         role = self._authenticated(peer, first, ring)
                         if role is None:
                             continue
-                    errors = []
+                    errors: list = []
                     nin += 1
                     for f in frames:
                         bin_ += len(f)
@@ -275,6 +317,14 @@ class Scheduler(LifeCycle):
                     state.tick(now)
                 except Exception:
                     logger.exception("scheduler tick failed")
+                if not self._full_told and \
+                        len(state.workers) + len(state.nannies) + len(state.clients) - 2 \
+                        >= self.peers_fit:
+                    self._full_told = True
+                    logger.error("%d peers: this scheduler's open-file limit allows no more"
+                                 " connections; more workers cannot join. Raise the limit"
+                                 " (`ulimit -n`, or the hard limit in"
+                                 " /etc/security/limits.conf) and restart it", self.peers_fit)
                 next_tick = now + TICK_MS / 1000
                 if self._publish is not None and now >= next_publish:
                     next_publish = now + publish_s
@@ -317,7 +367,7 @@ class Scheduler(LifeCycle):
 
     def _announced(self, peer: bytes, conn, op: dict) -> None:
         """An ``announce`` op: the peer's next message is this large (zfabric/intake.py)."""
-        if conn is None:
+        if conn is None or self._intake is None:
             return
         error = self._intake.announced(conn, op)
         if error is not None:
@@ -329,7 +379,7 @@ class Scheduler(LifeCycle):
         see zfabric/intake.py), and those of revoked keys whose time came."""
         for conn, why in intake.review(now):
             peer = conn.peer
-            self.state._event(f"connection from {conn.peer_address or '?'} shut down: {why}",
+            self.state.event(f"connection from {conn.peer_address or '?'} shut down: {why}",
                               "connection-shut-down")
             if peer is not None and self._known(peer):
                 self.state.peer_gone(peer, now, why)

@@ -23,36 +23,44 @@ the value was dropped because nothing needs it now, but the record stays while d
 so that it can be recomputed if their results are lost. A task is forgotten (removed) when no
 client wants it and no dependent record exists.
 
-The class is spread over a few modules, one concern each: this one (dispatch, time, the
-transitions), :mod:`.peers` (hellos and each role's ops), :mod:`.queries` (answers to
-requests), :mod:`.client_ops` (submit, release, cancel, scatter), :mod:`.worker_loss` (a worker
-leaves or dies), :mod:`.retire` (retiring workers, replicas), :mod:`.roles` (who may do what),
-:mod:`.coordination` and :mod:`.plugins` (shared state, worker plugins), :mod:`.policy` (where
-a task runs, whom to blame), and the pure helpers :mod:`.records`, :mod:`.queue`,
+The class keeps the records and the transitions (dispatch, time, task-state moves) and hands
+each other concern to a part, one module each, that it builds and gives what it needs:
+:mod:`.peers` (``peer_ops``: hellos and each role's ops), :mod:`.queries` (``queries``: answers
+to requests), :mod:`.client_ops` (``keys``: submit, release, cancel, scatter, the keys shared
+state holds), :mod:`.worker_loss` (``exits``: a worker leaves or dies), :mod:`.retire`
+(``retirement``: retiring workers, replicas), :mod:`.roles` (``roles``: who may do what),
+:mod:`.shared_state` (``coord``: locks, queues, variables...), :mod:`.plugin_registry`
+(``plugin_registry``: worker and nanny plugins). The parts that need the whole state get it
+(``s``); the others get only what they use (callables, the outbox, the fan-out). Pure helpers:
+:mod:`.policy` (where a task runs, whom to blame), :mod:`.records`, :mod:`.queue`,
 :mod:`.outbox`, :mod:`.requests`, :mod:`.observe`.
 """
 
 from __future__ import annotations
 
 import logging
+import os
 import uuid
+from collections.abc import Callable
 
 from ..config import DEFAULT, Config
 from ..errors import RemoteProtocolError
-from . import policy
+from ..protocol import check_items, submitted_keys
+from .candidates import Candidates
 from .client_ops import ClientOps
-from .coordination import Coordination, SharedStateOps
+from .liveness import Liveness
 from .observe import LIVE as LIVE_STATES
 from .observe import Observer
 from .outbox import Outbox
 from .peers import PeerOps
-from .plugins import PluginOps
+from .plugin_registry import PluginRegistry
 from .queries import Queries
 from .queue import ReadyQueue, RestrictedQueue
 from .records import FIRE_AND_FORGET, HELD, ClientState, NannyState, TaskState, WorkerState
 from .requests import FanOut
 from .retire import Retirement
 from .roles import Roles
+from .shared_state import Coordination
 from .worker_loss import WorkerLoss
 
 logger = logging.getLogger(__name__)
@@ -70,12 +78,21 @@ TRANSITIONS: dict[str, frozenset[str]] = {
 
 
 
+#: Set (to anything) in the environment, a bug of the scheduler's own code met while it applies
+#: an op is raised again after it is logged, instead of only answered: tests set it
+#: (tests/conftest.py), so that a bug fails the test that found it.
+RAISE_BUGS_ENV = "ZFABRIC_RAISE_BUGS"
+
+
 class InvalidTransition(RuntimeError):
     """Raised when code (ours) tries a task-state move that the table forbids."""
 
 
-class SchedulerState(PeerOps, Queries, ClientOps, WorkerLoss, Roles, Retirement, PluginOps,
-                     SharedStateOps):
+def _no_key(peer: bytes) -> bytes | None:
+    return None
+
+
+class SchedulerState:
     """Tasks, workers and clients; ops in, ops out."""
 
     def __init__(
@@ -86,7 +103,8 @@ class SchedulerState(PeerOps, Queries, ClientOps, WorkerLoss, Roles, Retirement,
         self.epoch = uuid.uuid4().hex
         self.versions = versions or {}
         self.tasks: dict[str, TaskState] = {}
-        self.functions: dict[str, list] = {}  # id -> [pickle, tasks using it, id]
+        #: id -> [pickle, tasks using it, id, workers it was sent to]
+        self.functions: dict[str, list] = {}
         self.workers: dict[bytes, WorkerState] = {}  # by routing id
         self.workers_by_address: dict[str, WorkerState] = {}
         self.clients: dict[bytes, ClientState] = {FIRE_AND_FORGET: ClientState(FIRE_AND_FORGET),
@@ -94,15 +112,16 @@ class SchedulerState(PeerOps, Queries, ClientOps, WorkerLoss, Roles, Retirement,
         self.nannies: dict[bytes, NannyState] = {}
         # Worker processes their Nanny reported dead (it may still be killing them): one that
         # says hello again must not come back as a worker nobody will ever report.
-        self.reported_dead: dict[bytes, None] = {}
+        self.reported_dead: dict[bytes, bytes | None] = {}
         self._outbox = Outbox(ignore=frozenset({FIRE_AND_FORGET, HELD}))
         self.send = self._outbox.send  # queue an op for a peer
         self.batch = self._outbox.batch  # queue one item of a list-carrying op (see Outbox)
         self.flush = self._outbox.flush  # {peer: [ops]} queued since the last flush
         self._queued = ReadyQueue()  # unrestricted queued tasks; stale entries are skipped
         self._restricted = RestrictedQueue()  # queued tasks that only some workers may run
-        self._seq = 0
-        self._fan_out = FanOut(self.send)  # run and restart requests in flight
+        self.candidates = Candidates()  # workers by load, name, resource (see .candidates)
+        self.seq = 0
+        self.fan_out = FanOut(self.send)  # run and restart requests in flight
         self.closing = False  # set by a remote shutdown request; the shell closes
         self.events: list[tuple[float, str]] = []  # recent notable events, for info and logs
         self.now = 0.0
@@ -110,17 +129,64 @@ class SchedulerState(PeerOps, Queries, ClientOps, WorkerLoss, Roles, Retirement,
         self.counts = {"finished": 0, "erred": 0}
         self.observe = Observer(config.TASK_STREAM_LENGTH)  # groups, task stream, topics
         self.dashboard_link: str | None = None  # set by the shell once its dashboard serves
-        self.log_source = None  # set by the shell: n -> recent log records of this process
-        self._init_moves()  # replicate and retire (see .retire)
-        # Locks, semaphores, events, variables, queues and datasets (scheduler/coordination.py)
-        self.plugins: dict[str, dict[str, bytes]] = {"worker": {}, "nanny": {}}  # name -> pickle
-        self.coord = Coordination(self.send, self._hold, self._unhold, self._client_seen,
-                                  self._give)
+        #: set by the shell: n -> recent log records of this process
+        self.log_source: Callable[[int | None], list] | None = None
+        #: The public key (Z85) a peer connected with, or None without security; the shell
+        #: replaces it with a lookup in the keys its ZAP handler reported.
+        self.key_of: Callable[[bytes], bytes | None] = _no_key
         self.secured = False  # set by the shell when keys bind roles (security on)
         self.admins: set[bytes] = set()  # clients holding an admin key (security on)
         self.admin_only = {k.strip() for k in config.ADMIN_ONLY.split(",") if k.strip()}
+        # The parts (see the module docstring).
+        self.keys = ClientOps(self)
+        self.exits = WorkerLoss(self)
+        self.peer_ops = PeerOps(self)
+        self.queries = Queries(self)
+        self.roles = Roles(self)
+        self.retirement = Retirement(self)
+        self.plugin_registry = PluginRegistry(self.send, self.fan_out)
+        self.coord = Coordination(self.send, self.keys.hold, self.keys.unhold,
+                                  self.keys.client_seen, self.keys.give)
+        self.liveness = Liveness(config, self.send)  # heartbeat interval, time-to-live
 
-    def _event(self, text: str, kind: str = "event") -> None:
+    def peers_changed(self, joining: int = 0) -> None:
+        """Workers, nannies or clients came or went (``joining``: about to): the heartbeat
+        interval follows their number (see .liveness)."""
+        n = len(self.workers) + len(self.nannies) + len(self.clients) - 2 + joining
+        self.liveness.peers_changed(n, self.now, lambda: (*self.workers, *self.nannies))
+
+    # ------------------------------------------------------------------ what tests and the
+    # shell ask of the parts
+
+    @property
+    def moves(self) -> dict[tuple[bytes, str], set[int]]:
+        """Data moves in flight: (worker, key) -> the ids of the jobs waiting on each."""
+        return self.retirement.moves
+
+    @property
+    def jobs(self) -> dict:
+        """Replicate and retire requests in progress, by id."""
+        return self.retirement.jobs
+
+    @property
+    def retiring(self) -> dict[bytes, int]:
+        """Workers being retired -> their retirement's job id."""
+        return self.retirement.retiring
+
+    def info(self) -> dict:
+        return self.queries.info()
+
+    def remove_worker(self, ws: WorkerState, reason: str, *, died: bool,
+                      unheard: bool = True) -> None:
+        self.exits.remove_worker(ws, reason, died=died, unheard=unheard)
+
+    def peer_gone(self, peer: bytes, now: float, why: str = "its connection is gone") -> None:
+        self.exits.peer_gone(peer, now, why)
+
+    def wanted_keys(self, cs: ClientState) -> list[str]:
+        return self.keys.wanted_keys(cs)
+
+    def event(self, text: str, kind: str = "event") -> None:
         logger.info(text)
         self.events.append((self.now, text))
         if len(self.events) > 200:
@@ -128,7 +194,7 @@ class SchedulerState(PeerOps, Queries, ClientOps, WorkerLoss, Roles, Retirement,
         self.observe.event(kind)
         self.observe.log_event("scheduler", {"action": kind, "text": text}, self.now)
 
-    def _observe_new(self, ts: TaskState) -> None:
+    def observe_new(self, ts: TaskState) -> None:
         g = ts.group = self.observe.group_of(ts.key)
         g.counts["new"] += 1
 
@@ -140,7 +206,7 @@ class SchedulerState(PeerOps, Queries, ClientOps, WorkerLoss, Roles, Retirement,
         ``role``: with security on, the role of the key the message came with (the ZAP
         user id); a peer may act only as its key's role."""
         self.now = now
-        if role is not None and not self._role_allows(peer, ops, role):
+        if role is not None and not self.roles.role_allows(peer, ops, role):
             return
         # Ops after one that ends the peer's session (goodbye, a removal) are not applied:
         # they would pin data to a record that is gone.
@@ -148,7 +214,7 @@ class SchedulerState(PeerOps, Queries, ClientOps, WorkerLoss, Roles, Retirement,
         if ws is not None:
             ws.last_seen = now
             for op in ops:
-                self._guard(peer, op, self._handle_worker, ws)
+                self._guard(peer, op, self.peer_ops.handle_worker, ws)
                 if op["op"] == "goodbye" and self.workers.get(peer) is not ws:
                     return
             return
@@ -158,7 +224,7 @@ class SchedulerState(PeerOps, Queries, ClientOps, WorkerLoss, Roles, Retirement,
             for op in ops:
                 if self.clients.get(peer) is not cs:
                     return
-                self._guard(peer, op, self._handle_client, cs)
+                self._guard(peer, op, self.peer_ops.handle_client, cs)
             return
         ns = self.nannies.get(peer)
         if ns is not None:
@@ -166,11 +232,11 @@ class SchedulerState(PeerOps, Queries, ClientOps, WorkerLoss, Roles, Retirement,
             for op in ops:
                 if self.nannies.get(peer) is not ns:
                     return
-                self._guard(peer, op, self._handle_nanny, ns)
+                self._guard(peer, op, self.peer_ops.handle_nanny, ns)
             return
         for i, op in enumerate(ops):
             if op["op"] == "hello":
-                self._guard(peer, op, self._handle_hello, None)
+                self._guard(peer, op, self.peer_ops.handle_hello, None)
                 if peer in self.workers or peer in self.clients or peer in self.nannies:
                     self.handle(peer, ops[i + 1 :], now)
                 return
@@ -180,52 +246,66 @@ class SchedulerState(PeerOps, Queries, ClientOps, WorkerLoss, Roles, Retirement,
             return
 
     def _guard(self, peer, op, method, record) -> None:
+        """Apply one op; a peer's bad op (a RemoteProtocolError: the protocol's door checked
+        its shape, the handlers what it asks) is answered with an error op. Anything else is
+        a bug of ours: logged as one, answered, and raised again where :data:`RAISE_BUGS_ENV`
+        is set (the tests set it)."""
         try:
+            check_items(op)
             method(record, op) if record is not None else method(peer, op)
-        except (RemoteProtocolError, KeyError, TypeError, ValueError, IndexError,
-                AttributeError) as exc:
-            text = f"bad {op.get('op')!r} op from {peer!r}: {type(exc).__name__}: {exc}"
-            if len(text) > 1000:
-                text = text[:997] + "..."
-            logger.warning(text)
-            reply = {"op": "error", "message": text}
-            if op.get("op") == "submit" and type(op.get("tasks")) is list:
-                # Name the keys so that the client fails their futures instead of waiting.
-                cs = self.clients.get(peer)
-                reply["keys"] = [
-                    t[0] for t in op["tasks"]
-                    if type(t) is list and t and type(t[0]) is str
-                    and not (t[0] in self.tasks and cs is not None
-                             and self.tasks[t[0]].wanted_by(cs))
-                ]
-            self.send(peer, reply)
+        except RemoteProtocolError as exc:
+            self._refuse(peer, op, f"bad {op.get('op')!r} op from {peer!r}:"
+                         f" {type(exc).__name__}: {exc}")
+        except Exception as exc:
+            logger.exception("bug: the scheduler failed on a %r op from %r", op.get("op"), peer)
+            if os.environ.get(RAISE_BUGS_ENV):
+                raise
+            self._refuse(peer, op, f"the scheduler failed on a {op.get('op')!r} op (a bug;"
+                         f" see its log): {type(exc).__name__}: {exc}")
+
+    def _refuse(self, peer: bytes, op: dict, text: str) -> None:
+        if len(text) > 1000:
+            text = text[:997] + "..."
+        logger.warning(text)
+        reply: dict = {"op": "error", "message": text}
+        if op.get("op") == "submit":
+            reply["keys"] = self._refused_keys(peer, submitted_keys(op))
+        self.send(peer, reply)
+
+    def _refused_keys(self, peer: bytes, keys: list[str]) -> list[str]:
+        """Of the keys of a refused submit, those the client does not hold futures for already
+        (it fails their futures instead of waiting)."""
+        cs = self.clients.get(peer)
+        tasks = self.tasks
+        return [k for k in keys if not (k in tasks and cs is not None and tasks[k].wanted_by(cs))]
 
     def tick(self, now: float) -> None:
         """Time passes: declare silent workers dead and silent clients gone."""
         self.now = now
         self.observe.sample(now, self.counts["finished"])
-        limit = now - self.config.WORKER_TTL_S
+        ttl = self.liveness.worker_ttl_s(now)
+        limit = now - ttl
         for ws in [w for w in self.workers.values() if w.last_seen < limit]:
             if ws.nanny is not None and ws.nanny in self.nannies:
                 ns = self.nannies[ws.nanny]
                 if ns.last_seen >= limit and ws.ident in ns.vouched:
                     continue  # busy holding the GIL, but its Nanny sees it alive
-            self.remove_worker(ws, f"silent for {now - ws.last_seen:.1f} s", died=True)
+            self.exits.remove_worker(ws, f"silent for {now - ws.last_seen:.1f} s", died=True)
         limit = now - self.config.CLIENT_TTL_S
         for cs in [c for c in self.clients.values() if c.ident not in (FIRE_AND_FORGET, HELD)]:
             if cs.last_seen < limit:
-                self._event(f"client {cs.name} silent for {now - cs.last_seen:.0f} s; releasing")
-                self.remove_client(cs)
-        silent = now - self.config.WORKER_TTL_S
+                self.event(f"client {cs.name} silent for {now - cs.last_seen:.0f} s; releasing")
+                self.keys.remove_client(cs)
+        silent = now - ttl
         for ns in [n for n in self.nannies.values() if n.last_seen < silent]:
-            self._drop_nanny(ns.ident)
+            self.queries.drop_nanny(ns.ident)
         self.coord.tick(now)
         if self.moves or self.jobs:
-            self.moves_tick()
+            self.retirement.moves_tick()
 
     # ------------------------------------------------------------------ transitions
 
-    def _set_state(self, ts: TaskState, new: str) -> None:
+    def set_state(self, ts: TaskState, new: str) -> None:
         if new not in TRANSITIONS[ts.state]:
             raise InvalidTransition(f"{ts.key!r}: {ts.state} -> {new}")
         g = ts.group
@@ -235,25 +315,25 @@ class SchedulerState(PeerOps, Queries, ClientOps, WorkerLoss, Roles, Retirement,
             c[new] += 1
         ts.state = new
 
-    def _start(self, ts: TaskState) -> None:
+    def start(self, ts: TaskState) -> None:
         """A new or released task: wait for its dependencies, or run it."""
         waiting = 0
         for dts in ts.deps:
             if dts.state == "erred":
                 exc, tb, text, kind, extra = dts.error
-                self._fail(ts, exc, tb, text, kind=kind, extra=extra)
+                self.fail(ts, exc, tb, text, kind=kind, extra=extra)
                 return
             if dts.state != "memory":
                 waiting += 1
                 if dts.state == "released":
-                    self._recompute(dts)
+                    self.recompute(dts)
         ts.waiting_on = waiting
         if waiting:
-            self._set_state(ts, "waiting")
+            self.set_state(ts, "waiting")
         else:
             self._ready(ts)
 
-    def _release_dependents_waiting(self, ts: TaskState) -> None:
+    def release_dependents_waiting(self, ts: TaskState) -> None:
         for dep in ts.dependents or ():
             if dep.state == "waiting":
                 dep.waiting_on -= 1
@@ -263,12 +343,12 @@ class SchedulerState(PeerOps, Queries, ClientOps, WorkerLoss, Roles, Retirement,
     def _ready(self, ts: TaskState) -> None:
         if self._queued and ts.parents is None and not ts.restricted:
             # A backlog means no worker has a free slot (slots are refilled from it first).
-            self._set_state(ts, "queued")
+            self.set_state(ts, "queued")
             self._queued.push(ts)
             return
-        ws = policy.choose_worker(ts, self.workers.values())
+        ws = self.candidates.choose(ts)
         if ws is None:
-            self._set_state(ts, "queued")
+            self.set_state(ts, "queued")
             if ts.restricted:
                 self._restricted.add(ts)
             else:
@@ -277,13 +357,15 @@ class SchedulerState(PeerOps, Queries, ClientOps, WorkerLoss, Roles, Retirement,
         self._dispatch(ts, ws)
 
     def _dispatch(self, ts: TaskState, ws: WorkerState) -> None:
-        self._set_state(ts, "processing")
+        self.set_state(ts, "processing")
         ts.processing_on = ws
         ws.assign(ts)
         fid = ts.func
         if fid is not None and fid not in ws.functions:
-            ws.functions.add(fid)
-            self.send(ws.ident, {"op": "functions", "items": [[fid, self.functions[fid][0]]]})
+            ws.add_function(fid)
+            entry = self.functions[fid]
+            entry[3].append(ws)
+            self.send(ws.ident, {"op": "functions", "items": [[fid, entry[0]]]})
         inline = who_has = None
         for dts in ts.deps:
             if dts.held_by(ws):
@@ -302,7 +384,7 @@ class SchedulerState(PeerOps, Queries, ClientOps, WorkerLoss, Roles, Retirement,
             item.append(fid)
         self.batch(ws.ident, "compute", item)
 
-    def _fill(self, ws: WorkerState) -> None:
+    def fill(self, ws: WorkerState) -> None:
         """Give a worker with free slots the most urgent queued tasks."""
         if ws.ident not in self.workers:
             return
@@ -312,16 +394,15 @@ class SchedulerState(PeerOps, Queries, ClientOps, WorkerLoss, Roles, Retirement,
             if ts.state == "queued":
                 self._dispatch(ts, ws)
         if self._restricted and ws.has_slot():
-            self._fill_restricted()
+            self.fill_restricted()
 
-    def _fill_restricted(self) -> None:
-        workers = self.workers.values()
-        self._restricted.fill(lambda ts: policy.choose_worker(ts, workers), self._dispatch)
+    def fill_restricted(self) -> None:
+        self._restricted.fill(self.candidates.choose, self._dispatch)
 
-    def _restricted_drop(self, ts: TaskState) -> None:
+    def restricted_drop(self, ts: TaskState) -> None:
         self._restricted.discard(ts)
 
-    def _fail(self, ts: TaskState, exc: bytes | None, tb: bytes | None, text: str, *,
+    def fail(self, ts: TaskState, exc: bytes | None, tb: bytes | None, text: str, *,
               kind: str | None = None, extra: dict | None = None) -> None:
         """Mark a task and everything downstream of it erred with the same error."""
         stack = [ts]
@@ -346,8 +427,8 @@ class SchedulerState(PeerOps, Queries, ClientOps, WorkerLoss, Roles, Retirement,
             # Results computed already stay valid (lost scattered data does not undo them);
             # should one be lost later, its recomputation fails on this error then.
             stack.extend(d for d in t.dependents or () if d.state != "memory")
-            self._drop_fire_and_forget(t)
-        self._check_release([ts])
+            self.keys.drop_fire_and_forget(t)
+        self.check_release([ts])
 
     def _free_holders(self, ts: TaskState) -> None:
         if ts.holders is None:
@@ -356,7 +437,7 @@ class SchedulerState(PeerOps, Queries, ClientOps, WorkerLoss, Roles, Retirement,
             if ws.ident in self.workers:
                 self.batch(ws.ident, "free", ts.key)
 
-    def _check_release(self, candidates: list[TaskState]) -> None:
+    def check_release(self, candidates: list[TaskState]) -> None:
         """Drop the data, or the whole record, of tasks that nothing needs any more."""
         stack = list(candidates)
         while stack:
@@ -368,18 +449,18 @@ class SchedulerState(PeerOps, Queries, ClientOps, WorkerLoss, Roles, Retirement,
             if ts.dependents:
                 # Records downstream remain: keep ours for lineage, drop data and work.
                 if ts.state in ("memory", "processing", "queued", "waiting"):
-                    self._drop_work(ts)
-                    self._set_state(ts, "released")
+                    self.drop_work(ts)
+                    self.set_state(ts, "released")
                     stack.extend(ts.deps)
                 continue
-            self._drop_work(ts)
+            self.drop_work(ts)
             del self.tasks[ts.key]
             if ts.group is not None:
                 ts.group.move(ts.state, "forgotten" if ts.state in ("memory", "released")
                               else "cancelled")
             ts.state = "forgotten"
             if ts.func is not None:
-                self._drop_function(ts.func)
+                self.keys.drop_function(ts.func)
                 ts.func = None
             deps = ts.deps
             ts.parents = None  # first: a dependent drops its links, then is discarded
@@ -387,19 +468,33 @@ class SchedulerState(PeerOps, Queries, ClientOps, WorkerLoss, Roles, Retirement,
                 dts.discard_dependent(ts)
                 stack.append(dts)
 
-    def _drop_work(self, ts: TaskState) -> None:
+    def drop_work(self, ts: TaskState) -> None:
         ws = ts.processing_on
         if ws is not None:
             if ts in ws.started and ts not in ws.long_running:
                 # it runs on: its thread stays busy until the worker says it ended
-                ws.cancelled_running.add(ts.key)
-            ws.done(ts, 0.0)
-            self.batch(ts.processing_on.ident, "free", ts.key)
-            self._fill(ts.processing_on)
+                ws.running_cancelled(ts.key)
+            ws.done(ts, 0.0)  # (tells the candidate index)
+            self.batch(ws.ident, "free", ts.key)
+            self.fill(ws)
             ts.processing_on = None
         self._restricted.discard(ts)
         ts.value = None
         self._free_holders(ts)
+
+    def recompute(self, ts: TaskState) -> None:
+        """Bring a released task back, with whatever of its lineage is missing."""
+        stack = [ts]
+        while stack:
+            t = stack.pop()
+            if t.state != "released":
+                continue
+            if t.payload is None:
+                self.fail(t, None, None, f"scattered data {t.key!r} was released or lost and"
+                           " cannot be recomputed", kind="LostDataError")
+                continue
+            self.start(t)
+            stack.extend(d for d in t.deps if d.state == "released")
 
     # ------------------------------------------------------------------ checks
 
@@ -421,7 +516,7 @@ class SchedulerState(PeerOps, Queries, ClientOps, WorkerLoss, Roles, Retirement,
             deps = ts.deps
             assert len(set(deps)) == len(deps), key
             for d in deps:
-                assert self.tasks.get(d.key) is d, (key, d.key)
+                assert d.key in self.tasks and self.tasks[d.key] is d, (key, d.key)
                 if d not in dependents:
                     dependents[d] = set(d.dependents)
                     assert len(dependents[d]) == len(d.dependents), d.key  # no duplicates
@@ -448,4 +543,5 @@ class SchedulerState(PeerOps, Queries, ClientOps, WorkerLoss, Roles, Retirement,
         for g in self.observe.groups.values():
             for st in LIVE_STATES:
                 assert g.counts[st] == by_group.get((g.name, st), 0), (g.name, st, g.counts)
-        self.validate_moves()
+        self.retirement.validate_moves()
+        self.candidates.validate(self.workers.values())

@@ -34,7 +34,6 @@ from collections.abc import Callable
 
 from ..errors import RemoteProtocolError
 from ..protocol import coord_item_keys as item_keys
-from .records import HELD
 
 logger = logging.getLogger(__name__)
 
@@ -412,7 +411,7 @@ class Coordination:
     def _take(self, q: Queue, n: int, peer: bytes) -> list:
         """Up to ``n`` items for ``peer``: its client wants their keys from now on (its
         Futures keep them), and the queue's hold goes."""
-        out = []
+        out: list = []
         self._refill(q)
         while len(out) < n and q.items:
             item = q.items.popleft()
@@ -503,28 +502,3 @@ class _Refused(Exception):
 
 
 _LATER = object()
-
-
-class SharedStateOps:
-    """SchedulerState's side of :class:`Coordination` (mixed in): the keys records hold are
-    wanted by the ``HELD`` pseudo client, so reference counting needs no rule of its own."""
-
-    def _hold(self, key: str) -> None:
-        """Keep a key alive for a Variable, Queue or dataset (KeyError if unknown)."""
-        ts = self.tasks[key]
-        self._want(self.clients[HELD], ts)
-        if ts.state == "released":
-            self._recompute(ts)
-
-    def _unhold(self, key: str) -> None:
-        self.release_key(self.clients[HELD], key)
-
-    def _give(self, peer: bytes, key: str) -> None:
-        # quietly: the client's Future for the key asks ("want") and is told the state then
-        cs, ts = self.clients.get(peer), self.tasks.get(key)
-        if cs is not None and ts is not None and not ts.wanted_by(cs):
-            ts.add_wanter(cs)
-
-    def _client_seen(self, peer: bytes) -> float | None:
-        cs = self.clients.get(peer)
-        return None if cs is None else cs.last_seen
