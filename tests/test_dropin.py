@@ -75,7 +75,8 @@ def test_missing_names_now_work(tmp_path):
             assert issubclass(zfabric.TaskCancelled, zfabric.CancelledError)
             assert issubclass(SerializationError, TypeError)
 
-            with LocalCluster(n_workers=2, threads_per_worker=1) as cluster, \\
+            with LocalCluster(n_workers=2, threads_per_worker=1, protocol="tcp://",
+                              worker_dashboard_address=None) as cluster, \\
                     Client(cluster) as client:
                 assert cluster.status == zfabric.Status.running
                 info = client.scheduler_info()  # every worker by default, each with services
@@ -226,6 +227,9 @@ def test_missing_names_now_work(tmp_path):
                 assert "LocalCluster" in cluster._repr_html_()
                 assert "Workers" in cluster._repr_html_()
 
+            expect(ValueError, LocalCluster, protocol="inproc://", match="TCP")
+            expect(ValueError, LocalCluster, worker_dashboard_address=":0",
+                   match="scheduler's dashboard")
             with zfabric.SubprocessCluster(n_workers=1, threads_per_worker=1) as sc, \\
                     Client(sc) as client:
                 assert client.submit(inc, 1).result() == 2
@@ -268,6 +272,7 @@ def test_dask_config_set_reaches_the_cluster_a_client_starts(tmp_path):
     pytest.importorskip("dask")
     out = run_script(tmp_path, """
         import os
+        import time
         import warnings
 
         import dask
@@ -299,6 +304,14 @@ def test_dask_config_set_reaches_the_cluster_a_client_starts(tmp_path):
                     else:
                         raise AssertionError("no KilledWorker")
                     assert open(path).read() == "ran ", open(path).read()  # once, as dask
+                    # the cluster a bare Client() started scales from the user's thread
+                    client.cluster.scale(2)
+                    assert len(client.scheduler_info()["workers"]) == 2
+                    client.cluster.adapt(minimum=1, maximum=1, interval="100ms", wait_count=1)
+                    deadline = time.monotonic() + 20
+                    while len(client.scheduler_info()["workers"]) != 1:
+                        assert time.monotonic() < deadline, "adapt() did not retire a worker"
+                        time.sleep(0.05)
             stealing = [w for w in caught if "work-stealing" in str(w.message)]
             assert len(stealing) == 1, [str(w.message) for w in caught]
             print("CONFIG OK")

@@ -289,6 +289,8 @@ class Client:
         if self._own_cluster:  # the factory the cluster layer installed (zfabric.current)
             self.cluster = await current.start_local_cluster(asynchronous=True,
                                                              **self._cluster_kwargs)
+            if not self.asynchronous:  # client.cluster.scale(3) from the user's thread
+                self.cluster.serve_blocking_calls(core.loop)
             self.scheduler_address = core.address = self.cluster.scheduler_address
             self.security = self.cluster.security
         if not self.scheduler_address:

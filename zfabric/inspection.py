@@ -9,6 +9,7 @@ times memory and disk on each worker and the network between client and workers.
 
 from __future__ import annotations
 
+import asyncio
 import gzip
 import os
 import tempfile
@@ -22,6 +23,8 @@ from .logs import recent
 
 __all__ = ["Inspection"]
 
+#: How long ``dump_cluster_state`` waits for each part before writing why it is missing.
+DUMP_PART_TIMEOUT_S = 10.0
 #: The sizes ``benchmark_hardware`` times, in bytes, with dask.distributed's labels.
 SIZES = {"1 kiB": 2**10, "100 kiB": 100 * 2**10, "1 MiB": 2**20, "10 MiB": 10 * 2**20,
          "100 MiB": 100 * 2**20}
@@ -91,23 +94,39 @@ class Inspection:
 
     async def _state(self, exclude: set) -> dict:
         state: dict = {}
+        ask = self._part
         if "scheduler" not in exclude:
-            info = await self.request("info")
             state["scheduler"] = {
-                "info": info,
-                "snapshot": await self.request("snapshot"),
-                "task_stream": (await self.request("task-stream"))["records"],
-                "events": await self.request("events", topic=None),
-                "logs": [list(r) for r in await self.request("logs", n=None)],
-                "task_states": await self.request("task-states"),
+                "info": await ask(self.request("info")),
+                "snapshot": await ask(self.request("snapshot")),
+                "task_stream": await ask(self._records()),
+                "events": await ask(self.request("events", topic=None)),
+                "logs": await ask(self._logs()),
+                "task_states": await ask(self.request("task-states")),
             }
         if "workers" not in exclude:
-            logs = await self.run(recent, (None,), {}, None, True, "return")
-            state["workers"] = {a: {"logs": [list(r) for r in v] if isinstance(v, list)
-                                    else repr(v)} for a, v in logs.items()}
+            logs = await ask(self.run(recent, (None,), {}, None, True, "return"))
+            state["workers"] = ({a: {"logs": [list(r) for r in v] if isinstance(v, list)
+                                     else repr(v)} for a, v in logs.items()}
+                                if isinstance(logs, dict) else logs)
         if "versions" not in exclude:
-            state["versions"] = await self.client._admin._get_versions(False, [])
+            state["versions"] = await ask(self.client._admin._get_versions(False, []))
         return state
+
+    @staticmethod
+    async def _part(awaitable):
+        """One part of the dump, or the text of why it is missing: a dump is most wanted when
+        something is wrong, so no part may hold up (or fail) the others."""
+        try:
+            return await asyncio.wait_for(awaitable, DUMP_PART_TIMEOUT_S)
+        except Exception as exc:
+            return {"error": f"{type(exc).__name__}: {exc}"}
+
+    async def _records(self) -> list:
+        return (await self.request("task-stream"))["records"]
+
+    async def _logs(self) -> list:
+        return [list(r) for r in await self.request("logs", n=None)]
 
     def benchmark_hardware(self) -> dict:
         """Bytes per second, per size, as dask.distributed's: ``{"memory": {...}, "disk":
