@@ -6,6 +6,9 @@ from __future__ import annotations
 import pytest
 from userscript import run_script
 
+from zfabric.errors import SerializationError
+from zfabric.testing import gen_cluster
+
 pytestmark = [pytest.mark.timeout(150), pytest.mark.usefixtures("no_leftover_processes")]
 
 
@@ -317,3 +320,22 @@ def test_dask_config_set_reaches_the_cluster_a_client_starts(tmp_path):
             print("CONFIG OK")
     """, timeout=90)
     assert "CONFIG OK" in out
+
+
+def _numbers(n):
+    return (i for i in range(n))  # a generator: it cannot be pickled
+
+
+@gen_cluster()
+async def test_an_unpicklable_result_stays_usable_on_its_worker(c, s, a, b):
+    # Given a task whose result is a generator, on worker a
+    gen = c.submit(_numbers, 4, workers=[a.address], key="gen-1")
+    # a task on the same worker uses it
+    assert await c.submit(sum, gen, workers=[a.address]) == 6
+    # where it must travel (another worker, the client), the error names the key and why
+    with pytest.raises(SerializationError, match="'gen-1' cannot be pickled.*generator"):
+        await c.submit(sum, gen, workers=[b.address], allow_other_workers=False)
+    with pytest.raises(SerializationError, match="gen-1"):
+        await gen
+    # the worker carries on
+    assert await c.submit(sum, [1, 2], workers=[a.address]) == 3

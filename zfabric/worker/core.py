@@ -337,7 +337,12 @@ class WorkerLoop:
             elif kind == A.KEEP:
                 out = act[1]
                 self.store.put(out.key, out.value, out.nbytes)
-                self.serialized[out.key] = (out.header, out.buffers, out.nbytes)
+                if out.travel_error is None:
+                    self.serialized[out.key] = (out.header, out.buffers, out.nbytes)
+                else:  # what leaves in its place: an error that names the key (serialize)
+                    header, _ = serialize.dumps_value(
+                        serialize.Undecodable(out.key, out.travel_error), 1 << 62)
+                    self.serialized[out.key] = (header, [], len(header))
             elif kind == A.DROP:
                 key = act[1]
                 self.store.pop(key, None)
