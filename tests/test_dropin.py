@@ -41,6 +41,10 @@ def test_missing_names_now_work(tmp_path):
             return x
 
 
+        def fails():
+            raise ValueError("no")
+
+
         def log_topic(x):
             zfabric.get_client().log_event("mytopic", {"x": x})
             return x
@@ -105,6 +109,12 @@ def test_missing_names_now_work(tmp_path):
                 typ, exc, tb = pairs[bad.key]
                 assert typ is ZeroDivisionError and isinstance(exc, ZeroDivisionError)
                 assert tb is not None
+                # the remote traceback names this script (not <dynamic-code>)
+                import traceback
+                text = "".join(traceback.format_tb(tb))
+                assert "script.py" in text and "dynamic-code" not in text, text
+                text = "".join(traceback.format_tb(client.submit(fails).exception().__traceback__))
+                assert 'script.py", line' in text and "in fails" in text, text
                 slow = client.submit(time.sleep, 5, pure=False)
                 slow.cancel()
                 try:
@@ -339,3 +349,20 @@ async def test_an_unpicklable_result_stays_usable_on_its_worker(c, s, a, b):
         await gen
     # the worker carries on
     assert await c.submit(sum, [1, 2], workers=[a.address]) == 3
+
+
+def test_worker_processes_cannot_be_shadowed_by_the_current_directory(tmp_path, monkeypatch):
+    from zfabric.process import worker_command, worker_environ
+
+    # Given the parent of a clone (a folder named zfabric that is not the package) and a
+    # folder of the user's own modules, both on the client's sys.path
+    clone_parent, mine = tmp_path / "parent", tmp_path / "mine"
+    (clone_parent / "zfabric").mkdir(parents=True)
+    mine.mkdir()
+    (mine / "mymod.py").write_text("X = 1\n")
+    monkeypatch.setattr("sys.path", [str(clone_parent), str(mine), *__import__("sys").path])
+    paths = worker_environ({}).get("PYTHONPATH", "").split(":")
+    assert str(mine) in paths and str(clone_parent) not in paths
+    cmd = worker_command("tcp://127.0.0.1:1", identity="w", nthreads=1, memory_limit=0,
+                         nanny="n", parent_pid=1, ready_fd=3)
+    assert cmd[1:4] == ["-P", "-m", "zfabric"]  # the cwd is not on the worker's sys.path
