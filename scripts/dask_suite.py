@@ -112,14 +112,23 @@ def main(argv: list[str] | None = None) -> int:
     args, extra = p.parse_known_args(argv)
     extra = [a for a in extra if a != "--"]
     runs = [args.only] if args.only else ["zfabric", "distributed"]
-    results = {w: run(w, args.targets, extra, args.timeout) for w in runs}
-    for summary, _ in results.values():
-        print(summary)
-    if len(results) == 2:
-        worse = sorted(results["zfabric"][1] - results["distributed"][1])
+    failed: dict[str, set] = {w: set() for w in runs}
+    totals: dict[str, dict[str, int]] = {w: {} for w in runs}
+    for target in args.targets:  # one pytest per target: a crash ends only its own run
+        for which in runs:
+            summary, bad = run(which, [target], extra, args.timeout)
+            print(f"{target} {summary}", flush=True)
+            failed[which] |= bad
+            for n, what in re.findall(r"(\d+) (passed|failed|errors?|skipped|xfailed)",
+                                      summary):
+                totals[which][what] = totals[which].get(what, 0) + int(n)
+    for which in runs:
+        print(f"total {which}: " + ", ".join(f"{n} {w}" for w, n in totals[which].items()))
+    if len(runs) == 2:
+        worse = sorted(failed["zfabric"] - failed["distributed"])
         print(f"failing through zfabric only: {len(worse)}")
         for test in worse:
-            print(f"  {test}")
+            print(f"  {test.split('site-packages/')[-1]}")
     return 0
 
 
