@@ -257,6 +257,20 @@ def test_normalize_collection_takes_held_futures(client):
     del held
 
 
+def test_dask_keys_shown_as_given(client, tmp_path):
+    from zfabric.report import render_report
+
+    assert da.ones(8, chunks=2).sum().compute() == 8
+    raw = client.sync(client.core.request, "task-stream", count=20)["records"]  # wire keys
+    assert any(r["key"].startswith("\x1f") for r in raw)
+    text = render_report(raw, [], {}, {}, time.time() - 60, time.time())
+    assert "\x1f" not in text and "sum-aggregate" in text
+    records = client.get_task_stream(count=20)
+    tuples = [r for r in records if isinstance(r["key"], tuple)]
+    assert tuples and all(not r["group"].startswith("\x1f") for r in records)
+    assert {"ones_like", "sum", "sum-aggregate"} & {r["group"] for r in tuples}
+
+
 def test_released_after_get(client):
     # Given the scheduler's task count before a graph runs
     gc.collect()

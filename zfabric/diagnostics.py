@@ -21,6 +21,7 @@ from . import protocol
 from .client_core import ClientCore
 from .current import default_client
 from .keys import from_wire as _from_wire
+from .keys import group_label
 from .logs import recent
 from .report import render_report
 
@@ -139,6 +140,8 @@ def as_dask_records(records: list[dict]) -> list[dict]:
     ``metadata`` and ``stimulus_id``."""
     for r in records:
         r["key"] = _from_wire(r["key"])
+        if "group" in r:
+            r["group"] = group_label(r["group"])
         r.setdefault("type", None)
         r.setdefault("typename", None)
         r.setdefault("metadata", {})

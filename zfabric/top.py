@@ -12,6 +12,7 @@ import time
 from typing import Literal
 
 from .client import Client
+from .keys import group_label
 from .nanny import format_bytes
 
 #: Width of the text bars, in characters.
@@ -80,7 +81,8 @@ def render(snap: dict):
     for g in sorted(snap["groups"], key=lambda g: g["name"]):
         if not g["total"]:
             continue
-        gt.add_row(g["name"], text_bar(g["done"] / g["total"]), f"{g['done']}/{g['total']}",
+        gt.add_row(group_label(g["name"]), text_bar(g["done"] / g["total"]),
+                   f"{g['done']}/{g['total']}",
                    str(g["processing"]), str(g["waiting"]),
                    Text(str(g["erred"]), style="red" if g["erred"] else ""))
     events = Text("Events\n", style="italic")
