@@ -40,7 +40,8 @@ LAYERS: list[tuple[str, list[str]]] = [
     ("scheduler", ["zfabric.scheduler.*"]),
     ("servers", [
         "zfabric.scheduler", "zfabric.scheduler.server", "zfabric.worker", "zfabric.worker.*",
-        "zfabric.nanny", "zfabric.spawn", "zfabric.supervision", "zfabric.process", "zfabric.dashboard",
+        "zfabric.nanny", "zfabric.spawn", "zfabric.supervision", "zfabric.process",
+        "zfabric.dashboard",
         "zfabric.dashboard.*",
     ]),
     ("client", [

@@ -6,7 +6,6 @@
 """
 
 import importlib
-import os as _os
 from typing import TYPE_CHECKING
 
 from . import current as _current
@@ -21,7 +20,7 @@ if TYPE_CHECKING:
     from .cluster import LocalCluster
     from .context import get_client, get_worker, local_client, rejoin, secede, worker_client
     from .coordination import Event, Lock, Queue, Semaphore, Variable
-    from .deploy import SpecCluster, SSHCluster, SubprocessCluster
+    from .deploy import PBSCluster, SLURMCluster, SpecCluster, SSHCluster, SubprocessCluster
     from .diagnostics import get_task_metadata, get_task_stream, performance_report
     from .futures import Future, as_completed, fire_and_forget, futures_of, wait
     from .lifecycle import Status
@@ -55,6 +54,7 @@ _LAZY = {
     "Semaphore": "coordination", "Variable": "coordination", "MultiLock": "multilock",
     "Adaptive": "adaptive", "Status": "lifecycle",
     "SpecCluster": "deploy", "SSHCluster": "deploy", "SubprocessCluster": "deploy",
+    "SLURMCluster": "deploy", "PBSCluster": "deploy",
     "WorkerPlugin": "plugins", "NannyPlugin": "plugins", "UploadFile": "plugins",
     "SchedulerPlugin": "plugins",
     "Environ": "worker_plugins", "InstallPlugin": "worker_plugins",
@@ -65,9 +65,6 @@ _LAZY = {
     "span": "span", "print": "task_output", "warn": "task_output",
     "get_task_metadata": "diagnostics", "local_client": "context",
 }
-if _os.path.exists(_os.path.join(_os.path.dirname(__file__), "deploy", "slurm.py")):
-    # the job-queue clusters (without importing zfabric.deploy now)
-    _LAZY.update({"SLURMCluster": "deploy.slurm", "PBSCluster": "deploy.pbs"})
 
 
 def __getattr__(name):
@@ -96,6 +93,8 @@ __all__ = [
     "Adaptive",
     "LocalCluster",
     "Nanny",
+    "PBSCluster",
+    "SLURMCluster",
     "SSHCluster",
     "Scheduler",
     "Security",

@@ -118,6 +118,17 @@ class Config:
     DASHBOARD_INTERVAL_S: float = 0.25
     #: Finished tasks the scheduler remembers for the task stream (get_task_stream).
     TASK_STREAM_LENGTH: int = 10_000
+    #: A batch job (SLURMCluster, PBSCluster) pending this long is reported, once: a warning
+    #: and an event on the scheduler (topic ``jobqueue``).
+    PENDING_REPORT_S: float = 60.0
+    #: How often a job-queue cluster asks the batch system (squeue, qstat) about its jobs.
+    JOB_STATUS_INTERVAL_S: float = 5.0
+    #: A batch job's workers retire (their data moved off) this long before its walltime.
+    JOB_RETIRE_LEAD_S: float = 60.0
+    #: Adaptive scaling submits a replacement this long before a job's workers retire.
+    JOB_REPLACE_AHEAD_S: float = 120.0
+    #: Longest a batch command (sbatch, scancel, squeue, qsub, ...) may take.
+    JOB_COMMAND_TIMEOUT_S: float = 60.0
 
 
 def from_env(environ: dict[str, str] | None = None, **overrides) -> Config:

@@ -402,16 +402,19 @@ class SpecCluster(LifeCycle):
         if not names:
             return []
         client = await self._client()
-        info = await client._request("info")
-        addresses = [a for a, w in info["workers"].items()
-                     if _job_of(str(w.get("name")), names) is not None]
-        if addresses:
-            await client._retire_workers(addresses, None)
-        gone = [self.workers.pop(n) for n in names if n in self.workers]
-        for n in names:
+        info = await client.scheduler_info(n_workers=-1)
+        owner = {a: _job_of(str(w.get("name")), names) for a, w in info["workers"].items()}
+        addresses = {a: job for a, job in owner.items() if job is not None}
+        retired = await client.retire_workers(list(addresses)) if addresses else {}
+        # A job whose worker the scheduler kept (no other worker could take its data yet)
+        # stays: closing it would lose that data.
+        kept = {addresses[a] for a in addresses if a not in retired}
+        done = [n for n in names if n not in kept and n in self.workers]
+        gone = [self.workers.pop(n) for n in done]
+        for n in done:
             self.worker_spec.pop(n, None)
         await asyncio.gather(*(j.close() for j in gone), return_exceptions=True)
-        return names
+        return done
 
     def adapt(self, minimum: int = 0, maximum: float = math.inf, *, minimum_jobs=None,
               maximum_jobs=None, minimum_cores=None, maximum_cores=None, minimum_memory=None,
@@ -454,7 +457,7 @@ class SpecCluster(LifeCycle):
         client = await self._client()
         while True:
             self._raise_failed()
-            info = await client._request("info")
+            info = await client.scheduler_info(n_workers=-1)
             have = len(info["workers"])
             if have >= n:
                 return
