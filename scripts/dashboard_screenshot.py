@@ -1,8 +1,10 @@
-"""Take the README's dashboard screenshot (docs/dashboard.png): a LocalCluster with work in
-progress, seen through headless Chromium (``apt-get install -y chromium chromium-driver``,
-``pip install selenium``).
+"""Take the dashboard's screenshots (docs/dashboard*.png): a LocalCluster with work in
+progress (a dask.array reduction, a mapped pipeline with a few failures, a task that spins in
+a known function), each page seen through headless Chromium (``apt-get install -y chromium
+chromium-driver``, ``pip install selenium``). Prints each page's render time per update (the
+page measures it with the Performance API) and any error the page logged.
 
-    python scripts/dashboard_screenshot.py [--out docs/dashboard.png]
+    python scripts/dashboard_screenshot.py [--out-dir docs]
 """
 
 from __future__ import annotations
@@ -13,6 +15,8 @@ import time
 from pathlib import Path
 
 from zfabric import Client, LocalCluster
+
+PAGES = ("status", "graph", "worker", "profile", "system", "history")
 
 
 def load(i):
@@ -34,33 +38,70 @@ def summarize(a, b):
     return float(a.sum() + b.sum())
 
 
-def main() -> None:
+def spin_in_known_function(seconds):
+    end = time.perf_counter() + seconds
+    n = 0
+    while time.perf_counter() < end:
+        n += sum(range(200))
+    return n
+
+
+def browser():
     from selenium import webdriver
     from selenium.webdriver.chrome.options import Options
     from selenium.webdriver.chrome.service import Service
 
+    opts = Options()
+    for arg in ("--headless=new", "--no-sandbox", "--disable-gpu", "--window-size=1400,1000",
+                "--hide-scrollbars", "--disable-dev-shm-usage"):
+        opts.add_argument(arg)
+    opts.set_capability("goog:loggingPrefs", {"browser": "ALL"})
+    return webdriver.Chrome(options=opts, service=Service("/usr/bin/chromedriver"))
+
+
+def shoot(d, url: str, out: Path, wait_s: float = 2.5) -> dict:
+    d.get(url)
+    time.sleep(wait_s)
+    d.save_screenshot(str(out))
+    timing = d.execute_script("return window.zfabricRender || null")
+    errors = [e["message"] for e in d.get_log("browser") if e["level"] == "SEVERE"]
+    return {"timing": timing, "errors": errors}
+
+
+def main() -> None:
+    import dask.array as da
+
     parser = argparse.ArgumentParser()
-    parser.add_argument("--out", type=Path, default=Path(__file__).parents[1] / "docs" /
-                        "dashboard.png")
+    parser.add_argument("--out-dir", type=Path, default=Path(__file__).parents[1] / "docs")
     args = parser.parse_args()
+    args.out_dir.mkdir(parents=True, exist_ok=True)
     with LocalCluster(n_workers=3, threads_per_worker=2, dashboard_address="127.0.0.1:0") as c, \
             Client(c) as client:
+        x = da.random.random((4000, 4000), chunks=(500, 500))
+        total = client.compute((x + x.T).sum())
+        spin = client.submit(spin_in_known_function, 3.0, key="spin-1")
         loaded = client.map(load, range(300))
         cleaned = client.map(clean, loaded)
         sums = [client.submit(summarize, cleaned[i], cleaned[-1 - i]) for i in range(150)]
-        opts = Options()
-        for arg in ("--headless=new", "--no-sandbox", "--disable-gpu", "--window-size=1400,1000",
-                    "--hide-scrollbars"):
-            opts.add_argument(arg)
-        d = webdriver.Chrome(options=opts, service=Service("/usr/bin/chromedriver"))
+        base = c.dashboard_link.rsplit("/", 1)[0]
+        d = browser()
         try:
-            d.get(c.dashboard_link)
-            time.sleep(3)
-            d.save_screenshot(str(args.out))
+            time.sleep(2)
+            worker = next(iter(client.scheduler_info()["workers"]))
+            for page in PAGES:
+                url = f"{base}/{page}"
+                if page == "worker":
+                    url += f"?address={worker}"
+                if page == "profile":
+                    url += "?group=spin"
+                result = shoot(d, url, args.out_dir / f"dashboard-{page}.png")
+                print(page, result)
+            total.result()
+            spin.result()
         finally:
             d.quit()
         del loaded, cleaned, sums
-    print(f"wrote {args.out}")
+    print(f"wrote {args.out_dir}/dashboard-*.png")
 
 
 if __name__ == "__main__":

@@ -28,6 +28,8 @@ class Config:
     INLINE_BYTES: int = 64 * 1024
     #: How often workers, nannies and clients send a heartbeat.
     HEARTBEAT_INTERVAL_S: float = 0.5
+    #: Seconds between the profiler's samples of a worker's task threads (0: no profiler).
+    PROFILE_INTERVAL_S: float = 0.02
     #: At most this many heartbeats a second reach the scheduler from all its workers and
     #: nannies: the interval it tells them grows with their number (HEARTBEAT_INTERVAL_S
     #: at least).

@@ -600,3 +600,52 @@ def _finite(value) -> bool:
     if type(value) is float:
         return math.isfinite(value)
     return type(value) is int and abs(value) <= 1 << 62
+
+
+#: Nodes one worker's profile report may carry, and how deep a tree may go.
+MAX_PROFILE_NODES = 10_000
+MAX_PROFILE_DEPTH = 130
+
+
+def clean_profile(report) -> dict:
+    """The well-formed trees of a worker's ``profile`` report (see
+    :mod:`zfabric.worker.profiler`): ``{group: [label, count, [child, ...]]}`` with string
+    names and labels of at most 500 characters, counts from 0 to 2**31. A malformed tree is
+    dropped whole, and so is what lies past :data:`MAX_PROFILE_NODES` nodes or
+    :data:`MAX_PROFILE_DEPTH` levels."""
+    if type(report) is not dict:
+        return {}
+    budget = [MAX_PROFILE_NODES]
+    out = {}
+    for group, tree in report.items():
+        if type(group) is str and len(group) <= 500 and _profile_node(tree, 0, budget):
+            out[group] = tree
+        if budget[0] <= 0:
+            break
+    return out
+
+
+def _profile_node(node, depth: int, budget: list) -> bool:
+    budget[0] -= 1
+    if (budget[0] < 0 or depth > MAX_PROFILE_DEPTH or type(node) is not list or len(node) != 3
+            or type(node[0]) is not str or len(node[0]) > 500 or type(node[1]) is not int
+            or not 0 <= node[1] <= 1 << 31 or type(node[2]) is not list):
+        return False
+    return all(_profile_node(child, depth + 1, budget) for child in node[2])
+
+
+#: Log lines one worker report may carry.
+MAX_LOG_LINES = 50
+
+
+def clean_logs(items) -> list[tuple[str, str]]:
+    """The well-formed lines of a worker's ``logs`` report: ``(level, text)``, a level name of
+    at most 20 characters, text cut to 1,000; at most :data:`MAX_LOG_LINES`."""
+    if type(items) is not list:
+        return []
+    out = []
+    for item in items[:MAX_LOG_LINES]:
+        if (type(item) is list and len(item) == 2 and type(item[0]) is str
+                and len(item[0]) <= 20 and type(item[1]) is str):
+            out.append((item[0], item[1][:1000]))
+    return out

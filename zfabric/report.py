@@ -7,6 +7,7 @@ import html
 import time
 import zlib
 
+from .dashboard.pages import report_sections
 from .keys import group_label, key_label
 
 #: Task bars drawn at most (the newest); the tables count every record.
@@ -171,5 +172,6 @@ dl {{ display: grid; grid-template-columns: 12em auto; }} dt {{ color: #666; }}
 <h2>Bytes moved between workers</h2>
 <table id="transfers"><tr><th>from</th><th>to</th><th>fetches</th><th>bytes</th><th>seconds</th>
 </tr>{transfer_rows}</table>
+{report_sections(last, start, stop)}
 </body></html>
 """

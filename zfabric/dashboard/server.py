@@ -17,9 +17,17 @@ import json
 import logging
 import socket
 import threading
+import time
+from collections import deque
 from http import HTTPStatus
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from importlib import resources
+from urllib.parse import parse_qs
+
+import psutil
+
+from .metrics import CONTENT_TYPE, INSTALL_HINT, render
+from .view import View
 
 logger = logging.getLogger(__name__)
 
@@ -33,6 +41,10 @@ ASSETS = {
 KEEPALIVE_S = 15.0
 #: Live-stream readers served at once (each holds a thread); more are told to come back.
 MAX_READERS = 64
+#: Deltas kept for readers that fell behind (one further behind gets the whole picture).
+DELTAS_KEPT = 64
+#: The pages (all served by one HTML file; the script draws the one its path names).
+PAGES = ("/status", "/graph", "/worker", "/profile", "/system", "/history")
 
 
 def parse_address(value, default_host: str) -> tuple[str, int]:
@@ -60,23 +72,32 @@ def parse_address(value, default_host: str) -> tuple[str, int]:
 
 
 class Hub:
-    """The newest snapshot and its JSON; readers wait here for the next one."""
+    """The dashboard's picture (:class:`~zfabric.dashboard.view.View`) and the recent deltas;
+    readers wait here for the next one."""
 
-    def __init__(self):
+    def __init__(self) -> None:
         self._cond = threading.Condition()
         self._seq = 0
-        self._snapshot: dict | None = None
-        self._encoded: tuple[int, bytes] = (0, b"")
+        self.view = View()
+        self._deltas: deque[tuple[int, dict]] = deque(maxlen=DELTAS_KEPT)
+        self._encoded: dict[int, bytes] = {}
+        self._full: tuple[int, bytes] = (-1, b"")
         self._encode_lock = threading.Lock()
         self.closed = False
         self.readers = 0
         self.max_readers = MAX_READERS
+        self.publish_s = 0.0  # time spent in publish, in total (the scheduler's thread)
 
-    def publish(self, snapshot: dict) -> None:
-        """Called by the scheduler's loop: swap the reference, wake the readers."""
+    def publish(self, delta: dict) -> None:
+        """Called by the scheduler's loop with what changed: merge it, wake the readers."""
         with self._cond:
-            self._snapshot = snapshot
+            view = self.view
+            view.merge(delta)
+            wire = {k: v for k, v in delta.items() if k != "profiles"}
+            wire["profiles_version"] = view.profiles_version
+            wire["erred_groups"] = sorted(view.erred)
             self._seq += 1
+            self._deltas.append((self._seq, wire))
             self._cond.notify_all()
 
     def close(self) -> None:
@@ -85,24 +106,48 @@ class Hub:
             self._cond.notify_all()
 
     def latest(self) -> tuple[int, dict | None]:
+        """The whole picture now, and its number."""
         with self._cond:
-            return self._seq, self._snapshot
+            if self.view.empty:
+                return self._seq, None
+            return self._seq, self.view.full()
+
+    def call(self, method: str, *args):
+        """A method of the view, under the lock."""
+        with self._cond:
+            return getattr(self.view, method)(*args)
 
     def encoded(self, seq: int, snapshot: dict) -> bytes:
-        """The snapshot's JSON, encoded once whoever asks first (outside the publish lock)."""
+        """The whole picture's JSON, encoded once per number whoever asks first."""
         with self._encode_lock:
-            if self._encoded[0] != seq:
-                body = json.dumps(snapshot, separators=(",", ":"), default=str).encode()
-                self._encoded = (seq, body)
-            return self._encoded[1]
+            if self._full[0] != seq:
+                self._full = (seq, _json(snapshot))
+            return self._full[1]
 
-    def wait_newer(self, seq: int, timeout: float) -> tuple[int, dict | None]:
-        """The next snapshot after ``seq``, or ``(seq, None)`` after ``timeout`` or on close."""
+    def delta_encoded(self, seq: int) -> bytes | None:
+        """Delta number ``seq`` as JSON (encoded once), or None when no longer kept."""
+        with self._cond:
+            first = self._deltas[0][0] if self._deltas else self._seq + 1
+            if not first <= seq <= self._seq:
+                return None
+            delta = self._deltas[seq - first][1]
+        with self._encode_lock:
+            body = self._encoded.get(seq)
+            if body is None:
+                body = self._encoded[seq] = _json(delta)
+                while len(self._encoded) > DELTAS_KEPT:
+                    del self._encoded[next(iter(self._encoded))]
+            return body
+
+    def wait_newer(self, seq: int, timeout: float) -> int:
+        """The newest number after ``seq``, or ``seq`` after ``timeout`` or on close."""
         with self._cond:
             self._cond.wait_for(lambda: self._seq != seq or self.closed, timeout)
-            if self.closed or self._seq == seq:
-                return seq, None
-            return self._seq, self._snapshot
+            return seq if self.closed else self._seq
+
+
+def _json(data) -> bytes:
+    return json.dumps(data, separators=(",", ":"), default=str).encode()
 
 
 class _Server(ThreadingHTTPServer):
@@ -113,6 +158,8 @@ class _Server(ThreadingHTTPServer):
     def __init__(self, addr, handler, dashboard: Dashboard, family):
         self.address_family = family
         self.dashboard = dashboard
+        self.sampler = ProcessSampler()
+        self.next_sample = 0.0
         super().__init__(addr, handler)
 
     def process_request_thread(self, request, client_address):
@@ -123,6 +170,34 @@ class _Server(ThreadingHTTPServer):
     def serve_forever(self, poll_interval=0.5):
         name_os_thread("zf-dashboard")
         super().serve_forever(poll_interval)
+
+    def service_actions(self):
+        """Between requests (every poll interval): a sample of this process a second."""
+        now = time.time()
+        if now >= self.next_sample:
+            self.next_sample = now + 1.0
+            self.dashboard.hub.call("own_process", now, self.sampler.sample())
+
+
+class ProcessSampler:
+    """CPU %, memory, disk and network counters of this process (the scheduler's)."""
+
+    def __init__(self) -> None:
+        self.process = psutil.Process()
+
+    def sample(self) -> list:
+        p = self.process
+        out: list = [0.0, 0, 0, 0, 0, 0]
+        try:
+            out[0] = p.cpu_percent()
+            out[1] = p.memory_info().rss
+            io = p.io_counters()
+            out[2], out[3] = io.read_bytes, io.write_bytes
+            net = psutil.net_io_counters()
+            out[4], out[5] = net.bytes_recv, net.bytes_sent
+        except (AttributeError, OSError, psutil.Error):
+            pass
+        return out
 
 
 def name_os_thread(name: str) -> None:
@@ -145,14 +220,15 @@ class _Handler(BaseHTTPRequestHandler):
 
     def do_GET(self):
         d: Dashboard = self.server.dashboard
-        path = self.path.split("?", 1)[0]
+        path, _, query = self.path.partition("?")
+        args = {k: v[-1] for k, v in parse_qs(query).items()}
         try:
             if path == "/":
                 self.send_response(HTTPStatus.FOUND)
                 self.send_header("Location", "/status")
                 self.send_header("Content-Length", "0")
                 self.end_headers()
-            elif path == "/status":
+            elif path in PAGES:
                 self._asset("index.html")
             elif path.startswith("/static/"):
                 self._asset(path[len("/static/"):])
@@ -164,6 +240,12 @@ class _Handler(BaseHTTPRequestHandler):
                     self._reply(HTTPStatus.SERVICE_UNAVAILABLE, b"no snapshot yet\n")
                 else:
                     self._reply(HTTPStatus.OK, d.hub.encoded(seq, snap), "application/json")
+            elif path == "/api/profile":
+                self._json(d.hub.call("profile", args.get("group")))
+            elif path == "/api/logs":
+                self._json(d.hub.call("worker_logs", args.get("address")))
+            elif path == "/api/system":
+                self._json(d.hub.call("system_series"))
             elif path == "/metrics":
                 self._metrics(d.hub)
             elif path == "/health":
@@ -172,6 +254,21 @@ class _Handler(BaseHTTPRequestHandler):
                 self._reply(HTTPStatus.NOT_FOUND, f"no page at {path}\n".encode())
         except (BrokenPipeError, ConnectionResetError, TimeoutError):
             pass  # the reader went away
+
+    def do_POST(self):
+        path, _, query = self.path.partition("?")
+        args = {k: v[-1] for k, v in parse_qs(query).items()}
+        try:
+            if path == "/api/dismiss" and "group" in args:
+                self._json({"dismissed": self.server.dashboard.hub.call("dismiss",
+                                                                        args["group"])})
+            else:
+                self._reply(HTTPStatus.NOT_FOUND, f"nothing to post at {path}\n".encode())
+        except (BrokenPipeError, ConnectionResetError, TimeoutError):
+            pass
+
+    def _json(self, data) -> None:
+        self._reply(HTTPStatus.OK, _json(data), "application/json")
 
     def _reply(self, status, body: bytes, ctype: str = "text/plain; charset=utf-8"):
         self.send_response(status)
@@ -189,8 +286,6 @@ class _Handler(BaseHTTPRequestHandler):
         self._reply(HTTPStatus.OK, read_asset(name), ctype)
 
     def _metrics(self, hub: Hub) -> None:
-        from .metrics import CONTENT_TYPE, INSTALL_HINT, render
-
         _seq, snap = hub.latest()
         try:
             body = render(snap or {})
@@ -215,27 +310,39 @@ class _Handler(BaseHTTPRequestHandler):
                 hub.readers -= 1
 
     def _stream(self, hub: Hub) -> None:
+        """The whole picture first, then each delta; a reader that fell more than
+        DELTAS_KEPT behind gets the whole picture again."""
         self.send_response(HTTPStatus.OK)
         self.send_header("Content-Type", "text/event-stream")
         self.send_header("Cache-Control", "no-store")
         self.send_header("Connection", "keep-alive")
         self.end_headers()
         self.close_connection = True
-        seq, snap = hub.latest()
-        if snap is None:
-            seq = -1
-        else:
-            self._send_event(hub.encoded(seq, snap))
+        seq = -1
         while not hub.closed:
-            new, snap = hub.wait_newer(seq, KEEPALIVE_S)
-            if snap is None:
+            if seq < 0:
+                now, snap = hub.latest()
+                if snap is None:  # nothing published yet
+                    if hub.wait_newer(now, KEEPALIVE_S) == now and not hub.closed:
+                        self.wfile.write(b": keep-alive\n\n")
+                        self.wfile.flush()
+                    continue
+                seq = now
+                self._send_event(hub.encoded(seq, snap))
+            new = hub.wait_newer(seq, KEEPALIVE_S)
+            if new == seq:
                 if hub.closed:
                     break
                 self.wfile.write(b": keep-alive\n\n")
                 self.wfile.flush()
                 continue
-            seq = new
-            self._send_event(hub.encoded(seq, snap))
+            for number in range(seq + 1, new + 1):
+                body = hub.delta_encoded(number)
+                if body is None:
+                    seq = -1  # fell behind: the whole picture again
+                    break
+                self._send_event(body)
+                seq = number
 
     def _send_event(self, body: bytes) -> None:
         self.wfile.write(b"data: " + body + b"\n\n")

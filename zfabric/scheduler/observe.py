@@ -26,10 +26,18 @@ import re
 from array import array
 from collections import deque
 
+from .feed import Feed, History, merge_profile, profile_wire
+
 #: Upper bounds (seconds) of the task-duration histogram buckets, per group (+Inf is implied).
 DURATION_BUCKETS_S = (0.0001, 0.001, 0.01, 0.1, 1.0, 10.0, 60.0)
 #: Task-stream entries a snapshot carries (the newest), for the page's task stream.
 SNAPSHOT_STREAM = 1000
+#: Profiles a whole snapshot carries (the most sampled groups), and nodes of each.
+SNAPSHOT_PROFILES = 20
+SNAPSHOT_PROFILE_NODES = 300
+#: Log lines kept per worker, and workers whose lines are kept.
+WORKER_LOG_LINES = 100
+MAX_LOGGED_WORKERS = 2000
 #: Transfers a snapshot carries (the newest).
 SNAPSHOT_TRANSFERS = 200
 #: Groups kept once they have no live task; the oldest idle ones go first beyond this.
@@ -62,6 +70,8 @@ def key_group(key) -> str:
         key = key.decode(errors="replace")
     if not isinstance(key, str):
         return "Other"
+    if key.startswith("\x1f"):  # a tuple key's wire form (zfabric.keys.to_wire)
+        key = key[1:]
     if key.startswith("("):  # a stringified tuple key
         key = key[1:].split(",", 1)[0].strip("'\" ")
     if key.startswith("<"):  # "<module.Class object at 0x...>"
@@ -73,7 +83,8 @@ def key_group(key) -> str:
         return "data"
     out = [first]
     for word in words[1:]:
-        if word.isalpha() and not (len(word) == 8 and _HEX.match(word)):
+        # as dask's key_split: an 8-letter word that starts like hex ends the name too
+        if word.isalpha() and not (len(word) == 8 and word[0] in "abcdef"):
             out.append(word)
         else:
             break
@@ -83,7 +94,8 @@ def key_group(key) -> str:
 class Group:
     """Counters of the tasks with one key prefix."""
 
-    __slots__ = ("counts", "duration_s", "hist", "last_active", "name", "nbytes", "ndone")
+    __slots__ = ("counts", "deps", "duration_s", "hist", "last_active", "name", "nbytes",
+                 "ndone", "nerred", "order")
 
     def __init__(self, name: str):
         self.name = name
@@ -93,6 +105,9 @@ class Group:
         self.nbytes = 0  # summed result sizes
         self.hist = [0] * (len(DURATION_BUCKETS_S) + 1)
         self.last_active = 0.0
+        self.deps: dict[str, int] = {}  # group -> task edges from it into this one
+        self.nerred = 0  # tasks that ever failed (stays when they are released)
+        self.order = 0  # when it was first seen (the graph page lays groups out by it)
 
     def move(self, old: str, new: str) -> None:
         c = self.counts
@@ -114,6 +129,7 @@ class Group:
             "cancelled": c["cancelled"],
             "total": done + waiting + c["processing"] + c["erred"],
             "duration_s": self.duration_s, "nbytes": self.nbytes,
+            "nerred": max(self.nerred, c["erred"]),
         }
 
 
@@ -192,6 +208,24 @@ class Observer:
         self._next_sample = 0.0
         self._last = (0.0, 0, 0)  # (now, tasks done, bytes moved) at the last sample
         self._heads: dict[str, str] = {}  # key without its last word -> group (group_of)
+        self.snapshot_stream = SNAPSHOT_STREAM
+        self.transfer_seq = 0  # transfers ever recorded
+        self.series_seq = 0  # throughput samples ever taken
+        self.dirty_workers: set = set()  # workers that finished something since the last delta
+        self.fresh: list = []  # tasks new since the last sample (their edges, not yet counted)
+        self.graph_version = 0  # bumped when a group or a group edge appears or goes
+        self.history = History()
+        self.worker_logs: dict[str, deque] = {}  # address -> its last log lines
+        self.new_logs: list[tuple] = []  # (address, time, level, text) not yet in a delta
+        self.profiles: dict[str, list] = {}  # group -> merged profile tree
+        self.profile_grown: set[str] = set()
+        self._profile_nodes = [0]
+        self._workers: dict = {}  # the state's workers (for the history's memory)
+        self._next_point = 0.0
+        self._point_last: tuple = (0.0, 0, 0, {})  # now, done, moved, {group: (n, busy)}
+        self._ngroups = 0
+        self.buckets = list(DURATION_BUCKETS_S)
+        self.feed = Feed(self)
 
     # ------------------------------------------------------------------ hot path
 
@@ -215,7 +249,17 @@ class Observer:
         g = self.groups.get(name)
         if g is None:
             g = self.groups[name] = Group(name)
+            g.order = len(self.groups) + self.graph_version
+            self.graph_version += 1
         return g
+
+    def new_task(self, ts, workers: dict) -> None:
+        """A task the state created: its group counts it; its edges are counted at the next
+        sample (its dependencies are set after this)."""
+        g = ts.group = self.group_of(ts.key)
+        g.counts["new"] += 1
+        self.fresh.append(ts)
+        self._workers = workers
 
     def finished(self, ts, ws, status: str, start, stop, thread, now: float) -> None:
         """A task ended on ``ws``: one stream entry, and its group's time and size."""
@@ -231,6 +275,9 @@ class Observer:
         if g is not None:
             g.nbytes += ts.nbytes
             g.last_active = now
+            if status != "OK":
+                g.nerred += 1
+        self.dirty_workers.add(ws)
         if type(thread) is not int or not 0 <= thread < 2**64:
             thread = 0
         self.stream.append(ts.key, g.name if g is not None else "Other", ws.address, thread,
@@ -248,6 +295,29 @@ class Observer:
         for peer, start, stop, nbytes, nkeys in items:
             self.transfers.append((address, peer, start, stop, nbytes, nkeys))
             self.transfer_bytes += nbytes
+        self.transfer_seq += len(items)
+
+    def logged(self, ws, lines: list, now: float) -> None:
+        """Log lines a worker sent (checked by :func:`~zfabric.protocol.clean_logs`)."""
+        if not lines:
+            return
+        t = now + self.wall_offset
+        address = ws.address
+        q = self.worker_logs.get(address)
+        if q is None:
+            if len(self.worker_logs) >= MAX_LOGGED_WORKERS:
+                del self.worker_logs[next(iter(self.worker_logs))]
+            q = self.worker_logs[address] = deque(maxlen=WORKER_LOG_LINES)
+        for level, text in lines:
+            q.append((t, level, text))
+            self.new_logs.append((address, t, level, text))
+        if len(self.new_logs) > 2 * WORKER_LOG_LINES * 10:
+            del self.new_logs[:-WORKER_LOG_LINES * 10]
+
+    def profiled(self, report: dict, now: float) -> None:
+        """A worker's profile report, checked by :func:`~zfabric.protocol.clean_profile`."""
+        if report:
+            self.profile_grown |= merge_profile(self.profiles, report, self._profile_nodes)
 
     def event(self, kind: str) -> None:
         self.event_counts[kind] = self.event_counts.get(kind, 0) + 1
@@ -266,6 +336,58 @@ class Observer:
             dt = now - t0
             self.series.append((now + self.wall_offset, (done - done0) / dt,
                                 (moved - moved0) / dt))
+            self.series_seq += 1
+        if self.fresh:
+            self._count_edges()
+        if now >= self._next_point:
+            self._next_point = now + 1.0
+            self._history_point(now, done, moved)
+
+    def _count_edges(self) -> None:
+        fresh, self.fresh = self.fresh, []
+        new = 0
+        for ts in fresh:
+            g = ts.group
+            if g is None:
+                continue
+            deps = g.deps
+            for d in ts.deps:
+                dg = d.group
+                if dg is not None and dg is not g:
+                    n = deps.get(dg.name)
+                    if n is None:
+                        new += 1
+                        n = 0
+                    deps[dg.name] = n + 1
+        if new:
+            self.graph_version += 1
+
+    def _history_point(self, now: float, done: int, moved: int) -> None:
+        t0, done0, moved0, last = self._point_last
+        groups = {}
+        per = {}
+        for g in self.groups.values():
+            cur = (g.ndone, g.duration_s)
+            per[g.name] = cur
+            old = last.get(g.name)
+            if old is None:
+                old = (0, 0.0)
+            if cur[0] != old[0]:
+                groups[g.name] = [cur[0] - old[0], round(cur[1] - old[1], 4)]
+        self._point_last = (now, done, moved, per)
+        if not t0:
+            return
+        dt = max(now - t0, 1e-9)
+        memory = managed = spilled = processing = 0
+        for ws in self._workers.values():
+            m = ws.metrics or {}
+            memory += int(m.get("memory") or 0)
+            managed += max(0, ws.nbytes)
+            spilled += int(m.get("spilled") or 0)
+            processing += len(ws.processing)
+        self.history.add([round(now + self.wall_offset, 3), round((done - done0) / dt, 2),
+                          round((moved - moved0) / dt, 1), memory, managed, spilled,
+                          processing, len(self._workers), groups])
 
     # ------------------------------------------------------------------ topics
 
@@ -318,11 +440,65 @@ class Observer:
 
     def prune(self) -> None:
         """Forget the oldest groups with no live task beyond MAX_IDLE_GROUPS."""
+        if len(self.groups) <= MAX_IDLE_GROUPS:
+            return
         idle = [g for g in self.groups.values() if not g.live()]
         if len(idle) > MAX_IDLE_GROUPS:
             idle.sort(key=lambda g: g.last_active)
             for g in idle[: len(idle) - MAX_IDLE_GROUPS]:
                 del self.groups[g.name]
+                tree = self.profiles.pop(g.name, None)
+                if tree is not None:
+                    self._profile_nodes[0] -= tree[2]
+            self.graph_version += 1
+
+    def totals(self) -> dict:
+        totals = dict.fromkeys(STATES, 0)
+        for g in self.groups.values():
+            for st, n in g.counts.items():
+                totals[st] += n
+        return totals
+
+    def counters(self, state) -> dict:
+        return {
+            "finished": state.counts["finished"], "erred": state.counts["erred"],
+            "messages_in": self.messages_in, "messages_out": self.messages_out,
+            "bytes_in": self.bytes_in, "bytes_out": self.bytes_out,
+            "transfer_bytes": self.transfer_bytes, "clients": len(state.clients) - 2,
+        }
+
+    @staticmethod
+    def duration_row(g: Group) -> dict:
+        return {"buckets": list(g.hist), "sum": g.duration_s, "count": g.ndone}
+
+    def group_graph(self) -> dict:
+        """The groups and their edges: ``{"nodes": [[name, order]], "edges": [[from, to,
+        task edges]]}``."""
+        return {
+            "nodes": [[g.name, g.order] for g in self.groups.values()],
+            "edges": [[d, g.name, n] for g in self.groups.values() for d, n in g.deps.items()
+                      if d in self.groups],
+        }
+
+    @staticmethod
+    def task_graph(state) -> tuple:
+        """A small graph task by task: ``((key, group, state, (dependency keys)), ...)``."""
+        return tuple((str(ts.key), ts.group.name if ts.group is not None else "Other",
+                      ts.state, tuple(str(d.key) for d in ts.deps))
+                     for ts in list(state.tasks.values()))
+
+    def profile(self, group: str | None = None, limit: int = 10_000) -> dict:
+        """The merged profile of ``group`` (or of every group), as ``{group: [label, count,
+        [children]]}``; a label is ``"function;file;first line"`` (see
+        :mod:`zfabric.worker.profiler`). At most ``limit`` nodes a group, the largest."""
+        names = [group] if group is not None else list(self.profiles)
+        return {n: profile_wire(self.profiles[n], limit) for n in names if n in self.profiles}
+
+    def delta(self, state, now: float) -> dict:
+        """The dashboard's update: what changed since the last call (see
+        :mod:`zfabric.scheduler.feed`)."""
+        self.prune()
+        return self.feed.delta(state, now)
 
     def snapshot(self, state, now: float) -> dict:
         """Everything the dashboard, ``/metrics`` and ``zfabric top`` show, as plain data."""
@@ -340,10 +516,7 @@ class Observer:
                 "nbytes": max(0, ws.nbytes), "last_seen_s": max(0.0, now - ws.last_seen),
             })
         groups = [g.row() for g in self.groups.values()]
-        totals = dict.fromkeys(STATES, 0)
-        for g in self.groups.values():
-            for s, n in g.counts.items():
-                totals[s] += n
+        totals = self.totals()
         stream = [list(e) for e in self.stream.entries(self.stream.seq - SNAPSHOT_STREAM)]
         transfers = [list(t) for t in list(self.transfers)[-SNAPSHOT_TRANSFERS:]]
         return {
@@ -358,15 +531,13 @@ class Observer:
             "series": [list(s) for s in self.series],
             "events": [[t + self.wall_offset, text] for t, text in state.events[-50:]],
             "event_counts": dict(self.event_counts),
-            "counters": {
-                "finished": state.counts["finished"], "erred": state.counts["erred"],
-                "messages_in": self.messages_in, "messages_out": self.messages_out,
-                "bytes_in": self.bytes_in, "bytes_out": self.bytes_out,
-                "transfer_bytes": self.transfer_bytes, "clients": len(state.clients) - 2,
-            },
-            "durations": {
-                g.name: {"buckets": list(g.hist), "sum": g.duration_s, "count": g.ndone}
-                for g in self.groups.values() if g.ndone
-            },
+            "counters": self.counters(state),
+            "durations": {g.name: self.duration_row(g) for g in self.groups.values()
+                          if g.ndone},
             "buckets": list(DURATION_BUCKETS_S),
+            "graph": self.group_graph(),
+            "history": self.history.points(),
+            # the most sampled groups' profiles, their largest nodes (performance_report)
+            "profiles": {g: profile_wire(t, SNAPSHOT_PROFILE_NODES) for g, t in sorted(
+                self.profiles.items(), key=lambda kv: -kv[1][0])[:SNAPSHOT_PROFILES]},
         }

@@ -14,7 +14,9 @@ from ..errors import RemoteProtocolError
 from ..protocol import (
     FinishedItem,
     check_worker_hello,
+    clean_logs,
     clean_metrics,
+    clean_profile,
     clean_transfers,
     safe_name,
     short,
@@ -239,6 +241,10 @@ class PeerOps:
                     ws.metrics = clean_metrics(metrics)
                 if "transfers" in op:
                     self.s.observe.transferred(ws, clean_transfers(op["transfers"]))
+                if "profile" in op:
+                    self.s.observe.profiled(clean_profile(op["profile"]), self.s.now)
+                if "logs" in op:
+                    self.s.observe.logged(ws, clean_logs(op["logs"]), self.s.now)
             case "worker-status":
                 self.worker_status(ws, op["status"], op["reason"])
             case "missing":

@@ -70,7 +70,8 @@ class Queries:
                     ws.address: sorted(ws.processing)
                     for ws in self.s.workers.values()
                 }
-            case "snapshot" | "task-stream" | "events" | "log-event" | "logs":
+            case "snapshot" | "task-stream" | "events" | "log-event" | "logs" | "profile" \
+                    | "history":
                 reply["result"] = self._observe_request(kind, args)
             case "task-states":
                 keys = args.get("keys") or list(self.s.tasks)
@@ -83,7 +84,7 @@ class Queries:
         obs = self.s.observe
         match kind:
             case "snapshot":
-                return obs.snapshot(self, self.s.now)
+                return obs.snapshot(self.s, self.s.now)
             case "task-stream":
                 out = obs.stream_since(args.get("since"), start=args.get("start"),
                                        stop=args.get("stop"), count=args.get("count"))
@@ -99,6 +100,11 @@ class Queries:
                 return True
             case "logs":
                 return self.s.log_source(args.get("n")) if self.s.log_source else []
+            case "profile":  # {group: [label, count, [children]]}, see worker/profiler.py
+                group = args.get("group")
+                return obs.profile(group if type(group) is str else None)
+            case "history":
+                return obs.history.points()
 
     def _targets(self, role: str) -> list[tuple[bytes, str]]:
         if role == "worker":

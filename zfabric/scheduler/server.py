@@ -329,7 +329,7 @@ class Scheduler(LifeCycle):
                 if self._publish is not None and now >= next_publish:
                     next_publish = now + publish_s
                     try:
-                        self._publish(obs.snapshot(state, now))
+                        self._publish(obs.delta(state, now))
                     except Exception:
                         logger.exception("publishing a snapshot to the dashboard failed")
             gone = self._send(sock, state.flush())

@@ -195,8 +195,7 @@ class SchedulerState:
         self.observe.log_event("scheduler", {"action": kind, "text": text}, self.now)
 
     def observe_new(self, ts: TaskState) -> None:
-        g = ts.group = self.observe.group_of(ts.key)
-        g.counts["new"] += 1
+        self.observe.new_task(ts, self.workers)
 
     # ------------------------------------------------------------------ entry points
 

@@ -40,6 +40,7 @@ from .data import DataPort, waiting
 from .execute import Executor
 from .memory import MemoryManager
 from .plugins import WorkerPlugins
+from .profiler import LogTail, Profiler, heartbeat_extras, io_metrics
 from .spill import SpillStore, worker_directory
 from .state import FETCH_TIMEOUT_S, WorkerCore
 
@@ -187,6 +188,10 @@ class WorkerLoop:
                                  context=self.owner or self)
         self.actors = Actors(self.executor._poke, self.config.INLINE_BYTES,
                              self.identity.decode())
+        self.profiler = Profiler(self.executor.running, self.config.PROFILE_INTERVAL_S,
+                                 str(self.name))
+        self.profiler.start()
+        self.log_tail = LogTail()
         self.port.actors = self.actors
         self.poller = self.port.poller = zmq.Poller()
         for s in (self.sched, self.port.data, self.wake):
@@ -213,6 +218,7 @@ class WorkerLoop:
         self.plugins.teardown_all()
         self.actors.stop()
         self.executor.stop()
+        self.profiler.close()
         self.port.close()
         self.sched.close(linger=self.config.LINGER_MS)
         if self.security is not None:
@@ -299,11 +305,13 @@ class WorkerLoop:
             "spilled_count": len(store.slow),
             "spilled_total": store.counters["spilled"],
             "unspilled_total": store.counters["unspilled"],
+            **io_metrics(self._process),
         }
         running = [(ident, key, start)
                    for ident, (key, start) in list(self.executor.running.items())]
         self.state.wall_offset = time.time() - now
-        self._do(self.state.tick(now, metrics, running))
+        self._do(self.state.tick(now, metrics, running,
+                                heartbeat_extras(self.profiler, self.log_tail)))
         port = self.port
         if port.keyring is not None and port.keyring.refresh():
             port.revoke_peers(now)  # revoked keys lose the data port within a heartbeat

@@ -613,7 +613,7 @@ class WorkerCore:
                 "reason": self.pause_reason}
 
     def tick(self, now: float, metrics: dict | None = None,
-             running: list | None = None) -> list[tuple]:
+             running: list | None = None, extra: dict | None = None) -> list[tuple]:
         """The heartbeat (when ``now`` passed ``next_beat``): send ``metrics``, abandon tasks
         past their task_timeout (``running``: ``(thread id, key, start)``), give up stale
         fetches, confirm placed values, say hello again when told to, and stop when the
@@ -624,6 +624,8 @@ class WorkerCore:
             "fetching": len(self.fetching), **(metrics or {})}}
         if self.transfer_log:
             beat["transfers"], self.transfer_log = self.transfer_log, []
+        if extra:  # profile samples and log lines since the last beat (worker/profiler.py)
+            beat.update(extra)
         self.outbox.append(beat)
         restarting = False
         for ident, key, start in running or ():
