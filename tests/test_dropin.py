@@ -366,3 +366,44 @@ def test_worker_processes_cannot_be_shadowed_by_the_current_directory(tmp_path, 
     cmd = worker_command("tcp://127.0.0.1:1", identity="w", nthreads=1, memory_limit=0,
                          nanny="n", parent_pid=1, ready_fd=3)
     assert cmd[1:4] == ["-P", "-m", "zfabric"]  # the cwd is not on the worker's sys.path
+
+
+def spin(seconds):
+    import time
+
+    end = time.perf_counter() + seconds
+    n = 0
+    while time.perf_counter() < end:
+        n += 1
+    return n
+
+
+@gen_cluster()
+async def test_profile_and_call_stack(c, s, a, b):
+    import asyncio
+    import time
+
+    f = c.submit(spin, 1.5, key="spin-1")
+    deadline = time.monotonic() + 10
+    stacks = {}
+    while not stacks and time.monotonic() < deadline:
+        stacks = await c.call_stack(keys=["spin-1"])
+        await asyncio.sleep(0.05)
+    [(worker, by_key)] = stacks.items()
+    assert "spin" in "".join(by_key["spin-1"])  # the task's own frame, now
+    await f
+    while time.monotonic() < deadline:
+        prof = await c.profile(key="spin")
+        if prof["count"]:
+            break
+        await asyncio.sleep(0.1)
+    assert prof["count"] > 0 and set(prof["children"]) == {"spin"}
+    names = []
+    stack = [prof]
+    while stack:
+        node = stack.pop()
+        names.append(node["description"]["name"])
+        stack.extend(node["children"].values())
+    assert "spin" in names
+    with pytest.raises(ValueError, match="profile per task group"):
+        await c.profile(start=0)

@@ -52,6 +52,7 @@ LAYERS: list[tuple[str, list[str]]] = [
         "zfabric.actor", "zfabric.coordination", "zfabric.progressbar", "zfabric.report",
         "zfabric.joblib_backend", "zfabric.window", "zfabric.topics", "zfabric.metadata",
         "zfabric.inspection", "zfabric.multilock", "zfabric.transitions", "zfabric.span",
+        "zfabric.profiling",
     ]),
     ("task API", ["zfabric.context", "zfabric.task_output"]),
     ("top", [

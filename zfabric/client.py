@@ -52,6 +52,7 @@ from .inspection import Inspection
 from .lifecycle import LoopThread
 from .metadata import Metadata
 from .plugin_requests import PluginRequests
+from .profiling import Profiling
 from .reprs import render_client
 from .security import SecurityError, as_security
 from .session import Session
@@ -183,6 +184,7 @@ class Client:
         self._topics = Topics(self, core)
         self._metadata = Metadata(self)
         self._inspection = Inspection(self, core, self._admin.run_on_workers)
+        self._profiling = Profiling(self, core, self._admin.run_on_workers)
         self._is_default = set_as_default
         if set_as_default:
             current.add_default(self)
@@ -429,6 +431,8 @@ class Client:
     get_events = _ByPart("_diagnostics", Diagnostics.get_events)
     dump_cluster_state = _ByPart("_inspection", Inspection.dump_cluster_state)
     benchmark_hardware = _ByPart("_inspection", Inspection.benchmark_hardware)
+    profile = _ByPart("_profiling", Profiling.profile)
+    call_stack = _ByPart("_profiling", Profiling.call_stack)
     subscribe_topic = _ByPart("_topics", Topics.subscribe_topic)
     unsubscribe_topic = _ByPart("_topics", Topics.unsubscribe_topic)
     forward_logging = _ByPart("_topics", Topics.forward_logging)
