@@ -271,6 +271,21 @@ def test_dask_keys_shown_as_given(client, tmp_path):
     assert {"ones_like", "sum", "sum-aggregate"} & {r["group"] for r in tuples}
 
 
+def test_progress_of_a_persisted_collection_shows_every_group(client, capsys):
+    x = da.random.random((40,), chunks=10).sum()
+    held = client.persist(x)
+    progress(held)
+    out = capsys.readouterr().out
+    lines = out.splitlines()
+    last = max(i for i, line in enumerate(lines) if "Completed" in line)
+    head, *groups = lines[last:]  # the final frame
+    # every task of the graph is counted (not only the one output), group by group
+    assert "100%" in head and "5/5" in head, out
+    names = {line.split()[0] for line in groups}
+    assert "sum-aggregate" in names and any(n.startswith("random_sample") for n in names), out
+    del held
+
+
 def test_released_after_get(client):
     # Given the scheduler's task count before a graph runs
     gc.collect()

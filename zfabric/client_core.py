@@ -100,6 +100,9 @@ class ClientCore:
         #: Called once, with the first tasks submitted (the client starts listening for its
         #: tasks' printed output then); None once called.
         self.on_first_submit: Callable[[], None] | None = None
+        #: wire key of a dask graph's output -> every wire key that graph submitted (one
+        #: frozenset shared by its outputs), so that ``progress`` shows every task group.
+        self.graph_keys: dict[str, frozenset] = {}
 
     # ------------------------------------------------------------------ liveness
 
@@ -219,6 +222,7 @@ class ClientCore:
                 self.refcount[key] = n
                 return
             self.refcount.pop(key, None)
+            self.graph_keys.pop(key, None)
             st = self.states.pop(key, None)
             if st is not None:
                 self.window.drop(st)
@@ -290,6 +294,13 @@ class ClientCore:
             hook()
         for collector in self.key_collectors:
             collector.update(keys)
+
+    def note_graph(self, outputs: Iterable[str], keys: Iterable[str]) -> None:
+        """A dask graph of these wire ``keys`` was submitted for ``outputs`` (lock held)."""
+        every = frozenset(keys)
+        if every:
+            for key in outputs:
+                self.graph_keys[key] = every
 
     def pump(self) -> None:
         """Queue the held tasks that fit in the submit window now (lock held)."""

@@ -314,7 +314,9 @@ def submit_graph(client, graph: dict, annotations: dict, held: dict, want: list,
             if type(op) is Deferred and op.state.key in states:
                 op.state = states[op.state.key]  # a requested key shipped on its own
         core.outbox.extend(ops)
-        core.note_submitted(_submitted_keys(ops))
+        submitted = _submitted_keys(ops)
+        core.note_submitted(submitted)
+        core.note_graph([f._wkey for f in futures.values()], submitted)
         # Keys this client holds Futures for (the requested ones, or earlier ones that the
         # graph shares) stay wanted; the rest were wanted only while the ops went out.
         held_keys = core.refcount
