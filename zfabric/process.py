@@ -27,6 +27,7 @@ import sys
 import threading
 
 from . import logs
+from ._zmq import INSECURE_WARNED_VARIABLE
 
 __all__ = [
     "NannyPipe", "die_with_parent", "is_nanny_worker_argv", "parent_alive", "parse_resources",
@@ -41,6 +42,8 @@ WORKER_ENVIRON = {
     "MKL_NUM_THREADS": "1",
     "OPENBLAS_NUM_THREADS": "1",
     "MALLOC_TRIM_THRESHOLD_": "65536",
+    # the Nanny (or the cluster) warned already when it listens without security
+    INSECURE_WARNED_VARIABLE: "1",
 }
 #: After SIGINT/SIGTERM a process that has not closed within this long exits anyway.
 HARD_EXIT_S = 10.0
