@@ -343,7 +343,7 @@ async def test_an_unpicklable_result_stays_usable_on_its_worker(c, s, a, b):
     # a task on the same worker uses it
     assert await c.submit(sum, gen, workers=[a.address]) == 6
     # where it must travel (another worker, the client), the error names the key and why
-    with pytest.raises(SerializationError, match="'gen-1' cannot be pickled.*generator"):
+    with pytest.raises(SerializationError, match=r"'gen-1' cannot be pickled.*generator"):
         await c.submit(sum, gen, workers=[b.address], allow_other_workers=False)
     with pytest.raises(SerializationError, match="gen-1"):
         await gen
@@ -389,7 +389,7 @@ async def test_profile_and_call_stack(c, s, a, b):
     while not stacks and time.monotonic() < deadline:
         stacks = await c.call_stack(keys=["spin-1"])
         await asyncio.sleep(0.05)
-    [(worker, by_key)] = stacks.items()
+    [(_worker, by_key)] = stacks.items()
     assert "spin" in "".join(by_key["spin-1"])  # the task's own frame, now
     await f
     while time.monotonic() < deadline:
