@@ -38,12 +38,30 @@ def summarize(a, b):
     return float(a.sum() + b.sum())
 
 
+def parse(n):
+    return [str(i) for i in range(n)]
+
+
+def checksum(items):
+    return sum(len(x) for x in items)
+
+
+def transform(n):
+    return checksum(parse(n)) + sum(i * i for i in range(n))
+
+
 def spin_in_known_function(seconds):
     end = time.perf_counter() + seconds
     n = 0
     while time.perf_counter() < end:
-        n += sum(range(200))
+        n += transform(300) + checksum(parse(100))
     return n
+
+
+def warn_in_worker():
+    import logging
+
+    logging.getLogger("zfabric.example").warning("a warning logged in a task on this worker")
 
 
 def browser():
@@ -88,6 +106,7 @@ def main() -> None:
         try:
             time.sleep(2)
             worker = next(iter(client.scheduler_info()["workers"]))
+            client.run(warn_in_worker, workers=[worker])
             for page in PAGES:
                 url = f"{base}/{page}"
                 if page == "worker":

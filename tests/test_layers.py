@@ -47,7 +47,7 @@ LAYERS: list[tuple[str, list[str]]] = [
     ("client", [
         "zfabric.client", "zfabric.client_core", "zfabric.cluster_admin",
         "zfabric.plugin_requests", "zfabric.futures", "zfabric.session", "zfabric.submission",
-        "zfabric.values", "zfabric.datasets",
+        "zfabric.values", "zfabric.replay", "zfabric.datasets",
         "zfabric.diagnostics", "zfabric.dask", "zfabric.dask_*", "zfabric.executor",
         "zfabric.actor", "zfabric.coordination", "zfabric.progressbar", "zfabric.report",
         "zfabric.joblib_backend", "zfabric.window", "zfabric.topics", "zfabric.metadata",

@@ -25,6 +25,7 @@ from zfabric.worker.actions import (
     FETCH,
     FORGET,
     KEEP,
+    REJOIN,
     REPLACE_THREAD,
     STOP,
     STORE,
@@ -476,8 +477,8 @@ def test_a_silent_scheduler_stops_the_worker_after_the_death_timeout():
     assert core.tick(15.5) == [(STOP, "scheduler unreachable", None)]
 
 
-def test_a_new_scheduler_makes_the_worker_forget_everything_and_register_again():
-    core = given()
+def test_a_new_scheduler_without_recovery_makes_the_worker_forget_everything():
+    core = given(keep_on_rejoin=False)
     core.handle([{"op": "compute", "tasks": [compute("x"), compute("y", who_has={"d": [A2]}),
                                              compute("h")]}], 1.0)
     core.pump(1.0)
@@ -493,6 +494,36 @@ def test_a_new_scheduler_makes_the_worker_forget_everything_and_register_again()
     # and the result of the old run is not reported to the new scheduler
     assert core.done([ok("x")]) == [(UNCANCEL, "x")]
     assert core.flush() == [{"op": "thread-free", "keys": ["x"]}]
+
+
+def test_a_new_scheduler_incarnation_finds_the_values_kept_and_the_runs_going_on():
+    core = given()
+    core.handle([{"op": "compute", "tasks": [compute("x"), compute("y", who_has={"d": [A2]}),
+                                             compute("h"), compute("q")]}], 1.0)
+    acts = core.pump(1.0)
+    assert [a[1] for a in acts if a[0] == EXECUTE] == ["x", "h", "q"]
+    core.done([ok("h")])
+    core.flush()
+    core.handle([{"op": "compute", "tasks": [compute("z")]}], 1.5)  # queued, not started
+    # When a new scheduler incarnation asks it to register again
+    acts = core.handle([{"op": "reregister", "reason": "unknown peer"}], 2.0)
+    # Then it keeps its own value and what runs, drops the rest, reports both after its hello
+    assert acts == [(REJOIN, ["h"], ["x", "q"], "e1")]
+    assert core.flush() == [HELLO]
+    assert core.epoch is None and core.held == {"h"} and not core.waiting
+    assert not core.fetching and not core.ready and not core.cancelled
+    # and a second refusal at once (another message of the outage) says nothing more
+    assert core.handle([{"op": "reregister", "reason": "unknown peer"}], 2.1) == []
+    assert core.flush() == []
+    # When the new one welcomes it, a run that goes on finishes and is reported as usual
+    assert core.handle([welcome(epoch="e2")], 2.2) == []
+    assert core.done([ok("x")]) == [(KEEP, ok("x"))]
+    assert core.flush() == [{"op": "finished", "tasks": [
+        ["x", 10, b"h-x", 0.5, 100.0, 100.5, 0]]}]
+    # and a compute for a task that still runs here does not run it a second time
+    core.handle([{"op": "compute", "tasks": [compute("q")]}], 2.3)
+    assert core.pump(2.3) == []
+    assert core.held == {"h", "x"}
 
 
 def test_a_refusal_that_says_retry_says_hello_again_later():

@@ -52,6 +52,18 @@ class Config:
     CONNECT_TIMEOUT_S: float = 10.0
     #: Pending futures fail with SchedulerLost after the scheduler is silent this long.
     SCHEDULER_LOST_TIMEOUT_S: float = 10.0
+    #: A scheduler that comes back at the same address rebuilds its state from its peers
+    #: (docs/faults.md, "The scheduler restarts"): workers keep what they hold while it is
+    #: away and report it; clients send again what they still wait for. Off: workers drop
+    #: what they held and a client's pending futures fail with SchedulerLost.
+    SCHEDULER_RECOVERY: bool = True
+    #: A restarted scheduler applies its clients' ops only this long after the first peer
+    #: rejoined, so that the workers can report what they hold first (and nothing they hold
+    #: runs again): longer than the peers' reconnection backoff (at most 2 s) takes.
+    RESTART_SETTLE_S: float = 3.0
+    #: Values workers reported to a restarted scheduler that no client claims within this
+    #: long (by submitting or wanting their keys) are freed.
+    RESTART_GRACE_S: float = 60.0
     #: Workers and nannies keep trying to reach a lost scheduler this long before giving up.
     RECONNECT_TIMEOUT_S: float = 300.0
     #: Cap on the backoff between reconnection attempts.

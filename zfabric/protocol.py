@@ -81,6 +81,8 @@ SCHEMAS: dict[str, dict[str, tuple[type, ...]]] = {
     "acquired": {"keys": _L},  # ... now held; optional "failed": keys it could not get
     "close": {},
     "worker-keys": {"keys": _D},  # data address -> its port's public key (also -> client)
+    # what a worker holds and runs, told a new scheduler incarnation after its hello
+    "holding": {"items": _L, "running": _L},
     # nanny <-> scheduler
     "worker-died": {"worker": _S, "reason": _S},
     "restart": {"id": _I},
@@ -353,6 +355,14 @@ def _request(op: dict) -> None:
         raise _bad("events request topic", topic)
 
 
+def _holding(op: dict) -> None:
+    for t in op["items"]:
+        if (type(t) is not list or len(t) != 2 or type(t[0]) is not str
+                or type(t[1]) is not int or t[1] < 0):
+            raise _bad("holding item", t)
+    _strings(op, "running")
+
+
 def _heartbeat(op: dict) -> None:
     _optional_strings("workers")(op)  # a Nanny's: the workers it vouches for
 
@@ -373,6 +383,7 @@ ITEMS: dict[str, Callable[[dict], None]] = {
     "acquired": _acquired,
     "heartbeat": _heartbeat,
     "request": _request,
+    "holding": _holding,
 }
 
 

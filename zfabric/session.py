@@ -6,8 +6,12 @@ door (:func:`zfabric.transfer.dispatch`) and applied by :meth:`Session.on_op`. W
 queued in the core (``ClientCore.send``) and leaves once per loop turn (:meth:`Session.flush`),
 in order, through the :class:`~zfabric.link.Link`; ops that must wait for I/O first (large
 arguments shipped to a worker) hold everything behind them in a backlog that one writer task
-sends. Heartbeats both ways tell each side the other is there; a silent or refusing scheduler
-fails every pending future with :class:`SchedulerLost`.
+sends. Heartbeats both ways tell each side the other is there; a scheduler silent for
+``SCHEDULER_LOST_TIMEOUT_S`` fails every pending future with :class:`SchedulerLost`. A new
+scheduler incarnation at the address before that (it answers ``reregister``) is *rejoined*
+(:meth:`Session.rejoin`): the client says hello again, holds its outbox until the welcome,
+then sends what the :class:`~zfabric.replay.Replay` recorded (the work it still waits for)
+ahead of it; requests that waited on the old one fail with SchedulerLost.
 """
 
 from __future__ import annotations
@@ -29,6 +33,7 @@ from .errors import CommTimeoutError, RemoteProtocolError, SchedulerLost
 from .futures import FutureState
 from .keys import from_wire, readable
 from .link import Link
+from .replay import Replay
 from .security import KeyRevoked, Security
 from .transfer import DataPool, dispatch
 
@@ -69,6 +74,13 @@ class Session:
         self.lost_reported = False
         self.gone_holders: set[str] = set()  # data addresses whose values were lost
         self.welcome: asyncio.Future | None = None
+        #: What a new scheduler incarnation must hear again (None: SCHEDULER_RECOVERY off).
+        self.replay: Replay | None = Replay() if self.config.SCHEDULER_RECOVERY else None
+        self.rejoining = False  # said hello to a new incarnation; the outbox waits
+        #: key -> the holders the old incarnation named, of finished large values that wait
+        #: for the new one to say where they are (or to compute them again)
+        self.rechecked: dict[str, list] = {}
+        self.rejoined_at = 0.0
         core.wake = self.wake
 
     # ------------------------------------------------------------------ open and close
@@ -140,6 +152,8 @@ class Session:
                     st = states.get(key)
                     if st is not None:
                         window.done(st)
+                    if self.rechecked:
+                        self.holders_rechecked(key, who_has)
                     # not an error: one failed with SchedulerLost stays failed even if the
                     # submit it came from, queued in the outage, reaches a new scheduler
                     if st is not None and st.status != "error":
@@ -175,6 +189,8 @@ class Session:
             case "reply":
                 core.answer(op["id"], op)
             case "welcome":
+                if self.rejoining:
+                    self.rejoined(op)
                 core.epoch = op["epoch"]
                 if self.security is not None:  # the data ports' keys, as the scheduler knows
                     self.security.learn_worker_keys(op.get("worker_keys"))
@@ -189,9 +205,16 @@ class Session:
                 if self.security is not None:
                     self.security.learn_worker_keys(op["keys"])
             case "reregister":
-                self.scheduler_lost(f"the scheduler at {core.address} went away"
-                                    f" ({op['reason']})")
-                core.send(protocol.hello("client", self.name, **self.hello))
+                if self.rejoining and time.monotonic() - self.rejoined_at < 1.0:
+                    pass  # one answer per message queued in the outage: hello sent already
+                elif self.replay is not None and op.get("closed") is not True and (
+                        core.epoch is not None or self.rejoining):
+                    self.rejoin(f"the scheduler at {core.address} was replaced"
+                                f" ({op['reason']})")
+                else:
+                    self.scheduler_lost(f"the scheduler at {core.address} went away"
+                                        f" ({op['reason']})")
+                    core.send(protocol.hello("client", self.name, **self.hello))
             case "error":
                 message = readable(op["message"])
                 logger.error("scheduler: %s", message)
@@ -215,6 +238,59 @@ class Session:
             core.pump()  # results made room: held tasks go, highest priority first
             core.send()
 
+    def rejoin(self, why: str) -> None:
+        """A new scheduler incarnation answers at the address: say hello again (with the
+        epoch of the old one) and hold the outbox until its welcome (:meth:`rejoined`).
+        Requests that waited for the old one's answer fail: it is lost with it."""
+        core = self.core
+        logger.warning("%s; registering again and sending it the work still pending", why)
+        old = core.epoch
+        core.epoch = None
+        self.rejoining = True
+        self.rejoined_at = time.monotonic()
+        core.fail_requests(lambda: SchedulerLost(
+            f"{why} while this request waited for its answer; make it again"))
+        self.send_now([protocol.hello("client", self.name, **self.hello, rejoin=True,
+                                      epoch=old)])
+
+    def rejoined(self, welcome: dict) -> None:
+        """The new incarnation welcomed us: send what it must know again, then the outbox."""
+        core = self.core
+        assert self.replay is not None
+        self.rejoining = False
+        with core.lock:
+            queued: set[str] = set()
+            for op in core.outbox:
+                if type(op) is dict and op["op"] in ("submit", "scatter"):
+                    queued.update(t[0] for t in op.get("tasks") or op.get("items") or ())
+            ops = self.replay.ops(core.states, queued, self.config.SUBMIT_BATCH,
+                                  self.config.SCHEDULER_FRAME_BYTES // 4)
+            # Large values held on workers: pending until the new one says where they are
+            # (a holder may have died with the old one; the value is computed again then).
+            for key, st in core.states.items():
+                if st.status == "finished" and st.value is None and st.who_has:
+                    self.rechecked[key] = st.who_has
+                    st.reset()
+        ntasks = sum(len(op["tasks"]) for op in ops if op["op"] == "submit")
+        logger.warning("the new scheduler at %s (epoch %s) welcomed us: sending %d pending"
+                       " tasks again", core.address, protocol.short(welcome["epoch"], 40),
+                       ntasks)
+        if self.link is not None:
+            send = self.link.send
+            for batch in _batches(ops, self.config.SUBMIT_BATCH,
+                                  self.config.SCHEDULER_FRAME_BYTES // 4):
+                send(protocol.encode(batch))
+        core.send()  # what waited in the outbox
+
+    def holders_rechecked(self, key: str, who_has: list | None) -> None:
+        """The new incarnation named the holders of a value the old one had: fetches in
+        flight to holders it no longer names fail now (they may be gone)."""
+        old = self.rechecked.pop(key, None)
+        for address in old or ():
+            if address not in (who_has or ()):
+                self.gone_holders.add(address)
+                self.data.drop(address)
+
     def drop_fetches(self, st: FutureState) -> None:
         """The holders of a value that was lost: a fetch in flight to them would wait out the
         data pool's timeout, so fail it now and let the waiter look at the new state."""
@@ -232,6 +308,10 @@ class Session:
         if not self.lost_reported:
             logger.warning("%s", why)
         self.lost_reported = True
+        self.rejoining = False
+        self.rechecked.clear()
+        if self.replay is not None:
+            self.replay.clear()
         self.core.fail_pending(
             lambda: SchedulerLost(f"{why}; resubmit the work once it is back"),
             lambda: SchedulerLost(why))
@@ -251,6 +331,8 @@ class Session:
             core.ended = SchedulerLost(f"{where}: {message}; make a new Client")
         logger.error("%s", core.ended)
         self.lost_reported = True
+        if self.replay is not None:
+            self.replay.clear()
         core.fail_pending(core.session_error, core.session_error)
 
     # ------------------------------------------------------------------ ops out
@@ -273,6 +355,10 @@ class Session:
 
     def flush(self) -> None:
         """Send what is queued, now, in one message per batch (on the loop thread)."""
+        if self.rejoining:  # until the new incarnation's welcome (see rejoin)
+            with self.core.lock:
+                self.core._flush_pending = False
+            return
         ops = self.core.take_outbox()
         if not ops or self.core.status == "closed" or self.link is None:
             return
@@ -282,6 +368,8 @@ class Session:
             if self.writer is None:
                 self.writer = asyncio.ensure_future(self._write_backlog())
             return
+        if self.replay is not None:
+            self.replay.sent(ops, self.core.states)
         most = self.config.SCHEDULER_FRAME_BYTES // 4
         send = self.link.send
         for batch in _batches(ops, self.config.SUBMIT_BATCH, most):
@@ -306,6 +394,7 @@ class Session:
                     if type(item) is not Deferred:
                         ready.append(item)
                         continue
+                    self._record(ready)
                     for batch in _batches(ready, self.config.SUBMIT_BATCH, most):
                         send(protocol.encode(batch))
                     ready = []
@@ -315,10 +404,16 @@ class Session:
                         with core.lock:
                             core.window.done(item.state)
                             item.state.fail(None, exc)
+                self._record(ready)
                 for batch in _batches(ready, self.config.SUBMIT_BATCH, most):
                     send(protocol.encode(batch))
         finally:
             self.writer = None
+
+    def _record(self, batch: list[dict]) -> None:
+        if self.replay is not None:
+            with self.core.lock:
+                self.replay.sent(batch, self.core.states)
 
     async def _heartbeat(self) -> None:
         core = self.core

@@ -128,6 +128,9 @@ class ClientOps:
                 dep_states = [dts for dts in dep_states if dts not in old]
             for dts in dep_states:
                 dts.add_dependent(ts)
+            rec = self.s.recovery
+            if (rec.orphans or rec.running) and rec.claim(ts):
+                continue  # a worker kept its result, or runs it, across a restart
             self.s.start(ts)
 
     def _want(self, cs: ClientState, ts: TaskState) -> None:
@@ -146,6 +149,8 @@ class ClientOps:
 
     def want_key(self, cs: ClientState, key: str) -> None:
         ts = self.s.tasks.get(key)
+        if ts is None and self.s.recovery.orphans:
+            ts = self.s.recovery.wanted(cs, key)
         if ts is None:
             self.s.send(cs.ident, {"op": "cancelled", "keys": [key]})
             return
@@ -238,6 +243,9 @@ class ClientOps:
                     " another key")
             known = self.s.workers_by_address
             holders = [known[a] for a in addresses if a in known]
+            if self.s.recovery.orphans:  # sent again after a restart: its holders reported it
+                holders.extend(w for w in self.s.recovery.orphans.pop(key, ())
+                               if w.ident in self.s.workers and w not in holders)
             if ts is None:
                 ts = TaskState(key, None)
                 self.s.tasks[key] = ts

@@ -33,8 +33,8 @@ DURATION_BUCKETS_S = (0.0001, 0.001, 0.01, 0.1, 1.0, 10.0, 60.0)
 #: Task-stream entries a snapshot carries (the newest), for the page's task stream.
 SNAPSHOT_STREAM = 1000
 #: Profiles a whole snapshot carries (the most sampled groups), and nodes of each.
-SNAPSHOT_PROFILES = 20
-SNAPSHOT_PROFILE_NODES = 300
+SNAPSHOT_PROFILES = 10
+SNAPSHOT_PROFILE_NODES = 200
 #: Log lines kept per worker, and workers whose lines are kept.
 WORKER_LOG_LINES = 100
 MAX_LOGGED_WORKERS = 2000

@@ -117,6 +117,9 @@ class PeerOps:
         elif role == "client":
             cs = ClientState(peer, name=safe_name(op["id"]), now=self.s.now)
             self.s.clients[peer] = cs
+            if op.get("rejoin") is True and op.get("epoch") != self.s.epoch:
+                # it lost its scheduler (the old incarnation) and sends its work again
+                self.s.recovery.rejoined("client")
             if type(op.get("worker")) is str:  # the client of a worker's tasks
                 self.s.coord.client_worker[peer] = op["worker"]
             self.s.send(peer, welcome)
@@ -249,6 +252,9 @@ class PeerOps:
                 self.worker_status(ws, op["status"], op["reason"])
             case "missing":
                 self.s.exits.missing(ws, op["key"], op["dep"], op["address"])
+            case "holding":  # what it kept across a restart of the scheduler
+                self.s.recovery.holding(ws, op["items"], op["running"], op.get("epoch"))
+                self.s.fill(ws)
             case "acquired":
                 self.s.retirement.acquired(ws, op["keys"], op.get("failed") or [])
             case "run-result":
@@ -299,7 +305,10 @@ class PeerOps:
         ts = s.tasks.get(key)
         if ts is None or ts.state != "processing" or ts.processing_on is not ws:
             # Not its task (now): it does not become a holder, whatever it says; a worker
-            # that finished a task taken from it frees its copy.
+            # that finished a task taken from it frees its copy. (After a restart, a task
+            # that ran across it: see .recovery.)
+            if s.recovery.grace_until and s.recovery.finished(ws, item):
+                return
             if ts is None or not ts.held_by(ws):
                 s.batch(ws.ident, "free", key)
             return

@@ -499,7 +499,8 @@ class Scheduler(LifeCycle):
         After a shutdown request (``client.shutdown()``) workers and nannies close, as in
         dask.distributed; otherwise they keep trying to reach a scheduler at this address.
         """
-        again = protocol.encode([{"op": "reregister", "reason": "scheduler closed"}])[0]
+        again = protocol.encode([{"op": "reregister", "reason": "scheduler closed",
+                                  "closed": True}])[0]  # (not a restart: clients fail now)
         close = protocol.encode([{"op": "close", "reason": "scheduler shut down"}])[0]
         servers = [*self.state.workers, *self.state.nannies]
         for peer in [*servers, *self.state.clients]:

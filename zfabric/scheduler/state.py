@@ -30,7 +30,8 @@ to requests), :mod:`.client_ops` (``keys``: submit, release, cancel, scatter, th
 state holds), :mod:`.worker_loss` (``exits``: a worker leaves or dies), :mod:`.retire`
 (``retirement``: retiring workers, replicas), :mod:`.roles` (``roles``: who may do what),
 :mod:`.shared_state` (``coord``: locks, queues, variables...), :mod:`.plugin_registry`
-(``plugin_registry``: worker and nanny plugins). The parts that need the whole state get it
+(``plugin_registry``: worker and nanny plugins), :mod:`.recovery` (``recovery``: a restarted
+scheduler rebuilt from its peers). The parts that need the whole state get it
 (``s``); the others get only what they use (callables, the outbox, the fan-out). Pure helpers:
 :mod:`.policy` (where a task runs, whom to blame), :mod:`.records`, :mod:`.queue`,
 :mod:`.outbox`, :mod:`.requests`, :mod:`.observe`.
@@ -57,6 +58,7 @@ from .plugin_registry import PluginRegistry
 from .queries import Queries
 from .queue import ReadyQueue, RestrictedQueue
 from .records import FIRE_AND_FORGET, HELD, ClientState, NannyState, TaskState, WorkerState
+from .recovery import Recovery
 from .requests import FanOut
 from .retire import Retirement
 from .roles import Roles
@@ -68,8 +70,8 @@ logger = logging.getLogger(__name__)
 #: Allowed task-state moves.
 TRANSITIONS: dict[str, frozenset[str]] = {
     "new": frozenset({"waiting", "queued", "processing", "memory", "erred"}),
-    "waiting": frozenset({"queued", "processing", "erred", "released"}),
-    "queued": frozenset({"processing", "erred", "released"}),
+    "waiting": frozenset({"queued", "processing", "erred", "released", "memory"}),
+    "queued": frozenset({"processing", "erred", "released", "memory"}),
     "processing": frozenset({"memory", "erred", "queued", "processing", "released"}),
     "memory": frozenset({"released", "waiting", "queued", "processing", "erred"}),
     "released": frozenset({"waiting", "queued", "processing", "erred", "memory"}),
@@ -148,6 +150,7 @@ class SchedulerState:
         self.coord = Coordination(self.send, self.keys.hold, self.keys.unhold,
                                   self.keys.client_seen, self.keys.give)
         self.liveness = Liveness(config, self.send)  # heartbeat interval, time-to-live
+        self.recovery = Recovery(self)  # a restart: what the peers of the old one report
 
     def peers_changed(self, joining: int = 0) -> None:
         """Workers, nannies or clients came or went (``joining``: about to): the heartbeat
@@ -220,6 +223,8 @@ class SchedulerState:
         cs = self.clients.get(peer)
         if cs is not None:
             cs.last_seen = now
+            if self.recovery.settle_until and self.recovery.defer(peer, ops):
+                return  # a restart settles: the workers report first (see .recovery)
             for op in ops:
                 if self.clients.get(peer) is not cs:
                     return
@@ -299,6 +304,8 @@ class SchedulerState:
         for ns in [n for n in self.nannies.values() if n.last_seen < silent]:
             self.queries.drop_nanny(ns.ident)
         self.coord.tick(now)
+        if self.recovery.grace_until:
+            self.recovery.tick(now)
         if self.moves or self.jobs:
             self.retirement.moves_tick()
 

@@ -67,6 +67,8 @@ class WorkerLoss:
         if self.s.workers.pop(ws.ident, None) is None:
             return
         self.s.candidates.remove(ws)
+        if self.s.recovery.grace_until:
+            self.s.recovery.forget_worker(ws)
         self.s.peers_changed()
         self.s.fan_out.peer_left(ws.ident)
         if self.s.workers_by_address.get(ws.address) is ws:

@@ -45,5 +45,8 @@ WELCOMED = "welcomed"
 REFUSED = "refused"
 #: (FORGET,): a new scheduler: forget every value, every queued message
 FORGET = "forget"
+#: (REJOIN, keys held, keys running, the old epoch): a new scheduler incarnation: keep the
+#: values, drop what was meant for the old one, queue a ``holding`` report (with sizes)
+REJOIN = "rejoin"
 #: (STOP, reason, exit code or None): close the worker
 STOP = "stop"

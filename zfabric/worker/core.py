@@ -87,7 +87,8 @@ class WorkerLoop:
         self.state = WorkerCore(
             name=str(name or ""), nanny=bool(nanny), inline_bytes=config.INLINE_BYTES,
             heartbeat_s=config.HEARTBEAT_INTERVAL_S, death_timeout_s=death_timeout_s,
-            put_data_confirm_s=config.PUT_DATA_CONFIRM_S, now=now)
+            put_data_confirm_s=config.PUT_DATA_CONFIRM_S, now=now,
+            keep_on_rejoin=config.SCHEDULER_RECOVERY)
         # values: by key in the store (least recently used ones spill to this process's local
         # directory), their pickles where kept, and those kept pickled (task arguments)
         self.serialized: dict[str, tuple[bytes, list, int]] = {}
@@ -433,6 +434,12 @@ class WorkerLoop:
             self.store.clear()
             self.serialized.clear()
             self.raw_keys.clear()
+        elif kind == A.REJOIN:
+            # what was meant for the old scheduler must not reach the new one; what it needs
+            # to know is in the report, after the hello
+            self.backlog.clear()
+            self.state.send({"op": "holding", "items": self._sizes(act[1]),
+                             "running": act[2], "epoch": act[3]})
         elif kind == A.REPLACE_THREAD:
             self.executor.replace_thread(act[1])
         elif kind == A.STOP:
@@ -441,6 +448,20 @@ class WorkerLoop:
                 self.exit_code = act[2]
         else:
             raise AssertionError(f"unknown worker action {kind!r}")
+
+    def _sizes(self, keys: list[str]) -> list[list]:
+        """``[key, size in bytes]`` of each stored key (in memory or spilled)."""
+        store = self.store
+        out = []
+        for key in keys:
+            size = store.weights.get(key)
+            if size is None:
+                where = store.slow.get(key)
+                if where is None:
+                    continue
+                size = where.nbytes
+            out.append([key, int(size)])
+        return out
 
     def _execute(self, key: str, payload: bytes, options: dict | None, fid: str | None,
                  borrowed: list[str] | None) -> None:

@@ -174,13 +174,13 @@ class LogTail:
 
     def __init__(self) -> None:
         self.buffer = logs.install()
-        self._last = None  # the newest record handed over (records are new tuples each)
+        self._last: tuple | None = None  # the newest record handed over (a new tuple each)
 
     def take(self) -> list | None:
         records = self.buffer.records
         if not records or records[-1] is self._last:
             return None
-        new = []
+        new: list[list] = []
         for record in reversed(records):
             if record is self._last or len(new) >= LOG_LINES:
                 break

@@ -24,11 +24,15 @@ confirmed by the scheduler (``unconfirmed``), fetched to keep (``acquiring``: re
 retirement). Fetches wait in a queue per peer and leave at :meth:`pump` as the fetch plan
 (:class:`~zfabric.worker.fetches.Fetches`) allows, none while paused; one unanswered for
 ``FETCH_TIMEOUT_S`` is given up and its tasks are reported ``missing``. A scheduler silent for
-``death_timeout_s`` stops the worker; one that asks it to register again (``reregister``,
-after a restart) makes it forget everything it held. Memory thresholds are applied by the
-shell's :class:`~zfabric.worker.memory.MemoryManager` (it picks what to spill and writes it);
-its verdict comes in through :meth:`memory`, and the core decides what a pause means: the
-scheduler is told, no fetch leaves.
+``death_timeout_s`` stops the worker. One that asks it to register again (``reregister``: a
+new incarnation at the same address) is rejoined (:meth:`WorkerCore._rejoin`): the worker keeps
+the values it holds as its own and the tasks that run, drops tasks not started and borrowed
+copies, says hello again and reports what it holds and runs (``holding``), so that the new
+scheduler runs nothing again that it already has; results of the tasks that ran on are sent
+as usual once they end. With ``keep_on_rejoin`` False it forgets everything instead. Memory
+thresholds are applied by the shell's :class:`~zfabric.worker.memory.MemoryManager` (it picks
+what to spill and writes it); its verdict comes in through :meth:`memory`, and the core
+decides what a pause means: the scheduler is told, no fetch leaves.
 
 The heartbeat interval is the scheduler's: the ``heartbeat_s`` of its welcome, changed later by
 a ``heartbeat-interval`` op (:func:`heartbeat_seconds` drops a value that is not a finite
@@ -61,6 +65,7 @@ from .actions import (
     LOAD_FUNCTIONS,
     PLUGIN,
     REFUSED,
+    REJOIN,
     REPLACE_THREAD,
     RUN,
     STOP,
@@ -94,7 +99,7 @@ class WorkerCore:
 
     def __init__(self, *, name: str = "worker", address: str = "", nanny: bool = False,
                  inline_bytes: int, heartbeat_s: float, death_timeout_s: float,
-                 put_data_confirm_s: float, now: float = 0.0):
+                 put_data_confirm_s: float, now: float = 0.0, keep_on_rejoin: bool = True):
         self.name = name
         self.address = address
         self.nanny = nanny  # a task past its task_timeout restarts the process
@@ -102,6 +107,8 @@ class WorkerCore:
         self.heartbeat_s = heartbeat_s
         self.death_timeout_s = death_timeout_s
         self.put_data_confirm_s = put_data_confirm_s
+        self.keep_on_rejoin = keep_on_rejoin
+        self.rejoined_at: float | None = None  # when it last said hello to a new incarnation
         self.hello_op: dict | None = None  # set by the shell once it knows its address
         self.hear_transitions = False  # a plugin hears task transitions
         self.wall_offset = 0.0  # time.time() - now, for the task stream's wall-clock times
@@ -223,7 +230,7 @@ class WorkerCore:
             case "reply":
                 self._on_confirmed(op)
             case "welcome":
-                first = self.epoch is None
+                first = self.rejoined_at is None and self.epoch is None  # not a new one's
                 self.epoch = op["epoch"]
                 self._set_heartbeat(op.get("heartbeat_s"), now)
                 if op.get("worker_keys") is not None:
@@ -235,8 +242,15 @@ class WorkerCore:
             case "worker-keys":
                 self._acts.append((WORKER_KEYS, op["keys"]))
             case "reregister":
+                if (self.rejoined_at is not None and self.epoch is None
+                        and now - self.rejoined_at < self.heartbeat_s):
+                    return  # one answer per message queued in the outage: hello sent already
                 logger.info("worker %s registers again: %s", self.name, op["reason"])
-                self._forget_everything()
+                self.rejoined_at = now
+                if self.keep_on_rejoin:
+                    self._rejoin()
+                else:
+                    self._forget_everything()
                 self.hello()
             case "run":
                 self._acts.append((RUN, op["id"], op["payload"]))
@@ -271,6 +285,28 @@ class WorkerCore:
             self.heartbeat_s = seconds
             self.next_beat = min(self.next_beat, now + seconds)
 
+    def _rejoin(self) -> None:
+        """A new scheduler incarnation: keep this worker's own values and its running tasks
+        (their results go out as usual), drop everything the old scheduler asked that has not
+        started, and queue :data:`REJOIN` for the shell, which reports the keys and their
+        sizes after the hello (``holding``)."""
+        old, self.epoch = self.epoch, None
+        self.confirming = None
+        for key in list(self.waiting):
+            self._release(key)
+        for key, *_ in self.ready:
+            self._release(key)
+        self.waiting.clear()
+        self.fetching.clear()
+        self.acquiring.clear()
+        self.fetches.clear_queue()
+        self.ready.clear()
+        for key in list(self.unconfirmed):  # the client that placed them tells the new one
+            self.unconfirmed[key] = self.last_heard
+        running = [k for k in self.executing if k not in self.cancelled]
+        own = [k for k in self.held if k not in self.borrowed]
+        self._acts.append((REJOIN, own, running, old))
+
     def _forget_everything(self) -> None:
         self.epoch = None
         self.held.clear()
@@ -294,6 +330,8 @@ class WorkerCore:
     # ------------------------------------------------------------------ tasks
 
     def _compute(self, key, payload, inline, who_has, options, fid=None) -> None:
+        if key in self.executing and key not in self.cancelled:
+            return  # it runs here already (kept across a scheduler restart): it reports
         if key in self.cancelled:
             self.cancelled.discard(key)
             # A run of this key freed earlier must not make the executor skip this one.
