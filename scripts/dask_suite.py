@@ -85,7 +85,7 @@ def run(which: str, targets: list[str], extra: list[str], timeout_s: float) -> t
     env = dict(os.environ, **{SCHEDULER_VARIABLE: which})
     here = str(Path(__file__).resolve().parent)
     env["PYTHONPATH"] = os.pathsep.join(p for p in (here, env.get("PYTHONPATH")) if p)
-    cmd = [sys.executable, "-m", "pytest", "-p", "dask_suite", "-q", "-rfE", "-p",
+    cmd = [sys.executable, "-m", "pytest", "-p", "dask_suite", "-q", "-rfE", "--tb=short", "-p",
            "no:cacheprovider", "--timeout", "120", *_paths(targets), *extra]
     start = time.monotonic()
     try:
