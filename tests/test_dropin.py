@@ -407,3 +407,15 @@ async def test_profile_and_call_stack(c, s, a, b):
     assert "spin" in names
     with pytest.raises(ValueError, match="profile per task group"):
         await c.profile(start=0)
+
+
+async def test_a_fresh_worker_logs_what_an_operator_needs(caplog):
+    import logging
+
+    from zfabric import Scheduler, Worker
+
+    caplog.set_level(logging.INFO, logger="zfabric.worker")
+    async with Scheduler(dashboard=False) as s, Worker(s.address, nthreads=1, name="w1") as w:
+        lines = [r.getMessage() for r in caplog.records if r.name == "zfabric.worker"]
+        assert any(w.address in m and s.address in m for m in lines), lines
+        assert any("1 thread," in m and "memory" in m and "directory" in m for m in lines)
