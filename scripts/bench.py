@@ -95,6 +95,8 @@ How to run
     python scripts/bench.py --quick --impl zfabric   # CI smoke test, < 1 minute
     python scripts/bench.py --only rtt_p50_ms,echo_mb_per_s --repeat 5
     python scripts/bench.py --json bench.json     # raw numbers and medians
+    python scripts/bench.py --impl both --only move --repeat 3     # data-moving collections
+    python scripts/bench.py --impl both --curve --tls --only echo_tcp_mb_per_s --repeat 3
 
 ``--quick`` uses small sizes (2,000 no-ops, 1,024 leaves, 10 MiB echo, 10,000
 pending / 2,000 done tasks for zfabric), one repetition and 30 s timeouts.  It
@@ -109,7 +111,7 @@ Layout
 ------
 This file is the runner (command line, then the table). The rows live in
 ``scripts/benchmarks/``, one module per family (roundtrip, actors, tasks, data, startup,
-memory, dask_collections, spill), with one shared run loop in ``benchmarks/runner.py``
+memory, dask_collections, data_moving, spill), with one shared run loop in ``benchmarks/runner.py``
 (a child process per row, repetitions, medians, the side-by-side table and the JSON).
 """
 
@@ -169,6 +171,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         " keygen` in a temporary directory), in a column of its own",
     )
     parser.add_argument(
+        "--tls",
+        action="store_true",
+        help="also run dask.distributed with TLS on every connection (temporary"
+        " certificates), in a column of its own (for the echo rows)",
+    )
+    parser.add_argument(
         "--dashboard-cost",
         type=int,
         default=0,
@@ -221,6 +229,8 @@ def main(argv: list[str] | None = None) -> int:
         notes.append("--quick skips dask.distributed unless --impl dask is given (40-50 s alone)")
     if args.curve and IMPLS["zfabric-curve"] not in impls:
         impls.insert(1, IMPLS["zfabric-curve"])
+    if args.tls:
+        impls.append(IMPLS["dask-tls"])
 
     started = time.monotonic()
     interrupted = False

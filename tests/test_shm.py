@@ -133,6 +133,41 @@ def test_pack_and_unpack_values_through_a_lease():
     np.testing.assert_array_equal(np.frombuffer(bufs[0], dtype="f8"), big)
 
 
+def test_large_buffers_cross_encrypted_sockets_in_pieces_joined_on_a_pooled_segment():
+    from zfabric.transfer import PIECE_BYTES, PIECE_MIN_BYTES
+
+    big = np.arange((PIECE_MIN_BYTES + PIECE_BYTES // 2) // 8, dtype="f8")
+    edge = np.ones(PIECE_MIN_BYTES // 8)  # not more than the threshold: one frame
+    values = [("a", b"h1", [b"tiny", memoryview(big)], False), ("b", b"h2", [edge], True)]
+    # Plain: every buffer leaves whole
+    items, frames = pack_values(values)
+    assert [i[2:] for i in items] == [[2, False, None], [1, True, None]] and len(frames) == 3
+    # Encrypted: the large buffer leaves as views of itself, one frame per piece
+    items, frames = pack_values(values, pieces=True)
+    pieces = -(-big.nbytes // PIECE_BYTES)
+    assert items[0][2:] == [1 + pieces, False, ["pieces", [1, pieces]]]
+    assert items[1][2:] == [1, True, None] and len(frames) == 1 + pieces + 1
+    assert all(np.shares_memory(np.frombuffer(f, dtype="u1"), big) for f in frames[1:-1])
+    # and the receiver has it whole again, in a segment that returns to its pool
+    got = list(unpack_values(items, frames))
+    assert bytes(got[0][2][0]) == b"tiny" and got[1][2] == [edge]
+    out = np.frombuffer(got[0][2][1], dtype="f8")
+    np.testing.assert_array_equal(out, big)
+    assert shm.in_segment(out)
+    free = shm.pool().stats()["free"]
+    del got, out
+    assert shm.pool().stats()["free"] == free + 1
+
+
+def test_piece_counts_that_do_not_match_the_frames_are_refused():
+    from zfabric.errors import RemoteProtocolError
+
+    frames = [b"x" * 10] * 3
+    for counts in ([2], [2, 2], [0, 3], ["3"], [1, 1, 1, 1]):
+        with pytest.raises(RemoteProtocolError, match="piece counts"):
+            list(unpack_values([["k", b"h", 3, False, ["pieces", counts]]], frames))
+
+
 def test_unpack_refuses_an_unknown_lease():
     from zfabric.errors import RemoteProtocolError
 
@@ -188,6 +223,24 @@ async def test_large_values_move_through_shared_memory_on_one_host(c, s, a, b):
     assert arg_in_seg and dep_in_seg and shm.in_segment(out)
     np.testing.assert_array_equal(out, (data + 1) * 2)
     del x, y, out
+    await until(lambda: shm.pool().stats()["leased"] == 0)
+
+
+@gen_cluster()
+async def test_chunks_of_a_group_seen_before_take_one_request_each(c, s, a, b):
+    # Given large values of one group on worker a
+    chunks = [c.submit(np.full, 3 * MiB // 8, float(i), key=f"chunk-{i}", workers=[a.address])
+              for i in range(3)]
+    await c.gather(chunks)
+    stats = b._core.state.fetch_stats
+    # When b fetches the first: its sizes, then the value written into a segment
+    first = c.submit(np.sum, chunks[0], workers=[b.address])
+    assert await first == 0.0 and stats["requests"] == 2
+    # Then the next ones of the group come at once, into segments named in the first request
+    rest = c.submit(lambda p, q: (shm.in_segment(p), float(p.sum() + q.sum())),
+                    chunks[1], chunks[2], workers=[b.address])
+    in_seg, total = await rest
+    assert in_seg and total == 3.0 * (3 * MiB // 8) and stats["requests"] == 3
     await until(lambda: shm.pool().stats()["leased"] == 0)
 
 

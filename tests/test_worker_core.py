@@ -291,6 +291,47 @@ def test_values_too_large_for_a_frame_are_asked_again_with_segments():
     assert acts == [(FETCH, 2, A2, ["x"], [("x", [1 << 30])]), (END_FETCH, 1)]
 
 
+def test_sizes_learned_for_a_group_name_segments_in_the_first_request():
+    core = given()
+    chunk = lambda i: f"\x1f('random-abc', {i}, 0)"  # noqa: E731 (dask's chunk keys)
+    big, small = 2_000_000, 500
+    core.handle([{"op": "compute", "tasks": [compute("y0", who_has={chunk(0): [A2]}),
+                                             compute("s0", who_has={"f-1": [A2]})]}], 1.0)
+    # Given a first fetch: nothing known of the group, so no guess
+    assert core.pump(1.0) == [(FETCH, 1, A2, [chunk(0), "f-1"], None)]
+    # When the peer answers with the chunk's sizes (too large for a frame) and a small value
+    acts = core.fetched(1, [(chunk(0), None, None, False, [big], 0),
+                            ("f-1", b"h", [], False, None, small)], 1.5)
+    assert acts == [(STORE, "f-1", b"h", [], False),
+                    (FETCH, 2, A2, [chunk(0)], [(chunk(0), [big])]), (END_FETCH, 1)]
+    core.fetched(2, [(chunk(0), b"h", [b"x"], False, None, big + 100)], 1.6)
+    run(core, "s0", "y0", now=1.6)
+    # Then later chunks of the same array are fetched naming segments of the largest size seen
+    core.handle([{"op": "compute", "tasks": [
+        compute("y1", who_has={chunk(1): [A2], chunk(2): [A3], "f-2": [A2]})]}], 2.0)
+    assert core.pump(2.0) == [
+        (FETCH, 3, A2, [chunk(1), "f-2"], None, [(chunk(1), [big + 100])]),
+        (FETCH, 4, A3, [chunk(2)], None, [(chunk(2), [big + 100])])]
+    # and a value larger than its guess is asked for again by its sizes, as before
+    acts = core.fetched(3, [(chunk(1), None, None, False, [big * 2], 0),
+                            ("f-2", b"h", [], False, None, small)], 2.5)
+    assert acts == [(STORE, "f-2", b"h", [], False),
+                    (FETCH, 5, A2, [chunk(1)], [(chunk(1), [big * 2])]), (END_FETCH, 3)]
+    assert core.fetches.sizes == {"\x1f('random-abc'": (big, big * 2), "f": (small, small)}
+    # A group whose sizes differ widely gets no guess (a segment would be mostly wasted)
+    core.fetches.learn(chunk(9), big * 3)
+    assert core.fetches.guess([chunk(3)]) is None
+
+
+def test_no_sizes_are_guessed_near_the_memory_thresholds():
+    core = given()
+    core.fetches.learn("x-1", 4 << 20)
+    assert core.fetches.guess(["x-2"]) == [("x-2", [4 << 20])]
+    core.memory(False, "", True)
+    core.handle([{"op": "compute", "tasks": [compute("y", who_has={"x-2": [A2]})]}], 1.0)
+    assert core.pump(1.0) == [(FETCH, 1, A2, ["x-2"], None)]
+
+
 # ---------------------------------------------------------------------------- free and cancel
 
 

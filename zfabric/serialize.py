@@ -21,6 +21,7 @@
 from __future__ import annotations
 
 import contextlib
+import functools
 import linecache
 import os
 import pickle
@@ -166,6 +167,21 @@ def _installed_roots() -> list[str]:
     return [os.path.realpath(r) for r in roots if r]
 
 
+@functools.cache
+def _installed_top_levels() -> frozenset[str]:
+    """Top-level names of installed distributions: a scan of every distribution's metadata
+    (tens of milliseconds), done once per process; ``sys.modules`` growing does not change
+    what is installed."""
+    from importlib.metadata import packages_distributions
+
+    return frozenset(packages_distributions())
+
+
+def _is_zfabric_main(main) -> bool:
+    spec = getattr(main, "__spec__", None)
+    return getattr(spec, "name", "").startswith("zfabric.")
+
+
 def local_modules() -> tuple[bytes, ...]:
     """Names (as bytes) of the modules the user's script imports from beside itself.
 
@@ -184,7 +200,9 @@ def local_modules() -> tuple[bytes, ...]:
         return _local_cache[2]
     root = os.path.dirname(os.path.realpath(path))
     names: list[bytes] = []
-    if not any(root == r or root.startswith(r + os.sep) for r in _installed_roots()):
+    # (a worker or a zfabric command has no user script beside it)
+    if not _is_zfabric_main(main) and not any(root == r or root.startswith(r + os.sep)
+                                              for r in _installed_roots()):
         installed = None
         for name, mod in list(sys.modules.items()):
             if "." in name or name in ("__main__", "zfabric") or mod is None:
@@ -193,8 +211,7 @@ def local_modules() -> tuple[bytes, ...]:
             if not f or not os.path.realpath(f).startswith(root + os.sep):
                 continue
             if installed is None:
-                from importlib.metadata import packages_distributions
-                installed = packages_distributions()
+                installed = _installed_top_levels()
             if name in installed:
                 continue
             try:

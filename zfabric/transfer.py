@@ -11,6 +11,7 @@ import asyncio
 import contextlib
 import logging
 import os
+from collections.abc import Sequence
 
 import zmq
 import zmq.asyncio
@@ -24,20 +25,35 @@ logger = logging.getLogger(__name__)
 
 #: Values with at least this many bytes of buffers go through shared memory on one host.
 SHM_THRESHOLD_BYTES = 1 << 20
+#: Over an encrypted socket, a buffer of more than ``PIECE_MIN_BYTES`` leaves in frames of
+#: ``PIECE_BYTES``: libzmq then encrypts, sends, receives and decrypts the pieces as a pipeline
+#: across the two ends' I/O threads, where one 100 MB frame is encrypted whole, then sent
+#: whole, then decrypted whole. The receiver joins the pieces (one copy). Plain TCP has no
+#: step to overlap (libzmq reads a large frame straight into its buffer), so there the copy
+#: would only cost: buffers leave whole.
+PIECE_BYTES = 1 << 20
+PIECE_MIN_BYTES = 4 << 20
+#: Pieces in one message at most (``Config.MAX_FRAMES`` bounds frames); past this a buffer
+#: leaves whole.
+MAX_PIECES = 4096
 
 
 def pack_values(values, *, ask: bool = False, into: dict | None = None,
-                srcfd: int | None = None) -> tuple[list, list]:
+                srcfd: int | None = None, pieces: bool = False) -> tuple[list, list]:
     """Wire form of stored values: ``items`` for the op, ``frames`` to send after it.
 
     ``values`` holds ``(key, header, buffers, raw)``; each item is
     ``[key, header, nframes, raw, where]``, where ``where`` is None (the buffers are the next
-    ``nframes`` frames), ``["seg", lease, sizes]`` (written into the receiver's segment
-    ``into[key]``), or ``["sizes", sizes]`` (``ask``: too large for a frame; ask again with a
-    segment of that size). ``srcfd``: our end of the asker's connection; a segment of another
-    process is not written (see :func:`zfabric.shm.write`).
+    ``nframes`` frames), ``["pieces", counts]`` (the same, buffer ``i`` cut into
+    ``counts[i]`` frames, given ``pieces``: see ``PIECE_BYTES``), ``["seg", lease, sizes]``
+    (written into the receiver's segment ``into[key]``), or ``["sizes", sizes]`` (``ask``: too
+    large for a frame, or for the segment named; ask again with a segment of that size).
+    ``srcfd``: our end of the asker's connection; a segment of another process is not written
+    (see :func:`zfabric.shm.write`).
     """
-    items, frames = [], []
+    items: list = []
+    frames: list = []
+    cut_so_far = 0 if pieces else MAX_PIECES + 1  # no pieces: every buffer leaves whole
     for key, header, bufs, raw in values:
         where = None
         if bufs and (ask or (into and key in into)):
@@ -45,14 +61,56 @@ def pack_values(values, *, ask: bool = False, into: dict | None = None,
             desc = into.get(key) if into else None
             if desc is not None and shm.write(desc, bufs, srcfd=srcfd):
                 where = ["seg", desc[0], sizes]
-            elif ask and desc is None and sum(sizes) >= SHM_THRESHOLD_BYTES:
-                where = ["sizes", sizes]
+            elif ask and sum(sizes) >= SHM_THRESHOLD_BYTES:
+                where = ["sizes", sizes]  # (a segment named with a guess may be too small)
         if where is not None:
             items.append([key, header, 0, raw, where])
-        else:
-            items.append([key, header, len(bufs), raw, None])
-            frames.extend(bufs)
+            continue
+        counts = None
+        start = len(frames)
+        for i, b in enumerate(bufs):
+            view = memoryview(b)
+            n = view.nbytes
+            if (n <= PIECE_MIN_BYTES or cut_so_far + n // PIECE_BYTES > MAX_PIECES
+                    or not view.c_contiguous):
+                frames.append(b)
+                if counts is not None:
+                    counts.append(1)
+                continue
+            if counts is None:
+                counts = [1] * i
+            view = view.cast("B") if view.format != "B" or view.ndim != 1 else view
+            cut = [view[off:off + PIECE_BYTES] for off in range(0, n, PIECE_BYTES)]
+            frames.extend(cut)
+            counts.append(len(cut))
+            cut_so_far += len(cut)
+        items.append([key, header, len(frames) - start, raw,
+                      ["pieces", counts] if counts is not None else None])
     return items, frames
+
+
+def _joined(frames: list, counts: list) -> list:
+    """Buffers from frames, those cut into pieces joined again (into a segment of this
+    process's pool where it has one: pages already allocated, back to the pool when the value
+    dies; see :func:`zfabric.shm.Pool.scratch`)."""
+    out, pos = [], 0
+    for c in counts:
+        if type(c) is not int or c < 1 or pos + c > len(frames):
+            raise RemoteProtocolError(f"bad piece counts {counts!r:.80}")
+        if c == 1:
+            out.append(frames[pos])
+        else:
+            parts = [memoryview(f) for f in frames[pos:pos + c]]
+            dest = shm.scratch(sum(p.nbytes for p in parts))
+            off = 0
+            for p in parts:
+                dest[off:off + p.nbytes] = p.cast("B") if p.format != "B" else p
+                off += p.nbytes
+            out.append(dest)
+        pos += c
+    if pos != len(frames):
+        raise RemoteProtocolError(f"piece counts {counts!r:.80} do not match {len(frames)} frames")
+    return out
 
 
 def unpack_values(items: list, frames: list, owner=None):
@@ -73,6 +131,10 @@ def unpack_values(items: list, frames: list, owner=None):
             bufs = [f.buffer if hasattr(f, "buffer") else f for f in frames[pos : pos + n]]
             pos += n
             yield key, header, bufs, raw, None
+        elif where[0] == "pieces" and len(where) == 2 and type(where[1]) is list:
+            got = [f.buffer if hasattr(f, "buffer") else f for f in frames[pos : pos + n]]
+            pos += n
+            yield key, header, _joined(got, where[1]), raw, None
         elif where[0] == "sizes" and len(where) == 2 and type(where[1]) is list:
             yield key, header, None, raw, where[1]
         elif where[0] == "seg" and len(where) == 3 and type(where[2]) is list:
@@ -118,16 +180,17 @@ class _Conn:
         self.pending: dict[int, asyncio.Future] = {}
         self.failed: Exception | None = None  # the handshake was refused: why
         self.reader = asyncio.ensure_future(self._read())
-        self.events = self.watcher = None
+        self.events: zmq.asyncio.Socket | None = None
+        self.watcher: asyncio.Future | None = None
         if monitor is not None:
-            self.events = ctx.socket(zmq.PAIR)  # now: events before it connects are lost
-            self.events.setsockopt(zmq.LINGER, 0)
-            self.events.connect(monitor)
-            self.watcher = asyncio.ensure_future(self._watch())
+            events = self.events = ctx.socket(zmq.PAIR)  # now: events before it connects are lost
+            events.setsockopt(zmq.LINGER, 0)
+            events.connect(monitor)
+            self.watcher = asyncio.ensure_future(self._watch(events))
 
-    async def _watch(self) -> None:
+    async def _watch(self, events: zmq.asyncio.Socket) -> None:
         while True:
-            event = parse_monitor_message(await self.events.recv_multipart())
+            event = dict(parse_monitor_message(await events.recv_multipart()))
             if event["event"] in handshake.FAILED:
                 self.failed = SecurityError(handshake.explain_data_port(event, self.address))
                 for fut in self.pending.values():
@@ -147,17 +210,17 @@ class _Conn:
                 if op["op"] == "error" and op.get("id") is None:
                     self._fail_all(op)  # about the connection, not one request
                     continue
-                fut = self.pending.pop(op.get("id"), None)
+                fut = self.pending.pop(op.get("id", -1), None)
                 if fut is not None and not fut.done():
                     fut.set_result((op, buffers))
 
     def _fail_all(self, op: dict) -> None:
         message = protocol.short(op.get("message"), 500)
+        exc: Exception
         if op.get("refused"):
-            self.failed = SecurityError(
+            exc = self.failed = SecurityError(
                 f"the worker's data port at {self.address} refused this process's key"
                 f" ({message}): have it added to DIR/authorized on the worker hosts")
-            exc = self.failed
         else:
             exc = ConnectionError(f"worker {self.address}: {message}")
         for fut in self.pending.values():
@@ -174,6 +237,7 @@ class _Conn:
             self.watcher.cancel()
             with contextlib.suppress(zmq.ZMQError):
                 self.sock.disable_monitor()
+        if self.events is not None:
             self.events.close(0)
         self.sock.close(linger=0)
 
@@ -191,7 +255,8 @@ class DataPool:
         self.conns: dict[str, _Conn] = {}
         self._seq = 0
 
-    async def request(self, address: str, op: dict, frames: list = ()) -> tuple[dict, list]:
+    async def request(self, address: str, op: dict,
+                      frames: Sequence = ()) -> tuple[dict, list]:
         conn = self.conns.get(address)
         if conn is not None and conn.failed is not None:
             self.drop(address)  # refused: say so now; the next request tries afresh
@@ -267,14 +332,16 @@ class DataPool:
             big = [(k, s) for k, s in big if sum(s) >= SHM_THRESHOLD_BYTES]
             if big:
                 into = await self._leases(address, big)
+        pieces = self.security is not None
         if into:
-            spec, frames = await asyncio.to_thread(pack_values, values, into=into)
+            spec, frames = await asyncio.to_thread(pack_values, values, into=into,
+                                                   pieces=pieces)
         else:
-            spec, frames = pack_values(values)
+            spec, frames = pack_values(values, pieces=pieces)
         op, _ = await self.request(address, {"op": "put-data", "items": spec}, frames)
         if op["op"] != "reply" and into:
             # A lease that ran out before the data came: send it all over the socket.
-            spec, frames = pack_values(values)
+            spec, frames = pack_values(values, pieces=pieces)
             op, _ = await self.request(address, {"op": "put-data", "items": spec}, frames)
         if op["op"] != "reply":
             raise ConnectionError(f"worker {address} refused data: {op.get('message')}")

@@ -80,6 +80,8 @@ class Row:
     # ... or one that makes its own LocalCluster, in a fresh process for every repetition:
     # ``local(impl, timeout, sizes)``
     local: Callable[..., Measurement] | None = None
+    # environment of the row's child process and of the cluster processes it starts
+    env: tuple[tuple[str, str], ...] = ()
 
 
 

@@ -181,10 +181,56 @@ class DaskImpl(Impl):
         return list(info["workers"])
 
 
+_TLS_FILES: list[str] = []  # the certificate directory of this run (made once, in the parent)
+
+
+class DaskTlsImpl(DaskImpl):
+    """dask.distributed with TLS on every connection (certificates from
+    ``distributed.Security.temporary()``, written to files for the CLI processes)."""
+
+    def env(self) -> dict[str, str]:
+        env = super().env()
+        if not _TLS_FILES:
+            from distributed.security import Security
+
+            tmp = Security.temporary()
+            where = Path(tempfile.mkdtemp(prefix="zfabric-bench-tls-"))
+            for name, pem in (("ca.pem", tmp.tls_ca_file), ("cert.pem", tmp.tls_scheduler_cert),
+                              ("key.pem", tmp.tls_scheduler_key)):
+                (where / name).write_text(pem)
+            _TLS_FILES.append(str(where))
+        env["ZFABRIC_BENCH_TLS"] = _TLS_FILES[0]
+        return env
+
+    @staticmethod
+    def _files() -> list[str]:
+        where = Path(os.environ["ZFABRIC_BENCH_TLS"])
+        return ["--tls-ca-file", str(where / "ca.pem"), "--tls-cert", str(where / "cert.pem"),
+                "--tls-key", str(where / "key.pem")]
+
+    def scheduler_cmd(self, scheduler_file: Path) -> list[str]:
+        return [*super().scheduler_cmd(scheduler_file), "--protocol", "tls", *self._files()]
+
+    def worker_cmd(self, address: str) -> list[str]:
+        return [*super().worker_cmd(address), *self._files()]
+
+    def client_kwargs(self) -> dict[str, Any]:
+        from distributed.security import Security
+
+        where = Path(os.environ["ZFABRIC_BENCH_TLS"])
+        return {"security": Security(tls_ca_file=str(where / "ca.pem"),
+                                     tls_client_cert=str(where / "cert.pem"),
+                                     tls_client_key=str(where / "key.pem"),
+                                     require_encryption=True)}
+
+
 # The dask-collection rows run the same sizes on both implementations (side by side).
 DASK_FULL = dict(dask_sum_n=10_000_000, dask_xxt_n=4_000, dask_df_days=16,
-                 dask_persist_n=100_000)
-DASK_QUICK = dict(dask_sum_n=200_000, dask_xxt_n=1_000, dask_df_days=2, dask_persist_n=2_000)
+                 dask_persist_n=100_000, move_n=4_000, move_matmul_n=3_000, move_df_days=30,
+                 move_tree_leaves=64, threads_sum_chunks=1_000)
+DASK_QUICK = dict(dask_sum_n=200_000, dask_xxt_n=1_000, dask_df_days=2, dask_persist_n=2_000,
+                  move_n=1_000, move_matmul_n=1_000, move_df_days=2, move_tree_leaves=8,
+                  threads_sum_chunks=100)
 
 IMPLS: dict[str, Impl] = {
     "zfabric": ZfabricImpl(
@@ -276,6 +322,14 @@ IMPLS: dict[str, Impl] = {
         ),
     ),
 }
+IMPLS["dask-tls"] = DaskTlsImpl(
+    name="dask-tls",
+    title="dask.distributed+TLS",
+    package="distributed",
+    required=False,
+    full_sizes=dict(echo_mb=100),
+    quick_sizes=dict(echo_mb=10),
+)
 
 
 #: Implementations that are no column of the table: the dashboard-cost runs.

@@ -95,6 +95,7 @@ def child_main(args: argparse.Namespace) -> int:
     impl_name, row_name = args._child
     impl, row = IMPLS.get(impl_name) or EXTRA_IMPLS[impl_name], ROWS[row_name]
     sizes = json.loads(args._sizes)
+    os.environ.update(row.env)  # before any cluster process starts: they inherit it
     warnings.filterwarnings("ignore", message="(Sending large graph|Large object)")
     try:
         api = impl.api()
@@ -273,6 +274,17 @@ def print_table(rows: list[Row], results: Results, notes: list[str]) -> None:
     )
     for note in notes:
         print(f"note: {note}")
+    for row in rows:  # rows measured against dask's threaded scheduler in the same run
+        cells = []
+        for name in shown:
+            result = results.get((name, row.name))
+            ratios = [e["vs_threads"] for e in result.extras if "vs_threads" in e] if result else []
+            if ratios:
+                threads = statistics.median(e["threads_s"] for e in result.extras)
+                cells.append(f"{IMPLS[name].title} {statistics.median(ratios):.2f}x"
+                             f" (threads {fmt(threads)} s)")
+        if cells:
+            print(f"{row.name} / dask threaded (2 threads): " + ", ".join(cells))
 
 
 def json_report(

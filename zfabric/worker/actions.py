@@ -18,6 +18,7 @@ KEEP = "keep"
 #: (DROP, key): forget the stored value (a borrowed copy nobody needs, a freed key)
 DROP = "drop"
 #: (FETCH, fetch id, peer address, keys, None or [(key, sizes)] to lease segments for)
+#: or, a first request with sizes guessed: (FETCH, id, peer, keys, None, [(key, sizes)])
 FETCH = "fetch"
 #: (END_FETCH, fetch id): the fetch is over; its shared-memory leases go
 END_FETCH = "end-fetch"

@@ -369,7 +369,8 @@ class WorkerLoop:
             elif kind == A.STORE:
                 self._put(act[1], act[2], act[3], act[4])
             elif kind == A.FETCH:
-                self.port.fetch(act[1], act[2], act[3], act[4])
+                self.port.fetch(act[1], act[2], act[3], act[4],
+                                act[5] if len(act) > 5 else None)
             elif kind == A.END_FETCH:
                 self.port.end_fetch(act[1])
             elif kind == A.CANCEL:

@@ -206,7 +206,7 @@ class DataPort:
                 # the segments named must belong to the process that asked (srcfd's peer)
                 items, frames = pack_values(values, ask=bool(op.get("shm")) and self.use_shm,
                                             into=into if type(into) is dict else None,
-                                            srcfd=srcfd)
+                                            srcfd=srcfd, pieces=self.security is not None)
                 self._reply_data(peer, [{"op": "data", "id": op["id"], "items": items}], frames)
             case "lease":
                 pool = shm.pool() if self.use_shm else None
@@ -284,9 +284,11 @@ class DataPort:
 
     # ------------------------------------------------------------------ fetches
 
-    def fetch(self, fid: int, addr: str, keys: list[str], sizes: list | None) -> None:
+    def fetch(self, fid: int, addr: str, keys: list[str], sizes: list | None,
+              guess: list | None = None) -> None:
         """Send fetch ``fid`` (``sizes``: ask again for values too large for a frame, naming
-        segments of this process to write them into)."""
+        segments of this process to write them into; ``guess``: sizes guessed for a first
+        request, whose segments are named at once where the peer shares this host)."""
         sock = self.peers.get(addr)
         if sock is None:
             sock = _zmq.dealer(zmq.Context.instance(), addr,
@@ -296,7 +298,11 @@ class DataPort:
             self.poller.register(sock, zmq.POLLIN)
         op: dict[str, Any] = {"op": "get-data", "id": fid, "keys": keys}
         if sizes is None:
-            op["shm"] = self.use_shm and shm.is_local(addr)
+            op["shm"] = local = self.use_shm and shm.is_local(addr)
+            into = lease_for(guess, owner=addr) if guess and local else None
+            if into:  # the peer writes what fits; a larger value is announced by its sizes
+                self.leases[fid] = into
+                op["into"] = into
         else:
             op["shm"] = False
             into = lease_for(sizes, owner=addr)

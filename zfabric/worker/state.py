@@ -413,8 +413,12 @@ class WorkerCore:
         if self.fetches.queue and not self.paused:  # paused: fetch nothing until it resumes
             # Near the memory thresholds one value at a time: a batch of large values could
             # overshoot the limit before it can be spilled.
-            for fid, addr, keys in self.fetches.due(self.fetching, now, self.tight):
-                self._acts.append((FETCH, fid, addr, keys, None))
+            fetches = self.fetches
+            for fid, addr, keys in fetches.due(self.fetching, now, self.tight):
+                # sizes guessed from the keys' groups: segments named in the first request
+                guess = None if self.tight else fetches.guess(keys)
+                self._acts.append((FETCH, fid, addr, keys, None) if guess is None
+                                  else (FETCH, fid, addr, keys, None, guess))
         ready = self.ready
         if ready:
             acts = self._acts
@@ -483,12 +487,15 @@ class WorkerCore:
         else:
             later = []
             got = nkeys = 0
+            learn = self.fetches.learn
             for key, header, bufs, raw, sizes, nbytes in items:
                 if sizes is not None:
                     later.append((key, sizes))
+                    learn(key, sum(sizes))
                 elif header is None:
                     self._fetch_failed(key, addr)
                 elif key in self.borrowed or key in self.acquiring:  # else nobody wants it
+                    learn(key, nbytes)
                     got += nbytes
                     nkeys += 1
                     self.held.add(key)
