@@ -318,10 +318,11 @@ def test_dask_config_set_reaches_the_cluster_a_client_starts(tmp_path):
                         raise AssertionError("no KilledWorker")
                     assert open(path).read() == "ran ", open(path).read()  # once, as dask
                     # the cluster a bare Client() started scales from the user's thread
-                    client.cluster.scale(2)
-                    assert len(client.scheduler_info()["workers"]) == 2
+                    client.cluster.scale(2)  # blocks until the new worker started
+                    assert len(client.cluster.workers) == 2
+                    client.wait_for_workers(2, timeout=20)
                     client.cluster.adapt(minimum=1, maximum=1, interval="100ms", wait_count=1)
-                    deadline = time.monotonic() + 20
+                    deadline = time.monotonic() + 30
                     while len(client.scheduler_info()["workers"]) != 1:
                         assert time.monotonic() < deadline, "adapt() did not retire a worker"
                         time.sleep(0.05)
