@@ -118,6 +118,9 @@ def main(argv: list[str] | None = None) -> int:
         for which in runs:
             summary, bad = run(which, [target], extra, args.timeout)
             print(f"{target} {summary}", flush=True)
+            for test in sorted(bad):  # as it goes: a long run's partial result is useful
+                print(f"  failed through {which}: {test.split('site-packages/')[-1]}",
+                      flush=True)
             failed[which] |= bad
             for n, what in re.findall(r"(\d+) (passed|failed|errors?|skipped|xfailed)",
                                       summary):
