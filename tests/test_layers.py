@@ -50,9 +50,9 @@ LAYERS: list[tuple[str, list[str]]] = [
         "zfabric.values", "zfabric.replay", "zfabric.datasets",
         "zfabric.diagnostics", "zfabric.dask", "zfabric.dask_*", "zfabric.executor",
         "zfabric.actor", "zfabric.coordination", "zfabric.progressbar", "zfabric.report",
-        "zfabric.joblib_backend", "zfabric.window", "zfabric.topics", "zfabric.metadata",
-        "zfabric.inspection", "zfabric.multilock", "zfabric.transitions", "zfabric.span",
-        "zfabric.profiling",
+        "zfabric.joblib_backend", "zfabric.window", "zfabric.replies", "zfabric.topics",
+        "zfabric.metadata", "zfabric.inspection", "zfabric.multilock", "zfabric.transitions",
+        "zfabric.span", "zfabric.profiling",
     ]),
     ("task API", ["zfabric.context", "zfabric.task_output"]),
     ("top", [

@@ -376,3 +376,22 @@ def test_the_client_record_sends_again_what_is_still_needed_in_order():
     states["big"] = state("big", "finished", b"B")
     replay.sweep(states)
     assert not replay.groups and replay.recorded == 0
+
+
+def test_a_worker_this_scheduler_declared_dead_brings_back_nothing():
+    from zfabric import protocol
+    from zfabric.config import Config
+    from zfabric.scheduler.state import SchedulerState
+
+    state = SchedulerState(address="tcp://sched:8786", config=Config())
+    w = b"w-again"
+    # Given a worker that this very scheduler dropped (its report names this epoch)
+    state.handle(w, [protocol.hello("worker", "w", address="tcp://10.0.0.1:1"),
+                     {"op": "holding", "items": [["a", 100]], "running": ["r"],
+                      "epoch": state.epoch}], 0.0)
+    # Then what it holds and runs is stale here: it is told to free both, and nothing is
+    # recorded or counted as a restart
+    frees = [k for op in state.flush()[w] if op["op"] == "free" for k in op["keys"]]
+    assert sorted(frees) == ["a", "r"]
+    assert "a" not in state.tasks and "r" not in state.tasks
+    assert not any("scheduler replaced" in text for _, text in state.events)

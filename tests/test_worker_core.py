@@ -165,6 +165,19 @@ def test_started_long_running_finished_and_status_leave_in_order():
         "run-result", "started", "long-running", "finished", "worker-status"]
 
 
+def test_a_task_that_started_and_ended_since_the_last_flush_is_reported_finished_only():
+    core = given()
+    core.handle([{"op": "compute", "tasks": [compute("x"), compute("y")]}], 1.0)
+    run(core, "x", "y", now=1.0)
+    core.started(["x", "y"])
+    core.done([ok("x")])
+    # y still runs: the scheduler hears it started; x's finished tells it all about x
+    assert core.flush() == [{"op": "started", "keys": ["y"]},
+                            {"op": "finished", "tasks": [finished("x")]}]
+    core.done([ok("y")])
+    assert core.flush() == [{"op": "finished", "tasks": [finished("y")]}]
+
+
 def test_inline_dependencies_are_stored_once():
     core = given()
     ops = [{"op": "compute", "tasks": [compute("y", inline={"x": b"vx"}),

@@ -94,8 +94,9 @@ def router(ctx: zmq.Context, host: str, port: int = 0, *, linger_ms: int = DEFAU
 def dealer(ctx: zmq.Context, address: str, identity: bytes | None = None, *,
            linger_ms: int = DEFAULT.LINGER_MS, hwm: int = DEFAULT.HWM_MESSAGES,
            max_frame_bytes: int = -1, security=None, role: str = "",
-           server: str = "scheduler", monitor: str | None = None):
-    """A DEALER connected to ``address``. ``security``: a :class:`zfabric.security.Security`
+           server: str = "scheduler", monitor: str | None = None, reconnect: bool = True):
+    """A DEALER connected to ``address`` (``reconnect`` False: once its connection ends or
+    fails, it stays down). ``security``: a :class:`zfabric.security.Security`
     with encryption on makes it a CURVE client with ``role``'s key pair, expecting
     ``server``'s public key. ``monitor``: an inproc endpoint that reports the connection's
     events (set up before connecting, so that a failed handshake is seen)."""
@@ -113,7 +114,7 @@ def dealer(ctx: zmq.Context, address: str, identity: bytes | None = None, *,
                      | zmq.EVENT_HANDSHAKE_SUCCEEDED)
     if identity:
         sock.setsockopt(zmq.ROUTING_ID, identity)
-    sock.setsockopt(zmq.RECONNECT_IVL, 100)
+    sock.setsockopt(zmq.RECONNECT_IVL, 100 if reconnect else -1)
     sock.setsockopt(zmq.RECONNECT_IVL_MAX, 2000)
     try:
         sock.connect(normalize_address(address))

@@ -85,6 +85,7 @@ class ClientCore:
         self.renamed: dict[str, str] = {}
         self.outbox: deque = deque()
         self.window = SubmitWindow(config.SUBMIT_WINDOW_TASKS)
+        self.direct: Any = None  # zfabric.replies.DirectReplies, set by the session
         self.requests: dict[int, asyncio.Future] = {}
         #: Called (outside the lock) when ops wait to go out; the session installs it.
         self.wake: Callable[[], None] = _nothing
@@ -226,9 +227,13 @@ class ClientCore:
             st = self.states.pop(key, None)
             if st is not None:
                 self.window.drop(st)
-            if self.status in ("running", "connecting"):
-                self._release_keys.append(key)
-                self.send()
+            if self.status not in ("running", "connecting"):
+                return
+            self._release_keys.append(key)
+            if self._flush_pending:  # what send() does, inline: this runs for every Future
+                return
+            self._flush_pending = True
+        self.wake()
 
     def forget_renamed(self) -> dict[str, str]:
         """``renamed`` without the aliases whose Futures are all gone (lock not needed: the

@@ -120,6 +120,12 @@ class Config:
     #: (any of run, restart, restart-workers, retire-workers, replicate, shutdown,
     #: register-plugin, unregister-plugin); the rest are open to client keys.
     ADMIN_ONLY: str = ""
+    #: Small results of tasks a client submits while few of its tasks run come straight
+    #: from the worker to the client as well (the scheduler still hears of them and tells
+    #: the client as always; zfabric/replies.py). Off by default: on a loaded 2-core machine
+    #: it took 5-10 % off a LocalCluster's round trip but added about as much with the
+    #: scheduler in a process of its own (docs/performance.md, The hot path).
+    DIRECT_REPLIES: bool = False
     #: Keys sent per ``submit`` message by ``Client.map``.
     SUBMIT_BATCH: int = 1000
     #: Tasks of one client the scheduler holds unfinished, at most; a client holds the rest

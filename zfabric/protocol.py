@@ -95,6 +95,10 @@ SCHEMAS: dict[str, dict[str, tuple[type, ...]]] = {
     "actor-call": {"id": _I, "key": _S, "name": _S},  # args: pickle of (args, kwargs)
     "actor-ping": {"id": _I, "key": _S},
     "actor-result": {"id": _I},  # value (pickle, nframes buffers after) or error
+    # direct replies (zfabric/replies.py): a client names its token on a worker's data port;
+    # the worker sends the small results of the tasks that carry it as ``results``
+    "reply-to": {"token": _S},
+    "results": {"items": _L},  # [key, pickled value, nbytes] each
 }
 
 _packer = msgpack.Packer(use_bin_type=True)
@@ -319,6 +323,13 @@ def _erred(op: dict) -> None:
             raise _bad("erred item", t)
 
 
+def _results(op: dict) -> None:
+    for t in op["items"]:
+        if (type(t) is not list or len(t) != 3 or type(t[0]) is not str
+                or type(t[1]) is not bytes or type(t[2]) is not int):
+            raise _bad("results item", t)
+
+
 def _long_running(op: dict) -> None:
     for t in op["items"]:
         if type(t) is not list or len(t) != 2 or type(t[0]) is not str:
@@ -381,6 +392,7 @@ ITEMS: dict[str, Callable[[dict], None]] = {
     "started": _keys,
     "thread-free": _keys,
     "acquired": _acquired,
+    "results": _results,
     "heartbeat": _heartbeat,
     "request": _request,
     "holding": _holding,
@@ -503,6 +515,10 @@ def version_mismatches(mine: dict, theirs: dict) -> list[str]:
     return out
 
 
+#: The longest ``reply`` token (a task option and ``reply-to``'s field; zfabric/replies.py).
+MAX_REPLY_TOKEN = 64
+
+
 def check_task_options(key: str, opts) -> None:
     """Refuse task options of the wrong shape before they reach the records or the policy
     (where a bad type would fail later, outside the op that brought it)."""
@@ -513,6 +529,10 @@ def check_task_options(key: str, opts) -> None:
             raise RemoteProtocolError(f"option {name!r} of task {short(key)} must be an integer")
     if not isinstance(opts.get("task_timeout") or 0, int | float):
         raise RemoteProtocolError(f"option 'task_timeout' of task {short(key)} must be a number")
+    reply = opts.get("reply")
+    if reply is not None and (type(reply) is not str or not 0 < len(reply) <= MAX_REPLY_TOKEN):
+        raise RemoteProtocolError(f"option 'reply' of task {short(key)} must be a token of at"
+                                  f" most {MAX_REPLY_TOKEN} characters")
     workers = opts.get("workers")
     if workers and (type(workers) is not list or any(type(w) is not str for w in workers)):
         raise RemoteProtocolError(f"option 'workers' of task {short(key)} must be a list of names")

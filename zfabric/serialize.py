@@ -223,6 +223,11 @@ def local_modules() -> tuple[bytes, ...]:
     return _local_cache[2]
 
 
+#: Types whose plain pickle names no module, holds no Future and no out-of-band buffer: values
+#: of these skip the by-value check (the common case of a tiny task's arguments and result).
+_PLAIN_TYPES = frozenset({type(None), bool, int, float, str, bytes})
+
+
 def _by_value_needed(data) -> bool:
     """Does a plain pickle refer to something a worker cannot import by name?"""
     if b"__main__" in data:
@@ -280,6 +285,12 @@ def dumps_call(func, args: tuple, kwargs: dict, inline_bytes: int | None = None)
     worker (see :class:`ArgsRef`) instead of through the scheduler.
     """
     fid, fbytes = dumps_function(func)
+    if not kwargs:
+        for a in args:
+            if type(a) not in _PLAIN_TYPES:
+                break
+        else:  # plain arguments (a tiny task's): no Future, no buffer, no module to name
+            return fid, fbytes, pickle.dumps((args, None), protocol=5), [], []
     deps: list[str] = []
     buffers: list = []
     callback = None
@@ -455,6 +466,8 @@ def buffer_keeper(buffers: list, inline_bytes: int):
 
 def dumps_value(obj, inline_bytes: int = 64 * 1024) -> tuple[bytes, list]:
     """Pickle a value; buffers of ``inline_bytes`` or more come back separately, uncopied."""
+    if type(obj) in _PLAIN_TYPES:
+        return pickle.dumps(obj, protocol=5), []
     buffers: list = []
     try:
         header = _pickle(obj, buffer_keeper(buffers, inline_bytes), buffers.clear)
@@ -507,6 +520,8 @@ def loads_or_mark(key, header, buffers=()):
 
 
 def nbytes(header, buffers) -> int:
+    if not buffers:
+        return len(header)
     return len(header) + sum(memoryview(b).nbytes for b in buffers)
 
 

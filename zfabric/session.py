@@ -34,6 +34,7 @@ from .futures import FutureState
 from .keys import from_wire, readable
 from .link import Link
 from .replay import Replay
+from .replies import DirectReplies
 from .security import KeyRevoked, Security
 from .transfer import DataPool, dispatch
 
@@ -105,6 +106,8 @@ class Session:
             # on_op is looked up per op, so that a test may wrap it on a live client
             lambda frames: dispatch(frames, lambda op: self.on_op(op), who="client",
                                     heard=self.heard, lock=core.lock))
+        if self.config.DIRECT_REPLIES:
+            core.direct = DirectReplies(core, security, self.config.MAX_MESSAGE_BYTES)
         self.welcome = loop.create_future()
         self.tasks = [asyncio.ensure_future(self._heartbeat())]
         core.send(protocol.hello("client", self.name, **self.hello))
@@ -134,6 +137,8 @@ class Session:
         self.tasks = []
 
     def close_link(self) -> None:
+        if self.core.direct is not None:
+            self.core.direct.close()
         if self.link is not None:
             self.link.close(linger=self.config.LINGER_MS)
 
@@ -148,6 +153,9 @@ class Session:
         window = core.window
         match op["op"]:
             case "memory":
+                direct = core.direct
+                if direct is not None and direct.pending:  # a reply link to open?
+                    direct.heard(op["items"])
                 for key, value, who_has, nbytes in op["items"]:
                     st = states.get(key)
                     if st is not None:

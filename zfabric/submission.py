@@ -19,6 +19,7 @@ from .config import parse_timedelta
 from .errors import TaskTooLarge
 from .futures import Future
 from .keys import to_wire
+from .replies import FEW_TASKS
 from .session import Deferred
 
 #: ``ship_args(key, fid, fbytes, abytes, deps, buffers, opts)``: the ops of a task whose large
@@ -90,6 +91,10 @@ class Submission:
         limit = self.config.SCHEDULER_FRAME_BYTES
         with core.lock:
             core.queue_releases()
+            # few tasks in flight: a caller that waits for each; small results come straight
+            # from the worker (zfabric/replies.py)
+            direct = core.direct if (len(items) <= FEW_TASKS
+                                     and window.inflight < FEW_TASKS) else None
             for i, (key, fid, fbytes, abytes, deps, buffers) in enumerate(items):
                 st, new = revive(key)
                 if new:
@@ -111,7 +116,8 @@ class Submission:
                         window.hold(st, abytes, deps, opts, fid, fbytes)
                     else:
                         functions[fid] = fbytes
-                        tasks.append([key, abytes, deps, opts, fid])
+                        tasks.append([key, abytes, deps,
+                                      opts if direct is None else direct.options(opts, key), fid])
                         window.sent(st)
                 out.append(Future(user_keys[i] if user_keys is not None else key, client, st))
             core.queue_tasks(tasks, functions, batch)

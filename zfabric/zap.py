@@ -30,10 +30,14 @@ class Keyring:
         self.security = security
         self.version = object()
         self.keys: dict[bytes, str] = {}
+        #: How many times the set changed. One Keyring serves every server of a process and
+        #: its ZAP handler, so each server compares this with the count it last acted on:
+        #: whoever reloads first, every one of them sees the change.
+        self.changes = 0
         self.refresh()
 
     def refresh(self) -> bool:
-        """Reload the set if it may have changed; whether it did."""
+        """Reload the set if it may have changed; whether it did (in this call)."""
         version = self.security.authorized_version()
         if version == self.version:
             return False
@@ -42,6 +46,7 @@ class Keyring:
         changed = keys != self.keys
         self.keys = dict(keys)
         if changed:
+            self.changes += 1
             logger.info("authorized keys: %d (%s)", len(keys),
                         ", ".join(sorted(set(keys.values()))) or "none")
         return changed

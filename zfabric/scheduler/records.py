@@ -293,7 +293,12 @@ class TaskState:
     # what clients are told
 
     def memory_item(self) -> list:
-        addresses = None if self.value is not None else [w.address for w in self.who_has]
+        x = self.extra
+        if self.value is None or (x is not None and x.options and "reply" in x.options):
+            # (a client that asked for direct replies learns the holder: zfabric/replies.py)
+            addresses = [w.address for w in self.who_has]
+        else:
+            addresses = None
         return [self.key, self.value, addresses, self.nbytes]
 
     def erred_item(self) -> list:

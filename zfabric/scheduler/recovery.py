@@ -64,8 +64,15 @@ class Recovery:
     def holding(self, ws: WorkerState, items: list, running: list, epoch) -> None:
         """A rejoining worker's report (checked at the protocol's door); ``epoch``: the
         incarnation it knew (this one's when this scheduler dropped it and it came back)."""
-        if epoch != self.s.epoch:
-            self.rejoined("worker")
+        if epoch == self.s.epoch:
+            # This scheduler declared the worker dead and has already dealt with its tasks
+            # (run again elsewhere, or failed): what it still holds or runs is stale here.
+            for key, _ in items:
+                self.s.batch(ws.ident, "free", key)
+            for key in running:
+                self.s.batch(ws.ident, "free", key)
+            return
+        self.rejoined("worker")
         self.counts["keys reported"] += len(items)
         for key, nbytes in items:
             self.held(ws, key, nbytes)

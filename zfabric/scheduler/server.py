@@ -249,6 +249,7 @@ class Scheduler(LifeCycle):
         if self.security is not None:
             ring = zap.keyring(self.security)
             next_keys = 0.0
+            seen_changes = ring.changes
         while not self._stop and not state.closing:
             if poller.poll(TICK_MS):
                 now = start = time.monotonic()
@@ -307,7 +308,9 @@ class Scheduler(LifeCycle):
             now = time.monotonic()
             if secure and now >= next_keys:
                 next_keys = now + self.config.HEARTBEAT_INTERVAL_S / 2
-                if ring.refresh():
+                ring.refresh()
+                if ring.changes != seen_changes:  # (the ZAP handler may have reloaded it)
+                    seen_changes = ring.changes
                     self._revoke(ring, now)
             if intake is not None and now >= next_intake:
                 next_intake = now + INTAKE_CHECK_S

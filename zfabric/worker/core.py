@@ -93,6 +93,11 @@ class WorkerLoop:
         # directory), their pickles where kept, and those kept pickled (task arguments)
         self.serialized: dict[str, tuple[bytes, list, int]] = {}
         self.raw_keys: set[str] = set()
+        # direct replies (zfabric/replies.py): task -> its client's token, while it runs; and
+        # the results of this turn to send, by the client's data connection
+        self.reply_to: dict[str, str] = {}
+        self._ring_changes = 0  # changes of the authorized keys acted on (_beat)
+        self.direct: dict[bytes, list] = {}
         self.local_directory = worker_directory(local_directory, self.identity.decode())
         self.store = SpillStore(self.local_directory, serialized=self.serialized,
                                 inline_bytes=config.INLINE_BYTES)
@@ -314,8 +319,12 @@ class WorkerLoop:
         self._do(self.state.tick(now, metrics, running,
                                 heartbeat_extras(self.profiler, self.log_tail)))
         port = self.port
-        if port.keyring is not None and port.keyring.refresh():
-            port.revoke_peers(now)  # revoked keys lose the data port within a heartbeat
+        ring = port.keyring
+        if ring is not None:
+            ring.refresh()
+            if ring.changes != self._ring_changes:  # (whoever in this process reloaded it)
+                self._ring_changes = ring.changes
+                port.revoke_peers(now)  # revoked keys lose the data port within a heartbeat
         if self.use_shm:
             shm.pool().expire(now)
 
@@ -352,6 +361,8 @@ class WorkerLoop:
                     header, _ = serialize.dumps_value(
                         serialize.Undecodable(out.key, out.travel_error), 1 << 62)
                     self.serialized[out.key] = (header, [], len(header))
+                if self.reply_to:
+                    self._reply(out)
             elif kind == A.DROP:
                 key = act[1]
                 self.store.pop(key, None)
@@ -466,6 +477,8 @@ class WorkerLoop:
 
     def _execute(self, key: str, payload: bytes, options: dict | None, fid: str | None,
                  borrowed: list[str] | None) -> None:
+        if options is not None and "reply" in options:  # its client waits: see _keep
+            self.reply_to[key] = options["reply"]
         func = self.functions.get(fid) if fid is not None else None
         if func is None and fid is not None:
             func = SerializationError(f"function {fid!r} of task {key!r} never arrived")
@@ -494,6 +507,24 @@ class WorkerLoop:
             while done:
                 outs.append(done.popleft())
             self._do(self.state.done(outs))
+            if self.reply_to:  # those that failed or were cancelled: their scheduler tells
+                for out in outs:
+                    self.reply_to.pop(out.key, None)
+            if self.direct:  # before ``finished`` leaves for the scheduler (end of the turn)
+                for peer, items in self.direct.items():
+                    self.port.send_results(peer, items)
+                self.direct.clear()
+
+    def _reply(self, out) -> None:
+        """A task whose client asked for a direct reply (zfabric/replies.py) ended: its small
+        result goes to that client too, if its token was heard on the data port."""
+        token = self.reply_to.pop(out.key, None)
+        if token is None or out.header is None or out.buffers or \
+                out.nbytes >= self.config.INLINE_BYTES:  # header None: it cannot travel
+            return
+        peer = self.port.reply_peers.get(token)
+        if peer is not None:
+            self.direct.setdefault(peer, []).append([out.key, out.header, out.nbytes])
 
     def _put(self, key: str, header: bytes, bufs: list, raw: bool) -> None:
         """Store a value that arrived pickled. Task arguments (``raw``) stay pickled until

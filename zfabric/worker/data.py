@@ -88,6 +88,8 @@ class DataPort:
         # answers a data peer's full queue refused, by peer, and their bytes
         self.data_backlog: dict[bytes, deque[tuple[list, int]]] = {}
         self.data_backlog_bytes: dict[bytes, int] = {}
+        # direct replies (zfabric/replies.py): a client's token -> its data connection
+        self.reply_peers: dict[str, bytes] = {}
 
     def bind(self, ctx: zmq.Context, host: str, name: str | None) -> str:
         """Bind the data port on ``host`` (a free port); returns its address."""
@@ -226,10 +228,36 @@ class DataPort:
                 self._reply_data(peer, [{"op": "actor-result", "id": op["id"],
                                          "alive": self.actors.holds(op["key"],
                                                                     op.get("worker"))}])
+            case "reply-to":  # send the small results of tasks that carry this token here
+                token = op["token"]
+                if not 0 < len(token) <= protocol.MAX_REPLY_TOKEN:
+                    raise RemoteProtocolError("reply-to: the token must have 1 to"
+                                              f" {protocol.MAX_REPLY_TOKEN} characters")
+                if len(self.reply_peers) >= 10_000:
+                    self.reply_peers.clear()  # gone clients' tokens: theirs say it again
+                # the first connection to name a token keeps it (another naming it too would
+                # only take the direct path from its owner; a gone owner's is forgotten when
+                # a send to it fails)
+                self.reply_peers.setdefault(token, peer)
             case "heartbeat":
                 pass
             case other:
                 raise RemoteProtocolError(f"unexpected {other!r} on the data port")
+
+    def send_results(self, peer: bytes, items: list) -> None:
+        """Small results straight to the client on ``peer`` (``[key, pickle, nbytes]``). Only
+        a shortcut (the scheduler tells the client as well): what the client's full queue
+        refuses is dropped, and the token of a client gone is forgotten."""
+        if peer in self.data_backlog:
+            return
+        try:
+            self.data.send_multipart([peer, *protocol.encode([{"op": "results",
+                                                                "items": items}])], zmq.NOBLOCK)
+        except zmq.Again:
+            pass
+        except zmq.ZMQError:
+            for token in [t for t, p in self.reply_peers.items() if p == peer]:
+                del self.reply_peers[token]
 
     def send_actor_replies(self) -> None:
         replies = self.actors.replies

@@ -82,10 +82,15 @@ class Executor:
         self.tight = False
         self.name = name
         self.nthreads = nthreads
-        self.slots = threading.Semaphore(nthreads)
+        # Free slots, counted under ``_lock`` (one lock per step of a task, no semaphore: a
+        # stream of tiny tasks takes and gives back a slot for each); a thread that finds none
+        # waits on ``_slot_freed``.
+        self._lock = threading.Lock()
+        self._free = nthreads
+        self._slot_freed = threading.Condition(self._lock)
+        self._slot_waiters = 0
         self._holding: set[int] = set()  # threads that hold a slot
         self._nseceded = 0  # tasks running without a slot
-        self._lock = threading.Lock()
         self._stopping = False
         self._serial = 0
         for _ in range(nthreads):
@@ -112,8 +117,8 @@ class Executor:
             self._holding.discard(ident)
             if not holding:
                 self._nseceded -= 1  # it had seceded: it needs no thread in its place
-        if holding:
-            self.slots.release()
+            else:
+                self._give_slot()
         self._spawn()
 
     def submit(self, key: str, func, args: bytes, values: dict, priority: int = 0) -> None:
@@ -142,7 +147,7 @@ class Executor:
                 return False
             self._holding.discard(me)
             self._nseceded += 1
-        self.slots.release()
+            self._give_slot()
         self.seceded.append((key, True))
         self._poke()
         self._spawn()
@@ -154,12 +159,27 @@ class Executor:
         with self._lock:
             if me in self._holding:
                 return
-        self.slots.acquire()
-        with self._lock:
+            self._take_slot()
             self._holding.add(me)
             self._nseceded -= 1
         self.seceded.append((key, False))
         self._poke()
+
+    def _take_slot(self) -> None:
+        """Take a free slot, waiting for one (``_lock`` held)."""
+        while self._free <= 0:
+            self._slot_waiters += 1
+            try:
+                self._slot_freed.wait()
+            finally:
+                self._slot_waiters -= 1
+        self._free -= 1
+
+    def _give_slot(self) -> None:
+        """A slot is free again (``_lock`` held)."""
+        self._free += 1
+        if self._slot_waiters:
+            self._slot_freed.notify()
 
     # ---------------------------------------------------------------- threads
 
@@ -174,8 +194,11 @@ class Executor:
                     return
             if self.tight:  # memory is tight: the loop opens the gate again for the next
                 self.gate.clear()
-            self.slots.acquire()
             with self._lock:
+                if self._free > 0:
+                    self._free -= 1
+                else:
+                    self._take_slot()
                 self._holding.add(me)
                 call = heapq.heappop(self._heap)[2]  # the most urgent now that a slot is free
             # In a call of its own, so that nothing of the task (its arguments, a borrowed
@@ -184,15 +207,16 @@ class Executor:
                 return
             call = None
             with self._lock:
-                held = me in self._holding
-                self._holding.discard(me)
-                if not held:
+                if me in self._holding:
+                    self._holding.discard(me)
+                    self._free += 1
+                    if self._slot_waiters:
+                        self._slot_freed.notify()
+                else:
                     self._nseceded -= 1
                 spare = len(self.threads) > self.nthreads + self._nseceded
                 if spare:
                     self.threads = [t for t in self.threads if t.ident != me]
-            if held:
-                self.slots.release()
             if spare:
                 return  # a seceded task ended: the thread started in its place carries on
 

@@ -166,8 +166,15 @@ class WorkerCore:
     def flush(self) -> list[dict]:
         """The ops for the scheduler queued since the last flush, in order."""
         if self.started_keys:
-            self.outbox.append({"op": "started", "keys": self.started_keys})
+            keys = self.started_keys
             self.started_keys = []
+            if self.finished_items and not self.seceded_items:
+                # A task that started and finished since the last flush needs no ``started``:
+                # its ``finished`` follows in this message (for tiny tasks, most of them).
+                ended = {item[0] for item in self.finished_items}
+                keys = [k for k in keys if k not in ended]
+            if keys:
+                self.outbox.append({"op": "started", "keys": keys})
         if self.seceded_items:
             self.outbox.append({"op": "long-running", "items": self.seceded_items})
             self.seceded_items = []
