@@ -174,7 +174,7 @@ def test_scheduler_listens_everywhere_by_default_and_stops_on_sigint(procs, tmp_
     assert "0.0.0.0" not in address  # it gives out this host's own address
     result = run("info", address, "--timeout", "5")
     assert result.returncode == 0, result.stderr
-    assert "0 worker(s)" in result.stdout
+    assert "0 workers, 0 threads" in result.stdout
     assert procs.stop(sched, signal.SIGINT) == 0
 
 

@@ -234,6 +234,58 @@ def test_cancel_a_compute_future(client):
     assert client.compute(dask.delayed(inc)(1), sync=True) == 2
 
 
+def test_dask_hook_ignores_other_schedulers_keywords(client):
+    # dask hands every keyword of dask.compute/x.compute to the scheduler: the hook zfabric
+    # installs ignores those meant for other schedulers, as dask's own schedulers do
+    x = dask.delayed(sum)([1, 2, 3])
+    assert dask.compute(x, bogus_keyword=1) == (6,)
+    assert da.ones(4, chunks=2).sum().compute(bogus_keyword=1) == 4
+    # zfabric's own methods keep raising on unknown keywords
+    with pytest.raises(TypeError, match="bogus"):
+        client.compute(x, bogus_keyword=1)
+    with pytest.raises(TypeError, match="bogus"):
+        client.get({"a": 1}, "a", bogus_keyword=1)
+
+
+def test_normalize_collection_takes_held_futures(client):
+    x = dask.delayed(sum)([1, 2, 3], dask_key_name="norm-sum")
+    assert client.normalize_collection(x) is x  # nothing held
+    held = client.persist(x)
+    normal = client.normalize_collection(x)
+    assert any(isinstance(v, Future) for v in dict(normal.__dask_graph__()).values())
+    assert normal.compute() == 6
+    del held
+
+
+def test_dask_keys_shown_as_given(client, tmp_path):
+    from zfabric.report import render_report
+
+    assert da.ones(8, chunks=2).sum().compute() == 8
+    raw = client.sync(client.core.request, "task-stream", count=20)["records"]  # wire keys
+    assert any(r["key"].startswith("\x1f") for r in raw)
+    text = render_report(raw, [], {}, {}, time.time() - 60, time.time())
+    assert "\x1f" not in text and "sum-aggregate" in text
+    records = client.get_task_stream(count=20)
+    tuples = [r for r in records if isinstance(r["key"], tuple)]
+    assert tuples and all(not r["group"].startswith("\x1f") for r in records)
+    assert {"ones_like", "sum", "sum-aggregate"} & {r["group"] for r in tuples}
+
+
+def test_progress_of_a_persisted_collection_shows_every_group(client, capsys):
+    x = da.random.random((40,), chunks=10).sum()
+    held = client.persist(x)
+    progress(held)
+    out = capsys.readouterr().out
+    lines = out.splitlines()
+    last = max(i for i, line in enumerate(lines) if "Completed" in line)
+    head, *groups = lines[last:]  # the final frame
+    # every task of the graph is counted (not only the one output), group by group
+    assert "100%" in head and "5/5" in head, out
+    names = {line.split()[0] for line in groups}
+    assert "sum-aggregate" in names and any(n.startswith("random_sample") for n in names), out
+    del held
+
+
 def test_released_after_get(client):
     # Given the scheduler's task count before a graph runs
     gc.collect()

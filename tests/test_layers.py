@@ -29,7 +29,8 @@ LAYERS: list[tuple[str, list[str]]] = [
     ("ground", [
         "zfabric._version", "zfabric.errors", "zfabric.config", "zfabric.keys",
         "zfabric.current", "zfabric.logs", "zfabric.plugins", "zfabric.lifecycle",
-        "zfabric.import_hooks",
+        "zfabric.import_hooks", "zfabric.dask_config", "zfabric.reprs",
+        "zfabric.worker_plugins",
     ]),
     ("wire", [
         "zfabric._zmq", "zfabric.protocol", "zfabric.serialize", "zfabric.security",
@@ -49,9 +50,11 @@ LAYERS: list[tuple[str, list[str]]] = [
         "zfabric.values", "zfabric.replay", "zfabric.datasets",
         "zfabric.diagnostics", "zfabric.dask", "zfabric.dask_*", "zfabric.executor",
         "zfabric.actor", "zfabric.coordination", "zfabric.progressbar", "zfabric.report",
-        "zfabric.joblib_backend", "zfabric.window", "zfabric.replies",
+        "zfabric.joblib_backend", "zfabric.window", "zfabric.replies", "zfabric.topics",
+        "zfabric.metadata", "zfabric.inspection", "zfabric.multilock", "zfabric.transitions",
+        "zfabric.span", "zfabric.profiling",
     ]),
-    ("task API", ["zfabric.context"]),
+    ("task API", ["zfabric.context", "zfabric.task_output"]),
     ("top", [
         "zfabric", "zfabric.__main__", "zfabric.cluster", "zfabric.adaptive",
         "zfabric.deploy", "zfabric.deploy.*", "zfabric.cli", "zfabric.demo", "zfabric.top",

@@ -69,8 +69,9 @@ def test_worker_command_round_trip():
     cmd = worker_command("tcp://10.0.0.5:8786", identity="worker-abc", nthreads=3,
                          memory_limit=2**30, nanny="nanny-1", parent_pid=42, ready_fd=7,
                          name="w 1", resources={"GPU": 2}, death_timeout_s=5)
-    assert cmd[:4] == [sys.executable, "-m", "zfabric", "worker"]
-    argv = cmd[3:]
+    # -P: the current directory cannot shadow installed packages in the worker process
+    assert cmd[:5] == [sys.executable, "-P", "-m", "zfabric", "worker"]
+    argv = cmd[4:]
     assert is_nanny_worker_argv(argv)
     assert not is_nanny_worker_argv(["worker", "tcp://x:1"])
     args = parse_worker_argv(argv[1:])

@@ -14,17 +14,26 @@ from ._version import __version__
 from .errors import *  # noqa: F403  (every public error: the list is errors.__all__)
 
 if TYPE_CHECKING:
+    from .actor import Actor, ActorFuture, BaseActorFuture
+    from .adaptive import Adaptive
     from .client import Client, default_client
     from .cluster import LocalCluster
-    from .context import get_client, get_worker, rejoin, secede, worker_client
+    from .context import get_client, get_worker, local_client, rejoin, secede, worker_client
     from .coordination import Event, Lock, Queue, Semaphore, Variable
-    from .diagnostics import get_task_stream, performance_report
+    from .deploy import PBSCluster, SLURMCluster, SpecCluster, SSHCluster, SubprocessCluster
+    from .diagnostics import get_task_metadata, get_task_stream, performance_report
     from .futures import Future, as_completed, fire_and_forget, futures_of, wait
+    from .lifecycle import Status
+    from .multilock import MultiLock
     from .nanny import Nanny
+    from .plugins import NannyPlugin, SchedulerPlugin, UploadFile, WorkerPlugin
     from .progressbar import progress
     from .scheduler import Scheduler
     from .security import Security
+    from .span import span
+    from .transitions import TransitionListener
     from .worker import Worker
+    from .worker_plugins import CondaInstall, Environ, InstallPlugin, PipInstall, UploadDirectory
 
 # The I/O roles load on first use, so that the sans-IO core (protocol, scheduler.state,
 # policy, heartbeat) imports without zmq, as its tests check.
@@ -42,7 +51,19 @@ _LAZY = {
     "worker_client": "context",
     "Security": "security",
     "Event": "coordination", "Lock": "coordination", "Queue": "coordination",
-    "Semaphore": "coordination", "Variable": "coordination",
+    "Semaphore": "coordination", "Variable": "coordination", "MultiLock": "multilock",
+    "Adaptive": "adaptive", "Status": "lifecycle",
+    "SpecCluster": "deploy", "SSHCluster": "deploy", "SubprocessCluster": "deploy",
+    "SLURMCluster": "deploy", "PBSCluster": "deploy",
+    "WorkerPlugin": "plugins", "NannyPlugin": "plugins", "UploadFile": "plugins",
+    "SchedulerPlugin": "plugins",
+    "Environ": "worker_plugins", "InstallPlugin": "worker_plugins",
+    "PipInstall": "worker_plugins", "CondaInstall": "worker_plugins",
+    "UploadDirectory": "worker_plugins",
+    "Actor": "actor", "ActorFuture": "actor", "BaseActorFuture": "actor",
+    "TransitionListener": "transitions",
+    "span": "span", "print": "task_output", "warn": "task_output",
+    "get_task_metadata": "diagnostics", "local_client": "context",
 }
 
 
@@ -69,11 +90,33 @@ _current.install_local_cluster(lambda **kwargs: _load("cluster", "LocalCluster")
 
 __all__ = [
     # Cluster
+    "Adaptive",
     "LocalCluster",
     "Nanny",
+    "PBSCluster",
+    "SLURMCluster",
+    "SSHCluster",
     "Scheduler",
     "Security",
+    "SpecCluster",
+    "Status",
+    "SubprocessCluster",
     "Worker",
+    # Plugins
+    "CondaInstall",
+    "Environ",
+    "InstallPlugin",
+    "NannyPlugin",
+    "PipInstall",
+    "SchedulerPlugin",
+    "TransitionListener",
+    "UploadDirectory",
+    "UploadFile",
+    "WorkerPlugin",
+    # Actors
+    "Actor",
+    "ActorFuture",
+    "BaseActorFuture",
     # Client
     "Client",
     "Future",
@@ -85,16 +128,21 @@ __all__ = [
     # Shared state
     "Event",
     "Lock",
+    "MultiLock",
     "Queue",
     "Semaphore",
     "Variable",
     # Diagnostics
+    "get_task_metadata",
     "get_task_stream",
     "performance_report",
     "progress",
-    # Inside tasks
+    "span",
+    # Inside tasks (zfabric.print and zfabric.warn too: not in __all__, so that a star
+    # import does not replace the builtin print)
     "get_client",
     "get_worker",
+    "local_client",
     "rejoin",
     "secede",
     "worker_client",

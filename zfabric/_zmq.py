@@ -46,6 +46,12 @@ def _common(sock: zmq.Socket, linger_ms: int, hwm: int, max_frame_bytes: int = -
     sock.setsockopt(zmq.MAXMSGSIZE, max_frame_bytes)
 
 
+#: Set in the environment of a Nanny's worker processes: the Nanny (or the cluster) that
+#: started them said already that the cluster runs without security.
+INSECURE_WARNED_VARIABLE = "ZFABRIC_INSECURE_WARNED"
+_warned_insecure: set[str] = set()
+
+
 def router(ctx: zmq.Context, host: str, port: int = 0, *, linger_ms: int = DEFAULT.LINGER_MS,
            hwm: int = DEFAULT.HWM_MESSAGES, sndhwm: int | None = None,
            max_frame_bytes: int = -1, security=None, role: str = ""):
@@ -60,12 +66,11 @@ def router(ctx: zmq.Context, host: str, port: int = 0, *, linger_ms: int = DEFAU
         sock.setsockopt(zmq.SNDHWM, sndhwm)
     if security is not None:
         security.server_socket(sock, role)
-    elif not _loopback(host):
-        logger.warning(
-            "listening on %s without security: anyone who can reach this port can run code"
-            " in the cluster (messages carry pickles). Pass --security DIR (keys from"
-            " `zfabric keygen DIR`), or --require-encryption to refuse to start like this",
-            host)
+    elif not _loopback(host) and host not in _warned_insecure and \
+            not os.environ.get(INSECURE_WARNED_VARIABLE):
+        _warned_insecure.add(host)  # once per process and host; a Nanny's workers never
+        logger.warning("listening on %s without security: anyone reaching it can run code"
+                       " (zfabric keygen; --require-encryption)", host)
     sock.setsockopt(zmq.ROUTER_MANDATORY, 1)
     if security is not None:
         zap.acquire(ctx, security)  # before any peer can connect; the owner releases it

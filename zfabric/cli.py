@@ -26,6 +26,8 @@ app = typer.Typer(
     add_completion=False,
     no_args_is_help=True,
     pretty_exceptions_enable=False,
+    # plain help: every option name whole at 80 columns, no <str>/<bool> type column
+    rich_markup_mode=None,
 )
 
 Address = Annotated[
@@ -96,7 +98,33 @@ def _security(directory: Path | None, require: bool):
 
 def main(argv: list[str] | None = None) -> None:
     """Entry point of the ``zfabric`` command."""
-    app(args=argv, prog_name="zfabric")
+    command = typer.main.get_command(app)
+    _plain_metavars(command)
+    command(args=argv, prog_name="zfabric")
+
+
+def _plain_metavars(command) -> None:
+    """Option values named as click names them (``TEXT``, ``INTEGER``, ``PATH``), not by
+    typer's ``<str>``/``<int range>`` placeholders."""
+    for sub in getattr(command, "commands", {}).values():
+        _plain_metavars(sub)
+    words = {str: "TEXT", int: "INTEGER", float: "FLOAT", Path: "PATH"}
+    for param in getattr(command, "params", ()):
+        if param.metavar is not None or getattr(param, "is_flag", False):
+            continue
+        kind = getattr(getattr(param, "type_descriptor", None), "annotation", None)
+        for arg in getattr(kind, "__args__", ()):  # X | None, list[X]
+            if arg in words:
+                kind = arg
+        if getattr(param, "is_flag", None) is None:  # an argument: its own name, no type
+            param.metavar = str(param.name).upper()
+            param.display_type_rich = lambda ctx: None
+        elif kind in words:
+            param.metavar = words[kind]
+
+
+def _plural(n: int, word: str) -> str:
+    return f"{n} {word}{'' if n == 1 else 's'}"
 
 
 def _setup_logging(level: str) -> None:
@@ -500,16 +528,18 @@ def format_info(report: dict) -> str:
         used = _size(mem)
         limit = _size(limit_bytes) if limit_bytes else "-"
         numeric = all(type(v) in (int, float) for v in (mem, limit_bytes))
-        bar = (f"{text_bar(mem / limit_bytes, 20)} {mem / limit_bytes * 100:3.0f}%"
+        bar = (f"{text_bar(mem / limit_bytes, 10)} {mem / limit_bytes * 100:3.0f}%"
                if limit_bytes and numeric else "")
-        rows.append((str(w.get("name", addr)), addr, str(w.get("nthreads", "")),
+        name = str(w.get("name", addr))
+        rows.append(("-" if name == addr else name, addr, str(w.get("nthreads", "")),
                      f"{used} / {limit}", bar, _size(metrics.get("spilled", 0)),
                      str(w.get("status", "running")),
                      str(metrics.get("executing", w.get("processing", 0))),
                      str(w.get("in_memory", 0))))
     widths = [max(len(r[i]) for r in [header, *rows]) for i in range(len(header))]
-    lines = [f"Scheduler {report.get('address', '')}: {len(rows)} worker(s),"
-             f" {sum(int(r[2]) for r in rows if r[2].isdigit())} thread(s)", ""]
+    nthreads = sum(int(r[2]) for r in rows if r[2].isdigit())
+    lines = [f"Scheduler {report.get('address', '')}: {_plural(len(rows), 'worker')},"
+             f" {_plural(nthreads, 'thread')}", ""]
     for r in [header, *rows]:
         lines.append("  ".join(c.ljust(wd) for c, wd in zip(r, widths, strict=True)).rstrip())
     tasks = report.get("tasks") or {}

@@ -48,11 +48,16 @@ from .datasets import Datasets, DatasetsMapping
 from .diagnostics import Diagnostics
 from .errors import ClosedError
 from .futures import Future, FutureState, futures_of
+from .inspection import Inspection
 from .lifecycle import LoopThread
+from .metadata import Metadata
 from .plugin_requests import PluginRequests
+from .profiling import Profiling
+from .reprs import render_client
 from .security import SecurityError, as_security
 from .session import Session
 from .submission import Submission, funcname  # noqa: F401  (funcname: public there)
+from .topics import Topics
 from .transfer import DataPool
 from .values import Values
 
@@ -176,6 +181,10 @@ class Client:
         self._datasets = Datasets(self)
         self._diagnostics = Diagnostics(self, core, self._admin.run_on_workers)
         self._plugins = PluginRequests(self, core)
+        self._topics = Topics(self, core)
+        self._metadata = Metadata(self)
+        self._inspection = Inspection(self, core, self._admin.run_on_workers)
+        self._profiling = Profiling(self, core, self._admin.run_on_workers)
         self._is_default = set_as_default
         if set_as_default:
             current.add_default(self)
@@ -191,6 +200,16 @@ class Client:
 
     def __repr__(self) -> str:
         return f"<Client: scheduler={self.scheduler_address!r} status={self.status}>"
+
+    def _repr_html_(self) -> str:
+        info = None
+        if self.status == "running" and not self.asynchronous:
+            with contextlib.suppress(Exception):
+                info = self.scheduler_info(n_workers=-1)
+        cluster = type(self.cluster).__name__ if self.cluster is not None else None
+        return render_client(name=self.id, scheduler_address=self.scheduler_address,
+                             status=self.status, dashboard_link=self.dashboard_link,
+                             cluster=cluster, info=info)
 
     @property
     def status(self) -> str:
@@ -272,6 +291,8 @@ class Client:
         if self._own_cluster:  # the factory the cluster layer installed (zfabric.current)
             self.cluster = await current.start_local_cluster(asynchronous=True,
                                                              **self._cluster_kwargs)
+            if not self.asynchronous:  # client.cluster.scale(3) from the user's thread
+                self.cluster.serve_blocking_calls(core.loop)
             self.scheduler_address = core.address = self.cluster.scheduler_address
             self.security = self.cluster.security
         if not self.scheduler_address:
@@ -327,6 +348,11 @@ class Client:
         self.core.check_open()
         return dask.persist(self, collections, **kwargs)
 
+    def normalize_collection(self, collection):
+        """``collection`` taken from the Futures this client holds for its keys (see
+        :func:`zfabric.dask.normalize_collection`)."""
+        return dask.normalize_collection(self, collection)
+
     # ------------------------------------------------------------------ cancel
 
     def cancel(self, futures, asynchronous=None, force: bool = False, reason: str | None = None,
@@ -365,6 +391,8 @@ class Client:
     run = _ByPart("_admin", ClusterAdmin.run)
     run_on_scheduler = _ByPart("_admin", ClusterAdmin.run_on_scheduler)
     register_scheduler_plugin = _ByPart("_admin", ClusterAdmin.register_scheduler_plugin)
+    unregister_scheduler_plugin = _ByPart("_admin", ClusterAdmin.unregister_scheduler_plugin)
+    rebalance = _ByPart("_admin", ClusterAdmin.rebalance)
     restart = _ByPart("_admin", ClusterAdmin.restart)
     wait_for_workers = _ByPart("_admin", ClusterAdmin.wait_for_workers)
     get_versions = _ByPart("_admin", ClusterAdmin.get_versions)
@@ -401,6 +429,19 @@ class Client:
     get_worker_logs = _ByPart("_diagnostics", Diagnostics.get_worker_logs)
     log_event = _ByPart("_diagnostics", Diagnostics.log_event)
     get_events = _ByPart("_diagnostics", Diagnostics.get_events)
+    dump_cluster_state = _ByPart("_inspection", Inspection.dump_cluster_state)
+    benchmark_hardware = _ByPart("_inspection", Inspection.benchmark_hardware)
+    profile = _ByPart("_profiling", Profiling.profile)
+    call_stack = _ByPart("_profiling", Profiling.call_stack)
+    subscribe_topic = _ByPart("_topics", Topics.subscribe_topic)
+    unsubscribe_topic = _ByPart("_topics", Topics.unsubscribe_topic)
+    forward_logging = _ByPart("_topics", Topics.forward_logging)
+    unforward_logging = _ByPart("_topics", Topics.unforward_logging)
+
+    # ------------------------------------------------------------------ metadata
+
+    set_metadata = _ByPart("_metadata", Metadata.set_metadata)
+    get_metadata = _ByPart("_metadata", Metadata.get_metadata)
 
     # ------------------------------------------------------------------ plugins
 
@@ -408,6 +449,7 @@ class Client:
     register_worker_plugin = _ByPart("_plugins", PluginRequests.register_worker_plugin)
     unregister_worker_plugin = _ByPart("_plugins", PluginRequests.unregister_worker_plugin)
     upload_file = _ByPart("_plugins", PluginRequests.upload_file)
+    register_worker_callbacks = _ByPart("_plugins", PluginRequests.register_worker_callbacks)
 
     # ------------------------------------------------------------------ close
 
@@ -462,6 +504,7 @@ class Client:
         core.status = "closing"
         current.drop_default(self)
         core.stop_callbacks(wait=False)
+        await self._topics.close()
         await self._session.close()
         with core.lock:
             for st in list(core.states.values()):

@@ -95,6 +95,15 @@ class ClientCore:
         self._id_prefix = uuid.uuid4().hex[:20]
         self._unique = itertools.count()
         self._callbacks: concurrent.futures.ThreadPoolExecutor | None = None
+        #: Sets that collect the wire keys of the tasks this client submits while they are
+        #: here (``get_task_metadata`` blocks; :meth:`note_submitted`).
+        self.key_collectors: list[set] = []
+        #: Called once, with the first tasks submitted (the client starts listening for its
+        #: tasks' printed output then); None once called.
+        self.on_first_submit: Callable[[], None] | None = None
+        #: wire key of a dask graph's output -> every wire key that graph submitted (one
+        #: frozenset shared by its outputs), so that ``progress`` shows every task group.
+        self.graph_keys: dict[str, frozenset] = {}
 
     # ------------------------------------------------------------------ liveness
 
@@ -214,6 +223,7 @@ class ClientCore:
                 self.refcount[key] = n
                 return
             self.refcount.pop(key, None)
+            self.graph_keys.pop(key, None)
             st = self.states.pop(key, None)
             if st is not None:
                 self.window.drop(st)
@@ -281,6 +291,21 @@ class ClientCore:
             ops = list(self.outbox)
             self.outbox.clear()
         return ops
+
+    def note_submitted(self, keys: Iterable[str]) -> None:
+        """Tasks of these wire keys were submitted (lock held): collectors learn them."""
+        hook, self.on_first_submit = self.on_first_submit, None
+        if hook is not None:
+            hook()
+        for collector in self.key_collectors:
+            collector.update(keys)
+
+    def note_graph(self, outputs: Iterable[str], keys: Iterable[str]) -> None:
+        """A dask graph of these wire ``keys`` was submitted for ``outputs`` (lock held)."""
+        every = frozenset(keys)
+        if every:
+            for key in outputs:
+                self.graph_keys[key] = every
 
     def pump(self) -> None:
         """Queue the held tasks that fit in the submit window now (lock held)."""

@@ -30,6 +30,7 @@ from .config import Config, from_env, memory_limit_bytes, parse_bytes, parse_tim
 from .errors import ClosedError, CommTimeoutError
 from .lifecycle import LifeCycle, LoopThread
 from .nanny import Nanny, format_bytes
+from .reprs import render_cluster_of
 from .scheduler import Scheduler
 from .security import as_security
 from .worker import Worker
@@ -132,6 +133,15 @@ class LocalCluster(LifeCycle):
             level = logging.getLevelName(silence_logs) if isinstance(silence_logs, int) \
                 else str(silence_logs)
             worker_log_level = str(level).lower()
+        protocol = kwargs.pop("protocol", None)
+        if protocol not in (None, "tcp", "tcp://"):
+            raise ValueError(f"LocalCluster(protocol={protocol!r}): zfabric speaks ZeroMQ over"
+                             " TCP only; use protocol='tcp://' or leave it out")
+        worker_dashboard = kwargs.pop("worker_dashboard_address", None)
+        if worker_dashboard is not None:
+            raise ValueError("LocalCluster(worker_dashboard_address=...): zfabric's workers"
+                             " serve no dashboard of their own; every worker's page is on the"
+                             " scheduler's dashboard (dashboard_address=)")
         diagnostics_port = kwargs.pop("diagnostics_port", None)
         if diagnostics_port is not None:  # dask's old name for the dashboard's port
             dashboard_address = f":{int(diagnostics_port)}"
@@ -211,6 +221,9 @@ class LocalCluster(LifeCycle):
     def name(self) -> str:
         return self._name or f"LocalCluster({self.scheduler_address or 'not started'})"
 
+    def _repr_html_(self) -> str:
+        return render_cluster_of(self)
+
     def __repr__(self) -> str:
         threads = len(self.workers) * self.threads_per_worker
         if self.processes and self.workers:
@@ -286,10 +299,37 @@ class LocalCluster(LifeCycle):
 
     # ------------------------------------------------------------------ size
 
+    #: The loop of the blocking Client that started this (asynchronous) cluster, as
+    #: ``Client()`` does: calls from other threads run there and block, as on a blocking
+    #: cluster (:meth:`serve_blocking_calls`).
+    _caller_loop: asyncio.AbstractEventLoop | None = None
+
+    def serve_blocking_calls(self, loop: asyncio.AbstractEventLoop) -> None:
+        """This asynchronous cluster runs on ``loop``, the loop thread of a blocking client:
+        ``scale``, ``adapt``, ``wait_for_workers``, ``get_logs`` called from any other
+        thread run there and return their results (``client.cluster.scale(3)``)."""
+        self._caller_loop = loop
+
+    def _marshal_to(self) -> asyncio.AbstractEventLoop | None:
+        """The loop a call from this thread must run on, or None (the caller is on it)."""
+        loop = self._caller_loop
+        if loop is None:
+            return None
+        try:
+            return None if asyncio.get_running_loop() is loop else loop
+        except RuntimeError:
+            return loop
+
     def _run(self, coro, timeout: float | None = START_TIMEOUT_S):
         """Awaitable ``coro`` when asynchronous; else run it on the cluster's loop and wait."""
         if self.asynchronous:
-            return coro
+            loop = self._marshal_to()
+            if loop is None:
+                return coro
+            if self.status != "running":
+                coro.close()
+                raise ClosedError(f"{self.name} is {self.status}; create a new client")
+            return asyncio.run_coroutine_threadsafe(coro, loop).result(timeout)
         if self._loop_thread is None or self.status != "running":
             coro.close()
             raise ClosedError(f"{self.name} is {self.status}; create a new LocalCluster")
@@ -389,10 +429,11 @@ class LocalCluster(LifeCycle):
         adaptive = self._adaptive = Adaptive(self, minimum=minimum, maximum=maximum,
                                              interval=interval_s, wait_count=wait_count,
                                              target_duration=target_s)
-        if self.asynchronous:
+        loop = self.loop if not self.asynchronous else self._marshal_to()
+        if loop is None:
             adaptive.start()
         else:
-            self.loop.call_soon_threadsafe(adaptive.start)
+            loop.call_soon_threadsafe(adaptive.start)
         return adaptive
 
     def wait_for_workers(self, n_workers: int = 0, timeout=None):

@@ -31,6 +31,15 @@ logger = logging.getLogger("zfabric.client")
 _RUN_ON_ERROR = ("raise", "return", "ignore")
 
 
+#: What registering a scheduler plugin raises: what to use instead, and why.
+SCHEDULER_PLUGINS = (
+    "scheduler plugins: zfabric's scheduler never runs user code (it never unpickles"
+    " anything). To follow task transitions, subclass zfabric.TransitionListener (its"
+    " transition(key, start, finish) runs in this process); for events of your own, use"
+    " client.log_event() and client.subscribe_topic(); for code on the workers, a"
+    " WorkerPlugin (client.register_plugin) or client.run()")
+
+
 def _versions() -> dict:
     return protocol.versions()
 
@@ -58,11 +67,13 @@ class ClusterAdmin:
 
     # ------------------------------------------------------------------ who is there
 
-    def scheduler_info(self, n_workers: int = 5, **kwargs):
+    def scheduler_info(self, n_workers: int = -1, **kwargs):
         """The scheduler's address, id, totals and workers: ``{"workers": {address: {...}}}``.
 
-        ``n_workers`` bounds how many workers are listed (dask's default 5; -1 for all); the
-        totals (``n_workers``, ``total_threads``, ``total_memory``) count every worker.
+        ``n_workers`` bounds how many workers are listed (-1, the default as in dask 2026:
+        all); the totals (``n_workers``, ``total_threads``, ``total_memory``) count every
+        worker. Each worker's ``services`` names the HTTP services it serves (none: zfabric's
+        dashboard is the scheduler's).
         """
         _no_kwargs("scheduler_info", kwargs)
         if not isinstance(n_workers, int) or isinstance(n_workers, bool):
@@ -73,6 +84,8 @@ class ClusterAdmin:
         info = await self.request("info")
         if n_workers >= 0 and len(info["workers"]) > n_workers:
             info["workers"] = dict(list(info["workers"].items())[:n_workers])
+        for w in info["workers"].values():
+            w.setdefault("services", {})
         return info
 
     def who_has(self, futures=None, **kwargs):
@@ -184,9 +197,12 @@ class ClusterAdmin:
                            " client.scheduler_info() to inspect the scheduler")
 
     def register_scheduler_plugin(self, plugin, name=None, idempotent=None):
-        """Not in zfabric: its scheduler never runs user code."""
-        raise ZFabricError("scheduler plugins: zfabric's scheduler never runs user code (it"
-                           " never unpickles anything); use worker plugins or client.run()")
+        """Not in zfabric: its scheduler never runs user code (see the error)."""
+        raise ZFabricError(SCHEDULER_PLUGINS)
+
+    def unregister_scheduler_plugin(self, name):
+        """Not in zfabric: its scheduler never runs user code (see the error)."""
+        raise ZFabricError(SCHEDULER_PLUGINS)
 
     # ------------------------------------------------------------------ restart, shutdown
 
@@ -327,6 +343,37 @@ class ClusterAdmin:
                                " holders did not answer); try again")
         return None
 
+    # ------------------------------------------------------------------ rebalance
+
+    def rebalance(self, futures=None, workers=None, **kwargs):
+        """Even out the bytes held by workers (``workers``: only among these) by moving
+        results (``futures``: only these) from the fullest workers to the emptiest, as
+        dask.distributed's. A move is a copy to the new holder, then the drop of the old
+        copy (see :meth:`replicate`); a value a task still reads where it is stays."""
+        _no_kwargs("rebalance", kwargs)
+        return self.sync(self._rebalance, futures, _names(workers))
+
+    async def _rebalance(self, futures, workers):
+        keys = None
+        if futures is not None:
+            flat = [futures] if isinstance(futures, Future) else futures_of(futures)
+            pending = [f._state for f in flat if not f._state.done()]
+            if pending:
+                await until_done(pending)
+            keys = [f._wkey for f in flat if f._state.status == "finished"]
+        info = await self.request("info")
+        wanted = _selector(workers, info) if workers else (lambda a: True)
+        pool = [a for a in info["workers"] if wanted(a)]
+        if len(pool) < 2:
+            return None
+        sizes = dict(await self.request("nbytes", keys=None))
+        holders = await self.request("who-has", keys=None)
+        movable = set(keys) if keys is not None else set(holders)
+        for (sender, recipient), moved in plan_moves(pool, holders, sizes, movable).items():
+            await self.request("replicate", keys=moved, n=1, workers=[recipient])
+            await self.request("replicate", keys=moved, n=1, workers=[sender, recipient])
+        return None
+
     # ------------------------------------------------------------------ retire
 
     def retire_workers(self, workers=None, close_workers: bool = True, *, n: int | None = None,
@@ -443,3 +490,37 @@ def _mismatches(result: dict) -> list[str]:
             if name in theirs and theirs[name] != value:
                 out.append(f"{name}: client {value}, {who} {theirs[name]}")
     return out
+
+
+def plan_moves(pool: list[str], holders: dict[str, list[str]], sizes: dict[str, int],
+               movable: set[str]) -> dict[tuple[str, str], list[str]]:
+    """``{(sender, recipient): [keys]}`` that bring each worker of ``pool`` near the mean of
+    bytes held: the largest movable values of the fullest worker go to the emptiest, while
+    a move narrows the gap. Only values with one holder in the pool move."""
+    load = dict.fromkeys(pool, 0)
+    own: dict[str, list[str]] = {a: [] for a in pool}
+    for key, where in holders.items():
+        inside = [a for a in where if a in load]
+        for a in inside:
+            load[a] += sizes.get(key, 0)
+        if len(inside) == 1 and key in movable and sizes.get(key, 0) > 0:
+            own[inside[0]].append(key)
+    for keys in own.values():
+        keys.sort(key=lambda k: sizes[k])
+    moves: dict[tuple[str, str], list[str]] = {}
+    while True:
+        sender = max(pool, key=lambda a: load[a])
+        recipient = min(pool, key=lambda a: load[a])
+        if not own[sender]:
+            return moves
+        key = own[sender][-1]
+        size = sizes[key]
+        if load[sender] - load[recipient] <= size:  # moving it would not narrow the gap
+            own[sender].pop()
+            if not any(own[a] and load[a] - load[recipient] > sizes[own[a][-1]] for a in pool):
+                return moves
+            continue
+        own[sender].pop()
+        load[sender] -= size
+        load[recipient] += size
+        moves.setdefault((sender, recipient), []).append(key)

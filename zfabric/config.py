@@ -11,6 +11,8 @@ import os
 from dataclasses import dataclass, fields, replace
 from typing import Any
 
+from . import dask_config
+
 #: Version of the wire protocol; peers with another version are refused.
 PROTOCOL_VERSION = 1
 
@@ -150,9 +152,11 @@ class Config:
 
 
 def from_env(environ: dict[str, str] | None = None, **overrides) -> Config:
-    """Build a Config from ``ZFABRIC_*`` environment variables and keyword overrides."""
+    """Build a Config from dask's ``distributed.*`` settings where zfabric has an equivalent
+    (:mod:`zfabric.dask_config`; only where dask is installed), then ``ZFABRIC_*``
+    environment variables, then keyword overrides (each wins over the one before)."""
     env = os.environ if environ is None else environ
-    values: dict[str, Any] = {}
+    values: dict[str, Any] = dask_config.settings(environ)
     for f in fields(Config):
         raw = env.get("ZFABRIC_" + f.name)
         if raw is None:
@@ -174,6 +178,16 @@ def from_env(environ: dict[str, str] | None = None, **overrides) -> Config:
 
 
 DEFAULT = Config()
+
+
+def config_environ(config: Config) -> dict[str, str]:
+    """``ZFABRIC_*`` variables that give a process started with them ``config`` (the
+    settings that differ from the defaults): a Nanny passes its own to its workers, so that
+    what the client's process set (``dask.config.set`` included) reaches them."""
+    env = {f"ZFABRIC_{f.name}": str(getattr(config, f.name)) for f in fields(Config)
+           if getattr(config, f.name) != f.default}
+    env[dask_config.WARNED_VARIABLE] = "1"
+    return env
 
 
 _UNITS = {

@@ -26,7 +26,7 @@ from . import current
 from .client import Client
 from .current import current_task
 
-__all__ = ["get_client", "get_worker", "rejoin", "secede", "worker_client"]
+__all__ = ["get_client", "get_worker", "local_client", "rejoin", "secede", "worker_client"]
 
 _lock = threading.Lock()
 
@@ -120,3 +120,7 @@ def worker_client(timeout=None, separate_thread: bool = True):
     finally:
         if separate_thread:
             rejoin()
+
+
+#: dask.distributed's older name of :func:`worker_client`.
+local_client = worker_client

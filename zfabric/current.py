@@ -33,7 +33,7 @@ from typing import Any
 
 __all__ = ["client", "current_task", "default_client", "install_local_cluster",
            "install_task_client", "process_keys", "set_process_keys", "start_local_cluster",
-           "thread_task"]
+           "thread_task", "worker_client_of"]
 
 
 # ---------------------------------------------------------------------------- the task
@@ -138,6 +138,15 @@ def close_task_client(worker) -> None:
     """Close the client that tasks of ``worker`` made, if any (the worker is closing)."""
     if _close_task_client is not None:
         _close_task_client(worker)
+
+
+def worker_client_of(worker, timeout=None):
+    """The client of ``worker``'s tasks (made on first use), from any thread of the worker's
+    process: for worker plugins that talk to the scheduler outside a task."""
+    if _task_client is None:
+        raise RuntimeError("no factory for a task's client is installed; import zfabric"
+                           " (its package) in the worker process")
+    return _task_client(worker, timeout)
 
 
 def client(timeout=None):

@@ -314,6 +314,9 @@ def submit_graph(client, graph: dict, annotations: dict, held: dict, want: list,
             if type(op) is Deferred and op.state.key in states:
                 op.state = states[op.state.key]  # a requested key shipped on its own
         core.outbox.extend(ops)
+        submitted = _submitted_keys(ops)
+        core.note_submitted(submitted)
+        core.note_graph([f._wkey for f in futures.values()], submitted)
         # Keys this client holds Futures for (the requested ones, or earlier ones that the
         # graph shares) stay wanted; the rest were wanted only while the ops went out.
         held_keys = core.refcount
@@ -391,16 +394,31 @@ def get(client, dsk, keys, *, workers=None, allow_other_workers=False, resources
     return _pack(keys, {**values, **got})
 
 
+def _submitted_keys(ops: list) -> list[str]:
+    keys: list[str] = []
+    for op in ops:
+        if type(op) is Deferred:
+            keys.append(op.state.key)
+        else:
+            keys.extend(t[0] for t in op.get("tasks", ()))
+    return keys
+
+
 async def _gather_packed(client, keys, futures, values):
     got = await client.values.gather_async(futures)
     return _pack(keys, {**values, **got})
+
+
+#: dask's keywords for its own schedulers that ``get`` takes and ignores.
+IGNORED_KEYWORDS = frozenset({"optimize_graph", "traverse", "num_workers", "pool",
+                              "chunksize"})
 
 
 def _check_kwargs(kwargs: dict) -> None:
     # dask.compute passes its own keywords through to the scheduler: these are understood
     # (and harmless) there; anything else is a mistake the caller should hear about.
     for name in list(kwargs):
-        if name in ("optimize_graph", "traverse", "num_workers", "pool", "chunksize"):
+        if name in IGNORED_KEYWORDS:
             kwargs.pop(name)
     if kwargs:
         raise TypeError(f"unexpected keyword arguments for a zfabric dask scheduler: "
@@ -500,3 +518,33 @@ def persist(client, collections, *, optimize_graph=True, workers=None,
         rebuild, args = c.__dask_postpersist__()
         out.append(rebuild({k: held[k] for k in _flat(ks)}, *args))
     return out[0] if singleton else out
+
+
+def normalize_collection(client, collection):
+    """``collection`` with the parts this client holds Futures for taken from them, as
+    dask.distributed's: when every output key is held, the collection rebuilt on those
+    Futures; a ``Delayed`` whose graph has held keys, with those nodes replaced by their
+    Futures; otherwise the collection itself (nothing held, or a graph zfabric cannot
+    rewrite: computing it reuses held results by key anyway)."""
+    import dask
+    from dask.delayed import Delayed
+
+    if not dask.is_dask_collection(collection):
+        raise TypeError(f"normalize_collection takes a dask collection, got"
+                        f" {type(collection).__name__}")
+    core = client.core
+    with core.lock:
+        held = {k for k, st in core.states.items() if k in core.refcount
+                and st.status in ("pending", "finished")}
+    if not held:
+        return collection
+    out_keys = _flat(collection.__dask_keys__())
+    if out_keys and all(to_wire(k) in held for k in out_keys):
+        rebuild, args = collection.__dask_postpersist__()
+        return rebuild({k: Future(k, client) for k in out_keys}, *args)
+    if isinstance(collection, Delayed):
+        graph = dict(collection.__dask_graph__())
+        found = {k: Future(k, client) for k in graph if to_wire(k) in held}
+        if found:
+            return Delayed(collection.key, {**graph, **found})
+    return collection

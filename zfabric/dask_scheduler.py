@@ -16,10 +16,12 @@ files on the client's host and breaks across hosts.
 
 from __future__ import annotations
 
+import inspect
 import sys
 import threading
 import weakref
 
+from . import dask as zfabric_dask
 from .current import client as any_client
 from .current import current_task, default_client
 from .import_hooks import after_import
@@ -85,10 +87,22 @@ def _client_for_dask():
     return c
 
 
+#: The keywords :func:`dask_get` hands on to ``Client.get``: its own, and those of dask's
+#: local schedulers that it takes (and ignores) there.
+_GET_KEYWORDS = frozenset(
+    name for name, p in inspect.signature(zfabric_dask.get).parameters.items()
+    if p.kind is inspect.Parameter.KEYWORD_ONLY) | zfabric_dask.IGNORED_KEYWORDS
+
+
 def dask_get(dsk, keys, **kwargs):
     """dask's scheduler while a zfabric client is the default: runs on that client. Inside a
     task it runs on the worker's client, the task giving its slot back meanwhile (so a
-    one-thread worker does not wait for itself)."""
+    one-thread worker does not wait for itself).
+
+    As every dask scheduler does, it ignores keywords meant for other schedulers
+    (``dask.compute(x, bogus=1)`` hands them to whichever scheduler runs); ``Client.get``
+    and ``Client.compute`` themselves still raise on unknown keywords."""
+    kwargs = {k: v for k, v in kwargs.items() if k in _GET_KEYWORDS}
     key, executor = current_task()
     if executor is not None:  # as worker_client(): the slot is given back meanwhile
         client = any_client()

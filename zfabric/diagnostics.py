@@ -20,10 +20,12 @@ from typing import Any
 from . import protocol
 from .client_core import ClientCore
 from .current import default_client
+from .keys import from_wire as _from_wire
+from .keys import group_label
 from .logs import recent
 from .report import render_report
 
-__all__ = ["Diagnostics", "get_task_stream", "performance_report"]
+__all__ = ["Diagnostics", "get_task_metadata", "get_task_stream", "performance_report"]
 
 #: How often a performance_report fetches the task stream while its block runs (the
 #: scheduler's ring is bounded: TASK_STREAM_LENGTH).
@@ -77,16 +79,17 @@ class Diagnostics:
         "stop"}], "group"}``. ``start``/``stop`` bound the time (see :func:`as_wall_time`),
         ``count`` keeps the newest. The scheduler remembers the last ``TASK_STREAM_LENGTH``."""
         if plot or filename is not None:
-            raise NotImplementedError("zfabric draws the task stream on its dashboard and in"
-                                      " performance_report(filename=...), not with bokeh;"
-                                      " call get_task_stream() without plot= or filename=")
+            _bokeh()  # raises, saying so, where bokeh is not installed
         if count is not None and (not isinstance(count, int) or count < 0):
             raise ValueError(f"count must be a non-negative integer, got {count!r}")
         args = {"start": as_wall_time(start), "stop": as_wall_time(stop), "count": count}
-        return self.sync(self._task_stream, args)
+        records = self.sync(self._task_stream, args)
+        if not plot and filename is None:
+            return records
+        return _plot_records(records, filename)
 
     async def _task_stream(self, args: dict) -> list[dict]:
-        return (await self.request("task-stream", **args))["records"]
+        return as_dask_records((await self.request("task-stream", **args))["records"])
 
     def get_scheduler_logs(self, n: int | None = None):
         """The scheduler process's recent log records: ``[(level, message), ...]``."""
@@ -131,6 +134,51 @@ class Diagnostics:
         return tuple(tuple(e) for e in result)
 
 
+def as_dask_records(records: list[dict]) -> list[dict]:
+    """Task-stream records as dask.distributed's: the key as the user gave it, and its
+    fields ``type``/``typename`` (None: zfabric's workers do not report the result's type),
+    ``metadata`` and ``stimulus_id``."""
+    for r in records:
+        r["key"] = _from_wire(r["key"])
+        if "group" in r:
+            r["group"] = group_label(r["group"])
+        r.setdefault("type", None)
+        r.setdefault("typename", None)
+        r.setdefault("metadata", {})
+        stop = r["startstops"][-1]["stop"] if r.get("startstops") else None
+        r.setdefault("stimulus_id", f"task-finished-{stop}")
+    return records
+
+
+def _bokeh():
+    try:
+        import bokeh.plotting  # an optional dependency
+    except ImportError:
+        raise ImportError("get_task_stream(plot=...) draws with bokeh, which is not"
+                          " installed: pip install bokeh, or use the records (no plot=), the"
+                          " dashboard, or performance_report(filename=...)") from None
+    return bokeh.plotting
+
+
+def _plot_records(records: list[dict], filename: str | None):
+    """``(records, figure)``: one bar per task (row: worker and thread), as dask's plot; saved
+    as HTML when ``filename`` is given."""
+    plotting = _bokeh()
+    rows = sorted({(r["worker"], r["thread"]) for r in records}, key=str)
+    row = {w: i for i, w in enumerate(rows)}
+    figure = plotting.figure(title="Task stream", x_axis_type="datetime", height=400,
+                             width=800, tools="xpan,xwheel_zoom,reset,hover")
+    for r in records:
+        for ss in r.get("startstops") or ():
+            figure.hbar(y=row[(r["worker"], r["thread"])], left=ss["start"] * 1000,
+                        right=ss["stop"] * 1000, height=0.8,
+                        color="#d62728" if r["status"] == "error" else "#1f77b4")
+    if filename is not None:
+        plotting.output_file(filename)
+        plotting.save(figure)
+    return records, figure
+
+
 def _client(client):
     if client is None:
         return default_client()
@@ -143,8 +191,10 @@ class get_task_stream:
 
     def __init__(self, client=None, plot: bool = False, filename: str | None = None):
         if plot or filename is not None:
-            raise NotImplementedError("zfabric draws no bokeh plot; use ts.data, the dashboard"
-                                      " or performance_report(filename=...)")
+            _bokeh()  # raises, saying so, where bokeh is not installed
+        self.plot = plot
+        self.filename = filename
+        self.figure = None
         self.client = client
         self.data: list[dict] = []
         self._since = 0
@@ -171,7 +221,61 @@ class get_task_stream:
                           " read (the scheduler keeps TASK_STREAM_LENGTH); raise"
                           " ZFABRIC_TASK_STREAM_LENGTH on the scheduler to keep them",
                           RuntimeWarning, stacklevel=3)
-        self.data.extend(reply["records"])
+        self.data.extend(as_dask_records(reply["records"]))
+
+
+class get_task_metadata:
+    """Collect what the scheduler knows of the tasks submitted in the block, as
+    dask.distributed's: ``with get_task_metadata() as tasks: x.compute()``, then
+    ``tasks.state`` is ``{key: final state}`` and ``tasks.metadata`` ``{key: {...}}`` (for
+    the tasks the task stream still remembers: worker, group, start and stop)."""
+
+    def __init__(self, client=None):
+        self.client = client
+        self.keys: set[str] = set()
+        self.metadata: dict | None = None
+        self.state: dict | None = None
+
+    def __enter__(self):
+        self.client = _client(self.client)
+        self.client.core.key_collectors.append(self.keys)
+        return self
+
+    def __exit__(self, *exc):
+        self._stop()
+        self._fill(*self.client.sync(self._ask))
+
+    async def __aenter__(self):
+        return self.__enter__()
+
+    async def __aexit__(self, *exc):
+        self._stop()
+        self._fill(*await self._ask())
+
+    def _stop(self) -> None:
+        core = self.client.core
+        with core.lock:
+            core.key_collectors = [c for c in core.key_collectors if c is not self.keys]
+
+    async def _ask(self):
+        request = self.client.core.request
+        keys = sorted(self.keys)
+        states = await request("task-states", keys=keys) if keys else {}
+        stream = (await request("task-stream"))["records"] if keys else []
+        return states, stream
+
+    def _fill(self, states: dict, stream: list) -> None:
+        from_wire = _from_wire
+        self.state = {from_wire(k): s for k, s in states.items()}
+        wanted = {from_wire(k) for k in self.keys}
+        self.metadata = {k: {} for k in wanted}
+        for record in stream:
+            key = _from_wire(record.get("key"))
+            if key in self.metadata:
+                self.metadata[key] = {
+                    "worker": record.get("worker"), "group": record.get("group"),
+                    "status": record.get("status"),
+                    "startstops": record.get("startstops")}
 
 
 class performance_report:

@@ -9,7 +9,7 @@
     ├── ProtocolError
     │   ├── RemoteProtocolError  a peer sent something malformed or incompatible
     │   └── LocalProtocolError   we were about to send something malformed (a bug of ours)
-    ├── SerializationError       a value could not be pickled or unpickled
+    ├── SerializationError       a value could not be pickled or unpickled (also a TypeError)
     ├── KilledWorker             a task was on too many workers that died
     ├── TaskTimeout              a task ran past its task_timeout (also a TimeoutError)
     ├── LostDataError            data that cannot be recomputed (scattered) was lost with a worker
@@ -34,6 +34,7 @@ from concurrent.futures import CancelledError
 
 __all__ = [
     "ActorLost",
+    "CancelledError",
     "ClosedError",
     "CommTimeoutError",
     "KilledWorker",
@@ -42,6 +43,7 @@ __all__ = [
     "ProtocolError",
     "KeyRevoked",
     "RemoteProtocolError",
+    "Reschedule",
     "ResultTooLarge",
     "SchedulerLost",
     "SecurityError",
@@ -49,8 +51,14 @@ __all__ = [
     "TaskCancelled",
     "TaskTimeout",
     "TaskTooLarge",
+    "TimeoutError",
     "ZFabricError",
 ]
+
+#: dask.distributed's names: ``except zfabric.CancelledError`` catches a cancelled future's
+#: error (:class:`TaskCancelled` is one), ``except zfabric.TimeoutError`` a timeout (the
+#: builtin, which asyncio's is too).
+TimeoutError = TimeoutError
 
 
 class ZFabricError(Exception):
@@ -81,8 +89,9 @@ class LocalProtocolError(ProtocolError):
     """Raised when this process was about to send a malformed message."""
 
 
-class SerializationError(ZFabricError):
-    """Raised when a function, argument or result cannot be pickled or unpickled."""
+class SerializationError(ZFabricError, TypeError):
+    """Raised when a function, argument or result cannot be pickled or unpickled (also a
+    ``TypeError``, the type dask.distributed raises)."""
 
 
 class KilledWorker(ZFabricError):
@@ -131,3 +140,9 @@ class SecurityError(ZFabricError):
 class KeyRevoked(SecurityError, SchedulerLost):
     """Raised when the scheduler ended a client's session because its key was revoked: every
     future that was pending and every later call of that client fails with it at once."""
+
+
+class Reschedule(Exception):
+    """Raised by a task to give up this run, as dask.distributed's: zfabric's scheduler does
+    not place the task again by itself, so the task fails with it (submit it with
+    ``retries=`` to have it run again)."""

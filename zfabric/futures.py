@@ -19,6 +19,7 @@ from . import current, errors, serialize
 from .config import parse_timedelta
 from .errors import TaskCancelled, ZFabricError
 from .keys import from_wire, readable, to_wire
+from .reprs import render_future
 
 __all__ = ["DoneAndNotDoneFutures", "Future", "FutureState", "as_completed", "fire_and_forget",
            "futures_of", "wait"]
@@ -147,7 +148,7 @@ class Future(serialize.KeyHandle):
 
     # ``key`` is the user's key (a str, int or tuple, as given); ``_wkey`` its wire form
     # (zfabric.keys), which the scheduler, the workers and the client's records use.
-    __slots__ = ("__weakref__", "_released", "_state", "_wkey", "client", "key")
+    __slots__ = ("__weakref__", "_released", "_state", "_type", "_wkey", "client", "key")
 
     #: dask treats objects with this flag as references to remote data (``delayed(f)(future)``
     #: and persisted collections' graphs), without zfabric importing dask.
@@ -161,17 +162,50 @@ class Future(serialize.KeyHandle):
         self._wkey = wkey
         self.client = client
         self._released = False
+        self._type: type | None = None
         self._state = state if state is not None else client.core.get_state(wkey, want=inform)
         client.core.inc_ref(wkey)
 
     def __repr__(self) -> str:
         return f"<Future: {self.status}, key: {self.key}>"
 
-    def __hash__(self) -> int:
-        return hash(self._wkey)
+    # Futures compare (and hash) by identity, as dask.distributed's: two Futures of one key
+    # are two handles (each counts for the key) and both stay in a set.
 
-    def __eq__(self, other) -> bool:
-        return isinstance(other, Future) and other._wkey == self._wkey
+    def _repr_html_(self) -> str:
+        return render_future(self)
+
+    @property
+    def executor(self):
+        """The client this future belongs to (dask's name for it)."""
+        return self.client
+
+    @property
+    def type(self) -> type | None:
+        """The type of the result once finished; None before (and in an asynchronous
+        client, which cannot ask here without blocking). Asked of the worker holding it,
+        once: the value itself does not travel."""
+        if self._type is None and self._state.status == "finished" and \
+                not self.client.asynchronous:
+            self._type = self.client.submit(type, self, pure=True,
+                                            key=f"type-of-{self._wkey}").result()
+        return self._type
+
+    def bind_client(self, client) -> None:
+        """Make this future a handle of ``client`` (for a Future that arrived unpickled
+        where another client is the one to use). The old client's hold on the key goes."""
+        if client is self.client:
+            return
+        old, wkey = self.client, self._wkey
+        self._state = client.core.get_state(wkey, want=True)
+        client.core.inc_ref(wkey)
+        self.client = client
+        if not self._released:
+            try:
+                old.core.dec_ref(wkey)
+            except Exception:
+                pass
+        self._released = False
 
     @property
     def status(self) -> str:
@@ -316,8 +350,8 @@ def futures_of(obj) -> list[Future]:
     collections (those that :meth:`Client.persist` returned), each once."""
     out: list[Future] = []
     _flatten(obj, out)
-    if len(out) > 1:
-        out = list(dict.fromkeys(out))
+    if len(out) > 1:  # one per key (Futures compare by identity)
+        out = list({f._wkey: f for f in reversed(out)}.values())[::-1]
     return out
 
 
@@ -400,8 +434,10 @@ class as_completed:
     """Iterate over futures as they finish: ``for f in as_completed(fs)`` in a blocking
     client, ``async for f in as_completed(fs)`` in an asynchronous one.
 
-    With ``with_results=True`` it yields ``(future, result)`` pairs (a failed future raises,
-    unless ``raise_errors=False``, when its exception is yielded as the result).
+    With ``with_results=True`` it yields ``(future, result)`` pairs. A failed future raises,
+    unless ``raise_errors=False``: then, as in dask.distributed, its result is the
+    ``(type, exception, traceback)`` triple. A cancelled future's result is a
+    ``CancelledError`` (it does not raise).
     """
 
     def __init__(self, futures: Iterable[Future] = (), with_results: bool = False,
@@ -512,9 +548,15 @@ class as_completed:
         try:
             return f.result()
         except BaseException as exc:
-            if self.raise_errors or isinstance(exc, KeyboardInterrupt):
-                raise
+            return self._failed(f, exc)
+
+    def _failed(self, f: Future, exc: BaseException):
+        """What a failed future yields with its result (or raise): see the class docstring."""
+        if f.cancelled():
             return exc
+        if self.raise_errors or not isinstance(exc, Exception):
+            raise exc
+        return type(exc), exc, exc.__traceback__
 
     def __aiter__(self):
         return self
@@ -545,9 +587,7 @@ class as_completed:
             try:
                 return f, await f.client.values.result(f)
             except Exception as exc:
-                if self.raise_errors:
-                    raise
-                return f, exc
+                return f, self._failed(f, exc)
         return f
 
 

@@ -70,6 +70,19 @@ def from_wire(key: str):
     return key
 
 
+def group_label(name: str) -> str:
+    """A task group's name as dask names it (``sum-aggregate``, ``random_sample``), also for
+    a group the scheduler named from a tuple key's wire form (``"\x1f('sum-aggregate"``)."""
+    if type(name) is str and name.startswith(MARK):
+        return name[1:].lstrip("('\"") or name
+    return name
+
+
+def key_label(key) -> str:
+    """A key as the user gave it, for display: ``('sum-aggregate-…', 0, 0)``, ``inc-1``."""
+    return str(from_wire(key))
+
+
 # repr() of an encoded key inside the scheduler's messages: "\x1f('x', 1)" (double quotes,
 # since the tuple's repr holds single ones).
 _QUOTED = re.compile(r'"\\x1f([^"]*)"' + r"|'\\x1f([^']*)'|\x1f(\([^\n]*?\)|[^\s,:]+)")

@@ -8,7 +8,27 @@
 from __future__ import annotations
 
 import asyncio
+import enum
 import threading
+
+
+class Status(enum.StrEnum):
+    """dask.distributed's status names. zfabric's objects keep their ``status`` as plain
+    strings; each member equals its string (``cluster.status == Status.running``)."""
+
+    undefined = "undefined"
+    created = "created"
+    init = "init"
+    starting = "starting"
+    running = "running"
+    paused = "paused"
+    stopping = "stopping"
+    stopped = "stopped"
+    closing = "closing"
+    closing_gracefully = "closing_gracefully"
+    closed = "closed"
+    failed = "failed"
+    dont_reply = "dont_reply"
 
 
 class LifeCycle:

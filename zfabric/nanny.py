@@ -52,7 +52,7 @@ from typing import Any
 import zmq.asyncio
 
 from . import _zmq, protocol, serialize
-from .config import Config, from_env, memory_limit_bytes
+from .config import Config, config_environ, from_env, memory_limit_bytes
 from .errors import CommTimeoutError, RemoteProtocolError, ZFabricError
 from .lifecycle import LifeCycle
 from .security import SecurityError, as_security
@@ -156,7 +156,7 @@ class Nanny(LifeCycle):
         self.death_timeout = float(
             death_timeout if death_timeout is not None else self.config.RECONNECT_TIMEOUT_S
         )
-        self.env = dict(env or {})
+        self.env = {**config_environ(self.config), **dict(env or {})}
         # dask's --preload, run by each worker process it starts (files made absolute)
         specs = [preload] if isinstance(preload, str) else list(preload or ())
         self.preload = [os.path.abspath(p) if p.endswith(".py") or os.sep in p else p

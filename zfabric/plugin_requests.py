@@ -13,7 +13,9 @@ from typing import Any
 
 from . import serialize
 from .client_core import ClientCore
+from .cluster_admin import SCHEDULER_PLUGINS
 from .plugins import NannyPlugin, UploadFile, WorkerPlugin
+from .worker_plugins import WorkerCallback
 
 __all__ = ["PluginRequests"]
 
@@ -39,6 +41,8 @@ class PluginRequests:
         NannyPlugin (on every Nanny); ``{name or address: {"status": "OK"}}``. A plugin of the
         same name replaces the old one (torn down first) unless ``idempotent``, which keeps
         the old one."""
+        if _is_scheduler_plugin(plugin):
+            raise TypeError(f"{type(plugin).__name__} is a SchedulerPlugin: {SCHEDULER_PLUGINS}")
         if isinstance(plugin, NannyPlugin):
             kind = "nanny"
         elif isinstance(plugin, WorkerPlugin) or hasattr(plugin, "setup"):
@@ -73,6 +77,13 @@ class PluginRequests:
             raise ValueError(f"there is no {kind} plugin named {name!r}")
         return _statuses(results)
 
+    def register_worker_callbacks(self, setup=None):
+        """Run ``setup()`` (or ``setup(dask_worker=worker)``) on every worker, current and
+        later (a :class:`~zfabric.worker_plugins.WorkerCallback` plugin)."""
+        if setup is None:
+            return {}
+        return self.register_plugin(WorkerCallback(setup))
+
     def upload_file(self, filename, load: bool = True):
         """Ship a ``.py``, ``.zip`` or ``.egg`` to every worker (and every later one), put it
         on their ``sys.path`` and (``load``, for a ``.py``) import it there."""
@@ -82,6 +93,12 @@ class PluginRequests:
         if not os.path.isfile(filename):
             raise FileNotFoundError(f"no file {filename!r} to upload")
         return self.register_plugin(UploadFile(filename, load=load))
+
+
+def _is_scheduler_plugin(plugin) -> bool:
+    """A ``SchedulerPlugin`` of dask.distributed (or zfabric's name for one), without
+    importing dask.distributed."""
+    return any(c.__name__ == "SchedulerPlugin" for c in type(plugin).__mro__)
 
 
 def _statuses(results: dict) -> dict:

@@ -17,7 +17,7 @@ import tempfile
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["NannyPlugin", "UploadFile", "WorkerPlugin"]
+__all__ = ["NannyPlugin", "SchedulerPlugin", "UploadFile", "WorkerPlugin"]
 
 
 class WorkerPlugin:
@@ -54,6 +54,13 @@ class NannyPlugin:
 
     def teardown(self, nanny):
         pass
+
+
+class SchedulerPlugin:
+    """dask.distributed's name, so that code defining one imports; registering one raises:
+    zfabric's scheduler runs no user code. Subclass :class:`zfabric.TransitionListener`
+    instead to follow task transitions in your own process (or use
+    ``client.subscribe_topic`` for events you log)."""
 
 
 class UploadFile(WorkerPlugin):

@@ -27,6 +27,7 @@ import sys
 import threading
 
 from . import logs
+from ._zmq import INSECURE_WARNED_VARIABLE
 
 __all__ = [
     "NannyPipe", "die_with_parent", "is_nanny_worker_argv", "parent_alive", "parse_resources",
@@ -41,6 +42,8 @@ WORKER_ENVIRON = {
     "MKL_NUM_THREADS": "1",
     "OPENBLAS_NUM_THREADS": "1",
     "MALLOC_TRIM_THRESHOLD_": "65536",
+    # the Nanny (or the cluster) warned already when it listens without security
+    INSECURE_WARNED_VARIABLE: "1",
 }
 #: After SIGINT/SIGTERM a process that has not closed within this long exits anyway.
 HARD_EXIT_S = 10.0
@@ -171,9 +174,12 @@ def worker_command(scheduler_address: str, *, identity: str, nthreads: int, memo
                    log_level: str = "warning", memory_fractions: dict | None = None,
                    local_directory: str | None = None,
                    preload: list[str] | None = None, keys_fd: int | None = None) -> list[str]:
-    """The argv of a worker process a Nanny starts: zfabric's own entry point, fresh."""
+    """The argv of a worker process a Nanny starts: zfabric's own entry point, fresh. ``-P``:
+    the current directory does not go on ``sys.path`` (a folder named like an installed
+    package there would shadow it); the user's modules come through ``PYTHONPATH``
+    (:func:`worker_environ`)."""
     cmd = [
-        sys.executable, "-m", "zfabric", "worker", scheduler_address,
+        sys.executable, "-P", "-m", "zfabric", "worker", scheduler_address,
         "--nthreads", str(nthreads), "--memory-limit", str(memory_limit),
         "--nanny", nanny, "--identity", identity, "--parent-pid", str(parent_pid),
         "--ready-fd", str(ready_fd), "--log-level", log_level,
@@ -209,7 +215,7 @@ def worker_environ(extra: dict | None = None, base: dict | None = None) -> dict[
     paths = []
     for p in sys.path:
         p = os.path.abspath(p or os.curdir)
-        if p.startswith(prefixes) or not os.path.isdir(p) or p in paths:
+        if p.startswith(prefixes) or not os.path.isdir(p) or p in paths or _shadows_us(p):
             continue
         paths.append(p)
     if env.get("PYTHONPATH"):
@@ -218,6 +224,19 @@ def worker_environ(extra: dict | None = None, base: dict | None = None) -> dict[
         env["PYTHONPATH"] = os.pathsep.join(paths)
     env.update({k: str(v) for k, v in (extra or {}).items()})
     return env
+
+
+#: The directory this zfabric package is imported from.
+_HOME = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def _shadows_us(path: str) -> bool:
+    """Whether ``path`` holds a ``zfabric`` that is not this package (the parent of a clone,
+    with zfabric installed from elsewhere): on a worker's path it would hide the package."""
+    if os.path.realpath(path) == os.path.realpath(_HOME):
+        return False
+    return os.path.isdir(os.path.join(path, "zfabric")) or \
+        os.path.isfile(os.path.join(path, "zfabric.py"))
 
 
 def is_nanny_worker_argv(argv: list[str]) -> bool:

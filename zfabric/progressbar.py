@@ -19,6 +19,7 @@ import threading
 import time
 
 from .futures import futures_of
+from .keys import group_label
 from .scheduler.observe import key_group
 
 __all__ = ["progress"]
@@ -36,15 +37,31 @@ class _Tracker:
     def __init__(self, futures):
         self.groups: dict[str, list[int]] = {}  # name -> [done, erred, total]
         self.pending: list = []
+        #: The other tasks of the dask graphs these futures come from (blocking clients):
+        #: wire key -> its group's counts, asked of the scheduler as they run.
+        self.upstream: dict[str, list[int]] = {}
+        self.client = None
+        outputs = set()
         for f in dict.fromkeys(futures):
-            name = key_group(f.key)
+            outputs.add(f._wkey)
+            name = group_label(key_group(f._wkey))
             g = self.groups.setdefault(name, [0, 0, 0])
             g[2] += 1
             self.pending.append((f._state, g))
+        for f in dict.fromkeys(futures):
+            if f.client.asynchronous:
+                continue
+            for key in f.client.core.graph_keys.get(f._wkey, ()):
+                if key not in outputs and key not in self.upstream:
+                    g = self.groups.setdefault(group_label(key_group(key)), [0, 0, 0])
+                    g[2] += 1
+                    self.upstream[key] = g
+                    self.client = f.client
         self.start = time.monotonic()
 
     def update(self) -> bool:
-        """Look at the pending futures again; True once every one is done."""
+        """Look at the pending futures (and upstream tasks) again; True once every one is
+        done."""
         still = []
         for st, g in self.pending:
             if st.done():
@@ -54,7 +71,25 @@ class _Tracker:
             else:
                 still.append((st, g))
         self.pending = still
-        return not still
+        if self.upstream:
+            self._ask_upstream(finished=not still)
+        return not still and not self.upstream
+
+    def _ask_upstream(self, finished: bool) -> None:
+        """Upstream tasks in memory, erred or forgotten (done and released) are done."""
+        try:
+            states = self.client.sync(self.client.core.request, "task-states",
+                                      keys=list(self.upstream))
+        except Exception:  # closing, or the scheduler is away: count them as done
+            states = {}
+            finished = True
+        for key in list(self.upstream):
+            state = states.get(key)
+            if state in ("memory", "erred", None) or finished:
+                g = self.upstream.pop(key)
+                g[0] += 1
+                if state == "erred":
+                    g[1] += 1
 
     def totals(self) -> tuple[int, int, int]:
         done = sum(g[0] for g in self.groups.values())

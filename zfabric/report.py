@@ -8,6 +8,7 @@ import time
 import zlib
 
 from .dashboard.pages import report_sections
+from .keys import group_label, key_label
 
 #: Task bars drawn at most (the newest); the tables count every record.
 MAX_BARS = 20_000
@@ -65,7 +66,7 @@ def _stream_svg(records: list[dict], transfers: list, names: dict, start: float,
         parts.append(
             f'<rect class="task" x="{x0:.1f}" y="{rows[(r["worker"], r["thread"])] * row_h + 1}"'
             f' width="{max(x1 - x0, 0.5):.1f}" height="{row_h - 2}" fill="{fill}">'
-            f'<title>{_esc(r["key"])} ({_esc(r["group"])})'
+            f'<title>{_esc(key_label(r["key"]))} ({_esc(group_label(r["group"]))})'
             f' {(ss["stop"] - ss["start"]) * 1e3:.1f} ms</title></rect>')
     for t in transfers:
         x0, x1 = x(t[2]), x(t[3])
@@ -97,7 +98,7 @@ def render_report(records: list[dict], transfers: list, first: dict, last: dict,
     groups: dict[str, list] = {}  # name -> [tasks, erred, compute s, nbytes]
     busy: dict[str, float] = {}
     for r in records:
-        g = groups.setdefault(r["group"], [0, 0, 0.0, 0])
+        g = groups.setdefault(group_label(r["group"]), [0, 0, 0.0, 0])
         g[0] += 1
         g[1] += r["status"] != "OK"
         g[3] += r["nbytes"]

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import linecache
 import os
 import pickle
 import struct
@@ -566,10 +567,42 @@ def rebuild_exception(data: bytes | None, tb: bytes | None, text: str) -> BaseEx
     return exc
 
 
+#: The file name cloudpickle gives the code of functions it pickles by value.
+DYNAMIC_CODE = "<dynamic-code>"
+
+
+def _source_file(name: str, lineno: int) -> str | None:
+    """The file of this process where a function pickled by value came from (the script,
+    or a module beside it: see :func:`local_modules`): the first whose line ``lineno`` lies
+    in a function of that ``name`` (any line, for a lambda)."""
+    main = sys.modules.get("__main__")
+    files = [getattr(main, "__file__", None)]
+    files += [getattr(sys.modules.get(n.decode()), "__file__", None) for n in local_modules()]
+    for path in files:
+        if not path:
+            continue
+        lines = linecache.getlines(path)
+        if not 0 < lineno <= len(lines):
+            continue
+        if name == "<lambda>" and "lambda" in lines[lineno - 1]:
+            return path
+        for i in range(lineno - 1, -1, -1):  # the nearest def above the line
+            text = lines[i].lstrip()
+            if text.startswith(("def ", "async def ")):
+                if text.split("def ", 1)[1].split("(", 1)[0].strip() == name:
+                    return path
+                break
+    return None
+
+
 def build_traceback(frames: list[tuple[str, int, str]]) -> types.TracebackType | None:
-    """A real traceback object whose frames carry the remote file names and line numbers."""
+    """A real traceback object whose frames carry the remote file names and line numbers
+    (a function that travelled by value, which cloudpickle names ``<dynamic-code>``, gets
+    the name of its file here, when this process has it)."""
     tb = None
     for filename, lineno, name in reversed(frames):
+        if filename == DYNAMIC_CODE:
+            filename = _source_file(name, lineno) or filename
         code = compile("\n" * max(lineno - 1, 0) + "raise _E", filename, "exec")
         code = code.replace(co_name=name)
         try:

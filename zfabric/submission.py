@@ -123,6 +123,7 @@ class Submission:
             core.queue_tasks(tasks, functions, batch)
             if window.ready():
                 core.pump()
+            core.note_submitted(item[0] for item in items)
         core.send()
         return out
 

@@ -12,6 +12,7 @@ import time
 from typing import Literal
 
 from .client import Client
+from .keys import group_label
 from .nanny import format_bytes
 
 #: Width of the text bars, in characters.
@@ -54,7 +55,8 @@ def render(snap: dict):
     rate = series[-1][1] if series else 0.0
     moved = series[-1][2] if series else 0.0
     head = Text(f"zfabric scheduler {snap['address']}", style="bold")
-    head.append(f"   {len(workers)} workers, {threads} threads · {t['processing']} processing"
+    head.append(f"   {len(workers)} worker{'' if len(workers) == 1 else 's'}, {threads}"
+                f" thread{'' if threads == 1 else 's'} · {t['processing']} processing"
                 f" · {t['new'] + t['waiting'] + t['queued']} waiting ·"
                 f" {snap['counters']['finished']} finished · {rate:,.0f} tasks/s ·"
                 f" {format_bytes(int(moved))}/s moved", style="")
@@ -68,7 +70,9 @@ def render(snap: dict):
     for col, just in columns:
         wt.add_column(col, justify=just)
     for w in workers:
-        wt.add_row(str(w["name"]), w["address"], str(w["nthreads"]), _memory_bar(w),
+        name = str(w["name"])  # a CLI worker is named by its address: shown once
+        wt.add_row("-" if name == w["address"] else name, w["address"], str(w["nthreads"]),
+                   _memory_bar(w),
                    f"{w['cpu']:.0f} %", str(w["processing"]), str(w["held"]),
                    format_bytes(w["nbytes"]))
 
@@ -80,7 +84,8 @@ def render(snap: dict):
     for g in sorted(snap["groups"], key=lambda g: g["name"]):
         if not g["total"]:
             continue
-        gt.add_row(g["name"], text_bar(g["done"] / g["total"]), f"{g['done']}/{g['total']}",
+        gt.add_row(group_label(g["name"]), text_bar(g["done"] / g["total"]),
+                   f"{g['done']}/{g['total']}",
                    str(g["processing"]), str(g["waiting"]),
                    Text(str(g["erred"]), style="red" if g["erred"] else ""))
     events = Text("Events\n", style="italic")

@@ -113,7 +113,7 @@ class Values:
                 return serialize.loads_value(st.value)
             values = await self._fetch({future._wkey: st.who_has or []})
             if future._wkey in values:
-                return values[future._wkey]
+                return _checked(values[future._wkey])
             await asyncio.sleep(0.05 * (_attempt + 1))
         raise SchedulerLost(f"could not get the value of {future.key!r} from any worker")
 
@@ -197,7 +197,7 @@ class Values:
             else:
                 bad.add(f._wkey)
         if need:
-            values.update(await self._fetch(need))
+            values.update({k: _checked(v) for k, v in (await self._fetch(need)).items()})
             for f in flat:
                 if f._wkey in need and f._wkey not in values:
                     values[f._wkey] = await self._value_of(f)
@@ -310,3 +310,11 @@ async def _bounded(make, timeout: float | None, what: str):
         return await asyncio.wait_for(make(), timeout)
     except TimeoutError:
         raise TimeoutError(f"{what} did not finish within {timeout:g} s") from None
+
+
+def _checked(value):
+    """A fetched value, or the error it stands for: a worker serves an
+    :class:`~zfabric.serialize.Undecodable` for a result it could not pickle."""
+    if type(value) is serialize.Undecodable:
+        raise value.error()
+    return value

@@ -13,7 +13,8 @@ from .pbs import PBSCluster
 from .slurm import SLURMCluster
 from .spec import DEATH_TIMEOUT_S, InProcessScheduler, NannyJob, ProcessInterface, SpecCluster
 from .ssh import SSHCluster, SSHError
+from .subprocess import SubprocessCluster
 
 __all__ = ["DEATH_TIMEOUT_S", "InProcessScheduler", "JobFailedError", "JobQueueCluster",
            "JobSubmissionError", "NannyJob", "PBSCluster", "ProcessInterface", "SLURMCluster",
-           "SSHCluster", "SSHError", "SpecCluster"]
+           "SSHCluster", "SSHError", "SpecCluster", "SubprocessCluster"]

@@ -57,6 +57,7 @@ from ..config import parse_bytes, parse_timedelta
 from ..errors import ClosedError, CommTimeoutError
 from ..lifecycle import LifeCycle, LoopThread
 from ..nanny import Nanny
+from ..reprs import render_cluster_of
 from ..scheduler import Scheduler
 from ..security import as_security
 
@@ -250,6 +251,9 @@ class SpecCluster(LifeCycle):
     def jobs(self) -> dict[str, str]:
         """``{job name: its state}`` for every job the cluster runs (or waits for)."""
         return {n: j.status_text() for n, j in self.workers.items()}
+
+    def _repr_html_(self) -> str:
+        return render_cluster_of(self)
 
     def __repr__(self) -> str:
         return (f"{type(self).__name__}({self.scheduler_address!r}, jobs={len(self.workers)},"

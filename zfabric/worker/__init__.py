@@ -168,6 +168,13 @@ class Worker(LifeCycle):
         except ZFabricError:
             raise
         self.name = self._core.name
+        # what an operator needs from a fresh worker, as dask.distributed's first lines
+        logger.info("worker %s started at %s, registered with %s", self.name, self.address,
+                    self.scheduler_address)
+        memory = f"{self.memory_limit / 2**30:.2f} GiB" if self.memory_limit else "no limit"
+        logger.info("worker %s: %d thread%s, memory %s, directory %s", self.name,
+                    self.nthreads, "" if self.nthreads == 1 else "s", memory,
+                    self._core.local_directory)
 
     def _core_closed(self) -> None:
         if self._closed_by_core is not None:

@@ -355,7 +355,12 @@ class WorkerLoop:
             elif kind == A.KEEP:
                 out = act[1]
                 self.store.put(out.key, out.value, out.nbytes)
-                self.serialized[out.key] = (out.header, out.buffers, out.nbytes)
+                if out.travel_error is None:
+                    self.serialized[out.key] = (out.header, out.buffers, out.nbytes)
+                else:  # what leaves in its place: an error that names the key (serialize)
+                    header, _ = serialize.dumps_value(
+                        serialize.Undecodable(out.key, out.travel_error), 1 << 62)
+                    self.serialized[out.key] = (header, [], len(header))
                 if self.reply_to:
                     self._reply(out)
             elif kind == A.DROP:
@@ -514,7 +519,8 @@ class WorkerLoop:
         """A task whose client asked for a direct reply (zfabric/replies.py) ended: its small
         result goes to that client too, if its token was heard on the data port."""
         token = self.reply_to.pop(out.key, None)
-        if token is None or out.buffers or out.nbytes >= self.config.INLINE_BYTES:
+        if token is None or out.header is None or out.buffers or \
+                out.nbytes >= self.config.INLINE_BYTES:  # header None: it cannot travel
             return
         peer = self.port.reply_peers.get(token)
         if peer is not None:

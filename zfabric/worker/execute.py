@@ -20,6 +20,7 @@ import itertools
 import logging
 import os
 import queue
+import sys
 import threading
 import time
 from collections import deque
@@ -48,6 +49,8 @@ class Outcome:
     thread: int = 0
     start: float = 0.0  # wall clock (time.time()) when it started, for the task stream
     stop: float = 0.0  # wall clock when its result was ready (pickled) or it failed
+    #: Set when the value could not be pickled: why it cannot leave this worker.
+    travel_error: str | None = None
 
 
 class Executor:
@@ -273,8 +276,14 @@ class Executor:
         try:
             header, buffers = serialize.dumps_value(result, self.inline_bytes)
         except Exception as exc:
-            data, tb, text = serialize.exception_payload(exc)
-            return Outcome(key, False, error=(data, tb, text, None), duration=duration)
+            # As dask.distributed: a value that cannot be pickled (a generator, say) stays
+            # here for the tasks of this worker; it fails only where it must travel.
+            where = getattr(self.context, "address", self.name)
+            why = (f"the result of {key!r} cannot be pickled ({exc}), so it cannot leave"
+                   f" worker {where}: only tasks on that worker can use it. Return a picklable"
+                   " value (a list rather than a generator) to use it elsewhere")
+            return Outcome(key, True, result, None, None, sys.getsizeof(result), duration,
+                           travel_error=why)
         size = serialize.nbytes(header, buffers)
         if size > self.max_bytes:
             err = ResultTooLarge(
