@@ -230,9 +230,9 @@ def test_text_progress_bars_by_group():
 
     states = {f"inc-{i}": FutureState(f"inc-{i}") for i in range(4)}
     states["total-x1"] = FutureState("total-x1")
-    class F:  # what progress reads of a Future
+    class F:  # what progress reads of a Future (no client: no dask graph behind it)
         def __init__(self, key, state):
-            self.key, self._state = key, state
+            self.key, self._wkey, self._state, self.client = key, key, state, None
 
     futs = [F(k, st) for k, st in states.items()]
     out = io.StringIO()

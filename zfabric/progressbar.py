@@ -49,7 +49,7 @@ class _Tracker:
             g[2] += 1
             self.pending.append((f._state, g))
         for f in dict.fromkeys(futures):
-            if f.client.asynchronous:
+            if f.client is None or f.client.asynchronous:
                 continue
             for key in f.client.core.graph_keys.get(f._wkey, ()):
                 if key not in outputs and key not in self.upstream:
