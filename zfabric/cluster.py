@@ -15,20 +15,18 @@ internal asynchronous client of the cluster's own.
 from __future__ import annotations
 
 import asyncio
-import atexit
 import inspect
 import logging
 import math
 import os
 import time
-import weakref
 
 from . import logs
 from .adaptive import Adaptive
 from .client import Client, default_client
 from .config import Config, from_env, memory_limit_bytes, parse_bytes, parse_timedelta
 from .errors import ClosedError, CommTimeoutError
-from .lifecycle import LifeCycle, LoopThread
+from .lifecycle import BlockingLifeCycle, LoopThread
 from .nanny import Nanny, format_bytes
 from .reprs import render_cluster_of
 from .scheduler import Scheduler
@@ -72,20 +70,7 @@ def _sizing(n_workers: int | None, threads_per_worker: int | None,
     return n_workers, threads_per_worker
 
 
-_blocking_clusters: weakref.WeakSet = weakref.WeakSet()
-
-
-@atexit.register
-def _close_forgotten_clusters() -> None:
-    # A script that never closes its cluster still stops its worker processes in order.
-    for cluster in list(_blocking_clusters):
-        try:
-            cluster.close(timeout=10)
-        except Exception:  # pragma: no cover - best effort at exit
-            pass
-
-
-class LocalCluster(LifeCycle):
+class LocalCluster(BlockingLifeCycle):
     """A scheduler and ``n_workers`` workers on this machine; pass it to ``Client``.
 
     >>> with LocalCluster(n_workers=2, threads_per_worker=1) as cluster:   # doctest: +SKIP
@@ -197,14 +182,7 @@ class LocalCluster(LifeCycle):
         self._watchers: list[asyncio.Task] = []  # drop workers that close by themselves
         self._loop_thread: LoopThread | None = None
         if not asynchronous:
-            self._loop_thread = LoopThread("zfabric-cluster-loop")
-            self.loop = self._loop_thread.loop
-            try:
-                self._loop_thread.run(self._start_once(), START_TIMEOUT_S)
-            except BaseException:
-                self._stop_loop_thread()
-                raise
-            _blocking_clusters.add(self)
+            self._start_blocking(START_TIMEOUT_S)
 
     # ------------------------------------------------------------------ views
 
@@ -480,46 +458,6 @@ class LocalCluster(LifeCycle):
         if c is not None and c.scheduler_address == self.scheduler_address:
             return c
         return Client(self, asynchronous=self.asynchronous)
-
-    def close(self, timeout: float | None = None):
-        """Close the workers, then the scheduler. Awaitable when ``asynchronous=True``."""
-        if self.asynchronous:
-            return LifeCycle.close(self)
-        _blocking_clusters.discard(self)
-        if self._loop_thread is None:
-            return None
-        try:
-            self._loop_thread.run(LifeCycle.close(self), timeout or START_TIMEOUT_S)
-        finally:
-            self._stop_loop_thread()
-        return None
-
-    def _stop_loop_thread(self) -> None:
-        if self._loop_thread is not None:
-            self._loop_thread.stop()
-            self._loop_thread = None
-
-    def __await__(self):
-        if not self.asynchronous:
-            raise TypeError("await needs LocalCluster(asynchronous=True)")
-        return self._start_once().__await__()
-
-    def __enter__(self):
-        if self.asynchronous:
-            raise TypeError("use `async with` for LocalCluster(asynchronous=True)")
-        if self.status == "closed":
-            raise ClosedError("this LocalCluster is closed; create a new one")
-        return self
-
-    def __exit__(self, *exc_info) -> None:
-        self.close()
-
-    def __del__(self):
-        if getattr(self, "_loop_thread", None) is not None and self.status == "running":
-            try:
-                self.close(timeout=10)
-            except Exception:
-                pass
 
 
 def _host(host: str, ip: str | None, interface: str | None) -> str:

@@ -8,8 +8,13 @@
 from __future__ import annotations
 
 import asyncio
+import atexit
+import contextlib
 import enum
 import threading
+import weakref
+
+from .errors import ClosedError
 
 
 class Status(enum.StrEnum):
@@ -132,3 +137,76 @@ class LoopThread:
         self.thread.join(10)
         if not self.loop.is_running():
             self.loop.close()
+
+
+#: Blocking objects (``asynchronous=False``) running a loop thread of their own: closed in order
+#: at exit when a script never closed them.
+_blocking: weakref.WeakSet = weakref.WeakSet()
+
+
+@atexit.register
+def _close_forgotten() -> None:
+    for obj in list(_blocking):
+        with contextlib.suppress(Exception):
+            obj.close(timeout=obj.exit_timeout_s)
+
+
+class BlockingLifeCycle(LifeCycle):
+    """A :class:`LifeCycle` used either with ``await``/``async with`` (``asynchronous=True``)
+    or blocking, on a :class:`LoopThread` of its own: the cluster managers' shared surface.
+    A subclass sets ``asynchronous`` and, when blocking, starts with :meth:`_start_blocking`."""
+
+    asynchronous: bool = False
+    _loop_thread: LoopThread | None = None
+    #: How long a blocking close waits, and one at the interpreter's exit.
+    close_timeout_s: float = 60.0
+    exit_timeout_s: float = 10.0
+
+    def _start_blocking(self, timeout: float | None, name: str = "zfabric-cluster-loop") -> None:
+        """Start on a loop thread of its own and wait (blocking use)."""
+        self._loop_thread = LoopThread(name)
+        self.loop = self._loop_thread.loop
+        try:
+            self._loop_thread.run(self._start_once(), timeout)
+        except BaseException:
+            self._stop_loop_thread()
+            raise
+        _blocking.add(self)
+
+    def close(self, timeout: float | None = None):
+        """Stop everything it started. Awaitable when ``asynchronous=True``."""
+        if self.asynchronous:
+            return LifeCycle.close(self)
+        _blocking.discard(self)
+        if self._loop_thread is None:
+            return None
+        try:
+            self._loop_thread.run(LifeCycle.close(self), timeout or self.close_timeout_s)
+        finally:
+            self._stop_loop_thread()
+        return None
+
+    def _stop_loop_thread(self) -> None:
+        if self._loop_thread is not None:
+            self._loop_thread.stop()
+            self._loop_thread = None
+
+    def __await__(self):
+        if not self.asynchronous:
+            raise TypeError(f"await needs {type(self).__name__}(asynchronous=True)")
+        return self._start_once().__await__()
+
+    def __enter__(self):
+        if self.asynchronous:
+            raise TypeError(f"use `async with` for {type(self).__name__}(asynchronous=True)")
+        if self.status == "closed":
+            raise ClosedError(f"this {type(self).__name__} is closed; create a new one")
+        return self
+
+    def __exit__(self, *exc_info) -> None:
+        self.close()
+
+    def __del__(self):
+        if getattr(self, "_loop_thread", None) is not None and self.status == "running":
+            with contextlib.suppress(Exception):
+                self.close(timeout=10)

@@ -42,12 +42,10 @@ of :mod:`zfabric.adaptive`, counted in jobs); ``wait_for_workers(n, timeout)``;
 from __future__ import annotations
 
 import asyncio
-import atexit
 import contextlib
 import logging
 import math
 import time
-import weakref
 from typing import Any
 
 from .. import logs
@@ -55,7 +53,7 @@ from ..adaptive import Adaptive
 from ..client import Client
 from ..config import parse_bytes, parse_timedelta
 from ..errors import ClosedError, CommTimeoutError
-from ..lifecycle import LifeCycle, LoopThread
+from ..lifecycle import BlockingLifeCycle, LifeCycle, LoopThread
 from ..nanny import Nanny
 from ..reprs import render_cluster_of
 from ..scheduler import Scheduler
@@ -171,19 +169,10 @@ class NannyJob(ProcessInterface):
             await self.nanny.close()
 
 
-_blocking: weakref.WeakSet = weakref.WeakSet()
-
-
-@atexit.register
-def _close_forgotten() -> None:
-    for cluster in list(_blocking):
-        with contextlib.suppress(Exception):
-            cluster.close(timeout=20)
-
-
-class SpecCluster(LifeCycle):
+class SpecCluster(BlockingLifeCycle):
     """A scheduler and jobs of workers, each a :class:`ProcessInterface` (module docstring)."""
 
+    exit_timeout_s = 20.0  # jobs to cancel at the interpreter's exit take longer
     #: Worker processes one job runs, threads of each, bytes of each (subclasses set them).
     _processes_per_job = 1
     _threads_per_process = 1
@@ -217,14 +206,7 @@ class SpecCluster(LifeCycle):
         self._watchers: list[asyncio.Task] = []
         self._loop_thread: LoopThread | None = None
         if not asynchronous:
-            self._loop_thread = LoopThread(f"zfabric-{type(self).__name__}-loop")
-            self.loop = self._loop_thread.loop
-            try:
-                self._loop_thread.run(self._start_once(), self._start_timeout())
-            except BaseException:
-                self._stop_loop_thread()
-                raise
-            _blocking.add(self)
+            self._start_blocking(self._start_timeout(), f"zfabric-{type(self).__name__}-loop")
 
     def _start_timeout(self) -> float | None:
         return START_TIMEOUT_S * 2
@@ -501,44 +483,6 @@ class SpecCluster(LifeCycle):
     def get_client(self):
         """A Client of this cluster."""
         return Client(self, asynchronous=self.asynchronous)
-
-    def close(self, timeout: float | None = None):
-        """Stop every job and the scheduler. Awaitable when ``asynchronous=True``."""
-        if self.asynchronous:
-            return LifeCycle.close(self)
-        _blocking.discard(self)
-        if self._loop_thread is None:
-            return None
-        try:
-            self._loop_thread.run(LifeCycle.close(self), timeout or START_TIMEOUT_S)
-        finally:
-            self._stop_loop_thread()
-        return None
-
-    def _stop_loop_thread(self) -> None:
-        if self._loop_thread is not None:
-            self._loop_thread.stop()
-            self._loop_thread = None
-
-    def __await__(self):
-        if not self.asynchronous:
-            raise TypeError(f"await needs {type(self).__name__}(asynchronous=True)")
-        return self._start_once().__await__()
-
-    def __enter__(self):
-        if self.asynchronous:
-            raise TypeError(f"use `async with` for {type(self).__name__}(asynchronous=True)")
-        if self.status == "closed":
-            raise ClosedError(f"this {type(self).__name__} is closed; create a new one")
-        return self
-
-    def __exit__(self, *exc_info) -> None:
-        self.close()
-
-    def __del__(self):
-        if getattr(self, "_loop_thread", None) is not None and self.status == "running":
-            with contextlib.suppress(Exception):
-                self.close(timeout=10)
 
 
 def _job_of(worker_name: str, jobs: list[str]) -> str | None:
