@@ -56,7 +56,8 @@ LAYERS: list[tuple[str, list[str]]] = [
     ]),
     ("task API", ["zfabric.context", "zfabric.task_output"]),
     ("top", [
-        "zfabric", "zfabric.__main__", "zfabric.cluster", "zfabric.adaptive",
+        "zfabric", "zfabric.__main__", "zfabric.cluster", "zfabric.cluster_manager",
+        "zfabric.adaptive",
         "zfabric.deploy", "zfabric.deploy.*", "zfabric.cli", "zfabric.demo", "zfabric.top",
         "zfabric.testing", "zfabric.worker_main",
     ]),

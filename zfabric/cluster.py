@@ -22,11 +22,10 @@ import os
 import time
 
 from . import logs
-from .adaptive import Adaptive
 from .client import Client, default_client
-from .config import Config, from_env, memory_limit_bytes, parse_bytes, parse_timedelta
-from .errors import ClosedError, CommTimeoutError
-from .lifecycle import BlockingLifeCycle, LoopThread
+from .cluster_manager import ClusterManager
+from .config import Config, from_env, memory_limit_bytes, parse_bytes
+from .errors import CommTimeoutError
 from .nanny import Nanny, format_bytes
 from .reprs import render_cluster_of
 from .scheduler import Scheduler
@@ -70,7 +69,7 @@ def _sizing(n_workers: int | None, threads_per_worker: int | None,
     return n_workers, threads_per_worker
 
 
-class LocalCluster(BlockingLifeCycle):
+class LocalCluster(ClusterManager):
     """A scheduler and ``n_workers`` workers on this machine; pass it to ``Client``.
 
     >>> with LocalCluster(n_workers=2, threads_per_worker=1) as cluster:   # doctest: +SKIP
@@ -176,11 +175,7 @@ class LocalCluster(BlockingLifeCycle):
         self.workers: dict[int, Nanny | Worker] = {}
         self._name = name
         self._next_index = 0
-        self._control = None  # the cluster's own asynchronous Client, made on first need
-        self._scale_lock: asyncio.Lock | None = None
-        self._adaptive: Adaptive | None = None
-        self._watchers: list[asyncio.Task] = []  # drop workers that close by themselves
-        self._loop_thread: LoopThread | None = None
+        self._init_manager()
         if not asynchronous:
             self._start_blocking(START_TIMEOUT_S)
 
@@ -242,89 +237,14 @@ class LocalCluster(BlockingLifeCycle):
     async def _add_workers(self, n: int) -> None:
         new = [self._new_worker() for _ in range(n)]
         # Every worker process starts at the same time: this is most of the start-up time.
-        # All of them settle before an error is raised, so that closing finds none half-started.
-        results = await asyncio.gather(*(w._start_once() for w in new), return_exceptions=True)
-        for r in results:
-            if isinstance(r, BaseException):
-                raise r
-        self._watchers = [t for t in self._watchers if not t.done()]
-        for w in new:
-            self._watchers.append(asyncio.ensure_future(self._forget_when_closed(w)))
-
-    async def _forget_when_closed(self, w) -> None:
-        """A worker that closes by itself (retired through any client, or told to close)
-        leaves :attr:`workers`, as in dask.distributed's clusters."""
-        await w.finished()
-        if self.status == "running":
-            for i, other in list(self.workers.items()):
-                if other is w:
-                    del self.workers[i]
-
-    async def _close(self) -> None:
-        for t in self._watchers:
-            t.cancel()
-        if self._adaptive is not None:
-            await self._adaptive.stop_async()
-        if self._control is not None:
-            await self._control.close()
-        results = await asyncio.gather(*(w.close() for w in self.workers.values()),
-                                       return_exceptions=True)
-        for r in results:
-            if isinstance(r, BaseException):
-                logger.warning("closing a worker of %s failed: %r", self.name, r)
-        if self.scheduler is not None:
-            await self.scheduler.close()
+        await self._start_all(new)
 
     # ------------------------------------------------------------------ size
 
-    #: The loop of the blocking Client that started this (asynchronous) cluster, as
-    #: ``Client()`` does: calls from other threads run there and block, as on a blocking
-    #: cluster (:meth:`serve_blocking_calls`).
-    _caller_loop: asyncio.AbstractEventLoop | None = None
+    _create_hint = "LocalCluster"
 
-    def serve_blocking_calls(self, loop: asyncio.AbstractEventLoop) -> None:
-        """This asynchronous cluster runs on ``loop``, the loop thread of a blocking client:
-        ``scale``, ``adapt``, ``wait_for_workers``, ``get_logs`` called from any other
-        thread run there and return their results (``client.cluster.scale(3)``)."""
-        self._caller_loop = loop
-
-    def _marshal_to(self) -> asyncio.AbstractEventLoop | None:
-        """The loop a call from this thread must run on, or None (the caller is on it)."""
-        loop = self._caller_loop
-        if loop is None:
-            return None
-        try:
-            return None if asyncio.get_running_loop() is loop else loop
-        except RuntimeError:
-            return loop
-
-    def _run(self, coro, timeout: float | None = START_TIMEOUT_S):
-        """Awaitable ``coro`` when asynchronous; else run it on the cluster's loop and wait."""
-        if self.asynchronous:
-            loop = self._marshal_to()
-            if loop is None:
-                return coro
-            if self.status != "running":
-                coro.close()
-                raise ClosedError(f"{self.name} is {self.status}; create a new client")
-            return asyncio.run_coroutine_threadsafe(coro, loop).result(timeout)
-        if self._loop_thread is None or self.status != "running":
-            coro.close()
-            raise ClosedError(f"{self.name} is {self.status}; create a new LocalCluster")
-        return self._loop_thread.run(coro, timeout)
-
-    async def _client(self):
-        """The cluster's own asynchronous client (for retiring workers, logs, adapt)."""
-        if self._control is None:
-            self._control = Client(self.scheduler_address, asynchronous=True,
-                                   set_as_default=False, config=self.config)
-            await self._control
-        return self._control
-
-    def _lock(self) -> asyncio.Lock:
-        if self._scale_lock is None:
-            self._scale_lock = asyncio.Lock()
-        return self._scale_lock
+    def _client_options(self) -> dict:
+        return {"config": self.config}
 
     def scale(self, n: int = 0, *, memory: int | str | None = None, cores: int | None = None):
         """Run ``n`` workers (or enough for ``cores`` threads or ``memory`` bytes in all).
@@ -333,11 +253,7 @@ class LocalCluster(BlockingLifeCycle):
         stay, the tasks they run finish first). Stops adaptive scaling. Returns once done
         (awaitable when ``asynchronous=True``).
         """
-        target = self._target(n, memory, cores)
-        if self._adaptive is not None:
-            self._adaptive.stop()
-            self._adaptive = None
-        return self._run(self._scale(target))
+        return self._scale_to(self._target(n, memory, cores))
 
     def _target(self, n, memory, cores) -> int:
         if memory is not None and cores is not None:
@@ -352,14 +268,6 @@ class LocalCluster(BlockingLifeCycle):
         if not isinstance(n, int) or isinstance(n, bool) or n < 0:
             raise ValueError(f"scale needs a number of workers >= 0, got {n!r}")
         return n
-
-    async def _scale(self, n: int) -> None:
-        async with self._lock():
-            have = len(self.workers)
-            if n > have:
-                await self._add_workers(n - have)
-            elif n < have:
-                await self._retire(count=have - n)
 
     async def _retire(self, *, count: int | None = None, addresses=None) -> dict:
         """Retire ``count`` workers of the scheduler's choosing (or these ``addresses``) and
@@ -398,25 +306,8 @@ class LocalCluster(BlockingLifeCycle):
             minimum = max(minimum, self._target(0, minimum_memory, None))
         if maximum_memory is not None:
             maximum = min(maximum, self._target(0, maximum_memory, None))
-        if self._adaptive is not None:
-            self._adaptive.stop()
-        interval_s = parse_timedelta(interval, name="interval")
-        target_s = parse_timedelta(target_duration, name="target_duration")
-        if interval_s is None or target_s is None:
-            raise ValueError("adapt(interval=, target_duration=) take durations, not None")
-        adaptive = self._adaptive = Adaptive(self, minimum=minimum, maximum=maximum,
-                                             interval=interval_s, wait_count=wait_count,
-                                             target_duration=target_s)
-        loop = self.loop if not self.asynchronous else self._marshal_to()
-        if loop is None:
-            adaptive.start()
-        else:
-            loop.call_soon_threadsafe(adaptive.start)
-        return adaptive
-
-    def wait_for_workers(self, n_workers: int = 0, timeout=None):
-        """Return once ``n_workers`` workers are connected to the scheduler."""
-        return self._run(self._wait_for_workers(n_workers, parse_timedelta(timeout)), None)
+        return self._start_adaptive(self, minimum, maximum, interval, wait_count,
+                                    target_duration)
 
     async def _wait_for_workers(self, n: int, timeout: float | None) -> None:
         deadline = None if timeout is None else time.monotonic() + timeout
@@ -427,11 +318,6 @@ class LocalCluster(BlockingLifeCycle):
             await asyncio.sleep(0.02)
 
     # ------------------------------------------------------------------ logs and clients
-
-    def get_logs(self, cluster: bool = True, scheduler: bool = True, workers=True):
-        """Recent log lines: ``{"Cluster": ..., "Scheduler": ..., worker address: ...}``, each
-        one string of lines. ``workers`` may be a list of worker addresses."""
-        return self._run(self._get_logs(cluster, scheduler, workers))
 
     async def _get_logs(self, cluster, scheduler, workers) -> dict[str, str]:
         out = {}

@@ -49,11 +49,11 @@ import time
 from typing import Any
 
 from .. import logs
-from ..adaptive import Adaptive
 from ..client import Client
+from ..cluster_manager import ClusterManager
 from ..config import parse_bytes, parse_timedelta
-from ..errors import ClosedError, CommTimeoutError
-from ..lifecycle import BlockingLifeCycle, LifeCycle, LoopThread
+from ..errors import CommTimeoutError
+from ..lifecycle import LifeCycle
 from ..nanny import Nanny
 from ..reprs import render_cluster_of
 from ..scheduler import Scheduler
@@ -169,7 +169,7 @@ class NannyJob(ProcessInterface):
             await self.nanny.close()
 
 
-class SpecCluster(BlockingLifeCycle):
+class SpecCluster(ClusterManager):
     """A scheduler and jobs of workers, each a :class:`ProcessInterface` (module docstring)."""
 
     exit_timeout_s = 20.0  # jobs to cancel at the interpreter's exit take longer
@@ -200,11 +200,7 @@ class SpecCluster(BlockingLifeCycle):
         self.silence_logs = silence_logs
         self._name = name
         self._i = 0
-        self._control = None
-        self._scale_lock: asyncio.Lock | None = None
-        self._adaptive: Any = None
-        self._watchers: list[asyncio.Task] = []
-        self._loop_thread: LoopThread | None = None
+        self._init_manager()
         if not asynchronous:
             self._start_blocking(self._start_timeout(), f"zfabric-{type(self).__name__}-loop")
 
@@ -271,14 +267,7 @@ class SpecCluster(BlockingLifeCycle):
             job = spec["cls"](self.scheduler_address, name=name, **spec.get("options", {}))
             self.workers[name] = job
             new.append(job)
-        # All settle before an error is raised, so that close() finds none half-started.
-        results = await asyncio.gather(*(j._start_once() for j in new), return_exceptions=True)
-        self._watchers = [t for t in self._watchers if not t.done()]
-        for job in new:
-            self._watchers.append(asyncio.ensure_future(self._forget_when_closed(job)))
-        for r in results:
-            if isinstance(r, BaseException):
-                raise r
+        await self._start_all(new)
 
     async def _add_workers(self, n: int) -> None:
         """Start ``n`` more jobs (the unit :mod:`zfabric.adaptive` counts in)."""
@@ -287,56 +276,15 @@ class SpecCluster(BlockingLifeCycle):
             specs.update(self.new_worker_spec())
         await self._start_jobs(specs)
 
-    async def _forget_when_closed(self, job: ProcessInterface) -> None:
-        await job.finished()
-        if self.status == "running":
-            for name, other in list(self.workers.items()):
-                if other is job:
-                    del self.workers[name]
-                    self.worker_spec.pop(name, None)
-                    if job.ended_reason:
-                        logger.warning("%s: job %s ended: %s", self.name, name,
-                                       job.ended_reason)
+    _unit = "job"
 
-    async def _close(self) -> None:
-        for t in self._watchers:
-            t.cancel()
-        if self._adaptive is not None:
-            await self._adaptive.stop_async()
-        if self._control is not None:
-            with contextlib.suppress(Exception):
-                await self._control.close()
-        results = await asyncio.gather(*(j.close() for j in self.workers.values()),
-                                       return_exceptions=True)
-        for r in results:
-            if isinstance(r, BaseException):
-                logger.warning("closing a job of %s failed: %r", self.name, r)
-        if self.scheduler is not None:
-            await self.scheduler.close()
+    def _forgotten(self, name, unit) -> None:
+        self.worker_spec.pop(name, None)
+        if unit.ended_reason:
+            logger.warning("%s: job %s ended: %s", self.name, name, unit.ended_reason)
 
-    # ------------------------------------------------------------------ running it
-
-    def _run(self, coro, timeout: float | None = START_TIMEOUT_S):
-        """Awaitable ``coro`` when asynchronous; else run it on the cluster's loop and wait."""
-        if self.asynchronous:
-            return coro
-        if self._loop_thread is None or self.status != "running":
-            coro.close()
-            raise ClosedError(f"{self.name} is {self.status}; create a new cluster")
-        return self._loop_thread.run(coro, timeout)
-
-    async def _client(self):
-        """The cluster's own asynchronous client (retiring workers, logs, adapt)."""
-        if self._control is None:
-            self._control = Client(self.scheduler_address, asynchronous=True,
-                                   set_as_default=False, security=self.security)
-            await self._control
-        return self._control
-
-    def _lock(self) -> asyncio.Lock:
-        if self._scale_lock is None:
-            self._scale_lock = asyncio.Lock()
-        return self._scale_lock
+    def _client_options(self) -> dict:
+        return {"security": self.security}
 
     # ------------------------------------------------------------------ size
 
@@ -364,19 +312,7 @@ class SpecCluster(BlockingLifeCycle):
         """Run ``n`` worker processes (or ``jobs`` jobs, or enough for ``cores`` threads or
         ``memory`` in all), rounded up to whole jobs. New jobs start at once; extra ones retire
         (their data moves to the workers that stay). Stops adaptive scaling."""
-        target = self._jobs_for(n, jobs, memory, cores)
-        if self._adaptive is not None:
-            self._adaptive.stop()
-            self._adaptive = None
-        return self._run(self._scale(target))
-
-    async def _scale(self, jobs: int) -> None:
-        async with self._lock():
-            have = len(self.workers)
-            if jobs > have:
-                await self._add_workers(jobs - have)
-            elif jobs < have:
-                await self._retire(count=have - jobs)
+        return self._scale_to(self._jobs_for(n, jobs, memory, cores))
 
     async def _retire(self, *, count: int) -> list[str]:
         """Retire ``count`` jobs: the newest ones, their workers' data moved off first."""
@@ -417,22 +353,8 @@ class SpecCluster(BlockingLifeCycle):
             if value is not None:
                 j = self._jobs_for(**{kw: value})
                 lo, hi = (max(lo, j), hi) if low else (lo, min(hi, j))
-        if self._adaptive is not None:
-            self._adaptive.stop()
-        adaptive = self._adaptive = Adaptive(
-            _JobsView(self), minimum=lo, maximum=hi,
-            interval=parse_timedelta(interval, name="interval") or 1.0, wait_count=wait_count,
-            target_duration=parse_timedelta(target_duration, name="target_duration") or 5.0)
-        if self.asynchronous:
-            adaptive.start()
-        else:
-            self.loop.call_soon_threadsafe(adaptive.start)
-        return adaptive
-
-    def wait_for_workers(self, n_workers: int = 0, timeout=None):
-        """Return once ``n_workers`` workers are connected; raise at once when a job failed
-        (its error says why), or :class:`CommTimeoutError` after ``timeout``."""
-        return self._run(self._wait_for_workers(n_workers, parse_timedelta(timeout)), None)
+        return self._start_adaptive(_JobsView(self), lo, hi, interval, wait_count,
+                                    target_duration)
 
     async def _wait_for_workers(self, n: int, timeout: float | None) -> None:
         deadline = None if timeout is None else time.monotonic() + timeout
@@ -457,11 +379,6 @@ class SpecCluster(BlockingLifeCycle):
                 raise error
 
     # ------------------------------------------------------------------ logs and clients
-
-    def get_logs(self, cluster: bool = True, scheduler: bool = True, workers=True):
-        """``{"Cluster": ..., "Scheduler": ..., job name: what it printed, worker address:
-        its recent log lines}``, each one string."""
-        return self._run(self._get_logs(cluster, scheduler, workers))
 
     async def _get_logs(self, cluster, scheduler, workers) -> dict[str, str]:
         out = {}
