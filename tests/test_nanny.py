@@ -19,7 +19,9 @@ import pytest
 from zfabric import Client, KilledWorker, Scheduler
 from zfabric.config import Config, from_env
 from zfabric.errors import CommTimeoutError, ZFabricError
-from zfabric.nanny import Nanny, RestartPolicy, assess, format_bytes
+from zfabric.nanny import Nanny, RestartPolicy, assess
+from zfabric.reprs import format_bytes
+from zfabric.supervision import EXIT_RESTART, after_exit
 from zfabric.process import (
     is_nanny_worker_argv,
     parse_worker_argv,
@@ -94,10 +96,33 @@ def test_worker_environ():
     assert os.path.dirname(os.path.abspath(__file__)) in env["PYTHONPATH"].split(os.pathsep)
 
 
+def test_after_exit_decides_restart_report_and_backoff():
+    def ex(**kw):
+        base = dict(phase="running", then="restart", pid=7, rc=1, ready=True,
+                    closing_reason=None, restart_reason=None)
+        return after_exit(**{**base, **kw})
+
+    crash = ex(rc=-9)
+    assert (crash.then, crash.expected, crash.counted) == ("restart", False, False)
+    assert crash.report == crash.log == "worker process 7 was killed by SIGKILL"
+    assert ex(rc=1, ready=False).counted  # died before it registered: backs off
+    fresh = ex(rc=EXIT_RESTART)
+    assert (fresh.then, fresh.expected, fresh.counted) == ("restart", True, False)
+    assert fresh.report == "worker process 7 exited with code 75"
+    assert ex(rc=0, restart_reason="memory").report is None  # it told the scheduler itself
+    closed = ex(rc=0, closing_reason="retired")
+    assert (closed.then, closed.report) == ("close", "worker closed: retired")
+    stopped = ex(phase="stopping", then="close", rc=-15)
+    assert (stopped.then, stopped.expected) == ("close", True)
+    assert stopped.report == "worker process 7 was killed by SIGTERM while its nanny stopped it"
+    assert ex(phase="stopping", rc=0, closing_reason="told to").report is None
+    assert ex(rc=-200).report == "worker process 7 was killed by signal 200"
+
+
 def test_format_bytes():
     assert format_bytes(0) == "0 B"
-    assert format_bytes(1536) == "1.5 KiB"
-    assert format_bytes(200 * 2**20) == "200.0 MiB"
+    assert format_bytes(1536) == "1.50 kiB"
+    assert format_bytes(200 * 2**20) == "200.00 MiB"
 
 
 # ---------------------------------------------------------------------- real processes

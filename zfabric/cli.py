@@ -507,7 +507,7 @@ def info(
 
 def _size(n) -> str:
     """A byte count from a report, shown as such; anything else shown as it is."""
-    from .nanny import format_bytes
+    from .reprs import format_bytes
 
     if type(n) in (int, float) and n == n and abs(n) != float("inf"):
         return format_bytes(n)

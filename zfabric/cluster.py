@@ -26,8 +26,8 @@ from .client import Client, default_client
 from .cluster_manager import ClusterManager
 from .config import Config, from_env, memory_limit_bytes, parse_bytes
 from .errors import CommTimeoutError
-from .nanny import Nanny, format_bytes
-from .reprs import render_cluster_of
+from .nanny import Nanny
+from .reprs import format_bytes, render_cluster_of
 from .scheduler import Scheduler
 from .security import as_security
 from .worker import Worker

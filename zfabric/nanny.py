@@ -55,9 +55,10 @@ from . import _zmq, protocol, serialize
 from .config import Config, config_environ, from_env, memory_limit_bytes
 from .errors import CommTimeoutError, RemoteProtocolError, ZFabricError
 from .lifecycle import LifeCycle
+from .reprs import format_bytes
 from .security import SecurityError, as_security
 from .spawn import start_worker
-from .supervision import RestartPolicy, Slot, WorkerProcess, assess
+from .supervision import RestartPolicy, Slot, WorkerProcess, after_exit, assess
 from .transfer import read_ops
 from .worker.memory import memory_fractions
 from .worker.spill import worker_directory
@@ -65,14 +66,12 @@ from .worker.state import heartbeat_seconds
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["Nanny", "RestartPolicy", "assess", "format_bytes"]
+__all__ = ["Nanny", "RestartPolicy", "assess"]
 
 #: How long a worker may take to close after SIGTERM on ``close()`` before it gets SIGKILL.
 CLOSE_GRACE_S = 3.0
 #: The same for ``client.restart()``: its work is being thrown away anyway.
 RESTART_GRACE_S = 1.0
-#: Exit code of a worker process that wants to be started again at once (EX_TEMPFAIL).
-EXIT_RESTART = 75
 #: How long a restart may take before the Nanny answers the scheduler with an error.
 RESTART_TIMEOUT_S = 30.0
 
@@ -501,33 +500,19 @@ class Nanny(LifeCycle):
         self._close_pipe(wp)
         # A worker removes its local directory when it exits; not one killed or crashed.
         shutil.rmtree(worker_directory(self.local_directory, wp.identity), ignore_errors=True)
-        how = (f"was killed by {_signal_name(-rc)}" if rc < 0 else f"exited with code {rc}")
-        expected = True  # we stopped it, or it asked to be started afresh: restart at once
-        if slot.phase == "stopping":
-            then = slot.then
-            if wp.closing_reason is None:
-                self._report(wp, f"worker process {wp.pid} {how} while its nanny stopped it")
-        elif wp.restart_reason is not None or rc == EXIT_RESTART:
-            # Not a death: nothing to back off from. A worker that said so on the pipe has said
-            # goodbye to the scheduler too, and nothing it ran is to blame.
-            logger.info("worker process %d asked for a fresh start: %s", wp.pid,
-                        wp.restart_reason or f"exit code {rc}")
-            if wp.restart_reason is None:
-                self._report(wp, f"worker process {wp.pid} {how}")
-            then = "restart"
-        elif wp.closing_reason is not None:
-            logger.info("worker process %d closed: %s", wp.pid, wp.closing_reason)
-            then = "close"
-            self._report(wp, f"worker closed: {wp.closing_reason}")
+        ex = after_exit(phase=slot.phase, then=slot.then, pid=wp.pid, rc=rc, ready=wp.ready,
+                        closing_reason=wp.closing_reason, restart_reason=wp.restart_reason)
+        if ex.log_level >= logging.WARNING:
+            logger.log(ex.log_level, "nanny %s: %s", self.identity, ex.log)
+            slot.last_exit = ex.log
         else:
-            text = f"worker process {wp.pid} {how}"
-            logger.warning("nanny %s: %s", self.identity, text)
-            self._report(wp, text)
-            slot.last_exit = text
-            if not wp.ready:  # died before it registered: count it, to back off
-                slot.deaths.append(now)
-                del slot.deaths[:-20]
-            then, expected = "restart", False
+            logger.log(ex.log_level, "%s", ex.log)
+        if ex.report is not None:
+            self._report(wp, ex.report)
+        if ex.counted:  # died before it registered: count it, to back off
+            slot.deaths.append(now)
+            del slot.deaths[:-20]
+        then, expected = ex.then, ex.expected
         if then == "close" or self.status not in ("starting", "running"):
             slot.phase = "closed"
             return
@@ -631,19 +616,3 @@ def _log_send_error(fut: asyncio.Future) -> None:
     exc = fut.exception()
     if exc is not None:
         logger.info("nanny could not send to the scheduler: %s", exc)
-
-
-def _signal_name(num: int) -> str:
-    try:
-        return signal.Signals(num).name
-    except ValueError:
-        return f"signal {num}"
-
-
-def format_bytes(n: float) -> str:
-    """``1536`` -> ``"1.5 KiB"``."""
-    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
-        if abs(n) < 1024 or unit == "TiB":
-            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
-        n /= 1024
-    return f"{n} B"  # pragma: no cover

@@ -4,8 +4,11 @@ start a crashed one again, and the records of its processes and slots."""
 from __future__ import annotations
 
 import contextlib
+import logging
+import signal
 import subprocess
 from collections.abc import Sequence
+from dataclasses import dataclass
 
 import psutil
 
@@ -32,6 +35,54 @@ def assess(*, phase: str, alive: bool, rss_bytes: int, memory_limit_bytes: int,
         if now >= kill_at:
             return "kill"
     return "ok"
+
+
+#: The exit code of a worker process that leaves to be started afresh at once (EX_TEMPFAIL).
+EXIT_RESTART = 75
+
+
+@dataclass(frozen=True)
+class Exit:
+    """What follows a worker process's exit (see :func:`after_exit`)."""
+
+    then: str  # "restart" | "close"
+    expected: bool  # stopped on purpose or asked for a fresh start: restart at once
+    report: str | None  # tell the scheduler this (``worker-died``), or nothing
+    log_level: int
+    log: str
+    counted: bool  # a death before it registered: counts towards the restart backoff
+
+
+def signal_name(num: int) -> str:
+    try:
+        return signal.Signals(num).name
+    except ValueError:
+        return f"signal {num}"
+
+
+def after_exit(*, phase: str, then: str, pid: int, rc: int, ready: bool,
+               closing_reason: str | None, restart_reason: str | None) -> Exit:
+    """What to do once a slot's process is gone (no I/O): whether to start it again, what to
+    tell the scheduler and what to log. ``phase`` and ``then`` are the slot's; ``rc`` the
+    exit code (negative: the signal that killed it); ``ready``: it had registered; the reasons
+    are what the process said on its pipe."""
+    how = f"was killed by {signal_name(-rc)}" if rc < 0 else f"exited with code {rc}"
+    if phase == "stopping":
+        report = (None if closing_reason is not None
+                  else f"worker process {pid} {how} while its nanny stopped it")
+        return Exit(then, True, report, logging.DEBUG, f"worker process {pid} stopped", False)
+    if restart_reason is not None or rc == EXIT_RESTART:
+        # Not a death: nothing to back off from. A worker that said so on the pipe has said
+        # goodbye to the scheduler too, and nothing it ran is to blame.
+        report = None if restart_reason is not None else f"worker process {pid} {how}"
+        return Exit("restart", True, report, logging.INFO,
+                    f"worker process {pid} asked for a fresh start:"
+                    f" {restart_reason or f'exit code {rc}'}", False)
+    if closing_reason is not None:
+        return Exit("close", True, f"worker closed: {closing_reason}", logging.INFO,
+                    f"worker process {pid} closed: {closing_reason}", False)
+    text = f"worker process {pid} {how}"
+    return Exit("restart", False, text, logging.WARNING, text, not ready)
 
 
 class RestartPolicy:

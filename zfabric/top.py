@@ -13,7 +13,7 @@ from typing import Literal
 
 from .client import Client
 from .keys import group_label
-from .nanny import format_bytes
+from .reprs import format_bytes
 
 #: Width of the text bars, in characters.
 BAR = 24
