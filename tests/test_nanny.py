@@ -20,14 +20,14 @@ from zfabric import Client, KilledWorker, Scheduler
 from zfabric.config import Config, from_env
 from zfabric.errors import CommTimeoutError, ZFabricError
 from zfabric.nanny import Nanny, RestartPolicy, assess
-from zfabric.reprs import format_bytes
-from zfabric.supervision import EXIT_RESTART, after_exit
 from zfabric.process import (
     is_nanny_worker_argv,
     parse_worker_argv,
     worker_command,
     worker_environ,
 )
+from zfabric.reprs import format_bytes
+from zfabric.supervision import EXIT_RESTART, after_exit
 from zfabric.testing import until, wait_gone
 
 pytestmark = [pytest.mark.timeout(40), pytest.mark.usefixtures("no_leftover_processes")]

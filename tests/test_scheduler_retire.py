@@ -169,10 +169,13 @@ def test_retire_waits_for_started_tasks_and_takes_back_the_others():
     state.handle(W1, [{"op": "started", "keys": ["a"]}], 1.1)
     # When W1 is retired while it runs a and has b queued
     out = request(state, "retire-workers", workers=[A1])
-    # Then b is taken back (and goes to W2), a runs on
-    assert {"op": "free", "keys": ["b"]} in out[W1]
+    # Then W1 is asked for b back, and a runs on
+    assert out[W1] == [{"op": "give-back", "keys": ["b"]}]
+    assert W2 not in out and C not in out
+    # When W1 gives b back (it had not started it), b goes to W2
+    state.handle(W1, [{"op": "given-back", "keys": ["b"]}], 2.1)
+    out = state.flush()
     assert out[W2][0]["op"] == "compute" and out[W2][0]["tasks"][0][0] == "b"
-    assert C not in out
     # When a finishes there, its result moves off before the worker closes
     state.handle(W1, [{"op": "finished", "tasks": [["a", 2 * MB, None, 0.1]]}], 3.0)
     state.flush()
@@ -183,6 +186,27 @@ def test_retire_waits_for_started_tasks_and_takes_back_the_others():
     assert out[W1] == [{"op": "close", "reason": "retired"}]
     assert out[C][0] == {"op": "memory", "items": [["a", None, [A2], 2 * MB]]}
     assert list(out[C][1]["result"]["retired"]) == [A1]
+    state.validate()
+
+
+def test_retire_a_task_started_while_asked_back_runs_once():
+    state = given((W1, A1), (W2, A2))
+    state.handle(C, [{"op": "submit", "tasks": [["b", b"p", [], {"workers": [A1],
+                                                                  "allow_other_workers": True}]]}],
+                 1.0)
+    state.flush()
+    # When W1 is retired while its ``started`` for b is on the wire
+    out = request(state, "retire-workers", workers=[A1])
+    assert out[W1] == [{"op": "give-back", "keys": ["b"]}]
+    state.handle(W1, [{"op": "started", "keys": ["b"]}], 2.05)
+    state.handle(W1, [{"op": "given-back", "keys": []}], 2.1)  # (a worker sends none empty)
+    # Then b is not run anywhere else: it finishes on W1, which then retires
+    assert W2 not in state.flush()
+    assert state.tasks["b"].processing_on is state.workers[W1]
+    state.handle(W1, [{"op": "finished", "tasks": [["b", 8, b"v", 0.1]]}], 3.0)
+    state.flush()
+    state.tick(3.1)
+    assert state.flush()[W1] == [{"op": "close", "reason": "retired"}]
     state.validate()
 
 

@@ -366,6 +366,22 @@ def test_free_drops_a_value_and_cancels_what_runs_or_waits():
     assert not core.cancelled and not core.executing
 
 
+def test_give_back_returns_only_tasks_not_started():
+    core = given()
+    core.handle([{"op": "compute", "tasks": [compute("x")]}], 1.0)
+    run(core, "x", now=1.0)
+    core.flush()
+    core.handle([{"op": "compute", "tasks": [compute("r"), compute("w", who_has={"d": [A2]})]}],
+                2.0)  # r ready, not yet handed; w waits for d
+    # When the scheduler (retiring this worker) asks for x, r, w and a key it never had
+    acts = core.handle([{"op": "give-back", "keys": ["x", "r", "w", "gone"]}], 2.0)
+    # Then r and w are dropped and given back; x, which runs, runs on
+    assert acts == [(DROP, "r"), (DROP, "w")]
+    assert core.flush() == [{"op": "given-back", "keys": ["r", "w"]}]
+    assert [a for a in core.pump(2.0) if a[0] == EXECUTE] == []
+    assert set(core.executing) == {"x"} and not core.waiting and not core.ready
+
+
 def test_a_key_computed_again_after_its_cancelled_run_ended_is_not_skipped():
     core = given()
     core.handle([{"op": "compute", "tasks": [compute("x")]}], 1.0)

@@ -69,6 +69,8 @@ SCHEMAS: dict[str, dict[str, tuple[type, ...]]] = {
     "long-running": {"items": _L},
     "started": {"keys": _L},
     "thread-free": {"keys": _L},  # tasks released while they ran have ended
+    "give-back": {"keys": _L},  # tasks to hand back if they have not started
+    "given-back": {"keys": _L},  # ... these had not: they are dropped here
     "missing": {"key": _S, "dep": _S, "address": _S},
     "run": {"id": _I, "payload": _B},
     "functions": {"items": _L},
@@ -391,6 +393,7 @@ ITEMS: dict[str, Callable[[dict], None]] = {
     "retry": _keys,
     "started": _keys,
     "thread-free": _keys,
+    "given-back": _keys,
     "acquired": _acquired,
     "results": _results,
     "heartbeat": _heartbeat,

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 #: The list field of each op that :meth:`Outbox.batch` can merge.
 LIST_FIELD = {"memory": "items", "erred": "items", "compute": "tasks", "free": "keys",
-              "cancelled": "keys", "acquire": "items", "lost": "keys", "forget-functions": "keys"}
+              "cancelled": "keys", "acquire": "items", "lost": "keys", "forget-functions": "keys",
+              "give-back": "keys"}
 
 
 class Outbox:

@@ -234,6 +234,15 @@ class PeerOps:
                     ts = ws.processing.get(key)
                     if ts is not None:
                         ws.mark_started(ts)
+            case "given-back":  # tasks it had not started (retirement): run them elsewhere
+                for key in op["keys"]:
+                    ts = ws.processing.get(key)
+                    if ts is not None and ts not in ws.started:
+                        ws.done(ts, 0.0)
+                        ts.processing_on = None
+                        self.s.set_state(ts, "released")
+                        self.s.start(ts)
+                self.s.fill(ws)
             case "thread-free":  # tasks released while they ran have ended: slots again
                 if ws.cancelled_running:
                     ws.threads_free(op["keys"])

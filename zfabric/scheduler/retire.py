@@ -207,13 +207,12 @@ class Retirement:
         self._retire_step(job)
 
     def _take_back(self, ws: WorkerState) -> None:
-        """Tasks a retiring worker was given but has not started go elsewhere."""
-        for ts in [t for t in ws.processing.values() if not t.started]:
-            ws.done(ts, 0.0)
-            self.s.batch(ws.ident, "free", ts.key)
-            ts.processing_on = None
-            self.s.set_state(ts, "released")
-            self.s.start(ts)
+        """Ask a retiring worker for the tasks it was given and has not started. Only those
+        it gives back (``given-back``) go elsewhere: one it started meanwhile (its
+        ``started`` may be on the wire) finishes there, and runs once."""
+        for ts in ws.processing.values():
+            if ts not in ws.started:
+                self.s.batch(ws.ident, "give-back", ts.key)
 
     def _retire_step(self, job: Job) -> None:
         """Move what the job's workers alone hold; close those with nothing left to do."""

@@ -224,6 +224,14 @@ class WorkerCore:
             case "free":
                 for key in op["keys"]:
                     self._free(key)
+            case "give-back":  # the scheduler retires this worker: what has not started goes
+                queued = {r[0] for r in self.ready}
+                given = [k for k in op["keys"] if k not in self.executing
+                         and (k in queued or k in self.waiting)]
+                for key in given:
+                    self._free(key)
+                if given:
+                    self.outbox.append({"op": "given-back", "keys": given})
             case "acquire":
                 self._acquire(op["items"])
             case "functions":
