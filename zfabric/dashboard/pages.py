@@ -30,6 +30,34 @@ def _colour(name: str) -> str:
     return palette[h % len(palette)]
 
 
+#: A group's tasks by state, as the graph page draws them: done, running, failed; the rest
+#: (waiting) is the grey of the disc.
+PIE = (("done", "#4caf50"), ("processing", "#2196f3"), ("erred", "#e53935"))
+
+
+def _pie(x: float, y: float, r: float, g: dict) -> str:
+    """A disc whose slices are the shares of a group's tasks in each state (a slice is a
+    circle of half the radius whose stroke, as wide as the radius, is dashed to its share)."""
+    total = g["done"] + g["processing"] + g["erred"] + g["waiting"]
+    out = [f'<circle cx="{x:.0f}" cy="{y:.0f}" r="{r:.1f}" fill="#d0d0d0"/>']
+    if not total:
+        return out[0]
+    half = r / 2
+    around = 2 * math.pi * half
+    start = 0.0
+    for state, colour in PIE:
+        share = g[state] / total
+        if share <= 0:
+            continue
+        out.append(f'<circle class="slice" data-state="{state}" cx="{x:.0f}" cy="{y:.0f}" '
+                   f'r="{half:.1f}" fill="none" stroke="{colour}" stroke-width="{r:.1f}" '
+                   f'stroke-dasharray="{share * around:.2f} {around:.2f}" '
+                   f'stroke-dashoffset="{-start * around:.2f}" '
+                   f'transform="rotate(-90 {x:.0f} {y:.0f})"/>')
+        start += share
+    return "".join(out)
+
+
 def graph_svg(snapshot: dict, width: int = 900) -> str:
     graph = snapshot.get("graph") or {}
     rows = {g["name"]: g for g in snapshot.get("groups") or ()}
@@ -71,10 +99,10 @@ def graph_svg(snapshot: dict, width: int = 900) -> str:
         x, y = pos[n]
         total = max(g["total"], g["forgotten"])
         r = 8 + 22 * math.sqrt(total / top)
-        fill = "#e53935" if g["erred"] else "#2196f3" if g["processing"] else "#4caf50"
         label = n if len(n) <= 26 else n[:25] + "…"
         out.append(f'<g class="group-node" data-group="{_esc(n)}" data-total="{total}">'
-                   f'<circle cx="{x:.0f}" cy="{y:.0f}" r="{r:.1f}" fill="{fill}" '
+                   + _pie(x, y, r, g) +
+                   f'<circle cx="{x:.0f}" cy="{y:.0f}" r="{r:.1f}" fill="none" '
                    f'stroke="{_colour(n)}" stroke-width="4"/>'
                    f'<text x="{x:.0f}" y="{y + r + 13:.0f}" text-anchor="middle" '
                    f'font-size="11">{_esc(label)} {g["done"]}/{g["total"]}</text>'

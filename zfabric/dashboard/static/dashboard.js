@@ -414,8 +414,23 @@
       const r = radius(n);
       const gEl = el("svg:g", {class: byTask ? "task-node" : "group-node", "data-group": n.group, "data-state": n.state,
         "data-total": n.total, "data-done": n.g ? n.g.done : (n.state === "memory" || n.state === "released" ? 1 : 0)});
-      const fill = STATE_COLOURS[n.state] || "#bdbdbd";
-      gEl.appendChild(el("svg:circle", {cx: cx, cy: cy, r: r, fill: fill, stroke: color(n.group), "stroke-width": byTask ? 2 : 4}));
+      if (n.g) {  // a group: a disc of its tasks' states, slice by slice (grey: waiting)
+        gEl.appendChild(el("svg:circle", {cx: cx, cy: cy, r: r, fill: STATE_COLOURS.waiting}));
+        const all = n.g.done + n.g.processing + n.g.erred + n.g.waiting, around = Math.PI * r;
+        let start = 0;
+        for (const state of ["done", "processing", "erred"]) {
+          const share = all > 0 ? n.g[state] / all : 0;
+          if (share <= 0) continue;
+          gEl.appendChild(el("svg:circle", {class: "slice", "data-state": state, cx: cx, cy: cy, r: r / 2, fill: "none",
+            stroke: STATE_COLOURS[state], "stroke-width": r, "stroke-dasharray": (share * around).toFixed(2) + " " + around.toFixed(2),
+            "stroke-dashoffset": (-start * around).toFixed(2), transform: "rotate(-90 " + cx + " " + cy + ")"}));
+          start += share;
+        }
+        gEl.appendChild(el("svg:circle", {cx: cx, cy: cy, r: r, fill: "none", stroke: color(n.group), "stroke-width": 4}));
+      } else {
+        gEl.appendChild(el("svg:circle", {cx: cx, cy: cy, r: r, fill: STATE_COLOURS[n.state] || "#bdbdbd",
+          stroke: color(n.group), "stroke-width": 2}));
+      }
       if (n.g && n.g.total > 0) {  // progress as an arc
         const frac = n.g.done / n.g.total;
         const c = 2 * Math.PI * (r + 4);
