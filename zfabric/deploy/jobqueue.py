@@ -281,7 +281,7 @@ class JobQueueCluster(SpecCluster):
         self._n_workers = n_workers
         self._status_task: asyncio.Task | None = None
         sched = dict(scheduler_options or {})
-        if "host" not in sched:
+        if "host" not in sched and interface is not None:
             sched["host"] = self._scheduler_host(interface)
         sched.setdefault("port", 0)
         Path(self.log_directory).mkdir(parents=True, exist_ok=True)
@@ -394,6 +394,9 @@ class JobQueueCluster(SpecCluster):
         raise NotImplementedError
 
     async def start(self) -> None:
+        options = self.scheduler_spec["options"]
+        if "host" not in options:  # asks the batch system (sinfo): off the event loop
+            options["host"] = await asyncio.to_thread(self._scheduler_host, None)
         await super().start()
         self._status_task = asyncio.ensure_future(self._follow_jobs())
         if self._n_workers and self.asynchronous:
