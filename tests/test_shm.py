@@ -165,10 +165,11 @@ def test_large_buffers_leave_as_streams_joined_on_a_pooled_segment():
     assert bytes(got[0][2][0]) == b"tiny" and got[1][2] == [edge]
     result = np.frombuffer(got[0][2][1], dtype="f8")
     np.testing.assert_array_equal(result, big)
-    assert shm.in_segment(result)
-    free = shm.pool().stats()["free"]
+    assert shm.in_segment(result, shm.SCRATCH_NAME) and not shm.in_segment(result)
+    scratch = shm.pool().scratch
+    free = scratch.stats()["free"]
     del got, result
-    assert shm.pool().stats()["free"] == free + 1
+    assert scratch.stats()["free"] == free + 1
 
 
 def test_streams_that_do_not_add_up_are_refused():

@@ -39,8 +39,12 @@ import psutil
 
 logger = logging.getLogger(__name__)
 
-#: Name given to every segment (``/memfd:zfabric-pool`` in ``/proc/<pid>/maps``).
+#: Name given to every segment peers write into (``/memfd:zfabric-pool`` in
+#: ``/proc/<pid>/maps``).
 MEMFD_NAME = "zfabric-pool"
+#: Name of the segments a process joins what it received over a socket into (see
+#: :func:`scratch`); no peer is ever given one to write into.
+SCRATCH_NAME = "zfabric-scratch"
 #: Segment sizes are multiples of this.
 GRANULE = 1 << 20
 #: Descriptors kept open for reuse, free and adopted segments together; past this an adopted
@@ -80,16 +84,17 @@ def available() -> bool:
     return hasattr(os, "memfd_create") and os.path.isdir(f"/proc/{os.getpid()}/fd")
 
 
-def in_segment(array) -> bool:
+def in_segment(array, name: str = MEMFD_NAME) -> bool:
     """Whether a NumPy-like array's memory lies in a mapping of a zfabric segment, i.e. it was
-    received through shared memory (a diagnostic: it reads ``/proc/self/maps``)."""
+    received through shared memory (``name``: :data:`SCRATCH_NAME` asks instead whether it
+    was joined from a stream; a diagnostic: it reads ``/proc/self/maps``)."""
     start = array.__array_interface__["data"][0]
     with open("/proc/self/maps") as f:
         for line in f:
             fields = line.split(maxsplit=5)
             lo, hi = (int(v, 16) for v in fields[0].split("-"))
             if lo <= start < hi:
-                return len(fields) == 6 and fields[5].startswith(f"/memfd:{MEMFD_NAME}")
+                return len(fields) == 6 and fields[5].startswith(f"/memfd:{name}")
     return False
 
 
@@ -261,9 +266,13 @@ class Pool:
     Thread-safe: segments come back from whatever thread drops a value's last reference.
     """
 
-    def __init__(self, keep_bytes: int = 256 << 20, lease_timeout_s: float = 60.0):
+    def __init__(self, keep_bytes: int = 256 << 20, lease_timeout_s: float = 60.0,
+                 name: str = MEMFD_NAME, scratch: Pool | None = None):
         self.keep_bytes = keep_bytes
         self.lease_timeout_s = lease_timeout_s
+        self.name = name
+        # the process's own buffers (see :func:`scratch`), kept and capped alongside
+        self.scratch = scratch
         self._lock = threading.Lock()
         self._free: list[_Segment] = []
         self._leased: dict[int, tuple[_Segment, float, object]] = {}  # seg, deadline, owner
@@ -341,6 +350,8 @@ class Pool:
 
     def expire(self, now: float, idle_s: float = 30.0) -> None:
         """Cancel leases past their deadline; close free segments idle for ``idle_s``."""
+        if self.scratch is not None:
+            self.scratch.expire(now, idle_s)
         with self._lock:
             self._take_returned(now)
             for lease in [k for k, (_, t, _) in self._leased.items() if t <= now]:
@@ -356,9 +367,10 @@ class Pool:
 
     def release_idle(self) -> int:
         """Close every free segment now (memory is short); returns the bytes released."""
+        freed = self.scratch.release_idle() if self.scratch is not None else 0
         with self._lock:
             self._take_returned(time.monotonic())
-            freed = sum(s.size for s in self._free)
+            freed += sum(s.size for s in self._free)
             for seg in self._free:
                 self._close_kept(seg)
             self._free = []
@@ -367,6 +379,8 @@ class Pool:
     def cap_idle(self, keep_bytes: int) -> None:
         """Keep at most ``keep_bytes`` of free segments for reuse (a worker: 10 % of its
         memory limit, memory that nothing it holds accounts for)."""
+        if self.scratch is not None:
+            self.scratch.cap_idle(keep_bytes)
         with self._lock:
             self.keep_bytes = min(self.keep_bytes, max(0, int(keep_bytes)))
 
@@ -380,7 +394,7 @@ class Pool:
 
     def _create(self, size: int) -> _Segment:
         size = max(GRANULE, -(-size // GRANULE) * GRANULE)
-        fd = os.memfd_create(MEMFD_NAME, os.MFD_CLOEXEC)
+        fd = os.memfd_create(self.name, os.MFD_CLOEXEC)
         try:
             os.ftruncate(fd, size)
             return _Segment(fd, size)
@@ -416,10 +430,12 @@ class Pool:
 
 def scratch(size: int) -> memoryview:
     """A writable buffer of ``size`` bytes for this process's own use (pieces of a value
-    joined again): a mapping of a pool segment where this process has a pool, so that steady
-    traffic reuses pages already allocated; a ``bytearray`` elsewhere."""
+    joined again): a mapping of a segment of the pool's own scratch pool where this process
+    has a pool, so that steady traffic reuses pages already allocated; a ``bytearray``
+    elsewhere."""
     if size >= GRANULE and available():
-        p = pool()
+        p = pool().scratch
+        assert p is not None
         desc = p.lease(size, owner=_SCRATCH)
         if desc is not None:
             return p.adopt(desc[0], [size], owner=_SCRATCH)[0]
@@ -437,5 +453,5 @@ def pool() -> Pool:
     if _pool is None:
         with _pool_lock:
             if _pool is None:
-                _pool = Pool()
+                _pool = Pool(scratch=Pool(name=SCRATCH_NAME))
     return _pool
