@@ -231,3 +231,27 @@ async def test_a_stream_cut_off_by_its_connection_is_dropped_and_the_value_sent_
         assert not len(tables[0])
         f = c.submit(negate_slowly, big(6), workers=[a.address])
         np.testing.assert_array_equal(await asyncio.wait_for(f, 10), -big(6))
+
+
+def two_big(seed: int):
+    return {"a": big(seed), "b": np.ones(BIG) * seed}
+
+
+async def test_values_of_several_streamed_buffers_cross_whole_every_way():
+    config = tcp()
+    async with Scheduler(config=config) as s, \
+            Client(s.address, asynchronous=True, config=config, set_as_default=False) as c, \
+            Worker(s.address, nthreads=1, memory_limit=0, config=config) as a, \
+            Worker(s.address, nthreads=1, memory_limit=0, config=config) as b:
+        # Given a value of two large buffers made on one worker, and one put by the client
+        x = c.submit(two_big, 7, workers=[a.address], pure=False)
+        [y] = await c.scatter([two_big(8)], workers=[b.address])
+        # When the other worker fetches each, and the client gets them back
+        both = c.submit(lambda p, q: {k: p[k] + q[k] for k in p}, x, y, workers=[b.address])
+        got, gx, gy = await asyncio.wait_for(c.gather([both, x, y]), 20)
+        # Then every buffer arrived whole, each where it belongs
+        for k in "ab":
+            np.testing.assert_array_equal(got[k], two_big(7)[k] + two_big(8)[k])
+            np.testing.assert_array_equal(gx[k], two_big(7)[k])
+            np.testing.assert_array_equal(gy[k], two_big(8)[k])
+        assert not any(len(t) for t in a._core.port.tables.values())

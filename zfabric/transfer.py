@@ -165,6 +165,10 @@ def cancel_leases(into: dict) -> None:
             pool.cancel(desc[0])
 
 
+#: Ops of the messages that carry streams (and say what comes): not answers.
+_STREAMING = ("piece", "announce")
+
+
 class _Conn:
     def __init__(self, ctx: zmq.asyncio.Context, address: str, security=None,
                  max_frame_bytes: int = -1):
@@ -204,9 +208,10 @@ class _Conn:
             frames = await self.sock.recv_multipart(copy=False)
             try:
                 ops, buffers = protocol.decode([frames[0].bytes, *frames[1:]])
-                if len(ops) == 1 and ops[0]["op"] == "piece":
-                    table.piece(ops[0], buffers)
-                    continue
+                if len(ops) == 1 and ops[0]["op"] in _STREAMING:
+                    if ops[0]["op"] == "piece":
+                        table.piece(ops[0], buffers)
+                    continue  # (an announcement is for servers' guards)
             except RemoteProtocolError as exc:
                 logger.warning("bad data message from %s: %s", self.address, exc)
                 continue
