@@ -78,7 +78,8 @@ def main() -> None:
     cli = [sys.executable, "-m", "zfabric"]
     procs = [subprocess.Popen([*cli, "scheduler", "--port", "0", "--scheduler-file", sfile,
                                "--host", "127.0.0.1", "--no-dashboard"], env=env,
-                              start_new_session=True, stderr=subprocess.DEVNULL)]
+                              start_new_session=True, stdout=subprocess.DEVNULL,
+                              stderr=subprocess.DEVNULL)]
     try:
         deadline = time.monotonic() + 30
         address = None
@@ -93,6 +94,7 @@ def main() -> None:
         for _ in range(2):
             procs.append(subprocess.Popen([*cli, "worker", address, "--nthreads", "1"],
                                           env=env, start_new_session=True,
+                                          stdout=subprocess.DEVNULL,
                                           stderr=subprocess.DEVNULL))
         asyncio.run(echoes(address, security, max(3, args.echoes), args.mb, procs))
     finally:
