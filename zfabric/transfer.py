@@ -286,12 +286,20 @@ class DataPool:
         message = protocol.encode([op], frames)
         notice = protocol.announcement(message)
         async with conn.send_lock:
-            for sid, view in out:
-                for piece in streams.messages(sid, view):
-                    await conn.sock.send_multipart(piece, copy=False)
-            if notice is not None:  # a large message is announced (zfabric/intake.py)
-                await conn.sock.send_multipart(notice)
-            await conn.sock.send_multipart(message, copy=False)
+            try:
+                for sid, view in out:
+                    for piece in streams.messages(sid, view):
+                        await conn.sock.send_multipart(piece, copy=False)
+                if notice is not None:  # a large message is announced (zfabric/intake.py)
+                    await conn.sock.send_multipart(notice)
+                await conn.sock.send_multipart(message, copy=False)
+            except BaseException:
+                # cut off halfway (cancelled): the worker holds an unfinished stream of ours,
+                # which the next one would be refused behind; start afresh
+                conn.pending.pop(op["id"], None)
+                if self.conns.get(address) is conn:
+                    self.drop(address)
+                raise
         try:
             return await asyncio.wait_for(asyncio.shield(fut), self.timeout_s)
         except TimeoutError:
