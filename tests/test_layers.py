@@ -2,7 +2,7 @@
 goes to the same layer or a lower one.
 
     ground floor  errors, config, keys, current, logs, plugin base classes, ...
-    wire          protocol, serialize, security, zap, links, transfer, intake, shm
+    wire          protocol, serialize, security, zap, links, transfer, intake, shm, streams
     scheduler     the pure scheduler state (zfabric.scheduler.*, not its server shell)
     servers       the scheduler's shell, worker, nanny, spawn, dashboard
     client        Client and its parts, futures, collections, shared-state handles
@@ -35,7 +35,7 @@ LAYERS: list[tuple[str, list[str]]] = [
     ("wire", [
         "zfabric._zmq", "zfabric.protocol", "zfabric.serialize", "zfabric.security",
         "zfabric.zap", "zfabric.link", "zfabric.transfer", "zfabric.intake", "zfabric.shm",
-        "zfabric.handshake",
+        "zfabric.handshake", "zfabric.streams",
     ]),
     ("scheduler", ["zfabric.scheduler.*"]),
     ("servers", [

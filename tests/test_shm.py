@@ -6,12 +6,13 @@ import os
 import subprocess
 import sys
 import textwrap
+import time
 
 import numpy as np
 import pytest
 import zmq
 
-from zfabric import protocol, shm
+from zfabric import protocol, shm, streams
 from zfabric.testing import gen_cluster, until
 from zfabric.transfer import SHM_THRESHOLD_BYTES, pack_values, unpack_values
 
@@ -120,52 +121,86 @@ def test_pack_and_unpack_values_through_a_lease():
     small = b"s" * 10
     values = [("big", b"h1", [memoryview(big)], False), ("small", b"h2", [small], True)]
     # Asked: the large value is announced by its sizes, the small one comes in a frame
-    items, frames = pack_values(values, ask=True)
-    assert items[0][4] == ["sizes", [big.nbytes]] and items[1][4] is None
+    items, frames, out = pack_values(values, ask=True)
+    assert items[0][4] == ["sizes", [big.nbytes]] and items[1][4] is None and out == []
     got = list(unpack_values(items, frames))
     assert got[0] == ("big", b"h1", None, False, [big.nbytes])
     assert [bytes(b) for b in got[1][2]] == [small] and got[1][3] is True
     # Given a segment, it is written there and adopted on unpacking
     into = {"big": shm.pool().lease(big.nbytes)}
-    items, frames = pack_values(values, into=into)
+    items, frames, _ = pack_values(values, into=into)
     assert items[0][4][0] == "seg" and frames == [small]
     ((_, _, bufs, _, _), _) = list(unpack_values(items, frames))
     np.testing.assert_array_equal(np.frombuffer(bufs[0], dtype="f8"), big)
 
 
-def test_large_buffers_cross_encrypted_sockets_in_pieces_joined_on_a_pooled_segment():
-    from zfabric.transfer import PIECE_BYTES, PIECE_MIN_BYTES
+def test_large_buffers_leave_as_streams_joined_on_a_pooled_segment():
 
-    big = np.arange((PIECE_MIN_BYTES + PIECE_BYTES // 2) // 8, dtype="f8")
-    edge = np.ones(PIECE_MIN_BYTES // 8)  # not more than the threshold: one frame
+
+    big = np.arange((streams.STREAM_MIN_BYTES + streams.PIECE_BYTES // 2) // 8, dtype="f8")
+    edge = np.ones(streams.STREAM_MIN_BYTES // 8)  # not more than the threshold: one frame
     values = [("a", b"h1", [b"tiny", memoryview(big)], False), ("b", b"h2", [edge], True)]
-    # Plain: every buffer leaves whole
-    items, frames = pack_values(values)
+    # Not asked to stream: every buffer leaves whole
+    items, frames, out = pack_values(values)
     assert [i[2:] for i in items] == [[2, False, None], [1, True, None]] and len(frames) == 3
-    # Encrypted: the large buffer leaves as views of itself, one frame per piece
-    items, frames = pack_values(values, pieces=True)
-    pieces = -(-big.nbytes // PIECE_BYTES)
-    assert items[0][2:] == [1 + pieces, False, ["pieces", [1, pieces]]]
-    assert items[1][2:] == [1, True, None] and len(frames) == 1 + pieces + 1
-    assert all(np.shares_memory(np.frombuffer(f, dtype="u1"), big) for f in frames[1:-1])
-    # and the receiver has it whole again, in a segment that returns to its pool
-    got = list(unpack_values(items, frames))
+    assert out == []
+    # Streamed: the large buffer leaves first, as pieces that are views of itself
+    items, frames, out = pack_values(values, stream=True)
+    [(sid, view)] = out
+    assert items[0][2:] == [1, False, ["streams", [0, sid]]]
+    assert items[1][2:] == [1, True, None] and len(frames) == 2
+    messages = streams.messages(sid, view)
+    pieces = -(-big.nbytes // streams.PIECE_BYTES)
+    assert len(messages) == 1 + pieces
+    assert protocol.decode(messages[0])[0] == [{"op": "announce", "frames": 2, "messages": pieces,
+                                                "bytes": streams.PIECE_BYTES + 128}]
+    assert all(np.shares_memory(np.frombuffer(m[1], dtype="u1"), big) for m in messages[1:])
+    # and the receiver joins the pieces as they come, into a segment of its pool
+    table = streams.Table()
+    for m in messages[1:]:
+        ops, bufs = protocol.decode(m)
+        table.piece(ops[0], bufs)
+    got = list(unpack_values(items, frames, table=table))
+    assert len(table) == 0
     assert bytes(got[0][2][0]) == b"tiny" and got[1][2] == [edge]
-    out = np.frombuffer(got[0][2][1], dtype="f8")
-    np.testing.assert_array_equal(out, big)
-    assert shm.in_segment(out)
-    free = shm.pool().stats()["free"]
-    del got, out
-    assert shm.pool().stats()["free"] == free + 1
+    result = np.frombuffer(got[0][2][1], dtype="f8")
+    np.testing.assert_array_equal(result, big)
+    assert shm.in_segment(result, shm.SCRATCH_NAME) and not shm.in_segment(result)
+    scratch = shm.pool().scratch
+    free = scratch.stats()["free"]
+    del got, result
+    assert scratch.stats()["free"] == free + 1
 
 
-def test_piece_counts_that_do_not_match_the_frames_are_refused():
+def test_streams_that_do_not_add_up_are_refused():
+
     from zfabric.errors import RemoteProtocolError
 
-    frames = [b"x" * 10] * 3
-    for counts in ([2], [2, 2], [0, 3], ["3"], [1, 1, 1, 1]):
-        with pytest.raises(RemoteProtocolError, match="piece counts"):
-            list(unpack_values([["k", b"h", 3, False, ["pieces", counts]]], frames))
+    def piece(sid, off, total, data=b"x" * 10):
+        table.piece({"op": "piece", "stream": sid, "off": off, "total": total}, [data])
+
+    table = streams.Table(frame_limit=1000, max_streams=2)
+    with pytest.raises(RemoteProtocolError, match="did not start"):
+        piece(1, 10, 20)
+    with pytest.raises(RemoteProtocolError, match="more than this port takes"):
+        piece(1, 0, 1001)
+    piece(1, 0, 20)
+    with pytest.raises(RemoteProtocolError, match="does not follow"):
+        piece(1, 15, 20)  # a gap
+    assert len(table) == 0  # the stream is dropped
+    piece(2, 0, 15)
+    with pytest.raises(RemoteProtocolError, match="before the last one ended"):
+        piece(3, 0, 15)
+    for ids in ([5], [0, 0]):  # an unknown stream, more frames named than came
+        with pytest.raises(RemoteProtocolError, match=r"unknown|name more frames"):
+            list(unpack_values([["k", b"h", 1, False, ["streams", ids]]], [b"x"], table=table))
+    piece(4, 0, 15)
+    with pytest.raises(RemoteProtocolError, match="10 of 15 bytes came"):
+        list(unpack_values([["k", b"h", 0, False, ["streams", [4]]]], [], table=table))
+    # a stream that stops coming is dropped after a while
+    piece(6, 0, 15, b"x" * 5)
+    table.expire(time.monotonic() + streams.IDLE_S + 1)
+    assert len(table) == 0
 
 
 def test_unpack_refuses_an_unknown_lease():

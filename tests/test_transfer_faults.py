@@ -1,9 +1,10 @@
-"""Values that cross an encrypted socket in pieces (``zfabric.transfer.PIECE_BYTES``), under
-faults: a worker killed while a peer or the client fetches from it, a value freed while its
-answer is still on the wire, a message whose pieces do not add up. Each ends in the right
-result or a clear error, and the worker carries on.
+"""Values that cross a socket as streams of pieces (zfabric/streams.py), under faults: a
+worker killed while a peer or the client fetches from it, a value freed while its answer is
+still on the wire, a stream cut off by its sender's connection ending, pieces that do not add
+up. Each ends in the right result or a clear error, and the worker carries on.
 
-The shared-memory path is off in every process here, so large values go over TCP (CurveZMQ).
+The shared-memory path is off in every process here, so large values go over TCP (CurveZMQ
+where keys are given).
 """
 
 from __future__ import annotations
@@ -21,11 +22,11 @@ import pytest
 import zmq
 import zmq.asyncio
 
-from zfabric import Client, Scheduler, Worker, _zmq, protocol, serialize
+from zfabric import Client, Scheduler, Worker, _zmq, protocol, serialize, streams
 from zfabric import config as zconfig
 from zfabric.security import Security, keygen
 from zfabric.testing import FakePeer, until
-from zfabric.transfer import PIECE_BYTES, PIECE_MIN_BYTES, unpack_values
+from zfabric.transfer import pack_values, unpack_values
 
 cloudpickle.register_pickle_by_value(sys.modules[__name__])
 
@@ -33,7 +34,7 @@ pytestmark = pytest.mark.timeout(60)
 
 TCP_ENV = {"ZFABRIC_HEARTBEAT_INTERVAL_S": "0.2", "ZFABRIC_SAME_HOST_SHM": "0"}
 #: A value that leaves in several pieces.
-BIG = (PIECE_MIN_BYTES + 3 * PIECE_BYTES) // 8
+BIG = (streams.STREAM_MIN_BYTES + 3 * streams.PIECE_BYTES) // 8
 
 
 def tcp(**overrides) -> zconfig.Config:
@@ -146,19 +147,25 @@ async def test_a_value_freed_while_its_pieces_are_on_the_wire_arrives_whole(keys
         sock = _zmq.dealer(zmq.asyncio.Context.instance(), a.address, security=sec,
                            role="client", server="worker")
         try:
-            # Given an answer sent (in pieces) but not yet read
+            # Given an answer sent (as a stream) but not yet read
             await sock.send_multipart(protocol.encode([{"op": "get-data", "id": 1,
                                                         "keys": [key]}]))
             await asyncio.sleep(0.2)
             # When the value is freed on the worker meanwhile
             del x
             await until(lambda: key not in a.data, 10, "the value dropped")
-            # Then the answer still holds all of it, joined again
-            ops, buffers = protocol.decode(
-                await asyncio.wait_for(sock.recv_multipart(copy=False), 10))
+            # Then the answer still holds all of it, joined again as its pieces come
+            table = streams.Table()
+            while True:
+                ops, buffers = protocol.decode(
+                    await asyncio.wait_for(sock.recv_multipart(copy=False), 10))
+                if ops[0]["op"] == "piece":
+                    table.piece(ops[0], buffers)
+                elif ops[0]["op"] != "announce":
+                    break
             [[k, _, n, _, where]] = ops[0]["items"]
-            assert k == key and where[0] == "pieces" and n == len(buffers) > 2
-            [(_, h, bufs, _, _)] = list(unpack_values(ops[0]["items"], buffers))
+            assert k == key and where[0] == "streams" and n == len(buffers) == 0
+            [(_, h, bufs, _, _)] = list(unpack_values(ops[0]["items"], buffers, table=table))
             np.testing.assert_array_equal(serialize.loads_value(h, bufs), big(3))
             # and asked again, the worker says it no longer holds it
             await sock.send_multipart(protocol.encode([{"op": "get-data", "id": 2,
@@ -175,11 +182,76 @@ async def test_pieces_that_do_not_add_up_are_refused_and_the_worker_carries_on()
             Client(s.address, asynchronous=True, config=config, set_as_default=False) as c, \
             Worker(s.address, nthreads=1, memory_limit=0, config=config) as a:
         async with FakePeer(a.address, role="client") as peer:
-            # A put whose piece counts claim more frames than came (a cut or forged message)
-            await peer.send({"op": "put-data", "id": 1, "items": [
-                ["forged", b"h", 2, False, ["pieces", [3]]]]}, buffers=[b"x" * 100] * 2)
+            # A piece that does not follow the one before (a cut or forged stream)
+            await peer.send({"op": "piece", "stream": 7, "off": 0, "total": 300},
+                            buffers=[b"x" * 100])
+            await peer.send({"op": "piece", "stream": 7, "off": 200, "total": 300},
+                            buffers=[b"x" * 100])
             op = await peer.expect("error")
-            assert "piece counts" in op["message"] and op["id"] == 1
+            assert "does not follow" in op["message"]
+            # A put naming a stream that never came whole
+            await peer.send({"op": "piece", "stream": 8, "off": 0, "total": 300},
+                            buffers=[b"x" * 100])
+            await peer.send({"op": "put-data", "id": 1, "items": [
+                ["forged", b"h", 0, False, ["streams", [8]]]]})
+            op = await peer.expect("error")
+            assert "100 of 300 bytes came" in op["message"] and op["id"] == 1
         assert "forged" not in a.data
         f = c.submit(negate_slowly, big(4), workers=[a.address])
         np.testing.assert_array_equal(await asyncio.wait_for(f, 10), -big(4))
+
+
+async def test_a_stream_cut_off_by_its_connection_is_dropped_and_the_value_sent_again_arrives():
+    config = tcp()
+    async with Scheduler(config=config) as s, \
+            Client(s.address, asynchronous=True, config=config, set_as_default=False) as c, \
+            Worker(s.address, nthreads=1, memory_limit=0, config=config) as a:
+        value = big(5)
+        items, frames, out = pack_values([("cut", *serialize.dumps_value(value), False)],
+                                         stream=True)
+        [(sid, view)] = out
+        messages = streams.messages(sid, view)
+        # Given a client that sent half of a value's pieces, then lost its connection
+        async with FakePeer(a.address, role="client") as peer:
+            for m in messages[:len(messages) // 2]:
+                await peer.send_frames(m)
+            port = a._core.port
+            await until(lambda: any(len(t) for t in port.tables.values()), 10, "a stream open")
+        # When a new connection sends the whole value
+        async with FakePeer(a.address, role="client") as peer:
+            for m in messages:
+                await peer.send_frames(m)
+            await peer.send({"op": "put-data", "id": 1, "items": items}, buffers=frames)
+            assert (await peer.expect("reply", timeout=10))["id"] == 1
+        # Then the worker holds it whole, and the cut stream goes once it stops coming
+        np.testing.assert_array_equal(a.data["cut"], value)
+        tables = [t for t in port.tables.values() if len(t)]
+        assert len(tables) == 1
+        tables[0].expire(asyncio.get_running_loop().time() + streams.IDLE_S + 1)
+        assert not len(tables[0])
+        f = c.submit(negate_slowly, big(6), workers=[a.address])
+        np.testing.assert_array_equal(await asyncio.wait_for(f, 10), -big(6))
+
+
+def two_big(seed: int):
+    return {"a": big(seed), "b": np.ones(BIG) * seed}
+
+
+async def test_values_of_several_streamed_buffers_cross_whole_every_way():
+    config = tcp()
+    async with Scheduler(config=config) as s, \
+            Client(s.address, asynchronous=True, config=config, set_as_default=False) as c, \
+            Worker(s.address, nthreads=1, memory_limit=0, config=config) as a, \
+            Worker(s.address, nthreads=1, memory_limit=0, config=config) as b:
+        # Given a value of two large buffers made on one worker, and one put by the client
+        x = c.submit(two_big, 7, workers=[a.address], pure=False)
+        [y] = await c.scatter([two_big(8)], workers=[b.address])
+        # When the other worker fetches each, and the client gets them back
+        both = c.submit(lambda p, q: {k: p[k] + q[k] for k in p}, x, y, workers=[b.address])
+        got, gx, gy = await asyncio.wait_for(c.gather([both, x, y]), 20)
+        # Then every buffer arrived whole, each where it belongs
+        for k in "ab":
+            np.testing.assert_array_equal(got[k], two_big(7)[k] + two_big(8)[k])
+            np.testing.assert_array_equal(gx[k], two_big(7)[k])
+            np.testing.assert_array_equal(gy[k], two_big(8)[k])
+        assert not any(len(t) for t in a._core.port.tables.values())

@@ -13,8 +13,10 @@ may run ahead by :data:`~zfabric.config.Config.INCOMPLETE_MESSAGE_BYTES` on its 
 size of the next message when it announced it: a sender puts an ``announce`` op, in a message
 of its own, before any message larger than :data:`zfabric.protocol.ANNOUNCE_ABOVE` (see
 :func:`zfabric.protocol.announcement`). An announcement can name no more than the port takes
-in one message. A connection further ahead than that is shut down (``shutdown(2)`` on its
-descriptor, which libzmq then closes, freeing what it held).
+in one message; one ``announce`` with ``messages`` covers that many messages, each of the
+size named (the pieces of a stream, zfabric/streams.py). A connection further ahead than that
+is shut down (``shutdown(2)`` on its descriptor, which libzmq then closes, freeing what it
+held).
 
 The check counts only when the socket has nothing to read: then no complete message waits in
 libzmq's queues, so everything counted ahead is unfinished (an owner too busy to drain its
@@ -81,6 +83,7 @@ class Connection:
     peer_address: str = ""
     complete: int = 0  # wire bytes of the complete messages received on it
     announced: int = 0  # wire bytes the next message may take, as announced
+    announced_for: int = 0  # messages the announcement holds for (a stream's pieces)
     peer: bytes | None = None  # routing id its messages came with
 
 
@@ -113,19 +116,27 @@ class Ledger:
             conn = self.conns[fd] = Connection()  # its ACCEPTED event is not read yet
         conn.complete += wire_bytes(frames, self.curve)
         conn.peer = peer
-        conn.announced = 0
+        if conn.announced_for > 1:
+            conn.announced_for -= 1
+        else:
+            conn.announced = conn.announced_for = 0
         return conn
 
-    def announce(self, conn: Connection, nbytes: int, nframes: int) -> str | None:
-        """The next message on ``conn`` takes ``nbytes`` in ``nframes`` frames; an error
-        (and nothing allowed) when that is more than the port takes in one message."""
+    def announce(self, conn: Connection, nbytes: int, nframes: int,
+                 messages: int = 1) -> str | None:
+        """Each of the next ``messages`` messages on ``conn`` takes up to ``nbytes`` in
+        ``nframes`` frames (a stream's pieces: zfabric/streams.py); an error (and nothing
+        allowed) when that is more than the port takes in one message."""
         if type(nbytes) is not int or type(nframes) is not int or nbytes < 0 \
-                or not 0 < nframes <= self.max_frames:
-            return f"bad announcement ({nbytes!r} bytes in {nframes!r} frames)"
+                or not 0 < nframes <= self.max_frames or type(messages) is not int \
+                or messages < 1:
+            return (f"bad announcement ({nbytes!r} bytes in {nframes!r} frames,"
+                    f" {messages!r} messages)")
         if self.frame_limit >= 0 and nbytes > nframes * self.frame_limit:
             return (f"announced {nbytes:,} bytes in {nframes} frames, more than the port takes"
                     f" ({self.frame_limit:,} bytes per frame)")
         conn.announced = nbytes + nframes * FRAME_OVERHEAD_MAX
+        conn.announced_for = messages
         return None
 
     def ahead(self, conn: Connection, kernel_bytes: int, unread: int) -> int:
@@ -219,7 +230,8 @@ class Intake:
             pass  # closed: the kernel dropped it from the set
 
     def announced(self, conn: Connection, op: dict) -> str | None:
-        return self.ledger.announce(conn, op["bytes"], op["frames"])  # the door checked them
+        return self.ledger.announce(conn, op["bytes"], op["frames"],  # the door checked them
+                                    op.get("messages", 1))
 
     def _read_events(self) -> None:
         ledger = self.ledger

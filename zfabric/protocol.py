@@ -46,6 +46,7 @@ SCHEMAS: dict[str, dict[str, tuple[type, ...]]] = {
     "heartbeat-interval": {"heartbeat_s": _N},  # scheduler -> workers, nannies: beat so often
     "goodbye": {},
     "announce": {"bytes": _I, "frames": _I},  # the next message's size (any server port)
+    "piece": {"stream": _I, "off": _I, "total": _I},  # part of a large buffer (streams.py)
     "request": {"id": _I, "kind": _S, "args": _D},
     "reply": {"id": _I},
     # client -> scheduler

@@ -24,6 +24,7 @@ the value goes over the socket.
 from __future__ import annotations
 
 import collections
+import ctypes
 import functools
 import itertools
 import logging
@@ -38,8 +39,12 @@ import psutil
 
 logger = logging.getLogger(__name__)
 
-#: Name given to every segment (``/memfd:zfabric-pool`` in ``/proc/<pid>/maps``).
+#: Name given to every segment peers write into (``/memfd:zfabric-pool`` in
+#: ``/proc/<pid>/maps``).
 MEMFD_NAME = "zfabric-pool"
+#: Name of the segments a process joins what it received over a socket into (see
+#: :func:`scratch`); no peer is ever given one to write into.
+SCRATCH_NAME = "zfabric-scratch"
 #: Segment sizes are multiples of this.
 GRANULE = 1 << 20
 #: Descriptors kept open for reuse, free and adopted segments together; past this an adopted
@@ -79,16 +84,17 @@ def available() -> bool:
     return hasattr(os, "memfd_create") and os.path.isdir(f"/proc/{os.getpid()}/fd")
 
 
-def in_segment(array) -> bool:
+def in_segment(array, name: str = MEMFD_NAME) -> bool:
     """Whether a NumPy-like array's memory lies in a mapping of a zfabric segment, i.e. it was
-    received through shared memory (a diagnostic: it reads ``/proc/self/maps``)."""
+    received through shared memory (``name``: :data:`SCRATCH_NAME` asks instead whether it
+    was joined from a stream; a diagnostic: it reads ``/proc/self/maps``)."""
     start = array.__array_interface__["data"][0]
     with open("/proc/self/maps") as f:
         for line in f:
             fields = line.split(maxsplit=5)
             lo, hi = (int(v, 16) for v in fields[0].split("-"))
             if lo <= start < hi:
-                return len(fields) == 6 and fields[5].startswith(f"/memfd:{MEMFD_NAME}")
+                return len(fields) == 6 and fields[5].startswith(f"/memfd:{name}")
     return False
 
 
@@ -234,17 +240,24 @@ def _tcp_inode(local, remote) -> int | None:
 
 
 class _Segment:
-    __slots__ = ("dev", "fd", "idle_since", "ino", "size")
+    __slots__ = ("dev", "fd", "idle_since", "ino", "mm", "size")
 
     def __init__(self, fd: int, size: int):
         st = os.fstat(fd)
         self.fd, self.size, self.dev, self.ino = fd, size, st.st_dev, st.st_ino
         self.idle_since = 0.0
+        self.mm: mmap.mmap | None = None  # this process's mapping, kept with the segment
 
     def close(self) -> None:
         if self.fd >= 0:
             os.close(self.fd)
             self.fd = -1
+        mm, self.mm = self.mm, None
+        if mm is not None:
+            try:
+                mm.close()
+            except BufferError:
+                pass  # still in use (a cancelled lease's value): unmapped when it dies
 
 
 class Pool:
@@ -253,9 +266,13 @@ class Pool:
     Thread-safe: segments come back from whatever thread drops a value's last reference.
     """
 
-    def __init__(self, keep_bytes: int = 256 << 20, lease_timeout_s: float = 60.0):
+    def __init__(self, keep_bytes: int = 256 << 20, lease_timeout_s: float = 60.0,
+                 name: str = MEMFD_NAME, scratch: Pool | None = None):
         self.keep_bytes = keep_bytes
         self.lease_timeout_s = lease_timeout_s
+        self.name = name
+        # the process's own buffers (see :func:`scratch`), kept and capped alongside
+        self.scratch = scratch
         self._lock = threading.Lock()
         self._free: list[_Segment] = []
         self._leased: dict[int, tuple[_Segment, float, object]] = {}  # seg, deadline, owner
@@ -297,17 +314,25 @@ class Pool:
             if (not all(type(n) is int and n >= 0 for n in sizes)) or sum(sizes) > seg.size:
                 seg.close()
                 raise ValueError(f"buffer sizes {sizes!r} do not fit lease {lease}")
-            # only what was written, its page tables filled at once: touching 100 MB of a
-            # fresh mapping page by page costs ~45 ms here, populated ~20 ms
-            used = -(-max(sum(sizes), 1) // mmap.PAGESIZE) * mmap.PAGESIZE
-            mm = mmap.mmap(seg.fd, min(used, seg.size), flags=_MAP_FLAGS)
+            # The segment is mapped once, its page tables filled at once (touching 100 MB of
+            # a fresh mapping page by page costs ~45 ms here, populated ~20 ms, and unmapping
+            # it again ~5 ms), and the mapping stays with the segment for its next lease.
+            mm = seg.mm
+            if mm is None:
+                mm = seg.mm = mmap.mmap(seg.fd, seg.size, flags=_MAP_FLAGS)
+            # the value's memory: an object of its own over the mapping, whose death
+            # returns the segment (the mapping itself lives on in the pool)
+            used = max(sum(sizes), 1)
+            value = (ctypes.c_ubyte * used).from_buffer(mm)
             if self._kept < MAX_KEPT_FDS:
                 self._kept += 1
-            else:
-                seg.close()  # not reusable: it goes with its mapping
-        fin = weakref.finalize(mm, self._returned.append, seg)
+            else:  # not reusable: its descriptor is closed, the mapping goes with the value
+                seg.mm = None
+                os.close(seg.fd)
+                seg.fd = -1
+        fin = weakref.finalize(value, self._returned.append, seg)
         fin.atexit = False
-        view = memoryview(mm)
+        view = memoryview(value).cast("B")
         out, off = [], 0
         for n in sizes:
             out.append(view[off : off + n])
@@ -325,6 +350,8 @@ class Pool:
 
     def expire(self, now: float, idle_s: float = 30.0) -> None:
         """Cancel leases past their deadline; close free segments idle for ``idle_s``."""
+        if self.scratch is not None:
+            self.scratch.expire(now, idle_s)
         with self._lock:
             self._take_returned(now)
             for lease in [k for k, (_, t, _) in self._leased.items() if t <= now]:
@@ -340,9 +367,10 @@ class Pool:
 
     def release_idle(self) -> int:
         """Close every free segment now (memory is short); returns the bytes released."""
+        freed = self.scratch.release_idle() if self.scratch is not None else 0
         with self._lock:
             self._take_returned(time.monotonic())
-            freed = sum(s.size for s in self._free)
+            freed += sum(s.size for s in self._free)
             for seg in self._free:
                 self._close_kept(seg)
             self._free = []
@@ -351,6 +379,8 @@ class Pool:
     def cap_idle(self, keep_bytes: int) -> None:
         """Keep at most ``keep_bytes`` of free segments for reuse (a worker: 10 % of its
         memory limit, memory that nothing it holds accounts for)."""
+        if self.scratch is not None:
+            self.scratch.cap_idle(keep_bytes)
         with self._lock:
             self.keep_bytes = min(self.keep_bytes, max(0, int(keep_bytes)))
 
@@ -364,7 +394,7 @@ class Pool:
 
     def _create(self, size: int) -> _Segment:
         size = max(GRANULE, -(-size // GRANULE) * GRANULE)
-        fd = os.memfd_create(MEMFD_NAME, os.MFD_CLOEXEC)
+        fd = os.memfd_create(self.name, os.MFD_CLOEXEC)
         try:
             os.ftruncate(fd, size)
             return _Segment(fd, size)
@@ -400,10 +430,12 @@ class Pool:
 
 def scratch(size: int) -> memoryview:
     """A writable buffer of ``size`` bytes for this process's own use (pieces of a value
-    joined again): a mapping of a pool segment where this process has a pool, so that steady
-    traffic reuses pages already allocated; a ``bytearray`` elsewhere."""
+    joined again): a mapping of a segment of the pool's own scratch pool where this process
+    has a pool, so that steady traffic reuses pages already allocated; a ``bytearray``
+    elsewhere."""
     if size >= GRANULE and available():
-        p = pool()
+        p = pool().scratch
+        assert p is not None
         desc = p.lease(size, owner=_SCRATCH)
         if desc is not None:
             return p.adopt(desc[0], [size], owner=_SCRATCH)[0]
@@ -421,5 +453,5 @@ def pool() -> Pool:
     if _pool is None:
         with _pool_lock:
             if _pool is None:
-                _pool = Pool()
+                _pool = Pool(scratch=Pool(name=SCRATCH_NAME))
     return _pool

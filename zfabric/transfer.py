@@ -17,7 +17,7 @@ import zmq
 import zmq.asyncio
 from zmq.utils.monitor import parse_monitor_message
 
-from . import _zmq, handshake, protocol, serialize, shm
+from . import _zmq, handshake, protocol, serialize, shm, streams
 from .errors import CommTimeoutError, RemoteProtocolError
 from .security import SecurityError
 
@@ -25,35 +25,24 @@ logger = logging.getLogger(__name__)
 
 #: Values with at least this many bytes of buffers go through shared memory on one host.
 SHM_THRESHOLD_BYTES = 1 << 20
-#: Over an encrypted socket, a buffer of more than ``PIECE_MIN_BYTES`` leaves in frames of
-#: ``PIECE_BYTES``: libzmq then encrypts, sends, receives and decrypts the pieces as a pipeline
-#: across the two ends' I/O threads, where one 100 MB frame is encrypted whole, then sent
-#: whole, then decrypted whole. The receiver joins the pieces (one copy). Plain TCP has no
-#: step to overlap (libzmq reads a large frame straight into its buffer), so there the copy
-#: would only cost: buffers leave whole.
-PIECE_BYTES = 1 << 20
-PIECE_MIN_BYTES = 4 << 20
-#: Pieces in one message at most (``Config.MAX_FRAMES`` bounds frames); past this a buffer
-#: leaves whole.
-MAX_PIECES = 4096
-
-
 def pack_values(values, *, ask: bool = False, into: dict | None = None,
-                srcfd: int | None = None, pieces: bool = False) -> tuple[list, list]:
-    """Wire form of stored values: ``items`` for the op, ``frames`` to send after it.
+                srcfd: int | None = None, stream: bool = False) -> tuple[list, list, list]:
+    """Wire form of stored values: ``items`` for the op, ``frames`` to send after it, and
+    ``streams`` (``(sid, view)`` pairs) to send before it.
 
     ``values`` holds ``(key, header, buffers, raw)``; each item is
     ``[key, header, nframes, raw, where]``, where ``where`` is None (the buffers are the next
-    ``nframes`` frames), ``["pieces", counts]`` (the same, buffer ``i`` cut into
-    ``counts[i]`` frames, given ``pieces``: see ``PIECE_BYTES``), ``["seg", lease, sizes]``
-    (written into the receiver's segment ``into[key]``), or ``["sizes", sizes]`` (``ask``: too
-    large for a frame, or for the segment named; ask again with a segment of that size).
+    ``nframes`` frames), ``["streams", ids]`` (given ``stream``: buffer ``i`` is the next
+    frame where ``ids[i]`` is 0, else it comes first as stream ``ids[i]``; see
+    :mod:`zfabric.streams`), ``["seg", lease, sizes]`` (written into the receiver's segment
+    ``into[key]``), or ``["sizes", sizes]`` (``ask``: too large for a frame, or for the
+    segment named; ask again with a segment of that size).
     ``srcfd``: our end of the asker's connection; a segment of another process is not written
     (see :func:`zfabric.shm.write`).
     """
     items: list = []
     frames: list = []
-    cut_so_far = 0 if pieces else MAX_PIECES + 1  # no pieces: every buffer leaves whole
+    out: list = []
     for key, header, bufs, raw in values:
         where = None
         if bufs and (ask or (into and key in into)):
@@ -66,59 +55,67 @@ def pack_values(values, *, ask: bool = False, into: dict | None = None,
         if where is not None:
             items.append([key, header, 0, raw, where])
             continue
-        counts = None
+        ids = None
         start = len(frames)
         for i, b in enumerate(bufs):
             view = memoryview(b)
-            n = view.nbytes
-            if (n <= PIECE_MIN_BYTES or cut_so_far + n // PIECE_BYTES > MAX_PIECES
-                    or not view.c_contiguous):
+            if not stream or not streams.streamable(view):
                 frames.append(b)
-                if counts is not None:
-                    counts.append(1)
+                if ids is not None:
+                    ids.append(0)
                 continue
-            if counts is None:
-                counts = [1] * i
-            view = view.cast("B") if view.format != "B" or view.ndim != 1 else view
-            cut = [view[off:off + PIECE_BYTES] for off in range(0, n, PIECE_BYTES)]
-            frames.extend(cut)
-            counts.append(len(cut))
-            cut_so_far += len(cut)
+            if ids is None:
+                ids = [0] * i
+            sid = streams.new_id()
+            out.append((sid, view))
+            ids.append(sid)
         items.append([key, header, len(frames) - start, raw,
-                      ["pieces", counts] if counts is not None else None])
-    return items, frames
+                      ["streams", ids] if ids is not None else None])
+    return items, frames, out
 
 
-def _joined(frames: list, counts: list) -> list:
-    """Buffers from frames, those cut into pieces joined again (into a segment of this
-    process's pool where it has one: pages already allocated, back to the pool when the value
-    dies; see :func:`zfabric.shm.Pool.scratch`)."""
+def _streamed(frames: list, ids, table: streams.Table | None) -> list:
+    """Buffers from frames and, where ``ids`` names one, from a stream of ``table``."""
+    if type(ids) is not list or table is None:
+        raise RemoteProtocolError(f"bad stream ids {ids!r:.80}")
     out, pos = [], 0
-    for c in counts:
-        if type(c) is not int or c < 1 or pos + c > len(frames):
-            raise RemoteProtocolError(f"bad piece counts {counts!r:.80}")
-        if c == 1:
+    for sid in ids:
+        if sid == 0:
+            if pos >= len(frames):
+                raise RemoteProtocolError(f"stream ids {ids!r:.80} name more frames than came")
             out.append(frames[pos])
+            pos += 1
         else:
-            parts = [memoryview(f) for f in frames[pos:pos + c]]
-            dest = shm.scratch(sum(p.nbytes for p in parts))
-            off = 0
-            for p in parts:
-                dest[off:off + p.nbytes] = p.cast("B") if p.format != "B" else p
-                off += p.nbytes
-            out.append(dest)
-        pos += c
+            out.append(table.take(sid))
     if pos != len(frames):
-        raise RemoteProtocolError(f"piece counts {counts!r:.80} do not match {len(frames)} frames")
+        raise RemoteProtocolError(f"stream ids {ids!r:.80} do not match {len(frames)} frames")
     return out
 
 
-def unpack_values(items: list, frames: list, owner=None):
+def claim(ops: list, table: streams.Table) -> streams.Table:
+    """The streams of ``table`` that the items of ``ops`` name, moved to a table of their
+    own (for an op handled later than the next message is read)."""
+    got = streams.Table()
+    for op in ops:
+        items = op.get("items")
+        for item in items if type(items) is list else ():
+            where = item[4] if type(item) is list and len(item) > 4 else None
+            if type(where) is list and len(where) == 2 and where[0] == "streams" \
+                    and type(where[1]) is list:
+                for sid in where[1]:
+                    entry = table.streams.pop(sid, None) if type(sid) is int else None
+                    if entry is not None:
+                        got.streams[sid] = entry
+    return got
+
+
+def unpack_values(items: list, frames: list, owner=None, table: streams.Table | None = None):
     """Yield ``(key, header, buffers, raw, sizes)`` from an op's items and the frames after it.
 
     A missing value has ``header`` None. ``sizes`` is set (and ``buffers`` None) when the
     sender asks for a segment to write the value into (see :func:`pack_values`). Values
-    written into segments are taken only from leases made for ``owner``.
+    written into segments are taken only from leases made for ``owner``; streamed buffers
+    from ``table``, the streams of the connection the op came on.
     """
     pos = 0
     for item in items:
@@ -131,10 +128,10 @@ def unpack_values(items: list, frames: list, owner=None):
             bufs = [f.buffer if hasattr(f, "buffer") else f for f in frames[pos : pos + n]]
             pos += n
             yield key, header, bufs, raw, None
-        elif where[0] == "pieces" and len(where) == 2 and type(where[1]) is list:
+        elif where[0] == "streams" and len(where) == 2:
             got = [f.buffer if hasattr(f, "buffer") else f for f in frames[pos : pos + n]]
             pos += n
-            yield key, header, _joined(got, where[1]), raw, None
+            yield key, header, _streamed(got, where[1], table), raw, None
         elif where[0] == "sizes" and len(where) == 2 and type(where[1]) is list:
             yield key, header, None, raw, where[1]
         elif where[0] == "seg" and len(where) == 3 and type(where[2]) is list:
@@ -168,6 +165,10 @@ def cancel_leases(into: dict) -> None:
             pool.cancel(desc[0])
 
 
+#: Ops of the messages that carry streams (and say what comes): not answers.
+_STREAMING = ("piece", "announce")
+
+
 class _Conn:
     def __init__(self, ctx: zmq.asyncio.Context, address: str, security=None,
                  max_frame_bytes: int = -1):
@@ -179,6 +180,9 @@ class _Conn:
                                 max_frame_bytes=max_frame_bytes, monitor=monitor)
         self.pending: dict[int, asyncio.Future] = {}
         self.failed: Exception | None = None  # the handshake was refused: why
+        self.table = streams.Table(max_frame_bytes)  # streams arriving (zfabric/streams.py)
+        # a request's messages (its streams, then its op) leave together
+        self.send_lock = asyncio.Lock()
         self.reader = asyncio.ensure_future(self._read())
         self.events: zmq.asyncio.Socket | None = None
         self.watcher: asyncio.Future | None = None
@@ -199,20 +203,27 @@ class _Conn:
                 self.pending.clear()
 
     async def _read(self) -> None:
+        table = self.table
         while True:
             frames = await self.sock.recv_multipart(copy=False)
             try:
                 ops, buffers = protocol.decode([frames[0].bytes, *frames[1:]])
+                if len(ops) == 1 and ops[0]["op"] in _STREAMING:
+                    if ops[0]["op"] == "piece":
+                        table.piece(ops[0], buffers)
+                    continue  # (an announcement is for servers' guards)
             except RemoteProtocolError as exc:
                 logger.warning("bad data message from %s: %s", self.address, exc)
                 continue
+            claimed = claim(ops, table) if table.streams else None
+            table.settle()
             for op in ops:
                 if op["op"] == "error" and op.get("id") is None:
                     self._fail_all(op)  # about the connection, not one request
                     continue
                 fut = self.pending.pop(op.get("id", -1), None)
                 if fut is not None and not fut.done():
-                    fut.set_result((op, buffers))
+                    fut.set_result((op, buffers, claimed))
 
     def _fail_all(self, op: dict) -> None:
         message = protocol.short(op.get("message"), 500)
@@ -240,6 +251,7 @@ class _Conn:
         if self.events is not None:
             self.events.close(0)
         self.sock.close(linger=0)
+        self.table.clear()
 
 
 class DataPool:
@@ -255,8 +267,11 @@ class DataPool:
         self.conns: dict[str, _Conn] = {}
         self._seq = 0
 
-    async def request(self, address: str, op: dict,
-                      frames: Sequence = ()) -> tuple[dict, list]:
+    async def request(self, address: str, op: dict, frames: Sequence = (),
+                      out: Sequence = ()) -> tuple[dict, list, streams.Table | None]:
+        """Send ``op`` (with ``frames``, after the streams ``out`` of
+        :func:`pack_values`) and wait for its answer: the op, its frames, and the streams
+        it names."""
         conn = self.conns.get(address)
         if conn is not None and conn.failed is not None:
             self.drop(address)  # refused: say so now; the next request tries afresh
@@ -270,9 +285,21 @@ class DataPool:
         conn.pending[self._seq] = fut
         message = protocol.encode([op], frames)
         notice = protocol.announcement(message)
-        if notice is not None:  # a large message is announced (zfabric/intake.py)
-            await conn.sock.send_multipart(notice)
-        await conn.sock.send_multipart(message, copy=False)
+        async with conn.send_lock:
+            try:
+                for sid, view in out:
+                    for piece in streams.messages(sid, view):
+                        await conn.sock.send_multipart(piece, copy=False)
+                if notice is not None:  # a large message is announced (zfabric/intake.py)
+                    await conn.sock.send_multipart(notice)
+                await conn.sock.send_multipart(message, copy=False)
+            except BaseException:
+                # cut off halfway (cancelled): the worker holds an unfinished stream of ours,
+                # which the next one would be refused behind; start afresh
+                conn.pending.pop(op["id"], None)
+                if self.conns.get(address) is conn:
+                    self.drop(address)
+                raise
         try:
             return await asyncio.wait_for(asyncio.shield(fut), self.timeout_s)
         except TimeoutError:
@@ -294,25 +321,27 @@ class DataPool:
         segments of this process to write them into (see :mod:`zfabric.shm`).
         """
         local = self.use_shm and shm.is_local(address)
-        op, buffers = await self.request(address, {"op": "get-data", "keys": keys, "shm": local})
+        answer = await self.request(address, {"op": "get-data", "keys": keys, "shm": local})
         out: dict = {}
-        later = self._take(address, op, buffers, out)
+        later = self._take(address, *answer, out)
         if later:
             into = lease_for(later, owner=address)
             try:
-                op, buffers = await self.request(address, {
+                answer = await self.request(address, {
                     "op": "get-data", "keys": [k for k, _ in later], "shm": False, "into": into})
-                self._take(address, op, buffers, out)
+                self._take(address, *answer, out)
             finally:
                 cancel_leases(into)
         return out
 
     @staticmethod
-    def _take(address: str, op: dict, buffers: list, out: dict) -> list:
+    def _take(address: str, op: dict, buffers: list, table: streams.Table | None,
+              out: dict) -> list:
         if op["op"] != "data":
             raise ConnectionError(f"worker {address}: {op.get('message', op['op'])}")
         later = []
-        for key, header, bufs, raw, sizes in unpack_values(op["items"], buffers, address):
+        for key, header, bufs, raw, sizes in unpack_values(op["items"], buffers, address,
+                                                           table):
             if sizes is not None:
                 later.append((key, sizes))
             elif header is not None:
@@ -332,22 +361,22 @@ class DataPool:
             big = [(k, s) for k, s in big if sum(s) >= SHM_THRESHOLD_BYTES]
             if big:
                 into = await self._leases(address, big)
-        pieces = self.security is not None
         if into:
-            spec, frames = await asyncio.to_thread(pack_values, values, into=into,
-                                                   pieces=pieces)
+            spec, frames, out = await asyncio.to_thread(pack_values, values, into=into,
+                                                        stream=True)
         else:
-            spec, frames = pack_values(values, pieces=pieces)
-        op, _ = await self.request(address, {"op": "put-data", "items": spec}, frames)
+            spec, frames, out = pack_values(values, stream=True)
+        op, _, _ = await self.request(address, {"op": "put-data", "items": spec}, frames, out)
         if op["op"] != "reply" and into:
             # A lease that ran out before the data came: send it all over the socket.
-            spec, frames = pack_values(values, pieces=pieces)
-            op, _ = await self.request(address, {"op": "put-data", "items": spec}, frames)
+            spec, frames, out = pack_values(values, stream=True)
+            op, _, _ = await self.request(address, {"op": "put-data", "items": spec}, frames,
+                                          out)
         if op["op"] != "reply":
             raise ConnectionError(f"worker {address} refused data: {op.get('message')}")
 
     async def _leases(self, address: str, keys_sizes: list) -> dict:
-        op, _ = await self.request(address, {"op": "lease",
+        op, _, _ = await self.request(address, {"op": "lease",
                                              "sizes": [sum(s) for _, s in keys_sizes]})
         descs = op.get("items") if op["op"] == "leases" else None
         if type(descs) is not list:

@@ -265,30 +265,6 @@ IMPLS: dict[str, Impl] = {
             spill_tasks=8,
         ),
     ),
-    "zfabric-curve": ZfabricCurveImpl(
-        name="zfabric-curve",
-        title="zfabric+CURVE",
-        package="zfabric",
-        required=True,
-        full_sizes=dict(
-            rtt_warmup=20,
-            rtt_iters=300,
-            noop_tasks=20_000,
-            tree_leaves=8_192,
-            echo_mb=100,
-            pending_tasks=100_000,
-            done_tasks=20_000,
-        ),
-        quick_sizes=dict(
-            rtt_warmup=10,
-            rtt_iters=100,
-            noop_tasks=2_000,
-            tree_leaves=1_024,
-            echo_mb=10,
-            pending_tasks=10_000,
-            done_tasks=2_000,
-        ),
-    ),
     "dask": DaskImpl(
         name="dask",
         title="dask.distributed",
@@ -322,13 +298,22 @@ IMPLS: dict[str, Impl] = {
         ),
     ),
 }
+# With security on, every row runs at the sizes it has without (side by side).
+IMPLS["zfabric-curve"] = ZfabricCurveImpl(
+    name="zfabric-curve",
+    title="zfabric+CURVE",
+    package="zfabric",
+    required=True,
+    full_sizes=IMPLS["zfabric"].full_sizes,
+    quick_sizes=IMPLS["zfabric"].quick_sizes,
+)
 IMPLS["dask-tls"] = DaskTlsImpl(
     name="dask-tls",
     title="dask.distributed+TLS",
     package="distributed",
     required=False,
-    full_sizes=dict(echo_mb=100),
-    quick_sizes=dict(echo_mb=10),
+    full_sizes=IMPLS["dask"].full_sizes,
+    quick_sizes=IMPLS["dask"].quick_sizes,
 )
 
 

@@ -241,7 +241,8 @@ class WorkerLoop:
         more = False  # spilling still to do: do not sleep in poll
         while not self.stop_requested:
             wait_ms = min(100, max(1, int(state.heartbeat_s * 1000)))
-            events = dict(poll(0 if more else wait_ms))
+            # (a backlog of answers to data peers is retried every few ms, not at the next beat)
+            events = dict(poll(0 if more else 2 if port.data_backlog else wait_ms))
             if self.sched in events:
                 self._drain_scheduler()
             if self.wake in events or self.executor.done:

@@ -23,7 +23,7 @@ from typing import Any
 
 import zmq
 
-from .. import _zmq, protocol, serialize, shm, zap
+from .. import _zmq, protocol, serialize, shm, streams, zap
 from ..config import Config
 from ..errors import RemoteProtocolError
 from ..intake import Intake
@@ -90,6 +90,10 @@ class DataPort:
         self.data_backlog_bytes: dict[bytes, int] = {}
         # direct replies (zfabric/replies.py): a client's token -> its data connection
         self.reply_peers: dict[str, bytes] = {}
+        # large buffers arriving in pieces (zfabric/streams.py): from data peers, and on the
+        # fetch sockets by peer address
+        self.tables: dict[bytes, streams.Table] = {}
+        self.peer_tables: dict[str, streams.Table] = {}
 
     def bind(self, ctx: zmq.Context, host: str, name: str | None) -> str:
         """Bind the data port on ``host`` (a free port); returns its address."""
@@ -116,6 +120,8 @@ class DataPort:
         for into in self.leases.values():
             cancel_leases(into)
         self.leases.clear()
+        self.tables.clear()
+        self.peer_tables.clear()
 
     def drain(self) -> None:
         ring = self.keyring
@@ -133,6 +139,9 @@ class DataPort:
             except (RemoteProtocolError, IndexError) as exc:
                 self._reply_data(peer, [{"op": "error", "message": str(exc)}])
                 continue
+            if len(ops) == 1 and ops[0]["op"] == "piece":
+                self._piece(peer, ops[0], buffers)
+                continue
             if len(ops) == 1 and ops[0]["op"] == "announce":
                 error = intake.announced(conn, ops[0]) if conn is not None else None
                 if error is not None:
@@ -147,6 +156,25 @@ class DataPort:
                 except Exception as exc:
                     self._reply_data(peer, [{"op": "error", "message": f"{op['op']}: {exc}",
                                              "id": op.get("id")}])
+            table = self.tables.get(peer)
+            if table is not None:
+                table.settle()  # what the op did not claim is dropped
+                if not table:
+                    del self.tables[peer]
+
+    def _piece(self, peer: bytes, op: dict, buffers: list) -> None:
+        """A piece of a large buffer from data peer ``peer``, copied into place."""
+        table = self.tables.get(peer)
+        if table is None:
+            if len(self.tables) >= 10_000:
+                self.tables.clear()  # (a piece of a stream forgotten so is refused, loudly)
+            table = self.tables[peer] = streams.Table(self.config.MAX_MESSAGE_BYTES,
+                                                      self.config.MAX_FRAMES)
+        try:
+            table.piece(op, buffers)
+        except RemoteProtocolError as exc:
+            self.tables.pop(peer, None)
+            self._reply_data(peer, [{"op": "error", "message": str(exc)}])
 
     def check_intake(self, now: float) -> None:
         """Every ``INTAKE_CHECK_S``: end connections too far ahead of their complete
@@ -154,6 +182,9 @@ class DataPort:
         if now < self.next_intake:
             return
         self.next_intake = now + INTAKE_CHECK_S
+        for tables in (self.tables, self.peer_tables):
+            for table in tables.values():
+                table.expire(now)
         for conn, _ in self.intake.review(now):
             if conn.peer is not None:
                 self.data_backlog.pop(conn.peer, None)
@@ -206,10 +237,11 @@ class DataPort:
                         values.append((key, ser[0], ser[1], key in self.raw_keys))
                 into = op.get("into") if self.use_shm else None
                 # the segments named must belong to the process that asked (srcfd's peer)
-                items, frames = pack_values(values, ask=bool(op.get("shm")) and self.use_shm,
-                                            into=into if type(into) is dict else None,
-                                            srcfd=srcfd, pieces=self.security is not None)
-                self._reply_data(peer, [{"op": "data", "id": op["id"], "items": items}], frames)
+                items, frames, out = pack_values(
+                    values, ask=bool(op.get("shm")) and self.use_shm,
+                    into=into if type(into) is dict else None, srcfd=srcfd, stream=True)
+                self._reply_data(peer, [{"op": "data", "id": op["id"], "items": items}], frames,
+                                 out)
             case "lease":
                 pool = shm.pool() if self.use_shm else None
                 limit = self.config.MAX_MESSAGE_BYTES
@@ -219,7 +251,8 @@ class DataPort:
             case "put-data":
                 raw_op = bool(op.get("raw"))
                 self.on_placed([(key, header, bufs, raw or raw_op) for key, header, bufs, raw, _
-                                in unpack_values(op["items"], buffers, peer)
+                                in unpack_values(op["items"], buffers, peer,
+                                                 self.tables.get(peer))
                                 if header is not None and bufs is not None])
                 self._reply_data(peer, [{"op": "reply", "id": op["id"], "result": True}])
             case "actor-call":
@@ -265,26 +298,38 @@ class DataPort:
             peer, op, frames = replies.popleft()
             self._reply_data(peer, [op], frames)
 
-    def _reply_data(self, peer: bytes, ops: list, frames: Sequence = ()) -> None:
+    def _reply_data(self, peer: bytes, ops: list, frames: Sequence = (),
+                    out: Sequence = ()) -> None:
         """Answer a data peer without ever blocking the loop: what its full queue refuses
-        waits in a backlog of its own, retried each turn, within ``PEER_BACKLOG_BYTES``."""
-        message = [peer, *protocol.encode(ops, frames)]
+        waits in a backlog of its own, retried each turn, within ``PEER_BACKLOG_BYTES``
+        (the pieces of the streams ``out``, sent first, are views of values held here: only
+        their heads count)."""
+        for sid, view in out:
+            for piece in streams.messages(sid, view):
+                if not self._send_data(peer, [peer, *piece], len(piece[0])):
+                    return
+        self._send_data(peer, [peer, *protocol.encode(ops, frames)])
+
+    def _send_data(self, peer: bytes, message: list, size: int | None = None) -> bool:
+        """Send or queue one message to a data peer; False if the peer is gone."""
         if peer in self.data_backlog:
-            self._queue_reply(peer, message)
-            return
+            return self._queue_reply(peer, message, size)
         try:
             self.data.send_multipart(message, zmq.NOBLOCK, copy=False)
         except zmq.Again:
-            self._queue_reply(peer, message)
+            return self._queue_reply(peer, message, size)
         except zmq.ZMQError as exc:
             logger.info("could not answer a data peer: %s", exc)
+            return False
+        return True
 
-    def _queue_reply(self, peer: bytes, message: list) -> None:
+    def _queue_reply(self, peer: bytes, message: list, size: int | None = None) -> bool:
         queue = self.data_backlog.get(peer)
         if queue is None:
             queue = self.data_backlog[peer] = deque()
             self.data_backlog_bytes[peer] = 0
-        size = sum(memoryview(f).nbytes for f in message)
+        if size is None:
+            size = sum(memoryview(f).nbytes for f in message)
         queue.append((message, size))
         total = self.data_backlog_bytes[peer] = self.data_backlog_bytes[peer] + size
         if total > self.config.PEER_BACKLOG_BYTES:
@@ -292,6 +337,8 @@ class DataPort:
                            " than PEER_BACKLOG_BYTES; dropping them", peer[:64], total)
             self.data_backlog.pop(peer, None)
             self.data_backlog_bytes.pop(peer, None)
+            return False
+        return True
 
     def retry_replies(self) -> None:
         for peer in list(self.data_backlog):
@@ -346,31 +393,47 @@ class DataPort:
 
     def drain_peer(self, addr: str, sock: zmq.Socket, expected) -> None:
         """Answers from peer ``addr``; ``expected`` holds the fetch ids still awaited."""
+        table = self.peer_tables.get(addr)
         for frames in waiting(sock, copy=False):
             try:
                 ops, buffers = protocol.decode([frames[0].bytes, *frames[1:]])
+                if len(ops) == 1 and ops[0]["op"] == "announce":
+                    continue  # (for servers' guards)
+                if len(ops) == 1 and ops[0]["op"] == "piece":
+                    if table is None:
+                        table = self.peer_tables[addr] = streams.Table(
+                            self.config.MAX_MESSAGE_BYTES, self.config.MAX_FRAMES)
+                    table.piece(ops[0], buffers)
+                    continue
             except RemoteProtocolError as exc:
                 logger.warning("bad data message from %s: %s", addr, exc)
                 continue
-            for op in ops:
-                fid = op.get("id")
-                if op["op"] == "error" and fid is None:  # the whole connection
-                    logger.warning("data port %s: %s", addr, protocol.short(op["message"], 300))
-                    self.on_refused(addr)
-                    continue
-                if type(fid) is not int or fid not in expected:
-                    continue
-                if op["op"] != "data":
-                    self.on_fetched(fid, None)
-                    continue
-                items = []
-                try:
-                    for key, header, bufs, raw, sizes in unpack_values(op["items"], buffers, addr):
-                        nbytes = (serialize.nbytes(header, bufs)
-                                  if header is not None and bufs is not None else 0)
-                        items.append((key, header, bufs, raw, sizes, nbytes))
-                except RemoteProtocolError as exc:
-                    logger.warning("bad values from %s: %s", addr, exc)
-                    self.on_fetched(fid, None)
-                    continue
-                self.on_fetched(fid, items)
+            self._answers(addr, ops, buffers, table, expected)
+            if table is not None:
+                table.settle()  # what the answer did not claim is dropped
+
+    def _answers(self, addr: str, ops: list, buffers: list, table, expected) -> None:
+        """The ops of one answer from peer ``addr`` (``table``: its streams)."""
+        for op in ops:
+            fid = op.get("id")
+            if op["op"] == "error" and fid is None:  # the whole connection
+                logger.warning("data port %s: %s", addr, protocol.short(op["message"], 300))
+                self.on_refused(addr)
+                continue
+            if type(fid) is not int or fid not in expected:
+                continue
+            if op["op"] != "data":
+                self.on_fetched(fid, None)
+                continue
+            items = []
+            try:
+                for key, header, bufs, raw, sizes in unpack_values(op["items"], buffers, addr,
+                                                                   table):
+                    nbytes = (serialize.nbytes(header, bufs)
+                              if header is not None and bufs is not None else 0)
+                    items.append((key, header, bufs, raw, sizes, nbytes))
+            except RemoteProtocolError as exc:
+                logger.warning("bad values from %s: %s", addr, exc)
+                self.on_fetched(fid, None)
+                continue
+            self.on_fetched(fid, items)
