@@ -56,6 +56,7 @@ from .profiling import Profiling
 from .reprs import render_client
 from .security import SecurityError, as_security
 from .session import Session
+from .story import Stories
 from .submission import Submission, funcname  # noqa: F401  (funcname: public there)
 from .topics import Topics
 from .transfer import DataPool
@@ -185,6 +186,7 @@ class Client:
         self._metadata = Metadata(self)
         self._inspection = Inspection(self, core, self._admin.run_on_workers)
         self._profiling = Profiling(self, core, self._admin.run_on_workers)
+        self._stories = Stories(self, core, self._admin.run_on_workers)
         self._is_default = set_as_default
         if set_as_default:
             current.add_default(self)
@@ -433,6 +435,7 @@ class Client:
     benchmark_hardware = _ByPart("_inspection", Inspection.benchmark_hardware)
     profile = _ByPart("_profiling", Profiling.profile)
     call_stack = _ByPart("_profiling", Profiling.call_stack)
+    story = _ByPart("_stories", Stories.story)
     subscribe_topic = _ByPart("_topics", Topics.subscribe_topic)
     unsubscribe_topic = _ByPart("_topics", Topics.unsubscribe_topic)
     forward_logging = _ByPart("_topics", Topics.forward_logging)

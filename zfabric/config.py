@@ -138,6 +138,13 @@ class Config:
     DASHBOARD_INTERVAL_S: float = 0.25
     #: Finished tasks the scheduler remembers for the task stream (get_task_stream).
     TASK_STREAM_LENGTH: int = 10_000
+    #: Task transitions the scheduler, and each worker, remembers for ``Client.story`` (the
+    #: last ones; about 100 bytes each). 0 turns the log off.
+    TRANSITION_LOG_LENGTH: int = 100_000
+    #: Events the scheduler keeps for one subscriber (``subscribe_topic``,
+    #: ``TransitionListener``) that has not taken them yet; beyond this it drops the newest
+    #: and tells the subscriber how many it missed.
+    SUBSCRIPTION_QUEUE_EVENTS: int = 10_000
     #: A batch job (SLURMCluster, PBSCluster) pending this long is reported, once: a warning
     #: and an event on the scheduler (topic ``jobqueue``).
     PENDING_REPORT_S: float = 60.0

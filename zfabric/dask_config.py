@@ -59,6 +59,10 @@ HONOURED: dict[str, tuple[str, Callable[[Any], Any]]] = {
     "distributed.comm.timeouts.connect": ("CONNECT_TIMEOUT_S", _seconds),
     "distributed.comm.timeouts.tcp": ("SCHEDULER_LOST_TIMEOUT_S", _seconds),
     "distributed.client-heartbeat": ("HEARTBEAT_INTERVAL_S", _seconds),
+    # the length of the scheduler's and workers' transition logs (Client.story); the
+    # first is dask's older name of the second
+    "distributed.scheduler.transition-log-length": ("TRANSITION_LOG_LENGTH", int),
+    "distributed.admin.low-level-log-length": ("TRANSITION_LOG_LENGTH", int),
 }
 
 _warned: set[str] = set()
