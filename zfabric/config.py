@@ -138,9 +138,12 @@ class Config:
     DASHBOARD_INTERVAL_S: float = 0.25
     #: Finished tasks the scheduler remembers for the task stream (get_task_stream).
     TASK_STREAM_LENGTH: int = 10_000
-    #: Task transitions the scheduler, and each worker, remembers for ``Client.story`` (the
-    #: last ones; about 100 bytes each). 0 turns the log off.
+    #: Task transitions the scheduler remembers for ``Client.story`` (the last ones; about
+    #: 150 bytes each). 0 turns the log off.
     TRANSITION_LOG_LENGTH: int = 100_000
+    #: Task transitions each worker remembers for ``Client.story``. Off (0) by default: a
+    #: worker's log costs about 4 µs of its CPU per task (docs/performance.md).
+    WORKER_TRANSITION_LOG_LENGTH: int = 0
     #: Events the scheduler keeps for one subscriber (``subscribe_topic``,
     #: ``TransitionListener``) that has not taken them yet; beyond this it drops the newest
     #: and tells the subscriber how many it missed.

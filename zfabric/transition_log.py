@@ -50,12 +50,16 @@ class StoryLog:
 
     __slots__ = ("index", "length", "ring", "seq", "stimulus", "visited")
 
+    # The scheduler appends inline (zfabric/scheduler/state.py, its hot path), as add does:
+    # the record in place ``seq % length``, the index, ``seq``, and compact at each wrap.
+
     def __init__(self, length: int):
         self.length = max(1, int(length))
         self.ring: list = [None] * self.length
         self.seq = 0
         self.index: dict = {}  # key -> number of its newest record
-        #: (op name, number, worker address or None) of the op being applied, or None
+        #: (op name, number, address of the worker that sent it or None) of the op being
+        #: applied, or None
         self.stimulus: tuple | None = None
         self.visited = 0  # records the last lookup touched
 
@@ -63,20 +67,23 @@ class StoryLog:
         return min(self.seq, self.length)
 
     def add(self, key, start: str, finish: str, worker: str | None, now: float) -> None:
-        """Log one transition (``worker``: where it matters beyond the stimulus's own, such
-        as the worker a task was sent to)."""
+        """Log one transition (``worker``: the address of the worker it concerns beyond the
+        stimulus's sender, such as the worker a task was sent to)."""
         seq = self.seq
         index = self.index
-        prev = index.get(key, -1)
+        i = seq % self.length
+        self.ring[i] = (key, start, finish, worker, now, self.stimulus, index.get(key, -1))
         index[key] = seq
-        self.ring[seq % self.length] = (key, start, finish, worker, now, self.stimulus, prev)
         self.seq = seq + 1
-        if len(index) > 2 * self.length:
-            self._compact()
+        if not i:
+            self.compact()
 
-    def _compact(self) -> None:
+    def compact(self) -> None:
+        """Drop the index entries of keys whose records all left the ring (called at each
+        wrap of the ring: the index holds at most twice as many keys as the ring)."""
         first = self.seq - len(self)
-        self.index = {k: s for k, s in self.index.items() if s >= first}
+        if first > 0:
+            self.index = {k: s for k, s in self.index.items() if s >= first}
 
     # ------------------------------------------------------------------ reading
 

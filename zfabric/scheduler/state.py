@@ -155,7 +155,9 @@ class SchedulerState:
         #: The transition log (Client.story), None when TRANSITION_LOG_LENGTH is 0.
         self.story = StoryLog(config.TRANSITION_LOG_LENGTH) \
             if config.TRANSITION_LOG_LENGTH > 0 else None
-        #: What the ops being applied are: (op name, number, worker address or None).
+        #: What the ops being applied are: (op name, number, the sending worker's address or
+        #: None);
+        #: kept only while the log is on or someone follows transitions.
         self.stimulus: tuple = ("start", 0, None)
         self._stimuli = 0
         self.subs = Subscriptions(self.send, config.SUBSCRIPTION_QUEUE_EVENTS,
@@ -204,11 +206,12 @@ class SchedulerState:
             self.subs.drain()
         return self._outbox.flush()
 
-    def stimulate(self, name: str, worker: str | None = None) -> None:
-        """What comes next is caused by ``name`` (an op, ``tick``...), from ``worker`` if a
-        worker sent it: its transitions are logged with it (``Client.story``)."""
+    def stimulate(self, name: str, sender: str | None = None) -> None:
+        """What comes next is caused by ``name`` (an op, ``tick``...), from the worker at
+        address ``sender`` if one sent it: its transitions are logged with it
+        (``Client.story``)."""
         self._stimuli += 1
-        self.stimulus = stim = (name, self._stimuli, worker)
+        self.stimulus = stim = (name, self._stimuli, sender)
         if self.story is not None:
             self.story.stimulus = stim
 
@@ -280,11 +283,13 @@ class SchedulerState:
         its shape, the handlers what it asks) is answered with an error op. Anything else is
         a bug of ours: logged as one, answered, and raised again where :data:`RAISE_BUGS_ENV`
         is set (the tests set it)."""
-        self._stimuli += 1
-        self.stimulus = stim = (op.get("op"), self._stimuli,
-                                record.address if type(record) is WorkerState else None)
-        if self.story is not None:
-            self.story.stimulus = stim
+        story = self.story
+        if story is not None or self.subs.watching:
+            self._stimuli += 1
+            self.stimulus = stim = (op["op"], self._stimuli, record.address
+                                    if type(record) is WorkerState else None)
+            if story is not None:
+                story.stimulus = stim
         try:
             check_items(op)
             method(record, op) if record is not None else method(peer, op)
@@ -357,9 +362,19 @@ class SchedulerState:
             c[new] += 1
         ts.state = new
         story = self.story
-        if story is not None:
+        if story is not None:  # StoryLog.add, inline: the hot path
+            key = ts.key
+            index = story.index
+            seq = story.seq
+            i = seq % story.length
             ws = ts.processing_on
-            story.add(ts.key, old, new, ws.address if ws is not None else None, self.now)
+            # (only strings and numbers in a record: the garbage collector stops tracking it)
+            story.ring[i] = (key, old, new, ws.address if ws is not None else None, self.now,
+                             story.stimulus, index.get(key, -1))
+            index[key] = seq
+            story.seq = seq + 1
+            if not i:
+                story.compact()
         if self.subs.watching:
             self.tell_transition(ts, old, new)
 
@@ -375,9 +390,9 @@ class SchedulerState:
         """Subscribers to transitions hear one (``[key, start, finish, wall time, worker,
         stimulus id]``)."""
         ws = ts.processing_on
-        name, number, worker = self.stimulus
+        name, number, sender = self.stimulus
         item = [ts.key, old, new, self.now + self.observe.wall_offset,
-                ws.address if ws is not None else worker, f"{name}-{number}"]
+                ws.address if ws is not None else sender, f"{name}-{number}"]
         self.subs.transition(ts.key, ts.group.name if ts.group is not None else None, item)
 
     def start(self, ts: TaskState) -> None:
@@ -525,7 +540,20 @@ class SchedulerState:
                 ts.group.move(ts.state, "forgotten" if ts.state in ("memory", "released")
                               else "cancelled")
             old, ts.state = ts.state, "forgotten"
-            self.moved(ts, old)
+            story = self.story
+            if story is not None:  # StoryLog.add, inline (every task passes here)
+                key = ts.key
+                index = story.index
+                seq = story.seq
+                i = seq % story.length
+                story.ring[i] = (key, old, "forgotten", None, self.now, story.stimulus,
+                                 index.get(key, -1))
+                index[key] = seq
+                story.seq = seq + 1
+                if not i:
+                    story.compact()
+            if self.subs.watching:
+                self.tell_transition(ts, old, "forgotten")
             if ts.func is not None:
                 self.keys.drop_function(ts.func)
                 ts.func = None

@@ -47,8 +47,8 @@ class WorkerPlugins:
         self.plugins: dict[str, object] = {}
         self.hooked: list = []  # plugins with a transition method, in registration order
         self.preloads: list = []  # modules (dask_setup/dask_teardown) to set up at the welcome
-        length = loop.config.TRANSITION_LOG_LENGTH
-        #: This worker's transition log (Client.story); None with TRANSITION_LOG_LENGTH 0.
+        length = loop.config.WORKER_TRANSITION_LOG_LENGTH
+        #: This worker's transition log (Client.story); None while its length is 0.
         self.story = StoryLog(length) if length > 0 else None
 
     def __bool__(self) -> bool:
