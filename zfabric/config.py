@@ -139,10 +139,12 @@ class Config:
     #: Finished tasks the scheduler remembers for the task stream (get_task_stream).
     TASK_STREAM_LENGTH: int = 10_000
     #: Task transitions the scheduler remembers for ``Client.story`` (the last ones; about
-    #: 150 bytes each). 0 turns the log off.
-    TRANSITION_LOG_LENGTH: int = 100_000
+    #: 150 bytes each). Off (0) by default: the log costs the scheduler about 1-2 µs of CPU
+    #: per task, 8-18 % of its work on tiny tasks (docs/performance.md, "What watching
+    #: costs"). dask's ``distributed.admin.low-level-log-length`` sets it and the next.
+    TRANSITION_LOG_LENGTH: int = 0
     #: Task transitions each worker remembers for ``Client.story``. Off (0) by default: a
-    #: worker's log costs about 4 µs of its CPU per task (docs/performance.md).
+    #: worker's log costs it about 4 µs of CPU per task.
     WORKER_TRANSITION_LOG_LENGTH: int = 0
     #: Events the scheduler keeps for one subscriber (``subscribe_topic``,
     #: ``TransitionListener``) that has not taken them yet; beyond this it drops the newest

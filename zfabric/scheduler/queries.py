@@ -73,9 +73,9 @@ class Queries:
             case "snapshot" | "task-stream" | "events" | "log-event" | "logs" | "profile" \
                     | "history":
                 reply["result"] = self._observe_request(kind, args)
-            case "story":  # Client.story: the scheduler's half
+            case "story":  # Client.story: the scheduler's half (None: it keeps no log)
                 story = self.s.story
-                reply["result"] = [] if story is None else story.story(
+                reply["result"] = None if story is None else story.story(
                     args["keys"], self.s.observe.wall_offset)
             case "subscribe" | "unsubscribe":  # pushed events (see .subscriptions)
                 if peer not in self.s.clients:
