@@ -4,12 +4,14 @@ and ``story`` from an asynchronous client."""
 
 from __future__ import annotations
 
+import asyncio
+
 import pytest
 from userscript import run_script
 
 from zfabric import Client
 from zfabric.config import Config
-from zfabric.errors import ZFabricError
+from zfabric.errors import RemoteProtocolError, ZFabricError
 from zfabric.testing import cluster
 
 pytestmark = [pytest.mark.timeout(120), pytest.mark.usefixtures("no_leftover_processes")]
@@ -221,3 +223,12 @@ async def test_story_without_a_log_says_how_to_keep_one(fab):
     with pytest.raises(ZFabricError, match="TRANSITION_LOG_LENGTH"):
         await fab.c.story("inc-1")
     assert await fab.c.story("inc-1", on_error="ignore") == []
+
+
+async def test_a_malformed_subscribe_fails_its_request_and_the_client_goes_on(fab):
+    # When a subscribe request that the protocol's door refuses is made
+    with pytest.raises(RemoteProtocolError, match="subscribe request what"):
+        await asyncio.wait_for(fab.c.core.subscribe(lambda *a: None, what="everything"), 10)
+    # Then its wait ends with the error, and the client and scheduler serve on
+    assert fab.c.core.subscriptions == {}
+    assert await fab.c.submit(lambda x: x + 1, 1) == 2

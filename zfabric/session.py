@@ -226,6 +226,8 @@ class Session:
             case "error":
                 message = readable(op["message"])
                 logger.error("scheduler: %s", message)
+                if type(op.get("request")) is int:  # a request it refused: it fails
+                    core.answer(op["request"], {"error": op["message"]})
                 for key in op.get("keys") or ():
                     st = states.get(key)
                     if st is not None:

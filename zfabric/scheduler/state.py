@@ -310,10 +310,9 @@ class SchedulerState:
         reply: dict = {"op": "error", "message": text}
         if op.get("op") == "submit":
             reply["keys"] = self._refused_keys(peer, submitted_keys(op))
+        elif op.get("op") == "request" and type(op.get("id")) is int:
+            reply["request"] = op["id"]  # its requester waits: it fails with this error
         self.send(peer, reply)
-        if op.get("op") == "request" and type(op.get("id")) is int:
-            # the requester waits for this answer: it fails with the error instead
-            self.send(peer, {"op": "reply", "id": op["id"], "error": text})
 
     def _refused_keys(self, peer: bytes, keys: list[str]) -> list[str]:
         """Of the keys of a refused submit, those the client does not hold futures for already
