@@ -14,8 +14,9 @@ A Client is its records and a few parts that work on them, each in a module of i
 - :class:`~zfabric.values.Values` (``client.values``): results, ``gather``, ``scatter`` and
   large arguments, straight from and to the workers (:class:`~zfabric.transfer.DataPool`);
 - :class:`~zfabric.cluster_admin.ClusterAdmin`: requests about the cluster and commands for
-  it; :class:`~zfabric.datasets.Datasets`, :class:`~zfabric.diagnostics.Diagnostics` and
-  :class:`~zfabric.plugin_requests.PluginRequests`.
+  it; :class:`~zfabric.datasets.Datasets`, :class:`~zfabric.diagnostics.Diagnostics`,
+  :class:`~zfabric.plugin_requests.PluginRequests`, :class:`~zfabric.topics.Topics` (events
+  the scheduler pushes) and :class:`~zfabric.story.Stories` (``story``).
 
 The Client's own methods below are its life cycle (connect, close, ``sync``), ``cancel``,
 dask's ``get``/``compute``/``persist``, and one line per method a part carries out.
