@@ -30,7 +30,7 @@ LAYERS: list[tuple[str, list[str]]] = [
         "zfabric._version", "zfabric.errors", "zfabric.config", "zfabric.keys",
         "zfabric.current", "zfabric.logs", "zfabric.plugins", "zfabric.lifecycle",
         "zfabric.import_hooks", "zfabric.dask_config", "zfabric.reprs",
-        "zfabric.worker_plugins",
+        "zfabric.worker_plugins", "zfabric.transition_log",
     ]),
     ("wire", [
         "zfabric._zmq", "zfabric.protocol", "zfabric.serialize", "zfabric.security",
@@ -52,7 +52,7 @@ LAYERS: list[tuple[str, list[str]]] = [
         "zfabric.actor", "zfabric.coordination", "zfabric.progressbar", "zfabric.report",
         "zfabric.joblib_backend", "zfabric.window", "zfabric.replies", "zfabric.topics",
         "zfabric.metadata", "zfabric.inspection", "zfabric.multilock", "zfabric.transitions",
-        "zfabric.span", "zfabric.profiling",
+        "zfabric.span", "zfabric.profiling", "zfabric.story",
     ]),
     ("task API", ["zfabric.context", "zfabric.task_output"]),
     ("top", [

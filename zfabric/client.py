@@ -14,8 +14,9 @@ A Client is its records and a few parts that work on them, each in a module of i
 - :class:`~zfabric.values.Values` (``client.values``): results, ``gather``, ``scatter`` and
   large arguments, straight from and to the workers (:class:`~zfabric.transfer.DataPool`);
 - :class:`~zfabric.cluster_admin.ClusterAdmin`: requests about the cluster and commands for
-  it; :class:`~zfabric.datasets.Datasets`, :class:`~zfabric.diagnostics.Diagnostics` and
-  :class:`~zfabric.plugin_requests.PluginRequests`.
+  it; :class:`~zfabric.datasets.Datasets`, :class:`~zfabric.diagnostics.Diagnostics`,
+  :class:`~zfabric.plugin_requests.PluginRequests`, :class:`~zfabric.topics.Topics` (events
+  the scheduler pushes) and :class:`~zfabric.story.Stories` (``story``).
 
 The Client's own methods below are its life cycle (connect, close, ``sync``), ``cancel``,
 dask's ``get``/``compute``/``persist``, and one line per method a part carries out.
@@ -56,6 +57,7 @@ from .profiling import Profiling
 from .reprs import render_client
 from .security import SecurityError, as_security
 from .session import Session
+from .story import Stories
 from .submission import Submission, funcname  # noqa: F401  (funcname: public there)
 from .topics import Topics
 from .transfer import DataPool
@@ -185,6 +187,7 @@ class Client:
         self._metadata = Metadata(self)
         self._inspection = Inspection(self, core, self._admin.run_on_workers)
         self._profiling = Profiling(self, core, self._admin.run_on_workers)
+        self._stories = Stories(self, core, self._admin.run_on_workers)
         self._is_default = set_as_default
         if set_as_default:
             current.add_default(self)
@@ -433,6 +436,7 @@ class Client:
     benchmark_hardware = _ByPart("_inspection", Inspection.benchmark_hardware)
     profile = _ByPart("_profiling", Profiling.profile)
     call_stack = _ByPart("_profiling", Profiling.call_stack)
+    story = _ByPart("_stories", Stories.story)
     subscribe_topic = _ByPart("_topics", Topics.subscribe_topic)
     unsubscribe_topic = _ByPart("_topics", Topics.unsubscribe_topic)
     forward_logging = _ByPart("_topics", Topics.forward_logging)

@@ -104,6 +104,11 @@ class ClientCore:
         #: wire key of a dask graph's output -> every wire key that graph submitted (one
         #: frozenset shared by its outputs), so that ``progress`` shows every task group.
         self.graph_keys: dict[str, frozenset] = {}
+        #: Subscriptions to events the scheduler pushes (topics, transitions), by id: the
+        #: handler of each batch, ``handler(items, missed)``, called on the loop, and the
+        #: request that made it (sent again to a new scheduler incarnation).
+        self.subscriptions: dict[int, tuple[Callable[[int, list, int], None], dict]] = {}
+        self._subscription_seq = 0
 
     # ------------------------------------------------------------------ liveness
 
@@ -365,6 +370,54 @@ class ClientCore:
             if not fut.done():
                 fut.set_exception(error())
         self.requests.clear()
+
+    # ------------------------------------------------------------------ subscriptions
+
+    async def subscribe(self, handler: Callable[[int, list, int], None],
+                        **args) -> tuple[int, Any]:
+        """Ask the scheduler to push events (``what="topic"``, ``topic=...``, or
+        ``what="transitions"``, ``keys``/``prefixes``); each batch goes to
+        ``handler(id, items, missed)`` on the loop (it may come before this returns), which
+        acknowledges it with :meth:`took`.
+        Returns the subscription's id and the request's answer."""
+        self._subscription_seq += 1
+        sid = self._subscription_seq
+        args["id"] = sid
+        self.subscriptions[sid] = (handler, args)
+        try:
+            return sid, await self.request("subscribe", **args)
+        except BaseException:
+            self.subscriptions.pop(sid, None)
+            raise
+
+    async def unsubscribe(self, sid: int) -> None:
+        """End subscription ``sid`` (nothing if the scheduler is gone)."""
+        if self.subscriptions.pop(sid, None) is None:
+            return
+        with contextlib.suppress(Exception):
+            await self.request("unsubscribe", id=sid)
+
+    def on_events(self, op: dict) -> None:
+        """An ``events`` op (on the loop): its subscription's handler takes the batch."""
+        entry = self.subscriptions.get(op["id"])
+        if entry is None:
+            self.took(op["id"])
+            return
+        missed = op.get("missed")
+        entry[0](op["id"], op["items"], missed if type(missed) is int else 0)
+
+    def took(self, sid: int) -> None:
+        """A batch of subscription ``sid`` was handled: the scheduler may send another."""
+        if self.status == "running":
+            self.send({"op": "events-ack", "id": sid})
+
+    def subscribe_again(self) -> None:
+        """A new scheduler incarnation: make every subscription again (answers unread)."""
+        for _, args in self.subscriptions.values():
+            rid, fut = self.new_request()
+            fut.add_done_callback(lambda f: f.cancelled() or f.exception())
+            self.send({"op": "request", "id": rid, "kind": "subscribe",
+                       "args": {k: v for k, v in args.items() if k != "after"}})
 
     async def request(self, kind: str, **args):
         """Ask the scheduler (``info``, ``who-has``, ``run``, ...) and return its answer."""

@@ -138,6 +138,18 @@ class Config:
     DASHBOARD_INTERVAL_S: float = 0.25
     #: Finished tasks the scheduler remembers for the task stream (get_task_stream).
     TASK_STREAM_LENGTH: int = 10_000
+    #: Task transitions the scheduler remembers for ``Client.story`` (the last ones; about
+    #: 150 bytes each). Off (0) by default: the log costs the scheduler about 1-2 µs of CPU
+    #: per task, 8-18 % of its work on tiny tasks (docs/performance.md, "What watching
+    #: costs"). dask's ``distributed.admin.low-level-log-length`` sets it and the next.
+    TRANSITION_LOG_LENGTH: int = 0
+    #: Task transitions each worker remembers for ``Client.story``. Off (0) by default: a
+    #: worker's log costs it about 4 µs of CPU per task.
+    WORKER_TRANSITION_LOG_LENGTH: int = 0
+    #: Events the scheduler keeps for one subscriber (``subscribe_topic``,
+    #: ``TransitionListener``) that has not taken them yet; beyond this it drops the newest
+    #: and tells the subscriber how many it missed.
+    SUBSCRIPTION_QUEUE_EVENTS: int = 10_000
     #: A batch job (SLURMCluster, PBSCluster) pending this long is reported, once: a warning
     #: and an event on the scheduler (topic ``jobqueue``).
     PENDING_REPORT_S: float = 60.0

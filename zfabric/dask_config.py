@@ -48,8 +48,11 @@ def _fraction(value: Any) -> float:
     return 0.0 if value is False or value is None else float(value)
 
 
-#: ``distributed.*`` key (dask's spelling) -> (zfabric setting, conversion).
-HONOURED: dict[str, tuple[str, Callable[[Any], Any]]] = {
+_LOG_LENGTHS = ("TRANSITION_LOG_LENGTH", "WORKER_TRANSITION_LOG_LENGTH")
+
+
+#: ``distributed.*`` key (dask's spelling) -> (zfabric setting or settings, conversion).
+HONOURED: dict[str, tuple[str | tuple[str, ...], Callable[[Any], Any]]] = {
     "distributed.scheduler.allowed-failures": ("ALLOWED_FAILURES", int),
     "distributed.scheduler.worker-ttl": ("WORKER_TTL_S", _seconds),
     "distributed.worker.memory.target": ("MEMORY_TARGET_FRACTION", _fraction),
@@ -59,6 +62,10 @@ HONOURED: dict[str, tuple[str, Callable[[Any], Any]]] = {
     "distributed.comm.timeouts.connect": ("CONNECT_TIMEOUT_S", _seconds),
     "distributed.comm.timeouts.tcp": ("SCHEDULER_LOST_TIMEOUT_S", _seconds),
     "distributed.client-heartbeat": ("HEARTBEAT_INTERVAL_S", _seconds),
+    # the length of the scheduler's and workers' transition logs (Client.story); the
+    # first is dask's older name of the second
+    "distributed.scheduler.transition-log-length": (_LOG_LENGTHS, int),
+    "distributed.admin.low-level-log-length": (_LOG_LENGTHS, int),
 }
 
 _warned: set[str] = set()
@@ -181,9 +188,10 @@ def settings(environ: Mapping[str, str] | None = None, *, warn: bool = True) -> 
         if honoured is None:
             ignored.append(key)
             continue
-        name, convert = honoured
+        names, convert = honoured
         try:
-            out[name] = convert(value)
+            for name in (names,) if isinstance(names, str) else names:
+                out[name] = convert(value)
         except (TypeError, ValueError):
             warnings.warn(f"dask config {key}={value!r} is not a valid value; zfabric ignores"
                           " it", RuntimeWarning, stacklevel=3)

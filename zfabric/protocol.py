@@ -57,12 +57,14 @@ SCHEMAS: dict[str, dict[str, tuple[type, ...]]] = {
     "retry": {"keys": _L},
     "scatter": {"items": _L},
     "coord": {"id": _I, "kind": _S, "name": _S},  # shared state: see COORD_KINDS
+    "events-ack": {"id": _I},  # a batch of a subscription's events was taken
     # scheduler -> client
     "memory": {"items": _L},
     "erred": {"items": _L},
     "cancelled": {"keys": _L},
     "retried": {"keys": _L},
     "lost": {"keys": _L},
+    "events": {"id": _I, "items": _L},  # a subscription's events; optional "missed": int
     # scheduler <-> worker
     "compute": {"tasks": _L},
     "free": {"keys": _L},
@@ -367,6 +369,52 @@ def _request(op: dict) -> None:
         raise _bad("log-event request topic", topic)
     if op["kind"] == "events" and not (topic is None or type(topic) is str):
         raise _bad("events request topic", topic)
+    if op["kind"] in ("subscribe", "unsubscribe"):
+        check_subscribe(op["kind"], args)
+    elif op["kind"] == "story":
+        keys = args.get("keys")
+        if type(keys) is not list or len(keys) > MAX_STORY_KEYS or any(
+                type(k) is not str for k in keys):
+            raise _bad("story request keys (a list of at most"
+                       f" {MAX_STORY_KEYS} keys or stimulus ids)", keys)
+
+
+#: Keys or key prefixes one subscription may name, and keys or stimulus ids one story request.
+MAX_SUBSCRIBE_NAMES = 100_000
+MAX_STORY_KEYS = 100_000
+
+
+def check_subscribe(kind: str, args: dict) -> None:
+    """A ``subscribe`` request: ``id`` (the client's, an int), ``what`` ("topic", with a
+    ``topic`` string, or "transitions", with optional ``keys`` and ``prefixes``: lists of
+    strings), an optional ``queue`` (events kept for it at most, a positive int) and, for a
+    topic, an optional ``after`` (a wall-clock time: the answer holds the events since). An
+    ``unsubscribe`` request: its ``id``."""
+    sid = args.get("id")
+    if type(sid) is not int or sid < 0:
+        raise _bad(f"{kind} request id (a non-negative int)", sid)
+    if kind == "unsubscribe":
+        return
+    what = args.get("what")
+    if what == "topic":
+        if type(args.get("topic")) is not str:
+            raise _bad("subscribe request topic (a string)", args.get("topic"))
+    elif what == "transitions":
+        for name in ("keys", "prefixes"):
+            value = args.get(name)
+            if value is not None and (type(value) is not list
+                                      or len(value) > MAX_SUBSCRIBE_NAMES
+                                      or any(type(k) is not str for k in value)):
+                raise _bad(f"subscribe request {name} (a list of at most"
+                           f" {MAX_SUBSCRIBE_NAMES} strings)", value)
+    else:
+        raise _bad("subscribe request what (\"topic\" or \"transitions\")", what)
+    queue = args.get("queue")
+    if queue is not None and (type(queue) is not int or queue <= 0):
+        raise _bad("subscribe request queue (a positive int)", queue)
+    after = args.get("after")
+    if after is not None and not _finite(after):
+        raise _bad("subscribe request after (a wall-clock time)", after)
 
 
 def _holding(op: dict) -> None:

@@ -226,6 +226,8 @@ class Session:
             case "error":
                 message = readable(op["message"])
                 logger.error("scheduler: %s", message)
+                if type(op.get("request")) is int:  # a request it refused: it fails
+                    core.answer(op["request"], {"error": op["message"]})
                 for key in op.get("keys") or ():
                     st = states.get(key)
                     if st is not None:
@@ -240,6 +242,8 @@ class Session:
                     self.end_session(message)
             case "heartbeat":
                 pass
+            case "events":  # a subscription's events (zfabric/topics.py, transitions.py)
+                core.on_events(op)
             case other:
                 logger.warning("ignoring op %r from the scheduler", other)
         if window.ready():
@@ -288,6 +292,7 @@ class Session:
             for batch in _batches(ops, self.config.SUBMIT_BATCH,
                                   self.config.SCHEDULER_FRAME_BYTES // 4):
                 send(protocol.encode(batch))
+        core.subscribe_again()  # subscriptions are the scheduler's, lost with the old one
         core.send()  # what waited in the outbox
 
     def holders_rechecked(self, key: str, who_has: list | None) -> None:

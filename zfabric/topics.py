@@ -3,11 +3,13 @@ printed output and warnings of tasks (``zfabric.print``, ``zfabric.warn``) reach
 
 :class:`Topics` is the part of a :class:`~zfabric.client.Client` that holds these methods.
 Events are what ``log_event`` records on the scheduler (:meth:`Client.log_event`, or a task
-through its worker's client). The scheduler pushes nothing to clients: while a topic has a
-handler, the client asks for that topic's events every :data:`POLL_S` and hands each new one,
-``(time, msg)``, to the handler on its callback thread (a coroutine function of an
-asynchronous client runs on its loop). Events logged before ``subscribe_topic`` returned are
-not handed over, as in dask.distributed.
+through its worker's client). While a topic has a handler, the client holds a subscription to
+it (:mod:`zfabric.scheduler.subscriptions`): the scheduler pushes each new event as it is
+logged, and the client hands it, ``(time, msg)``, to the handler on its callback thread (a
+coroutine function of an asynchronous client runs on its loop), in order. Events logged
+before ``subscribe_topic`` returned are not handed over, as in dask.distributed. A handler
+that falls far behind (more than the scheduler's ``SUBSCRIPTION_QUEUE_EVENTS`` waiting) misses
+events; the client logs a warning saying how many.
 
 The topics ``"print"`` and ``"warn"`` have handlers from the first task a client submits:
 what tasks print with ``zfabric.print`` is printed here, their ``zfabric.warn`` warned here.
@@ -31,10 +33,8 @@ from .worker_plugins import ForwardLogging
 
 logger = logging.getLogger("zfabric.client")
 
-__all__ = ["POLL_S", "Topics", "print_event", "warn_event"]
+__all__ = ["Topics", "print_event", "warn_event"]
 
-#: How often a client asks the scheduler for new events of the topics it handles.
-POLL_S = 0.2
 #: Printed output logged this long before a client's first task is still printed by it.
 OUTPUT_GRACE_S = 1.0
 #: The topic ``forward_logging`` sends records under.
@@ -85,8 +85,10 @@ class Topics:
         self.sync = client.sync
         self.request = core.request
         self.handlers: dict[str, Callable] = {}
-        self._since: dict[str, float] = {}  # topic -> time of the newest event handed over
-        self._poller: asyncio.Task | None = None
+        self._sids: dict[str, int] = {}  # topic -> its subscription's id
+        #: topic -> batches pushed while its subscription's answer (with the events logged
+        #: before it, when asked) was on its way: handed over after those
+        self._early: dict[str, list] = {}
         self._forwarding: dict[str | None, str] = {}  # logger name -> plugin name
         core.on_first_submit = self._output_on_first_submit
 
@@ -109,17 +111,65 @@ class Topics:
 
     async def _subscribe(self, topic: str, handler: Callable,
                          since: float | None = None) -> None:
-        if topic not in self._since:
-            events = await self.request("events", topic=topic)
-            latest = max((e[0] for e in events), default=0.0)
-            self._since[topic] = latest if since is None else min(latest, since)
         self.handlers[topic] = handler
-        if self._poller is None or self._poller.done():
-            self._poller = asyncio.ensure_future(self._poll())
+        if topic in self._sids or topic in self._early:
+            return  # subscribed (or on its way): the new handler takes the next events
+        args: dict = {"what": "topic", "topic": topic}
+        if since is not None:
+            args["after"] = since
+        self._early[topic] = []
+        try:
+            sid, past = await self.core.subscribe(
+                lambda sid, items, missed: self._events(topic, sid, items, missed), **args)
+        except BaseException:
+            self.handlers.pop(topic, None)
+            raise
+        finally:
+            early = self._early.pop(topic)
+        self._sids[topic] = sid
+        if type(past) is list:  # logged since ``since``, before the subscription
+            self._events(topic, None, past, 0)
+        for batch in early:
+            self._events(topic, *batch)
 
     async def _unsubscribe(self, topic: str) -> None:
         self.handlers.pop(topic, None)
-        self._since.pop(topic, None)
+        sid = self._sids.pop(topic, None)
+        if sid is not None:
+            await self.core.unsubscribe(sid)
+
+    def _events(self, topic: str, sid: int | None, items: list, missed: int) -> None:
+        """A batch of ``topic``'s events (on the loop); acknowledged once handled."""
+        early = self._early.get(topic)
+        if early is not None and sid is not None:
+            early.append((sid, items, missed))
+            return
+        if missed:
+            logger.warning("missed %d events of topic %r: its handler fell behind (more than"
+                           " SUBSCRIPTION_QUEUE_EVENTS waited on the scheduler)", missed, topic)
+        handler = self.handlers.get(topic)
+        if handler is None or not items:
+            if sid is not None:
+                self.core.took(sid)
+            return
+        events = [tuple(e) for e in items if type(e) is list and len(e) == 2]
+        if inspect.iscoroutinefunction(handler):
+            for event in events:
+                self._own(handler(event))
+            if sid is not None:
+                self.core.took(sid)
+            return
+
+        def run(_):
+            for event in events:
+                try:
+                    handler(event)
+                except Exception:
+                    logger.exception("error in the handler of topic %r", topic)
+            if sid is not None:
+                self.core.on_loop(lambda: self.core.took(sid))
+
+        self.core.run_callback(run, None)
 
     def _output_on_first_submit(self) -> None:
         """The first tasks went out: tasks' ``zfabric.print``/``warn`` reach this client from
@@ -141,37 +191,11 @@ class Topics:
         task = asyncio.ensure_future(coro)
         task.add_done_callback(lambda t: t.cancelled() or t.exception())
 
-    async def _poll(self) -> None:
-        while self.handlers and self.core.status == "running":
-            await asyncio.sleep(POLL_S)
-            for topic in list(self.handlers):
-                try:
-                    events = await self.request("events", topic=topic)
-                except Exception:  # closing, or the scheduler is away: try again later
-                    continue
-                since = self._since.get(topic, 0.0)
-                new = [tuple(e) for e in events if e[0] > since]
-                handler = self.handlers.get(topic)
-                if not new or handler is None:
-                    continue
-                self._since[topic] = new[-1][0]
-                for event in new:
-                    self._call(handler, event)
-
-    def _call(self, handler: Callable, event: tuple) -> None:
-        if inspect.iscoroutinefunction(handler):
-            self._own(handler(event))
-        else:
-            self.core.run_callback(handler, event)
-
     async def close(self) -> None:
-        """Stop handling every topic (the client is closing)."""
+        """Stop handling every topic (the client is closing; the scheduler ends its
+        subscriptions with it)."""
         self.handlers.clear()
-        poller, self._poller = self._poller, None
-        if poller is not None and not poller.done():
-            poller.cancel()
-            with contextlib.suppress(BaseException):
-                await poller
+        self._sids.clear()
 
     # ------------------------------------------------------------------ logging
 

@@ -3,81 +3,105 @@
 zfabric's scheduler runs no user code, so a ``SchedulerPlugin`` cannot be registered. A
 :class:`TransitionListener` gets the same news where the user's code runs: subclass it,
 override ``transition(key, start, finish, **kwargs)`` and ``start()`` it with a client. While
-it runs it asks the scheduler for the state of every task every ``interval`` seconds and calls
-``transition`` for each task whose state changed since (one call per change it saw: a task
-that went through several states between two looks is reported from the first to the last,
-and a task the scheduler forgot goes to ``"forgotten"``). Calls run one at a time on the
-client's callback thread, never on its I/O loop. For events of your own, see
+it runs the scheduler pushes it every transition of every task (or only of the ``keys`` and
+key ``prefixes`` it names: dask's ``key_split``, the task group), as it makes them
+(:mod:`zfabric.scheduler.subscriptions`): ``transition`` is called once per move, in order,
+with ``stimulus_id`` (what caused it, as in ``Client.story``), ``worker`` (the worker the task
+was sent to or that reported it; None otherwise) and ``timestamp`` (the scheduler's wall
+clock) as keyword arguments. A task that is forgotten moves to ``"forgotten"``. Calls run one
+at a time on the client's callback thread, never on its I/O loop. A listener that falls
+behind by more than the scheduler's ``SUBSCRIPTION_QUEUE_EVENTS`` transitions misses some:
+:meth:`TransitionListener.missed` is told how many. For events of your own, see
 ``Client.subscribe_topic``.
 """
 
 from __future__ import annotations
 
-import asyncio
-import contextlib
+import logging
+from collections.abc import Iterable
 from typing import Any
 
 from . import current
-from .keys import from_wire
+from .keys import from_wire, to_wire
 
 __all__ = ["TransitionListener"]
+
+logger = logging.getLogger("zfabric.client")
 
 
 class TransitionListener:
     """Subclass, override :meth:`transition`, then ``listener.start(client)`` (or use it as a
-    context manager); :meth:`stop` ends it. See the module docstring."""
+    context manager); :meth:`stop` ends it. See the module docstring.
 
-    #: Seconds between two looks at the scheduler's tasks.
+    ``keys`` (task keys or Futures) and ``prefixes`` (task-group names, such as ``"inc"``)
+    narrow what it hears; with neither it hears every task."""
+
+    #: Kept for code written against the polling listener of earlier versions; unused.
     interval = 0.1
 
+    def __init__(self, keys: Iterable | None = None, prefixes: Iterable[str] | None = None):
+        self.keys = None if keys is None else [getattr(k, "key", k) for k in keys]
+        self.prefixes = None if prefixes is None else [str(p) for p in prefixes]
+
     def transition(self, key, start: str, finish: str, **kwargs) -> None:
-        """Called for each change seen: ``key`` as the user gave it."""
+        """Called for each move: ``key`` as the user gave it."""
+
+    def missed(self, n: int) -> None:
+        """Called when ``n`` transitions were dropped because this listener fell behind."""
+        logger.warning("%s missed %d transitions: it fell behind (more than"
+                       " SUBSCRIPTION_QUEUE_EVENTS waited on the scheduler)",
+                       type(self).__name__, n)
 
     def start(self, client=None) -> TransitionListener:
+        if getattr(self, "_sid", None) is not None:
+            return self
         self.client = current.default_client(client)
-        self._states: dict[str, str] | None = None
-        self._task: asyncio.Task | None = None
+        self._sid: int | None = None
         self.client.sync(self._start)
         return self
 
     async def _start(self) -> None:
-        self._states = await self.client.core.request("task-states")
-        self._task = asyncio.ensure_future(self._run())
+        args: dict[str, Any] = {"what": "transitions"}
+        keys = getattr(self, "keys", None)
+        prefixes = getattr(self, "prefixes", None)
+        if keys:
+            args["keys"] = [to_wire(k) for k in keys]
+        if prefixes:
+            args["prefixes"] = list(prefixes)
+        self._sid, _ = await self.client.core.subscribe(self._batch, **args)
 
-    async def _run(self) -> None:
+    def _batch(self, sid: int, items: list, missed: int) -> None:
+        """A batch of transitions (on the client's loop): handed to the callback thread,
+        acknowledged once delivered."""
         core = self.client.core
-        while core.status == "running":
-            await asyncio.sleep(self.interval)
-            try:
-                states = await core.request("task-states")
-            except Exception:  # closing, or the scheduler is away
-                continue
-            old = self._states or {}
-            changes = [(k, old.get(k, "released"), s) for k, s in states.items()
-                       if old.get(k) != s]
-            changes += [(k, s, "forgotten") for k, s in old.items() if k not in states]
-            self._states = states
-            if changes:
-                core.run_callback(self._deliver, changes)
 
-    def _deliver(self, changes: list) -> None:
-        for key, start, finish in changes:
-            self.transition(from_wire(key), start, finish)
+        def deliver(_):
+            if missed:
+                try:
+                    self.missed(missed)
+                except Exception:
+                    logger.exception("error in %s.missed", type(self).__name__)
+            for item in items:
+                if type(item) is not list or len(item) != 6:
+                    continue
+                key, start, finish, timestamp, worker, stimulus = item
+                try:
+                    self.transition(from_wire(key), start, finish, stimulus_id=stimulus,
+                                    worker=worker, timestamp=timestamp)
+                except Exception:
+                    logger.exception("error in %s.transition", type(self).__name__)
+            core.on_loop(lambda: core.took(sid))
+
+        core.run_callback(deliver, None)
 
     def stop(self) -> None:
         """Stop listening (safe to call again)."""
-        task, self._task = getattr(self, "_task", None), None
-        if task is not None:
-            self.client.sync(self._stop, task)
-
-    @staticmethod
-    async def _stop(task: asyncio.Task) -> None:
-        task.cancel()
-        with contextlib.suppress(BaseException):
-            await task
+        sid, self._sid = getattr(self, "_sid", None), None
+        if sid is not None:
+            self.client.sync(self.client.core.unsubscribe, sid)
 
     def __enter__(self) -> TransitionListener:
-        return self.start() if getattr(self, "_task", None) is None else self
+        return self.start()
 
     def __exit__(self, *exc: Any) -> None:
         self.stop()

@@ -31,6 +31,7 @@ class ClientOps:
         self.s.peers_changed()
         self.s.admins.discard(cs.ident)
         self.s.coord.client_gone(cs.ident)
+        self.s.subs.peer_gone(cs.ident)
         # O(tasks), but only when a client leaves (see ClientState).
         for ts in [t for t in self.s.tasks.values() if t.wanted_by(cs)]:
             self.release_key(cs, ts.key)

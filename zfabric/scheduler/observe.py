@@ -25,6 +25,7 @@ import bisect
 import re
 from array import array
 from collections import deque
+from collections.abc import Callable
 
 from .feed import Feed, History, merge_profile, profile_wire
 
@@ -202,6 +203,8 @@ class Observer:
         self.series: deque[tuple] = deque(maxlen=SERIES_LENGTH)
         self.event_counts: dict[str, int] = {}
         self.topics: dict[str, deque] = {}
+        #: Called with (topic, [wall time, msg]) for each event logged (subscriptions).
+        self.on_event: Callable[[str, list], None] | None = None
         self.wall_offset = 0.0  # wall clock minus the scheduler's monotonic ``now``
         # counted by the shell: what crossed the scheduler's socket
         self.messages_in = self.messages_out = self.bytes_in = self.bytes_out = 0
@@ -398,6 +401,8 @@ class Observer:
                 del self.topics[next(iter(self.topics))]
             q = self.topics[topic] = deque(maxlen=TOPIC_LENGTH)
         q.append((now + self.wall_offset, msg))
+        if self.on_event is not None:
+            self.on_event(topic, [now + self.wall_offset, msg])
 
     def get_events(self, topic: str | None) -> dict | list:
         if topic is None:

@@ -168,6 +168,8 @@ class PeerOps:
                 self.s.coord.handle(cs.ident, op, self.s.now)
             case "heartbeat":
                 pass
+            case "events-ack":  # it took a batch of a subscription's events
+                self.s.subs.ack(cs.ident, op["id"])
             case "goodbye":
                 self.s.keys.remove_client(cs)
             case "hello":

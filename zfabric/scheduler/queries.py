@@ -73,6 +73,14 @@ class Queries:
             case "snapshot" | "task-stream" | "events" | "log-event" | "logs" | "profile" \
                     | "history":
                 reply["result"] = self._observe_request(kind, args)
+            case "story":  # Client.story: the scheduler's half (None: it keeps no log)
+                story = self.s.story
+                reply["result"] = None if story is None else story.story(
+                    args["keys"], self.s.observe.wall_offset)
+            case "subscribe" | "unsubscribe":  # pushed events (see .subscriptions)
+                if peer not in self.s.clients:
+                    raise RemoteProtocolError("only clients subscribe to events")
+                reply["result"] = self.s.subs.request(peer, kind, args)
             case "task-states":
                 keys = args.get("keys") or list(self.s.tasks)
                 reply["result"] = {k: self.s.tasks[k].state for k in keys if k in self.s.tasks}

@@ -47,6 +47,7 @@ from collections.abc import Callable
 from ..config import DEFAULT, Config
 from ..errors import RemoteProtocolError
 from ..protocol import check_items, submitted_keys
+from ..transition_log import StoryLog
 from .candidates import Candidates
 from .client_ops import ClientOps
 from .liveness import Liveness
@@ -63,6 +64,7 @@ from .requests import FanOut
 from .retire import Retirement
 from .roles import Roles
 from .shared_state import Coordination
+from .subscriptions import Subscriptions
 from .worker_loss import WorkerLoss
 
 logger = logging.getLogger(__name__)
@@ -118,7 +120,6 @@ class SchedulerState:
         self._outbox = Outbox(ignore=frozenset({FIRE_AND_FORGET, HELD}))
         self.send = self._outbox.send  # queue an op for a peer
         self.batch = self._outbox.batch  # queue one item of a list-carrying op (see Outbox)
-        self.flush = self._outbox.flush  # {peer: [ops]} queued since the last flush
         self._queued = ReadyQueue()  # unrestricted queued tasks; stale entries are skipped
         self._restricted = RestrictedQueue()  # queued tasks that only some workers may run
         self.candidates = Candidates()  # workers by load, name, resource (see .candidates)
@@ -151,6 +152,17 @@ class SchedulerState:
                                   self.keys.client_seen, self.keys.give)
         self.liveness = Liveness(config, self.send)  # heartbeat interval, time-to-live
         self.recovery = Recovery(self)  # a restart: what the peers of the old one report
+        #: The transition log (Client.story), None when TRANSITION_LOG_LENGTH is 0.
+        self.story = StoryLog(config.TRANSITION_LOG_LENGTH) \
+            if config.TRANSITION_LOG_LENGTH > 0 else None
+        #: What the ops being applied are: (op name, number, the sending worker's address or
+        #: None);
+        #: kept only while the log is on or someone follows transitions.
+        self.stimulus: tuple = ("start", 0, None)
+        self._stimuli = 0
+        self.subs = Subscriptions(self.send, config.SUBSCRIPTION_QUEUE_EVENTS,
+                                  lambda topic: self.observe.topics.get(topic, ()))
+        self.observe.on_event = self.subs.topic_event
 
     def peers_changed(self, joining: int = 0) -> None:
         """Workers, nannies or clients came or went (``joining``: about to): the heartbeat
@@ -184,7 +196,24 @@ class SchedulerState:
         self.exits.remove_worker(ws, reason, died=died, unheard=unheard)
 
     def peer_gone(self, peer: bytes, now: float, why: str = "its connection is gone") -> None:
+        ws = self.workers.get(peer)
+        self.stimulate("peer-gone", ws.address if ws is not None else None)
         self.exits.peer_gone(peer, now, why)
+
+    def flush(self) -> dict[bytes, list[dict]]:
+        """``{peer: [ops]}`` queued since the last flush (subscribers' events join them)."""
+        if self.subs.dirty:
+            self.subs.drain()
+        return self._outbox.flush()
+
+    def stimulate(self, name: str, sender: str | None = None) -> None:
+        """What comes next is caused by ``name`` (an op, ``tick``...), from the worker at
+        address ``sender`` if one sent it: its transitions are logged with it
+        (``Client.story``)."""
+        self._stimuli += 1
+        self.stimulus = stim = (name, self._stimuli, sender)
+        if self.story is not None:
+            self.story.stimulus = stim
 
     def wanted_keys(self, cs: ClientState) -> list[str]:
         return self.keys.wanted_keys(cs)
@@ -254,6 +283,13 @@ class SchedulerState:
         its shape, the handlers what it asks) is answered with an error op. Anything else is
         a bug of ours: logged as one, answered, and raised again where :data:`RAISE_BUGS_ENV`
         is set (the tests set it)."""
+        story = self.story
+        if story is not None or self.subs.watching:
+            self._stimuli += 1
+            self.stimulus = stim = (op["op"], self._stimuli, record.address
+                                    if type(record) is WorkerState else None)
+            if story is not None:
+                story.stimulus = stim
         try:
             check_items(op)
             method(record, op) if record is not None else method(peer, op)
@@ -274,6 +310,8 @@ class SchedulerState:
         reply: dict = {"op": "error", "message": text}
         if op.get("op") == "submit":
             reply["keys"] = self._refused_keys(peer, submitted_keys(op))
+        elif op.get("op") == "request" and type(op.get("id")) is int:
+            reply["request"] = op["id"]  # its requester waits: it fails with this error
         self.send(peer, reply)
 
     def _refused_keys(self, peer: bytes, keys: list[str]) -> list[str]:
@@ -286,6 +324,7 @@ class SchedulerState:
     def tick(self, now: float) -> None:
         """Time passes: declare silent workers dead and silent clients gone."""
         self.now = now
+        self.stimulate("tick")
         self.observe.sample(now, self.counts["finished"])
         ttl = self.liveness.worker_ttl_s(now)
         limit = now - ttl
@@ -312,14 +351,48 @@ class SchedulerState:
     # ------------------------------------------------------------------ transitions
 
     def set_state(self, ts: TaskState, new: str) -> None:
-        if new not in TRANSITIONS[ts.state]:
-            raise InvalidTransition(f"{ts.key!r}: {ts.state} -> {new}")
+        old = ts.state
+        if new not in TRANSITIONS[old]:
+            raise InvalidTransition(f"{ts.key!r}: {old} -> {new}")
         g = ts.group
         if g is not None:
             c = g.counts
-            c[ts.state] -= 1
+            c[old] -= 1
             c[new] += 1
         ts.state = new
+        story = self.story
+        if story is not None:  # StoryLog.add, inline: the hot path
+            key = ts.key
+            index = story.index
+            seq = story.seq
+            i = seq % story.length
+            ws = ts.processing_on
+            # (only strings and numbers in a record: the garbage collector stops tracking it)
+            story.ring[i] = (key, old, new, ws.address if ws is not None else None, self.now,
+                             story.stimulus, index.get(key, -1))
+            index[key] = seq
+            story.seq = seq + 1
+            if not i:
+                story.compact()
+        if self.subs.watching:
+            self.tell_transition(ts, old, new)
+
+    def moved(self, ts: TaskState, old: str) -> None:
+        """``ts`` moved from ``old`` outside :meth:`set_state` (it failed, or was forgotten):
+        the log and the subscribers hear it."""
+        if self.story is not None:
+            self.story.add(ts.key, old, ts.state, None, self.now)
+        if self.subs.watching:
+            self.tell_transition(ts, old, ts.state)
+
+    def tell_transition(self, ts: TaskState, old: str, new: str) -> None:
+        """Subscribers to transitions hear one (``[key, start, finish, wall time, worker,
+        stimulus id]``)."""
+        ws = ts.processing_on
+        name, number, sender = self.stimulus
+        item = [ts.key, old, new, self.now + self.observe.wall_offset,
+                ws.address if ws is not None else sender, f"{name}-{number}"]
+        self.subs.transition(ts.key, ts.group.name if ts.group is not None else None, item)
 
     def start(self, ts: TaskState) -> None:
         """A new or released task: wait for its dependencies, or run it."""
@@ -363,8 +436,8 @@ class SchedulerState:
         self._dispatch(ts, ws)
 
     def _dispatch(self, ts: TaskState, ws: WorkerState) -> None:
+        ts.processing_on = ws  # first: the transition is logged with its worker
         self.set_state(ts, "processing")
-        ts.processing_on = ws
         ws.assign(ts)
         fid = ts.func
         if fid is not None and fid not in ws.functions:
@@ -424,7 +497,8 @@ class SchedulerState:
             self._free_holders(t)
             if t.group is not None:
                 t.group.move(t.state, "erred")
-            t.state = "erred"  # any state may fail
+            old, t.state = t.state, "erred"  # any state may fail
+            self.moved(t, old)
             t.error = [exc, tb, text, kind, extra]
             item = None
             for cs in t.wanters():
@@ -464,7 +538,21 @@ class SchedulerState:
             if ts.group is not None:
                 ts.group.move(ts.state, "forgotten" if ts.state in ("memory", "released")
                               else "cancelled")
-            ts.state = "forgotten"
+            old, ts.state = ts.state, "forgotten"
+            story = self.story
+            if story is not None:  # StoryLog.add, inline (every task passes here)
+                key = ts.key
+                index = story.index
+                seq = story.seq
+                i = seq % story.length
+                story.ring[i] = (key, old, "forgotten", None, self.now, story.stimulus,
+                                 index.get(key, -1))
+                index[key] = seq
+                story.seq = seq + 1
+                if not i:
+                    story.compact()
+            if self.subs.watching:
+                self.tell_transition(ts, old, "forgotten")
             if ts.func is not None:
                 self.keys.drop_function(ts.func)
                 ts.func = None

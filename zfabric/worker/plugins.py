@@ -1,5 +1,5 @@
 """A worker's plugins and preloads: user code that sets a worker up, tears it down, and hears
-its tasks' transitions.
+its tasks' transitions, and keeps its transition log (``Client.story``).
 
 :class:`WorkerPlugins` is owned by the worker's loop thread: ``plugin-add``/``plugin-remove``
 ops from the scheduler (a client's ``register_plugin``, or a worker joining after it) call
@@ -20,9 +20,11 @@ import inspect
 import logging
 import os
 import sys
+import time
 
 from .. import serialize
 from ..plugins import WorkerPlugin
+from ..transition_log import StoryLog
 
 logger = logging.getLogger(__name__)
 
@@ -45,9 +47,12 @@ class WorkerPlugins:
         self.plugins: dict[str, object] = {}
         self.hooked: list = []  # plugins with a transition method, in registration order
         self.preloads: list = []  # modules (dask_setup/dask_teardown) to set up at the welcome
+        length = loop.config.WORKER_TRANSITION_LOG_LENGTH
+        #: This worker's transition log (Client.story); None while its length is 0.
+        self.story = StoryLog(length) if length > 0 else None
 
     def __bool__(self) -> bool:
-        return bool(self.hooked)
+        return bool(self.hooked) or self.story is not None
 
     @property
     def worker(self):
@@ -86,6 +91,8 @@ class WorkerPlugins:
                        not in (base, Preload.transition)]
 
     def transition(self, key: str, start: str, finish: str, **kwargs) -> None:
+        if self.story is not None:
+            self.story.add(key, start, finish, None, time.time())
         for plugin in self.hooked:
             try:
                 plugin.transition(key, start, finish, **kwargs)
