@@ -9,10 +9,10 @@ import asyncio
 import pytest
 from userscript import run_script
 
-from zfabric import Client
+from zfabric import Client, TransitionListener
 from zfabric.config import Config
 from zfabric.errors import RemoteProtocolError, ZFabricError
-from zfabric.testing import cluster
+from zfabric.testing import cluster, until
 
 pytestmark = [pytest.mark.timeout(120), pytest.mark.usefixtures("no_leftover_processes")]
 
@@ -213,6 +213,30 @@ async def test_story_from_an_asynchronous_client():
             ("scheduler", "new", "processing"), ("scheduler", "processing", "memory")]
         assert story[0].worker in {w.address for w in workers}
         assert await c.story() == []
+
+
+async def test_transition_listener_on_an_asynchronous_client(fab):
+    seen: list = []
+
+    class Moves(TransitionListener):
+        def transition(self, key, start, finish, **kwargs):
+            seen.append((key, start, finish))
+
+    # When a listener is started and stopped by awaiting, and used with async with
+    assert await fab.c.submit(lambda x: x + 1, 0) == 1  # (its first submit subscribes to
+    await until(lambda: len(fab.c.core.subscriptions) == 2, 10)  # print and warn)
+    before = set(fab.c.core.subscriptions)
+    listener = await Moves(keys=["async-a"]).start(fab.c)
+    assert len(fab.c.core.subscriptions) == len(before) + 1
+    assert await fab.c.submit(lambda x: x + 1, 1, key="async-a") == 2
+    await until(lambda: ("async-a", "processing", "memory") in seen, 10, f"moves: {seen}")
+    await listener.stop()
+    await listener.stop()  # (again: nothing to do)
+    # Then it heard the task's moves, and nothing after it stopped
+    n = len(seen)
+    assert await fab.c.submit(lambda x: x + 1, 2, key="async-a-2") == 3
+    await asyncio.sleep(0.3)
+    assert len(seen) == n and set(fab.c.core.subscriptions) == before
 
 
 async def test_story_without_a_log_says_how_to_keep_one(fab):

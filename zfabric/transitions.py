@@ -31,7 +31,8 @@ logger = logging.getLogger("zfabric.client")
 
 class TransitionListener:
     """Subclass, override :meth:`transition`, then ``listener.start(client)`` (or use it as a
-    context manager); :meth:`stop` ends it. See the module docstring.
+    context manager); :meth:`stop` ends it. On an asynchronous client ``await`` both (or use
+    ``async with``). See the module docstring.
 
     ``keys`` (task keys or Futures) and ``prefixes`` (task-group names, such as ``"inc"``)
     narrow what it hears; with neither it hears every task."""
@@ -52,12 +53,23 @@ class TransitionListener:
                        " SUBSCRIPTION_QUEUE_EVENTS waited on the scheduler)",
                        type(self).__name__, n)
 
-    def start(self, client=None) -> TransitionListener:
+    def start(self, client=None):
+        """Start listening through ``client`` (the default client if None) and return the
+        listener; on an asynchronous client, ``await listener.start(client)``."""
         if getattr(self, "_sid", None) is not None:
-            return self
+            return self._done_async() if self.client.asynchronous else self
         self.client = current.default_client(client)
         self._sid: int | None = None
+        if self.client.asynchronous:
+            return self._start_async()
         self.client.sync(self._start)
+        return self
+
+    async def _start_async(self) -> TransitionListener:
+        await self._start()
+        return self
+
+    async def _done_async(self) -> TransitionListener:
         return self
 
     async def _start(self) -> None:
@@ -94,11 +106,26 @@ class TransitionListener:
 
         core.run_callback(deliver, None)
 
-    def stop(self) -> None:
-        """Stop listening (safe to call again)."""
+    def stop(self):
+        """Stop listening (safe to call again); on an asynchronous client,
+        ``await listener.stop()``."""
         sid, self._sid = getattr(self, "_sid", None), None
+        client = getattr(self, "client", None)
+        if client is not None and client.asynchronous:
+            return self._stop_async(sid)
+        if sid is not None and client is not None:
+            client.sync(client.core.unsubscribe, sid)
+        return None
+
+    async def _stop_async(self, sid: int | None) -> None:
         if sid is not None:
-            self.client.sync(self.client.core.unsubscribe, sid)
+            await self.client.core.unsubscribe(sid)
+
+    async def __aenter__(self) -> TransitionListener:
+        return await self.start()  # through the default client, which must be asynchronous
+
+    async def __aexit__(self, *exc: Any) -> None:
+        await self.stop()
 
     def __enter__(self) -> TransitionListener:
         return self.start()
