@@ -12,6 +12,12 @@ O(log workers) and not a scan of them all.
 - the workers by name, address and host (for ``workers=``) and by resource (for
   ``resources=``), so that a restricted task looks only at the workers it may run on.
 
+The index also keeps the duration of a task, averaged over every worker's tasks: what a
+worker may queue beyond its threads (its ``limit``, about ``PREFETCH_TARGET_S`` of work) follows
+it, so that equal workers get equal windows. (Each worker's own average made them differ by
+chance: one slow task on one worker shrank its window for the next graph, and 64 ready tasks
+went 3 to it and 61 to the other, which then ran them while the first stood idle.)
+
 A task with large dependencies looks at their holders too (the policy prefers the worker
 holding the most of their bytes). :meth:`Candidates.choose` makes the same choice as
 :func:`.policy.choose_worker` over every worker, the least loaded breaking ties in the order
@@ -35,8 +41,8 @@ def _load(ws: WorkerState) -> float:
 class Candidates:
     """The workers a task may be given, by load, name and resource (see the module)."""
 
-    __slots__ = ("_by_order", "_changed", "_heap", "_order", "by_name", "by_resource",
-                 "examined", "workers")
+    __slots__ = ("_by_order", "_changed", "_heap", "_order", "avg_duration", "by_name",
+                 "by_resource", "examined", "workers")
 
     def __init__(self) -> None:
         # (load, order, version): numbers only, so that the garbage collector need not
@@ -51,6 +57,7 @@ class Candidates:
         self.by_name: dict[str, WorkerState | set[WorkerState]] = {}
         self.by_resource: dict[str, set[WorkerState]] = {}  # resource -> workers having it
         self.examined = 0  # workers looked at while choosing (tests count the work)
+        self.avg_duration: float | None = None  # of a task, over every worker's (seconds)
 
     # ------------------------------------------------------------------ the workers change
 
@@ -88,6 +95,13 @@ class Candidates:
                 members.discard(ws)
                 if not members:
                     del self.by_resource[r]
+
+    def learn(self, duration: float) -> float:
+        """A task ran ``duration`` seconds on some worker: the average of a task's duration
+        over all the workers (a moving average, as each worker's own), O(1)."""
+        avg = self.avg_duration
+        avg = self.avg_duration = duration if avg is None else avg * 0.9 + duration * 0.1
+        return avg
 
     def update(self, ws: WorkerState) -> None:
         """``ws``'s load or slots may have changed (O(1); the heap learns it when read)."""

@@ -498,10 +498,11 @@ class WorkerState:
             avg = duration if avg is None else avg * 0.9 + duration * 0.1
             self.avg_duration = avg
             self.finished += 1
-            if self.finished & 15 == 1:  # the allowance need not move on every task
+            if self.index is not None:  # the window follows every worker's tasks alike
+                avg = self.index.learn(duration)
+            if not self.retiring:  # (a stale window would keep one slow task's verdict)
                 extra = int(DEFAULT.PREFETCH_TARGET_S * self.nthreads / max(avg, 1e-6))
-                if not self.retiring:
-                    self.limit = self.nthreads + min(DEFAULT.PREFETCH_MAX, max(1, extra))
+                self.limit = self.nthreads + min(DEFAULT.PREFETCH_MAX, max(1, extra))
         if self.index is not None:
             self.index.update(self)
 
