@@ -30,7 +30,7 @@ import heapq
 import itertools
 from collections.abc import Iterable
 
-from .policy import allowed
+from .policy import allowed, may_overflow
 from .records import TaskState, WorkerState, _add, _discard, _members
 
 
@@ -195,6 +195,10 @@ class Candidates:
             for d in large:
                 holders.update(dict.fromkeys(d.who_has))
             best = self._scan(ts, large, pool, strict, holders, best)
+            if not ts.restricted:
+                full = self._overflow(ts, large, holders)
+                if full is not None and (best is None or full[0][0] < best[0][0]):
+                    return full[1]  # holds most of the bytes: waits less than they move
             if best is not None and best[0][0] < 0:
                 return best[1]  # holds some of the bytes: no other worker scores better
         if pool is not None:
@@ -204,6 +208,28 @@ class Candidates:
         if ws is not None and (best is None or (0, _load(ws), ws.order) < best[0]):
             return ws
         return None if best is None else best[1]
+
+    def _overflow(self, ts: TaskState, large: list[TaskState], holders: Iterable[WorkerState],
+                  ) -> tuple[tuple[int, float, int], WorkerState] | None:
+        """The best holder with no free slot that holds more than half of the bytes and
+        :func:`.policy.may_overflow`, by (-bytes held, load, order); O(holders)."""
+        total = 0
+        for d in large:
+            total += d.nbytes
+        out = None
+        for ws in holders:
+            if ws.index is not self or ws.has_slot():
+                continue
+            self.examined += 1
+            local = 0
+            for d in large:
+                if d.held_by(ws):
+                    local += d.nbytes
+            if 2 * local > total and may_overflow(ts, ws, local, self.avg_duration):
+                score = (-local, _load(ws), ws.order)
+                if out is None or score < out[0]:
+                    out = (score, ws)
+        return out
 
     def _scan(self, ts: TaskState, large: list[TaskState], pool: set[WorkerState] | None,
               strict: bool, candidates: Iterable[WorkerState],
