@@ -42,7 +42,7 @@ class Candidates:
     """The workers a task may be given, by load, name and resource (see the module)."""
 
     __slots__ = ("_by_order", "_changed", "_heap", "_order", "avg_duration", "by_name",
-                 "by_resource", "examined", "workers")
+                 "by_resource", "examined", "window_avg", "workers")
 
     def __init__(self) -> None:
         # (load, order, version): numbers only, so that the garbage collector need not
@@ -58,6 +58,7 @@ class Candidates:
         self.by_resource: dict[str, set[WorkerState]] = {}  # resource -> workers having it
         self.examined = 0  # workers looked at while choosing (tests count the work)
         self.avg_duration: float | None = None  # of a task, over every worker's (seconds)
+        self.window_avg = 0.0  # the average the workers' windows follow (see learn)
 
     # ------------------------------------------------------------------ the workers change
 
@@ -97,11 +98,15 @@ class Candidates:
                     del self.by_resource[r]
 
     def learn(self, duration: float) -> float:
-        """A task ran ``duration`` seconds on some worker: the average of a task's duration
-        over all the workers (a moving average, as each worker's own), O(1)."""
+        """A task ran ``duration`` seconds on some worker. Returns the duration the workers'
+        windows follow: the moving average over all workers' tasks (as each worker's own)
+        as it was when it last moved by more than a quarter. O(1)."""
         avg = self.avg_duration
         avg = self.avg_duration = duration if avg is None else avg * 0.9 + duration * 0.1
-        return avg
+        window = self.window_avg
+        if not window * 0.8 < avg < window * 1.25:
+            window = self.window_avg = avg
+        return window
 
     def update(self, ws: WorkerState) -> None:
         """``ws``'s load or slots may have changed (O(1); the heap learns it when read)."""
