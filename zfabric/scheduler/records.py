@@ -323,7 +323,6 @@ class WorkerState:
         "avg_duration",
         "cancelled_running",
         "finished",
-        "window_avg",
         "functions",
         "host",
         "id",
@@ -349,6 +348,7 @@ class WorkerState:
         "status",
         "status_reason",
         "version",
+        "window_avg",
     )
 
     def __init__(self, *, ident, id, address, name, nthreads, memory_limit, resources, nanny,
