@@ -136,3 +136,16 @@ def test_an_overflow_decision_looks_at_the_holders_only():
     # the three holders (each once by the overflow's look and once by the scan of holders)
     # and the least loaded worker of the heap: not the 1,000 workers
     assert index.examined <= 2 * len(holders) + 2, index.examined
+
+
+def test_when_every_worker_is_full_the_holder_takes_a_short_task_rather_than_queue_it():
+    index = Candidates()
+    a, b = worker(1, index), worker(2, index)
+    fill(a)
+    fill(b)
+    group = held("group-1", 10 * MB, a)
+    # a queued task would wait about a window for the first free slot anywhere, then move
+    # the 10 MB: a, which holds them, takes a short task at once
+    assert both(reader((group,), 1e-4), index, [a, b]) is a
+    # but not a task of a second: it waits in the scheduler's queue
+    assert both(reader((group,), 1.0), index, [a, b]) is None

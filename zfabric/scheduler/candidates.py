@@ -38,6 +38,15 @@ def _load(ws: WorkerState) -> float:
     return ws.occupancy / ws.nthreads
 
 
+def _local(large: list[TaskState], ws: WorkerState) -> int:
+    """The bytes of ``large`` that ``ws`` holds."""
+    local = 0
+    for d in large:
+        if d.held_by(ws):
+            local += d.nbytes
+    return local
+
+
 class Candidates:
     """The workers a task may be given, by load, name and resource (see the module)."""
 
@@ -200,24 +209,34 @@ class Candidates:
             for d in large:
                 holders.update(dict.fromkeys(d.who_has))
             best = self._scan(ts, large, pool, strict, holders, best)
-            if not ts.restricted:
-                full = self._overflow(ts, large, holders)
-                if full is not None and (best is None or full[0][0] < best[0][0]):
+            if not ts.restricted:  # (any worker may run it: pool is None)
+                other = best[1] if best is not None and best[0][0] < 0 \
+                    else self._least_loaded_or(best)
+                full = self._overflow(ts, large, holders, other)
+                if full is not None and (other is None or -full[0][0] > _local(large, other)):
                     return full[1]  # holds most of the bytes: waits less than they move
+                return other
             if best is not None and best[0][0] < 0:
                 return best[1]  # holds some of the bytes: no other worker scores better
         if pool is not None:
             best = self._scan(ts, large, pool, strict, pool, best)
             return None if best is None else best[1]
+        return self._least_loaded_or(best)
+
+    def _least_loaded_or(self, best: tuple[tuple[int, float, int], WorkerState] | None,
+                         ) -> WorkerState | None:
+        """The least loaded worker with a free slot, or ``best`` where it scores better."""
         ws = self.least_loaded()
         if ws is not None and (best is None or (0, _load(ws), ws.order) < best[0]):
             return ws
         return None if best is None else best[1]
 
     def _overflow(self, ts: TaskState, large: list[TaskState], holders: Iterable[WorkerState],
+                  other: WorkerState | None,
                   ) -> tuple[tuple[int, float, int], WorkerState] | None:
         """The best holder with no free slot that holds more than half of the bytes and
-        :func:`.policy.may_overflow`, by (-bytes held, load, order); O(holders)."""
+        :func:`.policy.may_overflow` rather than ``other``, by (-bytes held, load, order);
+        O(holders)."""
         total = 0
         for d in large:
             total += d.nbytes
@@ -230,7 +249,7 @@ class Candidates:
             for d in large:
                 if d.held_by(ws):
                     local += d.nbytes
-            if 2 * local > total and may_overflow(ts, ws, local, self.avg_duration):
+            if 2 * local > total and may_overflow(ts, ws, local, self.avg_duration, other):
                 score = (-local, _load(ws), ws.order)
                 if out is None or score < out[0]:
                     out = (score, ws)

@@ -40,20 +40,26 @@ def expected_duration(ts: TaskState, avg: float | None) -> float | None:
     return avg
 
 
-def may_overflow(ts: TaskState, ws: WorkerState, local: int, avg: float | None) -> bool:
+def may_overflow(ts: TaskState, ws: WorkerState, local: int, avg: float | None,
+                 other: WorkerState | None) -> bool:
     """Whether ``ws``, though it has no free slot, may take ``ts``, which needs ``local`` bytes
-    that ``ws`` holds: the tasks queued there beyond its slots, each as long as ``ts`` is
-    expected to be, take less time than moving the bytes would (a split of a shuffle group
-    runs where the group is rather than move the whole group for 0.1 ms of work), and the
-    overflow stays within ``PREFETCH_MAX`` tasks."""
+    that ``ws`` holds, rather than ``other`` (the best worker with a free slot; None: the task
+    would wait in the scheduler's queue, about one window, ``PREFETCH_TARGET_S``): the tasks
+    queued at ``ws`` beyond its slots, each as long as ``ts`` is expected to be, end before
+    ``other`` would have run its queue and received the bytes (a split of a shuffle group runs
+    where the group is rather than move the whole group for 0.1 ms of work); and the overflow
+    stays within ``PREFETCH_MAX`` tasks."""
     if ws.status != "running" or ws.retiring or ts.restricted:
         return False
     beyond = ws.occupancy - ws.limit + 1
     if beyond > DEFAULT.PREFETCH_MAX:
         return False
     duration = expected_duration(ts, avg)
-    return duration is not None and beyond * duration / ws.nthreads \
-        < local / TRANSFER_BYTES_PER_S
+    if duration is None:
+        return False
+    wait = (DEFAULT.PREFETCH_TARGET_S if other is None
+            else other.occupancy * duration / other.nthreads)
+    return beyond * duration / ws.nthreads < wait + local / TRANSFER_BYTES_PER_S
 
 
 def choose_worker(ts: TaskState, workers: Iterable[WorkerState],
@@ -70,7 +76,7 @@ def choose_worker(ts: TaskState, workers: Iterable[WorkerState],
     total = sum(d.nbytes for d in large)
     best = None
     best_score = None
-    full = None  # the best worker with no free slot: (score, worker)
+    full: list = []  # workers with no free slot holding more than half of the bytes
     for strict in (True, False) if loose else (True,):
         for ws in workers:
             if ts.restricted and not allowed(ts, ws, strict=strict):
@@ -81,16 +87,17 @@ def choose_worker(ts: TaskState, workers: Iterable[WorkerState],
                     local += d.nbytes
             score = (-local, ws.occupancy / ws.nthreads)
             if not ws.has_slot():
-                if (2 * local > total and (full is None or score < full[0])
-                        and may_overflow(ts, ws, local, avg)):
-                    full = (score, ws)
+                if 2 * local > total and not ts.restricted:
+                    full.append((score, ws))
                 continue
             if best_score is None or score < best_score:
                 best, best_score = ws, score
         if best is not None:
             break
-    if full is not None and (best_score is None or full[0][0] < best_score[0]):
-        return full[1]
+    for score, ws in sorted(full, key=lambda f: f[0]):
+        if (best_score is None or score[0] < best_score[0]) \
+                and may_overflow(ts, ws, -score[0], avg, best):
+            return ws
     return best
 
 
