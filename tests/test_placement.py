@@ -103,7 +103,7 @@ def test_a_full_worker_does_not_take_a_long_task_or_one_of_unknown_length():
 def test_the_overflow_stays_within_prefetch_max_tasks():
     index = Candidates()
     a, b = worker(1, index), worker(2, index)
-    fill(a, a.limit + DEFAULT.PREFETCH_MAX)
+    fill(a, a.nthreads + DEFAULT.PREFETCH_MAX)  # as many queued as a worker may hold
     group = held("group-1", 10**12, a)  # so large that any wait would be shorter
     assert both(reader((group,), 1e-6), index, [a, b]) is b
 

@@ -47,13 +47,13 @@ def may_overflow(ts: TaskState, ws: WorkerState, local: int, avg: float | None,
     would wait in the scheduler's queue, about one window, ``PREFETCH_TARGET_S``): the tasks
     queued at ``ws`` beyond its slots, each as long as ``ts`` is expected to be, end before
     ``other`` would have run its queue and received the bytes (a split of a shuffle group runs
-    where the group is rather than move the whole group for 0.1 ms of work); and the overflow
-    stays within ``PREFETCH_MAX`` tasks."""
+    where the group is rather than move the whole group for 0.1 ms of work); and it still holds
+    fewer than ``PREFETCH_MAX`` tasks beyond its threads."""
     if ws.status != "running" or ws.retiring or ts.restricted:
         return False
+    if ws.occupancy - ws.nthreads >= DEFAULT.PREFETCH_MAX:
+        return False  # as many queued beyond its threads as any worker may hold
     beyond = ws.occupancy - ws.limit + 1
-    if beyond > DEFAULT.PREFETCH_MAX:
-        return False
     duration = expected_duration(ts, avg)
     if duration is None:
         return False
