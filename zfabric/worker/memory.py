@@ -31,6 +31,7 @@ from __future__ import annotations
 import ctypes
 import logging
 import time
+from typing import Any
 
 from ..config import Config
 from .spill import SpillFailed, SpillStore
@@ -47,10 +48,11 @@ SPILL_ROUND_S = 0.2
 #: about 40 ms per GiB given back, 0.2 ms when there is none).
 TRIM_INTERVAL_S = 1.0
 
+_malloc_trim: Any = None
 try:  # glibc only; elsewhere freed memory stays where the allocator leaves it
     _malloc_trim = ctypes.CDLL("libc.so.6").malloc_trim
 except (OSError, AttributeError):
-    _malloc_trim = None
+    pass
 
 
 def trim_heap() -> bool:
