@@ -12,6 +12,12 @@ O(log workers) and not a scan of them all.
 - the workers by name, address and host (for ``workers=``) and by resource (for
   ``resources=``), so that a restricted task looks only at the workers it may run on.
 
+The index also keeps the duration of a task, averaged over every worker's tasks: what a
+worker may queue beyond its threads (its ``limit``, about ``PREFETCH_TARGET_S`` of work) follows
+it, so that equal workers get equal windows. (Each worker's own average made them differ by
+chance: one slow task on one worker shrank its window for the next graph, and 64 ready tasks
+went 3 to it and 61 to the other, which then ran them while the first stood idle.)
+
 A task with large dependencies looks at their holders too (the policy prefers the worker
 holding the most of their bytes). :meth:`Candidates.choose` makes the same choice as
 :func:`.policy.choose_worker` over every worker, the least loaded breaking ties in the order
@@ -24,7 +30,7 @@ import heapq
 import itertools
 from collections.abc import Iterable
 
-from .policy import allowed
+from .policy import allowed, may_overflow
 from .records import TaskState, WorkerState, _add, _discard, _members
 
 
@@ -32,11 +38,20 @@ def _load(ws: WorkerState) -> float:
     return ws.occupancy / ws.nthreads
 
 
+def _local(large: list[TaskState], ws: WorkerState) -> int:
+    """The bytes of ``large`` that ``ws`` holds."""
+    local = 0
+    for d in large:
+        if d.held_by(ws):
+            local += d.nbytes
+    return local
+
+
 class Candidates:
     """The workers a task may be given, by load, name and resource (see the module)."""
 
-    __slots__ = ("_by_order", "_changed", "_heap", "_order", "by_name", "by_resource",
-                 "examined", "workers")
+    __slots__ = ("_by_order", "_changed", "_heap", "_order", "avg_duration", "by_name",
+                 "by_resource", "examined", "window_avg", "workers")
 
     def __init__(self) -> None:
         # (load, order, version): numbers only, so that the garbage collector need not
@@ -51,6 +66,8 @@ class Candidates:
         self.by_name: dict[str, WorkerState | set[WorkerState]] = {}
         self.by_resource: dict[str, set[WorkerState]] = {}  # resource -> workers having it
         self.examined = 0  # workers looked at while choosing (tests count the work)
+        self.avg_duration: float | None = None  # of a task, over every worker's (seconds)
+        self.window_avg = 0.0  # the average the workers' windows follow (see learn)
 
     # ------------------------------------------------------------------ the workers change
 
@@ -88,6 +105,17 @@ class Candidates:
                 members.discard(ws)
                 if not members:
                     del self.by_resource[r]
+
+    def learn(self, duration: float) -> float:
+        """A task ran ``duration`` seconds on some worker. Returns the duration the workers'
+        windows follow: the moving average over all workers' tasks (as each worker's own)
+        as it was when it last moved by more than a quarter. O(1)."""
+        avg = self.avg_duration
+        avg = self.avg_duration = duration if avg is None else avg * 0.9 + duration * 0.1
+        window = self.window_avg
+        if not window * 0.8 < avg < window * 1.25:
+            window = self.window_avg = avg
+        return window
 
     def update(self, ws: WorkerState) -> None:
         """``ws``'s load or slots may have changed (O(1); the heap learns it when read)."""
@@ -181,15 +209,51 @@ class Candidates:
             for d in large:
                 holders.update(dict.fromkeys(d.who_has))
             best = self._scan(ts, large, pool, strict, holders, best)
+            if not ts.restricted:  # (any worker may run it: pool is None)
+                other = best[1] if best is not None and best[0][0] < 0 \
+                    else self._least_loaded_or(best)
+                full = self._overflow(ts, large, holders, other)
+                if full is not None and (other is None or -full[0][0] > _local(large, other)):
+                    return full[1]  # holds most of the bytes: waits less than they move
+                return other
             if best is not None and best[0][0] < 0:
                 return best[1]  # holds some of the bytes: no other worker scores better
         if pool is not None:
             best = self._scan(ts, large, pool, strict, pool, best)
             return None if best is None else best[1]
+        return self._least_loaded_or(best)
+
+    def _least_loaded_or(self, best: tuple[tuple[int, float, int], WorkerState] | None,
+                         ) -> WorkerState | None:
+        """The least loaded worker with a free slot, or ``best`` where it scores better."""
         ws = self.least_loaded()
         if ws is not None and (best is None or (0, _load(ws), ws.order) < best[0]):
             return ws
         return None if best is None else best[1]
+
+    def _overflow(self, ts: TaskState, large: list[TaskState], holders: Iterable[WorkerState],
+                  other: WorkerState | None,
+                  ) -> tuple[tuple[int, float, int], WorkerState] | None:
+        """The best holder with no free slot that holds more than half of the bytes and
+        :func:`.policy.may_overflow` rather than ``other``, by (-bytes held, load, order);
+        O(holders)."""
+        total = 0
+        for d in large:
+            total += d.nbytes
+        out = None
+        for ws in holders:
+            if ws.index is not self or ws.has_slot():
+                continue
+            self.examined += 1
+            local = 0
+            for d in large:
+                if d.held_by(ws):
+                    local += d.nbytes
+            if 2 * local > total and may_overflow(ts, ws, local, self.avg_duration, other):
+                score = (-local, _load(ws), ws.order)
+                if out is None or score < out[0]:
+                    out = (score, ws)
+        return out
 
     def _scan(self, ts: TaskState, large: list[TaskState], pool: set[WorkerState] | None,
               strict: bool, candidates: Iterable[WorkerState],

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from collections.abc import Iterable
 
+from ..config import DEFAULT
 from .records import TaskState, WorkerState
 
 
@@ -24,30 +25,80 @@ def allowed(ts: TaskState, ws: WorkerState, *, strict: bool = True) -> bool:
     return True
 
 
-def choose_worker(ts: TaskState, workers: Iterable[WorkerState]) -> WorkerState | None:
+#: What moving a dependency is reckoned to cost, in bytes per second (dask.distributed's
+#: default estimate of bandwidth): a worker with no free slot that holds most of a task's
+#: inputs takes it anyway while the work queued beyond its slots, at the task's expected
+#: duration, would take less time than moving those inputs (see :func:`may_overflow`).
+TRANSFER_BYTES_PER_S = 100e6
+
+
+def expected_duration(ts: TaskState, avg: float | None) -> float | None:
+    """What ``ts`` is expected to take: its group's mean so far, else ``avg`` (every task's)."""
+    g = ts.group
+    if g is not None and g.ndone:
+        return g.duration_s / g.ndone
+    return avg
+
+
+def may_overflow(ts: TaskState, ws: WorkerState, local: int, avg: float | None,
+                 other: WorkerState | None) -> bool:
+    """Whether ``ws``, though it has no free slot, may take ``ts``, which needs ``local`` bytes
+    that ``ws`` holds, rather than ``other`` (the best worker with a free slot; None: the task
+    would wait in the scheduler's queue, about one window, ``PREFETCH_TARGET_S``): the tasks
+    queued at ``ws`` beyond its slots, each as long as ``ts`` is expected to be, end before
+    ``other`` would have run its queue and received the bytes (a split of a shuffle group runs
+    where the group is rather than move the whole group for 0.1 ms of work); and it still holds
+    fewer than ``PREFETCH_MAX`` tasks beyond its threads."""
+    if ws.status != "running" or ws.retiring or ts.restricted:
+        return False
+    if ws.occupancy - ws.nthreads >= DEFAULT.PREFETCH_MAX:
+        return False  # as many queued beyond its threads as any worker may hold
+    beyond = ws.occupancy - ws.limit + 1
+    duration = expected_duration(ts, avg)
+    if duration is None:
+        return False
+    wait = (DEFAULT.PREFETCH_TARGET_S if other is None
+            else other.occupancy * duration / other.nthreads)
+    return beyond * duration / ws.nthreads < wait + local / TRANSFER_BYTES_PER_S
+
+
+def choose_worker(ts: TaskState, workers: Iterable[WorkerState],
+                  avg: float | None = None) -> WorkerState | None:
     """The best worker with a free slot for ``ts``, or None to queue it.
 
     Prefers the worker that already holds the most bytes of the task's large dependencies
-    (small ones travel inline anyway), then the least loaded one.
+    (small ones travel inline anyway), then the least loaded one. A worker with no free slot
+    that holds more than half of those bytes, and more than the best worker with a slot,
+    takes the task while :func:`may_overflow` (``avg``: every task's mean duration).
     """
     large = [d for d in ts.deps if d.value is None and d.holders is not None] if ts.deps else ()
     loose = bool(ts.options and ts.options.get("allow_other_workers"))
+    total = sum(d.nbytes for d in large)
     best = None
     best_score = None
+    full: list = []  # workers with no free slot holding more than half of the bytes
     for strict in (True, False) if loose else (True,):
         for ws in workers:
-            if not ws.has_slot() or (ts.restricted and not allowed(ts, ws, strict=strict)):
+            if ts.restricted and not allowed(ts, ws, strict=strict):
                 continue
             local = 0
             for d in large:
                 if d.held_by(ws):
                     local += d.nbytes
             score = (-local, ws.occupancy / ws.nthreads)
+            if not ws.has_slot():
+                if 2 * local > total and not ts.restricted:
+                    full.append((score, ws))
+                continue
             if best_score is None or score < best_score:
                 best, best_score = ws, score
         if best is not None:
-            return best
-    return None
+            break
+    for score, ws in sorted(full, key=lambda f: f[0]):
+        if (best_score is None or score[0] < best_score[0]) \
+                and may_overflow(ts, ws, -score[0], avg, best):
+            return ws
+    return best
 
 
 def probably_running(ws: WorkerState, processing: list[TaskState]) -> set[TaskState]:

@@ -348,6 +348,7 @@ class WorkerState:
         "status",
         "status_reason",
         "version",
+        "window_avg",
     )
 
     def __init__(self, *, ident, id, address, name, nthreads, memory_limit, resources, nanny,
@@ -382,6 +383,7 @@ class WorkerState:
         self.functions: set[str] = _NONE  # function ids this worker has been sent
         self.avg_duration: float | None = None
         self.finished = 0
+        self.window_avg = 0.0  # the task duration its limit was last computed from
         self.limit = self.nthreads * 2 + 2  # until task durations are known
         self.status = "running"  # or "paused": it starts no new task (memory)
         self.local_directory: str | None = None  # where it spills (from its hello)
@@ -498,10 +500,16 @@ class WorkerState:
             avg = duration if avg is None else avg * 0.9 + duration * 0.1
             self.avg_duration = avg
             self.finished += 1
-            if self.finished & 15 == 1:  # the allowance need not move on every task
-                extra = int(DEFAULT.PREFETCH_TARGET_S * self.nthreads / max(avg, 1e-6))
-                if not self.retiring:
+            index = self.index
+            if index is not None:  # the window follows every worker's tasks alike
+                avg = index.learn(duration)  # changes only when the average moved by a quarter
+                if (avg != self.window_avg or self.finished & 15 == 1) and not self.retiring:
+                    self.window_avg = avg
+                    extra = int(DEFAULT.PREFETCH_TARGET_S * self.nthreads / max(avg, 1e-6))
                     self.limit = self.nthreads + min(DEFAULT.PREFETCH_MAX, max(1, extra))
+            elif self.finished & 15 == 1 and not self.retiring:
+                extra = int(DEFAULT.PREFETCH_TARGET_S * self.nthreads / max(avg, 1e-6))
+                self.limit = self.nthreads + min(DEFAULT.PREFETCH_MAX, max(1, extra))
         if self.index is not None:
             self.index.update(self)
 

@@ -16,6 +16,11 @@ Fractions of the worker's ``memory_limit`` (dask.distributed's defaults and mean
   grow. Spilling is tried again after ``DISK_RETRY_S``.
 - *terminate* (0.95) belongs to the Nanny (:mod:`zfabric.supervision`).
 
+Memory that tasks freed may stay in the C heap, counted in RSS (glibc keeps blocks of up to
+16 MiB there: see ``zfabric.process.WORKER_ENVIRON``): above the spill or the pause threshold,
+at most once every ``TRIM_INTERVAL_S``, the heap's free memory goes back to the system
+(glibc's ``malloc_trim``) before anything is spilled or the worker pauses.
+
 ``0`` turns one threshold off; spilling is off when target and spill both are; a
 ``memory_limit`` of 0 turns them all off. RSS is checked every ``MEMORY_MONITOR_INTERVAL_S``
 by the worker's loop thread, which owns this object (no locks here).
@@ -23,8 +28,10 @@ by the worker's loop thread, which owns this object (no locks here).
 
 from __future__ import annotations
 
+import ctypes
 import logging
 import time
+from typing import Any
 
 from ..config import Config
 from .spill import SpillFailed, SpillStore
@@ -37,6 +44,20 @@ __all__ = ["MemoryManager", "memory_fractions"]
 DISK_RETRY_S = 5.0
 #: Longest one spill round may keep the loop thread (it goes on at the next turn).
 SPILL_ROUND_S = 0.2
+#: Above a threshold, free heap memory goes back to the system at most this often (it costs
+#: about 40 ms per GiB given back, 0.2 ms when there is none).
+TRIM_INTERVAL_S = 1.0
+
+_malloc_trim: Any = None
+try:  # glibc only; elsewhere freed memory stays where the allocator leaves it
+    _malloc_trim = ctypes.CDLL("libc.so.6").malloc_trim
+except (OSError, AttributeError):
+    pass
+
+
+def trim_heap() -> bool:
+    """Give the C heap's free memory back to the system; True if some was given back."""
+    return bool(_malloc_trim is not None and _malloc_trim(0))
 
 
 def memory_fractions(config: Config, *, target=None, spill=None, pause=None,
@@ -88,6 +109,7 @@ class MemoryManager:
         self.disk_error = ""
         self._disk_retry_at = 0.0
         self._said_nothing_left = False
+        self._trim_at = 0.0
 
     @property
     def spilling(self) -> bool:
@@ -116,6 +138,11 @@ class MemoryManager:
         if (self.disk_error and now >= self._disk_retry_at and not self.over_target()
                 and not (self.spill_bytes and rss > self.spill_bytes)):
             self.disk_error = ""  # nothing needs spilling now: no reason to stay paused
+        lowest = min(b for b in (self.spill_bytes, self.pause_bytes, 1 << 62) if b)
+        if rss > lowest and now >= self._trim_at:
+            self._trim_at = now + TRIM_INTERVAL_S
+            if trim_heap():
+                rss = measure_rss()
         if self.spill_bytes and rss > self.spill_bytes and now >= self._disk_retry_at:
             if self.release_idle is not None and self.release_idle():
                 rss = measure_rss()
