@@ -71,3 +71,37 @@ def test_freed_heap_memory_goes_back_to_the_system_above_the_spill_threshold(tmp
     # ...and once it ended, the worker's RSS came back to within 150 MiB of where it began
     assert out["now"] < out["before"] + 150 * MB, out
     assert out["after"] == 3, out  # and it runs tasks: not left paused
+
+
+FAULTS_SCRIPT = textwrap.dedent('''
+    import json, resource
+    import numpy as np
+    from zfabric import Client, LocalCluster
+
+    def faults_per_chunk(n=20):
+        # page faults of making and freeing a 2 MB chunk, n times (after one warm-up)
+        a = np.ones(2**18)
+        del a
+        before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+        for _ in range(n):
+            a = np.ones(2**18)
+            del a
+        return (resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before) / n
+
+    if __name__ == "__main__":
+        with LocalCluster(n_workers=1, threads_per_worker=1) as cl, Client(cl) as c:
+            print(json.dumps(c.submit(faults_per_chunk, pure=False).result(timeout=60)))
+''')
+
+
+def test_a_worker_process_reuses_its_heap_for_chunks_of_a_few_mb(tmp_path):
+    # Given a worker process started by a LocalCluster's Nanny
+    path = tmp_path / "script.py"
+    path.write_text(FAULTS_SCRIPT)
+    env = {k: v for k, v in os.environ.items() if not k.startswith("MALLOC_")}
+    proc = subprocess.run([sys.executable, str(path)], capture_output=True, text=True,
+                          timeout=120, cwd=tmp_path, env=env)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    # When a task makes and frees 2 MB chunks, each comes from the heap: a few page faults,
+    # not the 512 of fresh pages
+    assert json.loads(proc.stdout.strip().splitlines()[-1]) < 64, proc.stdout

@@ -36,17 +36,12 @@ __all__ = [
 ]
 
 #: Environment every worker process gets: one thread per BLAS call (the worker already runs
-#: ``nthreads`` tasks at once) and glibc returning freed memory to the system: values of more
-#: than 16 MiB are mapped and unmapped on their own, and more than 4 MiB free at the top of a
-#: heap is given back. (Setting the trim threshold alone, as 64 KiB, also fixes glibc's mmap
-#: threshold at 128 KiB: every chunk of 2 MB then comes in fresh pages, 0.8 ms of page faults
-#: against 0.05 ms reusing the heap, 5-15 times the CPU of a small chunk's task.)
+#: ``nthreads`` tasks at once). (Its C heap is tuned in the process:
+#: :func:`zfabric.worker.memory.tune_heap`.)
 WORKER_ENVIRON = {
     "OMP_NUM_THREADS": "1",
     "MKL_NUM_THREADS": "1",
     "OPENBLAS_NUM_THREADS": "1",
-    "MALLOC_TRIM_THRESHOLD_": str(4 << 20),
-    "MALLOC_MMAP_THRESHOLD_": str(16 << 20),
     # the Nanny (or the cluster) warned already when it listens without security
     INSECURE_WARNED_VARIABLE: "1",
 }

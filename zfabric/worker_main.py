@@ -26,6 +26,7 @@ from .process import (
 from .security import Security
 from .spawn import read_keys
 from .worker import Worker
+from .worker.memory import tune_heap
 
 __all__ = ["main_from_nanny", "run_worker"]
 
@@ -59,6 +60,7 @@ async def run_worker(address: str, kw: dict, parent_pid: int | None = None,
                      ready_fd: int | None = None, *, announce=None) -> int:
     """Run a Worker until a signal, its own close, or (with ``parent_pid``) its Nanny's death."""
     pipe = NannyPipe(ready_fd)
+    tune_heap()
     if parent_pid is not None and not die_with_parent(parent_pid):
         return 0  # the Nanny that started us is gone already
     serve_tasks()  # dask.compute() inside a task runs on this worker's client
