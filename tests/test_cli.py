@@ -128,7 +128,7 @@ def test_format_info():
                                   "processing": 3, "in_memory": 4}},
         "tasks": {"memory": 4, "processing": 3},
     })
-    assert "w1" in text and "tcp://h:2" in text and "1.0 MiB / 1.0 GiB" in text
+    assert "w1" in text and "tcp://h:2" in text and "1.00 MiB / 1.00 GiB" in text
     assert "Tasks: memory 4, processing 3" in text
 
 
@@ -156,7 +156,7 @@ def test_scheduler_worker_info_with_scheduler_file(procs, tmp_path):
     result = wait_for(info, what="worker in zfabric info")
     # Then it shows the worker's row
     line = next(x for x in result.stdout.splitlines() if x.startswith("alice"))
-    assert "tcp://127.0.0.1:" in line and " 2 " in line and "/ 1.0 GiB" in line
+    assert "tcp://127.0.0.1:" in line and " 2 " in line and "/ 1.00 GiB" in line
     assert "Tasks:" in result.stdout
 
     # SIGTERM stops each one cleanly, and the scheduler removes its files

@@ -368,7 +368,7 @@ def test_cli_info_shows_status_and_spilled():
     text = format_info({"address": "tcp://x:1", "workers": {"tcp://w:1": {
         "name": "w", "nthreads": 1, "memory_limit": 100 * MB, "status": "paused",
         "metrics": {"memory": 90 * MB, "spilled": 30 * MB}, "in_memory": 3}}})
-    assert "paused" in text and "30.0 MiB" in text and "SPILLED" in text
+    assert "paused" in text and "30.00 MiB" in text and "SPILLED" in text
 
 
 def test_cli_has_the_memory_options():
