@@ -11,7 +11,7 @@ import json
 import threading
 import time
 
-from zfabric import Client, protocol
+from zfabric import Client, protocol, reports
 from zfabric.config import Config
 from zfabric.dashboard.view import View
 from zfabric.scheduler.feed import PROFILE_GROUP_NODES, SCAN_WORKERS, merge_profile
@@ -201,13 +201,13 @@ def test_profiler_takes_nothing_outside_tasks():
 
 def test_profile_reports_are_checked_and_bounded():
     good = {"spin": ["", 3, [["f;a.py;1", 3, [["g;a.py;5", 2, []]]]]]}
-    assert protocol.clean_profile(good) == good
+    assert reports.clean_profile(good) == good
     bad = {"spin": ["", -1, []], 3: ["", 1, []], "ok": ["", 1, "children"],
            "deep": ["", 1, [["x", 1, [["y", 1, [["z", "many", []]]]]]]]}
-    assert protocol.clean_profile(bad) == {}
-    assert protocol.clean_profile("nonsense") == {}
+    assert reports.clean_profile(bad) == {}
+    assert reports.clean_profile("nonsense") == {}
     wide = {"g": ["", 1, [[f"f{i};a.py;1", 1, []] for i in range(20_000)]]}
-    assert protocol.clean_profile(wide) == {}  # past MAX_PROFILE_NODES: dropped whole
+    assert reports.clean_profile(wide) == {}  # past MAX_PROFILE_NODES: dropped whole
     trees: dict = {}
     counts = [0]
     assert merge_profile(trees, good, counts) == {"spin"}
@@ -238,6 +238,6 @@ def test_erred_groups_stay_until_dismissed():
 
 def test_log_reports_are_checked_and_bounded():
     lines = [["WARNING", "x" * 5000], ["INFO", "ok"], ["bad"], [1, "x"], ["L" * 30, "x"]]
-    assert protocol.clean_logs(lines) == [("WARNING", "x" * 1000), ("INFO", "ok")]
-    assert protocol.clean_logs("nonsense") == []
-    assert len(protocol.clean_logs([["INFO", "a"]] * 500)) == protocol.MAX_LOG_LINES
+    assert reports.clean_logs(lines) == [("WARNING", "x" * 1000), ("INFO", "ok")]
+    assert reports.clean_logs("nonsense") == []
+    assert len(reports.clean_logs([["INFO", "a"]] * 500)) == reports.MAX_LOG_LINES

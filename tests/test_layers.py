@@ -33,7 +33,8 @@ LAYERS: list[tuple[str, list[str]]] = [
         "zfabric.worker_plugins", "zfabric.transition_log",
     ]),
     ("wire", [
-        "zfabric._zmq", "zfabric.protocol", "zfabric.serialize", "zfabric.security",
+        "zfabric._zmq", "zfabric.protocol", "zfabric.reports", "zfabric.serialize",
+        "zfabric.security",
         "zfabric.zap", "zfabric.link", "zfabric.transfer", "zfabric.intake", "zfabric.shm",
         "zfabric.handshake", "zfabric.streams",
     ]),

@@ -189,7 +189,7 @@ def check(op) -> None:
         check_coord(op)
     elif name == "heartbeat-interval" or (name == "welcome" and "heartbeat_s" in op):
         value = op["heartbeat_s"]
-        if not (_finite(value) and 0 < value <= MAX_HEARTBEAT_S):
+        if not (finite(value) and 0 < value <= MAX_HEARTBEAT_S):
             raise RemoteProtocolError(f"op {name!r}: heartbeat_s must be a number of seconds"
                                       f" above 0 and at most {MAX_HEARTBEAT_S}, got"
                                       f" {short(value)}")
@@ -312,7 +312,7 @@ def _finished(op: dict) -> None:
     for i, t in enumerate(tasks):
         if (type(t) is not list or not 4 <= len(t) <= 7 or type(t[0]) is not str
                 or type(t[1]) is not int or not (t[2] is None or type(t[2]) is bytes)
-                or not _finite(t[3])):
+                or not finite(t[3])):
             raise _bad("finished item", t)
         tasks[i] = _new(FinishedItem, t) if len(t) == 7 else FinishedItem(*t)
 
@@ -361,7 +361,7 @@ def _request(op: dict) -> None:
         raise _bad(f"{op['kind']} request workers", value)
     for name in _REQUEST_NUMBERS:
         value = args.get(name)
-        if value is not None and not (_finite(value) if name in _TIMES else type(value) is int):
+        if value is not None and not (finite(value) if name in _TIMES else type(value) is int):
             raise _bad(f"{op['kind']} request {name}", value)
     topic = args.get("topic")
     if op["kind"] == "log-event" and not (type(topic) is str or (
@@ -413,7 +413,7 @@ def check_subscribe(kind: str, args: dict) -> None:
     if queue is not None and (type(queue) is not int or queue <= 0):
         raise _bad("subscribe request queue (a positive int)", queue)
     after = args.get("after")
-    if after is not None and not _finite(after):
+    if after is not None and not finite(after):
         raise _bad("subscribe request after (a wall-clock time)", after)
 
 
@@ -458,6 +458,13 @@ def check_items(op: dict) -> None:
     items = ITEMS.get(op["op"])
     if items is not None:
         items(op)
+
+
+def finite(value) -> bool:
+    """A finite float, or an int of at most 2**62 either way."""
+    if type(value) is float:
+        return math.isfinite(value)
+    return type(value) is int and abs(value) <= 1 << 62
 
 
 def short(value, limit: int = 80) -> str:
@@ -514,20 +521,6 @@ def check_worker_hello(op: dict) -> dict:
         "pid": _count(op.get("pid") or 0, "pid", 0, 1 << 31),
         "host": safe_name(op.get("host") or ""),
     }
-
-
-def clean_metrics(metrics) -> dict:
-    """A worker's heartbeat metrics, finite numbers only (at most 64 of them)."""
-    if type(metrics) is not dict:
-        return {}
-    out = {}
-    for k, v in metrics.items():
-        if type(k) is str and len(k) <= 64 and (
-                type(v) is int or (type(v) is float and math.isfinite(v))):
-            out[k] = v
-            if len(out) >= 64:
-                break
-    return out
 
 
 def versions() -> dict[str, str]:
@@ -652,83 +645,3 @@ def coord_item_keys(item) -> list[str]:
     if type(item) is list and len(item) == 2 and item[0] in ("f", "s") and type(item[1]) is str:
         return [item[1]]
     raise RemoteProtocolError(f"malformed coordination value {str(item)[:100]}")
-
-
-#: Transfers one worker report may carry (a worker sends at most 1000).
-MAX_TRANSFERS = 1000
-
-
-def clean_transfers(items) -> list[tuple]:
-    """The well-formed entries of a worker's ``transfers`` report, as tuples
-    ``(peer address, start, stop, nbytes, nkeys)``: a printable address of at most 300
-    characters, finite times, byte and key counts from 0 to 2**62. Others are dropped (they
-    would raise in the scheduler's loop, or reach the dashboard as NaN or megabytes of text);
-    at most :data:`MAX_TRANSFERS` are kept."""
-    if type(items) is not list:
-        return []
-    out = []
-    for item in items[:MAX_TRANSFERS]:
-        if type(item) is not list or len(item) != 5:
-            continue
-        peer, start, stop, nbytes, nkeys = item
-        if (type(peer) is str and len(peer) <= 300 and peer.isprintable()
-                and _finite(start) and _finite(stop)
-                and type(nbytes) is int and 0 <= nbytes <= 1 << 62
-                and type(nkeys) is int and 0 <= nkeys <= 1 << 62):
-            out.append((peer, float(start), float(stop), nbytes, nkeys))
-    return out
-
-
-def _finite(value) -> bool:
-    if type(value) is float:
-        return math.isfinite(value)
-    return type(value) is int and abs(value) <= 1 << 62
-
-
-#: Nodes one worker's profile report may carry, and how deep a tree may go.
-MAX_PROFILE_NODES = 10_000
-MAX_PROFILE_DEPTH = 130
-
-
-def clean_profile(report) -> dict:
-    """The well-formed trees of a worker's ``profile`` report (see
-    :mod:`zfabric.worker.profiler`): ``{group: [label, count, [child, ...]]}`` with string
-    names and labels of at most 500 characters, counts from 0 to 2**31. A malformed tree is
-    dropped whole, and so is what lies past :data:`MAX_PROFILE_NODES` nodes or
-    :data:`MAX_PROFILE_DEPTH` levels."""
-    if type(report) is not dict:
-        return {}
-    budget = [MAX_PROFILE_NODES]
-    out = {}
-    for group, tree in report.items():
-        if type(group) is str and len(group) <= 500 and _profile_node(tree, 0, budget):
-            out[group] = tree
-        if budget[0] <= 0:
-            break
-    return out
-
-
-def _profile_node(node, depth: int, budget: list) -> bool:
-    budget[0] -= 1
-    if (budget[0] < 0 or depth > MAX_PROFILE_DEPTH or type(node) is not list or len(node) != 3
-            or type(node[0]) is not str or len(node[0]) > 500 or type(node[1]) is not int
-            or not 0 <= node[1] <= 1 << 31 or type(node[2]) is not list):
-        return False
-    return all(_profile_node(child, depth + 1, budget) for child in node[2])
-
-
-#: Log lines one worker report may carry.
-MAX_LOG_LINES = 50
-
-
-def clean_logs(items) -> list[tuple[str, str]]:
-    """The well-formed lines of a worker's ``logs`` report: ``(level, text)``, a level name of
-    at most 20 characters, text cut to 1,000; at most :data:`MAX_LOG_LINES`."""
-    if type(items) is not list:
-        return []
-    out = []
-    for item in items[:MAX_LOG_LINES]:
-        if (type(item) is list and len(item) == 2 and type(item[0]) is str
-                and len(item[0]) <= 20 and type(item[1]) is str):
-            out.append((item[0], item[1][:1000]))
-    return out

@@ -292,7 +292,7 @@ class Observer:
         return self.stream.seq
 
     def transferred(self, ws, items: list[tuple]) -> None:
-        """Transfers a worker reported, checked by :func:`~zfabric.protocol.clean_transfers`:
+        """Transfers a worker reported, checked by :func:`~zfabric.reports.clean_transfers`:
         ``[(peer address, start, stop, nbytes, nkeys), ...]``."""
         address = ws.address
         for peer, start, stop, nbytes, nkeys in items:
@@ -301,7 +301,7 @@ class Observer:
         self.transfer_seq += len(items)
 
     def logged(self, ws, lines: list, now: float) -> None:
-        """Log lines a worker sent (checked by :func:`~zfabric.protocol.clean_logs`)."""
+        """Log lines a worker sent (checked by :func:`~zfabric.reports.clean_logs`)."""
         if not lines:
             return
         t = now + self.wall_offset
@@ -318,7 +318,7 @@ class Observer:
             del self.new_logs[:-WORKER_LOG_LINES * 10]
 
     def profiled(self, report: dict, now: float) -> None:
-        """A worker's profile report, checked by :func:`~zfabric.protocol.clean_profile`."""
+        """A worker's profile report, checked by :func:`~zfabric.reports.clean_profile`."""
         if report:
             self.profile_grown |= merge_profile(self.profiles, report, self._profile_nodes)
 

@@ -14,14 +14,11 @@ from ..errors import RemoteProtocolError
 from ..protocol import (
     FinishedItem,
     check_worker_hello,
-    clean_logs,
-    clean_metrics,
-    clean_profile,
-    clean_transfers,
     safe_name,
     short,
     version_mismatches,
 )
+from ..reports import clean_logs, clean_metrics, clean_profile, clean_transfers
 from .records import FIRE_AND_FORGET, ClientState, NannyState, WorkerState
 
 if TYPE_CHECKING:
