@@ -75,10 +75,6 @@ def pytest_addoption(parser) -> None:
 
 
 def pytest_configure(config) -> None:
-    import pytest
-
-    pytest.register_assert_rewrite("dask.array.utils", "dask.dataframe.utils",
-                                   "dask.bag.utils")
     for name, text in DASK_MARKERS.items():
         config.addinivalue_line("markers", f"{name}: {text}")
 
@@ -143,6 +139,9 @@ def _async_client_fallback():
 try:
     import pytest as _pytest
 
+    if SCHEDULER_VARIABLE in os.environ:  # loaded by pytest, before dask/conftest.py imports
+        _pytest.register_assert_rewrite("dask.array.utils", "dask.dataframe.utils",
+                                        "dask.bag.utils")
     dask_session_config = _pytest.fixture(autouse=True, scope="session")(_async_client_fallback)
 except ImportError:  # the runner itself needs no pytest
     pass
@@ -213,9 +212,11 @@ def outcomes(text: str) -> dict[str, str]:
 
 
 def run(which: str, targets: list[str], extra: list[str], timeout_s: float,
-        results: Path) -> tuple[str, dict[str, str]]:
+        results: Path, test_timeout_s: float = 120.0, tests: list[str] | None = None,
+        reuse: bool = False) -> tuple[str, dict[str, str]]:
     """``(summary line, {test id: outcome})`` of one pytest run through ``which``; its log and
-    junit xml go to ``results``."""
+    junit xml go to ``results``. ``tests``: only these test ids (dask-relative) of the
+    targets. ``reuse``: a finished run's log, where there is one, stands for the run."""
     import dask
 
     env = dict(os.environ, **{SCHEDULER_VARIABLE: which})
@@ -224,14 +225,25 @@ def run(which: str, targets: list[str], extra: list[str], timeout_s: float,
     site = str(Path(dask.__file__).resolve().parent.parent)
     name = re.sub(r"[^\w.-]+", "_", "+".join(targets)) + f"-{which}"
     results.mkdir(parents=True, exist_ok=True)
+    collect = _paths(targets)
+    if tests is not None:  # pytest reads them from a file (@file): any number of them
+        name += "-recheck"
+        listed = results / f"{name}.tests"
+        listed.write_text("".join(f"{site}/{t}\n" for t in tests))
+        collect = [f"@{listed}"]
     ini = results / "pytest.ini"  # none of the current directory's pytest settings
     ini.write_text("[pytest]\n")
     log = results / f"{name}.log"
     # --confcutdir: pytest then loads dask/conftest.py (above the collected test folders)
     cmd = [sys.executable, "-m", "pytest", "-p", "dask_suite", "-c", str(ini), "--rootdir",
            site, "--confcutdir", site, "-v", "-rfE", "--tb=short", "-p", "no:cacheprovider",
-           "--timeout", "120", f"--junitxml={results / (name + '.xml')}",
-           *_paths(targets), *extra]
+           "--timeout", f"{test_timeout_s:g}", f"--junitxml={results / (name + '.xml')}",
+           *collect, *extra]
+    if reuse and log.exists():
+        out = log.read_text(errors="replace")
+        took_s = re.search(r"^# wall (\d+) s$", out, re.M)
+        if took_s:
+            return _result(which, out, "", float(took_s.group(1)), None)
     start = time.monotonic()
     with open(log, "w") as fh:
         fh.write(" ".join(cmd) + "\n")
@@ -246,7 +258,13 @@ def run(which: str, targets: list[str], extra: list[str], timeout_s: float,
             proc.wait()
             ended = f" (stopped after {timeout_s:g} s)"
     took = time.monotonic() - start
-    out = log.read_text(errors="replace")
+    with open(log, "a") as fh:
+        fh.write(f"# wall {took:.0f} s\n")
+    return _result(which, log.read_text(errors="replace"), ended, took, proc.returncode)
+
+
+def _result(which: str, out: str, ended: str, took: float,
+            code: int | None) -> tuple[str, dict[str, str]]:
     lines = [ln for ln in out.splitlines() if ln.strip()]
     summary = next((ln for ln in reversed(lines) if re.search(r"\d+ (passed|failed)", ln)
                     and ln.startswith("=")), "")
@@ -256,7 +274,7 @@ def run(which: str, targets: list[str], extra: list[str], timeout_s: float,
         for what in found.values():
             counts[what.lower()] = counts.get(what.lower(), 0) + 1
         summary = ", ".join(f"{n} {w}" for w, n in sorted(counts.items())) + " (incomplete"
-        summary += f", exit {proc.returncode})"
+        summary += f", exit {code})"
     return f"{which}: {summary.strip('= ')}{ended} (wall {took:.0f} s)", found
 
 
@@ -267,6 +285,13 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--only", choices=["zfabric", "distributed"],
                    help="run through one scheduler only")
     p.add_argument("--timeout", type=float, default=3 * 3600.0, help="seconds per run")
+    p.add_argument("--test-timeout", type=float, default=120.0,
+                   help="seconds per test (pytest-timeout; default: %(default)s)")
+    p.add_argument("--recheck", action="store_true",
+                   help="through dask.distributed, run only the tests that fail through "
+                        "zfabric (the comparison, quickly; no totals for dask.distributed)")
+    p.add_argument("--reuse", action="store_true",
+                   help="a run whose finished log is in the results folder is not run again")
     p.add_argument("--results", type=Path, default=Path("dask-suite-results"),
                    help="folder for each run's log and junit xml (default: %(default)s)")
     argv = list(sys.argv[1:] if argv is None else argv)
@@ -279,7 +304,17 @@ def main(argv: list[str] | None = None) -> int:
     for target in args.targets:  # one pytest per target: a crash ends only its own run
         found: dict[str, dict[str, str]] = {}
         for which in runs:
-            summary, found[which] = run(which, [target], extra, args.timeout, results)
+            only = None
+            if args.recheck and which == "distributed" and "zfabric" in found:
+                only = sorted(t for t, what in found["zfabric"].items() if what in _BAD)
+                if not only:
+                    found[which] = {}
+                    print(f"{target} {which}: nothing to recheck", flush=True)
+                    continue
+            summary, found[which] = run(which, [target], extra, args.timeout, results,
+                                        args.test_timeout, only, args.reuse)
+            if only is not None:
+                summary = summary.replace(f"{which}:", f"{which} (zfabric's failures only):")
             print(f"{target} {summary}", flush=True)
             for test, what in sorted(found[which].items()):  # as it goes
                 if what in _BAD:
