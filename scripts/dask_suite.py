@@ -197,6 +197,7 @@ def _paths(targets: list[str]) -> list[str]:
 
 #: A test's outcome in pytest's verbose output: ``<id> PASSED [ 3%]``.
 _OUTCOME = re.compile(r"^(\S+::.+?) (PASSED|FAILED|ERROR|SKIPPED|XFAIL|XPASS)(?: |$)", re.M)
+_SUMMARY = re.compile(r"^(FAILED|ERROR) (\S+::\S+)", re.M)
 _BAD = {"FAILED", "ERROR"}
 
 
@@ -208,6 +209,10 @@ def outcomes(text: str) -> dict[str, str]:
         test = test.split("site-packages/")[-1]
         if out.get(test) not in _BAD:
             out[test] = what
+    # A test's own output (a worker's log line) can split its verbose line; the closing
+    # summary (-rfE) names every failure and error on a line of its own.
+    for what, test in _SUMMARY.findall(text):
+        out[test.split("site-packages/")[-1]] = what
     return out
 
 
