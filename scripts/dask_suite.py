@@ -4,13 +4,19 @@ tests with a dask.distributed client, then compare.
     python scripts/dask_suite.py                       # dask/array, bag, dataframe, tests
     python scripts/dask_suite.py dask.bag.tests dask/tests/test_delayed.py
     python scripts/dask_suite.py --only zfabric dask.bag.tests -- -x
+    python scripts/dask_suite.py --recheck dask.dataframe   # dask.distributed: zfabric's failures
+    python scripts/dask_suite.py --recheck dask.array -- --runslow -m slow
 
 Each run is ``pytest`` over the installed dask package's tests (module names, or paths under
 the dask package), in a fresh process that loads this file as a pytest plugin
 (``-p dask_suite``): at the session's start it starts a cluster of two worker processes of
 two threads and a client that becomes dask's default scheduler; tests that name a scheduler
-of their own keep it. It prints each run's pytest summary line, then the tests that pass
-through dask.distributed and fail through zfabric. Long (minutes): not part of the suite.
+of their own keep it. The plugin also gives the run what dask's repository-root conftest.py
+gives dask's own (see below), the same for both schedulers; pytest loads the wheel's
+dask/conftest.py; the current directory's pytest settings do not apply. Each test has a time
+limit (pytest-timeout). Each run's verbose log and junit xml go to ``--results``. It prints
+each run's pytest summary line, then the tests that pass through dask.distributed and fail
+through zfabric. Long (minutes to an hour): not part of the suite.
 """
 
 from __future__ import annotations
@@ -20,6 +26,7 @@ import os
 import re
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -284,7 +291,8 @@ def _result(which: str, out: str, ended: str, took: float,
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p = argparse.ArgumentParser(
+        description="dask's own tests through zfabric and dask.distributed, compared")
     p.add_argument("targets", nargs="*", default=DEFAULT_TARGETS,
                    help="dask test packages or files (default: %(default)s)")
     p.add_argument("--only", choices=["zfabric", "distributed"],
@@ -297,7 +305,8 @@ def main(argv: list[str] | None = None) -> int:
                         "zfabric (the comparison, quickly; no totals for dask.distributed)")
     p.add_argument("--reuse", action="store_true",
                    help="a run whose finished log is in the results folder is not run again")
-    p.add_argument("--results", type=Path, default=Path("dask-suite-results"),
+    p.add_argument("--results", type=Path,
+                   default=Path(tempfile.gettempdir()) / "dask-suite-results",
                    help="folder for each run's log and junit xml (default: %(default)s)")
     argv = list(sys.argv[1:] if argv is None else argv)
     cut = argv.index("--") if "--" in argv else len(argv)  # what follows goes to pytest
