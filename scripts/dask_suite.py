@@ -82,6 +82,12 @@ def pytest_addoption(parser) -> None:
 
 
 def pytest_configure(config) -> None:
+    import signal
+
+    # A run started in the background (``cmd &`` in a script) inherits SIGINT ignored, and
+    # Python then raises no KeyboardInterrupt: dask's test_interrupt would hang its pool.
+    if signal.getsignal(signal.SIGINT) is signal.SIG_IGN:
+        signal.signal(signal.SIGINT, signal.default_int_handler)
     for name, text in DASK_MARKERS.items():
         config.addinivalue_line("markers", f"{name}: {text}")
 
