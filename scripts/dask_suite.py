@@ -284,8 +284,8 @@ def run(which: str, targets: list[str], extra: list[str], timeout_s: float,
 def _result(which: str, out: str, ended: str, took: float,
             code: int | None) -> tuple[str, dict[str, str]]:
     lines = [ln for ln in out.splitlines() if ln.strip()]
-    summary = next((ln for ln in reversed(lines) if re.search(r"\d+ (passed|failed)", ln)
-                    and ln.startswith("=")), "")
+    summary = next((ln for ln in reversed(lines)
+                    if ln.startswith("=") and re.search(r"\d+ \w+.* in [\d.]+s", ln)), "")
     found = outcomes(out)
     if not summary:  # it ended early: count what it got through
         counts: dict[str, int] = {}
