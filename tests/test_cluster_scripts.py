@@ -48,6 +48,9 @@ def test_joblib_backend_registered_on_first_import_runs_on_the_cluster(tmp_path)
             i: int
 
         def pid_and_sum(item, arr):
+            # (20 ms: a worker that holds arr but has no free slot takes tasks of a fraction
+            # of a millisecond rather than have the other fetch 1.6 MB; real work spreads)
+            time.sleep(0.02)
             return os.getpid(), item.i + float(arr.sum())
 
         def slow_or_fail(i):
