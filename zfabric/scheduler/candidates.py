@@ -51,7 +51,7 @@ class Candidates:
     """The workers a task may be given, by load, name and resource (see the module)."""
 
     __slots__ = ("_by_order", "_changed", "_heap", "_order", "avg_duration", "by_name",
-                 "by_resource", "examined", "window_avg", "workers")
+                 "by_resource", "examined", "nthreads", "window_avg", "workers")
 
     def __init__(self) -> None:
         # (load, order, version): numbers only, so that the garbage collector need not
@@ -61,6 +61,7 @@ class Candidates:
         self._changed: set[WorkerState] = set()  # their heap entries are out of date
         self._order = itertools.count()
         self.workers: set[WorkerState] = set()
+        self.nthreads = 0  # the workers' threads, summed
         #: address, name and host -> the worker, or a set of two or more (most names are one
         #: worker's: no set object each)
         self.by_name: dict[str, WorkerState | set[WorkerState]] = {}
@@ -76,6 +77,7 @@ class Candidates:
         ws.index = self
         ws.version = 0
         self.workers.add(ws)
+        self.nthreads += ws.nthreads
         self._by_order[ws.order] = ws
         by_name = self.by_name
         for name in {ws.address, ws.name, ws.host}:
@@ -90,6 +92,7 @@ class Candidates:
         ws.index = None
         ws.version += 1
         self.workers.discard(ws)
+        self.nthreads -= ws.nthreads
         self._changed.discard(ws)
         del self._by_order[ws.order]
         by_name = self.by_name
@@ -145,6 +148,7 @@ class Candidates:
         self._refresh()
         workers = set(workers)
         assert self.workers == workers, (self.workers ^ workers)
+        assert self.nthreads == sum(ws.nthreads for ws in workers), self.nthreads
         live = {self._by_order[e[1]]: e[0] for e in self._heap
                 if e[1] in self._by_order and e[2] == self._by_order[e[1]].version}
         for ws in workers:

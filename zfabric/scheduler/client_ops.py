@@ -65,6 +65,16 @@ class ClientOps:
         """Add tasks (checked at the protocol's door: :class:`~zfabric.protocol.TaskSpec`)."""
         if cs.ident == FIRE_AND_FORGET:
             return
+        # Root tasks (no dependency, no restriction) in priority order: started together
+        # once the op is read, so that many of them are placed in runs (see .runs).
+        roots: list[TaskState] = []
+        try:
+            self._submit(cs, items, roots)
+        finally:  # (a bad item refuses the rest of the op, not the tasks before it)
+            if roots:
+                self.s.start_roots(roots)
+
+    def _submit(self, cs: ClientState, items: list[TaskSpec], roots: list[TaskState]) -> None:
         for key, payload, deps, opts, fid in items:
             entry = None
             if fid is not None:
@@ -132,6 +142,10 @@ class ClientOps:
             rec = self.s.recovery
             if (rec.orphans or rec.running) and rec.claim(ts):
                 continue  # a worker kept its result, or runs it, across a restart
+            if ts.parents is None and not ts.restricted \
+                    and (not roots or roots[-1].priority < ts.priority):
+                roots.append(ts)
+                continue
             self.s.start(ts)
 
     def _want(self, cs: ClientState, ts: TaskState) -> None:

@@ -292,6 +292,7 @@ class PeerOps:
         ws.status_reason = reason[:500]
         if status == "paused":
             self.s.event(f"worker {ws.name} paused: {ws.status_reason or 'memory'}")
+            self.s.give_back_reserve(ws)
             queued = [ts for ts in ws.processing.values() if ts not in ws.started]
             for ts in queued:
                 ws.done(ts, 0.0)

@@ -12,7 +12,9 @@ class ReadyQueue:
     Most tasks arrive in priority order (default priority, submission order): those go to a
     FIFO, which costs O(1) each way. A task that arrives out of order (a user priority, a task
     put back after its worker died) goes to a heap. ``pop`` takes whichever head is smaller.
-    Entries are not removed when a task leaves the queued state; the caller skips them.
+    Entries are not removed when a task leaves the queued state; the caller skips them. An
+    entry may also be a :class:`~.runs.RootRun` (root tasks claimed in runs), by the priority
+    of its first task.
     """
 
     __slots__ = ("fifo", "heap")
@@ -33,6 +35,13 @@ class ReadyQueue:
             fifo.append(ts)
         else:
             heapq.heappush(self.heap, (ts.priority, ts))
+
+    def head_priority(self) -> int:
+        """The priority of the entry :meth:`pop` would return (the queue is not empty)."""
+        fifo, heap = self.fifo, self.heap
+        if heap and (not fifo or heap[0][0] < fifo[0].priority):
+            return heap[0][0]
+        return fifo[0].priority
 
     def pop(self):
         fifo, heap = self.fifo, self.heap

@@ -203,6 +203,7 @@ class Retirement:
             ws.limit = 0
             ws.changed()
             self.s.event(f"retiring worker {ws.name} ({ws.address})")
+            self.s.give_back_reserve(ws)
             self._take_back(ws)
         self._retire_step(job)
 

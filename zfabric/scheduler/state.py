@@ -63,6 +63,7 @@ from .recovery import Recovery
 from .requests import FanOut
 from .retire import Retirement
 from .roles import Roles
+from .runs import Reserves, RootRun, wants_runs
 from .shared_state import Coordination
 from .subscriptions import Subscriptions
 from .worker_loss import WorkerLoss
@@ -123,6 +124,7 @@ class SchedulerState:
         self._queued = ReadyQueue()  # unrestricted queued tasks; stale entries are skipped
         self._restricted = RestrictedQueue()  # queued tasks that only some workers may run
         self.candidates = Candidates()  # workers by load, name, resource (see .candidates)
+        self.reserves = Reserves()  # runs of root tasks workers claimed (see .runs)
         self.seq = 0
         self.fan_out = FanOut(self.send)  # run and restart requests in flight
         self.closing = False  # set by a remote shutdown request; the shell closes
@@ -463,15 +465,87 @@ class SchedulerState:
             item.append(fid)
         self.batch(ws.ident, "compute", item)
 
+    def start_roots(self, roots: list[TaskState]) -> None:
+        """Start the root tasks of one submit op (no dependencies, no restriction, new or
+        released, in priority order): many of them are placed in runs (see :mod:`.runs`), a
+        few as any task."""
+        if not wants_runs(len(roots), self.candidates.nthreads):
+            for ts in roots:
+                self.start(ts)
+            return
+        run = RootRun(roots)
+        for ts in roots:
+            ts.waiting_on = 0
+        if not self._queued:  # (a backlog: no worker has a free slot)
+            least_loaded = self.candidates.least_loaded
+            while run.tasks:
+                ws = least_loaded()
+                if ws is None:
+                    break
+                self._give_run(ws, self.reserves.claim(run, ws, self.candidates.nthreads))
+        if run.tasks:
+            for ts in run.tasks:
+                self.set_state(ts, "queued")
+            run.priority = run.tasks[0].priority
+            self._queued.push(run)
+
+    def _give_run(self, ws: WorkerState, run: list[TaskState]) -> None:
+        """``ws`` claimed ``run``: it gets what it has slots for; the rest waits, queued, in
+        its reserve."""
+        i = 0
+        for ts in run:
+            if not ws.has_slot():
+                break
+            i += 1
+            if ts.state in ("new", "queued"):
+                self._dispatch(ts, ws)
+        rest = run[i:]
+        for ts in rest:
+            if ts.state == "new":
+                self.set_state(ts, "queued")
+        self.reserves.keep(ws, rest)
+
+    def fill_free(self) -> None:
+        """Give queued work to the workers with free slots, least loaded first (O(log
+        workers) a worker given work)."""
+        q = self._queued
+        least_loaded = self.candidates.least_loaded
+        while q:
+            ws = least_loaded()
+            if ws is None:
+                break
+            self.fill(ws)
+
+    def give_back_reserve(self, ws: WorkerState) -> None:
+        """``ws`` leaves, pauses or retires: the runs it claimed go back to the queue."""
+        run = self.reserves.give_back(ws)
+        if run is not None:
+            self._queued.push(run)
+            self.fill_free()
+
     def fill(self, ws: WorkerState) -> None:
-        """Give a worker with free slots the most urgent queued tasks."""
+        """Give a worker with free slots the most urgent queued tasks: from the queue, or
+        from its reserve of root tasks (see :mod:`.runs`), whichever comes first; with
+        neither, when it has less than a task a thread beyond those running, half of another
+        worker's reserve."""
         if ws.ident not in self.workers:
             return
         q = self._queued
-        while q and ws.has_slot():
-            ts = q.pop()
-            if ts.state == "queued":
-                self._dispatch(ts, ws)
+        reserves = self.reserves
+        while ws.has_slot():
+            mine = reserves.head(ws)
+            if q and (mine is None or q.head_priority() < mine.priority):
+                ts = q.pop()
+                if type(ts) is RootRun:
+                    self._give_run(ws, reserves.claim(ts, ws, self.candidates.nthreads))
+                    if ts.tasks:
+                        q.push(ts)
+                elif ts.state == "queued":
+                    self._dispatch(ts, ws)
+            elif mine is not None:
+                self._dispatch(reserves.pop(ws), ws)
+            elif ws.occupancy >= 2 * ws.nthreads or not reserves.steal(ws):
+                break  # (it steals only when it is about to run out)
         if self._restricted and ws.has_slot():
             self.fill_restricted()
 

@@ -116,6 +116,7 @@ class WorkerLoss:
             if ts.state == "memory" and ts.holders is None and ts.value is None:
                 self._lose(ts)
         ws.clear_held()
+        self.s.give_back_reserve(ws)
         self.s.fill_restricted()
         for other in list(self.s.workers.values()):
             self.s.fill(other)
