@@ -93,12 +93,16 @@ class Reserves:
         return taken
 
     def keep(self, ws: WorkerState, tasks: list[TaskState]) -> None:
-        """Put ``tasks`` (queued, in priority order) at the end of ``ws``'s reserve."""
+        """Add ``tasks`` (queued, in priority order) to ``ws``'s reserve: before what it holds
+        when they are more urgent (a worker claims a run while it holds one only for a more
+        urgent batch: a user priority), else after it."""
         if not tasks:
             return
         mine = self._by_worker.get(ws)
         if mine is None:
             self._by_worker[ws] = deque(tasks)
+        elif mine and tasks[0].priority < mine[0].priority:
+            mine.extendleft(reversed(tasks))
         else:
             mine.extend(tasks)
 
