@@ -713,3 +713,10 @@ class SchedulerState:
                 assert g.counts[st] == by_group.get((g.name, st), 0), (g.name, st, g.counts)
         self.retirement.validate_moves()
         self.candidates.validate(self.workers.values())
+        reserved: set[TaskState] = set()  # runs claimed: by workers that may run them, once
+        for ws, run in self.reserves.reserved().items():
+            assert self.workers.get(ws.ident) is ws and ws.status == "running" \
+                and not ws.retiring, ws
+            for ts in run:
+                assert ts not in reserved and not ts.deps and not ts.restricted, ts
+                reserved.add(ts)
