@@ -76,10 +76,6 @@ class Reserves:
         self._by_worker: OrderedDict[WorkerState, deque[TaskState]] = OrderedDict()
         self.examined = 0  # reserves looked at to find work (tests count the work)
 
-    def __len__(self) -> int:
-        """Reserved entries, some of them stale (their tasks left the queued state)."""
-        return sum(len(r) for r in self._by_worker.values())
-
     def claim(self, run: RootRun, ws: WorkerState, cluster_threads: int) -> list[TaskState]:
         """``ws`` takes a run from the front of ``run``: the tasks, in order (amortised O(1)
         per task). The caller gives it those it has slots for and :meth:`keep` s the rest."""
