@@ -5,7 +5,7 @@ placed as before; the work per decision does not grow with the number of workers
 
 from __future__ import annotations
 
-from test_scheduler_state import A1, A2, W1, W2, C, finish, given, submit, task
+from test_scheduler_state import A1, A2, W1, W2, C, err, finish, given, submit, task
 
 from zfabric import protocol
 from zfabric.scheduler.runs import MIN_PER_THREAD, wants_runs
@@ -130,6 +130,28 @@ def test_a_more_urgent_batch_goes_before_the_runs_already_claimed():
         order = [k.split("-")[0] for k, x in where.items() if x == w and k not in sent]
         assert "high" in order and order == sorted(order), order  # ("high" < "low")
     assert all(ts.state == "memory" for ts in state.tasks.values())
+    state.validate()
+
+
+def test_a_root_of_a_run_that_errs_is_retried_as_before():
+    state = given((W1, A1), (W2, A2))
+    submit(state, *(task(f"t{i}", retries=1) for i in range(64)))
+    # When a task of w1's run errs, with one retry left
+    out = err(state, W1, "t0")
+    # Then it is queued or sent again, no client hears of it, and everything runs
+    assert C not in out and state.tasks["t0"].state in ("queued", "processing")
+    where, _ = run_all(state, out)
+    assert "t0" in where and all(ts.state == "memory" for ts in state.tasks.values())
+    # and when it errs again, with no retry left, its client hears it
+    submit(state, *(task(f"u{i}", retries=1) for i in range(64)))
+    err(state, W1, "u0")
+    for _ in range(100):
+        ws = state.tasks["u0"].processing_on
+        if ws is not None:
+            break
+        run_all(state, {}, limit=1)
+    out = err(state, ws.ident, "u0")
+    assert [op["op"] for op in out[C]] == ["erred"]
     state.validate()
 
 
