@@ -23,7 +23,7 @@ from typing import Any
 
 import zmq
 
-from .. import _zmq, protocol, serialize, shm, streams, zap
+from .. import _zmq, bulk, protocol, serialize, shm, streams, zap
 from ..config import Config
 from ..errors import RemoteProtocolError
 from ..intake import Intake
@@ -94,10 +94,25 @@ class DataPort:
         # fetch sockets by peer address
         self.tables: dict[bytes, streams.Table] = {}
         self.peer_tables: dict[str, streams.Table] = {}
+        # the bulk channel (zfabric/bulk.py): with security on, large buffers go sealed on
+        # a plain port of their own. As server: the port (bound on the first bulk-open),
+        # its sessions by token and by data peer; as requester: a session per peer address
+        self.bulk_on = bulk.enabled(config, security)
+        self.bulk: Any = None
+        self.bulk_host = ""
+        self.bulk_intake: Any = None
+        self.sessions: dict[bytes, bulk.Session] = {}
+        self.session_of: dict[bytes, bulk.Session] = {}
+        self.links: dict[str, bulk.Session | None] = {}  # None: the peer has no bulk port
+        self.bulk_socks: dict[Any, str] = {}  # every bulk socket to drain -> its peer ("": ours)
+        self.bulk_dropped = 0  # bulk messages refused (no session, from another connection)
+        self.next_bulk = 0.0
+        self.expected: Any = ()  # the fetch ids awaited (as the last drain_peer was told)
 
     def bind(self, ctx: zmq.Context, host: str, name: str | None) -> str:
         """Bind the data port on ``host`` (a free port); returns its address."""
         cfg = self.config
+        self.bulk_host = host
         self.data, bound = _zmq.router(
             ctx, host, 0, linger_ms=cfg.LINGER_MS, hwm=cfg.HWM_MESSAGES,
             sndhwm=min(cfg.HWM_MESSAGES, cfg.SEND_QUEUE_MESSAGES),
@@ -114,9 +129,15 @@ class DataPort:
     def close(self) -> None:
         if self.intake is not None:
             self.intake.close()
-        for s in (self.data, *self.peers.values()):
+        if self.bulk_intake is not None:
+            self.bulk_intake.close()
+        for s in (self.data, *self.peers.values(), *self.bulk_socks):
             if s is not None:
                 s.close(linger=self.config.LINGER_MS)
+        self.bulk_socks.clear()
+        self.sessions.clear()
+        self.session_of.clear()
+        self.links.clear()
         for into in self.leases.values():
             cancel_leases(into)
         self.leases.clear()
@@ -147,20 +168,247 @@ class DataPort:
                 if error is not None:
                     self._reply_data(peer, [{"op": "error", "message": error}])
                 continue
-            srcfd = None
-            for op in ops:
+            self._handle(peer, ops, buffers, frames[1])
+
+    def _handle(self, peer: bytes, ops: list, buffers: list, first: Any = None,
+                settle: bool = True) -> None:
+        """The ops of one message from data peer ``peer`` (``first``: its first frame;
+        ``settle`` False: an op held for its bulk streams, whose connection's own streams
+        belong to messages not read yet)."""
+        srcfd = None
+        for op in ops:
+            try:
+                if op["op"] == "get-data" and op.get("into") and srcfd is None \
+                        and first is not None:
+                    srcfd = first.get(zmq.SRCFD)
+                self._on_data_op(peer, op, buffers, srcfd)
+            except Exception as exc:
+                self._reply_data(peer, [{"op": "error", "message": f"{op['op']}: {exc}",
+                                         "id": op.get("id")}])
+        table = self.tables.get(peer) if settle else None
+        if table is not None:
+            table.settle()  # what the op did not claim is dropped
+            if not table:
+                del self.tables[peer]
+
+    # ------------------------------------------------------------------ bulk channel
+
+    def _open_session(self, peer: bytes, op: dict) -> dict:
+        """A requester's ``bulk-open``: its session, and the answer naming the bulk port."""
+        if not self.bulk_on or self.keyring is None:
+            raise RemoteProtocolError("this worker has no bulk channel")
+        why = bulk.check_secrets(op)
+        if why is not None:
+            raise RemoteProtocolError(why)
+        if self.bulk is None:
+            self._bind_bulk()
+        old = self.session_of.pop(peer, None)
+        if old is not None:
+            self.sessions.pop(old.token, None)
+        if len(self.sessions) >= 10_000:
+            self.sessions.clear()  # (a forgotten requester's next bulk send fails; it falls back)
+            self.session_of.clear()
+        cfg = self.config
+        session = bulk.Session(op, requester=False, idle_s=cfg.BULK_IDLE_S,
+                               frame_limit=cfg.MAX_MESSAGE_BYTES, max_streams=cfg.MAX_FRAMES,
+                               peer=peer)
+        self.sessions[session.token] = self.session_of[peer] = session
+        return {"op": "bulk-port", "id": op["id"],
+                "port": int(self.bulk.getsockopt_string(zmq.LAST_ENDPOINT).rsplit(":", 1)[1])}
+
+    def _bind_bulk(self) -> None:
+        """Bind the bulk port next to the data port (same interface, a free port)."""
+        cfg = self.config
+        sock = zmq.Context.instance().socket(zmq.ROUTER)
+        # one message is one sealed piece: a larger frame ends its connection at once
+        limit = streams.PIECE_BYTES + bulk.TAG_BYTES + 4096
+        _zmq._common(sock, cfg.LINGER_MS, cfg.HWM_MESSAGES, limit)
+        sock.setsockopt(zmq.ROUTER_MANDATORY, 1)
+        host = self.bulk_host
+        try:
+            sock.bind(host if "://" in host else f"tcp://{_zmq._bracket(host)}:*")
+        except zmq.ZMQError:
+            sock.close(0)
+            raise
+        self.bulk = sock
+        self.bulk_socks[sock] = ""
+        if cfg.INCOMPLETE_MESSAGE_BYTES > 0:
+            self.bulk_intake = Intake(sock, curve=False, slack=limit + cfg.INCOMPLETE_MESSAGE_BYTES,
+                                      frame_limit=limit, max_frames=2, name="bulk port")
+        if self.poller is not None:
+            self.poller.register(sock, zmq.POLLIN)
+
+    def _send_bulk(self, peer: bytes, out: Sequence) -> bool:
+        """Send the streams ``out`` to data peer ``peer`` on its bulk session; False (nothing
+        sent) when it has none ready, or its connection is gone."""
+        session = self.session_of.get(peer)
+        if session is None or not session.ready:
+            return False
+        sock, route = self.bulk, session.route
+        first = True
+        for sid, view in out:
+            for piece in session.sealer.messages(sid, view):
+                if session.backlog:
+                    session.backlog.append(piece)
+                    continue
                 try:
-                    if op["op"] == "get-data" and op.get("into") and srcfd is None:
-                        srcfd = frames[1].get(zmq.SRCFD)
-                    self._on_data_op(peer, op, buffers, srcfd)
-                except Exception as exc:
-                    self._reply_data(peer, [{"op": "error", "message": f"{op['op']}: {exc}",
-                                             "id": op.get("id")}])
-            table = self.tables.get(peer)
-            if table is not None:
-                table.settle()  # what the op did not claim is dropped
-                if not table:
-                    del self.tables[peer]
+                    sock.send_multipart([route, *piece], zmq.NOBLOCK, copy=False)
+                except zmq.Again:
+                    session.backlog = deque([piece])
+                except zmq.ZMQError:  # its connection ended
+                    session.ready = False
+                    # nothing sent: over CurveZMQ instead; else the requester's wait for the
+                    # rest fails, and it asks again
+                    return not first
+                first = False
+        return True
+
+    def drain_bulk(self, events: dict) -> None:
+        """What the worker's loop calls each turn while there are bulk sockets: read the
+        ready ones, retry queued pieces, and now and then end what waited too long."""
+        for sock, addr in list(self.bulk_socks.items()):
+            if sock in events:
+                if addr:
+                    self._drain_link(addr, sock)
+                else:
+                    self._drain_bulk_port(sock)
+        for session in self.session_of.values():
+            if session.backlog:
+                self._retry_bulk(session)
+        now = time.monotonic()
+        if now >= self.next_bulk:
+            self.next_bulk = now + INTAKE_CHECK_S
+            self._expire_bulk(now)
+
+    def _retry_bulk(self, session: bulk.Session) -> None:
+        queue = session.backlog
+        while queue:
+            try:
+                self.bulk.send_multipart([session.route, *queue[0]], zmq.NOBLOCK, copy=False)
+            except zmq.Again:
+                return
+            except zmq.ZMQError:
+                queue.clear()
+                session.ready = False
+                return
+            queue.popleft()
+
+    def _drain_bulk_port(self, sock: zmq.Socket) -> None:
+        """Pieces and hellos from requesters on our bulk port (see zfabric/bulk.py)."""
+        intake = self.bulk_intake
+        for frames in waiting(sock, copy=False):
+            route = frames[0].bytes
+            if intake is not None and len(frames) > 1:
+                intake.received(frames[1].get(_SRCFD), route, frames[1:])
+            try:
+                ops, buffers = protocol.decode([frames[1].bytes, *frames[2:]], 2)
+            except (RemoteProtocolError, IndexError):
+                self.bulk_dropped += 1
+                continue
+            op = ops[0] if len(ops) == 1 else {"op": None}
+            session = self.sessions.get(op.get("t"))  # type: ignore[arg-type]
+            if session is None or session.route != route:
+                self.bulk_dropped += 1  # no session of this connection: never answered
+                continue
+            if op["op"] == "piece":
+                if session.inbound.piece(op, buffers) is not None and session.waiting:
+                    for held, held_buffers in session.waiting.ready(session.inbound):
+                        self._handle(session.peer, [held], held_buffers, settle=False)
+            elif op["op"] == "bulk-hello":
+                try:
+                    sock.send_multipart([route, *bulk.READY], zmq.NOBLOCK)
+                except zmq.ZMQError:
+                    continue
+                session.ready = True
+            else:
+                self.bulk_dropped += 1
+
+    def _expire_bulk(self, now: float) -> None:
+        idle_s = self.config.BULK_IDLE_S
+        for session in self.session_of.values():
+            for op, _ in session.waiting.expired(session.inbound, now):
+                self._reply_data(session.peer, [{
+                    "op": "error", "id": op.get("id"), "bulk": 1, "message":
+                    f"{op['op']}: its pieces stopped coming on the bulk channel for"
+                    f" {idle_s:g} s (BULK_IDLE_S)"}])
+            session.inbound.expire(now, idle_s)
+        for addr, link in self.links.items():
+            if link is None:
+                continue
+            for op, _ in link.waiting.expired(link.inbound, now):
+                logger.warning("worker %s: pieces of a fetch stopped coming on the bulk channel"
+                               " for %g s; fetching over CurveZMQ from now on", addr, idle_s)
+                self._drop_link(addr)
+                if op.get("id") in self.expected:
+                    self.on_fetched(op["id"], None)
+            link.inbound.expire(now, idle_s)
+        if self.bulk_intake is not None:
+            self.bulk_intake.review(now)
+
+    # (as requester)
+
+    def _open_link(self, addr: str, sock: zmq.Socket) -> None:
+        """Ask peer ``addr`` for a bulk session (over ``sock``, its CurveZMQ connection)."""
+        secrets = bulk.new_secrets()
+        cfg = self.config
+        self.links[addr] = bulk.Session(secrets, requester=True, idle_s=cfg.BULK_IDLE_S,
+                                        frame_limit=cfg.MAX_MESSAGE_BYTES,
+                                        max_streams=cfg.MAX_FRAMES)
+        sock.send_multipart(protocol.encode([{"op": "bulk-open", "id": 0, **secrets}]))
+
+    def _link_port(self, addr: str, op: dict) -> None:
+        """Peer ``addr`` told its bulk port: connect to it and say hello."""
+        link = self.links.get(addr)
+        if link is None or link.sock is not None:
+            return
+        cfg = self.config
+        sock = zmq.Context.instance().socket(zmq.DEALER)
+        _zmq._common(sock, cfg.LINGER_MS, cfg.HWM_MESSAGES,
+                          streams.PIECE_BYTES + bulk.TAG_BYTES + 4096)
+        sock.setsockopt(zmq.ROUTING_ID, link.route)
+        host = _zmq.normalize_address(addr).rsplit(":", 1)[0]
+        try:
+            sock.connect(f"{host}:{op['port']}")
+        except zmq.ZMQError as exc:
+            sock.close(0)
+            logger.warning("worker %s: cannot reach its bulk port: %s", addr, exc)
+            self.links[addr] = None
+            return
+        link.sock = sock
+        self.bulk_socks[sock] = addr
+        if self.poller is not None:
+            self.poller.register(sock, zmq.POLLIN)
+        sock.send_multipart(bulk.hello(link.token))
+
+    def _drain_link(self, addr: str, sock: zmq.Socket) -> None:
+        """Pieces (and the ready) from peer ``addr``'s bulk port."""
+        link = self.links.get(addr)
+        for frames in waiting(sock, copy=False):
+            try:
+                ops, buffers = protocol.decode([frames[0].bytes, *frames[1:]], 2)
+            except RemoteProtocolError:
+                self.bulk_dropped += 1
+                continue
+            if link is None:
+                continue
+            op = ops[0] if len(ops) == 1 else {"op": None}
+            if op["op"] == "piece":
+                if link.inbound.piece(op, buffers) is not None and link.waiting:
+                    for held, held_buffers in link.waiting.ready(link.inbound):
+                        self._answers(addr, [held], held_buffers, None, self.expected)
+            elif op["op"] == "bulk-ready":
+                link.ready = True
+            else:
+                self.bulk_dropped += 1
+
+    def _drop_link(self, addr: str) -> None:
+        link = self.links.get(addr)
+        self.links[addr] = None  # from now on over CurveZMQ
+        if link is not None and link.sock is not None:
+            if self.poller is not None:
+                self.poller.unregister(link.sock)
+            self.bulk_socks.pop(link.sock, None)
+            link.sock.close(0)
 
     def _piece(self, peer: bytes, op: dict, buffers: list) -> None:
         """A piece of a large buffer from data peer ``peer``, copied into place."""
@@ -240,8 +488,10 @@ class DataPort:
                 items, frames, out = pack_values(
                     values, ask=bool(op.get("shm")) and self.use_shm,
                     into=into if type(into) is dict else None, srcfd=srcfd, stream=True)
-                self._reply_data(peer, [{"op": "data", "id": op["id"], "items": items}], frames,
-                                 out)
+                reply = {"op": "data", "id": op["id"], "items": items}
+                if out and op.get("bulk") and self._send_bulk(peer, out):
+                    reply["bulk"], out = 1, ()
+                self._reply_data(peer, [reply], frames, out)
             case "lease":
                 pool = shm.pool() if self.use_shm else None
                 limit = self.config.MAX_MESSAGE_BYTES
@@ -249,10 +499,21 @@ class DataPort:
                          else None for n in op["sizes"]]
                 self._reply_data(peer, [{"op": "leases", "id": op["id"], "items": descs}])
             case "put-data":
+                table: streams.Table | None = self.tables.get(peer)
+                if op.get("bulk"):  # its streams come on the bulk channel
+                    session = self.session_of.get(peer)
+                    if session is None:  # (forgotten) the requester sends it again without
+                        self._reply_data(peer, [{"op": "error", "id": op["id"], "bulk": 1,
+                                                 "message": "put-data: no bulk session"}])
+                        return
+                    needed = bulk.stream_ids([op])
+                    if not all(session.inbound.whole(sid) for sid in needed):
+                        session.waiting.hold(needed, (op, buffers), time.monotonic())
+                        return
+                    table = session.inbound
                 raw_op = bool(op.get("raw"))
                 self.on_placed([(key, header, bufs, raw or raw_op) for key, header, bufs, raw, _
-                                in unpack_values(op["items"], buffers, peer,
-                                                 self.tables.get(peer))
+                                in unpack_values(op["items"], buffers, peer, table)
                                 if header is not None and bufs is not None])
                 self._reply_data(peer, [{"op": "reply", "id": op["id"], "result": True}])
             case "actor-call":
@@ -272,6 +533,8 @@ class DataPort:
                 # only take the direct path from its owner; a gone owner's is forgotten when
                 # a send to it fails)
                 self.reply_peers.setdefault(token, peer)
+            case "bulk-open":
+                self._reply_data(peer, [self._open_session(peer, op)])
             case "heartbeat":
                 pass
             case other:
@@ -371,7 +634,13 @@ class DataPort:
                                security=self.security, role="worker", server="worker")
             self.peers[addr] = sock
             self.poller.register(sock, zmq.POLLIN)
+            if self.bulk_on and addr not in self.links:
+                self._open_link(addr, sock)
         op: dict[str, Any] = {"op": "get-data", "id": fid, "keys": keys}
+        if self.links:
+            link = self.links.get(addr)
+            if link is not None and link.ready:
+                op["bulk"] = 1
         if sizes is None:
             op["shm"] = local = self.use_shm and shm.is_local(addr)
             into = lease_for(guess, owner=addr) if guess and local else None
@@ -394,6 +663,7 @@ class DataPort:
     def drain_peer(self, addr: str, sock: zmq.Socket, expected) -> None:
         """Answers from peer ``addr``; ``expected`` holds the fetch ids still awaited."""
         table = self.peer_tables.get(addr)
+        self.expected = expected
         for frames in waiting(sock, copy=False):
             try:
                 ops, buffers = protocol.decode([frames[0].bytes, *frames[1:]])
@@ -420,11 +690,24 @@ class DataPort:
                 logger.warning("data port %s: %s", addr, protocol.short(op["message"], 300))
                 self.on_refused(addr)
                 continue
+            if op["op"] == "bulk-port":
+                self._link_port(addr, op)
+                continue
             if type(fid) is not int or fid not in expected:
                 continue
             if op["op"] != "data":
                 self.on_fetched(fid, None)
                 continue
+            if op.get("bulk"):  # its streams come on the bulk channel
+                link = self.links.get(addr)
+                if link is None:
+                    self.on_fetched(fid, None)
+                    continue
+                needed = bulk.stream_ids([op])
+                if not all(link.inbound.whole(sid) for sid in needed):
+                    link.waiting.hold(needed, (op, buffers), time.monotonic())
+                    continue
+                table = link.inbound
             items = []
             try:
                 for key, header, bufs, raw, sizes in unpack_values(op["items"], buffers, addr,
