@@ -423,6 +423,10 @@ class DataPool:
                        out: Sequence = (), link: bulk.Session | None = None
                        ) -> tuple[dict, list, streams.Table | None]:
         """One request on ``conn`` (``link``: its streams go on that bulk session)."""
+        if conn.failed is not None:  # refused while the bulk channel was being opened
+            if self.conns.get(address) is conn:
+                self.drop(address)
+            raise conn.failed
         self._seq += 1
         op = {**op, "id": self._seq}
         fut = asyncio.get_running_loop().create_future()
