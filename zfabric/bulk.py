@@ -134,7 +134,7 @@ class Inbound(streams.Table):
     (so that :meth:`take` and :func:`zfabric.transfer.claim` work on it) whose pieces are
     opened into place, and where what does not fit is dropped and counted, not raised."""
 
-    __slots__ = ("_first", "aead", "dropped", "token")
+    __slots__ = ("_first", "aead", "dropped", "token", "whole_streams")
 
     def __init__(self, key: bytes, token: bytes, frame_limit: int = -1,
                  max_streams: int = 10_000):
@@ -143,6 +143,7 @@ class Inbound(streams.Table):
         self.token = token
         self.dropped = 0  # pieces refused: unknown token, out of place, bad tag
         self._first: memoryview | None = None  # where a stream's first piece is opened
+        self.whole_streams = 0  # streams that came whole
 
     def piece(self, op: dict, frames: list, now: float | None = None) -> int | None:  # type: ignore[override]
         """Open one piece into place; returns its stream id when that made the stream
@@ -192,7 +193,10 @@ class Inbound(streams.Table):
             entry = self.streams[sid] = [dest, total, 0, now]
         entry[2] = got + n
         entry[3] = now
-        return sid if entry[2] == total else None
+        if entry[2] != total:
+            return None
+        self.whole_streams += 1
+        return sid
 
     def whole(self, sid) -> bool:
         entry = self.streams.get(sid)
