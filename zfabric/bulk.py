@@ -249,7 +249,8 @@ class Waiting:
         leave)."""
         if not self.held:
             return []
-        out, keep = [], []
+        out: list = []
+        keep: list = []
         for entry in self.held:
             last = max([entry[2], *(inbound.streams[s][3] for s in entry[0]
                                     if s in inbound.streams)])

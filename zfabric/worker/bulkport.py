@@ -104,7 +104,7 @@ class BulkPort:
     def _bind_bulk(self) -> None:
         """Bind the bulk port next to the data port (same interface, a free port)."""
         cfg = self.config
-        sock = zmq.Context.instance().socket(zmq.ROUTER)
+        sock: zmq.Socket = zmq.Context.instance().socket(zmq.ROUTER)
         # one message is one sealed piece: a larger frame ends its connection at once
         limit = streams.PIECE_BYTES + bulk.TAG_BYTES + 4096
         _zmq._common(sock, cfg.LINGER_MS, cfg.HWM_MESSAGES, limit)
@@ -247,7 +247,7 @@ class BulkPort:
         if link is None or link.sock is not None:
             return
         cfg = self.config
-        sock = zmq.Context.instance().socket(zmq.DEALER)
+        sock: zmq.Socket = zmq.Context.instance().socket(zmq.DEALER)
         _zmq._common(sock, cfg.LINGER_MS, cfg.HWM_MESSAGES,
                           streams.PIECE_BYTES + bulk.TAG_BYTES + 4096)
         sock.setsockopt(zmq.ROUTING_ID, link.route)

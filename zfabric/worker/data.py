@@ -245,7 +245,7 @@ class DataPort(BulkPort):
                     into=into if type(into) is dict else None, srcfd=srcfd, stream=True)
                 reply = {"op": "data", "id": op["id"], "items": items}
                 if out and op.get("bulk") and self._send_bulk(peer, out):
-                    reply["bulk"], out = 1, ()
+                    reply["bulk"], out = 1, []
                 self._reply_data(peer, [reply], frames, out)
             case "lease":
                 pool = shm.pool() if self.use_shm else None
