@@ -134,7 +134,7 @@ class Inbound(streams.Table):
     (so that :meth:`take` and :func:`zfabric.transfer.claim` work on it) whose pieces are
     opened into place, and where what does not fit is dropped and counted, not raised."""
 
-    __slots__ = ("_first", "aead", "dropped", "token", "whole_streams")
+    __slots__ = ("aead", "dropped", "token", "whole_streams")
 
     def __init__(self, key: bytes, token: bytes, frame_limit: int = -1,
                  max_streams: int = 10_000):
@@ -142,7 +142,6 @@ class Inbound(streams.Table):
         self.aead = _cipher(key)
         self.token = token
         self.dropped = 0  # pieces refused: unknown token, out of place, bad tag
-        self._first: memoryview | None = None  # where a stream's first piece is opened
         self.whole_streams = 0  # streams that came whole
 
     def piece(self, op: dict, frames: list, now: float | None = None) -> int | None:  # type: ignore[override]
@@ -169,15 +168,9 @@ class Inbound(streams.Table):
         if total != want or off != got or n != min(step, want - off):
             self.dropped += 1  # a replay, a piece out of place or of the wrong size
             return None
-        if dest is None:
-            # a stream's first piece is opened aside: nothing is allocated for it unless it
-            # comes from the key's holder
-            first = self._first
-            if first is None:
-                first = self._first = memoryview(bytearray(step))
-            into = first[:n]
-        else:
-            into = dest[off:off + n]
+        # a stream's first piece is opened aside (at most a piece): nothing of its size is
+        # allocated unless it comes from the key's holder
+        into = memoryview(bytearray(n)) if dest is None else dest[off:off + n]
         try:
             self.aead.decrypt_into(_nonce.pack(sid, off // step), data,
                                    self.token + _aad.pack(sid, off, total), into)

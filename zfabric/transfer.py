@@ -165,6 +165,9 @@ def cancel_leases(into: dict) -> None:
             pool.cancel(desc[0])
 
 
+#: Longest a client waits, once per worker, for its bulk connection (zfabric/bulk.py) to
+#: answer before it sends its large values over CurveZMQ instead.
+BULK_OPEN_S = 3.0
 #: Ops of the messages that carry streams (and say what comes): not answers.
 _STREAMING = ("piece", "announce")
 
@@ -398,7 +401,7 @@ class DataPool:
         if self.bulk_idle_s is not None and op["op"] in ("get-data", "put-data"):
             if conn.opening is None:
                 conn.opening = asyncio.ensure_future(conn.open_link(
-                    self.bulk_idle_s, min(self.timeout_s, 10.0),
+                    self.bulk_idle_s, min(self.timeout_s, BULK_OPEN_S),
                     lambda o: self._request(conn, address, o)))
             if not conn.opening.done():
                 await asyncio.wait([conn.opening])

@@ -219,6 +219,9 @@ class DataPort(BulkPort):
         for peer, key in list(self.data_keys.items()):
             if key not in ring.keys:
                 del self.data_keys[peer]
+                session = self.session_of.pop(peer, None)
+                if session is not None:  # its bulk session ends with it
+                    self.sessions.pop(session.token, None)
                 if self.intake is not None:
                     self.intake.shut_peer_later(peer, now)
 
