@@ -62,9 +62,9 @@ def sealed(secrets, value, sid=7):
     sender = bulk.Session(secrets, requester=True, idle_s=1.0)
     taker = bulk.Session(secrets, requester=False, idle_s=1.0)
     pieces = []
-    for head, body in sender.sealer.messages(sid, memoryview(value)):
+    for (head, body), _ in sender.sealer.messages(sid, memoryview(value), bulk.Ring(2)):
         [op] = msgpack.unpackb(head)
-        pieces.append((op, body))
+        pieces.append((op, bytes(body)))
     return pieces, taker.inbound
 
 

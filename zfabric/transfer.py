@@ -378,6 +378,7 @@ class DataPool:
         # the bulk channel's idle limit (zfabric/bulk.py); None: no bulk channel
         self.bulk_idle_s = (config.BULK_IDLE_S if config is not None
                             and bulk.enabled(config, security) else None)
+        self.ring = bulk.Ring()  # what pieces are sealed into (its buffers made when used)
         self.security = security
         self.max_frame_bytes = max_frame_bytes  # MAXMSGSIZE of each data connection
         self.use_shm = use_shm and shm.available()
@@ -440,8 +441,9 @@ class DataPool:
             try:
                 if link is not None and out:
                     for sid, view in out:
-                        for piece in link.sealer.messages(sid, view):
-                            await link.sock.send_multipart(piece, copy=False)
+                        for piece, slot in link.sealer.messages(sid, view, self.ring):
+                            self.ring.sent(slot, await link.sock.send_multipart(
+                                piece, copy=False, track=True))
                     out = ()
                 for sid, view in out:
                     for piece in streams.messages(sid, view):

@@ -75,6 +75,7 @@ class BulkPort:
         self.bulk_dropped = 0  # bulk messages refused (no session, from another connection)
         self.next_bulk = 0.0
         self.expected: Any = ()  # the fetch ids awaited (as the last drain_peer was told)
+        self.ring = bulk.Ring()  # what pieces are sealed into (its buffers made when used)
 
     # ------------------------------------------------------------------ bulk channel
 
@@ -129,17 +130,18 @@ class BulkPort:
         session = self.session_of.get(peer)
         if session is None or not session.ready:
             return False
-        sock, route = self.bulk, session.route
+        sock, route, ring = self.bulk, session.route, self.ring
         first = True
         for sid, view in out:
-            for piece in session.sealer.messages(sid, view):
-                if session.backlog:
-                    session.backlog.append(piece)
+            for piece, slot in session.sealer.messages(sid, view, ring):
+                if session.backlog:  # (its buffer goes back to the ring: a copy waits)
+                    session.backlog.append([piece[0], bytes(piece[1])])
                     continue
                 try:
-                    sock.send_multipart([route, *piece], zmq.NOBLOCK, copy=False)
+                    ring.sent(slot, sock.send_multipart([route, *piece], zmq.NOBLOCK,
+                                                        copy=False, track=True))
                 except zmq.Again:
-                    session.backlog = deque([piece])
+                    session.backlog = deque([[piece[0], bytes(piece[1])]])
                 except zmq.ZMQError:  # its connection ended
                     session.ready = False
                     # nothing sent: over CurveZMQ instead; else the requester's wait for the
