@@ -128,6 +128,15 @@ def test_ops_wait_for_their_streams_and_fail_after_the_idle_limit():
     assert waiting.ready(inbound) == ["first"] and not waiting
 
 
+def test_without_cryptography_or_security_there_is_no_bulk_channel(monkeypatch):
+    on = zconfig.from_env()
+    assert bulk.enabled(on, Security.temporary())
+    assert not bulk.enabled(on, None)
+    assert not bulk.enabled(zconfig.from_env(BULK_CHANNEL=False), Security.temporary())
+    monkeypatch.setattr(bulk, "_AESGCM", False)  # as where the package is not installed
+    assert not bulk.enabled(on, Security.temporary())
+
+
 # ---------------------------------------------------------------- real processes
 
 
