@@ -314,8 +314,8 @@ class Session:
     sends (:class:`Sealer`), and the ops held for streams not yet whole. ``requester``: the
     end that opened it (it sends with ``up`` and takes with ``down``)."""
 
-    __slots__ = ("backlog", "inbound", "peer", "ready", "route", "sealer", "sock", "token",
-                 "waiting")
+    __slots__ = ("backlog", "inbound", "peer", "ready", "requester", "route", "sealer", "sock",
+                 "token", "waiting")
 
     def __init__(self, secrets: dict, *, requester: bool, idle_s: float,
                  frame_limit: int = -1, max_streams: int = 10_000, peer: Any = None):
@@ -325,8 +325,9 @@ class Session:
         self.inbound = Inbound(secrets[take], self.token, frame_limit, max_streams)
         self.sealer = Sealer(secrets[send], self.token)
         self.waiting = Waiting(idle_s)
+        self.requester = requester
         self.ready = False  # the bulk connection is up (its hello was answered)
-        self.peer = peer  # the server's: the requester's CurveZMQ connection
+        self.peer = peer  # the requester's CurveZMQ connection (at a server), or its address
         self.sock: Any = None  # the requester's: its DEALER on the bulk port
         self.backlog: Any = None  # the server's: pieces its full queue refused
 

@@ -76,6 +76,9 @@ class BulkPort:
         self.next_bulk = 0.0
         self.expected: Any = ()  # the fetch ids awaited (as the last drain_peer was told)
         self.ring = bulk.Ring()  # what pieces are sealed into (its buffers made when used)
+        self.backlogged: set[bulk.Session] = set()  # sessions with pieces waiting to leave
+        # sessions with streams or held ops, whose clocks run (and the intake's checks)
+        self.busy: set[bulk.Session] = set()
 
     # ------------------------------------------------------------------ bulk channel
 
@@ -142,6 +145,7 @@ class BulkPort:
                                                         copy=False, track=True))
                 except zmq.Again:
                     session.backlog = deque([[piece[0], bytes(piece[1])]])
+                    self.backlogged.add(session)
                 except zmq.ZMQError:  # its connection ended
                     session.ready = False
                     # nothing sent: over CurveZMQ instead; else the requester's wait for the
@@ -153,14 +157,15 @@ class BulkPort:
     def drain_bulk(self, events: dict) -> None:
         """What the worker's loop calls each turn while there are bulk sockets: read the
         ready ones, retry queued pieces, and now and then end what waited too long."""
-        for sock, addr in list(self.bulk_socks.items()):
-            if sock in events:
-                if addr:
-                    self._drain_link(addr, sock)
-                else:
-                    self._drain_bulk_port(sock)
-        for session in self.session_of.values():
-            if session.backlog:
+        socks = self.bulk_socks
+        for sock in [s for s in events if s in socks]:
+            addr = socks.get(sock)
+            if addr:
+                self._drain_link(addr, sock)
+            elif addr is not None:
+                self._drain_bulk_port(sock)
+        if self.backlogged:
+            for session in list(self.backlogged):
                 self._retry_bulk(session)
         now = time.monotonic()
         if now >= self.next_bulk:
@@ -177,8 +182,9 @@ class BulkPort:
             except zmq.ZMQError:
                 queue.clear()
                 session.ready = False
-                return
+                break
             queue.popleft()
+        self.backlogged.discard(session)
 
     def _drain_bulk_port(self, sock: zmq.Socket) -> None:
         """Pieces and hellos from requesters on our bulk port (see zfabric/bulk.py)."""
@@ -198,6 +204,7 @@ class BulkPort:
                 self.bulk_dropped += 1  # no session of this connection: never answered
                 continue
             if op["op"] == "piece":
+                self.busy.add(session)
                 if session.inbound.piece(op, buffers) is not None and session.waiting:
                     for held, held_buffers in session.waiting.ready(session.inbound):
                         self._handle(session.peer, [held], held_buffers, settle=False)
@@ -212,23 +219,26 @@ class BulkPort:
 
     def _expire_bulk(self, now: float) -> None:
         idle_s = self.config.BULK_IDLE_S
-        for session in self.session_of.values():
-            for op, _ in session.waiting.expired(session.inbound, now):
-                self._reply_data(session.peer, [{
-                    "op": "error", "id": op.get("id"), "bulk": 1, "message":
-                    f"{op['op']}: its pieces stopped coming on the bulk channel for"
-                    f" {idle_s:g} s (BULK_IDLE_S)"}])
+        for session in list(self.busy):
+            if session.requester:  # our session with peer ``session.peer`` (an address)
+                addr = session.peer
+                for op, _ in session.waiting.expired(session.inbound, now):
+                    logger.warning("worker %s: pieces of a fetch stopped coming on the bulk"
+                                   " channel for %g s; fetching over CurveZMQ from now on",
+                                   addr, idle_s)
+                    if self.links.get(addr) is session:
+                        self._drop_link(addr)
+                    if op.get("id") in self.expected:
+                        self.on_fetched(op["id"], None)
+            else:
+                for op, _ in session.waiting.expired(session.inbound, now):
+                    self._reply_data(session.peer, [{
+                        "op": "error", "id": op.get("id"), "bulk": 1, "message":
+                        f"{op['op']}: its pieces stopped coming on the bulk channel for"
+                        f" {idle_s:g} s (BULK_IDLE_S)"}])
             session.inbound.expire(now, idle_s)
-        for addr, link in self.links.items():
-            if link is None:
-                continue
-            for op, _ in link.waiting.expired(link.inbound, now):
-                logger.warning("worker %s: pieces of a fetch stopped coming on the bulk channel"
-                               " for %g s; fetching over CurveZMQ from now on", addr, idle_s)
-                self._drop_link(addr)
-                if op.get("id") in self.expected:
-                    self.on_fetched(op["id"], None)
-            link.inbound.expire(now, idle_s)
+            if not session.waiting and not session.inbound.streams:
+                self.busy.discard(session)
         if self.bulk_intake is not None:
             self.bulk_intake.review(now)
 
@@ -240,7 +250,7 @@ class BulkPort:
         cfg = self.config
         self.links[addr] = bulk.Session(secrets, requester=True, idle_s=cfg.BULK_IDLE_S,
                                         frame_limit=cfg.MAX_MESSAGE_BYTES,
-                                        max_streams=cfg.MAX_FRAMES)
+                                        max_streams=cfg.MAX_FRAMES, peer=addr)
         sock.send_multipart(protocol.encode([{"op": "bulk-open", "id": 0, **secrets}]))
 
     def _link_port(self, addr: str, op: dict) -> None:
@@ -280,6 +290,7 @@ class BulkPort:
                 continue
             op = ops[0] if len(ops) == 1 else {"op": None}
             if op["op"] == "piece":
+                self.busy.add(link)
                 if link.inbound.piece(op, buffers) is not None and link.waiting:
                     for held, held_buffers in link.waiting.ready(link.inbound):
                         self._answers(addr, [held], held_buffers, None, self.expected)

@@ -267,6 +267,7 @@ class DataPort(BulkPort):
                     needed = bulk.stream_ids([op])
                     if not all(session.inbound.whole(sid) for sid in needed):
                         session.waiting.hold(needed, (op, buffers), time.monotonic())
+                        self.busy.add(session)
                         return
                     table = session.inbound
                 raw_op = bool(op.get("raw"))
@@ -464,6 +465,7 @@ class DataPort(BulkPort):
                 needed = bulk.stream_ids([op])
                 if not all(link.inbound.whole(sid) for sid in needed):
                     link.waiting.hold(needed, (op, buffers), time.monotonic())
+                    self.busy.add(link)
                     continue
                 table = link.inbound
             items = []
