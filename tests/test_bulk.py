@@ -11,13 +11,16 @@ memory path is off in every process here, so large values go over TCP.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
+import socket
 import subprocess
 import sys
 
 import cloudpickle
 import msgpack
 import numpy as np
+import psutil
 import pytest
 import zmq
 import zmq.asyncio
@@ -285,6 +288,45 @@ async def test_a_bulk_transfer_that_fails_is_sent_again_over_curve(keys):
         np.testing.assert_array_equal(
             await asyncio.wait_for(c.submit(negate, z, workers=[a.address]), 20), -big(9))
         assert a._core.port.links[b.address] is None
+
+
+def cut_connections(port: int) -> int:
+    """Shut down this process's accepted TCP connections on local ``port``."""
+    cut = 0
+    for conn in psutil.Process().net_connections(kind="tcp"):
+        if conn.laddr and conn.laddr.port == port and conn.raddr and conn.fd >= 0:
+            with contextlib.suppress(OSError):
+                sock = socket.socket(fileno=os.dup(conn.fd))
+                try:
+                    sock.shutdown(socket.SHUT_RDWR)
+                    cut += 1
+                finally:
+                    sock.close()
+    return cut
+
+
+async def test_bulk_connections_cut_mid_transfer_end_in_the_right_values(keys):
+    config, sec = tcp(BULK_IDLE_S=1.0), Security(keys)
+    async with Scheduler(config=config, security=sec, dashboard=False) as s, \
+            Client(s.address, asynchronous=True, config=config, set_as_default=False,
+                   security=sec) as c, \
+            Worker(s.address, nthreads=1, memory_limit=0, config=config, security=sec) as a:
+        np.testing.assert_array_equal(
+            await asyncio.wait_for(c.submit(negate, big(11), workers=[a.address]), 20),
+            -big(11))
+        bulk_port = int(a._core.port.bulk.getsockopt_string(zmq.LAST_ENDPOINT).rsplit(":", 1)[1])
+        # Given the bulk connection cut while values go to the worker and come back
+        for seed, delay in ((12, 0.0), (13, 0.005), (14, 0.02)):
+            f = c.submit(negate, big(seed), workers=[a.address], pure=False)
+            await asyncio.sleep(delay)
+            assert cut_connections(bulk_port) >= 1 or delay  # (none left once it fell back)
+            # Then each arrives whole (on the bulk channel again, or over CurveZMQ)
+            np.testing.assert_array_equal(await asyncio.wait_for(f, 20), -big(seed))
+            del f
+        # and the worker carries on
+        np.testing.assert_array_equal(
+            await asyncio.wait_for(c.submit(negate, big(15), workers=[a.address]), 20),
+            -big(15))
 
 
 async def test_with_the_switch_off_large_values_go_over_curve_alone(keys):
