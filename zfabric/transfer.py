@@ -249,10 +249,21 @@ class _Conn:
                 fut.set_exception(_BulkLost("the bulk channel closed"))
             return
         needed = bulk.stream_ids([op])
+        loop = asyncio.get_running_loop()
+        link.inbound.expire(loop.time(), link.waiting.idle_s)  # (streams nobody claimed)
         if all(link.inbound.whole(sid) for sid in needed):
             self._settle_bulk(op, buffers)
         else:
-            link.waiting.hold(needed, (op, buffers), asyncio.get_running_loop().time())
+            if not link.waiting:  # its clock: looked at while anything waits
+                loop.call_later(link.waiting.idle_s / 4, self._check_bulk, link)
+            link.waiting.hold(needed, (op, buffers), loop.time())
+
+    def _check_bulk(self, link: bulk.Session) -> None:
+        if link is self.link and link.waiting:
+            self._expire_bulk(link, asyncio.get_running_loop().time())
+            if link.waiting:
+                asyncio.get_running_loop().call_later(link.waiting.idle_s / 4, self._check_bulk,
+                                                      link)
 
     def _settle_bulk(self, op: dict, buffers: list) -> None:
         fut = self.pending.pop(op.get("id", -1), None)
@@ -288,11 +299,7 @@ class _Conn:
 
     async def _read_bulk(self, link: bulk.Session, ready: asyncio.Future) -> None:
         sock = link.sock
-        loop = asyncio.get_running_loop()
         while True:
-            if not await sock.poll(250 if link.waiting else 1000):
-                self._expire_bulk(link, loop.time())
-                continue
             try:
                 frames = await sock.recv_multipart(copy=False)
                 ops, buffers = protocol.decode([frames[0].bytes, *frames[1:]], 2)
@@ -309,8 +316,6 @@ class _Conn:
                     ready.set_result(None)
             else:
                 link.inbound.dropped += 1
-            if link.waiting:
-                self._expire_bulk(link, loop.time())
 
     def _expire_bulk(self, link: bulk.Session, now: float) -> None:
         for op, _ in link.waiting.expired(link.inbound, now):
