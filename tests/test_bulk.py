@@ -154,9 +154,12 @@ async def test_echo_and_a_peer_fetch_go_sealed_on_the_bulk_channel(keys):
                    security=sec) as c, \
             Worker(s.address, nthreads=1, memory_limit=0, config=config, security=sec) as a, \
             Worker(s.address, nthreads=1, memory_limit=0, config=config, security=sec) as b:
-        # The client's value goes to a worker and comes back whole
-        got = await asyncio.wait_for(c.submit(negate, big(1), workers=[a.address]), 20)
-        np.testing.assert_array_equal(got, -big(1))
+        # The client's value goes to a worker and comes back whole (in more pieces than a
+        # sender's ring has buffers: each is reused only once sent)
+        value = np.arange((bulk.RING_BUFFERS + 4) * streams.PIECE_BYTES // 8, dtype="f8")
+        got = await asyncio.wait_for(c.submit(negate, value, workers=[a.address]), 20)
+        np.testing.assert_array_equal(got, -value)
+        del got, value
         # over the bulk channel both ways
         conn = data_pool(c).conns[a.address]
         assert conn.link is not None and conn.link.ready
