@@ -97,20 +97,25 @@ def test_forged_replayed_misplaced_and_foreign_pieces_are_dropped_and_counted():
     assert inbound.piece({**op0, "t": os.urandom(16)}, [body0]) is None
     assert inbound.piece(op1, [body1]) is None  # before the first
     assert inbound.dropped == 4 and not inbound.streams
+    # ids and sizes out of any range (never raised, only counted)
+    for bad in ({"stream": -1}, {"stream": 2**64}, {"total": 2**64}, {"total": -5},
+                {"t": [1]}, {"off": -streams.PIECE_BYTES}):
+        assert inbound.piece({**op0, **bad}, [body0]) is None
+    assert inbound.dropped == 10 and not inbound.streams
     # the real first piece; then it again (a replay), a piece cut short, one bound to
     # another offset or total (its associated data), and a forged second piece
-    assert inbound.piece(op0, [body0]) is None and inbound.dropped == 4
+    assert inbound.piece(op0, [body0]) is None and inbound.dropped == 10
     assert inbound.piece(op0, [body0]) is None
     assert inbound.piece(op1, [body1[:-1]]) is None
     assert inbound.piece({**op1, "total": op1["total"] + 1}, [body1]) is None
     forged = bytearray(body1)
     forged[-1] ^= 1
     assert inbound.piece(op1, [bytes(forged)]) is None
-    assert inbound.dropped == 8
+    assert inbound.dropped == 14
     # the rest, whole and right in spite of it all
     for op, body in pieces[1:]:
         inbound.piece(op, [body])
-    assert inbound.dropped == 8
+    assert inbound.dropped == 14
     assert bytes(inbound.take(7)) == value.tobytes()
 
 
@@ -222,13 +227,15 @@ async def test_hostile_plain_sockets_on_the_bulk_port_are_dropped_and_never_answ
             head = {"op": "piece", "stream": 1, "off": 0, "total": 3 * streams.PIECE_BYTES}
             body = os.urandom(streams.PIECE_BYTES + bulk.TAG_BYTES)
             for message in ([b"garbage"], [b"\x91\xc0", b""],
+                            [_pack([{**head, "t": [1, 2]}]), body],
+                            [_pack([{**head, "t": session.token, "stream": -1}]), body],
                             [_pack([{**head, "t": os.urandom(16)}]), body],
                             bulk.hello(os.urandom(16)), bulk.hello(session.token),
                             [_pack([{**head, "t": session.token}]), body],
                             [_pack([{**head, "t": session.token}]), body]):
                 await stranger.send_multipart(message)
             # Then each is dropped and counted, nothing is answered and nothing allocated
-            await until(lambda: port.bulk_dropped >= 7, 10, "the stranger's messages dropped")
+            await until(lambda: port.bulk_dropped >= 9, 10, "the stranger's messages dropped")
             assert not await stranger.poll(300)
             assert not session.inbound.streams
         finally:

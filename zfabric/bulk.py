@@ -61,6 +61,8 @@ RING_WAIT_S = 0.005
 _nonce = struct.Struct(">QI")  # stream id, piece index: 12 bytes
 _aad = struct.Struct(">QQQ")  # stream id, offset, total (after the token)
 _packer = msgpack.Packer(use_bin_type=True)
+_SID_END = 1 << 63  # stream ids fit the nonce's 8 bytes
+_TOTAL_END = 1 << 50  # (piece indexes fit its 4)
 
 _AESGCM: Any = None  # the cipher's class once imported; False where it is not installed
 
@@ -200,7 +202,8 @@ class Inbound(streams.Table):
         whole, else None (also when it was dropped)."""
         sid, off, total = op["stream"], op["off"], op["total"]  # ints: the door checked them
         step = streams.PIECE_BYTES
-        if op.get("t") != self.token or len(frames) != 1 or off % step:
+        if op.get("t") != self.token or len(frames) != 1 or off % step \
+                or not 0 < sid < _SID_END or not 0 < total < _TOTAL_END:
             self.dropped += 1
             return None
         frame = frames[0]

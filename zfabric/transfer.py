@@ -308,7 +308,14 @@ class _Conn:
                 continue
             op = ops[0] if len(ops) == 1 else {"op": None}
             if op["op"] == "piece":
-                if link.inbound.piece(op, buffers) is not None and link.waiting:
+                try:
+                    whole = link.inbound.piece(op, buffers)
+                except Exception:  # (MemoryError, ...): the reader carries on
+                    logger.exception("bulk channel of %s: a piece could not be taken",
+                                     self.address)
+                    link.inbound.dropped += 1
+                    continue
+                if whole is not None and link.waiting:
                     for held, held_buffers in link.waiting.ready(link.inbound):
                         self._settle_bulk(held, held_buffers)
             elif op["op"] == "bulk-ready":

@@ -199,13 +199,20 @@ class BulkPort:
                 self.bulk_dropped += 1
                 continue
             op = ops[0] if len(ops) == 1 else {"op": None}
-            session = self.sessions.get(op.get("t"))  # type: ignore[arg-type]
+            token = op.get("t")
+            session = self.sessions.get(token) if type(token) is bytes else None
             if session is None or session.route != route:
                 self.bulk_dropped += 1  # no session of this connection: never answered
                 continue
             if op["op"] == "piece":
                 self.busy.add(session)
-                if session.inbound.piece(op, buffers) is not None and session.waiting:
+                try:
+                    whole = session.inbound.piece(op, buffers)
+                except Exception:  # (MemoryError, ...): the loop serves others
+                    logger.exception("bulk port: a piece could not be taken")
+                    session.inbound.dropped += 1
+                    continue
+                if whole is not None and session.waiting:
                     for held, held_buffers in session.waiting.ready(session.inbound):
                         self._handle(session.peer, [held], held_buffers, settle=False)
             elif op["op"] == "bulk-hello":
@@ -291,7 +298,13 @@ class BulkPort:
             op = ops[0] if len(ops) == 1 else {"op": None}
             if op["op"] == "piece":
                 self.busy.add(link)
-                if link.inbound.piece(op, buffers) is not None and link.waiting:
+                try:
+                    whole = link.inbound.piece(op, buffers)
+                except Exception:  # (MemoryError, ...): the loop serves others
+                    logger.exception("worker %s: a piece could not be taken", addr)
+                    link.inbound.dropped += 1
+                    continue
+                if whole is not None and link.waiting:
                     for held, held_buffers in link.waiting.ready(link.inbound):
                         self._answers(addr, [held], held_buffers, None, self.expected)
             elif op["op"] == "bulk-ready":
