@@ -457,6 +457,7 @@ class DataPort(BulkPort):
             if op["op"] != "data":
                 self.on_fetched(fid, None)
                 continue
+            source = table
             if op.get("bulk"):  # its streams come on the bulk channel
                 link = self.links.get(addr)
                 if link is None:
@@ -467,11 +468,11 @@ class DataPort(BulkPort):
                     link.waiting.hold(needed, (op, buffers), time.monotonic())
                     self.busy.add(link)
                     continue
-                table = link.inbound
+                source = link.inbound
             items = []
             try:
                 for key, header, bufs, raw, sizes in unpack_values(op["items"], buffers, addr,
-                                                                   table):
+                                                                   source):
                     nbytes = (serialize.nbytes(header, bufs)
                               if header is not None and bufs is not None else 0)
                     items.append((key, header, bufs, raw, sizes, nbytes))
