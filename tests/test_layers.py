@@ -36,7 +36,7 @@ LAYERS: list[tuple[str, list[str]]] = [
         "zfabric._zmq", "zfabric.protocol", "zfabric.reports", "zfabric.serialize",
         "zfabric.security",
         "zfabric.zap", "zfabric.link", "zfabric.transfer", "zfabric.intake", "zfabric.shm",
-        "zfabric.handshake", "zfabric.streams",
+        "zfabric.handshake", "zfabric.streams", "zfabric.bulk",
     ]),
     ("scheduler", ["zfabric.scheduler.*"]),
     ("servers", [

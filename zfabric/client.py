@@ -303,7 +303,7 @@ class Client:
         current.set_process_keys(self.security)  # actor handles of this process connect with it
         self.data = DataPool(zmq.asyncio.Context.instance(), use_shm=self.config.SAME_HOST_SHM,
                              max_frame_bytes=self.config.MAX_MESSAGE_BYTES,
-                             security=self.security)
+                             security=self.security, config=self.config)
         try:
             await self._session.connect(self.data, self.security, self.timeout)
         except BaseException:  # refused (e.g. protocol mismatch) or cancelled: leave nothing open

@@ -110,6 +110,15 @@ class Config:
     #: (memfd segments the receiver leases out; see zfabric/shm.py) instead of TCP. Same host
     #: is decided by network address; across hosts values always go over TCP.
     SAME_HOST_SHM: bool = True
+    #: With security on, large buffers (streamed pieces) go sealed with AES-GCM over a plain
+    #: connection of their own to the worker's bulk port, their keys inside CurveZMQ
+    #: (docs/security.md): about 4 times faster than CurveZMQ's cipher. Needs the
+    #: ``cryptography`` package (``pip install 'zfabric[security]'``); without it, or off,
+    #: they go over CurveZMQ.
+    BULK_CHANNEL: bool = True
+    #: A value whose pieces on the bulk channel stop coming for this long fails, and is sent
+    #: or asked for again over CurveZMQ.
+    BULK_IDLE_S: float = 10.0
     #: A value placed on a worker (``put-data``) that the scheduler has not heard of this long
     #: after (no ``scatter`` registered it) is dropped, so that nobody can fill a worker's
     #: memory with keys nothing will ever free.

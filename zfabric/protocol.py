@@ -104,6 +104,12 @@ SCHEMAS: dict[str, dict[str, tuple[type, ...]]] = {
     # the worker sends the small results of the tasks that carry it as ``results``
     "reply-to": {"token": _S},
     "results": {"items": _L},  # [key, pickled value, nbytes] each
+    # the bulk channel (zfabric/bulk.py): a session opened over CurveZMQ (route, token and
+    # keys: bytes), then on the worker's plain bulk port
+    "bulk-open": {"id": _I, "route": _B, "token": _B, "up": _B, "down": _B},
+    "bulk-port": {"id": _I, "port": _I},
+    "bulk-hello": {"t": _B},
+    "bulk-ready": {},
 }
 
 _packer = msgpack.Packer(use_bin_type=True)

@@ -17,7 +17,7 @@ import zmq
 import zmq.asyncio
 from zmq.utils.monitor import parse_monitor_message
 
-from . import _zmq, handshake, protocol, serialize, shm, streams
+from . import _zmq, bulk, handshake, protocol, serialize, shm, streams
 from .errors import CommTimeoutError, RemoteProtocolError
 from .security import SecurityError
 
@@ -165,8 +165,16 @@ def cancel_leases(into: dict) -> None:
             pool.cancel(desc[0])
 
 
+#: Longest a client waits, once per worker, for its bulk connection (zfabric/bulk.py) to
+#: answer before it sends its large values over CurveZMQ instead.
+BULK_OPEN_S = 3.0
 #: Ops of the messages that carry streams (and say what comes): not answers.
 _STREAMING = ("piece", "announce")
+
+
+class _BulkLost(ConnectionError):
+    """An answer's pieces stopped coming on the bulk channel (the request is made again
+    over CurveZMQ alone)."""
 
 
 class _Conn:
@@ -184,6 +192,10 @@ class _Conn:
         # a request's messages (its streams, then its op) leave together
         self.send_lock = asyncio.Lock()
         self.reader = asyncio.ensure_future(self._read())
+        # the bulk channel (zfabric/bulk.py): opened on the first request, None when off
+        self.link: bulk.Session | None = None
+        self.opening: asyncio.Future | None = None
+        self.bulk_reader: asyncio.Future | None = None
         self.events: zmq.asyncio.Socket | None = None
         self.watcher: asyncio.Future | None = None
         if monitor is not None:
@@ -221,9 +233,121 @@ class _Conn:
                 if op["op"] == "error" and op.get("id") is None:
                     self._fail_all(op)  # about the connection, not one request
                     continue
+                if op.get("bulk") and op["op"] == "data":
+                    self._bulk_answer(op, buffers)
+                    continue
                 fut = self.pending.pop(op.get("id", -1), None)
                 if fut is not None and not fut.done():
                     fut.set_result((op, buffers, claimed))
+
+    def _bulk_answer(self, op: dict, buffers: list) -> None:
+        """An answer whose streams come on the bulk channel: settled once they are whole."""
+        link = self.link
+        if link is None:
+            fut = self.pending.pop(op.get("id", -1), None)
+            if fut is not None and not fut.done():
+                fut.set_exception(_BulkLost("the bulk channel closed"))
+            return
+        needed = bulk.stream_ids([op])
+        loop = asyncio.get_running_loop()
+        link.inbound.expire(loop.time(), link.waiting.idle_s)  # (streams nobody claimed)
+        if all(link.inbound.whole(sid) for sid in needed):
+            self._settle_bulk(op, buffers)
+        else:
+            if not link.waiting:  # its clock: looked at while anything waits
+                loop.call_later(link.waiting.idle_s / 4, self._check_bulk, link)
+            link.waiting.hold(needed, (op, buffers), loop.time())
+
+    def _check_bulk(self, link: bulk.Session) -> None:
+        if link is self.link and link.waiting:
+            self._expire_bulk(link, asyncio.get_running_loop().time())
+            if link.waiting:
+                asyncio.get_running_loop().call_later(link.waiting.idle_s / 4, self._check_bulk,
+                                                      link)
+
+    def _settle_bulk(self, op: dict, buffers: list) -> None:
+        fut = self.pending.pop(op.get("id", -1), None)
+        claimed = claim([op], self.link.inbound) if self.link is not None else None
+        if fut is not None and not fut.done():
+            fut.set_result((op, buffers, claimed))
+
+    async def open_link(self, idle_s: float, timeout_s: float, request) -> None:
+        """Open a bulk session with the worker (``request``: the pool's, over CurveZMQ);
+        on any failure there is none, and everything goes over CurveZMQ."""
+        secrets = bulk.new_secrets()
+        link = bulk.Session(secrets, requester=True, idle_s=idle_s,
+                            frame_limit=self.table.frame_limit)
+        try:
+            op, _, _ = await request({"op": "bulk-open", **secrets})
+            if op["op"] != "bulk-port" or type(op.get("port")) is not int:
+                return
+            sock = link.sock = zmq.asyncio.Context.instance().socket(zmq.DEALER)
+            _zmq._common(sock, 0, 100_000, streams.PIECE_BYTES + bulk.TAG_BYTES + 4096)
+            sock.setsockopt(zmq.ROUTING_ID, link.route)
+            host = _zmq.normalize_address(self.address).rsplit(":", 1)[0]
+            sock.connect(f"{host}:{op['port']}")
+            self.link = link
+            ready = asyncio.get_running_loop().create_future()
+            self.bulk_reader = asyncio.ensure_future(self._read_bulk(link, ready))
+            await sock.send_multipart(bulk.hello(link.token))
+            await asyncio.wait_for(asyncio.shield(ready), timeout_s)
+            link.ready = True
+        except Exception as exc:
+            logger.info("no bulk channel to %s (%s): large values go over CurveZMQ",
+                        self.address, exc)
+            self.drop_link()
+
+    async def _read_bulk(self, link: bulk.Session, ready: asyncio.Future) -> None:
+        sock = link.sock
+        while True:
+            try:
+                frames = await sock.recv_multipart(copy=False)
+                ops, buffers = protocol.decode([frames[0].bytes, *frames[1:]], 2)
+            except RemoteProtocolError:
+                link.inbound.dropped += 1
+                continue
+            op = ops[0] if len(ops) == 1 else {"op": None}
+            if op["op"] == "piece":
+                try:
+                    whole = link.inbound.piece(op, buffers)
+                except Exception:  # (MemoryError, ...): the reader carries on
+                    logger.exception("bulk channel of %s: a piece could not be taken",
+                                     self.address)
+                    link.inbound.dropped += 1
+                    continue
+                if whole is not None and link.waiting:
+                    for held, held_buffers in link.waiting.ready(link.inbound):
+                        self._settle_bulk(held, held_buffers)
+            elif op["op"] == "bulk-ready":
+                if not ready.done():
+                    ready.set_result(None)
+            else:
+                link.inbound.dropped += 1
+
+    def _expire_bulk(self, link: bulk.Session, now: float) -> None:
+        for op, _ in link.waiting.expired(link.inbound, now):
+            fut = self.pending.pop(op.get("id", -1), None)
+            if fut is not None and not fut.done():
+                fut.set_exception(_BulkLost(
+                    f"the pieces of an answer from {self.address} stopped coming on the bulk"
+                    f" channel for {link.waiting.idle_s:g} s"))
+        link.inbound.expire(now, link.waiting.idle_s)
+
+    def drop_link(self) -> None:
+        """No bulk channel from now on (its answers still awaited fail, and are asked for
+        again over CurveZMQ)."""
+        link, self.link = self.link, None
+        if self.bulk_reader is not None:
+            self.bulk_reader.cancel()
+            self.bulk_reader = None
+        if link is not None:
+            for op, _ in link.waiting.clear():
+                fut = self.pending.pop(op.get("id", -1), None)
+                if fut is not None and not fut.done():
+                    fut.set_exception(_BulkLost("the bulk channel closed"))
+            link.inbound.clear()
+            if link.sock is not None:
+                link.sock.close(linger=0)
 
     def _fail_all(self, op: dict) -> None:
         message = protocol.short(op.get("message"), 500)
@@ -252,14 +376,21 @@ class _Conn:
             self.events.close(0)
         self.sock.close(linger=0)
         self.table.clear()
+        if self.opening is not None:
+            self.opening.cancel()
+        self.drop_link()
 
 
 class DataPool:
     """Requests to workers' data ports, one connection per worker."""
 
     def __init__(self, ctx: zmq.asyncio.Context, timeout_s: float = 30.0, use_shm: bool = False,
-                 security=None, max_frame_bytes: int = -1):
+                 security=None, max_frame_bytes: int = -1, config=None):
         self.ctx = ctx
+        # the bulk channel's idle limit (zfabric/bulk.py); None: no bulk channel
+        self.bulk_idle_s = (config.BULK_IDLE_S if config is not None
+                            and bulk.enabled(config, security) else None)
+        self.ring = bulk.Ring()  # what pieces are sealed into (its buffers made when used)
         self.security = security
         self.max_frame_bytes = max_frame_bytes  # MAXMSGSIZE of each data connection
         self.use_shm = use_shm and shm.available()
@@ -271,7 +402,8 @@ class DataPool:
                       out: Sequence = ()) -> tuple[dict, list, streams.Table | None]:
         """Send ``op`` (with ``frames``, after the streams ``out`` of
         :func:`pack_values`) and wait for its answer: the op, its frames, and the streams
-        it names."""
+        it names. With a bulk channel, large values come (``get-data``) and go
+        (``put-data``) on it; where that fails, the request is made again without."""
         conn = self.conns.get(address)
         if conn is not None and conn.failed is not None:
             self.drop(address)  # refused: say so now; the next request tries afresh
@@ -279,6 +411,38 @@ class DataPool:
         if conn is None:
             conn = self.conns[address] = _Conn(self.ctx, address, self.security,
                                                self.max_frame_bytes)
+        if self.bulk_idle_s is not None and op["op"] in ("get-data", "put-data"):
+            if conn.opening is None:
+                conn.opening = asyncio.ensure_future(conn.open_link(
+                    self.bulk_idle_s, min(self.timeout_s, BULK_OPEN_S),
+                    lambda o: self._request(conn, address, o)))
+            if not conn.opening.done():
+                await asyncio.wait([conn.opening])
+            link = conn.link
+            if link is not None and link.ready and (out or op["op"] == "get-data"):
+                try:
+                    answer = await self._request(conn, address, {**op, "bulk": 1}, frames,
+                                                 out, link)
+                except _BulkLost:
+                    answer = None
+                if answer is not None and not (answer[0]["op"] == "error"
+                                               and answer[0].get("bulk")):
+                    return answer
+                logger.warning("large values to and from %s go over CurveZMQ from now on:"
+                               " the bulk channel failed", address)
+                conn.drop_link()
+                if self.conns.get(address) is not conn:
+                    raise ConnectionError(f"connection to {address} closed")
+        return await self._request(conn, address, op, frames, out)
+
+    async def _request(self, conn: _Conn, address: str, op: dict, frames: Sequence = (),
+                       out: Sequence = (), link: bulk.Session | None = None
+                       ) -> tuple[dict, list, streams.Table | None]:
+        """One request on ``conn`` (``link``: its streams go on that bulk session)."""
+        if conn.failed is not None:  # refused while the bulk channel was being opened
+            if self.conns.get(address) is conn:
+                self.drop(address)
+            raise conn.failed
         self._seq += 1
         op = {**op, "id": self._seq}
         fut = asyncio.get_running_loop().create_future()
@@ -287,6 +451,12 @@ class DataPool:
         notice = protocol.announcement(message)
         async with conn.send_lock:
             try:
+                if link is not None and out:
+                    for sid, view in out:
+                        for piece, slot in link.sealer.messages(sid, view, self.ring):
+                            self.ring.sent(slot, await link.sock.send_multipart(
+                                piece, copy=False, track=True))
+                    out = ()
                 for sid, view in out:
                     for piece in streams.messages(sid, view):
                         await conn.sock.send_multipart(piece, copy=False)

@@ -251,6 +251,8 @@ class WorkerLoop:
                     port.send_actor_replies()
             if port.data in events:
                 port.drain()
+            if port.bulk_socks:  # the bulk channel (zfabric/bulk.py)
+                port.drain_bulk(events)
             if port.data_backlog:
                 port.retry_replies()
             if port.intake is not None:

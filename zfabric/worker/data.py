@@ -18,17 +18,18 @@ from __future__ import annotations
 import logging
 import time
 from collections import deque
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import zmq
 
-from .. import _zmq, protocol, serialize, shm, streams, zap
+from .. import _zmq, bulk, protocol, serialize, shm, streams, zap
 from ..config import Config
 from ..errors import RemoteProtocolError
 from ..intake import Intake
 from ..security import role_of
 from ..transfer import cancel_leases, lease_for, pack_values, unpack_values
+from .bulkport import INTAKE_CHECK_S, BulkPort, waiting
 from .state import FETCH_BATCH_KEYS, FETCHES_PER_PEER, FETCHES_TOTAL
 
 logger = logging.getLogger("zfabric.worker.core")
@@ -37,25 +38,11 @@ __all__ = ["FETCHES_PER_PEER", "FETCHES_TOTAL", "FETCH_BATCH_KEYS", "DataPort", 
 
 # plain ints: enum arithmetic is slow
 _EVENTS, _POLLIN, _SRCFD = int(zmq.EVENTS), int(zmq.POLLIN), int(zmq.SRCFD)
-#: How often data connections are checked for unfinished messages, at most.
-INTAKE_CHECK_S = 0.05
 #: A revoked key's data connection ends this long after it was told (so that it hears why).
 REVOKED_GRACE_S = 0.5
 
 
-def waiting(sock: zmq.Socket, copy: bool = True) -> Iterator[Any]:
-    """Every message waiting on ``sock`` now, without blocking (between messages it asks
-    ``EVENTS``, which is cheaper than the ``Again`` a last receive would raise)."""
-    while True:
-        try:
-            yield sock.recv_multipart(zmq.NOBLOCK, copy=copy)
-        except zmq.Again:
-            return
-        if not int(sock.getsockopt(_EVENTS)) & _POLLIN:
-            return
-
-
-class DataPort:
+class DataPort(BulkPort):
     """The data port and the fetch sockets of one worker (see the module docstring).
 
     ``values`` is the worker's store, ``serialized`` the pickles it keeps of them and
@@ -94,10 +81,12 @@ class DataPort:
         # fetch sockets by peer address
         self.tables: dict[bytes, streams.Table] = {}
         self.peer_tables: dict[str, streams.Table] = {}
+        self._init_bulk(config, security)
 
     def bind(self, ctx: zmq.Context, host: str, name: str | None) -> str:
         """Bind the data port on ``host`` (a free port); returns its address."""
         cfg = self.config
+        self.bulk_host = host
         self.data, bound = _zmq.router(
             ctx, host, 0, linger_ms=cfg.LINGER_MS, hwm=cfg.HWM_MESSAGES,
             sndhwm=min(cfg.HWM_MESSAGES, cfg.SEND_QUEUE_MESSAGES),
@@ -114,9 +103,15 @@ class DataPort:
     def close(self) -> None:
         if self.intake is not None:
             self.intake.close()
-        for s in (self.data, *self.peers.values()):
+        if self.bulk_intake is not None:
+            self.bulk_intake.close()
+        for s in (self.data, *self.peers.values(), *self.bulk_socks):
             if s is not None:
                 s.close(linger=self.config.LINGER_MS)
+        self.bulk_socks.clear()
+        self.sessions.clear()
+        self.session_of.clear()
+        self.links.clear()
         for into in self.leases.values():
             cancel_leases(into)
         self.leases.clear()
@@ -147,20 +142,28 @@ class DataPort:
                 if error is not None:
                     self._reply_data(peer, [{"op": "error", "message": error}])
                 continue
-            srcfd = None
-            for op in ops:
-                try:
-                    if op["op"] == "get-data" and op.get("into") and srcfd is None:
-                        srcfd = frames[1].get(zmq.SRCFD)
-                    self._on_data_op(peer, op, buffers, srcfd)
-                except Exception as exc:
-                    self._reply_data(peer, [{"op": "error", "message": f"{op['op']}: {exc}",
-                                             "id": op.get("id")}])
-            table = self.tables.get(peer)
-            if table is not None:
-                table.settle()  # what the op did not claim is dropped
-                if not table:
-                    del self.tables[peer]
+            self._handle(peer, ops, buffers, frames[1])
+
+    def _handle(self, peer: bytes, ops: list, buffers: list, first: Any = None,
+                settle: bool = True) -> None:
+        """The ops of one message from data peer ``peer`` (``first``: its first frame;
+        ``settle`` False: an op held for its bulk streams, whose connection's own streams
+        belong to messages not read yet)."""
+        srcfd = None
+        for op in ops:
+            try:
+                if op["op"] == "get-data" and op.get("into") and srcfd is None \
+                        and first is not None:
+                    srcfd = first.get(zmq.SRCFD)
+                self._on_data_op(peer, op, buffers, srcfd)
+            except Exception as exc:
+                self._reply_data(peer, [{"op": "error", "message": f"{op['op']}: {exc}",
+                                         "id": op.get("id")}])
+        table = self.tables.get(peer) if settle else None
+        if table is not None:
+            table.settle()  # what the op did not claim is dropped
+            if not table:
+                del self.tables[peer]
 
     def _piece(self, peer: bytes, op: dict, buffers: list) -> None:
         """A piece of a large buffer from data peer ``peer``, copied into place."""
@@ -216,6 +219,9 @@ class DataPort:
         for peer, key in list(self.data_keys.items()):
             if key not in ring.keys:
                 del self.data_keys[peer]
+                session = self.session_of.pop(peer, None)
+                if session is not None:  # its bulk session ends with it
+                    self.sessions.pop(session.token, None)
                 if self.intake is not None:
                     self.intake.shut_peer_later(peer, now)
 
@@ -240,8 +246,10 @@ class DataPort:
                 items, frames, out = pack_values(
                     values, ask=bool(op.get("shm")) and self.use_shm,
                     into=into if type(into) is dict else None, srcfd=srcfd, stream=True)
-                self._reply_data(peer, [{"op": "data", "id": op["id"], "items": items}], frames,
-                                 out)
+                reply = {"op": "data", "id": op["id"], "items": items}
+                if out and op.get("bulk") and self._send_bulk(peer, out):
+                    reply["bulk"], out = 1, []
+                self._reply_data(peer, [reply], frames, out)
             case "lease":
                 pool = shm.pool() if self.use_shm else None
                 limit = self.config.MAX_MESSAGE_BYTES
@@ -249,10 +257,22 @@ class DataPort:
                          else None for n in op["sizes"]]
                 self._reply_data(peer, [{"op": "leases", "id": op["id"], "items": descs}])
             case "put-data":
+                table: streams.Table | None = self.tables.get(peer)
+                if op.get("bulk"):  # its streams come on the bulk channel
+                    session = self.session_of.get(peer)
+                    if session is None:  # (forgotten) the requester sends it again without
+                        self._reply_data(peer, [{"op": "error", "id": op["id"], "bulk": 1,
+                                                 "message": "put-data: no bulk session"}])
+                        return
+                    needed = bulk.stream_ids([op])
+                    if not all(session.inbound.whole(sid) for sid in needed):
+                        session.waiting.hold(needed, (op, buffers), time.monotonic())
+                        self.busy.add(session)
+                        return
+                    table = session.inbound
                 raw_op = bool(op.get("raw"))
                 self.on_placed([(key, header, bufs, raw or raw_op) for key, header, bufs, raw, _
-                                in unpack_values(op["items"], buffers, peer,
-                                                 self.tables.get(peer))
+                                in unpack_values(op["items"], buffers, peer, table)
                                 if header is not None and bufs is not None])
                 self._reply_data(peer, [{"op": "reply", "id": op["id"], "result": True}])
             case "actor-call":
@@ -272,6 +292,8 @@ class DataPort:
                 # only take the direct path from its owner; a gone owner's is forgotten when
                 # a send to it fails)
                 self.reply_peers.setdefault(token, peer)
+            case "bulk-open":
+                self._reply_data(peer, [self._open_session(peer, op)])
             case "heartbeat":
                 pass
             case other:
@@ -371,7 +393,13 @@ class DataPort:
                                security=self.security, role="worker", server="worker")
             self.peers[addr] = sock
             self.poller.register(sock, zmq.POLLIN)
+            if self.bulk_on and addr not in self.links:
+                self._open_link(addr, sock)
         op: dict[str, Any] = {"op": "get-data", "id": fid, "keys": keys}
+        if self.links:
+            link = self.links.get(addr)
+            if link is not None and link.ready:
+                op["bulk"] = 1
         if sizes is None:
             op["shm"] = local = self.use_shm and shm.is_local(addr)
             into = lease_for(guess, owner=addr) if guess and local else None
@@ -394,6 +422,7 @@ class DataPort:
     def drain_peer(self, addr: str, sock: zmq.Socket, expected) -> None:
         """Answers from peer ``addr``; ``expected`` holds the fetch ids still awaited."""
         table = self.peer_tables.get(addr)
+        self.expected = expected
         for frames in waiting(sock, copy=False):
             try:
                 ops, buffers = protocol.decode([frames[0].bytes, *frames[1:]])
@@ -420,15 +449,30 @@ class DataPort:
                 logger.warning("data port %s: %s", addr, protocol.short(op["message"], 300))
                 self.on_refused(addr)
                 continue
+            if op["op"] == "bulk-port":
+                self._link_port(addr, op)
+                continue
             if type(fid) is not int or fid not in expected:
                 continue
             if op["op"] != "data":
                 self.on_fetched(fid, None)
                 continue
+            source = table
+            if op.get("bulk"):  # its streams come on the bulk channel
+                link = self.links.get(addr)
+                if link is None:
+                    self.on_fetched(fid, None)
+                    continue
+                needed = bulk.stream_ids([op])
+                if not all(link.inbound.whole(sid) for sid in needed):
+                    link.waiting.hold(needed, (op, buffers), time.monotonic())
+                    self.busy.add(link)
+                    continue
+                source = link.inbound
             items = []
             try:
                 for key, header, bufs, raw, sizes in unpack_values(op["items"], buffers, addr,
-                                                                   table):
+                                                                   source):
                     nbytes = (serialize.nbytes(header, bufs)
                               if header is not None and bufs is not None else 0)
                     items.append((key, header, bufs, raw, sizes, nbytes))
