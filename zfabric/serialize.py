@@ -44,6 +44,7 @@ __all__ = [
     "Dep",
     "KeyHandle",
     "Undecodable",
+    "dumps_object",
     "dumps_task",
     "dumps_value",
     "exception_payload",
@@ -251,6 +252,14 @@ def _pickle(obj, buffer_callback=None, reset=None) -> bytes:
     if reset is not None:
         reset()
     return cloudpickle.dumps(obj, protocol=5, buffer_callback=buffer_callback)
+
+
+def dumps_object(obj, reset=None) -> bytes:
+    """Pickle ``obj``: plainly where a worker can import everything it names (about twice as
+    fast as cloudpickle for a chunk of a thousand dask nodes), by value with cloudpickle
+    where it refers to the user's script or modules beside it (module docstring).
+    ``reset`` is called before the second attempt."""
+    return _pickle(obj, reset=reset)
 
 
 def dumps_function(func) -> tuple[str, bytes]:
