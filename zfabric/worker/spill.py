@@ -329,7 +329,9 @@ class SpillStore(MutableMapping):
                 why = travel_error(key, exc, self.where)
                 logger.warning("worker %s: %s", self.where, why)
                 with self._lock:
-                    if self.fast.get(key) is value:
+                    # (a RuntimeError is a task changing the value meanwhile: not for good)
+                    if self.fast.get(key, _MISSING) is value and \
+                            not isinstance(exc.__cause__, RuntimeError):
                         self.travel_errors[key] = why
             else:
                 ser = (header, bufs, serialize.nbytes(header, bufs))
