@@ -119,3 +119,15 @@ def test_sizeof_weighs_arrays_frames_and_collections_without_pickling():
     assert sizeof({i: np.ones(1000) for i in range(100)}) >= 800_000
     assert sizeof([b"x" * 1000] * 50) >= 50_000
     assert sizeof(None) < 100
+
+
+class _Proxy:
+    """Stands for something remote, as an actor's handle does: any attribute is a call."""
+
+    def __getattr__(self, name):
+        raise AssertionError(f"sizeof asked a proxy for {name!r}")
+
+
+def test_sizeof_never_asks_an_instance_for_what_its_class_does_not_define():
+    assert 0 < sizeof(_Proxy()) < 1_000
+    assert sizeof([_Proxy()] * 3) < 1_000
