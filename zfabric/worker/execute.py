@@ -282,7 +282,10 @@ class Executor:
             # A large result is kept as it is and pickled only if a peer or a client asks for
             # it (SpillStore.pickled): in a shuffle, half the pieces are used here. Small
             # ones are pickled now, to ride with the ``finished`` message.
-            size = sizeof(result)
+            try:
+                size = sizeof(result)
+            except Exception:  # (a collection subclass whose len() fails): pickle it now
+                size = 0
             if self.inline_bytes <= size <= self.max_bytes // 2:
                 return Outcome(key, True, result, None, None, size, duration)
         try:
