@@ -19,6 +19,8 @@ How a graph becomes tasks (:func:`plan`, on the caller's thread):
   together once, as one "function" that the scheduler keeps once and each worker loads once;
   a task's own payload is a few bytes naming its node in the chunk (:mod:`zfabric.dask_wire`,
   which also sends nodes that carry much data straight to a worker).
+- no cyclic garbage collection runs while the ops are made and sent (it runs right after,
+  while the cluster works): a full collection of a client with pandas loaded took 60 ms;
 - the client holds Futures only for the requested keys. It wants every key while the ops
   go out (so that nothing finished is forgotten before its dependents arrive) and releases
   the internal ones right after, in the same ordered stream.
@@ -28,9 +30,12 @@ On a worker a node runs through dask's own task-spec call (``node(values)``).
 
 from __future__ import annotations
 
+import contextlib
+import gc
 import heapq
 import logging
 import pickle
+from collections.abc import Iterator
 
 from . import serialize
 from .dask_wire import LARGE_CHUNK_BYTES, args_bytes, pickle_chunk, split
@@ -48,6 +53,24 @@ ANNOTATIONS = ("priority", "retries", "workers", "allow_other_workers", "resourc
 
 
 # ---------------------------------------------------------------------------- graph in
+
+
+@contextlib.contextmanager
+def _collector_paused() -> Iterator[None]:
+    """No cyclic garbage collection while a graph is turned into ops and sent.
+
+    Turning a graph of a thousand tasks into ops makes tens of thousands of objects, enough to
+    start a full collection of the client's heap (60 ms measured with pandas and dask loaded)
+    in the middle of it, before any task can start; paused, it runs right after, while the
+    cluster works and the client waits."""
+    if not gc.isenabled():
+        yield
+        return
+    gc.disable()
+    try:
+        yield
+    finally:
+        gc.enable()
 
 
 def materialize(dsk):
@@ -380,9 +403,10 @@ def get(client, dsk, keys, *, workers=None, allow_other_workers=False, resources
                          f" get(asynchronous={asynchronous}) cannot change that")
     opts = base_options(workers, allow_other_workers, resources, retries, priority,
                         fifo_timeout, actors)
-    graph, annotations, held = materialize(dsk)
     flat = _flat(keys)
-    futures, values = submit_graph(client, graph, annotations, held, flat, opts)
+    with _collector_paused():
+        graph, annotations, held = materialize(dsk)
+        futures, values = submit_graph(client, graph, annotations, held, flat, opts)
     if not sync:
         return _pack(keys, {**values, **futures})
     if client.asynchronous:
@@ -465,11 +489,12 @@ def compute(client, collections, *, sync=False, optimize_graph=True, workers=Non
     by_name: dict = {}
     names: list = []
     if variables:
-        expr = FinalizeCompute(collections_to_expr(variables, optimize_graph, **kwargs))
-        expr = expr.optimize()
-        names = _flat(expr.__dask_keys__())
-        graph, annotations, held = materialize(expr)
-        futures, values = submit_graph(client, graph, annotations, held, names, opts)
+        with _collector_paused():
+            expr = FinalizeCompute(collections_to_expr(variables, optimize_graph, **kwargs))
+            expr = expr.optimize()
+            names = _flat(expr.__dask_keys__())
+            graph, annotations, held = materialize(expr)
+            futures, values = submit_graph(client, graph, annotations, held, names, opts)
         by_name = {**values, **futures}
     out, i = [], 0
     for a in items:
@@ -505,13 +530,14 @@ def persist(client, collections, *, optimize_graph=True, workers=None,
     for c in colls:
         if not dask.is_dask_collection(c):
             raise TypeError(f"persist takes dask collections, got {type(c).__name__}")
-    expr = collections_to_expr(colls, optimize_graph, **kwargs).optimize()
-    keys = expr.__dask_keys__()
-    if len(colls) == 1 and len(keys) != 1:
-        keys = [keys]
-    graph, annotations, held = materialize(expr)
-    futures, values = submit_graph(client, graph, annotations, held, _flat(keys), opts,
-                                   place=True)
+    with _collector_paused():
+        expr = collections_to_expr(colls, optimize_graph, **kwargs).optimize()
+        keys = expr.__dask_keys__()
+        if len(colls) == 1 and len(keys) != 1:
+            keys = [keys]
+        graph, annotations, held = materialize(expr)
+        futures, values = submit_graph(client, graph, annotations, held, _flat(keys), opts,
+                                       place=True)
     held = {**values, **futures}
     out = []
     for c, ks in zip(colls, keys, strict=True):

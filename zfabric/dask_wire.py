@@ -105,12 +105,11 @@ def pickle_chunk(entries: list, items: list, resolved: dict, wire: dict,
 
 
 def _dumps_collecting(obj, collected: list) -> bytes:
-    import cloudpickle
-
-    # cloudpickle, not pickle: functions of a script's __main__ must travel by value
+    # plain pickle where it is safe; functions of a script's __main__ (and of modules beside
+    # it) travel by value, through cloudpickle
     with serialize.collect_keys(collected):
         try:
-            return cloudpickle.dumps(obj, protocol=5)
+            return serialize.dumps_object(obj, reset=collected.clear)
         except Exception as exc:
             raise serialize.SerializationError(
                 f"cannot pickle a task of the graph: {type(exc).__name__}: {exc}") from exc

@@ -179,7 +179,7 @@ class WorkerLoop:
             shm.pool().cap_idle(self.memory_limit // 10)
         host = self.listen or _zmq.local_address_for(self.scheduler_address)
         bound = self.port.bind(ctx, host, self.name)
-        self.address = self.contact or bound
+        self.address = self.store.where = self.contact or bound
         if self.name is None:
             self.name = self.address
         self.state.name, self.state.address = str(self.name), self.address
@@ -302,6 +302,7 @@ class WorkerLoop:
             self.backlog.popleft()
 
     def _beat(self, now: float) -> None:
+        self.memory.freeze_long_lived()
         try:
             mem = self._process.memory_info().rss
             cpu = self._process.cpu_percent()  # since the last beat
@@ -358,12 +359,11 @@ class WorkerLoop:
             elif kind == A.KEEP:
                 out = act[1]
                 self.store.put(out.key, out.value, out.nbytes)
-                if out.travel_error is None:
+                if out.header is not None:
                     self.serialized[out.key] = (out.header, out.buffers, out.nbytes)
-                else:  # what leaves in its place: an error that names the key (serialize)
-                    header, _ = serialize.dumps_value(
-                        serialize.Undecodable(out.key, out.travel_error), 1 << 62)
-                    self.serialized[out.key] = (header, [], len(header))
+                elif out.travel_error is not None:  # an error that names the key leaves
+                    self.store.cannot_travel(out.key, out.travel_error)
+                # (else a large value kept unpickled: SpillStore.pickled, when asked for)
                 if self.reply_to:
                     self._reply(out)
             elif kind == A.DROP:

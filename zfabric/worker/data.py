@@ -230,13 +230,7 @@ class DataPort(BulkPort):
             case "get-data":
                 values: list[tuple] = []
                 for key in op["keys"]:
-                    ser = self.serialized.get(key)
-                    if ser is None and self.store.is_spilled(key):
-                        ser = self.store.serialized_from_disk(key)  # not back into memory
-                    if ser is None and key in self.store:
-                        header, bufs = serialize.dumps_value(self.store[key],
-                                                             self.config.INLINE_BYTES)
-                        ser = self.serialized[key] = (header, bufs, serialize.nbytes(header, bufs))
+                    ser = self.store.pickled(key)  # (pickled now if kept unpickled)
                     if ser is None:
                         values.append((key, None, [], False))
                     else:

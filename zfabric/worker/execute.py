@@ -2,10 +2,10 @@
 
 The worker's loop thread puts every ready task on one queue; the threads take the next call
 as soon as they are free, so a stream of tiny tasks never waits for the loop between tasks.
-A thread notes each start in ``started``, runs the function, pickles the result, appends the
-outcome to ``done`` and, when ``done`` was empty, pokes the loop through an eventfd that the
-loop polls beside its sockets (one system call; no ZeroMQ socket per thread); the loop drains
-everything at once.
+A thread notes each start in ``started``, runs the function, pickles a small result (a large
+one is kept as it is, pickled only if it must travel), appends the outcome to ``done`` and,
+when ``done`` was empty, pokes the loop through an eventfd that the loop polls beside its
+sockets (one system call; no ZeroMQ socket per thread); the loop drains everything at once.
 
 Concurrency is bounded by ``nthreads`` slots, not by the number of threads: a task that calls
 ``secede()`` gives its slot back and a spare thread starts, so a task that waits for tasks it
@@ -30,6 +30,7 @@ from .. import serialize
 from ..current import current_task  # noqa: F401  (its home now; was defined here)
 from ..current import thread_task as _task  # the task this thread runs (zfabric.current)
 from ..errors import ResultTooLarge
+from .spill import sizeof, travel_error
 
 logger = logging.getLogger(__name__)
 
@@ -49,7 +50,9 @@ class Outcome:
     thread: int = 0
     start: float = 0.0  # wall clock (time.time()) when it started, for the task stream
     stop: float = 0.0  # wall clock when its result was ready (pickled) or it failed
-    #: Set when the value could not be pickled: why it cannot leave this worker.
+    #: Set when the value could not be pickled: why it cannot leave this worker. With no
+    #: ``header`` and no ``travel_error``, a successful outcome's value is kept unpickled
+    #: (``nbytes`` is then an estimate: :func:`~zfabric.worker.spill.sizeof`).
     travel_error: str | None = None
 
 
@@ -57,8 +60,10 @@ class Executor:
     """``nthreads`` slots running ``(key, payload, values, options)`` calls."""
 
     def __init__(self, wake_fd: int, nthreads: int, *,
-                 inline_bytes: int, max_bytes: int, name: str = "worker", context=None):
+                 inline_bytes: int, max_bytes: int, name: str = "worker", context=None,
+                 lazy: bool = True):
         self.wake_fd = wake_fd
+        self.lazy = lazy  # keep large results unpickled (see _execute)
         self._wake_lock = threading.Lock()  # no poke once close_wake() closed the descriptor
         self.inline_bytes = inline_bytes
         self.max_bytes = max_bytes
@@ -273,15 +278,22 @@ class Executor:
             return Outcome(key, False, error=(data, tb, text, None),
                            duration=time.perf_counter() - start)
         duration = time.perf_counter() - start
+        if self.lazy and type(result) not in serialize.PLAIN_TYPES:
+            # A large result is kept as it is and pickled only if a peer or a client asks for
+            # it (SpillStore.pickled): in a shuffle, half the pieces are used here. Small
+            # ones are pickled now, to ride with the ``finished`` message.
+            try:
+                size = sizeof(result)
+            except Exception:  # (a collection subclass whose len() fails): pickle it now
+                size = 0
+            if self.inline_bytes <= size <= self.max_bytes // 2:
+                return Outcome(key, True, result, None, None, size, duration)
         try:
             header, buffers = serialize.dumps_value(result, self.inline_bytes)
         except Exception as exc:
             # As dask.distributed: a value that cannot be pickled (a generator, say) stays
             # here for the tasks of this worker; it fails only where it must travel.
-            where = getattr(self.context, "address", self.name)
-            why = (f"the result of {key!r} cannot be pickled ({exc}), so it cannot leave"
-                   f" worker {where}: only tasks on that worker can use it. Return a picklable"
-                   " value (a list rather than a generator) to use it elsewhere")
+            why = travel_error(key, exc, getattr(self.context, "address", self.name))
             return Outcome(key, True, result, None, None, sys.getsizeof(result), duration,
                            travel_error=why)
         size = serialize.nbytes(header, buffers)

@@ -38,6 +38,7 @@ reads happen outside it and are committed only if the key was not changed meanwh
 
 from __future__ import annotations
 
+import itertools
 import logging
 import mmap
 import os
@@ -54,7 +55,7 @@ from .. import serialize
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["SpillFailed", "SpillStore", "sizeof", "worker_directory"]
+__all__ = ["SpillFailed", "SpillStore", "sizeof", "travel_error", "worker_directory"]
 
 #: One ``os.write``/``readinto`` moves at most this much (Linux stops a single call near 2 GiB).
 _CHUNK = 1 << 30
@@ -74,19 +75,66 @@ def worker_directory(base: str | None, identity: str) -> str:
     return os.path.join(base or tempfile.gettempdir(), f"zfabric-{safe}")
 
 
-def sizeof(value) -> int:
-    """Bytes a value holds, roughly, for values that arrive without a pickled size."""
-    if isinstance(value, bytes | bytearray | memoryview):
-        return memoryview(value).nbytes
-    nbytes = getattr(value, "nbytes", None)
-    if isinstance(nbytes, int):
-        return nbytes
-    if isinstance(value, serialize.RawArgs):
+#: Items of a list, tuple, set or dict that :func:`sizeof` looks at (the rest are assumed
+#: alike).
+SIZEOF_SAMPLE = 16
+
+
+def sizeof(value, _depth: int = 2) -> int:
+    """Bytes a value holds, roughly: for values that arrive without a pickled size, and for a
+    task's result that is kept unpickled until a peer asks for it. A few microseconds (never
+    a pickle): the buffers of an array, a Series, an Index, a DataFrame's blocks; a sample of
+    the items of a list, tuple, set or dict (two levels deep); ``sys.getsizeof`` otherwise."""
+    t = type(value)
+    if t is bytes or t is bytearray:
+        return len(value)
+    if t is memoryview:
+        return value.nbytes
+    if _depth and (t in _COLLECTIONS or isinstance(value, _COLLECTION_BASES)):
+        n = len(value)
+        own = 64 + 8 * n  # (not sys.getsizeof: a subclass's __sizeof__ may walk every item)
+        if not n:
+            return own
+        total = seen = 0
+        items = value.values() if isinstance(value, dict) else value
+        for item in itertools.islice(items, SIZEOF_SAMPLE):
+            total += sizeof(item, _depth - 1)
+            seen += 1
+        return own + total * n // seen
+    if t in _SCALARS:
+        return sys.getsizeof(value)
+    if t is serialize.RawArgs:
         return serialize.nbytes(value.header, value.buffers)
+    # Only what the value's class defines is asked for: an instance's __getattr__ may do
+    # anything (an actor's handle calls its actor).
+    try:
+        if hasattr(t, "nbytes"):  # NumPy, pandas Series and Index, Arrow
+            nbytes = value.nbytes
+            if isinstance(nbytes, int):
+                return nbytes
+        pandas = sys.modules.get("pandas")
+        if pandas is not None and isinstance(value, pandas.DataFrame):
+            # its blocks' buffers (pandas' own memory_usage() takes 100 times as long)
+            return sum(b.values.nbytes for b in value._mgr.blocks) + int(value.index.nbytes)
+    except Exception:
+        pass
     try:
         return sys.getsizeof(value)
     except Exception:
         return 64
+
+
+_COLLECTIONS = frozenset({list, tuple, set, frozenset, dict})
+_COLLECTION_BASES = (list, tuple, set, frozenset, dict)
+_MISSING = object()
+_SCALARS = frozenset({type(None), bool, int, float, complex, str})
+
+
+def travel_error(key, exc: BaseException, where: str) -> str:
+    """Why the value of ``key`` cannot leave worker ``where`` (it cannot be pickled)."""
+    return (f"the result of {key!r} cannot be pickled ({exc}), so it cannot leave worker"
+            f" {where}: only tasks on that worker can use it. Return a picklable value (a list"
+            " rather than a generator) to use it elsewhere")
 
 
 class _OnDisk:
@@ -124,6 +172,9 @@ class SpillStore(MutableMapping):
         self.counters = {"spilled": 0, "spilled_bytes": 0, "unspilled": 0,
                          "unspilled_bytes": 0, "served_from_disk": 0, "failed": 0,
                          "rewrites_saved": 0}
+        # values that cannot be pickled: why (they stay in memory; a peer gets the reason)
+        self.travel_errors: dict[str, str] = {}
+        self.where = ""  # the worker's address, for those messages
         self._lock = threading.RLock()
         self._seq = 0
         self._made_dir = False
@@ -144,6 +195,7 @@ class SpillStore(MutableMapping):
             self.weights.clear()
             self.slow.clear()
             self.clean.clear()
+            self.travel_errors.clear()
             self.managed = self.spilled = 0
         if self._made_dir:
             shutil.rmtree(self.directory, ignore_errors=True)
@@ -217,6 +269,7 @@ class SpillStore(MutableMapping):
                 self._drop(key)
             self.fast.clear()
             self.weights.clear()
+            self.travel_errors.clear()
             self.managed = 0
 
     def is_spilled(self, key: str) -> bool:
@@ -226,6 +279,8 @@ class SpillStore(MutableMapping):
         if key in self.fast:
             del self.fast[key]
             self.managed -= self.weights.pop(key, 0)
+            if self.travel_errors:
+                self.travel_errors.pop(key, None)
             copy = self.clean.pop(key, None)
             if copy is not None:
                 self._unlink(copy)
@@ -237,27 +292,94 @@ class SpillStore(MutableMapping):
             return True
         return False
 
+    # ------------------------------------------------------------------ pickles
+
+    def cannot_travel(self, key: str, why: str) -> None:
+        """The value of ``key`` (in memory) cannot be pickled: it is never spilled, and a
+        peer that asks for it gets ``why`` (:meth:`pickled`)."""
+        with self._lock:
+            if key in self.fast:
+                self.travel_errors[key] = why
+
+    def pickled(self, key: str) -> tuple[bytes, list, int] | None:
+        """``(header, buffers, nbytes)`` of a stored value, for a peer or a client that asks
+        for it; None if ``key`` is not held.
+
+        A task's large result is kept unpickled (most are used only by tasks of this
+        worker); it is pickled here, on the first request, and the pickle kept for the next
+        (and for spilling). A spilled value is served from its file. A value that cannot be
+        pickled gives the pickle of an :class:`~zfabric.serialize.Undecodable` that says why,
+        which fails the task that asked for it with that reason; the value stays here, in
+        memory, for this worker's tasks. Called from the worker's loop thread only.
+        """
+        ser = self.serialized.get(key)
+        if ser is not None:
+            return ser
+        with self._lock:
+            value = self.fast.get(key, _MISSING)
+            why = self.travel_errors.get(key)
+            spilled = key in self.slow
+        if spilled:
+            return self.serialized_from_disk(key)  # not back into memory
+        if value is _MISSING:
+            return None
+        if isinstance(value, serialize.RawArgs):
+            return value.header, value.buffers, serialize.nbytes(value.header, value.buffers)
+        if why is None:
+            try:
+                header, bufs = serialize.dumps_value(value, self.inline_bytes,
+                                                     serialize.SMALL_BUFFER_BYTES)
+            except Exception as exc:
+                why = travel_error(key, exc, self.where)
+                logger.warning("worker %s: %s", self.where, why)
+                with self._lock:
+                    # (a RuntimeError is a task changing the value meanwhile: not for good)
+                    if self.fast.get(key, _MISSING) is value and \
+                            not isinstance(exc.__cause__, RuntimeError):
+                        self.travel_errors[key] = why
+            else:
+                ser = (header, bufs, serialize.nbytes(header, bufs))
+                with self._lock:
+                    if self.fast.get(key) is value:  # (still the same value)
+                        self.serialized[key] = ser
+                return ser
+        header, _ = serialize.dumps_value(serialize.Undecodable(key, why), 1 << 62)
+        return header, [], len(header)
+
     # ------------------------------------------------------------------ spilling
 
     def evict(self, skip=()) -> int:
         """Spill the least recently used value in memory (not one of ``skip``); returns the
         bytes freed, 0 when nothing is left to spill. Raises :class:`SpillFailed` when the
         value cannot be written (it then stays in memory)."""
-        with self._lock:
-            key = next((k for k in self.fast if k not in skip), None)
-            if key is None:
-                return 0
-            value = self.fast[key]
-            weight = self.weights[key]
-            ser = self.serialized.get(key)
-            copy = self.clean.get(key)
-        raw = isinstance(value, serialize.RawArgs)
-        if isinstance(value, serialize.RawArgs):
-            header, bufs = value.header, value.buffers
-        elif ser is not None:
-            header, bufs = ser[0], ser[1]
-        else:
-            header, bufs = serialize.dumps_value(value, self.inline_bytes)
+        while True:
+            with self._lock:
+                unmovable = self.travel_errors
+                key = next((k for k in self.fast if k not in skip and k not in unmovable),
+                           None)
+                if key is None:
+                    return 0
+                value = self.fast[key]
+                weight = self.weights[key]
+                ser = self.serialized.get(key)
+                copy = self.clean.get(key)
+            raw = isinstance(value, serialize.RawArgs)
+            if isinstance(value, serialize.RawArgs):
+                header, bufs = value.header, value.buffers
+            elif ser is not None:
+                header, bufs = ser[0], ser[1]
+            else:
+                try:
+                    header, bufs = serialize.dumps_value(value, self.inline_bytes,
+                                                         serialize.SMALL_BUFFER_BYTES)
+                except Exception as exc:  # it stays in memory; the next value spills
+                    why = travel_error(key, exc, self.where)
+                    logger.warning("worker %s: cannot spill: %s", self.where, why)
+                    with self._lock:
+                        if self.fast.get(key, _MISSING) is value:
+                            self.travel_errors[key] = why
+                    continue
+            break
         value = None
         digest = _digest(header, bufs)
         if copy is not None and copy.digest == digest and copy.raw == raw:
@@ -275,7 +397,7 @@ class SpillStore(MutableMapping):
             where = _OnDisk(path, len(header), sizes, raw, digest)
         del header, bufs, ser  # no reference to the value's pickle is kept while it spills
         with self._lock:
-            if self.fast.get(key) is None or key in self.slow:
+            if self.fast.get(key, _MISSING) is _MISSING or key in self.slow:
                 if where is not copy:
                     self._unlink(where)  # freed or replaced while we wrote
                 return 0
