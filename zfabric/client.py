@@ -70,6 +70,9 @@ __all__ = ["Client", "default_client"]
 P = ParamSpec("P")
 R = TypeVar("R")
 
+#: A blocking call waits for its result in slices this long (see :meth:`Client.sync`).
+_WAIT_SLICE_S = 0.5
+
 
 class _ByPart(Generic[P, R]):
     """A Client method that one of its parts carries out: ``submit = _ByPart("_submission",
@@ -260,7 +263,15 @@ class Client:
             raise RuntimeError("a blocking Client cannot be used from its own loop thread")
         fut = asyncio.run_coroutine_threadsafe(func(*args, **kwargs), loop)
         try:
-            return fut.result()
+            while True:
+                # waited in slices: a signal (Ctrl-C, a test's alarm) that the kernel hands to
+                # another thread (the loop's, libzmq's) only runs its handler once this thread
+                # wakes, and an untimed wait never does
+                try:
+                    return fut.result(timeout=_WAIT_SLICE_S)
+                except TimeoutError:
+                    if fut.done():
+                        raise  # the call's own TimeoutError
         except KeyboardInterrupt:
             fut.cancel()
             raise
