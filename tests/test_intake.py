@@ -94,6 +94,28 @@ def test_an_announcement_allows_one_message_within_the_ports_limits():
     assert conn.announced == 0
 
 
+def test_a_descriptor_reused_before_its_events_are_read_keeps_what_its_new_connection_sent():
+    ledger = Ledger(curve=False, slack=MiB, frame_limit=10 * MiB, max_frames=100)
+    old = ledger.accepted(7, ino=100, peer_address="127.0.0.1:1")
+    ledger.received(7, b"old", [b"x" * 1000])
+    # Given a connection that closed and a new one accepted on its descriptor, whose first
+    # messages (an announcement of 4 pieces, then 3 of them) came before the monitor's events
+    new = ledger.received(7, b"new", [b"announce"])
+    ledger.announce(new, MiB, 1, messages=4)
+    for _ in range(3):
+        ledger.received(7, b"new", [b"y" * MiB])
+    # When the events are read (DISCONNECTED, then ACCEPTED on the same number)
+    ledger.closed(7, in_events=True)
+    assert ledger.accepted(7, ino=200, peer_address="127.0.0.1:2") is new
+    # Then the new connection keeps what it completed and its announcement: its fourth piece,
+    # in flight, is allowed
+    assert new is not old and new.complete > 3 * MiB
+    assert ledger.ahead(new, new.complete + HANDSHAKE_BYTES + 2 * MiB, 0) <= 0
+    # and it is forgotten when it closes in turn
+    ledger.closed(7, in_events=True)
+    assert 7 not in ledger.conns
+
+
 def test_large_messages_are_announced_and_small_ones_are_not():
     assert protocol.announcement([b"x" * protocol.ANNOUNCE_ABOVE]) is None
     notice = protocol.announcement([b"h", memoryview(b"y" * protocol.ANNOUNCE_ABOVE)])

@@ -252,15 +252,7 @@ class Inbound(streams.Table):
 
 def stream_ids(ops: list) -> set:
     """The stream ids the items of ``ops`` name (``["streams", ids]``)."""
-    out: set = set()
-    for op in ops:
-        items = op.get("items")
-        for item in items if type(items) is list else ():
-            where = item[4] if type(item) is list and len(item) > 4 else None
-            if type(where) is list and len(where) == 2 and where[0] == "streams" \
-                    and type(where[1]) is list:
-                out.update(s for s in where[1] if type(s) is int and s)
-    return out
+    return {s for s in streams.named(ops) if type(s) is int and s}
 
 
 class Waiting:
@@ -278,6 +270,15 @@ class Waiting:
 
     def hold(self, needed: set, payload: Any, now: float) -> None:
         self.held.append([needed, payload, now])
+
+    def hold_unless_whole(self, inbound: Inbound, op: dict, payload: Any, now: float) -> bool:
+        """Hold ``payload`` unless every stream ``op`` names is whole in ``inbound``; whether
+        it was held."""
+        needed = stream_ids([op])
+        if all(inbound.whole(sid) for sid in needed):
+            return False
+        self.hold(needed, payload, now)
+        return True
 
     def ready(self, inbound: Inbound) -> list:
         """The payloads whose streams are all whole now (they leave)."""

@@ -85,6 +85,8 @@ class Connection:
     announced: int = 0  # wire bytes the next message may take, as announced
     announced_for: int = 0  # messages the announcement holds for (a stream's pieces)
     peer: bytes | None = None  # routing id its messages came with
+    #: it took over the descriptor of a connection whose DISCONNECTED is still to be read
+    replaced: bool = False
 
 
 @dataclass
@@ -104,7 +106,12 @@ class Ledger:
         conn.ino, conn.peer_address = ino, peer_address
         return conn
 
-    def closed(self, fd: int) -> None:
+    def closed(self, fd: int, in_events: bool = False) -> None:
+        """Connection ``fd`` closed (``in_events``: its DISCONNECTED event was read)."""
+        conn = self.conns.get(fd)
+        if in_events and conn is not None and conn.replaced:
+            conn.replaced = False  # the event of the connection it replaced (see received)
+            return
         self.conns.pop(fd, None)
 
     def received(self, fd: int, peer: bytes, frames) -> Connection:
@@ -114,6 +121,12 @@ class Ledger:
             if fd < 0:  # no descriptor (not TCP): nothing to check it against
                 return Connection(peer=peer)
             conn = self.conns[fd] = Connection()  # its ACCEPTED event is not read yet
+        elif conn.peer is not None and peer != conn.peer:
+            # A descriptor is reused at once: a connection closed and another was accepted
+            # on its number, whose messages come before the monitor's events say so (two
+            # connections never share a routing id). The old one's DISCONNECTED, read later,
+            # must not drop the counts of the new one.
+            conn = self.conns[fd] = Connection(replaced=True)
         conn.complete += wire_bytes(frames, self.curve)
         conn.peer = peer
         if conn.announced_for > 1:
@@ -221,8 +234,8 @@ class Intake:
             pass  # closed already (its DISCONNECTED follows)
         self._active.add(fd)  # whatever came before it was watched
 
-    def _forget(self, fd: int) -> None:
-        self.ledger.closed(fd)
+    def _forget(self, fd: int, in_events: bool = False) -> None:
+        self.ledger.closed(fd, in_events)
         self._active.discard(fd)
         try:
             self._epoll.unregister(fd)
@@ -247,7 +260,7 @@ class Intake:
                 ledger.accepted(fd, *_identity(fd))
                 self._watch(fd)
             else:
-                self._forget(fd)
+                self._forget(fd, in_events=True)
 
     def review(self, now: float) -> list[tuple[Connection, str]]:
         """What the owner calls now and then: end the connections :meth:`shut_peer_later`

@@ -50,6 +50,18 @@ def streamable(view: memoryview) -> bool:
     return view.nbytes > STREAM_MIN_BYTES and view.c_contiguous
 
 
+def named(ops: list):
+    """The stream ids that the items of ``ops`` name (``["streams", ids]``; unchecked: each
+    is whatever the sender wrote)."""
+    for op in ops:
+        items = op.get("items")
+        for item in items if type(items) is list else ():
+            where = item[4] if type(item) is list and len(item) > 4 else None
+            if type(where) is list and len(where) == 2 and where[0] == "streams" \
+                    and type(where[1]) is list:
+                yield from where[1]
+
+
 def new_id() -> int:
     """A stream id, unique in this process."""
     return next(_ids)

@@ -96,16 +96,10 @@ def claim(ops: list, table: streams.Table) -> streams.Table:
     """The streams of ``table`` that the items of ``ops`` name, moved to a table of their
     own (for an op handled later than the next message is read)."""
     got = streams.Table()
-    for op in ops:
-        items = op.get("items")
-        for item in items if type(items) is list else ():
-            where = item[4] if type(item) is list and len(item) > 4 else None
-            if type(where) is list and len(where) == 2 and where[0] == "streams" \
-                    and type(where[1]) is list:
-                for sid in where[1]:
-                    entry = table.streams.pop(sid, None) if type(sid) is int else None
-                    if entry is not None:
-                        got.streams[sid] = entry
+    for sid in streams.named(ops):
+        entry = table.streams.pop(sid, None) if type(sid) is int else None
+        if entry is not None:
+            got.streams[sid] = entry
     return got
 
 

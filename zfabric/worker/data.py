@@ -23,7 +23,7 @@ from typing import Any
 
 import zmq
 
-from .. import _zmq, bulk, protocol, serialize, shm, streams, zap
+from .. import _zmq, protocol, serialize, shm, streams, zap
 from ..config import Config
 from ..errors import RemoteProtocolError
 from ..intake import Intake
@@ -258,9 +258,8 @@ class DataPort(BulkPort):
                         self._reply_data(peer, [{"op": "error", "id": op["id"], "bulk": 1,
                                                  "message": "put-data: no bulk session"}])
                         return
-                    needed = bulk.stream_ids([op])
-                    if not all(session.inbound.whole(sid) for sid in needed):
-                        session.waiting.hold(needed, (op, buffers), time.monotonic())
+                    if session.waiting.hold_unless_whole(session.inbound, op, (op, buffers),
+                                                         time.monotonic()):
                         self.busy.add(session)
                         return
                     table = session.inbound
@@ -457,9 +456,8 @@ class DataPort(BulkPort):
                 if link is None:
                     self.on_fetched(fid, None)
                     continue
-                needed = bulk.stream_ids([op])
-                if not all(link.inbound.whole(sid) for sid in needed):
-                    link.waiting.hold(needed, (op, buffers), time.monotonic())
+                if link.waiting.hold_unless_whole(link.inbound, op, (op, buffers),
+                                                  time.monotonic()):
                     self.busy.add(link)
                     continue
                 source = link.inbound
