@@ -87,6 +87,8 @@ class Connection:
     peer: bytes | None = None  # routing id its messages came with
     #: it took over the descriptor of a connection whose DISCONNECTED is still to be read
     replaced: bool = False
+    #: it was found too far ahead once: the next check that finds it so shuts it down
+    suspect: bool = False
 
 
 @dataclass
@@ -300,12 +302,19 @@ class Intake:
                 continue
             over = ledger.ahead(conn, *counts)
             if over <= 0:
+                conn.suspect = False
                 active.discard(fd)  # looked at: nothing new until bytes come again
                 continue
             # Complete messages may have arrived since the socket was drained: only a
             # connection found too far ahead with nothing complete waiting is shut down.
             if self._readable():
                 continue  # (it stays active: looked at again next time)
+            if not conn.suspect:
+                # libzmq may hold a complete message (an announcement) that the socket does
+                # not offer yet, while the large message after it comes in: a connection is
+                # shut down when a second check finds it too far ahead
+                conn.suspect = True
+                continue  # (it stays active)
             active.discard(fd)
             ino, address = _identity(fd)
             if not conn.ino:
