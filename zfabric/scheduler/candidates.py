@@ -18,8 +18,10 @@ it, so that equal workers get equal windows. (Each worker's own average made the
 chance: one slow task on one worker shrank its window for the next graph, and 64 ready tasks
 went 3 to it and 61 to the other, which then ran them while the first stood idle.)
 
-A task with large dependencies looks at their holders too (the policy prefers the worker
-holding the most of their bytes). :meth:`Candidates.choose` makes the same choice as
+A task with large dependencies looks at their holders too (the policy prefers the worker that
+would start it first, counting the bytes it would receive): a worker holding none of them is
+no better than the least loaded one, so the holders and the top of the heap are all a choice
+looks at, O(holders + 1). :meth:`Candidates.choose` makes the same choice as
 :func:`.policy.choose_worker` over every worker, the least loaded breaking ties in the order
 the workers joined; :attr:`Candidates.examined` counts the workers it looked at.
 """
