@@ -173,8 +173,13 @@ def test_a_worker_holding_many_more_bytes_wins_over_a_slightly_less_loaded_one()
     d1, d2 = held("d-1", 30 * MB, a), held("d-2", 1 * MB, b)
     # a: 20 ms of work, then 1 MB moved (31 ms); b: 10 ms, then 30 MB moved (325 ms)
     assert both(reader((d1, d2), 0.01), index, [a, b]) is a
-    # a worker holding nothing, idle, against a loaded holder of 30 MB: the holder still
+    # b wins where the work queued at a outlasts moving the bytes (tasks of 0.4 s: a 0.81 s,
+    # b 0.71 s)
+    assert both(reader((d1, d2), 0.4), index, [a, b]) is b
+    # a worker holding nothing, idle, never wins over a holder with a free slot (each fetch
+    # costs a round trip the bandwidth does not count): only holders are compared
     c = worker(3, index)
-    assert both(reader((d1, d2), 0.01), index, [a, b, c]) is a
-    # but not when the work queued at the holder outlasts moving the bytes (tasks of 0.2 s)
-    assert both(reader((d1, d2), 0.2), index, [a, b, c]) is c
+    assert both(reader((d1, d2), 0.4), index, [a, b, c]) is b
+    fill(a)
+    fill(b)  # no holder has a free slot: the idle worker, c
+    assert both(reader((d1, d2), 0.4), index, [a, b, c]) is c

@@ -18,10 +18,11 @@ it, so that equal workers get equal windows. (Each worker's own average made the
 chance: one slow task on one worker shrank its window for the next graph, and 64 ready tasks
 went 3 to it and 61 to the other, which then ran them while the first stood idle.)
 
-A task with large dependencies looks at their holders too (the policy prefers the worker that
-would start it first, counting the bytes it would receive): a worker holding none of them is
-no better than the least loaded one, so the holders and the top of the heap are all a choice
-looks at, O(holders + 1). :meth:`Candidates.choose` makes the same choice as
+A task with large dependencies looks at their holders first (the policy prefers, among the
+holders with a free slot, the one that would start it first, counting the bytes it would
+receive), and only where none has a slot at the least loaded worker: the holders and the top
+of the heap are all a choice looks at, O(holders + 1). :meth:`Candidates.choose` makes the
+same choice as
 :func:`.policy.choose_worker` over every worker, the least loaded breaking ties in the order
 the workers joined; :attr:`Candidates.examined` counts the workers it looked at.
 """
@@ -227,13 +228,16 @@ class Candidates:
                 holders.update(dict.fromkeys(d.who_has))
             best = self._scan(ts, large, pool, strict, holders, best, total, duration)
             if not ts.restricted:  # (any worker may run it: pool is None)
-                other = self._least_loaded_or(best, total, duration)
-                local = 0 if other is None or best is None or other is not best[1] \
-                    else best[2]
+                if best is not None and best[2] > 0:
+                    other, local = best[1], best[2]
+                else:
+                    other, local = self._least_loaded_or(best, total, duration), 0
                 full = self._overflow(ts, large, holders, other, local, total)
                 if full is not None:
                     return full[1]  # holds most of the bytes: waits less than they move
                 return other
+            if best is not None and best[2] > 0:
+                return best[1]  # holds some of the bytes: a holder with a free slot
         if pool is not None:
             best = self._scan(ts, large, pool, strict, pool, best, total, duration)
             return None if best is None else best[1]

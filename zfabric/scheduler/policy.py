@@ -94,10 +94,14 @@ def choose_worker(ts: TaskState, workers: Iterable[WorkerState],
     """The best worker with a free slot for ``ts``, or None to queue it (the reference:
     :class:`.candidates.Candidates` makes the same choice without a scan of the workers).
 
-    The worker by :func:`score`: the earliest estimated start, counting the work queued at it
-    and the bytes of the task's large dependencies it would have to receive, then the least
-    loaded one. A worker with no free slot that holds more than half of those bytes, and more
-    than the best worker with a slot, takes the task while :func:`may_overflow` (``avg``:
+    Among the workers that hold some of the bytes of the task's large dependencies (small ones
+    travel inline), or where none of them has a slot among all, the best by :func:`score`:
+    the earliest estimated start, counting the work queued at it and the bytes it would have
+    to receive, then the least loaded one. (Only holders, as dask.distributed's
+    ``decide_worker``: the bandwidth alone undercounts a fetch, a round trip each, and a
+    task pulled off a busy holder to an idle worker made an array's reductions fetch their
+    chunks one by one.) A worker with no free slot that holds more than half of those bytes,
+    and more than the chosen worker, takes the task while :func:`may_overflow` (``avg``:
     every task's mean duration).
     """
     large = large_deps(ts)
@@ -120,7 +124,7 @@ def choose_worker(ts: TaskState, workers: Iterable[WorkerState],
                 if 2 * local > total and not ts.restricted:
                     full.append(((-local, ws.occupancy / ws.nthreads), local, ws))
                 continue
-            s = score(ws, local, total, duration)
+            s = (local == 0, *score(ws, local, total, duration))  # holders first
             if best_score is None or s < best_score:
                 best, best_score, best_local = ws, s, local
         if best is not None:
