@@ -228,10 +228,12 @@ class Candidates:
                 holders.update(dict.fromkeys(d.who_has))
             best = self._scan(ts, large, pool, strict, holders, best, total, duration)
             if not ts.restricted:  # (any worker may run it: pool is None)
+                other: WorkerState | None = None
+                local = 0
                 if best is not None and best[2] > 0:
                     other, local = best[1], best[2]
                 else:
-                    other, local = self._least_loaded_or(best, total, duration), 0
+                    other = self._least_loaded_or(best, total, duration)
                 full = self._overflow(ts, large, holders, other, local, total)
                 if full is not None:
                     return full[1]  # holds most of the bytes: waits less than they move
