@@ -1,6 +1,7 @@
 """Where the scheduler places tasks that move data: equal prefetch windows for equal workers,
-and a full worker that holds most of a task's inputs taking it when moving them would cost
-more than the wait (zfabric.scheduler.policy / .candidates, pure: no processes)."""
+the worker that would start a task first (its queue, then the bytes it would receive), and a
+full worker that holds most of a task's inputs taking it when moving them would cost more
+than the wait (zfabric.scheduler.policy / .candidates, pure: no processes)."""
 
 from __future__ import annotations
 
@@ -149,3 +150,36 @@ def test_when_every_worker_is_full_the_holder_takes_a_short_task_rather_than_que
     assert both(reader((group,), 1e-4), index, [a, b]) is a
     # but not a task of a second: it waits in the scheduler's queue
     assert both(reader((group,), 1.0), index, [a, b]) is None
+
+
+def test_of_two_workers_holding_nearly_the_same_bytes_the_idle_one_gets_the_task():
+    index = Candidates()
+    a, b = worker(1, index), worker(2, index)
+    fill(a, 2)  # two tasks queued at a, which still has a free slot; b has none
+    d1, d2 = held("d-1", 10 * MB, a), held("d-2", 9 * MB, b)  # a shuffle join's inputs
+    assert a.has_slot() and b.occupancy == 0
+    # tasks of 10 ms: a would start after 20 ms of work and 9 MB moved (114 ms), b at once
+    # after 10 MB moved (105 ms): b, though a holds more bytes
+    assert both(reader((d1, d2), 0.01), index, [a, b]) is b
+    # nothing known of how long tasks take: the bytes held decide, as before
+    assert both(reader((d1, d2), None), index, [a, b]) is a
+
+
+def test_a_worker_holding_many_more_bytes_wins_over_a_slightly_less_loaded_one():
+    index = Candidates()
+    a, b = worker(1, index), worker(2, index)
+    fill(a, 2)
+    fill(b, 1)
+    d1, d2 = held("d-1", 30 * MB, a), held("d-2", 1 * MB, b)
+    # a: 20 ms of work, then 1 MB moved (31 ms); b: 10 ms, then 30 MB moved (325 ms)
+    assert both(reader((d1, d2), 0.01), index, [a, b]) is a
+    # b wins where the work queued at a outlasts moving the bytes (tasks of 0.4 s: a 0.81 s,
+    # b 0.71 s)
+    assert both(reader((d1, d2), 0.4), index, [a, b]) is b
+    # a worker holding nothing, idle, never wins over a holder with a free slot (each fetch
+    # costs a round trip the bandwidth does not count): only holders are compared
+    c = worker(3, index)
+    assert both(reader((d1, d2), 0.4), index, [a, b, c]) is b
+    fill(a)
+    fill(b)  # no holder has a free slot: the idle worker, c
+    assert both(reader((d1, d2), 0.4), index, [a, b, c]) is c

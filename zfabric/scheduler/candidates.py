@@ -18,8 +18,11 @@ it, so that equal workers get equal windows. (Each worker's own average made the
 chance: one slow task on one worker shrank its window for the next graph, and 64 ready tasks
 went 3 to it and 61 to the other, which then ran them while the first stood idle.)
 
-A task with large dependencies looks at their holders too (the policy prefers the worker
-holding the most of their bytes). :meth:`Candidates.choose` makes the same choice as
+A task with large dependencies looks at their holders first (the policy prefers, among the
+holders with a free slot, the one that would start it first, counting the bytes it would
+receive), and only where none has a slot at the least loaded worker: the holders and the top
+of the heap are all a choice looks at, O(holders + 1). :meth:`Candidates.choose` makes the
+same choice as
 :func:`.policy.choose_worker` over every worker, the least loaded breaking ties in the order
 the workers joined; :attr:`Candidates.examined` counts the workers it looked at.
 """
@@ -30,8 +33,15 @@ import heapq
 import itertools
 from collections.abc import Iterable
 
-from .policy import allowed, may_overflow
+from .policy import allowed, expected_duration, may_overflow, score
 from .records import TaskState, WorkerState, _add, _discard, _members
+
+#: (score, the worker, the bytes it holds): a worker as a choice for one task
+_Entry = tuple[tuple[float, float, int], WorkerState, int]
+
+
+def _first(entry: tuple) -> tuple:
+    return entry[0]
 
 
 def _load(ws: WorkerState) -> float:
@@ -207,63 +217,67 @@ class Candidates:
 
     def _best(self, ts: TaskState, large: list[TaskState], pool: set[WorkerState] | None,
               strict: bool) -> WorkerState | None:
-        best: tuple[tuple[int, float, int], WorkerState] | None = None
+        total = 0
+        for d in large:
+            total += d.nbytes
+        duration = expected_duration(ts, self.avg_duration)
+        best: _Entry | None = None
         if large:
             holders: dict[WorkerState, None] = {}
             for d in large:
                 holders.update(dict.fromkeys(d.who_has))
-            best = self._scan(ts, large, pool, strict, holders, best)
+            best = self._scan(ts, large, pool, strict, holders, best, total, duration)
             if not ts.restricted:  # (any worker may run it: pool is None)
-                other = best[1] if best is not None and best[0][0] < 0 \
-                    else self._least_loaded_or(best)
-                full = self._overflow(ts, large, holders, other)
-                if full is not None and (other is None or -full[0][0] > _local(large, other)):
+                other: WorkerState | None = None
+                local = 0
+                if best is not None and best[2] > 0:
+                    other, local = best[1], best[2]
+                else:
+                    other = self._least_loaded_or(best, total, duration)
+                full = self._overflow(ts, large, holders, other, local, total)
+                if full is not None:
                     return full[1]  # holds most of the bytes: waits less than they move
                 return other
-            if best is not None and best[0][0] < 0:
-                return best[1]  # holds some of the bytes: no other worker scores better
+            if best is not None and best[2] > 0:
+                return best[1]  # holds some of the bytes: a holder with a free slot
         if pool is not None:
-            best = self._scan(ts, large, pool, strict, pool, best)
+            best = self._scan(ts, large, pool, strict, pool, best, total, duration)
             return None if best is None else best[1]
-        return self._least_loaded_or(best)
+        return self._least_loaded_or(best, total, duration)
 
-    def _least_loaded_or(self, best: tuple[tuple[int, float, int], WorkerState] | None,
+    def _least_loaded_or(self, best: _Entry | None, total: int, duration: float | None,
                          ) -> WorkerState | None:
-        """The least loaded worker with a free slot, or ``best`` where it scores better."""
+        """The least loaded worker with a free slot (which holds none of the bytes, or is
+        ``best``, scanned already), or ``best`` where it scores better."""
         ws = self.least_loaded()
-        if ws is not None and (best is None or (0, _load(ws), ws.order) < best[0]):
+        if ws is not None and (best is None or (*score(ws, 0, total, duration), ws.order)
+                               < best[0]):
             return ws
         return None if best is None else best[1]
 
     def _overflow(self, ts: TaskState, large: list[TaskState], holders: Iterable[WorkerState],
-                  other: WorkerState | None,
-                  ) -> tuple[tuple[int, float, int], WorkerState] | None:
-        """The best holder with no free slot that holds more than half of the bytes and
-        :func:`.policy.may_overflow` rather than ``other``, by (-bytes held, load, order);
-        O(holders)."""
-        total = 0
-        for d in large:
-            total += d.nbytes
-        out = None
+                  other: WorkerState | None, other_local: int, total: int) -> _Entry | None:
+        """The first holder with no free slot, by (-bytes held, load, order), that holds more
+        than half of the ``total`` bytes and more than ``other`` (``other_local``), and
+        :func:`.policy.may_overflow` rather than ``other``; O(holders)."""
+        full = []
         for ws in holders:
             if ws.index is not self or ws.has_slot():
                 continue
             self.examined += 1
-            local = 0
-            for d in large:
-                if d.held_by(ws):
-                    local += d.nbytes
-            if 2 * local > total and may_overflow(ts, ws, local, self.avg_duration, other):
-                score = (-local, _load(ws), ws.order)
-                if out is None or score < out[0]:
-                    out = (score, ws)
-        return out
+            local = _local(large, ws)
+            if 2 * local > total and local > other_local:
+                full.append(((-local, _load(ws), ws.order), ws, local))
+        full.sort(key=_first)
+        for entry in full:
+            if may_overflow(ts, entry[1], entry[2] - other_local, self.avg_duration, other):
+                return entry
+        return None
 
     def _scan(self, ts: TaskState, large: list[TaskState], pool: set[WorkerState] | None,
-              strict: bool, candidates: Iterable[WorkerState],
-              best: tuple[tuple[int, float, int], WorkerState] | None,
-              ) -> tuple[tuple[int, float, int], WorkerState] | None:
-        """The best of ``candidates`` and ``best`` by (-bytes held, load, order)."""
+              strict: bool, candidates: Iterable[WorkerState], best: _Entry | None,
+              total: int, duration: float | None) -> _Entry | None:
+        """The best of ``candidates`` and ``best`` by (:func:`.policy.score`, order)."""
         restricted = ts.restricted
         for ws in candidates:
             self.examined += 1
@@ -271,11 +285,8 @@ class Candidates:
                     or (pool is not None and ws not in pool) \
                     or (restricted and not allowed(ts, ws, strict=strict)):
                 continue
-            local = 0
-            for d in large:
-                if d.held_by(ws):
-                    local += d.nbytes
-            score = (-local, _load(ws), ws.order)
-            if best is None or score < best[0]:
-                best = (score, ws)
+            local = _local(large, ws)
+            entry = ((*score(ws, local, total, duration), ws.order), ws, local)
+            if best is None or entry[0] < best[0]:
+                best = entry
         return best

@@ -40,15 +40,37 @@ def expected_duration(ts: TaskState, avg: float | None) -> float | None:
     return avg
 
 
-def may_overflow(ts: TaskState, ws: WorkerState, local: int, avg: float | None,
+def start_estimate(ws: WorkerState, missing: int, duration: float | None) -> float:
+    """When ``ws`` would start a task that needs ``missing`` bytes it does not hold: the work
+    queued at it (its tasks per thread, each ``duration`` long) plus moving those bytes at
+    ``TRANSFER_BYTES_PER_S`` (dask.distributed's ``worker_objective``). ``duration`` None (no
+    task has finished yet): the bytes alone, so that the most bytes held win, as before any
+    duration is known."""
+    moving = missing / TRANSFER_BYTES_PER_S
+    if duration is None:
+        return moving
+    return ws.occupancy * duration / ws.nthreads + moving
+
+
+def score(ws: WorkerState, local: int, total: int, duration: float | None,
+          ) -> tuple[float, float]:
+    """How good ``ws`` is for a task whose large inputs are ``total`` bytes, ``local`` of them
+    held by ``ws``: lower is better. By :func:`start_estimate`, then load: two workers holding
+    nearly the same bytes compare by the work queued at them, and a worker holding many more
+    bytes still wins over one slightly less loaded."""
+    return (start_estimate(ws, total - local, duration), ws.occupancy / ws.nthreads)
+
+
+def may_overflow(ts: TaskState, ws: WorkerState, saved: int, avg: float | None,
                  other: WorkerState | None) -> bool:
-    """Whether ``ws``, though it has no free slot, may take ``ts``, which needs ``local`` bytes
-    that ``ws`` holds, rather than ``other`` (the best worker with a free slot; None: the task
-    would wait in the scheduler's queue, about one window, ``PREFETCH_TARGET_S``): the tasks
-    queued at ``ws`` beyond its slots, each as long as ``ts`` is expected to be, end before
-    ``other`` would have run its queue and received the bytes (a split of a shuffle group runs
-    where the group is rather than move the whole group for 0.1 ms of work); and it still holds
-    fewer than ``PREFETCH_MAX`` tasks beyond its threads."""
+    """Whether ``ws``, though it has no free slot, may take ``ts`` rather than ``other`` (the
+    best worker with a free slot; None: the task would wait in the scheduler's queue, about
+    one window, ``PREFETCH_TARGET_S``), ``saved``: the bytes of its inputs that ``ws`` holds
+    beyond those ``other`` holds: the tasks queued at ``ws`` beyond its slots, each as long as
+    ``ts`` is expected to be, end before ``other`` would have run its queue and received those
+    bytes (a split of a shuffle group runs where the group is rather than move the whole
+    group for 0.1 ms of work); and it still holds fewer than ``PREFETCH_MAX`` tasks beyond
+    its threads."""
     if ws.status != "running" or ws.retiring or ts.restricted:
         return False
     if ws.occupancy - ws.nthreads >= DEFAULT.PREFETCH_MAX:
@@ -59,23 +81,36 @@ def may_overflow(ts: TaskState, ws: WorkerState, local: int, avg: float | None,
         return False
     wait = (DEFAULT.PREFETCH_TARGET_S if other is None
             else other.occupancy * duration / other.nthreads)
-    return beyond * duration / ws.nthreads < wait + local / TRANSFER_BYTES_PER_S
+    return beyond * duration / ws.nthreads < wait + saved / TRANSFER_BYTES_PER_S
+
+
+def large_deps(ts: TaskState) -> list[TaskState]:
+    """The dependencies of ``ts`` that travel between workers (small ones go inline)."""
+    return [d for d in ts.deps if d.value is None and d.holders is not None] if ts.deps else []
 
 
 def choose_worker(ts: TaskState, workers: Iterable[WorkerState],
                   avg: float | None = None) -> WorkerState | None:
-    """The best worker with a free slot for ``ts``, or None to queue it.
+    """The best worker with a free slot for ``ts``, or None to queue it (the reference:
+    :class:`.candidates.Candidates` makes the same choice without a scan of the workers).
 
-    Prefers the worker that already holds the most bytes of the task's large dependencies
-    (small ones travel inline anyway), then the least loaded one. A worker with no free slot
-    that holds more than half of those bytes, and more than the best worker with a slot,
-    takes the task while :func:`may_overflow` (``avg``: every task's mean duration).
+    Among the workers that hold some of the bytes of the task's large dependencies (small ones
+    travel inline), or where none of them has a slot among all, the best by :func:`score`:
+    the earliest estimated start, counting the work queued at it and the bytes it would have
+    to receive, then the least loaded one. (Only holders, as dask.distributed's
+    ``decide_worker``: the bandwidth alone undercounts a fetch, a round trip each, and a
+    task pulled off a busy holder to an idle worker made an array's reductions fetch their
+    chunks one by one.) A worker with no free slot that holds more than half of those bytes,
+    and more than the chosen worker, takes the task while :func:`may_overflow` (``avg``:
+    every task's mean duration).
     """
-    large = [d for d in ts.deps if d.value is None and d.holders is not None] if ts.deps else ()
+    large = large_deps(ts)
     loose = bool(ts.options and ts.options.get("allow_other_workers"))
     total = sum(d.nbytes for d in large)
+    duration = expected_duration(ts, avg)
     best = None
     best_score = None
+    best_local = 0
     full: list = []  # workers with no free slot holding more than half of the bytes
     for strict in (True, False) if loose else (True,):
         for ws in workers:
@@ -85,18 +120,18 @@ def choose_worker(ts: TaskState, workers: Iterable[WorkerState],
             for d in large:
                 if d.held_by(ws):
                     local += d.nbytes
-            score = (-local, ws.occupancy / ws.nthreads)
             if not ws.has_slot():
                 if 2 * local > total and not ts.restricted:
-                    full.append((score, ws))
+                    full.append(((-local, ws.occupancy / ws.nthreads), local, ws))
                 continue
-            if best_score is None or score < best_score:
-                best, best_score = ws, score
+            s = (local == 0, *score(ws, local, total, duration))  # holders first
+            if best_score is None or s < best_score:
+                best, best_score, best_local = ws, s, local
         if best is not None:
             break
-    for score, ws in sorted(full, key=lambda f: f[0]):
-        if (best_score is None or score[0] < best_score[0]) \
-                and may_overflow(ts, ws, -score[0], avg, best):
+    for _, local, ws in sorted(full, key=lambda f: f[0]):
+        if (best is None or local > best_local) \
+                and may_overflow(ts, ws, local - best_local, avg, best):
             return ws
     return best
 
